@@ -1,0 +1,9 @@
+//! virtual-llm: publish locally hosted LLMs into a central gateway's registry.
+//!
+//! This facade re-exports [`virtual_llm_core`] (always) and the transport and store
+//! crates behind features, so an application adds one dependency.
+
+pub use virtual_llm_core::*;
+
+/// The core crate, by name.
+pub use virtual_llm_core as core;

@@ -1,0 +1,163 @@
+//! Authentication: a bearer token becomes a [`Principal`] with roles, through the
+//! [`Authenticator`] a gateway supplies. Every route asks it first.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use async_trait::async_trait;
+
+use crate::Error;
+
+/// What a principal may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Register LLMs, open channels, heartbeat, post results.
+    Publisher,
+    /// List LLMs and call them.
+    Client,
+    /// Everything, including public LLMs and other principals' rows.
+    Admin,
+}
+
+/// An authenticated caller.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// Stable identity; rows are owned by it.
+    pub id: String,
+    roles: Vec<Role>,
+}
+
+impl Principal {
+    /// A principal with these roles.
+    pub fn new(id: impl Into<String>, roles: impl IntoIterator<Item = Role>) -> Self {
+        Principal {
+            id: id.into(),
+            roles: roles.into_iter().collect(),
+        }
+    }
+
+    /// Whether it holds `role` (admins hold every role).
+    pub fn has(&self, role: Role) -> bool {
+        self.roles.contains(&role) || self.roles.contains(&Role::Admin)
+    }
+
+    /// `Ok` if it holds `role`, else 403 naming the action.
+    pub fn require(&self, role: Role) -> Result<(), Error> {
+        if self.has(role) {
+            Ok(())
+        } else {
+            let action = match role {
+                Role::Publisher => "publish",
+                Role::Client => "call llms",
+                Role::Admin => "administer the gateway",
+            };
+            Err(Error::Forbidden { action })
+        }
+    }
+}
+
+/// Turns the bearer token of a request into a principal.
+///
+/// # Contract
+/// - `None` (no `Authorization` header) and unknown tokens are
+///   [`Error::Unauthenticated`], unless the authenticator deliberately admits anonymous
+///   callers ([`OpenAccess`]).
+/// - The same token always yields the same principal id: rows are owned by it.
+/// - It must not leak, through its errors or timing, which tokens exist.
+#[async_trait]
+pub trait Authenticator: fmt::Debug + Send + Sync + 'static {
+    /// The principal behind `bearer`.
+    async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error>;
+}
+
+/// Admits everyone as one principal, `anonymous`, with every role. Only for a gateway
+/// listening on loopback (the reference gateway refuses anything else without tokens).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct OpenAccess;
+
+#[async_trait]
+impl Authenticator for OpenAccess {
+    async fn authenticate(&self, _bearer: Option<&str>) -> Result<Principal, Error> {
+        Ok(Principal::new("anonymous", [Role::Admin]))
+    }
+}
+
+/// A fixed table of tokens, e.g. from a config file.
+#[derive(Clone, Default)]
+pub struct StaticTokens {
+    tokens: HashMap<String, Principal>,
+}
+
+impl fmt::Debug for StaticTokens {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print the tokens themselves.
+        f.debug_struct("StaticTokens")
+            .field("principals", &self.tokens.len())
+            .finish()
+    }
+}
+
+impl StaticTokens {
+    /// An empty table: every request is refused.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a token for `principal`.
+    pub fn with(mut self, token: impl Into<String>, principal: Principal) -> Self {
+        self.tokens.insert(token.into(), principal);
+        self
+    }
+}
+
+#[async_trait]
+impl Authenticator for StaticTokens {
+    async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error> {
+        let token = bearer.ok_or(Error::Unauthenticated)?;
+        // Compare against every token in constant time per byte, so the answer time
+        // does not reveal how much of a guess was right.
+        let mut found = None;
+        for (known, principal) in &self.tokens {
+            if constant_time_eq(known.as_bytes(), token.as_bytes()) {
+                found = Some(principal);
+            }
+        }
+        found.cloned().ok_or(Error::Unauthenticated)
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn static_tokens_map_to_principals_and_refuse_the_rest() {
+        let auth = StaticTokens::new()
+            .with("pub-token", Principal::new("alice", [Role::Publisher]))
+            .with("cli-token", Principal::new("bob", [Role::Client]));
+        let alice = auth.authenticate(Some("pub-token")).await.unwrap();
+        assert_eq!(alice.id, "alice");
+        assert!(alice.require(Role::Publisher).is_ok());
+        assert_eq!(alice.require(Role::Client).unwrap_err().status(), 403);
+        for bad in [None, Some(""), Some("pub-toke"), Some("pub-token ")] {
+            assert_eq!(auth.authenticate(bad).await.unwrap_err().status(), 401);
+        }
+        assert!(
+            !format!("{auth:?}").contains("pub-token"),
+            "tokens must not be printed"
+        );
+    }
+
+    #[test]
+    fn admins_hold_every_role() {
+        let admin = Principal::new("root", [Role::Admin]);
+        assert!(admin.has(Role::Publisher) && admin.has(Role::Client));
+    }
+}

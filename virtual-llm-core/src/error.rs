@@ -1,0 +1,322 @@
+//! Errors, and the one place that maps them to HTTP statuses and OpenAI-shaped bodies.
+//!
+//! The core speaks no HTTP, but the status a caller should see is part of the contract
+//! (SPEC §5), so it is decided here once: transports call [`Error::status`] and
+//! [`Error::to_body`] and never choose a status themselves. Bodies never carry internal
+//! details (store paths, I/O errors); those go to the log.
+
+use std::time::Duration;
+
+use crate::protocol::{ErrorBody, ErrorDetail, NameConflict};
+
+/// What went wrong, as a caller can act on it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The request is malformed or breaks a rule (400).
+    #[error("{message}")]
+    InvalidRequest {
+        /// What is wrong, in words a client can act on.
+        message: String,
+    },
+    /// An LLM name breaks the name rules (400).
+    #[error("invalid llm name {name:?}: {reason}")]
+    InvalidName {
+        /// The offending name, truncated.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// No credentials, or credentials nobody issued (401).
+    #[error("missing or invalid bearer token")]
+    Unauthenticated,
+    /// The principal lacks the role the action needs (403).
+    #[error("this token may not {action}")]
+    Forbidden {
+        /// The action that was refused, e.g. `publish`.
+        action: &'static str,
+    },
+    /// No LLM of that name (404).
+    #[error("unknown llm {name:?}")]
+    UnknownLlm {
+        /// The requested name.
+        name: String,
+    },
+    /// The session is not known, or not the caller's (404); the publisher re-registers.
+    #[error("unknown provider session")]
+    UnknownSession,
+    /// The task is not known, was cancelled, or belongs to another session (404).
+    #[error("unknown task")]
+    UnknownTask,
+    /// Register refused: these names are taken (409). Nothing was written.
+    #[error("llm names already taken: {}", describe_conflicts(conflicts))]
+    Conflict {
+        /// Every conflicting name of the request, with why.
+        conflicts: Vec<NameConflict>,
+    },
+    /// The task already had its final result (409).
+    #[error("task already finished")]
+    TaskFinished,
+    /// The body or frame is over the limit (413).
+    #[error("payload over the limit of {limit} bytes")]
+    PayloadTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The publisher speaks a protocol version this gateway does not (426).
+    #[error("unsupported protocol version {version}; this gateway speaks {supported}")]
+    UnsupportedProtocol {
+        /// The version asked for.
+        version: u32,
+        /// The version spoken here.
+        supported: u32,
+    },
+    /// The publisher or the public upstream reported an error (502).
+    #[error("upstream error: {message}")]
+    Upstream {
+        /// The upstream's message.
+        message: String,
+    },
+    /// The LLM cannot answer now: publisher offline, inactive or saturated (503).
+    #[error("{reason}")]
+    Unavailable {
+        /// Why, for the client.
+        reason: String,
+        /// When to try again.
+        retry_after: Duration,
+    },
+    /// The task's deadline passed (504).
+    #[error("task deadline of {}s passed", deadline.as_secs_f64())]
+    DeadlineExceeded {
+        /// The deadline that passed (total, or idle between chunks).
+        deadline: Duration,
+    },
+    /// The store failed (500, or 503 when it is merely busy).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn describe_conflicts(conflicts: &[NameConflict]) -> String {
+    conflicts
+        .iter()
+        .map(|c| format!("{} ({})", c.name, c.reason.describe()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Errors of a [`Store`](crate::Store) backend, by what a caller does about them.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// A compare-and-set lost: the row is not at the revision the write expected (or
+    /// exists when it should not). Nothing of the batch was written; re-read and retry.
+    #[error("row {name} changed concurrently")]
+    Conflict {
+        /// The first row whose expectation failed.
+        name: String,
+    },
+    /// The batch itself is wrong (it names a row twice).
+    #[error("invalid write batch: {reason}")]
+    InvalidBatch {
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The backend could not do the operation (I/O, a full disk, a lost connection).
+    /// Nothing was written; the same call may succeed later.
+    #[error("store unavailable: {source}")]
+    Unavailable {
+        /// The backend's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// The stored data is unreadable or inconsistent.
+    #[error("store corrupted: {message}")]
+    Corrupted {
+        /// What was found.
+        message: String,
+    },
+    /// The stored data was written by an incompatible version (schema mismatch).
+    #[error("incompatible store: {message}")]
+    Incompatible {
+        /// Which versions.
+        message: String,
+    },
+}
+
+impl Error {
+    /// The HTTP status a transport answers with. The single mapping of the project.
+    pub fn status(&self) -> u16 {
+        match self {
+            Error::InvalidRequest { .. } | Error::InvalidName { .. } => 400,
+            Error::Unauthenticated => 401,
+            Error::Forbidden { .. } => 403,
+            Error::UnknownLlm { .. } | Error::UnknownSession | Error::UnknownTask => 404,
+            Error::Conflict { .. } | Error::TaskFinished => 409,
+            Error::PayloadTooLarge { .. } => 413,
+            Error::UnsupportedProtocol { .. } => 426,
+            Error::Upstream { .. } => 502,
+            Error::Unavailable { .. } => 503,
+            Error::DeadlineExceeded { .. } => 504,
+            Error::Store(StoreError::Conflict { .. }) => 503,
+            Error::Store(_) => 500,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    pub fn error_type(&self) -> &'static str {
+        match self.status() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            500 => "server_error",
+            502 => "upstream_error",
+            503 => "service_unavailable",
+            504 => "timeout_error",
+            _ => "invalid_request_error",
+        }
+    }
+
+    /// A stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidRequest { .. } => "invalid_request",
+            Error::InvalidName { .. } => "invalid_name",
+            Error::Unauthenticated => "unauthenticated",
+            Error::Forbidden { .. } => "forbidden",
+            Error::UnknownLlm { .. } => "model_not_found",
+            Error::UnknownSession => "unknown_session",
+            Error::UnknownTask => "unknown_task",
+            Error::Conflict { .. } => "name_conflict",
+            Error::TaskFinished => "task_finished",
+            Error::PayloadTooLarge { .. } => "payload_too_large",
+            Error::UnsupportedProtocol { .. } => "unsupported_protocol_version",
+            Error::Upstream { .. } => "upstream_error",
+            Error::Unavailable { .. } => "llm_unavailable",
+            Error::DeadlineExceeded { .. } => "deadline_exceeded",
+            Error::Store(StoreError::Conflict { .. }) => "registry_busy",
+            Error::Store(_) => "internal_error",
+        }
+    }
+
+    /// How long a client should wait before retrying, for the `Retry-After` header.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::Unavailable { retry_after, .. } => Some(*retry_after),
+            Error::Store(StoreError::Conflict { .. }) => Some(Duration::from_secs(1)),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-shaped body `{"error":{"message","type","code"}}`. Store failures
+    /// say only that something failed inside; the detail belongs in the log.
+    pub fn to_body(&self) -> ErrorBody {
+        let message = match self {
+            Error::Store(StoreError::Conflict { .. }) => {
+                "the registry is busy; retry shortly".to_owned()
+            }
+            Error::Store(_) => "internal error in the gateway's registry".to_owned(),
+            other => other.to_string(),
+        };
+        let conflicts = match self {
+            Error::Conflict { conflicts } => Some(conflicts.clone()),
+            _ => None,
+        };
+        ErrorBody {
+            error: ErrorDetail {
+                message,
+                error_type: self.error_type().to_owned(),
+                code: Some(self.code().to_owned()),
+                conflicts,
+            },
+        }
+    }
+
+    /// Shorthand for a 400 with a message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::InvalidRequest {
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::ConflictReason;
+
+    #[test]
+    fn every_variant_maps_to_its_status_and_a_typed_body() {
+        let cases: Vec<(Error, u16)> = vec![
+            (Error::invalid("x"), 400),
+            (crate::LlmName::parse("_x").unwrap_err(), 400),
+            (Error::Unauthenticated, 401),
+            (Error::Forbidden { action: "publish" }, 403),
+            (Error::UnknownLlm { name: "a".into() }, 404),
+            (Error::UnknownSession, 404),
+            (Error::UnknownTask, 404),
+            (Error::Conflict { conflicts: vec![] }, 409),
+            (Error::TaskFinished, 409),
+            (Error::PayloadTooLarge { limit: 1 }, 413),
+            (
+                Error::UnsupportedProtocol {
+                    version: 9,
+                    supported: 1,
+                },
+                426,
+            ),
+            (
+                Error::Upstream {
+                    message: "boom".into(),
+                },
+                502,
+            ),
+            (
+                Error::Unavailable {
+                    reason: "off".into(),
+                    retry_after: Duration::from_secs(5),
+                },
+                503,
+            ),
+            (
+                Error::DeadlineExceeded {
+                    deadline: Duration::from_secs(1),
+                },
+                504,
+            ),
+            (
+                Error::Store(StoreError::Corrupted {
+                    message: "secret path".into(),
+                }),
+                500,
+            ),
+        ];
+        for (err, status) in cases {
+            assert_eq!(err.status(), status, "{err:?}");
+            let body = serde_json::to_value(err.to_body()).unwrap();
+            assert!(body["error"]["message"].is_string());
+            assert!(body["error"]["type"].is_string());
+            assert!(body["error"]["code"].is_string());
+            assert!(
+                !body.to_string().contains("secret path"),
+                "internals leaked: {body}"
+            );
+        }
+    }
+
+    #[test]
+    fn conflicts_are_named_and_503_carries_retry_after() {
+        let err = Error::Conflict {
+            conflicts: vec![NameConflict {
+                name: "a".into(),
+                reason: ConflictReason::PublicLlm,
+            }],
+        };
+        let body = serde_json::to_value(err.to_body()).unwrap();
+        assert_eq!(body["error"]["conflicts"][0]["name"], "a");
+        assert!(err.to_string().contains("a (a public llm has this name)"));
+        let off = Error::Unavailable {
+            reason: "x".into(),
+            retry_after: Duration::from_secs(7),
+        };
+        assert_eq!(off.retry_after(), Some(Duration::from_secs(7)));
+    }
+}

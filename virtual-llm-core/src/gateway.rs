@@ -1,0 +1,203 @@
+//! The [`Gateway`]: the service a transport drives. It owns the store, the clock, the
+//! channel table and the task table; its methods are split by concern across
+//! `lifecycle.rs` (register, heartbeat, bind, GC) and `relay.rs` (infer, deliver).
+
+use std::collections::hash_map::DefaultHasher;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use crate::channel::Channels;
+use crate::task::TaskTable;
+use crate::{
+    Authenticator, Clock, Config, Error, OpenAccess, Principal, PublicBackend, SessionId, Store,
+    SystemClock,
+};
+
+/// The core of a gateway. Cheap to clone: clones share everything.
+///
+/// ```
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+/// use std::sync::Arc;
+/// use virtual_llm_core::{Gateway, MemoryStore};
+///
+/// let gateway = Gateway::builder(Arc::new(MemoryStore::new())).start().await.unwrap();
+/// let _gc = gateway.spawn_gc(); // sweeps every 60 s until dropped
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct Gateway {
+    pub(crate) shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) config: Config,
+    pub(crate) auth: Arc<dyn Authenticator>,
+    pub(crate) public: Option<Arc<dyn PublicBackend>>,
+    pub(crate) channels: Arc<Channels>,
+    pub(crate) tasks: TaskTable,
+    pub(crate) locks: SessionLocks,
+}
+
+impl fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gateway")
+            .field("store", &self.shared.store)
+            .field("channels", &self.shared.channels)
+            .field("tasks", &self.shared.tasks)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Gateway`]; see [`Gateway::builder`].
+#[derive(Debug)]
+pub struct GatewayBuilder {
+    store: Arc<dyn Store>,
+    clock: Arc<dyn Clock>,
+    config: Config,
+    auth: Arc<dyn Authenticator>,
+    public: Option<Arc<dyn PublicBackend>>,
+}
+
+impl GatewayBuilder {
+    /// The wall clock (default: the system clock).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Timings and limits (default: [`Config::default`]).
+    pub fn config(mut self, config: Config) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Who may call (default: [`OpenAccess`], everyone is an admin; loopback only).
+    pub fn authenticator(mut self, auth: Arc<dyn Authenticator>) -> Self {
+        self.auth = auth;
+        self
+    }
+
+    /// How `kind=public` rows are answered (default: none, they answer 503).
+    pub fn public_backend(mut self, backend: Arc<dyn PublicBackend>) -> Self {
+        self.public = Some(backend);
+        self
+    }
+
+    /// Checks the configuration, then recovers from the previous run: every virtual
+    /// row still `active` in the store goes inactive, since no channel is bound yet.
+    pub async fn start(self) -> Result<Gateway, Error> {
+        self.config.validate()?;
+        let channels = Arc::new(Channels::default());
+        let tasks = TaskTable::new(channels.clone(), &self.config);
+        let gateway = Gateway {
+            shared: Arc::new(Shared {
+                store: self.store,
+                clock: self.clock,
+                config: self.config,
+                auth: self.auth,
+                public: self.public,
+                channels,
+                tasks,
+                locks: SessionLocks::default(),
+            }),
+        };
+        let demoted = gateway.recover().await?;
+        if demoted > 0 {
+            tracing::info!(
+                rows = demoted,
+                "virtual rows inactive until their publishers reconnect"
+            );
+        }
+        Ok(gateway)
+    }
+}
+
+impl Gateway {
+    /// A builder over `store`, with the defaults documented on each setter.
+    pub fn builder(store: Arc<dyn Store>) -> GatewayBuilder {
+        GatewayBuilder {
+            store,
+            clock: Arc::new(SystemClock),
+            config: Config::default(),
+            auth: Arc::new(OpenAccess),
+            public: None,
+        }
+    }
+
+    /// The bearer token's principal, through the configured [`Authenticator`].
+    pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error> {
+        self.shared.auth.authenticate(bearer).await
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.shared.store
+    }
+
+    /// The clock.
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.shared.clock
+    }
+
+    /// The in-flight tasks.
+    pub fn tasks(&self) -> &TaskTable {
+        &self.shared.tasks
+    }
+
+    /// The bound channels.
+    pub fn channels(&self) -> &Channels {
+        &self.shared.channels
+    }
+
+    /// Persists what the store holds in memory (coalesced heartbeats).
+    pub async fn flush(&self) -> Result<(), Error> {
+        Ok(self.shared.store.flush().await?)
+    }
+
+    /// Whether `session` is known and owned by `principal`; used by transports that
+    /// must answer 404 before upgrading a connection.
+    pub async fn check_session(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+    ) -> Result<(), Error> {
+        self.session_rows(principal, session).await.map(drop)
+    }
+}
+
+/// Serializes bind, unbind and revive of one session within this process, so that a
+/// channel change and the row writes it implies happen as one step. Striped: bounded
+/// memory however many sessions come and go. Cross-process races are the store's
+/// compare-and-set's business, not this lock's.
+pub(crate) struct SessionLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+const LOCK_STRIPES: usize = 64;
+
+impl Default for SessionLocks {
+    fn default() -> Self {
+        SessionLocks {
+            stripes: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+}
+
+impl SessionLocks {
+    pub(crate) async fn lock(&self, session: &SessionId) -> tokio::sync::MutexGuard<'_, ()> {
+        let mut h = DefaultHasher::new();
+        session.hash(&mut h);
+        let index = usize::try_from(h.finish() % LOCK_STRIPES as u64).unwrap_or(0);
+        self.stripes[index].lock().await
+    }
+}

@@ -1,0 +1,71 @@
+//! The core of virtual-llm: the registry lifecycle, task relay and protocol, with no
+//! transport and no storage engine.
+//!
+//! A gateway embeds a [`Gateway`] over a [`Store`]; a transport (SSE, WebSocket) turns
+//! HTTP requests and connections into calls on it and hands it a [`ChannelSink`] per
+//! connected publisher. A publisher answers tasks with a [`Provider`].
+//!
+//! # Layout
+//! - [`config`]: every timing and limit, with the defaults of the spec.
+//! - [`error`]: the errors, and the one mapping to HTTP status and OpenAI error bodies.
+//! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
+//! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
+//! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
+//! - `gateway`, `lifecycle`, `relay`: the service: register, heartbeat, bind, GC
+//!   sweep, restart recovery; infer and deliver.
+//! - [`task`]: task correlation, deadlines, cancellation.
+//! - [`channel`]: control channel sinks and bind generations.
+//! - `gc`: the background GC task and its drop guard.
+//! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
+//!   model.
+//! - `testkit` (feature `testkit`): the Store conformance suite, a manual clock and a
+//!   fake channel.
+
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+mod auth;
+mod backend;
+pub mod channel;
+pub mod config;
+mod echo;
+pub mod error;
+mod gateway;
+mod gc;
+mod ids;
+mod lifecycle;
+mod memory;
+mod name;
+pub mod openai;
+pub mod protocol;
+mod provider;
+mod record;
+mod relay;
+mod reply;
+pub mod store;
+mod sync;
+pub mod task;
+mod time;
+
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
+
+pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens};
+pub use backend::PublicBackend;
+pub use channel::{ChannelSink, SendError};
+pub use config::Config;
+pub use echo::EchoProvider;
+pub use error::{Error, StoreError};
+pub use gateway::{Gateway, GatewayBuilder};
+pub use gc::GcGuard;
+pub use ids::{LlmId, MAX_ID_LEN, SessionId, TaskId};
+pub use lifecycle::{Binding, SweepReport, activated, deactivated};
+pub use memory::MemoryStore;
+pub use name::{LlmName, MAX_NAME_LEN};
+pub use openai::InferRequest;
+pub use protocol::TaskResult;
+pub use provider::Provider;
+pub use record::{LlmKind, LlmRecord, LlmStatus, LlmView};
+pub use reply::{ChunkStream, Completion, Reply};
+pub use store::{Store, Write};
+pub use task::{TaskEvent, TaskHandle, TaskTable};
+pub use time::{Clock, SystemClock, Timestamp};

@@ -1,0 +1,178 @@
+//! `MemoryStore`: the in-memory [`Store`], for tests, demos and single-process gateways
+//! that do not need their registry to survive a restart.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+use crate::store::check_batch;
+use crate::sync::{read, write};
+use crate::{LlmName, LlmRecord, SessionId, Store, StoreError, Timestamp, Write};
+
+/// A [`Store`] in process memory, with the same indexes a durable store keeps.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use virtual_llm_core::{MemoryStore, Store};
+///
+/// let store = MemoryStore::new();
+/// assert!(store.list().await.unwrap().is_empty());
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct MemoryStore {
+    tables: RwLock<Tables>,
+}
+
+#[derive(Debug, Default)]
+struct Tables {
+    rows: BTreeMap<LlmName, LlmRecord>,
+    by_session: HashMap<SessionId, BTreeSet<LlmName>>,
+    /// Live virtual rows by heartbeat: the stale query is a range scan.
+    live: BTreeSet<(Timestamp, LlmName)>,
+    /// Inactive rows by the time they went inactive: the expiry query is a range scan.
+    inactive: BTreeSet<(Timestamp, LlmName)>,
+}
+
+impl Tables {
+    fn index(&mut self, r: &LlmRecord) {
+        if let Some(s) = &r.provider_session_id {
+            self.by_session
+                .entry(s.clone())
+                .or_default()
+                .insert(r.name.clone());
+        }
+        if let Some(t) = r.live_since() {
+            self.live.insert((t, r.name.clone()));
+        }
+        if let Some(t) = r.inactive_key() {
+            self.inactive.insert((t, r.name.clone()));
+        }
+    }
+
+    fn unindex(&mut self, r: &LlmRecord) {
+        if let Some(s) = &r.provider_session_id {
+            if let Some(names) = self.by_session.get_mut(s) {
+                names.remove(&r.name);
+                if names.is_empty() {
+                    self.by_session.remove(s);
+                }
+            }
+        }
+        if let Some(t) = r.live_since() {
+            self.live.remove(&(t, r.name.clone()));
+        }
+        if let Some(t) = r.inactive_key() {
+            self.inactive.remove(&(t, r.name.clone()));
+        }
+    }
+
+    fn range(&self, set: &BTreeSet<(Timestamp, LlmName)>, cutoff: Timestamp) -> Vec<LlmRecord> {
+        set.iter()
+            .take_while(|(t, _)| *t < cutoff)
+            .filter_map(|(_, name)| self.rows.get(name).cloned())
+            .collect()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn get(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        Ok(read(&self.tables).rows.get(name).cloned())
+    }
+
+    async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
+        Ok(read(&self.tables).rows.values().cloned().collect())
+    }
+
+    async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
+        let t = read(&self.tables);
+        Ok(t.by_session
+            .get(session)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| t.rows.get(name).cloned())
+            .collect())
+    }
+
+    async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
+        let t = read(&self.tables);
+        Ok(t.range(&t.live, cutoff))
+    }
+
+    async fn expired_inactives(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
+        let t = read(&self.tables);
+        Ok(t.range(&t.inactive, cutoff))
+    }
+
+    async fn write(&self, batch: Vec<Write>) -> Result<Vec<LlmRecord>, StoreError> {
+        check_batch(&batch)?;
+        let mut t = write(&self.tables);
+        // Check every expectation before touching anything: the batch is all or nothing.
+        for w in &batch {
+            let current = t.rows.get(w.name()).map(|r| r.revision);
+            let ok = match w {
+                Write::Insert(_) => current.is_none(),
+                Write::Update(r) => current == Some(r.revision),
+                Write::Delete { revision, .. } => current == Some(*revision),
+            };
+            if !ok {
+                return Err(StoreError::Conflict {
+                    name: w.name().to_string(),
+                });
+            }
+        }
+        let mut written = Vec::with_capacity(batch.len());
+        for w in batch {
+            match w {
+                Write::Insert(mut r) | Write::Update(mut r) => {
+                    r.revision = t.rows.get(&r.name).map_or(1, |old| old.revision + 1);
+                    if let Some(old) = t.rows.remove(&r.name) {
+                        t.unindex(&old);
+                    }
+                    t.index(&r);
+                    t.rows.insert(r.name.clone(), r.clone());
+                    written.push(r);
+                }
+                Write::Delete { name, .. } => {
+                    if let Some(old) = t.rows.remove(&name) {
+                        t.unindex(&old);
+                    }
+                }
+            }
+        }
+        Ok(written)
+    }
+
+    async fn touch(&self, names: &[LlmName], at: Timestamp) -> Result<usize, StoreError> {
+        let mut t = write(&self.tables);
+        let mut touched = 0;
+        for name in names {
+            let Some(old) = t.rows.get(name).cloned() else {
+                continue;
+            };
+            let mut new = old.clone();
+            new.last_heartbeat_at = Some(at);
+            t.unindex(&old);
+            t.index(&new);
+            t.rows.insert(name.clone(), new);
+            touched += 1;
+        }
+        Ok(touched)
+    }
+
+    async fn flush(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

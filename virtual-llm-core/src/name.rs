@@ -1,0 +1,122 @@
+//! LLM names: the registry's unique key, checked before anything else touches it.
+
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+
+/// The longest LLM name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// A validated LLM name: 1–64 characters of `[A-Za-z0-9._:-]`, not starting with `_`
+/// (the `_provider-*` routes live beside the names).
+///
+/// ```
+/// use virtual_llm_core::LlmName;
+///
+/// assert!(LlmName::parse("llama3.1:8b-instruct").is_ok());
+/// assert!(LlmName::parse("_provider-register").is_err());
+/// assert!(LlmName::parse("has space").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct LlmName(String);
+
+impl LlmName {
+    /// Checks `s` against the name rules.
+    pub fn parse(s: &str) -> Result<Self, Error> {
+        match invalid_reason(s) {
+            None => Ok(LlmName(s.to_owned())),
+            Some(reason) => Err(Error::InvalidName {
+                name: truncate(s),
+                reason,
+            }),
+        }
+    }
+
+    /// The name as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+fn invalid_reason(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        Some("a name must not be empty")
+    } else if s.len() > MAX_NAME_LEN {
+        Some("a name is at most 64 characters")
+    } else if s.starts_with('_') {
+        Some("a name must not start with '_'")
+    } else if !s
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+    {
+        Some("a name uses only the characters [A-Za-z0-9._:-]")
+    } else {
+        None
+    }
+}
+
+/// Error messages echo a bad name back, but never an unbounded one.
+fn truncate(s: &str) -> String {
+    s.chars().take(MAX_NAME_LEN + 1).collect()
+}
+
+impl TryFrom<String> for LlmName {
+    type Error = Error;
+    fn try_from(s: String) -> Result<Self, Error> {
+        match invalid_reason(&s) {
+            None => Ok(LlmName(s)),
+            Some(reason) => Err(Error::InvalidName {
+                name: truncate(&s),
+                reason,
+            }),
+        }
+    }
+}
+
+impl From<LlmName> for String {
+    fn from(n: LlmName) -> String {
+        n.0
+    }
+}
+
+impl fmt::Display for LlmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for LlmName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+impl AsRef<str> for LlmName {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn name_rules() {
+        for ok in ["a", "A.b_c:d-e", "0", &"x".repeat(64), "a_"] {
+            assert!(LlmName::parse(ok).is_ok(), "{ok:?} refused");
+        }
+        for bad in ["", "_x", "a/b", "a b", "é", "a\nb", &"x".repeat(65), "a%20"] {
+            assert!(LlmName::parse(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn bad_names_fail_deserialization_with_the_reason() {
+        let err = serde_json::from_str::<LlmName>("\"_provider-stream\"").unwrap_err();
+        assert!(err.to_string().contains("must not start with '_'"), "{err}");
+    }
+}

@@ -1,0 +1,476 @@
+//! The wire protocol of SPEC §5: every body and frame, as serde types (camelCase JSON).
+//!
+//! Transports encode these and nothing else. The SSE transport sends a
+//! [`GatewayFrame`] as an event named by [`GatewayFrame::event_name`] whose data is the
+//! frame's payload; the WebSocket transport sends the frame itself, tagged by `type`.
+//! Unknown fields are ignored so that newer publishers can talk to older gateways;
+//! everything else is checked, and a body that fails a check is a 400.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::{Error, LlmName, LlmView, SessionId, TaskId};
+
+/// The protocol version this crate speaks. A register without `protocolVersion` means 1.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest `type`, `tier` and error message fields accepted from publishers.
+const MAX_LABEL_LEN: usize = 64;
+/// Longest `model` field accepted from publishers.
+const MAX_MODEL_LEN: usize = 256;
+
+/// One LLM a publisher offers.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmSpec {
+    /// Registry name.
+    pub name: LlmName,
+    /// Provider type, e.g. `openai`.
+    #[serde(rename = "type")]
+    pub provider_type: String,
+    /// Upstream model name.
+    pub model: String,
+    /// Optional tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+}
+
+impl LlmSpec {
+    /// Checks the free-text fields: bounded length, no control characters.
+    pub fn validate(&self) -> Result<(), Error> {
+        check_label("type", &self.provider_type, MAX_LABEL_LEN)?;
+        check_label("model", &self.model, MAX_MODEL_LEN)?;
+        if let Some(tier) = &self.tier {
+            check_label("tier", tier, MAX_LABEL_LEN)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_label(field: &str, value: &str, max: usize) -> Result<(), Error> {
+    if value.is_empty() {
+        return Err(Error::invalid(format!("{field} must not be empty")));
+    }
+    if value.chars().count() > max {
+        return Err(Error::invalid(format!(
+            "{field} is at most {max} characters"
+        )));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(Error::invalid(format!(
+            "{field} must not contain control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// `POST {base}/_provider-register`, and the WebSocket `register` frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterRequest {
+    /// The session id the publisher persisted, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_session_id: Option<SessionId>,
+    /// Protocol version; absent means 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
+    /// The LLMs to publish.
+    pub llms: Vec<LlmSpec>,
+}
+
+/// The answer to a register, and the WebSocket `registered` frame.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RegisterResponse {
+    /// The session id to persist: the one sent, or a fresh one.
+    pub provider_session_id: SessionId,
+    /// How often to heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+    /// The published rows.
+    pub llms: Vec<LlmView>,
+}
+
+/// The SSE `hello` event, first on every stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Hello {
+    /// The session the stream is bound to.
+    pub provider_session_id: SessionId,
+    /// How often to heartbeat, in milliseconds.
+    pub heartbeat_interval_ms: u64,
+}
+
+/// `POST {base}/_provider-heartbeat`, and the WebSocket `heartbeat` frame.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatRequest {
+    /// The publisher's session.
+    pub provider_session_id: SessionId,
+}
+
+/// The answer to a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HeartbeatResponse {
+    /// How many rows the session holds.
+    pub llms: usize,
+}
+
+/// What a task asks of the publisher.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum TaskKind {
+    /// An OpenAI chat completion.
+    Infer,
+}
+
+/// A `task` frame: one client request for the publisher to answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TaskFrame {
+    /// Correlates the results.
+    pub task_id: TaskId,
+    /// What to do.
+    pub kind: TaskKind,
+    /// Which of the publisher's LLMs.
+    pub llm: LlmName,
+    /// Whether the client asked for a stream.
+    pub stream: bool,
+    /// The client's OpenAI request body.
+    pub body: Value,
+}
+
+/// A `cancel` frame: stop working on the task, its client is gone.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CancelFrame {
+    /// The task to abort.
+    pub task_id: TaskId,
+}
+
+/// Why a name was refused in a register.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum ConflictReason {
+    /// A public LLM has this name.
+    PublicLlm,
+    /// Another principal owns it.
+    OwnedByAnother,
+    /// An active row of another of the caller's sessions holds it.
+    ActiveInAnotherSession,
+    /// A published (virtual) LLM has this name; a public LLM cannot take it.
+    VirtualLlm,
+}
+
+impl ConflictReason {
+    /// A short phrase for messages.
+    pub fn describe(self) -> &'static str {
+        match self {
+            ConflictReason::PublicLlm => "a public llm has this name",
+            ConflictReason::OwnedByAnother => "owned by another principal",
+            ConflictReason::ActiveInAnotherSession => "active in another session",
+            ConflictReason::VirtualLlm => "a published llm has this name",
+        }
+    }
+}
+
+/// One refused name of a 409.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NameConflict {
+    /// The name.
+    pub name: String,
+    /// Why.
+    pub reason: ConflictReason,
+}
+
+/// The OpenAI-shaped error body `{"error":{...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+/// The inside of an [`ErrorBody`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorDetail {
+    /// Human-readable message.
+    pub message: String,
+    /// OpenAI error type.
+    #[serde(rename = "type")]
+    pub error_type: String,
+    /// Machine-readable code.
+    pub code: Option<String>,
+    /// For a register 409: each refused name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conflicts: Option<Vec<NameConflict>>,
+}
+
+/// The WebSocket `refused` frame: a register was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Refusal {
+    /// The HTTP status the same register would have had.
+    pub status: u16,
+    /// The error.
+    pub error: ErrorDetail,
+}
+
+impl Refusal {
+    /// The refusal of a failed register.
+    pub fn from_error(err: &Error) -> Self {
+        Refusal {
+            status: err.status(),
+            error: err.to_body().error,
+        }
+    }
+}
+
+/// The gateway is shutting down or replaced this channel; reconnect later.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Closing {
+    /// Why.
+    pub reason: String,
+}
+
+/// A frame the gateway sends a publisher, on whichever channel it is bound.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum GatewayFrame {
+    /// First frame of an SSE stream.
+    Hello(Hello),
+    /// WebSocket: the register succeeded.
+    Registered(RegisterResponse),
+    /// A request to answer.
+    Task(TaskFrame),
+    /// Abort a task.
+    Cancel(CancelFrame),
+    /// WebSocket: the register was refused.
+    Refused(Refusal),
+    /// WebSocket: the last frame was bad; the socket closes after this.
+    Error(ErrorDetail),
+    /// The channel is closing; reconnect later.
+    Closing(Closing),
+}
+
+impl GatewayFrame {
+    /// The SSE event name of the frame (`hello`, `task`, `cancel`, …).
+    pub fn event_name(&self) -> &'static str {
+        match self {
+            GatewayFrame::Hello(_) => "hello",
+            GatewayFrame::Registered(_) => "registered",
+            GatewayFrame::Task(_) => "task",
+            GatewayFrame::Cancel(_) => "cancel",
+            GatewayFrame::Refused(_) => "refused",
+            GatewayFrame::Error(_) => "error",
+            GatewayFrame::Closing(_) => "closing",
+        }
+    }
+
+    /// The frame's payload without the `type` tag: the data of its SSE event.
+    pub fn payload_json(&self) -> Result<String, serde_json::Error> {
+        match self {
+            GatewayFrame::Hello(x) => serde_json::to_string(x),
+            GatewayFrame::Registered(x) => serde_json::to_string(x),
+            GatewayFrame::Task(x) => serde_json::to_string(x),
+            GatewayFrame::Cancel(x) => serde_json::to_string(x),
+            GatewayFrame::Refused(x) => serde_json::to_string(x),
+            GatewayFrame::Error(x) => serde_json::to_string(x),
+            GatewayFrame::Closing(x) => serde_json::to_string(x),
+        }
+    }
+}
+
+/// A frame a publisher sends over a WebSocket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum PublisherFrame {
+    /// Must be the first frame.
+    Register(RegisterRequest),
+    /// Liveness.
+    Heartbeat(HeartbeatRequest),
+    /// The final answer of a task.
+    #[serde(rename_all = "camelCase")]
+    Result {
+        /// The task.
+        task_id: TaskId,
+        /// HTTP status of the answer.
+        status: u16,
+        /// The answer body.
+        #[serde(default)]
+        body: Value,
+    },
+    /// One streamed chunk.
+    #[serde(rename_all = "camelCase")]
+    Chunk {
+        /// The task.
+        task_id: TaskId,
+        /// One SSE `data:` payload: a serialized `chat.completion.chunk`.
+        #[serde(default)]
+        data: String,
+        /// Ends the stream.
+        #[serde(default)]
+        done: bool,
+    },
+    /// The task failed at the publisher.
+    #[serde(rename_all = "camelCase")]
+    Error {
+        /// The task.
+        task_id: TaskId,
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl PublisherFrame {
+    /// For a result, chunk or error frame: the task and its result.
+    pub fn into_task_result(self) -> Option<(TaskId, TaskResult)> {
+        match self {
+            PublisherFrame::Result {
+                task_id,
+                status,
+                body,
+            } => Some((task_id, TaskResult::Completed { status, body })),
+            PublisherFrame::Chunk {
+                task_id,
+                data,
+                done,
+            } => Some((task_id, TaskResult::Chunk { data, done })),
+            PublisherFrame::Error { task_id, message } => {
+                Some((task_id, TaskResult::Failed { message }))
+            }
+            PublisherFrame::Register(_) | PublisherFrame::Heartbeat(_) => None,
+        }
+    }
+}
+
+/// What a publisher posts for a task: a final answer, one chunk, or an error.
+///
+/// On the HTTP result route it is one of `{"status", "body"}`, `{"chunk": {"data",
+/// "done"}}` or `{"error"}`; exactly one of the three shapes, or the body is refused.
+///
+/// ```
+/// use virtual_llm_core::TaskResult;
+///
+/// let r: TaskResult = serde_json::from_str(r#"{"chunk":{"data":"{}","done":true}}"#).unwrap();
+/// assert_eq!(r, TaskResult::Chunk { data: "{}".into(), done: true });
+/// assert!(serde_json::from_str::<TaskResult>(r#"{"error":"x","status":200}"#).is_err());
+/// ```
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "ResultWire", into = "ResultWire")]
+pub enum TaskResult {
+    /// The final answer, with the upstream's HTTP status.
+    Completed {
+        /// HTTP status, 100–599.
+        status: u16,
+        /// Response body.
+        body: Value,
+    },
+    /// One streamed chunk; `done` ends the stream.
+    Chunk {
+        /// One SSE `data:` payload.
+        data: String,
+        /// Whether this ends the stream.
+        done: bool,
+    },
+    /// The task failed at the publisher.
+    Failed {
+        /// What went wrong.
+        message: String,
+    },
+}
+
+impl TaskResult {
+    /// Whether this result ends its task.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, TaskResult::Chunk { done: false, .. })
+    }
+
+    /// Checks what serde cannot: a real HTTP status, a bounded error message.
+    pub fn validate(&self) -> Result<(), Error> {
+        match self {
+            TaskResult::Completed { status, .. } if !(100..=599).contains(status) => Err(
+                Error::invalid(format!("status {status} is not an HTTP status")),
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[derive(Clone, Default, Serialize, Deserialize)]
+struct ResultWire {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    error: Option<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunk: Option<ChunkWire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    status: Option<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    body: Option<Value>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+struct ChunkWire {
+    #[serde(default)]
+    data: String,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    done: bool,
+}
+
+impl TryFrom<ResultWire> for TaskResult {
+    type Error = String;
+
+    fn try_from(w: ResultWire) -> Result<Self, String> {
+        match (w.error, w.chunk, w.status) {
+            (Some(error), None, None) if w.body.is_none() => Ok(TaskResult::Failed {
+                message: error_message(error),
+            }),
+            (None, Some(c), None) if w.body.is_none() => Ok(TaskResult::Chunk {
+                data: c.data,
+                done: c.done,
+            }),
+            (None, None, Some(status)) => Ok(TaskResult::Completed {
+                status,
+                body: w.body.unwrap_or(Value::Null),
+            }),
+            _ => Err(
+                "a result is exactly one of {error}, {chunk:{data,done}} or {status,body}"
+                    .to_owned(),
+            ),
+        }
+    }
+}
+
+/// Publishers may send the error as a string or as an OpenAI error object.
+fn error_message(error: Value) -> String {
+    let text = match error {
+        Value::String(s) => s,
+        Value::Object(ref o) => match o.get("message") {
+            Some(Value::String(m)) => m.clone(),
+            _ => error.to_string(),
+        },
+        other => other.to_string(),
+    };
+    text.chars().take(4096).collect()
+}
+
+impl From<TaskResult> for ResultWire {
+    fn from(r: TaskResult) -> Self {
+        match r {
+            TaskResult::Completed { status, body } => ResultWire {
+                status: Some(status),
+                body: Some(body),
+                ..Default::default()
+            },
+            TaskResult::Chunk { data, done } => ResultWire {
+                chunk: Some(ChunkWire { data, done }),
+                ..Default::default()
+            },
+            TaskResult::Failed { message } => ResultWire {
+                error: Some(Value::String(message)),
+                ..Default::default()
+            },
+        }
+    }
+}

@@ -1,0 +1,124 @@
+//! LLM rows: what the registry stores, and the view of a row that clients may see.
+//!
+//! A row's place in the lifecycle indexes (live rows by heartbeat, inactive rows by the
+//! time they went inactive) is decided here, by [`LlmRecord::live_since`] and
+//! [`LlmRecord::inactive_key`], so every [`Store`](crate::Store) indexes by the same rule.
+
+use serde::{Deserialize, Serialize};
+
+use crate::{LlmId, LlmName, SessionId, Timestamp};
+
+/// Where a row's answers come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmKind {
+    /// An upstream URL and key held by the gateway, answered by a
+    /// [`PublicBackend`](crate::PublicBackend).
+    Public,
+    /// A published model, answered by its publisher over the control channel.
+    Virtual,
+}
+
+/// Whether a row can take requests now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmStatus {
+    /// Serving: its publisher is connected and heartbeating (or it is public).
+    Active,
+    /// Its publisher is gone; it is deleted after the inactive retention.
+    Inactive,
+    /// Reserved for wake-on-demand; stores must keep it as it is.
+    Hibernating,
+}
+
+/// A row of the LLM registry.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmRecord {
+    /// Stable unique id, kept across sticky reconnects.
+    pub id: LlmId,
+    /// Unique key of the row.
+    pub name: LlmName,
+    /// Public or virtual.
+    pub kind: LlmKind,
+    /// Lifecycle status.
+    pub status: LlmStatus,
+    /// Provider type, e.g. `openai`.
+    #[serde(rename = "type")]
+    pub provider_type: String,
+    /// The upstream model name.
+    pub model: String,
+    /// Optional tier label, e.g. `fast`.
+    pub tier: Option<String>,
+    /// The principal that registered the row; only it may change the row.
+    pub owner: String,
+    /// The publisher session the row is bound to; `None` once detached.
+    pub provider_session_id: Option<SessionId>,
+    /// The last sign of life from the row's publisher.
+    pub last_heartbeat_at: Option<Timestamp>,
+    /// When the row last went inactive; `None` while it is not inactive.
+    pub inactive_since: Option<Timestamp>,
+    /// When the row was first inserted.
+    pub created_at: Timestamp,
+    /// When the row was last written (heartbeats do not count).
+    pub updated_at: Timestamp,
+    /// Compare-and-set revision: bumped by the store on every write, never by a
+    /// heartbeat. A write names the revision it read.
+    pub revision: u64,
+}
+
+impl LlmRecord {
+    /// The heartbeat key of a row in the live index, or `None` when the row is not a
+    /// live virtual. GC marks live rows with a key older than the stale cutoff inactive.
+    pub fn live_since(&self) -> Option<Timestamp> {
+        (self.kind == LlmKind::Virtual && self.status == LlmStatus::Active)
+            .then(|| self.last_heartbeat_at.unwrap_or(Timestamp::EPOCH))
+    }
+
+    /// The key of a row in the inactive index, or `None` when it is not inactive. GC
+    /// deletes rows with a key older than the retention cutoff.
+    pub fn inactive_key(&self) -> Option<Timestamp> {
+        (self.status == LlmStatus::Inactive)
+            .then(|| self.inactive_since.unwrap_or(Timestamp::EPOCH))
+    }
+
+    /// What clients may see of the row: no owner, no session id.
+    pub fn view(&self) -> LlmView {
+        LlmView {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            kind: self.kind,
+            status: self.status,
+            provider_type: self.provider_type.clone(),
+            model: self.model.clone(),
+            tier: self.tier.clone(),
+            last_heartbeat_at: self.last_heartbeat_at,
+            inactive_since: self.inactive_since,
+        }
+    }
+}
+
+/// The public view of a row, as the list and get routes answer it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmView {
+    /// Unique name.
+    pub name: LlmName,
+    /// Stable id.
+    pub id: LlmId,
+    /// Public or virtual.
+    pub kind: LlmKind,
+    /// Lifecycle status.
+    pub status: LlmStatus,
+    /// Provider type.
+    #[serde(rename = "type")]
+    pub provider_type: String,
+    /// Upstream model name.
+    pub model: String,
+    /// Optional tier.
+    pub tier: Option<String>,
+    /// Last heartbeat of its publisher.
+    pub last_heartbeat_at: Option<Timestamp>,
+    /// When it went inactive.
+    pub inactive_since: Option<Timestamp>,
+}

@@ -1,0 +1,139 @@
+//! The `Store` trait: persistence of LLM rows, and the seam every storage backend fills.
+//!
+//! The lifecycle reads rows, decides, and writes them back with compare-and-set, so the
+//! store is the only place where two gateways (or two requests) racing for one name are
+//! resolved. Liveness is kept apart from the rows' revisions: a heartbeat is a
+//! [`Store::touch`], which a backend may keep in memory and flush in batches.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::{LlmName, LlmRecord, SessionId, StoreError, Timestamp};
+
+/// One write of an atomic batch.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// Insert a row whose name must not exist yet. The store sets `revision` to 1.
+    Insert(LlmRecord),
+    /// Replace a row that must exist at `record.revision`. The store bumps the revision.
+    Update(LlmRecord),
+    /// Delete a row that must exist at `revision`.
+    Delete {
+        /// The row.
+        name: LlmName,
+        /// The revision it must be at.
+        revision: u64,
+    },
+}
+
+impl Write {
+    /// The row this write touches.
+    pub fn name(&self) -> &LlmName {
+        match self {
+            Write::Insert(r) | Write::Update(r) => &r.name,
+            Write::Delete { name, .. } => name,
+        }
+    }
+}
+
+/// Persistence of the LLM registry.
+///
+/// # Contract
+/// - **Atomic compare-and-set batches.** [`Store::write`] applies every write of a
+///   batch or none. Each write checks its expectation (insert: absent; update and
+///   delete: at the given revision) against the committed state; one failed check
+///   fails the batch with [`StoreError::Conflict`] and nothing is written. Two
+///   concurrent batches expecting the same revision of a row: exactly one wins, also
+///   across processes sharing the backend. A batch naming a row twice is
+///   [`StoreError::InvalidBatch`].
+/// - **Revisions.** An insert stores revision 1; every update adds 1. `write` returns the
+///   rows as stored, with their new revisions. Heartbeats (`touch`) never change a
+///   revision, so a heartbeat never makes a lifecycle write fail.
+/// - **Indexed lifecycle queries.** [`Store::stale_virtuals`] and
+///   [`Store::expired_inactives`] cost in proportion to the rows they return, not to
+///   all rows: keep an index keyed by [`LlmRecord::live_since`] and
+///   [`LlmRecord::inactive_key`]. [`Store::by_session`] is indexed too.
+/// - **Liveness.** [`Store::touch`] sets `last_heartbeat_at`; every read, including the
+///   stale query, sees the touched value at once. A backend may hold touches in memory
+///   and persist them in batches (a crash may lose the last few seconds of heartbeats,
+///   never a lifecycle write); [`Store::flush`] persists them.
+/// - **Durability.** Once `write` returns `Ok`, the batch survives a crash of the process.
+/// - **Faithful round trip.** Every field comes back as written, `hibernating` included.
+#[async_trait]
+pub trait Store: fmt::Debug + Send + Sync + 'static {
+    /// The row named `name`.
+    async fn get(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError>;
+
+    /// Every row, ordered by name.
+    async fn list(&self) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// The rows bound to `session`, ordered by name.
+    async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// Active virtual rows whose last heartbeat is older than `cutoff` (strictly),
+    /// oldest first. A live row with no heartbeat counts as the epoch.
+    async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// Inactive rows that went inactive before `cutoff` (strictly), oldest first.
+    async fn expired_inactives(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// Applies `batch` atomically with per-row compare-and-set; returns the rows written
+    /// (deletes excluded), in batch order.
+    async fn write(&self, batch: Vec<Write>) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// Records a heartbeat at `at` on each named row that exists; returns how many did.
+    async fn touch(&self, names: &[LlmName], at: Timestamp) -> Result<usize, StoreError>;
+
+    /// Persists anything held in memory (coalesced heartbeats).
+    async fn flush(&self) -> Result<(), StoreError>;
+}
+
+/// Rejects a batch that names a row twice; shared by every backend.
+pub fn check_batch(batch: &[Write]) -> Result<(), StoreError> {
+    let mut seen = std::collections::HashSet::with_capacity(batch.len());
+    for w in batch {
+        if !seen.insert(w.name()) {
+            return Err(StoreError::InvalidBatch {
+                reason: format!("row {} appears twice in one batch", w.name()),
+            });
+        }
+    }
+    Ok(())
+}
+
+macro_rules! forward_store {
+    ($ty:ty) => {
+        #[async_trait]
+        impl<T: Store + ?Sized> Store for $ty {
+            async fn get(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+                (**self).get(name).await
+            }
+            async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).list().await
+            }
+            async fn by_session(&self, s: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).by_session(s).await
+            }
+            async fn stale_virtuals(&self, c: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).stale_virtuals(c).await
+            }
+            async fn expired_inactives(&self, c: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).expired_inactives(c).await
+            }
+            async fn write(&self, batch: Vec<Write>) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).write(batch).await
+            }
+            async fn touch(&self, names: &[LlmName], at: Timestamp) -> Result<usize, StoreError> {
+                (**self).touch(names, at).await
+            }
+            async fn flush(&self) -> Result<(), StoreError> {
+                (**self).flush().await
+            }
+        }
+    };
+}
+
+forward_store!(Arc<T>);
+forward_store!(Box<T>);

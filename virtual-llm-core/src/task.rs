@@ -1,0 +1,429 @@
+//! Task correlation: from a client request pushed down a channel to its one outcome.
+//!
+//! [`TaskTable::start`] registers a task, sends its `task` frame on the session's
+//! channel and returns a [`TaskHandle`]. The publisher's results come back through
+//! [`TaskTable::deliver`], which checks that they come from the session the task was
+//! sent to, and hands them to the handle through a bounded buffer. The handle yields
+//! exactly one outcome (a completion, a finished stream, or an error) and then nothing;
+//! dropping it before the outcome cancels the task and sends a `cancel` frame.
+//!
+//! Deadlines live in the handle: a total deadline for a non-streaming task, an idle
+//! deadline between events for a streaming one. Both are tokio timers, so tests drive
+//! them with `tokio::time::pause`.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+use crate::channel::{Channels, SendError};
+use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame, TaskKind, TaskResult};
+use crate::sync::lock;
+use crate::{ChunkStream, Completion, Config, Error, LlmName, Reply, SessionId, TaskId};
+
+/// What a task handle yields, in order: chunks then `Done` for a stream, or one
+/// `Completed`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum TaskEvent {
+    /// One streamed chunk (an SSE `data:` payload).
+    Chunk(String),
+    /// The stream ended normally.
+    Done,
+    /// The whole answer.
+    Completed(Completion),
+}
+
+/// What travels from `deliver` to the handle.
+#[derive(Debug)]
+enum Event {
+    Chunk { data: String, done: bool },
+    Completed(Completion),
+    Failed(Error),
+}
+
+impl From<TaskResult> for Event {
+    fn from(r: TaskResult) -> Self {
+        match r {
+            TaskResult::Completed { status, body } => Event::Completed(Completion { status, body }),
+            TaskResult::Chunk { data, done } => Event::Chunk { data, done },
+            TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
+        }
+    }
+}
+
+struct Live {
+    session: SessionId,
+    owner: String,
+    stream: bool,
+    tx: mpsc::Sender<Event>,
+}
+
+#[derive(Default)]
+struct State {
+    live: HashMap<TaskId, Live>,
+    /// Recently finished tasks and their session, so a replayed result is a 409.
+    finished: HashMap<TaskId, SessionId>,
+    finished_order: VecDeque<TaskId>,
+}
+
+struct Inner {
+    channels: Arc<Channels>,
+    state: Mutex<State>,
+    buffer: usize,
+    deadline: Duration,
+    idle: Duration,
+    retry_after: Duration,
+    remembered: usize,
+}
+
+impl Inner {
+    /// Removes a live task and, if it was live, tells its publisher to stop.
+    fn cancel(&self, id: &TaskId) -> bool {
+        let removed = lock(&self.state).live.remove(id);
+        let Some(live) = removed else { return false };
+        if let Some(sink) = self.channels.sink(&live.session) {
+            let frame = GatewayFrame::Cancel(CancelFrame {
+                task_id: id.clone(),
+            });
+            if let Err(e) = sink.send(frame) {
+                // The publisher is gone or saturated; it will find the task unknown
+                // when it posts, which stops it just the same.
+                tracing::debug!(task = %id, error = %e, "cancel frame not sent");
+            }
+        }
+        true
+    }
+
+    fn offline(&self) -> Error {
+        Error::Unavailable {
+            reason: "the publisher of this llm disconnected".to_owned(),
+            retry_after: self.retry_after,
+        }
+    }
+}
+
+/// The in-flight tasks of a gateway.
+#[derive(Clone)]
+pub struct TaskTable {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for TaskTable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskTable")
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+impl TaskTable {
+    /// An empty table routing frames through `channels`.
+    pub fn new(channels: Arc<Channels>, config: &Config) -> Self {
+        TaskTable {
+            inner: Arc::new(Inner {
+                channels,
+                state: Mutex::new(State::default()),
+                buffer: config.task_buffer.max(1),
+                deadline: config.task_deadline,
+                idle: config.stream_idle_timeout,
+                retry_after: config.retry_after,
+                remembered: config.finished_tasks_remembered,
+            }),
+        }
+    }
+
+    /// Starts a task for `llm` on `session`'s channel. `owner` is the principal whose
+    /// session it is; only it may post the results.
+    ///
+    /// Fails with 503 when the session has no channel, or its channel is full.
+    pub fn start(
+        &self,
+        session: &SessionId,
+        owner: &str,
+        llm: &LlmName,
+        stream: bool,
+        body: Value,
+    ) -> Result<TaskHandle, Error> {
+        let sink = self
+            .inner
+            .channels
+            .sink(session)
+            .ok_or_else(|| self.inner.offline())?;
+        let id = TaskId::generate();
+        let (tx, rx) = mpsc::channel(self.inner.buffer);
+        let live = Live {
+            session: session.clone(),
+            owner: owner.to_owned(),
+            stream,
+            tx,
+        };
+        // Registered before the frame goes out, so even an instant result finds it.
+        lock(&self.inner.state).live.insert(id.clone(), live);
+        let frame = TaskFrame {
+            task_id: id.clone(),
+            kind: TaskKind::Infer,
+            llm: llm.clone(),
+            stream,
+            body,
+        };
+        if let Err(e) = sink.send(GatewayFrame::Task(frame)) {
+            lock(&self.inner.state).live.remove(&id);
+            let reason = match e {
+                SendError::Full => "the publisher of this llm is saturated",
+                SendError::Closed => "the publisher of this llm disconnected",
+            };
+            return Err(Error::Unavailable {
+                reason: reason.to_owned(),
+                retry_after: self.inner.retry_after,
+            });
+        }
+        Ok(TaskHandle {
+            id,
+            stream,
+            rx,
+            deadline: Instant::now() + self.inner.deadline,
+            inner: self.inner.clone(),
+            state: HandleState::Running,
+        })
+    }
+
+    /// Hands a publisher's result to its task.
+    ///
+    /// Refused with 404 when the task is unknown, was cancelled, or was sent to another
+    /// session or principal (the caller learns nothing about other sessions' tasks);
+    /// 409 when it already had its final result; 400 for a chunk of a non-streaming
+    /// task. When the task's buffer is full this waits: a slow client slows down its
+    /// own publisher stream, and nothing else.
+    pub async fn deliver(
+        &self,
+        session: &SessionId,
+        owner: &str,
+        task: &TaskId,
+        result: TaskResult,
+    ) -> Result<(), Error> {
+        result.validate()?;
+        let tx = {
+            let mut state = lock(&self.inner.state);
+            let Some(live) = state.live.get(task) else {
+                return Err(match state.finished.get(task) {
+                    Some(s) if s == session => Error::TaskFinished,
+                    _ => Error::UnknownTask,
+                });
+            };
+            if live.session != *session || live.owner != owner {
+                return Err(Error::UnknownTask);
+            }
+            if !live.stream && matches!(result, TaskResult::Chunk { .. }) {
+                return Err(Error::invalid(
+                    "this task is not streaming: post {status, body}",
+                ));
+            }
+            if result.is_final() {
+                match state.live.remove(task) {
+                    Some(live) => {
+                        remember(
+                            &mut state,
+                            task.clone(),
+                            live.session,
+                            self.inner.remembered,
+                        );
+                        live.tx
+                    }
+                    None => return Err(Error::UnknownTask),
+                }
+            } else {
+                live.tx.clone()
+            }
+        };
+        // The client went away while we waited: the task is cancelled.
+        tx.send(Event::from(result))
+            .await
+            .map_err(|_| Error::UnknownTask)
+    }
+
+    /// Fails every in-flight task of `session` with 503 (its channel closed). Late
+    /// results for them are then unknown (404). Returns how many failed.
+    pub fn fail_session(&self, session: &SessionId) -> usize {
+        let failed: Vec<Live> = {
+            let mut state = lock(&self.inner.state);
+            state
+                .live
+                .extract_if(|_, t| t.session == *session)
+                .map(|(_, t)| t)
+                .collect()
+        };
+        for task in &failed {
+            if task
+                .tx
+                .try_send(Event::Failed(self.inner.offline()))
+                .is_err()
+            {
+                // Buffer full or handle gone: dropping the sender below ends the
+                // handle with the same 503, so nothing is lost.
+                tracing::trace!("task failed by closing its buffer");
+            }
+        }
+        failed.len()
+    }
+
+    /// How many tasks are waiting for their outcome.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.inner.state).live.len()
+    }
+}
+
+fn remember(state: &mut State, id: TaskId, session: SessionId, cap: usize) {
+    if cap == 0 {
+        return;
+    }
+    while state.finished_order.len() >= cap {
+        match state.finished_order.pop_front() {
+            Some(old) => {
+                state.finished.remove(&old);
+            }
+            None => break,
+        }
+    }
+    state.finished_order.push_back(id.clone());
+    state.finished.insert(id, session);
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum HandleState {
+    Running,
+    /// A `done` chunk carried data: the data was yielded, `Done` comes next.
+    DonePending,
+    Finished,
+}
+
+/// The client's end of a task: yields its one outcome, cancels it when dropped early.
+pub struct TaskHandle {
+    id: TaskId,
+    stream: bool,
+    rx: mpsc::Receiver<Event>,
+    deadline: Instant,
+    inner: Arc<Inner>,
+    state: HandleState,
+}
+
+impl fmt::Debug for TaskHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TaskHandle")
+            .field("id", &self.id)
+            .field("stream", &self.stream)
+            .field("state", &self.state)
+            .finish()
+    }
+}
+
+impl TaskHandle {
+    /// The task's id.
+    pub fn id(&self) -> &TaskId {
+        &self.id
+    }
+
+    /// Whether the client asked for a stream.
+    pub fn is_stream(&self) -> bool {
+        self.stream
+    }
+
+    /// The next event, or `None` after the outcome. The outcome is `Completed`, `Done`
+    /// or an error; 504 when a deadline passes (the task is then cancelled), 503 when
+    /// the publisher disconnects, 502 when it reports an error.
+    pub async fn next(&mut self) -> Option<Result<TaskEvent, Error>> {
+        match self.state {
+            HandleState::Finished => return None,
+            HandleState::DonePending => {
+                self.state = HandleState::Finished;
+                return Some(Ok(TaskEvent::Done));
+            }
+            HandleState::Running => {}
+        }
+        let (until, limit) = if self.stream {
+            (Instant::now() + self.inner.idle, self.inner.idle)
+        } else {
+            (self.deadline, self.inner.deadline)
+        };
+        let event = match tokio::time::timeout_at(until, self.rx.recv()).await {
+            Ok(Some(event)) => event,
+            Ok(None) => {
+                self.state = HandleState::Finished;
+                return Some(Err(self.inner.offline()));
+            }
+            Err(_elapsed) => {
+                self.state = HandleState::Finished;
+                self.inner.cancel(&self.id);
+                return Some(Err(Error::DeadlineExceeded { deadline: limit }));
+            }
+        };
+        Some(match event {
+            Event::Chunk { data, done: false } => Ok(TaskEvent::Chunk(data)),
+            Event::Chunk { data, done: true } if data.is_empty() => {
+                self.state = HandleState::Finished;
+                Ok(TaskEvent::Done)
+            }
+            Event::Chunk { data, done: true } => {
+                self.state = HandleState::DonePending;
+                Ok(TaskEvent::Chunk(data))
+            }
+            Event::Completed(c) => {
+                self.state = HandleState::Finished;
+                Ok(TaskEvent::Completed(c))
+            }
+            Event::Failed(e) => {
+                self.state = HandleState::Finished;
+                Err(e)
+            }
+        })
+    }
+
+    /// Waits for the first event and shapes the answer: a completion (also what a
+    /// streaming task answers when the upstream refused with an error status), or a
+    /// stream whose first chunk has arrived. Waiting for it lets a transport choose
+    /// the right status line before it commits to an event stream.
+    pub async fn into_reply(mut self) -> Result<Reply, Error> {
+        match self.next().await {
+            Some(Ok(TaskEvent::Completed(c))) => Ok(Reply::Complete(c)),
+            Some(Ok(TaskEvent::Done)) => Ok(Reply::Stream(futures::stream::empty().boxed())),
+            Some(Ok(TaskEvent::Chunk(first))) => {
+                let rest = self.into_chunk_stream();
+                Ok(Reply::Stream(
+                    futures::stream::once(async { Ok(first) })
+                        .chain(rest)
+                        .boxed(),
+                ))
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(self.inner.offline()),
+        }
+    }
+
+    /// The remaining chunks as a stream; it ends after `Done`, or with one error.
+    pub fn into_chunk_stream(self) -> ChunkStream {
+        futures::stream::unfold(self, |mut handle| async move {
+            let item = match handle.next().await? {
+                Ok(TaskEvent::Chunk(data)) => Ok(data),
+                Ok(TaskEvent::Done) => return None,
+                Ok(TaskEvent::Completed(_)) => Err(Error::Upstream {
+                    message: "the publisher sent a final result in the middle of a stream".into(),
+                }),
+                Err(e) => Err(e),
+            };
+            Some((item, handle))
+        })
+        .boxed()
+    }
+}
+
+impl Drop for TaskHandle {
+    fn drop(&mut self) {
+        if self.state != HandleState::Finished {
+            self.inner.cancel(&self.id);
+        }
+    }
+}

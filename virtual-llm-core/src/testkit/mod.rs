@@ -1,0 +1,169 @@
+//! The test kit: what integrators need to test their own stores, transports and
+//! gateways against the core's contract.
+//!
+//! - [`store_suite`] and [`store_conformance_tests!`](crate::store_conformance_tests):
+//!   the Store conformance suite.
+//! - [`ManualClock`]: wall-clock time that moves only when told to.
+//! - [`FakeChannel`]: a [`ChannelSink`] that records frames and can be closed or
+//!   filled on demand.
+//! - [`EchoProvider`](crate::EchoProvider): the deterministic echo model.
+//! - [`record`] and [`at`]: row and time builders for tests.
+
+pub mod store_suite;
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::channel::{ChannelSink, SendError};
+pub use crate::echo::EchoProvider;
+use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame};
+use crate::sync::lock;
+use crate::{Clock, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, Timestamp};
+
+/// `secs` seconds after the epoch.
+pub fn at(secs: u64) -> Timestamp {
+    Timestamp::from_millis(secs * 1000)
+}
+
+/// An active virtual row named `name`, owned by `tester`, bound to no session, with a
+/// heartbeat at the epoch. Panics on an invalid name.
+pub fn record(name: &str) -> LlmRecord {
+    LlmRecord {
+        id: LlmId::generate(),
+        name: LlmName::parse(name).expect("record() needs a valid name"),
+        kind: LlmKind::Virtual,
+        status: LlmStatus::Active,
+        provider_type: "openai".into(),
+        model: "test-model".into(),
+        tier: None,
+        owner: "tester".into(),
+        provider_session_id: None,
+        last_heartbeat_at: Some(Timestamp::EPOCH),
+        inactive_since: None,
+        created_at: Timestamp::EPOCH,
+        updated_at: Timestamp::EPOCH,
+        revision: 0,
+    }
+}
+
+/// A [`Clock`] that moves only when a test moves it. Clones share the same time.
+///
+/// ```
+/// use std::time::Duration;
+/// use virtual_llm_core::{Clock, testkit::{ManualClock, at}};
+///
+/// let clock = ManualClock::new(at(100));
+/// clock.advance(Duration::from_secs(5));
+/// assert_eq!(clock.now(), at(105));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock {
+    millis: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock reading `start`.
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock {
+            millis: Arc::new(AtomicU64::new(start.as_millis())),
+        }
+    }
+
+    /// Moves the clock forward.
+    pub fn advance(&self, by: Duration) {
+        let by = u64::try_from(by.as_millis()).unwrap_or(u64::MAX);
+        self.millis.fetch_add(by, Ordering::SeqCst);
+    }
+
+    /// Sets the clock, backwards too (clock-jump tests).
+    pub fn set(&self, to: Timestamp) {
+        self.millis.store(to.as_millis(), Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.millis.load(Ordering::SeqCst))
+    }
+}
+
+/// A [`ChannelSink`] that records every frame, for tests. Clones share the recording.
+#[derive(Clone, Debug, Default)]
+pub struct FakeChannel {
+    inner: Arc<FakeInner>,
+}
+
+#[derive(Debug, Default)]
+struct FakeInner {
+    frames: Mutex<VecDeque<GatewayFrame>>,
+    arrived: Notify,
+    closed: AtomicBool,
+    full: AtomicBool,
+}
+
+impl FakeChannel {
+    /// An open, empty channel.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// From now on, `send` answers [`SendError::Closed`].
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+    }
+
+    /// While set, `send` answers [`SendError::Full`].
+    pub fn set_full(&self, full: bool) {
+        self.inner.full.store(full, Ordering::SeqCst);
+    }
+
+    /// Takes every frame received so far.
+    pub fn take(&self) -> Vec<GatewayFrame> {
+        lock(&self.inner.frames).drain(..).collect()
+    }
+
+    /// Waits for the next frame and takes it.
+    pub async fn next(&self) -> GatewayFrame {
+        loop {
+            let notified = self.inner.arrived.notified();
+            if let Some(f) = lock(&self.inner.frames).pop_front() {
+                return f;
+            }
+            notified.await;
+        }
+    }
+
+    /// Waits for the next frame, which must be a task.
+    pub async fn next_task(&self) -> TaskFrame {
+        match self.next().await {
+            GatewayFrame::Task(t) => t,
+            other => panic!("expected a task frame, got {other:?}"),
+        }
+    }
+
+    /// Waits for the next frame, which must be a cancel.
+    pub async fn next_cancel(&self) -> CancelFrame {
+        match self.next().await {
+            GatewayFrame::Cancel(c) => c,
+            other => panic!("expected a cancel frame, got {other:?}"),
+        }
+    }
+}
+
+impl ChannelSink for FakeChannel {
+    fn send(&self, frame: GatewayFrame) -> Result<(), SendError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(SendError::Closed);
+        }
+        if self.inner.full.load(Ordering::SeqCst) {
+            return Err(SendError::Full);
+        }
+        lock(&self.inner.frames).push_back(frame);
+        self.inner.arrived.notify_waiters();
+        Ok(())
+    }
+}

@@ -1,0 +1,630 @@
+//! The Store conformance suite: one function per behaviour of the [`Store`] contract.
+//!
+//! Each function takes the store under test and panics with a message naming the broken
+//! rule. Run them all with [`store_conformance_tests!`](crate::store_conformance_tests),
+//! which stamps out one `#[tokio::test]` per case; or call them one by one.
+//! Every function expects an empty store.
+
+use futures::future::join_all;
+
+use crate::testkit::{at, record};
+use crate::{LlmKind, LlmStatus, SessionId, Store, StoreError, Write};
+
+fn name(s: &str) -> crate::LlmName {
+    crate::LlmName::parse(s).expect("test names are valid")
+}
+
+/// An insert stores revision 1 and `get` returns the row as written.
+pub async fn insert_then_get(store: &dyn Store) {
+    let row = record("alpha");
+    let written = store
+        .write(vec![Write::Insert(row.clone())])
+        .await
+        .expect("insert");
+    assert_eq!(written.len(), 1);
+    assert_eq!(written[0].revision, 1, "an insert stores revision 1");
+    let got = store
+        .get(&row.name)
+        .await
+        .expect("get")
+        .expect("row present");
+    assert_eq!(got, written[0], "get returns the row as written");
+    assert_eq!(store.get(&name("missing")).await.expect("get"), None);
+}
+
+/// Inserting a name that exists fails with `Conflict` and leaves the row as it was.
+pub async fn insert_existing_conflicts(store: &dyn Store) {
+    let row = record("alpha");
+    store
+        .write(vec![Write::Insert(row.clone())])
+        .await
+        .expect("insert");
+    let mut other = record("alpha");
+    other.model = "other".into();
+    let err = store
+        .write(vec![Write::Insert(other)])
+        .await
+        .expect_err("second insert");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "expected Conflict, got {err:?}"
+    );
+    let got = store.get(&row.name).await.expect("get").expect("present");
+    assert_eq!(got.model, row.model, "the losing insert wrote nothing");
+}
+
+/// An update must name the current revision; it then bumps it. A stale one conflicts.
+pub async fn update_checks_revision(store: &dyn Store) {
+    let row = store
+        .write(vec![Write::Insert(record("alpha"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    let mut new = row.clone();
+    new.model = "m2".into();
+    let stored = store
+        .write(vec![Write::Update(new.clone())])
+        .await
+        .expect("update")
+        .remove(0);
+    assert_eq!(stored.revision, 2, "an update bumps the revision");
+    new.model = "m3".into();
+    let err = store
+        .write(vec![Write::Update(new)])
+        .await
+        .expect_err("stale update");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "expected Conflict, got {err:?}"
+    );
+    let got = store.get(&row.name).await.expect("get").expect("present");
+    assert_eq!(
+        (got.model.as_str(), got.revision),
+        ("m2", 2),
+        "a stale update wrote nothing"
+    );
+    let err = store
+        .write(vec![Write::Update(record("ghost"))])
+        .await
+        .expect_err("missing row");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "updating a missing row conflicts"
+    );
+}
+
+/// A delete must name the current revision; a wrong one or a missing row conflicts.
+pub async fn delete_checks_revision(store: &dyn Store) {
+    let row = store
+        .write(vec![Write::Insert(record("alpha"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    let wrong = Write::Delete {
+        name: row.name.clone(),
+        revision: 7,
+    };
+    let err = store.write(vec![wrong]).await.expect_err("wrong revision");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "expected Conflict, got {err:?}"
+    );
+    assert!(
+        store.get(&row.name).await.expect("get").is_some(),
+        "a failed delete kept the row"
+    );
+    let ok = Write::Delete {
+        name: row.name.clone(),
+        revision: 1,
+    };
+    assert!(
+        store
+            .write(vec![ok.clone()])
+            .await
+            .expect("delete")
+            .is_empty()
+    );
+    assert_eq!(store.get(&row.name).await.expect("get"), None);
+    assert!(store.list().await.expect("list").is_empty());
+    assert!(matches!(
+        store.write(vec![ok]).await,
+        Err(StoreError::Conflict { .. })
+    ));
+}
+
+/// One failed expectation fails the whole batch: nothing of it is written.
+pub async fn batch_is_atomic(store: &dyn Store) {
+    let b = store
+        .write(vec![Write::Insert(record("b"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    let mut b_changed = b.clone();
+    b_changed.model = "changed".into();
+    let mut c_stale = record("c");
+    c_stale.revision = 3;
+    let batch = vec![
+        Write::Insert(record("a")),
+        Write::Update(b_changed),
+        Write::Update(c_stale),
+    ];
+    let err = store
+        .write(batch)
+        .await
+        .expect_err("batch with a bad expectation");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "expected Conflict, got {err:?}"
+    );
+    assert_eq!(
+        store.get(&name("a")).await.expect("get"),
+        None,
+        "insert of a failed batch applied"
+    );
+    assert_eq!(
+        store.get(&name("b")).await.expect("get"),
+        Some(b),
+        "update of a failed batch applied"
+    );
+    assert_eq!(store.list().await.expect("list").len(), 1);
+}
+
+/// A batch naming one row twice is refused as `InvalidBatch`, and writes nothing.
+pub async fn batch_rejects_duplicate_names(store: &dyn Store) {
+    let batch = vec![Write::Insert(record("a")), Write::Insert(record("a"))];
+    let err = store.write(batch).await.expect_err("duplicate names");
+    assert!(
+        matches!(err, StoreError::InvalidBatch { .. }),
+        "expected InvalidBatch, got {err:?}"
+    );
+    assert!(store.list().await.expect("list").is_empty());
+}
+
+/// `write` returns the stored rows in batch order with their new revisions, deletes left out.
+pub async fn write_returns_stored_rows(store: &dyn Store) {
+    let x = store
+        .write(vec![Write::Insert(record("x"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    let batch = vec![
+        Write::Insert(record("b")),
+        Write::Delete {
+            name: x.name.clone(),
+            revision: x.revision,
+        },
+        Write::Insert(record("a")),
+    ];
+    let written = store.write(batch).await.expect("batch");
+    let names: Vec<_> = written.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["b", "a"],
+        "rows come back in batch order, without deletes"
+    );
+    assert!(written.iter().all(|r| r.revision == 1));
+}
+
+/// `list` returns every row, ordered by name.
+pub async fn list_is_ordered_by_name(store: &dyn Store) {
+    for n in ["delta", "alpha", "charlie", "bravo"] {
+        store
+            .write(vec![Write::Insert(record(n))])
+            .await
+            .expect("insert");
+    }
+    let names: Vec<_> = store
+        .list()
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|r| r.name.to_string())
+        .collect();
+    assert_eq!(names, ["alpha", "bravo", "charlie", "delta"]);
+}
+
+/// `by_session` finds exactly the session's rows and follows moves, detaches and deletes.
+pub async fn by_session_follows_rows(store: &dyn Store) {
+    let (s1, s2) = (SessionId::generate(), SessionId::generate());
+    for (n, s) in [("a", &s1), ("b", &s1), ("c", &s2)] {
+        let mut r = record(n);
+        r.provider_session_id = Some(s.clone());
+        store.write(vec![Write::Insert(r)]).await.expect("insert");
+    }
+    let names = |rows: Vec<crate::LlmRecord>| {
+        rows.into_iter()
+            .map(|r| r.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(store.by_session(&s1).await.expect("by_session")),
+        ["a", "b"]
+    );
+    let mut b = store.get(&name("b")).await.expect("get").expect("b");
+    b.provider_session_id = Some(s2.clone());
+    store.write(vec![Write::Update(b)]).await.expect("move b");
+    assert_eq!(
+        names(store.by_session(&s1).await.expect("by_session")),
+        ["a"]
+    );
+    assert_eq!(
+        names(store.by_session(&s2).await.expect("by_session")),
+        ["b", "c"]
+    );
+    let mut a = store.get(&name("a")).await.expect("get").expect("a");
+    a.provider_session_id = None;
+    store.write(vec![Write::Update(a)]).await.expect("detach a");
+    assert!(
+        store.by_session(&s1).await.expect("by_session").is_empty(),
+        "detached rows leave the index"
+    );
+    let c = store.get(&name("c")).await.expect("get").expect("c");
+    store
+        .write(vec![Write::Delete {
+            name: c.name,
+            revision: c.revision,
+        }])
+        .await
+        .expect("delete");
+    assert_eq!(
+        names(store.by_session(&s2).await.expect("by_session")),
+        ["b"]
+    );
+    assert!(
+        store
+            .by_session(&SessionId::generate())
+            .await
+            .expect("by_session")
+            .is_empty()
+    );
+}
+
+/// `stale_virtuals` returns active virtual rows with a heartbeat strictly before the
+/// cutoff, oldest first; public, inactive and hibernating rows never.
+pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
+    for (n, hb) in [("v30", 30), ("v10", 10), ("v20", 20)] {
+        let mut r = record(n);
+        r.last_heartbeat_at = Some(at(hb));
+        store.write(vec![Write::Insert(r)]).await.expect("insert");
+    }
+    let mut public = record("public");
+    public.kind = LlmKind::Public;
+    public.last_heartbeat_at = Some(at(1));
+    let mut inactive = record("inactive");
+    inactive.status = LlmStatus::Inactive;
+    inactive.last_heartbeat_at = Some(at(1));
+    inactive.inactive_since = Some(at(2));
+    let mut sleeping = record("sleeping");
+    sleeping.status = LlmStatus::Hibernating;
+    sleeping.last_heartbeat_at = Some(at(1));
+    store
+        .write(vec![
+            Write::Insert(public),
+            Write::Insert(inactive),
+            Write::Insert(sleeping),
+        ])
+        .await
+        .expect("insert");
+    let stale = |rows: Vec<crate::LlmRecord>| {
+        rows.into_iter()
+            .map(|r| r.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        stale(store.stale_virtuals(at(20)).await.expect("stale")),
+        ["v10"],
+        "the cutoff is strict"
+    );
+    assert_eq!(
+        stale(store.stale_virtuals(at(31)).await.expect("stale")),
+        ["v10", "v20", "v30"],
+        "oldest first"
+    );
+    assert!(
+        store
+            .stale_virtuals(at(10))
+            .await
+            .expect("stale")
+            .is_empty()
+    );
+}
+
+/// `expired_inactives` returns inactive rows that went inactive strictly before the cutoff.
+pub async fn expired_inactives_uses_inactive_since(store: &dyn Store) {
+    for (n, since) in [("i30", 30), ("i10", 10), ("i20", 20)] {
+        let mut r = record(n);
+        r.status = LlmStatus::Inactive;
+        r.inactive_since = Some(at(since));
+        store.write(vec![Write::Insert(r)]).await.expect("insert");
+    }
+    let mut active = record("active");
+    active.last_heartbeat_at = Some(at(1));
+    store
+        .write(vec![Write::Insert(active)])
+        .await
+        .expect("insert");
+    let names = |rows: Vec<crate::LlmRecord>| {
+        rows.into_iter()
+            .map(|r| r.name.to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(store.expired_inactives(at(20)).await.expect("expired")),
+        ["i10"]
+    );
+    assert_eq!(
+        names(store.expired_inactives(at(100)).await.expect("expired")),
+        ["i10", "i20", "i30"]
+    );
+}
+
+/// Status changes move a row between the live and inactive indexes, in both directions.
+pub async fn lifecycle_indexes_follow_status_changes(store: &dyn Store) {
+    let mut r = record("row");
+    r.last_heartbeat_at = Some(at(5));
+    let r = store
+        .write(vec![Write::Insert(r)])
+        .await
+        .expect("insert")
+        .remove(0);
+    assert_eq!(store.stale_virtuals(at(100)).await.expect("stale").len(), 1);
+    let mut off = r.clone();
+    off.status = LlmStatus::Inactive;
+    off.inactive_since = Some(at(50));
+    let off = store
+        .write(vec![Write::Update(off)])
+        .await
+        .expect("deactivate")
+        .remove(0);
+    assert!(
+        store
+            .stale_virtuals(at(100))
+            .await
+            .expect("stale")
+            .is_empty(),
+        "inactive rows are not live"
+    );
+    assert_eq!(
+        store
+            .expired_inactives(at(100))
+            .await
+            .expect("expired")
+            .len(),
+        1
+    );
+    let mut on = off.clone();
+    on.status = LlmStatus::Active;
+    on.inactive_since = None;
+    on.last_heartbeat_at = Some(at(60));
+    store
+        .write(vec![Write::Update(on)])
+        .await
+        .expect("reactivate");
+    assert!(
+        store
+            .expired_inactives(at(100))
+            .await
+            .expect("expired")
+            .is_empty(),
+        "active rows are not inactive"
+    );
+    assert_eq!(store.stale_virtuals(at(61)).await.expect("stale").len(), 1);
+    assert!(
+        store
+            .stale_virtuals(at(60))
+            .await
+            .expect("stale")
+            .is_empty(),
+        "the new heartbeat is the key"
+    );
+}
+
+/// `touch` sets the heartbeat of existing rows, counts them, is seen by every read, and
+/// does not change the revision (so a concurrent compare-and-set still succeeds).
+pub async fn touch_sets_liveness_without_revision(store: &dyn Store) {
+    let mut r = record("row");
+    r.last_heartbeat_at = Some(at(5));
+    let r = store
+        .write(vec![Write::Insert(r)])
+        .await
+        .expect("insert")
+        .remove(0);
+    let touched = store
+        .touch(&[r.name.clone(), name("missing")], at(50))
+        .await
+        .expect("touch");
+    assert_eq!(touched, 1, "touch counts only rows that exist");
+    let got = store.get(&r.name).await.expect("get").expect("row");
+    assert_eq!(got.last_heartbeat_at, Some(at(50)));
+    assert_eq!(
+        got.revision, r.revision,
+        "a heartbeat does not bump the revision"
+    );
+    assert!(
+        store
+            .stale_virtuals(at(50))
+            .await
+            .expect("stale")
+            .is_empty(),
+        "the stale query sees the touch"
+    );
+    assert_eq!(store.stale_virtuals(at(51)).await.expect("stale").len(), 1);
+    assert_eq!(
+        store.list().await.expect("list")[0].last_heartbeat_at,
+        Some(at(50))
+    );
+    let mut update = r.clone();
+    update.model = "m2".into();
+    update.last_heartbeat_at = Some(at(50));
+    store
+        .write(vec![Write::Update(update)])
+        .await
+        .expect("CAS after a touch succeeds");
+}
+
+/// Every field round-trips, `hibernating`, no tier and no session included.
+pub async fn all_fields_round_trip(store: &dyn Store) {
+    let mut sleeping = record("sleeping");
+    sleeping.status = LlmStatus::Hibernating;
+    sleeping.tier = None;
+    sleeping.provider_session_id = None;
+    sleeping.last_heartbeat_at = None;
+    sleeping.inactive_since = Some(at(7));
+    let mut public = record("public");
+    public.kind = LlmKind::Public;
+    public.tier = Some("fast".into());
+    public.provider_type = "anthropic".into();
+    public.model = "claude-ünïcode-名前".into();
+    let written = store
+        .write(vec![
+            Write::Insert(sleeping.clone()),
+            Write::Insert(public.clone()),
+        ])
+        .await
+        .expect("insert");
+    for (want, got) in [sleeping, public].into_iter().zip(written) {
+        let stored = store.get(&want.name).await.expect("get").expect("present");
+        assert_eq!(stored, got);
+        assert_eq!(
+            LlmRecordFields::of(&stored),
+            LlmRecordFields::of(&want),
+            "{} changed in the store",
+            want.name
+        );
+    }
+}
+
+/// The fields of a row other than its revision, for comparisons.
+#[derive(Debug, PartialEq)]
+struct LlmRecordFields(crate::LlmRecord);
+
+impl LlmRecordFields {
+    fn of(r: &crate::LlmRecord) -> Self {
+        let mut r = r.clone();
+        r.revision = 0;
+        LlmRecordFields(r)
+    }
+}
+
+/// Concurrent inserts of one name: exactly one wins, the others conflict.
+pub async fn concurrent_inserts_one_winner(store: &dyn Store) {
+    let attempts = (0..8).map(|i| {
+        let mut r = record("contested");
+        r.owner = format!("owner-{i}");
+        store.write(vec![Write::Insert(r)])
+    });
+    let results = join_all(attempts).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "exactly one insert wins: {results:?}");
+    assert!(
+        results
+            .iter()
+            .filter_map(|r| r.as_ref().err())
+            .all(|e| matches!(e, StoreError::Conflict { .. }))
+    );
+    let winner = results
+        .iter()
+        .find_map(|r| r.as_ref().ok())
+        .expect("a winner")[0]
+        .owner
+        .clone();
+    assert_eq!(
+        store
+            .get(&name("contested"))
+            .await
+            .expect("get")
+            .expect("row")
+            .owner,
+        winner
+    );
+}
+
+/// Concurrent updates from one revision: exactly one wins.
+pub async fn concurrent_updates_one_winner(store: &dyn Store) {
+    let base = store
+        .write(vec![Write::Insert(record("row"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    let attempts = (0..8).map(|i| {
+        let mut r = base.clone();
+        r.model = format!("m{i}");
+        store.write(vec![Write::Update(r)])
+    });
+    let results = join_all(attempts).await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "exactly one update wins: {results:?}"
+    );
+    assert_eq!(
+        store
+            .get(&base.name)
+            .await
+            .expect("get")
+            .expect("row")
+            .revision,
+        2
+    );
+}
+
+/// `flush` succeeds and loses nothing, touches included.
+pub async fn flush_keeps_everything(store: &dyn Store) {
+    let r = store
+        .write(vec![Write::Insert(record("row"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    store
+        .touch(std::slice::from_ref(&r.name), at(99))
+        .await
+        .expect("touch");
+    store.flush().await.expect("flush");
+    let got = store.get(&r.name).await.expect("get").expect("row");
+    assert_eq!(got.last_heartbeat_at, Some(at(99)));
+    assert_eq!(got.revision, r.revision);
+}
+
+/// Stamps out one `#[tokio::test]` per case of the Store conformance suite.
+///
+/// `$setup` is an async fn returning something that dereferences to a [`Store`]
+/// (`Arc<MyStore>`, `Box<dyn Store>`, or a guard that also owns a temporary directory).
+/// The calling crate needs `tokio` (with `macros` and `rt`) as a dev-dependency.
+///
+/// ```ignore
+/// async fn setup() -> std::sync::Arc<MyStore> { std::sync::Arc::new(MyStore::open_temp()) }
+/// virtual_llm_core::store_conformance_tests!(setup);
+/// ```
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($setup:path) => {
+        $crate::store_conformance_tests!(@cases $setup;
+            insert_then_get,
+            insert_existing_conflicts,
+            update_checks_revision,
+            delete_checks_revision,
+            batch_is_atomic,
+            batch_rejects_duplicate_names,
+            write_returns_stored_rows,
+            list_is_ordered_by_name,
+            by_session_follows_rows,
+            stale_virtuals_uses_heartbeat_cutoff,
+            expired_inactives_uses_inactive_since,
+            lifecycle_indexes_follow_status_changes,
+            touch_sets_liveness_without_revision,
+            all_fields_round_trip,
+            concurrent_inserts_one_winner,
+            concurrent_updates_one_winner,
+            flush_keeps_everything,
+        );
+    };
+    (@cases $setup:path; $($case:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let store = $setup().await;
+                $crate::testkit::store_suite::$case(&*store).await;
+            }
+        )*
+    };
+}
