@@ -1,0 +1,114 @@
+//! Fixtures shared by the core's integration tests: a gateway over a memory store with
+//! a manual clock, principals, and request builders.
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::sync::Arc;
+
+use virtual_llm_core::protocol::{LlmSpec, RegisterRequest, RegisterResponse};
+use virtual_llm_core::testkit::{FakeChannel, ManualClock, at};
+use virtual_llm_core::{
+    Binding, Config, Gateway, LlmName, LlmRecord, MemoryStore, Principal, Role, SessionId, Store,
+};
+
+pub struct Fixture {
+    pub gw: Gateway,
+    pub clock: ManualClock,
+    pub store: Arc<MemoryStore>,
+}
+
+pub const START: u64 = 1_000_000;
+
+pub async fn fixture() -> Fixture {
+    fixture_with(Config::default()).await
+}
+
+pub async fn fixture_with(config: Config) -> Fixture {
+    let store = Arc::new(MemoryStore::new());
+    let clock = ManualClock::new(at(START));
+    let gw = Gateway::builder(store.clone())
+        .clock(Arc::new(clock.clone()))
+        .config(config)
+        .start()
+        .await
+        .unwrap();
+    Fixture { gw, clock, store }
+}
+
+pub fn publisher(id: &str) -> Principal {
+    Principal::new(id, [Role::Publisher])
+}
+
+pub fn client() -> Principal {
+    Principal::new("client", [Role::Client])
+}
+
+pub fn admin() -> Principal {
+    Principal::new("root", [Role::Admin])
+}
+
+pub fn spec(name: &str) -> LlmSpec {
+    LlmSpec {
+        name: LlmName::parse(name).unwrap(),
+        provider_type: "openai".into(),
+        model: format!("{name}-model"),
+        tier: None,
+    }
+}
+
+pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
+    RegisterRequest {
+        provider_session_id: session.cloned(),
+        protocol_version: None,
+        llms: names.iter().map(|n| spec(n)).collect(),
+    }
+}
+
+impl Fixture {
+    pub async fn row(&self, name: &str) -> LlmRecord {
+        self.try_row(name)
+            .await
+            .unwrap_or_else(|| panic!("row {name} missing"))
+    }
+
+    pub async fn try_row(&self, name: &str) -> Option<LlmRecord> {
+        self.store
+            .get(&LlmName::parse(name).unwrap())
+            .await
+            .unwrap()
+    }
+
+    pub async fn register(
+        &self,
+        who: &str,
+        session: Option<&SessionId>,
+        names: &[&str],
+    ) -> RegisterResponse {
+        self.gw
+            .register(&publisher(who), request(session, names))
+            .await
+            .unwrap()
+    }
+
+    pub async fn bind(&self, who: &str, session: &SessionId) -> (Binding, FakeChannel) {
+        let channel = FakeChannel::new();
+        let binding = self
+            .gw
+            .bind(&publisher(who), session, Arc::new(channel.clone()))
+            .await
+            .unwrap();
+        (binding, channel)
+    }
+
+    /// Registers `names` for `who` on a fresh session and binds a channel.
+    pub async fn online(&self, who: &str, names: &[&str]) -> (SessionId, Binding, FakeChannel) {
+        let session = self.register(who, None, names).await.provider_session_id;
+        let (binding, channel) = self.bind(who, &session).await;
+        (session, binding, channel)
+    }
+
+    pub fn now(&self) -> virtual_llm_core::Timestamp {
+        use virtual_llm_core::Clock;
+        self.clock.now()
+    }
+}

@@ -1,0 +1,678 @@
+//! Task correlation: one outcome per task, ordered streaming, cancel on drop, deadlines,
+//! refusal of foreign and replayed results, bounded buffering, and the relay through
+//! `Gateway::infer` with the echo model answering on the publisher side.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use futures::{FutureExt, StreamExt};
+use serde_json::{Value, json};
+use virtual_llm_core::protocol::{GatewayFrame, TaskFrame, TaskResult};
+use virtual_llm_core::testkit::FakeChannel;
+use virtual_llm_core::{
+    Config, EchoProvider, Error, Gateway, InferRequest, LlmStatus, Provider, Reply, SessionId,
+    TaskEvent, TaskHandle,
+};
+
+fn chat(model: &str, text: &str, stream: bool) -> InferRequest {
+    InferRequest::from_chat_body(json!({
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": text}],
+    }))
+    .unwrap()
+}
+
+struct Online {
+    f: Fixture,
+    session: SessionId,
+    channel: FakeChannel,
+    _binding: virtual_llm_core::Binding,
+}
+
+async fn online_with(config: Config) -> Online {
+    let f = fixture_with(config).await;
+    let (session, binding, channel) = f.online("alice", &["llm"]).await;
+    Online {
+        f,
+        session,
+        channel,
+        _binding: binding,
+    }
+}
+
+async fn online() -> Online {
+    online_with(Config::default()).await
+}
+
+impl Online {
+    async fn start(&self, stream: bool) -> (TaskHandle, TaskFrame) {
+        let row = self.f.row("llm").await;
+        let handle = self
+            .f
+            .gw
+            .start_task(&row, chat("llm", "hi", stream))
+            .unwrap();
+        let frame = self.channel.next_task().await;
+        assert_eq!(&frame.task_id, handle.id());
+        (handle, frame)
+    }
+
+    async fn deliver(&self, frame: &TaskFrame, result: TaskResult) -> Result<(), Error> {
+        self.f
+            .gw
+            .deliver(&publisher("alice"), &self.session, &frame.task_id, result)
+            .await
+    }
+}
+
+fn chunk(data: &str, done: bool) -> TaskResult {
+    TaskResult::Chunk {
+        data: data.into(),
+        done,
+    }
+}
+
+fn completed(text: &str) -> TaskResult {
+    TaskResult::Completed {
+        status: 200,
+        body: json!({ "text": text }),
+    }
+}
+
+#[tokio::test]
+async fn a_task_frame_carries_the_clients_request() {
+    let o = online().await;
+    let (_handle, frame) = o.start(true).await;
+    assert_eq!(frame.llm.as_str(), "llm");
+    assert!(frame.stream);
+    assert_eq!(frame.body["messages"][0]["content"], "hi");
+    let wire = serde_json::to_value(GatewayFrame::Task(frame)).unwrap();
+    assert_eq!(wire["type"], "task");
+    assert_eq!(wire["kind"], "infer");
+    assert!(wire["taskId"].as_str().unwrap().starts_with("task_"));
+}
+
+#[tokio::test]
+async fn a_completed_task_has_exactly_one_outcome() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(false).await;
+    o.deliver(&frame, completed("ok")).await.unwrap();
+    match handle.next().await {
+        Some(Ok(TaskEvent::Completed(c))) => {
+            assert_eq!((c.status, c.body), (200, json!({"text": "ok"})))
+        }
+        other => panic!("expected the completion, got {other:?}"),
+    }
+    assert!(handle.next().await.is_none(), "nothing after the outcome");
+    assert!(handle.next().await.is_none());
+    assert_eq!(o.f.gw.tasks().in_flight(), 0, "no task lingers");
+    drop(handle);
+    assert!(
+        o.channel.take().is_empty(),
+        "a finished task is not cancelled"
+    );
+}
+
+#[tokio::test]
+async fn chunks_arrive_in_order_each_before_the_next_is_produced() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(true).await;
+    for i in 0..5 {
+        o.deliver(&frame, chunk(&format!("c{i}"), false))
+            .await
+            .unwrap();
+        // The client sees chunk i before the publisher has produced chunk i+1.
+        assert_eq!(
+            handle.next().await.unwrap().unwrap(),
+            TaskEvent::Chunk(format!("c{i}"))
+        );
+    }
+    o.deliver(&frame, chunk("last", true)).await.unwrap();
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("last".into())
+    );
+    assert_eq!(handle.next().await.unwrap().unwrap(), TaskEvent::Done);
+    assert!(handle.next().await.is_none());
+}
+
+#[tokio::test]
+async fn buffered_chunks_keep_their_order() {
+    let o = online().await;
+    let (handle, frame) = o.start(true).await;
+    for i in 0..10 {
+        o.deliver(&frame, chunk(&i.to_string(), false))
+            .await
+            .unwrap();
+    }
+    o.deliver(&frame, chunk("", true)).await.unwrap();
+    let got: Vec<String> = handle
+        .into_chunk_stream()
+        .map(|c| c.unwrap())
+        .collect()
+        .await;
+    assert_eq!(got, (0..10).map(|i| i.to_string()).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_dropped_handle_cancels_its_task() {
+    let o = online().await;
+    let (handle, frame) = o.start(true).await;
+    o.deliver(&frame, chunk("a", false)).await.unwrap();
+    drop(handle);
+    match o.channel.next().await {
+        GatewayFrame::Cancel(c) => assert_eq!(c.task_id, frame.task_id),
+        other => panic!("expected cancel, got {other:?}"),
+    }
+    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+    let late = o.deliver(&frame, chunk("b", false)).await.unwrap_err();
+    assert_eq!(
+        late.status(),
+        404,
+        "late results of a cancelled task are unknown"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_total_deadline_gives_504_and_cancels() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(false).await;
+    let waiting = tokio::spawn(async move { (handle.next().await, handle) });
+    tokio::time::advance(Duration::from_secs(299)).await;
+    assert!(!waiting.is_finished(), "still within the 300 s deadline");
+    tokio::time::advance(Duration::from_secs(2)).await;
+    let (outcome, mut handle) = waiting.await.unwrap();
+    let err = outcome.unwrap().unwrap_err();
+    assert_eq!(err.status(), 504);
+    assert!(
+        matches!(err, Error::DeadlineExceeded { deadline } if deadline == Duration::from_secs(300))
+    );
+    assert!(handle.next().await.is_none());
+    assert!(
+        matches!(o.channel.next().await, GatewayFrame::Cancel(c) if c.task_id == frame.task_id)
+    );
+    assert_eq!(
+        o.deliver(&frame, completed("late"))
+            .await
+            .unwrap_err()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_idle_deadline_bounds_silence_between_chunks() {
+    let o = online_with(Config {
+        stream_idle_timeout: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .await;
+    let (mut handle, frame) = o.start(true).await;
+    for i in 0..5 {
+        tokio::time::advance(Duration::from_secs(9)).await;
+        o.deliver(&frame, chunk(&i.to_string(), false))
+            .await
+            .unwrap();
+        assert!(
+            matches!(handle.next().await, Some(Ok(TaskEvent::Chunk(_)))),
+            "45 s in total, never 10 s idle"
+        );
+    }
+    let started = tokio::time::Instant::now();
+    let err = handle.next().await.unwrap().unwrap_err();
+    assert_eq!(err.status(), 504);
+    assert_eq!(started.elapsed(), Duration::from_secs(10));
+    assert!(matches!(o.channel.next().await, GatewayFrame::Cancel(_)));
+}
+
+#[tokio::test]
+async fn a_result_from_another_session_or_principal_is_refused_and_changes_nothing() {
+    let o = online().await;
+    let (_s2, _b2, _ch2) = o.f.online("alice", &["other"]).await;
+    let (_s3, _b3, _ch3) = o.f.online("mallory", &["evil"]).await;
+    let (mut handle, frame) = o.start(false).await;
+    let other_session = o.f.row("other").await.provider_session_id.unwrap();
+    let err =
+        o.f.gw
+            .deliver(
+                &publisher("alice"),
+                &other_session,
+                &frame.task_id,
+                completed("forged"),
+            )
+            .await
+            .unwrap_err();
+    assert_eq!(err.status(), 404, "another session's result is refused");
+    let err =
+        o.f.gw
+            .deliver(
+                &publisher("mallory"),
+                &o.session,
+                &frame.task_id,
+                completed("forged"),
+            )
+            .await
+            .unwrap_err();
+    assert_eq!(
+        err.status(),
+        404,
+        "another principal presenting the right session is refused"
+    );
+    let err =
+        o.f.gw
+            .deliver(&client(), &o.session, &frame.task_id, completed("forged"))
+            .await
+            .unwrap_err();
+    assert_eq!(err.status(), 403, "clients cannot post results");
+    assert!(
+        handle.next().now_or_never().is_none(),
+        "the task still waits for its own publisher"
+    );
+    o.deliver(&frame, completed("genuine")).await.unwrap();
+    let Some(Ok(TaskEvent::Completed(c))) = handle.next().await else {
+        panic!("no completion")
+    };
+    assert_eq!(c.body["text"], "genuine");
+}
+
+#[tokio::test]
+async fn a_replayed_result_is_409_for_its_session_and_404_for_others() {
+    let o = online().await;
+    let (_handle, frame) = o.start(false).await;
+    o.deliver(&frame, completed("once")).await.unwrap();
+    assert_eq!(
+        o.deliver(&frame, completed("twice"))
+            .await
+            .unwrap_err()
+            .status(),
+        409
+    );
+    assert_eq!(
+        o.deliver(&frame, chunk("x", false))
+            .await
+            .unwrap_err()
+            .status(),
+        409
+    );
+    let stranger = SessionId::generate();
+    let err =
+        o.f.gw
+            .deliver(
+                &publisher("alice"),
+                &stranger,
+                &frame.task_id,
+                completed("x"),
+            )
+            .await
+            .unwrap_err();
+    assert_eq!(err.status(), 404, "a replay from elsewhere learns nothing");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_makes_the_publisher_wait_instead_of_growing_memory() {
+    let o = online_with(Config {
+        task_buffer: 4,
+        ..Config::default()
+    })
+    .await;
+    let (mut handle, frame) = o.start(true).await;
+    for i in 0..4 {
+        o.deliver(&frame, chunk(&i.to_string(), false))
+            .await
+            .unwrap();
+    }
+    let mut fifth = Box::pin(o.deliver(&frame, chunk("4", false)));
+    assert!(
+        (&mut fifth).now_or_never().is_none(),
+        "the buffer holds 4 events; the 5th waits"
+    );
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("0".into())
+    );
+    fifth.await.unwrap();
+    // Another task of the same publisher is not stalled by the slow one.
+    let (mut other, other_frame) = o.start(false).await;
+    o.deliver(&other_frame, completed("fast")).await.unwrap();
+    assert!(matches!(
+        other.next().await,
+        Some(Ok(TaskEvent::Completed(_)))
+    ));
+    // The buffer is full again (1..=4): the next chunk waits, until the client leaves.
+    let mut blocked = Box::pin(o.deliver(&frame, chunk("5", false)));
+    assert!(
+        (&mut blocked).now_or_never().is_none(),
+        "the publisher waits for the slow client"
+    );
+    drop(handle);
+    assert_eq!(
+        blocked.await.unwrap_err().status(),
+        404,
+        "a waiting publisher is released when the client leaves"
+    );
+}
+
+#[tokio::test]
+async fn a_chunk_for_a_non_streaming_task_is_400_and_changes_nothing() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(false).await;
+    assert_eq!(
+        o.deliver(&frame, chunk("x", false))
+            .await
+            .unwrap_err()
+            .status(),
+        400
+    );
+    let bad_status = TaskResult::Completed {
+        status: 1000,
+        body: Value::Null,
+    };
+    assert_eq!(
+        o.deliver(&frame, bad_status).await.unwrap_err().status(),
+        400
+    );
+    o.deliver(&frame, completed("fine")).await.unwrap();
+    assert!(matches!(
+        handle.next().await,
+        Some(Ok(TaskEvent::Completed(_)))
+    ));
+}
+
+#[tokio::test]
+async fn a_publisher_error_is_502_with_its_message() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(true).await;
+    o.deliver(&frame, chunk("partial", false)).await.unwrap();
+    o.deliver(
+        &frame,
+        TaskResult::Failed {
+            message: "CUDA out of memory".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert!(matches!(handle.next().await, Some(Ok(TaskEvent::Chunk(_)))));
+    let err = handle.next().await.unwrap().unwrap_err();
+    assert_eq!(err.status(), 502);
+    assert!(err.to_string().contains("CUDA out of memory"));
+    assert!(handle.next().await.is_none());
+}
+
+#[tokio::test]
+async fn a_full_or_closed_channel_answers_503_and_leaves_no_task() {
+    let o = online().await;
+    let row = o.f.row("llm").await;
+    o.channel.set_full(true);
+    let err =
+        o.f.gw
+            .start_task(&row, chat("llm", "x", false))
+            .unwrap_err();
+    assert_eq!(
+        (err.status(), err.retry_after()),
+        (503, Some(Duration::from_secs(5)))
+    );
+    o.channel.set_full(false);
+    o.channel.close();
+    assert_eq!(
+        o.f.gw
+            .start_task(&row, chat("llm", "x", false))
+            .unwrap_err()
+            .status(),
+        503
+    );
+    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn infer_routes_and_refuses_with_the_right_statuses() {
+    let o = online().await;
+    let gw = &o.f.gw;
+    assert_eq!(
+        gw.infer(&client(), chat("nope", "x", false))
+            .await
+            .unwrap_err()
+            .status(),
+        404
+    );
+    assert_eq!(
+        gw.infer(&client(), chat("bad name", "x", false))
+            .await
+            .unwrap_err()
+            .status(),
+        400
+    );
+    assert_eq!(
+        gw.infer(&publisher("p"), chat("llm", "x", false))
+            .await
+            .unwrap_err()
+            .status(),
+        403
+    );
+    let (_s, binding, _c) = o.f.online("bob", &["gone"]).await;
+    binding.release().await.unwrap();
+    let err = gw
+        .infer(&client(), chat("gone", "x", false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), 503);
+    assert!(
+        err.to_string()
+            .contains("gone is inactive (publisher offline since"),
+        "{err}"
+    );
+    gw.put_public(&admin(), spec("public")).await.unwrap();
+    let err = gw
+        .infer(&client(), chat("public", "x", false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "no public backend configured");
+    assert_eq!(o.f.row("gone").await.status, LlmStatus::Inactive);
+}
+
+/// A publisher loop: answers every task on `channel` with `provider`, chunk by chunk.
+fn serve(
+    gw: Gateway,
+    session: SessionId,
+    channel: FakeChannel,
+    provider: Arc<dyn Provider>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let GatewayFrame::Task(task) = channel.next().await else {
+                continue;
+            };
+            let (gw, session, provider) = (gw.clone(), session.clone(), provider.clone());
+            tokio::spawn(async move {
+                let id = task.task_id.clone();
+                let post = |r| {
+                    let (gw, session, id) = (gw.clone(), session.clone(), id.clone());
+                    async move { gw.deliver(&publisher("alice"), &session, &id, r).await }
+                };
+                match provider.infer(task).await {
+                    Ok(Reply::Complete(c)) => post(TaskResult::Completed {
+                        status: c.status,
+                        body: c.body,
+                    })
+                    .await
+                    .unwrap(),
+                    Ok(Reply::Stream(mut chunks)) => {
+                        while let Some(c) = chunks.next().await {
+                            post(chunk(&c.unwrap(), false)).await.unwrap();
+                        }
+                        post(chunk("", true)).await.unwrap();
+                    }
+                    Err(e) => post(TaskResult::Failed {
+                        message: e.to_string(),
+                    })
+                    .await
+                    .unwrap(),
+                }
+            });
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_relays_to_the_echo_model_streaming_and_not() {
+    let o = online().await;
+    let _publisher = serve(
+        o.f.gw.clone(),
+        o.session.clone(),
+        o.channel.clone(),
+        Arc::new(EchoProvider::new()),
+    );
+    let Reply::Complete(c) =
+        o.f.gw
+            .infer(&client(), chat("llm", "hello  relay\nworld", false))
+            .await
+            .unwrap()
+    else {
+        panic!("expected a completion")
+    };
+    assert_eq!(c.status, 200);
+    assert_eq!(c.body["object"], "chat.completion");
+    assert_eq!(
+        c.body["choices"][0]["message"]["content"],
+        "hello relay world"
+    );
+    let Reply::Stream(chunks) =
+        o.f.gw
+            .infer(&client(), chat("llm", "one two three", true))
+            .await
+            .unwrap()
+    else {
+        panic!("expected a stream")
+    };
+    let chunks: Vec<Value> = chunks
+        .map(|c| serde_json::from_str(&c.unwrap()).unwrap())
+        .collect()
+        .await;
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, "one two three");
+    assert_eq!(
+        chunks.len(),
+        4,
+        "one chunk per word, then the closing chunk"
+    );
+    assert!(
+        chunks
+            .iter()
+            .all(|c| c["object"] == "chat.completion.chunk")
+    );
+    assert_eq!(chunks[3]["choices"][0]["finish_reason"], "stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_concurrent_clients_each_get_their_own_answer() {
+    let o = online().await;
+    let _publisher = serve(
+        o.f.gw.clone(),
+        o.session.clone(),
+        o.channel.clone(),
+        Arc::new(EchoProvider::new()),
+    );
+    let clients = (0..200).map(|i| {
+        let gw = o.f.gw.clone();
+        tokio::spawn(async move {
+            let stream = i % 2 == 0;
+            let text = format!("client {i} says hello");
+            let answer = match gw
+                .infer(&client(), chat("llm", &text, stream))
+                .await
+                .unwrap()
+            {
+                Reply::Complete(c) => c.body["choices"][0]["message"]["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                Reply::Stream(chunks) => chunks
+                    .map(|c| {
+                        let v: Value = serde_json::from_str(&c.unwrap()).unwrap();
+                        v["choices"][0]["delta"]["content"]
+                            .as_str()
+                            .unwrap_or_default()
+                            .to_owned()
+                    })
+                    .collect::<Vec<_>>()
+                    .await
+                    .concat(),
+            };
+            (text, answer)
+        })
+    });
+    for c in clients {
+        let (asked, answered) = c.await.unwrap();
+        assert_eq!(asked, answered);
+    }
+    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+}
+
+#[tokio::test]
+async fn a_streaming_task_answered_with_an_error_status_becomes_a_completion() {
+    let o = online().await;
+    let (handle, frame) = o.start(true).await;
+    let upstream_error = TaskResult::Completed {
+        status: 400,
+        body: json!({"error": {"message": "bad"}}),
+    };
+    o.deliver(&frame, upstream_error).await.unwrap();
+    match handle.into_reply().await.unwrap() {
+        Reply::Complete(c) => assert_eq!(c.status, 400),
+        Reply::Stream(_) => panic!("the status line is chosen from the first event"),
+    }
+}
+
+#[tokio::test]
+async fn a_stream_failing_midway_ends_with_one_error() {
+    let o = online().await;
+    let (handle, frame) = o.start(true).await;
+    o.deliver(&frame, chunk("a", false)).await.unwrap();
+    let reply = handle.into_reply();
+    let Reply::Stream(mut chunks) = reply.await.unwrap() else {
+        panic!("expected a stream")
+    };
+    assert_eq!(chunks.next().await.unwrap().unwrap(), "a");
+    o.deliver(
+        &frame,
+        TaskResult::Failed {
+            message: "upstream died".into(),
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(chunks.next().await.unwrap().unwrap_err().status(), 502);
+    assert!(
+        chunks.next().await.is_none(),
+        "the stream closes after its error"
+    );
+}
+
+#[tokio::test]
+async fn the_echo_provider_answers_with_the_last_user_message() {
+    let task = TaskFrame {
+        task_id: virtual_llm_core::TaskId::generate(),
+        kind: virtual_llm_core::protocol::TaskKind::Infer,
+        llm: virtual_llm_core::LlmName::parse("echo").unwrap(),
+        stream: false,
+        body: json!({"messages": [
+            {"role": "user", "content": "first"},
+            {"role": "assistant", "content": "no"},
+            {"role": "user", "content": "  the   last\tone "},
+        ]}),
+    };
+    let Reply::Complete(c) = EchoProvider::new().infer(task).await.unwrap() else {
+        panic!()
+    };
+    assert_eq!(c.body["choices"][0]["message"]["content"], "the last one");
+    assert_eq!(
+        c.body["model"], "echo",
+        "the model defaults to the llm name"
+    );
+}
