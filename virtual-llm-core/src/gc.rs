@@ -20,10 +20,10 @@ impl GcGuard {
     /// Stops the GC and waits until it has stopped (a sweep in progress finishes).
     pub async fn shutdown(mut self) {
         self.stop.notify_one();
-        if let Some(task) = self.task.take() {
-            if let Err(e) = task.await {
-                tracing::warn!(error = %e, "GC task ended abnormally");
-            }
+        if let Some(task) = self.task.take()
+            && let Err(e) = task.await
+        {
+            tracing::warn!(error = %e, "GC task ended abnormally");
         }
     }
 }

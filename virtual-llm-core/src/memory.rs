@@ -55,12 +55,12 @@ impl Tables {
     }
 
     fn unindex(&mut self, r: &LlmRecord) {
-        if let Some(s) = &r.provider_session_id {
-            if let Some(names) = self.by_session.get_mut(s) {
-                names.remove(&r.name);
-                if names.is_empty() {
-                    self.by_session.remove(s);
-                }
+        if let Some(s) = &r.provider_session_id
+            && let Some(names) = self.by_session.get_mut(s)
+        {
+            names.remove(&r.name);
+            if names.is_empty() {
+                self.by_session.remove(s);
             }
         }
         if let Some(t) = r.live_since() {

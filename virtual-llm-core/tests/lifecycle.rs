@@ -2,6 +2,8 @@
 //! races, GC idempotence, restart recovery and the background GC, on the memory store
 //! with a manual clock. No real sleeps.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod common;
 
 use std::sync::Arc;

@@ -5,6 +5,8 @@
 //! and to `Model`, a few lines per rule written straight from the spec's table. After
 //! every step the rows, the bound channels and every answer must agree.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod common;
 
 use std::collections::{BTreeMap, HashMap};
@@ -119,9 +121,9 @@ async fn run(ops: Vec<Op>) {
                     let Some(r) = model.rows.get(n) else { continue };
                     let reason = if r.owner != owner {
                         Some(ConflictReason::OwnedByAnother)
-                    } else if plan_session.is_some() && r.session == plan_session {
-                        None
-                    } else if r.status != LlmStatus::Active {
+                    } else if (plan_session.is_some() && r.session == plan_session)
+                        || r.status != LlmStatus::Active
+                    {
                         None
                     } else {
                         Some(ConflictReason::ActiveInAnotherSession)

@@ -1,6 +1,8 @@
 //! The Store conformance suite on `MemoryStore`, directly and through `Arc<dyn Store>`
 //! and `Box<dyn Store>` (the forwarding impls must keep every guarantee).
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 use std::sync::Arc;
 
 use virtual_llm_core::{MemoryStore, Store};

@@ -2,6 +2,8 @@
 //! refusal of foreign and replayed results, bounded buffering, and the relay through
 //! `Gateway::infer` with the echo model answering on the publisher side.
 
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
 mod common;
 
 use std::sync::Arc;

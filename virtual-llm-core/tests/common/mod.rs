@@ -1,7 +1,7 @@
 //! Fixtures shared by the core's integration tests: a gateway over a memory store with
 //! a manual clock, principals, and request builders.
 
-#![allow(dead_code, unreachable_pub)]
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::sync::Arc;
 
