@@ -6,7 +6,7 @@
 //! - [`ManualClock`]: wall-clock time that moves only when told to.
 //! - [`FakeChannel`]: a [`ChannelSink`] that records frames and can be closed or
 //!   filled on demand.
-//! - [`EchoProvider`](crate::EchoProvider): the deterministic echo model.
+//! - [`EchoProvider`]: the deterministic echo model.
 //! - [`record`] and [`at`]: row and time builders for tests.
 
 pub mod store_suite;
