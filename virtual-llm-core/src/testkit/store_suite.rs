@@ -10,6 +10,11 @@ use futures::future::join_all;
 use crate::testkit::{at, record};
 use crate::{LlmKind, LlmStatus, SessionId, Store, StoreError, Write};
 
+/// The names of `rows`, in order, for readable assertions.
+fn names(rows: Vec<crate::LlmRecord>) -> Vec<String> {
+    rows.into_iter().map(|r| r.name.to_string()).collect()
+}
+
 fn name(s: &str) -> crate::LlmName {
     crate::LlmName::parse(s).expect("test names are valid")
 }
@@ -231,11 +236,6 @@ pub async fn by_session_follows_rows(store: &dyn Store) {
         r.provider_session_id = Some(s.clone());
         store.write(vec![Write::Insert(r)]).await.expect("insert");
     }
-    let names = |rows: Vec<crate::LlmRecord>| {
-        rows.into_iter()
-            .map(|r| r.name.to_string())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         names(store.by_session(&s1).await.expect("by_session")),
         ["a", "b"]
@@ -305,18 +305,13 @@ pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
         ])
         .await
         .expect("insert");
-    let stale = |rows: Vec<crate::LlmRecord>| {
-        rows.into_iter()
-            .map(|r| r.name.to_string())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
-        stale(store.stale_virtuals(at(20)).await.expect("stale")),
+        names(store.stale_virtuals(at(20)).await.expect("stale")),
         ["v10"],
         "the cutoff is strict"
     );
     assert_eq!(
-        stale(store.stale_virtuals(at(31)).await.expect("stale")),
+        names(store.stale_virtuals(at(31)).await.expect("stale")),
         ["v10", "v20", "v30"],
         "oldest first"
     );
@@ -343,11 +338,6 @@ pub async fn expired_inactives_uses_inactive_since(store: &dyn Store) {
         .write(vec![Write::Insert(active)])
         .await
         .expect("insert");
-    let names = |rows: Vec<crate::LlmRecord>| {
-        rows.into_iter()
-            .map(|r| r.name.to_string())
-            .collect::<Vec<_>>()
-    };
     assert_eq!(
         names(store.expired_inactives(at(20)).await.expect("expired")),
         ["i10"]
