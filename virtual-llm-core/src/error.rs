@@ -36,6 +36,15 @@ pub enum Error {
         /// The action that was refused, e.g. `publish`.
         action: &'static str,
     },
+    /// No such route (404).
+    #[error("no route for {what}")]
+    NoRoute {
+        /// The method and path asked for.
+        what: String,
+    },
+    /// The route exists but not for this method (405).
+    #[error("method not allowed")]
+    MethodNotAllowed,
     /// No LLM of that name (404).
     #[error("unknown llm {name:?}")]
     UnknownLlm {
@@ -150,7 +159,11 @@ impl Error {
             Error::InvalidRequest { .. } | Error::InvalidName { .. } => 400,
             Error::Unauthenticated => 401,
             Error::Forbidden { .. } => 403,
-            Error::UnknownLlm { .. } | Error::UnknownSession | Error::UnknownTask => 404,
+            Error::NoRoute { .. }
+            | Error::UnknownLlm { .. }
+            | Error::UnknownSession
+            | Error::UnknownTask => 404,
+            Error::MethodNotAllowed => 405,
             Error::Conflict { .. } | Error::TaskFinished => 409,
             Error::PayloadTooLarge { .. } => 413,
             Error::UnsupportedProtocol { .. } => 426,
@@ -182,6 +195,8 @@ impl Error {
             Error::InvalidName { .. } => "invalid_name",
             Error::Unauthenticated => "unauthenticated",
             Error::Forbidden { .. } => "forbidden",
+            Error::NoRoute { .. } => "not_found",
+            Error::MethodNotAllowed => "method_not_allowed",
             Error::UnknownLlm { .. } => "model_not_found",
             Error::UnknownSession => "unknown_session",
             Error::UnknownTask => "unknown_task",
@@ -251,6 +266,13 @@ mod tests {
             (Error::Unauthenticated, 401),
             (Error::Forbidden { action: "publish" }, 403),
             (Error::UnknownLlm { name: "a".into() }, 404),
+            (
+                Error::NoRoute {
+                    what: "GET /x".into(),
+                },
+                404,
+            ),
+            (Error::MethodNotAllowed, 405),
             (Error::UnknownSession, 404),
             (Error::UnknownTask, 404),
             (Error::Conflict { conflicts: vec![] }, 409),

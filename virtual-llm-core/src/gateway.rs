@@ -162,6 +162,22 @@ impl Gateway {
         Ok(self.shared.store.flush().await?)
     }
 
+    /// Tells every connected publisher the gateway is closing (a `closing` frame), so
+    /// their channels end and they reconnect later; part of a graceful shutdown.
+    /// Returns how many channels were told.
+    pub fn close_channels(&self, reason: &str) -> usize {
+        let sinks = self.shared.channels.all();
+        for sink in &sinks {
+            let frame = crate::protocol::GatewayFrame::Closing(crate::protocol::Closing {
+                reason: reason.to_owned(),
+            });
+            if let Err(e) = sink.send(frame) {
+                tracing::debug!(error = %e, "a channel could not be told it is closing");
+            }
+        }
+        sinks.len()
+    }
+
     /// Whether `session` is known and owned by `principal`; used by transports that
     /// must answer 404 before upgrading a connection.
     pub async fn check_session(

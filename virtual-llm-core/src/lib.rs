@@ -16,6 +16,8 @@
 //! - [`task`]: task correlation, deadlines, cancellation.
 //! - [`channel`]: control channel sinks and bind generations.
 //! - `gc`: the background GC task and its drop guard.
+//! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
+//!   pump, reconnect), independent of the wire.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
 //! - `testkit` (feature `testkit`): the Store conformance suite, a manual clock and a
@@ -38,6 +40,7 @@ mod name;
 pub mod openai;
 pub mod protocol;
 mod provider;
+pub mod publisher;
 mod record;
 mod relay;
 mod reply;
@@ -64,6 +67,7 @@ pub use name::{LlmName, MAX_NAME_LEN};
 pub use openai::InferRequest;
 pub use protocol::TaskResult;
 pub use provider::Provider;
+pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
 pub use record::{LlmKind, LlmRecord, LlmStatus, LlmView};
 pub use reply::{ChunkStream, Completion, Reply};
 pub use store::{Store, Write};

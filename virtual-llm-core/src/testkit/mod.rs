@@ -7,9 +7,13 @@
 //! - [`FakeChannel`]: a [`ChannelSink`] that records frames and can be closed or
 //!   filled on demand.
 //! - [`EchoProvider`]: the deterministic echo model.
+//! - [`LoopbackWire`]: a publisher wire straight into an in-process gateway.
 //! - [`record`] and [`at`]: row and time builders for tests.
 
+mod loopback;
 pub mod store_suite;
+
+pub use loopback::LoopbackWire;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

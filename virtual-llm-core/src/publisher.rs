@@ -1,0 +1,561 @@
+//! The publisher side of the protocol, independent of the wire.
+//!
+//! A [`Publisher`] keeps a set of local LLMs published: it registers them (with the
+//! session id persisted in the session file, for sticky reconnects), opens the control
+//! channel, heartbeats at the interval the gateway asks for, runs each task on its
+//! LLM's [`Provider`] (concurrently, up to a cap), streams the results back, aborts a
+//! task on `cancel`, re-registers when a heartbeat says the session is unknown, and
+//! reconnects with exponential backoff and jitter when the channel drops.
+//!
+//! How bytes travel is a [`Wire`]'s business: the SSE transport posts results as
+//! NDJSON and reads an event stream; the WebSocket transport does both on one socket.
+//! Everything in this file is the same for both.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use futures::stream::{self, BoxStream};
+use rand::RngExt as _;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{AbortHandle, JoinHandle};
+
+use crate::protocol::{
+    GatewayFrame, LlmSpec, RegisterRequest, RegisterResponse, TaskFrame, TaskResult,
+};
+use crate::sync::lock;
+use crate::{Config, Error, LlmName, Provider, Reply, SessionId, TaskId};
+
+/// Why a wire operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum WireError {
+    /// The gateway does not know the session (404): register again.
+    #[error("the gateway does not know this session")]
+    UnknownSession,
+    /// The gateway refused (401, 403, 409, 426…): retrying as-is will not help soon.
+    #[error("the gateway refused: {status} {message}")]
+    Refused {
+        /// HTTP status.
+        status: u16,
+        /// The gateway's message.
+        message: String,
+    },
+    /// The connection failed or broke; retry later.
+    #[error("connection failed: {0}")]
+    Connection(String),
+    /// The gateway sent something this publisher cannot understand.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+impl WireError {
+    /// Classifies a gateway's HTTP answer: 404 means the session is gone, other 4xx
+    /// are refusals, anything else is worth retrying.
+    pub fn from_status(status: u16, message: impl Into<String>) -> Self {
+        let message = message.into();
+        match status {
+            404 => WireError::UnknownSession,
+            400..=499 => WireError::Refused { status, message },
+            _ => WireError::Connection(format!("{status} {message}")),
+        }
+    }
+}
+
+impl From<&Error> for WireError {
+    fn from(e: &Error) -> Self {
+        WireError::from_status(e.status(), e.to_string())
+    }
+}
+
+/// A registered publisher with an open control channel.
+pub struct Connected {
+    /// The gateway's answer to the register: session id, interval, rows.
+    pub answer: RegisterResponse,
+    /// Frames from the gateway; ends when the channel closes.
+    pub frames: BoxStream<'static, Result<GatewayFrame, WireError>>,
+    /// The way back: heartbeats and results.
+    pub outbox: Arc<dyn Outbox>,
+}
+
+impl fmt::Debug for Connected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Connected")
+            .field("answer", &self.answer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How a publisher reaches a gateway.
+///
+/// # Contract
+/// `connect` registers and opens the control channel; when it returns, the channel is
+/// bound (the rows are active). `frames` ends when the channel closes, for whatever
+/// reason.
+#[async_trait]
+pub trait Wire: fmt::Debug + Send + Sync + 'static {
+    /// Registers with `request` and opens the control channel.
+    async fn connect(&self, request: RegisterRequest) -> Result<Connected, WireError>;
+}
+
+/// The publisher→gateway half of a connection.
+///
+/// # Contract
+/// Both methods may be called concurrently with each other and with reading frames.
+/// `send` delivers `results` of one task in order, each as soon as the stream yields
+/// it; it returns when the stream has ended and been delivered.
+#[async_trait]
+pub trait Outbox: Send + Sync + 'static {
+    /// One heartbeat; [`WireError::UnknownSession`] when the gateway forgot us.
+    async fn heartbeat(&self) -> Result<(), WireError>;
+    /// Streams the results of `task` to the gateway.
+    async fn send(
+        &self,
+        task: TaskId,
+        results: BoxStream<'static, TaskResult>,
+    ) -> Result<(), WireError>;
+}
+
+/// One published LLM and what answers it.
+#[derive(Clone, Debug)]
+pub struct PublishedLlm {
+    /// How it is registered.
+    pub spec: LlmSpec,
+    /// What answers its tasks.
+    pub provider: Arc<dyn Provider>,
+}
+
+/// A publisher's settings.
+#[derive(Clone, Debug)]
+pub struct PublisherOptions {
+    /// Where the session id is kept across restarts; `None` keeps it in memory only.
+    pub session_file: Option<PathBuf>,
+    /// How many tasks run at once; more wait their turn. Default 32.
+    pub max_concurrent_tasks: usize,
+    /// First reconnect delay, doubling up to `reconnect_max` (with jitter). Default 5 s.
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay. Default 60 s.
+    pub reconnect_max: Duration,
+}
+
+impl Default for PublisherOptions {
+    fn default() -> Self {
+        let config = Config::default();
+        PublisherOptions {
+            session_file: None,
+            max_concurrent_tasks: 32,
+            reconnect_min: config.reconnect_min,
+            reconnect_max: config.reconnect_max,
+        }
+    }
+}
+
+/// Where a publisher is in its life.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PublisherState {
+    /// Registering and opening the channel.
+    Connecting,
+    /// Published; tasks flow.
+    Connected {
+        /// The session the gateway knows us by.
+        session: SessionId,
+    },
+    /// Waiting before the next attempt, after this error.
+    Backoff {
+        /// What went wrong.
+        error: String,
+        /// How long until the next attempt.
+        delay: Duration,
+    },
+    /// Stopped for good.
+    Stopped,
+}
+
+/// Keeps local LLMs published through a [`Wire`].
+#[derive(Debug)]
+pub struct Publisher {
+    stop: watch::Sender<bool>,
+    state: watch::Receiver<PublisherState>,
+    task: JoinHandle<()>,
+}
+
+impl Publisher {
+    /// Starts publishing `llms` through `wire`, on the current tokio runtime.
+    pub fn spawn(wire: Arc<dyn Wire>, llms: Vec<PublishedLlm>, options: PublisherOptions) -> Self {
+        let (stop, stopped) = watch::channel(false);
+        let (state_tx, state) = watch::channel(PublisherState::Connecting);
+        let driver = Driver {
+            wire,
+            specs: llms.iter().map(|l| l.spec.clone()).collect(),
+            providers: llms
+                .into_iter()
+                .map(|l| (l.spec.name, l.provider))
+                .collect(),
+            permits: Arc::new(Semaphore::new(options.max_concurrent_tasks.max(1))),
+            options,
+            state: state_tx,
+            stopped,
+        };
+        Publisher {
+            stop,
+            state,
+            task: tokio::spawn(driver.run()),
+        }
+    }
+
+    /// The current state; `changed().await` on a clone to follow it.
+    pub fn state(&self) -> watch::Receiver<PublisherState> {
+        self.state.clone()
+    }
+
+    /// Waits until the publisher is connected, and returns its session.
+    pub async fn connected(&self) -> SessionId {
+        let mut state = self.state.clone();
+        loop {
+            if let PublisherState::Connected { session } = &*state.borrow_and_update() {
+                return session.clone();
+            }
+            if state.changed().await.is_err() {
+                // The driver is gone; wait forever rather than invent a session.
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+
+    /// Stops: closes the channel (the gateway takes the rows out of service at once),
+    /// aborts running tasks and waits for the driver to finish.
+    pub async fn stop(self) {
+        self.stop.send_replace(true);
+        if let Err(e) = self.task.await {
+            tracing::warn!(error = %e, "publisher driver ended abnormally");
+        }
+    }
+}
+
+struct Driver {
+    wire: Arc<dyn Wire>,
+    specs: Vec<LlmSpec>,
+    providers: HashMap<LlmName, Arc<dyn Provider>>,
+    permits: Arc<Semaphore>,
+    options: PublisherOptions,
+    state: watch::Sender<PublisherState>,
+    stopped: watch::Receiver<bool>,
+}
+
+/// Why a connection ended.
+enum Ended {
+    /// Stop was asked for.
+    Stopped,
+    /// The channel closed or failed after a successful connect.
+    Dropped(String),
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut session = read_session(self.options.session_file.as_ref()).await;
+        let mut delay = self.options.reconnect_min;
+        loop {
+            if *self.stopped.borrow() {
+                break;
+            }
+            self.state.send_replace(PublisherState::Connecting);
+            let error = match self.connect(&mut session).await {
+                Ok(connected) => match self.serve(connected).await {
+                    Ended::Stopped => break,
+                    Ended::Dropped(why) => {
+                        // A connection that worked resets the backoff.
+                        delay = self.options.reconnect_min;
+                        why
+                    }
+                },
+                Err(e) => e.to_string(),
+            };
+            let wait = jitter(delay);
+            tracing::warn!(error = %error, retry_in = ?wait, "publisher disconnected");
+            self.state
+                .send_replace(PublisherState::Backoff { error, delay: wait });
+            tokio::select! {
+                () = tokio::time::sleep(wait) => {}
+                _ = self.stopped.wait_for(|s| *s) => break,
+            }
+            delay = (delay * 2).min(self.options.reconnect_max);
+        }
+        self.state.send_replace(PublisherState::Stopped);
+    }
+
+    async fn connect(&self, session: &mut Option<SessionId>) -> Result<Connected, WireError> {
+        let request = RegisterRequest {
+            provider_session_id: session.clone(),
+            protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
+            llms: self.specs.clone(),
+        };
+        let connected = self.wire.connect(request).await?;
+        let granted = connected.answer.provider_session_id.clone();
+        if session.as_ref() != Some(&granted) {
+            write_session(self.options.session_file.as_ref(), &granted).await;
+            *session = Some(granted);
+        }
+        Ok(connected)
+    }
+
+    async fn serve(&self, connected: Connected) -> Ended {
+        let Connected {
+            answer,
+            mut frames,
+            outbox,
+        } = connected;
+        let session = answer.provider_session_id.clone();
+        self.state.send_replace(PublisherState::Connected {
+            session: session.clone(),
+        });
+        tracing::info!(%session, llms = answer.llms.len(), "published");
+        let running = Running::default();
+        let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
+        // Heartbeats run beside the frame reader, so a slow heartbeat never delays a
+        // cancel; the task reports only a forgotten session.
+        let (forgotten_tx, mut forgotten) = tokio::sync::oneshot::channel::<()>();
+        let heartbeats = tokio::spawn(heartbeat_loop(outbox.clone(), interval, forgotten_tx));
+        let mut stopped = self.stopped.clone();
+        let ended = loop {
+            tokio::select! {
+                _ = stopped.wait_for(|s| *s) => break Ended::Stopped,
+                _ = &mut forgotten => break Ended::Dropped("session unknown to the gateway; registering again".into()),
+                frame = frames.next() => match frame {
+                    None => break Ended::Dropped("control channel closed".into()),
+                    Some(Err(e)) => break Ended::Dropped(e.to_string()),
+                    Some(Ok(GatewayFrame::Task(task))) => self.start_task(task, &outbox, &running),
+                    Some(Ok(GatewayFrame::Cancel(c))) => running.abort(&c.task_id),
+                    Some(Ok(GatewayFrame::Closing(c))) => break Ended::Dropped(format!("gateway closing: {}", c.reason)),
+                    Some(Ok(other)) => tracing::debug!(frame = other.event_name(), "ignored frame"),
+                },
+            }
+        };
+        heartbeats.abort();
+        running.abort_all();
+        ended
+    }
+
+    fn start_task(&self, task: TaskFrame, outbox: &Arc<dyn Outbox>, running: &Running) {
+        let id = task.task_id.clone();
+        let provider = self.providers.get(&task.llm).cloned();
+        let (outbox, permits, finished) = (outbox.clone(), self.permits.clone(), running.clone());
+        let task_id = id.clone();
+        let handle = tokio::spawn(async move {
+            // Waiting for a permit inside the task keeps the frame reader free for
+            // cancels while tasks queue.
+            let results = match permits.acquire_owned().await {
+                Ok(permit) => results_of(provider, task)
+                    .await
+                    .map(move |r| {
+                        // The permit lives as long as the results are being produced.
+                        let _held = &permit;
+                        r
+                    })
+                    .boxed(),
+                Err(_) => stream::once(async { failed("publisher is shutting down") }).boxed(),
+            };
+            if let Err(e) = outbox.send(task_id.clone(), results.boxed()).await {
+                tracing::warn!(task = %task_id, error = %e, "results not delivered");
+            }
+            finished.remove(&task_id);
+        });
+        running.insert(id, handle.abort_handle());
+    }
+}
+
+async fn heartbeat_loop(
+    outbox: Arc<dyn Outbox>,
+    every: Duration,
+    forgotten: tokio::sync::oneshot::Sender<()>,
+) {
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        beat.tick().await;
+        match outbox.heartbeat().await {
+            Ok(()) => {}
+            Err(WireError::UnknownSession) => {
+                if forgotten.send(()).is_err() {
+                    tracing::debug!("connection already ended");
+                }
+                return;
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+        }
+    }
+}
+
+fn failed(message: &str) -> TaskResult {
+    TaskResult::Failed {
+        message: message.to_owned(),
+    }
+}
+
+/// Runs a task on its provider and turns the answer into the results to send: one
+/// final result, or the chunks followed by `done`, or the chunks and an error.
+async fn results_of(
+    provider: Option<Arc<dyn Provider>>,
+    task: TaskFrame,
+) -> BoxStream<'static, TaskResult> {
+    let Some(provider) = provider else {
+        let message = format!("this publisher does not serve {}", task.llm);
+        return stream::once(async move { TaskResult::Failed { message } }).boxed();
+    };
+    match provider.infer(task).await {
+        Ok(Reply::Complete(c)) => stream::once(async move {
+            TaskResult::Completed {
+                status: c.status,
+                body: c.body,
+            }
+        })
+        .boxed(),
+        Ok(Reply::Stream(chunks)) => {
+            let done = stream::once(async {
+                TaskResult::Chunk {
+                    data: String::new(),
+                    done: true,
+                }
+            });
+            // Stop after the first error: it is the task's outcome.
+            chunks
+                .scan(false, |failed_already, item| {
+                    if *failed_already {
+                        return futures::future::ready(None);
+                    }
+                    let result = match item {
+                        Ok(data) => TaskResult::Chunk { data, done: false },
+                        Err(e) => {
+                            *failed_already = true;
+                            TaskResult::Failed {
+                                message: e.to_string(),
+                            }
+                        }
+                    };
+                    futures::future::ready(Some(result))
+                })
+                .chain(done)
+                .scan(false, |ended, r| {
+                    // No `done` after a failure.
+                    if *ended {
+                        return futures::future::ready(None);
+                    }
+                    *ended = r.is_final();
+                    futures::future::ready(Some(r))
+                })
+                .boxed()
+        }
+        Err(e) => {
+            let message = match e {
+                Error::Upstream { message } => message,
+                other => other.to_string(),
+            };
+            stream::once(async move { TaskResult::Failed { message } }).boxed()
+        }
+    }
+}
+
+/// The tasks running on one connection, so a cancel or a disconnect can abort them.
+#[derive(Clone, Default)]
+struct Running(Arc<Mutex<HashMap<TaskId, AbortHandle>>>);
+
+impl Running {
+    fn insert(&self, id: TaskId, handle: AbortHandle) {
+        // A task that already finished removed itself; don't resurrect its entry.
+        if !handle.is_finished() {
+            lock(&self.0).insert(id, handle);
+        }
+    }
+
+    fn remove(&self, id: &TaskId) {
+        lock(&self.0).remove(id);
+    }
+
+    fn abort(&self, id: &TaskId) {
+        if let Some(handle) = lock(&self.0).remove(id) {
+            tracing::debug!(task = %id, "cancelled by the gateway");
+            handle.abort();
+        }
+    }
+
+    fn abort_all(&self) {
+        for (_, handle) in lock(&self.0).drain() {
+            handle.abort();
+        }
+    }
+}
+
+/// A delay between half and all of `delay`, so that publishers cut off together do
+/// not come back together.
+fn jitter(delay: Duration) -> Duration {
+    let factor: f64 = rand::rng().random_range(0.5..=1.0);
+    delay.mul_f64(factor)
+}
+
+async fn read_session(file: Option<&PathBuf>) -> Option<SessionId> {
+    let file = file?;
+    match tokio::fs::read_to_string(file).await {
+        Ok(text) => match SessionId::parse(text.trim()) {
+            Ok(id) => Some(id),
+            Err(_) => {
+                tracing::warn!(file = %file.display(), "session file holds no valid session id; starting afresh");
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            tracing::warn!(file = %file.display(), error = %e, "session file unreadable; starting afresh");
+            None
+        }
+    }
+}
+
+/// Persists the session id: written to a temporary file and renamed, so a crash never
+/// leaves a torn id behind.
+async fn write_session(file: Option<&PathBuf>, session: &SessionId) {
+    let Some(file) = file else { return };
+    let tmp = file.with_extension("tmp");
+    let result = async {
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        tokio::fs::write(&tmp, format!("{session}\n")).await?;
+        tokio::fs::rename(&tmp, file).await
+    }
+    .await;
+    if let Err(e) = result {
+        tracing::warn!(file = %file.display(), error = %e, "could not persist the session id; a restart will register afresh");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jitter_stays_within_half_and_whole() {
+        for _ in 0..1000 {
+            let d = jitter(Duration::from_secs(10));
+            assert!(
+                d >= Duration::from_secs(5) && d <= Duration::from_secs(10),
+                "{d:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn the_session_file_round_trips_and_ignores_garbage() {
+        let dir = std::env::temp_dir().join(format!("vllm-session-{}", SessionId::generate()));
+        let file = dir.join("nested").join("session");
+        assert_eq!(read_session(Some(&file)).await, None, "no file yet");
+        let id = SessionId::generate();
+        write_session(Some(&file), &id).await;
+        assert_eq!(read_session(Some(&file)).await, Some(id));
+        std::fs::write(&file, "not a session id!\n").unwrap();
+        assert_eq!(read_session(Some(&file)).await, None);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
