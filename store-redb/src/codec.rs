@@ -1,0 +1,224 @@
+//! How a row is laid out on disk: [`StoredRow`], encoded as JSON.
+//!
+//! The stored form belongs to this crate, not to the API's JSON: timestamps are plain
+//! milliseconds (exact and compact) rather than RFC 3339 text, and the row carries a
+//! `stamp` the core's [`LlmRecord`] does not have (see [`StoredRow::stamp`]). A change
+//! of this layout is a change of [`SCHEMA_VERSION`](crate::SCHEMA_VERSION).
+//!
+//! JSON because it is already a dependency of the core, it is readable when an operator
+//! dumps the file, and decoding re-validates every name and id: bytes that do not
+//! decode into a valid row are reported as [`StoreError::Corrupted`], never guessed at.
+//! A row is a few hundred bytes, so a binary format would save little that matters.
+//!
+//! [`StoreError::Corrupted`]: virtual_llm_core::StoreError::Corrupted
+
+use serde::{Deserialize, Serialize};
+use virtual_llm_core::{LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, SessionId, Timestamp};
+
+use crate::error::Error;
+
+/// A row as stored: the [`LlmRecord`] plus its write stamp.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StoredRow {
+    id: LlmId,
+    name: LlmName,
+    kind: LlmKind,
+    status: LlmStatus,
+    #[serde(rename = "type")]
+    provider_type: String,
+    model: String,
+    tier: Option<String>,
+    owner: String,
+    session: Option<SessionId>,
+    heartbeat_ms: Option<u64>,
+    inactive_since_ms: Option<u64>,
+    created_ms: u64,
+    updated_ms: u64,
+    revision: u64,
+    /// The store-wide sequence number of the write transaction that last wrote this
+    /// row (heartbeat flushes keep it). Unlike the revision, it never repeats for a
+    /// name, even after a delete and a new insert, so an in-memory heartbeat recorded
+    /// against one version of a row can never apply to another.
+    stamp: u64,
+}
+
+impl StoredRow {
+    /// The stored form of `r`, written by the transaction numbered `stamp`.
+    pub(crate) fn new(r: LlmRecord, stamp: u64) -> Self {
+        // Destructured without `..`: a field added to LlmRecord fails to compile here
+        // until the stored form (and the schema version) says what to do with it.
+        let LlmRecord {
+            id,
+            name,
+            kind,
+            status,
+            provider_type,
+            model,
+            tier,
+            owner,
+            provider_session_id,
+            last_heartbeat_at,
+            inactive_since,
+            created_at,
+            updated_at,
+            revision,
+        } = r;
+        StoredRow {
+            id,
+            name,
+            kind,
+            status,
+            provider_type,
+            model,
+            tier,
+            owner,
+            session: provider_session_id,
+            heartbeat_ms: last_heartbeat_at.map(Timestamp::as_millis),
+            inactive_since_ms: inactive_since.map(Timestamp::as_millis),
+            created_ms: created_at.as_millis(),
+            updated_ms: updated_at.as_millis(),
+            revision,
+            stamp,
+        }
+    }
+
+    /// The row as the core sees it.
+    pub(crate) fn to_record(&self) -> LlmRecord {
+        self.clone().into_record()
+    }
+
+    /// The row as the core sees it, by value.
+    pub(crate) fn into_record(self) -> LlmRecord {
+        LlmRecord {
+            id: self.id,
+            name: self.name,
+            kind: self.kind,
+            status: self.status,
+            provider_type: self.provider_type,
+            model: self.model,
+            tier: self.tier,
+            owner: self.owner,
+            provider_session_id: self.session,
+            last_heartbeat_at: self.heartbeat_ms.map(Timestamp::from_millis),
+            inactive_since: self.inactive_since_ms.map(Timestamp::from_millis),
+            created_at: Timestamp::from_millis(self.created_ms),
+            updated_at: Timestamp::from_millis(self.updated_ms),
+            revision: self.revision,
+        }
+    }
+
+    /// The row's name.
+    pub(crate) fn name(&self) -> &LlmName {
+        &self.name
+    }
+
+    /// The write stamp (see the field's doc).
+    pub(crate) fn stamp(&self) -> u64 {
+        self.stamp
+    }
+
+    /// The compare-and-set revision.
+    pub(crate) fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    /// The session the row is bound to.
+    pub(crate) fn session(&self) -> Option<&SessionId> {
+        self.session.as_ref()
+    }
+
+    /// The last heartbeat, as stored.
+    pub(crate) fn heartbeat(&self) -> Option<Timestamp> {
+        self.heartbeat_ms.map(Timestamp::from_millis)
+    }
+
+    /// Sets the heartbeat (a flush of coalesced liveness); revision and stamp stay.
+    pub(crate) fn set_heartbeat(&mut self, at: Timestamp) {
+        self.heartbeat_ms = Some(at.as_millis());
+    }
+
+    /// The key of the row in the live index: the core's [`LlmRecord::live_since`], so
+    /// this store indexes by the same rule as every other.
+    pub(crate) fn live_key(&self) -> Option<u64> {
+        self.to_record().live_since().map(Timestamp::as_millis)
+    }
+
+    /// The key of the row in the inactive index: the core's
+    /// [`LlmRecord::inactive_key`].
+    pub(crate) fn inactive_key(&self) -> Option<u64> {
+        self.to_record().inactive_key().map(Timestamp::as_millis)
+    }
+
+    /// The bytes stored in the rows table.
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, Error> {
+        serde_json::to_vec(self)
+            .map_err(|e| Error::Corrupted(format!("row {} does not encode: {e}", self.name)))
+    }
+
+    /// Decodes the bytes stored under `key`; anything but a valid row of that name is
+    /// corruption.
+    pub(crate) fn decode(key: &str, bytes: &[u8]) -> Result<Self, Error> {
+        let row: StoredRow = serde_json::from_slice(bytes)
+            .map_err(|e| Error::Corrupted(format!("row {key:?} does not decode: {e}")))?;
+        if row.name.as_str() != key {
+            return Err(Error::Corrupted(format!(
+                "row stored under {key:?} is named {:?}",
+                row.name.as_str()
+            )));
+        }
+        Ok(row)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtual_llm_core::testkit::{at, record};
+
+    #[test]
+    fn round_trips_every_field_and_keys_like_the_core() {
+        let mut r = record("alpha");
+        r.status = LlmStatus::Hibernating;
+        r.tier = Some("fast".into());
+        r.provider_session_id = Some(SessionId::generate());
+        r.last_heartbeat_at = None;
+        r.inactive_since = Some(at(7));
+        r.revision = 9;
+        let stored = StoredRow::new(r.clone(), 42);
+        let bytes = stored.encode().unwrap();
+        let back = StoredRow::decode("alpha", &bytes).unwrap();
+        assert_eq!(back.to_record(), r);
+        assert_eq!(back.stamp(), 42);
+        assert_eq!(back.live_key(), r.live_since().map(Timestamp::as_millis));
+        assert_eq!(
+            back.inactive_key(),
+            r.inactive_key().map(Timestamp::as_millis)
+        );
+        let mut live = record("beta");
+        live.last_heartbeat_at = None;
+        let live = StoredRow::new(live.clone(), 1);
+        assert_eq!(live.live_key(), Some(0));
+    }
+
+    #[test]
+    fn torn_or_misfiled_bytes_are_corruption() {
+        let bytes = StoredRow::new(record("alpha"), 1).encode().unwrap();
+        let torn = &bytes[..bytes.len() / 2];
+        assert!(matches!(
+            StoredRow::decode("alpha", torn),
+            Err(Error::Corrupted(_))
+        ));
+        assert!(matches!(
+            StoredRow::decode("beta", &bytes),
+            Err(Error::Corrupted(_))
+        ));
+        let bad_name = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\"alpha\"", "\"_bad\"");
+        assert!(matches!(
+            StoredRow::decode("_bad", bad_name.as_bytes()),
+            Err(Error::Corrupted(_))
+        ));
+    }
+}

@@ -1,0 +1,30 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Layout
+//! - [`store`](RedbStore): the [`Store`](virtual_llm_core::Store) implementation, its
+//!   open and close, and how reads see coalesced heartbeats.
+//! - `schema`: the tables, [`SCHEMA_VERSION`], and the version check on open.
+//! - `tables`: row and index access inside one transaction; the only code that writes
+//!   the tables, so the indexes move with the rows.
+//! - `codec`: the stored form of a row and its JSON encoding.
+//! - `liveness`: the in-memory overlay of heartbeats not yet on disk.
+//! - `flusher`: the background task that writes the overlay to disk, and its drop guard.
+//! - `integrity`: [`RedbStore::check_integrity`] and its [`IntegrityReport`].
+//! - [`options`](RedbOptions): flush interval, overlay limit, cache size.
+//! - `error`: the private error, mapped into
+//!   [`StoreError`](virtual_llm_core::StoreError) by kind.
+
+mod codec;
+mod error;
+mod flusher;
+mod integrity;
+mod liveness;
+mod options;
+mod schema;
+mod store;
+mod tables;
+
+pub use integrity::IntegrityReport;
+pub use options::RedbOptions;
+pub use schema::SCHEMA_VERSION;
+pub use store::{RedbStats, RedbStore};

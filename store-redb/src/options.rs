@@ -1,0 +1,58 @@
+//! [`RedbOptions`]: how often coalesced heartbeats reach the disk, and how much the
+//! engine caches.
+
+use std::time::Duration;
+
+/// Tuning of a [`RedbStore`](crate::RedbStore). The defaults suit a gateway.
+///
+/// ```
+/// use std::time::Duration;
+/// use virtual_llm_redb::RedbOptions;
+///
+/// let options = RedbOptions::default().flush_every(Duration::from_millis(500));
+/// assert_eq!(options.flush_every, Duration::from_millis(500));
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct RedbOptions {
+    /// How often the background flusher writes coalesced heartbeats to disk
+    /// (default 1 s). A crash loses at most this much liveness, which is small next to
+    /// the 90 s stale timeout; lifecycle writes are never held back. Values under 1 ms
+    /// count as 1 ms.
+    pub flush_every: Duration,
+    /// Heartbeats held in memory that wake the flusher before its timer (default
+    /// 10 000): bounds the overlay's memory and the size of one flush.
+    pub max_pending: usize,
+    /// The engine's page cache in bytes (default 64 MiB; redb's own default is 1 GiB).
+    pub cache_size: usize,
+}
+
+impl Default for RedbOptions {
+    fn default() -> Self {
+        RedbOptions {
+            flush_every: Duration::from_secs(1),
+            max_pending: 10_000,
+            cache_size: 64 << 20,
+        }
+    }
+}
+
+impl RedbOptions {
+    /// Sets [`RedbOptions::flush_every`].
+    pub fn flush_every(mut self, every: Duration) -> Self {
+        self.flush_every = every;
+        self
+    }
+
+    /// Sets [`RedbOptions::max_pending`].
+    pub fn max_pending(mut self, max: usize) -> Self {
+        self.max_pending = max;
+        self
+    }
+
+    /// Sets [`RedbOptions::cache_size`].
+    pub fn cache_size(mut self, bytes: usize) -> Self {
+        self.cache_size = bytes;
+        self
+    }
+}

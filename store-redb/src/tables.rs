@@ -1,0 +1,264 @@
+//! Row and index access inside one redb transaction.
+//!
+//! [`WriteTables`] is the only code that changes the tables: putting or deleting a row
+//! always updates the three indexes in the same transaction, from the old row and the
+//! new one, so the indexes cannot drift from the rows. [`ReadTables`] is a snapshot:
+//! rows by name, every row, and range scans of the indexes that read only the rows
+//! they return.
+
+use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, Table, WriteTransaction};
+use virtual_llm_core::SessionId;
+
+use crate::codec::StoredRow;
+use crate::error::Error;
+use crate::schema::{BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY};
+
+/// The tables of a write transaction.
+pub(crate) struct WriteTables<'txn> {
+    meta: Table<'txn, &'static str, u64>,
+    rows: Table<'txn, &'static str, &'static [u8]>,
+    by_session: Table<'txn, (&'static str, &'static str), ()>,
+    live: Table<'txn, (u64, &'static str), u64>,
+    inactive: Table<'txn, (u64, &'static str), ()>,
+}
+
+impl<'txn> WriteTables<'txn> {
+    pub(crate) fn open(txn: &'txn WriteTransaction) -> Result<Self, Error> {
+        Ok(WriteTables {
+            meta: txn.open_table(META)?,
+            rows: txn.open_table(ROWS)?,
+            by_session: txn.open_table(BY_SESSION)?,
+            live: txn.open_table(LIVE)?,
+            inactive: txn.open_table(INACTIVE)?,
+        })
+    }
+
+    /// The committed row named `name`, if any.
+    pub(crate) fn row(&self, name: &str) -> Result<Option<StoredRow>, Error> {
+        self.rows
+            .get(name)?
+            .map(|v| StoredRow::decode(name, v.value()))
+            .transpose()
+    }
+
+    /// Takes the next write stamp (see [`StoredRow`]); persisted with the transaction.
+    pub(crate) fn next_stamp(&mut self) -> Result<u64, Error> {
+        let last = self
+            .meta
+            .get(STAMP_KEY)?
+            .map(|v| v.value())
+            .ok_or_else(|| Error::Corrupted("the meta table has no last_stamp".to_owned()))?;
+        let next = last + 1;
+        self.meta.insert(STAMP_KEY, next)?;
+        Ok(next)
+    }
+
+    /// Writes `new` in place of `old` (the row as committed, `None` for an insert),
+    /// moving the index entries that changed.
+    pub(crate) fn put(&mut self, old: Option<&StoredRow>, new: &StoredRow) -> Result<(), Error> {
+        let name = new.name().as_str();
+        let old_session = old.and_then(StoredRow::session);
+        if old_session != new.session() {
+            if let Some(s) = old_session {
+                self.by_session.remove((s.as_str(), name))?;
+            }
+            if let Some(s) = new.session() {
+                self.by_session.insert((s.as_str(), name), ())?;
+            }
+        }
+        let old_live = old.and_then(|o| Some((o.live_key()?, o.stamp())));
+        let new_live = new.live_key().map(|k| (k, new.stamp()));
+        if old_live != new_live {
+            if let Some((t, _)) = old_live {
+                self.live.remove((t, name))?;
+            }
+            if let Some((t, stamp)) = new_live {
+                self.live.insert((t, name), stamp)?;
+            }
+        }
+        let old_inactive = old.and_then(StoredRow::inactive_key);
+        if old_inactive != new.inactive_key() {
+            if let Some(t) = old_inactive {
+                self.inactive.remove((t, name))?;
+            }
+            if let Some(t) = new.inactive_key() {
+                self.inactive.insert((t, name), ())?;
+            }
+        }
+        self.rows.insert(name, new.encode()?.as_slice())?;
+        Ok(())
+    }
+
+    /// Deletes `old` and its index entries.
+    pub(crate) fn delete(&mut self, old: &StoredRow) -> Result<(), Error> {
+        let name = old.name().as_str();
+        if let Some(s) = old.session() {
+            self.by_session.remove((s.as_str(), name))?;
+        }
+        if let Some(t) = old.live_key() {
+            self.live.remove((t, name))?;
+        }
+        if let Some(t) = old.inactive_key() {
+            self.inactive.remove((t, name))?;
+        }
+        self.rows.remove(name)?;
+        Ok(())
+    }
+}
+
+/// The tables of a read snapshot.
+pub(crate) struct ReadTables {
+    rows: ReadOnlyTable<&'static str, &'static [u8]>,
+    by_session: ReadOnlyTable<(&'static str, &'static str), ()>,
+    live: ReadOnlyTable<(u64, &'static str), u64>,
+    inactive: ReadOnlyTable<(u64, &'static str), ()>,
+}
+
+/// An entry of the live index: the heartbeat it is keyed by, the row, and its stamp.
+pub(crate) struct LiveHit {
+    pub(crate) heartbeat_ms: u64,
+    pub(crate) name: String,
+    pub(crate) stamp: u64,
+}
+
+impl ReadTables {
+    pub(crate) fn open(txn: &ReadTransaction) -> Result<Self, Error> {
+        Ok(ReadTables {
+            rows: txn.open_table(ROWS)?,
+            by_session: txn.open_table(BY_SESSION)?,
+            live: txn.open_table(LIVE)?,
+            inactive: txn.open_table(INACTIVE)?,
+        })
+    }
+
+    /// The row named `name`, if any.
+    pub(crate) fn row(&self, name: &str) -> Result<Option<StoredRow>, Error> {
+        self.rows
+            .get(name)?
+            .map(|v| StoredRow::decode(name, v.value()))
+            .transpose()
+    }
+
+    /// The row an index names; an index entry without its row is corruption.
+    pub(crate) fn indexed_row(&self, index: &str, name: &str) -> Result<StoredRow, Error> {
+        self.row(name)?.ok_or_else(|| {
+            Error::Corrupted(format!("{index} names row {name:?}, which does not exist"))
+        })
+    }
+
+    /// Every row, ordered by name.
+    pub(crate) fn all(&self) -> Result<Vec<StoredRow>, Error> {
+        let mut out = Vec::new();
+        for entry in self.rows.iter()? {
+            let (k, v) = entry?;
+            out.push(StoredRow::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
+    /// Every row that decodes, and what is wrong with each that does not (the
+    /// integrity check reports them all rather than stopping at the first).
+    pub(crate) fn all_lenient(&self) -> Result<(Vec<StoredRow>, Vec<String>), Error> {
+        let (mut rows, mut problems) = (Vec::new(), Vec::new());
+        for entry in self.rows.iter()? {
+            let (k, v) = entry?;
+            match StoredRow::decode(k.value(), v.value()) {
+                Ok(r) => rows.push(r),
+                Err(e) => problems.push(e.to_string()),
+            }
+        }
+        Ok((rows, problems))
+    }
+
+    /// The rows bound to `session`, ordered by name.
+    pub(crate) fn by_session(&self, session: &SessionId) -> Result<Vec<StoredRow>, Error> {
+        let mut out = Vec::new();
+        for entry in self.by_session.range((session.as_str(), "")..)? {
+            let (k, ()) = entry.map(|(k, v)| (k, v.value()))?;
+            let (s, name) = k.value();
+            if s != session.as_str() {
+                break;
+            }
+            out.push(self.indexed_row("rows_by_session", name)?);
+        }
+        Ok(out)
+    }
+
+    /// Live index entries keyed strictly before `cutoff_ms`, oldest first. Reads no row.
+    pub(crate) fn live_before(&self, cutoff_ms: u64) -> Result<Vec<LiveHit>, Error> {
+        let mut out = Vec::new();
+        for entry in self.live.range(..(cutoff_ms, ""))? {
+            let (k, v) = entry?;
+            let (heartbeat_ms, name) = k.value();
+            out.push(LiveHit {
+                heartbeat_ms,
+                name: name.to_owned(),
+                stamp: v.value(),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Inactive rows keyed strictly before `cutoff_ms`, oldest first.
+    pub(crate) fn inactive_before(&self, cutoff_ms: u64) -> Result<Vec<StoredRow>, Error> {
+        let mut out = Vec::new();
+        for entry in self.inactive.range(..(cutoff_ms, ""))? {
+            let (k, ()) = entry.map(|(k, v)| (k, v.value()))?;
+            let (_, name) = k.value();
+            out.push(self.indexed_row("inactive_by_since", name)?);
+        }
+        Ok(out)
+    }
+
+    /// The whole content of each index, for the integrity check.
+    pub(crate) fn index_contents(&self) -> Result<IndexContents, Error> {
+        let mut contents = IndexContents::default();
+        for entry in self.by_session.iter()? {
+            let (k, _) = entry?;
+            let (s, n) = k.value();
+            contents.by_session.push((s.to_owned(), n.to_owned()));
+        }
+        for entry in self.live.iter()? {
+            let (k, v) = entry?;
+            let (t, n) = k.value();
+            contents.live.push((t, n.to_owned(), v.value()));
+        }
+        for entry in self.inactive.iter()? {
+            let (k, _) = entry?;
+            let (t, n) = k.value();
+            contents.inactive.push((t, n.to_owned()));
+        }
+        Ok(contents)
+    }
+}
+
+/// Every entry of every index, in key order.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct IndexContents {
+    pub(crate) by_session: Vec<(String, String)>,
+    pub(crate) live: Vec<(u64, String, u64)>,
+    pub(crate) inactive: Vec<(u64, String)>,
+}
+
+impl IndexContents {
+    /// What the indexes must hold for `rows`.
+    pub(crate) fn expected(rows: &[StoredRow]) -> Self {
+        let mut c = IndexContents::default();
+        for r in rows {
+            let name = r.name().as_str().to_owned();
+            if let Some(s) = r.session() {
+                c.by_session.push((s.as_str().to_owned(), name.clone()));
+            }
+            if let Some(t) = r.live_key() {
+                c.live.push((t, name.clone(), r.stamp()));
+            }
+            if let Some(t) = r.inactive_key() {
+                c.inactive.push((t, name));
+            }
+        }
+        c.by_session.sort();
+        c.live.sort();
+        c.inactive.sort();
+        c
+    }
+}
