@@ -12,3 +12,8 @@ pub use virtual_llm_core as core;
 /// (feature `redb`).
 #[cfg(feature = "redb")]
 pub use virtual_llm_redb as redb;
+
+/// The SSE transport: gateway routes, the publisher's `SseWire`, the OpenAI upstream
+/// (feature `sse`).
+#[cfg(feature = "sse")]
+pub use virtual_llm_sse as sse;

@@ -1,0 +1,421 @@
+//! The transport conformance suite: end-to-end behaviour every transport must show,
+//! written once over [`Transport`]. A real gateway serves on `127.0.0.1:0`; clients
+//! speak HTTP to it; publishers connect through the transport's `Wire`.
+//!
+//! Each case is a `pub async fn` taking the transport; `conformance_tests!` stamps out
+//! one `#[tokio::test]` per case for a transport.
+
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+pub mod harness;
+
+use harness::*;
+use serde_json::{Value, json};
+use std::sync::Arc;
+use virtual_llm::protocol::{RegisterRequest, TaskResult};
+use virtual_llm::{EchoProvider, PublisherOptions};
+
+/// register → task → result, non-streaming: the client gets the publisher's answer.
+pub async fn non_streaming_round_trip(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    let (status, body) = gw
+        .chat("client", "echo", "hello over the wire", false)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["object"], "chat.completion");
+    assert_eq!(
+        body["choices"][0]["message"]["content"],
+        "hello over the wire"
+    );
+    p.stop().await;
+}
+
+/// Streaming: every chunk arrives as an OpenAI `chat.completion.chunk`, then `[DONE]`.
+pub async fn streaming_round_trip(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    let mut stream = gw.chat_stream("client", "echo", "one two three four").await;
+    let mut text = String::new();
+    let mut chunks = 0;
+    while let Some(data) = stream.next_data().await {
+        if data == "[DONE]" {
+            assert!(stream.next_data().await.is_none(), "nothing after [DONE]");
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+        text.push_str(
+            chunk["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default(),
+        );
+        chunks += 1;
+    }
+    assert_eq!(text, "one two three four");
+    assert_eq!(chunks, 5, "one chunk per word and the closing chunk");
+    p.stop().await;
+}
+
+/// The client sees the first chunk while the provider is still working on the next.
+pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let gated = Arc::new(Gated::default());
+    let p = gw.publish(t, "alice", &["gated"], gated.clone()).await;
+    let mut stream = gw.chat_stream("client", "gated", "x").await;
+    let first = stream.next_data().await.unwrap();
+    assert!(first.contains("first"), "{first}");
+    assert!(
+        !gated.released(),
+        "the provider has not produced the rest yet"
+    );
+    gated.release();
+    let second = stream.next_data().await.unwrap();
+    assert!(second.contains("second"), "{second}");
+    assert_eq!(stream.next_data().await.as_deref(), Some("[DONE]"));
+    p.stop().await;
+}
+
+/// 200 concurrent clients, streaming and not, each get their own answer.
+pub async fn concurrent_clients_get_their_own_answers(t: &dyn Transport) {
+    let gw = Arc::new(TestGateway::start(Default::default()).await);
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    let clients: Vec<_> = (0..200)
+        .map(|i| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let text = format!("client {i} asks");
+                if i % 2 == 0 {
+                    let (status, body) = gw.chat("client", "echo", &text, false).await;
+                    assert_eq!(status, 200, "{body}");
+                    (
+                        text,
+                        body["choices"][0]["message"]["content"]
+                            .as_str()
+                            .unwrap()
+                            .to_owned(),
+                    )
+                } else {
+                    let answer = gw.chat_stream("client", "echo", &text).await.text().await;
+                    (text, answer)
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        let (asked, answered) = c.await.unwrap();
+        assert_eq!(asked, answered);
+    }
+    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+    p.stop().await;
+}
+
+/// A publisher that stops: its row goes inactive at once and clients get 503 with
+/// `Retry-After`.
+pub async fn a_stopped_publisher_is_503_at_once_and_its_row_inactive(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    assert_eq!(gw.row_status("echo").await, "active");
+    p.stop().await;
+    eventually("the row goes inactive", || async {
+        gw.row_status("echo").await == "inactive"
+    })
+    .await;
+    let response = gw
+        .post_chat(
+            "client",
+            json!({"model": "echo", "messages": [{"role": "user", "content": "x"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 503);
+    assert_eq!(response.headers()["retry-after"], "5");
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "llm_unavailable");
+}
+
+/// A publisher restarted with its session file revives the same row, same id.
+pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let dir = TempDir::new();
+    let options = PublisherOptions {
+        session_file: Some(dir.path().join("session")),
+        ..Default::default()
+    };
+    let p = gw
+        .publish_with(
+            t,
+            "alice",
+            &["echo"],
+            Arc::new(EchoProvider::new()),
+            options.clone(),
+        )
+        .await;
+    let session = p.connected().await;
+    let id = gw.row("echo").await["id"].clone();
+    p.stop().await;
+    eventually("the row goes inactive", || async {
+        gw.row_status("echo").await == "inactive"
+    })
+    .await;
+    let again = gw
+        .publish_with(
+            t,
+            "alice",
+            &["echo"],
+            Arc::new(EchoProvider::new()),
+            options,
+        )
+        .await;
+    assert_eq!(again.connected().await, session);
+    assert_eq!(gw.row("echo").await["id"], id);
+    assert_eq!(gw.row_status("echo").await, "active");
+    let (status, _) = gw.chat("client", "echo", "back", false).await;
+    assert_eq!(status, 200);
+    again.stop().await;
+}
+
+/// A client that goes away cancels the task: the provider's work is dropped.
+pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let hanging = Arc::new(Hanging::default());
+    let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
+    let dropped = hanging.dropped.clone();
+    let notified = dropped.notified();
+    let mut stream = gw.chat_stream("client", "slow", "x").await;
+    assert!(
+        stream.next_data().await.is_some(),
+        "the first chunk arrives"
+    );
+    drop(stream);
+    notified.await;
+    eventually("no task left", || async {
+        gw.gateway.tasks().in_flight() == 0
+    })
+    .await;
+    p.stop().await;
+}
+
+/// A task past its deadline answers 504, and the publisher is told to cancel. Runs
+/// under paused tokio time: the 300 s deadline passes without waiting for it.
+pub async fn a_deadline_answers_504_and_cancels(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let hanging = Arc::new(Hanging::default());
+    let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
+    let cancelled = hanging.dropped.notified();
+    let (status, body) = gw.chat("client", "slow", "x", false).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["error"]["code"], "deadline_exceeded");
+    cancelled.await;
+    p.stop().await;
+}
+
+/// Results posted by another session, or by another principal holding the session id,
+/// are refused (404) and the task still completes with its own publisher's answer;
+/// replaying a finished task's result is 409.
+pub async fn foreign_and_replayed_results_are_refused(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let gated = Arc::new(Gated::default());
+    let p = gw.publish(t, "alice", &["gated"], gated.clone()).await;
+    let session = p.connected().await;
+    let other = gw
+        .register_raw(
+            "alice",
+            json!({"llms": [{"name": "other", "type": "openai", "model": "m"}]}),
+        )
+        .await;
+    let other_session = other["providerSessionId"].as_str().unwrap().to_owned();
+    let call = {
+        let gw = gw.clone_handle();
+        tokio::spawn(async move { gw.chat_stream("client", "gated", "x").await.text().await })
+    };
+    let task = gated.task_id().await;
+    let forged = TaskResult::Chunk {
+        data: "forged".into(),
+        done: true,
+    };
+    assert_eq!(
+        gw.post_result("alice", &other_session, &task, &forged)
+            .await,
+        404,
+        "another session"
+    );
+    assert_eq!(
+        gw.post_result("mallory", session.as_str(), &task, &forged)
+            .await,
+        404,
+        "another principal"
+    );
+    assert_eq!(
+        gw.post_result("client", session.as_str(), &task, &forged)
+            .await,
+        403,
+        "a client token"
+    );
+    gated.release();
+    let text = call.await.unwrap();
+    assert_eq!(
+        text, "firstsecond",
+        "the genuine answer, untouched by the forgeries"
+    );
+    let replay = TaskResult::Chunk {
+        data: "again".into(),
+        done: true,
+    };
+    assert_eq!(
+        gw.post_result("alice", session.as_str(), &task, &replay)
+            .await,
+        409,
+        "a replay of a finished task"
+    );
+    p.stop().await;
+}
+
+/// Malformed bodies, unknown models, bad names and oversized bodies get their status
+/// and write nothing.
+pub async fn bad_input_gets_its_status_and_writes_nothing(t: &dyn Transport) {
+    let config = virtual_llm::Config {
+        max_body_bytes: 4096,
+        ..Default::default()
+    };
+    let gw = TestGateway::start(config).await;
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    let before = gw.list().await;
+    assert_eq!(
+        gw.post_raw("alice", "_provider-register", "{not json")
+            .await,
+        400
+    );
+    assert_eq!(
+        gw.post_raw("alice", "_provider-register", r#"{"llms": "nope"}"#)
+            .await,
+        400
+    );
+    let bad_name = r#"{"llms":[{"name":"_provider-x","type":"t","model":"m"}]}"#;
+    assert_eq!(
+        gw.post_raw("alice", "_provider-register", bad_name).await,
+        400
+    );
+    let spaced = r#"{"llms":[{"name":"has space","type":"t","model":"m"}]}"#;
+    assert_eq!(
+        gw.post_raw("alice", "_provider-register", spaced).await,
+        400
+    );
+    let huge = format!(
+        r#"{{"llms":[{{"name":"big","type":"t","model":"{}"}}]}}"#,
+        "m".repeat(8192)
+    );
+    assert_eq!(gw.post_raw("alice", "_provider-register", &huge).await, 413);
+    let response = gw
+        .post_chat("client", json!({"model": "nope", "messages": []}))
+        .await;
+    assert_eq!(response.status(), 404);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["error"]["type"], "invalid_request_error");
+    let response = gw.post_chat("client", json!({"model": "echo"})).await;
+    assert_eq!(response.status(), 400, "messages missing");
+    assert_eq!(gw.get_status("client", "_provider-x").await, 400);
+    assert_eq!(gw.get_status("client", "nope").await, 404);
+    assert_eq!(gw.post_raw("nobody", "_provider-register", "{}").await, 401);
+    assert_eq!(
+        gw.post_raw(
+            "client",
+            "_provider-register",
+            r#"{"llms":[{"name":"c","type":"t","model":"m"}]}"#
+        )
+        .await,
+        403
+    );
+    let unknown = RegisterRequest {
+        provider_session_id: None,
+        protocol_version: Some(9),
+        llms: vec![],
+    };
+    assert_eq!(
+        gw.post_raw(
+            "alice",
+            "_provider-register",
+            &serde_json::to_string(&unknown).unwrap()
+        )
+        .await,
+        426
+    );
+    assert_eq!(gw.list().await, before, "nothing written");
+    assert_eq!(gw.row_status("echo").await, "active");
+    p.stop().await;
+}
+
+/// `GET /v1/models` lists the active LLMs the way OpenAI SDKs expect.
+pub async fn models_lists_active_llms(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let p = gw
+        .publish(
+            t,
+            "alice",
+            &["echo", "echo-2"],
+            Arc::new(EchoProvider::new()),
+        )
+        .await;
+    let models = gw.get_json("client", "/v1/models").await;
+    assert_eq!(models["object"], "list");
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["echo", "echo-2"]);
+    assert_eq!(models["data"][0]["object"], "model");
+    assert_eq!(models["data"][0]["owned_by"], "virtual");
+    p.stop().await;
+    eventually("rows inactive", || async {
+        gw.row_status("echo").await == "inactive"
+    })
+    .await;
+    let models = gw.get_json("client", "/v1/models").await;
+    assert!(
+        models["data"].as_array().unwrap().is_empty(),
+        "inactive llms are not listed"
+    );
+}
+
+/// Stamps out one `#[tokio::test]` per conformance case for a transport value.
+#[macro_export]
+macro_rules! conformance_tests {
+    ($transport:expr) => {
+        $crate::conformance_tests!(@cases $transport;
+            non_streaming_round_trip,
+            streaming_round_trip,
+            chunks_reach_the_client_before_the_provider_finishes,
+            concurrent_clients_get_their_own_answers,
+            a_stopped_publisher_is_503_at_once_and_its_row_inactive,
+            a_sticky_reconnect_revives_the_same_row,
+            a_client_leaving_cancels_the_provider,
+            foreign_and_replayed_results_are_refused,
+            bad_input_gets_its_status_and_writes_nothing,
+            models_lists_active_llms,
+        );
+    };
+    (@cases $transport:expr; $($case:ident,)*) => {
+        #[tokio::test(start_paused = true)]
+        async fn a_deadline_answers_504_and_cancels() {
+            conformance::a_deadline_answers_504_and_cancels(&$transport).await;
+        }
+
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                conformance::$case(&$transport).await;
+            }
+        )*
+    };
+}

@@ -1,0 +1,238 @@
+//! The publisher's side of the SSE transport: a [`Wire`] that registers over HTTP,
+//! reads the control channel as a server-sent event stream, heartbeats, and posts
+//! each task's results as one streamed NDJSON request.
+//!
+//! The publisher's lifecycle (reconnects, the session file, the task pump) is the
+//! core's [`Publisher`](virtual_llm_core::Publisher); this file only moves bytes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use virtual_llm_core::protocol::{
+    ErrorBody, GatewayFrame, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskResult,
+};
+use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
+use virtual_llm_core::{Config, SessionId, TaskId};
+
+use crate::routes::SESSION_HEADER;
+
+/// Connects a publisher to a gateway over HTTP + SSE.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use std::sync::Arc;
+/// use virtual_llm_core::{EchoProvider, Publisher, PublisherOptions, PublishedLlm};
+/// use virtual_llm_core::protocol::LlmSpec;
+///
+/// let wire = virtual_llm_sse::SseWire::new("http://127.0.0.1:8080", Some("token".into()))?;
+/// let llm = PublishedLlm {
+///     spec: LlmSpec { name: "demo".parse()?, provider_type: "echo".into(), model: "echo".into(), tier: None },
+///     provider: Arc::new(EchoProvider::new()),
+/// };
+/// let publisher = Publisher::spawn(Arc::new(wire), vec![llm], PublisherOptions::default());
+/// publisher.connected().await;
+/// # Ok(()) }
+/// ```
+#[derive(Clone, Debug)]
+pub struct SseWire {
+    client: reqwest::Client,
+    base: String,
+    token: Option<String>,
+}
+
+impl SseWire {
+    /// A wire to the gateway at `gateway_url` (e.g. `http://127.0.0.1:8080`), using the
+    /// default base path `/api/v1/llms`.
+    pub fn new(gateway_url: &str, token: Option<String>) -> Result<Self, WireError> {
+        Self::with_base_path(gateway_url, &Config::default().base_path, token)
+    }
+
+    /// A wire to a gateway that mounts the routes under `base_path`.
+    pub fn with_base_path(
+        gateway_url: &str,
+        base_path: &str,
+        token: Option<String>,
+    ) -> Result<Self, WireError> {
+        let client = reqwest::Client::builder()
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(10))
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build()
+            .map_err(|e| WireError::Connection(format!("cannot build the HTTP client: {e}")))?;
+        let base = format!("{}{}", gateway_url.trim_end_matches('/'), base_path);
+        Ok(SseWire {
+            client,
+            base,
+            token,
+        })
+    }
+
+    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        let builder = self.client.request(method, format!("{}/{path}", self.base));
+        match &self.token {
+            Some(token) => builder.bearer_auth(token),
+            None => builder,
+        }
+    }
+}
+
+fn connection(e: reqwest::Error) -> WireError {
+    WireError::Connection(e.to_string())
+}
+
+/// A non-2xx answer as a [`WireError`], with the gateway's own message.
+async fn check(response: reqwest::Response) -> Result<reqwest::Response, WireError> {
+    let status = response.status();
+    if status.is_success() {
+        return Ok(response);
+    }
+    let text = response.text().await.unwrap_or_default();
+    let message = serde_json::from_str::<ErrorBody>(&text)
+        .map(|b| b.error.message)
+        .unwrap_or(text);
+    Err(WireError::from_status(status.as_u16(), message))
+}
+
+#[async_trait]
+impl Wire for SseWire {
+    async fn connect(&self, request: RegisterRequest) -> Result<Connected, WireError> {
+        let response = self
+            .request(reqwest::Method::POST, "_provider-register")
+            .json(&request)
+            .send()
+            .await
+            .map_err(connection)?;
+        let answer: RegisterResponse = check(response)
+            .await?
+            .json()
+            .await
+            .map_err(|e| WireError::Protocol(format!("bad register answer: {e}")))?;
+        let session = answer.provider_session_id.clone();
+        let response = self
+            .request(reqwest::Method::GET, "_provider-stream")
+            .header(SESSION_HEADER, session.as_str())
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .map_err(connection)?;
+        let response = check(response).await?;
+        // A connection that went silent (a NAT dropped it) is noticed when neither a
+        // frame nor a keep-alive ping arrived for three heartbeat intervals.
+        let silence =
+            Duration::from_millis(answer.heartbeat_interval_ms.saturating_mul(3).max(1000));
+        let bytes =
+            tokio_stream::StreamExt::timeout(response.bytes_stream(), silence).map(move |item| {
+                match item {
+                    Ok(Ok(bytes)) => Ok(bytes),
+                    Ok(Err(e)) => Err(WireError::Connection(e.to_string())),
+                    Err(_) => Err(WireError::Connection(format!(
+                        "no keep-alive from the gateway for {silence:?}"
+                    ))),
+                }
+            });
+        let mut frames = bytes
+            .eventsource()
+            .filter_map(|event| async move {
+                match event {
+                    Ok(event) => decode(&event.event, &event.data).transpose(),
+                    Err(eventsource_stream::EventStreamError::Transport(e)) => Some(Err(e)),
+                    Err(e) => Some(Err(WireError::Protocol(e.to_string()))),
+                }
+            })
+            .boxed();
+        // The stream opens with `hello`: once it is here, the channel is bound.
+        match frames.next().await {
+            Some(Ok(GatewayFrame::Hello(_))) => {}
+            Some(Ok(other)) => {
+                return Err(WireError::Protocol(format!(
+                    "expected hello, got {}",
+                    other.event_name()
+                )));
+            }
+            Some(Err(e)) => return Err(e),
+            None => {
+                return Err(WireError::Connection(
+                    "the control channel closed at once".into(),
+                ));
+            }
+        }
+        let outbox = SseOutbox {
+            wire: self.clone(),
+            session,
+        };
+        Ok(Connected {
+            answer,
+            frames,
+            outbox: Arc::new(outbox),
+        })
+    }
+}
+
+/// One SSE event as a frame; events this publisher does not know are skipped.
+fn decode(event: &str, data: &str) -> Result<Option<GatewayFrame>, WireError> {
+    let bad = |e: serde_json::Error| WireError::Protocol(format!("bad {event} event: {e}"));
+    Ok(Some(match event {
+        "hello" => GatewayFrame::Hello(serde_json::from_str(data).map_err(bad)?),
+        "task" => GatewayFrame::Task(serde_json::from_str(data).map_err(bad)?),
+        "cancel" => GatewayFrame::Cancel(serde_json::from_str(data).map_err(bad)?),
+        "closing" => GatewayFrame::Closing(serde_json::from_str(data).map_err(bad)?),
+        other => {
+            tracing::debug!(event = other, "unknown event skipped");
+            return Ok(None);
+        }
+    }))
+}
+
+struct SseOutbox {
+    wire: SseWire,
+    session: SessionId,
+}
+
+#[async_trait]
+impl Outbox for SseOutbox {
+    async fn heartbeat(&self) -> Result<(), WireError> {
+        let body = HeartbeatRequest {
+            provider_session_id: self.session.clone(),
+        };
+        let response = self
+            .wire
+            .request(reqwest::Method::POST, "_provider-heartbeat")
+            .json(&body)
+            .send()
+            .await
+            .map_err(connection)?;
+        check(response).await.map(drop)
+    }
+
+    async fn send(
+        &self,
+        task: TaskId,
+        results: BoxStream<'static, TaskResult>,
+    ) -> Result<(), WireError> {
+        // One request per task, its body a stream of NDJSON lines, each sent the moment
+        // the provider yields it.
+        let lines = results.map(|result| {
+            let mut line = serde_json::to_vec(&result)?;
+            line.push(b'\n');
+            Ok::<_, serde_json::Error>(Bytes::from(line))
+        });
+        let response = self
+            .wire
+            .request(
+                reqwest::Method::POST,
+                &format!("_provider-task/{task}/result"),
+            )
+            .header(SESSION_HEADER, self.session.as_str())
+            .header("content-type", "application/x-ndjson")
+            .body(reqwest::Body::wrap_stream(lines))
+            .send()
+            .await
+            .map_err(connection)?;
+        check(response).await.map(drop)
+    }
+}
