@@ -242,7 +242,10 @@ impl OpenAiUpstream {
             let status = response.status();
             let message = match read_body(response, MAX_ERROR_BODY).await {
                 Ok(body) => error_message(body.bytes()),
-                Err(_) => None,
+                Err(e) => {
+                    tracing::debug!(upstream = %self.host, error = %e, "reading a json answer failed");
+                    None
+                }
             };
             return Err(upstream(match message {
                 Some(m) => format!("{status}: {m}"),
