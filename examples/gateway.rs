@@ -1,0 +1,242 @@
+//! The reference gateway: the registry on an embedded redb file, the SSE transport,
+//! token auth, public LLMs, the GC, and a graceful shutdown.
+//!
+//! Run with: `cargo run --release --example gateway` (listens on 127.0.0.1:8080, keeps
+//! its registry under `./data`). `--help` lists the flags; `--config FILE` reads a TOML
+//! file (see `docs/operations.md`).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+mod common;
+
+use clap::Parser;
+use serde::Deserialize;
+use virtual_llm::protocol::LlmSpec;
+use virtual_llm::redb::RedbStore;
+use virtual_llm::sse::{OpenAiBackend, OpenAiUpstream};
+use virtual_llm::{
+    Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, Role, StaticTokens, Store,
+};
+
+#[derive(Parser, Debug)]
+#[command(about = "virtual-llm reference gateway")]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Directory of the registry's redb file.
+    #[arg(long, default_value = "./data")]
+    data_dir: PathBuf,
+    /// TOML file with tokens, public LLMs, limits and timings.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Listen on a non-loopback address even though no tokens are configured.
+    #[arg(long)]
+    insecure: bool,
+    /// Heartbeat interval sent to publishers (e.g. `30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    heartbeat_every: Option<Duration>,
+    /// No heartbeat for this long makes a row inactive (e.g. `90s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    stale_after: Option<Duration>,
+    /// Inactive rows are deleted after this long (e.g. `4h`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    reap_after: Option<Duration>,
+    /// GC sweep period (e.g. `60s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    gc_every: Option<Duration>,
+    /// Total deadline of a non-streaming request (e.g. `5m`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    task_deadline: Option<Duration>,
+    /// How long in-flight requests may finish at shutdown.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    grace: Duration,
+}
+
+/// The `--config` file.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Timings and limits, keys as in `virtual_llm::Config` (`staleAfter = "90s"`).
+    #[serde(default)]
+    gateway: Option<Config>,
+    #[serde(default)]
+    tokens: Vec<TokenConfig>,
+    #[serde(default)]
+    public: Vec<PublicConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct TokenConfig {
+    /// The token itself, or…
+    token: Option<String>,
+    /// …the environment variable holding it.
+    token_env: Option<String>,
+    principal: String,
+    roles: Vec<RoleConfig>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RoleConfig {
+    Publisher,
+    Client,
+    Admin,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PublicConfig {
+    name: String,
+    url: String,
+    model: String,
+    #[serde(rename = "type", default = "openai")]
+    provider_type: String,
+    tier: Option<String>,
+    /// Environment variable holding the upstream's API key.
+    api_key_env: Option<String>,
+}
+
+fn openai() -> String {
+    "openai".to_owned()
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    common::init_tracing();
+    let args = Args::parse();
+    let file: FileConfig = match &args.config {
+        Some(path) => toml::from_str(
+            &std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?,
+        None => FileConfig::default(),
+    };
+    let mut config = file.gateway.clone().unwrap_or_default();
+    let overrides = [
+        (&mut config.heartbeat_interval, args.heartbeat_every),
+        (&mut config.stale_after, args.stale_after),
+        (&mut config.reap_after, args.reap_after),
+        (&mut config.gc_every, args.gc_every),
+        (&mut config.task_deadline, args.task_deadline),
+    ];
+    for (field, value) in overrides {
+        if let Some(value) = value {
+            *field = value;
+        }
+    }
+    let auth = authenticator(&file.tokens)?;
+    if file.tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure {
+        return Err(format!(
+            "refusing to listen on {} without tokens: anyone could publish and call; configure [[tokens]] or pass --insecure",
+            args.listen
+        )
+        .into());
+    }
+
+    std::fs::create_dir_all(&args.data_dir)
+        .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+    let store = Arc::new(RedbStore::open(args.data_dir.join("registry.redb")).await?);
+    let mut builder = Gateway::builder(store.clone() as Arc<dyn Store>)
+        .config(config)
+        .authenticator(auth);
+    if !file.public.is_empty() {
+        builder = builder.public_backend(Arc::new(public_backend(&file.public)?));
+    }
+    let gateway = builder.start().await?;
+    let admin = Principal::new("config", [Role::Admin]);
+    for public in &file.public {
+        let spec = LlmSpec {
+            name: LlmName::parse(&public.name)?,
+            provider_type: public.provider_type.clone(),
+            model: public.model.clone(),
+            tier: public.tier.clone(),
+        };
+        gateway.put_public(&admin, spec).await?;
+    }
+    let gc = gateway.spawn_gc();
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("{}: {e}", args.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        data = %store.path().display(),
+        auth = if file.tokens.is_empty() { "none (loopback only)" } else { "tokens" },
+        "gateway ready"
+    );
+    let closing = gateway.clone();
+    let routes = virtual_llm::sse::routes(gateway.clone());
+    virtual_llm::sse::serve(
+        listener,
+        routes,
+        async move {
+            common::shutdown_signal().await;
+            tracing::info!("shutting down: telling publishers, finishing in-flight requests");
+            closing.close_channels("gateway shutting down");
+        },
+        args.grace,
+    )
+    .await;
+    gc.shutdown().await;
+    gateway.flush().await?;
+    store.close().await?;
+    tracing::info!("registry flushed; bye");
+    Ok(())
+}
+
+fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, BoxError> {
+    if tokens.is_empty() {
+        return Ok(Arc::new(OpenAccess));
+    }
+    let mut table = StaticTokens::new();
+    let mut seen = HashMap::new();
+    for t in tokens {
+        let token = match (&t.token, &t.token_env) {
+            (Some(token), None) => token.clone(),
+            (None, Some(var)) => std::env::var(var)
+                .map_err(|_| format!("token of {}: ${var} is not set", t.principal))?,
+            _ => {
+                return Err(format!(
+                    "token of {}: give exactly one of token or tokenEnv",
+                    t.principal
+                )
+                .into());
+            }
+        };
+        if token.len() < 16 {
+            return Err(format!("token of {} is shorter than 16 characters", t.principal).into());
+        }
+        if seen.insert(token.clone(), t.principal.clone()).is_some() {
+            return Err(format!("token of {} is used twice", t.principal).into());
+        }
+        let roles = t.roles.iter().map(|r| match r {
+            RoleConfig::Publisher => Role::Publisher,
+            RoleConfig::Client => Role::Client,
+            RoleConfig::Admin => Role::Admin,
+        });
+        table = table.with(token, Principal::new(t.principal.clone(), roles));
+    }
+    Ok(Arc::new(table))
+}
+
+fn public_backend(public: &[PublicConfig]) -> Result<OpenAiBackend, BoxError> {
+    let mut backend = OpenAiBackend::new();
+    for p in public {
+        let mut upstream = OpenAiUpstream::new(&p.url)?;
+        if let Some(var) = &p.api_key_env {
+            let key = std::env::var(var)
+                .map_err(|_| format!("public llm {}: ${var} is not set", p.name))?;
+            upstream = upstream.with_api_key(&key)?;
+        }
+        backend = backend.with_llm(LlmName::parse(&p.name)?, upstream, p.model.clone());
+    }
+    Ok(backend)
+}

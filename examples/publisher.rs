@@ -1,0 +1,151 @@
+//! The reference publisher: publishes local OpenAI-compatible models (vLLM, llama.cpp,
+//! Ollama, LM Studio) and built-in echo models into a gateway, and answers the
+//! requests the gateway relays.
+//!
+//! Run with: `cargo run --release --example publisher -- --echo demo`
+//!
+//! `--config FILE` is a JSON list of providers; only `"publish": true` entries are
+//! published:
+//!
+//! ```json
+//! [{ "name": "vllm-local", "type": "openai", "model": "meta-llama/Llama-3.1-8B-Instruct",
+//!    "url": "http://127.0.0.1:8000/v1", "apiKey": "…", "publish": true }]
+//! ```
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::{Parser, ValueEnum};
+use serde::Deserialize;
+use virtual_llm::protocol::LlmSpec;
+use virtual_llm::publisher::{PublisherState, Wire};
+use virtual_llm::sse::{OpenAiProvider, OpenAiUpstream, SseWire};
+use virtual_llm::{EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions};
+
+#[derive(Parser, Debug)]
+#[command(about = "virtual-llm reference publisher")]
+struct Args {
+    /// The gateway's URL.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    gateway: String,
+    /// Bearer token with the publisher role.
+    #[arg(long, env = "VIRTUAL_LLM_TOKEN")]
+    token: Option<String>,
+    /// How to reach the gateway.
+    #[arg(long, value_enum, default_value_t = Transport::Sse)]
+    transport: Transport,
+    /// Where the session id is kept, for sticky reconnects across restarts.
+    #[arg(long, default_value = "./publisher-session")]
+    session_file: PathBuf,
+    /// JSON list of providers to publish.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Publish a built-in echo model under this name (repeatable).
+    #[arg(long = "echo", value_name = "NAME")]
+    echo: Vec<String>,
+    /// How many requests run at once; more wait their turn.
+    #[arg(long, default_value_t = 32)]
+    max_concurrent: usize,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum Transport {
+    /// Server-sent events down, HTTP posts up.
+    Sse,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ProviderConfig {
+    name: String,
+    #[serde(rename = "type", default = "openai")]
+    provider_type: String,
+    model: String,
+    url: String,
+    api_key: Option<String>,
+    tier: Option<String>,
+    #[serde(default)]
+    publish: bool,
+}
+
+fn openai() -> String {
+    "openai".to_owned()
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    common::init_tracing();
+    let args = Args::parse();
+    let mut llms = Vec::new();
+    for name in &args.echo {
+        llms.push(PublishedLlm {
+            spec: LlmSpec {
+                name: LlmName::parse(name)?,
+                provider_type: "echo".into(),
+                model: "echo".into(),
+                tier: None,
+            },
+            provider: Arc::new(EchoProvider::new()),
+        });
+    }
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let providers: Vec<ProviderConfig> =
+            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        for p in providers.into_iter().filter(|p| p.publish) {
+            let mut upstream = OpenAiUpstream::new(&p.url)?;
+            if let Some(key) = &p.api_key {
+                upstream = upstream.with_api_key(key)?;
+            }
+            llms.push(PublishedLlm {
+                spec: LlmSpec {
+                    name: LlmName::parse(&p.name)?,
+                    provider_type: p.provider_type,
+                    model: p.model.clone(),
+                    tier: p.tier,
+                },
+                provider: Arc::new(OpenAiProvider::new(upstream, p.model)),
+            });
+        }
+    }
+    if llms.is_empty() {
+        return Err(
+            "nothing to publish: pass --echo NAME or a --config with \"publish\": true entries"
+                .into(),
+        );
+    }
+    let names: Vec<String> = llms.iter().map(|l| l.spec.name.to_string()).collect();
+    let wire: Arc<dyn Wire> = match args.transport {
+        Transport::Sse => Arc::new(SseWire::new(&args.gateway, args.token.clone())?),
+    };
+    let options = PublisherOptions {
+        session_file: Some(args.session_file.clone()),
+        max_concurrent_tasks: args.max_concurrent,
+        ..PublisherOptions::default()
+    };
+    let publisher = Publisher::spawn(wire, llms, options);
+    let mut state = publisher.state();
+    tracing::info!(gateway = %args.gateway, llms = ?names, "publishing");
+    loop {
+        tokio::select! {
+            () = common::shutdown_signal() => break,
+            changed = state.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                match &*state.borrow_and_update() {
+                    PublisherState::Connected { session } => tracing::info!(%session, "connected; serving requests"),
+                    PublisherState::Backoff { error, delay } => tracing::warn!(%error, retry_in = ?delay, "not connected"),
+                    PublisherState::Connecting | PublisherState::Stopped => {}
+                }
+            }
+        }
+    }
+    tracing::info!("stopping: the gateway takes our llms out of service");
+    publisher.stop().await;
+    Ok(())
+}
