@@ -8,7 +8,7 @@ pub use virtual_llm_core::*;
 /// The core crate, by name.
 pub use virtual_llm_core as core;
 
-/// The durable redb-backed [`Store`](virtual_llm_core::Store): `redb::RedbStore`
+/// The durable redb-backed [`Store`]: `redb::RedbStore`
 /// (feature `redb`).
 #[cfg(feature = "redb")]
 pub use virtual_llm_redb as redb;

@@ -61,7 +61,7 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::path!("_provider-register"))
         .and(warp::post())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .and(warp::body::stream())
         .then(register);
     let stream = base
@@ -69,15 +69,15 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::path!("_provider-stream"))
         .and(warp::get())
         .and(gw.clone())
-        .and(auth.clone())
-        .and(session.clone())
+        .and(auth)
+        .and(session)
         .then(control_stream);
     let heartbeat = base
         .clone()
         .and(warp::path!("_provider-heartbeat"))
         .and(warp::post())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .and(warp::body::stream())
         .then(heartbeat);
     let result = base
@@ -85,7 +85,7 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::path!("_provider-task" / String / "result"))
         .and(warp::post())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .and(session)
         .and(content_type)
         .and(warp::body::stream())
@@ -95,26 +95,26 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::path::end())
         .and(warp::get())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .then(list);
     let get = base
         .clone()
         .and(warp::path!(String))
         .and(warp::get())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .then(get);
     let infer_route = base
         .and(warp::path!(String / "infer"))
         .and(warp::post())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .and(warp::body::stream())
         .then(|name: String, gw, auth, body| infer(Some(name), gw, auth, body));
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(gw.clone())
-        .and(auth.clone())
+        .and(auth)
         .and(warp::body::stream())
         .then(|gw, auth, body| infer(None, gw, auth, body));
     let models = warp::path!("v1" / "models")

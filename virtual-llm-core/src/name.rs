@@ -63,6 +63,13 @@ fn truncate(s: &str) -> String {
     s.chars().take(MAX_NAME_LEN + 1).collect()
 }
 
+impl std::str::FromStr for LlmName {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self, Error> {
+        LlmName::parse(s)
+    }
+}
+
 impl TryFrom<String> for LlmName {
     type Error = Error;
     fn try_from(s: String) -> Result<Self, Error> {

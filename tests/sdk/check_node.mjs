@@ -1,0 +1,26 @@
+// The official OpenAI JavaScript SDK against the gateway, unchanged: whole, streamed,
+// models, and a typed error for an unknown model.
+import assert from "node:assert/strict";
+import OpenAI from "openai";
+
+const client = new OpenAI({ baseURL: process.env.GATEWAY + "/v1", apiKey: process.env.TOKEN ?? "unused" });
+const msg = (text) => [{ role: "user", content: text }];
+
+const answer = await client.chat.completions.create({ model: "demo", messages: msg("hello node sdk") });
+assert.equal(answer.choices[0].message.content, "hello node sdk");
+
+const chunks = [];
+for await (const event of await client.chat.completions.create({ model: "demo", messages: msg("one two three"), stream: true })) {
+  const text = event.choices[0]?.delta?.content;
+  if (text) chunks.push(text);
+}
+assert.deepEqual(chunks, ["one", " two", " three"]);
+
+const models = await client.models.list();
+assert.deepEqual(models.data.map((m) => m.id), ["demo"]);
+
+await assert.rejects(
+  client.chat.completions.create({ model: "nope", messages: msg("x") }),
+  (e) => e instanceof OpenAI.NotFoundError && e.status === 404,
+);
+console.log("node openai sdk: whole, streamed, models and errors ok");
