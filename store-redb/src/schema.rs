@@ -60,7 +60,20 @@ const TABLES: [&str; 5] = [
 pub(crate) fn open(path: &Path, cache_size: usize) -> Result<(Database, bool), Error> {
     let db = Database::builder()
         .set_cache_size(cache_size)
-        .create(path)?;
+        .create(path)
+        .map_err(|e| match e {
+            // redb's answer for a file whose header is not redb's (a wrong magic number):
+            // someone else's file, not a damaged registry.
+            redb::DatabaseError::Storage(redb::StorageError::Io(io))
+                if io.kind() == std::io::ErrorKind::InvalidData =>
+            {
+                Error::Incompatible(format!(
+                    "{} is not a redb file ({io}); refusing to touch it",
+                    path.display()
+                ))
+            }
+            other => other.into(),
+        })?;
     let initialized = check_or_init(&db, path)?;
     Ok((db, initialized))
 }

@@ -1,6 +1,8 @@
 //! The core's Store conformance suite on a file-backed `RedbStore`, directly and
 //! through `Arc<dyn Store>` (the forwarding impl must keep every guarantee).
 
+#![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
+
 mod common;
 
 use std::ops::Deref;

@@ -5,6 +5,7 @@
 
 use std::ops::Deref;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use tempfile::TempDir;
 use virtual_llm_core::protocol::{LlmSpec, RegisterRequest};
@@ -13,7 +14,7 @@ use virtual_llm_redb::{RedbOptions, RedbStore};
 
 /// A store whose file lives in a temporary directory, removed when the guard drops.
 pub struct TempStore {
-    pub store: RedbStore,
+    pub store: Arc<RedbStore>,
     pub dir: TempDir,
 }
 
@@ -27,7 +28,15 @@ impl TempStore {
         let store = RedbStore::open_with(dir.path().join("registry.redb"), options)
             .await
             .unwrap();
-        TempStore { store, dir }
+        TempStore {
+            store: Arc::new(store),
+            dir,
+        }
+    }
+
+    /// The store, shared (for a `Gateway`).
+    pub fn arc(&self) -> Arc<RedbStore> {
+        self.store.clone()
     }
 
     pub fn path(&self) -> PathBuf {
@@ -42,7 +51,10 @@ impl TempStore {
         let store = RedbStore::open(dir.path().join("registry.redb"))
             .await
             .unwrap();
-        TempStore { store, dir }
+        TempStore {
+            store: Arc::new(store),
+            dir,
+        }
     }
 }
 
