@@ -61,6 +61,15 @@ struct Live {
     owner: String,
     stream: bool,
     tx: mpsc::Sender<Event>,
+    /// A buffer slot kept free for the task's error, so a failure reaches the client
+    /// with its reason even when a slow client has let the buffer fill up.
+    reserved: mpsc::OwnedPermit<Event>,
+}
+
+impl Live {
+    fn fail(self, error: Error) {
+        self.reserved.send(Event::Failed(error));
+    }
 }
 
 #[derive(Default)]
@@ -155,12 +164,17 @@ impl TaskTable {
             .sink(session)
             .ok_or_else(|| self.inner.offline())?;
         let id = TaskId::generate();
-        let (tx, rx) = mpsc::channel(self.inner.buffer);
+        let (tx, rx) = mpsc::channel(self.inner.buffer + 1);
+        let reserved = tx
+            .clone()
+            .try_reserve_owned()
+            .map_err(|_| Error::invalid("a new task's buffer cannot be full"))?;
         let live = Live {
             session: session.clone(),
             owner: owner.to_owned(),
             stream,
             tx,
+            reserved,
         };
         // Registered before the frame goes out, so even an instant result finds it.
         lock(&self.inner.state).live.insert(id.clone(), live);
@@ -232,6 +246,8 @@ impl TaskTable {
                             live.session,
                             self.inner.remembered,
                         );
+                        // The final result takes the reserved slot's place.
+                        drop(live.reserved);
                         live.tx
                     }
                     None => return Err(Error::UnknownTask),
@@ -257,18 +273,36 @@ impl TaskTable {
                 .map(|(_, t)| t)
                 .collect()
         };
-        for task in &failed {
-            if task
-                .tx
-                .try_send(Event::Failed(self.inner.offline()))
-                .is_err()
-            {
-                // Buffer full or handle gone: dropping the sender below ends the
-                // handle with the same 503, so nothing is lost.
-                tracing::trace!("task failed by closing its buffer");
+        let count = failed.len();
+        for task in failed {
+            task.fail(self.inner.offline());
+        }
+        count
+    }
+
+    /// Fails one task now with `error`, and tells its publisher to stop: for a
+    /// transport that must cut off a task (e.g. a client too slow to keep up on a
+    /// socket shared with other tasks). Only the task's own session and principal may.
+    /// Returns whether the task was live.
+    pub fn fail(&self, session: &SessionId, owner: &str, task: &TaskId, error: Error) -> bool {
+        let live = {
+            let mut state = lock(&self.inner.state);
+            match state.live.get(task) {
+                Some(t) if t.session == *session && t.owner == owner => state.live.remove(task),
+                _ => None,
+            }
+        };
+        let Some(live) = live else { return false };
+        if let Some(sink) = self.inner.channels.sink(&live.session) {
+            let frame = GatewayFrame::Cancel(CancelFrame {
+                task_id: task.clone(),
+            });
+            if let Err(e) = sink.send(frame) {
+                tracing::debug!(%task, error = %e, "cancel frame not sent");
             }
         }
-        failed.len()
+        live.fail(error);
+        true
     }
 
     /// How many tasks are waiting for their outcome.

@@ -678,3 +678,83 @@ async fn the_echo_provider_answers_with_the_last_user_message() {
         "the model defaults to the llm name"
     );
 }
+
+#[tokio::test]
+async fn a_task_failed_by_its_transport_reaches_the_client_even_with_a_full_buffer() {
+    let o = online_with(Config {
+        task_buffer: 2,
+        ..Config::default()
+    })
+    .await;
+    let (mut handle, frame) = o.start(true).await;
+    o.deliver(&frame, chunk("a", false)).await.unwrap();
+    o.deliver(&frame, chunk("b", false)).await.unwrap();
+    let reason = Error::Unavailable {
+        reason: "client too slow".into(),
+        retry_after: Duration::from_secs(1),
+    };
+    let stranger = SessionId::generate();
+    assert!(
+        !o.f.gw
+            .tasks()
+            .fail(&stranger, "alice", &frame.task_id, Error::invalid("x")),
+        "only its own session"
+    );
+    assert!(
+        o.f.gw
+            .tasks()
+            .fail(&o.session, "alice", &frame.task_id, reason)
+    );
+    assert!(
+        matches!(o.channel.next().await, GatewayFrame::Cancel(c) if c.task_id == frame.task_id)
+    );
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("a".into())
+    );
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("b".into())
+    );
+    let err = handle.next().await.unwrap().unwrap_err();
+    assert!(
+        err.to_string().contains("client too slow"),
+        "the reason arrives despite the full buffer: {err}"
+    );
+    assert!(handle.next().await.is_none());
+    assert_eq!(
+        o.deliver(&frame, chunk("c", false))
+            .await
+            .unwrap_err()
+            .status(),
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_closed_channel_fails_a_task_with_its_reason_even_with_a_full_buffer() {
+    let f = fixture_with(Config {
+        task_buffer: 1,
+        ..Config::default()
+    })
+    .await;
+    let (session, binding, channel) = f.online("alice", &["llm"]).await;
+    let row = f.row("llm").await;
+    let mut handle = f.gw.start_task(&row, chat("llm", "x", true)).unwrap();
+    let frame = channel.next_task().await;
+    f.gw.deliver(
+        &publisher("alice"),
+        &session,
+        &frame.task_id,
+        chunk("a", false),
+    )
+    .await
+    .unwrap();
+    binding.release().await.unwrap();
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("a".into())
+    );
+    let err = handle.next().await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("disconnected"), "{err}");
+}
