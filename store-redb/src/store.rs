@@ -49,7 +49,10 @@ const FLUSH_BATCH: usize = 4096;
 /// on [`RedbStore::close`] or drop.
 ///
 /// The file is held exclusively: a second open of the same path, from this process or
-/// another, fails with [`StoreError::Unavailable`] until the first is closed.
+/// another, fails with [`StoreError::Unavailable`] until the first is closed. Close it
+/// with [`RedbStore::close`]; a store that is merely dropped flushes its heartbeats and
+/// releases the file shortly after, from its background flusher (or at once, if the
+/// runtime is gone).
 ///
 /// ```
 /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
