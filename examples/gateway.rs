@@ -1,4 +1,5 @@
-//! The reference gateway: the registry on an embedded redb file, the SSE transport,
+//! The reference gateway: the registry on an embedded redb file, the SSE and WebSocket
+//! transports,
 //! token auth, public LLMs, the GC, and a graceful shutdown.
 //!
 //! Run with: `cargo run --release --example gateway` (listens on 127.0.0.1:8080, keeps
@@ -173,7 +174,8 @@ async fn main() -> Result<(), BoxError> {
         "gateway ready"
     );
     let closing = gateway.clone();
-    let routes = virtual_llm::sse::routes(gateway.clone());
+    let routes =
+        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
     virtual_llm::sse::serve(
         listener,
         routes,

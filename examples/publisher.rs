@@ -54,6 +54,8 @@ struct Args {
 enum Transport {
     /// Server-sent events down, HTTP posts up.
     Sse,
+    /// One WebSocket both ways.
+    Ws,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +123,10 @@ async fn main() -> Result<(), BoxError> {
     let names: Vec<String> = llms.iter().map(|l| l.spec.name.to_string()).collect();
     let wire: Arc<dyn Wire> = match args.transport {
         Transport::Sse => Arc::new(SseWire::new(&args.gateway, args.token.clone())?),
+        Transport::Ws => Arc::new(virtual_llm::ws::WsWire::new(
+            &args.gateway,
+            args.token.clone(),
+        )?),
     };
     let options = PublisherOptions {
         session_file: Some(args.session_file.clone()),

@@ -17,3 +17,8 @@ pub use virtual_llm_redb as redb;
 /// (feature `sse`).
 #[cfg(feature = "sse")]
 pub use virtual_llm_sse as sse;
+
+/// The WebSocket transport: the gateway route and the publisher's `WsWire` (feature
+/// `ws`).
+#[cfg(feature = "ws")]
+pub use virtual_llm_ws as ws;

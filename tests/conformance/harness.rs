@@ -69,7 +69,8 @@ impl TestGateway {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, mut stop) = watch::channel(false);
-        let routes = virtual_llm::sse::routes(gateway.clone());
+        let routes =
+            virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
         let closing = gateway.clone();
         tokio::spawn(virtual_llm::sse::serve(
             listener,

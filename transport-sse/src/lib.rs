@@ -22,6 +22,6 @@ mod server;
 mod upstream;
 
 pub use client::SseWire;
-pub use routes::{SESSION_HEADER, api_routes, routes};
+pub use routes::{SESSION_HEADER, api_routes, routes, routes_with};
 pub use server::serve;
 pub use upstream::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};

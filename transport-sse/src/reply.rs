@@ -5,7 +5,7 @@
 
 use futures::StreamExt;
 use http::StatusCode;
-use http::header::{HeaderValue, RETRY_AFTER, WWW_AUTHENTICATE};
+use http::header::HeaderValue;
 use serde::Serialize;
 use virtual_llm_core::{ChunkStream, Error};
 use warp::reply::{Reply, Response};
@@ -31,12 +31,10 @@ pub(crate) fn error(error: &Error) -> Response {
         tracing::debug!(%status, error = %error, "request refused");
     }
     let mut response = json(status, &error.to_body());
-    let headers = response.headers_mut();
-    if let Some(after) = error.retry_after() {
-        headers.insert(RETRY_AFTER, HeaderValue::from(after.as_secs().max(1)));
-    }
-    if status == 401 {
-        headers.insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    for (name, value) in error.response_headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
     }
     response
 }

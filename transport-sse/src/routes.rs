@@ -47,6 +47,17 @@ pub fn routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     api_routes(gateway).recover(rejection).unify().boxed()
 }
 
+/// The routes with `extra` routes mounted beside them (e.g. the WebSocket route of
+/// `virtual-llm-ws`), and the OpenAI-shaped 404/405 for anything neither matches.
+pub fn routes_with(gateway: Gateway, extra: BoxedFilter<(Response,)>) -> BoxedFilter<(Response,)> {
+    extra
+        .or(api_routes(gateway))
+        .unify()
+        .recover(rejection)
+        .unify()
+        .boxed()
+}
+
 /// The same routes without the final 404/405 answer, to combine with an embedder's own
 /// filters (`a.or(b)`), then `.recover(...)` once at the end.
 pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
@@ -165,10 +176,9 @@ async fn rejection(rejection: Rejection) -> Result<Response, Infallible> {
 }
 
 async fn principal(gw: &Gateway, authorization: Option<String>) -> Result<Principal, Error> {
-    let token = authorization.as_deref().and_then(|h| {
-        let (scheme, token) = h.split_once(' ')?;
-        scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
-    });
+    let token = authorization
+        .as_deref()
+        .and_then(virtual_llm_core::bearer_token);
     gw.authenticate(token).await
 }
 

@@ -56,6 +56,18 @@ impl Principal {
     }
 }
 
+/// The token of an `Authorization: Bearer <token>` header value (scheme matched
+/// without regard to case); `None` for any other header.
+///
+/// ```
+/// assert_eq!(virtual_llm_core::bearer_token("Bearer abc"), Some("abc"));
+/// assert_eq!(virtual_llm_core::bearer_token("Basic abc"), None);
+/// ```
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let (scheme, token) = header.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
 /// Turns the bearer token of a request into a principal.
 ///
 /// # Contract

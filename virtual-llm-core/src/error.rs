@@ -221,6 +221,19 @@ impl Error {
         }
     }
 
+    /// The headers an HTTP answer with this error carries: `Retry-After` for a 503,
+    /// `WWW-Authenticate` for a 401.
+    pub fn response_headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = Vec::new();
+        if let Some(after) = self.retry_after() {
+            headers.push(("retry-after", after.as_secs().max(1).to_string()));
+        }
+        if self.status() == 401 {
+            headers.push(("www-authenticate", "Bearer".to_owned()));
+        }
+        headers
+    }
+
     /// The OpenAI-shaped body `{"error":{"message","type","code"}}`. Store failures
     /// say only that something failed inside; the detail belongs in the log.
     pub fn to_body(&self) -> ErrorBody {

@@ -52,7 +52,7 @@ mod time;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens};
+pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens, bearer_token};
 pub use backend::PublicBackend;
 pub use channel::{ChannelSink, SendError};
 pub use config::Config;

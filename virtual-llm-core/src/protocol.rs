@@ -248,8 +248,9 @@ pub enum GatewayFrame {
     Cancel(CancelFrame),
     /// WebSocket: the register was refused.
     Refused(Refusal),
-    /// WebSocket: the last frame was bad; the socket closes after this.
-    Error(ErrorDetail),
+    /// WebSocket: the last frame was bad; the socket closes after this. The payload is
+    /// the OpenAI error body, nested so its own `type` does not clash with the tag.
+    Error(ErrorBody),
     /// The channel is closing; reconnect later.
     Closing(Closing),
 }
@@ -472,5 +473,88 @@ impl From<TaskResult> for ResultWire {
                 ..Default::default()
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_carry_one_type_tag_and_round_trip() {
+        let err = Error::invalid("bad frame");
+        let frames = [
+            GatewayFrame::Error(err.to_body()),
+            GatewayFrame::Refused(Refusal::from_error(&err)),
+            GatewayFrame::Cancel(CancelFrame {
+                task_id: TaskId::generate(),
+            }),
+            GatewayFrame::Closing(Closing {
+                reason: "bye".into(),
+            }),
+        ];
+        for frame in frames {
+            let text = serde_json::to_string(&frame).unwrap();
+            assert_eq!(
+                text.matches("\"type\":").count() - text.matches("\"error\":{").count(),
+                1,
+                "{text}"
+            );
+            assert_eq!(
+                serde_json::from_str::<GatewayFrame>(&text).unwrap(),
+                frame,
+                "{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn publisher_frames_round_trip_and_map_to_results() {
+        let task_id = TaskId::generate();
+        let text = format!(r#"{{"type":"chunk","taskId":"{task_id}","data":"x","done":true}}"#);
+        let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            frame.clone().into_task_result(),
+            Some((
+                task_id,
+                TaskResult::Chunk {
+                    data: "x".into(),
+                    done: true
+                }
+            ))
+        );
+        assert_eq!(
+            serde_json::from_str::<PublisherFrame>(&serde_json::to_string(&frame).unwrap())
+                .unwrap(),
+            frame
+        );
+        assert!(
+            serde_json::from_str::<PublisherFrame>(r#"{"type":"chunk","taskId":"../x"}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn task_results_are_exactly_one_shape() {
+        for (json, ok) in [
+            (r#"{"status":200,"body":{"a":1}}"#, true),
+            (r#"{"error":{"message":"m"}}"#, true),
+            (r#"{"chunk":{"data":"d"}}"#, true),
+            (r#"{}"#, false),
+            (r#"{"status":200,"chunk":{"data":"d"}}"#, false),
+            (r#"{"error":"e","body":1}"#, false),
+        ] {
+            assert_eq!(
+                serde_json::from_str::<TaskResult>(json).is_ok(),
+                ok,
+                "{json}"
+            );
+        }
+        let failed: TaskResult = serde_json::from_str(r#"{"error":{"message":"oom"}}"#).unwrap();
+        assert_eq!(
+            failed,
+            TaskResult::Failed {
+                message: "oom".into()
+            }
+        );
     }
 }

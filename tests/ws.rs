@@ -1,0 +1,256 @@
+//! The transport conformance suite over WebSocket, and the cases only a socket has: a
+//! register that is not first, malformed and oversized frames, a missed pong, and a
+//! session moving to a new socket.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use conformance::harness::{TestGateway, Transport, eventually, token};
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use virtual_llm::Config;
+use virtual_llm::publisher::Wire;
+
+struct Ws;
+
+impl Transport for Ws {
+    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
+        Arc::new(virtual_llm::ws::WsWire::new(url, token).unwrap())
+    }
+}
+
+conformance_tests!(Ws);
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A raw socket to the gateway, as `who`.
+async fn socket(gw: &TestGateway, who: &str) -> Socket {
+    let url = format!(
+        "{}{}/_provider-ws",
+        gw.url.replace("http://", "ws://"),
+        gw.gateway.config().base_path
+    );
+    let mut request = url.into_client_request().unwrap();
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {}", token(who)).parse().unwrap(),
+    );
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// The next text frame as JSON; `None` once the socket closed.
+async fn next(socket: &mut Socket) -> Option<Value> {
+    loop {
+        match socket.next().await? {
+            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn register(session: Option<&str>, name: &str) -> Value {
+    json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_register_that_is_not_first_is_refused_and_writes_nothing() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut s = socket(&gw, "alice").await;
+    send(
+        &mut s,
+        json!({"type": "heartbeat", "providerSessionId": "ses_x"}),
+    )
+    .await;
+    let error = next(&mut s).await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("first frame must be register"),
+        "{error}"
+    );
+    assert!(next(&mut s).await.is_none(), "then the socket closes");
+    assert_eq!(gw.list().await, json!([]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_frame_gets_an_error_and_a_close() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut first = socket(&gw, "alice").await;
+    send(&mut first, json!({"type": "bogus"})).await;
+    assert_eq!(
+        next(&mut first).await.unwrap()["error"]["code"],
+        "invalid_request"
+    );
+    assert!(next(&mut first).await.is_none());
+    let mut s = socket(&gw, "alice").await;
+    send(&mut s, register(None, "llm")).await;
+    assert_eq!(next(&mut s).await.unwrap()["type"], "registered");
+    s.send(Message::text("{not json")).await.unwrap();
+    let error = next(&mut s).await.unwrap();
+    assert_eq!(error["type"], "error");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("malformed frame"),
+        "{error}"
+    );
+    assert!(next(&mut s).await.is_none());
+    eventually("the closed socket unbinds", || async {
+        gw.row_status("llm").await == "inactive"
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_frame_is_refused_as_too_large() {
+    let gw = TestGateway::start(Config {
+        max_body_bytes: 4096,
+        ..Config::default()
+    })
+    .await;
+    let mut s = socket(&gw, "alice").await;
+    let mut big = register(None, "big");
+    big["llms"][0]["model"] = json!("m".repeat(8192));
+    send(&mut s, big).await;
+    let error = next(&mut s).await.unwrap();
+    assert_eq!(
+        (error["type"].as_str(), error["error"]["code"].as_str()),
+        (Some("error"), Some("payload_too_large")),
+        "{error}"
+    );
+    assert_eq!(gw.list().await, json!([]), "nothing written");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_register_gets_a_refused_frame() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut alice = socket(&gw, "alice").await;
+    send(&mut alice, register(None, "taken")).await;
+    assert_eq!(next(&mut alice).await.unwrap()["type"], "registered");
+    let mut mallory = socket(&gw, "mallory").await;
+    send(&mut mallory, register(None, "taken")).await;
+    let refused = next(&mut mallory).await.unwrap();
+    assert_eq!(
+        (refused["type"].as_str(), refused["status"].as_u64()),
+        (Some("refused"), Some(409)),
+        "{refused}"
+    );
+    assert_eq!(refused["error"]["conflicts"][0]["reason"], "ownedByAnother");
+    assert!(next(&mut mallory).await.is_none());
+    assert_eq!(
+        gw.row_status("taken").await,
+        "active",
+        "alice keeps her row"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_token_is_401_before_any_upgrade() {
+    let gw = TestGateway::start(Config::default()).await;
+    let url = format!(
+        "{}{}/_provider-ws",
+        gw.url.replace("http://", "ws://"),
+        gw.gateway.config().base_path
+    );
+    let mut request = url.into_client_request().unwrap();
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer wrong".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 401)
+        }
+        other => panic!("expected a 401, got {:?}", other.map(|_| ())),
+    }
+    let mut client = tokio_tungstenite::connect_async({
+        let mut r = format!(
+            "{}{}/_provider-ws",
+            gw.url.replace("http://", "ws://"),
+            gw.gateway.config().base_path
+        )
+        .into_client_request()
+        .unwrap();
+        r.headers_mut().insert(
+            "authorization",
+            format!("Bearer {}", token("client")).parse().unwrap(),
+        );
+        r
+    })
+    .await;
+    match &mut client {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403, "clients cannot publish")
+        }
+        other => panic!("expected a 403, got {:?}", other.as_ref().map(|_| ())),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_missed_pong_closes_the_socket_and_unbinds() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut s = socket(&gw, "alice").await;
+    send(&mut s, register(None, "quiet")).await;
+    assert_eq!(next(&mut s).await.unwrap()["type"], "registered");
+    assert_eq!(gw.row_status("quiet").await, "active");
+    // The client stops reading, so it never answers the gateway's pings. Paused time
+    // passes two keep-alive periods in no time.
+    tokio::time::sleep(Duration::from_secs(41)).await;
+    assert_eq!(
+        gw.row_status("quiet").await,
+        "active",
+        "40 s without a pong is still tolerated"
+    );
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    eventually("the socket is closed and unbound", || async {
+        gw.row_status("quiet").await == "inactive"
+    })
+    .await;
+    drop(s);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_session_on_a_new_socket_replaces_the_old_one() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut old = socket(&gw, "alice").await;
+    send(&mut old, register(None, "llm")).await;
+    let session = next(&mut old).await.unwrap()["providerSessionId"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut new = socket(&gw, "alice").await;
+    send(&mut new, register(Some(&session), "llm")).await;
+    let registered = next(&mut new).await.unwrap();
+    assert_eq!(
+        registered["providerSessionId"],
+        session.as_str(),
+        "the same session"
+    );
+    let closing = next(&mut old).await.unwrap();
+    assert_eq!(closing["type"], "closing", "the old socket is told to go");
+    assert!(next(&mut old).await.is_none(), "and closed");
+    assert_eq!(
+        gw.row_status("llm").await,
+        "active",
+        "the old socket's close does not unbind the new one"
+    );
+    drop(new);
+    eventually("the new socket's close unbinds", || async {
+        gw.row_status("llm").await == "inactive"
+    })
+    .await;
+}

@@ -1,0 +1,242 @@
+//! The publisher's side of the WebSocket transport: a [`Wire`] that dials
+//! `{base}/_provider-ws`, registers with the first frame, and then reads tasks and
+//! writes heartbeats and results on the same socket.
+//!
+//! One writer task owns the socket's sending half; heartbeats and results reach it
+//! through a bounded queue, so a provider streaming faster than the network can carry
+//! is slowed down rather than buffered without end.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::stream::{BoxStream, SplitSink};
+use futures::{SinkExt, StreamExt};
+use http::header::{AUTHORIZATION, HeaderValue};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use virtual_llm_core::protocol::{
+    ErrorBody, GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskResult,
+};
+use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
+use virtual_llm_core::{Config, SessionId, TaskId};
+
+use crate::config::socket_config;
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Connects a publisher to a gateway over one WebSocket.
+#[derive(Clone, Debug)]
+pub struct WsWire {
+    url: String,
+    token: Option<String>,
+    max_frame: usize,
+}
+
+impl WsWire {
+    /// A wire to the gateway at `gateway_url` (`http://…` or `https://…`, or already
+    /// `ws://…`/`wss://…`), default base path `/api/v1/llms`.
+    pub fn new(gateway_url: &str, token: Option<String>) -> Result<Self, WireError> {
+        Self::with_base_path(gateway_url, &Config::default().base_path, token)
+    }
+
+    /// A wire to a gateway that mounts the routes under `base_path`.
+    pub fn with_base_path(
+        gateway_url: &str,
+        base_path: &str,
+        token: Option<String>,
+    ) -> Result<Self, WireError> {
+        let base = gateway_url.trim_end_matches('/');
+        let url = if let Some(rest) = base.strip_prefix("http://") {
+            format!("ws://{rest}")
+        } else if let Some(rest) = base.strip_prefix("https://") {
+            format!("wss://{rest}")
+        } else if base.starts_with("ws://") || base.starts_with("wss://") {
+            base.to_owned()
+        } else {
+            return Err(WireError::Connection(format!(
+                "not an http(s) or ws(s) URL: {gateway_url}"
+            )));
+        };
+        Ok(WsWire {
+            url: format!("{url}{base_path}/_provider-ws"),
+            token,
+            max_frame: Config::default().max_body_bytes,
+        })
+    }
+}
+
+fn protocol(e: impl std::fmt::Display) -> WireError {
+    WireError::Protocol(e.to_string())
+}
+
+#[async_trait]
+impl Wire for WsWire {
+    async fn connect(&self, request: RegisterRequest) -> Result<Connected, WireError> {
+        let mut http_request = self.url.as_str().into_client_request().map_err(protocol)?;
+        if let Some(token) = &self.token {
+            let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(protocol)?;
+            http_request.headers_mut().insert(AUTHORIZATION, value);
+        }
+        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(
+            http_request,
+            Some(socket_config(self.max_frame)),
+            true,
+        )
+        .await
+        .map_err(|e| match e {
+            tungstenite::Error::Http(response) => {
+                let body = response.body().as_deref().unwrap_or_default();
+                let message = serde_json::from_slice::<ErrorBody>(body)
+                    .map(|b| b.error.message)
+                    .unwrap_or_else(|_| String::from_utf8_lossy(body).into_owned());
+                WireError::from_status(response.status().as_u16(), message)
+            }
+            other => WireError::Connection(other.to_string()),
+        })?;
+        let register =
+            serde_json::to_string(&PublisherFrame::Register(request)).map_err(protocol)?;
+        socket
+            .send(Message::text(register))
+            .await
+            .map_err(|e| WireError::Connection(e.to_string()))?;
+        let answer = loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    match serde_json::from_str::<GatewayFrame>(&text).map_err(protocol)? {
+                        GatewayFrame::Registered(answer) => break answer,
+                        GatewayFrame::Refused(r) => {
+                            return Err(WireError::from_status(r.status, r.error.message));
+                        }
+                        GatewayFrame::Error(e) => {
+                            return Err(WireError::from_status(400, e.error.message));
+                        }
+                        other => {
+                            return Err(WireError::Protocol(format!(
+                                "expected registered, got {}",
+                                other.event_name()
+                            )));
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None => {
+                    return Err(WireError::Connection(
+                        "the gateway closed the socket".into(),
+                    ));
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(WireError::Connection(e.to_string())),
+            }
+        };
+        let session = answer.provider_session_id.clone();
+        let (sink, stream) = socket.split();
+        let (outgoing, queue) = mpsc::channel::<Message>(64);
+        let (close, closed) = oneshot::channel();
+        tokio::spawn(write_loop(sink, queue, closed));
+        // The frame stream owns the close signal: when the publisher lets go of the
+        // connection, the writer sends a Close frame and the gateway unbinds at once.
+        let frames =
+            futures::stream::unfold((stream, Some(close)), |(mut stream, close)| async move {
+                loop {
+                    match stream.next().await? {
+                        Ok(Message::Text(text)) => {
+                            let frame =
+                                serde_json::from_str::<GatewayFrame>(&text).map_err(protocol);
+                            return Some((frame, (stream, close)));
+                        }
+                        Ok(Message::Close(_)) => return None,
+                        Ok(_) => continue,
+                        Err(e) => {
+                            return Some((
+                                Err(WireError::Connection(e.to_string())),
+                                (stream, None),
+                            ));
+                        }
+                    }
+                }
+            });
+        let outbox = WsOutbox { outgoing, session };
+        Ok(Connected {
+            answer,
+            frames: frames.boxed(),
+            outbox: Arc::new(outbox),
+        })
+    }
+}
+
+async fn write_loop(
+    mut sink: SplitSink<Socket, Message>,
+    mut queue: mpsc::Receiver<Message>,
+    mut closed: oneshot::Receiver<()>,
+) {
+    loop {
+        tokio::select! {
+            message = queue.recv() => match message {
+                Some(message) => {
+                    if let Err(e) = sink.send(message).await {
+                        tracing::debug!(error = %e, "socket write failed");
+                        return;
+                    }
+                }
+                None => break,
+            },
+            // Fires when the frame stream (which holds the sender) is dropped.
+            _ = &mut closed => break,
+        }
+    }
+    if let Err(e) = sink.close().await {
+        tracing::debug!(error = %e, "socket closed uncleanly");
+    }
+}
+
+struct WsOutbox {
+    outgoing: mpsc::Sender<Message>,
+    session: SessionId,
+}
+
+impl WsOutbox {
+    async fn send_frame(&self, frame: &PublisherFrame) -> Result<(), WireError> {
+        let text = serde_json::to_string(frame).map_err(protocol)?;
+        self.outgoing
+            .send(Message::text(text))
+            .await
+            .map_err(|_| WireError::Connection("the socket is closed".into()))
+    }
+}
+
+#[async_trait]
+impl Outbox for WsOutbox {
+    async fn heartbeat(&self) -> Result<(), WireError> {
+        self.send_frame(&PublisherFrame::Heartbeat(HeartbeatRequest {
+            provider_session_id: self.session.clone(),
+        }))
+        .await
+    }
+
+    async fn send(
+        &self,
+        task: TaskId,
+        mut results: BoxStream<'static, TaskResult>,
+    ) -> Result<(), WireError> {
+        while let Some(result) = results.next().await {
+            let task_id = task.clone();
+            let frame = match result {
+                TaskResult::Completed { status, body } => PublisherFrame::Result {
+                    task_id,
+                    status,
+                    body,
+                },
+                TaskResult::Chunk { data, done } => PublisherFrame::Chunk {
+                    task_id,
+                    data,
+                    done,
+                },
+                TaskResult::Failed { message } => PublisherFrame::Error { task_id, message },
+            };
+            self.send_frame(&frame).await?;
+        }
+        Ok(())
+    }
+}

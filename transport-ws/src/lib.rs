@@ -1,0 +1,20 @@
+//! The WebSocket transport of virtual-llm: registration, tasks and results on one
+//! socket (SPEC §5, "WebSocket frames").
+//!
+//! # Layout
+//! - `route`: the gateway's warp filter at `{base}/_provider-ws`: authentication
+//!   before the upgrade, then the upgrade with explicit buffer sizes.
+//! - `session`: one publisher's socket on the gateway: register first, then tasks,
+//!   cancels, heartbeats and results; ping/pong; unbind on close.
+//! - `client`: the publisher's [`WsWire`], a [`Wire`](virtual_llm_core::publisher::Wire)
+//!   for the core's [`Publisher`](virtual_llm_core::Publisher).
+//! - `config`: the socket settings both ends share (4 KiB read buffers, frame limits).
+
+mod client;
+mod config;
+mod route;
+mod session;
+
+pub use client::WsWire;
+pub use config::{READ_BUFFER, socket_config};
+pub use route::route;

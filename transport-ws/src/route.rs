@@ -1,0 +1,122 @@
+//! The gateway side: the warp filter at `{base}/_provider-ws`.
+//!
+//! The caller is authenticated before the upgrade (a bad token is a plain 401). The
+//! upgrade itself is done here rather than with `warp::ws()`, which cannot set
+//! tungstenite's buffer sizes; the socket then belongs to a
+//! [`session`](crate::session) loop.
+
+use std::sync::Arc;
+
+use http::StatusCode;
+use http::header::{
+    CONNECTION, HeaderMap, HeaderValue, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE,
+};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
+use virtual_llm_core::{Error, Gateway, Role, bearer_token};
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::reply::{Reply, Response};
+
+use crate::config::socket_config;
+
+/// The WebSocket route, under the gateway's configured base path. Mount it beside the
+/// SSE routes, e.g. with `virtual_llm_sse::routes_with(gateway, route(gateway))`.
+pub fn route(gateway: Gateway) -> BoxedFilter<(Response,)> {
+    let base = gateway
+        .config()
+        .base_path
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .fold(warp::any().boxed(), |f, segment| {
+            f.and(warp::path(segment.to_owned())).boxed()
+        });
+    let gateway = Arc::new(gateway);
+    base.and(warp::path!("_provider-ws"))
+        .and(warp::get())
+        .and(warp::any().map(move || gateway.clone()))
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<OnUpgrade>())
+        .then(upgrade)
+        .boxed()
+}
+
+async fn upgrade(
+    gateway: Arc<Gateway>,
+    authorization: Option<String>,
+    headers: HeaderMap,
+    on_upgrade: Option<OnUpgrade>,
+) -> Response {
+    let token = authorization.as_deref().and_then(bearer_token);
+    let principal = match gateway
+        .authenticate(token)
+        .await
+        .and_then(|p| p.require(Role::Publisher).map(|()| p))
+    {
+        Ok(p) => p,
+        Err(e) => return error(&e),
+    };
+    let is_upgrade = headers
+        .get(CONNECTION)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+        })
+        && headers
+            .get(UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.eq_ignore_ascii_case("websocket"))
+        && headers
+            .get("sec-websocket-version")
+            .is_some_and(|v| v == "13");
+    let (Some(key), Some(on_upgrade), true) =
+        (headers.get(SEC_WEBSOCKET_KEY), on_upgrade, is_upgrade)
+    else {
+        return error(&Error::invalid(
+            "this route takes a WebSocket upgrade (version 13)",
+        ));
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let config = socket_config(gateway.config().max_body_bytes);
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let socket = WebSocketStream::from_raw_socket(
+                    TokioIo::new(upgraded),
+                    WsRole::Server,
+                    Some(config),
+                )
+                .await;
+                crate::session::run((*gateway).clone(), principal, socket).await;
+            }
+            Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
+        }
+    });
+    let mut response = Response::default();
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(UPGRADE, HeaderValue::from_static("websocket"));
+    if let Ok(accept) = HeaderValue::from_str(&accept) {
+        h.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    response
+}
+
+/// An OpenAI-shaped error answer, before any upgrade.
+fn error(e: &Error) -> Response {
+    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response =
+        warp::reply::with_status(warp::reply::json(&e.to_body()), status).into_response();
+    for (name, value) in e.response_headers() {
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}

@@ -1,0 +1,249 @@
+//! One publisher's socket on the gateway: the first frame must be `register`; then
+//! tasks and cancels go down, heartbeats and results come up, pings keep the link
+//! and a missed pong closes it. When the socket closes, the session unbinds at once.
+//!
+//! Results are handed to the core by one small forwarder per task, so a client that
+//! reads slowly holds up only its own task. A forwarder that falls a whole buffer
+//! behind cuts its task off (the client gets an error, the publisher a `cancel`)
+//! instead of stalling the socket every other task shares.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::{self, Message};
+use virtual_llm_core::protocol::{GatewayFrame, PublisherFrame, Refusal, TaskResult};
+use virtual_llm_core::{Error, Gateway, Principal, SessionId, TaskId};
+
+/// How long a new socket may take to send its `register`.
+const REGISTER_WAIT: Duration = Duration::from_secs(10);
+
+pub(crate) async fn run<S>(gateway: Gateway, principal: Principal, mut socket: WebSocketStream<S>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let request = match tokio::time::timeout(REGISTER_WAIT, socket.next()).await {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str::<PublisherFrame>(&text) {
+            Ok(PublisherFrame::Register(request)) => request,
+            Ok(_) => {
+                return refuse(socket, &Error::invalid("the first frame must be register")).await;
+            }
+            Err(e) => {
+                return refuse(socket, &Error::invalid(format!("malformed frame: {e}"))).await;
+            }
+        },
+        Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return,
+        Ok(Some(Ok(_))) => {
+            return refuse(
+                socket,
+                &Error::invalid("the first frame must be a register text frame"),
+            )
+            .await;
+        }
+        Ok(Some(Err(e))) => return refuse(socket, &read_error(&e, &gateway)).await,
+        Err(_) => return refuse(socket, &Error::invalid("no register frame within 10 s")).await,
+    };
+    let answer = match gateway.register(&principal, request).await {
+        Ok(answer) => answer,
+        Err(e) => {
+            send(&mut socket, &GatewayFrame::Refused(Refusal::from_error(&e))).await;
+            close(socket).await;
+            return;
+        }
+    };
+    let session = answer.provider_session_id.clone();
+    if !send(&mut socket, &GatewayFrame::Registered(answer)).await {
+        return;
+    }
+    let (tx, mut frames) = mpsc::channel::<GatewayFrame>(gateway.config().channel_buffer);
+    let binding = match gateway.bind(&principal, &session, Arc::new(tx)).await {
+        Ok(binding) => binding,
+        Err(e) => return refuse(socket, &e).await,
+    };
+    let keepalive = gateway.config().keepalive;
+    let mut forwarders = Forwarders::new(gateway.clone(), principal.clone(), session.clone());
+    let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
+    let mut last_pong = Instant::now();
+    let outcome: Result<(), Error> = loop {
+        tokio::select! {
+            incoming = socket.next() => match incoming {
+                None | Some(Ok(Message::Close(_))) => break Ok(()),
+                Some(Err(e)) => break Err(read_error(&e, &gateway)),
+                Some(Ok(Message::Text(text))) => match serde_json::from_str::<PublisherFrame>(&text) {
+                    Ok(PublisherFrame::Heartbeat(h)) if h.provider_session_id != session => {
+                        break Err(Error::invalid("a heartbeat for another session"));
+                    }
+                    Ok(PublisherFrame::Heartbeat(_)) => {
+                        if let Err(e) = gateway.heartbeat(&principal, &session).await {
+                            break Err(e);
+                        }
+                    }
+                    Ok(PublisherFrame::Register(_)) => break Err(Error::invalid("register comes once, first")),
+                    Ok(frame) => {
+                        if let Some((task, result)) = frame.into_task_result()
+                            && let Err(e) = forwarders.route(task, result)
+                        {
+                            break Err(e);
+                        }
+                    }
+                    Err(e) => break Err(Error::invalid(format!("malformed frame: {e}"))),
+                },
+                Some(Ok(Message::Binary(_))) => break Err(Error::invalid("frames are JSON text frames")),
+                Some(Ok(Message::Pong(_))) => last_pong = Instant::now(),
+                // tungstenite answers pings itself.
+                Some(Ok(Message::Ping(_) | Message::Frame(_))) => {}
+            },
+            frame = frames.recv() => match frame {
+                Some(frame) => {
+                    if let GatewayFrame::Cancel(c) = &frame {
+                        forwarders.forget(&c.task_id);
+                    }
+                    let closing = matches!(frame, GatewayFrame::Closing(_));
+                    if !send(&mut socket, &frame).await || closing {
+                        break Ok(());
+                    }
+                }
+                None => break Ok(()),
+            },
+            _ = ping.tick() => {
+                if last_pong.elapsed() > keepalive * 2 {
+                    tracing::info!(%session, "no pong for two keep-alive periods; closing");
+                    break Ok(());
+                }
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    break Ok(());
+                }
+            }
+        }
+    };
+    if let Err(e) = &outcome {
+        tracing::info!(%session, error = %e, "closing a publisher socket");
+        send(&mut socket, &GatewayFrame::Error(e.to_body())).await;
+    }
+    close(socket).await;
+    if let Err(e) = binding.release().await {
+        tracing::warn!(%session, error = %e, "unbinding a closed socket failed");
+    }
+}
+
+/// A read error as the publisher should hear it: an oversized frame is a 413.
+fn read_error(e: &tungstenite::Error, gateway: &Gateway) -> Error {
+    match e {
+        tungstenite::Error::Capacity(_) => Error::PayloadTooLarge {
+            limit: gateway.config().max_body_bytes,
+        },
+        other => Error::invalid(format!("unreadable frame: {other}")),
+    }
+}
+
+async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut socket: WebSocketStream<S>, e: &Error) {
+    send(&mut socket, &GatewayFrame::Error(e.to_body())).await;
+    close(socket).await;
+}
+
+/// Sends one frame; `false` when the socket is gone.
+async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    frame: &GatewayFrame,
+) -> bool {
+    match serde_json::to_string(frame) {
+        Ok(text) => socket.send(Message::text(text)).await.is_ok(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not encode a frame");
+            true
+        }
+    }
+}
+
+async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut socket: WebSocketStream<S>) {
+    if let Err(e) = socket.close(None).await {
+        tracing::debug!(error = %e, "socket closed uncleanly");
+    }
+}
+
+/// One forwarding queue per task in flight on this socket.
+struct Forwarders {
+    gateway: Gateway,
+    principal: Principal,
+    session: SessionId,
+    queues: HashMap<TaskId, mpsc::Sender<TaskResult>>,
+}
+
+impl Forwarders {
+    fn new(gateway: Gateway, principal: Principal, session: SessionId) -> Self {
+        Forwarders {
+            gateway,
+            principal,
+            session,
+            queues: HashMap::new(),
+        }
+    }
+
+    /// Queues `result` for its task's forwarder, starting one for a new task.
+    fn route(&mut self, task: TaskId, result: TaskResult) -> Result<(), Error> {
+        let limit = self.gateway.config().channel_buffer;
+        if !self.queues.contains_key(&task) && self.queues.len() >= limit {
+            self.queues.retain(|_, q| !q.is_closed());
+            if self.queues.len() >= limit {
+                return Err(Error::invalid("too many tasks in flight on one socket"));
+            }
+        }
+        let last = result.is_final();
+        if !self.queues.contains_key(&task) {
+            let queue = self.spawn(task.clone());
+            self.queues.insert(task.clone(), queue);
+        }
+        let Some(queue) = self.queues.get(&task) else {
+            return Ok(());
+        };
+        match queue.try_send(result) {
+            Ok(()) if last => {
+                self.queues.remove(&task);
+            }
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                // The client is a whole buffer behind: cut its task off rather than
+                // stall every other task on this socket.
+                self.queues.remove(&task);
+                let reason = Error::Unavailable {
+                    reason: "the client read too slowly; its stream was cut off".into(),
+                    retry_after: self.gateway.config().retry_after,
+                };
+                self.gateway
+                    .tasks()
+                    .fail(&self.session, &self.principal.id, &task, reason);
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.queues.remove(&task);
+            }
+        }
+        Ok(())
+    }
+
+    fn forget(&mut self, task: &TaskId) {
+        self.queues.remove(task);
+    }
+
+    fn spawn(&self, task: TaskId) -> mpsc::Sender<TaskResult> {
+        let (tx, mut rx) = mpsc::channel::<TaskResult>(self.gateway.config().task_buffer);
+        let (gateway, principal, session) = (
+            self.gateway.clone(),
+            self.principal.clone(),
+            self.session.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(result) = rx.recv().await {
+                if let Err(e) = gateway.deliver(&principal, &session, &task, result).await {
+                    tracing::debug!(%task, error = %e, "result refused");
+                    break;
+                }
+            }
+        });
+        tx
+    }
+}
