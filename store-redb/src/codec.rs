@@ -118,6 +118,11 @@ impl StoredRow {
         self.stamp
     }
 
+    /// The row's stable id.
+    pub(crate) fn id(&self) -> &LlmId {
+        &self.id
+    }
+
     /// The compare-and-set revision.
     pub(crate) fn revision(&self) -> u64 {
         self.revision

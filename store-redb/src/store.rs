@@ -516,13 +516,7 @@ fn apply(
     let mut current = Vec::with_capacity(batch.len());
     for w in &batch {
         let row = tables.row(w.name().as_str())?;
-        let at = row.as_ref().map(StoredRow::revision);
-        let expected = match w {
-            Write::Insert(_) => at.is_none(),
-            Write::Update(r) => at == Some(r.revision),
-            Write::Delete { revision, .. } => at == Some(*revision),
-        };
-        if !expected {
+        if !w.matches(row.as_ref().map(|r| (r.id(), r.revision()))) {
             return Ok(Err(w.name().to_string()));
         }
         current.push(row);

@@ -225,6 +225,7 @@ async fn a_heartbeat_never_resurfaces_on_a_new_row_of_the_same_name() {
     store
         .write(vec![Write::Delete {
             name: r.name.clone(),
+            id: r.id.clone(),
             revision: 1,
         }])
         .await

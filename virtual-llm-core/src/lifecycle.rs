@@ -356,6 +356,7 @@ impl Gateway {
                     .filter(|t| *t < reap_cutoff)
                     .map(|_| Write::Delete {
                         name: r.name.clone(),
+                        id: r.id.clone(),
                         revision: r.revision,
                     })
             })

@@ -121,13 +121,8 @@ impl Store for MemoryStore {
         let mut t = write(&self.tables);
         // Check every expectation before touching anything: the batch is all or nothing.
         for w in &batch {
-            let current = t.rows.get(w.name()).map(|r| r.revision);
-            let ok = match w {
-                Write::Insert(_) => current.is_none(),
-                Write::Update(r) => current == Some(r.revision),
-                Write::Delete { revision, .. } => current == Some(*revision),
-            };
-            if !ok {
+            let current = t.rows.get(w.name()).map(|r| (&r.id, r.revision));
+            if !w.matches(current) {
                 return Err(StoreError::Conflict {
                     name: w.name().to_string(),
                 });

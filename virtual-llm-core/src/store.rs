@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::{LlmName, LlmRecord, SessionId, StoreError, Timestamp};
+use crate::{LlmId, LlmName, LlmRecord, SessionId, StoreError, Timestamp};
 
 /// One write of an atomic batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -19,16 +19,39 @@ pub enum Write {
     Insert(LlmRecord),
     /// Replace a row that must exist at `record.revision`. The store bumps the revision.
     Update(LlmRecord),
-    /// Delete a row that must exist at `revision`.
+    /// Delete a row that must exist, as the row `id`, at `revision`.
     Delete {
         /// The row.
         name: LlmName,
+        /// The id of the row the writer read.
+        id: LlmId,
         /// The revision it must be at.
         revision: u64,
     },
 }
 
 impl Write {
+    /// Whether this write's expectation holds against the row now stored under its
+    /// name (`None`: no row): an insert needs no row; an update or delete needs the
+    /// very row the writer read — same id, same revision. Checking the id too means a
+    /// write based on a deleted row can never land on a later row of the same name,
+    /// whose revisions start again at 1. Every store decides with this one function.
+    pub fn matches(&self, current: Option<(&LlmId, u64)>) -> bool {
+        match (self, current) {
+            (Write::Insert(_), current) => current.is_none(),
+            (Write::Update(r), Some((id, revision))) => r.id == *id && r.revision == revision,
+            (
+                Write::Delete {
+                    id: want,
+                    revision: at,
+                    ..
+                },
+                Some((id, revision)),
+            ) => want == id && *at == revision,
+            (Write::Update(_) | Write::Delete { .. }, None) => false,
+        }
+    }
+
     /// The row this write touches.
     pub fn name(&self) -> &LlmName {
         match self {
@@ -42,8 +65,9 @@ impl Write {
 ///
 /// # Contract
 /// - **Atomic compare-and-set batches.** [`Store::write`] applies every write of a
-///   batch or none. Each write checks its expectation (insert: absent; update and
-///   delete: at the given revision) against the committed state; one failed check
+///   batch or none. Each write checks its expectation with [`Write::matches`]
+///   (insert: absent; update and delete: the same row id at the given revision)
+///   against the committed state; one failed check
 ///   fails the batch with [`StoreError::Conflict`] and nothing is written. Two
 ///   concurrent batches expecting the same revision of a row: exactly one wins, also
 ///   across processes sharing the backend. A batch naming a row twice is
@@ -56,7 +80,8 @@ impl Write {
 ///   all rows: keep an index keyed by [`LlmRecord::live_since`] and
 ///   [`LlmRecord::inactive_key`]. [`Store::by_session`] is indexed too.
 /// - **Liveness.** [`Store::touch`] sets `last_heartbeat_at`; every read, including the
-///   stale query, sees the touched value at once. A backend may hold touches in memory
+///   stale query, sees the touched value at once. A later write stores its row as
+///   given, heartbeat included; a touch never carries over to a re-inserted row. A backend may hold touches in memory
 ///   and persist them in batches (a crash may lose the last few seconds of heartbeats,
 ///   never a lifecycle write); [`Store::flush`] persists them.
 /// - **Durability.** Once `write` returns `Ok`, the batch survives a crash of the process.

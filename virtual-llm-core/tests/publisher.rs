@@ -243,6 +243,7 @@ async fn a_heartbeat_404_makes_the_publisher_register_again() {
     f.store
         .write(vec![Write::Delete {
             name: row.name.clone(),
+            id: row.id.clone(),
             revision: row.revision,
         }])
         .await

@@ -107,6 +107,7 @@ pub async fn delete_checks_revision(store: &dyn Store) {
         .remove(0);
     let wrong = Write::Delete {
         name: row.name.clone(),
+        id: row.id.clone(),
         revision: 7,
     };
     let err = store.write(vec![wrong]).await.expect_err("wrong revision");
@@ -120,6 +121,7 @@ pub async fn delete_checks_revision(store: &dyn Store) {
     );
     let ok = Write::Delete {
         name: row.name.clone(),
+        id: row.id.clone(),
         revision: 1,
     };
     assert!(
@@ -196,6 +198,7 @@ pub async fn write_returns_stored_rows(store: &dyn Store) {
         Write::Insert(record("b")),
         Write::Delete {
             name: x.name.clone(),
+            id: x.id.clone(),
             revision: x.revision,
         },
         Write::Insert(record("a")),
@@ -262,6 +265,7 @@ pub async fn by_session_follows_rows(store: &dyn Store) {
     store
         .write(vec![Write::Delete {
             name: c.name,
+            id: c.id,
             revision: c.revision,
         }])
         .await
@@ -575,6 +579,126 @@ pub async fn flush_keeps_everything(store: &dyn Store) {
     assert_eq!(got.revision, r.revision);
 }
 
+/// A write that read a row which was deleted and re-inserted since (same name, and
+/// the same revision, as revisions start at 1 again) conflicts: it is not that row.
+pub async fn a_reinserted_row_is_not_the_row_a_stale_write_read(store: &dyn Store) {
+    let old = store
+        .write(vec![Write::Insert(record("row"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    let delete = Write::Delete {
+        name: old.name.clone(),
+        id: old.id.clone(),
+        revision: old.revision,
+    };
+    store.write(vec![delete.clone()]).await.expect("delete");
+    let new = store
+        .write(vec![Write::Insert(record("row"))])
+        .await
+        .expect("re-insert")
+        .remove(0);
+    assert_eq!(
+        new.revision, old.revision,
+        "the re-inserted row starts again at the same revision"
+    );
+    let mut stale = old.clone();
+    stale.owner = "stale-writer".into();
+    let err = store
+        .write(vec![Write::Update(stale)])
+        .await
+        .expect_err("stale update");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "expected Conflict, got {err:?}"
+    );
+    let err = store.write(vec![delete]).await.expect_err("stale delete");
+    assert!(
+        matches!(err, StoreError::Conflict { .. }),
+        "expected Conflict, got {err:?}"
+    );
+    assert_eq!(
+        store.get(&old.name).await.expect("get"),
+        Some(new),
+        "the new row is untouched"
+    );
+}
+
+/// A write stores the row as given, heartbeat included, even after a touch.
+pub async fn a_write_replaces_a_touched_heartbeat(store: &dyn Store) {
+    let mut r = record("row");
+    r.last_heartbeat_at = Some(at(5));
+    let r = store
+        .write(vec![Write::Insert(r)])
+        .await
+        .expect("insert")
+        .remove(0);
+    store
+        .touch(std::slice::from_ref(&r.name), at(50))
+        .await
+        .expect("touch");
+    let mut update = r.clone();
+    update.last_heartbeat_at = Some(at(7));
+    store
+        .write(vec![Write::Update(update)])
+        .await
+        .expect("update");
+    assert_eq!(
+        store
+            .get(&r.name)
+            .await
+            .expect("get")
+            .expect("row")
+            .last_heartbeat_at,
+        Some(at(7))
+    );
+    assert_eq!(
+        names(store.stale_virtuals(at(8)).await.expect("stale")),
+        ["row"],
+        "the index follows the written heartbeat"
+    );
+}
+
+/// A heartbeat belongs to the row it was given to, not to a later row of the same name.
+pub async fn a_heartbeat_does_not_carry_over_to_a_reinserted_row(store: &dyn Store) {
+    let r = store
+        .write(vec![Write::Insert(record("row"))])
+        .await
+        .expect("insert")
+        .remove(0);
+    store
+        .touch(std::slice::from_ref(&r.name), at(50))
+        .await
+        .expect("touch");
+    store
+        .write(vec![Write::Delete {
+            name: r.name.clone(),
+            id: r.id.clone(),
+            revision: r.revision,
+        }])
+        .await
+        .expect("delete");
+    let mut again = record("row");
+    again.last_heartbeat_at = Some(at(2));
+    store
+        .write(vec![Write::Insert(again)])
+        .await
+        .expect("re-insert");
+    assert_eq!(
+        store
+            .get(&r.name)
+            .await
+            .expect("get")
+            .expect("row")
+            .last_heartbeat_at,
+        Some(at(2))
+    );
+    assert_eq!(
+        names(store.stale_virtuals(at(3)).await.expect("stale")),
+        ["row"]
+    );
+}
+
 /// Stamps out one `#[tokio::test]` per case of the Store conformance suite.
 ///
 /// `$setup` is an async fn returning something that dereferences to a [`Store`]
@@ -606,6 +730,9 @@ macro_rules! store_conformance_tests {
             concurrent_inserts_one_winner,
             concurrent_updates_one_winner,
             flush_keeps_everything,
+            a_reinserted_row_is_not_the_row_a_stale_write_read,
+            a_write_replaces_a_touched_heartbeat,
+            a_heartbeat_does_not_carry_over_to_a_reinserted_row,
         );
     };
     (@cases $setup:path; $($case:ident,)*) => {
