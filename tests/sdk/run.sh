@@ -20,25 +20,36 @@ export GATEWAY="http://127.0.0.1:$port"
 "$target/debug/examples/gateway" --listen "127.0.0.1:$port" --data-dir "$work/data" >"$work/gateway.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 100); do curl -sf "$GATEWAY/v1/models" >/dev/null && break; sleep 0.1; done
-"$target/debug/examples/publisher" --gateway "$GATEWAY" --echo demo --session-file "$work/session" >"$work/publisher.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/llms/demo" | grep -q '"status":"active"' && break; sleep 0.1; done
+run_sdks() {
+  if command -v python3 >/dev/null; then
+    venv="$target/sdk-venv"
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40'
+    "$venv/bin/python" tests/sdk/check_python.py
+  else
+    echo "SKIPPED: python3 not found, the Python OpenAI SDK check did not run"
+  fi
+  if command -v node >/dev/null && command -v npm >/dev/null; then
+    npmdir="$target/sdk-node"
+    mkdir -p "$npmdir"
+    [ -d "$npmdir/node_modules/openai" ] || (cd "$npmdir" && npm install --silent --no-audit --no-fund openai@^4 >/dev/null)
+    cp tests/sdk/check_node.mjs "$npmdir/"
+    node "$npmdir/check_node.mjs"
+  else
+    echo "SKIPPED: node not found, the JavaScript OpenAI SDK check did not run"
+  fi
+}
 
-if command -v python3 >/dev/null; then
-  venv="$target/sdk-venv"
-  [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40'
-  "$venv/bin/python" tests/sdk/check_python.py
-else
-  echo "SKIPPED: python3 not found, the Python OpenAI SDK check did not run"
-fi
-
-if command -v node >/dev/null && command -v npm >/dev/null; then
-  npmdir="$target/sdk-node"
-  mkdir -p "$npmdir"
-  [ -d "$npmdir/node_modules/openai" ] || (cd "$npmdir" && npm install --silent --no-audit --no-fund openai@^4 >/dev/null)
-  cp tests/sdk/check_node.mjs "$npmdir/"
-  node "$npmdir/check_node.mjs"
-else
-  echo "SKIPPED: node not found, the JavaScript OpenAI SDK check did not run"
-fi
+# The same clients, served by a publisher on each transport in turn.
+for transport in sse ws; do
+  echo "-- publisher over $transport"
+  "$target/debug/examples/publisher" --gateway "$GATEWAY" --transport "$transport" --echo demo \
+    --session-file "$work/session-$transport" >"$work/publisher-$transport.log" 2>&1 &
+  publisher=$!
+  pids+=("$publisher")
+  for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/llms/demo" | grep -q '"status":"active"' && break; sleep 0.1; done
+  run_sdks
+  kill -TERM "$publisher"
+  wait "$publisher" || true
+  for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/llms/demo" | grep -q '"status":"inactive"' && break; sleep 0.1; done
+done
