@@ -21,7 +21,9 @@ use virtual_llm::redb::RedbStore;
 use virtual_llm::sse::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::{
     Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, Role, StaticTokens, Store,
+    bearer_token,
 };
+use warp::Filter;
 
 #[derive(Parser, Debug)]
 #[command(about = "virtual-llm reference gateway")]
@@ -163,6 +165,10 @@ async fn main() -> Result<(), BoxError> {
         gateway.put_public(&admin, spec).await?;
     }
     let gc = gateway.spawn_gc();
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(virtual_llm::metrics::LATENCY_BUCKETS)?
+        .install_recorder()?;
+    virtual_llm::metrics::describe();
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -174,8 +180,11 @@ async fn main() -> Result<(), BoxError> {
         "gateway ready"
     );
     let closing = gateway.clone();
-    let routes =
-        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
+    let extra = virtual_llm::ws::route(gateway.clone())
+        .or(metrics_route(gateway.clone(), prometheus))
+        .unify()
+        .boxed();
+    let routes = virtual_llm::sse::routes_with(gateway.clone(), extra);
     virtual_llm::sse::serve(
         listener,
         routes,
@@ -192,6 +201,39 @@ async fn main() -> Result<(), BoxError> {
     store.close().await?;
     tracing::info!("registry flushed; bye");
     Ok(())
+}
+
+/// `GET /metrics`: Prometheus text, for admins (everyone, without tokens).
+fn metrics_route(
+    gateway: Gateway,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(warp::header::optional::<String>("authorization"))
+        .then(move |authorization: Option<String>| {
+            let (gateway, prometheus) = (gateway.clone(), prometheus.clone());
+            async move {
+                let allowed = gateway
+                    .authenticate(authorization.as_deref().and_then(bearer_token))
+                    .await
+                    .and_then(|who| who.require(Role::Admin));
+                if let Err(e) = allowed {
+                    return virtual_llm::sse::error_response(&e);
+                }
+                if let Err(e) = gateway.refresh_gauges().await {
+                    tracing::warn!(error = %e, "gauges not refreshed");
+                }
+                use warp::Reply;
+                warp::reply::with_header(
+                    prometheus.render(),
+                    "content-type",
+                    "text/plain; version=0.0.4",
+                )
+                .into_response()
+            }
+        })
+        .boxed()
 }
 
 fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, BoxError> {

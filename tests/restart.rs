@@ -14,13 +14,15 @@ use std::time::Duration;
 use serde_json::Value;
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::publisher::{PublisherState, Wire};
-use virtual_llm::{EchoProvider, LlmName, Publisher, PublisherOptions, PublishedLlm, SessionId};
+use virtual_llm::{EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionId};
 
 /// The gateway example, built next to this test by `cargo test`.
 fn gateway_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir.join("examples").join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+    let binary = profile_dir
+        .join("examples")
+        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
     assert!(
         binary.exists(),
         "{} is missing: `cargo test` builds it; with a target filter run `cargo build --examples` first",
@@ -34,7 +36,14 @@ struct GatewayProcess(Child);
 impl GatewayProcess {
     fn start(addr: SocketAddr, data: &Path) -> Self {
         let child = Command::new(gateway_binary())
-            .args(["--listen", &addr.to_string(), "--data-dir", data.to_str().unwrap(), "--grace", "2s"])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--data-dir",
+                data.to_str().unwrap(),
+                "--grace",
+                "2s",
+            ])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -49,7 +58,10 @@ impl GatewayProcess {
     }
 
     fn sigterm(mut self) {
-        let status = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).status().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status()
+            .unwrap();
         assert!(status.success());
         let exit = self.0.wait().unwrap();
         assert!(exit.success(), "a SIGTERM'd gateway exits cleanly: {exit}");
@@ -75,7 +87,12 @@ fn free_addr() -> SocketAddr {
 async fn ready(url: &str) {
     let http = reqwest::Client::new();
     for _ in 0..500 {
-        if http.get(format!("{url}/v1/models")).send().await.is_ok_and(|r| r.status() == 200) {
+        if http
+            .get(format!("{url}/v1/models"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -84,14 +101,21 @@ async fn ready(url: &str) {
 }
 
 async fn row(url: &str, name: &str) -> Value {
-    let response = reqwest::get(format!("{url}/api/v1/llms/{name}")).await.unwrap();
+    let response = reqwest::get(format!("{url}/api/v1/llms/{name}"))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
 }
 
 fn publisher(wire: Arc<dyn Wire>, session_file: &Path) -> Publisher {
     let llm = PublishedLlm {
-        spec: LlmSpec { name: LlmName::parse("echo").unwrap(), provider_type: "echo".into(), model: "echo".into(), tier: None },
+        spec: LlmSpec {
+            name: LlmName::parse("echo").unwrap(),
+            provider_type: "echo".into(),
+            model: "echo".into(),
+            tier: None,
+        },
         provider: Arc::new(EchoProvider::new()),
     };
     let options = PublisherOptions {
@@ -104,15 +128,25 @@ fn publisher(wire: Arc<dyn Wire>, session_file: &Path) -> Publisher {
 }
 
 async fn connected(p: &Publisher) -> SessionId {
-    tokio::time::timeout(Duration::from_secs(10), p.connected()).await.expect("the publisher connects")
+    tokio::time::timeout(Duration::from_secs(10), p.connected())
+        .await
+        .expect("the publisher connects")
 }
 
 async fn answer(url: &str) -> String {
     let body = serde_json::json!({"model": "echo", "messages": [{"role": "user", "content": "still here"}]});
-    let response = reqwest::Client::new().post(format!("{url}/v1/chat/completions")).json(&body).send().await.unwrap();
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
-    body["choices"][0]["message"]["content"].as_str().unwrap().to_owned()
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 struct TempDir(PathBuf);
@@ -148,13 +182,33 @@ async fn survives_sigkill(make_wire: fn(&str) -> Arc<dyn Wire>) {
     ready(&url).await;
     let after = row(&url, "echo").await;
     assert_eq!(after["id"], before["id"], "the row survived the SIGKILL");
-    assert_eq!(after["status"], "inactive", "no virtual row reads active after a restart");
+    assert_eq!(
+        after["status"], "inactive",
+        "no virtual row reads active after a restart"
+    );
 
     let p = publisher(make_wire(&url), &session_file);
-    assert_eq!(connected(&p).await, session, "the publisher comes back with its session");
+    assert_eq!(
+        connected(&p).await,
+        session,
+        "the publisher comes back with its session"
+    );
     let revived = row(&url, "echo").await;
-    assert_eq!((&revived["id"], &revived["status"]), (&before["id"], &Value::from("active")));
+    assert_eq!(
+        (&revived["id"], &revived["status"]),
+        (&before["id"], &Value::from("active"))
+    );
     assert_eq!(answer(&url).await, "still here");
+    let metrics = reqwest::get(format!("{url}/metrics")).await.unwrap();
+    assert_eq!(metrics.status(), 200);
+    let text = metrics.text().await.unwrap();
+    for line in [
+        "virtual_llm_publishers_connected 1",
+        "virtual_llm_task_outcomes_total{code=\"ok\"} 1",
+        "virtual_llm_rows{kind=\"virtual\",status=\"active\"} 1",
+    ] {
+        assert!(text.contains(line), "/metrics lacks {line}:\n{text}");
+    }
     p.stop().await;
     drop(gateway);
 }
@@ -171,14 +225,23 @@ async fn survives_sigterm(make_wire: fn(&str) -> Arc<dyn Wire>) {
     let mut state = p.state();
 
     gateway.sigterm();
-    state.wait_for(|s| !matches!(s, PublisherState::Connected { .. })).await.unwrap();
+    state
+        .wait_for(|s| !matches!(s, PublisherState::Connected { .. }))
+        .await
+        .unwrap();
     let gateway = GatewayProcess::start(addr, &data);
     ready(&url).await;
     // The publisher was told the gateway was closing, and reconnects by itself.
-    state.wait_for(|s| matches!(s, PublisherState::Connected { .. })).await.unwrap();
+    state
+        .wait_for(|s| matches!(s, PublisherState::Connected { .. }))
+        .await
+        .unwrap();
     assert_eq!(connected(&p).await, session);
     let revived = row(&url, "echo").await;
-    assert_eq!((&revived["id"], &revived["status"]), (&id, &Value::from("active")));
+    assert_eq!(
+        (&revived["id"], &revived["status"]),
+        (&id, &Value::from("active"))
+    );
     assert_eq!(answer(&url).await, "still here");
     p.stop().await;
     drop(gateway);

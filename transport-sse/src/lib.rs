@@ -22,6 +22,7 @@ mod server;
 mod upstream;
 
 pub use client::SseWire;
+pub use reply::error as error_response;
 pub use routes::{SESSION_HEADER, api_routes, routes, routes_with};
 pub use server::serve;
 pub use upstream::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};

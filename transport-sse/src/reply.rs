@@ -22,8 +22,9 @@ pub(crate) fn no_content() -> Response {
     warp::reply::with_status(warp::reply(), StatusCode::NO_CONTENT).into_response()
 }
 
-/// The OpenAI-shaped error response for `error`.
-pub(crate) fn error(error: &Error) -> Response {
+/// The OpenAI-shaped error response for `error`: its status, `Retry-After` and
+/// `WWW-Authenticate` headers, and body. For embedders' own routes too.
+pub fn error(error: &Error) -> Response {
     let status = error.status();
     if status >= 500 {
         tracing::warn!(%status, error = %error, "request failed");

@@ -16,6 +16,7 @@
 //! - [`task`]: task correlation, deadlines, cancellation.
 //! - [`channel`]: control channel sinks and bind generations.
 //! - `gc`: the background GC task and its drop guard.
+//! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
 //!   pump, reconnect), independent of the wire.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
@@ -36,6 +37,7 @@ mod gc;
 mod ids;
 mod lifecycle;
 mod memory;
+pub mod metrics;
 mod name;
 pub mod openai;
 pub mod protocol;

@@ -198,6 +198,8 @@ impl TaskTable {
         }
         Ok(TaskHandle {
             id,
+            started: Instant::now(),
+            seen_event: false,
             stream,
             rx,
             deadline: Instant::now() + self.inner.deadline,
@@ -338,6 +340,8 @@ enum HandleState {
 /// The client's end of a task: yields its one outcome, cancels it when dropped early.
 pub struct TaskHandle {
     id: TaskId,
+    started: Instant,
+    seen_event: bool,
     stream: bool,
     rx: mpsc::Receiver<Event>,
     deadline: Instant,
@@ -370,6 +374,24 @@ impl TaskHandle {
     /// or an error; 504 when a deadline passes (the task is then cancelled), 503 when
     /// the publisher disconnects, 502 when it reports an error.
     pub async fn next(&mut self) -> Option<Result<TaskEvent, Error>> {
+        let was_running = self.state != HandleState::Finished;
+        let item = self.next_event().await?;
+        if !self.seen_event && item.is_ok() {
+            self.seen_event = true;
+            crate::metrics::first_event(self.started.elapsed());
+        }
+        if was_running && self.state == HandleState::Finished {
+            let result = match &item {
+                Ok(TaskEvent::Completed(c)) => Ok(Some(c.status)),
+                Ok(_) => Ok(None),
+                Err(e) => Err(e),
+            };
+            crate::metrics::outcome(self.started.elapsed(), result);
+        }
+        Some(item)
+    }
+
+    async fn next_event(&mut self) -> Option<Result<TaskEvent, Error>> {
         match self.state {
             HandleState::Finished => return None,
             HandleState::DonePending => {
@@ -456,8 +478,15 @@ impl TaskHandle {
 
 impl Drop for TaskHandle {
     fn drop(&mut self) {
-        if self.state != HandleState::Finished {
-            self.inner.cancel(&self.id);
+        match self.state {
+            HandleState::Finished => {}
+            // The stream had ended; only its `Done` was not read yet.
+            HandleState::DonePending => crate::metrics::outcome(self.started.elapsed(), Ok(None)),
+            HandleState::Running => {
+                if self.inner.cancel(&self.id) {
+                    crate::metrics::cancelled();
+                }
+            }
         }
     }
 }

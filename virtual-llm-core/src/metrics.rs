@@ -1,0 +1,107 @@
+//! Metrics, through the `metrics` facade: a no-op until the application installs a
+//! recorder (the reference gateway installs a Prometheus exporter and serves
+//! `GET /metrics`). Every name the core emits is defined here.
+
+use std::time::Duration;
+
+use metrics::{
+    Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram,
+};
+
+use crate::{Error, Gateway, LlmKind, LlmStatus};
+
+/// Publishers with a bound control channel (gauge).
+pub const PUBLISHERS_CONNECTED: &str = "virtual_llm_publishers_connected";
+/// Registry rows by `kind` and `status` (gauge).
+pub const ROWS: &str = "virtual_llm_rows";
+/// Tasks waiting for their outcome (gauge).
+pub const TASKS_IN_FLIGHT: &str = "virtual_llm_tasks_in_flight";
+/// From a task's start to its first event: the relay latency a client feels (histogram).
+pub const TASK_FIRST_EVENT: &str = "virtual_llm_task_first_event_seconds";
+/// From a task's start to its outcome (histogram).
+pub const TASK_DURATION: &str = "virtual_llm_task_duration_seconds";
+/// Task outcomes by `code`: `ok`, an upstream status like `upstream_400`, an error
+/// code like `deadline_exceeded`, or `cancelled` (counter).
+pub const TASK_OUTCOMES: &str = "virtual_llm_task_outcomes_total";
+
+/// Histogram buckets, in seconds, that fit both a relay hop and a long generation.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0,
+];
+
+/// Registers the help texts of every metric with the installed recorder.
+pub fn describe() {
+    describe_gauge!(
+        PUBLISHERS_CONNECTED,
+        "Publishers with a bound control channel."
+    );
+    describe_gauge!(ROWS, "Registry rows by kind and status.");
+    describe_gauge!(TASKS_IN_FLIGHT, "Relayed tasks waiting for their outcome.");
+    describe_histogram!(
+        TASK_FIRST_EVENT,
+        Unit::Seconds,
+        "Task start to its first event."
+    );
+    describe_histogram!(TASK_DURATION, Unit::Seconds, "Task start to its outcome.");
+    describe_counter!(TASK_OUTCOMES, "Task outcomes by code.");
+}
+
+pub(crate) fn first_event(elapsed: Duration) {
+    histogram!(TASK_FIRST_EVENT).record(elapsed.as_secs_f64());
+}
+
+/// The outcome of a task: `status` for a completion, or its error.
+pub(crate) fn outcome(elapsed: Duration, result: Result<Option<u16>, &Error>) {
+    histogram!(TASK_DURATION).record(elapsed.as_secs_f64());
+    let code = match result {
+        Ok(None | Some(200..=299)) => "ok".to_owned(),
+        Ok(Some(status)) => format!("upstream_{status}"),
+        Err(e) => e.code().to_owned(),
+    };
+    counter!(TASK_OUTCOMES, "code" => code).increment(1);
+}
+
+pub(crate) fn cancelled() {
+    counter!(TASK_OUTCOMES, "code" => "cancelled").increment(1);
+}
+
+impl Gateway {
+    /// Sets the gauges from the current state: connected publishers, tasks in flight,
+    /// and rows by kind and status (a list of the registry). Call it before rendering.
+    pub async fn refresh_gauges(&self) -> Result<(), Error> {
+        gauge!(PUBLISHERS_CONNECTED).set(self.channels().len() as f64);
+        gauge!(TASKS_IN_FLIGHT).set(self.tasks().in_flight() as f64);
+        let rows = self.store().list().await?;
+        for kind in [LlmKind::Public, LlmKind::Virtual] {
+            for status in [
+                LlmStatus::Active,
+                LlmStatus::Inactive,
+                LlmStatus::Hibernating,
+            ] {
+                let n = rows
+                    .iter()
+                    .filter(|r| r.kind == kind && r.status == status)
+                    .count();
+                let (kind, status) = (label(kind), status_label(status));
+                gauge!(ROWS, "kind" => kind, "status" => status).set(n as f64);
+            }
+        }
+        Ok(())
+    }
+}
+
+fn label(kind: LlmKind) -> &'static str {
+    match kind {
+        LlmKind::Public => "public",
+        LlmKind::Virtual => "virtual",
+    }
+}
+
+fn status_label(status: LlmStatus) -> &'static str {
+    match status {
+        LlmStatus::Active => "active",
+        LlmStatus::Inactive => "inactive",
+        LlmStatus::Hibernating => "hibernating",
+    }
+}
