@@ -180,6 +180,7 @@ async fn main() -> Result<(), BoxError> {
         "gateway ready"
     );
     let closing = gateway.clone();
+    let grace = args.grace;
     let extra = virtual_llm::ws::route(gateway.clone())
         .or(metrics_route(gateway.clone(), prometheus))
         .unify()
@@ -190,8 +191,8 @@ async fn main() -> Result<(), BoxError> {
         routes,
         async move {
             common::shutdown_signal().await;
-            tracing::info!("shutting down: telling publishers, finishing in-flight requests");
-            closing.close_channels("gateway shutting down");
+            tracing::info!(grace = ?grace, "shutting down: refusing new requests, finishing those in flight");
+            closing.drain(grace).await;
         },
         args.grace,
     )

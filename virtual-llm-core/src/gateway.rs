@@ -39,6 +39,8 @@ pub(crate) struct Shared {
     pub(crate) channels: Arc<Channels>,
     pub(crate) tasks: TaskTable,
     pub(crate) locks: SessionLocks,
+    /// Set by [`Gateway::drain`]: new requests are refused while in-flight ones finish.
+    pub(crate) draining: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Gateway {
@@ -102,6 +104,7 @@ impl GatewayBuilder {
                 channels,
                 tasks,
                 locks: SessionLocks::default(),
+                draining: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         let demoted = gateway.recover().await?;
@@ -176,6 +179,32 @@ impl Gateway {
             }
         }
         sinks.len()
+    }
+
+    /// The first step of a graceful shutdown: refuse new requests (503 with
+    /// `Retry-After`), let the tasks in flight finish for at most `grace`, then tell
+    /// every publisher the gateway is closing. Returns how many tasks were still in
+    /// flight when the grace period ran out (they fail when their channels close).
+    pub async fn drain(&self, grace: std::time::Duration) -> usize {
+        self.shared
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + grace;
+        // Polled: a shutdown happens once, and a 20 ms step is well below any grace.
+        while self.tasks().in_flight() > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let left = self.tasks().in_flight();
+        let told = self.close_channels("gateway shutting down");
+        tracing::info!(publishers = told, unfinished = left, "drained");
+        left
+    }
+
+    /// Whether [`Gateway::drain`] has begun.
+    pub fn is_draining(&self) -> bool {
+        self.shared
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Whether `session` is known and owned by `principal`; used by transports that

@@ -18,6 +18,12 @@ impl Gateway {
         request: InferRequest,
     ) -> Result<Reply, Error> {
         principal.require(Role::Client)?;
+        if self.is_draining() {
+            return Err(Error::Unavailable {
+                reason: "the gateway is shutting down".into(),
+                retry_after: self.shared.config.retry_after,
+            });
+        }
         let row = self.route(&request.llm).await?;
         match row.kind {
             LlmKind::Public => match &self.shared.public {

@@ -758,3 +758,53 @@ async fn a_closed_channel_fails_a_task_with_its_reason_even_with_a_full_buffer()
     let err = handle.next().await.unwrap().unwrap_err();
     assert!(err.to_string().contains("disconnected"), "{err}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_refuses_new_requests_lets_in_flight_ones_finish_then_closes_channels() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(false).await;
+    let gw = o.f.gw.clone();
+    let drain = tokio::spawn(async move { gw.drain(Duration::from_secs(10)).await });
+    tokio::task::yield_now().await;
+    let refused =
+        o.f.gw
+            .infer(&client(), chat("llm", "late", false))
+            .await
+            .unwrap_err();
+    assert_eq!(
+        (refused.status(), refused.retry_after()),
+        (503, Some(Duration::from_secs(5)))
+    );
+    assert!(
+        !drain.is_finished(),
+        "the drain waits for the task in flight"
+    );
+    o.deliver(&frame, completed("finished in time"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        handle.next().await,
+        Some(Ok(TaskEvent::Completed(_)))
+    ));
+    assert_eq!(drain.await.unwrap(), 0, "nothing left unfinished");
+    assert!(
+        matches!(o.channel.next().await, GatewayFrame::Closing(_)),
+        "then publishers are told"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_drain_gives_up_after_its_grace_period() {
+    let o = online().await;
+    let (_handle, _frame) = o.start(false).await;
+    let started = tokio::time::Instant::now();
+    assert_eq!(
+        o.f.gw.drain(Duration::from_secs(3)).await,
+        1,
+        "one task still in flight"
+    );
+    assert!(
+        started.elapsed() >= Duration::from_secs(3) && started.elapsed() < Duration::from_secs(4)
+    );
+    assert!(matches!(o.channel.next().await, GatewayFrame::Closing(_)));
+}
