@@ -98,21 +98,15 @@ struct PublicConfig {
     name: String,
     url: String,
     model: String,
-    #[serde(rename = "type", default = "openai")]
+    #[serde(rename = "type", default = "common::openai")]
     provider_type: String,
     tier: Option<String>,
     /// Environment variable holding the upstream's API key.
     api_key_env: Option<String>,
 }
 
-fn openai() -> String {
-    "openai".to_owned()
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> Result<(), common::BoxError> {
     common::init_tracing();
     let args = Args::parse();
     let file: FileConfig = match &args.config {
@@ -237,7 +231,7 @@ fn metrics_route(
         .boxed()
 }
 
-fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, BoxError> {
+fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, common::BoxError> {
     if tokens.is_empty() {
         return Ok(Arc::new(OpenAccess));
     }
@@ -272,7 +266,7 @@ fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, BoxEr
     Ok(Arc::new(table))
 }
 
-fn public_backend(public: &[PublicConfig]) -> Result<OpenAiBackend, BoxError> {
+fn public_backend(public: &[PublicConfig]) -> Result<OpenAiBackend, common::BoxError> {
     let mut backend = OpenAiBackend::new();
     for p in public {
         let mut upstream = OpenAiUpstream::new(&p.url)?;

@@ -62,7 +62,7 @@ enum Transport {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ProviderConfig {
     name: String,
-    #[serde(rename = "type", default = "openai")]
+    #[serde(rename = "type", default = "common::openai")]
     provider_type: String,
     model: String,
     url: String,
@@ -72,14 +72,8 @@ struct ProviderConfig {
     publish: bool,
 }
 
-fn openai() -> String {
-    "openai".to_owned()
-}
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
 #[tokio::main]
-async fn main() -> Result<(), BoxError> {
+async fn main() -> Result<(), common::BoxError> {
     common::init_tracing();
     let args = Args::parse();
     let mut llms = Vec::new();

@@ -2,6 +2,14 @@
 
 #![allow(dead_code)]
 
+/// What `main` returns on failure: any error, printed as one line.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The provider `type` when a config entry names none.
+pub(crate) fn openai() -> String {
+    "openai".to_owned()
+}
+
 /// Logs to stderr; `RUST_LOG` filters (default `info`).
 pub(crate) fn init_tracing() {
     tracing_subscriber::fmt()
