@@ -30,7 +30,10 @@ impl Authenticator for MyAuth {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     common::init_tracing();
-    let config = Config { base_path: "/llm".into(), ..Config::default() };
+    let config = Config {
+        base_path: "/llm".into(),
+        ..Config::default()
+    };
     let gateway = Gateway::builder(Arc::new(MemoryStore::new()))
         .config(config)
         .authenticator(Arc::new(MyAuth))
@@ -41,7 +44,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     // Your own routes, mounted beside the WebSocket route; the SSE and OpenAI routes
     // and the OpenAI-shaped 404 come with routes_with.
     let health = warp::path!("healthz").map(|| warp::reply::Reply::into_response("ok"));
-    let extra = virtual_llm::ws::route(gateway.clone()).or(health).unify().boxed();
+    let extra = virtual_llm::ws::route(gateway.clone())
+        .or(health)
+        .unify()
+        .boxed();
     let routes = virtual_llm::sse::routes_with(gateway.clone(), extra);
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:8090").await?;
