@@ -5,108 +5,17 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod binary;
+
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use binary::{GatewayProcess, free_addr, ready, row, temp_dir};
 use serde_json::Value;
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::publisher::{PublisherState, Wire};
 use virtual_llm::{EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionId};
-
-/// The gateway example, built next to this test by `cargo test`.
-fn gateway_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
-    let binary = profile_dir
-        .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        binary.exists(),
-        "{} is missing: `cargo test` builds it; with a target filter run `cargo build --examples` first",
-        binary.display()
-    );
-    binary
-}
-
-struct GatewayProcess(Child);
-
-impl GatewayProcess {
-    fn start(addr: SocketAddr, data: &Path) -> Self {
-        let child = Command::new(gateway_binary())
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--data-dir",
-                data.to_str().unwrap(),
-                "--grace",
-                "2s",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        GatewayProcess(child)
-    }
-
-    fn sigkill(mut self) {
-        self.0.kill().unwrap();
-        self.0.wait().unwrap();
-    }
-
-    fn sigterm(mut self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.0.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let exit = self.0.wait().unwrap();
-        assert!(exit.success(), "a SIGTERM'd gateway exits cleanly: {exit}");
-    }
-}
-
-impl Drop for GatewayProcess {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.kill() {
-            eprintln!("gateway already gone: {e}");
-        }
-        if let Err(e) = self.0.wait() {
-            eprintln!("could not reap the gateway: {e}");
-        }
-    }
-}
-
-fn free_addr() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap()
-}
-
-async fn ready(url: &str) {
-    let http = reqwest::Client::new();
-    for _ in 0..500 {
-        if http
-            .get(format!("{url}/v1/models"))
-            .send()
-            .await
-            .is_ok_and(|r| r.status() == 200)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("the gateway did not come up at {url}");
-}
-
-async fn row(url: &str, name: &str) -> Value {
-    let response = reqwest::get(format!("{url}/api/v1/llms/{name}"))
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
 
 fn publisher(wire: Arc<dyn Wire>, session_file: &Path) -> Publisher {
     let llm = PublishedLlm {
@@ -147,22 +56,6 @@ async fn answer(url: &str) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-struct TempDir(PathBuf);
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("could not remove {}: {e}", self.0.display());
-        }
-    }
-}
-
-fn temp_dir() -> TempDir {
-    let dir = std::env::temp_dir().join(format!("virtual-llm-restart-{}", SessionId::generate()));
-    std::fs::create_dir_all(&dir).unwrap();
-    TempDir(dir)
 }
 
 async fn survives_sigkill(make_wire: fn(&str) -> Arc<dyn Wire>) {

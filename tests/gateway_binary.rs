@@ -1,0 +1,154 @@
+//! The reference gateway's configuration, end to end: without tokens it refuses a
+//! non-loopback address; with a `--config` file every route checks the tokens and
+//! their roles, rows belong to who registered them, and public LLMs are served.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod binary;
+
+use std::process::{Command, Stdio};
+
+use binary::{GatewayProcess, free_addr, gateway_binary, temp_dir};
+use serde_json::{Value, json};
+
+#[test]
+fn without_tokens_it_refuses_to_listen_beyond_loopback() {
+    let dir = temp_dir();
+    let output = Command::new(gateway_binary())
+        .args([
+            "--listen",
+            "0.0.0.0:0",
+            "--data-dir",
+            dir.0.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "it must not start");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("refusing to listen on 0.0.0.0:0 without tokens"),
+        "{stderr}"
+    );
+    assert!(
+        !dir.0.join("registry.redb").exists(),
+        "it stopped before touching the store"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_public_llms_come_from_the_config_file() {
+    let dir = temp_dir();
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        r#"
+[gateway]
+staleAfter = "2m"
+
+[[tokens]]
+token = "publisher-token-0123456789"
+principal = "alice"
+roles = ["publisher"]
+
+[[tokens]]
+tokenEnv = "TEST_CLIENT_TOKEN"
+principal = "app"
+roles = ["client"]
+
+[[public]]
+name = "gpt-public"
+url = "http://127.0.0.1:9/v1"
+model = "gpt-4o-mini"
+"#,
+    )
+    .unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    // The client token reaches the child through its environment only.
+    let gateway = GatewayProcess::start_env(
+        addr,
+        &dir.0.join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[("TEST_CLIENT_TOKEN", "client-token-0123456789")],
+    );
+    let http = reqwest::Client::new();
+    let models = |token: Option<&'static str>| {
+        let mut request = http.get(format!("{url}/v1/models"));
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    for _ in 0..500 {
+        if models(Some("client-token-0123456789"))
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let listed: Value = models(Some("client-token-0123456789"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(
+        listed["data"][0]["id"], "gpt-public",
+        "the public llm from the config"
+    );
+    assert_eq!(listed["data"][0]["owned_by"], "public");
+    assert_eq!(models(None).await.unwrap().status(), 401, "no token");
+    assert_eq!(
+        models(Some("wrong-token-0123456789"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+
+    let register = |token: &'static str| {
+        http.post(format!("{url}/api/v1/llms/_provider-register"))
+            .bearer_auth(token)
+            .json(&json!({"llms": [{"name": "mine", "type": "openai", "model": "m"}]}))
+            .send()
+    };
+    assert_eq!(
+        register("client-token-0123456789").await.unwrap().status(),
+        403,
+        "a client cannot publish"
+    );
+    let answer = register("publisher-token-0123456789").await.unwrap();
+    assert_eq!(answer.status(), 200);
+    let metrics = http
+        .get(format!("{url}/metrics"))
+        .bearer_auth("client-token-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(metrics.status(), 403, "metrics are for admins");
+    let taken = http
+        .post(format!("{url}/api/v1/llms/_provider-register"))
+        .bearer_auth("publisher-token-0123456789")
+        .json(&json!({"llms": [{"name": "gpt-public", "type": "openai", "model": "m"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        taken.status(),
+        409,
+        "a publisher cannot take a public llm's name"
+    );
+    // The public upstream (port 9, discard) is unreachable: a clean 502, not a hang.
+    let chat = http
+        .post(format!("{url}/v1/chat/completions"))
+        .bearer_auth("client-token-0123456789")
+        .json(&json!({"model": "gpt-public", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 502);
+    drop(gateway);
+}
