@@ -6,13 +6,17 @@
 //! - [`ManualClock`]: wall-clock time that moves only when told to.
 //! - [`FakeChannel`]: a [`ChannelSink`] that records frames and can be closed or
 //!   filled on demand.
+//! - [`FailingStore`]: a [`Store`](crate::Store) wrapper with atomic switches that
+//!   fail reads, writes or heartbeats, for fault-injection tests.
 //! - [`EchoProvider`]: the deterministic echo model.
 //! - [`LoopbackWire`]: a publisher wire straight into an in-process gateway.
 //! - [`record`] and [`at`]: row and time builders for tests.
 
+mod failing;
 mod loopback;
 pub mod store_suite;
 
+pub use failing::FailingStore;
 pub use loopback::LoopbackWire;
 
 use std::collections::VecDeque;
