@@ -78,11 +78,16 @@ where
                     Ok(PublisherFrame::Heartbeat(h)) if h.provider_session_id != session => {
                         break Err(Error::invalid("a heartbeat for another session"));
                     }
-                    Ok(PublisherFrame::Heartbeat(_)) => {
-                        if let Err(e) = gateway.heartbeat(&principal, &session).await {
-                            break Err(e);
+                    Ok(PublisherFrame::Heartbeat(_)) => match gateway.heartbeat(&principal, &session).await {
+                        Ok(_) => {}
+                        // The gateway's own failure (its store): the publisher did nothing
+                        // wrong, so its socket and tasks carry on, as an SSE publisher's
+                        // do after a 500; the next heartbeat tries again.
+                        Err(e) if e.status() >= 500 => {
+                            tracing::warn!(%session, error = %e, "heartbeat not recorded");
                         }
-                    }
+                        Err(e) => break Err(e),
+                    },
                     Ok(PublisherFrame::Register(_)) => break Err(Error::invalid("register comes once, first")),
                     Ok(frame) => {
                         if let Some((task, result)) = frame.into_task_result()
