@@ -75,8 +75,9 @@ impl Live {
 #[derive(Default)]
 struct State {
     live: HashMap<TaskId, Live>,
-    /// Recently finished tasks and their session, so a replayed result is a 409.
-    finished: HashMap<TaskId, SessionId>,
+    /// Recently finished tasks with their session and owner, so that a replayed result
+    /// is a 409 for them and a 404 for anyone else.
+    finished: HashMap<TaskId, (SessionId, String)>,
     finished_order: VecDeque<TaskId>,
 }
 
@@ -212,7 +213,8 @@ impl TaskTable {
     ///
     /// Refused with 404 when the task is unknown, was cancelled, or was sent to another
     /// session or principal (the caller learns nothing about other sessions' tasks);
-    /// 409 when it already had its final result; 400 for a chunk of a non-streaming
+    /// 409 when it already had its final result, told only to the session and principal
+    /// it was sent to (anyone else gets the same 404); 400 for a chunk of a non-streaming
     /// task. When the task's buffer is full this waits: a slow client slows down its
     /// own publisher stream, and nothing else.
     pub async fn deliver(
@@ -227,7 +229,7 @@ impl TaskTable {
             let mut state = lock(&self.inner.state);
             let Some(live) = state.live.get(task) else {
                 return Err(match state.finished.get(task) {
-                    Some(s) if s == session => Error::TaskFinished,
+                    Some((s, o)) if s == session && o == owner => Error::TaskFinished,
                     _ => Error::UnknownTask,
                 });
             };
@@ -245,7 +247,7 @@ impl TaskTable {
                         remember(
                             &mut state,
                             task.clone(),
-                            live.session,
+                            (live.session, live.owner),
                             self.inner.remembered,
                         );
                         // The final result takes the reserved slot's place.
@@ -313,7 +315,7 @@ impl TaskTable {
     }
 }
 
-fn remember(state: &mut State, id: TaskId, session: SessionId, cap: usize) {
+fn remember(state: &mut State, id: TaskId, by: (SessionId, String), cap: usize) {
     if cap == 0 {
         return;
     }
@@ -326,7 +328,7 @@ fn remember(state: &mut State, id: TaskId, session: SessionId, cap: usize) {
         }
     }
     state.finished_order.push_back(id.clone());
-    state.finished.insert(id, session);
+    state.finished.insert(id, by);
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

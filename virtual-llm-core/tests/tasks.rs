@@ -312,6 +312,21 @@ async fn a_replayed_result_is_409_for_its_session_and_404_for_others() {
             .await
             .unwrap_err();
     assert_eq!(err.status(), 404, "a replay from elsewhere learns nothing");
+    let err =
+        o.f.gw
+            .deliver(
+                &publisher("mallory"),
+                &o.session,
+                &frame.task_id,
+                completed("x"),
+            )
+            .await
+            .unwrap_err();
+    assert_eq!(
+        err.status(),
+        404,
+        "another principal holding the session id learns nothing either"
+    );
 }
 
 #[tokio::test]
