@@ -163,9 +163,18 @@ fn base_path(base: &str) -> BoxedFilter<()> {
         })
 }
 
-/// Anything no route matched: OpenAI-shaped 404 or 405.
+/// Anything no route matched: OpenAI-shaped 404 or 405; or a route that matched but
+/// whose header could not be read (not visible ASCII): 401 for `Authorization`, which
+/// holds no token we issued, else 400. Checked first: only a route whose path and
+/// method matched reads headers.
 async fn rejection(rejection: Rejection) -> Result<Response, Infallible> {
-    let error = if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+    let error = if let Some(header) = rejection.find::<warp::reject::InvalidHeader>() {
+        if header.name().eq_ignore_ascii_case("authorization") {
+            Error::Unauthenticated
+        } else {
+            Error::invalid(format!("the {} header is not valid", header.name()))
+        }
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
         Error::MethodNotAllowed
     } else {
         Error::NoRoute {
