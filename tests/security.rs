@@ -1,0 +1,828 @@
+//! Ownership and authentication, end to end, over both transports (SPEC §3, §5, §6):
+//! missing or bad tokens are 401 with `WWW-Authenticate` on every route; a client
+//! token cannot publish; a publisher can only register, heartbeat, bind or post
+//! results for its own sessions and names, and another principal never adopts its
+//! rows, even inactive or detached ones; session, task and row ids carry 128 random
+//! bits. After every refusal the registry (every stored field, revisions included),
+//! the bound channels and the tasks in flight are exactly as before, and the task in
+//! flight still completes with its own publisher's answer.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod conformance;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use conformance::harness::{Gated, TestGateway, Transport, eventually, token};
+use futures::{SinkExt, StreamExt};
+use reqwest::header::{HeaderMap, HeaderValue};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use virtual_llm::protocol::{TaskFrame, TaskResult};
+use virtual_llm::publisher::Wire;
+use virtual_llm::{Config, EchoProvider, Error, LlmRecord, Provider, Reply, SessionId, TaskId};
+
+struct Sse;
+
+impl Transport for Sse {
+    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
+        Arc::new(virtual_llm::sse::SseWire::new(url, token).unwrap())
+    }
+}
+
+struct Ws;
+
+impl Transport for Ws {
+    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
+        Arc::new(virtual_llm::ws::WsWire::new(url, token).unwrap())
+    }
+}
+
+const SESSION: &str = virtual_llm::sse::SESSION_HEADER;
+
+// ---------------------------------------------------------------------------------
+// Helpers: raw HTTP and raw WebSocket access, and a snapshot of everything a refusal
+// must leave alone.
+// ---------------------------------------------------------------------------------
+
+fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+fn base(gw: &TestGateway) -> String {
+    format!("{}{}", gw.url, gw.gateway.config().base_path)
+}
+
+fn auth(who: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("Bearer {}", token(who))).unwrap()
+}
+
+/// A status, the response headers and the JSON body of a refusal.
+struct Answer {
+    status: u16,
+    headers: HeaderMap,
+    body: Value,
+}
+
+async fn answer(response: reqwest::Response) -> Answer {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap();
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+async fn register(gw: &TestGateway, who: &str, body: Value) -> Answer {
+    let response = http()
+        .post(format!("{}/_provider-register", base(gw)))
+        .header("authorization", auth(who))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    answer(response).await
+}
+
+async fn heartbeat(gw: &TestGateway, who: &str, session: &str) -> Answer {
+    let response = http()
+        .post(format!("{}/_provider-heartbeat", base(gw)))
+        .header("authorization", auth(who))
+        .json(&json!({ "providerSessionId": session }))
+        .send()
+        .await
+        .unwrap();
+    answer(response).await
+}
+
+/// Opens `GET _provider-stream` and returns the status; a 200 stream is dropped at once.
+async fn stream_status(gw: &TestGateway, who: &str, session: &str) -> Answer {
+    let response = http()
+        .get(format!("{}/_provider-stream", base(gw)))
+        .header("authorization", auth(who))
+        .header(SESSION, session)
+        .send()
+        .await
+        .unwrap();
+    answer(response).await
+}
+
+async fn post_result(
+    gw: &TestGateway,
+    who: &str,
+    session: &str,
+    task: &TaskId,
+    result: &TaskResult,
+) -> Answer {
+    let response = http()
+        .post(format!("{}/_provider-task/{task}/result", base(gw)))
+        .header("authorization", auth(who))
+        .header(SESSION, session)
+        .json(result)
+        .send()
+        .await
+        .unwrap();
+    answer(response).await
+}
+
+fn spec(name: &str) -> Value {
+    json!({ "name": name, "type": "openai", "model": "m" })
+}
+
+fn register_body(session: Option<&str>, names: &[&str]) -> Value {
+    let llms: Vec<Value> = names.iter().map(|n| spec(n)).collect();
+    match session {
+        Some(s) => json!({ "providerSessionId": s, "llms": llms }),
+        None => json!({ "llms": llms }),
+    }
+}
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+fn ws_url(gw: &TestGateway) -> String {
+    format!(
+        "{}{}/_provider-ws",
+        gw.url.replace("http://", "ws://"),
+        gw.gateway.config().base_path
+    )
+}
+
+/// A raw socket to the gateway, as `who`.
+async fn socket(gw: &TestGateway, who: &str) -> Socket {
+    let mut request = ws_url(gw).into_client_request().unwrap();
+    request.headers_mut().insert("authorization", auth(who));
+    tokio_tungstenite::connect_async(request).await.unwrap().0
+}
+
+/// The refusal of a WebSocket upgrade with this `Authorization` header (or none).
+async fn ws_refusal(gw: &TestGateway, authorization: Option<HeaderValue>) -> Answer {
+    let mut request = ws_url(gw).into_client_request().unwrap();
+    if let Some(value) = authorization {
+        request.headers_mut().insert("authorization", value);
+    }
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            let body = response
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            let mut headers = HeaderMap::new();
+            for (name, value) in response.headers() {
+                headers.insert(name.clone(), value.clone());
+            }
+            Answer {
+                status: response.status().as_u16(),
+                headers,
+                body,
+            }
+        }
+        other => panic!("expected a refused upgrade, got {:?}", other.map(|_| ())),
+    }
+}
+
+async fn send(socket: &mut Socket, frame: Value) {
+    socket.send(Message::text(frame.to_string())).await.unwrap();
+}
+
+/// The next text frame as JSON; `None` once the socket closed.
+async fn next(socket: &mut Socket) -> Option<Value> {
+    loop {
+        match socket.next().await? {
+            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn ws_register(session: Option<&str>, names: &[&str]) -> Value {
+    let mut frame = register_body(session, names);
+    frame["type"] = json!("register");
+    frame
+}
+
+/// Everything a refusal must leave alone: every stored row (owner, session, revision
+/// and timestamps included), which sessions are bound at which generation, and how
+/// many tasks are in flight.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    rows: Vec<LlmRecord>,
+    view: Value,
+    generations: Vec<Option<u64>>,
+    in_flight: usize,
+}
+
+async fn snapshot(gw: &TestGateway, sessions: &[&SessionId]) -> Snapshot {
+    Snapshot {
+        rows: gw.gateway.store().list().await.unwrap(),
+        view: gw.list().await,
+        generations: sessions
+            .iter()
+            .map(|s| gw.gateway.channels().generation(s))
+            .collect(),
+        in_flight: gw.gateway.tasks().in_flight(),
+    }
+}
+
+/// A refusal: its status, and an OpenAI-shaped body of the matching type.
+fn assert_refused(what: &str, a: &Answer, status: u16) {
+    assert_eq!(a.status, status, "{what}: {}", a.body);
+    let error = &a.body["error"];
+    assert!(
+        error["message"].is_string(),
+        "{what}: not OpenAI-shaped: {}",
+        a.body
+    );
+    assert!(error["code"].is_string(), "{what}: no code: {}", a.body);
+    let expected_type = match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        _ => "invalid_request_error",
+    };
+    assert_eq!(error["type"], expected_type, "{what}: {}", a.body);
+    if status == 401 {
+        assert_eq!(
+            a.headers
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap()),
+            Some("Bearer"),
+            "{what}: a 401 names the scheme"
+        );
+    }
+}
+
+/// Starts a streaming chat on `llm` in the background; its text once it finishes.
+fn start_chat(gw: &TestGateway, llm: &str) -> tokio::task::JoinHandle<String> {
+    let gw = gw.clone_handle();
+    let llm = llm.to_owned();
+    tokio::spawn(async move { gw.chat_stream("client", &llm, "x").await.text().await })
+}
+
+// ---------------------------------------------------------------------------------
+// 401: no token, or a token nobody issued, on every route.
+// ---------------------------------------------------------------------------------
+
+/// Every route answers 401 with `WWW-Authenticate: Bearer` to a missing, malformed or
+/// unknown token, even one that names a live session and task; nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_or_missing_tokens_are_401_on_every_route_and_change_nothing() {
+    let gw = TestGateway::start(Config::default()).await;
+    let gated = Arc::new(Gated::default());
+    let p = gw.publish(&Sse, "alice", &["alpha"], gated.clone()).await;
+    let session = p.connected().await;
+    let chat = start_chat(&gw, "alpha");
+    let task = gated.task_id().await;
+    let before = snapshot(&gw, &[&session]).await;
+
+    let b = base(&gw);
+    let result = serde_json::to_string(&TaskResult::Chunk {
+        data: "forged".into(),
+        done: true,
+    })
+    .unwrap();
+    let chat_body = json!({"model": "alpha", "messages": [{"role": "user", "content": "x"}]});
+    // (method, url, body, the session header)
+    let routes: Vec<(&str, String, Option<String>, bool)> = vec![
+        (
+            "POST",
+            format!("{b}/_provider-register"),
+            Some(register_body(Some(session.as_str()), &["alpha"]).to_string()),
+            false,
+        ),
+        ("GET", format!("{b}/_provider-stream"), None, true),
+        (
+            "POST",
+            format!("{b}/_provider-heartbeat"),
+            Some(json!({"providerSessionId": session}).to_string()),
+            false,
+        ),
+        (
+            "POST",
+            format!("{b}/_provider-task/{task}/result"),
+            Some(result),
+            true,
+        ),
+        ("GET", b.clone(), None, false),
+        ("GET", format!("{b}/alpha"), None, false),
+        (
+            "POST",
+            format!("{b}/alpha/infer"),
+            Some(chat_body.to_string()),
+            false,
+        ),
+        (
+            "POST",
+            format!("{}/v1/chat/completions", gw.url),
+            Some(chat_body.to_string()),
+            false,
+        ),
+        ("GET", format!("{}/v1/models", gw.url), None, false),
+    ];
+    let bad_tokens: Vec<Option<HeaderValue>> = vec![
+        None,
+        Some(HeaderValue::from_static("Bearer nobody-token")),
+        Some(HeaderValue::from_static("Bearer ")),
+        Some(HeaderValue::from_static("Bearer alice-token-")),
+        Some(HeaderValue::from_static("Bearer alice-tokeN")),
+        Some(HeaderValue::from_static("alice-token")),
+        Some(HeaderValue::from_static("Basic YWxpY2U6YWxpY2UtdG9rZW4=")),
+        Some(HeaderValue::from_bytes(b"Bearer alice-token\xff").unwrap()),
+        Some(HeaderValue::from_bytes(b"Bearer \xe9\xff\xfe").unwrap()),
+    ];
+    for (method, url, body, with_session) in &routes {
+        for bad in &bad_tokens {
+            let mut request = match *method {
+                "GET" => http().get(url),
+                _ => http().post(url).header("content-type", "application/json"),
+            };
+            if let Some(value) = bad {
+                request = request.header("authorization", value.clone());
+            }
+            if *with_session {
+                request = request.header(SESSION, session.as_str());
+            }
+            if let Some(body) = body {
+                request = request.body(body.clone());
+            }
+            let a = answer(request.send().await.unwrap()).await;
+            assert_refused(&format!("{method} {url} with {bad:?}"), &a, 401);
+            assert_eq!(a.body["error"]["code"], "unauthenticated");
+        }
+    }
+    for bad in &bad_tokens {
+        let a = ws_refusal(&gw, bad.clone()).await;
+        assert_refused(&format!("the WebSocket upgrade with {bad:?}"), &a, 401);
+    }
+
+    assert_eq!(snapshot(&gw, &[&session]).await, before, "nothing changed");
+    gated.release();
+    assert_eq!(chat.await.unwrap(), "firstsecond", "the task completes");
+    p.stop().await;
+}
+
+/// The bearer scheme is matched without regard to case, as RFC 9110 says: the check
+/// above refuses tokens, not spellings of the scheme.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_bearer_scheme_is_case_insensitive() {
+    let gw = TestGateway::start(Config::default()).await;
+    for scheme in ["bearer", "BEARER", "Bearer"] {
+        let response = http()
+            .get(base(&gw))
+            .header("authorization", format!("{scheme} {}", token("client")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{scheme}");
+    }
+}
+
+// ---------------------------------------------------------------------------------
+// 403: roles.
+// ---------------------------------------------------------------------------------
+
+/// A client token cannot publish on any route or transport (register, stream,
+/// heartbeat, result, WebSocket upgrade: 403), even naming a live session and task; a
+/// publisher-only token cannot call LLMs. Nothing changes, and the task completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn roles_are_enforced_and_refusals_change_nothing() {
+    let gw = TestGateway::start(Config::default()).await;
+    let gated = Arc::new(Gated::default());
+    let p = gw.publish(&Ws, "alice", &["alpha"], gated.clone()).await;
+    let session = p.connected().await;
+    let chat = start_chat(&gw, "alpha");
+    let task = gated.task_id().await;
+    let before = snapshot(&gw, &[&session]).await;
+
+    let a = register(&gw, "client", register_body(None, &["client-llm"])).await;
+    assert_refused("a client registers", &a, 403);
+    assert_eq!(a.body["error"]["code"], "forbidden");
+    let a = register(
+        &gw,
+        "client",
+        register_body(Some(session.as_str()), &["alpha"]),
+    )
+    .await;
+    assert_refused("a client registers alice's session", &a, 403);
+    let a = heartbeat(&gw, "client", session.as_str()).await;
+    assert_refused("a client heartbeats", &a, 403);
+    let a = stream_status(&gw, "client", session.as_str()).await;
+    assert_refused("a client opens a stream", &a, 403);
+    let forged = TaskResult::Chunk {
+        data: "forged".into(),
+        done: true,
+    };
+    let a = post_result(&gw, "client", session.as_str(), &task, &forged).await;
+    assert_refused("a client posts a result", &a, 403);
+    let a = ws_refusal(&gw, Some(auth("client"))).await;
+    assert_refused("a client upgrades to a WebSocket", &a, 403);
+
+    // A publisher-only principal cannot call LLMs (`infer` needs the client role).
+    let chat_body = json!({"model": "alpha", "messages": [{"role": "user", "content": "x"}]});
+    for url in [
+        format!("{}/v1/chat/completions", gw.url),
+        format!("{}/alpha/infer", base(&gw)),
+    ] {
+        let response = http()
+            .post(&url)
+            .header("authorization", auth("mallory"))
+            .json(&chat_body)
+            .send()
+            .await
+            .unwrap();
+        assert_refused(
+            &format!("a publisher calls {url}"),
+            &answer(response).await,
+            403,
+        );
+    }
+
+    assert_eq!(snapshot(&gw, &[&session]).await, before, "nothing changed");
+    gated.release();
+    assert_eq!(chat.await.unwrap(), "firstsecond", "the task completes");
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Ownership: another publisher and alice's session, names, channel and tasks.
+// ---------------------------------------------------------------------------------
+
+/// Mallory, a publisher holding alice's session id and task id, tries everything over
+/// HTTP and over a socket of her own: register alice's names or session, heartbeat
+/// it, bind it, post results for alice's task. Each is refused (or, for a register
+/// naming alice's session with names of her own, answered with a fresh session);
+/// alice's rows, channel and task are untouched, and the task completes. After it,
+/// mallory's replay is a 404 (she learns nothing), alice's own a 409.
+async fn another_publisher_cannot_use_a_session_it_does_not_own(t: &dyn Transport) {
+    let gw = TestGateway::start(Config::default()).await;
+    let gated = Arc::new(Gated::default());
+    let p = gw
+        .publish(t, "alice", &["alpha", "beta"], gated.clone())
+        .await;
+    let session = p.connected().await;
+    let chat = start_chat(&gw, "alpha");
+    let task = gated.task_id().await;
+    let before = snapshot(&gw, &[&session]).await;
+
+    // Over HTTP.
+    let a = register(
+        &gw,
+        "mallory",
+        register_body(Some(session.as_str()), &["alpha"]),
+    )
+    .await;
+    assert_refused("mallory registers alice's name with her session", &a, 409);
+    assert_eq!(a.body["error"]["conflicts"][0]["reason"], "ownedByAnother");
+    let a = register(&gw, "mallory", register_body(None, &["beta", "mallory-1"])).await;
+    assert_refused("mallory registers one of alice's names", &a, 409);
+    assert_eq!(
+        a.body["error"]["conflicts"],
+        json!([{"name": "beta", "reason": "ownedByAnother"}]),
+        "only the conflicting name is named"
+    );
+    let a = heartbeat(&gw, "mallory", session.as_str()).await;
+    assert_refused("mallory heartbeats alice's session", &a, 404);
+    assert_eq!(a.body["error"]["code"], "unknown_session");
+    let a = stream_status(&gw, "mallory", session.as_str()).await;
+    assert_refused("mallory binds alice's session", &a, 404);
+    let forged = TaskResult::Chunk {
+        data: "forged".into(),
+        done: true,
+    };
+    let a = post_result(&gw, "mallory", session.as_str(), &task, &forged).await;
+    assert_refused("mallory posts a result for alice's task", &a, 404);
+    assert_eq!(a.body["error"]["code"], "unknown_task");
+
+    // Over a socket: a register naming alice's session and names is refused...
+    let mut s = socket(&gw, "mallory").await;
+    send(&mut s, ws_register(Some(session.as_str()), &["alpha"])).await;
+    let refused = next(&mut s).await.unwrap();
+    assert_eq!(
+        (refused["type"].as_str(), refused["status"].as_u64()),
+        (Some("refused"), Some(409)),
+        "{refused}"
+    );
+    assert!(next(&mut s).await.is_none(), "then the socket closes");
+    assert_eq!(snapshot(&gw, &[&session]).await, before, "nothing changed");
+
+    // ...and one naming alice's session with a name of mallory's own gets a fresh
+    // session: it never binds alice's. Her forged results go nowhere, and a heartbeat
+    // for alice's session closes her socket.
+    let mut s = socket(&gw, "mallory").await;
+    send(&mut s, ws_register(Some(session.as_str()), &["mallory-ws"])).await;
+    let registered = next(&mut s).await.unwrap();
+    assert_eq!(registered["type"], "registered", "{registered}");
+    let mallory_session = registered["providerSessionId"].as_str().unwrap().to_owned();
+    assert_ne!(mallory_session, session.as_str(), "a fresh session");
+    for frame in [
+        json!({"type": "chunk", "taskId": task, "data": "forged", "done": false}),
+        json!({"type": "result", "taskId": task, "status": 200, "body": {"forged": true}}),
+        json!({"type": "error", "taskId": task, "message": "forged"}),
+    ] {
+        send(&mut s, frame).await;
+    }
+    send(
+        &mut s,
+        json!({"type": "heartbeat", "providerSessionId": session}),
+    )
+    .await;
+    let error = next(&mut s).await.unwrap();
+    assert_eq!(error["type"], "error", "{error}");
+    assert!(next(&mut s).await.is_none(), "then the socket closes");
+    let mallory_row = gw
+        .gateway
+        .store()
+        .get(&"mallory-ws".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(mallory_row.owner, "mallory");
+    assert_eq!(
+        mallory_row
+            .provider_session_id
+            .as_ref()
+            .map(SessionId::as_str),
+        Some(mallory_session.as_str())
+    );
+    // A register over HTTP naming alice's session, with a name of mallory's own: the
+    // same, a fresh session.
+    let a = register(
+        &gw,
+        "mallory",
+        register_body(Some(session.as_str()), &["mallory-2"]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_ne!(
+        a.body["providerSessionId"],
+        session.as_str(),
+        "a fresh session"
+    );
+
+    // Alice's rows, channel and task are as they were; only mallory's rows are new.
+    let mut after = snapshot(&gw, &[&session]).await;
+    after.rows.retain(|r| r.owner == "alice");
+    let mut expected = before;
+    expected.view = Value::Null;
+    after.view = Value::Null;
+    assert_eq!(after, expected, "alice's rows, channel and task untouched");
+
+    gated.release();
+    assert_eq!(
+        chat.await.unwrap(),
+        "firstsecond",
+        "the genuine answer, untouched by the forgeries"
+    );
+    let replay = TaskResult::Chunk {
+        data: "again".into(),
+        done: true,
+    };
+    let a = post_result(&gw, "mallory", session.as_str(), &task, &replay).await;
+    assert_refused("mallory replays alice's finished task", &a, 404);
+    assert_eq!(
+        a.body["error"]["code"], "unknown_task",
+        "another principal learns nothing about alice's tasks"
+    );
+    let a = post_result(&gw, "alice", session.as_str(), &task, &replay).await;
+    assert_refused("alice replays her finished task", &a, 409);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_publisher_cannot_use_a_session_it_does_not_own_sse() {
+    another_publisher_cannot_use_a_session_it_does_not_own(&Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_publisher_cannot_use_a_session_it_does_not_own_ws() {
+    another_publisher_cannot_use_a_session_it_does_not_own(&Ws).await;
+}
+
+/// Alice's rows stay hers when she is gone: inactive rows (her publisher stopped) and
+/// detached rows (she re-registered without them) are refused to mallory with 409 on
+/// both transports and through a real publisher, even when mallory presents alice's
+/// old session id. Nothing is written, and alice's sticky reconnect revives the same
+/// rows.
+async fn inactive_rows_are_never_adopted_by_another_principal(t: &dyn Transport) {
+    let gw = TestGateway::start(Config::default()).await;
+    let p = gw
+        .publish(t, "alice", &["alpha"], Arc::new(EchoProvider::new()))
+        .await;
+    let session = p.connected().await;
+    // A second session of alice's whose re-register drops `beta`: detached, inactive.
+    let other = register(&gw, "alice", register_body(None, &["beta", "gamma"])).await;
+    assert_eq!(other.status, 200, "{}", other.body);
+    let other_session = other.body["providerSessionId"].as_str().unwrap().to_owned();
+    let again = register(
+        &gw,
+        "alice",
+        register_body(Some(&other_session), &["gamma"]),
+    )
+    .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    p.stop().await;
+    eventually("alpha goes inactive", || async {
+        gw.row_status("alpha").await == "inactive"
+    })
+    .await;
+    assert_eq!(gw.row_status("beta").await, "inactive");
+    let beta = gw
+        .gateway
+        .store()
+        .get(&"beta".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(beta.provider_session_id, None, "beta is detached");
+    let before = snapshot(&gw, &[&session]).await;
+
+    for (names, presented) in [
+        (vec!["alpha"], None),
+        (vec!["alpha"], Some(session.as_str())),
+        (vec!["beta"], None),
+        (vec!["beta"], Some(other_session.as_str())),
+        (vec!["mallory-1", "alpha"], None),
+    ] {
+        let a = register(&gw, "mallory", register_body(presented, &names)).await;
+        assert_refused(&format!("mallory registers {names:?} over HTTP"), &a, 409);
+        for c in a.body["error"]["conflicts"].as_array().unwrap() {
+            assert_eq!(c["reason"], "ownedByAnother", "{c}");
+        }
+        let mut s = socket(&gw, "mallory").await;
+        send(&mut s, ws_register(presented, &names)).await;
+        let refused = next(&mut s).await.unwrap();
+        assert_eq!(
+            (refused["type"].as_str(), refused["status"].as_u64()),
+            (Some("refused"), Some(409)),
+            "mallory registers {names:?} over a socket: {refused}"
+        );
+        assert_eq!(snapshot(&gw, &[&session]).await, before, "nothing written");
+    }
+    // Through a real publisher: it never connects, and nothing is written.
+    let wire = t.wire(&gw.url, Some(token("mallory")));
+    let refused = wire
+        .connect(serde_json::from_value(register_body(None, &["alpha"])).unwrap())
+        .await;
+    assert!(refused.is_err(), "mallory's publisher is refused");
+    assert_eq!(snapshot(&gw, &[&session]).await, before, "nothing written");
+
+    // Alice comes back with her session: the same rows, active again.
+    let id = before
+        .rows
+        .iter()
+        .find(|r| r.name.as_str() == "alpha")
+        .unwrap()
+        .id
+        .clone();
+    let a = register(
+        &gw,
+        "alice",
+        register_body(Some(session.as_str()), &["alpha"]),
+    )
+    .await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    assert_eq!(a.body["providerSessionId"], session.as_str());
+    assert_eq!(a.body["llms"][0]["id"], id.as_str(), "the same row");
+    // And beta, detached, is adopted by alice's new session, never by mallory.
+    let a = register(&gw, "alice", register_body(None, &["beta"])).await;
+    assert_eq!(a.status, 200, "{}", a.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactive_rows_are_never_adopted_by_another_principal_sse() {
+    inactive_rows_are_never_adopted_by_another_principal(&Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inactive_rows_are_never_adopted_by_another_principal_ws() {
+    inactive_rows_are_never_adopted_by_another_principal(&Ws).await;
+}
+
+/// A publisher's own session on a second channel (the same principal) replaces the
+/// first, as SPEC §3 says, while another principal's attempt to bind it (an SSE stream
+/// with alice's session id) is a 404 that leaves alice's channel bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_owner_can_bind_its_session() {
+    let gw = TestGateway::start(Config::default()).await;
+    let p = gw
+        .publish(&Sse, "alice", &["alpha"], Arc::new(EchoProvider::new()))
+        .await;
+    let session = p.connected().await;
+    let generation = gw.gateway.channels().generation(&session);
+    assert!(generation.is_some());
+    for who in ["mallory", "client"] {
+        let a = stream_status(&gw, who, session.as_str()).await;
+        assert!(a.status == 404 || a.status == 403, "{who}: {}", a.body);
+        assert_eq!(gw.gateway.channels().generation(&session), generation);
+    }
+    let (status, body) = gw.chat("client", "alpha", "still alice", false).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "still alice");
+    p.stop().await;
+}
+
+// ---------------------------------------------------------------------------------
+// Ids.
+// ---------------------------------------------------------------------------------
+
+/// Records the id of every task it answers.
+#[derive(Debug, Default)]
+struct Recording {
+    ids: Mutex<Vec<TaskId>>,
+    echo: EchoProvider,
+}
+
+#[async_trait]
+impl Provider for Recording {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        self.ids.lock().unwrap().push(task.task_id.clone());
+        self.echo.infer(task).await
+    }
+}
+
+/// `prefix` then 32 lowercase hex digits (128 bits), all distinct, and every one of
+/// the 32 digits takes several values across the sample: no counter, no timestamp,
+/// no constant part.
+fn assert_random_ids(what: &str, prefix: &str, ids: &[String]) {
+    assert!(ids.len() >= 100, "{what}: sample too small");
+    let distinct: HashSet<&String> = ids.iter().collect();
+    assert_eq!(distinct.len(), ids.len(), "{what}: ids repeat");
+    for id in ids {
+        let hex = id
+            .strip_prefix(prefix)
+            .unwrap_or_else(|| panic!("{what}: {id} lacks {prefix}"));
+        assert_eq!(hex.len(), 32, "{what}: {id} is not 128 bits");
+        assert!(
+            hex.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)),
+            "{what}: {id} is not lowercase hex"
+        );
+    }
+    for position in 0..32 {
+        let values: HashSet<u8> = ids
+            .iter()
+            .map(|id| id.as_bytes()[prefix.len() + position])
+            .collect();
+        assert!(
+            values.len() >= 8,
+            "{what}: hex digit {position} takes only {} values over {} ids",
+            values.len(),
+            ids.len()
+        );
+    }
+}
+
+/// Session ids, task ids and row ids carry 128 random bits, on both transports.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_task_and_row_ids_carry_128_random_bits() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut sessions = Vec::new();
+    let mut rows = Vec::new();
+    for i in 0..150 {
+        let a = register(&gw, "alice", register_body(None, &[&format!("llm-{i}")])).await;
+        assert_eq!(a.status, 200, "{}", a.body);
+        sessions.push(a.body["providerSessionId"].as_str().unwrap().to_owned());
+        rows.push(a.body["llms"][0]["id"].as_str().unwrap().to_owned());
+    }
+    let mut s = socket(&gw, "mallory").await;
+    send(&mut s, ws_register(None, &["ws-llm"])).await;
+    let registered = next(&mut s).await.unwrap();
+    sessions.push(registered["providerSessionId"].as_str().unwrap().to_owned());
+    assert_random_ids("session ids", "ses_", &sessions);
+    assert_random_ids("row ids", "llm_", &rows);
+
+    let mut tasks = Vec::new();
+    for (t, name) in [(&Sse as &dyn Transport, "rec-sse"), (&Ws, "rec-ws")] {
+        let recording = Arc::new(Recording::default());
+        let p = gw.publish(t, "alice", &[name], recording.clone()).await;
+        for i in 0..75 {
+            let text = format!("q{i}");
+            if i % 2 == 0 {
+                let (status, body) = gw.chat("client", name, &text, false).await;
+                assert_eq!(status, 200, "{body}");
+            } else {
+                assert_eq!(
+                    gw.chat_stream("client", name, &text).await.text().await,
+                    text
+                );
+            }
+        }
+        p.stop().await;
+        tasks.extend(
+            recording
+                .ids
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|id| id.as_str().to_owned()),
+        );
+    }
+    assert_random_ids("task ids", "task_", &tasks);
+}
