@@ -254,3 +254,94 @@ async fn the_same_session_on_a_new_socket_replaces_the_old_one() {
     })
     .await;
 }
+
+/// A memory store whose session lookups take a while, so anything the gateway does
+/// after answering `registered` would visibly come late.
+#[derive(Debug, Default)]
+struct SlowSessions(virtual_llm::MemoryStore);
+
+#[async_trait::async_trait]
+impl virtual_llm::Store for SlowSessions {
+    async fn get(
+        &self,
+        n: &virtual_llm::LlmName,
+    ) -> Result<Option<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        self.0.get(n).await
+    }
+    async fn list(&self) -> Result<Vec<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        self.0.list().await
+    }
+    async fn by_session(
+        &self,
+        s: &virtual_llm::SessionId,
+    ) -> Result<Vec<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        self.0.by_session(s).await
+    }
+    async fn stale_virtuals(
+        &self,
+        c: virtual_llm::Timestamp,
+    ) -> Result<Vec<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        self.0.stale_virtuals(c).await
+    }
+    async fn expired_inactives(
+        &self,
+        c: virtual_llm::Timestamp,
+    ) -> Result<Vec<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        self.0.expired_inactives(c).await
+    }
+    async fn write(
+        &self,
+        b: Vec<virtual_llm::Write>,
+    ) -> Result<Vec<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        self.0.write(b).await
+    }
+    async fn touch(
+        &self,
+        n: &[virtual_llm::LlmName],
+        at: virtual_llm::Timestamp,
+    ) -> Result<usize, virtual_llm::StoreError> {
+        self.0.touch(n, at).await
+    }
+    async fn flush(&self) -> Result<(), virtual_llm::StoreError> {
+        self.0.flush().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_has_its_registered_frame_is_already_reachable() {
+    let gateway = virtual_llm::Gateway::builder(Arc::new(SlowSessions::default()))
+        .start()
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "ws://{}{}/_provider-ws",
+        listener.local_addr().unwrap(),
+        gateway.config().base_path
+    );
+    let routes =
+        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
+    let server = tokio::spawn(virtual_llm::sse::serve(
+        listener,
+        routes,
+        std::future::pending(),
+        Duration::from_secs(1),
+    ));
+    for round in 0..3 {
+        let (mut s, _) = tokio_tungstenite::connect_async(url.as_str())
+            .await
+            .unwrap();
+        send(&mut s, register(None, &format!("llm-{round}"))).await;
+        let registered = next(&mut s).await.unwrap();
+        assert_eq!(registered["type"], "registered");
+        let session =
+            virtual_llm::SessionId::parse(registered["providerSessionId"].as_str().unwrap())
+                .unwrap();
+        assert!(
+            gateway.channels().is_bound(&session),
+            "round {round}: bound before `registered` is sent"
+        );
+    }
+    server.abort();
+}

@@ -57,14 +57,19 @@ where
         }
     };
     let session = answer.provider_session_id.clone();
-    if !send(&mut socket, &GatewayFrame::Registered(answer)).await {
-        return;
-    }
+    // Bound before `registered` goes out: a publisher that has its answer is
+    // reachable. Frames for it wait in the queue until the loop below sends them.
     let (tx, mut frames) = mpsc::channel::<GatewayFrame>(gateway.config().channel_buffer);
     let binding = match gateway.bind(&principal, &session, Arc::new(tx)).await {
         Ok(binding) => binding,
         Err(e) => return refuse(socket, &e).await,
     };
+    if !send(&mut socket, &GatewayFrame::Registered(answer)).await {
+        if let Err(e) = binding.release().await {
+            tracing::warn!(%session, error = %e, "unbinding a socket that closed at once failed");
+        }
+        return;
+    }
     let keepalive = gateway.config().keepalive;
     let mut forwarders = Forwarders::new(gateway.clone(), principal.clone(), session.clone());
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
