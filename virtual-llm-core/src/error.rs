@@ -242,7 +242,7 @@ impl Error {
                 "the registry is busy; retry shortly".to_owned()
             }
             Error::Store(_) => "internal error in the gateway's registry".to_owned(),
-            other => other.to_string(),
+            other => bounded(other.to_string(), MAX_MESSAGE),
         };
         let conflicts = match self {
             Error::Conflict { conflicts } => Some(conflicts.clone()),
@@ -258,12 +258,32 @@ impl Error {
         }
     }
 
-    /// Shorthand for a 400 with a message.
+    /// Shorthand for a 400 with a message. The message is bounded (its head and tail
+    /// are kept): parser errors quote the input, and the input may be megabytes.
     pub fn invalid(message: impl Into<String>) -> Self {
         Error::InvalidRequest {
-            message: message.into(),
+            message: bounded(message.into(), MAX_REQUEST_MESSAGE),
         }
     }
+}
+
+/// The longest message of a 400, in characters.
+const MAX_REQUEST_MESSAGE: usize = 512;
+/// The longest message of any error body, in characters (a publisher's own error
+/// messages are kept up to this length).
+const MAX_MESSAGE: usize = 4096;
+
+/// `message`, or when it is longer than `max` characters, its head and its tail (where
+/// parsers say which line and column) around a marker.
+fn bounded(message: String, max: usize) -> String {
+    let count = message.chars().count();
+    if count <= max {
+        return message;
+    }
+    let tail_len = max / 4;
+    let head: String = message.chars().take(max - tail_len).collect();
+    let tail: String = message.chars().skip(count - tail_len).collect();
+    format!("{head}…[{} characters]…{tail}", count - max)
 }
 
 #[cfg(test)]
@@ -335,6 +355,29 @@ mod tests {
                 "internals leaked: {body}"
             );
         }
+    }
+
+    #[test]
+    fn messages_echoing_huge_input_are_bounded_head_and_tail() {
+        let huge = format!(
+            "invalid type: string \"{}\", at line 1 column 9",
+            "x".repeat(1 << 20)
+        );
+        let err = Error::invalid(huge);
+        let message = err.to_string();
+        assert!(
+            message.chars().count() < MAX_REQUEST_MESSAGE + 40,
+            "{}",
+            message.len()
+        );
+        assert!(message.starts_with("invalid type: string \"xxx"));
+        assert!(message.ends_with("at line 1 column 9"), "{message}");
+        let upstream = Error::Upstream {
+            message: "é".repeat(10_000),
+        };
+        let body = upstream.to_body();
+        assert!(body.error.message.chars().count() < MAX_MESSAGE + 40);
+        assert_eq!(Error::invalid("short").to_string(), "short");
     }
 
     #[test]
