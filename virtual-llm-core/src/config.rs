@@ -64,7 +64,9 @@ pub struct Config {
     /// Finished task ids remembered so that a replayed result gets 409, not 404.
     /// Default 4096.
     pub finished_tasks_remembered: usize,
-    /// Largest request body or frame, in bytes. Default 8 MiB.
+    /// Largest request body or frame, in bytes, both ways: bodies and frames from
+    /// publishers and clients, and each task frame sent to a publisher (a client body
+    /// under the limit whose task frame is over it is a 413). Default 8 MiB.
     pub max_body_bytes: usize,
     /// Most LLMs one register request may name. Default 64.
     pub max_llms_per_register: usize,

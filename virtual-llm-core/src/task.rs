@@ -89,6 +89,9 @@ struct Inner {
     idle: Duration,
     retry_after: Duration,
     remembered: usize,
+    /// The largest task frame, encoded: a publisher refuses a bigger one (a WebSocket
+    /// publisher by closing its socket, failing every task on it).
+    max_frame: usize,
 }
 
 impl Inner {
@@ -143,6 +146,7 @@ impl TaskTable {
                 idle: config.stream_idle_timeout,
                 retry_after: config.retry_after,
                 remembered: config.finished_tasks_remembered,
+                max_frame: config.max_body_bytes,
             }),
         }
     }
@@ -150,7 +154,9 @@ impl TaskTable {
     /// Starts a task for `llm` on `session`'s channel. `owner` is the principal whose
     /// session it is; only it may post the results.
     ///
-    /// Fails with 503 when the session has no channel, or its channel is full.
+    /// Fails with 503 when the session has no channel, or its channel is full; with 413
+    /// when the encoded task frame would be over the configured frame limit
+    /// (`max_body_bytes`: a body under the limit may still make a frame over it).
     pub fn start(
         &self,
         session: &SessionId,
@@ -165,6 +171,18 @@ impl TaskTable {
             .sink(session)
             .ok_or_else(|| self.inner.offline())?;
         let id = TaskId::generate();
+        let frame = GatewayFrame::Task(TaskFrame {
+            task_id: id.clone(),
+            kind: TaskKind::Infer,
+            llm: llm.clone(),
+            stream,
+            body,
+        });
+        if encoded_len(&frame)? > self.inner.max_frame {
+            return Err(Error::PayloadTooLarge {
+                limit: self.inner.max_frame,
+            });
+        }
         let (tx, rx) = mpsc::channel(self.inner.buffer + 1);
         let reserved = tx
             .clone()
@@ -179,14 +197,7 @@ impl TaskTable {
         };
         // Registered before the frame goes out, so even an instant result finds it.
         lock(&self.inner.state).live.insert(id.clone(), live);
-        let frame = TaskFrame {
-            task_id: id.clone(),
-            kind: TaskKind::Infer,
-            llm: llm.clone(),
-            stream,
-            body,
-        };
-        if let Err(e) = sink.send(GatewayFrame::Task(frame)) {
+        if let Err(e) = sink.send(frame) {
             lock(&self.inner.state).live.remove(&id);
             let reason = match e {
                 SendError::Full => "the publisher of this llm is saturated",
@@ -313,6 +324,24 @@ impl TaskTable {
     pub fn in_flight(&self) -> usize {
         lock(&self.inner.state).live.len()
     }
+}
+
+/// The size of `frame` as JSON, counted without building the text.
+fn encoded_len(frame: &GatewayFrame) -> Result<usize, Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, frame)
+        .map_err(|e| Error::invalid(format!("the request cannot be encoded: {e}")))?;
+    Ok(count.0)
 }
 
 fn remember(state: &mut State, id: TaskId, by: (SessionId, String), cap: usize) {

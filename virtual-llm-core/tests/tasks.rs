@@ -282,6 +282,26 @@ async fn a_result_from_another_session_or_principal_is_refused_and_changes_nothi
 }
 
 #[tokio::test]
+async fn a_task_frame_over_the_frame_limit_is_413_and_sends_nothing() {
+    let o = online_with(Config {
+        max_body_bytes: 1024,
+        ..Config::default()
+    })
+    .await;
+    let row = o.f.row("llm").await;
+    // The body alone is under the limit; with the frame's envelope it is over.
+    let request = chat("llm", &"x".repeat(950), false);
+    assert!(request.body.to_string().len() < 1024);
+    let err = o.f.gw.start_task(&row, request).unwrap_err();
+    assert_eq!(err.status(), 413);
+    assert_eq!(o.f.gw.tasks().in_flight(), 0, "no task left behind");
+    // Nothing went down the channel: the next task is the next frame.
+    let (handle, frame) = o.start(false).await;
+    o.deliver(&frame, completed("fits")).await.unwrap();
+    drop(handle);
+}
+
+#[tokio::test]
 async fn a_replayed_result_is_409_for_its_session_and_404_for_others() {
     let o = online().await;
     let (_handle, frame) = o.start(false).await;
