@@ -1,13 +1,21 @@
 //! Serving warp routes over TCP, with what warp's own server does not let us set:
 //! `TCP_NODELAY` on every accepted socket (Nagle plus delayed ACKs would hold each
 //! streamed token back by up to 40 ms), HTTP/1 and HTTP/2 with upgrades (WebSocket),
-//! and a graceful shutdown that stops accepting, then waits a bounded grace period
-//! for open connections to finish.
+//! a header read timeout against slowloris clients, and a graceful shutdown that
+//! stops accepting, then waits a bounded grace period for open connections to finish.
+//!
+//! The header read timeout has two parts. hyper's HTTP/1 `header_read_timeout` (it
+//! needs a timer, set here) bounds each request head, and idle keep-alive time
+//! between requests too. It starts only once hyper knows the connection is HTTP/1,
+//! so a connection that sends nothing, or a few bytes of the HTTP/2 preface, is
+//! bounded here: it must deliver its first request within the same time.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
@@ -30,8 +38,57 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
+    let mut options = ServeOptions::default();
+    options.grace = grace;
+    serve_with(listener, routes, shutdown, options).await;
+}
+
+/// How [`serve_with`] treats connections. Start from the default and set fields:
+///
+/// ```
+/// let mut options = virtual_llm_sse::ServeOptions::default();
+/// options.header_read_timeout = std::time::Duration::from_secs(30);
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServeOptions {
+    /// How long open connections may take to finish after shutdown. Default 10 s.
+    pub grace: Duration,
+    /// Longest time a client may take to send a request's headers, counted from when
+    /// the connection opens or the previous response ends: slowloris clients that
+    /// dribble headers (or nothing) are cut off after it, and so are idle keep-alive
+    /// connections. Default 75 s: longer than a reverse proxy's idle upstream
+    /// connections usually live (nginx: 60 s), so the proxy closes them first, and
+    /// well over the 30 s heartbeat interval, so a publisher's pooled connection
+    /// never idles out between two heartbeats.
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            grace: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(75),
+        }
+    }
+}
+
+/// [`serve`] with every option; see [`ServeOptions`].
+pub async fn serve_with(
+    listener: TcpListener,
+    routes: BoxedFilter<(Response,)>,
+    shutdown: impl Future<Output = ()>,
+    options: ServeOptions,
+) {
+    let grace = options.grace;
     let service = warp::service(routes);
-    let builder = auto::Builder::new(TokioExecutor::new());
+    let header_read_timeout = options.header_read_timeout;
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder.http2().timer(TokioTimer::new());
     let graceful = GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -50,12 +107,28 @@ pub async fn serve(
                 if let Err(e) = stream.set_nodelay(true) {
                     tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
                 }
+                let requested = Arc::new(AtomicBool::new(false));
+                let service = FirstRequest {
+                    inner: TowerToHyperService::new(service.clone()),
+                    requested: requested.clone(),
+                };
                 let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service.clone()))
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
                     .into_owned();
                 let connection = graceful.watch(connection);
                 tokio::spawn(async move {
-                    if let Err(e) = connection.await {
+                    tokio::pin!(connection);
+                    let ended = tokio::select! {
+                        ended = &mut connection => ended,
+                        () = tokio::time::sleep(header_read_timeout) => {
+                            if !requested.load(Ordering::Acquire) {
+                                tracing::debug!(%peer, "no request within the header read timeout; closing");
+                                return;
+                            }
+                            connection.await
+                        }
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -67,5 +140,26 @@ pub async fn serve(
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(grace = ?grace, "connections still open after the grace period; closing"),
+    }
+}
+
+/// A connection's service that notes when its first request arrives.
+#[derive(Clone)]
+struct FirstRequest<S> {
+    inner: S,
+    requested: Arc<AtomicBool>,
+}
+
+impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+where
+    S: hyper::service::Service<R>,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = S::Future;
+
+    fn call(&self, request: R) -> Self::Future {
+        self.requested.store(true, Ordering::Release);
+        self.inner.call(request)
     }
 }
