@@ -38,8 +38,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let mut options = ServeOptions::default();
-    options.grace = grace;
+    let options = ServeOptions {
+        grace,
+        ..ServeOptions::default()
+    };
     serve_with(listener, routes, shutdown, options).await;
 }
 
