@@ -1,6 +1,7 @@
 //! One publisher's socket on the gateway: the first frame must be `register`; then
 //! tasks and cancels go down, heartbeats and results come up, pings keep the link
-//! and a missed pong closes it. When the socket closes, the session unbinds at once.
+//! and a missed pong closes it. When the socket closes, the results it already
+//! carried are delivered and the session unbinds.
 //!
 //! Results are handed to the core by one small forwarder per task, so a client that
 //! reads slowly holds up only its own task. A forwarder that falls a whole buffer
@@ -14,6 +15,7 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
@@ -22,6 +24,9 @@ use virtual_llm_core::{Error, Gateway, Principal, SessionId, TaskId};
 
 /// How long a new socket may take to send its `register`.
 const REGISTER_WAIT: Duration = Duration::from_secs(10);
+/// How long a closing socket waits for the results it already read to reach their
+/// tasks (only a client too slow to take them makes this wait at all).
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run<S>(gateway: Gateway, principal: Principal, mut socket: WebSocketStream<S>)
 where
@@ -136,6 +141,10 @@ where
         send(&mut socket, &GatewayFrame::Error(e.to_body())).await;
     }
     close(socket).await;
+    // Results read before the socket ended are the publisher's word: deliver them
+    // before unbinding fails the session's tasks. New tasks find the channel closed.
+    drop(frames);
+    forwarders.finish().await;
     if let Err(e) = binding.release().await {
         tracing::warn!(%session, error = %e, "unbinding a closed socket failed");
     }
@@ -182,6 +191,9 @@ struct Forwarders {
     principal: Principal,
     session: SessionId,
     queues: HashMap<TaskId, mpsc::Sender<TaskResult>>,
+    /// The forwarders still delivering, including those whose task had its final
+    /// result queued (and so left `queues`).
+    running: JoinSet<()>,
 }
 
 impl Forwarders {
@@ -191,11 +203,30 @@ impl Forwarders {
             principal,
             session,
             queues: HashMap::new(),
+            running: JoinSet::new(),
+        }
+    }
+
+    /// Lets every forwarder deliver what it holds, for at most [`DRAIN_WAIT`]; the
+    /// ones still waiting on a slow client are stopped.
+    async fn finish(mut self) {
+        self.queues.clear();
+        let drained = tokio::time::timeout(DRAIN_WAIT, async {
+            while self.running.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::debug!(
+                session = %self.session,
+                forwarders = self.running.len(),
+                "results still waiting for slow clients when the socket closed; dropped"
+            );
         }
     }
 
     /// Queues `result` for its task's forwarder, starting one for a new task.
     fn route(&mut self, task: TaskId, result: TaskResult) -> Result<(), Error> {
+        while self.running.try_join_next().is_some() {}
         let limit = self.gateway.config().channel_buffer;
         if !self.queues.contains_key(&task) && self.queues.len() >= limit {
             self.queues.retain(|_, q| !q.is_closed());
@@ -239,14 +270,14 @@ impl Forwarders {
         self.queues.remove(task);
     }
 
-    fn spawn(&self, task: TaskId) -> mpsc::Sender<TaskResult> {
+    fn spawn(&mut self, task: TaskId) -> mpsc::Sender<TaskResult> {
         let (tx, mut rx) = mpsc::channel::<TaskResult>(self.gateway.config().task_buffer);
         let (gateway, principal, session) = (
             self.gateway.clone(),
             self.principal.clone(),
             self.session.clone(),
         );
-        tokio::spawn(async move {
+        self.running.spawn(async move {
             while let Some(result) = rx.recv().await {
                 if let Err(e) = gateway.deliver(&principal, &session, &task, result).await {
                     tracing::debug!(%task, error = %e, "result refused");
