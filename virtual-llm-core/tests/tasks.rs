@@ -843,3 +843,55 @@ async fn a_drain_gives_up_after_its_grace_period() {
     );
     assert!(matches!(o.channel.next().await, GatewayFrame::Closing(_)));
 }
+
+#[tokio::test]
+async fn a_task_survives_its_sessions_channel_being_replaced() {
+    let o = online().await;
+    let (mut streaming, s) = o.start(true).await;
+    let (whole, w) = o.start(false).await;
+    let (abandoned, a) = o.start(false).await;
+    o.deliver(&s, chunk("one", false)).await.unwrap();
+    // The same session binds a new channel: the old one is told to close and goes.
+    let (newer, newer_channel) = o.f.bind("alice", &o.session).await;
+    assert!(matches!(o.channel.next().await, GatewayFrame::Closing(_)));
+    assert!(
+        !o._binding.is_current(),
+        "the old channel is no longer the session's"
+    );
+    assert_eq!(
+        o.f.gw.tasks().in_flight(),
+        3,
+        "tasks belong to the session, not to the channel they were sent on"
+    );
+    // Results come back under the session, whichever channel carries them.
+    o.deliver(&s, chunk("two", true)).await.unwrap();
+    o.deliver(&w, completed("whole")).await.unwrap();
+    let events: Vec<TaskEvent> = std::iter::from_fn(|| {
+        streaming
+            .next()
+            .now_or_never()
+            .flatten()
+            .map(Result::unwrap)
+    })
+    .collect();
+    assert_eq!(
+        events,
+        [
+            TaskEvent::Chunk("one".into()),
+            TaskEvent::Chunk("two".into()),
+            TaskEvent::Done
+        ]
+    );
+    match whole.into_reply().await.unwrap() {
+        Reply::Complete(c) => assert_eq!(c.body["text"], "whole"),
+        Reply::Stream(_) => panic!("expected a completion"),
+    }
+    // A client leaving a task sent on the old channel: the cancel goes to the new one.
+    drop(abandoned);
+    match newer_channel.next().await {
+        GatewayFrame::Cancel(c) => assert_eq!(c.task_id, a.task_id),
+        other => panic!("expected a cancel, got {other:?}"),
+    }
+    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+    assert!(newer.release().await.unwrap());
+}
