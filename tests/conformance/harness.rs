@@ -1,8 +1,11 @@
 //! The conformance suite's harness: a gateway on `127.0.0.1:0` with token auth and an
-//! in-memory store, HTTP client helpers that speak to it as an OpenAI client would,
-//! and providers instrumented to show what reached them.
+//! in-memory store (or a store and clock of the test's choosing), HTTP client helpers
+//! that speak to it as an OpenAI client would, providers instrumented to show what
+//! reached them, the two transports, and a TCP proxy that cuts a publisher off the way
+//! a killed process would.
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,14 +19,32 @@ use virtual_llm::openai::chunk_body;
 use virtual_llm::protocol::{LlmSpec, TaskFrame, TaskResult};
 use virtual_llm::publisher::Wire;
 use virtual_llm::{
-    Completion, Config, Error, Gateway, LlmName, MemoryStore, Principal, Provider, PublishedLlm,
-    Publisher, PublisherOptions, Reply, Role, SessionId, StaticTokens, TaskId,
+    Clock, Completion, Config, Error, Gateway, LlmName, MemoryStore, Principal, Provider,
+    PublishedLlm, Publisher, PublisherOptions, Reply, Role, SessionId, StaticTokens, Store, TaskId,
 };
 
 /// A transport under test: how a publisher reaches a gateway at `url`.
 pub trait Transport: Send + Sync {
     /// The publisher's wire to the gateway at `url`, with a bearer token.
     fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire>;
+}
+
+/// The SSE transport: `SseWire`, results posted as NDJSON.
+pub struct SseTransport;
+
+impl Transport for SseTransport {
+    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
+        Arc::new(virtual_llm::sse::SseWire::new(url, token).unwrap())
+    }
+}
+
+/// The WebSocket transport: `WsWire`, everything on one socket.
+pub struct WsTransport;
+
+impl Transport for WsTransport {
+    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
+        Arc::new(virtual_llm::ws::WsWire::new(url, token).unwrap())
+    }
 }
 
 /// The bearer token of a test principal: `alice` and `mallory` publish, `client`
@@ -46,6 +67,7 @@ impl Drop for Server {
 #[derive(Clone)]
 pub struct TestGateway {
     pub url: String,
+    pub addr: SocketAddr,
     pub gateway: Gateway,
     http: reqwest::Client,
     _server: Arc<Server>,
@@ -53,6 +75,16 @@ pub struct TestGateway {
 
 impl TestGateway {
     pub async fn start(config: Config) -> Self {
+        Self::start_with(config, Arc::new(MemoryStore::new()), None).await
+    }
+
+    /// A gateway over `store`, reading wall-clock time from `clock` (default: the
+    /// system clock).
+    pub async fn start_with(
+        config: Config,
+        store: Arc<dyn Store>,
+        clock: Option<Arc<dyn Clock>>,
+    ) -> Self {
         let auth = StaticTokens::new()
             .with(token("alice"), Principal::new("alice", [Role::Publisher]))
             .with(
@@ -60,14 +92,16 @@ impl TestGateway {
                 Principal::new("mallory", [Role::Publisher]),
             )
             .with(token("client"), Principal::new("client", [Role::Client]));
-        let gateway = Gateway::builder(Arc::new(MemoryStore::new()))
+        let mut builder = Gateway::builder(store)
             .config(config)
-            .authenticator(Arc::new(auth))
-            .start()
-            .await
-            .unwrap();
+            .authenticator(Arc::new(auth));
+        if let Some(clock) = clock {
+            builder = builder.clock(clock);
+        }
+        let gateway = builder.start().await.unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+        let addr = listener.local_addr().unwrap();
+        let url = format!("http://{addr}");
         let (shutdown, mut stop) = watch::channel(false);
         let routes =
             virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
@@ -87,6 +121,7 @@ impl TestGateway {
             .unwrap();
         TestGateway {
             url,
+            addr,
             gateway,
             http,
             _server: Arc::new(Server { shutdown }),
@@ -120,6 +155,39 @@ impl TestGateway {
         provider: Arc<dyn Provider>,
         options: PublisherOptions,
     ) -> Publisher {
+        self.publish_at(&self.url, t, who, names, provider, options)
+            .await
+    }
+
+    /// Publishes through the gateway reachable at `url` (e.g. a [`Proxy`] in front of
+    /// this one), and waits until connected.
+    pub async fn publish_at(
+        &self,
+        url: &str,
+        t: &dyn Transport,
+        who: &str,
+        names: &[&str],
+        provider: Arc<dyn Provider>,
+        options: PublisherOptions,
+    ) -> Publisher {
+        let publisher = self.spawn_publisher(url, t, who, names, provider, options);
+        tokio::time::timeout(Duration::from_secs(10), publisher.connected())
+            .await
+            .expect("the publisher connects");
+        publisher
+    }
+
+    /// Starts publishing `names` through the gateway reachable at `url`, without
+    /// waiting for the connection.
+    pub fn spawn_publisher(
+        &self,
+        url: &str,
+        t: &dyn Transport,
+        who: &str,
+        names: &[&str],
+        provider: Arc<dyn Provider>,
+        options: PublisherOptions,
+    ) -> Publisher {
         let llms = names
             .iter()
             .map(|n| PublishedLlm {
@@ -132,11 +200,12 @@ impl TestGateway {
                 provider: provider.clone(),
             })
             .collect();
-        let publisher = Publisher::spawn(t.wire(&self.url, Some(token(who))), llms, options);
-        tokio::time::timeout(Duration::from_secs(10), publisher.connected())
-            .await
-            .expect("the publisher connects");
-        publisher
+        Publisher::spawn(t.wire(url, Some(token(who))), llms, options)
+    }
+
+    /// Starts a [`Proxy`] to this gateway.
+    pub async fn proxy(&self) -> Proxy {
+        Proxy::start(self.addr).await
     }
 
     pub async fn post_chat(&self, who: &str, body: Value) -> reqwest::Response {
@@ -163,6 +232,41 @@ impl TestGateway {
         assert_eq!(response.headers()["content-type"], "text/event-stream");
         let events = response
             .bytes_stream()
+            .eventsource()
+            .map(|e| e.map(|e| (e.event, e.data)).map_err(|e| e.to_string()));
+        SseReader {
+            events: events.boxed(),
+        }
+    }
+
+    /// Like [`TestGateway::chat_stream`], over a connection of its own whose receive
+    /// buffer (`SO_RCVBUF`) is `recv_buffer` bytes: a client that stops reading it
+    /// stalls the gateway after a few kilobytes rather than megabytes.
+    pub async fn chat_stream_with_recv_buffer(
+        &self,
+        who: &str,
+        model: &str,
+        text: &str,
+        recv_buffer: u32,
+    ) -> SseReader {
+        let body = json!({"model": model, "stream": true, "messages": [{"role": "user", "content": text}]});
+        let stream = connect_with_recv_buffer(self.addr, Some(recv_buffer)).await;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        let request = hyper::Request::post("/v1/chat/completions")
+            .header("host", self.addr.to_string())
+            .header("authorization", format!("Bearer {}", token(who)))
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(bytes::Bytes::from(
+                body.to_string(),
+            )))
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let events = http_body_util::BodyDataStream::new(response.into_body())
             .eventsource()
             .map(|e| e.map(|e| (e.event, e.data)).map_err(|e| e.to_string()));
         SseReader {
@@ -289,6 +393,15 @@ impl SseReader {
         }
     }
 
+    /// The next event's name (`message` unless the gateway named it, e.g. `error`) and
+    /// data; `None` when the stream ends.
+    pub async fn next_event(&mut self) -> Option<(String, String)> {
+        match self.events.next().await? {
+            Ok(event) => Some(event),
+            Err(e) => panic!("the stream broke: {e}"),
+        }
+    }
+
     /// The concatenated delta contents up to `[DONE]`.
     pub async fn text(mut self) -> String {
         let mut text = String::new();
@@ -321,6 +434,90 @@ where
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     panic!("timed out waiting until {what}");
+}
+
+/// A connection to `addr` whose receive buffer is `recv_buffer` bytes, if given.
+pub async fn connect_with_recv_buffer(
+    addr: SocketAddr,
+    recv_buffer: Option<u32>,
+) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    if let Some(size) = recv_buffer {
+        socket.set_recv_buffer_size(size).unwrap();
+    }
+    let stream = socket.connect(addr).await.unwrap();
+    stream.set_nodelay(true).unwrap();
+    stream
+}
+
+/// A TCP proxy in front of the gateway, for one publisher. [`Proxy::kill`] cuts every
+/// connection through it at once and refuses new ones: the gateway sees the
+/// publisher's sockets close without a goodbye (no WebSocket close frame, an SSE stream
+/// and result posts cut mid-body), as when the publisher's process is killed.
+/// [`Proxy::revive`] lets connections through again, for the publisher's restart.
+pub struct Proxy {
+    pub url: String,
+    /// Bumped by each kill; a connection lives only as long as the epoch it began in.
+    epoch: watch::Sender<u64>,
+    accepting: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Proxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (epoch, epochs) = watch::channel(0u64);
+        let accepting = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let open = accepting.clone();
+        tokio::spawn(async move {
+            let mut closed = epochs.clone();
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok(pair) => pair,
+                        Err(_) => continue,
+                    },
+                    // The proxy was dropped.
+                    _ = closed.wait_for(|_| false) => return,
+                };
+                if !open.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue; // dropped at once: the publisher's connect fails
+                }
+                let mut epochs = epochs.clone();
+                let born = *epochs.borrow_and_update();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    let _ = inbound.set_nodelay(true);
+                    let _ = outbound.set_nodelay(true);
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        // Killed (or the proxy dropped): both sockets close here, mid-flight.
+                        _ = epochs.wait_for(|e| *e != born) => {}
+                    }
+                });
+            }
+        });
+        Proxy {
+            url,
+            epoch,
+            accepting,
+        }
+    }
+
+    /// Cuts every connection now, and refuses new ones until [`Proxy::revive`].
+    pub fn kill(&self) {
+        self.accepting
+            .store(false, std::sync::atomic::Ordering::SeqCst);
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Lets new connections through again.
+    pub fn revive(&self) {
+        self.accepting
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// A temporary directory, removed on drop.
@@ -445,5 +642,67 @@ impl Provider for Hanging {
                 .chain(forever)
                 .boxed(),
         ))
+    }
+}
+
+/// Streams as fast as it is asked to: the user message is `<label> n=<count>`, and the
+/// answer is `count` chunks of 1000 `x`s; with `every=<k>` it pauses a millisecond
+/// after every `k` chunks (a fast model, not an infinitely fast one). Counts the chunks
+/// produced per label, so a test sees how far ahead of its client a stream ran;
+/// signals `dropped` when a stream's work is dropped (finished or cancelled).
+#[derive(Debug, Default)]
+pub struct Firehose {
+    produced: Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
+    pub dropped: Arc<Notify>,
+}
+
+impl Firehose {
+    fn counter(&self, label: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.produced
+            .lock()
+            .unwrap()
+            .entry(label.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// How many chunks the streams labelled `label` have produced.
+    pub fn produced(&self, label: &str) -> usize {
+        self.counter(label)
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Provider for Firehose {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let text = virtual_llm::openai::last_user_text(&task.body);
+        let mut words = text.split_whitespace();
+        let label = words.next().unwrap_or_default().to_owned();
+        let words: Vec<&str> = words.collect();
+        let param = |name: &str| -> Option<usize> {
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|n| n.parse().ok())
+        };
+        let count = param("n=").unwrap_or(1);
+        let every = param("every=");
+        let counter = self.counter(&label);
+        let piece = chunk(&task, &"x".repeat(1000));
+        let guard = DropSignal(self.dropped.clone());
+        let chunks = futures::stream::iter(0..count).then(move |i| {
+            let counter = counter.clone();
+            let piece = piece.clone();
+            let _held = &guard;
+            async move {
+                if every.is_some_and(|k| i > 0 && i % k == 0) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(piece)
+            }
+        });
+        Ok(Reply::Stream(chunks.boxed()))
     }
 }

@@ -8,6 +8,7 @@
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 pub mod harness;
+pub mod raw;
 
 use harness::*;
 use serde_json::{Value, json};
