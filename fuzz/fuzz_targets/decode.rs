@@ -1,0 +1,62 @@
+//! Feeds arbitrary bytes to every decoder of the wire protocol, as
+//! `virtual-llm-core/tests/decoders.rs` does with proptest: `serde_json::from_slice`
+//! into each type a peer can send, and `InferRequest::from_chat_body`. Nothing may
+//! panic, and whatever decodes must re-encode and decode to the same value.
+//!
+//! Run with: `cargo +nightly fuzz run decode fuzz/corpus/decode fuzz/seeds/decode -- -dict=fuzz/decode.dict`
+
+#![no_main]
+
+use std::fmt::Debug;
+
+use libfuzzer_sys::fuzz_target;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use virtual_llm_core::protocol::{
+    GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskFrame,
+};
+use virtual_llm_core::{InferRequest, TaskResult};
+
+/// Decodes `bytes` as `T`; what decodes must re-encode and decode to itself.
+fn round_trip<T>(bytes: &[u8]) -> Option<T>
+where
+    T: Serialize + DeserializeOwned + PartialEq + Debug,
+{
+    let value = serde_json::from_slice::<T>(bytes).ok()?;
+    let encoded = match serde_json::to_vec(&value) {
+        Ok(encoded) => encoded,
+        Err(e) => panic!("{value:?} does not encode: {e}"),
+    };
+    match serde_json::from_slice::<T>(&encoded) {
+        Ok(again) => assert_eq!(again, value, "{}", String::from_utf8_lossy(&encoded)),
+        Err(e) => panic!(
+            "{value:?} encodes to {} which does not decode: {e}",
+            String::from_utf8_lossy(&encoded)
+        ),
+    }
+    Some(value)
+}
+
+fuzz_target!(|bytes: &[u8]| {
+    if let Some(request) = round_trip::<RegisterRequest>(bytes) {
+        for spec in &request.llms {
+            let _ = spec.validate();
+        }
+    }
+    round_trip::<HeartbeatRequest>(bytes);
+    if let Some(result) = round_trip::<TaskResult>(bytes) {
+        let _ = result.validate();
+    }
+    round_trip::<PublisherFrame>(bytes);
+    round_trip::<GatewayFrame>(bytes);
+    round_trip::<TaskFrame>(bytes);
+    if let Some(body) = round_trip::<Value>(bytes) {
+        if let Ok(request) = InferRequest::from_chat_body(body.clone()) {
+            assert_eq!(Some(request.llm.as_str()), body["model"].as_str());
+            assert_eq!(request.stream, body["stream"].as_bool().unwrap_or(false));
+            let again = InferRequest::from_chat_body(request.body.clone());
+            assert_eq!(again.ok().as_ref(), Some(&request));
+        }
+    }
+});
