@@ -728,6 +728,99 @@ async fn only_the_owner_can_bind_its_session() {
     p.stop().await;
 }
 
+/// An admin holds every role (it publishes and calls) but no one else's rows: its
+/// register of alice's inactive name is a 409 like anyone's, and alice's own
+/// publisher cannot adopt the admin's rows either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_publishes_and_calls_but_adopts_no_one_elses_rows() {
+    let tokens = virtual_llm::StaticTokens::new()
+        .with(
+            token("alice"),
+            virtual_llm::Principal::new("alice", [virtual_llm::Role::Publisher]),
+        )
+        .with(
+            token("root"),
+            virtual_llm::Principal::new("root", [virtual_llm::Role::Admin]),
+        );
+    let gateway = virtual_llm::Gateway::builder(Arc::new(virtual_llm::MemoryStore::new()))
+        .authenticator(Arc::new(tokens))
+        .start()
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let routes =
+        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
+    let server = tokio::spawn(virtual_llm::sse::serve(
+        listener,
+        routes,
+        std::future::pending(),
+        std::time::Duration::from_secs(1),
+    ));
+    let b = format!("{url}/api/v1/llms");
+    let register = |who: &'static str, session: Option<String>, name: &'static str| {
+        let b = b.clone();
+        async move {
+            let response = http()
+                .post(format!("{b}/_provider-register"))
+                .header("authorization", auth(who))
+                .json(&register_body(session.as_deref(), &[name]))
+                .send()
+                .await
+                .unwrap();
+            answer(response).await
+        }
+    };
+    // Alice registers and leaves her row behind, detached and inactive.
+    let a = register("alice", None, "alpha").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let alice_session = a.body["providerSessionId"].as_str().unwrap().to_owned();
+    let a = register("alice", Some(alice_session.clone()), "alice-2").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let before = gateway.store().list().await.unwrap();
+
+    let a = register("root", None, "alpha").await;
+    assert_refused("an admin registers alice's name", &a, 409);
+    assert_eq!(a.body["error"]["conflicts"][0]["reason"], "ownedByAnother");
+    let a = register("root", Some(alice_session.clone()), "alpha").await;
+    assert_refused("an admin presents alice's session", &a, 409);
+    let a = heartbeat_at(&b, "root", &alice_session).await;
+    assert_refused("an admin heartbeats alice's session", &a, 404);
+    assert_eq!(
+        gateway.store().list().await.unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    // The admin publishes a name of its own, and alice cannot take it.
+    let a = register("root", None, "root-llm").await;
+    assert_eq!(a.status, 200, "{}", a.body);
+    let a = register("alice", None, "root-llm").await;
+    assert_refused("alice registers the admin's name", &a, 409);
+    // And it may call LLMs (the client role): the name is known, its publisher has no
+    // channel, so the answer is a 503, not a 403.
+    let response = http()
+        .post(format!("{url}/v1/chat/completions"))
+        .header("authorization", auth("root"))
+        .json(&json!({"model": "root-llm", "messages": [{"role": "user", "content": "x"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 503);
+    server.abort();
+}
+
+async fn heartbeat_at(base: &str, who: &str, session: &str) -> Answer {
+    let response = http()
+        .post(format!("{base}/_provider-heartbeat"))
+        .header("authorization", auth(who))
+        .json(&json!({ "providerSessionId": session }))
+        .send()
+        .await
+        .unwrap();
+    answer(response).await
+}
+
 // ---------------------------------------------------------------------------------
 // Ids.
 // ---------------------------------------------------------------------------------
