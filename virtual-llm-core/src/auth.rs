@@ -15,7 +15,8 @@ pub enum Role {
     Publisher,
     /// List LLMs and call them.
     Client,
-    /// Everything, including public LLMs and other principals' rows.
+    /// Every role, and public LLMs. An admin that publishes owns its rows like
+    /// anyone else: it cannot take or touch another principal's rows.
     Admin,
 }
 
