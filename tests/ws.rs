@@ -345,3 +345,116 @@ async fn a_publisher_that_has_its_registered_frame_is_already_reachable() {
     }
     server.abort();
 }
+
+/// A raw socket to the gateway, as `who`, asking for per-task flow control; the
+/// window the gateway granted, if any.
+async fn socket_with_credits(gw: &TestGateway, who: &str) -> (Socket, Option<usize>) {
+    let url = format!(
+        "{}{}/_provider-ws",
+        gw.url.replace("http://", "ws://"),
+        gw.gateway.config().base_path
+    );
+    let mut request = url.into_client_request().unwrap();
+    let headers = request.headers_mut();
+    headers.insert(
+        "authorization",
+        format!("Bearer {}", token(who)).parse().unwrap(),
+    );
+    headers.insert(virtual_llm::ws::CREDITS_HEADER, "1".parse().unwrap());
+    let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let window = response
+        .headers()
+        .get(virtual_llm::ws::CREDITS_HEADER)
+        .map(|v| v.to_str().unwrap().parse().unwrap());
+    (socket, window)
+}
+
+fn chunk_frame(task: &Value, i: usize, padding: &str) -> Value {
+    let data = json!({"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": format!("{i} {padding}")}}]});
+    json!({"type": "chunk", "taskId": task["taskId"], "data": data.to_string(), "done": false})
+}
+
+/// Flow control is negotiated on the upgrade: the window is the task buffer, and the
+/// gateway grants credit half a window at a time as results reach the client. A
+/// publisher that sends past its credit while its client is stalled is cut off, as one
+/// without flow control is: the client gets an error, the publisher a `cancel`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credits_follow_the_client_and_a_publisher_past_its_credit_is_cut_off() {
+    let gw = TestGateway::start(Config::default()).await;
+    let (mut s, window) = socket_with_credits(&gw, "alice").await;
+    let window = window.expect("the gateway grants credits when asked");
+    assert_eq!(window, gw.gateway.config().task_buffer);
+    send(&mut s, register(None, "flow")).await;
+    assert_eq!(next(&mut s).await.unwrap()["type"], "registered");
+
+    // A client that reads: a window's worth of results earns a window of credit.
+    let reading = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.chat_stream("client", "flow", "x").await.text().await })
+    };
+    let task = next(&mut s).await.unwrap();
+    assert_eq!(task["type"], "task");
+    for i in 0..window {
+        send(&mut s, chunk_frame(&task, i, "")).await;
+    }
+    let mut granted = 0;
+    while granted < window {
+        let credit = next(&mut s).await.unwrap();
+        assert_eq!(
+            (credit["type"].as_str(), &credit["taskId"]),
+            (Some("credit"), &task["taskId"])
+        );
+        granted += usize::try_from(credit["results"].as_u64().unwrap()).unwrap();
+    }
+    assert_eq!(
+        granted, window,
+        "credit for exactly what reached the client"
+    );
+    let done = json!({"type": "chunk", "taskId": task["taskId"], "data": "", "done": true});
+    send(&mut s, done).await;
+    let text = reading.await.unwrap();
+    assert!(text.starts_with("0 1 2 ") && text.ends_with(&format!("{} ", window - 1)));
+
+    // A client that reads one chunk and stalls, and a publisher that ignores its
+    // credit: once the gateway holds a whole buffer for the task, it is cut off.
+    let stalled = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            let mut stream = gw
+                .chat_stream_with_recv_buffer("client", "flow", "y", 4096)
+                .await;
+            assert!(stream.next_event().await.is_some());
+            stream
+        })
+    };
+    let task = next(&mut s).await.unwrap();
+    assert_eq!(task["type"], "task");
+    send(&mut s, chunk_frame(&task, 0, "")).await;
+    let mut stalled = stalled.await.unwrap();
+    // Eight megabytes: more than the sockets and buffers between here and the
+    // stalled client can take.
+    let padding = "z".repeat(1000);
+    for i in 1..8000 {
+        send(&mut s, chunk_frame(&task, i, &padding)).await;
+    }
+    let cancelled = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let frame = next(&mut s).await.unwrap();
+            if frame["type"] == "cancel" {
+                return frame;
+            }
+        }
+    })
+    .await
+    .expect("the task is cut off");
+    assert_eq!(cancelled["taskId"], task["taskId"]);
+    let error = loop {
+        match stalled.next_event().await {
+            Some((event, data)) if event == "error" => break data,
+            Some(_) => continue,
+            None => panic!("the stalled stream ended without an error"),
+        }
+    };
+    assert!(error.contains("llm_unavailable"), "{error}");
+    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+}

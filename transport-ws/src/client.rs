@@ -4,16 +4,20 @@
 //!
 //! One writer task owns the socket's sending half; heartbeats and results reach it
 //! through a bounded queue, so a provider streaming faster than the network can carry
-//! is slowed down rather than buffered without end.
+//! is slowed down rather than buffered without end. The wire asks for per-task flow
+//! control on the upgrade; when the gateway grants it, each task sends no more results
+//! than the gateway has given it `credit` for, so a provider streaming faster than its
+//! client reads is slowed down too, without holding up the socket's other tasks.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
 use futures::stream::{BoxStream, SplitSink};
 use futures::{SinkExt, StreamExt};
 use http::header::{AUTHORIZATION, HeaderValue};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -23,7 +27,7 @@ use virtual_llm_core::protocol::{
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
-use crate::config::socket_config;
+use crate::config::{CREDITS_HEADER, socket_config};
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
@@ -80,7 +84,10 @@ impl Wire for WsWire {
             let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(protocol)?;
             http_request.headers_mut().insert(AUTHORIZATION, value);
         }
-        let (mut socket, _) = tokio_tungstenite::connect_async_with_config(
+        http_request
+            .headers_mut()
+            .insert(CREDITS_HEADER, HeaderValue::from_static("1"));
+        let (mut socket, upgraded) = tokio_tungstenite::connect_async_with_config(
             http_request,
             Some(socket_config(self.max_frame)),
             true,
@@ -131,33 +138,53 @@ impl Wire for WsWire {
             }
         };
         let session = answer.provider_session_id.clone();
+        // The gateway's window, if it grants credits (an older one does not answer).
+        let windows = Arc::new(Windows::new(
+            upgraded
+                .headers()
+                .get(CREDITS_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<usize>().ok())
+                .filter(|w| *w > 0),
+        ));
         let (sink, stream) = socket.split();
         let (outgoing, queue) = mpsc::channel::<Message>(64);
         let (close, closed) = oneshot::channel();
         tokio::spawn(write_loop(sink, queue, closed));
         // The frame stream owns the close signal: when the publisher lets go of the
         // connection, the writer sends a Close frame and the gateway unbinds at once.
-        let frames =
-            futures::stream::unfold((stream, Some(close)), |(mut stream, close)| async move {
-                loop {
-                    match stream.next().await? {
-                        Ok(Message::Text(text)) => {
-                            let frame =
-                                serde_json::from_str::<GatewayFrame>(&text).map_err(protocol);
-                            return Some((frame, (stream, close)));
-                        }
-                        Ok(Message::Close(_)) => return None,
-                        Ok(_) => continue,
-                        Err(e) => {
-                            return Some((
-                                Err(WireError::Connection(e.to_string())),
-                                (stream, None),
-                            ));
-                        }
+        // Credits are taken here, on their way to the tasks waiting for them; when the
+        // socket ends, every task still waiting is told.
+        let state = (stream, Some(close), windows.clone());
+        let frames = futures::stream::unfold(state, |(mut stream, close, windows)| async move {
+            loop {
+                let Some(message) = stream.next().await else {
+                    windows.close_all();
+                    return None;
+                };
+                match message {
+                    Ok(Message::Text(text)) => match serde_json::from_str::<GatewayFrame>(&text) {
+                        Ok(GatewayFrame::Credit(c)) => windows.grant(&c.task_id, c.results),
+                        frame => return Some((frame.map_err(protocol), (stream, close, windows))),
+                    },
+                    Ok(Message::Close(_)) => {
+                        windows.close_all();
+                        return None;
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        windows.close_all();
+                        let error = Err(WireError::Connection(e.to_string()));
+                        return Some((error, (stream, None, windows)));
                     }
                 }
-            });
-        let outbox = WsOutbox { outgoing, session };
+            }
+        });
+        let outbox = WsOutbox {
+            outgoing,
+            session,
+            windows,
+        };
         Ok(Connected {
             answer,
             frames: frames.boxed(),
@@ -191,9 +218,72 @@ async fn write_loop(
     }
 }
 
+/// The send windows of one connection's tasks, when the gateway grants credits.
+struct Windows {
+    /// The gateway's window; `None`: no flow control on this connection.
+    window: Option<usize>,
+    open: Mutex<HashMap<TaskId, Arc<Semaphore>>>,
+}
+
+impl Windows {
+    fn new(window: Option<usize>) -> Self {
+        Windows {
+            window,
+            open: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<Semaphore>>> {
+        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A full window for `task`, or `None` without flow control.
+    fn open(self: &Arc<Self>, task: &TaskId) -> Option<WindowGuard> {
+        let window = self.window?;
+        let permits = Arc::new(Semaphore::new(window));
+        self.tasks().insert(task.clone(), permits.clone());
+        Some(WindowGuard {
+            windows: self.clone(),
+            task: task.clone(),
+            permits,
+        })
+    }
+
+    /// More room for `task`; never more than a window (a gateway cannot make a task
+    /// buffer without end here either).
+    fn grant(&self, task: &TaskId, results: u32) {
+        let Some(window) = self.window else { return };
+        if let Some(permits) = self.tasks().get(task) {
+            let room = window.saturating_sub(permits.available_permits());
+            permits.add_permits(usize::try_from(results).unwrap_or(room).min(room));
+        }
+    }
+
+    /// The socket ended: tasks waiting for credit stop waiting.
+    fn close_all(&self) {
+        for (_, permits) in self.tasks().drain() {
+            permits.close();
+        }
+    }
+}
+
+/// One task's window, given back when its results are sent (or abandoned).
+struct WindowGuard {
+    windows: Arc<Windows>,
+    task: TaskId,
+    permits: Arc<Semaphore>,
+}
+
+impl Drop for WindowGuard {
+    fn drop(&mut self) {
+        self.windows.tasks().remove(&self.task);
+    }
+}
+
 struct WsOutbox {
     outgoing: mpsc::Sender<Message>,
     session: SessionId,
+    windows: Arc<Windows>,
 }
 
 impl WsOutbox {
@@ -220,7 +310,19 @@ impl Outbox for WsOutbox {
         task: TaskId,
         mut results: BoxStream<'static, TaskResult>,
     ) -> Result<(), WireError> {
-        while let Some(result) = results.next().await {
+        let window = self.windows.open(&task);
+        loop {
+            // With flow control, a result is taken from the provider only when the
+            // gateway has room for it.
+            if let Some(window) = &window {
+                match window.permits.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return Err(WireError::Connection("the socket is closed".into())),
+                }
+            }
+            let Some(result) = results.next().await else {
+                break;
+            };
             let task_id = task.clone();
             let frame = match result {
                 TaskResult::Completed { status, body } => PublisherFrame::Result {

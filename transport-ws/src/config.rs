@@ -10,6 +10,13 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 /// Read buffer per connection: enough for a typical frame in one read.
 pub const READ_BUFFER: usize = 4 * 1024;
 
+/// Per-task flow control, negotiated on the upgrade: a publisher that honours `credit`
+/// frames sends this header (any value); a gateway that grants them answers with it,
+/// its value the window — how many results of one task may be unacknowledged. Either
+/// side without it: no credits, and the gateway cuts off a task whose client falls a
+/// whole buffer behind instead.
+pub const CREDITS_HEADER: &str = "x-task-credits";
+
 /// The WebSocket settings for a connection whose frames may be at most `max_frame`
 /// bytes (the gateway's body limit).
 pub fn socket_config(max_frame: usize) -> WebSocketConfig {

@@ -8,7 +8,8 @@
 //!   cancels, heartbeats and results; ping/pong; unbind on close.
 //! - `client`: the publisher's [`WsWire`], a [`Wire`](virtual_llm_core::publisher::Wire)
 //!   for the core's [`Publisher`](virtual_llm_core::Publisher).
-//! - `config`: the socket settings both ends share (4 KiB read buffers, frame limits).
+//! - `config`: the socket settings both ends share (4 KiB read buffers, frame limits)
+//!   and the header that turns on per-task flow control (`credit` frames).
 
 mod client;
 mod config;
@@ -16,5 +17,5 @@ mod route;
 mod session;
 
 pub use client::WsWire;
-pub use config::{READ_BUFFER, socket_config};
+pub use config::{CREDITS_HEADER, READ_BUFFER, socket_config};
 pub use route::route;

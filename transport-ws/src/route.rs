@@ -21,7 +21,7 @@ use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::{Reply, Response};
 
-use crate::config::socket_config;
+use crate::config::{CREDITS_HEADER, socket_config};
 
 /// The WebSocket route, under the gateway's configured base path. Mount it beside the
 /// SSE routes, e.g. with `virtual_llm_sse::routes_with(gateway, route(gateway))`.
@@ -83,6 +83,11 @@ async fn upgrade(
     };
     let accept = derive_accept_key(key.as_bytes());
     let config = socket_config(gateway.config().max_body_bytes);
+    // Per-task flow control for a publisher that asks for it: the window is the
+    // task's buffer, so a publisher within its credits never overflows it.
+    let window = headers
+        .contains_key(CREDITS_HEADER)
+        .then(|| gateway.config().task_buffer);
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(upgraded) => {
@@ -92,7 +97,7 @@ async fn upgrade(
                     Some(config),
                 )
                 .await;
-                crate::session::run((*gateway).clone(), principal, socket).await;
+                crate::session::run((*gateway).clone(), principal, socket, window).await;
             }
             Err(e) => tracing::debug!(error = %e, "WebSocket upgrade failed"),
         }
@@ -104,6 +109,9 @@ async fn upgrade(
     h.insert(UPGRADE, HeaderValue::from_static("websocket"));
     if let Ok(accept) = HeaderValue::from_str(&accept) {
         h.insert(SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    if let Some(window) = window {
+        h.insert(CREDITS_HEADER, HeaderValue::from(window));
     }
     response
 }

@@ -4,9 +4,13 @@
 //! carried are delivered and the session unbinds.
 //!
 //! Results are handed to the core by one small forwarder per task, so a client that
-//! reads slowly holds up only its own task. A forwarder that falls a whole buffer
-//! behind cuts its task off (the client gets an error, the publisher a `cancel`)
-//! instead of stalling the socket every other task shares.
+//! reads slowly holds up only its own task. With flow control (the publisher asked for
+//! it on the upgrade), each forwarder grants the publisher `credit` for more results as
+//! it hands earlier ones to the client: a slow client slows its own stream, and its
+//! buffer never overflows. Without it, a forwarder that falls a whole buffer behind
+//! cuts its task off (the client gets an error, the publisher a `cancel`) instead of
+//! stalling the socket every other task shares; that is also what happens to a
+//! publisher that sends beyond its credit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,7 +23,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
-use virtual_llm_core::protocol::{GatewayFrame, PublisherFrame, Refusal, TaskResult};
+use virtual_llm_core::protocol::{CreditFrame, GatewayFrame, PublisherFrame, Refusal, TaskResult};
 use virtual_llm_core::{Error, Gateway, Principal, SessionId, TaskId};
 
 /// How long a new socket may take to send its `register`.
@@ -28,8 +32,14 @@ const REGISTER_WAIT: Duration = Duration::from_secs(10);
 /// tasks (only a client too slow to take them makes this wait at all).
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 
-pub(crate) async fn run<S>(gateway: Gateway, principal: Principal, mut socket: WebSocketStream<S>)
-where
+/// Serves one publisher's socket. `window`: the per-task flow-control window, when the
+/// publisher asked for credits.
+pub(crate) async fn run<S>(
+    gateway: Gateway,
+    principal: Principal,
+    mut socket: WebSocketStream<S>,
+    window: Option<usize>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let request = match tokio::time::timeout(REGISTER_WAIT, socket.next()).await {
@@ -76,7 +86,17 @@ where
         return;
     }
     let keepalive = gateway.config().keepalive;
-    let mut forwarders = Forwarders::new(gateway.clone(), principal.clone(), session.clone());
+    // A publisher within its window has at most two credits of a task not yet sent to
+    // it (it must receive them to send more), so this queue never fills for one; a
+    // publisher that stops reading its socket loses the credits that do not fit.
+    let credit_queue = 2 * gateway.config().channel_buffer + 16;
+    let (credit_tx, mut credits) = mpsc::channel::<CreditFrame>(credit_queue);
+    let mut forwarders = Forwarders::new(
+        gateway.clone(),
+        principal.clone(),
+        session.clone(),
+        window.map(|w| (w, credit_tx)),
+    );
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     let mut last_pong = Instant::now();
     let outcome: Result<(), Error> = loop {
@@ -125,6 +145,11 @@ where
                 }
                 None => break Ok(()),
             },
+            Some(credit) = credits.recv() => {
+                if !send(&mut socket, &GatewayFrame::Credit(credit)).await {
+                    break Ok(());
+                }
+            }
             _ = ping.tick() => {
                 if last_pong.elapsed() > keepalive * 2 {
                     tracing::info!(%session, "no pong for two keep-alive periods; closing");
@@ -194,16 +219,24 @@ struct Forwarders {
     /// The forwarders still delivering, including those whose task had its final
     /// result queued (and so left `queues`).
     running: JoinSet<()>,
+    /// With flow control: the window, and where forwarders send the credits they grant.
+    credits: Option<(usize, mpsc::Sender<CreditFrame>)>,
 }
 
 impl Forwarders {
-    fn new(gateway: Gateway, principal: Principal, session: SessionId) -> Self {
+    fn new(
+        gateway: Gateway,
+        principal: Principal,
+        session: SessionId,
+        credits: Option<(usize, mpsc::Sender<CreditFrame>)>,
+    ) -> Self {
         Forwarders {
             gateway,
             principal,
             session,
             queues: HashMap::new(),
             running: JoinSet::new(),
+            credits,
         }
     }
 
@@ -248,8 +281,9 @@ impl Forwarders {
             }
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => {
-                // The client is a whole buffer behind: cut its task off rather than
-                // stall every other task on this socket.
+                // The client is a whole buffer behind (and the publisher did not wait
+                // for credit): cut its task off rather than stall every other task on
+                // this socket.
                 self.queues.remove(&task);
                 let reason = Error::Unavailable {
                     reason: "the client read too slowly; its stream was cut off".into(),
@@ -277,11 +311,36 @@ impl Forwarders {
             self.principal.clone(),
             self.session.clone(),
         );
+        let credits = self.credits.clone();
         self.running.spawn(async move {
+            // Credit is granted half a window at a time, as results reach the client.
+            let step = credits
+                .as_ref()
+                .map_or(1, |(window, _)| (window / 2).max(1));
+            let mut delivered = 0;
             while let Some(result) = rx.recv().await {
+                let last = result.is_final();
                 if let Err(e) = gateway.deliver(&principal, &session, &task, result).await {
                     tracing::debug!(%task, error = %e, "result refused");
                     break;
+                }
+                delivered += 1;
+                if let Some((_, grant)) = &credits
+                    && !last
+                    && delivered == step
+                {
+                    delivered = 0;
+                    let credit = CreditFrame {
+                        task_id: task.clone(),
+                        results: u32::try_from(step).unwrap_or(u32::MAX),
+                    };
+                    match grant.try_send(credit) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::debug!(%task, "credit dropped: the publisher is not reading");
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => break, // the socket is gone
+                    }
                 }
             }
         });

@@ -148,6 +148,19 @@ pub struct CancelFrame {
     pub task_id: TaskId,
 }
 
+/// A `credit` frame (WebSocket, when the publisher asked for per-task flow control):
+/// the publisher may send `results` more results of the task. The gateway grants them
+/// as it hands earlier ones to the client, so a slow client slows its own stream and
+/// no other task on the socket.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CreditFrame {
+    /// The task.
+    pub task_id: TaskId,
+    /// How many more results it may send.
+    pub results: u32,
+}
+
 /// Why a name was refused in a register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -253,6 +266,8 @@ pub enum GatewayFrame {
     Error(ErrorBody),
     /// The channel is closing; reconnect later.
     Closing(Closing),
+    /// WebSocket with flow control: more results of a task may be sent.
+    Credit(CreditFrame),
 }
 
 impl GatewayFrame {
@@ -266,6 +281,7 @@ impl GatewayFrame {
             GatewayFrame::Refused(_) => "refused",
             GatewayFrame::Error(_) => "error",
             GatewayFrame::Closing(_) => "closing",
+            GatewayFrame::Credit(_) => "credit",
         }
     }
 
@@ -279,6 +295,7 @@ impl GatewayFrame {
             GatewayFrame::Refused(x) => serde_json::to_string(x),
             GatewayFrame::Error(x) => serde_json::to_string(x),
             GatewayFrame::Closing(x) => serde_json::to_string(x),
+            GatewayFrame::Credit(x) => serde_json::to_string(x),
         }
     }
 }
