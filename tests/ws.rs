@@ -458,3 +458,60 @@ async fn credits_follow_the_client_and_a_publisher_past_its_credit_is_cut_off() 
     assert!(error.contains("llm_unavailable"), "{error}");
     assert_eq!(gw.gateway.tasks().in_flight(), 0);
 }
+
+/// A publisher that stops reading, its socket open: once the socket is full the
+/// gateway cannot even send a ping, so taking no frame for two keep-alive periods
+/// counts as a missed pong: the socket is closed, the session unbinds, and the tasks
+/// waiting on it fail with 503 rather than wait for their deadlines.
+///
+/// Real time with a 500 ms keep-alive: the socket must be full before the first ping
+/// is due (it fills in milliseconds), and paused time would jump to that ping while
+/// the requests are still on their way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() {
+    use conformance::harness::WsTransport;
+    use conformance::raw::RawTransport;
+    let gw = TestGateway::start(Config {
+        channel_buffer: 4,
+        keepalive: Duration::from_millis(500),
+        task_deadline: Duration::from_secs(10),
+        ..Config::default()
+    })
+    .await;
+    // Reads nothing after the channel is bound; a 4 KiB receive buffer fills at once.
+    let stalled = WsTransport
+        .raw(&gw, "alice", None, &["stuck"], Some(4096))
+        .await;
+    // Sixteen megabytes in all: more than the socket buffers on the way can take
+    // (the kernel grows the gateway's send buffer up to a few megabytes).
+    let big = "y".repeat(400 * 1024);
+    let requests: Vec<_> = (0..40)
+        .map(|_| {
+            let (gw, big) = (gw.clone(), big.clone());
+            tokio::spawn(async move {
+                let body =
+                    json!({"model": "stuck", "messages": [{"role": "user", "content": big}]});
+                let response = gw.post_chat("client", body).await;
+                let status = response.status().as_u16();
+                let body: Value = response.json().await.unwrap();
+                (status, body["error"]["code"].as_str().unwrap().to_owned())
+            })
+        })
+        .collect();
+    let started = tokio::time::Instant::now();
+    for r in requests {
+        let (status, code) = r.await.unwrap();
+        assert_eq!((status, code.as_str()), (503, "llm_unavailable"));
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < gw.gateway.config().task_deadline,
+        "no task waited for its deadline ({waited:?})"
+    );
+    eventually("the stalled socket is closed and unbound", || async {
+        gw.row_status("stuck").await == "inactive"
+    })
+    .await;
+    assert!(!gw.gateway.channels().is_bound(stalled.session()));
+    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+}

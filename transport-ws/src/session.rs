@@ -1,6 +1,7 @@
 //! One publisher's socket on the gateway: the first frame must be `register`; then
 //! tasks and cancels go down, heartbeats and results come up, pings keep the link
-//! and a missed pong closes it. When the socket closes, the results it already
+//! and a missed pong closes it — as does a publisher that takes no frame for as long
+//! (it stopped reading: its socket is full, and no ping could even be sent). When the socket closes, the results it already
 //! carried are delivered and the session unbinds.
 //!
 //! Results are handed to the core by one small forwarder per task, so a client that
@@ -31,6 +32,8 @@ const REGISTER_WAIT: Duration = Duration::from_secs(10);
 /// How long a closing socket waits for the results it already read to reach their
 /// tasks (only a client too slow to take them makes this wait at all).
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
+/// How long a closing socket waits to send its last frames and close handshake.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// Serves one publisher's socket. `window`: the per-task flow-control window, when the
 /// publisher asked for credits.
@@ -139,14 +142,14 @@ pub(crate) async fn run<S>(
                         forwarders.forget(&c.task_id);
                     }
                     let closing = matches!(frame, GatewayFrame::Closing(_));
-                    if !send(&mut socket, &frame).await || closing {
+                    if !send_within(&mut socket, &frame, keepalive * 2).await || closing {
                         break Ok(());
                     }
                 }
                 None => break Ok(()),
             },
             Some(credit) = credits.recv() => {
-                if !send(&mut socket, &GatewayFrame::Credit(credit)).await {
+                if !send_within(&mut socket, &GatewayFrame::Credit(credit), keepalive * 2).await {
                     break Ok(());
                 }
             }
@@ -155,7 +158,8 @@ pub(crate) async fn run<S>(
                     tracing::info!(%session, "no pong for two keep-alive periods; closing");
                     break Ok(());
                 }
-                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                let ping = socket.send(Message::Ping(Default::default()));
+                if !matches!(tokio::time::timeout(keepalive * 2, ping).await, Ok(Ok(()))) {
                     break Ok(());
                 }
             }
@@ -163,9 +167,15 @@ pub(crate) async fn run<S>(
     };
     if let Err(e) = &outcome {
         tracing::info!(%session, error = %e, "closing a publisher socket");
-        send(&mut socket, &GatewayFrame::Error(e.to_body())).await;
+        send_within(&mut socket, &GatewayFrame::Error(e.to_body()), CLOSE_WAIT).await;
     }
-    close(socket).await;
+    // A publisher that stopped reading cannot take the close frame either.
+    if tokio::time::timeout(CLOSE_WAIT, close(socket))
+        .await
+        .is_err()
+    {
+        tracing::debug!(%session, "socket dropped without a close handshake");
+    }
     // Results read before the socket ended are the publisher's word: deliver them
     // before unbinding fails the session's tasks. New tasks find the channel closed.
     drop(frames);
@@ -188,6 +198,23 @@ fn read_error(e: &tungstenite::Error, gateway: &Gateway) -> Error {
 async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut socket: WebSocketStream<S>, e: &Error) {
     send(&mut socket, &GatewayFrame::Error(e.to_body())).await;
     close(socket).await;
+}
+
+/// Sends one frame, giving up after `limit`: a publisher that takes nothing for that
+/// long has stopped reading, as surely as one that stops answering pings. `false`
+/// when the socket is gone or stalled.
+async fn send_within<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    frame: &GatewayFrame,
+    limit: Duration,
+) -> bool {
+    match tokio::time::timeout(limit, send(socket, frame)).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            tracing::info!(?limit, "the publisher took no frame; closing its socket");
+            false
+        }
+    }
 }
 
 /// Sends one frame; `false` when the socket is gone.
