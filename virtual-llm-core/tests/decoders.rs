@@ -18,9 +18,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use virtual_llm_core::protocol::{
-    CancelFrame, Closing, ConflictReason, ErrorBody, ErrorDetail, GatewayFrame, HeartbeatRequest,
-    Hello, LlmSpec, NameConflict, PublisherFrame, Refusal, RegisterRequest, RegisterResponse,
-    TaskFrame, TaskKind,
+    CancelFrame, Closing, ConflictReason, CreditFrame, ErrorBody, ErrorDetail, GatewayFrame,
+    HeartbeatRequest, Hello, LlmSpec, NameConflict, PublisherFrame, Refusal, RegisterRequest,
+    RegisterResponse, TaskFrame, TaskKind,
 };
 use virtual_llm_core::{
     InferRequest, LlmId, LlmKind, LlmName, LlmStatus, LlmView, SessionId, TaskId, TaskResult,
@@ -134,6 +134,7 @@ const KEYS: &[&str] = &[
     "lastHeartbeatAt",
     "inactiveSince",
     "id",
+    "results",
     "messages",
     "role",
     "content",
@@ -150,6 +151,7 @@ const WORDS: &[&str] = &[
     "cancel",
     "refused",
     "closing",
+    "credit",
     "infer",
     "active",
     "inactive",
@@ -401,6 +403,8 @@ fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
             .prop_map(|(status, error)| GatewayFrame::Refused(Refusal { status, error })),
         error_detail().prop_map(|error| GatewayFrame::Error(ErrorBody { error })),
         string().prop_map(|reason| GatewayFrame::Closing(Closing { reason })),
+        (task_id(), any::<u32>())
+            .prop_map(|(task_id, results)| GatewayFrame::Credit(CreditFrame { task_id, results })),
     ]
 }
 
