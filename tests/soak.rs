@@ -2,7 +2,9 @@
 //! one echo model each) behind TCP proxies, 50 concurrent clients sending streaming and
 //! non-streaming requests, and publishers killed (their connections cut without a
 //! goodbye) and restarted with their session files at random, for `SOAK_SECS` seconds
-//! (default 15).
+//! (default 15). One fault in sixteen is a freeze instead: the publisher's connections
+//! stay open but pass nothing (a hung host) until it is killed a little after the task
+//! deadline, so tasks sent to it time out.
 //!
 //! Accounting: every request gets exactly one outcome — answered (200, the right echo),
 //! 503 or 504 — and none hangs (each is wrapped in a 30 s timeout that counts as a
@@ -14,7 +16,7 @@
 
 mod conformance;
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -178,6 +180,8 @@ struct Slot {
     wire: Arc<dyn Wire>,
     options: PublisherOptions,
     publisher: Mutex<Option<Publisher>>,
+    /// Claimed by a fault (kill or freeze) until the publisher is started again.
+    busy: AtomicBool,
 }
 
 impl Slot {
@@ -194,6 +198,14 @@ impl Slot {
         self.proxy.revive();
         let publisher = Publisher::spawn(self.wire.clone(), vec![llm], self.options.clone());
         *self.publisher.lock().unwrap() = Some(publisher);
+        self.busy.store(false, Ordering::SeqCst);
+    }
+
+    /// Claims the slot for a fault; `false` if one is already under way.
+    fn claim(&self) -> bool {
+        self.busy
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
     }
 
     /// Cuts the publisher's connections and drops it: no goodbye reaches the gateway.
@@ -245,8 +257,8 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
     let started = Instant::now();
     let config = Config {
         heartbeat_interval: Duration::from_secs(2),
-        task_deadline: Duration::from_secs(5),
-        stream_idle_timeout: Duration::from_secs(5),
+        task_deadline: Duration::from_secs(3),
+        stream_idle_timeout: Duration::from_secs(3),
         ..Config::default()
     };
     let gw = TestGateway::start(config).await;
@@ -272,6 +284,7 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
             wire,
             options,
             publisher: Mutex::new(None),
+            busy: AtomicBool::new(false),
         });
     }
     let slots = Arc::new(slots);
@@ -331,26 +344,45 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
     assert_eq!(tally.answered.load(Ordering::Relaxed), CLIENTS * 20);
     let baseline = rss_kib();
 
-    // The soak: clients, and a killer that cuts publishers off and restarts them.
+    // The soak: clients, and a killer that cuts publishers off (or freezes them, then
+    // cuts them off) and restarts them.
     let soak_started = Instant::now();
     let running = clients(None, seed.rotate_left(17));
-    let (kills, restarts) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let (kills, freezes, restarts) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(AtomicU64::new(0)),
+    );
     let killer = {
         let (slots, stopped) = (slots.clone(), stopped.clone());
-        let (kills, restarts) = (kills.clone(), restarts.clone());
+        let (kills, freezes, restarts) = (kills.clone(), freezes.clone(), restarts.clone());
         let mut rng = Rng(seed.rotate_left(31));
         tokio::spawn(async move {
             let mut pending = Vec::new();
             while !*stopped.borrow() {
                 tokio::time::sleep(Duration::from_millis(10 + rng.below(40))).await;
                 let i = rng.below(PUBLISHERS as u64) as usize;
-                if !slots[i].kill() {
+                if !slots[i].claim() {
                     continue;
                 }
-                kills.fetch_add(1, Ordering::Relaxed);
-                let (slots, restarts) = (slots.clone(), restarts.clone());
+                // Frozen past the task deadline, then killed; or killed at once.
+                let frozen =
+                    (rng.below(16) == 0).then(|| Duration::from_millis(3500 + rng.below(500)));
                 let down = Duration::from_millis(20 + rng.below(600));
+                let (slots, kills, freezes, restarts) = (
+                    slots.clone(),
+                    kills.clone(),
+                    freezes.clone(),
+                    restarts.clone(),
+                );
                 pending.push(tokio::spawn(async move {
+                    if let Some(frozen) = frozen {
+                        slots[i].proxy.freeze();
+                        freezes.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(frozen).await;
+                    }
+                    assert!(slots[i].kill());
+                    kills.fetch_add(1, Ordering::Relaxed);
                     tokio::time::sleep(down).await;
                     slots[i].start();
                     restarts.fetch_add(1, Ordering::Relaxed);
@@ -403,7 +435,7 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
     eprintln!(
         "soak: {soaked:?} with {CLIENTS} clients over {PUBLISHERS} publishers (seed {seed}): \
          {} requests ({} streamed): answered {}, 503 {}, 504 {}, other {}, hung {}; \
-         {} kills, {} restarts; settled in {settle:?}",
+         {} kills ({} after a freeze), {} restarts; settled in {settle:?}",
         tally.total(),
         get(&tally.streamed),
         get(&tally.answered),
@@ -412,6 +444,7 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
         get(&tally.other),
         get(&tally.hung),
         kills.load(Ordering::Relaxed),
+        freezes.load(Ordering::Relaxed),
         restarts.load(Ordering::Relaxed),
     );
     eprintln!(
@@ -426,6 +459,10 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
     assert!(
         get(&tally.unavailable) > 0,
         "some requests met a killed publisher"
+    );
+    assert!(
+        get(&tally.timed_out) > 0,
+        "some requests met a frozen publisher"
     );
     assert_eq!(gw.gateway.tasks().in_flight(), 0);
     assert_eq!(gw.gateway.channels().len(), PUBLISHERS);
