@@ -1,0 +1,1997 @@
+//! The benchmark driver behind `docs/benchmarks.md`: the relay's overhead against calling
+//! the upstream directly, measured in one run, and the scale modes.
+//!
+//! Run with: `cargo run --release --example loadgen`
+//!
+//! ```text
+//! cargo run --release --example loadgen                          # relay against direct, c = 1, 16, 64
+//! cargo run --release --example loadgen -- --publishers 10000    # idle publishers: registration, memory
+//! cargo run --release --example loadgen -- --gc-rows 100000      # GC sweep on redb
+//! ```
+//!
+//! `--help` lists the flags. Ctrl-C stops the run and every child process.
+//!
+//! # What runs where, and why
+//!
+//! - **A mock OpenAI upstream**, served by this process on `127.0.0.1:0` (hyper, HTTP/1.1,
+//!   `TCP_NODELAY`): a fixed `chat.completion`, or with `"stream": true` a stream of 20
+//!   `chat.completion.chunk` events ending `data: [DONE]`. It answers from pre-built
+//!   bytes, so it costs next to nothing and the same in every case.
+//! - **The gateway and the publishers are child processes** (the release builds of
+//!   `examples/gateway.rs` and `examples/publisher.rs`, built first by this program),
+//!   so that the gateway's own CPU seconds and peak RSS can be read from
+//!   `/proc/<pid>/stat` and `/proc/<pid>/status` apart from the load client's, and so
+//!   that a relayed request crosses the same process and socket boundaries as in
+//!   production. The gateway keeps its registry in redb, in a temporary directory on
+//!   disk.
+//! - **The load client**, in this process: closed loop, N workers, each with its own
+//!   keep-alive HTTP/1.1 connection (`TCP_NODELAY`) sending requests back to back.
+//!   Latencies go into an HDR histogram; requests started during the warm-up are not
+//!   recorded.
+//!
+//! # What is measured
+//!
+//! At each concurrency, one after the other: the mock called directly, then the same
+//! request relayed (client → gateway → publisher over the control channel → mock →
+//! publisher → gateway → client), then both again streamed. For each relayed case the
+//! table shows the *added* latency (relayed p50/p99 minus direct p50/p99 at the same
+//! concurrency, same run) and the throughput ratio (relayed over direct requests per
+//! second). Streamed rows give the time to the first chunk and chunks per second.
+//! CPU per request is given for each process: on a 2-core machine the load client and
+//! the mock share the cores with the gateway and the publisher, so the sum of the CPU
+//! columns (with the kernel's network work, charged to no process) is what one request
+//! costs the machine. After the table comes how much of the machine *other* processes
+//! took during each case: a concurrent build makes every figure pessimistic, and says so.
+//!
+//! Scale modes run instead of the relay cases when asked for:
+//! - `--publishers N`: N idle publishers, each with one echo LLM, driven from this
+//!   process with the library (`Publisher::spawn` over an `SseWire` or a `WsWire`
+//!   each: thousands of publisher *processes* would measure the kernel, not the
+//!   gateway) against a child gateway. Reports the registration time and the gateway's
+//!   RSS and file descriptors per connected publisher.
+//! - `--gc-rows N`: the GC sweep over N rows of an on-disk redb registry, `--gc-stale`
+//!   of them stale, in process (`Gateway::sweep`; the rows are written with
+//!   `Store::write` batches).
+//!
+//! # Transports
+//!
+//! `--transports sse,ws` (the default) relays over both, each through its own publisher
+//! child (`publisher --transport sse|ws`); the scale mode picks the library's wire in
+//! [`wire`].
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use comfy_table::presets::ASCII_MARKDOWN;
+use hdrhistogram::Histogram;
+use indicatif::{ProgressBar, ProgressStyle};
+use virtual_llm::protocol::LlmSpec;
+use virtual_llm::publisher::{PublisherState, Wire};
+use virtual_llm::redb::RedbStore;
+use virtual_llm::sse::SseWire;
+use virtual_llm::ws::WsWire;
+use virtual_llm::{
+    Clock, EchoProvider, Gateway, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, PublishedLlm,
+    Publisher, PublisherOptions, SessionId, Store, SystemClock, Timestamp, Write,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Parser, Debug)]
+#[command(
+    about = "virtual-llm benchmark driver: relay against direct, idle publishers, GC sweep",
+    after_help = "With neither --publishers nor --gc-rows, runs the relay cases."
+)]
+struct Args {
+    /// Measured time of each case.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
+    duration: Duration,
+    /// Unmeasured warm-up before each case.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "1s")]
+    warmup: Duration,
+    /// Concurrencies to measure (closed-loop workers, one connection each).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<usize>,
+    /// Kinds of request to measure: `complete` (one JSON answer), `stream` (20 chunks).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "complete,stream"
+    )]
+    kinds: Vec<Kind>,
+    /// Skip the direct cases (no added latency then): for profiling the relay.
+    #[arg(long)]
+    relayed_only: bool,
+    /// Transports to relay over.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "sse,ws")]
+    transports: Vec<Transport>,
+    /// Scale mode: connect this many idle publishers, one LLM each (several: `1000,10000`).
+    #[arg(long, value_delimiter = ',')]
+    publishers: Vec<usize>,
+    /// Scale mode: how many publishers register at once. Kept below the reference
+    /// gateway's listen backlog (128, tokio's default): past it, connections wait in
+    /// the kernel for a SYN retransmission, a full second each.
+    #[arg(long, default_value_t = 100)]
+    connect_concurrency: usize,
+    /// Scale mode: how long the publishers stay connected and idle before the gateway's
+    /// memory is read (past the heartbeat interval, 30 s, to include heartbeats).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+    hold: Duration,
+    /// GC mode: rows in the redb registry (several: `10000,100000`).
+    #[arg(long, value_delimiter = ',')]
+    gc_rows: Vec<usize>,
+    /// GC mode: how many of the rows are stale.
+    #[arg(long, default_value_t = 1000)]
+    gc_stale: usize,
+    /// GC mode: how many sweeps are timed.
+    #[arg(long, default_value_t = 5)]
+    gc_repeat: usize,
+    /// Keep the working directories (registry, child logs) and print where they are.
+    #[arg(long)]
+    keep: bool,
+    /// Use the gateway and publisher binaries as they are, without building them first.
+    #[arg(long)]
+    no_build: bool,
+    /// Where the gateway and publisher binaries are (default: next to this executable,
+    /// built first). Implies --no-build.
+    #[arg(long)]
+    bin_dir: Option<PathBuf>,
+}
+
+/// What a request asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+enum Kind {
+    /// A whole `chat.completion`.
+    Complete,
+    /// A stream of `chat.completion.chunk`s.
+    Stream,
+}
+
+/// How a publisher reaches the gateway.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, ValueEnum)]
+enum Transport {
+    /// Server-sent events down, HTTP posts up.
+    Sse,
+    /// One WebSocket both ways.
+    Ws,
+}
+
+impl Transport {
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::Ws => "ws",
+        }
+    }
+}
+
+/// The library wire of `transport` to the gateway at `url`, for the scale mode: the one
+/// place a transport is picked.
+fn wire(transport: Transport, url: &str) -> Result<Arc<dyn Wire>, BoxError> {
+    Ok(match transport {
+        Transport::Sse => Arc::new(SseWire::new(url, None)?),
+        Transport::Ws => Arc::new(WsWire::new(url, None)?),
+    })
+}
+
+#[tokio::main]
+async fn main() -> Result<(), BoxError> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            // The in-process publishers of the scale mode warn when the gateway
+            // goes away at the end, thousands of times: only their errors show.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,virtual_llm_core::publisher=error".into()),
+        )
+        .init();
+    let args = Args::parse();
+    // Dropping `run` on Ctrl-C drops the child-process guards, which kill the children.
+    tokio::select! {
+        result = run(args) => result,
+        signal = tokio::signal::ctrl_c() => {
+            signal?;
+            Err("interrupted; child processes stopped".into())
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), BoxError> {
+    if cfg!(debug_assertions) {
+        eprintln!("warning: a debug build; run with --release for meaningful figures");
+    }
+    let most_publishers = args.publishers.iter().copied().max().unwrap_or(0);
+    // Each idle publisher holds one connection (two while an SSE heartbeat is in
+    // flight) at both ends: in this process and in the gateway, which inherits the limit.
+    let fd_limit = raise_fd_limit(
+        most_publishers as u64 * 2 + 4096,
+        most_publishers as u64 + 1024,
+    )?;
+    println!("# virtual-llm loadgen\n");
+    println!("machine: {}", machine());
+    println!(
+        "command: {}",
+        std::env::args().collect::<Vec<_>>().join(" ")
+    );
+    println!("open-file limit: {fd_limit}\n");
+
+    if !args.gc_rows.is_empty() {
+        let mut runs = Vec::new();
+        for &rows in &args.gc_rows {
+            runs.push(gc::run(rows, args.gc_stale, args.gc_repeat).await?);
+        }
+        gc::print(&runs);
+    }
+    if !args.publishers.is_empty() {
+        let bins = Binaries::locate(&args)?;
+        let mut runs = Vec::new();
+        for &transport in &args.transports {
+            for &n in &args.publishers {
+                runs.push(scale::run(&args, &bins, transport, n).await?);
+            }
+        }
+        scale::print(&args, &runs);
+    }
+    if args.publishers.is_empty() && args.gc_rows.is_empty() {
+        let bins = Binaries::locate(&args)?;
+        relay::run(&args, &bins).await?;
+    }
+    Ok(())
+}
+
+/// Raises the soft open-file limit to `want` (the hard one too when allowed, as root),
+/// or as far as the hard limit goes, and warns below `need`. Child processes inherit it.
+fn raise_fd_limit(want: u64, need: u64) -> Result<u64, BoxError> {
+    use rlimit::Resource;
+    let (soft, hard) = Resource::NOFILE.get()?;
+    if soft >= want {
+        return Ok(soft);
+    }
+    if hard < want && Resource::NOFILE.set(want, want).is_ok() {
+        return Ok(want);
+    }
+    let soft = want.min(hard);
+    Resource::NOFILE.set(soft, hard)?;
+    if soft < need {
+        eprintln!(
+            "warning: open-file limit {soft} is below the {need} this run needs; raise it with `ulimit -Hn` and `ulimit -n`"
+        );
+    }
+    Ok(soft)
+}
+
+/// One line about the machine: CPU model, cores, memory, kernel.
+fn machine() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpuinfo = read("/proc/cpuinfo");
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_owned())
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = procfs::cores();
+    let mem_gib = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|l| l.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0.0, |kib| kib as f64 / 1024.0 / 1024.0);
+    let kernel = read("/proc/sys/kernel/osrelease");
+    format!(
+        "{cores} cores ({model}), {mem_gib:.1} GiB RAM, Linux {}",
+        kernel.trim()
+    )
+}
+
+/// Formats nanoseconds as milliseconds.
+fn ms(ns: u64) -> String {
+    format!("{:.3}", ns as f64 / 1e6)
+}
+
+/// Formats a signed difference of nanoseconds as milliseconds.
+fn ms_diff(a: u64, b: u64) -> String {
+    format!("{:+.3}", (a as f64 - b as f64) / 1e6)
+}
+
+/// A latency histogram in nanoseconds, 1 µs to 2 min, 3 significant digits.
+fn histogram() -> Result<Histogram<u64>, BoxError> {
+    Ok(Histogram::new_with_bounds(1_000, 120_000_000_000, 3)?)
+}
+
+fn duration_ns(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+fn progress(len: u64, template: &str) -> Result<ProgressBar, BoxError> {
+    let bar = ProgressBar::new(len);
+    bar.set_style(ProgressStyle::with_template(template)?);
+    bar.enable_steady_tick(Duration::from_millis(250));
+    Ok(bar)
+}
+
+/// Reading a process's CPU time and memory from `/proc`.
+mod procfs {
+    use std::io;
+    use std::time::Duration;
+
+    /// Clock ticks per second of `/proc/<pid>/stat` (`USER_HZ`, 100 on Linux).
+    const USER_HZ: u64 = 100;
+
+    /// A process's CPU time and memory at one moment.
+    #[derive(Clone, Copy, Debug, Default)]
+    pub(crate) struct Usage {
+        /// User plus system time, all threads.
+        pub(crate) cpu: Duration,
+        /// Resident set now (`VmRSS`), KiB.
+        pub(crate) rss_kib: u64,
+        /// Peak resident set (`VmHWM`), KiB.
+        pub(crate) hwm_kib: u64,
+    }
+
+    /// `pid` is a process id, or `self`.
+    pub(crate) fn usage(pid: &str) -> io::Result<Usage> {
+        Ok(Usage {
+            cpu: cpu(pid)?,
+            rss_kib: status_kib(pid, "VmRSS:")?,
+            hwm_kib: status_kib(pid, "VmHWM:")?,
+        })
+    }
+
+    /// User plus system CPU time of `pid`, all threads.
+    pub(crate) fn cpu(pid: &str) -> io::Result<Duration> {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/<pid>/stat");
+        // The command name (field 2) may hold spaces: count fields after its `)`.
+        let (_, rest) = stat.rsplit_once(')').ok_or_else(bad)?;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are fields 14 and 15; `rest` starts at field 3.
+        let tick = |i: usize| -> io::Result<u64> {
+            fields.get(i).and_then(|f| f.parse().ok()).ok_or_else(bad)
+        };
+        let ticks = tick(11)? + tick(12)?;
+        Ok(Duration::from_millis(ticks * 1000 / USER_HZ))
+    }
+
+    fn status_kib(pid: &str, key: &str) -> io::Result<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no {key}")))
+    }
+
+    /// How many file descriptors `pid` has open.
+    pub(crate) fn open_fds(pid: &str) -> io::Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?.count())
+    }
+
+    /// Where the whole machine's CPU time went since boot (all cores).
+    #[derive(Clone, Copy, Debug, Default)]
+    pub(crate) struct Machine {
+        /// In processes, user and kernel (user, nice, system): with the processes' own
+        /// times, it tells how much *other* processes took.
+        pub(crate) tasks: Duration,
+        /// In interrupts (irq, softirq): loopback TCP is received here, charged to no
+        /// process.
+        pub(crate) interrupts: Duration,
+        /// In the `ksoftirqd` kernel threads (part of `tasks`): the same network work,
+        /// deferred there when interrupts alone cannot keep up (at high request rates).
+        pub(crate) softirqd: Duration,
+        /// Taken by the hypervisor for other guests.
+        pub(crate) steal: Duration,
+    }
+
+    impl Machine {
+        pub(crate) fn since(&self, before: &Machine) -> Machine {
+            Machine {
+                tasks: self.tasks.saturating_sub(before.tasks),
+                interrupts: self.interrupts.saturating_sub(before.interrupts),
+                softirqd: self.softirqd.saturating_sub(before.softirqd),
+                steal: self.steal.saturating_sub(before.steal),
+            }
+        }
+
+        /// The kernel's network work charged to no process of ours.
+        pub(crate) fn network(&self) -> Duration {
+            self.interrupts + self.softirqd
+        }
+    }
+
+    /// The machine's CPUs, whatever this process's affinity (`taskset`) allows it.
+    pub(crate) fn cores() -> usize {
+        std::fs::read_to_string("/proc/stat")
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+            .count()
+    }
+
+    /// CPU time of the `ksoftirqd/N` kernel threads.
+    fn softirqd() -> io::Result<Duration> {
+        let mut total = Duration::ZERO;
+        for entry in std::fs::read_dir("/proc")? {
+            let name = entry?.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            if comm.starts_with("ksoftirqd/") {
+                total += cpu(pid).unwrap_or_default();
+            }
+        }
+        Ok(total)
+    }
+
+    pub(crate) fn machine() -> io::Result<Machine> {
+        let stat = std::fs::read_to_string("/proc/stat")?;
+        let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected /proc/stat");
+        let line = stat.lines().next().ok_or_else(bad)?;
+        let ticks: Vec<u64> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|f| f.parse().map_err(|_| bad()))
+            .collect::<io::Result<_>>()?;
+        // user nice system idle iowait irq softirq steal (guest is inside user).
+        let [user, nice, system, _idle, _iowait, irq, softirq, steal, ..] = ticks[..] else {
+            return Err(bad());
+        };
+        let time = |t: u64| Duration::from_millis(t * 1000 / USER_HZ);
+        Ok(Machine {
+            tasks: time(user + nice + system),
+            interrupts: time(irq + softirq),
+            softirqd: softirqd()?,
+            steal: time(steal),
+        })
+    }
+}
+
+/// The gateway and publisher binaries, and the child processes started from them.
+struct Binaries {
+    gateway: PathBuf,
+    publisher: PathBuf,
+}
+
+impl Binaries {
+    /// Builds the binaries with the profile of this one (unless told not to) and finds
+    /// them next to this executable or in `--bin-dir`.
+    fn locate(args: &Args) -> Result<Self, BoxError> {
+        let dir = match &args.bin_dir {
+            Some(dir) => dir.clone(),
+            None => {
+                if !args.no_build {
+                    build()?;
+                }
+                let exe = std::env::current_exe()?;
+                exe.parent()
+                    .ok_or("this executable has no directory")?
+                    .to_path_buf()
+            }
+        };
+        let bins = Binaries {
+            gateway: dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX)),
+            publisher: dir.join(format!("publisher{}", std::env::consts::EXE_SUFFIX)),
+        };
+        for bin in [&bins.gateway, &bins.publisher] {
+            if !bin.is_file() {
+                return Err(format!(
+                    "{} not found: build it with `cargo build --release --examples`",
+                    bin.display()
+                )
+                .into());
+            }
+        }
+        Ok(bins)
+    }
+}
+
+/// `cargo build [--release] --example gateway --example publisher`, in this workspace.
+fn build() -> Result<(), BoxError> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = std::process::Command::new(cargo);
+    command.args([
+        "build",
+        "--example",
+        "gateway",
+        "--example",
+        "publisher",
+        "--manifest-path",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+    ]);
+    if !cfg!(debug_assertions) {
+        command.arg("--release");
+    }
+    eprintln!("building the gateway and publisher binaries…");
+    let status = command.status()?;
+    if !status.success() {
+        return Err(format!("building the gateway and publisher failed: {status}").into());
+    }
+    Ok(())
+}
+
+/// A child process that is killed when this guard is dropped: at the end, on an error,
+/// on a panic, and on Ctrl-C.
+struct ChildGuard {
+    name: String,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl ChildGuard {
+    /// Starts `program` with `args`, logging (`RUST_LOG=warn`) to `log`.
+    fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self, BoxError> {
+        let file = std::fs::File::create(&log)?;
+        let child = std::process::Command::new(program)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", program.display()))?;
+        Ok(ChildGuard {
+            name: name.to_owned(),
+            child,
+            log,
+        })
+    }
+
+    fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+
+    /// An error if the process has exited, with the end of its log.
+    fn check_running(&mut self) -> Result<(), BoxError> {
+        match self.child.try_wait()? {
+            None => Ok(()),
+            Some(status) => {
+                let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                Err(format!("{} exited ({status}):\n{}", self.name, tail.join("\n")).into())
+            }
+        }
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill() {
+            eprintln!("could not stop {}: {e}", self.name);
+        }
+        if let Err(e) = self.child.wait() {
+            eprintln!("could not reap {}: {e}", self.name);
+        }
+    }
+}
+
+/// A temporary directory for a registry and the child processes' logs, removed at the
+/// end unless `--keep`.
+struct WorkDir {
+    path: PathBuf,
+    _temp: Option<tempfile::TempDir>,
+}
+
+impl WorkDir {
+    fn new(keep: bool) -> Result<Self, BoxError> {
+        let temp = tempfile::Builder::new().prefix("loadgen-").tempdir()?;
+        if keep {
+            let path = temp.keep();
+            eprintln!("keeping {}", path.display());
+            return Ok(WorkDir { path, _temp: None });
+        }
+        Ok(WorkDir {
+            path: temp.path().to_path_buf(),
+            _temp: Some(temp),
+        })
+    }
+
+    fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// A free loopback port (bound, read, released: the child binds it a moment later).
+fn free_port() -> Result<u16, BoxError> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// A control-plane HTTP client (readiness, registry reads); not the load client.
+fn control_client() -> Result<reqwest::Client, BoxError> {
+    Ok(reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()?)
+}
+
+/// A gateway child process on a free loopback port, its registry in `dir`.
+struct GatewayChild {
+    guard: ChildGuard,
+    url: String,
+    addr: SocketAddr,
+}
+
+impl GatewayChild {
+    async fn start(bins: &Binaries, dir: &Path, http: &reqwest::Client) -> Result<Self, BoxError> {
+        let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let args = vec![
+            "--listen".to_owned(),
+            addr.to_string(),
+            "--data-dir".to_owned(),
+            dir.join("data").display().to_string(),
+        ];
+        let mut guard =
+            ChildGuard::spawn("gateway", &bins.gateway, &args, dir.join("gateway.log"))?;
+        let url = format!("http://{addr}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            guard.check_running()?;
+            if let Ok(response) = http.get(format!("{url}/api/v1/llms")).send().await
+                && response.status().is_success()
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("the gateway did not answer within 30 s".into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(GatewayChild { guard, url, addr })
+    }
+
+    fn pid(&self) -> String {
+        self.guard.pid()
+    }
+}
+
+/// The mock OpenAI upstream: fixed answers from pre-built bytes.
+mod mock {
+    use std::convert::Infallible;
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Frame, Incoming};
+    use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
+    use hyper::{Request, Response, StatusCode};
+    use hyper_util::rt::TokioIo;
+    use serde_json::{Value, json};
+
+    /// Chunks in a streamed answer, `data: [DONE]` not counted.
+    pub(crate) const CHUNKS: usize = 20;
+    /// The model name the mock reports.
+    pub(crate) const MODEL: &str = "mock-model";
+
+    type Body =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    struct Answers {
+        completion: Bytes,
+        /// The stream's events, each a separate body frame, `[DONE]` last.
+        events: Vec<Bytes>,
+    }
+
+    impl Answers {
+        fn new() -> Self {
+            let completion = json!({
+                "id": "chatcmpl-mock",
+                "object": "chat.completion",
+                "created": 1_700_000_000,
+                "model": MODEL,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello! How can I help you today?"},
+                    "finish_reason": "stop"
+                }],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}
+            });
+            let mut events: Vec<Bytes> = (0..CHUNKS)
+                .map(|i| {
+                    let last = i + 1 == CHUNKS;
+                    let chunk = json!({
+                        "id": "chatcmpl-mock",
+                        "object": "chat.completion.chunk",
+                        "created": 1_700_000_000,
+                        "model": MODEL,
+                        "choices": [{
+                            "index": 0,
+                            "delta": {"content": format!("word{i} ")},
+                            "finish_reason": if last { Value::from("stop") } else { Value::Null }
+                        }]
+                    });
+                    Bytes::from(format!("data: {chunk}\n\n"))
+                })
+                .collect();
+            events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            Answers {
+                completion: Bytes::from(completion.to_string()),
+                events,
+            }
+        }
+    }
+
+    /// Serves the mock on `127.0.0.1:0` on the current runtime; returns its address.
+    pub(crate) async fn start() -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let answers = Arc::new(Answers::new());
+        tokio::spawn(async move {
+            loop {
+                let stream = match listener.accept().await {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "mock: accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::debug!(error = %e, "mock: no TCP_NODELAY");
+                }
+                let answers = answers.clone();
+                tokio::spawn(async move {
+                    let service =
+                        hyper::service::service_fn(move |request| answer(request, answers.clone()));
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "mock: connection ended with an error");
+                    }
+                });
+            }
+        });
+        Ok(addr)
+    }
+
+    async fn answer(
+        request: Request<Incoming>,
+        answers: Arc<Answers>,
+    ) -> Result<Response<Body>, Infallible> {
+        let reply = |status: StatusCode, content_type: &'static str, frames: Vec<Bytes>| {
+            let mut response = Response::new(StreamBody::new(futures::stream::iter(
+                frames
+                    .into_iter()
+                    .map(|b| Ok(Frame::data(b)))
+                    .collect::<Vec<_>>(),
+            )));
+            *response.status_mut() = status;
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+            response
+        };
+        if !request.uri().path().ends_with("/chat/completions") {
+            return Ok(reply(
+                StatusCode::NOT_FOUND,
+                "application/json",
+                vec![Bytes::from_static(br#"{"error":{"message":"not found"}}"#)],
+            ));
+        }
+        let body = match request.into_body().collect().await {
+            Ok(body) => body.to_bytes(),
+            Err(_) => {
+                return Ok(reply(
+                    StatusCode::BAD_REQUEST,
+                    "application/json",
+                    vec![Bytes::from_static(br#"{"error":{"message":"bad body"}}"#)],
+                ));
+            }
+        };
+        let stream = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| v.get("stream").and_then(Value::as_bool))
+            .unwrap_or(false);
+        if stream {
+            let mut response = reply(StatusCode::OK, "text/event-stream", answers.events.clone());
+            response
+                .headers_mut()
+                .insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+            Ok(response)
+        } else {
+            Ok(reply(
+                StatusCode::OK,
+                "application/json",
+                vec![answers.completion.clone()],
+            ))
+        }
+    }
+}
+
+/// The closed-loop HTTP/1.1 load client.
+mod load {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use hdrhistogram::Histogram;
+    use http_body_util::{BodyExt, Full};
+    use hyper::client::conn::http1::SendRequest;
+    use hyper::header::{CONTENT_TYPE, HOST, HeaderValue};
+    use hyper::{Method, Request};
+    use hyper_util::rt::TokioIo;
+
+    use super::{BoxError, duration_ns, histogram};
+
+    /// What every request of a case is.
+    pub(crate) struct Target {
+        pub(crate) addr: SocketAddr,
+        pub(crate) body: Bytes,
+        pub(crate) stream: bool,
+        /// Streamed chunks each answer must carry (`[DONE]` not counted).
+        pub(crate) chunks: usize,
+    }
+
+    /// What a case measured, warm-up excluded.
+    pub(crate) struct Outcome {
+        /// Whole request, or time to the first chunk when streaming.
+        pub(crate) latency: Histogram<u64>,
+        pub(crate) requests: u64,
+        pub(crate) errors: u64,
+        pub(crate) first_error: Option<String>,
+        pub(crate) chunks: u64,
+        /// From the end of the warm-up to the last answer.
+        pub(crate) elapsed: Duration,
+    }
+
+    impl Outcome {
+        pub(crate) fn rps(&self) -> f64 {
+            self.requests as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        }
+
+        pub(crate) fn chunks_per_sec(&self) -> f64 {
+            self.chunks as f64 / self.elapsed.as_secs_f64().max(1e-9)
+        }
+    }
+
+    /// Runs `concurrency` workers against `target` for `warmup + duration`, recording
+    /// requests started after the warm-up. `at_measure_start` runs when the warm-up
+    /// ends (CPU snapshots).
+    pub(crate) async fn run(
+        target: Arc<Target>,
+        concurrency: usize,
+        warmup: Duration,
+        duration: Duration,
+        at_measure_start: impl FnOnce(),
+    ) -> Result<Outcome, BoxError> {
+        let start = tokio::time::Instant::now();
+        let measure_from = start + warmup;
+        let until = measure_from + duration;
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..concurrency.max(1) {
+            workers.spawn(worker(
+                target.clone(),
+                measure_from.into_std(),
+                until.into_std(),
+            ));
+        }
+        tokio::time::sleep_until(measure_from).await;
+        at_measure_start();
+        let mut total = Outcome {
+            latency: histogram()?,
+            requests: 0,
+            errors: 0,
+            first_error: None,
+            chunks: 0,
+            elapsed: Duration::ZERO,
+        };
+        let mut finished = measure_from.into_std();
+        while let Some(worker) = workers.join_next().await {
+            let (outcome, done) = worker??;
+            total.latency.add(&outcome.latency)?;
+            total.requests += outcome.requests;
+            total.errors += outcome.errors;
+            total.chunks += outcome.chunks;
+            total.first_error = total.first_error.or(outcome.first_error);
+            finished = finished.max(done);
+        }
+        total.elapsed = finished.saturating_duration_since(measure_from.into_std());
+        Ok(total)
+    }
+
+    async fn connect(addr: SocketAddr) -> Result<SendRequest<Full<Bytes>>, BoxError> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "load client connection ended");
+            }
+        });
+        Ok(sender)
+    }
+
+    async fn worker(
+        target: Arc<Target>,
+        measure_from: Instant,
+        until: Instant,
+    ) -> Result<(Outcome, Instant), BoxError> {
+        let mut outcome = Outcome {
+            latency: histogram()?,
+            requests: 0,
+            errors: 0,
+            first_error: None,
+            chunks: 0,
+            elapsed: Duration::ZERO,
+        };
+        let host = HeaderValue::from_str(&target.addr.to_string())?;
+        let mut sender = None;
+        loop {
+            let started = Instant::now();
+            if started >= until {
+                break;
+            }
+            let measured = started >= measure_from;
+            let result = match &mut sender {
+                Some(sender) => once(sender, &target, &host, started).await,
+                None => match connect(target.addr).await {
+                    Ok(s) => {
+                        sender = Some(s);
+                        continue;
+                    }
+                    Err(e) => Err(e),
+                },
+            };
+            match result {
+                Ok((latency, chunks)) if measured => {
+                    outcome.latency.saturating_record(duration_ns(latency));
+                    outcome.requests += 1;
+                    outcome.chunks += chunks;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if measured {
+                        outcome.errors += 1;
+                        outcome.first_error.get_or_insert_with(|| e.to_string());
+                    }
+                    // Start over on a fresh connection, without spinning.
+                    sender = None;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+        Ok((outcome, Instant::now()))
+    }
+
+    /// One request; the latency (to the first chunk when streaming) and the chunks.
+    async fn once(
+        sender: &mut SendRequest<Full<Bytes>>,
+        target: &Target,
+        host: &HeaderValue,
+        started: Instant,
+    ) -> Result<(Duration, u64), BoxError> {
+        sender.ready().await?;
+        let request = Request::builder()
+            .method(Method::POST)
+            .uri("/v1/chat/completions")
+            .header(HOST, host.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(Full::new(target.body.clone()))?;
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let mut body = response.into_body();
+        if !status.is_success() {
+            let text = body.collect().await?.to_bytes();
+            return Err(format!("{status}: {}", String::from_utf8_lossy(&text)).into());
+        }
+        if !target.stream {
+            body.collect().await?;
+            return Ok((started.elapsed(), 0));
+        }
+        let mut first = None;
+        let mut received = Vec::with_capacity(8 * 1024);
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                received.extend_from_slice(&data);
+                if first.is_none() && received.windows(5).any(|w| w == b"data:") {
+                    first = Some(started.elapsed());
+                }
+            }
+        }
+        let text = String::from_utf8_lossy(&received);
+        let mut chunks = 0;
+        let mut done = false;
+        for line in text.lines() {
+            if line.starts_with("event: error") {
+                return Err(format!("the stream failed: {text}").into());
+            }
+            if let Some(data) = line.strip_prefix("data:") {
+                if data.trim() == "[DONE]" {
+                    done = true;
+                } else {
+                    chunks += 1;
+                }
+            }
+        }
+        if !done || chunks != target.chunks {
+            return Err(format!(
+                "expected {} chunks and [DONE], got {chunks} chunks{}",
+                target.chunks,
+                if done { "" } else { " and no [DONE]" }
+            )
+            .into());
+        }
+        let first = first.ok_or("no chunk")?;
+        Ok((first, chunks as u64))
+    }
+}
+
+/// The relay cases: direct against relayed, complete and streamed, per concurrency.
+mod relay {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use comfy_table::Table;
+    use serde_json::json;
+
+    use super::{
+        ASCII_MARKDOWN, Args, Binaries, BoxError, ChildGuard, GatewayChild, Kind, Transport,
+        WorkDir, control_client, load, mock, ms, ms_diff, procfs, progress,
+    };
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    enum Route {
+        Direct,
+        Relayed(Transport),
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    struct Case {
+        route: Route,
+        kind: Kind,
+        concurrency: usize,
+    }
+
+    impl Case {
+        fn label(&self) -> String {
+            let route = match self.route {
+                Route::Direct => "direct".to_owned(),
+                Route::Relayed(t) => format!("relayed {}", t.name()),
+            };
+            match self.kind {
+                Kind::Complete => route,
+                Kind::Stream => format!("{route}, stream"),
+            }
+        }
+    }
+
+    /// CPU time of the three processes over the measured part of a case.
+    #[derive(Clone, Copy, Debug, Default)]
+    struct Cpu {
+        gateway: Duration,
+        /// The publisher of the case's transport.
+        publisher: Duration,
+        /// Every publisher (the other transport's is idle).
+        publishers: Duration,
+        /// The load client and the mock.
+        loadgen: Duration,
+        /// The whole machine.
+        machine: procfs::Machine,
+    }
+
+    impl Cpu {
+        fn since(&self, before: &Cpu) -> Cpu {
+            Cpu {
+                gateway: self.gateway.saturating_sub(before.gateway),
+                publisher: self.publisher.saturating_sub(before.publisher),
+                publishers: self.publishers.saturating_sub(before.publishers),
+                loadgen: self.loadgen.saturating_sub(before.loadgen),
+                machine: self.machine.since(&before.machine),
+            }
+        }
+
+        /// What processes other than these took: a concurrent build, say.
+        fn others(&self) -> Duration {
+            self.machine.tasks.saturating_sub(
+                self.gateway + self.publishers + self.loadgen + self.machine.softirqd,
+            )
+        }
+    }
+
+    struct Measured {
+        case: Case,
+        outcome: load::Outcome,
+        cpu: Cpu,
+    }
+
+    /// The publisher child of one transport and the LLM it publishes.
+    struct PublisherChild {
+        guard: ChildGuard,
+        llm: String,
+    }
+
+    pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
+        let dir = WorkDir::new(args.keep)?;
+        let http = control_client()?;
+        let upstream = mock::start().await?;
+        let mut gateway = GatewayChild::start(bins, dir.path(), &http).await?;
+        let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
+        let mut publishers: Vec<(Transport, PublisherChild)> = Vec::new();
+        for &transport in &args.transports {
+            let child = start_publisher(
+                bins,
+                dir.path(),
+                &http,
+                &gateway,
+                transport,
+                upstream,
+                max_concurrency,
+            )
+            .await?;
+            publishers.push((transport, child));
+        }
+
+        let mut cases = Vec::new();
+        for &concurrency in &args.concurrency {
+            for &kind in &args.kinds {
+                if !args.relayed_only {
+                    cases.push(Case {
+                        route: Route::Direct,
+                        kind,
+                        concurrency,
+                    });
+                }
+                for &transport in &args.transports {
+                    cases.push(Case {
+                        route: Route::Relayed(transport),
+                        kind,
+                        concurrency,
+                    });
+                }
+            }
+        }
+        let per_case = args.warmup + args.duration;
+        println!(
+            "relay cases: {} × ({:?} warm-up + {:?} measured) ≈ {:?}\n",
+            cases.len(),
+            args.warmup,
+            args.duration,
+            per_case * u32::try_from(cases.len()).unwrap_or(u32::MAX)
+        );
+        let bar = progress(
+            cases.len() as u64,
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        )?;
+        let gateway_pid = gateway.pid();
+        let publisher_pids: Vec<String> = publishers.iter().map(|(_, p)| p.guard.pid()).collect();
+        let mut results = Vec::new();
+        for case in cases {
+            bar.set_message(format!("{} c={}", case.label(), case.concurrency));
+            let (addr, model, publisher_pid) = match case.route {
+                Route::Direct => (upstream, mock::MODEL.to_owned(), None),
+                Route::Relayed(t) => {
+                    let (_, p) = publishers
+                        .iter_mut()
+                        .find(|(pt, _)| *pt == t)
+                        .ok_or("no publisher")?;
+                    p.guard.check_running()?;
+                    gateway.guard.check_running()?;
+                    (gateway.addr, p.llm.clone(), Some(p.guard.pid()))
+                }
+            };
+            let stream = case.kind == Kind::Stream;
+            let body = json!({
+                "model": model,
+                "stream": stream,
+                "max_tokens": 32,
+                "messages": [{"role": "user", "content": "Say hello in a few words."}]
+            });
+            let target = Arc::new(load::Target {
+                addr,
+                body: Bytes::from(body.to_string()),
+                stream,
+                chunks: mock::CHUNKS,
+            });
+            let sample = || Cpu {
+                gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
+                publisher: publisher_pid
+                    .as_deref()
+                    .and_then(|pid| procfs::cpu(pid).ok())
+                    .unwrap_or_default(),
+                publishers: publisher_pids
+                    .iter()
+                    .filter_map(|pid| procfs::cpu(pid).ok())
+                    .sum(),
+                loadgen: procfs::cpu("self").unwrap_or_default(),
+                machine: procfs::machine().unwrap_or_default(),
+            };
+            let mut before = Cpu::default();
+            let outcome = load::run(target, case.concurrency, args.warmup, args.duration, || {
+                before = sample()
+            })
+            .await?;
+            let cpu = sample().since(&before);
+            bar.println(format!(
+                "{:<22} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}",
+                case.label(),
+                case.concurrency,
+                outcome.rps(),
+                ms(outcome.latency.value_at_quantile(0.5)),
+                ms(outcome.latency.value_at_quantile(0.99)),
+                outcome.errors
+            ));
+            results.push(Measured { case, outcome, cpu });
+            // A child that died makes every later case fail: stop with its log.
+            gateway.guard.check_running()?;
+            for (_, p) in &mut publishers {
+                p.guard.check_running()?;
+            }
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+
+        print_table(&results);
+        let gateway_usage = procfs::usage(&gateway_pid)?;
+        println!(
+            "\ngateway: {:.2} CPU s over the run, peak RSS {:.1} MiB (RSS now {:.1} MiB)",
+            gateway_usage.cpu.as_secs_f64(),
+            gateway_usage.hwm_kib as f64 / 1024.0,
+            gateway_usage.rss_kib as f64 / 1024.0,
+        );
+        for (transport, p) in &publishers {
+            let usage = procfs::usage(&p.guard.pid())?;
+            println!(
+                "publisher ({}): {:.2} CPU s, peak RSS {:.1} MiB",
+                transport.name(),
+                usage.cpu.as_secs_f64(),
+                usage.hwm_kib as f64 / 1024.0,
+            );
+        }
+        let own = procfs::usage("self")?;
+        println!(
+            "loadgen (load client + mock): {:.2} CPU s, peak RSS {:.1} MiB",
+            own.cpu.as_secs_f64(),
+            own.hwm_kib as f64 / 1024.0
+        );
+        for m in &results {
+            if let Some(e) = &m.outcome.first_error {
+                println!(
+                    "first error of {} c={}: {e}",
+                    m.case.label(),
+                    m.case.concurrency
+                );
+            }
+        }
+        // Other processes on the machine during the measured time, as a share of
+        // all cores: anything above a few percent makes the figures pessimistic.
+        let cores = procfs::cores().max(1) as f64;
+        let share = |m: &Measured| {
+            m.cpu.others().as_secs_f64() / (cores * m.outcome.elapsed.as_secs_f64()).max(1e-9)
+        };
+        let worst = results.iter().map(share).fold(0.0, f64::max);
+        let average = |f: &dyn Fn(&Measured) -> f64| {
+            100.0 * results.iter().map(f).sum::<f64>() / results.len().max(1) as f64
+        };
+        let of_machine = |d: Duration, m: &Measured| {
+            d.as_secs_f64() / (cores * m.outcome.elapsed.as_secs_f64()).max(1e-9)
+        };
+        println!(
+            "during the measured time, on average: other processes took {:.1}% of the machine (worst case {:.1}%), the kernel's network work {:.1}%, steal {:.1}%",
+            average(&share),
+            100.0 * worst,
+            average(&|m| of_machine(m.cpu.machine.network(), m)),
+            average(&|m| of_machine(m.cpu.machine.steal, m)),
+        );
+        for m in results.iter().filter(|m| share(m) > 0.05) {
+            println!(
+                "warning: other processes took {:.0}% of the machine during {} c={}: its figures are pessimistic",
+                100.0 * share(m),
+                m.case.label(),
+                m.case.concurrency
+            );
+        }
+        print_targets(args, &results);
+        Ok(())
+    }
+
+    async fn start_publisher(
+        bins: &Binaries,
+        dir: &std::path::Path,
+        http: &reqwest::Client,
+        gateway: &GatewayChild,
+        transport: Transport,
+        upstream: std::net::SocketAddr,
+        max_concurrency: usize,
+    ) -> Result<PublisherChild, BoxError> {
+        let llm = format!("bench-{}", transport.name());
+        let config = dir.join(format!("providers-{}.json", transport.name()));
+        let providers = json!([{
+            "name": llm,
+            "type": "openai",
+            "model": mock::MODEL,
+            "url": format!("http://{upstream}/v1"),
+            "publish": true
+        }]);
+        std::fs::write(&config, providers.to_string())?;
+        let args = vec![
+            "--gateway".to_owned(),
+            gateway.url.clone(),
+            "--transport".to_owned(),
+            transport.name().to_owned(),
+            "--session-file".to_owned(),
+            dir.join(format!("session-{}", transport.name()))
+                .display()
+                .to_string(),
+            "--config".to_owned(),
+            config.display().to_string(),
+            // Never queue inside the publisher: every client request runs at once.
+            "--max-concurrent".to_owned(),
+            max_concurrency.to_string(),
+        ];
+        let name = format!("publisher ({})", transport.name());
+        let log = dir.join(format!("publisher-{}.log", transport.name()));
+        let mut guard = ChildGuard::spawn(&name, &bins.publisher, &args, log)?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Err(e) = guard.check_running() {
+                if e.to_string().contains("invalid value") {
+                    return Err(format!(
+                        "the publisher binary does not support --transport {} yet: {e}",
+                        transport.name()
+                    )
+                    .into());
+                }
+                return Err(e);
+            }
+            if let Ok(response) = http
+                .get(format!("{}/api/v1/llms/{llm}", gateway.url))
+                .send()
+                .await
+                && response.status().is_success()
+                && let Ok(row) = response.json::<serde_json::Value>().await
+                && row["status"] == "active"
+            {
+                return Ok(PublisherChild { guard, llm });
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{llm} did not become active within 30 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn cpu_per_request(cpu: Duration, requests: u64) -> String {
+        if requests == 0 {
+            return "–".into();
+        }
+        format!("{:.0}", cpu.as_secs_f64() * 1e6 / requests as f64)
+    }
+
+    fn print_table(results: &[Measured]) {
+        let direct = |case: &Case| {
+            results.iter().find(|m| {
+                m.case.route == Route::Direct
+                    && m.case.kind == case.kind
+                    && m.case.concurrency == case.concurrency
+            })
+        };
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "case",
+            "c",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "added p50 ms",
+            "added p99 ms",
+            "rps ratio",
+            "chunks/s",
+            "gateway CPU µs/req",
+            "publisher CPU µs/req",
+            "loadgen CPU µs/req",
+            "kernel network CPU µs/req",
+            "errors",
+        ]);
+        for m in results {
+            let o = &m.outcome;
+            let (p50, p99) = (
+                o.latency.value_at_quantile(0.5),
+                o.latency.value_at_quantile(0.99),
+            );
+            let (added50, added99, ratio) = match (m.case.route, direct(&m.case)) {
+                (Route::Relayed(_), Some(d)) => (
+                    ms_diff(p50, d.outcome.latency.value_at_quantile(0.5)),
+                    ms_diff(p99, d.outcome.latency.value_at_quantile(0.99)),
+                    format!("{:.2}", o.rps() / d.outcome.rps().max(1e-9)),
+                ),
+                _ => ("–".into(), "–".into(), "–".into()),
+            };
+            let label = match m.case.kind {
+                Kind::Complete => m.case.label(),
+                Kind::Stream => format!("{} (first chunk)", m.case.label()),
+            };
+            table.add_row(vec![
+                label,
+                m.case.concurrency.to_string(),
+                format!("{:.0}", o.rps()),
+                ms(p50),
+                ms(p99),
+                added50,
+                added99,
+                ratio,
+                if m.case.kind == Kind::Stream {
+                    format!("{:.0}", o.chunks_per_sec())
+                } else {
+                    "–".into()
+                },
+                if m.case.route == Route::Direct {
+                    "–".into()
+                } else {
+                    cpu_per_request(m.cpu.gateway, o.requests)
+                },
+                if m.case.route == Route::Direct {
+                    "–".into()
+                } else {
+                    cpu_per_request(m.cpu.publisher, o.requests)
+                },
+                cpu_per_request(m.cpu.loadgen, o.requests),
+                cpu_per_request(m.cpu.machine.network(), o.requests),
+                o.errors.to_string(),
+            ]);
+        }
+        println!("{table}");
+    }
+
+    /// The issue's targets, against what this run measured.
+    fn print_targets(args: &Args, results: &[Measured]) {
+        let find = |route: Route, kind: Kind, c: usize| {
+            results
+                .iter()
+                .find(|m| m.case.route == route && m.case.kind == kind && m.case.concurrency == c)
+        };
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec!["target", "measured", "met"]);
+        let mut row = |target: String, measured: String, met: bool| {
+            table.add_row(vec![
+                target,
+                measured,
+                if met { "yes" } else { "no" }.to_owned(),
+            ]);
+        };
+        for &t in &args.transports {
+            let (p50_target, rps_target) = match t {
+                Transport::Sse => (0.3, 5_000.0),
+                Transport::Ws => (0.15, 10_000.0),
+            };
+            if let (Some(r), Some(d)) = (
+                find(Route::Relayed(t), Kind::Complete, 1),
+                find(Route::Direct, Kind::Complete, 1),
+            ) {
+                let added = |q: f64| {
+                    (r.outcome.latency.value_at_quantile(q) as f64
+                        - d.outcome.latency.value_at_quantile(q) as f64)
+                        / 1e6
+                };
+                row(
+                    format!("{}: added p50 at c=1 ≤ {p50_target} ms", t.name()),
+                    format!("{:.3} ms", added(0.5)),
+                    added(0.5) <= p50_target,
+                );
+                row(
+                    format!("{}: added p99 at c=1 ≤ 1 ms", t.name()),
+                    format!("{:.3} ms", added(0.99)),
+                    added(0.99) <= 1.0,
+                );
+            }
+            if let Some(r) = find(Route::Relayed(t), Kind::Complete, 64) {
+                row(
+                    format!("{}: relayed req/s at c=64 ≥ {rps_target}", t.name()),
+                    format!("{:.0}", r.outcome.rps()),
+                    r.outcome.rps() >= rps_target,
+                );
+            }
+            if let Some(best) = results
+                .iter()
+                .filter(|m| m.case.route == Route::Relayed(t) && m.case.kind == Kind::Stream)
+                .max_by(|a, b| {
+                    a.outcome
+                        .chunks_per_sec()
+                        .total_cmp(&b.outcome.chunks_per_sec())
+                })
+            {
+                row(
+                    format!("{}: streamed chunks/s ≥ 100000", t.name()),
+                    format!(
+                        "{:.0} (c={})",
+                        best.outcome.chunks_per_sec(),
+                        best.case.concurrency
+                    ),
+                    best.outcome.chunks_per_sec() >= 100_000.0,
+                );
+            }
+        }
+        println!("\ntargets:\n\n{table}");
+    }
+}
+
+/// `--publishers N`: N idle publishers against a child gateway.
+mod scale {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use comfy_table::Table;
+    use hdrhistogram::Histogram;
+    use tokio::sync::Semaphore;
+
+    use super::{
+        ASCII_MARKDOWN, Args, Binaries, BoxError, EchoProvider, GatewayChild, LlmName, LlmSpec,
+        PublishedLlm, Publisher, PublisherOptions, PublisherState, Transport, WorkDir,
+        control_client, duration_ns, histogram, ms, procfs, progress, wire,
+    };
+
+    pub(crate) async fn run(
+        args: &Args,
+        bins: &Binaries,
+        transport: Transport,
+        n: usize,
+    ) -> Result<Run, BoxError> {
+        let dir = WorkDir::new(args.keep)?;
+        let http = control_client()?;
+        let gateway = GatewayChild::start(bins, dir.path(), &http).await?;
+        warn_if_few_ports(n);
+        let pid = gateway.pid();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let before = procfs::usage(&pid)?;
+        let fds_before = procfs::open_fds(&pid)?;
+
+        let bar = progress(
+            n as u64,
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} publishers connected {msg}",
+        )?;
+        let provider = Arc::new(EchoProvider::new());
+        let options = PublisherOptions::default();
+        // Everything a publisher needs is made before the clock starts: building an
+        // `SseWire` builds an HTTP client with its TLS roots, about a millisecond of this
+        // process's CPU each, which is the publisher's cost, not the gateway's.
+        let mut prepared = Vec::with_capacity(n);
+        for i in 0..n {
+            let llm = PublishedLlm {
+                spec: LlmSpec {
+                    name: LlmName::parse(&format!("idle-{i:06}"))?,
+                    provider_type: "echo".into(),
+                    model: "echo".into(),
+                    tier: None,
+                },
+                provider: provider.clone(),
+            };
+            prepared.push((wire(transport, &gateway.url)?, llm));
+        }
+        let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
+        let mut publishers = Vec::with_capacity(n);
+        let mut waits = tokio::task::JoinSet::new();
+        let started = Instant::now();
+        for (wire, llm) in prepared {
+            let permit = gate.clone().acquire_owned().await?;
+            let publisher = Publisher::spawn(wire, vec![llm], options.clone());
+            let mut state = publisher.state();
+            let bar = bar.clone();
+            waits.spawn(async move {
+                let t0 = Instant::now();
+                let mut error = None;
+                loop {
+                    match &*state.borrow_and_update() {
+                        PublisherState::Connected { .. } => break,
+                        PublisherState::Backoff { error: e, .. } => {
+                            error.get_or_insert_with(|| e.clone());
+                        }
+                        PublisherState::Connecting | PublisherState::Stopped => {}
+                    }
+                    if state.changed().await.is_err() {
+                        break;
+                    }
+                }
+                drop(permit);
+                bar.inc(1);
+                (t0.elapsed(), error)
+            });
+            publishers.push(publisher);
+        }
+        let mut connect = histogram()?;
+        let mut failures = 0usize;
+        let mut first_error = None;
+        let all = async {
+            while let Some(joined) = waits.join_next().await {
+                let (took, error) = joined?;
+                connect.saturating_record(duration_ns(took));
+                if let Some(e) = error {
+                    failures += 1;
+                    first_error.get_or_insert(e);
+                }
+            }
+            Ok::<_, BoxError>(())
+        };
+        tokio::time::timeout(Duration::from_secs(300), all)
+            .await
+            .map_err(|_| "not every publisher connected within 300 s")??;
+        let registration = started.elapsed();
+        bar.finish_and_clear();
+        let cpu_registering = procfs::cpu(&pid)?.saturating_sub(before.cpu);
+
+        tokio::time::sleep(args.hold).await;
+        let after = procfs::usage(&pid)?;
+        let fds_after = procfs::open_fds(&pid)?;
+        let active = active_rows(&http, &gateway.url).await?;
+
+        let run = Run {
+            transport,
+            n,
+            active,
+            registration,
+            connect,
+            failures,
+            first_error,
+            cpu_registering,
+            before,
+            after,
+            fds_before,
+            fds_after,
+        };
+        // The gateway goes first, so that stopping the publishers does not make it
+        // write 10 000 rows inactive; then the publishers, each promptly.
+        drop(gateway);
+        let stops = publishers.into_iter().map(|p| p.stop());
+        if tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(stops))
+            .await
+            .is_err()
+        {
+            eprintln!("warning: some publishers did not stop within 30 s");
+        }
+        Ok(run)
+    }
+
+    /// One scale run's measurements.
+    pub(crate) struct Run {
+        transport: Transport,
+        n: usize,
+        /// Rows the registry lists as active once all connected.
+        active: usize,
+        registration: Duration,
+        /// From spawning one publisher to its channel being bound.
+        connect: Histogram<u64>,
+        /// Publishers that backed off at least once on the way.
+        failures: usize,
+        first_error: Option<String>,
+        cpu_registering: Duration,
+        before: procfs::Usage,
+        after: procfs::Usage,
+        fds_before: usize,
+        fds_after: usize,
+    }
+
+    impl Run {
+        fn per_publisher(&self, after: u64, before: u64) -> f64 {
+            (after as f64 - before as f64) / self.n.max(1) as f64
+        }
+
+        fn kib_per_publisher(&self) -> f64 {
+            self.per_publisher(self.after.rss_kib, self.before.rss_kib)
+        }
+    }
+
+    /// One row of the table: a run's figure, formatted.
+    type Metric = dyn Fn(&Run) -> String;
+
+    /// One table, a column per run, then the targets.
+    pub(crate) fn print(args: &Args, runs: &[Run]) {
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        let mut header = vec!["idle publishers, one LLM each".to_owned()];
+        header.extend(
+            runs.iter()
+                .map(|r| format!("{} × {}", r.transport.name(), r.n)),
+        );
+        table.set_header(header);
+        let metrics: [(&str, &Metric); 9] = [
+            ("rows active once connected", &|r| r.active.to_string()),
+            ("registration time, all", &|r| {
+                format!("{:.2} s", r.registration.as_secs_f64())
+            }),
+            ("registrations/s", &|r| {
+                format!("{:.0}", r.n as f64 / r.registration.as_secs_f64().max(1e-9))
+            }),
+            ("one registration p50 / p99 / max, ms", &|r| {
+                format!(
+                    "{} / {} / {}",
+                    ms(r.connect.value_at_quantile(0.5)),
+                    ms(r.connect.value_at_quantile(0.99)),
+                    ms(r.connect.max())
+                )
+            }),
+            ("publishers that backed off", &|r| r.failures.to_string()),
+            ("gateway CPU per registration", &|r| {
+                format!(
+                    "{:.0} µs",
+                    r.cpu_registering.as_secs_f64() * 1e6 / r.n.max(1) as f64
+                )
+            }),
+            ("gateway RSS before → after, MiB", &|r| {
+                format!(
+                    "{:.1} → {:.1}",
+                    r.before.rss_kib as f64 / 1024.0,
+                    r.after.rss_kib as f64 / 1024.0
+                )
+            }),
+            ("gateway RSS per publisher", &|r| {
+                format!("{:.1} KiB", r.kib_per_publisher())
+            }),
+            ("gateway file descriptors per publisher", &|r| {
+                format!(
+                    "{:.2}",
+                    r.per_publisher(r.fds_after as u64, r.fds_before as u64)
+                )
+            }),
+        ];
+        for (name, value) in metrics {
+            let mut row = vec![name.to_owned()];
+            row.extend(runs.iter().map(value));
+            table.add_row(row);
+        }
+        println!(
+            "{table}\n\n{} publishers registering at once; memory read after {:?} idle.",
+            args.connect_concurrency, args.hold
+        );
+        for r in runs {
+            if let Some(e) = &r.first_error {
+                println!(
+                    "{} × {}: first back-off error: {e}",
+                    r.transport.name(),
+                    r.n
+                );
+            }
+        }
+        let mut targets = Table::new();
+        targets.load_style(ASCII_MARKDOWN);
+        targets.set_header(vec!["target", "measured", "met"]);
+        let yes = |met: bool| if met { "yes" } else { "no" }.to_owned();
+        for r in runs {
+            let kib = r.kib_per_publisher();
+            targets.add_row(vec![
+                format!(
+                    "{} × {}: gateway memory per idle publisher ≤ 16 KiB",
+                    r.transport.name(),
+                    r.n
+                ),
+                format!("{kib:.1} KiB"),
+                yes(kib <= 16.0),
+            ]);
+            let budget = 5.0 * r.n as f64 / 10_000.0;
+            targets.add_row(vec![
+                format!(
+                    "{} × {}: registrations ≤ {budget:.2} s (5 s per 10 000)",
+                    r.transport.name(),
+                    r.n
+                ),
+                format!("{:.2} s", r.registration.as_secs_f64()),
+                yes(r.registration.as_secs_f64() <= budget),
+            ]);
+        }
+        println!("\ntargets:\n\n{targets}\n");
+    }
+
+    async fn active_rows(http: &reqwest::Client, url: &str) -> Result<usize, BoxError> {
+        let rows: Vec<serde_json::Value> = http
+            .get(format!("{url}/api/v1/llms"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(rows.iter().filter(|r| r["status"] == "active").count())
+    }
+
+    /// Each idle publisher holds one or two connections to the one gateway address;
+    /// they all need an ephemeral port.
+    fn warn_if_few_ports(n: usize) {
+        let range =
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range").unwrap_or_default();
+        let ports: Vec<usize> = range
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if let [low, high] = ports[..]
+            && high.saturating_sub(low) < 2 * n
+        {
+            eprintln!(
+                "warning: {} ephemeral ports ({low}–{high}) for {n} publishers with up to 2 connections each; widen net.ipv4.ip_local_port_range",
+                high - low
+            );
+        }
+    }
+}
+
+/// `--gc-rows N`: the GC sweep over an on-disk redb registry.
+mod gc {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use comfy_table::Table;
+
+    use super::{
+        ASCII_MARKDOWN, BoxError, Clock, Gateway, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus,
+        RedbStore, SessionId, Store, SystemClock, Timestamp, Write, progress,
+    };
+
+    /// Rows per `Store::write` batch while filling the registry.
+    const BATCH: usize = 1000;
+
+    fn name(i: usize) -> Result<LlmName, BoxError> {
+        Ok(LlmName::parse(&format!("row-{i:07}"))?)
+    }
+
+    pub(crate) async fn run(rows: usize, stale: usize, repeat: usize) -> Result<Run, BoxError> {
+        let stale = stale.min(rows);
+        let dir = tempfile::Builder::new().prefix("loadgen-gc-").tempdir()?;
+        let store = Arc::new(RedbStore::open(dir.path().join("registry.redb")).await?);
+        // Started on the empty store: start-up recovery would mark live rows inactive.
+        let gateway = Gateway::builder(store.clone() as Arc<dyn Store>)
+            .start()
+            .await?;
+        let stale_after = gateway.config().stale_after;
+        let now = SystemClock.now();
+        let old = now.saturating_sub(stale_after + Duration::from_secs(3600));
+
+        let bar = progress(
+            rows as u64,
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} rows written",
+        )?;
+        let filling = Instant::now();
+        for first in (0..rows).step_by(BATCH) {
+            let mut batch = Vec::with_capacity(BATCH);
+            for i in first..(first + BATCH).min(rows) {
+                batch.push(Write::Insert(LlmRecord {
+                    id: LlmId::generate(),
+                    name: name(i)?,
+                    kind: LlmKind::Virtual,
+                    status: LlmStatus::Active,
+                    provider_type: "openai".into(),
+                    model: "some-model".into(),
+                    tier: None,
+                    owner: "bench".into(),
+                    provider_session_id: Some(SessionId::generate()),
+                    last_heartbeat_at: Some(if i < stale { old } else { now }),
+                    inactive_since: None,
+                    created_at: now,
+                    updated_at: now,
+                    revision: 0,
+                }));
+            }
+            let written = batch.len() as u64;
+            store.write(batch).await?;
+            bar.inc(written);
+        }
+        let fill = filling.elapsed();
+        bar.finish_and_clear();
+
+        let mut queries = Vec::new();
+        let mut sweeps = Vec::new();
+        for round in 0..repeat.max(1) {
+            if round > 0 {
+                restale(&*store, stale, old).await?;
+            }
+            let cutoff = SystemClock.now().saturating_sub(stale_after);
+            let t = Instant::now();
+            let found = store.stale_virtuals(cutoff).await?;
+            queries.push(t.elapsed());
+            if found.len() != stale {
+                return Err(
+                    format!("the stale query found {} rows, not {stale}", found.len()).into(),
+                );
+            }
+            let t = Instant::now();
+            let report = gateway.sweep().await?;
+            sweeps.push(t.elapsed());
+            if report.marked_inactive != stale {
+                return Err(format!(
+                    "the sweep marked {} rows inactive, not {stale}",
+                    report.marked_inactive
+                )
+                .into());
+            }
+        }
+        queries.sort();
+        sweeps.sort();
+        store.close().await?;
+        Ok(Run {
+            rows,
+            stale,
+            sweeps,
+            queries,
+            fill,
+        })
+    }
+
+    /// One registry size's measurements, sorted.
+    pub(crate) struct Run {
+        rows: usize,
+        stale: usize,
+        sweeps: Vec<Duration>,
+        /// The indexed stale-row query alone, before each sweep.
+        queries: Vec<Duration>,
+        /// Writing the rows in batches of `BATCH`.
+        fill: Duration,
+    }
+
+    fn median(sorted: &[Duration]) -> Duration {
+        sorted.get(sorted.len() / 2).copied().unwrap_or_default()
+    }
+
+    fn millis(d: Duration) -> String {
+        format!("{:.2}", d.as_secs_f64() * 1e3)
+    }
+
+    /// One table, a row per registry size, then the target.
+    pub(crate) fn print(runs: &[Run]) {
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "rows",
+            "stale",
+            "sweeps",
+            "sweep median ms",
+            "sweep min ms",
+            "sweep max ms",
+            "stale query alone, median ms",
+            "filling, batches of 1 000",
+        ]);
+        for r in runs {
+            table.add_row(vec![
+                r.rows.to_string(),
+                r.stale.to_string(),
+                r.sweeps.len().to_string(),
+                millis(median(&r.sweeps)),
+                millis(r.sweeps.first().copied().unwrap_or_default()),
+                millis(r.sweeps.last().copied().unwrap_or_default()),
+                millis(median(&r.queries)),
+                format!(
+                    "{:.2} s ({:.0} rows/s)",
+                    r.fill.as_secs_f64(),
+                    r.rows as f64 / r.fill.as_secs_f64().max(1e-9)
+                ),
+            ]);
+        }
+        println!("GC sweep on an on-disk redb registry:\n\n{table}");
+        for r in runs.iter().filter(|r| r.rows >= 100_000) {
+            let sweep = median(&r.sweeps);
+            println!(
+                "\ntarget, GC sweep of 100 000 rows ≤ 50 ms: {} ms at {} rows, {} stale (median): {}",
+                millis(sweep),
+                r.rows,
+                r.stale,
+                if sweep <= Duration::from_millis(50) {
+                    "met"
+                } else {
+                    "not met"
+                }
+            );
+        }
+        println!();
+    }
+
+    /// Makes the first `stale` rows live with an old heartbeat again, undoing a sweep.
+    async fn restale(store: &dyn Store, stale: usize, old: Timestamp) -> Result<(), BoxError> {
+        let mut writes = Vec::with_capacity(stale);
+        for i in 0..stale {
+            let mut row = store.get(&name(i)?).await?.ok_or("a stale row vanished")?;
+            row.status = LlmStatus::Active;
+            row.inactive_since = None;
+            row.last_heartbeat_at = Some(old);
+            writes.push(Write::Update(row));
+        }
+        for batch in writes.chunks(BATCH) {
+            store.write(batch.to_vec()).await?;
+        }
+        Ok(())
+    }
+}
