@@ -30,26 +30,12 @@ use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use virtual_llm::openai::chunk_body;
 use virtual_llm::protocol::TaskFrame;
-use virtual_llm::publisher::Wire;
 use virtual_llm::{
     Config, EchoProvider, Gateway, LlmRecord, MemoryStore, Principal, Role, SessionId, StaticTokens,
 };
 
-struct Sse;
-
-impl Transport for Sse {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::sse::SseWire::new(url, token).unwrap())
-    }
-}
-
-struct Ws;
-
-impl Transport for Ws {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::ws::WsWire::new(url, token).unwrap())
-    }
-}
+// The transports under test, shared with the conformance suite.
+use conformance::harness::{SseTransport as Sse, WsTransport as Ws};
 
 const SESSION: &str = virtual_llm::sse::SESSION_HEADER;
 /// The longest error message a refusal may carry: errors never echo unbounded input.

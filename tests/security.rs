@@ -22,24 +22,10 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use virtual_llm::protocol::{TaskFrame, TaskResult};
-use virtual_llm::publisher::Wire;
 use virtual_llm::{Config, EchoProvider, Error, LlmRecord, Provider, Reply, SessionId, TaskId};
 
-struct Sse;
-
-impl Transport for Sse {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::sse::SseWire::new(url, token).unwrap())
-    }
-}
-
-struct Ws;
-
-impl Transport for Ws {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::ws::WsWire::new(url, token).unwrap())
-    }
-}
+// The transports under test, shared with the conformance suite.
+use conformance::harness::{SseTransport as Sse, WsTransport as Ws};
 
 const SESSION: &str = virtual_llm::sse::SESSION_HEADER;
 
