@@ -240,12 +240,12 @@ async fn control_stream(gw: Gateway, auth: Option<String>, session: Option<Strin
         async {
             let who = principal(&gw, auth).await?;
             let session = session_id(session)?;
-            let (tx, rx) = mpsc::channel::<GatewayFrame>(gw.config().channel_buffer);
+            let (tx, rx) = mpsc::channel::<Box<GatewayFrame>>(gw.config().channel_buffer);
             let binding = gw.bind(&who, &session, Arc::new(tx)).await?;
             let hello = GatewayFrame::Hello(gw.hello(&session));
             let first = futures::stream::once(async move { Some(hello) });
             let rest = futures::stream::unfold((rx, binding), |(mut rx, binding)| async move {
-                rx.recv().await.map(|frame| (Some(frame), (rx, binding)))
+                rx.recv().await.map(|frame| (Some(*frame), (rx, binding)))
             });
             // After a `closing` frame the stream ends: the publisher reconnects.
             let frames = first.chain(rest).scan(false, |closed, frame| {

@@ -77,7 +77,7 @@ pub(crate) async fn run<S>(
     let session = answer.provider_session_id.clone();
     // Bound before `registered` goes out: a publisher that has its answer is
     // reachable. Frames for it wait in the queue until the loop below sends them.
-    let (tx, mut frames) = mpsc::channel::<GatewayFrame>(gateway.config().channel_buffer);
+    let (tx, mut frames) = mpsc::channel::<Box<GatewayFrame>>(gateway.config().channel_buffer);
     let binding = match gateway.bind(&principal, &session, Arc::new(tx)).await {
         Ok(binding) => binding,
         Err(e) => return refuse(socket, &e).await,
@@ -92,14 +92,18 @@ pub(crate) async fn run<S>(
     // A publisher within its window has at most two credits of a task not yet sent to
     // it (it must receive them to send more), so this queue never fills for one; a
     // publisher that stops reading its socket loses the credits that do not fit.
+    // The queue exists only for a publisher that asked for credits, and holds boxed
+    // frames: an idle socket's queues cost a few hundred bytes, not kilobytes.
     let credit_queue = 2 * gateway.config().channel_buffer + 16;
-    let (credit_tx, mut credits) = mpsc::channel::<CreditFrame>(credit_queue);
-    let mut forwarders = Forwarders::new(
-        gateway.clone(),
-        principal.clone(),
-        session.clone(),
-        window.map(|w| (w, credit_tx)),
-    );
+    let (grant, mut credits) = match window {
+        Some(window) => {
+            let (tx, rx) = mpsc::channel::<Box<CreditFrame>>(credit_queue);
+            (Some((window, tx)), Some(rx))
+        }
+        None => (None, None),
+    };
+    let mut forwarders =
+        Forwarders::new(gateway.clone(), principal.clone(), session.clone(), grant);
     let mut ping = tokio::time::interval_at(Instant::now() + keepalive, keepalive);
     let mut last_pong = Instant::now();
     let outcome: Result<(), Error> = loop {
@@ -138,6 +142,7 @@ pub(crate) async fn run<S>(
             },
             frame = frames.recv() => match frame {
                 Some(frame) => {
+                    let frame = *frame;
                     if let GatewayFrame::Cancel(c) = &frame {
                         forwarders.forget(&c.task_id);
                     }
@@ -148,8 +153,8 @@ pub(crate) async fn run<S>(
                 }
                 None => break Ok(()),
             },
-            Some(credit) = credits.recv() => {
-                if !send_within(&mut socket, &GatewayFrame::Credit(credit), keepalive * 2).await {
+            Some(credit) = next_credit(&mut credits) => {
+                if !send_within(&mut socket, &GatewayFrame::Credit(*credit), keepalive * 2).await {
                     break Ok(());
                 }
             }
@@ -182,6 +187,16 @@ pub(crate) async fn run<S>(
     forwarders.finish().await;
     if let Err(e) = binding.release().await {
         tracing::warn!(%session, error = %e, "unbinding a closed socket failed");
+    }
+}
+
+/// The next credit to send; never, for a socket without flow control.
+async fn next_credit(
+    credits: &mut Option<mpsc::Receiver<Box<CreditFrame>>>,
+) -> Option<Box<CreditFrame>> {
+    match credits {
+        Some(credits) => credits.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -247,7 +262,7 @@ struct Forwarders {
     /// result queued (and so left `queues`).
     running: JoinSet<()>,
     /// With flow control: the window, and where forwarders send the credits they grant.
-    credits: Option<(usize, mpsc::Sender<CreditFrame>)>,
+    credits: Option<(usize, mpsc::Sender<Box<CreditFrame>>)>,
 }
 
 impl Forwarders {
@@ -255,7 +270,7 @@ impl Forwarders {
         gateway: Gateway,
         principal: Principal,
         session: SessionId,
-        credits: Option<(usize, mpsc::Sender<CreditFrame>)>,
+        credits: Option<(usize, mpsc::Sender<Box<CreditFrame>>)>,
     ) -> Self {
         Forwarders {
             gateway,
@@ -361,7 +376,7 @@ impl Forwarders {
                         task_id: task.clone(),
                         results: u32::try_from(step).unwrap_or(u32::MAX),
                     };
-                    match grant.try_send(credit) {
+                    match grant.try_send(Box::new(credit)) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {
                             tracing::debug!(%task, "credit dropped: the publisher is not reading");

@@ -46,9 +46,17 @@ pub trait ChannelSink: fmt::Debug + Send + Sync + 'static {
 }
 
 /// A bounded tokio channel is the usual sink: the transport's writer task drains it.
-impl ChannelSink for mpsc::Sender<GatewayFrame> {
+///
+/// The channel may carry the frames themselves or `Box<GatewayFrame>`. Boxed is
+/// what the bundled transports use: tokio allocates a channel's first block of 32
+/// slots when the channel is made, so an idle publisher's queue costs 32 × 8 bytes
+/// instead of 32 frames (~3.4 KiB), which matters at 10 000 idle publishers.
+impl<T> ChannelSink for mpsc::Sender<T>
+where
+    T: From<GatewayFrame> + Send + 'static,
+{
     fn send(&self, frame: GatewayFrame) -> Result<(), SendError> {
-        self.try_send(frame).map_err(|e| match e {
+        self.try_send(T::from(frame)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => SendError::Full,
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
