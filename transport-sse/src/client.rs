@@ -21,6 +21,9 @@ use virtual_llm_core::{Config, SessionId, TaskId};
 
 use crate::routes::SESSION_HEADER;
 
+/// Most results put in one body chunk of a task's NDJSON request.
+const RESULTS_PER_WRITE: usize = 64;
+
 /// Connects a publisher to a gateway over HTTP + SSE.
 ///
 /// ```no_run
@@ -216,11 +219,7 @@ impl Outbox for SseOutbox {
     ) -> Result<(), WireError> {
         // One request per task, its body a stream of NDJSON lines, each sent the moment
         // the provider yields it.
-        let lines = results.map(|result| {
-            let mut line = serde_json::to_vec(&result)?;
-            line.push(b'\n');
-            Ok::<_, serde_json::Error>(Bytes::from(line))
-        });
+        let lines = ndjson(results);
         let response = self
             .wire
             .request(
@@ -234,5 +233,68 @@ impl Outbox for SseOutbox {
             .await
             .map_err(connection)?;
         check(response).await.map(drop)
+    }
+}
+
+/// A task's results as NDJSON body chunks. Lines that are ready together leave as one
+/// chunk (one write, and one read on the gateway) rather than one each; none is held
+/// back waiting for company.
+fn ndjson(
+    results: BoxStream<'static, TaskResult>,
+) -> impl futures::Stream<Item = Result<Bytes, serde_json::Error>> + Send + 'static {
+    results.ready_chunks(RESULTS_PER_WRITE).map(|results| {
+        let mut lines = Vec::new();
+        for result in &results {
+            serde_json::to_writer(&mut lines, result)?;
+            lines.push(b'\n');
+        }
+        Ok(Bytes::from(lines))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use futures::channel::mpsc;
+    use futures::{FutureExt, SinkExt};
+    use virtual_llm_core::protocol::TaskResult;
+
+    use super::*;
+
+    fn chunk(i: usize) -> TaskResult {
+        TaskResult::Chunk {
+            data: format!("{{\"i\":{i}}}"),
+            done: false,
+        }
+    }
+
+    fn lines(bytes: &Bytes) -> Vec<TaskResult> {
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn results_ready_together_leave_in_one_chunk_and_none_waits() {
+        let (mut tx, rx) = mpsc::unbounded::<TaskResult>();
+        let mut body = Box::pin(ndjson(rx.boxed()));
+        for i in 0..20 {
+            tx.send(chunk(i)).await.unwrap();
+        }
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(lines(&first), (0..20).map(chunk).collect::<Vec<_>>());
+        // One more result, alone: it leaves at once, not when company arrives.
+        tx.send(chunk(20)).await.unwrap();
+        let second = body.next().now_or_never().unwrap().unwrap().unwrap();
+        assert_eq!(lines(&second), vec![chunk(20)]);
+        assert!(
+            body.next().now_or_never().is_none(),
+            "nothing else is ready"
+        );
+        drop(tx);
+        assert!(body.next().await.is_none());
     }
 }
