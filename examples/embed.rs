@@ -50,7 +50,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .boxed();
     let routes = virtual_llm::sse::routes_with(gateway.clone(), extra);
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:8090").await?;
+    // `sse::bind` asks for a listen backlog that survives a fleet reconnecting at once.
+    let listener = virtual_llm::sse::bind(([127, 0, 0, 1], 8090).into())?;
     let draining = gateway.clone();
     let stop = async move {
         common::shutdown_signal().await;

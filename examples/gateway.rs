@@ -164,9 +164,8 @@ async fn main() -> Result<(), common::BoxError> {
         .install_recorder()?;
     virtual_llm::metrics::describe();
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .map_err(|e| format!("{}: {e}", args.listen))?;
+    let listener =
+        virtual_llm::sse::bind(args.listen).map_err(|e| format!("{}: {e}", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
         data = %store.path().display(),

@@ -24,5 +24,5 @@ mod upstream;
 pub use client::SseWire;
 pub use reply::error as error_response;
 pub use routes::{SESSION_HEADER, api_routes, routes, routes_with};
-pub use server::{ServeOptions, serve, serve_with};
+pub use server::{LISTEN_BACKLOG, ServeOptions, bind, serve, serve_with};
 pub use upstream::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};

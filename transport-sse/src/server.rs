@@ -23,6 +23,33 @@ use tokio::net::TcpListener;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
+/// The listen backlog [`bind`] asks for (the kernel caps it at `net.core.somaxconn`,
+/// 4096 by default on Linux).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener for [`serve`], with a listen backlog of [`LISTEN_BACKLOG`].
+///
+/// `tokio::net::TcpListener::bind` asks for a backlog of 128, as the standard library
+/// does. When a fleet of publishers reconnects at once (after a gateway restart or a
+/// network blip), connections beyond it are dropped by the kernel and their SYNs
+/// retried a second later, which turns a burst of registrations into a second-long
+/// stall.
+///
+/// Must be called inside a tokio runtime.
+pub fn bind(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As std and tokio do: a restarted gateway can rebind while old connections of
+    // the previous process sit in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Serves `routes` on `listener` until `shutdown` resolves, then lets open connections
 /// finish for at most `grace`.
 ///
@@ -163,5 +190,51 @@ where
     fn call(&self, request: R) -> Self::Future {
         self.requested.store(true, Ordering::Release);
         self.inner.call(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// Connections beyond tokio's default backlog of 128 are all queued at once, none
+    /// accepted yet: each one's peer address shows up in the accept queue.
+    #[tokio::test]
+    async fn bind_queues_more_than_the_default_backlog() {
+        let listener = bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for i in 0..300 {
+            // Only a failing run waits for this: past a full backlog, the handshake's
+            // SYN is dropped and the kernel retries it after 1 s, 3 s, 7 s…
+            let connect = tokio::net::TcpStream::connect(addr);
+            let client = tokio::time::timeout(Duration::from_secs(5), connect)
+                .await
+                .unwrap_or_else(|_| panic!("connection {i} not queued"));
+            clients.push(client.unwrap());
+        }
+        let mut expected: std::collections::HashSet<_> =
+            clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        // With a backlog of 128 the kernel drops the handshakes that do not fit and
+        // the clients retry a second later; here every one is already queued.
+        let mut accepted = Vec::new();
+        // Unconstrained: tokio's cooperative budget would otherwise answer "not ready"
+        // after 128 accepts in one poll.
+        let accept = || {
+            let ready = std::future::poll_fn(|cx| listener.poll_accept(cx));
+            futures::FutureExt::now_or_never(tokio::task::unconstrained(ready))
+        };
+        while let Some(next) = accept() {
+            let (stream, peer) = next.unwrap();
+            assert!(expected.remove(&peer), "unexpected peer {peer}");
+            accepted.push(stream);
+        }
+        assert!(
+            expected.is_empty(),
+            "{} of 300 connections not in the accept queue",
+            expected.len()
+        );
     }
 }
