@@ -48,6 +48,12 @@ struct Args {
     /// How many requests run at once; more wait their turn.
     #[arg(long, default_value_t = 32)]
     max_concurrent: usize,
+    /// Runtime worker threads. The default, 1, runs everything on one thread: a
+    /// publisher relays bytes between two sockets and needs no parallelism, and each
+    /// hand-off between threads costs a wake-up on the request's path. Raise it for a
+    /// provider that computes in-process.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    threads: u16,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -72,10 +78,22 @@ struct ProviderConfig {
     publish: bool,
 }
 
-#[tokio::main]
-async fn main() -> Result<(), common::BoxError> {
+fn main() -> Result<(), common::BoxError> {
     common::init_tracing();
     let args = Args::parse();
+    let runtime = match args.threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build()?,
+    };
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<(), common::BoxError> {
     let mut llms = Vec::new();
     for name in &args.echo {
         llms.push(PublishedLlm {
