@@ -1,8 +1,11 @@
 //! Serving warp routes over TCP, with what warp's own server does not let us set:
 //! `TCP_NODELAY` on every accepted socket (Nagle plus delayed ACKs would hold each
 //! streamed token back by up to 40 ms), HTTP/1 and HTTP/2 with upgrades (WebSocket),
-//! a header read timeout against slowloris clients, and a graceful shutdown that
-//! stops accepting, then waits a bounded grace period for open connections to finish.
+//! a header read timeout against slowloris clients, a graceful shutdown that
+//! stops accepting, then waits a bounded grace period for open connections to finish,
+//! and an idle connection that costs one 8 KiB read buffer, not 16 (see
+//! `Connection::serve`): an SSE publisher's control stream is such a connection, for as
+//! long as the publisher is up.
 //!
 //! The header read timeout has two parts. hyper's HTTP/1 `header_read_timeout` (it
 //! needs a timer, set here) bounds each request head, and idle keep-alive time
@@ -15,11 +18,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
@@ -112,13 +115,17 @@ pub async fn serve_with(
     let grace = options.grace;
     let service = warp::service(routes);
     let header_read_timeout = options.header_read_timeout;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
+    let mut http1 = http1::Builder::new();
+    http1
         .timer(TokioTimer::new())
         .header_read_timeout(header_read_timeout);
-    builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
+    let mut http2 = http2::Builder::new(TokioExecutor::new());
+    http2.timer(TokioTimer::new());
+    let builders = Arc::new((http1, http2));
+    // mini-redis' shutdown: connections watch `stop`, and each holds a clone of `done`,
+    // so `done_rx` ends once the last connection has.
+    let (stop, _) = watch::channel(false);
+    let (done, mut done_rx) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -141,20 +148,22 @@ pub async fn serve_with(
                     inner: TowerToHyperService::new(service.clone()),
                     requested: requested.clone(),
                 };
-                let connection = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                    .into_owned();
-                let connection = graceful.watch(connection);
+                let connection = Connection {
+                    builders: builders.clone(),
+                    stop: stop.subscribe(),
+                    _done: done.clone(),
+                };
                 tokio::spawn(async move {
-                    tokio::pin!(connection);
+                    let served = connection.serve(stream, service);
+                    tokio::pin!(served);
                     let ended = tokio::select! {
-                        ended = &mut connection => ended,
+                        ended = &mut served => ended,
                         () = tokio::time::sleep(header_read_timeout) => {
                             if !requested.load(Ordering::Acquire) {
                                 tracing::debug!(%peer, "no request within the header read timeout; closing");
                                 return;
                             }
-                            connection.await
+                            served.await
                         }
                     };
                     if let Err(e) = ended {
@@ -166,9 +175,74 @@ pub async fn serve_with(
         }
     }
     drop(listener);
+    if stop.send(true).is_err() {
+        tracing::debug!("no connection open at shutdown");
+    }
+    drop(done);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        _ = done_rx.recv() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(grace = ?grace, "connections still open after the grace period; closing"),
+    }
+}
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// One accepted connection, before it knows its HTTP version.
+struct Connection {
+    builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
+    /// Turns `true` when the server shuts down.
+    stop: watch::Receiver<bool>,
+    /// Dropped when the connection ends; see `serve_with`.
+    _done: mpsc::Sender<()>,
+}
+
+type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Connection {
+    /// Serves HTTP/1 (with upgrades) or HTTP/2 until the connection ends, or shuts it
+    /// down gracefully when the server stops.
+    ///
+    /// The version is told by *peeking* at the first bytes. hyper-util's `auto`
+    /// builder reads them instead and hands them back to hyper as a 24-byte first
+    /// read; hyper's read buffer, sized 8 KiB for a whole request head, then has to
+    /// grow for the rest and doubles to 16 KiB, which every idle connection (every
+    /// SSE publisher) keeps. A peek leaves the bytes in the socket, so hyper's first
+    /// read takes the whole head into its first 8 KiB.
+    async fn serve<S, B>(mut self, stream: TcpStream, service: S) -> Result<(), ConnectionError>
+    where
+        S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Send + 'static,
+        S::Future: Send + 'static,
+        S::Error: Into<ConnectionError>,
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<ConnectionError>,
+    {
+        let mut first = [0u8; 24];
+        let n = stream.peek(&mut first).await?;
+        if n == 0 {
+            return Ok(()); // closed before a byte
+        }
+        let (http1, http2) = &*self.builders;
+        let io = TokioIo::new(stream);
+        // No HTTP/1 method starts like the preface, so its first bytes are enough.
+        if first[..n] == H2_PREFACE[..n] {
+            let connection = http2.serve_connection(io, service);
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = &mut connection => return ended.map_err(Into::into),
+                _ = self.stop.wait_for(|stop| *stop) => connection.as_mut().graceful_shutdown(),
+            }
+            connection.await.map_err(Into::into)
+        } else {
+            let connection = http1.serve_connection(io, service).with_upgrades();
+            tokio::pin!(connection);
+            tokio::select! {
+                ended = &mut connection => return ended.map_err(Into::into),
+                _ = self.stop.wait_for(|stop| *stop) => connection.as_mut().graceful_shutdown(),
+            }
+            connection.await.map_err(Into::into)
+        }
     }
 }
 
@@ -197,7 +271,98 @@ where
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use warp::Filter;
+
     use super::*;
+
+    /// Serves `routes` on a loopback port; `stop` shuts the server down, and the
+    /// returned handle ends when `serve_with` does.
+    async fn start(
+        routes: BoxedFilter<(Response,)>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = bind(([127, 0, 0, 1], 0).into()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve(
+            listener,
+            routes,
+            async move {
+                let _ = stopped.await;
+            },
+            Duration::from_secs(30),
+        ));
+        (addr, stop, server)
+    }
+
+    fn hello() -> BoxedFilter<(Response,)> {
+        warp::path!("hello")
+            .map(|| warp::reply::Reply::into_response("hi"))
+            .boxed()
+    }
+
+    #[tokio::test]
+    async fn http2_with_prior_knowledge_and_http1_are_both_served() {
+        let (addr, _stop, _server) = start(hello()).await;
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let response = h2.get(format!("http://{addr}/hello")).send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_2);
+        assert_eq!(response.text().await.unwrap(), "hi");
+        let h1 = reqwest::Client::builder().http1_only().build().unwrap();
+        let response = h1.get(format!("http://{addr}/hello")).send().await.unwrap();
+        assert_eq!(response.version(), reqwest::Version::HTTP_11);
+        assert_eq!(response.text().await.unwrap(), "hi");
+    }
+
+    /// At shutdown a request in flight still gets its answer, on HTTP/1 and HTTP/2, and
+    /// the server returns once it has (well before the 30 s grace period).
+    #[tokio::test]
+    async fn shutdown_lets_requests_in_flight_finish_then_returns() {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let entered = Arc::new(tokio::sync::Semaphore::new(0));
+        let (r, e) = (release.clone(), entered.clone());
+        let slow = warp::path!("slow")
+            .then(move || {
+                let (r, e) = (r.clone(), e.clone());
+                async move {
+                    e.add_permits(1);
+                    r.notified().await;
+                    warp::reply::Reply::into_response("done")
+                }
+            })
+            .boxed();
+        let (addr, stop, server) = start(slow).await;
+        let h1 = reqwest::Client::builder().http1_only().build().unwrap();
+        let h2 = reqwest::Client::builder()
+            .http2_prior_knowledge()
+            .build()
+            .unwrap();
+        let first = tokio::spawn(h1.get(format!("http://{addr}/slow")).send());
+        let second = tokio::spawn(h2.get(format!("http://{addr}/slow")).send());
+        let _both_in = entered.acquire_many(2).await.unwrap();
+        stop.send(()).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!server.is_finished(), "two requests are still in flight");
+        release.notify_waiters();
+        for request in [first, second] {
+            let response = request.await.unwrap().unwrap();
+            assert_eq!(response.text().await.unwrap(), "done");
+        }
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server returns once its connections have closed")
+            .unwrap();
+        assert!(
+            tokio::net::TcpStream::connect(addr).await.is_err(),
+            "the listener is closed"
+        );
+    }
 
     /// Connections beyond tokio's default backlog of 128 are all queued at once, none
     /// accepted yet: each one's peer address shows up in the accept queue.
