@@ -112,9 +112,9 @@ struct Args {
     /// Scale mode: connect this many idle publishers, one LLM each (several: `1000,10000`).
     #[arg(long, value_delimiter = ',')]
     publishers: Vec<usize>,
-    /// Scale mode: how many publishers register at once. Kept below the reference
-    /// gateway's listen backlog (128, tokio's default): past it, connections wait in
-    /// the kernel for a SYN retransmission, a full second each.
+    /// Scale mode: how many publishers register at once (the reference gateway listens
+    /// with a backlog of 4096; past the backlog, connections would wait in the kernel
+    /// for a SYN retransmission, a full second each).
     #[arg(long, default_value_t = 100)]
     connect_concurrency: usize,
     /// Scale mode: how long the publishers stay connected and idle before the gateway's

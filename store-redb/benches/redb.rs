@@ -1,7 +1,9 @@
 //! The redb store against the in-memory store, in the same run: heartbeat throughput
-//! through `Gateway::heartbeat`, the GC sweep over 100 000 rows with 1 000 stale, and
+//! through `Gateway::heartbeat`, the GC sweep over 100 000 rows with 1 000 stale,
 //! register latency (p50 and p99 from a custom measurement loop, printed, besides
-//! criterion's mean).
+//! criterion's mean), a burst of 1 000 registrations 100 at a time (what group commit
+//! is for: many publishers connecting at once), and `Store::get`, the one store call
+//! on every relayed request.
 //!
 //! Run with: `cargo bench -p virtual-llm-redb --bench redb`
 //!
@@ -311,11 +313,105 @@ fn register_latency(c: &mut Criterion) {
     rt.block_on(s.redb.close()).unwrap();
 }
 
+/// Registers `total` fresh publishers of one new LLM each from `in_flight` tasks
+/// registering one after another, so `in_flight` registrations are always under way;
+/// returns the time until the last one is in.
+async fn register_burst(gw: &Gateway, round: usize, total: usize, in_flight: usize) -> Duration {
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|t| {
+            let gw = gw.clone();
+            tokio::spawn(async move {
+                let alice = Principal::new("alice", [Role::Publisher]);
+                for i in (t..total).step_by(in_flight) {
+                    let req = request(None, &[format!("burst-{round}-{i}")]);
+                    gw.register(&alice, req).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    started.elapsed()
+}
+
+fn register_concurrent(c: &mut Criterion) {
+    const TOTAL: usize = 1_000;
+    const IN_FLIGHT: usize = 100;
+    let rt = runtime();
+    let s = rt.block_on(stores());
+    let mut group = c.benchmark_group("register_burst");
+    // One iteration is 1 000 durable registrations: a few seconds per sample at worst.
+    group
+        .sample_size(10)
+        .measurement_time(Duration::from_secs(10))
+        .throughput(Throughput::Elements(TOTAL as u64));
+    let redb: Arc<dyn Store> = s.redb.clone();
+    for (label, store) in [("memory", s.memory.clone()), ("redb", redb)] {
+        let gw = rt.block_on(Gateway::builder(store).start()).unwrap();
+        let before = s.redb.stats();
+        let mut round = 0usize;
+        group.bench_function(format!("{label}/{TOTAL}_by_{IN_FLIGHT}"), |b| {
+            b.to_async(&rt).iter_custom(|iters| {
+                let gw = gw.clone();
+                let first = round;
+                round += usize::try_from(iters).unwrap();
+                async move {
+                    let mut total = Duration::ZERO;
+                    for r in first..first + usize::try_from(iters).unwrap() {
+                        total += register_burst(&gw, r, TOTAL, IN_FLIGHT).await;
+                    }
+                    total
+                }
+            });
+        });
+        if label == "redb" {
+            let after = s.redb.stats();
+            println!(
+                "register_burst/redb: {} registrations, {} write transactions committed",
+                round * TOTAL,
+                after.commits - before.commits
+            );
+        }
+    }
+    group.finish();
+    rt.block_on(s.redb.close()).unwrap();
+}
+
+fn get_latency(c: &mut Criterion) {
+    const ROWS: usize = 1_000;
+    let rt = runtime();
+    let s = rt.block_on(stores());
+    let names: Vec<LlmName> = (0..ROWS)
+        .map(|i| LlmName::parse(&format!("get-{i:04}")).unwrap())
+        .collect();
+    let mut group = c.benchmark_group("get");
+    let redb: Arc<dyn Store> = s.redb.clone();
+    for (label, store) in [("memory", s.memory.clone()), ("redb", redb)] {
+        let batch = names
+            .iter()
+            .map(|n| Write::Insert(record(n.as_str())))
+            .collect();
+        rt.block_on(store.write(batch)).unwrap();
+        let mut next = 0usize;
+        group.bench_function(label, |b| {
+            b.to_async(&rt).iter(|| {
+                next = (next + 7) % ROWS;
+                let (store, name) = (store.clone(), names[next].clone());
+                async move { store.get(&name).await.unwrap().unwrap() }
+            });
+        });
+    }
+    group.finish();
+    rt.block_on(s.redb.close()).unwrap();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    targets = heartbeat_throughput, gc_sweep, register_latency
+    targets = heartbeat_throughput, gc_sweep, register_latency, register_concurrent, get_latency
 }
 criterion_main!(benches);

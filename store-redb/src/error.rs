@@ -6,11 +6,16 @@
 //! I/O and transient trouble is `Unavailable` (retry later), unreadable data is
 //! `Corrupted`, a file of another layout or version is `Incompatible`. redb's own
 //! error travels along as the source, for the log.
+//!
+//! [`Error`] is `Clone` (redb's error is shared behind an `Arc`): when a group commit
+//! fails, every batch of the group gets the same error, source included.
+
+use std::sync::Arc;
 
 use virtual_llm_core::StoreError;
 
 /// What went wrong inside the store, by kind.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub(crate) enum Error {
     /// The engine could not do the operation now (I/O, the file held by another
     /// process, a poisoned handle); nothing was written.
@@ -20,7 +25,7 @@ pub(crate) enum Error {
         context: &'static str,
         /// redb's error.
         #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        source: Arc<dyn std::error::Error + Send + Sync>,
     },
     /// The store was closed; no further operation is possible on this handle.
     #[error("the redb store is closed")]
@@ -28,6 +33,10 @@ pub(crate) enum Error {
     /// A background task running the operation was cancelled (runtime shutdown).
     #[error("the blocking task running a store operation was cancelled")]
     Cancelled,
+    /// The writer thread went away without answering a batch; whether the batch was
+    /// committed is unknown.
+    #[error("the redb writer thread stopped before answering")]
+    WriterStopped,
     /// Stored bytes do not decode, or the tables disagree.
     #[error("{0}")]
     Corrupted(String),
@@ -40,13 +49,13 @@ pub(crate) enum Error {
 }
 
 impl Error {
-    fn unavailable(
+    pub(crate) fn unavailable(
         context: &'static str,
         source: impl std::error::Error + Send + Sync + 'static,
     ) -> Self {
         Error::Unavailable {
             context,
-            source: Box::new(source),
+            source: Arc::new(source),
         }
     }
 }
@@ -57,11 +66,12 @@ impl From<Error> for StoreError {
             Error::Conflict(name) => StoreError::Conflict { name },
             Error::Corrupted(message) => StoreError::Corrupted { message },
             Error::Incompatible(message) => StoreError::Incompatible { message },
-            e @ (Error::Unavailable { .. } | Error::Closed | Error::Cancelled) => {
-                StoreError::Unavailable {
-                    source: Box::new(e),
-                }
-            }
+            e @ (Error::Unavailable { .. }
+            | Error::Closed
+            | Error::Cancelled
+            | Error::WriterStopped) => StoreError::Unavailable {
+                source: Box::new(e),
+            },
         }
     }
 }
@@ -102,9 +112,13 @@ impl From<redb::TransactionError> for Error {
     fn from(e: redb::TransactionError) -> Self {
         match e {
             redb::TransactionError::Storage(s) => s.into(),
+            // Rendered to text: `ReadTransactionStillInUse` carries the transaction
+            // itself, which an error kept for the log must not keep alive.
             other => Error::Unavailable {
                 context: "starting a redb transaction",
-                source: other.to_string().into(),
+                source: Arc::from(Box::<dyn std::error::Error + Send + Sync>::from(
+                    other.to_string(),
+                )),
             },
         }
     }

@@ -2,7 +2,9 @@
 //!
 //! # Layout
 //! - [`store`](RedbStore): the [`Store`](virtual_llm_core::Store) implementation, its
-//!   open and close, and how reads see coalesced heartbeats.
+//!   open and close, where each operation runs, and how reads see coalesced heartbeats.
+//! - `writer`: the writer thread, which commits concurrent batches together in one
+//!   write transaction (group commit).
 //! - `schema`: the tables, [`SCHEMA_VERSION`], and the version check on open.
 //! - `tables`: row and index access inside one transaction; the only code that writes
 //!   the tables, so the indexes move with the rows.
@@ -10,7 +12,9 @@
 //! - `liveness`: the in-memory overlay of heartbeats not yet on disk.
 //! - `flusher`: the background task that writes the overlay to disk, and its drop guard.
 //! - `integrity`: [`RedbStore::check_integrity`] and its [`IntegrityReport`].
-//! - [`options`](RedbOptions): flush interval, overlay limit, cache size.
+//! - [`options`](RedbOptions): flush interval, overlay limit, group size, cache size.
+//! - `testing` (tests only): helpers that hold the state as a flush does and inject
+//!   I/O failures.
 //! - `error`: the private error, mapped into
 //!   [`StoreError`](virtual_llm_core::StoreError) by kind.
 
@@ -23,6 +27,9 @@ mod options;
 mod schema;
 mod store;
 mod tables;
+#[cfg(test)]
+mod testing;
+mod writer;
 
 pub use integrity::IntegrityReport;
 pub use options::RedbOptions;

@@ -1,5 +1,5 @@
-//! [`RedbOptions`]: how often coalesced heartbeats reach the disk, and how much the
-//! engine caches.
+//! [`RedbOptions`]: how often coalesced heartbeats reach the disk, how many batches
+//! share a commit, and how much the engine caches.
 
 use std::time::Duration;
 
@@ -23,6 +23,12 @@ pub struct RedbOptions {
     /// Heartbeats held in memory that wake the flusher before its timer (default
     /// 10 000): bounds the overlay's memory and the size of one flush.
     pub max_pending: usize,
+    /// Most batches the writer commits in one write transaction (default 1024). A
+    /// batch waits for no timer: the writer takes whatever queued while the previous
+    /// commit ran, up to this many, so the limit only bounds one transaction's size
+    /// and how long the first batch of a large group waits for the last to be
+    /// applied. 1 commits every batch on its own. Values under 1 count as 1.
+    pub max_group: usize,
     /// The engine's page cache in bytes (default 64 MiB; redb's own default is 1 GiB).
     pub cache_size: usize,
 }
@@ -32,6 +38,7 @@ impl Default for RedbOptions {
         RedbOptions {
             flush_every: Duration::from_secs(1),
             max_pending: 10_000,
+            max_group: 1024,
             cache_size: 64 << 20,
         }
     }
@@ -47,6 +54,12 @@ impl RedbOptions {
     /// Sets [`RedbOptions::max_pending`].
     pub fn max_pending(mut self, max: usize) -> Self {
         self.max_pending = max;
+        self
+    }
+
+    /// Sets [`RedbOptions::max_group`].
+    pub fn max_group(mut self, max: usize) -> Self {
+        self.max_group = max;
         self
     }
 

@@ -80,7 +80,7 @@ pub(crate) fn open(path: &Path, cache_size: usize) -> Result<(Database, bool), E
 
 /// Checks the schema version of an opened file; an empty file gets the current schema.
 /// Returns whether it wrote (a fresh file).
-fn check_or_init(db: &Database, path: &Path) -> Result<bool, Error> {
+pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<bool, Error> {
     let txn = db.begin_write()?;
     let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
     let multimaps = txn.list_multimap_tables()?.count();

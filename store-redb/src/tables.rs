@@ -6,7 +6,12 @@
 //! rows by name, every row, and range scans of the indexes that read only the rows
 //! they return.
 
-use redb::{ReadOnlyTable, ReadTransaction, ReadableTable, Table, WriteTransaction};
+use std::cell::OnceCell;
+
+use redb::{
+    Key, ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, Value,
+    WriteTransaction,
+};
 use virtual_llm_core::SessionId;
 
 use crate::codec::StoredRow;
@@ -106,12 +111,29 @@ impl<'txn> WriteTables<'txn> {
     }
 }
 
-/// The tables of a read snapshot.
-pub(crate) struct ReadTables {
-    rows: ReadOnlyTable<&'static str, &'static [u8]>,
-    by_session: ReadOnlyTable<(&'static str, &'static str), ()>,
-    live: ReadOnlyTable<(u64, &'static str), u64>,
-    inactive: ReadOnlyTable<(u64, &'static str), ()>,
+/// The tables of a read snapshot, each opened when first used: opening a table looks
+/// its root up in redb's table of tables, and a `get` (on every relayed request) that
+/// opened all four took 2.7 µs in the crate's benchmark, against 1.5 µs for `rows`
+/// alone.
+pub(crate) struct ReadTables<'txn> {
+    txn: &'txn ReadTransaction,
+    rows: OnceCell<ReadOnlyTable<&'static str, &'static [u8]>>,
+    by_session: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
+    live: OnceCell<ReadOnlyTable<(u64, &'static str), u64>>,
+    inactive: OnceCell<ReadOnlyTable<(u64, &'static str), ()>>,
+}
+
+/// The table `def` of `txn`, opened into `cell` on first use.
+fn opened<'a, K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    cell: &'a OnceCell<ReadOnlyTable<K, V>>,
+    def: TableDefinition<'static, K, V>,
+) -> Result<&'a ReadOnlyTable<K, V>, Error> {
+    if let Some(table) = cell.get() {
+        return Ok(table);
+    }
+    let table = txn.open_table(def)?;
+    Ok(cell.get_or_init(|| table))
 }
 
 /// An entry of the live index: the heartbeat it is keyed by, the row, and its stamp.
@@ -121,19 +143,37 @@ pub(crate) struct LiveHit {
     pub(crate) stamp: u64,
 }
 
-impl ReadTables {
-    pub(crate) fn open(txn: &ReadTransaction) -> Result<Self, Error> {
-        Ok(ReadTables {
-            rows: txn.open_table(ROWS)?,
-            by_session: txn.open_table(BY_SESSION)?,
-            live: txn.open_table(LIVE)?,
-            inactive: txn.open_table(INACTIVE)?,
-        })
+impl<'txn> ReadTables<'txn> {
+    /// The tables of `txn`; none is opened yet.
+    pub(crate) fn open(txn: &'txn ReadTransaction) -> Self {
+        ReadTables {
+            txn,
+            rows: OnceCell::new(),
+            by_session: OnceCell::new(),
+            live: OnceCell::new(),
+            inactive: OnceCell::new(),
+        }
+    }
+
+    fn rows(&self) -> Result<&ReadOnlyTable<&'static str, &'static [u8]>, Error> {
+        opened(self.txn, &self.rows, ROWS)
+    }
+
+    fn by_session_index(&self) -> Result<&ReadOnlyTable<(&'static str, &'static str), ()>, Error> {
+        opened(self.txn, &self.by_session, BY_SESSION)
+    }
+
+    fn live(&self) -> Result<&ReadOnlyTable<(u64, &'static str), u64>, Error> {
+        opened(self.txn, &self.live, LIVE)
+    }
+
+    fn inactive(&self) -> Result<&ReadOnlyTable<(u64, &'static str), ()>, Error> {
+        opened(self.txn, &self.inactive, INACTIVE)
     }
 
     /// The row named `name`, if any.
     pub(crate) fn row(&self, name: &str) -> Result<Option<StoredRow>, Error> {
-        self.rows
+        self.rows()?
             .get(name)?
             .map(|v| StoredRow::decode(name, v.value()))
             .transpose()
@@ -149,7 +189,7 @@ impl ReadTables {
     /// Every row, ordered by name.
     pub(crate) fn all(&self) -> Result<Vec<StoredRow>, Error> {
         let mut out = Vec::new();
-        for entry in self.rows.iter()? {
+        for entry in self.rows()?.iter()? {
             let (k, v) = entry?;
             out.push(StoredRow::decode(k.value(), v.value())?);
         }
@@ -160,7 +200,7 @@ impl ReadTables {
     /// integrity check reports them all rather than stopping at the first).
     pub(crate) fn all_lenient(&self) -> Result<(Vec<StoredRow>, Vec<String>), Error> {
         let (mut rows, mut problems) = (Vec::new(), Vec::new());
-        for entry in self.rows.iter()? {
+        for entry in self.rows()?.iter()? {
             let (k, v) = entry?;
             match StoredRow::decode(k.value(), v.value()) {
                 Ok(r) => rows.push(r),
@@ -173,7 +213,7 @@ impl ReadTables {
     /// The rows bound to `session`, ordered by name.
     pub(crate) fn by_session(&self, session: &SessionId) -> Result<Vec<StoredRow>, Error> {
         let mut out = Vec::new();
-        for entry in self.by_session.range((session.as_str(), "")..)? {
+        for entry in self.by_session_index()?.range((session.as_str(), "")..)? {
             let (k, ()) = entry.map(|(k, v)| (k, v.value()))?;
             let (s, name) = k.value();
             if s != session.as_str() {
@@ -187,7 +227,7 @@ impl ReadTables {
     /// Live index entries keyed strictly before `cutoff_ms`, oldest first. Reads no row.
     pub(crate) fn live_before(&self, cutoff_ms: u64) -> Result<Vec<LiveHit>, Error> {
         let mut out = Vec::new();
-        for entry in self.live.range(..(cutoff_ms, ""))? {
+        for entry in self.live()?.range(..(cutoff_ms, ""))? {
             let (k, v) = entry?;
             let (heartbeat_ms, name) = k.value();
             out.push(LiveHit {
@@ -202,7 +242,7 @@ impl ReadTables {
     /// Inactive rows keyed strictly before `cutoff_ms`, oldest first.
     pub(crate) fn inactive_before(&self, cutoff_ms: u64) -> Result<Vec<StoredRow>, Error> {
         let mut out = Vec::new();
-        for entry in self.inactive.range(..(cutoff_ms, ""))? {
+        for entry in self.inactive()?.range(..(cutoff_ms, ""))? {
             let (k, ()) = entry.map(|(k, v)| (k, v.value()))?;
             let (_, name) = k.value();
             out.push(self.indexed_row("inactive_by_since", name)?);
@@ -213,17 +253,17 @@ impl ReadTables {
     /// The whole content of each index, for the integrity check.
     pub(crate) fn index_contents(&self) -> Result<IndexContents, Error> {
         let mut contents = IndexContents::default();
-        for entry in self.by_session.iter()? {
+        for entry in self.by_session_index()?.iter()? {
             let (k, _) = entry?;
             let (s, n) = k.value();
             contents.by_session.push((s.to_owned(), n.to_owned()));
         }
-        for entry in self.live.iter()? {
+        for entry in self.live()?.iter()? {
             let (k, v) = entry?;
             let (t, n) = k.value();
             contents.live.push((t, n.to_owned(), v.value()));
         }
-        for entry in self.inactive.iter()? {
+        for entry in self.inactive()?.iter()? {
             let (k, _) = entry?;
             let (t, n) = k.value();
             contents.inactive.push((t, n.to_owned()));

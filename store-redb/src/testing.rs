@@ -1,0 +1,126 @@
+//! Helpers for the crate's own tests: hold the state as a heartbeat flush does, poll
+//! a future once, and a redb backend whose writes can be made to fail.
+
+use std::future::{Future, poll_fn};
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::task::Poll;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use redb::StorageBackend;
+use redb::backends::InMemoryBackend;
+
+use crate::RedbStore;
+
+/// Polls `f` once and keeps it for later: a store call that sends its request on its
+/// first poll has sent it when this returns.
+pub(crate) async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
+    poll_fn(|cx| Poll::Ready(Pin::new(&mut *f).poll(cx))).await
+}
+
+/// The store's state held exclusively by another thread, as a heartbeat flush holds
+/// it, until [`Held::release`]: meanwhile the writer thread waits and batches queue
+/// up, and reads cannot take the state shared.
+pub(crate) struct Held {
+    release: Option<mpsc::Sender<()>>,
+    holder: Option<JoinHandle<()>>,
+}
+
+/// How long the holder keeps the state if the test never releases it: a guard
+/// against a test hanging on a bug (something waiting for the state on the test's
+/// own thread), not a delay anything waits for.
+const HOLD_AT_MOST: Duration = Duration::from_secs(30);
+
+/// Takes `store`'s state exclusively on another thread; returns once it is held.
+pub(crate) fn hold(store: &RedbStore) -> Held {
+    let inner = store.inner.clone();
+    let (held, is_held) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let _state = inner.exclusive();
+        held.send(()).unwrap();
+        let _ = released.recv_timeout(HOLD_AT_MOST);
+    });
+    is_held.recv().unwrap();
+    Held {
+        release: Some(release),
+        holder: Some(holder),
+    }
+}
+
+impl Held {
+    /// Lets go of the state, and waits until it is let go.
+    pub(crate) fn release(mut self) {
+        self.let_go();
+    }
+
+    fn let_go(&mut self) {
+        drop(self.release.take());
+        if let Some(holder) = self.holder.take() {
+            holder.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.let_go();
+    }
+}
+
+/// A redb backend in memory whose writes, syncs and resizes fail while `fail` is
+/// set, as a full or broken disk would. Clones share the bytes and the switch, so a
+/// test can open the same "file" again after a failure.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct FailingBackend {
+    bytes: Arc<InMemoryBackend>,
+    pub(crate) fail: Arc<AtomicBool>,
+}
+
+/// What the failing backend's I/O returns; tests look for it in the errors they get.
+pub(crate) const INJECTED: &str = "injected I/O failure";
+
+impl FailingBackend {
+    fn check(&self) -> io::Result<()> {
+        if self.fail.load(Ordering::SeqCst) {
+            Err(io::Error::other(INJECTED))
+        } else {
+            Ok(())
+        }
+    }
+
+    /// A database on these bytes.
+    pub(crate) fn open(&self) -> redb::Database {
+        redb::Database::builder()
+            .create_with_backend(self.clone())
+            .unwrap()
+    }
+}
+
+impl StorageBackend for FailingBackend {
+    fn len(&self) -> io::Result<u64> {
+        StorageBackend::len(&*self.bytes)
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        StorageBackend::read(&*self.bytes, offset, out)
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.check()?;
+        StorageBackend::set_len(&*self.bytes, len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.check()?;
+        StorageBackend::sync_data(&*self.bytes)
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.check()?;
+        StorageBackend::write(&*self.bytes, offset, data)
+    }
+}
