@@ -133,6 +133,10 @@ struct Args {
     /// Keep the working directories (registry, child logs) and print where they are.
     #[arg(long)]
     keep: bool,
+    /// The gateway child's `--threads` (default: the gateway's own default, one worker
+    /// per CPU; 1 runs it on one thread).
+    #[arg(long)]
+    gateway_threads: Option<u16>,
     /// Use the gateway and publisher binaries as they are, without building them first.
     #[arg(long)]
     no_build: bool,
@@ -456,6 +460,8 @@ mod procfs {
 struct Binaries {
     gateway: PathBuf,
     publisher: PathBuf,
+    /// `--threads` for the gateway child, when given.
+    gateway_threads: Option<u16>,
 }
 
 impl Binaries {
@@ -477,6 +483,7 @@ impl Binaries {
         let bins = Binaries {
             gateway: dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX)),
             publisher: dir.join(format!("publisher{}", std::env::consts::EXE_SUFFIX)),
+            gateway_threads: args.gateway_threads,
         };
         for bin in [&bins.gateway, &bins.publisher] {
             if !bin.is_file() {
@@ -621,12 +628,15 @@ struct GatewayChild {
 impl GatewayChild {
     async fn start(bins: &Binaries, dir: &Path, http: &reqwest::Client) -> Result<Self, BoxError> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-        let args = vec![
+        let mut args = vec![
             "--listen".to_owned(),
             addr.to_string(),
             "--data-dir".to_owned(),
             dir.join("data").display().to_string(),
         ];
+        if let Some(threads) = bins.gateway_threads {
+            args.extend(["--threads".to_owned(), threads.to_string()]);
+        }
         let mut guard =
             ChildGuard::spawn("gateway", &bins.gateway, &args, dir.join("gateway.log"))?;
         let url = format!("http://{addr}");

@@ -81,15 +81,7 @@ struct ProviderConfig {
 fn main() -> Result<(), common::BoxError> {
     common::init_tracing();
     let args = Args::parse();
-    let runtime = match args.threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?,
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(usize::from(n))
-            .enable_all()
-            .build()?,
-    };
+    let runtime = common::runtime(args.threads)?;
     runtime.block_on(run(args))
 }
 

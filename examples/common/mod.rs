@@ -1,4 +1,5 @@
-//! What the reference binaries share: logging setup and the shutdown signal.
+//! What the reference binaries share: logging setup, the runtime, and the shutdown
+//! signal.
 
 #![allow(dead_code)]
 
@@ -18,6 +19,24 @@ pub(crate) fn init_tracing() {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
+}
+
+/// The tokio runtime of a binary's `--threads`: 1 is a current-thread runtime (no
+/// hand-off between threads on a request's path), 0 one worker per CPU (tokio's
+/// default), any other number that many workers.
+pub(crate) fn runtime(threads: u16) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(n))
+            .enable_all()
+            .build(),
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.
