@@ -531,12 +531,14 @@ struct ChildGuard {
 }
 
 impl ChildGuard {
-    /// Starts `program` with `args`, logging (`RUST_LOG=warn`) to `log`.
+    /// Starts `program` with `args`, logging to `log` at `RUST_LOG=warn`, or at
+    /// `$LOADGEN_CHILD_LOG` when set (for profiling: keep the logs with `--keep`).
     fn spawn(name: &str, program: &Path, args: &[String], log: PathBuf) -> Result<Self, BoxError> {
         let file = std::fs::File::create(&log)?;
+        let filter = std::env::var("LOADGEN_CHILD_LOG").unwrap_or_else(|_| "warn".to_owned());
         let child = std::process::Command::new(program)
             .args(args)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", filter)
             .stdin(std::process::Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)

@@ -11,8 +11,8 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{FutureExt, StreamExt};
 use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskResult,
 };
@@ -219,7 +219,7 @@ impl Outbox for SseOutbox {
     ) -> Result<(), WireError> {
         // One request per task, its body a stream of NDJSON lines, each sent the moment
         // the provider yields it.
-        let lines = ndjson(results);
+        let (lines, _pump) = pumped(ndjson(results));
         let response = self
             .wire
             .request(
@@ -236,19 +236,101 @@ impl Outbox for SseOutbox {
     }
 }
 
+/// `body` read by a task of its own, into a request body.
+///
+/// The NDJSON gathering in [`ndjson`] relies on the upstream's connection task running
+/// between two polls of the results. Polled by hyper's connection task as a request
+/// body, it does not get that turn (measured: a 20-chunk burst left as 20 writes), so
+/// a small task reads the results and hands the request the batches. Dropping the
+/// guard (the task was cancelled) stops that task, and with it the upstream call.
+fn pumped<S>(
+    body: S,
+) -> (
+    impl futures::Stream<Item = S::Item> + Send + 'static,
+    AbortOnDrop,
+)
+where
+    S: futures::Stream + Send + 'static,
+    S::Item: Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let pump = tokio::spawn(async move {
+        let mut body = std::pin::pin!(body);
+        while let Some(item) = body.next().await {
+            if tx.send(item).await.is_err() {
+                break; // the request is gone
+            }
+        }
+    });
+    (
+        tokio_stream::wrappers::ReceiverStream::new(rx),
+        AbortOnDrop(pump.abort_handle()),
+    )
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A task's results as NDJSON body chunks. Lines that are ready together leave as one
 /// chunk (one write, and one read on the gateway) rather than one each; none is held
 /// back waiting for company.
+///
+/// "Ready together" needs one scheduling turn. An upstream's chunks that reached this
+/// process in one read still come out of hyper's response body one at a time: each is
+/// handed over by the upstream connection's task, which runs only between our polls.
+/// So once the ready results are taken, the task yields once to the scheduler; if the
+/// upstream had more, they are there afterwards and join the batch. The batch leaves as
+/// soon as a turn brings nothing: a result never waits for a timer or for one that has
+/// not arrived yet.
 fn ndjson(
     results: BoxStream<'static, TaskResult>,
 ) -> impl futures::Stream<Item = Result<Bytes, serde_json::Error>> + Send + 'static {
-    results.ready_chunks(RESULTS_PER_WRITE).map(|results| {
+    futures::stream::unfold(Some(results), |results| async move {
+        let mut results = results?;
+        let first = results.next().await?;
+        let mut batch = vec![first];
+        let mut ended = false;
+        'gather: while batch.len() < RESULTS_PER_WRITE {
+            loop {
+                match results.next().now_or_never() {
+                    Some(Some(result)) => {
+                        batch.push(result);
+                        if batch.len() == RESULTS_PER_WRITE {
+                            break 'gather;
+                        }
+                    }
+                    Some(None) => {
+                        ended = true;
+                        break 'gather;
+                    }
+                    None => break,
+                }
+            }
+            tokio::task::yield_now().await;
+            match results.next().now_or_never() {
+                Some(Some(result)) => batch.push(result),
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        tracing::trace!(results = batch.len(), ended, "results leave in one write");
         let mut lines = Vec::new();
-        for result in &results {
-            serde_json::to_writer(&mut lines, result)?;
+        for result in &batch {
+            if let Err(e) = serde_json::to_writer(&mut lines, result) {
+                return Some((Err(e), None));
+            }
             lines.push(b'\n');
         }
-        Ok(Bytes::from(lines))
+        Some((Ok(Bytes::from(lines)), (!ended).then_some(results)))
     })
 }
 
@@ -277,7 +359,89 @@ mod tests {
             .collect()
     }
 
+    /// hyper hands a response body over one chunk per turn of its connection task;
+    /// a producer task that yields between results behaves the same. Its 20 results
+    /// leave in one body chunk, and the first is not held back for a result that does
+    /// not come.
     #[tokio::test]
+    async fn results_handed_over_one_per_turn_leave_together() {
+        let (tx, rx) = tokio::sync::mpsc::channel::<TaskResult>(1);
+        let producer = tokio::spawn(async move {
+            for i in 0..20 {
+                tx.send(chunk(i)).await.unwrap();
+                tokio::task::yield_now().await;
+            }
+            // Then nothing for a while: the batch must not wait for this one.
+            std::future::pending::<()>().await;
+        });
+        let results = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
+        let mut body = Box::pin(ndjson(results));
+        let first = body.next().await.unwrap().unwrap();
+        assert_eq!(lines(&first), (0..20).map(chunk).collect::<Vec<_>>());
+        producer.abort();
+    }
+
+    // Paused time: were a result to wait for company that never comes (or a long
+    // timer), the idle runtime would jump the clock and the timeout below would fire.
+    /// The real thing: an upstream whose 20 chunks arrive in one read, through
+    /// reqwest and the OpenAI provider, leave in one body chunk.
+    #[tokio::test]
+    async fn an_upstream_burst_read_through_hyper_leaves_in_one_chunk() {
+        use virtual_llm_core::Provider;
+        use warp::Filter;
+        let route = warp::path!("v1" / "chat" / "completions").map(|| {
+            let mut events: Vec<Result<Bytes, std::convert::Infallible>> = (0..20)
+                .map(|i| Ok(Bytes::from(format!("data: {{\"i\":{i}}}\n\n"))))
+                .collect();
+            events.push(Ok(Bytes::from_static(b"data: [DONE]\n\n")));
+            let body = warp::reply::stream(futures::stream::iter(events));
+            warp::reply::with_header(body, "content-type", "text/event-stream")
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(route).incoming(listener).run());
+        let upstream = crate::OpenAiUpstream::new(&format!("http://{addr}/v1")).unwrap();
+        let provider = crate::OpenAiProvider::new(upstream, "m");
+        let task: virtual_llm_core::protocol::TaskFrame =
+            serde_json::from_value(serde_json::json!({
+                "taskId": "task_00000000000000000000000000000000", "kind": "infer", "llm": "demo",
+                "stream": true, "body": {"messages": []}
+            }))
+            .unwrap();
+        let virtual_llm_core::Reply::Stream(chunks) = provider.infer(task).await.unwrap() else {
+            panic!("a stream")
+        };
+        let results = chunks
+            .map(|c| TaskResult::Chunk {
+                data: c.unwrap(),
+                done: false,
+            })
+            .boxed();
+        // Polled by hyper's connection task, as the body of a request.
+        let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = sizes.clone();
+        let (body, _pump) = pumped(ndjson(results));
+        let body = body.inspect(move |b| {
+            if let Ok(b) = b {
+                seen.lock().unwrap().push(lines(b).len());
+            }
+        });
+        let sink = warp::path!("sink")
+            .and(warp::body::bytes())
+            .map(|_b: Bytes| "ok");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let sink_addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(sink).incoming(listener).run());
+        reqwest::Client::new()
+            .post(format!("http://{sink_addr}/sink"))
+            .body(reqwest::Body::wrap_stream(body))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(*sizes.lock().unwrap(), vec![20]);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn results_ready_together_leave_in_one_chunk_and_none_waits() {
         let (mut tx, rx) = mpsc::unbounded::<TaskResult>();
         let mut body = Box::pin(ndjson(rx.boxed()));
@@ -286,9 +450,14 @@ mod tests {
         }
         let first = body.next().await.unwrap().unwrap();
         assert_eq!(lines(&first), (0..20).map(chunk).collect::<Vec<_>>());
-        // One more result, alone: it leaves at once, not when company arrives.
+        // One more result, alone: it leaves after one scheduling turn, not when company
+        // arrives (none does).
         tx.send(chunk(20)).await.unwrap();
-        let second = body.next().now_or_never().unwrap().unwrap().unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(1), body.next())
+            .await
+            .expect("a lone result is not held back")
+            .unwrap()
+            .unwrap();
         assert_eq!(lines(&second), vec![chunk(20)]);
         assert!(
             body.next().now_or_never().is_none(),
