@@ -166,12 +166,7 @@ async fn a_write_racing_close_is_committed_or_refused_never_lost() {
 
 #[tokio::test]
 async fn writes_after_close_are_unavailable() {
-    let store = TempStore::new().await;
-    store
-        .write(vec![Write::Insert(record("row"))])
-        .await
-        .unwrap();
-    store.close().await.unwrap();
+    let store = TempStore::closed_with_one_row().await;
     for _ in 0..3 {
         let err = store
             .write(vec![Write::Insert(record("other"))])

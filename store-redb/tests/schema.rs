@@ -8,24 +8,12 @@ mod common;
 
 use common::{TempStore, name};
 use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
-use virtual_llm_core::testkit::record;
-use virtual_llm_core::{Store, StoreError, Write};
+use virtual_llm_core::{Store, StoreError};
 use virtual_llm_redb::{RedbStore, SCHEMA_VERSION};
 
 const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 const ROWS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("rows");
 const LIVE: TableDefinition<'static, (u64, &str), u64> = TableDefinition::new("live_by_heartbeat");
-
-/// A closed registry file holding one row.
-async fn closed_registry() -> TempStore {
-    let store = TempStore::new().await;
-    store
-        .write(vec![Write::Insert(record("row"))])
-        .await
-        .unwrap();
-    store.close().await.unwrap();
-    store
-}
 
 fn set_version(path: &std::path::Path, version: u64) {
     let db = Database::open(path).unwrap();
@@ -39,7 +27,7 @@ fn set_version(path: &std::path::Path, version: u64) {
 
 #[tokio::test]
 async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
-    let file = closed_registry().await;
+    let file = TempStore::closed_with_one_row().await;
     set_version(&file.path(), SCHEMA_VERSION + 98);
     let err = RedbStore::open(file.path())
         .await
@@ -62,7 +50,7 @@ async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
 
 #[tokio::test]
 async fn an_older_schema_version_is_incompatible_too() {
-    let file = closed_registry().await;
+    let file = TempStore::closed_with_one_row().await;
     set_version(&file.path(), 0);
     let err = RedbStore::open(file.path()).await.expect_err("old version");
     assert!(
@@ -109,7 +97,7 @@ async fn a_file_that_is_not_redb_is_refused() {
 
 #[tokio::test]
 async fn a_torn_row_is_corruption_and_the_check_names_it() {
-    let file = closed_registry().await;
+    let file = TempStore::closed_with_one_row().await;
     {
         let db = Database::open(file.path()).unwrap();
         let txn = db.begin_write().unwrap();
@@ -138,7 +126,7 @@ async fn a_torn_row_is_corruption_and_the_check_names_it() {
 
 #[tokio::test]
 async fn the_check_reports_an_index_that_disagrees_with_the_rows() {
-    let file = closed_registry().await;
+    let file = TempStore::closed_with_one_row().await;
     {
         let db = Database::open(file.path()).unwrap();
         let read = db.begin_read().unwrap();

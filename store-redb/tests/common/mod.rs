@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use tempfile::TempDir;
 use virtual_llm_core::protocol::{LlmSpec, RegisterRequest};
-use virtual_llm_core::{LlmName, Principal, Role, SessionId};
+use virtual_llm_core::testkit::record;
+use virtual_llm_core::{LlmName, Principal, Role, SessionId, Store, Write};
 use virtual_llm_redb::{RedbOptions, RedbStore};
 
 /// A store whose file lives in a temporary directory, removed when the guard drops.
@@ -41,6 +42,17 @@ impl TempStore {
 
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("registry.redb")
+    }
+
+    /// A store holding one row, `row`, already closed.
+    pub async fn closed_with_one_row() -> Self {
+        let store = TempStore::new().await;
+        store
+            .write(vec![Write::Insert(record("row"))])
+            .await
+            .unwrap();
+        store.close().await.unwrap();
+        store
     }
 
     /// Closes the store and opens the same file again.
