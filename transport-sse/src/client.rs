@@ -11,8 +11,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use bytes::Bytes;
 use eventsource_stream::Eventsource;
+use futures::StreamExt;
 use futures::stream::BoxStream;
-use futures::{FutureExt, StreamExt};
+use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskResult,
 };
@@ -238,7 +239,7 @@ impl Outbox for SseOutbox {
 
 /// `body` read by a task of its own, into a request body.
 ///
-/// The NDJSON gathering in [`ndjson`] relies on the upstream's connection task running
+/// The gathering in [`ready_batches`] relies on the upstream's connection task running
 /// between two polls of the results. Polled by hyper's connection task as a request
 /// body, it does not get that turn (measured: a 20-chunk burst left as 20 writes), so
 /// a small task reads the results and hands the request the batches. Dropping the
@@ -277,60 +278,19 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// A task's results as NDJSON body chunks. Lines that are ready together leave as one
-/// chunk (one write, and one read on the gateway) rather than one each; none is held
-/// back waiting for company.
-///
-/// "Ready together" needs one scheduling turn. An upstream's chunks that reached this
-/// process in one read still come out of hyper's response body one at a time: each is
-/// handed over by the upstream connection's task, which runs only between our polls.
-/// So once the ready results are taken, the task yields once to the scheduler; if the
-/// upstream had more, they are there afterwards and join the batch. The batch leaves as
-/// soon as a turn brings nothing: a result never waits for a timer or for one that has
-/// not arrived yet.
+/// A task's results as NDJSON body chunks: the results ready together (see
+/// [`ready_batches`]) leave as one chunk, one write here and one read on the gateway.
 fn ndjson(
     results: BoxStream<'static, TaskResult>,
 ) -> impl futures::Stream<Item = Result<Bytes, serde_json::Error>> + Send + 'static {
-    futures::stream::unfold(Some(results), |results| async move {
-        let mut results = results?;
-        let first = results.next().await?;
-        let mut batch = vec![first];
-        let mut ended = false;
-        'gather: while batch.len() < RESULTS_PER_WRITE {
-            loop {
-                match results.next().now_or_never() {
-                    Some(Some(result)) => {
-                        batch.push(result);
-                        if batch.len() == RESULTS_PER_WRITE {
-                            break 'gather;
-                        }
-                    }
-                    Some(None) => {
-                        ended = true;
-                        break 'gather;
-                    }
-                    None => break,
-                }
-            }
-            tokio::task::yield_now().await;
-            match results.next().now_or_never() {
-                Some(Some(result)) => batch.push(result),
-                Some(None) => {
-                    ended = true;
-                    break;
-                }
-                None => break,
-            }
-        }
-        tracing::trace!(results = batch.len(), ended, "results leave in one write");
+    ready_batches(results, RESULTS_PER_WRITE).map(|batch| {
+        tracing::trace!(results = batch.len(), "results leave in one write");
         let mut lines = Vec::new();
         for result in &batch {
-            if let Err(e) = serde_json::to_writer(&mut lines, result) {
-                return Some((Err(e), None));
-            }
+            serde_json::to_writer(&mut lines, result)?;
             lines.push(b'\n');
         }
-        Some((Ok(Bytes::from(lines)), (!ended).then_some(results)))
+        Ok(Bytes::from(lines))
     })
 }
 
@@ -338,18 +298,9 @@ fn ndjson(
 mod tests {
     #![allow(clippy::unwrap_used)]
 
-    use futures::channel::mpsc;
-    use futures::{FutureExt, SinkExt};
     use virtual_llm_core::protocol::TaskResult;
 
     use super::*;
-
-    fn chunk(i: usize) -> TaskResult {
-        TaskResult::Chunk {
-            data: format!("{{\"i\":{i}}}"),
-            done: false,
-        }
-    }
 
     fn lines(bytes: &Bytes) -> Vec<TaskResult> {
         bytes
@@ -359,30 +310,6 @@ mod tests {
             .collect()
     }
 
-    /// hyper hands a response body over one chunk per turn of its connection task;
-    /// a producer task that yields between results behaves the same. Its 20 results
-    /// leave in one body chunk, and the first is not held back for a result that does
-    /// not come.
-    #[tokio::test]
-    async fn results_handed_over_one_per_turn_leave_together() {
-        let (tx, rx) = tokio::sync::mpsc::channel::<TaskResult>(1);
-        let producer = tokio::spawn(async move {
-            for i in 0..20 {
-                tx.send(chunk(i)).await.unwrap();
-                tokio::task::yield_now().await;
-            }
-            // Then nothing for a while: the batch must not wait for this one.
-            std::future::pending::<()>().await;
-        });
-        let results = tokio_stream::wrappers::ReceiverStream::new(rx).boxed();
-        let mut body = Box::pin(ndjson(results));
-        let first = body.next().await.unwrap().unwrap();
-        assert_eq!(lines(&first), (0..20).map(chunk).collect::<Vec<_>>());
-        producer.abort();
-    }
-
-    // Paused time: were a result to wait for company that never comes (or a long
-    // timer), the idle runtime would jump the clock and the timeout below would fire.
     /// The real thing: an upstream whose 20 chunks arrive in one read, through
     /// reqwest and the OpenAI provider, leave in one body chunk.
     #[tokio::test]
@@ -439,31 +366,5 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*sizes.lock().unwrap(), vec![20]);
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn results_ready_together_leave_in_one_chunk_and_none_waits() {
-        let (mut tx, rx) = mpsc::unbounded::<TaskResult>();
-        let mut body = Box::pin(ndjson(rx.boxed()));
-        for i in 0..20 {
-            tx.send(chunk(i)).await.unwrap();
-        }
-        let first = body.next().await.unwrap().unwrap();
-        assert_eq!(lines(&first), (0..20).map(chunk).collect::<Vec<_>>());
-        // One more result, alone: it leaves after one scheduling turn, not when company
-        // arrives (none does).
-        tx.send(chunk(20)).await.unwrap();
-        let second = tokio::time::timeout(Duration::from_secs(1), body.next())
-            .await
-            .expect("a lone result is not held back")
-            .unwrap()
-            .unwrap();
-        assert_eq!(lines(&second), vec![chunk(20)]);
-        assert!(
-            body.next().now_or_never().is_none(),
-            "nothing else is ready"
-        );
-        drop(tx);
-        assert!(body.next().await.is_none());
     }
 }

@@ -28,6 +28,7 @@
 
 mod auth;
 mod backend;
+pub mod batch;
 pub mod channel;
 pub mod config;
 mod echo;
