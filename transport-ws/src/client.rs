@@ -13,23 +13,20 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use async_trait::async_trait;
-use futures::stream::{BoxStream, SplitSink};
+use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use http::header::{AUTHORIZATION, HeaderValue};
-use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
-use crate::config::{CREDITS_HEADER, socket_config};
-
-type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+use crate::config::{CREDITS_HEADER, PUBLISHER_WRITE_BUFFER, socket_config};
 
 /// Connects a publisher to a gateway over one WebSocket.
 #[derive(Clone, Debug)]
@@ -89,7 +86,14 @@ impl Wire for WsWire {
             .insert(CREDITS_HEADER, HeaderValue::from_static("1"));
         let (mut socket, upgraded) = tokio_tungstenite::connect_async_with_config(
             http_request,
-            Some(socket_config(self.max_frame)),
+            Some(
+                socket_config(self.max_frame)
+                    .write_buffer_size(PUBLISHER_WRITE_BUFFER)
+                    // Above the write buffer (tungstenite requires it), by two frames.
+                    .max_write_buffer_size(
+                        PUBLISHER_WRITE_BUFFER + self.max_frame.saturating_mul(2),
+                    ),
+            ),
             true,
         )
         .await
@@ -193,16 +197,26 @@ impl Wire for WsWire {
     }
 }
 
-async fn write_loop(
-    mut sink: SplitSink<Socket, Message>,
+/// Most frames written with one flush.
+const FRAMES_PER_WRITE: usize = 64;
+
+/// Sends what the queue brings; the frames ready together (see [`ready_batches`]) go
+/// out with one flush, one write on the socket.
+async fn write_loop<S>(
+    mut sink: S,
     mut queue: mpsc::Receiver<Message>,
     mut closed: oneshot::Receiver<()>,
-) {
+) where
+    S: futures::Sink<Message, Error = tungstenite::Error> + Unpin,
+{
+    let queue = futures::stream::poll_fn(move |cx| queue.poll_recv(cx));
+    let mut batches = std::pin::pin!(ready_batches(queue, FRAMES_PER_WRITE));
     loop {
         tokio::select! {
-            message = queue.recv() => match message {
-                Some(message) => {
-                    if let Err(e) = sink.send(message).await {
+            batch = batches.next() => match batch {
+                Some(batch) => {
+                    let mut frames = futures::stream::iter(batch.into_iter().map(Ok));
+                    if let Err(e) = sink.send_all(&mut frames).await {
                         tracing::debug!(error = %e, "socket write failed");
                         return;
                     }
@@ -340,5 +354,72 @@ impl Outbox for WsOutbox {
             self.send_frame(&frame).await?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A sink that records what it is given and each flush that had something to send.
+    #[derive(Default)]
+    struct Recorder {
+        pending: Vec<Message>,
+        writes: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl futures::Sink<Message> for Recorder {
+        type Error = tungstenite::Error;
+
+        fn poll_ready(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn start_send(mut self: Pin<&mut Self>, item: Message) -> Result<(), Self::Error> {
+            self.pending.push(item);
+            Ok(())
+        }
+
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Result<(), Self::Error>> {
+            if !self.pending.is_empty() {
+                let n = self.pending.len();
+                self.pending.clear();
+                self.writes.lock().unwrap().push(n);
+            }
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+            self.poll_flush(cx)
+        }
+    }
+
+    /// Frames handed over one per scheduling turn (as a provider streaming an
+    /// upstream's burst hands them over) leave with one flush.
+    #[tokio::test]
+    async fn frames_ready_together_leave_with_one_flush() {
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recorder {
+            writes: writes.clone(),
+            ..Recorder::default()
+        };
+        let (tx, queue) = mpsc::channel::<Message>(64);
+        let (_close, closed) = oneshot::channel();
+        let writer = tokio::spawn(write_loop(sink, queue, closed));
+        for i in 0..20 {
+            tx.send(Message::text(format!("frame {i}"))).await.unwrap();
+            tokio::task::yield_now().await;
+        }
+        drop(tx);
+        writer.await.unwrap();
+        assert_eq!(*writes.lock().unwrap(), vec![20]);
     }
 }

@@ -2,13 +2,19 @@
 //!
 //! tungstenite allocates its read buffer eagerly: the default 128 KiB per connection
 //! would cost over 1 GiB of gateway memory for 10 000 idle publishers, so it is set
-//! explicitly here. Frames are written as soon as they are sent (no write batching):
-//! each streamed token should leave at once.
+//! explicitly here. The gateway writes each frame as soon as it is sent (no write
+//! buffer). The publisher's writer gathers the frames that are ready together and
+//! flushes once per batch, so its socket buffers up to [`PUBLISHER_WRITE_BUFFER`]
+//! between flushes; a frame still leaves at once when nothing else is ready.
 
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 /// Read buffer per connection: enough for a typical frame in one read.
 pub const READ_BUFFER: usize = 4 * 1024;
+
+/// The publisher's write buffer: a batch of frames ready together is written with one
+/// system call when it is flushed (a batch larger than this goes out in several).
+pub const PUBLISHER_WRITE_BUFFER: usize = 64 * 1024;
 
 /// Per-task flow control, negotiated on the upgrade: a publisher that honours `credit`
 /// frames sends this header (any value); a gateway that grants them answers with it,

@@ -17,5 +17,5 @@ mod route;
 mod session;
 
 pub use client::WsWire;
-pub use config::{CREDITS_HEADER, READ_BUFFER, socket_config};
+pub use config::{CREDITS_HEADER, PUBLISHER_WRITE_BUFFER, READ_BUFFER, socket_config};
 pub use route::route;
