@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{SinkExt, StreamExt};
+use futures::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -310,6 +310,25 @@ impl Forwarders {
             }
         }
         let last = result.is_final();
+        if last && !self.queues.contains_key(&task) {
+            // A task answered in one result (a whole completion) needs no forwarder:
+            // its final result has a slot kept for it, so delivering never waits on the
+            // client. Should it wait anyway, it finishes in a task of its own.
+            let (gateway, principal, session) = (
+                self.gateway.clone(),
+                self.principal.clone(),
+                self.session.clone(),
+            );
+            let mut delivery = Box::pin(async move {
+                if let Err(e) = gateway.deliver(&principal, &session, &task, result).await {
+                    tracing::debug!(%task, error = %e, "result refused");
+                }
+            });
+            if delivery.as_mut().now_or_never().is_none() {
+                self.running.spawn(delivery);
+            }
+            return Ok(());
+        }
         if !self.queues.contains_key(&task) {
             let queue = self.spawn(task.clone());
             self.queues.insert(task.clone(), queue);
