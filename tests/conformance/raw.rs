@@ -232,20 +232,7 @@ impl RawChannel for RawWs {
     }
 
     async fn send_result(&mut self, task: &TaskId, result: TaskResult) -> u16 {
-        let task_id = task.clone();
-        let frame = match result {
-            TaskResult::Completed { status, body } => PublisherFrame::Result {
-                task_id,
-                status,
-                body,
-            },
-            TaskResult::Chunk { data, done } => PublisherFrame::Chunk {
-                task_id,
-                data,
-                done,
-            },
-            TaskResult::Failed { message } => PublisherFrame::Error { task_id, message },
-        };
+        let frame = PublisherFrame::for_result(task.clone(), result);
         self.socket
             .send(Message::text(serde_json::to_string(&frame).unwrap()))
             .await

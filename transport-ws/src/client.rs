@@ -337,20 +337,7 @@ impl Outbox for WsOutbox {
             let Some(result) = results.next().await else {
                 break;
             };
-            let task_id = task.clone();
-            let frame = match result {
-                TaskResult::Completed { status, body } => PublisherFrame::Result {
-                    task_id,
-                    status,
-                    body,
-                },
-                TaskResult::Chunk { data, done } => PublisherFrame::Chunk {
-                    task_id,
-                    data,
-                    done,
-                },
-                TaskResult::Failed { message } => PublisherFrame::Error { task_id, message },
-            };
+            let frame = PublisherFrame::for_result(task.clone(), result);
             self.send_frame(&frame).await?;
         }
         Ok(())

@@ -342,6 +342,24 @@ pub enum PublisherFrame {
 }
 
 impl PublisherFrame {
+    /// The frame that carries `result` of `task_id`: the inverse of
+    /// [`PublisherFrame::into_task_result`].
+    pub fn for_result(task_id: TaskId, result: TaskResult) -> Self {
+        match result {
+            TaskResult::Completed { status, body } => PublisherFrame::Result {
+                task_id,
+                status,
+                body,
+            },
+            TaskResult::Chunk { data, done } => PublisherFrame::Chunk {
+                task_id,
+                data,
+                done,
+            },
+            TaskResult::Failed { message } => PublisherFrame::Error { task_id, message },
+        }
+    }
+
     /// For a result, chunk or error frame: the task and its result.
     pub fn into_task_result(self) -> Option<(TaskId, TaskResult)> {
         match self {
@@ -522,6 +540,27 @@ mod tests {
                 frame,
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn every_result_maps_to_a_frame_and_back() {
+        let task_id = TaskId::generate();
+        for result in [
+            TaskResult::Completed {
+                status: 201,
+                body: serde_json::json!({"ok": true}),
+            },
+            TaskResult::Chunk {
+                data: "x".into(),
+                done: false,
+            },
+            TaskResult::Failed {
+                message: "boom".into(),
+            },
+        ] {
+            let frame = PublisherFrame::for_result(task_id.clone(), result.clone());
+            assert_eq!(frame.into_task_result(), Some((task_id.clone(), result)));
         }
     }
 
