@@ -14,6 +14,7 @@
 //! bounded here: it must deliver its first request within the same time.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -209,7 +210,7 @@ impl Connection {
     /// grow for the rest and doubles to 16 KiB, which every idle connection (every
     /// SSE publisher) keeps. A peek leaves the bytes in the socket, so hyper's first
     /// read takes the whole head into its first 8 KiB.
-    async fn serve<S, B>(mut self, stream: TcpStream, service: S) -> Result<(), ConnectionError>
+    async fn serve<S, B>(self, stream: TcpStream, service: S) -> Result<(), ConnectionError>
     where
         S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Send + 'static,
         S::Future: Send + 'static,
@@ -228,22 +229,30 @@ impl Connection {
         // No HTTP/1 method starts like the preface, so its first bytes are enough.
         if first[..n] == H2_PREFACE[..n] {
             let connection = http2.serve_connection(io, service);
-            tokio::pin!(connection);
-            tokio::select! {
-                ended = &mut connection => return ended.map_err(Into::into),
-                _ = self.stop.wait_for(|stop| *stop) => connection.as_mut().graceful_shutdown(),
-            }
-            connection.await.map_err(Into::into)
+            until_done(connection, self.stop, |c| c.graceful_shutdown()).await
         } else {
             let connection = http1.serve_connection(io, service).with_upgrades();
-            tokio::pin!(connection);
-            tokio::select! {
-                ended = &mut connection => return ended.map_err(Into::into),
-                _ = self.stop.wait_for(|stop| *stop) => connection.as_mut().graceful_shutdown(),
-            }
-            connection.await.map_err(Into::into)
+            until_done(connection, self.stop, |c| c.graceful_shutdown()).await
         }
     }
+}
+
+/// Drives `connection` to its end; once the server stops, starts its graceful shutdown
+/// (`shutdown`: hyper's, for that connection type) and lets it finish.
+async fn until_done<C>(
+    connection: C,
+    mut stop: watch::Receiver<bool>,
+    shutdown: impl FnOnce(Pin<&mut C>),
+) -> Result<(), ConnectionError>
+where
+    C: Future<Output = Result<(), hyper::Error>>,
+{
+    tokio::pin!(connection);
+    tokio::select! {
+        ended = &mut connection => return ended.map_err(Into::into),
+        _ = stop.wait_for(|stop| *stop) => shutdown(connection.as_mut()),
+    }
+    connection.await.map_err(Into::into)
 }
 
 /// A connection's service that notes when its first request arrives.
