@@ -1877,6 +1877,7 @@ mod gc {
                     created_at: now,
                     updated_at: now,
                     revision: 0,
+                    binding: None,
                 }));
             }
             let written = batch.len() as u64;

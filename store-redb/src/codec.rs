@@ -13,7 +13,9 @@
 //! [`StoreError::Corrupted`]: virtual_llm_core::StoreError::Corrupted
 
 use serde::{Deserialize, Serialize};
-use virtual_llm_core::{LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, SessionId, Timestamp};
+use virtual_llm_core::{
+    ChannelBinding, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, SessionId, Timestamp,
+};
 
 use crate::error::Error;
 
@@ -41,6 +43,9 @@ pub(crate) struct StoredRow {
     /// name, even after a delete and a new insert, so an in-memory heartbeat recorded
     /// against one version of a row can never apply to another.
     stamp: u64,
+    /// The row's channel binding (schema 2); absent in rows written by schema 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    binding: Option<ChannelBinding>,
 }
 
 impl StoredRow {
@@ -63,6 +68,7 @@ impl StoredRow {
             created_at,
             updated_at,
             revision,
+            binding,
         } = r;
         StoredRow {
             id,
@@ -80,6 +86,7 @@ impl StoredRow {
             updated_ms: updated_at.as_millis(),
             revision,
             stamp,
+            binding,
         }
     }
 
@@ -105,6 +112,7 @@ impl StoredRow {
             created_at: Timestamp::from_millis(self.created_ms),
             updated_at: Timestamp::from_millis(self.updated_ms),
             revision: self.revision,
+            binding: self.binding,
         }
     }
 

@@ -41,7 +41,9 @@ use async_trait::async_trait;
 use redb::{Database, ReadableDatabase};
 use tokio::sync::Notify;
 use virtual_llm_core::store::check_batch;
-use virtual_llm_core::{LlmName, LlmRecord, SessionId, Store, StoreError, Timestamp, Write};
+use virtual_llm_core::{
+    LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write,
+};
 
 use crate::codec::StoredRow;
 use crate::error::Error;
@@ -318,6 +320,16 @@ impl Store for RedbStore {
         let session = session.clone();
         self.run(move |i| i.with_shared(|db| i.by_session_in(db, &session)))
             .await
+    }
+
+    async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
+        // TODO(schema v2): an index by replica; for now a scan.
+        let replica = replica.clone();
+        let rows = self.list().await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| r.binding.as_ref().is_some_and(|b| b.replica == replica))
+            .collect())
     }
 
     async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {

@@ -192,6 +192,7 @@ fn public_record(name: &str) -> LlmRecord {
         created_at: Timestamp::EPOCH,
         updated_at: Timestamp::EPOCH,
         revision: 1,
+        binding: None,
     }
 }
 

@@ -136,6 +136,7 @@ fn new_row(
         created_at: now,
         updated_at: now,
         revision: 0,
+        binding: None,
     }
 }
 

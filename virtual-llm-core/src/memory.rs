@@ -8,7 +8,7 @@ use async_trait::async_trait;
 
 use crate::store::check_batch;
 use crate::sync::{read, write};
-use crate::{LlmName, LlmRecord, SessionId, Store, StoreError, Timestamp, Write};
+use crate::{LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write};
 
 /// A [`Store`] in process memory, with the same indexes a durable store keeps.
 ///
@@ -32,6 +32,8 @@ pub struct MemoryStore {
 struct Tables {
     rows: BTreeMap<LlmName, LlmRecord>,
     by_session: HashMap<SessionId, BTreeSet<LlmName>>,
+    /// Rows by the replica holding their channel.
+    by_replica: HashMap<ReplicaId, BTreeSet<LlmName>>,
     /// Live virtual rows by heartbeat: the stale query is a range scan.
     live: BTreeSet<(Timestamp, LlmName)>,
     /// Inactive rows by the time they went inactive: the expiry query is a range scan.
@@ -43,6 +45,12 @@ impl Tables {
         if let Some(s) = &r.provider_session_id {
             self.by_session
                 .entry(s.clone())
+                .or_default()
+                .insert(r.name.clone());
+        }
+        if let Some(b) = &r.binding {
+            self.by_replica
+                .entry(b.replica.clone())
                 .or_default()
                 .insert(r.name.clone());
         }
@@ -61,6 +69,14 @@ impl Tables {
             names.remove(&r.name);
             if names.is_empty() {
                 self.by_session.remove(s);
+            }
+        }
+        if let Some(b) = &r.binding
+            && let Some(names) = self.by_replica.get_mut(&b.replica)
+        {
+            names.remove(&r.name);
+            if names.is_empty() {
+                self.by_replica.remove(&b.replica);
             }
         }
         if let Some(t) = r.live_since() {
@@ -100,6 +116,16 @@ impl Store for MemoryStore {
         let t = read(&self.tables);
         Ok(t.by_session
             .get(session)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| t.rows.get(name).cloned())
+            .collect())
+    }
+
+    async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
+        let t = read(&self.tables);
+        Ok(t.by_replica
+            .get(replica)
             .into_iter()
             .flatten()
             .filter_map(|name| t.rows.get(name).cloned())

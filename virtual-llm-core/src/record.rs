@@ -6,7 +6,20 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::{LlmId, LlmName, SessionId, Timestamp};
+use crate::{LlmId, LlmName, ReplicaId, SessionId, Timestamp};
+
+/// Which replica holds the control channel of a row's session, and which of its binds
+/// that is. Written on every row of the session when its channel binds, and cleared
+/// with a compare-and-set on this very value when it closes, so a replica's late close
+/// can never demote a channel bound since, here or on another replica.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelBinding {
+    /// The replica holding the channel.
+    pub replica: ReplicaId,
+    /// The bind's epoch on that replica: every bind gets a new, larger one.
+    pub epoch: u64,
+}
 
 /// Where a row's answers come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -65,6 +78,10 @@ pub struct LlmRecord {
     /// Compare-and-set revision: bumped by the store on every write, never by a
     /// heartbeat. A write names the revision it read.
     pub revision: u64,
+    /// The channel of the row's session, while one is bound: which replica holds it.
+    /// `None` when no channel is bound (and for public rows).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub binding: Option<ChannelBinding>,
 }
 
 impl LlmRecord {

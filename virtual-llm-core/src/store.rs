@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
-use crate::{LlmId, LlmName, LlmRecord, SessionId, StoreError, Timestamp};
+use crate::{LlmId, LlmName, LlmRecord, ReplicaId, SessionId, StoreError, Timestamp};
 
 /// One write of an atomic batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,7 +78,8 @@ impl Write {
 /// - **Indexed lifecycle queries.** [`Store::stale_virtuals`] and
 ///   [`Store::expired_inactives`] cost in proportion to the rows they return, not to
 ///   all rows: keep an index keyed by [`LlmRecord::live_since`] and
-///   [`LlmRecord::inactive_key`]. [`Store::by_session`] is indexed too.
+///   [`LlmRecord::inactive_key`]. [`Store::by_session`] and [`Store::bound_to`] are
+///   indexed too.
 /// - **Liveness.** [`Store::touch`] sets `last_heartbeat_at`; every read, including the
 ///   stale query, sees the touched value at once. A later write stores its row as
 ///   given, heartbeat included; a touch never carries over to a re-inserted row. A backend may hold touches in memory
@@ -96,6 +97,11 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
 
     /// The rows bound to `session`, ordered by name.
     async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// The rows whose [`binding`](LlmRecord::binding) names `replica`, ordered by name:
+    /// what a replica demotes when it starts, and what its peers demote when its lease
+    /// runs out.
+    async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError>;
 
     /// Active virtual rows whose last heartbeat is older than `cutoff` (strictly),
     /// oldest first. A live row with no heartbeat counts as the epoch.
@@ -140,6 +146,9 @@ macro_rules! forward_store {
             }
             async fn by_session(&self, s: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).by_session(s).await
+            }
+            async fn bound_to(&self, r: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).bound_to(r).await
             }
             async fn stale_virtuals(&self, c: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).stale_virtuals(c).await

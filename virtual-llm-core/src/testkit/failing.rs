@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use async_trait::async_trait;
 
-use crate::{LlmName, LlmRecord, SessionId, Store, StoreError, Timestamp, Write};
+use crate::{LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write};
 
 /// Wraps any store and fails its calls while a switch is on.
 ///
@@ -113,6 +113,11 @@ impl Store for FailingStore {
     async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
         self.check(&self.reads, "read")?;
         self.inner.by_session(session).await
+    }
+
+    async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
+        self.check(&self.reads, "read")?;
+        self.inner.bound_to(replica).await
     }
 
     async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {

@@ -55,6 +55,7 @@ pub fn record(name: &str) -> LlmRecord {
         created_at: Timestamp::EPOCH,
         updated_at: Timestamp::EPOCH,
         revision: 0,
+        binding: None,
     }
 }
 

@@ -8,7 +8,7 @@
 use futures::future::join_all;
 
 use crate::testkit::{at, record};
-use crate::{LlmKind, LlmStatus, SessionId, Store, StoreError, Write};
+use crate::{ChannelBinding, LlmKind, LlmStatus, ReplicaId, SessionId, Store, StoreError, Write};
 
 /// The names of `rows`, in order, for readable assertions.
 fn names(rows: Vec<crate::LlmRecord>) -> Vec<String> {
@@ -283,6 +283,67 @@ pub async fn by_session_follows_rows(store: &dyn Store) {
     );
 }
 
+/// `bound_to` returns the rows whose binding names the replica, ordered by name, and
+/// follows every change of a binding: rebinding to another replica, clearing, delete.
+pub async fn bound_to_follows_bindings(store: &dyn Store) {
+    let (r1, r2) = (
+        ReplicaId::parse("replica-1").expect("valid"),
+        ReplicaId::parse("replica-2").expect("valid"),
+    );
+    let bound = |replica: &ReplicaId, epoch| {
+        Some(ChannelBinding {
+            replica: replica.clone(),
+            epoch,
+        })
+    };
+    for (n, b) in [
+        ("b", bound(&r1, 1)),
+        ("a", bound(&r1, 2)),
+        ("c", bound(&r2, 1)),
+    ] {
+        let mut r = record(n);
+        r.binding = b;
+        store.write(vec![Write::Insert(r)]).await.expect("insert");
+    }
+    store
+        .write(vec![Write::Insert(record("unbound"))])
+        .await
+        .expect("insert");
+    assert_eq!(
+        names(store.bound_to(&r1).await.expect("bound_to")),
+        ["a", "b"]
+    );
+    let mut b = store.get(&name("b")).await.expect("get").expect("b");
+    b.binding = bound(&r2, 7);
+    store.write(vec![Write::Update(b)]).await.expect("rebind b");
+    assert_eq!(names(store.bound_to(&r1).await.expect("bound_to")), ["a"]);
+    let rows = store.bound_to(&r2).await.expect("bound_to");
+    assert_eq!(names(rows.clone()), ["b", "c"]);
+    assert_eq!(rows[0].binding, bound(&r2, 7), "the binding round-trips");
+    let mut a = store.get(&name("a")).await.expect("get").expect("a");
+    a.binding = None;
+    store.write(vec![Write::Update(a)]).await.expect("clear a");
+    assert!(
+        store.bound_to(&r1).await.expect("bound_to").is_empty(),
+        "a cleared binding leaves the index"
+    );
+    let c = store.get(&name("c")).await.expect("get").expect("c");
+    store
+        .write(vec![Write::Delete {
+            name: c.name,
+            id: c.id,
+            revision: c.revision,
+        }])
+        .await
+        .expect("delete");
+    assert_eq!(names(store.bound_to(&r2).await.expect("bound_to")), ["b"]);
+    store
+        .touch(&[name("b")], at(99))
+        .await
+        .expect("touch keeps the binding");
+    assert_eq!(names(store.bound_to(&r2).await.expect("bound_to")), ["b"]);
+}
+
 /// `stale_virtuals` returns active virtual rows with a heartbeat strictly before the
 /// cutoff, oldest first; public, inactive and hibernating rows never.
 pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
@@ -456,7 +517,8 @@ pub async fn touch_sets_liveness_without_revision(store: &dyn Store) {
         .expect("CAS after a touch succeeds");
 }
 
-/// Every field round-trips, `hibernating`, no tier and no session included.
+/// Every field round-trips, `hibernating`, a channel binding, no tier and no session
+/// included.
 pub async fn all_fields_round_trip(store: &dyn Store) {
     let mut sleeping = record("sleeping");
     sleeping.status = LlmStatus::Hibernating;
@@ -469,14 +531,21 @@ pub async fn all_fields_round_trip(store: &dyn Store) {
     public.tier = Some("fast".into());
     public.provider_type = "anthropic".into();
     public.model = "claude-ünïcode-名前".into();
+    let mut bound = record("bound");
+    bound.provider_session_id = Some(SessionId::generate());
+    bound.binding = Some(ChannelBinding {
+        replica: ReplicaId::parse("gw-7").expect("valid"),
+        epoch: u64::MAX - 1,
+    });
     let written = store
         .write(vec![
             Write::Insert(sleeping.clone()),
             Write::Insert(public.clone()),
+            Write::Insert(bound.clone()),
         ])
         .await
         .expect("insert");
-    for (want, got) in [sleeping, public].into_iter().zip(written) {
+    for (want, got) in [sleeping, public, bound].into_iter().zip(written) {
         let stored = store.get(&want.name).await.expect("get").expect("present");
         assert_eq!(stored, got);
         assert_eq!(
@@ -722,6 +791,7 @@ macro_rules! store_conformance_tests {
             write_returns_stored_rows,
             list_is_ordered_by_name,
             by_session_follows_rows,
+            bound_to_follows_bindings,
             stale_virtuals_uses_heartbeat_cutoff,
             expired_inactives_uses_inactive_since,
             lifecycle_indexes_follow_status_changes,
