@@ -278,6 +278,12 @@ impl virtual_llm::Store for SlowSessions {
         tokio::time::sleep(Duration::from_millis(30)).await;
         self.0.by_session(s).await
     }
+    async fn bound_to(
+        &self,
+        r: &virtual_llm::ReplicaId,
+    ) -> Result<Vec<virtual_llm::LlmRecord>, virtual_llm::StoreError> {
+        self.0.bound_to(r).await
+    }
     async fn stale_virtuals(
         &self,
         c: virtual_llm::Timestamp,
