@@ -74,8 +74,8 @@ async fn a_publisher_killed_mid_stream_fails_the_stream_within_a_second(t: &dyn 
     })
     .await;
     eprintln!("{}: stream failed {noticed:?} after the kill", t.name());
-    assert_eq!(gw.gateway.tasks().in_flight(), 0);
-    assert_eq!(gw.gateway.channels().len(), 0);
+    assert_eq!(gw.gateway.in_flight(), 0);
+    assert_eq!(gw.gateway.local_channels(), 0);
     p.stop().await;
 }
 
@@ -122,7 +122,7 @@ async fn a_publisher_that_stops_reading_gets_503s_then_504s(t: &dyn RawTransport
                 other => panic!("{}: unexpected outcome {other:?}", t.name()),
             }
         }
-        assert_eq!(gw.gateway.tasks().in_flight(), 0, "no task lingers");
+        assert_eq!(gw.gateway.in_flight(), 0, "no task lingers");
         (refused, timed_out)
     };
     // Wave after wave, until the channel takes nothing more. Between waves the kernel
@@ -156,7 +156,7 @@ async fn a_publisher_that_stops_reading_gets_503s_then_504s(t: &dyn RawTransport
         t.name()
     );
     assert!(
-        gw.gateway.channels().is_bound(stalled.session()),
+        gw.gateway.is_bound(stalled.session()),
         "the channel is still open"
     );
     drop(stalled);
@@ -252,10 +252,7 @@ async fn a_slow_client_holds_bounded_memory_and_slows_no_other_stream(t: &dyn Ra
     let cancelled = firehose.dropped.notified();
     drop(slow);
     cancelled.await;
-    eventually("no task left", || async {
-        gw.gateway.tasks().in_flight() == 0
-    })
-    .await;
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
     p.stop().await;
 }
 
@@ -282,7 +279,7 @@ async fn a_stream_faster_than_its_client_is_slowed_not_cut_off(t: &dyn RawTransp
     for s in streams {
         assert_eq!(s.await.unwrap().len(), 3000 * 1000, "{}", t.name());
     }
-    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+    assert_eq!(gw.gateway.in_flight(), 0);
     p.stop().await;
 }
 
@@ -304,6 +301,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     let first = TaskResult::Chunk {
         data: chunk_data("first "),
         done: false,
+        seq: None,
     };
     assert_eq!(old.send_result(&streaming.task_id, first).await, 204);
     let whole = {
@@ -323,7 +321,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     assert!(old.next_frame().await.is_none(), "and it closes");
     drop(old);
     assert_eq!(
-        gw.gateway.tasks().in_flight(),
+        gw.gateway.in_flight(),
         2,
         "{}: the old channel's close failed none of the session's tasks",
         t.name()
@@ -332,6 +330,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     let rest = TaskResult::Chunk {
         data: chunk_data("second"),
         done: true,
+        seq: None,
     };
     assert_eq!(new.send_result(&streaming.task_id, rest).await, 204);
     let answer = TaskResult::Completed {
@@ -358,7 +357,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     };
     assert_eq!(new.send_result(&task.task_id, answer).await, 204);
     assert_eq!(next.await.unwrap().0, 200);
-    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+    assert_eq!(gw.gateway.in_flight(), 0);
     assert_eq!(gw.row_status("echo").await, "active");
 }
 
@@ -465,7 +464,7 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
     })
     .await;
     assert!(
-        gw.gateway.channels().is_bound(&session),
+        gw.gateway.is_bound(&session),
         "{}: a failed heartbeat dropped the publisher's channel",
         t.name()
     );

@@ -121,18 +121,15 @@ fn short(v: &Value) -> String {
 #[derive(Debug, PartialEq)]
 struct Snapshot {
     rows: Vec<LlmRecord>,
-    generations: Vec<Option<u64>>,
+    generations: Vec<Option<virtual_llm::ChannelBinding>>,
     in_flight: usize,
 }
 
 async fn snapshot(gw: &TestGateway, sessions: &[&SessionId]) -> Snapshot {
     Snapshot {
         rows: gw.gateway.store().list().await.unwrap(),
-        generations: sessions
-            .iter()
-            .map(|s| gw.gateway.channels().generation(s))
-            .collect(),
-        in_flight: gw.gateway.tasks().in_flight(),
+        generations: sessions.iter().map(|s| gw.gateway.channel_of(s)).collect(),
+        in_flight: gw.gateway.in_flight(),
     }
 }
 
@@ -801,7 +798,7 @@ async fn an_oversized_frame_closes_only_its_socket() {
         .publish(&Ws, "alice", &["alpha"], Arc::new(EchoProvider::new()))
         .await;
     let alpha = p.connected().await;
-    let generation = gw.gateway.channels().generation(&alpha);
+    let generation = gw.gateway.channel_of(&alpha);
     let mut s = socket(&gw, "mallory").await;
     send(&mut s, register_frame(None, "big")).await;
     let registered = next(&mut s).await.unwrap();
@@ -824,7 +821,7 @@ async fn an_oversized_frame_closes_only_its_socket() {
         gw.row_status("big").await == "inactive"
     })
     .await;
-    assert_eq!(gw.gateway.channels().generation(&alpha), generation);
+    assert_eq!(gw.gateway.channel_of(&alpha), generation);
     let (status, body) = gw.chat("client", "alpha", "unaffected", false).await;
     assert_eq!(
         (status, &body["choices"][0]["message"]["content"]),
@@ -844,7 +841,7 @@ async fn a_task_frame_over_the_limit_is_413_and_the_publisher_stays(t: &dyn Tran
         .publish(t, "alice", &["alpha"], Arc::new(EchoProvider::new()))
         .await;
     let session = p.connected().await;
-    let generation = gw.gateway.channels().generation(&session);
+    let generation = gw.gateway.channel_of(&session);
     let envelope = json!({"model": "alpha", "messages": [{"role": "user", "content": ""}]})
         .to_string()
         .len();
@@ -857,11 +854,11 @@ async fn a_task_frame_over_the_limit_is_413_and_the_publisher_stays(t: &dyn Tran
     let a = answer(response).await;
     assert_refused("a task frame over the limit", &a, 413);
     assert_eq!(
-        gw.gateway.channels().generation(&session),
+        gw.gateway.channel_of(&session),
         generation,
         "the channel stays"
     );
-    assert_eq!(gw.gateway.tasks().in_flight(), 0, "no task left behind");
+    assert_eq!(gw.gateway.in_flight(), 0, "no task left behind");
     let (status, body) = gw.chat("client", "alpha", "still here", false).await;
     assert_eq!(
         (status, &body["choices"][0]["message"]["content"]),
@@ -1017,7 +1014,7 @@ async fn hostile_frames_get_an_error_and_a_close_and_change_nothing() {
             if let Some(session) = session {
                 let session = SessionId::parse(&session).unwrap();
                 eventually("the socket unbinds", || async {
-                    !gw.gateway.channels().is_bound(&session)
+                    !gw.gateway.is_bound(&session)
                 })
                 .await;
                 assert_eq!(gw.row_status("m-llm").await, "inactive", "{what}");
@@ -1150,7 +1147,7 @@ async fn an_ndjson_stream_with_a_bad_line_delivers_what_came_before_and_nothing_
             &a,
             400,
         );
-        assert_eq!(gw.gateway.tasks().in_flight(), 1, "the task is still live");
+        assert_eq!(gw.gateway.in_flight(), 1, "the task is still live");
     }
     let a = post(
         &url,

@@ -202,7 +202,7 @@ fn ws_register(session: Option<&str>, names: &[&str]) -> Value {
 struct Snapshot {
     rows: Vec<LlmRecord>,
     view: Value,
-    generations: Vec<Option<u64>>,
+    generations: Vec<Option<virtual_llm::ChannelBinding>>,
     in_flight: usize,
 }
 
@@ -210,11 +210,8 @@ async fn snapshot(gw: &TestGateway, sessions: &[&SessionId]) -> Snapshot {
     Snapshot {
         rows: gw.gateway.store().list().await.unwrap(),
         view: gw.list().await,
-        generations: sessions
-            .iter()
-            .map(|s| gw.gateway.channels().generation(s))
-            .collect(),
-        in_flight: gw.gateway.tasks().in_flight(),
+        generations: sessions.iter().map(|s| gw.gateway.channel_of(s)).collect(),
+        in_flight: gw.gateway.in_flight(),
     }
 }
 
@@ -272,6 +269,7 @@ async fn bad_or_missing_tokens_are_401_on_every_route_and_change_nothing() {
     let result = serde_json::to_string(&TaskResult::Chunk {
         data: "forged".into(),
         done: true,
+        seq: None,
     })
     .unwrap();
     let chat_body = json!({"model": "alpha", "messages": [{"role": "user", "content": "x"}]});
@@ -404,6 +402,7 @@ async fn roles_are_enforced_and_refusals_change_nothing() {
     let forged = TaskResult::Chunk {
         data: "forged".into(),
         done: true,
+        seq: None,
     };
     let a = post_result(&gw, "client", session.as_str(), &task, &forged).await;
     assert_refused("a client posts a result", &a, 403);
@@ -481,6 +480,7 @@ async fn another_publisher_cannot_use_a_session_it_does_not_own(t: &dyn Transpor
     let forged = TaskResult::Chunk {
         data: "forged".into(),
         done: true,
+        seq: None,
     };
     let a = post_result(&gw, "mallory", session.as_str(), &task, &forged).await;
     assert_refused("mallory posts a result for alice's task", &a, 404);
@@ -569,6 +569,7 @@ async fn another_publisher_cannot_use_a_session_it_does_not_own(t: &dyn Transpor
     let replay = TaskResult::Chunk {
         data: "again".into(),
         done: true,
+        seq: None,
     };
     let a = post_result(&gw, "mallory", session.as_str(), &task, &replay).await;
     assert_refused("mallory replays alice's finished task", &a, 404);
@@ -701,12 +702,12 @@ async fn only_the_owner_can_bind_its_session() {
         .publish(&Sse, "alice", &["alpha"], Arc::new(EchoProvider::new()))
         .await;
     let session = p.connected().await;
-    let generation = gw.gateway.channels().generation(&session);
+    let generation = gw.gateway.channel_of(&session);
     assert!(generation.is_some());
     for who in ["mallory", "client"] {
         let a = stream_status(&gw, who, session.as_str()).await;
         assert!(a.status == 404 || a.status == 403, "{who}: {}", a.body);
-        assert_eq!(gw.gateway.channels().generation(&session), generation);
+        assert_eq!(gw.gateway.channel_of(&session), generation);
     }
     let (status, body) = gw.chat("client", "alpha", "still alice", false).await;
     assert_eq!(status, 200, "{body}");

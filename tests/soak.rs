@@ -294,7 +294,7 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
     for slot in slots.iter() {
         slot.connected().await;
     }
-    assert_eq!(gw.gateway.channels().len(), PUBLISHERS);
+    assert_eq!(gw.gateway.local_channels(), PUBLISHERS);
     eprintln!(
         "soak: {PUBLISHERS} publishers connected in {:?}",
         started.elapsed()
@@ -408,13 +408,13 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
     }
     let settled = Instant::now();
     eventually_within(Duration::from_secs(10), "no task left in flight", || {
-        gw.gateway.tasks().in_flight() == 0
+        gw.gateway.in_flight() == 0
     })
     .await;
     eventually_within(
         Duration::from_secs(10),
         "exactly the running publishers connected",
-        || gw.gateway.channels().len() == PUBLISHERS,
+        || gw.gateway.local_channels() == PUBLISHERS,
     )
     .await;
     let settle = settled.elapsed();
@@ -464,8 +464,8 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
         get(&tally.timed_out) > 0,
         "some requests met a frozen publisher"
     );
-    assert_eq!(gw.gateway.tasks().in_flight(), 0);
-    assert_eq!(gw.gateway.channels().len(), PUBLISHERS);
+    assert_eq!(gw.gateway.in_flight(), 0);
+    assert_eq!(gw.gateway.local_channels(), PUBLISHERS);
     // Everything allocated for the soak's tasks, channels and buffers was given back:
     // what stays is the allocator's retained free memory, not a leak that grows.
     assert!(
@@ -482,7 +482,7 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
         }
     }
     eventually_within(Duration::from_secs(10), "every channel closed", || {
-        gw.gateway.channels().is_empty()
+        gw.gateway.local_channels() == 0
     })
     .await;
     eprintln!("soak: done in {:?}", started.elapsed());

@@ -345,7 +345,7 @@ async fn a_publisher_that_has_its_registered_frame_is_already_reachable() {
             virtual_llm::SessionId::parse(registered["providerSessionId"].as_str().unwrap())
                 .unwrap();
         assert!(
-            gateway.channels().is_bound(&session),
+            gateway.is_bound(&session),
             "round {round}: bound before `registered` is sent"
         );
     }
@@ -462,7 +462,7 @@ async fn credits_follow_the_client_and_a_publisher_past_its_credit_is_cut_off() 
         }
     };
     assert!(error.contains("llm_unavailable"), "{error}");
-    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+    assert_eq!(gw.gateway.in_flight(), 0);
 }
 
 /// A publisher that stops reading, its socket open: once the socket is full the
@@ -518,6 +518,6 @@ async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() 
         gw.row_status("stuck").await == "inactive"
     })
     .await;
-    assert!(!gw.gateway.channels().is_bound(stalled.session()));
-    assert_eq!(gw.gateway.tasks().in_flight(), 0);
+    assert!(!gw.gateway.is_bound(stalled.session()));
+    assert_eq!(gw.gateway.in_flight(), 0);
 }

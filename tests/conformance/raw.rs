@@ -198,9 +198,8 @@ impl RawTransport for WsTransport {
             other => panic!("expected registered, got {other:?}"),
         }
         // `registered` goes out before the bind; wait until the channel is bound.
-        let channels = gw.gateway.channels();
         for _ in 0..500 {
-            if channels.is_bound(&raw.session) {
+            if gw.gateway.is_bound(&raw.session) {
                 return Box::new(raw);
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -15,7 +15,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
-    ErrorBody, GatewayFrame, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskResult,
+    ErrorBody, GatewayFrame, HeartbeatRequest, PROTOCOL_HEADER, RegisterRequest, RegisterResponse,
+    TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
 use virtual_llm_core::{Config, SessionId, TaskId};
@@ -120,6 +121,10 @@ impl Wire for SseWire {
         let response = self
             .request(reqwest::Method::GET, "_provider-stream")
             .header(SESSION_HEADER, session.as_str())
+            .header(
+                PROTOCOL_HEADER,
+                answer.protocol_version.unwrap_or(1).to_string(),
+            )
             .header("accept", "text/event-stream")
             .send()
             .await
@@ -342,6 +347,7 @@ mod tests {
             .map(|c| TaskResult::Chunk {
                 data: c.unwrap(),
                 done: false,
+                seq: None,
             })
             .boxed();
         // Polled by hyper's connection task, as the body of a request.

@@ -21,7 +21,10 @@ use bytes::Buf;
 use futures::{Stream, StreamExt};
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
-use virtual_llm_core::protocol::{GatewayFrame, HeartbeatRequest, RegisterRequest, TaskResult};
+use virtual_llm_core::protocol::{
+    GatewayFrame, HeartbeatRequest, PROTOCOL_HEADER, PROTOCOL_VERSION, RegisterRequest, TaskResult,
+    negotiate,
+};
 use virtual_llm_core::{Error, Gateway, InferRequest, Principal, Reply, SessionId, TaskId};
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
@@ -82,6 +85,7 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(gw.clone())
         .and(auth)
         .and(session)
+        .and(warp::header::optional::<String>(PROTOCOL_HEADER))
         .then(control_stream);
     let heartbeat = base
         .clone()
@@ -235,14 +239,29 @@ where
 /// The SSE control channel: `hello`, then `task`, `cancel` and `closing` events as the
 /// core sends them, with keep-alive comments. The response body owns the binding, so
 /// the moment the connection closes, the session unbinds.
-async fn control_stream(gw: Gateway, auth: Option<String>, session: Option<String>) -> Response {
+async fn control_stream(
+    gw: Gateway,
+    auth: Option<String>,
+    session: Option<String>,
+    protocol: Option<String>,
+) -> Response {
     reply::respond(
         async {
             let who = principal(&gw, auth).await?;
             let session = session_id(session)?;
+            let requested = match protocol {
+                Some(text) => Some(text.trim().parse::<u32>().map_err(|_| {
+                    Error::invalid(format!("the {PROTOCOL_HEADER} header is a version number"))
+                })?),
+                None => None,
+            };
+            let version = negotiate(requested).ok_or(Error::UnsupportedProtocol {
+                version: requested.unwrap_or(1),
+                supported: PROTOCOL_VERSION,
+            })?;
             let (tx, rx) = mpsc::channel::<Box<GatewayFrame>>(gw.config().channel_buffer);
             let binding = gw.bind(&who, &session, Arc::new(tx)).await?;
-            let hello = GatewayFrame::Hello(gw.hello(&session));
+            let hello = GatewayFrame::Hello(gw.hello(&session, version));
             let first = futures::stream::once(async move { Some(hello) });
             let rest = futures::stream::unfold((rx, binding), |(mut rx, binding)| async move {
                 rx.recv().await.map(|frame| (Some(*frame), (rx, binding)))

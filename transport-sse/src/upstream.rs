@@ -581,6 +581,7 @@ impl PublicBackend for OpenAiBackend {
         let Some(route) = self.routes.get(&llm.name) else {
             tracing::warn!(llm = %llm.name, "public llm has no upstream configured");
             return Err(Error::Unavailable {
+                kind: virtual_llm_core::UnavailableKind::Offline,
                 reason: format!("public llm {} has no upstream configured", llm.name),
                 retry_after: UNKNOWN_LLM_RETRY_AFTER,
             });

@@ -347,12 +347,16 @@ impl Forwarders {
                 // this socket.
                 self.queues.remove(&task);
                 let reason = Error::Unavailable {
+                    kind: virtual_llm_core::UnavailableKind::Saturated,
                     reason: "the client read too slowly; its stream was cut off".into(),
                     retry_after: self.gateway.config().retry_after,
                 };
-                self.gateway
-                    .tasks()
-                    .fail(&self.session, &self.principal.id, &task, reason);
+                if let Err(e) =
+                    self.gateway
+                        .fail_task(&self.principal, &self.session, &task, reason)
+                {
+                    tracing::debug!(%task, error = %e, "could not cut off a slow client's task");
+                }
             }
             Err(mpsc::error::TrySendError::Closed(_)) => {
                 self.queues.remove(&task);

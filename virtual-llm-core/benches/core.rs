@@ -35,6 +35,7 @@ fn task_round_trip(c: &mut Criterion) {
         .build()
         .unwrap();
     let alice = Principal::new("alice", [Role::Publisher]);
+    let client = Principal::new("carol", [Role::Client]);
     let (gw, session, row, _binding) = rt.block_on(async {
         let gw = Gateway::builder(Arc::new(MemoryStore::new()))
             .start()
@@ -52,7 +53,7 @@ fn task_round_trip(c: &mut Criterion) {
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;
         let binding = gw.bind(&alice, &session, Arc::new(NullSink)).await.unwrap();
-        let row = gw.route("llm").await.unwrap();
+        let row = gw.route(&client, "llm").await.unwrap().remove(0);
         (gw, session, row, binding)
     });
     let body = json!({"model": "llm", "messages": [{"role": "user", "content": "hi"}]});
@@ -66,7 +67,7 @@ fn task_round_trip(c: &mut Criterion) {
                 stream: false,
                 body: body.clone(),
             };
-            let handle = gw.start_task(&row, request).unwrap();
+            let handle = gw.start_task(&client, &row, request).unwrap();
             let id = handle.id().clone();
             let result = TaskResult::Completed {
                 status: 200,
@@ -83,12 +84,13 @@ fn task_round_trip(c: &mut Criterion) {
                 stream: true,
                 body: body.clone(),
             };
-            let mut handle = gw.start_task(&row, request).unwrap();
+            let mut handle = gw.start_task(&client, &row, request).unwrap();
             let id = handle.id().clone();
             for i in 0..4 {
                 let chunk = TaskResult::Chunk {
                     data: "{}".into(),
                     done: i == 3,
+                    seq: Some(i),
                 };
                 gw.deliver(&alice, &session, &id, chunk).await.unwrap();
             }

@@ -1,26 +1,15 @@
-//! Control channels: the sink a transport hands the core for each connected publisher,
-//! and the table of which session is bound to which sink.
+//! Control channels: the sink a transport hands the core for each connected publisher.
 //!
 //! A transport (SSE stream, WebSocket) calls [`Gateway::bind`](crate::Gateway::bind)
-//! with a [`ChannelSink`]; the core pushes `task` and `cancel` frames into it. Binding a
-//! session that is already bound replaces the older channel; each binding carries a
-//! generation, so the older channel's close cannot unbind the newer one.
-//!
-//! [`Channels::sink`] is the one place the core looks a session's channel up. Today the
-//! channel lives in this process; a multi-replica gateway replaces this lookup with one
-//! that forwards to the replica holding the channel.
+//! with a [`ChannelSink`]; the core binds it in its
+//! [`ChannelDirectory`](crate::ChannelDirectory) and pushes `task`, `cancel` and
+//! `closing` frames into it.
 
-use std::collections::HashMap;
 use std::fmt;
-use std::sync::Arc;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
 
-use crate::SessionId;
 use crate::protocol::GatewayFrame;
-use crate::sync::lock;
 
 /// Why a frame could not be queued on a channel.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -60,83 +49,5 @@ where
             mpsc::error::TrySendError::Full(_) => SendError::Full,
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })
-    }
-}
-
-struct Bound {
-    generation: u64,
-    sink: Arc<dyn ChannelSink>,
-}
-
-/// Which session is bound to which channel, by generation.
-#[derive(Default)]
-pub struct Channels {
-    bound: Mutex<HashMap<SessionId, Bound>>,
-    next_generation: AtomicU64,
-}
-
-impl fmt::Debug for Channels {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Channels")
-            .field("bound", &self.len())
-            .finish()
-    }
-}
-
-impl Channels {
-    /// Binds `sink` to `session`, replacing any older channel, which is returned so the
-    /// caller can tell it to close. Returns the new binding's generation.
-    pub fn bind(
-        &self,
-        session: &SessionId,
-        sink: Arc<dyn ChannelSink>,
-    ) -> (u64, Option<Arc<dyn ChannelSink>>) {
-        let generation = self.next_generation.fetch_add(1, Ordering::Relaxed) + 1;
-        let old = lock(&self.bound).insert(session.clone(), Bound { generation, sink });
-        (generation, old.map(|b| b.sink))
-    }
-
-    /// Unbinds `session` if `generation` is still its current binding; returns whether
-    /// it was. A replaced channel's close is therefore a no-op.
-    pub fn unbind(&self, session: &SessionId, generation: u64) -> bool {
-        let mut bound = lock(&self.bound);
-        match bound.get(session) {
-            Some(b) if b.generation == generation => {
-                bound.remove(session);
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// The channel `session` is bound to now: the seam through which every frame for
-    /// a session is routed.
-    pub fn sink(&self, session: &SessionId) -> Option<Arc<dyn ChannelSink>> {
-        lock(&self.bound).get(session).map(|b| b.sink.clone())
-    }
-
-    /// Whether `session` has a channel.
-    pub fn is_bound(&self, session: &SessionId) -> bool {
-        lock(&self.bound).contains_key(session)
-    }
-
-    /// The current generation of `session`'s binding.
-    pub fn generation(&self, session: &SessionId) -> Option<u64> {
-        lock(&self.bound).get(session).map(|b| b.generation)
-    }
-
-    /// How many sessions are bound.
-    pub fn len(&self) -> usize {
-        lock(&self.bound).len()
-    }
-
-    /// Whether no session is bound.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Every bound sink, e.g. to tell them all the gateway is closing.
-    pub fn all(&self) -> Vec<Arc<dyn ChannelSink>> {
-        lock(&self.bound).values().map(|b| b.sink.clone()).collect()
     }
 }

@@ -89,6 +89,8 @@ pub enum Error {
     /// The LLM cannot answer now: publisher offline, inactive or saturated (503).
     #[error("{reason}")]
     Unavailable {
+        /// Why, as a caller acts on it: whether another row may serve instead.
+        kind: UnavailableKind,
         /// Why, for the client.
         reason: String,
         /// When to try again.
@@ -103,6 +105,44 @@ pub enum Error {
     /// The store failed (500, or 503 when it is merely busy).
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Why a row cannot answer now, as a router acts on it: every kind but
+/// [`Draining`](UnavailableKind::Draining) lets the request try another row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum UnavailableKind {
+    /// Its publisher has no free slot, or its channel's queue is full.
+    Saturated,
+    /// Its publisher has no channel (it disconnected, or the row has no session), or a
+    /// public row has no backend.
+    Offline,
+    /// The row is inactive.
+    Inactive,
+    /// The row is hibernating (asleep until woken).
+    Hibernating,
+    /// The gateway is shutting down: no row of this gateway will serve.
+    Draining,
+}
+
+impl UnavailableKind {
+    /// Whether another candidate row may serve the request instead: `false` only when
+    /// the whole gateway refuses.
+    pub fn try_another(self) -> bool {
+        !matches!(self, UnavailableKind::Draining)
+    }
+
+    /// A stable label, e.g. for metrics: `saturated`, `offline`, `inactive`,
+    /// `hibernating`, `draining`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnavailableKind::Saturated => "saturated",
+            UnavailableKind::Offline => "offline",
+            UnavailableKind::Inactive => "inactive",
+            UnavailableKind::Hibernating => "hibernating",
+            UnavailableKind::Draining => "draining",
+        }
+    }
 }
 
 fn describe_conflicts(conflicts: &[NameConflict]) -> String {
@@ -258,6 +298,19 @@ impl Error {
         }
     }
 
+    /// Shorthand for a 503 of `kind`, retried after `retry_after`.
+    pub fn unavailable(
+        kind: UnavailableKind,
+        reason: impl Into<String>,
+        retry_after: Duration,
+    ) -> Self {
+        Error::Unavailable {
+            kind,
+            reason: reason.into(),
+            retry_after,
+        }
+    }
+
     /// Shorthand for a 400 with a message. The message is bounded (its head and tail
     /// are kept): parser errors quote the input, and the input may be megabytes.
     pub fn invalid(message: impl Into<String>) -> Self {
@@ -326,6 +379,7 @@ mod tests {
             ),
             (
                 Error::Unavailable {
+                    kind: UnavailableKind::Offline,
                     reason: "off".into(),
                     retry_after: Duration::from_secs(5),
                 },
@@ -392,6 +446,7 @@ mod tests {
         assert_eq!(body["error"]["conflicts"][0]["name"], "a");
         assert!(err.to_string().contains("a (a public llm has this name)"));
         let off = Error::Unavailable {
+            kind: UnavailableKind::Inactive,
             reason: "x".into(),
             retry_after: Duration::from_secs(7),
         };

@@ -1,17 +1,24 @@
-//! The [`Gateway`]: the service a transport drives. It owns the store, the clock, the
-//! channel table and the task table; its methods are split by concern across
-//! `lifecycle.rs` (register, heartbeat, bind, GC) and `relay.rs` (infer, deliver).
+//! The [`Gateway`]: the service a transport drives. It owns the store, the clock and
+//! the seams (the channel directory, the task router, the row router); its methods are
+//! split by concern across `lifecycle.rs` (register, heartbeat, bind, GC) and
+//! `relay.rs` (infer, deliver).
+//!
+//! Callers reach the tasks and the channels only through its methods, which check the
+//! caller's role, the ownership of sessions and tasks, and whether the gateway is
+//! draining.
 
 use std::collections::hash_map::DefaultHasher;
 use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use crate::channel::Channels;
+use crate::directory::{ChannelDirectory, LocalDirectory};
+use crate::router::{NameRouter, Router};
 use crate::task::TaskTable;
+use crate::task_router::{LocalTaskRouter, TaskInbound, TaskRouter};
 use crate::{
-    Authenticator, Clock, Config, Error, OpenAccess, Principal, PublicBackend, SessionId, Store,
-    SystemClock,
+    Authenticator, ChannelBinding, Clock, Config, Error, OpenAccess, Principal, PublicBackend,
+    ReplicaId, Role, SessionId, Store, SystemClock, TaskId,
 };
 
 /// The core of a gateway. Cheap to clone: clones share everything.
@@ -36,7 +43,9 @@ pub(crate) struct Shared {
     pub(crate) config: Config,
     pub(crate) auth: Arc<dyn Authenticator>,
     pub(crate) public: Option<Arc<dyn PublicBackend>>,
-    pub(crate) channels: Arc<Channels>,
+    pub(crate) directory: Arc<dyn ChannelDirectory>,
+    pub(crate) task_router: Arc<dyn TaskRouter>,
+    pub(crate) router: Arc<dyn Router>,
     pub(crate) tasks: TaskTable,
     pub(crate) locks: SessionLocks,
     /// Set by [`Gateway::drain`]: new requests are refused while in-flight ones finish.
@@ -47,11 +56,14 @@ impl fmt::Debug for Gateway {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Gateway")
             .field("store", &self.shared.store)
-            .field("channels", &self.shared.channels)
+            .field("directory", &self.shared.directory)
             .field("tasks", &self.shared.tasks)
             .finish_non_exhaustive()
     }
 }
+
+/// The replica id of a gateway that is the only one over its store.
+pub const LOCAL_REPLICA: &str = "local";
 
 /// Builds a [`Gateway`]; see [`Gateway::builder`].
 #[derive(Debug)]
@@ -61,6 +73,10 @@ pub struct GatewayBuilder {
     config: Config,
     auth: Arc<dyn Authenticator>,
     public: Option<Arc<dyn PublicBackend>>,
+    replica: Option<ReplicaId>,
+    directory: Option<Arc<dyn ChannelDirectory>>,
+    task_router: Arc<dyn TaskRouter>,
+    router: Arc<dyn Router>,
 }
 
 impl GatewayBuilder {
@@ -88,12 +104,57 @@ impl GatewayBuilder {
         self
     }
 
-    /// Checks the configuration, then recovers from the previous run: every virtual
-    /// row still `active` in the store goes inactive, since no channel is bound yet.
+    /// This gateway's replica id (default: [`LOCAL_REPLICA`], for a gateway that is
+    /// the only one over its store). With a [`directory`](Self::directory), the
+    /// directory's replica id must be the same.
+    pub fn replica(mut self, replica: ReplicaId) -> Self {
+        self.replica = Some(replica);
+        self
+    }
+
+    /// Where control channels are bound and frames sent (default: a
+    /// [`LocalDirectory`] of this process).
+    pub fn directory(mut self, directory: Arc<dyn ChannelDirectory>) -> Self {
+        self.directory = Some(directory);
+        self
+    }
+
+    /// How results reach tasks on other replicas (default: [`LocalTaskRouter`]:
+    /// there are none).
+    pub fn task_router(mut self, router: Arc<dyn TaskRouter>) -> Self {
+        self.task_router = router;
+        self
+    }
+
+    /// Which rows may answer a request (default: [`NameRouter`], the row named by
+    /// the request's `model`).
+    pub fn router(mut self, router: Arc<dyn Router>) -> Self {
+        self.router = router;
+        self
+    }
+
+    /// Checks the configuration, then recovers from this replica's previous run: its
+    /// rows' channels are gone, so they go inactive until their publishers bind again.
+    /// Rows bound to other replicas are theirs and stay as they are.
     pub async fn start(self) -> Result<Gateway, Error> {
         self.config.validate()?;
-        let channels = Arc::new(Channels::default());
-        let tasks = TaskTable::new(channels.clone(), &self.config);
+        let directory = match (self.directory, self.replica) {
+            (Some(d), Some(r)) if *d.replica() != r => {
+                return Err(Error::invalid(format!(
+                    "the channel directory binds on replica {} but the gateway is replica {r}",
+                    d.replica()
+                )));
+            }
+            (Some(d), _) => d,
+            (None, r) => {
+                let replica = match r {
+                    Some(r) => r,
+                    None => ReplicaId::parse(LOCAL_REPLICA)?,
+                };
+                Arc::new(LocalDirectory::new(replica)) as Arc<dyn ChannelDirectory>
+            }
+        };
+        let tasks = TaskTable::new(directory.clone(), &self.config);
         let gateway = Gateway {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -101,7 +162,9 @@ impl GatewayBuilder {
                 config: self.config,
                 auth: self.auth,
                 public: self.public,
-                channels,
+                directory,
+                task_router: self.task_router,
+                router: self.router,
                 tasks,
                 locks: SessionLocks::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
@@ -127,6 +190,10 @@ impl Gateway {
             config: Config::default(),
             auth: Arc::new(OpenAccess),
             public: None,
+            replica: None,
+            directory: None,
+            task_router: Arc::new(LocalTaskRouter),
+            router: Arc::new(NameRouter),
         }
     }
 
@@ -150,14 +217,53 @@ impl Gateway {
         &self.shared.clock
     }
 
-    /// The in-flight tasks.
-    pub fn tasks(&self) -> &TaskTable {
-        &self.shared.tasks
+    /// This gateway's replica id.
+    pub fn replica(&self) -> &ReplicaId {
+        self.shared.directory.replica()
     }
 
-    /// The bound channels.
-    pub fn channels(&self) -> &Channels {
-        &self.shared.channels
+    /// How many tasks this replica's clients are waiting on.
+    pub fn in_flight(&self) -> usize {
+        self.shared.tasks.in_flight()
+    }
+
+    /// How many control channels this replica holds.
+    pub fn local_channels(&self) -> usize {
+        self.shared.directory.local_channels()
+    }
+
+    /// The current bind of `session`'s channel, wherever it is; `None` when it has
+    /// none.
+    pub fn channel_of(&self, session: &SessionId) -> Option<ChannelBinding> {
+        self.shared.directory.current(session)
+    }
+
+    /// Whether `session` has a control channel, on this replica or another.
+    pub fn is_bound(&self, session: &SessionId) -> bool {
+        self.channel_of(session).is_some()
+    }
+
+    /// The receiving end of the task router on this replica, for a plane adapter that
+    /// forwards results and channel losses between replicas (see [`TaskInbound`]).
+    pub fn inbound(&self) -> TaskInbound {
+        TaskInbound {
+            tasks: self.shared.tasks.clone(),
+        }
+    }
+
+    /// Fails one of `session`'s tasks now with `error` and tells its publisher to
+    /// stop: for a transport that must cut a task off (a client too slow to keep up on
+    /// a socket shared with other tasks). Only a publisher, for a task of its own
+    /// session, may. Returns whether the task was live here.
+    pub fn fail_task(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+        task: &TaskId,
+        error: Error,
+    ) -> Result<bool, Error> {
+        principal.require(Role::Publisher)?;
+        Ok(self.shared.tasks.fail(session, &principal.id, task, error))
     }
 
     /// Persists what the store holds in memory (coalesced heartbeats).
@@ -165,20 +271,11 @@ impl Gateway {
         Ok(self.shared.store.flush().await?)
     }
 
-    /// Tells every connected publisher the gateway is closing (a `closing` frame), so
-    /// their channels end and they reconnect later; part of a graceful shutdown.
-    /// Returns how many channels were told.
+    /// Tells every publisher connected to this replica the gateway is closing (a
+    /// `closing` frame), so their channels end and they reconnect later; part of a
+    /// graceful shutdown. Returns how many channels were told.
     pub fn close_channels(&self, reason: &str) -> usize {
-        let sinks = self.shared.channels.all();
-        for sink in &sinks {
-            let frame = crate::protocol::GatewayFrame::Closing(crate::protocol::Closing {
-                reason: reason.to_owned(),
-            });
-            if let Err(e) = sink.send(frame) {
-                tracing::debug!(error = %e, "a channel could not be told it is closing");
-            }
-        }
-        sinks.len()
+        self.shared.directory.close_local(reason)
     }
 
     /// The first step of a graceful shutdown: refuse new requests (503 with
@@ -191,10 +288,10 @@ impl Gateway {
             .store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline = tokio::time::Instant::now() + grace;
         // Polled: a shutdown happens once, and a 20 ms step is well below any grace.
-        while self.tasks().in_flight() > 0 && tokio::time::Instant::now() < deadline {
+        while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let left = self.tasks().in_flight();
+        let left = self.in_flight();
         let told = self.close_channels("gateway shutting down");
         tracing::info!(publishers = told, unfinished = left, "drained");
         left

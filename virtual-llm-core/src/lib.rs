@@ -14,7 +14,10 @@
 //! - `gateway`, `lifecycle`, `relay`: the service: register, heartbeat, bind, GC
 //!   sweep, restart recovery; infer and deliver.
 //! - [`task`]: task correlation, deadlines, cancellation.
-//! - [`channel`]: control channel sinks and bind generations.
+//! - [`channel`]: control channel sinks; `directory`: the [`ChannelDirectory`] seam
+//!   (where each session's channel is, bind epochs) and its [`LocalDirectory`].
+//! - `router`: the [`Router`] seam, which rows may answer a request;
+//!   `task_router`: the [`TaskRouter`] seam, results to tasks on other replicas.
 //! - `gc`: the background GC task and its drop guard.
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
@@ -31,6 +34,7 @@ mod backend;
 pub mod batch;
 pub mod channel;
 pub mod config;
+mod directory;
 mod echo;
 pub mod error;
 mod gateway;
@@ -47,9 +51,11 @@ pub mod publisher;
 mod record;
 mod relay;
 mod reply;
+mod router;
 pub mod store;
 mod sync;
 pub mod task;
+mod task_router;
 mod time;
 
 #[cfg(any(test, feature = "testkit"))]
@@ -59,9 +65,10 @@ pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens, bearer_
 pub use backend::PublicBackend;
 pub use channel::{ChannelSink, SendError};
 pub use config::Config;
+pub use directory::{BindToken, ChannelDirectory, LocalDirectory};
 pub use echo::EchoProvider;
-pub use error::{Error, StoreError};
-pub use gateway::{Gateway, GatewayBuilder};
+pub use error::{Error, StoreError, UnavailableKind};
+pub use gateway::{Gateway, GatewayBuilder, LOCAL_REPLICA};
 pub use gc::GcGuard;
 pub use ids::{LlmId, MAX_ID_LEN, MAX_REPLICA_LEN, ReplicaId, SessionId, TaskId};
 pub use lifecycle::{Binding, SweepReport, activated, deactivated};
@@ -73,6 +80,8 @@ pub use provider::Provider;
 pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
 pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView};
 pub use reply::{ChunkStream, Completion, Reply};
+pub use router::{NameRouter, Router};
 pub use store::{Store, Write};
-pub use task::{TaskEvent, TaskHandle, TaskTable};
+pub use task::{TaskEvent, TaskHandle};
+pub use task_router::{Delivery, LocalTaskRouter, TaskInbound, TaskRouter};
 pub use time::{Clock, SystemClock, Timestamp};

@@ -11,13 +11,14 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::channel::ChannelSink;
+use crate::directory::BindToken;
 use crate::protocol::{
-    Closing, ConflictReason, GatewayFrame, HeartbeatResponse, Hello, LlmSpec, NameConflict,
-    PROTOCOL_VERSION, RegisterRequest, RegisterResponse,
+    ConflictReason, HeartbeatResponse, Hello, LlmSpec, NameConflict, PROTOCOL_VERSION,
+    RegisterRequest, RegisterResponse, negotiate,
 };
 use crate::{
-    Error, Gateway, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, LlmView, Principal, Role,
-    SessionId, StoreError, Timestamp, Write,
+    ChannelBinding, Error, Gateway, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, LlmView,
+    Principal, Role, SessionId, StoreError, Timestamp, Write,
 };
 
 /// How often a lost compare-and-set is re-decided before the caller gets a 503.
@@ -68,19 +69,20 @@ fn plan_register(
 ) -> Result<Vec<Write>, Vec<NameConflict>> {
     let mut writes = Vec::with_capacity(specs.len() + session_rows.len());
     let mut conflicts = Vec::new();
+    // The session's channel, if one is bound: every row of the session records it,
+    // including rows this register adds to the session.
+    let bound = session_rows.iter().find_map(|r| r.binding.clone());
     for (spec, row) in specs.iter().zip(current) {
         let conflict = |reason| NameConflict {
             name: spec.name.to_string(),
             reason,
         };
         match row {
-            None => writes.push(Write::Insert(new_row(
-                LlmKind::Virtual,
-                spec,
-                owner,
-                Some(session),
-                now,
-            ))),
+            None => {
+                let mut r = new_row(LlmKind::Virtual, spec, owner, Some(session), now);
+                r.binding.clone_from(&bound);
+                writes.push(Write::Insert(r));
+            }
             Some(r) if r.kind == LlmKind::Public => {
                 conflicts.push(conflict(ConflictReason::PublicLlm))
             }
@@ -92,6 +94,10 @@ fn plan_register(
                     || r.status != LlmStatus::Active =>
             {
                 let mut r = activated(r, now);
+                if r.provider_session_id.as_ref() != Some(session) {
+                    // Adopted: the other session's channel is not this one's.
+                    r.binding.clone_from(&bound);
+                }
                 r.provider_session_id = Some(session.clone());
                 r.provider_type.clone_from(&spec.provider_type);
                 r.model.clone_from(&spec.model);
@@ -109,6 +115,7 @@ fn plan_register(
     for r in session_rows.iter().filter(|r| !named.contains(&r.name)) {
         let mut r = deactivated(r, now);
         r.provider_session_id = None;
+        r.binding = None;
         writes.push(Write::Update(r));
     }
     Ok(writes)
@@ -141,14 +148,12 @@ fn new_row(
 }
 
 impl Gateway {
-    fn check_register(&self, req: &RegisterRequest) -> Result<(), Error> {
-        let version = req.protocol_version.unwrap_or(1);
-        if version != PROTOCOL_VERSION {
-            return Err(Error::UnsupportedProtocol {
-                version,
-                supported: PROTOCOL_VERSION,
-            });
-        }
+    /// Checks a register and answers the protocol version to speak.
+    fn check_register(&self, req: &RegisterRequest) -> Result<u32, Error> {
+        let version = negotiate(req.protocol_version).ok_or(Error::UnsupportedProtocol {
+            version: req.protocol_version.unwrap_or(1),
+            supported: PROTOCOL_VERSION,
+        })?;
         let max = self.shared.config.max_llms_per_register;
         if req.llms.is_empty() || req.llms.len() > max {
             return Err(Error::invalid(format!("a register names 1 to {max} llms")));
@@ -160,7 +165,7 @@ impl Gateway {
                 return Err(Error::invalid(format!("llm {} is named twice", spec.name)));
             }
         }
-        Ok(())
+        Ok(version)
     }
 
     /// Registers (or re-registers) a publisher's LLMs, atomically: either every name is
@@ -175,7 +180,7 @@ impl Gateway {
         req: RegisterRequest,
     ) -> Result<RegisterResponse, Error> {
         principal.require(Role::Publisher)?;
-        self.check_register(&req)?;
+        let version = self.check_register(&req)?;
         let store = &self.shared.store;
         let (session, mut session_rows) = match &req.provider_session_id {
             Some(s) => match self.session_rows(principal, s).await {
@@ -214,6 +219,7 @@ impl Gateway {
                     return Ok(RegisterResponse {
                         provider_session_id: session,
                         heartbeat_interval_ms: self.heartbeat_interval_ms(),
+                        protocol_version: spoken(version),
                         llms,
                     });
                 }
@@ -230,8 +236,9 @@ impl Gateway {
     }
 
     /// A publisher's heartbeat: refreshes every row of the session, and revives its
-    /// rows that went inactive while its channel is still bound. 404 for a session the
-    /// gateway does not know (the publisher then re-registers).
+    /// rows that went inactive while its channel is still bound (the row says so: its
+    /// binding, on whichever replica). 404 for a session the gateway does not know (the
+    /// publisher then re-registers).
     pub async fn heartbeat(
         &self,
         principal: &Principal,
@@ -242,25 +249,26 @@ impl Gateway {
         let names: Vec<LlmName> = rows.iter().map(|r| r.name.clone()).collect();
         let now = self.shared.clock.now();
         self.shared.store.touch(&names, now).await?;
-        let channels = &self.shared.channels;
-        if channels.is_bound(session) && rows.iter().any(|r| r.status != LlmStatus::Active) {
+        let revivable = |r: &LlmRecord| {
+            r.provider_session_id.as_ref() == Some(session)
+                && r.binding.is_some()
+                && r.status == LlmStatus::Inactive
+        };
+        if rows.iter().any(revivable) {
             let _serial = self.shared.locks.lock(session).await;
-            if channels.is_bound(session) {
-                let rows = self.shared.store.by_session(session).await?;
-                self.transition(rows, &|r: &LlmRecord| {
-                    (r.provider_session_id.as_ref() == Some(session)
-                        && r.status != LlmStatus::Active)
-                        .then(|| Write::Update(activated(r, now)))
-                })
-                .await?;
-            }
+            let rows = self.shared.store.by_session(session).await?;
+            self.transition(rows, &|r: &LlmRecord| {
+                revivable(r).then(|| Write::Update(activated(r, now)))
+            })
+            .await?;
         }
         Ok(HeartbeatResponse { llms: rows.len() })
     }
 
-    /// Binds a control channel to a known session: its rows go active, and a channel
-    /// already bound to the session is told to close and replaced. Frames for the
-    /// session go to `sink` until the returned [`Binding`] is released or dropped.
+    /// Binds a control channel to a known session: its rows go active and record the
+    /// binding, and a channel already bound to the session (on any replica) is told to
+    /// close and replaced. Frames for the session go to `sink` until the returned
+    /// [`Binding`] is released or dropped.
     pub async fn bind(
         &self,
         principal: &Principal,
@@ -270,41 +278,38 @@ impl Gateway {
         principal.require(Role::Publisher)?;
         self.session_rows(principal, session).await?;
         let _serial = self.shared.locks.lock(session).await;
-        let (generation, older) = self.shared.channels.bind(session, sink);
-        if let Some(older) = older {
-            let closing = GatewayFrame::Closing(Closing {
-                reason: "replaced by a newer channel".into(),
-            });
-            if older.send(closing).is_err() {
-                tracing::debug!(%session, "replaced channel was already gone");
-            }
-        }
+        let token = self.shared.directory.bind(session, sink);
         let now = self.shared.clock.now();
         let activate = async {
             let rows = self.shared.store.by_session(session).await?;
             self.transition(rows, &|r: &LlmRecord| {
-                (r.provider_session_id.as_ref() == Some(session))
-                    .then(|| Write::Update(activated(r, now)))
+                (r.provider_session_id.as_ref() == Some(session)).then(|| {
+                    let mut r = activated(r, now);
+                    r.binding = Some(token.binding.clone());
+                    Write::Update(r)
+                })
             })
             .await
         };
         if let Err(e) = activate.await {
-            self.shared.channels.unbind(session, generation);
+            self.shared.directory.release(&token);
             return Err(e);
         }
         Ok(Binding {
             gateway: self.clone(),
-            session: session.clone(),
-            generation,
+            token,
             released: false,
         })
     }
 
-    /// The `hello` a stream opens with.
-    pub fn hello(&self, session: &SessionId) -> Hello {
+    /// The `hello` a stream opens with, in the protocol version the publisher
+    /// registered with (see [`negotiate`]); a version 1 publisher gets exactly the
+    /// version 1 frame.
+    pub fn hello(&self, session: &SessionId, version: u32) -> Hello {
         Hello {
             provider_session_id: session.clone(),
             heartbeat_interval_ms: self.heartbeat_interval_ms(),
+            protocol_version: spoken(version),
         }
     }
 
@@ -312,23 +317,29 @@ impl Gateway {
         u64::try_from(self.shared.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Unbinds `generation` of `session` if it is still the current channel: fails the
-    /// session's in-flight tasks with 503 and takes its rows out of service. Returns
-    /// whether it was current (a replaced channel's close changes nothing).
-    pub(crate) async fn unbind(&self, session: &SessionId, generation: u64) -> Result<bool, Error> {
+    /// Unbinds `token` if it is still its session's channel: fails the session's
+    /// in-flight tasks with 503 (here and, through the task router, on every other
+    /// replica) and takes the rows still recording this bind out of service. Returns
+    /// whether it was current (a replaced channel's release changes nothing).
+    pub(crate) async fn unbind(&self, token: &BindToken) -> Result<bool, Error> {
+        let session = &token.session;
         let _serial = self.shared.locks.lock(session).await;
-        if !self.shared.channels.unbind(session, generation) {
+        if !self.shared.directory.release(token) {
             return Ok(false);
         }
         let failed = self.shared.tasks.fail_session(session);
         if failed > 0 {
             tracing::info!(%session, tasks = failed, "channel closed; in-flight tasks failed");
         }
+        self.shared.task_router.session_closed(session).await;
         let now = self.shared.clock.now();
         let rows = self.shared.store.by_session(session).await?;
         self.transition(rows, &|r: &LlmRecord| {
-            (r.provider_session_id.as_ref() == Some(session) && r.status == LlmStatus::Active)
-                .then(|| Write::Update(deactivated(r, now)))
+            (r.binding.as_ref() == Some(&token.binding)).then(|| {
+                let mut r = deactivated(r, now);
+                r.binding = None;
+                Write::Update(r)
+            })
         })
         .await?;
         Ok(true)
@@ -368,16 +379,34 @@ impl Gateway {
         })
     }
 
-    /// Restart recovery: no channel is bound yet, so no virtual row may read active.
+    /// Restart recovery: the channels this replica held died with its previous run, so
+    /// its rows go inactive and lose their binding. Live rows bound to no replica (written
+    /// before bindings were recorded) go inactive too. Rows bound to other replicas are
+    /// left to them.
     pub(crate) async fn recover(&self) -> Result<usize, Error> {
         let now = self.shared.clock.now();
+        let me = self.replica().clone();
+        let mine = self.shared.store.bound_to(&me).await?;
+        let released = self
+            .transition(mine, &|r: &LlmRecord| {
+                r.binding
+                    .as_ref()
+                    .is_some_and(|b| b.replica == me)
+                    .then(|| {
+                        let mut r = deactivated(r, now);
+                        r.binding = None;
+                        Write::Update(r)
+                    })
+            })
+            .await?;
         let live = self.shared.store.stale_virtuals(Timestamp::MAX).await?;
-        self.transition(live, &|r: &LlmRecord| {
-            r.live_since()
-                .is_some()
-                .then(|| Write::Update(deactivated(r, now)))
-        })
-        .await
+        let unbound = self
+            .transition(live, &|r: &LlmRecord| {
+                (r.live_since().is_some() && r.binding.is_none())
+                    .then(|| Write::Update(deactivated(r, now)))
+            })
+            .await?;
+        Ok(released + unbound)
     }
 
     /// Creates or updates a public LLM (admins only). A virtual row of that name is a 409.
@@ -508,37 +537,42 @@ impl Gateway {
     }
 }
 
+/// The `protocolVersion` field of an answer on a session speaking `version`: absent for
+/// version 1, whose frames stay exactly as they were.
+fn spoken(version: u32) -> Option<u32> {
+    (version > 1).then_some(version)
+}
+
 /// A bound control channel. Release it when the channel closes; dropping it does the
-/// same in the background. Only the current binding of a session unbinds it.
+/// same in the background. Only the current bind of a session unbinds it.
 #[derive(Debug)]
 pub struct Binding {
     gateway: Gateway,
-    session: SessionId,
-    generation: u64,
+    token: BindToken,
     released: bool,
 }
 
 impl Binding {
     /// The bound session.
     pub fn session(&self) -> &SessionId {
-        &self.session
+        &self.token.session
     }
 
-    /// This binding's generation.
-    pub fn generation(&self) -> u64 {
-        self.generation
+    /// The bind: which replica, which epoch.
+    pub fn binding(&self) -> &ChannelBinding {
+        &self.token.binding
     }
 
     /// Whether this is still the session's channel (a newer one replaces it).
     pub fn is_current(&self) -> bool {
-        self.gateway.shared.channels.generation(&self.session) == Some(self.generation)
+        self.gateway.shared.directory.is_current(&self.token)
     }
 
     /// Unbinds now: fails in-flight tasks, takes the rows out of service. Returns
     /// whether this binding was still current.
     pub async fn release(mut self) -> Result<bool, Error> {
         self.released = true;
-        self.gateway.unbind(&self.session, self.generation).await
+        self.gateway.unbind(&self.token).await
     }
 }
 
@@ -548,21 +582,20 @@ impl Drop for Binding {
             return;
         }
         let gateway = self.gateway.clone();
-        let session = self.session.clone();
-        let generation = self.generation;
+        let token = self.token.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
                 runtime.spawn(async move {
-                    if let Err(e) = gateway.unbind(&session, generation).await {
-                        tracing::warn!(%session, error = %e, "unbinding a closed channel failed");
+                    if let Err(e) = gateway.unbind(&token).await {
+                        tracing::warn!(session = %token.session, error = %e, "unbinding a closed channel failed");
                     }
                 });
             }
             Err(_) => {
                 // No runtime to write the rows from: drop the channel and fail the
                 // tasks now; the GC takes the rows out of service when they go stale.
-                if gateway.shared.channels.unbind(&session, generation) {
-                    gateway.shared.tasks.fail_session(&session);
+                if gateway.shared.directory.release(&token) {
+                    gateway.shared.tasks.fail_session(&token.session);
                 }
             }
         }

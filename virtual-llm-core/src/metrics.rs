@@ -70,8 +70,8 @@ impl Gateway {
     /// Sets the gauges from the current state: connected publishers, tasks in flight,
     /// and rows by kind and status (a list of the registry). Call it before rendering.
     pub async fn refresh_gauges(&self) -> Result<(), Error> {
-        gauge!(PUBLISHERS_CONNECTED).set(self.channels().len() as f64);
-        gauge!(TASKS_IN_FLIGHT).set(self.tasks().in_flight() as f64);
+        gauge!(PUBLISHERS_CONNECTED).set(self.local_channels() as f64);
+        gauge!(TASKS_IN_FLIGHT).set(self.in_flight() as f64);
         let rows = self.store().list().await?;
         for kind in [LlmKind::Public, LlmKind::Virtual] {
             for status in [

@@ -11,8 +11,29 @@ use serde_json::Value;
 
 use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 
-/// The protocol version this crate speaks. A register without `protocolVersion` means 1.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The newest protocol version this crate speaks. A register without `protocolVersion`
+/// means 1; the gateway accepts every version from [`MIN_PROTOCOL_VERSION`] to this one
+/// and answers with the version it will speak on that session.
+///
+/// Version 2 adds, all optional on the wire: `protocolVersion` in the register answer,
+/// `hello` and `registered`; `seq` on streamed chunks.
+pub const PROTOCOL_VERSION: u32 = 2;
+
+/// The oldest protocol version this crate speaks.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// The header an SSE publisher opens its control stream with to say which protocol
+/// version it registered with (absent: 1), so the `hello` speaks it.
+pub const PROTOCOL_HEADER: &str = "x-provider-protocol";
+
+/// The version a register asks for, if this gateway speaks it: `None` for 0 or for a
+/// version newer than [`PROTOCOL_VERSION`].
+pub fn negotiate(requested: Option<u32>) -> Option<u32> {
+    let version = requested.unwrap_or(MIN_PROTOCOL_VERSION);
+    (MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION)
+        .contains(&version)
+        .then_some(version)
+}
 
 /// Longest `type`, `tier` and error message fields accepted from publishers.
 const MAX_LABEL_LEN: usize = 64;
@@ -86,6 +107,10 @@ pub struct RegisterResponse {
     pub provider_session_id: SessionId,
     /// How often to heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// The protocol version the gateway speaks on this session (protocol 2; absent
+    /// means 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
     /// The published rows.
     pub llms: Vec<LlmView>,
 }
@@ -98,6 +123,10 @@ pub struct Hello {
     pub provider_session_id: SessionId,
     /// How often to heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// The protocol version the gateway speaks on this stream (protocol 2; absent
+    /// means 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<u32>,
 }
 
 /// `POST {base}/_provider-heartbeat`, and the WebSocket `heartbeat` frame.
@@ -330,6 +359,9 @@ pub enum PublisherFrame {
         /// Ends the stream.
         #[serde(default)]
         done: bool,
+        /// The chunk's number in its task, from 0 (protocol 2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
     },
     /// The task failed at the publisher.
     #[serde(rename_all = "camelCase")]
@@ -351,10 +383,11 @@ impl PublisherFrame {
                 status,
                 body,
             },
-            TaskResult::Chunk { data, done } => PublisherFrame::Chunk {
+            TaskResult::Chunk { data, done, seq } => PublisherFrame::Chunk {
                 task_id,
                 data,
                 done,
+                seq,
             },
             TaskResult::Failed { message } => PublisherFrame::Error { task_id, message },
         }
@@ -372,7 +405,8 @@ impl PublisherFrame {
                 task_id,
                 data,
                 done,
-            } => Some((task_id, TaskResult::Chunk { data, done })),
+                seq,
+            } => Some((task_id, TaskResult::Chunk { data, done, seq })),
             PublisherFrame::Error { task_id, message } => {
                 Some((task_id, TaskResult::Failed { message }))
             }
@@ -390,7 +424,7 @@ impl PublisherFrame {
 /// use virtual_llm_core::TaskResult;
 ///
 /// let r: TaskResult = serde_json::from_str(r#"{"chunk":{"data":"{}","done":true}}"#).unwrap();
-/// assert_eq!(r, TaskResult::Chunk { data: "{}".into(), done: true });
+/// assert_eq!(r, TaskResult::Chunk { data: "{}".into(), done: true, seq: None });
 /// assert!(serde_json::from_str::<TaskResult>(r#"{"error":"x","status":200}"#).is_err());
 /// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -409,6 +443,10 @@ pub enum TaskResult {
         data: String,
         /// Whether this ends the stream.
         done: bool,
+        /// The chunk's number in its task, from 0 (protocol 2; `None` from a
+        /// version 1 publisher). The gateway drops a number it has seen and fails the
+        /// task on a gap.
+        seq: Option<u64>,
     },
     /// The task failed at the publisher.
     Failed {
@@ -452,6 +490,8 @@ struct ChunkWire {
     data: String,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     done: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
 }
 
 impl TryFrom<ResultWire> for TaskResult {
@@ -465,6 +505,7 @@ impl TryFrom<ResultWire> for TaskResult {
             (None, Some(c), None) if w.body.is_none() => Ok(TaskResult::Chunk {
                 data: c.data,
                 done: c.done,
+                seq: c.seq,
             }),
             (None, None, Some(status)) => Ok(TaskResult::Completed {
                 status,
@@ -499,8 +540,8 @@ impl From<TaskResult> for ResultWire {
                 body: Some(body),
                 ..Default::default()
             },
-            TaskResult::Chunk { data, done } => ResultWire {
-                chunk: Some(ChunkWire { data, done }),
+            TaskResult::Chunk { data, done, seq } => ResultWire {
+                chunk: Some(ChunkWire { data, done, seq }),
                 ..Default::default()
             },
             TaskResult::Failed { message } => ResultWire {
@@ -554,6 +595,12 @@ mod tests {
             TaskResult::Chunk {
                 data: "x".into(),
                 done: false,
+                seq: None,
+            },
+            TaskResult::Chunk {
+                data: "y".into(),
+                done: true,
+                seq: Some(7),
             },
             TaskResult::Failed {
                 message: "boom".into(),
@@ -575,7 +622,8 @@ mod tests {
                 task_id,
                 TaskResult::Chunk {
                     data: "x".into(),
-                    done: true
+                    done: true,
+                    seq: None,
                 }
             ))
         );

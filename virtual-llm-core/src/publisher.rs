@@ -314,6 +314,9 @@ impl Driver {
         });
         tracing::info!(%session, llms = answer.llms.len(), "published");
         let running = Running::default();
+        // Protocol 2 numbers the chunks of a task, so the gateway can drop a replayed
+        // one and tell a lost one.
+        let numbered = answer.protocol_version.unwrap_or(1) >= 2;
         let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
         // Heartbeats run beside the frame reader, so a slow heartbeat never delays a
         // cancel; the task reports only a forgotten session.
@@ -327,7 +330,7 @@ impl Driver {
                 frame = frames.next() => match frame {
                     None => break Ended::Dropped("control channel closed".into()),
                     Some(Err(e)) => break Ended::Dropped(e.to_string()),
-                    Some(Ok(GatewayFrame::Task(task))) => self.start_task(task, &outbox, &running),
+                    Some(Ok(GatewayFrame::Task(task))) => self.start_task(task, &outbox, &running, numbered),
                     Some(Ok(GatewayFrame::Cancel(c))) => running.abort(&c.task_id),
                     Some(Ok(GatewayFrame::Closing(c))) => break Ended::Dropped(format!("gateway closing: {}", c.reason)),
                     Some(Ok(other)) => tracing::debug!(frame = other.event_name(), "ignored frame"),
@@ -339,7 +342,13 @@ impl Driver {
         ended
     }
 
-    fn start_task(&self, task: TaskFrame, outbox: &Arc<dyn Outbox>, running: &Running) {
+    fn start_task(
+        &self,
+        task: TaskFrame,
+        outbox: &Arc<dyn Outbox>,
+        running: &Running,
+        numbered: bool,
+    ) {
         let id = task.task_id.clone();
         let provider = self.providers.get(&task.llm).cloned();
         let (outbox, permits, finished) = (outbox.clone(), self.permits.clone(), running.clone());
@@ -347,7 +356,7 @@ impl Driver {
         let handle = tokio::spawn(async move {
             // Waiting for a permit inside the task keeps the frame reader free for
             // cancels while tasks queue.
-            let results = match permits.acquire_owned().await {
+            let results: BoxStream<'static, TaskResult> = match permits.acquire_owned().await {
                 Ok(permit) => results_of(provider, task)
                     .await
                     .map(move |r| {
@@ -357,6 +366,11 @@ impl Driver {
                     })
                     .boxed(),
                 Err(_) => stream::once(async { failed("publisher is shutting down") }).boxed(),
+            };
+            let results = if numbered {
+                number_chunks(results)
+            } else {
+                results
             };
             if let Err(e) = outbox.send(task_id.clone(), results.boxed()).await {
                 tracing::warn!(task = %task_id, error = %e, "results not delivered");
@@ -389,6 +403,19 @@ async fn heartbeat_loop(
     }
 }
 
+/// Gives every chunk of a task its `seq`, 0, 1, 2… in order (protocol 2).
+fn number_chunks(results: BoxStream<'static, TaskResult>) -> BoxStream<'static, TaskResult> {
+    results
+        .scan(0u64, |next, mut result| {
+            if let TaskResult::Chunk { seq, .. } = &mut result {
+                *seq = Some(*next);
+                *next += 1;
+            }
+            futures::future::ready(Some(result))
+        })
+        .boxed()
+}
+
 fn failed(message: &str) -> TaskResult {
     TaskResult::Failed {
         message: message.to_owned(),
@@ -418,6 +445,7 @@ async fn results_of(
                 TaskResult::Chunk {
                     data: String::new(),
                     done: true,
+                    seq: None,
                 }
             });
             // Stop after the first error: it is the task's outcome.
@@ -427,7 +455,11 @@ async fn results_of(
                         return futures::future::ready(None);
                     }
                     let result = match item {
-                        Ok(data) => TaskResult::Chunk { data, done: false },
+                        Ok(data) => TaskResult::Chunk {
+                            data,
+                            done: false,
+                            seq: None,
+                        },
                         Err(e) => {
                             *failed_already = true;
                             TaskResult::Failed {

@@ -21,10 +21,13 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
-use crate::channel::{Channels, SendError};
+use crate::channel::SendError;
+use crate::directory::ChannelDirectory;
 use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame, TaskKind, TaskResult};
 use crate::sync::lock;
-use crate::{ChunkStream, Completion, Config, Error, LlmName, Reply, SessionId, TaskId};
+use crate::{
+    ChunkStream, Completion, Config, Error, LlmName, Reply, SessionId, TaskId, UnavailableKind,
+};
 
 /// What a task handle yields, in order: chunks then `Done` for a stream, or one
 /// `Completed`.
@@ -50,7 +53,7 @@ impl From<TaskResult> for Event {
     fn from(r: TaskResult) -> Self {
         match r {
             TaskResult::Completed { status, body } => Event::Completed(Completion { status, body }),
-            TaskResult::Chunk { data, done } => Event::Chunk { data, done },
+            TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
         }
     }
@@ -61,6 +64,8 @@ struct Live {
     owner: String,
     stream: bool,
     tx: mpsc::Sender<Event>,
+    /// The `seq` the next numbered chunk must carry (protocol 2).
+    next_seq: u64,
     /// A buffer slot kept free for the task's error, so a failure reaches the client
     /// with its reason even when a slow client has let the buffer fill up.
     reserved: mpsc::OwnedPermit<Event>,
@@ -82,7 +87,7 @@ struct State {
 }
 
 struct Inner {
-    channels: Arc<Channels>,
+    directory: Arc<dyn ChannelDirectory>,
     state: Mutex<State>,
     buffer: usize,
     deadline: Duration,
@@ -99,30 +104,36 @@ impl Inner {
     fn cancel(&self, id: &TaskId) -> bool {
         let removed = lock(&self.state).live.remove(id);
         let Some(live) = removed else { return false };
-        if let Some(sink) = self.channels.sink(&live.session) {
-            let frame = GatewayFrame::Cancel(CancelFrame {
-                task_id: id.clone(),
-            });
-            if let Err(e) = sink.send(frame) {
-                // The publisher is gone or saturated; it will find the task unknown
-                // when it posts, which stops it just the same.
-                tracing::debug!(task = %id, error = %e, "cancel frame not sent");
-            }
-        }
+        self.send_cancel(&live.session, id);
         true
     }
 
-    fn offline(&self) -> Error {
-        Error::Unavailable {
-            reason: "the publisher of this llm disconnected".to_owned(),
-            retry_after: self.retry_after,
+    /// Tells a task's publisher to stop working on it.
+    fn send_cancel(&self, session: &SessionId, id: &TaskId) {
+        let frame = GatewayFrame::Cancel(CancelFrame {
+            task_id: id.clone(),
+        });
+        if let Err(e) = self.directory.send(session, frame) {
+            // The publisher is gone or saturated; it will find the task unknown when
+            // it posts, which stops it just the same.
+            tracing::debug!(task = %id, error = %e, "cancel frame not sent");
         }
+    }
+
+    fn offline(&self) -> Error {
+        Error::unavailable(
+            UnavailableKind::Offline,
+            "the publisher of this llm disconnected",
+            self.retry_after,
+        )
     }
 }
 
-/// The in-flight tasks of a gateway.
+/// The in-flight tasks of a gateway replica. Reached only through the
+/// [`Gateway`](crate::Gateway), which checks roles and ownership first, and through a
+/// [`TaskInbound`](crate::TaskInbound) for a plane's forwarded results.
 #[derive(Clone)]
-pub struct TaskTable {
+pub(crate) struct TaskTable {
     inner: Arc<Inner>,
 }
 
@@ -135,11 +146,11 @@ impl fmt::Debug for TaskTable {
 }
 
 impl TaskTable {
-    /// An empty table routing frames through `channels`.
-    pub fn new(channels: Arc<Channels>, config: &Config) -> Self {
+    /// An empty table sending frames through `directory`; task ids name its replica.
+    pub(crate) fn new(directory: Arc<dyn ChannelDirectory>, config: &Config) -> Self {
         TaskTable {
             inner: Arc::new(Inner {
-                channels,
+                directory,
                 state: Mutex::new(State::default()),
                 buffer: config.task_buffer.max(1),
                 deadline: config.task_deadline,
@@ -157,7 +168,7 @@ impl TaskTable {
     /// Fails with 503 when the session has no channel, or its channel is full; with 413
     /// when the encoded task frame would be over the configured frame limit
     /// (`max_body_bytes`: a body under the limit may still make a frame over it).
-    pub fn start(
+    pub(crate) fn start(
         &self,
         session: &SessionId,
         owner: &str,
@@ -165,12 +176,11 @@ impl TaskTable {
         stream: bool,
         body: Value,
     ) -> Result<TaskHandle, Error> {
-        let sink = self
-            .inner
-            .channels
-            .sink(session)
-            .ok_or_else(|| self.inner.offline())?;
-        let id = TaskId::generate();
+        let directory = &self.inner.directory;
+        if directory.current(session).is_none() {
+            return Err(self.inner.offline());
+        }
+        let id = TaskId::on(directory.replica());
         let frame = GatewayFrame::Task(TaskFrame {
             task_id: id.clone(),
             kind: TaskKind::Infer,
@@ -193,20 +203,24 @@ impl TaskTable {
             owner: owner.to_owned(),
             stream,
             tx,
+            next_seq: 0,
             reserved,
         };
         // Registered before the frame goes out, so even an instant result finds it.
         lock(&self.inner.state).live.insert(id.clone(), live);
-        if let Err(e) = sink.send(frame) {
+        if let Err(e) = directory.send(session, frame) {
             lock(&self.inner.state).live.remove(&id);
-            let reason = match e {
-                SendError::Full => "the publisher of this llm is saturated",
-                SendError::Closed => "the publisher of this llm disconnected",
+            let (kind, reason) = match e {
+                SendError::Full => (
+                    UnavailableKind::Saturated,
+                    "the publisher of this llm is saturated",
+                ),
+                SendError::Closed => (
+                    UnavailableKind::Offline,
+                    "the publisher of this llm disconnected",
+                ),
             };
-            return Err(Error::Unavailable {
-                reason: reason.to_owned(),
-                retry_after: self.inner.retry_after,
-            });
+            return Err(Error::unavailable(kind, reason, self.inner.retry_after));
         }
         Ok(TaskHandle {
             id,
@@ -228,7 +242,11 @@ impl TaskTable {
     /// it was sent to (anyone else gets the same 404); 400 for a chunk of a non-streaming
     /// task. When the task's buffer is full this waits: a slow client slows down its
     /// own publisher stream, and nothing else.
-    pub async fn deliver(
+    ///
+    /// Numbered chunks (protocol 2) must come in order: a chunk whose `seq` was seen
+    /// already is dropped (`Ok`, nothing delivered), and one that skips a `seq` fails
+    /// the task (502 for the client, 400 for the publisher).
+    pub(crate) async fn deliver(
         &self,
         session: &SessionId,
         owner: &str,
@@ -237,8 +255,9 @@ impl TaskTable {
     ) -> Result<(), Error> {
         result.validate()?;
         let tx = {
-            let mut state = lock(&self.inner.state);
-            let Some(live) = state.live.get(task) else {
+            let mut guard = lock(&self.inner.state);
+            let state = &mut *guard;
+            let Some(live) = state.live.get_mut(task) else {
                 return Err(match state.finished.get(task) {
                     Some((s, o)) if s == session && o == owner => Error::TaskFinished,
                     _ => Error::UnknownTask,
@@ -252,21 +271,31 @@ impl TaskTable {
                     "this task is not streaming: post {status, body}",
                 ));
             }
-            if result.is_final() {
-                match state.live.remove(task) {
-                    Some(live) => {
-                        remember(
-                            &mut state,
-                            task.clone(),
-                            (live.session, live.owner),
-                            self.inner.remembered,
-                        );
-                        // The final result takes the reserved slot's place.
-                        drop(live.reserved);
-                        live.tx
-                    }
-                    None => return Err(Error::UnknownTask),
+            if let TaskResult::Chunk { seq: Some(seq), .. } = result {
+                let expected = live.next_seq;
+                if seq < expected {
+                    // A replay of a chunk the task has: the client sees every chunk once.
+                    return Ok(());
                 }
+                if seq > expected {
+                    self.finish(state, task, |live| {
+                        live.fail(Error::Upstream {
+                            message: format!(
+                                "the publisher's stream lost chunks {expected} to {}",
+                                seq - 1
+                            ),
+                        })
+                    });
+                    return Err(Error::invalid(format!(
+                        "chunk {seq} skips chunk {expected}; the task failed"
+                    )));
+                }
+                live.next_seq = seq + 1;
+            }
+            if result.is_final() {
+                // The final result takes the reserved slot's place.
+                self.finish(state, task, |live| live.tx)
+                    .ok_or(Error::UnknownTask)?
             } else {
                 live.tx.clone()
             }
@@ -277,9 +306,27 @@ impl TaskTable {
             .map_err(|_| Error::UnknownTask)
     }
 
+    /// Removes a live task, remembers it as finished (a replayed result is then a 409
+    /// for its own session), and hands it to `then`.
+    fn finish<T>(
+        &self,
+        state: &mut State,
+        task: &TaskId,
+        then: impl FnOnce(Live) -> T,
+    ) -> Option<T> {
+        let live = state.live.remove(task)?;
+        remember(
+            state,
+            task.clone(),
+            (live.session.clone(), live.owner.clone()),
+            self.inner.remembered,
+        );
+        Some(then(live))
+    }
+
     /// Fails every in-flight task of `session` with 503 (its channel closed). Late
     /// results for them are then unknown (404). Returns how many failed.
-    pub fn fail_session(&self, session: &SessionId) -> usize {
+    pub(crate) fn fail_session(&self, session: &SessionId) -> usize {
         let failed: Vec<Live> = {
             let mut state = lock(&self.inner.state);
             state
@@ -299,7 +346,13 @@ impl TaskTable {
     /// transport that must cut off a task (e.g. a client too slow to keep up on a
     /// socket shared with other tasks). Only the task's own session and principal may.
     /// Returns whether the task was live.
-    pub fn fail(&self, session: &SessionId, owner: &str, task: &TaskId, error: Error) -> bool {
+    pub(crate) fn fail(
+        &self,
+        session: &SessionId,
+        owner: &str,
+        task: &TaskId,
+        error: Error,
+    ) -> bool {
         let live = {
             let mut state = lock(&self.inner.state);
             match state.live.get(task) {
@@ -308,20 +361,13 @@ impl TaskTable {
             }
         };
         let Some(live) = live else { return false };
-        if let Some(sink) = self.inner.channels.sink(&live.session) {
-            let frame = GatewayFrame::Cancel(CancelFrame {
-                task_id: task.clone(),
-            });
-            if let Err(e) = sink.send(frame) {
-                tracing::debug!(%task, error = %e, "cancel frame not sent");
-            }
-        }
+        self.inner.send_cancel(&live.session, task);
         live.fail(error);
         true
     }
 
     /// How many tasks are waiting for their outcome.
-    pub fn in_flight(&self) -> usize {
+    pub(crate) fn in_flight(&self) -> usize {
         lock(&self.inner.state).live.len()
     }
 }

@@ -277,7 +277,8 @@ fn register() -> impl Strategy<Value = RegisterRequest> {
 fn result() -> impl Strategy<Value = TaskResult> {
     prop_oneof![
         (any::<u16>(), body()).prop_map(|(status, body)| TaskResult::Completed { status, body }),
-        (string(), any::<bool>()).prop_map(|(data, done)| TaskResult::Chunk { data, done }),
+        (string(), any::<bool>(), any::<Option<u64>>())
+            .prop_map(|(data, done, seq)| TaskResult::Chunk { data, done, seq }),
         "[^\u{0}]{0,100}".prop_map(|message| TaskResult::Failed { message }),
     ]
 }
@@ -307,13 +308,14 @@ fn publisher_frame() -> impl Strategy<Value = PublisherFrame> {
                 body,
             }
         }),
-        (task_id(), string(), any::<bool>()).prop_map(|(task_id, data, done)| {
-            PublisherFrame::Chunk {
+        (task_id(), string(), any::<bool>(), any::<Option<u64>>()).prop_map(
+            |(task_id, data, done, seq)| PublisherFrame::Chunk {
                 task_id,
                 data,
                 done,
+                seq,
             }
-        }),
+        ),
         (task_id(), string())
             .prop_map(|(task_id, message)| PublisherFrame::Error { task_id, message }),
     ]
@@ -379,24 +381,31 @@ fn error_detail() -> impl Strategy<Value = ErrorDetail> {
 
 fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
     prop_oneof![
-        (session(), any::<u64>()).prop_map(|(provider_session_id, heartbeat_interval_ms)| {
-            GatewayFrame::Hello(Hello {
-                provider_session_id,
-                heartbeat_interval_ms,
-            })
-        }),
+        (session(), any::<u64>(), any::<Option<u32>>()).prop_map(
+            |(provider_session_id, heartbeat_interval_ms, protocol_version)| {
+                GatewayFrame::Hello(Hello {
+                    provider_session_id,
+                    heartbeat_interval_ms,
+                    protocol_version,
+                })
+            }
+        ),
         (
             session(),
             any::<u64>(),
+            any::<Option<u32>>(),
             proptest::collection::vec(view(), 0..3)
         )
-            .prop_map(|(provider_session_id, heartbeat_interval_ms, llms)| {
-                GatewayFrame::Registered(RegisterResponse {
-                    provider_session_id,
-                    heartbeat_interval_ms,
-                    llms,
-                })
-            }),
+            .prop_map(
+                |(provider_session_id, heartbeat_interval_ms, protocol_version, llms)| {
+                    GatewayFrame::Registered(RegisterResponse {
+                        provider_session_id,
+                        heartbeat_interval_ms,
+                        protocol_version,
+                        llms,
+                    })
+                }
+            ),
         task_frame().prop_map(GatewayFrame::Task),
         task_id().prop_map(|task_id| GatewayFrame::Cancel(CancelFrame { task_id })),
         (any::<u16>(), error_detail())

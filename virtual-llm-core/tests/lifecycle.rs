@@ -200,7 +200,7 @@ async fn bind_makes_the_sessions_rows_active() {
             (LlmStatus::Active, None, Some(f.now()))
         );
     }
-    assert!(f.gw.channels().is_bound(&session));
+    assert!(f.gw.is_bound(&session));
 }
 
 #[tokio::test]
@@ -222,7 +222,7 @@ async fn bind_of_an_unknown_or_foreign_session_is_404_and_binds_nothing() {
         404,
         "another principal cannot bind Alice's session"
     );
-    assert_eq!(f.gw.channels().len(), 1);
+    assert_eq!(f.gw.local_channels(), 1);
 }
 
 #[tokio::test]
@@ -292,7 +292,7 @@ async fn channel_close_deactivates_at_once_and_fails_in_flight_tasks_with_503() 
     let row = f.row("a").await;
     let body = serde_json::json!({"model": "a", "messages": []});
     let mut handle =
-        f.gw.start_task(&row, InferRequest::for_llm("a", body).unwrap())
+        f.gw.start_task(&client(), &row, InferRequest::for_llm("a", body).unwrap())
             .unwrap();
     ch.next_task().await;
     f.clock.advance(Duration::from_secs(2));
@@ -311,7 +311,7 @@ async fn channel_close_deactivates_at_once_and_fails_in_flight_tasks_with_503() 
             (LlmStatus::Inactive, Some(f.now()))
         );
     }
-    assert_eq!(f.gw.tasks().in_flight(), 0);
+    assert_eq!(f.gw.in_flight(), 0);
 }
 
 #[tokio::test]
@@ -451,11 +451,11 @@ async fn an_old_channels_close_does_not_unbind_a_newer_channel() {
         "the old binding is no longer current"
     );
     assert_eq!(f.row("a").await.status, LlmStatus::Active);
-    assert!(f.gw.channels().is_bound(&session));
+    assert!(f.gw.is_bound(&session));
     let row = f.row("a").await;
     let body = serde_json::json!({"model": "a", "messages": []});
     let _task =
-        f.gw.start_task(&row, InferRequest::for_llm("a", body).unwrap())
+        f.gw.start_task(&client(), &row, InferRequest::for_llm("a", body).unwrap())
             .unwrap();
     assert!(
         matches!(new_ch.next().await, GatewayFrame::Task(_)),
@@ -471,7 +471,7 @@ async fn a_dropped_binding_unbinds_in_the_background() {
     let (session, binding, _ch) = f.online("alice", &["a"]).await;
     drop(binding);
     for _ in 0..100 {
-        if !f.gw.channels().is_bound(&session) && f.row("a").await.status == LlmStatus::Inactive {
+        if !f.gw.is_bound(&session) && f.row("a").await.status == LlmStatus::Inactive {
             return;
         }
         tokio::task::yield_now().await;
@@ -533,12 +533,19 @@ async fn two_sessions_of_one_owner_racing_for_one_name_end_with_one_session() {
 async fn bad_registers_are_refused_and_write_nothing() {
     let f = fixture().await;
     let alice = publisher("alice");
-    let mut too_new = request(None, &["a"]);
-    too_new.protocol_version = Some(2);
-    assert_eq!(
-        f.gw.register(&alice, too_new).await.unwrap_err().status(),
-        426
-    );
+    for unsupported in [
+        0,
+        virtual_llm_core::protocol::PROTOCOL_VERSION + 1,
+        u32::MAX,
+    ] {
+        let mut bad = request(None, &["a"]);
+        bad.protocol_version = Some(unsupported);
+        assert_eq!(
+            f.gw.register(&alice, bad).await.unwrap_err().status(),
+            426,
+            "version {unsupported}"
+        );
+    }
     assert_eq!(
         f.gw.register(&alice, request(None, &[]))
             .await
@@ -712,4 +719,36 @@ async fn config_is_validated_at_start() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), 400);
+}
+
+/// The gateway speaks every version from 1 to its own and answers with the one it will
+/// speak: nothing new for a version 1 publisher, `protocolVersion` for version 2.
+#[tokio::test]
+async fn register_and_hello_speak_the_publishers_version() {
+    let f = fixture().await;
+    let alice = publisher("alice");
+    let v1 =
+        f.gw.register(&alice, request(None, &["old"]))
+            .await
+            .unwrap();
+    assert_eq!(v1.protocol_version, None);
+    let text = serde_json::to_value(&v1).unwrap();
+    assert!(
+        text.get("protocolVersion").is_none(),
+        "a v1 answer has no v2 field: {text}"
+    );
+    let hello = serde_json::to_value(f.gw.hello(&v1.provider_session_id, 1)).unwrap();
+    assert_eq!(
+        hello.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["heartbeatIntervalMs", "providerSessionId"],
+        "a v1 hello is the v1 frame"
+    );
+    let mut req = request(None, &["new"]);
+    req.protocol_version = Some(2);
+    let v2 = f.gw.register(&alice, req).await.unwrap();
+    assert_eq!(v2.protocol_version, Some(2));
+    assert_eq!(
+        f.gw.hello(&v2.provider_session_id, 2).protocol_version,
+        Some(2)
+    );
 }

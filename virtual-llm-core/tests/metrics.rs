@@ -12,7 +12,7 @@ use virtual_llm_core::metrics::{
     PUBLISHERS_CONNECTED, ROWS, TASK_DURATION, TASK_FIRST_EVENT, TASK_OUTCOMES, TASKS_IN_FLIGHT,
 };
 use virtual_llm_core::protocol::TaskResult;
-use virtual_llm_core::{InferRequest, TaskEvent};
+use virtual_llm_core::{InferRequest, Reply};
 
 type Snapshot = Vec<(
     metrics_util::CompositeKey,
@@ -52,13 +52,17 @@ fn tasks_and_gauges_are_measured() {
         runtime.block_on(async {
             let f = fixture().await;
             let (session, _binding, channel) = f.online("alice", &["llm"]).await;
-            let row = f.row("llm").await;
             let body = json!({"model": "llm", "messages": []});
             // One completed task, one upstream error status, one cancelled.
+            let infer = |body: serde_json::Value| {
+                let gw = f.gw.clone();
+                tokio::spawn(async move {
+                    gw.infer(&client(), InferRequest::for_llm("llm", body).unwrap())
+                        .await
+                })
+            };
             for status in [200, 429] {
-                let mut handle =
-                    f.gw.start_task(&row, InferRequest::for_llm("llm", body.clone()).unwrap())
-                        .unwrap();
+                let reply = infer(body.clone());
                 let task = channel.next_task().await;
                 let result = TaskResult::Completed {
                     status,
@@ -67,15 +71,13 @@ fn tasks_and_gauges_are_measured() {
                 f.gw.deliver(&publisher("alice"), &session, &task.task_id, result)
                     .await
                     .unwrap();
-                assert!(matches!(
-                    handle.next().await,
-                    Some(Ok(TaskEvent::Completed(_)))
-                ));
+                assert!(matches!(reply.await.unwrap(), Ok(Reply::Complete(_))));
             }
-            let handle =
-                f.gw.start_task(&row, InferRequest::for_llm("llm", body).unwrap())
-                    .unwrap();
-            drop(handle);
+            let reply = infer(body);
+            let task = channel.next_task().await;
+            // The client goes away: its task is cancelled.
+            reply.abort();
+            assert_eq!(channel.next_cancel().await.task_id, task.task_id);
             f.gw.refresh_gauges().await.unwrap();
         });
     });

@@ -290,12 +290,12 @@ async fn compare(f: &Fixture, model: &mut Model, step: usize) {
     }
     for session in model.bound.keys() {
         assert!(
-            f.gw.channels().is_bound(session),
+            f.gw.is_bound(session),
             "step {step}: {session} should be bound"
         );
     }
     assert_eq!(
-        f.gw.channels().len(),
+        f.gw.local_channels(),
         model.bound.len(),
         "step {step}: bound channels"
     );

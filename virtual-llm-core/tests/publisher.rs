@@ -173,7 +173,7 @@ async fn a_client_leaving_cancels_the_providers_work() {
     let dropped = hanging.dropped.notified();
     drop(chunks);
     dropped.await; // the cancel frame reached the publisher, which dropped the upstream stream
-    assert_eq!(f.gw.tasks().in_flight(), 0);
+    assert_eq!(f.gw.in_flight(), 0);
     p.stop().await;
 }
 

@@ -56,7 +56,7 @@ impl Online {
         let handle = self
             .f
             .gw
-            .start_task(&row, chat("llm", "hi", stream))
+            .start_task(&client(), &row, chat("llm", "hi", stream))
             .unwrap();
         let frame = self.channel.next_task().await;
         assert_eq!(&frame.task_id, handle.id());
@@ -75,6 +75,7 @@ fn chunk(data: &str, done: bool) -> TaskResult {
     TaskResult::Chunk {
         data: data.into(),
         done,
+        seq: None,
     }
 }
 
@@ -111,7 +112,7 @@ async fn a_completed_task_has_exactly_one_outcome() {
     }
     assert!(handle.next().await.is_none(), "nothing after the outcome");
     assert!(handle.next().await.is_none());
-    assert_eq!(o.f.gw.tasks().in_flight(), 0, "no task lingers");
+    assert_eq!(o.f.gw.in_flight(), 0, "no task lingers");
     drop(handle);
     assert!(
         o.channel.take().is_empty(),
@@ -170,7 +171,7 @@ async fn a_dropped_handle_cancels_its_task() {
         GatewayFrame::Cancel(c) => assert_eq!(c.task_id, frame.task_id),
         other => panic!("expected cancel, got {other:?}"),
     }
-    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+    assert_eq!(o.f.gw.in_flight(), 0);
     let late = o.deliver(&frame, chunk("b", false)).await.unwrap_err();
     assert_eq!(
         late.status(),
@@ -292,9 +293,9 @@ async fn a_task_frame_over_the_frame_limit_is_413_and_sends_nothing() {
     // The body alone is under the limit; with the frame's envelope it is over.
     let request = chat("llm", &"x".repeat(950), false);
     assert!(request.body.to_string().len() < 1024);
-    let err = o.f.gw.start_task(&row, request).unwrap_err();
+    let err = o.f.gw.start_task(&client(), &row, request).unwrap_err();
     assert_eq!(err.status(), 413);
-    assert_eq!(o.f.gw.tasks().in_flight(), 0, "no task left behind");
+    assert_eq!(o.f.gw.in_flight(), 0, "no task left behind");
     // Nothing went down the channel: the next task is the next frame.
     let (handle, frame) = o.start(false).await;
     o.deliver(&frame, completed("fits")).await.unwrap();
@@ -446,7 +447,7 @@ async fn a_full_or_closed_channel_answers_503_and_leaves_no_task() {
     o.channel.set_full(true);
     let err =
         o.f.gw
-            .start_task(&row, chat("llm", "x", false))
+            .start_task(&client(), &row, chat("llm", "x", false))
             .unwrap_err();
     assert_eq!(
         (err.status(), err.retry_after()),
@@ -456,12 +457,12 @@ async fn a_full_or_closed_channel_answers_503_and_leaves_no_task() {
     o.channel.close();
     assert_eq!(
         o.f.gw
-            .start_task(&row, chat("llm", "x", false))
+            .start_task(&client(), &row, chat("llm", "x", false))
             .unwrap_err()
             .status(),
         503
     );
-    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+    assert_eq!(o.f.gw.in_flight(), 0);
 }
 
 #[tokio::test]
@@ -648,7 +649,7 @@ async fn two_hundred_concurrent_clients_each_get_their_own_answer() {
         let (asked, answered) = c.await.unwrap();
         assert_eq!(asked, answered);
     }
-    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+    assert_eq!(o.f.gw.in_flight(), 0);
 }
 
 #[tokio::test]
@@ -725,20 +726,45 @@ async fn a_task_failed_by_its_transport_reaches_the_client_even_with_a_full_buff
     o.deliver(&frame, chunk("a", false)).await.unwrap();
     o.deliver(&frame, chunk("b", false)).await.unwrap();
     let reason = Error::Unavailable {
+        kind: virtual_llm_core::UnavailableKind::Saturated,
         reason: "client too slow".into(),
         retry_after: Duration::from_secs(1),
     };
     let stranger = SessionId::generate();
     assert!(
         !o.f.gw
-            .tasks()
-            .fail(&stranger, "alice", &frame.task_id, Error::invalid("x")),
+            .fail_task(
+                &publisher("alice"),
+                &stranger,
+                &frame.task_id,
+                Error::invalid("x")
+            )
+            .unwrap(),
         "only its own session"
     );
     assert!(
+        !o.f.gw
+            .fail_task(
+                &publisher("mallory"),
+                &o.session,
+                &frame.task_id,
+                Error::invalid("x")
+            )
+            .unwrap(),
+        "only its own principal"
+    );
+    assert_eq!(
         o.f.gw
-            .tasks()
-            .fail(&o.session, "alice", &frame.task_id, reason)
+            .fail_task(&client(), &o.session, &frame.task_id, Error::invalid("x"))
+            .unwrap_err()
+            .status(),
+        403,
+        "only a publisher"
+    );
+    assert!(
+        o.f.gw
+            .fail_task(&publisher("alice"), &o.session, &frame.task_id, reason)
+            .unwrap()
     );
     assert!(
         matches!(o.channel.next().await, GatewayFrame::Cancel(c) if c.task_id == frame.task_id)
@@ -775,7 +801,9 @@ async fn a_closed_channel_fails_a_task_with_its_reason_even_with_a_full_buffer()
     .await;
     let (session, binding, channel) = f.online("alice", &["llm"]).await;
     let row = f.row("llm").await;
-    let mut handle = f.gw.start_task(&row, chat("llm", "x", true)).unwrap();
+    let mut handle =
+        f.gw.start_task(&client(), &row, chat("llm", "x", true))
+            .unwrap();
     let frame = channel.next_task().await;
     f.gw.deliver(
         &publisher("alice"),
@@ -859,7 +887,7 @@ async fn a_task_survives_its_sessions_channel_being_replaced() {
         "the old channel is no longer the session's"
     );
     assert_eq!(
-        o.f.gw.tasks().in_flight(),
+        o.f.gw.in_flight(),
         3,
         "tasks belong to the session, not to the channel they were sent on"
     );
@@ -892,6 +920,49 @@ async fn a_task_survives_its_sessions_channel_being_replaced() {
         GatewayFrame::Cancel(c) => assert_eq!(c.task_id, a.task_id),
         other => panic!("expected a cancel, got {other:?}"),
     }
-    assert_eq!(o.f.gw.tasks().in_flight(), 0);
+    assert_eq!(o.f.gw.in_flight(), 0);
     assert!(newer.release().await.unwrap());
+}
+
+/// Protocol 2 numbers chunks: a replayed `seq` is dropped (the client sees each chunk
+/// once), a gap fails the task for the client (502) and is refused to the publisher
+/// (400), and nothing more is delivered after it.
+#[tokio::test]
+async fn numbered_chunks_drop_duplicates_and_fail_on_a_gap() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(true).await;
+    let numbered = |data: &str, seq| TaskResult::Chunk {
+        data: data.into(),
+        done: false,
+        seq: Some(seq),
+    };
+    o.deliver(&frame, numbered("a", 0)).await.unwrap();
+    o.deliver(&frame, numbered("a again", 0)).await.unwrap();
+    o.deliver(&frame, numbered("b", 1)).await.unwrap();
+    let gap = o.deliver(&frame, numbered("d", 3)).await.unwrap_err();
+    assert_eq!(gap.status(), 400, "{gap}");
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("a".into())
+    );
+    assert_eq!(
+        handle.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("b".into())
+    );
+    let failed = handle.next().await.unwrap().unwrap_err();
+    assert_eq!(failed.status(), 502, "{failed}");
+    assert!(
+        failed.to_string().contains("lost chunks 2 to 2"),
+        "{failed}"
+    );
+    assert!(handle.next().await.is_none());
+    assert_eq!(
+        o.deliver(&frame, numbered("e", 4))
+            .await
+            .unwrap_err()
+            .status(),
+        409,
+        "the task is over"
+    );
+    assert_eq!(o.f.gw.in_flight(), 0);
 }

@@ -3,6 +3,15 @@
 //!
 //! - [`store_suite`] and [`store_conformance_tests!`](crate::store_conformance_tests):
 //!   the Store conformance suite.
+//! - [`directory_suite`] with
+//!   [`directory_conformance_tests!`](crate::directory_conformance_tests) and
+//!   [`cluster_directory_conformance_tests!`](crate::cluster_directory_conformance_tests):
+//!   the channel directory conformance suite.
+//! - [`plane_suite`] with [`plane_conformance_tests!`](crate::plane_conformance_tests):
+//!   two gateway replicas over one store, a publisher on one and clients on the
+//!   other.
+//! - [`MemoryCluster`]: gateway replicas in one process, linked by an in-memory
+//!   directory and task router.
 //! - [`ManualClock`]: wall-clock time that moves only when told to.
 //! - [`FakeChannel`]: a [`ChannelSink`] that records frames and can be closed or
 //!   filled on demand.
@@ -12,10 +21,14 @@
 //! - [`LoopbackWire`]: a publisher wire straight into an in-process gateway.
 //! - [`record`] and [`at`]: row and time builders for tests.
 
+mod cluster;
+pub mod directory_suite;
 mod failing;
 mod loopback;
+pub mod plane_suite;
 pub mod store_suite;
 
+pub use cluster::MemoryCluster;
 pub use failing::FailingStore;
 pub use loopback::LoopbackWire;
 

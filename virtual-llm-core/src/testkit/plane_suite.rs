@@ -1,0 +1,296 @@
+//! The replica plane conformance suite: two gateway replicas over one store, linked by
+//! a [`ChannelDirectory`](crate::ChannelDirectory) and a
+//! [`TaskRouter`](crate::TaskRouter), with the publisher's channel on the first and
+//! the clients on the second. Everything a client sees must be what it would see on
+//! one gateway: whole answers, streams, cancels reaching the publisher, results checked
+//! for ownership, and a channel loss failing the tasks at once.
+//!
+//! Each case takes the two gateways; run them all with
+//! [`plane_conformance_tests!`](crate::plane_conformance_tests). The test kit's own
+//! [`MemoryCluster`](crate::testkit::MemoryCluster) runs them in the core; a network
+//! plane runs the same cases.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+use crate::protocol::{LlmSpec, RegisterRequest, TaskResult};
+use crate::testkit::{FakeChannel, LoopbackWire};
+use crate::{
+    Binding, EchoProvider, Gateway, InferRequest, LlmName, LlmStatus, Principal, PublishedLlm,
+    Publisher, PublisherOptions, Reply, Role, SessionId,
+};
+
+fn alice() -> Principal {
+    Principal::new("alice", [Role::Publisher])
+}
+
+fn client() -> Principal {
+    Principal::new("carol", [Role::Client])
+}
+
+fn spec(name: &str) -> LlmSpec {
+    LlmSpec {
+        name: LlmName::parse(name).expect("test names are valid"),
+        provider_type: "openai".into(),
+        model: format!("{name}-model"),
+        tier: None,
+    }
+}
+
+fn chat(model: &str, text: &str, stream: bool) -> InferRequest {
+    InferRequest::from_chat_body(json!({
+        "model": model, "stream": stream,
+        "messages": [{"role": "user", "content": text}],
+    }))
+    .expect("a valid chat request")
+}
+
+/// Publishes the echo model `name` on `on` through the core publisher (protocol 2).
+async fn publish_echo(on: &Gateway, name: &str) -> (Publisher, SessionId) {
+    let wire = Arc::new(LoopbackWire::new(on.clone(), alice()));
+    let llms = vec![PublishedLlm {
+        spec: spec(name),
+        provider: Arc::new(EchoProvider::new()),
+    }];
+    let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
+    let session = publisher.connected().await;
+    (publisher, session)
+}
+
+/// Registers `name` on `on` and binds a recording channel to it.
+async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeChannel) {
+    let answer = on
+        .register(
+            &alice(),
+            RegisterRequest {
+                provider_session_id: None,
+                protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
+                llms: vec![spec(name)],
+            },
+        )
+        .await
+        .expect("register");
+    let session = answer.provider_session_id;
+    let channel = FakeChannel::new();
+    let binding = on
+        .bind(&alice(), &session, Arc::new(channel.clone()))
+        .await
+        .expect("bind");
+    (session, binding, channel)
+}
+
+fn content(body: &Value) -> String {
+    body["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// A whole answer: the client on `b` gets the answer of the publisher bound on `a`,
+/// and no task is left on either replica.
+pub async fn a_whole_answer_crosses_replicas(a: &Gateway, b: &Gateway) {
+    let (publisher, session) = publish_echo(a, "echo").await;
+    assert!(b.is_bound(&session), "b sees the channel a holds");
+    assert_eq!((a.local_channels(), b.local_channels()), (1, 0));
+    let reply = b
+        .infer(&client(), chat("echo", "across replicas", false))
+        .await
+        .expect("answered");
+    let Reply::Complete(c) = reply else {
+        panic!("a whole answer")
+    };
+    assert_eq!(c.status, 200);
+    assert_eq!(content(&c.body), "across replicas");
+    assert_eq!((a.in_flight(), b.in_flight()), (0, 0), "no task lingers");
+    publisher.stop().await;
+}
+
+/// A stream: every chunk once, in order, then the end.
+pub async fn a_stream_crosses_replicas(a: &Gateway, b: &Gateway) {
+    let (publisher, _) = publish_echo(a, "echo").await;
+    let reply = b
+        .infer(&client(), chat("echo", "one two three four five", true))
+        .await
+        .expect("answered");
+    let Reply::Stream(chunks) = reply else {
+        panic!("a stream")
+    };
+    let text: String = chunks
+        .map(|c| {
+            let v: Value = serde_json::from_str(&c.expect("a chunk")).expect("json");
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect::<Vec<_>>()
+        .await
+        .concat();
+    assert_eq!(text, "one two three four five");
+    assert_eq!(b.in_flight(), 0);
+    publisher.stop().await;
+}
+
+/// A client on `b` that goes away: the publisher on `a` gets the cancel, and a late
+/// result for the task is refused as unknown.
+pub async fn a_cancel_crosses_replicas(a: &Gateway, b: &Gateway) {
+    let (session, _binding, channel) = bind_fake(a, "llm").await;
+    let rows = b.route(&client(), "llm").await.expect("routed");
+    let handle = b
+        .start_task(&client(), &rows[0], chat("llm", "x", true))
+        .expect("started");
+    let task = channel.next_task().await;
+    assert_eq!(&task.task_id, handle.id());
+    assert_eq!(task.task_id.replica().as_ref(), Some(b.replica()));
+    drop(handle);
+    assert_eq!(channel.next_cancel().await.task_id, task.task_id);
+    let late = a
+        .deliver(
+            &alice(),
+            &session,
+            &task.task_id,
+            TaskResult::Completed {
+                status: 200,
+                body: json!({}),
+            },
+        )
+        .await
+        .expect_err("the task is gone");
+    assert_eq!(late.status(), 404);
+    assert_eq!(b.in_flight(), 0);
+}
+
+/// Results posted through `a` for a task on `b` are checked on `b`: another principal
+/// or another session gets 404 and the task is untouched; a replayed final result is a
+/// 409 for its own session only; numbered chunks are deduplicated across the hop.
+pub async fn results_are_checked_where_the_task_lives(a: &Gateway, b: &Gateway) {
+    let (session, _binding, _channel) = bind_fake(a, "llm").await;
+    let rows = b.route(&client(), "llm").await.expect("routed");
+    let mut handle = b
+        .start_task(&client(), &rows[0], chat("llm", "x", true))
+        .expect("started");
+    let id = handle.id().clone();
+    let chunk = |seq| TaskResult::Chunk {
+        data: format!("c{seq}"),
+        done: false,
+        seq: Some(seq),
+    };
+    let mallory = Principal::new("mallory", [Role::Publisher]);
+    let refused = a.deliver(&mallory, &session, &id, chunk(0)).await;
+    assert_eq!(refused.expect_err("not hers").status(), 404);
+    let stranger = SessionId::generate();
+    let refused = a.deliver(&alice(), &stranger, &id, chunk(0)).await;
+    assert_eq!(refused.expect_err("not that session").status(), 404);
+    a.deliver(&alice(), &session, &id, chunk(0))
+        .await
+        .expect("c0");
+    a.deliver(&alice(), &session, &id, chunk(0))
+        .await
+        .expect("a replayed chunk is dropped, not refused");
+    a.deliver(&alice(), &session, &id, chunk(1))
+        .await
+        .expect("c1");
+    let done = TaskResult::Chunk {
+        data: String::new(),
+        done: true,
+        seq: Some(2),
+    };
+    a.deliver(&alice(), &session, &id, done.clone())
+        .await
+        .expect("done");
+    let mut seen = Vec::new();
+    while let Some(event) = handle.next().await {
+        seen.push(event.expect("no error"));
+    }
+    use crate::TaskEvent::{Chunk, Done};
+    assert_eq!(seen, [Chunk("c0".into()), Chunk("c1".into()), Done]);
+    let replay = a.deliver(&alice(), &session, &id, done.clone()).await;
+    assert_eq!(replay.expect_err("finished").status(), 409);
+    let replay = a.deliver(&mallory, &session, &id, done).await;
+    assert_eq!(replay.expect_err("finished, but not hers").status(), 404);
+}
+
+/// The publisher's channel closes on `a`: the task a client on `b` waits on fails at
+/// once with 503, and the rows go inactive for both replicas.
+pub async fn a_channel_loss_fails_tasks_on_other_replicas(a: &Gateway, b: &Gateway) {
+    let (session, binding, channel) = bind_fake(a, "llm").await;
+    let rows = b.route(&client(), "llm").await.expect("routed");
+    let mut handle = b
+        .start_task(&client(), &rows[0], chat("llm", "x", false))
+        .expect("started");
+    channel.next_task().await;
+    assert!(binding.release().await.expect("released"), "it was current");
+    let err = handle
+        .next()
+        .await
+        .expect("an outcome")
+        .expect_err("the channel is gone");
+    assert_eq!(err.status(), 503, "{err}");
+    assert_eq!(b.in_flight(), 0);
+    assert!(!b.is_bound(&session));
+    let row = b
+        .store()
+        .get(&LlmName::parse("llm").expect("valid"))
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(row.status, LlmStatus::Inactive);
+    assert_eq!(row.binding, None, "the binding is cleared");
+    let err = b
+        .infer(&client(), chat("llm", "x", false))
+        .await
+        .expect_err("offline");
+    assert_eq!(err.status(), 503);
+}
+
+/// A channel replaced on `b` (the publisher reconnected to the other replica): the
+/// rows record `b`'s bind, and `a`'s late release demotes nothing.
+pub async fn a_late_release_on_one_replica_keeps_the_others_bind(a: &Gateway, b: &Gateway) {
+    let (session, old, _channel) = bind_fake(a, "llm").await;
+    let newer = b
+        .bind(&alice(), &session, Arc::new(FakeChannel::new()))
+        .await
+        .expect("rebind on b");
+    assert!(
+        !old.release().await.expect("released"),
+        "a's release is stale"
+    );
+    let row = a
+        .store()
+        .get(&LlmName::parse("llm").expect("valid"))
+        .await
+        .expect("read")
+        .expect("row");
+    assert_eq!(row.status, LlmStatus::Active, "still served through b");
+    assert_eq!(row.binding.as_ref(), Some(newer.binding()));
+    assert_eq!(&newer.binding().replica, b.replica());
+    assert!(newer.release().await.expect("released"));
+}
+
+/// Stamps out one `#[tokio::test]` per case of the replica plane suite. `$setup` is an
+/// async fn returning two started gateway replicas `(a, b)` over one store, linked by
+/// the plane under test.
+#[macro_export]
+macro_rules! plane_conformance_tests {
+    ($setup:path) => {
+        $crate::plane_conformance_tests!(@cases $setup;
+            a_whole_answer_crosses_replicas,
+            a_stream_crosses_replicas,
+            a_cancel_crosses_replicas,
+            results_are_checked_where_the_task_lives,
+            a_channel_loss_fails_tasks_on_other_replicas,
+            a_late_release_on_one_replica_keeps_the_others_bind,
+        );
+    };
+    (@cases $setup:path; $($case:ident,)*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (a, b) = $setup().await;
+                $crate::testkit::plane_suite::$case(&a, &b).await;
+            }
+        )*
+    };
+}

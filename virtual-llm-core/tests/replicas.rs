@@ -1,0 +1,168 @@
+//! The seams proven: two gateways in one process over one `MemoryStore`, linked by the
+//! test kit's in-memory channel directory and task router, pass the replica plane
+//! suite (the publisher bound to the first, clients on the second), and both seams
+//! pass their conformance suites. The `LocalDirectory` passes the single-replica
+//! directory suite.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+use std::sync::Arc;
+
+use virtual_llm_core::testkit::MemoryCluster;
+use virtual_llm_core::{ChannelDirectory, Gateway, LocalDirectory, MemoryStore, ReplicaId, Store};
+
+fn id(s: &str) -> ReplicaId {
+    ReplicaId::parse(s).unwrap()
+}
+
+async fn two_replicas() -> (Gateway, Gateway) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let cluster = MemoryCluster::new();
+    let a = cluster
+        .join(Gateway::builder(store.clone()), id("gw-a"))
+        .await
+        .unwrap();
+    let b = cluster
+        .join(Gateway::builder(store), id("gw-b"))
+        .await
+        .unwrap();
+    (a, b)
+}
+
+virtual_llm_core::plane_conformance_tests!(two_replicas);
+
+mod local_directory {
+    use super::*;
+
+    fn local() -> Arc<dyn ChannelDirectory> {
+        Arc::new(LocalDirectory::new(id("local")))
+    }
+
+    virtual_llm_core::directory_conformance_tests!(local);
+}
+
+mod memory_cluster_directory {
+    use super::*;
+
+    fn pair() -> (Arc<dyn ChannelDirectory>, Arc<dyn ChannelDirectory>) {
+        let cluster = MemoryCluster::new();
+        (cluster.directory(id("a")), cluster.directory(id("b")))
+    }
+
+    virtual_llm_core::cluster_directory_conformance_tests!(pair);
+}
+
+mod lifecycle_across_replicas {
+    use super::*;
+    use std::time::Duration;
+
+    use virtual_llm_core::protocol::{LlmSpec, RegisterRequest};
+    use virtual_llm_core::testkit::{FakeChannel, ManualClock, at, record};
+    use virtual_llm_core::{
+        ChannelBinding, Config, LlmName, LlmStatus, Principal, Role, Timestamp, Write,
+    };
+
+    fn alice() -> Principal {
+        Principal::new("alice", [Role::Publisher])
+    }
+
+    fn name(s: &str) -> LlmName {
+        LlmName::parse(s).unwrap()
+    }
+
+    /// A replica that starts demotes the rows bound to itself (its channels died with
+    /// its last run) and live rows bound to nobody (written before bindings existed),
+    /// and leaves the rows another replica holds as they are.
+    #[tokio::test]
+    async fn a_starting_replica_demotes_only_its_own_rows() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let bound = |n: &str, replica: &str| {
+            let mut r = record(n);
+            r.binding = Some(ChannelBinding {
+                replica: id(replica),
+                epoch: 3,
+            });
+            r
+        };
+        store
+            .write(vec![
+                Write::Insert(bound("mine", "gw-a")),
+                Write::Insert(bound("theirs", "gw-b")),
+                Write::Insert(record("unbound")),
+            ])
+            .await
+            .unwrap();
+        let clock = ManualClock::new(at(1_000));
+        Gateway::builder(store.clone())
+            .clock(Arc::new(clock))
+            .replica(id("gw-a"))
+            .start()
+            .await
+            .unwrap();
+        let row = |n: &'static str| {
+            let store = store.clone();
+            async move { store.get(&name(n)).await.unwrap().unwrap() }
+        };
+        let mine = row("mine").await;
+        assert_eq!(mine.status, LlmStatus::Inactive);
+        assert_eq!(mine.binding, None);
+        assert_eq!(mine.inactive_since, Some(at(1_000)));
+        let theirs = row("theirs").await;
+        assert_eq!(theirs.status, LlmStatus::Active, "another replica's row");
+        assert_eq!(theirs.binding.unwrap().replica, id("gw-b"));
+        assert_eq!(row("unbound").await.status, LlmStatus::Inactive);
+    }
+
+    /// A heartbeat reaching a replica that does not hold the channel still revives the
+    /// session's rows the GC took out of service: the row says the channel is bound.
+    #[tokio::test]
+    async fn a_heartbeat_on_another_replica_revives_from_the_row() {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let clock = ManualClock::new(at(1_000));
+        let cluster = MemoryCluster::new();
+        let config = Config::default();
+        let builder = |store: &Arc<dyn Store>| {
+            Gateway::builder(store.clone())
+                .clock(Arc::new(clock.clone()))
+                .config(config.clone())
+        };
+        let a = cluster.join(builder(&store), id("gw-a")).await.unwrap();
+        let b = cluster.join(builder(&store), id("gw-b")).await.unwrap();
+        let answer = a
+            .register(
+                &alice(),
+                RegisterRequest {
+                    provider_session_id: None,
+                    protocol_version: None,
+                    llms: vec![LlmSpec {
+                        name: name("llm"),
+                        provider_type: "openai".into(),
+                        model: "m".into(),
+                        tier: None,
+                    }],
+                },
+            )
+            .await
+            .unwrap();
+        let session = answer.provider_session_id;
+        let _binding = a
+            .bind(&alice(), &session, Arc::new(FakeChannel::new()))
+            .await
+            .unwrap();
+        clock.advance(config.stale_after + Duration::from_secs(1));
+        assert_eq!(b.sweep().await.unwrap().marked_inactive, 1);
+        let stale = store.get(&name("llm")).await.unwrap().unwrap();
+        assert_eq!(stale.status, LlmStatus::Inactive);
+        assert!(stale.binding.is_some(), "the GC keeps the binding");
+        assert_eq!(b.local_channels(), 0, "b holds no channel");
+        b.heartbeat(&alice(), &session).await.unwrap();
+        let revived = store.get(&name("llm")).await.unwrap().unwrap();
+        assert_eq!(revived.status, LlmStatus::Active);
+        assert_eq!(revived.last_heartbeat_at, Some(clock_now(&clock)));
+    }
+
+    fn clock_now(clock: &ManualClock) -> Timestamp {
+        use virtual_llm_core::Clock;
+        clock.now()
+    }
+}
