@@ -1,9 +1,10 @@
 //! Task correlation: from a client request pushed down a channel to its one outcome.
 //!
-//! [`TaskTable::start`] registers a task, sends its `task` frame on the session's
-//! channel and returns a [`TaskHandle`]. The publisher's results come back through
-//! [`TaskTable::deliver`], which checks that they come from the session the task was
-//! sent to, and hands them to the handle through a bounded buffer. The handle yields
+//! The gateway's task table registers a task, sends its `task` frame through the
+//! channel directory and returns a [`TaskHandle`]. The publisher's results come back
+//! through [`Gateway::deliver`](crate::Gateway::deliver) (or, from another replica, a
+//! [`TaskInbound`](crate::TaskInbound)), which checks that they come from the session
+//! the task was sent to, and hands them to the handle through a bounded buffer. The handle yields
 //! exactly one outcome (a completion, a finished stream, or an error) and then nothing;
 //! dropping it before the outcome cancels the task and sends a `cancel` frame.
 //!
