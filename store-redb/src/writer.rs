@@ -28,13 +28,14 @@
 //! integrity check or `close` never runs in the middle of one (nor needs to: redb
 //! would make it wait for the write transaction anyway). It holds the store weakly, so
 //! that the store is not kept alive by its own writer, and it ends when the channel
-//! closes: on `close`, or when the store is dropped.
+//! closes: on `close`, or when the store handle, which holds the [`Writer`], is
+//! dropped.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use redb::WriteTransaction;
 use tokio::sync::oneshot;
@@ -42,7 +43,7 @@ use virtual_llm_core::{LlmRecord, StoreError, Write};
 
 use crate::codec::StoredRow;
 use crate::error::Error;
-use crate::store::{Inner, lock};
+use crate::shared::{Inner, lock};
 use crate::tables::WriteTables;
 
 /// One batch for the writer, and where its answer goes.
@@ -66,11 +67,13 @@ enum Reply {
 /// the whole group.
 type GroupOutcome = Result<Vec<Result<Vec<LlmRecord>, Error>>, Error>;
 
-/// The store's end of the channel to the writer thread.
+/// The store's end of the channel to the writer thread. Clones share it: stopping
+/// one stops them all.
+#[derive(Clone)]
 pub(crate) struct Writer {
     /// `None` once the store is closed: the thread ends when this, the only sender,
     /// is dropped, after answering what is already queued.
-    requests: Mutex<Option<Sender<Request>>>,
+    requests: Arc<Mutex<Option<Sender<Request>>>>,
 }
 
 /// A writer and the receiving end for [`spawn`]: the store is built around the
@@ -78,7 +81,7 @@ pub(crate) struct Writer {
 pub(crate) fn channel() -> (Writer, Receiver<Request>) {
     let (tx, rx) = mpsc::channel();
     let writer = Writer {
-        requests: Mutex::new(Some(tx)),
+        requests: Arc::new(Mutex::new(Some(tx))),
     };
     (writer, rx)
 }
@@ -115,23 +118,27 @@ impl Writer {
         // The thread ends only once this sender is dropped, unless it died.
         requests.send(request).map_err(|_| Error::WriterStopped)
     }
-}
 
-/// Hands `batch` to `inner`'s writer thread and waits for its answer.
-///
-/// If the caller stops waiting, the batch may still be committed: it was queued.
-pub(crate) async fn write(inner: &Inner, batch: Vec<Write>) -> Result<Vec<LlmRecord>, StoreError> {
-    let (reply, answer) = oneshot::channel();
-    let waiting = &inner.counters.waiting;
-    waiting.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = inner.writer.send(Request { batch, reply }) {
-        waiting.fetch_sub(1, Ordering::Relaxed);
-        return Err(e.into());
-    }
-    match answer.await {
-        Ok(Reply::Done(result)) => result.map_err(StoreError::from),
-        Ok(Reply::Panicked(message)) => panic::resume_unwind(Box::new(message)),
-        Err(_) => Err(Error::WriterStopped.into()),
+    /// Hands `batch` to the writer thread of `inner` and waits for its answer.
+    ///
+    /// If the caller stops waiting, the batch may still be committed: it was queued.
+    pub(crate) async fn write(
+        &self,
+        inner: &Inner,
+        batch: Vec<Write>,
+    ) -> Result<Vec<LlmRecord>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let waiting = &inner.counters.waiting;
+        waiting.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.send(Request { batch, reply }) {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        match answer.await {
+            Ok(Reply::Done(result)) => result.map_err(StoreError::from),
+            Ok(Reply::Panicked(message)) => panic::resume_unwind(Box::new(message)),
+            Err(_) => Err(Error::WriterStopped.into()),
+        }
     }
 }
 
@@ -171,8 +178,8 @@ fn run(store: &Weak<Inner>, requests: &Receiver<Request>, max_group: usize) {
                 }
             }
         }
-        // This may be the last reference: the store is then closed and dropped here,
-        // which drops the sender and ends the loop.
+        // This may be the last reference (the store handle, and with it the sender, is
+        // gone): the state is then closed and dropped here, and the loop ends.
         drop(inner);
     }
 }
