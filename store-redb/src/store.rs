@@ -8,11 +8,12 @@
 //!   rows as the batches before it left them, then it is applied; or it is refused and
 //!   changes nothing. redb admits one write transaction at a time and holds the file
 //!   exclusively, so two batches expecting the same revision cannot both win.
-//! - **Point reads and touches** (`get`, `by_session`, `touch`) run their read
-//!   transaction on the calling async thread when the state lock can be taken shared
-//!   without waiting, and on tokio's blocking pool when it cannot (see
+//! - **Point reads and touches** (`get`, `by_session`, `bound_to`, `touch`) run their
+//!   read transaction on the calling async thread when the state lock can be taken
+//!   shared without waiting, and on tokio's blocking pool when it cannot (see
 //!   `Inner::try_shared`): a `get` is on every relayed request, and the hop to the pool
-//!   and back costs several times the read.
+//!   and back costs several times the read. `by_session` and `bound_to` read an index
+//!   range and only the rows it names.
 //! - **Scans** (`list`, the stale and expired queries), heartbeat flushes, the
 //!   integrity check, open and close run on tokio's blocking pool
 //!   ([`spawn_blocking`](tokio::task::spawn_blocking)): they read many rows, or wait for
@@ -63,11 +64,12 @@ const OVERLAY_CHUNK: usize = 256;
 
 /// A durable [`Store`] in one redb file.
 ///
-/// Rows live in one table keyed by name, with indexes by session, by heartbeat (live
-/// virtual rows) and by `inactive_since` (inactive rows); the stale and expired
-/// queries scan an index and read only the rows they return. Heartbeats are coalesced
-/// in memory and flushed every [`RedbOptions::flush_every`], on [`Store::flush`], and
-/// on [`RedbStore::close`] or drop. Writes are committed by one writer thread, the
+/// Rows live in one table keyed by name, with indexes by session, by the replica of
+/// their binding, by heartbeat (live virtual rows) and by `inactive_since` (inactive
+/// rows); the stale and expired queries scan an index and read only the rows they
+/// return. Heartbeats are coalesced in memory and flushed every
+/// [`RedbOptions::flush_every`], on [`Store::flush`], and on [`RedbStore::close`] or
+/// drop. Writes are committed by one writer thread, the
 /// batches of concurrent callers together in one transaction (up to
 /// [`RedbOptions::max_group`]); each caller still gets its own answer, and an `Ok` only
 /// once its batch is durable.
@@ -104,7 +106,7 @@ pub struct RedbStore {
 #[non_exhaustive]
 pub struct RedbStats {
     /// Write transactions committed, each one `fdatasync`: groups of batches, heartbeat
-    /// flushes, and the schema's creation. Concurrent batches share a transaction, so
+    /// flushes, and the schema's creation or upgrade on open. Concurrent batches share a transaction, so
     /// under load this grows much more slowly than [`RedbStats::batches`].
     pub commits: u64,
     /// Batches ([`Store::write`] calls) committed; a refused batch is not counted.
@@ -123,6 +125,10 @@ pub struct RedbStats {
 impl RedbStore {
     /// Opens the registry file at `path`, creating it (not its directory) if needed,
     /// with the default [`RedbOptions`].
+    ///
+    /// A file of schema version 1 (written before the replica index) is upgraded to
+    /// [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) in place, in one durable transaction,
+    /// before this returns.
     ///
     /// Fails with [`StoreError::Incompatible`] for a file of another schema version
     /// or a redb file that is not a registry, [`StoreError::Corrupted`] for a damaged
@@ -144,30 +150,25 @@ impl RedbStore {
         let path = path.as_ref().to_path_buf();
         let at = path.clone();
         let cache_size = options.cache_size;
-        let (db, created) =
+        let (db, opened) =
             match tokio::task::spawn_blocking(move || schema::open(&at, cache_size)).await {
                 Ok(opened) => opened?,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(_) => return Err(Error::Cancelled.into()),
             };
-        Self::start(path, db, created, &options)
+        Self::start(path, db, opened, &options)
     }
 
-    /// The store around `db`, opened and schema-checked (`created`: the schema was
-    /// just written): starts its writer thread and its flusher.
+    /// The store around `db`, opened and schema-checked (`opened`: what that wrote):
+    /// starts its writer thread and its flusher.
     fn start(
         path: PathBuf,
         db: Database,
-        created: bool,
+        opened: schema::Opened,
         options: &RedbOptions,
     ) -> Result<Self, StoreError> {
         let (writer, requests) = writer::channel();
-        let inner = Arc::new(Inner::new(
-            path,
-            db,
-            options.max_pending,
-            u64::from(created),
-        ));
+        let inner = Arc::new(Inner::new(path, db, options.max_pending, opened.commits()));
         writer::spawn(Arc::downgrade(&inner), requests, options.max_group)?;
         let every = options.flush_every.max(Duration::from_millis(1));
         let flusher = flusher::spawn(inner.clone(), every);
@@ -182,8 +183,8 @@ impl RedbStore {
     #[cfg(test)]
     pub(crate) fn on_database(db: Database, options: &RedbOptions) -> Result<Self, StoreError> {
         let path = PathBuf::from("(test backend)");
-        let created = schema::check_or_init(&db, &path)?;
-        Self::start(path, db, created, options)
+        let opened = schema::check_or_init(&db, &path)?;
+        Self::start(path, db, opened, options)
     }
 
     /// The file this store lives in.
@@ -279,13 +280,13 @@ impl Store for RedbStore {
     }
 
     async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
-        // TODO(schema v2): an index by replica; for now a scan.
+        let inner = &self.inner;
+        if let Some(done) = inner.try_shared(|db| inner.bound_to_in(db, replica)) {
+            return done.map_err(StoreError::from);
+        }
         let replica = replica.clone();
-        let rows = self.list().await?;
-        Ok(rows
-            .into_iter()
-            .filter(|r| r.binding.as_ref().is_some_and(|b| b.replica == replica))
-            .collect())
+        self.run(move |i| i.with_shared(|db| i.bound_to_in(db, &replica)))
+            .await
     }
 
     async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
@@ -336,6 +337,12 @@ impl Inner {
     /// The rows bound to `session`; the state is held shared.
     fn by_session_in(&self, db: &Database, session: &SessionId) -> Result<Vec<LlmRecord>, Error> {
         let rows = snapshot_of(db, |t| t.by_session(session))?;
+        Ok(self.with_liveness(rows))
+    }
+
+    /// The rows whose binding names `replica`; the state is held shared.
+    fn bound_to_in(&self, db: &Database, replica: &ReplicaId) -> Result<Vec<LlmRecord>, Error> {
+        let rows = snapshot_of(db, |t| t.bound_to(replica))?;
         Ok(self.with_liveness(rows))
     }
 

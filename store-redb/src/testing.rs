@@ -1,10 +1,11 @@
 //! Helpers for the crate's own tests: hold the state as a heartbeat flush does, poll
-//! a future once, and a redb backend whose writes can be made to fail.
+//! a future once, and a redb backend whose writes can be made to fail, at once or
+//! after a given number of them (a crash in the middle of a commit).
 
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::task::Poll;
 use std::thread::JoinHandle;
@@ -72,12 +73,25 @@ impl Drop for Held {
 }
 
 /// A redb backend in memory whose writes, syncs and resizes fail while `fail` is
-/// set, as a full or broken disk would. Clones share the bytes and the switch, so a
+/// set, as a full or broken disk would. Clones share the bytes and the switches, so a
 /// test can open the same "file" again after a failure.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct FailingBackend {
     bytes: Arc<InMemoryBackend>,
     pub(crate) fail: Arc<AtomicBool>,
+    /// Writes, syncs and resizes still allowed before `fail` sets itself;
+    /// [`u64::MAX`] for no limit. See [`FailingBackend::crash_after`].
+    allowed: Arc<AtomicU64>,
+}
+
+impl Default for FailingBackend {
+    fn default() -> Self {
+        FailingBackend {
+            bytes: Arc::default(),
+            fail: Arc::default(),
+            allowed: Arc::new(AtomicU64::new(u64::MAX)),
+        }
+    }
 }
 
 /// What the failing backend's I/O returns; tests look for it in the errors they get.
@@ -86,10 +100,41 @@ pub(crate) const INJECTED: &str = "injected I/O failure";
 impl FailingBackend {
     fn check(&self) -> io::Result<()> {
         if self.fail.load(Ordering::SeqCst) {
-            Err(io::Error::other(INJECTED))
-        } else {
-            Ok(())
+            return Err(io::Error::other(INJECTED));
         }
+        let allowed = self.allowed.load(Ordering::SeqCst);
+        if allowed == 0 {
+            // The crash: this and every later write fails, as after a power cut the
+            // disk takes nothing more.
+            self.fail.store(true, Ordering::SeqCst);
+            return Err(io::Error::other(INJECTED));
+        }
+        if allowed != u64::MAX {
+            self.allowed.store(allowed - 1, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// Lets `n` more writes, syncs or resizes through, then fails them all (as if the
+    /// process died there): what was written up to that point stays, the rest never
+    /// reaches the "disk".
+    pub(crate) fn crash_after(&self, n: u64) {
+        self.allowed.store(n, Ordering::SeqCst);
+    }
+
+    /// Back to a working disk, for the restart after a crash.
+    pub(crate) fn recover(&self) {
+        self.allowed.store(u64::MAX, Ordering::SeqCst);
+        self.fail.store(false, Ordering::SeqCst);
+    }
+
+    /// A backend holding `bytes`, as a file would.
+    pub(crate) fn with_bytes(bytes: &[u8]) -> Self {
+        let backend = FailingBackend::default();
+        let loaded = StorageBackend::set_len(&*backend.bytes, bytes.len() as u64)
+            .and_then(|()| StorageBackend::write(&*backend.bytes, 0, bytes));
+        loaded.unwrap();
+        backend
     }
 
     /// A database on these bytes.
