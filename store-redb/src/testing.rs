@@ -1,12 +1,14 @@
-//! Helpers for the crate's own tests: hold the state as a heartbeat flush does, poll
-//! a future once, and a redb backend whose writes can be made to fail, at once or
-//! after a given number of them (a crash in the middle of a commit).
+//! Helpers for the crate's own tests: hold the state as a heartbeat flush does (and
+//! close the file under it), poll a future once, a redb backend whose writes can be
+//! made to fail, at once or after a given number of them (a crash in the middle of a
+//! commit), and a record of what the crate logs.
 
+use std::fmt::{self, Write as _};
 use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
+use std::sync::{Arc, Mutex, Once, PoisonError, mpsc};
 use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -26,7 +28,8 @@ pub(crate) async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
 /// it, until [`Held::release`]: meanwhile the writer thread waits and batches queue
 /// up, and reads cannot take the state shared.
 pub(crate) struct Held {
-    release: Option<mpsc::Sender<()>>,
+    /// Sends whether to close the file before letting go; dropped, it lets go.
+    release: Option<mpsc::Sender<bool>>,
     holder: Option<JoinHandle<()>>,
 }
 
@@ -39,11 +42,16 @@ const HOLD_AT_MOST: Duration = Duration::from_secs(30);
 pub(crate) fn hold(store: &RedbStore) -> Held {
     let inner = store.inner.clone();
     let (held, is_held) = mpsc::channel();
-    let (release, released) = mpsc::channel::<()>();
+    let (release, released) = mpsc::channel::<bool>();
     let holder = std::thread::spawn(move || {
-        let _state = inner.exclusive();
+        let mut state = inner.exclusive();
         held.send(()).unwrap();
-        let _ = released.recv_timeout(HOLD_AT_MOST);
+        if released.recv_timeout(HOLD_AT_MOST) == Ok(true)
+            && let Some(db) = state.take()
+        {
+            // What close does under the lock: from here on the store is closed.
+            db.close().unwrap();
+        }
     });
     is_held.recv().unwrap();
     Held {
@@ -55,6 +63,15 @@ pub(crate) fn hold(store: &RedbStore) -> Held {
 impl Held {
     /// Lets go of the state, and waits until it is let go.
     pub(crate) fn release(mut self) {
+        self.let_go();
+    }
+
+    /// Closes the file, as `close` does while it holds the state, then lets go: what
+    /// waited for the state finds the store closed.
+    pub(crate) fn close_and_release(mut self) {
+        if let Some(release) = &self.release {
+            release.send(true).unwrap();
+        }
         self.let_go();
     }
 
@@ -168,4 +185,70 @@ impl StorageBackend for FailingBackend {
         self.check()?;
         StorageBackend::write(&*self.bytes, offset, data)
     }
+}
+
+/// An event the crate logged, as [`logged`] recorded it.
+#[derive(Clone, Debug)]
+pub(crate) struct Logged {
+    pub(crate) level: tracing::Level,
+    pub(crate) target: String,
+    /// Every field, the message included, as `name=value` pairs.
+    pub(crate) fields: String,
+}
+
+/// Every event of this crate logged since the first call, from any thread (the
+/// writer's included): the first call installs a recording subscriber as the global
+/// default of the test binary. Tests run concurrently, so a test looks for what its
+/// own store would log, not at the whole list.
+pub(crate) fn logged() -> Vec<Logged> {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        tracing::subscriber::set_global_default(Recorder)
+            .expect("no other global subscriber in the crate's tests");
+    });
+    LOGGED
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+static LOGGED: Mutex<Vec<Logged>> = Mutex::new(Vec::new());
+
+/// Records this crate's events into [`LOGGED`]; spans are ignored.
+struct Recorder;
+
+impl tracing::Subscriber for Recorder {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>) -> bool {
+        metadata.target().starts_with("virtual_llm_redb")
+    }
+
+    fn new_span(&self, _: &tracing::span::Attributes<'_>) -> tracing::span::Id {
+        tracing::span::Id::from_u64(1)
+    }
+
+    fn record(&self, _: &tracing::span::Id, _: &tracing::span::Record<'_>) {}
+
+    fn record_follows_from(&self, _: &tracing::span::Id, _: &tracing::span::Id) {}
+
+    fn event(&self, event: &tracing::Event<'_>) {
+        let mut fields = String::new();
+        event.record(
+            &mut |field: &tracing::field::Field, value: &dyn fmt::Debug| {
+                let _ = write!(fields, "{}={value:?} ", field.name());
+            },
+        );
+        let metadata = event.metadata();
+        LOGGED
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Logged {
+                level: *metadata.level(),
+                target: metadata.target().to_owned(),
+                fields,
+            });
+    }
+
+    fn enter(&self, _: &tracing::span::Id) {}
+
+    fn exit(&self, _: &tracing::span::Id) {}
 }

@@ -22,7 +22,10 @@
 //! ones' writes, exactly as if each had been committed alone in that order. The group
 //! commits once, and only then is each caller answered, so an `Ok` is durable. An engine
 //! error anywhere (applying any batch, or the commit) aborts the transaction, and every
-//! batch of the group gets that error: nothing of the group was written.
+//! batch of the group gets that error: nothing of the group was written; it is logged
+//! as a warning. A group that finds the store closed (it queued while `close` ran) is
+//! refused with the closed error, as a batch sent after `close` is, and logged only at
+//! debug level: a clean shutdown is not a failure.
 //!
 //! The thread holds the state shared for the whole group, so a heartbeat flush, the
 //! integrity check or `close` never runs in the middle of one (nor needs to: redb
@@ -165,7 +168,14 @@ fn run(store: &Weak<Inner>, requests: &Receiver<Request>, max_group: usize) {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, batches = answered, "a group commit failed; none of its batches was written");
+                if matches!(e, Error::Closed) {
+                    // Not a failure: the store was closed while these waited (a clean
+                    // shutdown with requests still arriving). Each caller gets the
+                    // closed error, as a batch sent after close does.
+                    tracing::debug!(error = %e, batches = answered, "the store was closed before a group was committed; its batches are refused");
+                } else {
+                    tracing::warn!(error = %e, batches = answered, "a group commit failed; none of its batches was written");
+                }
                 for reply in replies {
                     let _ = reply.send(Reply::Done(Err(e.clone())));
                 }
@@ -320,7 +330,8 @@ mod tests {
     use virtual_llm_core::testkit::record;
     use virtual_llm_core::{LlmName, LlmRecord, Store, StoreError, Write};
 
-    use crate::testing::{FailingBackend, INJECTED, hold, poll_once};
+    use crate::error::Error;
+    use crate::testing::{FailingBackend, INJECTED, Logged, hold, logged, poll_once};
     use crate::{RedbOptions, RedbStore};
 
     fn insert(name: &str) -> Write {
@@ -347,6 +358,11 @@ mod tests {
             next = e.source();
         }
         out
+    }
+
+    /// Whether `l` is the writer's, at `level`.
+    fn is_writer(l: &Logged, level: tracing::Level) -> bool {
+        l.level == level && l.target == "virtual_llm_redb::writer"
     }
 
     async fn open(dir: &tempfile::TempDir, options: RedbOptions) -> RedbStore {
@@ -498,7 +514,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_that_find_the_store_closed_are_refused_as_closed_without_a_warning() {
+        logged(); // records from here on
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, RedbOptions::default()).await;
+        store.write(vec![insert("before")]).await.unwrap();
+        let held = hold(&store);
+        // Queued while close holds the state, as writes arriving during a clean
+        // shutdown are; the writer thread takes them and waits for the state.
+        let mut writes: Vec<_> = (0..3)
+            .map(|i| store.write(vec![insert(&format!("late-{i}"))]))
+            .collect();
+        for w in &mut writes {
+            assert!(poll_once(w).await.is_pending());
+        }
+        held.close_and_release();
+        let closed = Error::Closed.to_string();
+        for w in writes {
+            let err = w.await.expect_err("closed");
+            assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+            assert!(chain(&err).ends_with(&closed), "{}", chain(&err));
+        }
+        let logs = logged();
+        let about_closed = |level| {
+            logs.iter()
+                .any(|l| is_writer(l, level) && l.fields.contains(&closed))
+        };
+        assert!(
+            !about_closed(tracing::Level::WARN),
+            "a refusal, not a failure"
+        );
+        assert!(
+            about_closed(tracing::Level::DEBUG),
+            "still traced, at debug"
+        );
+        // And once close has stopped the writer, a batch is refused before it queues.
+        store.close().await.unwrap();
+        let err = store.write(vec![insert("after")]).await.unwrap_err();
+        assert!(chain(&err).ends_with(&closed), "{}", chain(&err));
+    }
+
+    #[tokio::test]
     async fn a_failed_commit_fails_every_batch_of_its_group_and_writes_none() {
+        logged(); // records from here on
         let backend = FailingBackend::default();
         let options = RedbOptions::default();
         let store = RedbStore::on_database(backend.open(), &options).unwrap();
@@ -520,6 +578,12 @@ mod tests {
             // all five were in the group that failed.
             assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
         }
+        assert!(
+            logged().iter().any(|l| is_writer(l, tracing::Level::WARN)
+                && l.fields.contains(INJECTED)
+                && l.fields.contains("batches=5")),
+            "an engine failure is a warning"
+        );
         let after = store.stats();
         assert_eq!(
             (after.commits, after.batches),
