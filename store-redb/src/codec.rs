@@ -14,7 +14,7 @@
 
 use serde::{Deserialize, Serialize};
 use virtual_llm_core::{
-    ChannelBinding, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, SessionId, Timestamp,
+    ChannelBinding, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, ReplicaId, SessionId, Timestamp,
 };
 
 use crate::error::Error;
@@ -43,7 +43,9 @@ pub(crate) struct StoredRow {
     /// name, even after a delete and a new insert, so an in-memory heartbeat recorded
     /// against one version of a row can never apply to another.
     stamp: u64,
-    /// The row's channel binding (schema 2); absent in rows written by schema 1.
+    /// The row's channel binding (schema 2). Absent from rows written by schema 1,
+    /// and from any row without one: a row without a binding is stored as schema 1
+    /// stored it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     binding: Option<ChannelBinding>,
 }
@@ -141,6 +143,11 @@ impl StoredRow {
         self.session.as_ref()
     }
 
+    /// The replica holding the row's control channel: its key in the replica index.
+    pub(crate) fn replica(&self) -> Option<&ReplicaId> {
+        self.binding.as_ref().map(|b| &b.replica)
+    }
+
     /// The last heartbeat, as stored.
     pub(crate) fn heartbeat(&self) -> Option<Timestamp> {
         self.heartbeat_ms.map(Timestamp::from_millis)
@@ -198,11 +205,17 @@ mod tests {
         r.last_heartbeat_at = None;
         r.inactive_since = Some(at(7));
         r.revision = 9;
+        let replica = ReplicaId::parse("gw-1").unwrap();
+        r.binding = Some(ChannelBinding {
+            replica: replica.clone(),
+            epoch: u64::MAX,
+        });
         let stored = StoredRow::new(r.clone(), 42);
         let bytes = stored.encode().unwrap();
         let back = StoredRow::decode("alpha", &bytes).unwrap();
         assert_eq!(back.to_record(), r);
         assert_eq!(back.stamp(), 42);
+        assert_eq!(back.replica(), Some(&replica));
         assert_eq!(back.live_key(), r.live_since().map(Timestamp::as_millis));
         assert_eq!(
             back.inactive_key(),
@@ -212,6 +225,16 @@ mod tests {
         live.last_heartbeat_at = None;
         let live = StoredRow::new(live.clone(), 1);
         assert_eq!(live.live_key(), Some(0));
+    }
+
+    #[test]
+    fn a_row_without_a_binding_is_stored_as_schema_1_stored_it() {
+        let r = record("alpha");
+        let bytes = StoredRow::new(r.clone(), 1).encode().unwrap();
+        let text = String::from_utf8(bytes).unwrap();
+        assert!(!text.contains("binding"), "{text}");
+        let back = StoredRow::decode("alpha", text.as_bytes()).unwrap();
+        assert_eq!((back.to_record(), back.replica()), (r, None));
     }
 
     #[test]

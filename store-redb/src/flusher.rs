@@ -15,7 +15,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tokio::time::{Instant, sleep_until};
 
-use crate::store::{Inner, blocking};
+use crate::shared::{Inner, blocking};
 
 /// Owns the flusher task; dropping it stops the task, which flushes one last time.
 #[derive(Debug)]

@@ -72,6 +72,12 @@ pub(crate) fn check(db: &mut Database) -> Result<IntegrityReport, Error> {
         &mut report.problems,
     );
     diff(
+        "rows_by_replica",
+        &expected.by_replica,
+        &actual.by_replica,
+        &mut report.problems,
+    );
+    diff(
         "live_by_heartbeat",
         &expected.live,
         &actual.live,

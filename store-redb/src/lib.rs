@@ -3,9 +3,13 @@
 //! # Layout
 //! - [`store`](RedbStore): the [`Store`](virtual_llm_core::Store) implementation, its
 //!   open and close, where each operation runs, and how reads see coalesced heartbeats.
+//! - `shared`: the state the handle, the writer thread, the flusher and blocking
+//!   operations share (the open file behind its lock, the overlay, the counters), and
+//!   the heartbeat flush and close that must hold that lock.
 //! - `writer`: the writer thread, which commits concurrent batches together in one
 //!   write transaction (group commit).
-//! - `schema`: the tables, [`SCHEMA_VERSION`], and the version check on open.
+//! - `schema`: the tables, [`SCHEMA_VERSION`], the version check on open, and the
+//!   in-place upgrade of a version-1 file.
 //! - `tables`: row and index access inside one transaction; the only code that writes
 //!   the tables, so the indexes move with the rows.
 //! - `codec`: the stored form of a row and its JSON encoding.
@@ -25,6 +29,7 @@ mod integrity;
 mod liveness;
 mod options;
 mod schema;
+mod shared;
 mod store;
 mod tables;
 #[cfg(test)]

@@ -8,23 +8,25 @@
 //!   rows as the batches before it left them, then it is applied; or it is refused and
 //!   changes nothing. redb admits one write transaction at a time and holds the file
 //!   exclusively, so two batches expecting the same revision cannot both win.
-//! - **Point reads and touches** (`get`, `by_session`, `touch`) run their read
-//!   transaction on the calling async thread when the state lock can be taken shared
-//!   without waiting, and on tokio's blocking pool when it cannot (see
+//! - **Point reads and touches** (`get`, `by_session`, `bound_to`, `touch`) run their
+//!   read transaction on the calling async thread when the state lock can be taken
+//!   shared without waiting, and on tokio's blocking pool when it cannot (see
 //!   `Inner::try_shared`): a `get` is on every relayed request, and the hop to the pool
-//!   and back costs several times the read.
+//!   and back costs several times the read. `by_session` and `bound_to` read an index
+//!   range and only the rows it names.
 //! - **Scans** (`list`, the stale and expired queries), heartbeat flushes, the
 //!   integrity check, open and close run on tokio's blocking pool
 //!   ([`spawn_blocking`](tokio::task::spawn_blocking)): they read many rows, or wait for
 //!   the disk.
 //!
-//! Heartbeats go to the in-memory [`Overlay`] and reach the disk in batches (see
-//! `liveness` and `flusher`). The one subtle rule is how reads see both: the open
+//! Heartbeats go to the in-memory [`Overlay`](crate::liveness::Overlay) and reach the
+//! disk in batches (see `liveness` and `flusher`). The one subtle rule is how reads see both: the open
 //! database sits behind a reader-writer lock. Reads, touches and the writer thread hold
 //! it shared (redb still runs reads and the single writer concurrently); a heartbeat
 //! flush holds it exclusively while it commits and then forgets the heartbeats it
 //! wrote. So a read finds every heartbeat either in its snapshot or in the overlay,
-//! never in neither.
+//! never in neither. That state, and the flush and close that hold its lock, are the
+//! `shared` module's; this one is the handle and its operations.
 //!
 //! Under tokio's paused test clock, a write waiting for the writer thread does not hold
 //! the clock back as a blocking-pool task does: with nothing else to run, the runtime
@@ -33,13 +35,12 @@
 use std::collections::HashSet;
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use redb::{Database, ReadableDatabase};
-use tokio::sync::Notify;
 use virtual_llm_core::store::check_batch;
 use virtual_llm_core::{
     LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write,
@@ -49,15 +50,12 @@ use crate::codec::StoredRow;
 use crate::error::Error;
 use crate::flusher::{self, FlusherGuard};
 use crate::integrity::{self, IntegrityReport};
-use crate::liveness::{Overlay, Pending};
+use crate::liveness::Pending;
 use crate::options::RedbOptions;
 use crate::schema;
-use crate::tables::{ReadTables, WriteTables};
+use crate::shared::{Inner, blocking, lock, snapshot_of};
+use crate::tables::ReadTables;
 use crate::writer::{self, Writer};
-
-/// Heartbeats written per flush transaction: a flush holds reads off while it
-/// commits, so a large backlog is written in several short transactions.
-const FLUSH_BATCH: usize = 4096;
 
 /// Rows given their in-memory heartbeats per hold of the overlay lock: a read of the
 /// whole registry must not hold up, for its whole length, a touch or an inline `get`
@@ -66,11 +64,12 @@ const OVERLAY_CHUNK: usize = 256;
 
 /// A durable [`Store`] in one redb file.
 ///
-/// Rows live in one table keyed by name, with indexes by session, by heartbeat (live
-/// virtual rows) and by `inactive_since` (inactive rows); the stale and expired
-/// queries scan an index and read only the rows they return. Heartbeats are coalesced
-/// in memory and flushed every [`RedbOptions::flush_every`], on [`Store::flush`], and
-/// on [`RedbStore::close`] or drop. Writes are committed by one writer thread, the
+/// Rows live in one table keyed by name, with indexes by session, by the replica of
+/// their binding, by heartbeat (live virtual rows) and by `inactive_since` (inactive
+/// rows); the stale and expired queries scan an index and read only the rows they
+/// return. Heartbeats are coalesced in memory and flushed every
+/// [`RedbOptions::flush_every`], on [`Store::flush`], and on [`RedbStore::close`] or
+/// drop. Writes are committed by one writer thread, the
 /// batches of concurrent callers together in one transaction (up to
 /// [`RedbOptions::max_group`]); each caller still gets its own answer, and an `Ok` only
 /// once its batch is durable.
@@ -93,35 +92,13 @@ const OVERLAY_CHUNK: usize = 256;
 /// # });
 /// ```
 pub struct RedbStore {
+    /// The state the writer thread, the flusher and blocking operations share.
     pub(crate) inner: Arc<Inner>,
+    /// Where [`Store::write`] sends its batches; stopped by close, and dropped with
+    /// the store, which ends the writer thread.
+    writer: Writer,
     /// Stops the background flusher when the store goes away.
     flusher: FlusherGuard,
-}
-
-/// The state shared by the store handle, its flusher, its writer thread and its
-/// blocking operations.
-pub(crate) struct Inner {
-    path: PathBuf,
-    /// The open file; `None` once closed. Shared by reads, touches and the writer
-    /// thread; exclusive for a heartbeat flush, the integrity check and close.
-    state: RwLock<Option<Database>>,
-    /// Heartbeats not yet on disk.
-    overlay: Mutex<Overlay>,
-    /// Wakes the flusher before its timer when the overlay is full.
-    pub(crate) wake: Notify,
-    max_pending: usize,
-    /// Where [`Store::write`] sends its batches; stopped by close.
-    pub(crate) writer: Writer,
-    pub(crate) counters: Counters,
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct Counters {
-    pub(crate) commits: AtomicU64,
-    pub(crate) batches: AtomicU64,
-    pub(crate) flushes: AtomicU64,
-    pub(crate) heartbeats_flushed: AtomicU64,
-    pub(crate) waiting: AtomicUsize,
 }
 
 /// What a [`RedbStore`] has done since it was opened; for metrics and tests.
@@ -129,7 +106,7 @@ pub(crate) struct Counters {
 #[non_exhaustive]
 pub struct RedbStats {
     /// Write transactions committed, each one `fdatasync`: groups of batches, heartbeat
-    /// flushes, and the schema's creation. Concurrent batches share a transaction, so
+    /// flushes, and the schema's creation or upgrade on open. Concurrent batches share a transaction, so
     /// under load this grows much more slowly than [`RedbStats::batches`].
     pub commits: u64,
     /// Batches ([`Store::write`] calls) committed; a refused batch is not counted.
@@ -145,27 +122,13 @@ pub struct RedbStats {
     pub writes_waiting: usize,
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Runs `f` on tokio's blocking pool. A panic inside is resumed in the caller; a task
-/// cancelled by a runtime shutdown is `Unavailable`.
-pub(crate) async fn blocking<T, F>(inner: Arc<Inner>, f: F) -> Result<T, StoreError>
-where
-    T: Send + 'static,
-    F: FnOnce(&Inner) -> Result<T, Error> + Send + 'static,
-{
-    match tokio::task::spawn_blocking(move || f(&inner)).await {
-        Ok(result) => result.map_err(StoreError::from),
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(Error::Cancelled.into()),
-    }
-}
-
 impl RedbStore {
     /// Opens the registry file at `path`, creating it (not its directory) if needed,
     /// with the default [`RedbOptions`].
+    ///
+    /// A file of schema version 1 (written before the replica index) is upgraded to
+    /// [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) in place, in one durable transaction,
+    /// before this returns.
     ///
     /// Fails with [`StoreError::Incompatible`] for a file of another schema version
     /// or a redb file that is not a registry, [`StoreError::Corrupted`] for a damaged
@@ -187,48 +150,41 @@ impl RedbStore {
         let path = path.as_ref().to_path_buf();
         let at = path.clone();
         let cache_size = options.cache_size;
-        let (db, created) =
+        let (db, opened) =
             match tokio::task::spawn_blocking(move || schema::open(&at, cache_size)).await {
                 Ok(opened) => opened?,
                 Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                 Err(_) => return Err(Error::Cancelled.into()),
             };
-        Self::start(path, db, created, &options)
+        Self::start(path, db, opened, &options)
     }
 
-    /// The store around `db`, opened and schema-checked (`created`: the schema was
-    /// just written): starts its writer thread and its flusher.
+    /// The store around `db`, opened and schema-checked (`opened`: what that wrote):
+    /// starts its writer thread and its flusher.
     fn start(
         path: PathBuf,
         db: Database,
-        created: bool,
+        opened: schema::Opened,
         options: &RedbOptions,
     ) -> Result<Self, StoreError> {
         let (writer, requests) = writer::channel();
-        let inner = Arc::new(Inner {
-            path,
-            state: RwLock::new(Some(db)),
-            overlay: Mutex::new(Overlay::default()),
-            wake: Notify::new(),
-            max_pending: options.max_pending.max(1),
-            writer,
-            counters: Counters {
-                commits: AtomicU64::new(u64::from(created)),
-                ..Counters::default()
-            },
-        });
+        let inner = Arc::new(Inner::new(path, db, options.max_pending, opened.commits()));
         writer::spawn(Arc::downgrade(&inner), requests, options.max_group)?;
         let every = options.flush_every.max(Duration::from_millis(1));
         let flusher = flusher::spawn(inner.clone(), every);
-        Ok(RedbStore { inner, flusher })
+        Ok(RedbStore {
+            inner,
+            writer,
+            flusher,
+        })
     }
 
     /// A store on a database opened by the test itself (on a fault-injecting backend).
     #[cfg(test)]
     pub(crate) fn on_database(db: Database, options: &RedbOptions) -> Result<Self, StoreError> {
         let path = PathBuf::from("(test backend)");
-        let created = schema::check_or_init(&db, &path)?;
-        Self::start(path, db, created, options)
+        let opened = schema::check_or_init(&db, &path)?;
+        Self::start(path, db, opened, options)
     }
 
     /// The file this store lives in.
@@ -257,7 +213,7 @@ impl RedbStore {
     /// finds damage it cannot repair ([`StoreError::Corrupted`]).
     pub async fn check_integrity(&self) -> Result<IntegrityReport, StoreError> {
         blocking(self.inner.clone(), |i| {
-            let mut state = i.state.write().unwrap_or_else(PoisonError::into_inner);
+            let mut state = i.exclusive();
             let db = state.as_mut().ok_or(Error::Closed)?;
             integrity::check(db)
         })
@@ -272,7 +228,8 @@ impl RedbStore {
     ///
     /// If the flush fails the store stays open and the error is returned.
     pub async fn close(&self) -> Result<(), StoreError> {
-        blocking(self.inner.clone(), Inner::close).await?;
+        let writer = self.writer.clone();
+        blocking(self.inner.clone(), move |i| i.close(move || writer.stop())).await?;
         self.flusher.stop();
         Ok(())
     }
@@ -323,13 +280,13 @@ impl Store for RedbStore {
     }
 
     async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
-        // TODO(schema v2): an index by replica; for now a scan.
+        let inner = &self.inner;
+        if let Some(done) = inner.try_shared(|db| inner.bound_to_in(db, replica)) {
+            return done.map_err(StoreError::from);
+        }
         let replica = replica.clone();
-        let rows = self.list().await?;
-        Ok(rows
-            .into_iter()
-            .filter(|r| r.binding.as_ref().is_some_and(|b| b.replica == replica))
-            .collect())
+        self.run(move |i| i.with_shared(|db| i.bound_to_in(db, &replica)))
+            .await
     }
 
     async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
@@ -348,7 +305,7 @@ impl Store for RedbStore {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        writer::write(&self.inner, batch).await
+        self.writer.write(&self.inner, batch).await
     }
 
     async fn touch(&self, names: &[LlmName], at: Timestamp) -> Result<usize, StoreError> {
@@ -369,59 +326,8 @@ impl Store for RedbStore {
     }
 }
 
+/// The store's reads and touches, on the state it shares (see `shared`).
 impl Inner {
-    /// The state, exclusively, as a heartbeat flush takes it: the writer thread and
-    /// every read wait meanwhile (tests use it to make batches queue up).
-    #[cfg(test)]
-    pub(crate) fn exclusive(&self) -> std::sync::RwLockWriteGuard<'_, Option<Database>> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// The state, shared; waits while a flush, the integrity check or close holds it.
-    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, Option<Database>> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Runs `op` on the open file with the state held shared, waiting for it if need
-    /// be: for the blocking pool.
-    fn with_shared<T>(&self, op: impl FnOnce(&Database) -> Result<T, Error>) -> Result<T, Error> {
-        let state = self.shared();
-        op(state.as_ref().ok_or(Error::Closed)?)
-    }
-
-    /// Runs `op` on the open file with the state held shared, if it can be taken
-    /// without waiting; `None` if it is held, or wanted, exclusively.
-    ///
-    /// This is how the short reads run on an async thread. A `get` is on every relayed
-    /// request, and a hop to the blocking pool and back (two thread wake-ups, often
-    /// across CPUs) costs many times the read itself: in the crate's benchmark on a
-    /// 2-vCPU VM, 31 µs through the pool against 1.5 µs inline. The read cannot wait
-    /// on the disk: a redb read transaction never waits for the writer (MVCC: it reads
-    /// the last committed snapshot, and a commit holds no lock a reader takes while it
-    /// syncs), and the registry's pages stay in redb's cache, so it is a few µs of CPU,
-    /// at worst a page read from the OS cache. The one thing that could make it wait is
-    /// this lock, held exclusively across a heartbeat flush's commit (an `fdatasync`)
-    /// or an integrity check: then `None`, and the caller goes to the blocking pool
-    /// rather than block an async worker. (On Linux, std's lock also refuses a new
-    /// reader while a flush waits for it, so reads do not starve flushes.) The
-    /// overlay's mutex is only ever held for bounded work in memory.
-    fn try_shared<T>(
-        &self,
-        op: impl FnOnce(&Database) -> Result<T, Error>,
-    ) -> Option<Result<T, Error>> {
-        let state = match self.state.try_read() {
-            Ok(state) => state,
-            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
-            Err(TryLockError::WouldBlock) => return None,
-        };
-        Some(state.as_ref().ok_or(Error::Closed).and_then(op))
-    }
-
-    /// Runs `f` on a read snapshot, holding the state shared (no flush meanwhile).
-    fn snapshot<T>(&self, f: impl FnOnce(&ReadTables<'_>) -> Result<T, Error>) -> Result<T, Error> {
-        self.with_shared(|db| snapshot_of(db, f))
-    }
-
     /// The row named `name`; the state is held shared.
     fn get_in(&self, db: &Database, name: &str) -> Result<Option<LlmRecord>, Error> {
         let row = snapshot_of(db, |t| t.row(name))?;
@@ -431,6 +337,12 @@ impl Inner {
     /// The rows bound to `session`; the state is held shared.
     fn by_session_in(&self, db: &Database, session: &SessionId) -> Result<Vec<LlmRecord>, Error> {
         let rows = snapshot_of(db, |t| t.by_session(session))?;
+        Ok(self.with_liveness(rows))
+    }
+
+    /// The rows whose binding names `replica`; the state is held shared.
+    fn bound_to_in(&self, db: &Database, replica: &ReplicaId) -> Result<Vec<LlmRecord>, Error> {
+        let rows = snapshot_of(db, |t| t.bound_to(replica))?;
         Ok(self.with_liveness(rows))
     }
 
@@ -536,106 +448,6 @@ impl Inner {
         }
         Ok(found.len())
     }
-
-    /// Writes every heartbeat held in memory to disk.
-    pub(crate) fn flush_pending(&self) -> Result<(), Error> {
-        let entries = lock(&self.overlay).entries();
-        for chunk in entries.chunks(FLUSH_BATCH) {
-            let state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-            let Some(db) = state.as_ref() else {
-                // Closed: close flushed what there was.
-                return Ok(());
-            };
-            self.flush_chunk(db, chunk)?;
-        }
-        Ok(())
-    }
-
-    /// Writes `chunk`'s heartbeats in one transaction (revisions and stamps unchanged),
-    /// then forgets them. The caller holds the state exclusively.
-    fn flush_chunk(&self, db: &Database, chunk: &[(String, Pending)]) -> Result<(), Error> {
-        let txn = db.begin_write()?;
-        let mut written = 0u64;
-        {
-            let mut tables = WriteTables::open(&txn)?;
-            for (name, pending) in chunk {
-                let Some(row) = tables.row(name)? else {
-                    continue; // deleted since: the heartbeat goes with it
-                };
-                if row.stamp() != pending.stamp || row.heartbeat() == Some(pending.at) {
-                    continue; // replaced by a write since, or already on disk
-                }
-                let mut beat = row.clone();
-                beat.set_heartbeat(pending.at);
-                tables.put(Some(&row), &beat)?;
-                written += 1;
-            }
-        }
-        if written > 0 {
-            txn.commit()?;
-            let c = &self.counters;
-            c.commits.fetch_add(1, Ordering::Relaxed);
-            c.flushes.fetch_add(1, Ordering::Relaxed);
-            c.heartbeats_flushed.fetch_add(written, Ordering::Relaxed);
-        } else {
-            txn.abort()?;
-        }
-        let mut overlay = lock(&self.overlay);
-        for (name, pending) in chunk {
-            overlay.remove_if(name, *pending);
-        }
-        Ok(())
-    }
-
-    /// Flushes and closes the file, then stops the writer thread; the state is `None`
-    /// afterwards. The writer's group in progress, if any, commits first: it holds the
-    /// state shared.
-    fn close(&self) -> Result<(), Error> {
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
-        let Some(db) = state.as_ref() else {
-            return Ok(());
-        };
-        let entries = lock(&self.overlay).entries();
-        for chunk in entries.chunks(FLUSH_BATCH) {
-            self.flush_chunk(db, chunk)?;
-        }
-        if let Some(db) = state.take() {
-            // Closed from here on, even if redb fails to close the file cleanly: batches
-            // queued meanwhile find the state closed and are refused.
-            self.writer.stop();
-            db.close()?;
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Inner {
-    /// The last resort when no runtime ran the flusher's final flush (it was shut
-    /// down first): flush and close here.
-    fn drop(&mut self) {
-        let pending = !lock(&self.overlay).is_empty();
-        let open = self
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_some();
-        if open
-            && pending
-            && let Err(e) = self.close()
-        {
-            tracing::warn!(error = %e, path = %self.path.display(), "flushing heartbeats on drop failed");
-        }
-    }
-}
-
-/// Runs `f` on a read snapshot of `db`.
-fn snapshot_of<T>(
-    db: &Database,
-    f: impl FnOnce(&ReadTables<'_>) -> Result<T, Error>,
-) -> Result<T, Error> {
-    let txn = db.begin_read()?;
-    let tables = ReadTables::open(&txn);
-    f(&tables)
 }
 
 #[cfg(test)]

@@ -1,7 +1,7 @@
 //! Row and index access inside one redb transaction.
 //!
 //! [`WriteTables`] is the only code that changes the tables: putting or deleting a row
-//! always updates the three indexes in the same transaction, from the old row and the
+//! always updates the four indexes in the same transaction, from the old row and the
 //! new one, so the indexes cannot drift from the rows. [`ReadTables`] is a snapshot:
 //! rows by name, every row, and range scans of the indexes that read only the rows
 //! they return.
@@ -12,17 +12,18 @@ use redb::{
     Key, ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, Value,
     WriteTransaction,
 };
-use virtual_llm_core::SessionId;
+use virtual_llm_core::{ReplicaId, SessionId};
 
 use crate::codec::StoredRow;
 use crate::error::Error;
-use crate::schema::{BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY};
+use crate::schema::{BY_REPLICA, BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY};
 
 /// The tables of a write transaction.
 pub(crate) struct WriteTables<'txn> {
     meta: Table<'txn, &'static str, u64>,
     rows: Table<'txn, &'static str, &'static [u8]>,
     by_session: Table<'txn, (&'static str, &'static str), ()>,
+    by_replica: Table<'txn, (&'static str, &'static str), ()>,
     live: Table<'txn, (u64, &'static str), u64>,
     inactive: Table<'txn, (u64, &'static str), ()>,
 }
@@ -33,6 +34,7 @@ impl<'txn> WriteTables<'txn> {
             meta: txn.open_table(META)?,
             rows: txn.open_table(ROWS)?,
             by_session: txn.open_table(BY_SESSION)?,
+            by_replica: txn.open_table(BY_REPLICA)?,
             live: txn.open_table(LIVE)?,
             inactive: txn.open_table(INACTIVE)?,
         })
@@ -71,6 +73,16 @@ impl<'txn> WriteTables<'txn> {
                 self.by_session.insert((s.as_str(), name), ())?;
             }
         }
+        // Keyed by the replica only: a new epoch on the same replica moves nothing.
+        let old_replica = old.and_then(StoredRow::replica);
+        if old_replica != new.replica() {
+            if let Some(r) = old_replica {
+                self.by_replica.remove((r.as_str(), name))?;
+            }
+            if let Some(r) = new.replica() {
+                self.by_replica.insert((r.as_str(), name), ())?;
+            }
+        }
         let old_live = old.and_then(|o| Some((o.live_key()?, o.stamp())));
         let new_live = new.live_key().map(|k| (k, new.stamp()));
         if old_live != new_live {
@@ -100,6 +112,9 @@ impl<'txn> WriteTables<'txn> {
         if let Some(s) = old.session() {
             self.by_session.remove((s.as_str(), name))?;
         }
+        if let Some(r) = old.replica() {
+            self.by_replica.remove((r.as_str(), name))?;
+        }
         if let Some(t) = old.live_key() {
             self.live.remove((t, name))?;
         }
@@ -119,6 +134,7 @@ pub(crate) struct ReadTables<'txn> {
     txn: &'txn ReadTransaction,
     rows: OnceCell<ReadOnlyTable<&'static str, &'static [u8]>>,
     by_session: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
+    by_replica: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
     live: OnceCell<ReadOnlyTable<(u64, &'static str), u64>>,
     inactive: OnceCell<ReadOnlyTable<(u64, &'static str), ()>>,
 }
@@ -150,6 +166,7 @@ impl<'txn> ReadTables<'txn> {
             txn,
             rows: OnceCell::new(),
             by_session: OnceCell::new(),
+            by_replica: OnceCell::new(),
             live: OnceCell::new(),
             inactive: OnceCell::new(),
         }
@@ -161,6 +178,10 @@ impl<'txn> ReadTables<'txn> {
 
     fn by_session_index(&self) -> Result<&ReadOnlyTable<(&'static str, &'static str), ()>, Error> {
         opened(self.txn, &self.by_session, BY_SESSION)
+    }
+
+    fn by_replica_index(&self) -> Result<&ReadOnlyTable<(&'static str, &'static str), ()>, Error> {
+        opened(self.txn, &self.by_replica, BY_REPLICA)
     }
 
     fn live(&self) -> Result<&ReadOnlyTable<(u64, &'static str), u64>, Error> {
@@ -212,14 +233,37 @@ impl<'txn> ReadTables<'txn> {
 
     /// The rows bound to `session`, ordered by name.
     pub(crate) fn by_session(&self, session: &SessionId) -> Result<Vec<StoredRow>, Error> {
+        self.rows_under(
+            self.by_session_index()?,
+            "rows_by_session",
+            session.as_str(),
+        )
+    }
+
+    /// The rows whose binding names `replica`, ordered by name.
+    pub(crate) fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<StoredRow>, Error> {
+        self.rows_under(
+            self.by_replica_index()?,
+            "rows_by_replica",
+            replica.as_str(),
+        )
+    }
+
+    /// The rows an index keyed `(key, name)` holds under `key`, ordered by name.
+    fn rows_under(
+        &self,
+        index: &ReadOnlyTable<(&'static str, &'static str), ()>,
+        index_name: &str,
+        key: &str,
+    ) -> Result<Vec<StoredRow>, Error> {
         let mut out = Vec::new();
-        for entry in self.by_session_index()?.range((session.as_str(), "")..)? {
+        for entry in index.range((key, "")..)? {
             let (k, ()) = entry.map(|(k, v)| (k, v.value()))?;
-            let (s, name) = k.value();
-            if s != session.as_str() {
+            let (at, name) = k.value();
+            if at != key {
                 break;
             }
-            out.push(self.indexed_row("rows_by_session", name)?);
+            out.push(self.indexed_row(index_name, name)?);
         }
         Ok(out)
     }
@@ -258,6 +302,11 @@ impl<'txn> ReadTables<'txn> {
             let (s, n) = k.value();
             contents.by_session.push((s.to_owned(), n.to_owned()));
         }
+        for entry in self.by_replica_index()?.iter()? {
+            let (k, _) = entry?;
+            let (r, n) = k.value();
+            contents.by_replica.push((r.to_owned(), n.to_owned()));
+        }
         for entry in self.live()?.iter()? {
             let (k, v) = entry?;
             let (t, n) = k.value();
@@ -276,6 +325,7 @@ impl<'txn> ReadTables<'txn> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct IndexContents {
     pub(crate) by_session: Vec<(String, String)>,
+    pub(crate) by_replica: Vec<(String, String)>,
     pub(crate) live: Vec<(u64, String, u64)>,
     pub(crate) inactive: Vec<(u64, String)>,
 }
@@ -289,6 +339,9 @@ impl IndexContents {
             if let Some(s) = r.session() {
                 c.by_session.push((s.as_str().to_owned(), name.clone()));
             }
+            if let Some(r) = r.replica() {
+                c.by_replica.push((r.as_str().to_owned(), name.clone()));
+            }
             if let Some(t) = r.live_key() {
                 c.live.push((t, name.clone(), r.stamp()));
             }
@@ -297,6 +350,7 @@ impl IndexContents {
             }
         }
         c.by_session.sort();
+        c.by_replica.sort();
         c.live.sort();
         c.inactive.sort();
         c

@@ -22,19 +22,23 @@
 //! ones' writes, exactly as if each had been committed alone in that order. The group
 //! commits once, and only then is each caller answered, so an `Ok` is durable. An engine
 //! error anywhere (applying any batch, or the commit) aborts the transaction, and every
-//! batch of the group gets that error: nothing of the group was written.
+//! batch of the group gets that error: nothing of the group was written; it is logged
+//! as a warning. A group that finds the store closed (it queued while `close` ran) is
+//! refused with the closed error, as a batch sent after `close` is, and logged only at
+//! debug level: a clean shutdown is not a failure.
 //!
 //! The thread holds the state shared for the whole group, so a heartbeat flush, the
 //! integrity check or `close` never runs in the middle of one (nor needs to: redb
 //! would make it wait for the write transaction anyway). It holds the store weakly, so
 //! that the store is not kept alive by its own writer, and it ends when the channel
-//! closes: on `close`, or when the store is dropped.
+//! closes: on `close`, or when the store handle, which holds the [`Writer`], is
+//! dropped.
 
 use std::any::Any;
 use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::{Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 
 use redb::WriteTransaction;
 use tokio::sync::oneshot;
@@ -42,7 +46,7 @@ use virtual_llm_core::{LlmRecord, StoreError, Write};
 
 use crate::codec::StoredRow;
 use crate::error::Error;
-use crate::store::{Inner, lock};
+use crate::shared::{Inner, lock};
 use crate::tables::WriteTables;
 
 /// One batch for the writer, and where its answer goes.
@@ -66,11 +70,13 @@ enum Reply {
 /// the whole group.
 type GroupOutcome = Result<Vec<Result<Vec<LlmRecord>, Error>>, Error>;
 
-/// The store's end of the channel to the writer thread.
+/// The store's end of the channel to the writer thread. Clones share it: stopping
+/// one stops them all.
+#[derive(Clone)]
 pub(crate) struct Writer {
     /// `None` once the store is closed: the thread ends when this, the only sender,
     /// is dropped, after answering what is already queued.
-    requests: Mutex<Option<Sender<Request>>>,
+    requests: Arc<Mutex<Option<Sender<Request>>>>,
 }
 
 /// A writer and the receiving end for [`spawn`]: the store is built around the
@@ -78,7 +84,7 @@ pub(crate) struct Writer {
 pub(crate) fn channel() -> (Writer, Receiver<Request>) {
     let (tx, rx) = mpsc::channel();
     let writer = Writer {
-        requests: Mutex::new(Some(tx)),
+        requests: Arc::new(Mutex::new(Some(tx))),
     };
     (writer, rx)
 }
@@ -115,23 +121,27 @@ impl Writer {
         // The thread ends only once this sender is dropped, unless it died.
         requests.send(request).map_err(|_| Error::WriterStopped)
     }
-}
 
-/// Hands `batch` to `inner`'s writer thread and waits for its answer.
-///
-/// If the caller stops waiting, the batch may still be committed: it was queued.
-pub(crate) async fn write(inner: &Inner, batch: Vec<Write>) -> Result<Vec<LlmRecord>, StoreError> {
-    let (reply, answer) = oneshot::channel();
-    let waiting = &inner.counters.waiting;
-    waiting.fetch_add(1, Ordering::Relaxed);
-    if let Err(e) = inner.writer.send(Request { batch, reply }) {
-        waiting.fetch_sub(1, Ordering::Relaxed);
-        return Err(e.into());
-    }
-    match answer.await {
-        Ok(Reply::Done(result)) => result.map_err(StoreError::from),
-        Ok(Reply::Panicked(message)) => panic::resume_unwind(Box::new(message)),
-        Err(_) => Err(Error::WriterStopped.into()),
+    /// Hands `batch` to the writer thread of `inner` and waits for its answer.
+    ///
+    /// If the caller stops waiting, the batch may still be committed: it was queued.
+    pub(crate) async fn write(
+        &self,
+        inner: &Inner,
+        batch: Vec<Write>,
+    ) -> Result<Vec<LlmRecord>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let waiting = &inner.counters.waiting;
+        waiting.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.send(Request { batch, reply }) {
+            waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(e.into());
+        }
+        match answer.await {
+            Ok(Reply::Done(result)) => result.map_err(StoreError::from),
+            Ok(Reply::Panicked(message)) => panic::resume_unwind(Box::new(message)),
+            Err(_) => Err(Error::WriterStopped.into()),
+        }
     }
 }
 
@@ -158,7 +168,14 @@ fn run(store: &Weak<Inner>, requests: &Receiver<Request>, max_group: usize) {
                 }
             }
             Ok(Err(e)) => {
-                tracing::warn!(error = %e, batches = answered, "a group commit failed; none of its batches was written");
+                if matches!(e, Error::Closed) {
+                    // Not a failure: the store was closed while these waited (a clean
+                    // shutdown with requests still arriving). Each caller gets the
+                    // closed error, as a batch sent after close does.
+                    tracing::debug!(error = %e, batches = answered, "the store was closed before a group was committed; its batches are refused");
+                } else {
+                    tracing::warn!(error = %e, batches = answered, "a group commit failed; none of its batches was written");
+                }
                 for reply in replies {
                     let _ = reply.send(Reply::Done(Err(e.clone())));
                 }
@@ -171,8 +188,8 @@ fn run(store: &Weak<Inner>, requests: &Receiver<Request>, max_group: usize) {
                 }
             }
         }
-        // This may be the last reference: the store is then closed and dropped here,
-        // which drops the sender and ends the loop.
+        // This may be the last reference (the store handle, and with it the sender, is
+        // gone): the state is then closed and dropped here, and the loop ends.
         drop(inner);
     }
 }
@@ -313,7 +330,8 @@ mod tests {
     use virtual_llm_core::testkit::record;
     use virtual_llm_core::{LlmName, LlmRecord, Store, StoreError, Write};
 
-    use crate::testing::{FailingBackend, INJECTED, hold, poll_once};
+    use crate::error::Error;
+    use crate::testing::{FailingBackend, INJECTED, Logged, hold, logged, poll_once};
     use crate::{RedbOptions, RedbStore};
 
     fn insert(name: &str) -> Write {
@@ -340,6 +358,11 @@ mod tests {
             next = e.source();
         }
         out
+    }
+
+    /// Whether `l` is the writer's, at `level`.
+    fn is_writer(l: &Logged, level: tracing::Level) -> bool {
+        l.level == level && l.target == "virtual_llm_redb::writer"
     }
 
     async fn open(dir: &tempfile::TempDir, options: RedbOptions) -> RedbStore {
@@ -491,7 +514,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn batches_that_find_the_store_closed_are_refused_as_closed_without_a_warning() {
+        logged(); // records from here on
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir, RedbOptions::default()).await;
+        store.write(vec![insert("before")]).await.unwrap();
+        let held = hold(&store);
+        // Queued while close holds the state, as writes arriving during a clean
+        // shutdown are; the writer thread takes them and waits for the state.
+        let mut writes: Vec<_> = (0..3)
+            .map(|i| store.write(vec![insert(&format!("late-{i}"))]))
+            .collect();
+        for w in &mut writes {
+            assert!(poll_once(w).await.is_pending());
+        }
+        held.close_and_release();
+        let closed = Error::Closed.to_string();
+        for w in writes {
+            let err = w.await.expect_err("closed");
+            assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+            assert!(chain(&err).ends_with(&closed), "{}", chain(&err));
+        }
+        let logs = logged();
+        let about_closed = |level| {
+            logs.iter()
+                .any(|l| is_writer(l, level) && l.fields.contains(&closed))
+        };
+        assert!(
+            !about_closed(tracing::Level::WARN),
+            "a refusal, not a failure"
+        );
+        assert!(
+            about_closed(tracing::Level::DEBUG),
+            "still traced, at debug"
+        );
+        // And once close has stopped the writer, a batch is refused before it queues.
+        store.close().await.unwrap();
+        let err = store.write(vec![insert("after")]).await.unwrap_err();
+        assert!(chain(&err).ends_with(&closed), "{}", chain(&err));
+    }
+
+    #[tokio::test]
     async fn a_failed_commit_fails_every_batch_of_its_group_and_writes_none() {
+        logged(); // records from here on
         let backend = FailingBackend::default();
         let options = RedbOptions::default();
         let store = RedbStore::on_database(backend.open(), &options).unwrap();
@@ -513,6 +578,12 @@ mod tests {
             // all five were in the group that failed.
             assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
         }
+        assert!(
+            logged().iter().any(|l| is_writer(l, tracing::Level::WARN)
+                && l.fields.contains(INJECTED)
+                && l.fields.contains("batches=5")),
+            "an engine failure is a warning"
+        );
         let after = store.stats();
         assert_eq!(
             (after.commits, after.batches),

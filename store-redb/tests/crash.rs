@@ -196,6 +196,14 @@ async fn verify(path: &Path, round: u64) -> usize {
                     .all(|b| b.provider_session_id.as_ref() == Some(s))
             );
         }
+        if let Some(binding) = &r.binding {
+            let bound = store.bound_to(&binding.replica).await.unwrap();
+            assert!(
+                bound.iter().any(|b| b == r),
+                "round {round}: {} missing from its replica",
+                r.name
+            );
+        }
     }
     // A gateway starts over the file, and no virtual row reads active before a bind.
     let gw = Gateway::builder(store.clone()).start().await.unwrap();

@@ -157,10 +157,14 @@ async fn a_closed_store_refuses_calls_and_closes_twice() {
     store.close().await.unwrap();
     let err = store.list().await.expect_err("closed");
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    // A write after close is refused with the closed error (not a failed commit).
     let err = store
         .write(vec![Write::Insert(record("row"))])
         .await
         .expect_err("closed");
-    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    let StoreError::Unavailable { source } = &err else {
+        panic!("expected Unavailable, got {err:?}");
+    };
+    assert_eq!(source.to_string(), "the redb store is closed");
     assert!(store.touch(&[name("row")], at(1)).await.is_err());
 }

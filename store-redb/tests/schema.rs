@@ -1,6 +1,7 @@
-//! What the store refuses to open: a registry of an unknown schema version, a redb
-//! file that is not a registry, a file that is not redb; and what it reports for a
-//! torn row or an index that disagrees with the rows.
+//! What the store refuses to open: a registry of an unknown schema version (a future
+//! one included), a redb file that is not a registry, a file that is not redb; how it
+//! upgrades a version-1 file that holds a bound row; and what it reports for a torn
+//! row or an index that disagrees with the rows.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
@@ -8,12 +9,22 @@ mod common;
 
 use common::{TempStore, name};
 use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
-use virtual_llm_core::{Store, StoreError};
+use virtual_llm_core::testkit::record;
+use virtual_llm_core::{ChannelBinding, ReplicaId, Store, StoreError, Write};
 use virtual_llm_redb::{RedbStore, SCHEMA_VERSION};
 
 const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
 const ROWS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("rows");
 const LIVE: TableDefinition<'static, (u64, &str), u64> = TableDefinition::new("live_by_heartbeat");
+const BY_REPLICA: TableDefinition<'static, (&str, &str), ()> =
+    TableDefinition::new("rows_by_replica");
+
+fn version_of(path: &std::path::Path) -> Option<u64> {
+    let db = Database::open(path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    meta.get("schema_version").unwrap().map(|v| v.value())
+}
 
 fn set_version(path: &std::path::Path, version: u64) {
     let db = Database::open(path).unwrap();
@@ -37,7 +48,7 @@ async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
     };
     assert!(
         message.contains(&format!("schema version {}", SCHEMA_VERSION + 98))
-            && message.contains(&format!("reads only version {SCHEMA_VERSION}"))
+            && message.contains(&format!("reads version {SCHEMA_VERSION}"))
             && message.contains("newer"),
         "the message names both versions: {message}"
     );
@@ -46,6 +57,24 @@ async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
     let store = RedbStore::open(file.path()).await.unwrap();
     assert!(store.get(&name("row")).await.unwrap().is_some());
     store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_next_schema_version_is_refused_and_the_file_left_alone() {
+    assert_eq!(SCHEMA_VERSION, 2);
+    let file = TempStore::closed_with_one_row().await;
+    set_version(&file.path(), 3);
+    let err = RedbStore::open(file.path()).await.expect_err("version 3");
+    assert!(
+        matches!(&err, StoreError::Incompatible { message }
+            if message.contains("schema version 3") && message.contains("newer")),
+        "{err:?}"
+    );
+    assert_eq!(
+        version_of(&file.path()),
+        Some(3),
+        "not downgraded, not touched"
+    );
 }
 
 #[tokio::test]
@@ -164,6 +193,80 @@ async fn the_check_reports_an_index_that_disagrees_with_the_rows() {
     // The stale query trusts the index, and refuses an entry without its row.
     let err = store
         .stale_virtuals(virtual_llm_core::Timestamp::MAX)
+        .await
+        .expect_err("dangling index entry");
+    assert!(matches!(err, StoreError::Corrupted { .. }), "{err:?}");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_upgrade_from_version_1_indexes_a_row_that_has_a_binding() {
+    // A v1 build never wrote a binding; the upgrade indexes one anyway. The file is
+    // made a v1 file by hand: the replica index dropped and the version set back.
+    let file = TempStore::new().await;
+    let replica = ReplicaId::parse("gw-1").unwrap();
+    let mut bound = record("bound");
+    bound.binding = Some(ChannelBinding {
+        replica: replica.clone(),
+        epoch: 3,
+    });
+    let written = file
+        .write(vec![Write::Insert(bound), Write::Insert(record("unbound"))])
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    {
+        let db = Database::open(file.path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        assert!(txn.delete_table(BY_REPLICA).unwrap());
+        txn.open_table(META)
+            .unwrap()
+            .insert("schema_version", 1)
+            .unwrap();
+        txn.commit().unwrap();
+    }
+
+    let store = RedbStore::open(file.path()).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade");
+    assert_eq!(store.bound_to(&replica).await.unwrap(), written[..1]);
+    let report = store.check_integrity().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    store.close().await.unwrap();
+    assert_eq!(version_of(&file.path()), Some(SCHEMA_VERSION));
+}
+
+#[tokio::test]
+async fn the_check_reports_a_replica_index_that_disagrees_with_the_rows() {
+    let file = TempStore::new().await;
+    let mut bound = record("bound");
+    bound.binding = Some(ChannelBinding {
+        replica: ReplicaId::parse("gw-1").unwrap(),
+        epoch: 1,
+    });
+    file.write(vec![Write::Insert(bound)]).await.unwrap();
+    file.close().await.unwrap();
+    {
+        let db = Database::open(file.path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut index = txn.open_table(BY_REPLICA).unwrap();
+            assert!(index.remove(("gw-1", "bound")).unwrap().is_some());
+            index.insert(("gw-2", "ghost"), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(file.path()).await.unwrap();
+    let report = store.check_integrity().await.unwrap();
+    let named = |what: &str, row: &str| {
+        report
+            .problems
+            .iter()
+            .any(|p| p.starts_with("rows_by_replica") && p.contains(what) && p.contains(row))
+    };
+    assert!(named("lacks", "\"bound\""), "{report:?}");
+    assert!(named("holds", "\"ghost\""), "{report:?}");
+    let err = store
+        .bound_to(&ReplicaId::parse("gw-2").unwrap())
         .await
         .expect_err("dangling index entry");
     assert!(matches!(err, StoreError::Corrupted { .. }), "{err:?}");

@@ -1,6 +1,6 @@
 //! The writer thread's lifetime: one `redb-writer` thread per open store, gone after
 //! `close`, and gone after a drop without `close` too (it holds its store weakly, so
-//! neither keeps the other alive), with the file released. One test alone in its
+//! neither keeps the other alive), and the file released. One test alone in its
 //! binary, so that no other test's store adds threads to the count. Linux: threads
 //! are counted by name in `/proc/self/task`.
 
@@ -10,7 +10,7 @@
 use std::time::Duration;
 
 use virtual_llm_core::testkit::record;
-use virtual_llm_core::{Store, Write};
+use virtual_llm_core::{Store, StoreError, Write};
 use virtual_llm_redb::RedbStore;
 
 /// The threads of this process named `redb-writer`.
@@ -34,6 +34,22 @@ async fn until_writer_threads(n: usize) {
     panic!("{} writer threads, expected {n}", writer_threads());
 }
 
+/// Opens `path` once the store dropped before has released it: the writer thread ends
+/// with the store handle, the file only after the flusher's last flush, on its own
+/// schedule, so this polls; the bound only turns a leak into a failure.
+async fn open_once_released(path: &std::path::Path) -> RedbStore {
+    for _ in 0..10_000 {
+        match RedbStore::open(path).await {
+            Ok(store) => return store,
+            Err(StoreError::Unavailable { .. }) => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(e) => panic!("opening {}: {e:?}", path.display()),
+        }
+    }
+    panic!("{} is still held", path.display());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writer_thread_ends_with_its_store() {
     let dir = tempfile::tempdir().unwrap();
@@ -53,13 +69,14 @@ async fn the_writer_thread_ends_with_its_store() {
     until_writer_threads(1).await;
     drop(closed);
 
-    // No close: the flusher's last flush drops the store, and the thread goes with it.
+    // No close: the thread goes with the handle, and the flusher's last flush drops
+    // the state and releases the file.
     drop(dropped);
     until_writer_threads(0).await;
 
     // Both files were released and kept their rows.
     for path in [&a, &b] {
-        let store = RedbStore::open(path).await.unwrap();
+        let store = open_once_released(path).await;
         assert_eq!(store.list().await.unwrap().len(), 1);
         store.close().await.unwrap();
     }
