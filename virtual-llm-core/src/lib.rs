@@ -21,6 +21,8 @@
 //!   pump, reconnect), independent of the wire.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
+//! - [`sync`]: taking a `std::sync` lock without spreading a poisoning panic; shared
+//!   with the backends and transports.
 //! - `testkit` (feature `testkit`): the Store conformance suite, a manual clock and a
 //!   fake channel.
 
@@ -48,7 +50,7 @@ mod record;
 mod relay;
 mod reply;
 pub mod store;
-mod sync;
+pub mod sync;
 pub mod task;
 mod time;
 
