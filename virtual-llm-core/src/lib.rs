@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! - [`config`]: every timing and limit, with the defaults of the spec.
-//! - [`error`]: the errors, and the one mapping to HTTP status and OpenAI error bodies.
+//! - [`error`]: the errors, the one mapping to HTTP status and OpenAI error bodies, and
+//!   [`error::bounded`], the one way a message is cut to a length.
 //! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
 //! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
