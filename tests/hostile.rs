@@ -28,6 +28,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+use virtual_llm::error::bounded;
 use virtual_llm::openai::chunk_body;
 use virtual_llm::protocol::TaskFrame;
 use virtual_llm::{
@@ -104,17 +105,16 @@ fn assert_refused(what: &str, a: &Answer, status: u16) {
     assert!(!message.is_empty(), "{what}: an empty message");
     assert!(
         message.len() <= MAX_MESSAGE,
-        "{what}: a {} byte message echoes the input: {}…",
+        "{what}: a {} byte message echoes the input: {}",
         message.len(),
-        &message[..200]
+        bounded(message, 200)
     );
     assert_eq!(error["type"], "invalid_request_error", "{what}: {}", a.body);
     assert!(error["code"].is_string(), "{what}: {}", a.body);
 }
 
 fn short(v: &Value) -> String {
-    let text = v.to_string();
-    text.chars().take(300).collect()
+    bounded(v.to_string(), 300)
 }
 
 /// Everything a refusal must leave alone.
