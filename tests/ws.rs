@@ -464,17 +464,19 @@ async fn credits_follow_the_client_and_a_publisher_past_its_credit_is_cut_off() 
 /// counts as a missed pong: the socket is closed, the session unbinds, and the tasks
 /// waiting on it fail with 503 rather than wait for their deadlines.
 ///
-/// Real time with a 500 ms keep-alive: the socket must be full before the first ping
-/// is due (it fills in milliseconds), and paused time would jump to that ping while
-/// the requests are still on their way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Real time until the socket is full (it fills in milliseconds: the channel then
+/// refuses a task at once), then paused time, so that the keep-alive periods pass
+/// without waiting. (Paused from the start, time would jump to the first ping while
+/// the requests are still on their way, before the socket is full.)
+#[tokio::test]
 async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() {
     use conformance::harness::WsTransport;
     use conformance::raw::RawTransport;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let gw = TestGateway::start(Config {
         channel_buffer: 4,
-        keepalive: Duration::from_millis(500),
-        task_deadline: Duration::from_secs(10),
+        keepalive: Duration::from_secs(5),
+        task_deadline: Duration::from_secs(60),
         ..Config::default()
     })
     .await;
@@ -485,19 +487,28 @@ async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() 
     // Sixteen megabytes in all: more than the socket buffers on the way can take
     // (the kernel grows the gateway's send buffer up to a few megabytes).
     let big = "y".repeat(400 * 1024);
+    let refused = Arc::new(AtomicUsize::new(0));
     let requests: Vec<_> = (0..40)
         .map(|_| {
-            let (gw, big) = (gw.clone(), big.clone());
+            let (gw, big, refused) = (gw.clone(), big.clone(), refused.clone());
             tokio::spawn(async move {
                 let body =
                     json!({"model": "stuck", "messages": [{"role": "user", "content": big}]});
                 let response = gw.post_chat("client", body).await;
                 let status = response.status().as_u16();
+                if status == 503 {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                }
                 let body: Value = response.json().await.unwrap();
                 (status, body["error"]["code"].as_str().unwrap().to_owned())
             })
         })
         .collect();
+    eventually("the full channel refuses a task", || async {
+        refused.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    tokio::time::pause();
     let started = tokio::time::Instant::now();
     for r in requests {
         let (status, code) = r.await.unwrap();
