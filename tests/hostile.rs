@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use conformance::harness::{Gated, TestGateway, Transport, eventually, token};
+use conformance::socket::{auth, next, send, socket};
 use eventsource_stream::Eventsource;
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
@@ -25,7 +26,6 @@ use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use virtual_llm::error::bounded;
@@ -53,10 +53,6 @@ fn http() -> reqwest::Client {
 
 fn base(gw: &TestGateway) -> String {
     format!("{}{}", gw.url, gw.gateway.config().base_path)
-}
-
-fn auth(who: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("Bearer {}", token(who))).unwrap()
 }
 
 /// A refusal's status and JSON body.
@@ -883,35 +879,6 @@ async fn a_task_frame_over_the_limit_is_413_and_the_publisher_stays_ws() {
 // ---------------------------------------------------------------------------------
 // WebSocket frames.
 // ---------------------------------------------------------------------------------
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn socket(gw: &TestGateway, who: &str) -> Socket {
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert("authorization", auth(who));
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
-async fn send(socket: &mut Socket, frame: Value) {
-    socket.send(Message::text(frame.to_string())).await.unwrap();
-}
-
-/// The next text frame as JSON; `None` once the socket closed.
-async fn next(socket: &mut Socket) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
 
 fn register_frame(session: Option<&str>, name: &str) -> Value {
     json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})

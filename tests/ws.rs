@@ -9,8 +9,9 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::harness::{TestGateway, Transport, eventually, token};
-use futures::{SinkExt, StreamExt};
+use conformance::harness::{TestGateway, Transport, eventually};
+use conformance::socket::{Socket, auth, next, send, socket, ws_url};
+use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,39 +27,6 @@ impl Transport for Ws {
 }
 
 conformance_tests!(Ws);
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A raw socket to the gateway, as `who`.
-async fn socket(gw: &TestGateway, who: &str) -> Socket {
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(who)).parse().unwrap(),
-    );
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
-async fn send(socket: &mut Socket, frame: Value) {
-    socket.send(Message::text(frame.to_string())).await.unwrap();
-}
-
-/// The next text frame as JSON; `None` once the socket closed.
-async fn next(socket: &mut Socket) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
 
 fn register(session: Option<&str>, name: &str) -> Value {
     json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})
@@ -162,12 +130,7 @@ async fn a_refused_register_gets_a_refused_frame() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_is_401_before_any_upgrade() {
     let gw = TestGateway::start(Config::default()).await;
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
+    let mut request = ws_url(&gw).into_client_request().unwrap();
     request
         .headers_mut()
         .insert("authorization", "Bearer wrong".parse().unwrap());
@@ -178,17 +141,8 @@ async fn a_bad_token_is_401_before_any_upgrade() {
         other => panic!("expected a 401, got {:?}", other.map(|_| ())),
     }
     let mut client = tokio_tungstenite::connect_async({
-        let mut r = format!(
-            "{}{}/_provider-ws",
-            gw.url.replace("http://", "ws://"),
-            gw.gateway.config().base_path
-        )
-        .into_client_request()
-        .unwrap();
-        r.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", token("client")).parse().unwrap(),
-        );
+        let mut r = ws_url(&gw).into_client_request().unwrap();
+        r.headers_mut().insert("authorization", auth("client"));
         r
     })
     .await;
@@ -349,17 +303,9 @@ async fn a_publisher_that_has_its_registered_frame_is_already_reachable() {
 /// A raw socket to the gateway, as `who`, asking for per-task flow control; the
 /// window the gateway granted, if any.
 async fn socket_with_credits(gw: &TestGateway, who: &str) -> (Socket, Option<usize>) {
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
+    let mut request = ws_url(gw).into_client_request().unwrap();
     let headers = request.headers_mut();
-    headers.insert(
-        "authorization",
-        format!("Bearer {}", token(who)).parse().unwrap(),
-    );
+    headers.insert("authorization", auth(who));
     headers.insert(virtual_llm::ws::CREDITS_HEADER, "1".parse().unwrap());
     let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     let window = response
