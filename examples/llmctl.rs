@@ -35,6 +35,7 @@ use rustyline::error::ReadlineError;
 use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
+use virtual_llm::error::bounded;
 use virtual_llm::protocol::ErrorBody;
 use virtual_llm::{LlmName, LlmStatus, LlmView};
 
@@ -266,13 +267,7 @@ impl Client {
         match body {
             Ok(body) => Failure(body.error.message),
             Err(_) => {
-                let snippet: String = text
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .chars()
-                    .take(200)
-                    .collect();
+                let snippet = bounded(text.lines().next().unwrap_or(""), 200);
                 if snippet.trim().is_empty() {
                     Failure(format!("the gateway answered {status}"))
                 } else {

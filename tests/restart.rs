@@ -12,6 +12,7 @@ mod binary;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use binary::{GatewayProcess, free_addr, ready, row, temp_dir};
@@ -172,8 +173,14 @@ impl Tally {
 }
 
 /// One client's requests, in a loop until `stop`: streaming and not, to each publisher
-/// in turn. Every answer must be the right echo.
-async fn client_load(url: String, names: Vec<String>, stop: watch::Receiver<bool>) -> Tally {
+/// in turn. Every answer must be the right echo, and is counted in `answers` as well,
+/// shared by the clients so that the test can wait for them.
+async fn client_load(
+    url: String,
+    names: Vec<String>,
+    stop: watch::Receiver<bool>,
+    answers: Arc<AtomicUsize>,
+) -> Tally {
     let http = reqwest::Client::builder()
         .tcp_nodelay(true)
         .timeout(Duration::from_secs(10))
@@ -205,6 +212,7 @@ async fn client_load(url: String, names: Vec<String>, stop: watch::Receiver<bool
                 if stream && done {
                     assert_eq!(sse_text(&body), text, "{body}");
                     tally.answered += 1;
+                    answers.fetch_add(1, Ordering::SeqCst);
                 } else if stream {
                     // Cut off by the kill midway: an error event or a torn body.
                     tally.broken += 1;
@@ -212,6 +220,7 @@ async fn client_load(url: String, names: Vec<String>, stop: watch::Receiver<bool
                     let body: Value = serde_json::from_slice(&bytes).unwrap();
                     assert_eq!(body["choices"][0]["message"]["content"], text);
                     tally.answered += 1;
+                    answers.fetch_add(1, Ordering::SeqCst);
                 }
             }
             Ok(_) => tally.refused += 1,
@@ -224,6 +233,26 @@ async fn client_load(url: String, names: Vec<String>, stop: watch::Receiver<bool
         }
     }
     tally
+}
+
+/// Waits until the clients have had `n` answers: a load measured in requests served,
+/// not in milliseconds, which a busy machine would fill with fewer. At most 30 s (a
+/// hang guard); then the caller's assertions on the tallies say what went wrong.
+async fn until_answered(answers: &AtomicUsize, n: usize) {
+    let waiting = async {
+        while answers.load(Ordering::SeqCst) < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), waiting)
+        .await
+        .is_err()
+    {
+        eprintln!(
+            "only {} of {n} answers after 30 s",
+            answers.load(Ordering::SeqCst)
+        );
+    }
 }
 
 /// The data of an event-stream `data:` line.
@@ -318,13 +347,18 @@ async fn survives_sigkill_under_load(make_wire: fn(&str) -> Arc<dyn Wire>) {
     }
 
     let (stop, stopped) = watch::channel(false);
+    let answers = Arc::new(AtomicUsize::new(0));
     let clients: Vec<_> = (0..CLIENTS)
-        .map(|_| tokio::spawn(client_load(url.clone(), names.clone(), stopped.clone())))
+        .map(|_| {
+            let load = client_load(url.clone(), names.clone(), stopped.clone(), answers.clone());
+            tokio::spawn(load)
+        })
         .collect();
     let registers = tokio::spawn(register_load(url.clone(), stopped.clone()));
-    // Let the load run, then kill the gateway in the middle of it.
+    // Let the load run (a few answers a client), then kill the gateway in the middle of
+    // it.
     let before_kill = Instant::now();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    until_answered(&answers, CLIENTS * 3).await;
     gateway.sigkill();
     let killed = Instant::now();
     eprintln!("killed after {:?} of load", killed - before_kill);
@@ -388,8 +422,15 @@ async fn survives_sigkill_under_load(make_wire: fn(&str) -> Arc<dyn Wire>) {
         );
     }
     let (stop, stopped) = watch::channel(false);
-    let client = tokio::spawn(client_load(url.clone(), names.clone(), stopped));
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let answers = Arc::new(AtomicUsize::new(0));
+    let client = tokio::spawn(client_load(
+        url.clone(),
+        names.clone(),
+        stopped,
+        answers.clone(),
+    ));
+    // A round of requests to every publisher, however long that takes.
+    until_answered(&answers, 2 * names.len()).await;
     stop.send_replace(true);
     let after = client.await.unwrap();
     assert!(

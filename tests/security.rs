@@ -16,10 +16,9 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use conformance::harness::{Gated, TestGateway, Transport, eventually, token};
-use futures::{SinkExt, StreamExt};
+use conformance::socket::{auth, next, send, socket, ws_url};
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
-use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use virtual_llm::protocol::{TaskFrame, TaskResult};
 use virtual_llm::{Config, EchoProvider, Error, LlmRecord, Provider, Reply, SessionId, TaskId};
@@ -40,10 +39,6 @@ fn http() -> reqwest::Client {
 
 fn base(gw: &TestGateway) -> String {
     format!("{}{}", gw.url, gw.gateway.config().base_path)
-}
-
-fn auth(who: &str) -> HeaderValue {
-    HeaderValue::from_str(&format!("Bearer {}", token(who))).unwrap()
 }
 
 /// A status, the response headers and the JSON body of a refusal.
@@ -129,24 +124,6 @@ fn register_body(session: Option<&str>, names: &[&str]) -> Value {
     }
 }
 
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn ws_url(gw: &TestGateway) -> String {
-    format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    )
-}
-
-/// A raw socket to the gateway, as `who`.
-async fn socket(gw: &TestGateway, who: &str) -> Socket {
-    let mut request = ws_url(gw).into_client_request().unwrap();
-    request.headers_mut().insert("authorization", auth(who));
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
 /// The refusal of a WebSocket upgrade with this `Authorization` header (or none).
 async fn ws_refusal(gw: &TestGateway, authorization: Option<HeaderValue>) -> Answer {
     let mut request = ws_url(gw).into_client_request().unwrap();
@@ -171,21 +148,6 @@ async fn ws_refusal(gw: &TestGateway, authorization: Option<HeaderValue>) -> Ans
             }
         }
         other => panic!("expected a refused upgrade, got {:?}", other.map(|_| ())),
-    }
-}
-
-async fn send(socket: &mut Socket, frame: Value) {
-    socket.send(Message::text(frame.to_string())).await.unwrap();
-}
-
-/// The next text frame as JSON; `None` once the socket closed.
-async fn next(socket: &mut Socket) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
     }
 }
 

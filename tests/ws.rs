@@ -9,8 +9,9 @@ mod conformance;
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::harness::{TestGateway, Transport, eventually, token};
-use futures::{SinkExt, StreamExt};
+use conformance::harness::{TestGateway, Transport, eventually};
+use conformance::socket::{Socket, auth, next, send, socket, ws_url};
+use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -26,39 +27,6 @@ impl Transport for Ws {
 }
 
 conformance_tests!(Ws);
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// A raw socket to the gateway, as `who`.
-async fn socket(gw: &TestGateway, who: &str) -> Socket {
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
-    request.headers_mut().insert(
-        "authorization",
-        format!("Bearer {}", token(who)).parse().unwrap(),
-    );
-    tokio_tungstenite::connect_async(request).await.unwrap().0
-}
-
-async fn send(socket: &mut Socket, frame: Value) {
-    socket.send(Message::text(frame.to_string())).await.unwrap();
-}
-
-/// The next text frame as JSON; `None` once the socket closed.
-async fn next(socket: &mut Socket) -> Option<Value> {
-    loop {
-        match socket.next().await? {
-            Ok(Message::Text(text)) => return Some(serde_json::from_str(&text).unwrap()),
-            Ok(Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
-        }
-    }
-}
 
 fn register(session: Option<&str>, name: &str) -> Value {
     json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})
@@ -162,12 +130,7 @@ async fn a_refused_register_gets_a_refused_frame() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_token_is_401_before_any_upgrade() {
     let gw = TestGateway::start(Config::default()).await;
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
+    let mut request = ws_url(&gw).into_client_request().unwrap();
     request
         .headers_mut()
         .insert("authorization", "Bearer wrong".parse().unwrap());
@@ -178,17 +141,8 @@ async fn a_bad_token_is_401_before_any_upgrade() {
         other => panic!("expected a 401, got {:?}", other.map(|_| ())),
     }
     let mut client = tokio_tungstenite::connect_async({
-        let mut r = format!(
-            "{}{}/_provider-ws",
-            gw.url.replace("http://", "ws://"),
-            gw.gateway.config().base_path
-        )
-        .into_client_request()
-        .unwrap();
-        r.headers_mut().insert(
-            "authorization",
-            format!("Bearer {}", token("client")).parse().unwrap(),
-        );
+        let mut r = ws_url(&gw).into_client_request().unwrap();
+        r.headers_mut().insert("authorization", auth("client"));
         r
     })
     .await;
@@ -355,17 +309,9 @@ async fn a_publisher_that_has_its_registered_frame_is_already_reachable() {
 /// A raw socket to the gateway, as `who`, asking for per-task flow control; the
 /// window the gateway granted, if any.
 async fn socket_with_credits(gw: &TestGateway, who: &str) -> (Socket, Option<usize>) {
-    let url = format!(
-        "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
-        gw.gateway.config().base_path
-    );
-    let mut request = url.into_client_request().unwrap();
+    let mut request = ws_url(gw).into_client_request().unwrap();
     let headers = request.headers_mut();
-    headers.insert(
-        "authorization",
-        format!("Bearer {}", token(who)).parse().unwrap(),
-    );
+    headers.insert("authorization", auth(who));
     headers.insert(virtual_llm::ws::CREDITS_HEADER, "1".parse().unwrap());
     let (socket, response) = tokio_tungstenite::connect_async(request).await.unwrap();
     let window = response
@@ -470,17 +416,19 @@ async fn credits_follow_the_client_and_a_publisher_past_its_credit_is_cut_off() 
 /// counts as a missed pong: the socket is closed, the session unbinds, and the tasks
 /// waiting on it fail with 503 rather than wait for their deadlines.
 ///
-/// Real time with a 500 ms keep-alive: the socket must be full before the first ping
-/// is due (it fills in milliseconds), and paused time would jump to that ping while
-/// the requests are still on their way.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// Real time until the socket is full (it fills in milliseconds: the channel then
+/// refuses a task at once), then paused time, so that the keep-alive periods pass
+/// without waiting. (Paused from the start, time would jump to the first ping while
+/// the requests are still on their way, before the socket is full.)
+#[tokio::test]
 async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() {
     use conformance::harness::WsTransport;
     use conformance::raw::RawTransport;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let gw = TestGateway::start(Config {
         channel_buffer: 4,
-        keepalive: Duration::from_millis(500),
-        task_deadline: Duration::from_secs(10),
+        keepalive: Duration::from_secs(5),
+        task_deadline: Duration::from_secs(60),
         ..Config::default()
     })
     .await;
@@ -491,19 +439,28 @@ async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() 
     // Sixteen megabytes in all: more than the socket buffers on the way can take
     // (the kernel grows the gateway's send buffer up to a few megabytes).
     let big = "y".repeat(400 * 1024);
+    let refused = Arc::new(AtomicUsize::new(0));
     let requests: Vec<_> = (0..40)
         .map(|_| {
-            let (gw, big) = (gw.clone(), big.clone());
+            let (gw, big, refused) = (gw.clone(), big.clone(), refused.clone());
             tokio::spawn(async move {
                 let body =
                     json!({"model": "stuck", "messages": [{"role": "user", "content": big}]});
                 let response = gw.post_chat("client", body).await;
                 let status = response.status().as_u16();
+                if status == 503 {
+                    refused.fetch_add(1, Ordering::SeqCst);
+                }
                 let body: Value = response.json().await.unwrap();
                 (status, body["error"]["code"].as_str().unwrap().to_owned())
             })
         })
         .collect();
+    eventually("the full channel refuses a task", || async {
+        refused.load(Ordering::SeqCst) > 0
+    })
+    .await;
+    tokio::time::pause();
     let started = tokio::time::Instant::now();
     for r in requests {
         let (status, code) = r.await.unwrap();

@@ -9,6 +9,7 @@
 
 pub mod harness;
 pub mod raw;
+pub mod socket;
 
 use harness::*;
 use serde_json::{Value, json};

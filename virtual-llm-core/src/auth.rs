@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 
 use async_trait::async_trait;
+use subtle::ConstantTimeEq;
 
 use crate::Error;
 
@@ -127,23 +128,17 @@ impl StaticTokens {
 impl Authenticator for StaticTokens {
     async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error> {
         let token = bearer.ok_or(Error::Unauthenticated)?;
-        // Compare against every token in constant time per byte, so the answer time
-        // does not reveal how much of a guess was right.
+        // Compare against every token, each in constant time (`subtle`), so the answer
+        // time does not reveal how much of a guess was right. (A token of another
+        // length is told apart at once: lengths are not secret.)
         let mut found = None;
         for (known, principal) in &self.tokens {
-            if constant_time_eq(known.as_bytes(), token.as_bytes()) {
+            if bool::from(known.as_bytes().ct_eq(token.as_bytes())) {
                 found = Some(principal);
             }
         }
         found.cloned().ok_or(Error::Unauthenticated)
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[cfg(test)]
@@ -166,6 +161,52 @@ mod tests {
             !format!("{auth:?}").contains("pub-token"),
             "tokens must not be printed"
         );
+    }
+
+    #[tokio::test]
+    async fn only_the_exact_token_matches() {
+        let token = "tok-0123456789abcdef";
+        let auth = StaticTokens::new()
+            .with(token, Principal::new("alice", [Role::Publisher]))
+            .with(
+                "tok-0123456789abcdeg",
+                Principal::new("bob", [Role::Client]),
+            );
+        assert_eq!(auth.authenticate(Some(token)).await.unwrap().id, "alice");
+        let mut last_byte_off = token.to_owned();
+        last_byte_off.replace_range(token.len() - 1.., "e");
+        let mut first_byte_off = token.to_owned();
+        first_byte_off.replace_range(..1, "T");
+        for bad in [
+            last_byte_off.as_str(),
+            first_byte_off.as_str(),
+            &token[..token.len() - 1],
+            &format!("{token}f"),
+            &format!("{token}\0"),
+            "tok-0123456789abcdeé",
+        ] {
+            assert_eq!(
+                auth.authenticate(Some(bad)).await.unwrap_err().status(),
+                401,
+                "{bad:?} matched"
+            );
+        }
+        assert_eq!(
+            auth.authenticate(Some("tok-0123456789abcdeg"))
+                .await
+                .unwrap()
+                .id,
+            "bob",
+            "a token one byte from another is its own"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_empty_table_refuses_everyone() {
+        let auth = StaticTokens::new();
+        for bearer in [None, Some(""), Some("anything")] {
+            assert_eq!(auth.authenticate(bearer).await.unwrap_err().status(), 401);
+        }
     }
 
     #[test]

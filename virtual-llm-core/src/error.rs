@@ -326,17 +326,53 @@ const MAX_REQUEST_MESSAGE: usize = 512;
 /// messages are kept up to this length).
 const MAX_MESSAGE: usize = 4096;
 
-/// `message`, or when it is longer than `max` characters, its head and its tail (where
-/// parsers say which line and column) around a marker.
-fn bounded(message: String, max: usize) -> String {
+/// `message` cut to at most `max_chars` characters: the one way virtual-llm bounds a
+/// message that may echo untrusted input (a parser error quoting a megabyte body, a
+/// publisher's error, a bad name, an upstream's answer).
+///
+/// A message of at most `max_chars` characters comes back as it is. A longer one keeps
+/// its head and its tail (where parsers say which line and column) around a marker
+/// saying how many characters were left out, the marker included in the `max_chars`;
+/// when `max_chars` is too small for the marker, only the head is kept. So the result
+/// never has more than `max_chars` characters, is cut at character boundaries, and
+/// bounding it again changes nothing.
+///
+/// # Example
+/// ```
+/// use virtual_llm_core::error::bounded;
+///
+/// assert_eq!(bounded("short", 64), "short");
+/// let long = format!("expected value at line 1 column {}", "9".repeat(1000));
+/// let cut = bounded(long.as_str(), 64);
+/// assert!(cut.chars().count() <= 64);
+/// assert!(cut.starts_with("expected value at line 1"), "{cut}");
+/// assert!(cut.contains("characters]"), "{cut}");
+/// assert_eq!(bounded(cut.as_str(), 64), cut);
+/// assert_eq!(bounded("truncated", 3), "tru");
+/// ```
+pub fn bounded(message: impl Into<String>, max_chars: usize) -> String {
+    let message = message.into();
     let count = message.chars().count();
-    if count <= max {
+    if count <= max_chars {
         return message;
     }
-    let tail_len = max / 4;
-    let head: String = message.chars().take(max - tail_len).collect();
-    let tail: String = message.chars().skip(count - tail_len).collect();
-    format!("{head}…[{} characters]…{tail}", count - max)
+    let marker = |left_out: usize| format!("…[{left_out} characters]…");
+    // The marker names at most `count` characters, so it is at most this long.
+    let marker_len = marker(count).chars().count();
+    let byte_at = |chars: usize| {
+        message
+            .char_indices()
+            .nth(chars)
+            .map_or(message.len(), |(i, _)| i)
+    };
+    let Some(room) = max_chars.checked_sub(marker_len).filter(|&r| r > 0) else {
+        return message[..byte_at(max_chars)].to_owned();
+    };
+    let tail_len = room / 4;
+    let head_len = room - tail_len;
+    let head = &message[..byte_at(head_len)];
+    let tail = &message[byte_at(count - tail_len)..];
+    format!("{head}{}{tail}", marker(count - head_len - tail_len))
 }
 
 #[cfg(test)]
@@ -432,6 +468,48 @@ mod tests {
         let body = upstream.to_body();
         assert!(body.error.message.chars().count() < MAX_MESSAGE + 40);
         assert_eq!(Error::invalid("short").to_string(), "short");
+    }
+
+    #[test]
+    fn bounded_keeps_short_messages_and_cuts_long_ones_to_the_limit() {
+        assert_eq!(bounded("", 0), "");
+        assert_eq!(bounded("exactly", 7), "exactly");
+        for max in [0, 1, 5, 20, 30, 64, 512, 4096] {
+            for count in [max + 1, max + 25, 3 * max + 7, 100_000] {
+                // Multibyte characters: the cuts fall on character boundaries.
+                let message: String = (0..count)
+                    .map(|i| if i % 3 == 0 { 'é' } else { 'x' })
+                    .collect();
+                let cut = bounded(message.as_str(), max);
+                let chars = cut.chars().count();
+                assert!(chars <= max, "{chars} > {max}: {cut}");
+                assert_eq!(bounded(cut.as_str(), max), cut, "bounding twice");
+                if chars > 0 {
+                    assert_eq!(cut.chars().next(), message.chars().next());
+                }
+                if cut.contains("characters]") {
+                    let (head, rest) = cut.split_once('…').unwrap();
+                    let (marker, tail) = rest.split_once('…').unwrap();
+                    let left_out: usize = marker
+                        .trim_start_matches('[')
+                        .trim_end_matches(" characters]")
+                        .parse()
+                        .unwrap();
+                    assert_eq!(
+                        head.chars().count() + left_out + tail.chars().count(),
+                        count,
+                        "the marker counts what was left out: {cut}"
+                    );
+                    assert!(message.starts_with(head) && message.ends_with(tail));
+                    assert!(head.chars().count() >= tail.chars().count());
+                } else {
+                    assert!(
+                        message.starts_with(&cut),
+                        "too short for a marker: the head"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

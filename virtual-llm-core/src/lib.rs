@@ -7,7 +7,8 @@
 //!
 //! # Layout
 //! - [`config`]: every timing and limit, with the defaults of the spec.
-//! - [`error`]: the errors, and the one mapping to HTTP status and OpenAI error bodies.
+//! - [`error`]: the errors, the one mapping to HTTP status and OpenAI error bodies, and
+//!   [`error::bounded`], the one way a message is cut to a length.
 //! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
 //! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
@@ -24,6 +25,8 @@
 //!   pump, reconnect), independent of the wire.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
+//! - [`sync`]: taking a `std::sync` lock without spreading a poisoning panic; shared
+//!   with the backends and transports.
 //! - `testkit` (feature `testkit`): the Store conformance suite, a manual clock and a
 //!   fake channel.
 
@@ -53,7 +56,7 @@ mod relay;
 mod reply;
 mod router;
 pub mod store;
-mod sync;
+pub mod sync;
 pub mod task;
 mod task_router;
 mod time;

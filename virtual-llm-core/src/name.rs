@@ -60,7 +60,7 @@ fn invalid_reason(s: &str) -> Option<&'static str> {
 
 /// Error messages echo a bad name back, but never an unbounded one.
 fn truncate(s: &str) -> String {
-    s.chars().take(MAX_NAME_LEN + 1).collect()
+    crate::error::bounded(s, MAX_NAME_LEN + 1)
 }
 
 impl std::str::FromStr for LlmName {
@@ -119,6 +119,26 @@ mod tests {
         for bad in ["", "_x", "a/b", "a b", "é", "a\nb", &"x".repeat(65), "a%20"] {
             assert!(LlmName::parse(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn a_bad_name_is_echoed_bounded() {
+        let huge = format!("{}/", "x".repeat(100_000));
+        for err in [
+            LlmName::parse(&huge).unwrap_err(),
+            LlmName::try_from(huge.clone()).unwrap_err(),
+        ] {
+            let Error::InvalidName { name, .. } = &err else {
+                panic!("{err:?}")
+            };
+            assert!(name.chars().count() <= MAX_NAME_LEN + 1, "{name}");
+            assert!(name.starts_with('x') && name.ends_with('/'), "{name}");
+        }
+        let long = "y".repeat(MAX_NAME_LEN + 1);
+        let Err(Error::InvalidName { name, .. }) = LlmName::parse(&long) else {
+            panic!("a name one too long is refused")
+        };
+        assert_eq!(name, long, "a name just over the limit is echoed whole");
     }
 
     #[test]

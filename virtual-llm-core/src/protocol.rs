@@ -529,8 +529,11 @@ fn error_message(error: Value) -> String {
         },
         other => other.to_string(),
     };
-    text.chars().take(4096).collect()
+    crate::error::bounded(text, MAX_ERROR_MESSAGE)
 }
+
+/// The longest error message kept from a publisher's result, in characters.
+const MAX_ERROR_MESSAGE: usize = 4096;
 
 impl From<TaskResult> for ResultWire {
     fn from(r: TaskResult) -> Self {
@@ -660,5 +663,16 @@ mod tests {
                 message: "oom".into()
             }
         );
+    }
+
+    #[test]
+    fn a_publishers_huge_error_message_is_bounded() {
+        let huge = format!("{}the cause", "é".repeat(100_000));
+        let json = serde_json::json!({ "error": huge }).to_string();
+        let Ok(TaskResult::Failed { message }) = serde_json::from_str::<TaskResult>(&json) else {
+            panic!("expected a failure")
+        };
+        assert!(message.chars().count() <= MAX_ERROR_MESSAGE);
+        assert!(message.ends_with("the cause"), "the tail is kept");
     }
 }

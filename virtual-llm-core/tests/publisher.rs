@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use common::*;
 use futures::StreamExt;
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::{Notify, Semaphore};
 use virtual_llm_core::protocol::TaskFrame;
 use virtual_llm_core::publisher::PublisherState;
@@ -45,26 +45,6 @@ fn published(names: &[&str], provider: Arc<dyn Provider>) -> Vec<PublishedLlm> {
 fn start(f: &Fixture, llms: Vec<PublishedLlm>, options: PublisherOptions) -> Publisher {
     let wire = Arc::new(LoopbackWire::new(f.gw.clone(), publisher("alice")));
     Publisher::spawn(wire, llms, options)
-}
-
-async fn text_of(reply: Reply) -> String {
-    match reply {
-        Reply::Complete(c) => c.body["choices"][0]["message"]["content"]
-            .as_str()
-            .unwrap()
-            .to_owned(),
-        Reply::Stream(chunks) => chunks
-            .map(|c| {
-                let v: Value = serde_json::from_str(&c.unwrap()).unwrap();
-                v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .unwrap_or_default()
-                    .to_owned()
-            })
-            .collect::<Vec<_>>()
-            .await
-            .concat(),
-    }
 }
 
 #[tokio::test]

@@ -621,27 +621,8 @@ async fn two_hundred_concurrent_clients_each_get_their_own_answer() {
         tokio::spawn(async move {
             let stream = i % 2 == 0;
             let text = format!("client {i} says hello");
-            let answer = match gw
-                .infer(&client(), chat("llm", &text, stream))
-                .await
-                .unwrap()
-            {
-                Reply::Complete(c) => c.body["choices"][0]["message"]["content"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned(),
-                Reply::Stream(chunks) => chunks
-                    .map(|c| {
-                        let v: Value = serde_json::from_str(&c.unwrap()).unwrap();
-                        v["choices"][0]["delta"]["content"]
-                            .as_str()
-                            .unwrap_or_default()
-                            .to_owned()
-                    })
-                    .collect::<Vec<_>>()
-                    .await
-                    .concat(),
-            };
+            let reply = gw.infer(&client(), chat("llm", &text, stream)).await;
+            let answer = text_of(reply.unwrap()).await;
             (text, answer)
         })
     });

@@ -1,14 +1,17 @@
 //! Fixtures shared by the core's integration tests: a gateway over a memory store with
-//! a manual clock, principals, and request builders.
+//! a manual clock, principals, request builders, and the text of a reply.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::sync::Arc;
 
+use futures::StreamExt;
+use serde_json::Value;
 use virtual_llm_core::protocol::{LlmSpec, RegisterRequest, RegisterResponse};
 use virtual_llm_core::testkit::{FakeChannel, ManualClock, at};
 use virtual_llm_core::{
-    Binding, Config, Gateway, LlmName, LlmRecord, MemoryStore, Principal, Role, SessionId, Store,
+    Binding, Config, Gateway, LlmName, LlmRecord, MemoryStore, Principal, Reply, Role, SessionId,
+    Store,
 };
 
 pub struct Fixture {
@@ -110,5 +113,26 @@ impl Fixture {
     pub fn now(&self) -> virtual_llm_core::Timestamp {
         use virtual_llm_core::Clock;
         self.clock.now()
+    }
+}
+
+/// The text of a reply: a completion's message, or a stream's deltas joined.
+pub async fn text_of(reply: Reply) -> String {
+    match reply {
+        Reply::Complete(c) => c.body["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_owned(),
+        Reply::Stream(chunks) => chunks
+            .map(|c| {
+                let v: Value = serde_json::from_str(&c.unwrap()).unwrap();
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned()
+            })
+            .collect::<Vec<_>>()
+            .await
+            .concat(),
     }
 }
