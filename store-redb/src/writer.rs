@@ -39,6 +39,7 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::{Arc, Mutex, Weak};
+use std::thread;
 
 use redb::WriteTransaction;
 use tokio::sync::oneshot;
@@ -156,41 +157,49 @@ fn run(store: &Weak<Inner>, requests: &Receiver<Request>, max_group: usize) {
         let outcome = panic::catch_unwind(AssertUnwindSafe(|| {
             commit_group(&inner, first, requests, max_group, &mut replies)
         }));
-        let answered = replies.len();
         // Before the answers: a caller that has its answer is no longer counted.
         let waiting = &inner.counters.waiting;
-        waiting.fetch_sub(answered, Ordering::Relaxed);
-        match outcome {
-            Ok(Ok(outcomes)) => {
-                for (reply, outcome) in replies.into_iter().zip(outcomes) {
-                    // A caller that stopped waiting has dropped its receiver: fine.
-                    let _ = reply.send(Reply::Done(outcome));
-                }
-            }
-            Ok(Err(e)) => {
-                if matches!(e, Error::Closed) {
-                    // Not a failure: the store was closed while these waited (a clean
-                    // shutdown with requests still arriving). Each caller gets the
-                    // closed error, as a batch sent after close does.
-                    tracing::debug!(error = %e, batches = answered, "the store was closed before a group was committed; its batches are refused");
-                } else {
-                    tracing::warn!(error = %e, batches = answered, "a group commit failed; none of its batches was written");
-                }
-                for reply in replies {
-                    let _ = reply.send(Reply::Done(Err(e.clone())));
-                }
-            }
-            Err(payload) => {
-                let message = panic_message(payload.as_ref());
-                tracing::error!(%message, batches = answered, "applying a group of batches panicked; none of them was written");
-                for reply in replies {
-                    let _ = reply.send(Reply::Panicked(message.clone()));
-                }
+        waiting.fetch_sub(replies.len(), Ordering::Relaxed);
+        // And the store is let go of before the answers too: a caller that drops the
+        // store once its write has returned must not find this thread still holding it
+        // (the file would be released a moment later, here, rather than by the drop).
+        // If the handle is gone already, this is the last reference, and the state is
+        // closed and dropped here.
+        drop(inner);
+        answer(outcome, replies);
+    }
+}
+
+/// Sends each batch of a group its answer, and logs what failed the group.
+fn answer(outcome: thread::Result<GroupOutcome>, replies: Vec<oneshot::Sender<Reply>>) {
+    let batches = replies.len();
+    match outcome {
+        Ok(Ok(outcomes)) => {
+            for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                // A caller that stopped waiting has dropped its receiver: fine.
+                let _ = reply.send(Reply::Done(outcome));
             }
         }
-        // This may be the last reference (the store handle, and with it the sender, is
-        // gone): the state is then closed and dropped here, and the loop ends.
-        drop(inner);
+        Ok(Err(e)) => {
+            if matches!(e, Error::Closed) {
+                // Not a failure: the store was closed while these waited (a clean
+                // shutdown with requests still arriving). Each caller gets the closed
+                // error, as a batch sent after close does.
+                tracing::debug!(error = %e, batches, "the store was closed before a group was committed; its batches are refused");
+            } else {
+                tracing::warn!(error = %e, batches, "a group commit failed; none of its batches was written");
+            }
+            for reply in replies {
+                let _ = reply.send(Reply::Done(Err(e.clone())));
+            }
+        }
+        Err(payload) => {
+            let message = panic_message(payload.as_ref());
+            tracing::error!(%message, batches, "applying a group of batches panicked; none of them was written");
+            for reply in replies {
+                let _ = reply.send(Reply::Panicked(message.clone()));
+            }
+        }
     }
 }
 
