@@ -213,6 +213,7 @@ impl Gateway {
                     return Ok(RegisterResponse {
                         provider_session_id: session,
                         heartbeat_interval_ms: self.heartbeat_interval_ms(),
+                        keep_alive_ms: Some(self.keep_alive_ms()),
                         llms,
                     });
                 }
@@ -304,11 +305,16 @@ impl Gateway {
         Hello {
             provider_session_id: session.clone(),
             heartbeat_interval_ms: self.heartbeat_interval_ms(),
+            keep_alive_ms: Some(self.keep_alive_ms()),
         }
     }
 
     fn heartbeat_interval_ms(&self) -> u64 {
         u64::try_from(self.shared.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn keep_alive_ms(&self) -> u64 {
+        u64::try_from(self.shared.config.keepalive.as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Unbinds `generation` of `session` if it is still the current channel: fails the

@@ -128,6 +128,7 @@ const KEYS: &[&str] = &[
     "llm",
     "stream",
     "heartbeatIntervalMs",
+    "keepAliveMs",
     "reason",
     "code",
     "conflicts",
@@ -379,24 +380,31 @@ fn error_detail() -> impl Strategy<Value = ErrorDetail> {
 
 fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
     prop_oneof![
-        (session(), any::<u64>()).prop_map(|(provider_session_id, heartbeat_interval_ms)| {
-            GatewayFrame::Hello(Hello {
-                provider_session_id,
-                heartbeat_interval_ms,
-            })
-        }),
+        (session(), any::<u64>(), any::<Option<u64>>()).prop_map(
+            |(provider_session_id, heartbeat_interval_ms, keep_alive_ms)| {
+                GatewayFrame::Hello(Hello {
+                    provider_session_id,
+                    heartbeat_interval_ms,
+                    keep_alive_ms,
+                })
+            }
+        ),
         (
             session(),
             any::<u64>(),
+            any::<Option<u64>>(),
             proptest::collection::vec(view(), 0..3)
         )
-            .prop_map(|(provider_session_id, heartbeat_interval_ms, llms)| {
-                GatewayFrame::Registered(RegisterResponse {
-                    provider_session_id,
-                    heartbeat_interval_ms,
-                    llms,
-                })
-            }),
+            .prop_map(
+                |(provider_session_id, heartbeat_interval_ms, keep_alive_ms, llms)| {
+                    GatewayFrame::Registered(RegisterResponse {
+                        provider_session_id,
+                        heartbeat_interval_ms,
+                        keep_alive_ms,
+                        llms,
+                    })
+                }
+            ),
         task_frame().prop_map(GatewayFrame::Task),
         task_id().prop_map(|task_id| GatewayFrame::Cancel(CancelFrame { task_id })),
         (any::<u16>(), error_detail())

@@ -47,6 +47,29 @@ async fn register_new_name_inserts_an_active_virtual_row_owned_by_the_caller() {
     assert_eq!(answer.heartbeat_interval_ms, 30_000);
 }
 
+/// The register answer (also the WebSocket `registered` frame) and the SSE `hello`
+/// tell the publisher how often the gateway pings an idle channel, so that its
+/// watchdog follows the keep-alive and not the heartbeat interval.
+#[tokio::test]
+async fn register_and_hello_carry_the_keep_alive_period() {
+    let f = fixture_with(Config {
+        heartbeat_interval: Duration::from_secs(1),
+        keepalive: Duration::from_millis(2500),
+        ..Config::default()
+    })
+    .await;
+    let answer = f.register("alice", None, &["llama"]).await;
+    assert_eq!(
+        (answer.heartbeat_interval_ms, answer.keep_alive_ms),
+        (1000, Some(2500))
+    );
+    let hello = f.gw.hello(&answer.provider_session_id);
+    assert_eq!(
+        (hello.heartbeat_interval_ms, hello.keep_alive_ms),
+        (1000, Some(2500))
+    );
+}
+
 #[tokio::test]
 async fn register_of_own_session_row_updates_in_place_and_reactivates() {
     let f = fixture().await;
