@@ -19,6 +19,7 @@
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
 //!   pump, reconnect), independent of the wire.
+//! - [`session_file`]: the lock that keeps one publisher per session file.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
 //! - `testkit` (feature `testkit`): the Store conformance suite, a manual clock and a
@@ -47,6 +48,7 @@ pub mod publisher;
 mod record;
 mod relay;
 mod reply;
+pub mod session_file;
 pub mod store;
 mod sync;
 pub mod task;
@@ -73,6 +75,7 @@ pub use provider::Provider;
 pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
 pub use record::{LlmKind, LlmRecord, LlmStatus, LlmView};
 pub use reply::{ChunkStream, Completion, Reply};
+pub use session_file::{SessionFileError, SessionFileLock};
 pub use store::{Store, Write};
 pub use task::{TaskEvent, TaskHandle, TaskTable};
 pub use time::{Clock, SystemClock, Timestamp};

@@ -155,6 +155,9 @@ pub struct PublishedLlm {
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
     /// Where the session id is kept across restarts; `None` keeps it in memory only.
+    /// Two publishers must not share one file (they would keep replacing each other's
+    /// channel): hold a [`SessionFileLock`](crate::SessionFileLock) on it while the
+    /// publisher runs, as the reference publisher does.
     pub session_file: Option<PathBuf>,
     /// How many tasks run at once; more wait their turn. Default 32.
     pub max_concurrent_tasks: usize,
