@@ -184,7 +184,8 @@ impl Gateway {
     /// The first step of a graceful shutdown: refuse new requests (503 with
     /// `Retry-After`), let the tasks in flight finish for at most `grace`, then tell
     /// every publisher the gateway is closing. Returns how many tasks were still in
-    /// flight when the grace period ran out (they fail when their channels close).
+    /// flight when the grace period ran out: they fail with a 503 saying the gateway
+    /// is shutting down.
     pub async fn drain(&self, grace: std::time::Duration) -> usize {
         self.shared
             .draining
@@ -194,7 +195,11 @@ impl Gateway {
         while self.tasks().in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let left = self.tasks().in_flight();
+        let retry_after = self.shared.config.retry_after;
+        let left = self.tasks().fail_all(|| Error::Unavailable {
+            reason: "the gateway is shutting down".into(),
+            retry_after,
+        });
         let told = self.close_channels("gateway shutting down");
         tracing::info!(publishers = told, unfinished = left, "drained");
         left
