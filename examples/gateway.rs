@@ -209,6 +209,12 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         args.grace,
     )
     .await;
+    // A WebSocket session outlives its HTTP connection (the upgrade hands the socket
+    // over), so `serve` does not wait for it: wait, within the grace period, until
+    // every channel is unbound and its rows written, before the store closes.
+    if !gateway.settle(args.grace).await {
+        tracing::warn!(grace = ?args.grace, "channels still open after the grace period; closing the store under them");
+    }
     gc.shutdown().await;
     gateway.flush().await?;
     store.close().await?;

@@ -228,7 +228,7 @@ impl Gateway {
 /// memory however many sessions come and go. Cross-process races are the store's
 /// compare-and-set's business, not this lock's.
 pub(crate) struct SessionLocks {
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    pub(crate) stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 const LOCK_STRIPES: usize = 64;

@@ -13,6 +13,7 @@
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
 //! - `gateway`, `lifecycle`, `relay`: the service: register, heartbeat, bind, GC
 //!   sweep, restart recovery; infer and deliver.
+//! - `shutdown`: the end of a graceful shutdown, waiting for the last unbinds.
 //! - [`task`]: task correlation, deadlines, cancellation.
 //! - [`channel`]: control channel sinks and bind generations.
 //! - `gc`: the background GC task and its drop guard.
@@ -49,6 +50,7 @@ mod record;
 mod relay;
 mod reply;
 pub mod session_file;
+mod shutdown;
 pub mod store;
 mod sync;
 pub mod task;

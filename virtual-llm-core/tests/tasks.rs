@@ -904,6 +904,25 @@ async fn a_drain_fails_unfinished_tasks_saying_the_gateway_is_shutting_down() {
     );
 }
 
+/// After a drain, `settle` waits until every channel is unbound and its rows are
+/// written, so that the store may close: not before.
+#[tokio::test(start_paused = true)]
+async fn settle_waits_until_every_channel_is_unbound_and_its_rows_written() {
+    let f = fixture().await;
+    let (_session, binding, _channel) = f.online("alice", &["llm"]).await;
+    f.gw.drain(Duration::ZERO).await;
+    assert!(
+        !f.gw.settle(Duration::from_secs(1)).await,
+        "a channel is still bound"
+    );
+    let gw = f.gw.clone();
+    let settled = tokio::spawn(async move { gw.settle(Duration::from_secs(10)).await });
+    // Unbinds in the background, as a transport's dropped stream does.
+    drop(binding);
+    assert!(settled.await.unwrap());
+    assert_eq!(f.row("llm").await.status, LlmStatus::Inactive);
+}
+
 #[tokio::test]
 async fn a_task_survives_its_sessions_channel_being_replaced() {
     let o = online().await;
