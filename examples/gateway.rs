@@ -55,6 +55,10 @@ struct Args {
     /// Total deadline of a non-streaming request (e.g. `5m`).
     #[arg(long, value_parser = humantime::parse_duration)]
     task_deadline: Option<Duration>,
+    /// Keep-alive ping period on idle control channels, sent to publishers, whose
+    /// watchdog waits three of them (e.g. `20s`); shorter than `--stale-after`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    keepalive: Option<Duration>,
     /// How long in-flight requests may finish at shutdown.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     grace: Duration,
@@ -110,10 +114,14 @@ struct PublicConfig {
     api_key_env: Option<String>,
 }
 
-fn main() -> Result<(), common::BoxError> {
+fn main() -> std::process::ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    common::runtime(args.threads)?.block_on(run(args))
+    common::exit(
+        common::runtime(args.threads)
+            .map_err(Into::into)
+            .and_then(|rt| rt.block_on(run(args))),
+    )
 }
 
 async fn run(args: Args) -> Result<(), common::BoxError> {
@@ -131,12 +139,15 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         (&mut config.reap_after, args.reap_after),
         (&mut config.gc_every, args.gc_every),
         (&mut config.task_deadline, args.task_deadline),
+        (&mut config.keepalive, args.keepalive),
     ];
     for (field, value) in overrides {
         if let Some(value) = value {
             *field = value;
         }
     }
+    // Before anything is opened: a gateway that cannot work says so and stops.
+    config.validate().map_err(|e| config_error(&e))?;
     let auth = authenticator(&file.tokens)?;
     if file.tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure {
         return Err(format!(
@@ -198,11 +209,49 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         args.grace,
     )
     .await;
+    // A WebSocket session outlives its HTTP connection (the upgrade hands the socket
+    // over), so `serve` does not wait for it: wait, within the grace period, until
+    // every channel is unbound and its rows written, before the store closes.
+    if !gateway.settle(args.grace).await {
+        tracing::warn!(grace = ?args.grace, "channels still open after the grace period; closing the store under them");
+    }
     gc.shutdown().await;
     gateway.flush().await?;
     store.close().await?;
     tracing::info!("registry flushed; bye");
     Ok(())
+}
+
+/// The flags of the reference gateway that set a [`Config`] key.
+const FLAGS: [(&str, &str); 6] = [
+    ("heartbeatInterval", "--heartbeat-every"),
+    ("staleAfter", "--stale-after"),
+    ("reapAfter", "--reap-after"),
+    ("gcEvery", "--gc-every"),
+    ("taskDeadline", "--task-deadline"),
+    ("keepalive", "--keepalive"),
+];
+
+/// A configuration error in this binary's words: the core's reason, then where each
+/// setting it names is set (a flag, or the `[gateway]` table of `--config`).
+fn config_error(e: &virtual_llm::Error) -> common::BoxError {
+    let virtual_llm::Error::InvalidConfig { settings, .. } = e else {
+        return e.to_string().into();
+    };
+    let flags: Vec<&str> = settings
+        .iter()
+        .filter_map(|key| FLAGS.iter().find(|(k, _)| k == key).map(|(_, flag)| *flag))
+        .collect();
+    let keys = settings.join(", ");
+    let place = if flags.is_empty() {
+        format!("set {keys} under [gateway] in --config")
+    } else {
+        format!(
+            "set with {}, or {keys} under [gateway] in --config",
+            flags.join(", ")
+        )
+    };
+    format!("{e} ({place})").into()
 }
 
 /// `GET /metrics`: Prometheus text, for admins (everyone, without tokens).

@@ -22,7 +22,10 @@ use serde::Deserialize;
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::publisher::{PublisherState, Wire};
 use virtual_llm::sse::{OpenAiProvider, OpenAiUpstream, SseWire};
-use virtual_llm::{EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions};
+use virtual_llm::{
+    EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
+    SessionFileLock,
+};
 
 #[derive(Parser, Debug)]
 #[command(about = "virtual-llm reference publisher")]
@@ -36,7 +39,8 @@ struct Args {
     /// How to reach the gateway.
     #[arg(long, value_enum, default_value_t = Transport::Sse)]
     transport: Transport,
-    /// Where the session id is kept, for sticky reconnects across restarts.
+    /// Where the session id is kept, for sticky reconnects across restarts. Locked
+    /// while this publisher runs: a second publisher needs a file of its own.
     #[arg(long, default_value = "./publisher-session")]
     session_file: PathBuf,
     /// JSON list of providers to publish.
@@ -78,14 +82,25 @@ struct ProviderConfig {
     publish: bool,
 }
 
-fn main() -> Result<(), common::BoxError> {
+fn main() -> std::process::ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    let runtime = common::runtime(args.threads)?;
-    runtime.block_on(run(args))
+    common::exit(
+        common::runtime(args.threads)
+            .map_err(Into::into)
+            .and_then(|rt| rt.block_on(run(args))),
+    )
 }
 
 async fn run(args: Args) -> Result<(), common::BoxError> {
+    // First: a second publisher on the same session file would register as the same
+    // session and evict this one's channel (and be evicted) for ever.
+    let _session_lock = SessionFileLock::acquire(&args.session_file).map_err(|e| match e {
+        SessionFileError::Held { .. } => {
+            format!("{e}; pass --session-file PATH to run a second one").into()
+        }
+        other => common::BoxError::from(other),
+    })?;
     let mut llms = Vec::new();
     for name in &args.echo {
         llms.push(PublishedLlm {

@@ -83,13 +83,15 @@ async fn a_publisher_killed_mid_stream_fails_the_stream(t: &dyn RawTransport) {
 ///
 /// Paused time: the 10 s deadline passes without waiting. The keep-alive is set beyond
 /// the test, so that the gateway's ping (a different fault, tested in `ws.rs`) does not
-/// close the socket first.
+/// close the socket first; the stale timeout goes beyond it, as `Config::validate`
+/// asks.
 async fn a_publisher_that_stops_reading_gets_503s_then_504s(t: &dyn RawTransport) {
     const REQUESTS: usize = 100;
     let config = Config {
         channel_buffer: 4,
         task_deadline: Duration::from_secs(10),
         keepalive: Duration::from_secs(3600),
+        stale_after: Duration::from_secs(7200),
         ..Config::default()
     };
     let gw = TestGateway::start(config).await;

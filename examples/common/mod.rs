@@ -3,8 +3,20 @@
 
 #![allow(dead_code)]
 
-/// What `main` returns on failure: any error, printed as one line.
+/// What `run` returns on failure: any error, printed as one line by [`exit`].
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The process's exit: success, or the error printed as one readable line on stderr
+/// (its `Display`, never its `Debug`) and a failure status.
+pub(crate) fn exit(result: Result<(), BoxError>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
 
 /// The provider `type` when a config entry names none.
 pub(crate) fn openai() -> String {

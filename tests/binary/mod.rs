@@ -1,11 +1,14 @@
-//! Running the reference gateway binary in tests: start it as a child process on a
-//! free loopback port, wait until it serves, stop it with SIGKILL or SIGTERM.
+//! Running the reference binaries in tests: start the gateway as a child process on a
+//! free loopback port, wait until it serves, stop it with SIGKILL or SIGTERM; start
+//! publishers next to it and read what they log.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
+use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -13,11 +16,20 @@ use virtual_llm::SessionId;
 
 /// The gateway example, built next to this test by `cargo test`.
 pub fn gateway_binary() -> PathBuf {
+    example_binary("gateway")
+}
+
+/// The publisher example, built next to this test by `cargo test`.
+pub fn publisher_binary() -> PathBuf {
+    example_binary("publisher")
+}
+
+fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
     let binary = profile_dir
         .join("examples")
-        .join(format!("gateway{}", std::env::consts::EXE_SUFFIX));
+        .join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
     assert!(
         binary.exists(),
         "{} is missing: `cargo test` builds it; with a target filter run `cargo build --examples` first",
@@ -81,6 +93,114 @@ impl Drop for GatewayProcess {
     }
 }
 
+/// A reference publisher started as a child process, its log (stderr) collected line
+/// by line as it runs. Killed when dropped.
+pub struct PublisherProcess {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl PublisherProcess {
+    /// Starts `publisher --gateway url --transport transport --session-file
+    /// session_file` with `extra` arguments (e.g. `--echo NAME`), logging at `info`.
+    pub fn start(url: &str, transport: &str, session_file: &Path, extra: &[&str]) -> Self {
+        let mut child = Command::new(publisher_binary())
+            .args(["--gateway", url, "--transport", transport, "--session-file"])
+            .arg(session_file)
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lines = log.clone();
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[publisher] {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        PublisherProcess {
+            child,
+            log,
+            reader: Some(reader),
+        }
+    }
+
+    /// What it logged so far.
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// The lines of its log that contain `text`.
+    pub fn lines_with(&self, text: &str) -> Vec<String> {
+        self.log()
+            .into_iter()
+            .filter(|l| l.contains(text))
+            .collect()
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().unwrap().is_none()
+    }
+
+    /// Waits (polling, at most `cap`) until it exits; its status and whole log.
+    /// Panics if it is still running after `cap`.
+    pub async fn exited(mut self, cap: Duration) -> (ExitStatus, Vec<String>) {
+        let deadline = std::time::Instant::now() + cap;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the publisher is still running after {cap:?}; it logged: {:#?}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+        (status, self.log())
+    }
+}
+
+impl Drop for PublisherProcess {
+    fn drop(&mut self) {
+        if let Err(e) = self.child.kill() {
+            eprintln!("publisher already gone: {e}");
+        }
+        if let Err(e) = self.child.wait() {
+            eprintln!("could not reap the publisher: {e}");
+        }
+    }
+}
+
+/// Waits (polling every 50 ms, at most `cap`) until `condition` holds; panics naming
+/// `what` otherwise.
+pub async fn poll_until<F, Fut>(what: &str, cap: Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + cap;
+    while !condition().await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out after {cap:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 pub fn free_addr() -> SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap()
@@ -108,6 +228,17 @@ pub async fn row(url: &str, name: &str) -> Value {
         .unwrap();
     assert_eq!(response.status(), 200);
     response.json().await.unwrap()
+}
+
+/// The row `name` as the registry route shows it, or `None` while it does not exist.
+pub async fn try_row(url: &str, name: &str) -> Option<Value> {
+    let response = reqwest::get(format!("{url}/api/v1/llms/{name}"))
+        .await
+        .ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    response.json().await.ok()
 }
 
 pub struct TempDir(pub PathBuf);

@@ -389,6 +389,34 @@ pub async fn models_lists_active_llms(t: &dyn Transport) {
     );
 }
 
+/// A gateway shutting down while a stream is in flight: once the grace period is over
+/// the stream ends with an error event saying the gateway is shutting down (a 503),
+/// not that the publisher disconnected, although the publisher's channel closes
+/// with it.
+pub async fn a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down(
+    t: &dyn Transport,
+) {
+    let gw = TestGateway::start(Default::default()).await;
+    let hanging = Arc::new(Hanging::default());
+    let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
+    let mut stream = gw.chat_stream("client", "slow", "x").await;
+    let first = stream.next_data().await.unwrap();
+    assert!(first.contains("first"), "{first}");
+    assert_eq!(gw.gateway.drain(std::time::Duration::ZERO).await, 1);
+    let (event, data) = stream.next_event().await.unwrap();
+    assert_eq!(event, "error", "{data}");
+    let body: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(
+        body["error"]["message"], "the gateway is shutting down",
+        "{body}"
+    );
+    assert_eq!(body["error"]["type"], "service_unavailable", "{body}");
+    assert!(stream.next_event().await.is_none(), "and the stream ends");
+    // The publisher is told, and aborts the provider's work.
+    hanging.dropped.notified().await;
+    p.stop().await;
+}
+
 /// Stamps out one `#[tokio::test]` per conformance case for a transport value.
 #[macro_export]
 macro_rules! conformance_tests {
@@ -404,6 +432,7 @@ macro_rules! conformance_tests {
             foreign_and_replayed_results_are_refused,
             bad_input_gets_its_status_and_writes_nothing,
             models_lists_active_llms,
+            a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down,
         );
     };
     (@cases $transport:expr; $($case:ident,)*) => {

@@ -18,7 +18,7 @@ use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, PROTOCOL_HEADER, RegisterRequest, RegisterResponse,
     TaskResult,
 };
-use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
+use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
 use crate::routes::SESSION_HEADER;
@@ -131,9 +131,14 @@ impl Wire for SseWire {
             .map_err(connection)?;
         let response = check(response).await?;
         // A connection that went silent (a NAT dropped it) is noticed when neither a
-        // frame nor a keep-alive ping arrived for three heartbeat intervals.
-        let silence =
-            Duration::from_millis(answer.heartbeat_interval_ms.saturating_mul(3).max(1000));
+        // frame nor a keep-alive ping arrived for three keep-alive periods. The
+        // heartbeat interval says nothing about this stream: heartbeats are posts of
+        // their own, and a gateway may ask for them far more often than it pings. An
+        // older gateway does not say how often it pings: three heartbeat intervals.
+        let silence = match answer.keep_alive_ms {
+            Some(keep_alive_ms) => silence_limit(keep_alive_ms),
+            None => Duration::from_millis(answer.heartbeat_interval_ms.saturating_mul(3).max(1000)),
+        };
         let bytes =
             tokio_stream::StreamExt::timeout(response.bytes_stream(), silence).map(move |item| {
                 match item {

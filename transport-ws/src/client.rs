@@ -23,7 +23,7 @@ use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskResult,
 };
-use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
+use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
 use crate::config::{CREDITS_HEADER, PUBLISHER_WRITE_BUFFER, socket_config};
@@ -142,6 +142,11 @@ impl Wire for WsWire {
             }
         };
         let session = answer.provider_session_id.clone();
+        // The gateway pings every keep-alive period; a socket silent for three of them
+        // is dead (a NAT dropped it) even if TCP has not noticed. Heartbeats go the
+        // other way and do not matter here. An older gateway does not say how often it
+        // pings: then TCP alone notices, as before.
+        let silence = answer.keep_alive_ms.map(silence_limit);
         // The gateway's window, if it grants credits (an older one does not answer).
         let windows = Arc::new(Windows::new(
             upgraded
@@ -160,30 +165,51 @@ impl Wire for WsWire {
         // Credits are taken here, on their way to the tasks waiting for them; when the
         // socket ends, every task still waiting is told.
         let state = (stream, Some(close), windows.clone());
-        let frames = futures::stream::unfold(state, |(mut stream, close, windows)| async move {
-            loop {
-                let Some(message) = stream.next().await else {
-                    windows.close_all();
-                    return None;
-                };
-                match message {
-                    Ok(Message::Text(text)) => match serde_json::from_str::<GatewayFrame>(&text) {
-                        Ok(GatewayFrame::Credit(c)) => windows.grant(&c.task_id, c.results),
-                        frame => return Some((frame.map_err(protocol), (stream, close, windows))),
-                    },
-                    Ok(Message::Close(_)) => {
+        let frames =
+            futures::stream::unfold(state, move |(mut stream, close, windows)| async move {
+                loop {
+                    let next = match silence {
+                        Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
+                            Ok(next) => next,
+                            Err(_) => {
+                                windows.close_all();
+                                let error = Err(WireError::Connection(format!(
+                                    "no keep-alive from the gateway for {limit:?}"
+                                )));
+                                return Some((error, (stream, None, windows)));
+                            }
+                        },
+                        None => stream.next().await,
+                    };
+                    let Some(message) = next else {
                         windows.close_all();
                         return None;
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        windows.close_all();
-                        let error = Err(WireError::Connection(e.to_string()));
-                        return Some((error, (stream, None, windows)));
+                    };
+                    match message {
+                        Ok(Message::Text(text)) => {
+                            match serde_json::from_str::<GatewayFrame>(&text) {
+                                Ok(GatewayFrame::Credit(c)) => windows.grant(&c.task_id, c.results),
+                                frame => {
+                                    return Some((
+                                        frame.map_err(protocol),
+                                        (stream, close, windows),
+                                    ));
+                                }
+                            }
+                        }
+                        Ok(Message::Close(_)) => {
+                            windows.close_all();
+                            return None;
+                        }
+                        Ok(_) => continue,
+                        Err(e) => {
+                            windows.close_all();
+                            let error = Err(WireError::Connection(e.to_string()));
+                            return Some((error, (stream, None, windows)));
+                        }
                     }
                 }
-            }
-        });
+            });
         let outbox = WsOutbox {
             outgoing,
             session,

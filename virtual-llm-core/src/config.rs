@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::Error;
+
 /// Lifecycle timings, relay deadlines and input limits.
 ///
 /// ```
@@ -33,7 +35,10 @@ pub struct Config {
     /// An inactive row is deleted after this long. Default 4 h.
     #[serde(with = "humantime_serde")]
     pub reap_after: Duration,
-    /// Keep-alive ping on idle control channels, so proxies do not cut them. Default 20 s.
+    /// Keep-alive ping on idle control channels, so proxies do not cut them and both
+    /// ends notice a dead one. Sent to publishers in `hello` and the register answer
+    /// (`keepAliveMs`): a publisher calls its channel dead after three keep-alive
+    /// periods without a byte from the gateway. Default 20 s.
     #[serde(with = "humantime_serde")]
     pub keepalive: Duration,
     /// First publisher reconnect delay; it doubles up to `reconnect_max`. Default 5 s.
@@ -98,27 +103,128 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks that the values make sense together (e.g. a stale timeout longer than the
-    /// heartbeat interval).
-    pub fn validate(&self) -> Result<(), crate::Error> {
-        let bad = |m: &str| Err(crate::Error::invalid(format!("invalid configuration: {m}")));
-        if self.heartbeat_interval.is_zero() || self.gc_every.is_zero() {
-            return bad("heartbeatInterval and gcEvery must be positive");
+    /// Checks that the values make sense, alone and together; the error names the
+    /// settings (by their config key) and their values.
+    ///
+    /// The rules:
+    /// - every duration is positive, and `heartbeatInterval` and `keepalive` (sent to
+    ///   publishers in milliseconds) are at least 1 ms;
+    /// - `staleAfter` is at least twice `heartbeatInterval`: one late heartbeat must
+    ///   not take a publisher's rows out of service;
+    /// - `keepalive` is shorter than `staleAfter`: the keep-alive is how a dead channel
+    ///   is noticed (a failed ping, missing pongs, a publisher's watchdog), and a dead
+    ///   publisher's channel must not outlive the moment its rows go stale;
+    /// - `reconnectMin` is at most `reconnectMax`;
+    /// - `taskBuffer`, `channelBuffer`, `maxLlmsPerRegister` and `maxBodyBytes` are
+    ///   positive;
+    /// - `basePath` starts with `/` and does not end with one.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use virtual_llm_core::Config;
+    ///
+    /// let config = Config {
+    ///     heartbeat_interval: Duration::from_secs(1),
+    ///     stale_after: Duration::from_secs(3),
+    ///     ..Config::default()
+    /// };
+    /// let err = config.validate().unwrap_err();
+    /// assert!(err.to_string().contains("keepalive (20s) must be shorter than staleAfter (3s)"));
+    /// ```
+    pub fn validate(&self) -> Result<(), Error> {
+        let durations = [
+            ("heartbeatInterval", self.heartbeat_interval),
+            ("staleAfter", self.stale_after),
+            ("gcEvery", self.gc_every),
+            ("reapAfter", self.reap_after),
+            ("keepalive", self.keepalive),
+            ("reconnectMin", self.reconnect_min),
+            ("reconnectMax", self.reconnect_max),
+            ("taskDeadline", self.task_deadline),
+            ("streamIdleTimeout", self.stream_idle_timeout),
+        ];
+        for (key, value) in durations {
+            if value.is_zero() {
+                return invalid(&[key], format!("{key} must be positive"));
+            }
         }
-        if self.stale_after <= self.heartbeat_interval {
-            return bad("staleAfter must be longer than heartbeatInterval");
+        for (key, value) in [
+            ("heartbeatInterval", self.heartbeat_interval),
+            ("keepalive", self.keepalive),
+        ] {
+            if value < Duration::from_millis(1) {
+                return invalid(
+                    &[key],
+                    format!(
+                        "{key} ({}) must be at least 1ms: publishers get it in milliseconds",
+                        show(value)
+                    ),
+                );
+            }
+        }
+        if self.stale_after < self.heartbeat_interval.saturating_mul(2) {
+            return invalid(
+                &["staleAfter", "heartbeatInterval"],
+                format!(
+                    "staleAfter ({}) must be at least twice heartbeatInterval ({}), so that one late heartbeat does not take rows out of service",
+                    show(self.stale_after),
+                    show(self.heartbeat_interval)
+                ),
+            );
+        }
+        if self.keepalive >= self.stale_after {
+            return invalid(
+                &["keepalive", "staleAfter"],
+                format!(
+                    "keepalive ({}) must be shorter than staleAfter ({}): the keep-alive is how a dead control channel is noticed",
+                    show(self.keepalive),
+                    show(self.stale_after)
+                ),
+            );
         }
         if self.reconnect_min > self.reconnect_max {
-            return bad("reconnectMin must not exceed reconnectMax");
+            return invalid(
+                &["reconnectMin", "reconnectMax"],
+                format!(
+                    "reconnectMin ({}) must not exceed reconnectMax ({})",
+                    show(self.reconnect_min),
+                    show(self.reconnect_max)
+                ),
+            );
         }
-        if self.task_buffer == 0 || self.channel_buffer == 0 || self.max_llms_per_register == 0 {
-            return bad("taskBuffer, channelBuffer and maxLlmsPerRegister must be positive");
+        for (key, value) in [
+            ("taskBuffer", self.task_buffer),
+            ("channelBuffer", self.channel_buffer),
+            ("maxLlmsPerRegister", self.max_llms_per_register),
+            ("maxBodyBytes", self.max_body_bytes),
+        ] {
+            if value == 0 {
+                return invalid(&[key], format!("{key} must be positive"));
+            }
         }
         if !self.base_path.starts_with('/') || self.base_path.ends_with('/') {
-            return bad("basePath starts with '/' and does not end with one");
+            return invalid(
+                &["basePath"],
+                format!(
+                    "basePath ({:?}) starts with '/' and does not end with one",
+                    self.base_path
+                ),
+            );
         }
         Ok(())
     }
+}
+
+fn invalid(settings: &[&'static str], reason: String) -> Result<(), Error> {
+    Err(Error::InvalidConfig {
+        settings: settings.to_vec(),
+        reason,
+    })
+}
+
+/// A duration as people write it in the config (`90s`, `1m 30s`).
+fn show(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
 }
 
 #[cfg(test)]
@@ -140,6 +246,122 @@ mod tests {
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.base_path, "/api/v1/llms");
         c.validate().unwrap();
+    }
+
+    /// The settings an error names, or a panic if the config is valid.
+    fn refused(config: Config) -> (Vec<&'static str>, String) {
+        let err = config.validate().expect_err("an invalid configuration");
+        let message = err.to_string();
+        match err {
+            Error::InvalidConfig { settings, .. } => (settings, message),
+            other => panic!("expected an invalid configuration, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn timings_that_cannot_work_together_are_refused_naming_the_settings() {
+        let secs = Duration::from_secs;
+        // The stale timeout must leave room for one late heartbeat.
+        let (settings, message) = refused(Config {
+            heartbeat_interval: secs(10),
+            stale_after: secs(15),
+            ..Config::default()
+        });
+        assert_eq!(settings, ["staleAfter", "heartbeatInterval"]);
+        assert!(
+            message.contains("staleAfter (15s) must be at least twice heartbeatInterval (10s)"),
+            "{message}"
+        );
+        Config {
+            heartbeat_interval: secs(10),
+            stale_after: secs(30),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        // Short heartbeats with a stale timeout under the keep-alive.
+        let (settings, message) = refused(Config {
+            heartbeat_interval: secs(1),
+            stale_after: secs(3),
+            ..Config::default()
+        });
+        assert_eq!(settings, ["keepalive", "staleAfter"]);
+        assert!(
+            message.contains("keepalive (20s) must be shorter than staleAfter (3s)"),
+            "{message}"
+        );
+        Config {
+            heartbeat_interval: secs(1),
+            stale_after: secs(3),
+            keepalive: secs(1),
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
+        // Zero durations would spin or panic (a zero-period interval).
+        for (key, config) in [
+            (
+                "heartbeatInterval",
+                Config {
+                    heartbeat_interval: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "gcEvery",
+                Config {
+                    gc_every: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "keepalive",
+                Config {
+                    keepalive: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "reconnectMin",
+                Config {
+                    reconnect_min: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "taskDeadline",
+                Config {
+                    task_deadline: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "streamIdleTimeout",
+                Config {
+                    stream_idle_timeout: Duration::ZERO,
+                    ..Config::default()
+                },
+            ),
+            (
+                "keepalive",
+                Config {
+                    keepalive: Duration::from_micros(500),
+                    ..Config::default()
+                },
+            ),
+        ] {
+            assert_eq!(refused(config).0, [key]);
+        }
+        let (settings, _) = refused(Config {
+            reconnect_min: secs(61),
+            ..Config::default()
+        });
+        assert_eq!(settings, ["reconnectMin", "reconnectMax"]);
+        let (settings, _) = refused(Config {
+            max_body_bytes: 0,
+            ..Config::default()
+        });
+        assert_eq!(settings, ["maxBodyBytes"]);
     }
 
     #[test]

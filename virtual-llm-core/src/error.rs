@@ -105,6 +105,17 @@ pub enum Error {
     /// The store failed (500, or 503 when it is merely busy).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The [`Config`](crate::Config) cannot work: a value out of range, or values that
+    /// contradict each other (400: whoever supplied it supplied a bad one). Raised
+    /// before the gateway starts.
+    #[error("invalid configuration: {reason}")]
+    InvalidConfig {
+        /// The settings involved, by their config key (`staleAfter`), so a binary can
+        /// name its own flags for them.
+        settings: Vec<&'static str>,
+        /// What is wrong, naming the settings and their values.
+        reason: String,
+    },
 }
 
 /// Why a row cannot answer now, as a router acts on it: every kind but
@@ -196,7 +207,9 @@ impl Error {
     /// The HTTP status a transport answers with. The single mapping of the project.
     pub fn status(&self) -> u16 {
         match self {
-            Error::InvalidRequest { .. } | Error::InvalidName { .. } => 400,
+            Error::InvalidRequest { .. }
+            | Error::InvalidName { .. }
+            | Error::InvalidConfig { .. } => 400,
             Error::Unauthenticated => 401,
             Error::Forbidden { .. } => 403,
             Error::NoRoute { .. }
@@ -249,6 +262,7 @@ impl Error {
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::Store(StoreError::Conflict { .. }) => "registry_busy",
             Error::Store(_) => "internal_error",
+            Error::InvalidConfig { .. } => "invalid_configuration",
         }
     }
 
@@ -432,6 +446,13 @@ mod tests {
                     message: "secret path".into(),
                 }),
                 500,
+            ),
+            (
+                Error::InvalidConfig {
+                    settings: vec!["gcEvery"],
+                    reason: "gcEvery must be positive".into(),
+                },
+                400,
             ),
         ];
         for (err, status) in cases {

@@ -18,7 +18,7 @@ use crate::task::TaskTable;
 use crate::task_router::{LocalTaskRouter, TaskInbound, TaskRouter};
 use crate::{
     Authenticator, ChannelBinding, Clock, Config, Error, OpenAccess, Principal, PublicBackend,
-    ReplicaId, Role, SessionId, Store, SystemClock, TaskId,
+    ReplicaId, Role, SessionId, Store, SystemClock, TaskId, UnavailableKind,
 };
 
 /// The core of a gateway. Cheap to clone: clones share everything.
@@ -281,7 +281,8 @@ impl Gateway {
     /// The first step of a graceful shutdown: refuse new requests (503 with
     /// `Retry-After`), let the tasks in flight finish for at most `grace`, then tell
     /// every publisher the gateway is closing. Returns how many tasks were still in
-    /// flight when the grace period ran out (they fail when their channels close).
+    /// flight when the grace period ran out: they fail with a 503 saying the gateway
+    /// is shutting down.
     pub async fn drain(&self, grace: std::time::Duration) -> usize {
         self.shared
             .draining
@@ -291,7 +292,13 @@ impl Gateway {
         while self.in_flight() > 0 && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        let left = self.in_flight();
+        let left = self.shared.tasks.fail_all(|| {
+            Error::unavailable(
+                UnavailableKind::Draining,
+                "the gateway is shutting down",
+                self.shared.config.retry_after,
+            )
+        });
         let told = self.close_channels("gateway shutting down");
         tracing::info!(publishers = told, unfinished = left, "drained");
         left
@@ -320,7 +327,7 @@ impl Gateway {
 /// memory however many sessions come and go. Cross-process races are the store's
 /// compare-and-set's business, not this lock's.
 pub(crate) struct SessionLocks {
-    stripes: Vec<tokio::sync::Mutex<()>>,
+    pub(crate) stripes: Vec<tokio::sync::Mutex<()>>,
 }
 
 const LOCK_STRIPES: usize = 64;

@@ -14,6 +14,7 @@
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
 //! - `gateway`, `lifecycle`, `relay`: the service: register, heartbeat, bind, GC
 //!   sweep, restart recovery; infer and deliver.
+//! - `shutdown`: the end of a graceful shutdown, waiting for the last unbinds.
 //! - [`task`]: task correlation, deadlines, cancellation.
 //! - [`channel`]: control channel sinks; `directory`: the [`ChannelDirectory`] seam
 //!   (where each session's channel is, bind epochs) and its [`LocalDirectory`].
@@ -23,6 +24,7 @@
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
 //!   pump, reconnect), independent of the wire.
+//! - [`session_file`]: the lock that keeps one publisher per session file.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
 //! - [`sync`]: taking a `std::sync` lock without spreading a poisoning panic; shared
@@ -55,6 +57,8 @@ mod record;
 mod relay;
 mod reply;
 mod router;
+pub mod session_file;
+mod shutdown;
 pub mod store;
 pub mod sync;
 pub mod task;
@@ -84,6 +88,7 @@ pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
 pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView};
 pub use reply::{ChunkStream, Completion, Reply};
 pub use router::{NameRouter, Router};
+pub use session_file::{SessionFileError, SessionFileLock};
 pub use store::{Store, Write};
 pub use task::{TaskEvent, TaskHandle};
 pub use task_router::{Delivery, LocalTaskRouter, TaskInbound, TaskRouter};

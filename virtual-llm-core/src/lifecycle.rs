@@ -220,6 +220,7 @@ impl Gateway {
                         provider_session_id: session,
                         heartbeat_interval_ms: self.heartbeat_interval_ms(),
                         protocol_version: spoken(version),
+                        keep_alive_ms: self.keep_alive_ms(version),
                         llms,
                     });
                 }
@@ -310,11 +311,20 @@ impl Gateway {
             provider_session_id: session.clone(),
             heartbeat_interval_ms: self.heartbeat_interval_ms(),
             protocol_version: spoken(version),
+            keep_alive_ms: self.keep_alive_ms(version),
         }
     }
 
     fn heartbeat_interval_ms(&self) -> u64 {
         u64::try_from(self.shared.config.heartbeat_interval.as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The keep-alive period a publisher's watchdog waits for (protocol 2; a version 1
+    /// publisher is sent nothing new).
+    fn keep_alive_ms(&self, version: u32) -> Option<u64> {
+        (version > 1).then(|| {
+            u64::try_from(self.shared.config.keepalive.as_millis()).unwrap_or(u64::MAX)
+        })
     }
 
     /// Unbinds `token` if it is still its session's channel: fails the session's

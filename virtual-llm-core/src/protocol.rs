@@ -111,6 +111,11 @@ pub struct RegisterResponse {
     /// means 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<u32>,
+    /// How often the gateway sends something down an idle control channel (an SSE
+    /// `: ping` comment, a WebSocket ping), in milliseconds. A publisher's watchdog
+    /// waits for it, not for the heartbeat interval. Absent from older gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<u64>,
     /// The published rows.
     pub llms: Vec<LlmView>,
 }
@@ -127,6 +132,10 @@ pub struct Hello {
     /// means 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_version: Option<u32>,
+    /// How often the gateway pings an idle stream, in milliseconds; see
+    /// [`RegisterResponse::keep_alive_ms`]. Absent from older gateways.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_alive_ms: Option<u64>,
 }
 
 /// `POST {base}/_provider-heartbeat`, and the WebSocket `heartbeat` frame.
@@ -674,5 +683,29 @@ mod tests {
         };
         assert!(message.chars().count() <= MAX_ERROR_MESSAGE);
         assert!(message.ends_with("the cause"), "the tail is kept");
+    }
+
+    /// `keepAliveMs` is optional both ways: a gateway's hello and register answer
+    /// without it (an older gateway) still decode, and a publisher then falls back to
+    /// its own rule; with it, it round-trips.
+    #[test]
+    fn keep_alive_is_optional_on_hello_and_registered() {
+        let session = SessionId::generate();
+        let old = serde_json::json!({"providerSessionId": session, "heartbeatIntervalMs": 30000});
+        let hello: Hello = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(hello.keep_alive_ms, None);
+        assert_eq!(serde_json::to_value(&hello).unwrap(), old, "nothing added");
+        let mut registered = old;
+        registered["llms"] = serde_json::json!([]);
+        let answer: RegisterResponse = serde_json::from_value(registered).unwrap();
+        assert_eq!(answer.keep_alive_ms, None);
+
+        let new = GatewayFrame::Registered(RegisterResponse {
+            keep_alive_ms: Some(20_000),
+            ..answer
+        });
+        let text = serde_json::to_string(&new).unwrap();
+        assert!(text.contains("\"keepAliveMs\":20000"), "{text}");
+        assert_eq!(serde_json::from_str::<GatewayFrame>(&text).unwrap(), new);
     }
 }

@@ -72,6 +72,28 @@ impl From<&Error> for WireError {
     }
 }
 
+/// How long a publisher's control channel may stay silent (no frame, no keep-alive
+/// ping) before the publisher calls it dead and reconnects, given the gateway's
+/// keep-alive period (`keepAliveMs` in the register answer and `hello`).
+///
+/// Three keep-alive periods, and at least a second: one late ping is a busy gateway
+/// or a slow link, three missed in a row is a dead one (the same ratio as the stale
+/// timeout to the heartbeat interval). It follows the keep-alive and not the
+/// heartbeat interval: an idle channel carries only pings, however often the
+/// publisher heartbeats. A gateway that does not send `keepAliveMs` (an older one)
+/// leaves the rule to the wire.
+///
+/// ```
+/// use std::time::Duration;
+/// use virtual_llm_core::publisher::silence_limit;
+///
+/// assert_eq!(silence_limit(20_000), Duration::from_secs(60));
+/// assert_eq!(silence_limit(100), Duration::from_secs(1));
+/// ```
+pub fn silence_limit(keep_alive_ms: u64) -> Duration {
+    Duration::from_millis(keep_alive_ms.saturating_mul(3).max(1000))
+}
+
 /// A registered publisher with an open control channel.
 pub struct Connected {
     /// The gateway's answer to the register: session id, interval, rows.
@@ -133,6 +155,9 @@ pub struct PublishedLlm {
 #[derive(Clone, Debug)]
 pub struct PublisherOptions {
     /// Where the session id is kept across restarts; `None` keeps it in memory only.
+    /// Two publishers must not share one file (they would keep replacing each other's
+    /// channel): hold a [`SessionFileLock`](crate::SessionFileLock) on it while the
+    /// publisher runs, as the reference publisher does.
     pub session_file: Option<PathBuf>,
     /// How many tasks run at once; more wait their turn. Default 32.
     pub max_concurrent_tasks: usize,

@@ -343,6 +343,23 @@ impl TaskTable {
         count
     }
 
+    /// Fails every in-flight task now with `error()`: for a gateway shutting down,
+    /// whose channels close next (their publishers then abort the tasks), so that
+    /// clients hear why rather than that their publisher disconnected. Late results
+    /// for them are then unknown (404). Returns how many failed.
+    pub(crate) fn fail_all(&self, error: impl Fn() -> Error) -> usize {
+        let failed: Vec<Live> = lock(&self.inner.state)
+            .live
+            .drain()
+            .map(|(_, t)| t)
+            .collect();
+        let count = failed.len();
+        for task in failed {
+            task.fail(error());
+        }
+        count
+    }
+
     /// Fails one task now with `error`, and tells its publisher to stop: for a
     /// transport that must cut off a task (e.g. a client too slow to keep up on a
     /// socket shared with other tasks). Only the task's own session and principal may.

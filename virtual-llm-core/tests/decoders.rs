@@ -128,6 +128,7 @@ const KEYS: &[&str] = &[
     "llm",
     "stream",
     "heartbeatIntervalMs",
+    "keepAliveMs",
     "reason",
     "code",
     "conflicts",
@@ -381,12 +382,13 @@ fn error_detail() -> impl Strategy<Value = ErrorDetail> {
 
 fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
     prop_oneof![
-        (session(), any::<u64>(), any::<Option<u32>>()).prop_map(
-            |(provider_session_id, heartbeat_interval_ms, protocol_version)| {
+        (session(), any::<u64>(), any::<Option<u32>>(), any::<Option<u64>>()).prop_map(
+            |(provider_session_id, heartbeat_interval_ms, protocol_version, keep_alive_ms)| {
                 GatewayFrame::Hello(Hello {
                     provider_session_id,
                     heartbeat_interval_ms,
                     protocol_version,
+                    keep_alive_ms,
                 })
             }
         ),
@@ -394,14 +396,16 @@ fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
             session(),
             any::<u64>(),
             any::<Option<u32>>(),
+            any::<Option<u64>>(),
             proptest::collection::vec(view(), 0..3)
         )
             .prop_map(
-                |(provider_session_id, heartbeat_interval_ms, protocol_version, llms)| {
+                |(provider_session_id, heartbeat_interval_ms, protocol_version, keep_alive_ms, llms)| {
                     GatewayFrame::Registered(RegisterResponse {
                         provider_session_id,
                         heartbeat_interval_ms,
                         protocol_version,
+                        keep_alive_ms,
                         llms,
                     })
                 }

@@ -47,6 +47,35 @@ async fn register_new_name_inserts_an_active_virtual_row_owned_by_the_caller() {
     assert_eq!(answer.heartbeat_interval_ms, 30_000);
 }
 
+/// The register answer (also the WebSocket `registered` frame) and the SSE `hello`
+/// tell the publisher how often the gateway pings an idle channel, so that its
+/// watchdog follows the keep-alive and not the heartbeat interval.
+#[tokio::test]
+async fn register_and_hello_carry_the_keep_alive_period() {
+    let f = fixture_with(Config {
+        heartbeat_interval: Duration::from_secs(1),
+        keepalive: Duration::from_millis(2500),
+        ..Config::default()
+    })
+    .await;
+    let mut v2 = request(None, &["llama"]);
+    v2.protocol_version = Some(2);
+    let answer = f.gw.register(&publisher("alice"), v2).await.unwrap();
+    assert_eq!(
+        (answer.heartbeat_interval_ms, answer.keep_alive_ms),
+        (1000, Some(2500))
+    );
+    let hello = f.gw.hello(&answer.provider_session_id, 2);
+    assert_eq!(
+        (hello.heartbeat_interval_ms, hello.keep_alive_ms),
+        (1000, Some(2500))
+    );
+    // A version 1 publisher is sent nothing new; its watchdog keeps the v1 rule.
+    let v1 = f.register("alice", None, &["old"]).await;
+    assert_eq!(v1.keep_alive_ms, None);
+    assert_eq!(f.gw.hello(&v1.provider_session_id, 1).keep_alive_ms, None);
+}
+
 #[tokio::test]
 async fn register_of_own_session_row_updates_in_place_and_reactivates() {
     let f = fixture().await;

@@ -853,6 +853,85 @@ async fn a_drain_gives_up_after_its_grace_period() {
     assert!(matches!(o.channel.next().await, GatewayFrame::Closing(_)));
 }
 
+/// A stream still running when the grace period ends fails with a 503 that says the
+/// gateway is shutting down, even once its channel closes behind it (as a transport
+/// unbinds it when the publisher hangs up on `closing`): the publisher did not go
+/// away of its own accord, and the client must not read that it did.
+#[tokio::test(start_paused = true)]
+async fn a_drain_fails_unfinished_tasks_saying_the_gateway_is_shutting_down() {
+    let f = fixture().await;
+    let (session, binding, channel) = f.online("alice", &["llm"]).await;
+    let row = f.row("llm").await;
+    let mut streaming = f.gw.start_task(&client(), &row, chat("llm", "x", true)).unwrap();
+    let frame = channel.next_task().await;
+    let whole = f.gw.start_task(&client(), &row, chat("llm", "y", false)).unwrap();
+    channel.next_task().await;
+    f.gw.deliver(
+        &publisher("alice"),
+        &session,
+        &frame.task_id,
+        chunk("a", false),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        f.gw.drain(Duration::from_secs(1)).await,
+        2,
+        "two unfinished"
+    );
+    assert!(matches!(channel.next().await, GatewayFrame::Closing(_)));
+    binding.release().await.unwrap();
+
+    assert_eq!(
+        streaming.next().await.unwrap().unwrap(),
+        TaskEvent::Chunk("a".into()),
+        "what was sent before still arrives"
+    );
+    for err in [
+        streaming.next().await.unwrap().unwrap_err(),
+        whole.into_reply().await.unwrap_err(),
+    ] {
+        assert_eq!(
+            (err.status(), err.retry_after()),
+            (503, Some(Duration::from_secs(5)))
+        );
+        assert_eq!(err.to_string(), "the gateway is shutting down");
+    }
+    assert_eq!(f.gw.in_flight(), 0);
+    assert_eq!(
+        f.gw.deliver(
+            &publisher("alice"),
+            &session,
+            &frame.task_id,
+            chunk("late", false)
+        )
+        .await
+        .unwrap_err()
+        .status(),
+        404,
+        "a late result finds no task"
+    );
+}
+
+/// After a drain, `settle` waits until every channel is unbound and its rows are
+/// written, so that the store may close: not before.
+#[tokio::test(start_paused = true)]
+async fn settle_waits_until_every_channel_is_unbound_and_its_rows_written() {
+    let f = fixture().await;
+    let (_session, binding, _channel) = f.online("alice", &["llm"]).await;
+    f.gw.drain(Duration::ZERO).await;
+    assert!(
+        !f.gw.settle(Duration::from_secs(1)).await,
+        "a channel is still bound"
+    );
+    let gw = f.gw.clone();
+    let settled = tokio::spawn(async move { gw.settle(Duration::from_secs(10)).await });
+    // Unbinds in the background, as a transport's dropped stream does.
+    drop(binding);
+    assert!(settled.await.unwrap());
+    assert_eq!(f.row("llm").await.status, LlmStatus::Inactive);
+}
+
 #[tokio::test]
 async fn a_task_survives_its_sessions_channel_being_replaced() {
     let o = online().await;

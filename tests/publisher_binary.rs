@@ -1,0 +1,223 @@
+//! The reference publisher binary against the reference gateway binary, in real time.
+//!
+//! With a heartbeat interval far below the gateway's keep-alive ping, a publisher keeps
+//! its one control channel on either transport (it used to drop an SSE channel every
+//! three heartbeats, waiting for a ping that comes every 20 s). A second publisher on
+//! the same session file refuses to start instead of evicting the first one forever.
+//! Timings that cannot work together stop the gateway with a one-line error.
+//!
+//! These tests run the binaries for a few seconds; they poll for conditions with a
+//! generous cap and never assert how long anything took.
+
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
+
+mod binary;
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, SystemTime};
+
+use binary::{
+    GatewayProcess, PublisherProcess, free_addr, gateway_binary, poll_until, ready, temp_dir,
+    try_row,
+};
+use serde_json::{Value, json};
+
+/// Generous cap for anything that normally takes well under a second.
+const CAP: Duration = Duration::from_secs(60);
+
+/// The log lines that show a publisher lost or never had its channel.
+const DROPPED: [&str; 2] = ["disconnected", "not connected"];
+
+fn heartbeat_at(row: &Value) -> SystemTime {
+    humantime::parse_rfc3339_weak(row["lastHeartbeatAt"].as_str().unwrap()).unwrap()
+}
+
+fn dropped_lines(publisher: &PublisherProcess) -> Vec<String> {
+    DROPPED
+        .iter()
+        .flat_map(|d| publisher.lines_with(d))
+        .collect()
+}
+
+async fn echo(url: &str, model: &str, text: &str) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": model, "messages": [{"role": "user", "content": text}]}))
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// A gateway heartbeating every second (its keep-alive ping stays at 20 s): the
+/// publisher's channel outlives several heartbeat periods, well past the three
+/// intervals after which it used to give up, and the row stays active on the same
+/// session throughout.
+async fn keeps_its_channel_with_one_second_heartbeats(transport: &str) {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start_env(
+        addr,
+        &dir.0.join("data"),
+        &["--heartbeat-every", "1s", "--stale-after", "30s"],
+        &[],
+    );
+    ready(&url).await;
+    let session_file = dir.0.join("publisher-session");
+    let publisher = PublisherProcess::start(&url, transport, &session_file, &["--echo", "demo"]);
+    // Serving: the session is persisted and the row is active.
+    poll_until("the publisher serves", CAP, || async {
+        !publisher
+            .lines_with("connected; serving requests")
+            .is_empty()
+            && try_row(&url, "demo")
+                .await
+                .is_some_and(|r| r["status"] == "active")
+    })
+    .await;
+    let session = std::fs::read_to_string(&session_file).unwrap();
+    let first = heartbeat_at(&try_row(&url, "demo").await.unwrap());
+    // Six heartbeats later (the gateway's own clock says so), nothing was dropped.
+    poll_until("six more heartbeats arrived", CAP, || async {
+        let row = try_row(&url, "demo").await.unwrap();
+        assert_eq!(
+            row["status"], "active",
+            "the row never leaves service: {row}"
+        );
+        assert_eq!(dropped_lines(&publisher), Vec::<String>::new());
+        heartbeat_at(&row)
+            .duration_since(first)
+            .is_ok_and(|d| d >= Duration::from_secs(6))
+    })
+    .await;
+    assert_eq!(
+        publisher.lines_with("connected; serving requests").len(),
+        1,
+        "one connection all along: {:#?}",
+        publisher.log()
+    );
+    assert_eq!(dropped_lines(&publisher), Vec::<String>::new());
+    assert_eq!(
+        std::fs::read_to_string(&session_file).unwrap(),
+        session,
+        "the same session"
+    );
+    let metrics = reqwest::get(format!("{url}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "virtual_llm_publishers_connected 1"),
+        "{metrics}"
+    );
+    let (status, body) = echo(&url, "demo", "still here").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_publisher_keeps_its_channel_with_one_second_heartbeats() {
+    keeps_its_channel_with_one_second_heartbeats("sse").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ws_publisher_keeps_its_channel_with_one_second_heartbeats() {
+    keeps_its_channel_with_one_second_heartbeats("ws").await;
+}
+
+/// Two publishers started in one directory used to share `./publisher-session` and
+/// replace each other's channel every few seconds. The second one now refuses to
+/// start, naming `--session-file`, and the first one keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_publisher_on_the_same_session_file_refuses_to_start() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    let session_file = dir.0.join("publisher-session");
+    let first = PublisherProcess::start(&url, "sse", &session_file, &["--echo", "demo"]);
+    poll_until("the first publisher is serving", CAP, || async {
+        !first.lines_with("connected; serving requests").is_empty()
+    })
+    .await;
+
+    let second = PublisherProcess::start(&url, "sse", &session_file, &["--echo", "other"]);
+    let (status, log) = second.exited(CAP).await;
+    assert!(
+        !status.success(),
+        "the second publisher must not run: {log:#?}"
+    );
+    let refusal = log
+        .iter()
+        .find(|l| l.contains("--session-file"))
+        .unwrap_or_else(|| panic!("the refusal names --session-file: {log:#?}"));
+    assert!(
+        refusal.contains(session_file.to_str().unwrap()),
+        "and the file: {refusal}"
+    );
+    assert!(
+        try_row(&url, "other").await.is_none(),
+        "the second publisher registered nothing"
+    );
+
+    let (status, body) = echo(&url, "demo", "first one serves").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "first one serves");
+    assert_eq!(try_row(&url, "demo").await.unwrap()["status"], "active");
+    assert_eq!(first.lines_with("connected; serving requests").len(), 1);
+    assert_eq!(dropped_lines(&first), Vec::<String>::new());
+}
+
+/// A stale timeout that one late heartbeat would trip is refused at start: the
+/// gateway exits non-zero with one readable line naming the settings, not a Debug
+/// struct, before it touches its store.
+#[tokio::test]
+async fn the_gateway_refuses_timings_that_cannot_work_together() {
+    let dir = temp_dir();
+    let mut child = Command::new(gateway_binary())
+        .args(["--listen", &free_addr().to_string(), "--data-dir"])
+        .arg(dir.0.join("data"))
+        .args(["--heartbeat-every", "10s", "--stale-after", "15s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + CAP;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            child.wait().unwrap();
+            panic!("the gateway started with a stale timeout under two heartbeats");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    let line = stderr.trim();
+    assert_eq!(line.lines().count(), 1, "one line: {stderr}");
+    for needle in [
+        "staleAfter",
+        "--stale-after",
+        "heartbeatInterval",
+        "--heartbeat-every",
+    ] {
+        assert!(line.contains(needle), "{needle} in: {line}");
+    }
+    assert!(!line.contains('{'), "not a Debug struct: {line}");
+    assert!(
+        !dir.0.join("data").join("registry.redb").exists(),
+        "it stopped before touching the store"
+    );
+}
