@@ -16,9 +16,9 @@ mod common;
 
 use clap::Parser;
 use serde::Deserialize;
+use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::redb::RedbStore;
-use virtual_llm::sse::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::{
     Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, Role, StaticTokens, Store,
     bearer_token,

@@ -13,8 +13,14 @@ pub use virtual_llm_core as core;
 #[cfg(feature = "redb")]
 pub use virtual_llm_redb as redb;
 
-/// The SSE transport: gateway routes, the publisher's `SseWire`, the OpenAI upstream
-/// (feature `sse`).
+/// The OpenAI-compatible upstream: `OpenAiUpstream`, the publisher's `OpenAiProvider`,
+/// the gateway's `OpenAiBackend` (feature `openai`). Without the feature,
+/// `virtual_llm::openai` is the core's module of chat-completion body helpers, which
+/// this crate re-exports too.
+#[cfg(feature = "openai")]
+pub use virtual_llm_openai as openai;
+
+/// The SSE transport: gateway routes and the publisher's `SseWire` (feature `sse`).
 #[cfg(feature = "sse")]
 pub use virtual_llm_sse as sse;
 

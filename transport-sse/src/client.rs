@@ -327,8 +327,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(route).incoming(listener).run());
-        let upstream = crate::OpenAiUpstream::new(&format!("http://{addr}/v1")).unwrap();
-        let provider = crate::OpenAiProvider::new(upstream, "m");
+        let upstream =
+            virtual_llm_openai::OpenAiUpstream::new(&format!("http://{addr}/v1")).unwrap();
+        let provider = virtual_llm_openai::OpenAiProvider::new(upstream, "m");
         let task: virtual_llm_core::protocol::TaskFrame =
             serde_json::from_value(serde_json::json!({
                 "taskId": "task_00000000000000000000000000000000", "kind": "infer", "llm": "demo",

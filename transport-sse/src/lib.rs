@@ -10,19 +10,14 @@
 //! - `server`: serving the routes with `TCP_NODELAY` and a graceful shutdown.
 //! - `client`: the publisher's [`SseWire`], a [`Wire`](virtual_llm_core::publisher::Wire)
 //!   over HTTP for the core's [`Publisher`](virtual_llm_core::Publisher).
-//! - `upstream`: an OpenAI-compatible HTTP upstream (vLLM, llama.cpp, Ollama, LM
-//!   Studio): the publisher's [`OpenAiProvider`] and the gateway's [`OpenAiBackend`]
-//!   for `kind=public` rows.
 
 mod body;
 mod client;
 mod reply;
 mod routes;
 mod server;
-mod upstream;
 
 pub use client::SseWire;
 pub use reply::error as error_response;
 pub use routes::{SESSION_HEADER, api_routes, routes, routes_with};
 pub use server::{LISTEN_BACKLOG, ServeOptions, bind, serve, serve_with};
-pub use upstream::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};
