@@ -103,10 +103,15 @@ impl TestGateway {
         let addr = listener.local_addr().unwrap();
         let url = format!("http://{addr}");
         let (shutdown, mut stop) = watch::channel(false);
-        let routes =
-            virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
+        let routes = virtual_llm::http::routes(
+            gateway.clone(),
+            [
+                virtual_llm::sse::route(gateway.clone()),
+                virtual_llm::ws::route(gateway.clone()),
+            ],
+        );
         let closing = gateway.clone();
-        tokio::spawn(virtual_llm::sse::serve(
+        tokio::spawn(virtual_llm::http::serve(
             listener,
             routes,
             async move {
@@ -370,7 +375,7 @@ impl TestGateway {
             .http
             .post(format!("{}/_provider-task/{task}/result", self.base()))
             .bearer_auth(token(who))
-            .header(virtual_llm::sse::SESSION_HEADER, session)
+            .header(virtual_llm::protocol::SESSION_HEADER, session)
             .json(result)
             .send()
             .await

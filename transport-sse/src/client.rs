@@ -20,7 +20,7 @@ use virtual_llm_core::protocol::{
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
-use crate::routes::SESSION_HEADER;
+use virtual_llm_core::protocol::SESSION_HEADER;
 
 /// Most results put in one body chunk of a task's NDJSON request.
 const RESULTS_PER_WRITE: usize = 64;

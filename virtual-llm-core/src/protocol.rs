@@ -14,6 +14,10 @@ use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 /// The protocol version this crate speaks. A register without `protocolVersion` means 1.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The HTTP header naming the publisher's session on the SSE control stream and on
+/// posted results.
+pub const SESSION_HEADER: &str = "x-provider-session";
+
 /// Longest `type`, `tier` and error message fields accepted from publishers.
 const MAX_LABEL_LEN: usize = 64;
 /// Longest `model` field accepted from publishers.

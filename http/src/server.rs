@@ -79,7 +79,7 @@ pub async fn serve(
 /// How [`serve_with`] treats connections. Start from the default and set fields:
 ///
 /// ```
-/// let mut options = virtual_llm_sse::ServeOptions::default();
+/// let mut options = virtual_llm_http::ServeOptions::default();
 /// options.header_read_timeout = std::time::Duration::from_secs(30);
 /// ```
 #[derive(Clone, Debug)]
