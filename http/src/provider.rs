@@ -3,7 +3,7 @@
 //! NDJSON, each delivered as it arrives).
 
 use bytes::Buf;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use virtual_llm_core::protocol::{HeartbeatRequest, RegisterRequest, TaskResult};
 use virtual_llm_core::{Gateway, TaskId};
 use warp::reply::Response;
@@ -79,9 +79,9 @@ where
                 gw.deliver(&who, &session, &task, result).await?;
                 return Ok(reply::no_content());
             }
-            let mut lines = body::Lines::new(Box::pin(body), limit);
+            let mut lines = std::pin::pin!(body::lines(body, limit));
             while let Some(line) = lines.next().await {
-                let result: TaskResult = body::json(&line?)?;
+                let result: TaskResult = body::json(line?.as_bytes())?;
                 gw.deliver(&who, &session, &task, result).await?;
             }
             Ok(reply::no_content())

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use tokio_util::task::AbortOnDropHandle;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, RegisterRequest, RegisterResponse, TaskResult,
@@ -243,12 +244,12 @@ impl Outbox for SseOutbox {
 /// between two polls of the results. Polled by hyper's connection task as a request
 /// body, it does not get that turn (measured: a 20-chunk burst left as 20 writes), so
 /// a small task reads the results and hands the request the batches. Dropping the
-/// guard (the task was cancelled) stops that task, and with it the upstream call.
+/// handle (the task was cancelled) stops that task, and with it the upstream call.
 fn pumped<S>(
     body: S,
 ) -> (
     impl futures::Stream<Item = S::Item> + Send + 'static,
-    AbortOnDrop,
+    AbortOnDropHandle<()>,
 )
 where
     S: futures::Stream + Send + 'static,
@@ -265,17 +266,8 @@ where
     });
     (
         tokio_stream::wrappers::ReceiverStream::new(rx),
-        AbortOnDrop(pump.abort_handle()),
+        AbortOnDropHandle::new(pump),
     )
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A task's results as NDJSON body chunks: the results ready together (see
