@@ -62,6 +62,36 @@ pub async fn streaming_round_trip(t: &dyn Transport) {
     p.stop().await;
 }
 
+/// A client stream is framed byte for byte as OpenAI frames it: each event one
+/// `data: {…}` line (a space after the colon), the last `data: [DONE]`, so that a
+/// hand-written `startswith("data: ")` parser reads every chunk.
+pub async fn streamed_events_are_framed_as_openai_frames_them(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    let response = gw
+        .post_chat(
+            "client",
+            json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "one two"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(body.ends_with("\n\ndata: [DONE]\n\n"), "{body:?}");
+    let events: Vec<&str> = body.trim_end().split("\n\n").collect();
+    assert_eq!(events.len(), 4, "two words, the closing chunk, [DONE]: {body:?}");
+    for event in &events[..3] {
+        let data = event
+            .strip_prefix("data: {")
+            .unwrap_or_else(|| panic!("not `data: {{…}}`: {event:?}"));
+        assert!(!data.contains('\n'), "one line per event: {event:?}");
+        let chunk: Value = serde_json::from_str(&event["data: ".len()..]).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+    }
+    p.stop().await;
+}
+
 /// The client sees the first chunk while the provider is still working on the next.
 pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transport) {
     let gw = TestGateway::start(Default::default()).await;
@@ -396,6 +426,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $transport;
             non_streaming_round_trip,
             streaming_round_trip,
+            streamed_events_are_framed_as_openai_frames_them,
             chunks_reach_the_client_before_the_provider_finishes,
             concurrent_clients_get_their_own_answers,
             a_stopped_publisher_is_503_at_once_and_its_row_inactive,
