@@ -10,6 +10,7 @@ use warp::reply::Response;
 
 use crate::error::respond;
 use crate::extract::principal;
+use crate::server::CloseConnection;
 use crate::{body, reply, stream};
 
 /// `GET {base}`: the registry rows the caller may see.
@@ -35,11 +36,13 @@ pub(crate) async fn get(name: String, gw: Gateway, auth: Option<String>) -> Resp
 }
 
 /// `POST {base}/{name}/infer` (`name` given) or `POST /v1/chat/completions` (the
-/// body's `model`): the completion, or its stream.
+/// body's `model`): the completion, or its stream. `close` is the connection's, if
+/// any, for a stream that fails midway.
 pub(crate) async fn infer<S, B>(
     name: Option<String>,
     gw: Gateway,
     auth: Option<String>,
+    close: Option<CloseConnection>,
     body: S,
 ) -> Response
 where
@@ -57,7 +60,7 @@ where
             };
             Ok(match gw.infer(&who, request).await? {
                 Reply::Complete(c) => reply::json(c.status, &c.body),
-                Reply::Stream(chunks) => stream::chunk_stream(chunks),
+                Reply::Stream(chunks) => stream::chunk_stream(chunks, close),
             })
         }
         .await,

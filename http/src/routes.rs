@@ -25,6 +25,7 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
 use crate::extract::{authorization, base_path, session_header};
+use crate::server::CloseConnection;
 use crate::{client, error, provider};
 
 /// Every route of the gateway: the control `channels` of the transports, the routes of
@@ -118,14 +119,18 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::post())
         .and(gw.clone())
         .and(authorization())
+        .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
-        .then(|name: String, gw, auth, body| client::infer(Some(name), gw, auth, body));
+        .then(|name: String, gw, auth, close, body| {
+            client::infer(Some(name), gw, auth, close, body)
+        });
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(gw.clone())
         .and(authorization())
+        .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
-        .then(|gw, auth, body| client::infer(None, gw, auth, body));
+        .then(|gw, auth, close, body| client::infer(None, gw, auth, close, body));
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(gw)

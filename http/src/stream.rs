@@ -1,7 +1,8 @@
 //! The client's side of a streamed chat completion, framed byte for byte as OpenAI
 //! frames it: each chunk a `data: {…}` event (a space after the colon: hand-written
 //! `startswith("data: ")` parsers rely on it), then `data: [DONE]`; a failure midway
-//! sends one `event: error` with the OpenAI error body and ends the stream, never hangs.
+//! sends one `event: error` with the OpenAI error body, ends the response, and closes
+//! its HTTP/1 connection (see `CloseConnection` in `server`): never hangs.
 
 use std::convert::Infallible;
 
@@ -12,22 +13,32 @@ use virtual_llm_core::ChunkStream;
 use warp::reply::Response;
 
 use crate::reply::event_stream;
+use crate::server::CloseConnection;
 
 /// The payload of the event that ends a successful stream.
 const DONE: &str = "[DONE]";
 
-/// The response streaming `chunks` to the client.
-pub(crate) fn chunk_stream(chunks: ChunkStream) -> Response {
-    let events = futures::stream::unfold(Some(chunks), |state| async move {
-        let mut chunks = state?;
-        match chunks.next().await {
-            Some(Ok(data)) => Some((event(None, &data), Some(chunks))),
-            Some(Err(e)) => {
-                tracing::debug!(error = %e, "stream failed midway");
-                let body = serde_json::to_string(&e.to_body()).unwrap_or_else(|_| "{}".to_owned());
-                Some((event(Some("error"), &body), None))
+/// The response streaming `chunks` to the client. After an `error` event the stream
+/// ends, and `close` (the connection's, when served by [`serve`](crate::serve)) closes
+/// the connection once the response is out.
+pub(crate) fn chunk_stream(chunks: ChunkStream, close: Option<CloseConnection>) -> Response {
+    let events = futures::stream::unfold(Some(chunks), move |state| {
+        let close = close.clone();
+        async move {
+            let mut chunks = state?;
+            match chunks.next().await {
+                Some(Ok(data)) => Some((event(None, &data), Some(chunks))),
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "stream failed midway");
+                    let body =
+                        serde_json::to_string(&e.to_body()).unwrap_or_else(|_| "{}".to_owned());
+                    if let Some(close) = close {
+                        close.after_this_response();
+                    }
+                    Some((event(Some("error"), &body), None))
+                }
+                None => Some((event(None, DONE), None)),
             }
-            None => Some((event(None, DONE), None)),
         }
     })
     .map(Ok::<_, Infallible>);
