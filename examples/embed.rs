@@ -41,22 +41,24 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         .await?;
     let _gc = gateway.spawn_gc();
 
-    // Your own routes, mounted beside the WebSocket route; the SSE and OpenAI routes
-    // and the OpenAI-shaped 404 come with routes_with.
-    let health = warp::path!("healthz").map(|| warp::reply::Reply::into_response("ok"));
-    let extra = virtual_llm::ws::route(gateway.clone())
-        .or(health)
-        .unify()
+    // Your own routes, tried first; then both transports' control channels, the client
+    // and provider routes, and the OpenAI-shaped 404 for anything else.
+    let health = warp::path!("healthz")
+        .map(|| warp::reply::Reply::into_response("ok"))
         .boxed();
-    let routes = virtual_llm::sse::routes_with(gateway.clone(), extra);
+    let channels = [
+        virtual_llm::sse::route(gateway.clone()),
+        virtual_llm::ws::route(gateway.clone()),
+    ];
+    let routes = virtual_llm::http::routes_with(gateway.clone(), channels, health);
 
-    // `sse::bind` asks for a listen backlog that survives a fleet reconnecting at once.
-    let listener = virtual_llm::sse::bind(([127, 0, 0, 1], 8090).into())?;
+    // `http::bind` asks for a listen backlog that survives a fleet reconnecting at once.
+    let listener = virtual_llm::http::bind(([127, 0, 0, 1], 8090).into())?;
     let draining = gateway.clone();
     let stop = async move {
         common::shutdown_signal().await;
         draining.drain(Duration::from_secs(10)).await;
     };
-    virtual_llm::sse::serve(listener, routes, stop, Duration::from_secs(10)).await;
+    virtual_llm::http::serve(listener, routes, stop, Duration::from_secs(10)).await;
     Ok(())
 }

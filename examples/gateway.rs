@@ -16,9 +16,9 @@ mod common;
 
 use clap::Parser;
 use serde::Deserialize;
+use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::redb::RedbStore;
-use virtual_llm::sse::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::{
     Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, Role, StaticTokens, Store,
     bearer_token,
@@ -184,7 +184,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     virtual_llm::metrics::describe();
 
     let listener =
-        virtual_llm::sse::bind(args.listen).map_err(|e| format!("{}: {e}", args.listen))?;
+        virtual_llm::http::bind(args.listen).map_err(|e| format!("{}: {e}", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
         data = %store.path().display(),
@@ -193,12 +193,13 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     );
     let closing = gateway.clone();
     let grace = args.grace;
-    let extra = virtual_llm::ws::route(gateway.clone())
-        .or(metrics_route(gateway.clone(), prometheus))
-        .unify()
-        .boxed();
-    let routes = virtual_llm::sse::routes_with(gateway.clone(), extra);
-    virtual_llm::sse::serve(
+    let channels = [
+        virtual_llm::sse::route(gateway.clone()),
+        virtual_llm::ws::route(gateway.clone()),
+    ];
+    let metrics = metrics_route(gateway.clone(), prometheus);
+    let routes = virtual_llm::http::routes_with(gateway.clone(), channels, metrics);
+    virtual_llm::http::serve(
         listener,
         routes,
         async move {
@@ -270,7 +271,7 @@ fn metrics_route(
                     .await
                     .and_then(|who| who.require(Role::Admin));
                 if let Err(e) = allowed {
-                    return virtual_llm::sse::error_response(&e);
+                    return virtual_llm::http::error_response(&e);
                 }
                 if let Err(e) = gateway.refresh_gauges().await {
                     tracing::warn!(error = %e, "gauges not refreshed");

@@ -19,9 +19,10 @@ use std::sync::Arc;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
+use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::publisher::{PublisherState, Wire};
-use virtual_llm::sse::{OpenAiProvider, OpenAiUpstream, SseWire};
+use virtual_llm::sse::SseWire;
 use virtual_llm::{
     EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
     SessionFileLock,

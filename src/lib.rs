@@ -1,7 +1,7 @@
 //! virtual-llm: publish locally hosted LLMs into a central gateway's registry.
 //!
-//! This facade re-exports [`virtual_llm_core`] (always) and the transport and store
-//! crates behind features, so an application adds one dependency.
+//! This facade re-exports [`virtual_llm_core`] (always) and the HTTP, OpenAI,
+//! transport and store crates behind features, so an application adds one dependency.
 
 pub use virtual_llm_core::*;
 
@@ -13,12 +13,24 @@ pub use virtual_llm_core as core;
 #[cfg(feature = "redb")]
 pub use virtual_llm_redb as redb;
 
-/// The SSE transport: gateway routes, the publisher's `SseWire`, the OpenAI upstream
-/// (feature `sse`).
+/// The gateway's HTTP surface: client and provider routes, composed with the
+/// transports' control channels; errors as responses; the server loop (feature `http`).
+#[cfg(feature = "http")]
+pub use virtual_llm_http as http;
+
+/// The OpenAI-compatible upstream: `OpenAiUpstream`, the publisher's `OpenAiProvider`,
+/// the gateway's `OpenAiBackend` (feature `openai`). Without the feature,
+/// `virtual_llm::openai` is the core's module of chat-completion body helpers, which
+/// this crate re-exports too.
+#[cfg(feature = "openai")]
+pub use virtual_llm_openai as openai;
+
+/// The SSE transport: the control-stream route and the publisher's `SseWire` (feature
+/// `sse`).
 #[cfg(feature = "sse")]
 pub use virtual_llm_sse as sse;
 
-/// The WebSocket transport: the gateway route and the publisher's `WsWire` (feature
-/// `ws`).
+/// The WebSocket transport: the control-socket route and the publisher's `WsWire`
+/// (feature `ws`).
 #[cfg(feature = "ws")]
 pub use virtual_llm_ws as ws;

@@ -38,7 +38,7 @@ use virtual_llm::{
 // The transports under test, shared with the conformance suite.
 use conformance::harness::{SseTransport as Sse, WsTransport as Ws};
 
-const SESSION: &str = virtual_llm::sse::SESSION_HEADER;
+const SESSION: &str = virtual_llm::protocol::SESSION_HEADER;
 /// The longest error message a refusal may carry: errors never echo unbounded input.
 const MAX_MESSAGE: usize = 1024;
 const MB: usize = 1 << 20;
@@ -1178,7 +1178,7 @@ async fn a_bad_frame_after_good_results_delivers_them_then_one_error() {
 // ---------------------------------------------------------------------------------
 
 /// A gateway served with `options`, as the test harness serves one.
-async fn serve_with(options: virtual_llm::sse::ServeOptions) -> (String, Gateway) {
+async fn serve_with(options: virtual_llm::http::ServeOptions) -> (String, Gateway) {
     let auth = StaticTokens::new()
         .with(token("alice"), Principal::new("alice", [Role::Publisher]))
         .with(token("client"), Principal::new("client", [Role::Client]));
@@ -1189,9 +1189,14 @@ async fn serve_with(options: virtual_llm::sse::ServeOptions) -> (String, Gateway
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
-    let routes =
-        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
-    tokio::spawn(virtual_llm::sse::serve_with(
+    let routes = virtual_llm::http::routes(
+        gateway.clone(),
+        [
+            virtual_llm::sse::route(gateway.clone()),
+            virtual_llm::ws::route(gateway.clone()),
+        ],
+    );
+    tokio::spawn(virtual_llm::http::serve_with(
         listener,
         routes,
         std::future::pending(),
@@ -1223,7 +1228,7 @@ async fn read_until_closed(stream: &mut TcpStream) -> usize {
 #[tokio::test]
 async fn slowloris_clients_do_not_block_others_and_are_cut_off() {
     let timeout = Duration::from_secs(10);
-    let mut options = virtual_llm::sse::ServeOptions::default();
+    let mut options = virtual_llm::http::ServeOptions::default();
     options.header_read_timeout = timeout;
     let (addr, _gateway) = serve_with(options).await;
     let started = tokio::time::Instant::now();
@@ -1351,9 +1356,9 @@ async fn read_until_closed_half(stream: &mut tokio::net::tcp::OwnedReadHalf) -> 
 /// idle keep-alive connection are closed once it passes. Paused time: no waiting.
 #[tokio::test(start_paused = true)]
 async fn the_default_server_cuts_off_silent_connections() {
-    let default = virtual_llm::sse::ServeOptions::default().header_read_timeout;
+    let default = virtual_llm::http::ServeOptions::default().header_read_timeout;
     assert_eq!(default, Duration::from_secs(75));
-    let (addr, _gateway) = serve_with(virtual_llm::sse::ServeOptions::default()).await;
+    let (addr, _gateway) = serve_with(virtual_llm::http::ServeOptions::default()).await;
     let started = tokio::time::Instant::now();
     let mut silent = TcpStream::connect(&addr).await.unwrap();
     tokio::time::timeout(default * 2, read_until_closed(&mut silent))

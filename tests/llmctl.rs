@@ -142,9 +142,9 @@ impl Setup {
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (shutdown, mut stop) = watch::channel(false);
         let closing = gateway.clone();
-        tokio::spawn(virtual_llm::sse::serve(
+        tokio::spawn(virtual_llm::http::serve(
             listener,
-            virtual_llm::sse::routes(gateway),
+            virtual_llm::http::routes(gateway.clone(), [virtual_llm::sse::route(gateway)]),
             async move {
                 let _ = stop.wait_for(|s| *s).await;
                 closing.close_channels("test over");

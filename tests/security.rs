@@ -26,7 +26,7 @@ use virtual_llm::{Config, EchoProvider, Error, LlmRecord, Provider, Reply, Sessi
 // The transports under test, shared with the conformance suite.
 use conformance::harness::{SseTransport as Sse, WsTransport as Ws};
 
-const SESSION: &str = virtual_llm::sse::SESSION_HEADER;
+const SESSION: &str = virtual_llm::protocol::SESSION_HEADER;
 
 // ---------------------------------------------------------------------------------
 // Helpers: raw HTTP and raw WebSocket access, and a snapshot of everything a refusal
@@ -698,9 +698,14 @@ async fn an_admin_publishes_and_calls_but_adopts_no_one_elses_rows() {
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
-    let routes =
-        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
-    let server = tokio::spawn(virtual_llm::sse::serve(
+    let routes = virtual_llm::http::routes(
+        gateway.clone(),
+        [
+            virtual_llm::sse::route(gateway.clone()),
+            virtual_llm::ws::route(gateway.clone()),
+        ],
+    );
+    let server = tokio::spawn(virtual_llm::http::serve(
         listener,
         routes,
         std::future::pending(),

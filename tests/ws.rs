@@ -280,9 +280,14 @@ async fn a_publisher_that_has_its_registered_frame_is_already_reachable() {
         listener.local_addr().unwrap(),
         gateway.config().base_path
     );
-    let routes =
-        virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
-    let server = tokio::spawn(virtual_llm::sse::serve(
+    let routes = virtual_llm::http::routes(
+        gateway.clone(),
+        [
+            virtual_llm::sse::route(gateway.clone()),
+            virtual_llm::ws::route(gateway.clone()),
+        ],
+    );
+    let server = tokio::spawn(virtual_llm::http::serve(
         listener,
         routes,
         std::future::pending(),

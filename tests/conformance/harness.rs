@@ -103,10 +103,15 @@ impl TestGateway {
         let addr = listener.local_addr().unwrap();
         let url = format!("http://{addr}");
         let (shutdown, mut stop) = watch::channel(false);
-        let routes =
-            virtual_llm::sse::routes_with(gateway.clone(), virtual_llm::ws::route(gateway.clone()));
+        let routes = virtual_llm::http::routes(
+            gateway.clone(),
+            [
+                virtual_llm::sse::route(gateway.clone()),
+                virtual_llm::ws::route(gateway.clone()),
+            ],
+        );
         let closing = gateway.clone();
-        tokio::spawn(virtual_llm::sse::serve(
+        tokio::spawn(virtual_llm::http::serve(
             listener,
             routes,
             async move {
@@ -274,6 +279,29 @@ impl TestGateway {
         }
     }
 
+    /// A streaming chat request written by hand on a connection of its own, as a raw
+    /// HTTP/1.1 client sends it: no `Connection: close`, so the server may keep the
+    /// connection open after the response.
+    pub async fn raw_chat_stream(&self, who: &str, model: &str) -> RawResponse {
+        use tokio::io::AsyncWriteExt;
+        let body =
+            json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "x"}]})
+                .to_string();
+        let request = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            self.addr,
+            token(who),
+            body.len()
+        );
+        let mut socket = connect_with_recv_buffer(self.addr, None).await;
+        socket.write_all(request.as_bytes()).await.unwrap();
+        RawResponse {
+            socket,
+            received: Vec::new(),
+        }
+    }
+
     pub async fn get_json(&self, who: &str, path: &str) -> Value {
         let response = self
             .http
@@ -370,7 +398,7 @@ impl TestGateway {
             .http
             .post(format!("{}/_provider-task/{task}/result", self.base()))
             .bearer_auth(token(who))
-            .header(virtual_llm::sse::SESSION_HEADER, session)
+            .header(virtual_llm::protocol::SESSION_HEADER, session)
             .json(result)
             .send()
             .await
@@ -417,6 +445,36 @@ impl SseReader {
             );
         }
         panic!("the stream ended without [DONE]")
+    }
+}
+
+/// The bytes of an HTTP response as they come off the socket, chunked encoding and all.
+pub struct RawResponse {
+    socket: tokio::net::TcpStream,
+    pub received: Vec<u8>,
+}
+
+impl RawResponse {
+    /// Reads until `needle` has arrived; panics if the connection closes first.
+    pub async fn read_until(&mut self, needle: &str) {
+        use tokio::io::AsyncReadExt;
+        while !String::from_utf8_lossy(&self.received).contains(needle) {
+            let mut buf = [0u8; 4096];
+            let n = self.socket.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed before {needle:?}: {}", self.text());
+            self.received.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Reads until the server closes the connection; everything received, as text.
+    pub async fn read_to_close(&mut self) -> String {
+        use tokio::io::AsyncReadExt;
+        self.socket.read_to_end(&mut self.received).await.unwrap();
+        self.text()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.received).into_owned()
     }
 }
 
@@ -647,6 +705,38 @@ impl Provider for Gated {
         Ok(Reply::Stream(
             futures::stream::once(async move { Ok(first) })
                 .chain(rest)
+                .boxed(),
+        ))
+    }
+}
+
+/// Streams "first", then waits until released, then fails as an upstream that broke
+/// off would (the publisher reports an error mid-stream).
+#[derive(Debug, Default)]
+pub struct FailsWhenReleased {
+    gate: Arc<Notify>,
+}
+
+impl FailsWhenReleased {
+    pub fn release(&self) {
+        self.gate.notify_one();
+    }
+}
+
+#[async_trait]
+impl Provider for FailsWhenReleased {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let gate = self.gate.clone();
+        let first = chunk(&task, "first");
+        let failure = futures::stream::once(async move {
+            gate.notified().await;
+            Err(Error::Upstream {
+                message: "the model crashed".into(),
+            })
+        });
+        Ok(Reply::Stream(
+            futures::stream::once(async move { Ok(first) })
+                .chain(failure)
                 .boxed(),
         ))
     }

@@ -63,6 +63,40 @@ pub async fn streaming_round_trip(t: &dyn Transport) {
     p.stop().await;
 }
 
+/// A client stream is framed byte for byte as OpenAI frames it: each event one
+/// `data: {…}` line (a space after the colon), the last `data: [DONE]`, so that a
+/// hand-written `startswith("data: ")` parser reads every chunk.
+pub async fn streamed_events_are_framed_as_openai_frames_them(t: &dyn Transport) {
+    let gw = TestGateway::start(Default::default()).await;
+    let p = gw
+        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
+        .await;
+    let response = gw
+        .post_chat(
+            "client",
+            json!({"model": "echo", "stream": true, "messages": [{"role": "user", "content": "one two"}]}),
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    let body = String::from_utf8(response.bytes().await.unwrap().to_vec()).unwrap();
+    assert!(body.ends_with("\n\ndata: [DONE]\n\n"), "{body:?}");
+    let events: Vec<&str> = body.trim_end().split("\n\n").collect();
+    assert_eq!(
+        events.len(),
+        4,
+        "two words, the closing chunk, [DONE]: {body:?}"
+    );
+    for event in &events[..3] {
+        let data = event
+            .strip_prefix("data: {")
+            .unwrap_or_else(|| panic!("not `data: {{…}}`: {event:?}"));
+        assert!(!data.contains('\n'), "one line per event: {event:?}");
+        let chunk: Value = serde_json::from_str(&event["data: ".len()..]).unwrap();
+        assert_eq!(chunk["object"], "chat.completion.chunk");
+    }
+    p.stop().await;
+}
+
 /// The client sees the first chunk while the provider is still working on the next.
 pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transport) {
     let gw = TestGateway::start(Default::default()).await;
@@ -79,6 +113,56 @@ pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transp
     let second = stream.next_data().await.unwrap();
     assert!(second.contains("second"), "{second}");
     assert_eq!(stream.next_data().await.as_deref(), Some("[DONE]"));
+    p.stop().await;
+}
+
+/// A stream that fails midway (the publisher reports an error after the first chunk,
+/// or its channel is lost) ends with one `error` event, then the response ends and
+/// the connection closes: a raw HTTP/1.1 client reading to the end of the connection
+/// gets there, rather than waiting on a kept-alive connection. Runs under paused
+/// time, so the guard turns a connection left open into a failure at once (it
+/// expires before the server's 75 s idle timeout would close the connection).
+pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport) {
+    /// The error event's OpenAI error code, after checking the response ended (the
+    /// last chunk of the chunked body) before the connection closed.
+    async fn error_then_close(raw: &mut RawResponse) -> Value {
+        let guard = std::time::Duration::from_secs(60);
+        let text = tokio::time::timeout(guard, raw.read_to_close())
+            .await
+            .expect("the connection closes after the error event");
+        assert!(text.ends_with("\r\n0\r\n\r\n"), "the body ends: {text:?}");
+        let (_, data) = text
+            .split_once("event: error\ndata: ")
+            .unwrap_or_else(|| panic!("an error event: {text:?}"));
+        let data = data.split('\n').next().unwrap();
+        serde_json::from_str::<Value>(data).unwrap()["error"]["code"].clone()
+    }
+
+    let gw = TestGateway::start(Default::default()).await;
+    let failing = Arc::new(FailsWhenReleased::default());
+    let p = gw.publish(t, "alice", &["failing"], failing.clone()).await;
+    let mut raw = gw.raw_chat_stream("client", "failing").await;
+    raw.read_until("first").await;
+    failing.release();
+    assert_eq!(error_then_close(&mut raw).await, "upstream_error");
+    p.stop().await;
+
+    let proxy = gw.proxy().await;
+    let hanging = Arc::new(Hanging::default());
+    let p = gw
+        .publish_at(
+            &proxy.url,
+            t,
+            "alice",
+            &["slow"],
+            hanging,
+            PublisherOptions::default(),
+        )
+        .await;
+    let mut raw = gw.raw_chat_stream("client", "slow").await;
+    raw.read_until("first").await;
+    proxy.kill();
+    assert_eq!(error_then_close(&mut raw).await, "llm_unavailable");
     p.stop().await;
 }
 
@@ -424,6 +508,7 @@ macro_rules! conformance_tests {
         $crate::conformance_tests!(@cases $transport;
             non_streaming_round_trip,
             streaming_round_trip,
+            streamed_events_are_framed_as_openai_frames_them,
             chunks_reach_the_client_before_the_provider_finishes,
             concurrent_clients_get_their_own_answers,
             a_stopped_publisher_is_503_at_once_and_its_row_inactive,
@@ -439,6 +524,11 @@ macro_rules! conformance_tests {
         #[tokio::test(start_paused = true)]
         async fn a_deadline_answers_504_and_cancels() {
             conformance::a_deadline_answers_504_and_cancels(&$transport).await;
+        }
+
+        #[tokio::test(start_paused = true)]
+        async fn a_stream_failing_midway_ends_and_closes() {
+            conformance::a_stream_failing_midway_ends_and_closes(&$transport).await;
         }
 
         $(

@@ -101,7 +101,7 @@ impl RawTransport for SseTransport {
         ))
         .header("host", gw.addr.to_string())
         .header("authorization", format!("Bearer {}", token(who)))
-        .header(virtual_llm::sse::SESSION_HEADER, session.as_str())
+        .header(virtual_llm::protocol::SESSION_HEADER, session.as_str())
         .header("accept", "text/event-stream")
         .body(Empty::<bytes::Bytes>::new())
         .unwrap();

@@ -13,6 +13,7 @@ use bytes::Bytes;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use tokio_util::task::AbortOnDropHandle;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     ErrorBody, GatewayFrame, HeartbeatRequest, PROTOCOL_HEADER, RegisterRequest, RegisterResponse,
@@ -21,7 +22,7 @@ use virtual_llm_core::protocol::{
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
-use crate::routes::SESSION_HEADER;
+use virtual_llm_core::protocol::SESSION_HEADER;
 
 /// Most results put in one body chunk of a task's NDJSON request.
 const RESULTS_PER_WRITE: usize = 64;
@@ -253,12 +254,12 @@ impl Outbox for SseOutbox {
 /// between two polls of the results. Polled by hyper's connection task as a request
 /// body, it does not get that turn (measured: a 20-chunk burst left as 20 writes), so
 /// a small task reads the results and hands the request the batches. Dropping the
-/// guard (the task was cancelled) stops that task, and with it the upstream call.
+/// handle (the task was cancelled) stops that task, and with it the upstream call.
 fn pumped<S>(
     body: S,
 ) -> (
     impl futures::Stream<Item = S::Item> + Send + 'static,
-    AbortOnDrop,
+    AbortOnDropHandle<()>,
 )
 where
     S: futures::Stream + Send + 'static,
@@ -275,17 +276,8 @@ where
     });
     (
         tokio_stream::wrappers::ReceiverStream::new(rx),
-        AbortOnDrop(pump.abort_handle()),
+        AbortOnDropHandle::new(pump),
     )
-}
-
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 /// A task's results as NDJSON body chunks: the results ready together (see
@@ -337,8 +329,9 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(route).incoming(listener).run());
-        let upstream = crate::OpenAiUpstream::new(&format!("http://{addr}/v1")).unwrap();
-        let provider = crate::OpenAiProvider::new(upstream, "m");
+        let upstream =
+            virtual_llm_openai::OpenAiUpstream::new(&format!("http://{addr}/v1")).unwrap();
+        let provider = virtual_llm_openai::OpenAiProvider::new(upstream, "m");
         let task: virtual_llm_core::protocol::TaskFrame =
             serde_json::from_value(serde_json::json!({
                 "taskId": "task_00000000000000000000000000000000", "kind": "infer", "llm": "demo",

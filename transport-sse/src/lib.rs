@@ -1,28 +1,16 @@
-//! The SSE transport of virtual-llm: the gateway's HTTP routes (warp) and the
-//! publisher's client (reqwest), with the control channel as a server-sent event
-//! stream and results posted back as NDJSON.
+//! The SSE transport of virtual-llm: the control channel as a server-sent event stream
+//! the publisher holds open, results posted back as NDJSON.
 //!
 //! # Layout
-//! - `routes`: every gateway route of SPEC §5 except the WebSocket one, as warp
-//!   filters over a core [`Gateway`](virtual_llm_core::Gateway).
-//! - `reply`, `body`: responses (OpenAI-shaped errors, streams) and size-limited
-//!   request bodies.
-//! - `server`: serving the routes with `TCP_NODELAY` and a graceful shutdown.
+//! - `route`: the gateway's side, the warp filter at `{base}/_provider-stream`, which
+//!   `virtual-llm-http`'s `routes` mounts beside the other routes (registration,
+//!   heartbeats and results are plain HTTP routes of that crate).
 //! - `client`: the publisher's [`SseWire`], a [`Wire`](virtual_llm_core::publisher::Wire)
 //!   over HTTP for the core's [`Publisher`](virtual_llm_core::Publisher).
-//! - `upstream`: an OpenAI-compatible HTTP upstream (vLLM, llama.cpp, Ollama, LM
-//!   Studio): the publisher's [`OpenAiProvider`] and the gateway's [`OpenAiBackend`]
-//!   for `kind=public` rows.
 
-mod body;
 mod client;
-mod reply;
-mod routes;
-mod server;
-mod upstream;
+mod route;
 
 pub use client::SseWire;
-pub use reply::error as error_response;
-pub use routes::{SESSION_HEADER, api_routes, routes, routes_with};
-pub use server::{LISTEN_BACKLOG, ServeOptions, bind, serve, serve_with};
-pub use upstream::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};
+pub use route::route;
+pub use virtual_llm_core::protocol::SESSION_HEADER;

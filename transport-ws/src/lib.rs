@@ -2,7 +2,8 @@
 //! socket (SPEC §5, "WebSocket frames").
 //!
 //! # Layout
-//! - `route`: the gateway's warp filter at `{base}/_provider-ws`: authentication
+//! - `route`: the gateway's warp filter at `{base}/_provider-ws`, which
+//!   `virtual-llm-http`'s `routes` mounts beside the other routes: authentication
 //!   before the upgrade, then the upgrade with explicit buffer sizes.
 //! - `session`: one publisher's socket on the gateway: register first, then tasks,
 //!   cancels, heartbeats and results; ping/pong; unbind on close.

@@ -1,6 +1,7 @@
 //! The gateway side: the warp filter at `{base}/_provider-ws`.
 //!
-//! The caller is authenticated before the upgrade (a bad token is a plain 401). The
+//! The caller is authenticated before the upgrade (a bad token is a plain 401, answered
+//! by `virtual-llm-http`'s `error_response` like every other refusal). The
 //! upgrade itself is done here rather than with `warp::ws()`, which cannot set
 //! tungstenite's buffer sizes; the socket then belongs to a
 //! [`session`](crate::session) loop.
@@ -16,29 +17,29 @@ use hyper_util::rt::TokioIo;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role as WsRole;
-use virtual_llm_core::{Error, Gateway, Role, bearer_token};
+use virtual_llm_core::{Error, Gateway, Role};
+use virtual_llm_http::{authorization, base_path, error_response, principal};
 use warp::Filter;
 use warp::filters::BoxedFilter;
-use warp::reply::{Reply, Response};
+use warp::reply::Response;
 
 use crate::config::{CREDITS_HEADER, socket_config};
 
-/// The WebSocket route, under the gateway's configured base path. Mount it beside the
-/// SSE routes, e.g. with `virtual_llm_sse::routes_with(gateway, route(gateway))`.
+/// The WebSocket control channel, `GET {base}/_provider-ws` under the gateway's
+/// configured base path. Mount it with `virtual-llm-http`'s routes:
+///
+/// ```no_run
+/// # fn run(gateway: virtual_llm_core::Gateway) {
+/// let routes = virtual_llm_http::routes(gateway.clone(), [virtual_llm_ws::route(gateway)]);
+/// # }
+/// ```
 pub fn route(gateway: Gateway) -> BoxedFilter<(Response,)> {
-    let base = gateway
-        .config()
-        .base_path
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .fold(warp::any().boxed(), |f, segment| {
-            f.and(warp::path(segment.to_owned())).boxed()
-        });
+    let base = base_path(&gateway.config().base_path);
     let gateway = Arc::new(gateway);
     base.and(warp::path!("_provider-ws"))
         .and(warp::get())
         .and(warp::any().map(move || gateway.clone()))
-        .and(warp::header::optional::<String>("authorization"))
+        .and(authorization())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<OnUpgrade>())
         .then(upgrade)
@@ -51,14 +52,12 @@ async fn upgrade(
     headers: HeaderMap,
     on_upgrade: Option<OnUpgrade>,
 ) -> Response {
-    let token = authorization.as_deref().and_then(bearer_token);
-    let principal = match gateway
-        .authenticate(token)
+    let principal = match principal(&gateway, authorization.as_deref())
         .await
         .and_then(|p| p.require(Role::Publisher).map(|()| p))
     {
         Ok(p) => p,
-        Err(e) => return error(&e),
+        Err(e) => return error_response(&e),
     };
     let is_upgrade = headers
         .get(CONNECTION)
@@ -77,7 +76,7 @@ async fn upgrade(
     let (Some(key), Some(on_upgrade), true) =
         (headers.get(SEC_WEBSOCKET_KEY), on_upgrade, is_upgrade)
     else {
-        return error(&Error::invalid(
+        return error_response(&Error::invalid(
             "this route takes a WebSocket upgrade (version 13)",
         ));
     };
@@ -112,19 +111,6 @@ async fn upgrade(
     }
     if let Some(window) = window {
         h.insert(CREDITS_HEADER, HeaderValue::from(window));
-    }
-    response
-}
-
-/// An OpenAI-shaped error answer, before any upgrade.
-fn error(e: &Error) -> Response {
-    let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let mut response =
-        warp::reply::with_status(warp::reply::json(&e.to_body()), status).into_response();
-    for (name, value) in e.response_headers() {
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            response.headers_mut().insert(name, value);
-        }
     }
     response
 }

@@ -35,6 +35,10 @@ pub fn negotiate(requested: Option<u32>) -> Option<u32> {
         .then_some(version)
 }
 
+/// The HTTP header naming the publisher's session on the SSE control stream and on
+/// posted results.
+pub const SESSION_HEADER: &str = "x-provider-session";
+
 /// Longest `type`, `tier` and error message fields accepted from publishers.
 const MAX_LABEL_LEN: usize = 64;
 /// Longest `model` field accepted from publishers.

@@ -30,7 +30,7 @@ use virtual_llm_core::{
     ChunkStream, Completion, Error, InferRequest, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus,
     Provider, PublicBackend, Reply, TaskId, Timestamp,
 };
-use virtual_llm_sse::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};
+use virtual_llm_openai::{OpenAiBackend, OpenAiProvider, OpenAiUpstream};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::http::StatusCode;

@@ -23,7 +23,7 @@ use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
@@ -79,7 +79,7 @@ pub async fn serve(
 /// How [`serve_with`] treats connections. Start from the default and set fields:
 ///
 /// ```
-/// let mut options = virtual_llm_sse::ServeOptions::default();
+/// let mut options = virtual_llm_http::ServeOptions::default();
 /// options.header_read_timeout = std::time::Duration::from_secs(30);
 /// ```
 #[derive(Clone, Debug)]
@@ -145,12 +145,15 @@ pub async fn serve_with(
                     tracing::debug!(%peer, error = %e, "could not set TCP_NODELAY");
                 }
                 let requested = Arc::new(AtomicBool::new(false));
-                let service = FirstRequest {
+                let close = CloseConnection::default();
+                let service = Tracked {
                     inner: TowerToHyperService::new(service.clone()),
                     requested: requested.clone(),
+                    close: close.clone(),
                 };
                 let connection = Connection {
                     builders: builders.clone(),
+                    close,
                     stop: stop.subscribe(),
                     _done: done.clone(),
                 };
@@ -192,6 +195,8 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// One accepted connection, before it knows its HTTP version.
 struct Connection {
     builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
+    /// Asked by a response to close this connection once it has been sent.
+    close: CloseConnection,
     /// Turns `true` when the server shuts down.
     stop: watch::Receiver<bool>,
     /// Dropped when the connection ends; see `serve_with`.
@@ -202,7 +207,10 @@ type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Connection {
     /// Serves HTTP/1 (with upgrades) or HTTP/2 until the connection ends, or shuts it
-    /// down gracefully when the server stops.
+    /// down gracefully when the server stops, or (HTTP/1) once the response that asked
+    /// for it through [`CloseConnection`] has been sent. On HTTP/2 that request is
+    /// ignored: a response's end is explicit there, and other requests share the
+    /// connection.
     ///
     /// The version is told by *peeking* at the first bytes. hyper-util's `auto`
     /// builder reads them instead and hands them back to hyper as a 24-byte first
@@ -229,19 +237,23 @@ impl Connection {
         // No HTTP/1 method starts like the preface, so its first bytes are enough.
         if first[..n] == H2_PREFACE[..n] {
             let connection = http2.serve_connection(io, service);
-            until_done(connection, self.stop, |c| c.graceful_shutdown()).await
+            let never = std::future::pending();
+            until_done(connection, self.stop, never, |c| c.graceful_shutdown()).await
         } else {
             let connection = http1.serve_connection(io, service).with_upgrades();
-            until_done(connection, self.stop, |c| c.graceful_shutdown()).await
+            let close = self.close.0.notified();
+            until_done(connection, self.stop, close, |c| c.graceful_shutdown()).await
         }
     }
 }
 
-/// Drives `connection` to its end; once the server stops, starts its graceful shutdown
-/// (`shutdown`: hyper's, for that connection type) and lets it finish.
+/// Drives `connection` to its end; once the server stops or `close` resolves, starts
+/// its graceful shutdown (`shutdown`: hyper's, for that connection type: a response in
+/// flight is finished, then the connection closes) and lets it finish.
 async fn until_done<C>(
     connection: C,
     mut stop: watch::Receiver<bool>,
+    close: impl Future<Output = ()>,
     shutdown: impl FnOnce(Pin<&mut C>),
 ) -> Result<(), ConnectionError>
 where
@@ -251,27 +263,49 @@ where
     tokio::select! {
         ended = &mut connection => return ended.map_err(Into::into),
         _ = stop.wait_for(|stop| *stop) => shutdown(connection.as_mut()),
+        () = close => shutdown(connection.as_mut()),
     }
     connection.await.map_err(Into::into)
 }
 
-/// A connection's service that notes when its first request arrives.
-#[derive(Clone)]
-struct FirstRequest<S> {
-    inner: S,
-    requested: Arc<AtomicBool>,
+/// Asks the HTTP/1 connection a request arrived on to close once the response in
+/// flight has been sent, instead of waiting for the client's next request. [`serve_with`]
+/// puts one in every request's extensions (`warp::ext::optional`); a route served by
+/// another server finds none.
+///
+/// A client stream that failed midway asks for it: its `error` event is the end, and a
+/// client that reads the connection to its end (a hand-written one, or one that has no
+/// use for a failed stream's connection) is not left waiting on a kept-alive one.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct CloseConnection(Arc<Notify>);
+
+impl CloseConnection {
+    /// Closes the connection once the response in flight has been sent.
+    pub(crate) fn after_this_response(&self) {
+        self.0.notify_one();
+    }
 }
 
-impl<S, R> hyper::service::Service<R> for FirstRequest<S>
+/// A connection's service: notes when its first request arrives, and gives each
+/// request the connection's [`CloseConnection`].
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    requested: Arc<AtomicBool>,
+    close: CloseConnection,
+}
+
+impl<S, B> hyper::service::Service<http::Request<B>> for Tracked<S>
 where
-    S: hyper::service::Service<R>,
+    S: hyper::service::Service<http::Request<B>>,
 {
     type Response = S::Response;
     type Error = S::Error;
     type Future = S::Future;
 
-    fn call(&self, request: R) -> Self::Future {
+    fn call(&self, mut request: http::Request<B>) -> Self::Future {
         self.requested.store(true, Ordering::Release);
+        request.extensions_mut().insert(self.close.clone());
         self.inner.call(request)
     }
 }

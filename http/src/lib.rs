@@ -1,0 +1,34 @@
+#![doc = include_str!("../README.md")]
+//!
+//! # Layout
+//! - `routes`: [`routes`], [`routes_with`] and [`api_routes`]: every route as one warp
+//!   filter, the transports' control channels mounted beside them.
+//! - `client`: the client routes (the OpenAI pair, the registry's list, get and infer).
+//! - `provider`: the provider routes that are plain HTTP (register, heartbeat,
+//!   results as JSON or NDJSON).
+//! - `extract`: what every route reads first, shared with the transports: the base
+//!   path, the principal, the session header.
+//! - `body`: request bodies under the size limit; NDJSON line by line.
+//! - `error`: [`error_response`], the one place an error becomes a response, and
+//!   [`recover`] for requests no route took.
+//! - `reply`: JSON and empty answers, event-stream headers.
+//! - `stream`: the client's chat-completion event stream.
+//! - `server`: [`serve`]: the server loop, with `TCP_NODELAY`, a header read timeout
+//!   and a graceful shutdown; [`bind`] with a deep listen backlog.
+
+mod body;
+mod client;
+mod error;
+mod extract;
+mod provider;
+mod reply;
+mod routes;
+mod server;
+mod stream;
+
+pub use error::{error_response, recover, respond};
+pub use extract::{authorization, base_path, principal, session_header, session_id};
+pub use reply::event_stream;
+pub use routes::{api_routes, routes, routes_with};
+pub use server::{LISTEN_BACKLOG, ServeOptions, bind, serve, serve_with};
+pub use virtual_llm_core::protocol::SESSION_HEADER;

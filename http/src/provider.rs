@@ -1,0 +1,91 @@
+//! The provider routes that are plain HTTP requests, whatever the control channel:
+//! registering, heartbeating, and posting a task's results (one JSON result, or many as
+//! NDJSON, each delivered as it arrives).
+
+use bytes::Buf;
+use futures::{Stream, StreamExt};
+use virtual_llm_core::protocol::{HeartbeatRequest, RegisterRequest, TaskResult};
+use virtual_llm_core::{Gateway, TaskId};
+use warp::reply::Response;
+
+use crate::error::respond;
+use crate::extract::{principal, session_id};
+use crate::{body, reply};
+
+/// `POST {base}/_provider-register`.
+pub(crate) async fn register<S, B>(gw: Gateway, auth: Option<String>, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            let bytes = body::read(body, gw.config().max_body_bytes).await?;
+            let request: RegisterRequest = body::json(&bytes)?;
+            Ok(reply::json(200, &gw.register(&who, request).await?))
+        }
+        .await,
+    )
+}
+
+/// `POST {base}/_provider-heartbeat`.
+pub(crate) async fn heartbeat<S, B>(gw: Gateway, auth: Option<String>, body: S) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            let bytes = body::read(body, gw.config().max_body_bytes).await?;
+            let request: HeartbeatRequest = body::json(&bytes)?;
+            Ok(reply::json(
+                200,
+                &gw.heartbeat(&who, &request.provider_session_id).await?,
+            ))
+        }
+        .await,
+    )
+}
+
+/// `POST {base}/_provider-task/{taskId}/result`: one result as JSON, or many as NDJSON
+/// (`application/x-ndjson`), each delivered as it arrives: a slow client makes this
+/// request wait, and only this one.
+pub(crate) async fn result<S, B>(
+    task: String,
+    gw: Gateway,
+    auth: Option<String>,
+    session: Option<String>,
+    content_type: Option<String>,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            let session = session_id(session.as_deref())?;
+            let task = TaskId::parse(&task)?;
+            let limit = gw.config().max_body_bytes;
+            let ndjson = content_type
+                .as_deref()
+                .is_some_and(|c| c.starts_with("application/x-ndjson"));
+            if !ndjson {
+                let bytes = body::read(body, limit).await?;
+                let result: TaskResult = body::json(&bytes)?;
+                gw.deliver(&who, &session, &task, result).await?;
+                return Ok(reply::no_content());
+            }
+            let mut lines = std::pin::pin!(body::lines(body, limit));
+            while let Some(line) = lines.next().await {
+                let result: TaskResult = body::json(line?.as_bytes())?;
+                gw.deliver(&who, &session, &task, result).await?;
+            }
+            Ok(reply::no_content())
+        }
+        .await,
+    )
+}

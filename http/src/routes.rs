@@ -1,0 +1,172 @@
+//! The gateway's routes as warp filters over a core [`Gateway`], composed with the
+//! control-channel routes the transports supply.
+//!
+//! Every route authenticates through the gateway's `Authenticator`, reads its body
+//! under the configured limit, calls the core, and answers with the core's statuses.
+//! The handlers hold no lifecycle rule of their own: they decode, call, encode.
+//!
+//! | route | handler |
+//! |---|---|
+//! | `POST {base}/_provider-register` | [`Gateway::register`] |
+//! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
+//! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
+//! | `GET {base}` · `GET {base}/{name}` | [`Gateway::list`] · [`Gateway::get`] |
+//! | `POST {base}/{name}/infer` | [`Gateway::infer`] |
+//! | `POST /v1/chat/completions` · `GET /v1/models` | the OpenAI-compatible pair |
+//!
+//! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
+//! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
+//! `channels` given to [`routes`] are tried before the routes above, whose
+//! `{base}/{name}` would otherwise take their paths.
+
+use virtual_llm_core::Gateway;
+use warp::Filter;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
+
+use crate::extract::{authorization, base_path, session_header};
+use crate::server::CloseConnection;
+use crate::{client, error, provider};
+
+/// Every route of the gateway: the control `channels` of the transports, the routes of
+/// this crate, and the OpenAI-shaped 404/405 for anything none of them matches.
+///
+/// ```no_run
+/// # async fn run(gateway: virtual_llm_core::Gateway) -> std::io::Result<()> {
+/// use std::time::Duration;
+///
+/// // With no transport: publishers cannot connect, but the routes are all there.
+/// let routes = virtual_llm_http::routes(gateway, []);
+/// let listener = virtual_llm_http::bind(([127, 0, 0, 1], 8080).into())?;
+/// virtual_llm_http::serve(listener, routes, std::future::pending(), Duration::from_secs(10)).await;
+/// # Ok(()) }
+/// ```
+pub fn routes(
+    gateway: Gateway,
+    channels: impl IntoIterator<Item = BoxedFilter<(Response,)>>,
+) -> BoxedFilter<(Response,)> {
+    with_channels(channels, api_routes(gateway))
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}
+
+/// [`routes`] with an embedder's own `extra` routes (`/metrics`, `/healthz`…) tried
+/// first.
+pub fn routes_with(
+    gateway: Gateway,
+    channels: impl IntoIterator<Item = BoxedFilter<(Response,)>>,
+    extra: BoxedFilter<(Response,)>,
+) -> BoxedFilter<(Response,)> {
+    extra
+        .or(with_channels(channels, api_routes(gateway)))
+        .unify()
+        .recover(error::recover)
+        .unify()
+        .boxed()
+}
+
+/// The routes of this crate (client and provider, no control channel) without the
+/// final 404/405 answer, to combine with an embedder's own filters and the transports'
+/// channels (`a.or(b)`), then [`recover`](crate::recover) once at the end.
+pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
+    let base = base_path(&gateway.config().base_path);
+    let gw = warp::any().map(move || gateway.clone());
+    let content_type = warp::header::optional::<String>("content-type");
+
+    let register = base
+        .clone()
+        .and(warp::path!("_provider-register"))
+        .and(warp::post())
+        .and(gw.clone())
+        .and(authorization())
+        .and(warp::body::stream())
+        .then(provider::register);
+    let heartbeat = base
+        .clone()
+        .and(warp::path!("_provider-heartbeat"))
+        .and(warp::post())
+        .and(gw.clone())
+        .and(authorization())
+        .and(warp::body::stream())
+        .then(provider::heartbeat);
+    let result = base
+        .clone()
+        .and(warp::path!("_provider-task" / String / "result"))
+        .and(warp::post())
+        .and(gw.clone())
+        .and(authorization())
+        .and(session_header())
+        .and(content_type)
+        .and(warp::body::stream())
+        .then(provider::result);
+    let list = base
+        .clone()
+        .and(warp::path::end())
+        .and(warp::get())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::list);
+    let get = base
+        .clone()
+        .and(warp::path!(String))
+        .and(warp::get())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::get);
+    let infer = base
+        .and(warp::path!(String / "infer"))
+        .and(warp::post())
+        .and(gw.clone())
+        .and(authorization())
+        .and(warp::ext::optional::<CloseConnection>())
+        .and(warp::body::stream())
+        .then(|name: String, gw, auth, close, body| {
+            client::infer(Some(name), gw, auth, close, body)
+        });
+    let chat = warp::path!("v1" / "chat" / "completions")
+        .and(warp::post())
+        .and(gw.clone())
+        .and(authorization())
+        .and(warp::ext::optional::<CloseConnection>())
+        .and(warp::body::stream())
+        .then(|gw, auth, close, body| client::infer(None, gw, auth, close, body));
+    let models = warp::path!("v1" / "models")
+        .and(warp::get())
+        .and(gw)
+        .and(authorization())
+        .then(client::models);
+
+    register
+        .or(heartbeat)
+        .unify()
+        .or(result)
+        .unify()
+        .or(list)
+        .unify()
+        .or(get)
+        .unify()
+        .or(infer)
+        .unify()
+        .or(chat)
+        .unify()
+        .or(models)
+        .unify()
+        .boxed()
+}
+
+/// `channels`, each tried in turn, then `api`.
+fn with_channels(
+    channels: impl IntoIterator<Item = BoxedFilter<(Response,)>>,
+    api: BoxedFilter<(Response,)>,
+) -> BoxedFilter<(Response,)> {
+    let mut channels = channels.into_iter();
+    let Some(first) = channels.next() else {
+        return api;
+    };
+    channels
+        .fold(first, |all, channel| all.or(channel).unify().boxed())
+        .or(api)
+        .unify()
+        .boxed()
+}

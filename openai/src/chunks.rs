@@ -1,0 +1,91 @@
+//! An upstream's event stream as the core's [`ChunkStream`]: each `data:` payload as
+//! it arrives, `[DONE]` dropped, an error reported mid-stream (or a body that breaks
+//! off) ending the stream with one `Err`.
+
+use std::fmt;
+use std::sync::Arc;
+
+use eventsource_stream::{Event, EventStreamError};
+use futures::{Stream, StreamExt, stream};
+use serde_json::Value;
+use virtual_llm_core::ChunkStream;
+
+use crate::message::{error_message, truncate, upstream};
+
+/// The payload that ends an OpenAI stream; it is not forwarded.
+const DONE: &str = "[DONE]";
+
+/// The chunks of an upstream event stream: each event's data, in order, as it
+/// arrives. Ends at `[DONE]` or the end of the body; ends after one `Err` when the body
+/// breaks off, cannot be parsed, or carries an error.
+pub(crate) fn chunks<S, E>(events: S, host: &str) -> ChunkStream
+where
+    S: Stream<Item = Result<Event, EventStreamError<E>>> + Send + 'static,
+    E: fmt::Display,
+{
+    let host: Arc<str> = Arc::from(host);
+    let events = Box::pin(events);
+    stream::unfold(Some(events), move |state| {
+        let host = Arc::clone(&host);
+        async move {
+            // `None` once the stream has ended: after `[DONE]` or an error.
+            let mut events = state?;
+            let item = match events.next().await? {
+                Ok(event) if event.data.trim() == DONE => return None,
+                Ok(event) => match stream_error(&event) {
+                    Some(message) => Err(upstream(message)),
+                    None => return Some((Ok(event.data), Some(events))),
+                },
+                Err(e) => {
+                    tracing::warn!(upstream = %host, error = %e, "upstream stream broke off");
+                    Err(upstream(format!("the stream of upstream {host} broke off")))
+                }
+            };
+            Some((item, None))
+        }
+    })
+    // Polling past the end answers `None` again rather than panicking.
+    .fuse()
+    .boxed()
+}
+
+/// The message of an error reported inside a stream: an `event: error`, or a data
+/// payload shaped as an error instead of a chunk (vLLM's mid-stream errors).
+fn stream_error(event: &Event) -> Option<String> {
+    if event.event == "error" {
+        return Some(error_message(event.data.as_bytes()).unwrap_or_else(|| truncate(&event.data)));
+    }
+    if !event.data.trim_start().starts_with('{') || !event.data.contains("\"error\"") {
+        return None;
+    }
+    let value: Value = serde_json::from_str(&event.data).ok()?;
+    if value.get("error").is_none() || value.get("choices").is_some() {
+        return None;
+    }
+    error_message(event.data.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_inside_a_stream_are_recognised_but_chunks_are_not() {
+        let event = |event: &str, data: &str| Event {
+            event: event.to_owned(),
+            data: data.to_owned(),
+            ..Event::default()
+        };
+        assert_eq!(
+            stream_error(&event("message", r#"{"error":{"message":"oom"}}"#)).as_deref(),
+            Some("oom")
+        );
+        assert_eq!(
+            stream_error(&event("error", "overloaded")).as_deref(),
+            Some("overloaded")
+        );
+        let chunk = r#"{"choices":[{"delta":{"content":"\"error\""}}],"error":null}"#;
+        assert_eq!(stream_error(&event("message", chunk)), None);
+        assert_eq!(stream_error(&event("message", r#"{"id":"x"}"#)), None);
+    }
+}
