@@ -246,10 +246,7 @@ async fn a_slow_client_holds_bounded_memory_and_slows_no_other_stream(t: &dyn Ra
     let cancelled = firehose.dropped.notified();
     drop(slow);
     cancelled.await;
-    eventually("no task left", || async {
-        gw.gateway.in_flight() == 0
-    })
-    .await;
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
     p.stop().await;
 }
 

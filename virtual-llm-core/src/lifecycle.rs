@@ -322,9 +322,8 @@ impl Gateway {
     /// The keep-alive period a publisher's watchdog waits for (protocol 2; a version 1
     /// publisher is sent nothing new).
     fn keep_alive_ms(&self, version: u32) -> Option<u64> {
-        (version > 1).then(|| {
-            u64::try_from(self.shared.config.keepalive.as_millis()).unwrap_or(u64::MAX)
-        })
+        (version > 1)
+            .then(|| u64::try_from(self.shared.config.keepalive.as_millis()).unwrap_or(u64::MAX))
     }
 
     /// Unbinds `token` if it is still its session's channel: fails the session's

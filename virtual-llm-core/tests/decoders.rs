@@ -382,16 +382,22 @@ fn error_detail() -> impl Strategy<Value = ErrorDetail> {
 
 fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
     prop_oneof![
-        (session(), any::<u64>(), any::<Option<u32>>(), any::<Option<u64>>()).prop_map(
-            |(provider_session_id, heartbeat_interval_ms, protocol_version, keep_alive_ms)| {
-                GatewayFrame::Hello(Hello {
-                    provider_session_id,
-                    heartbeat_interval_ms,
-                    protocol_version,
-                    keep_alive_ms,
-                })
-            }
-        ),
+        (
+            session(),
+            any::<u64>(),
+            any::<Option<u32>>(),
+            any::<Option<u64>>()
+        )
+            .prop_map(
+                |(provider_session_id, heartbeat_interval_ms, protocol_version, keep_alive_ms)| {
+                    GatewayFrame::Hello(Hello {
+                        provider_session_id,
+                        heartbeat_interval_ms,
+                        protocol_version,
+                        keep_alive_ms,
+                    })
+                }
+            ),
         (
             session(),
             any::<u64>(),
@@ -400,7 +406,13 @@ fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
             proptest::collection::vec(view(), 0..3)
         )
             .prop_map(
-                |(provider_session_id, heartbeat_interval_ms, protocol_version, keep_alive_ms, llms)| {
+                |(
+                    provider_session_id,
+                    heartbeat_interval_ms,
+                    protocol_version,
+                    keep_alive_ms,
+                    llms,
+                )| {
                     GatewayFrame::Registered(RegisterResponse {
                         provider_session_id,
                         heartbeat_interval_ms,

@@ -862,9 +862,13 @@ async fn a_drain_fails_unfinished_tasks_saying_the_gateway_is_shutting_down() {
     let f = fixture().await;
     let (session, binding, channel) = f.online("alice", &["llm"]).await;
     let row = f.row("llm").await;
-    let mut streaming = f.gw.start_task(&client(), &row, chat("llm", "x", true)).unwrap();
+    let mut streaming =
+        f.gw.start_task(&client(), &row, chat("llm", "x", true))
+            .unwrap();
     let frame = channel.next_task().await;
-    let whole = f.gw.start_task(&client(), &row, chat("llm", "y", false)).unwrap();
+    let whole =
+        f.gw.start_task(&client(), &row, chat("llm", "y", false))
+            .unwrap();
     channel.next_task().await;
     f.gw.deliver(
         &publisher("alice"),
