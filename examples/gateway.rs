@@ -197,7 +197,10 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         virtual_llm::sse::route(gateway.clone()),
         virtual_llm::ws::route(gateway.clone()),
     ];
-    let metrics = metrics_route(gateway.clone(), prometheus);
+    let metrics = healthz(gateway.clone())
+        .or(metrics_route(gateway.clone(), prometheus))
+        .unify()
+        .boxed();
     let routes = virtual_llm::http::routes_with(gateway.clone(), channels, metrics);
     virtual_llm::http::serve(
         listener,
@@ -253,6 +256,28 @@ fn config_error(e: &virtual_llm::Error) -> common::BoxError {
         )
     };
     format!("{e} ({place})").into()
+}
+
+/// `GET /healthz`: 200 `ok` while the gateway serves, 503 once it drains; no token,
+/// nothing about the registry (for load balancers and orchestrators).
+fn healthz(gateway: Gateway) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
+    warp::path!("healthz")
+        .and(warp::get())
+        .map(move || {
+            use warp::Reply;
+            let status = if gateway.is_draining() {
+                warp::http::StatusCode::SERVICE_UNAVAILABLE
+            } else {
+                warp::http::StatusCode::OK
+            };
+            let text = if gateway.is_draining() {
+                "draining"
+            } else {
+                "ok"
+            };
+            warp::reply::with_status(text, status).into_response()
+        })
+        .boxed()
 }
 
 /// `GET /metrics`: Prometheus text, for admins (everyone, without tokens).

@@ -129,6 +129,9 @@ model = "gpt-4o-mini"
         .await
         .unwrap();
     assert_eq!(metrics.status(), 403, "metrics are for admins");
+    let health = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 200, "health needs no token");
+    assert_eq!(health.text().await.unwrap(), "ok");
     let taken = http
         .post(format!("{url}/api/v1/llms/_provider-register"))
         .bearer_auth("publisher-token-0123456789")

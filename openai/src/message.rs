@@ -37,12 +37,10 @@ pub(crate) fn raw_message(body: &[u8]) -> String {
     truncate(String::from_utf8_lossy(body).trim())
 }
 
-/// `text` cut to its first `MAX_MESSAGE_CHARS` characters, with `…` when cut.
+/// `text` within `MAX_MESSAGE_CHARS` characters: the core's one way to cut a message
+/// (head and tail kept around a marker saying how much was left out).
 pub(crate) fn truncate(text: &str) -> String {
-    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
-        Some((end, _)) => format!("{}…", &text[..end]),
-        None => text.to_owned(),
-    }
+    virtual_llm_core::error::bounded(text, MAX_MESSAGE_CHARS)
 }
 
 /// `"404 Not Found: the model does not exist"`, or the status alone.
@@ -86,8 +84,8 @@ mod tests {
         }
         let long = "x".repeat(5000);
         let msg = raw_message(long.as_bytes());
-        assert_eq!(msg.chars().count(), MAX_MESSAGE_CHARS + 1);
-        assert!(msg.ends_with('…'));
+        assert!(msg.chars().count() <= MAX_MESSAGE_CHARS, "{}", msg.len());
+        assert!(msg.contains(" characters]…"), "the cut is marked: {msg}");
         assert_eq!(
             describe_status(StatusCode::BAD_GATEWAY, ""),
             "502 Bad Gateway"

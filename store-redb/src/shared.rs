@@ -15,9 +15,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{
-    Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError,
-};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
 use redb::{Database, ReadableDatabase};
 use tokio::sync::Notify;
@@ -59,10 +57,8 @@ pub(crate) struct Counters {
 }
 
 /// Locks `m`; a panic elsewhere while it was held does not make it unusable (what it
-/// guards is always left consistent between two statements).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
+/// guards is always left consistent between two statements). The core's one helper.
+pub(crate) use virtual_llm_core::sync::lock;
 
 /// Runs `f` on tokio's blocking pool. A panic inside is resumed in the caller; a task
 /// cancelled by a runtime shutdown is `Unavailable`.
@@ -98,12 +94,12 @@ impl Inner {
     /// The state, exclusively: the writer thread and every read wait meanwhile. For
     /// the integrity check, and for tests that make batches queue up.
     pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, Option<Database>> {
-        self.state.write().unwrap_or_else(PoisonError::into_inner)
+        virtual_llm_core::sync::write(&self.state)
     }
 
     /// The state, shared; waits while a flush, the integrity check or close holds it.
     pub(crate) fn shared(&self) -> RwLockReadGuard<'_, Option<Database>> {
-        self.state.read().unwrap_or_else(PoisonError::into_inner)
+        virtual_llm_core::sync::read(&self.state)
     }
 
     /// Runs `op` on the open file with the state held shared, waiting for it if need

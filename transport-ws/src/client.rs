@@ -10,7 +10,7 @@
 //! client reads is slowed down too, without holding up the socket's other tasks.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use futures::stream::BoxStream;
@@ -274,7 +274,7 @@ impl Windows {
     }
 
     fn tasks(&self) -> std::sync::MutexGuard<'_, HashMap<TaskId, Arc<Semaphore>>> {
-        self.open.lock().unwrap_or_else(PoisonError::into_inner)
+        virtual_llm_core::sync::lock(&self.open)
     }
 
     /// A full window for `task`, or `None` without flow control.

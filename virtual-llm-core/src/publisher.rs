@@ -428,6 +428,15 @@ async fn heartbeat_loop(
     }
 }
 
+/// What a publisher reports of a provider's error: an upstream's own message as it is
+/// (the gateway says "upstream error" once, in front of it), anything else in words.
+fn failure_message(e: Error) -> String {
+    match e {
+        Error::Upstream { message } => message,
+        other => other.to_string(),
+    }
+}
+
 /// Gives every chunk of a task its `seq`, 0, 1, 2… in order (protocol 2).
 fn number_chunks(results: BoxStream<'static, TaskResult>) -> BoxStream<'static, TaskResult> {
     results
@@ -488,7 +497,7 @@ async fn results_of(
                         Err(e) => {
                             *failed_already = true;
                             TaskResult::Failed {
-                                message: e.to_string(),
+                                message: failure_message(e),
                             }
                         }
                     };
@@ -506,10 +515,7 @@ async fn results_of(
                 .boxed()
         }
         Err(e) => {
-            let message = match e {
-                Error::Upstream { message } => message,
-                other => other.to_string(),
-            };
+            let message = failure_message(e);
             stream::once(async move { TaskResult::Failed { message } }).boxed()
         }
     }
