@@ -862,14 +862,16 @@ async fn session_task_and_row_ids_carry_128_random_bits() {
             }
         }
         p.stop().await;
-        tasks.extend(
-            recording
-                .ids
-                .lock()
-                .unwrap()
-                .iter()
-                .map(|id| id.as_str().to_owned()),
-        );
+        let replica = gw.gateway.replica().clone();
+        tasks.extend(recording.ids.lock().unwrap().iter().map(|id| {
+            // A task id ends with the replica that started it; the rest is random.
+            assert_eq!(id.replica().as_ref(), Some(&replica), "{id}");
+            let suffix = format!("_{replica}");
+            id.as_str()
+                .strip_suffix(&suffix)
+                .unwrap_or_else(|| panic!("{id} does not end with {suffix}"))
+                .to_owned()
+        }));
     }
     assert_random_ids("task ids", "task_", &tasks);
 }

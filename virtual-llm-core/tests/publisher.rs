@@ -371,3 +371,47 @@ async fn a_refused_register_backs_off_and_says_why() {
     assert_eq!(f.row("taken").await.owner, "bob");
     p.stop().await;
 }
+
+/// A stream that breaks off upstream midway: the client's stream ends with the
+/// upstream's message, said once as an upstream error (not "upstream error: upstream
+/// error: …"); the chunks before it arrived.
+#[tokio::test]
+async fn an_upstream_breaking_off_midway_is_reported_once() {
+    #[derive(Debug)]
+    struct Breaks;
+    #[async_trait]
+    impl Provider for Breaks {
+        async fn infer(&self, _task: TaskFrame) -> Result<Reply, Error> {
+            let chunks = futures::stream::iter([
+                Ok(r#"{"choices":[{"delta":{"content":"half"}}]}"#.to_owned()),
+                Err(Error::Upstream {
+                    message: "the stream of upstream x broke off".into(),
+                }),
+            ]);
+            Ok(Reply::Stream(chunks.boxed()))
+        }
+    }
+    let f = fixture().await;
+    let p = start(
+        &f,
+        published(&["breaks"], Arc::new(Breaks)),
+        PublisherOptions::default(),
+    );
+    p.connected().await;
+    let Reply::Stream(mut chunks) =
+        f.gw.infer(&client(), chat("breaks", "x", true))
+            .await
+            .unwrap()
+    else {
+        panic!("a stream")
+    };
+    assert!(chunks.next().await.unwrap().unwrap().contains("half"));
+    let err = chunks.next().await.unwrap().unwrap_err();
+    assert_eq!(err.status(), 502);
+    assert_eq!(
+        err.to_string(),
+        "upstream error: the stream of upstream x broke off"
+    );
+    assert!(chunks.next().await.is_none());
+    p.stop().await;
+}
