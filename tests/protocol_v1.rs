@@ -60,6 +60,23 @@ async fn serve() -> Served {
     }
 }
 
+/// A client's streamed chat request to `model`, answered in the background: the whole
+/// body, once the stream ends.
+fn stream_in_background(url: &str, model: &str) -> tokio::task::JoinHandle<String> {
+    let (url, model) = (url.to_owned(), model.to_owned());
+    tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "x"}]}))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    })
+}
+
 fn register_v1(name: &str) -> Value {
     // Byte for byte what a version 1 publisher sent: no protocolVersion.
     json!({"llms": [{"name": name, "type": "openai", "model": "m"}]})
@@ -119,19 +136,7 @@ async fn a_version_1_sse_publisher_is_sent_only_version_1_frames() {
         .await
         .unwrap();
     assert_eq!(stream.status(), 200);
-    let client = {
-        let (http, url) = (http.clone(), gw.url.clone());
-        tokio::spawn(async move {
-            http.post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"model": "old-sse", "stream": true, "messages": [{"role": "user", "content": "x"}]}))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        })
-    };
+    let client = stream_in_background(&gw.url, "old-sse");
     let (events, _open) = read_events(stream, 2).await;
     assert_eq!(events[0].0, "hello");
     let hello: Value = serde_json::from_str(&events[0].1).unwrap();
@@ -202,20 +207,7 @@ async fn a_version_1_ws_publisher_is_sent_only_version_1_frames() {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    let client = {
-        let url = gw.url.clone();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .post(format!("{url}/v1/chat/completions"))
-                .json(&json!({"model": "old-ws", "stream": true, "messages": [{"role": "user", "content": "x"}]}))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap()
-        })
-    };
+    let client = stream_in_background(&gw.url, "old-ws");
     let task: Value = loop {
         match socket.next().await.unwrap().unwrap() {
             Message::Text(t) => break serde_json::from_str(&t).unwrap(),
