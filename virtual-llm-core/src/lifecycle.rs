@@ -340,7 +340,10 @@ impl Gateway {
         if failed > 0 {
             tracing::info!(%session, tasks = failed, "channel closed; in-flight tasks failed");
         }
-        self.shared.task_router.session_closed(session).await;
+        // The other replicas' tasks on this session fail too. Told from a task of its
+        // own: a peer may be slow, and the session's lock is not held for it.
+        let (router, closed) = (self.shared.task_router.clone(), session.clone());
+        tokio::spawn(async move { router.session_closed(&closed).await });
         let now = self.shared.clock.now();
         let rows = self.shared.store.by_session(session).await?;
         self.transition(rows, &|r: &LlmRecord| {
