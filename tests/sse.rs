@@ -3,19 +3,4 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
-use std::sync::Arc;
-
-use conformance::harness::Transport;
-use virtual_llm::publisher::Wire;
-
-struct Sse;
-
-impl Transport for Sse {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::sse::SseWire::new(url, token).unwrap())
-    }
-}
-
-conformance_tests!(Sse);
+virtual_llm::transport_conformance_tests!(virtual_llm::testkit::SseTransport);

@@ -5,6 +5,11 @@
 
 use std::sync::Arc;
 
+use super::gateway::TestGateway;
+use super::support::{connect_with_recv_buffer, token};
+use super::transport::{SseTransport, Transport, WsTransport};
+use crate::protocol::{GatewayFrame, PublisherFrame, TaskResult};
+use crate::{SessionId, TaskId};
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
 use futures::stream::BoxStream;
@@ -15,12 +20,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use virtual_llm::protocol::{GatewayFrame, PublisherFrame, TaskResult};
-use virtual_llm::{SessionId, TaskId};
-
-use super::harness::{
-    SseTransport, TestGateway, Transport, WsTransport, connect_with_recv_buffer, token,
-};
 
 /// A publisher's control channel, driven by hand.
 #[async_trait]
@@ -101,7 +100,7 @@ impl RawTransport for SseTransport {
         ))
         .header("host", gw.addr.to_string())
         .header("authorization", format!("Bearer {}", token(who)))
-        .header(virtual_llm::protocol::SESSION_HEADER, session.as_str())
+        .header(crate::protocol::SESSION_HEADER, session.as_str())
         .header("accept", "text/event-stream")
         .body(Empty::<bytes::Bytes>::new())
         .unwrap();

@@ -2,20 +2,20 @@
 //! written once over [`Transport`]. A real gateway serves on `127.0.0.1:0`; clients
 //! speak HTTP to it; publishers connect through the transport's `Wire`.
 //!
-//! Each case is a `pub async fn` taking the transport; `conformance_tests!` stamps out
-//! one `#[tokio::test]` per case for a transport.
+//! Each case is a `pub async fn` taking the transport;
+//! [`transport_conformance_tests!`](crate::transport_conformance_tests) stamps out one
+//! `#[tokio::test]` per case for a transport.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
-
-pub mod harness;
-pub mod raw;
-pub mod socket;
-
-use harness::*;
-use serde_json::{Value, json};
 use std::sync::Arc;
-use virtual_llm::protocol::{RegisterRequest, TaskResult};
-use virtual_llm::{EchoProvider, PublisherOptions};
+
+use serde_json::{Value, json};
+
+use super::gateway::{RawResponse, TestGateway};
+use super::providers::{FailsWhenReleased, Gated, Hanging};
+use super::support::{TempDir, eventually};
+use super::transport::Transport;
+use crate::protocol::{RegisterRequest, TaskResult};
+use crate::{EchoProvider, PublisherOptions};
 
 /// register → task → result, non-streaming: the client gets the publisher's answer.
 pub async fn non_streaming_round_trip(t: &dyn Transport) {
@@ -366,7 +366,7 @@ pub async fn foreign_and_replayed_results_are_refused(t: &dyn Transport) {
 /// Malformed bodies, unknown models, bad names and oversized bodies get their status
 /// and write nothing.
 pub async fn bad_input_gets_its_status_and_writes_nothing(t: &dyn Transport) {
-    let config = virtual_llm::Config {
+    let config = crate::Config {
         max_body_bytes: 4096,
         ..Default::default()
     };
@@ -501,11 +501,23 @@ pub async fn a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_do
     p.stop().await;
 }
 
-/// Stamps out one `#[tokio::test]` per conformance case for a transport value.
+/// Stamps out one `#[tokio::test]` per case of the transport conformance suite for
+/// a transport value (an expression of a type implementing
+/// [`Transport`](crate::testkit::Transport), evaluated once per test).
+///
+/// The calling crate needs `tokio` with the `macros`, `rt-multi-thread` and
+/// `test-util` features (two cases run under paused time).
+///
+/// ```no_run
+/// mod sse {
+///     virtual_llm::transport_conformance_tests!(virtual_llm::testkit::SseTransport);
+/// }
+/// # fn main() {}
+/// ```
 #[macro_export]
-macro_rules! conformance_tests {
+macro_rules! transport_conformance_tests {
     ($transport:expr) => {
-        $crate::conformance_tests!(@cases $transport;
+        $crate::transport_conformance_tests!(@cases $transport;
             non_streaming_round_trip,
             streaming_round_trip,
             streamed_events_are_framed_as_openai_frames_them,
@@ -521,20 +533,24 @@ macro_rules! conformance_tests {
         );
     };
     (@cases $transport:expr; $($case:ident,)*) => {
-        #[tokio::test(start_paused = true)]
+        #[::tokio::test(start_paused = true)]
         async fn a_deadline_answers_504_and_cancels() {
-            conformance::a_deadline_answers_504_and_cancels(&$transport).await;
+            $crate::testkit::transport_suite::a_deadline_answers_504_and_cancels(&$transport)
+                .await;
         }
 
-        #[tokio::test(start_paused = true)]
+        #[::tokio::test(start_paused = true)]
         async fn a_stream_failing_midway_ends_and_closes() {
-            conformance::a_stream_failing_midway_ends_and_closes(&$transport).await;
+            $crate::testkit::transport_suite::a_stream_failing_midway_ends_and_closes(
+                &$transport,
+            )
+            .await;
         }
 
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                conformance::$case(&$transport).await;
+                $crate::testkit::transport_suite::$case(&$transport).await;
             }
         )*
     };

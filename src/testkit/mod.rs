@@ -1,0 +1,39 @@
+//! The test kit (feature `testkit`): the core's test kit, re-exported, and the
+//! transport conformance suite, so integrators reach everything through one path.
+//!
+//! - Everything in [`virtual_llm_core::testkit`]: the Store, channel directory and
+//!   replica plane suites, [`MemoryCluster`], [`ManualClock`], [`FakeChannel`],
+//!   [`FailingStore`], [`EchoProvider`], [`LoopbackWire`].
+//! - [`transport_suite`] with
+//!   [`transport_conformance_tests!`](crate::transport_conformance_tests): end-to-end
+//!   behaviour every transport must show, over a real gateway served on
+//!   `127.0.0.1:0`.
+//! - [`Transport`]: what the suite needs of a transport, with [`SseTransport`] and
+//!   [`WsTransport`].
+//! - [`TestGateway`]: the gateway under test with HTTP client helpers
+//!   ([`SseReader`], [`RawResponse`]) and publishers.
+//! - Instrumented providers: [`Gated`], [`FailsWhenReleased`], [`Hanging`],
+//!   [`Firehose`].
+//! - [`Proxy`]: a TCP proxy that cuts a publisher off as a killed process would.
+//! - [`raw`]: publisher channels driven by hand; [`socket`]: raw WebSockets.
+//! - Helpers: [`token`], [`eventually`], [`connect_with_recv_buffer`], [`TempDir`].
+
+// Test code: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+pub use virtual_llm_core::testkit::*;
+
+mod gateway;
+mod providers;
+mod proxy;
+pub mod raw;
+pub mod socket;
+mod support;
+mod transport;
+pub mod transport_suite;
+
+pub use gateway::{RawResponse, SseReader, TestGateway};
+pub use providers::{FailsWhenReleased, Firehose, Gated, Hanging};
+pub use proxy::Proxy;
+pub use support::{TempDir, connect_with_recv_buffer, eventually, token};
+pub use transport::{SseTransport, Transport, WsTransport};
