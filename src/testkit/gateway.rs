@@ -12,14 +12,16 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use serde_json::{Value, json};
 use tokio::sync::watch;
+use warp::filters::BoxedFilter;
+use warp::reply::Response;
 
 use super::proxy::Proxy;
 use super::support::{connect_with_recv_buffer, token};
 use super::transport::Transport;
 use crate::protocol::{LlmSpec, TaskResult};
 use crate::{
-    Clock, Config, Gateway, LlmName, MemoryStore, Principal, Provider, PublishedLlm, Publisher,
-    PublisherOptions, Role, StaticTokens, Store, TaskId,
+    Clock, Config, Gateway, GatewayBuilder, LlmName, MemoryStore, Principal, Provider,
+    PublishedLlm, Publisher, PublisherOptions, Role, StaticTokens, Store, TaskId,
 };
 
 struct Server {
@@ -30,6 +32,49 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.shutdown.send_replace(true);
     }
+}
+
+/// A gateway builder with the test principals' tokens, `config` and, if given,
+/// `clock`.
+fn builder(config: Config, store: Arc<dyn Store>, clock: Option<Arc<dyn Clock>>) -> GatewayBuilder {
+    let auth = StaticTokens::new()
+        .with(token("alice"), Principal::new("alice", [Role::Publisher]))
+        .with(
+            token("mallory"),
+            Principal::new("mallory", [Role::Publisher]),
+        )
+        .with(token("client"), Principal::new("client", [Role::Client]));
+    let mut builder = Gateway::builder(store)
+        .config(config)
+        .authenticator(Arc::new(auth));
+    if let Some(clock) = clock {
+        builder = builder.clock(clock);
+    }
+    builder
+}
+
+/// Serves `gateway` on `127.0.0.1:0` with the HTTP surface and `channels`: its URL,
+/// its address, and the server, which stops (telling publishers) when dropped.
+async fn serve(
+    gateway: &Gateway,
+    channels: Vec<BoxedFilter<(Response,)>>,
+) -> (String, SocketAddr, Server) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let url = format!("http://{addr}");
+    let (shutdown, mut stop) = watch::channel(false);
+    let routes = crate::http::routes(gateway.clone(), channels);
+    let closing = gateway.clone();
+    tokio::spawn(crate::http::serve(
+        listener,
+        routes,
+        async move {
+            let _ = stop.wait_for(|s| *s).await;
+            closing.close_channels("test over");
+        },
+        Duration::from_secs(1),
+    ));
+    (url, addr, Server { shutdown })
 }
 
 /// A running gateway. Clones share it; it stops when the last clone is dropped.
@@ -52,48 +97,35 @@ impl TestGateway {
         Self::start_with(config, Arc::new(MemoryStore::new()), None).await
     }
 
+    /// A gateway with `config` over a fresh in-memory store, serving only transport
+    /// `t`'s control channel: the gateway the transport conformance suite runs on.
+    pub async fn start_for(t: &dyn Transport, config: Config) -> Self {
+        let gateway = builder(config, Arc::new(MemoryStore::new()), None)
+            .start()
+            .await
+            .unwrap();
+        let channels = vec![t.route(gateway.clone())];
+        Self::serving(gateway, channels).await
+    }
+
     /// A gateway over `store`, reading wall-clock time from `clock` (default: the
-    /// system clock).
+    /// system clock), serving both bundled transports' control channels.
     pub async fn start_with(
         config: Config,
         store: Arc<dyn Store>,
         clock: Option<Arc<dyn Clock>>,
     ) -> Self {
-        let auth = StaticTokens::new()
-            .with(token("alice"), Principal::new("alice", [Role::Publisher]))
-            .with(
-                token("mallory"),
-                Principal::new("mallory", [Role::Publisher]),
-            )
-            .with(token("client"), Principal::new("client", [Role::Client]));
-        let mut builder = Gateway::builder(store)
-            .config(config)
-            .authenticator(Arc::new(auth));
-        if let Some(clock) = clock {
-            builder = builder.clock(clock);
-        }
-        let gateway = builder.start().await.unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let url = format!("http://{addr}");
-        let (shutdown, mut stop) = watch::channel(false);
-        let routes = crate::http::routes(
-            gateway.clone(),
-            [
-                crate::sse::route(gateway.clone()),
-                crate::ws::route(gateway.clone()),
-            ],
-        );
-        let closing = gateway.clone();
-        tokio::spawn(crate::http::serve(
-            listener,
-            routes,
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-                closing.close_channels("test over");
-            },
-            Duration::from_secs(1),
-        ));
+        let gateway = builder(config, store, clock).start().await.unwrap();
+        let channels = vec![
+            crate::sse::route(gateway.clone()),
+            crate::ws::route(gateway.clone()),
+        ];
+        Self::serving(gateway, channels).await
+    }
+
+    /// Serves `gateway` with the HTTP surface and `channels`.
+    async fn serving(gateway: Gateway, channels: Vec<BoxedFilter<(Response,)>>) -> Self {
+        let (url, addr, server) = serve(&gateway, channels).await;
         let http = reqwest::Client::builder()
             .tcp_nodelay(true)
             .build()
@@ -103,7 +135,7 @@ impl TestGateway {
             addr,
             gateway,
             http,
-            _server: Arc::new(Server { shutdown }),
+            _server: Arc::new(server),
         }
     }
 

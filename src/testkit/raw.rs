@@ -38,9 +38,6 @@ pub trait RawChannel: Send {
 /// A transport the fault tests can also drive by hand.
 #[async_trait]
 pub trait RawTransport: Transport {
-    /// `sse` or `ws`, for messages.
-    fn name(&self) -> &'static str;
-
     /// Registers `names` as `who` (resuming `session` if given), opens the control
     /// channel and waits until it is bound. `recv_buffer` sets the socket's receive
     /// buffer (`SO_RCVBUF`) before it connects.
@@ -75,10 +72,6 @@ struct RawSse {
 
 #[async_trait]
 impl RawTransport for SseTransport {
-    fn name(&self) -> &'static str {
-        "sse"
-    }
-
     async fn raw(
         &self,
         gw: &TestGateway,
@@ -156,10 +149,6 @@ struct RawWs {
 
 #[async_trait]
 impl RawTransport for WsTransport {
-    fn name(&self) -> &'static str {
-        "ws"
-    }
-
     async fn raw(
         &self,
         gw: &TestGateway,

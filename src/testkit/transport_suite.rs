@@ -19,7 +19,7 @@ use crate::{EchoProvider, PublisherOptions};
 
 /// register → task → result, non-streaming: the client gets the publisher's answer.
 pub async fn non_streaming_round_trip(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -37,7 +37,7 @@ pub async fn non_streaming_round_trip(t: &dyn Transport) {
 
 /// Streaming: every chunk arrives as an OpenAI `chat.completion.chunk`, then `[DONE]`.
 pub async fn streaming_round_trip(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -67,7 +67,7 @@ pub async fn streaming_round_trip(t: &dyn Transport) {
 /// `data: {…}` line (a space after the colon), the last `data: [DONE]`, so that a
 /// hand-written `startswith("data: ")` parser reads every chunk.
 pub async fn streamed_events_are_framed_as_openai_frames_them(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -99,7 +99,7 @@ pub async fn streamed_events_are_framed_as_openai_frames_them(t: &dyn Transport)
 
 /// The client sees the first chunk while the provider is still working on the next.
 pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let gated = Arc::new(Gated::default());
     let p = gw.publish(t, "alice", &["gated"], gated.clone()).await;
     let mut stream = gw.chat_stream("client", "gated", "x").await;
@@ -138,7 +138,7 @@ pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport) {
         serde_json::from_str::<Value>(data).unwrap()["error"]["code"].clone()
     }
 
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let failing = Arc::new(FailsWhenReleased::default());
     let p = gw.publish(t, "alice", &["failing"], failing.clone()).await;
     let mut raw = gw.raw_chat_stream("client", "failing").await;
@@ -168,7 +168,7 @@ pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport) {
 
 /// 200 concurrent clients, streaming and not, each get their own answer.
 pub async fn concurrent_clients_get_their_own_answers(t: &dyn Transport) {
-    let gw = Arc::new(TestGateway::start(Default::default()).await);
+    let gw = Arc::new(TestGateway::start_for(t, Default::default()).await);
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -205,7 +205,7 @@ pub async fn concurrent_clients_get_their_own_answers(t: &dyn Transport) {
 /// A publisher that stops: its row goes inactive at once and clients get 503 with
 /// `Retry-After`.
 pub async fn a_stopped_publisher_is_503_at_once_and_its_row_inactive(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -229,7 +229,7 @@ pub async fn a_stopped_publisher_is_503_at_once_and_its_row_inactive(t: &dyn Tra
 
 /// A publisher restarted with its session file revives the same row, same id.
 pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let dir = TempDir::new();
     let options = PublisherOptions {
         session_file: Some(dir.path().join("session")),
@@ -270,7 +270,7 @@ pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport) {
 
 /// A client that goes away cancels the task: the provider's work is dropped.
 pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let dropped = hanging.dropped.clone();
@@ -289,7 +289,7 @@ pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport) {
 /// A task past its deadline answers 504, and the publisher is told to cancel. Runs
 /// under paused tokio time: the 300 s deadline passes without waiting for it.
 pub async fn a_deadline_answers_504_and_cancels(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let cancelled = hanging.dropped.notified();
@@ -304,7 +304,7 @@ pub async fn a_deadline_answers_504_and_cancels(t: &dyn Transport) {
 /// are refused (404) and the task still completes with its own publisher's answer;
 /// replaying a finished task's result is 409.
 pub async fn foreign_and_replayed_results_are_refused(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let gated = Arc::new(Gated::default());
     let p = gw.publish(t, "alice", &["gated"], gated.clone()).await;
     let session = p.connected().await;
@@ -370,7 +370,7 @@ pub async fn bad_input_gets_its_status_and_writes_nothing(t: &dyn Transport) {
         max_body_bytes: 4096,
         ..Default::default()
     };
-    let gw = TestGateway::start(config).await;
+    let gw = TestGateway::start_for(t, config).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -441,7 +441,7 @@ pub async fn bad_input_gets_its_status_and_writes_nothing(t: &dyn Transport) {
 
 /// `GET /v1/models` lists the active LLMs the way OpenAI SDKs expect.
 pub async fn models_lists_active_llms(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let p = gw
         .publish(
             t,
@@ -480,7 +480,7 @@ pub async fn models_lists_active_llms(t: &dyn Transport) {
 pub async fn a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down(
     t: &dyn Transport,
 ) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_for(t, Default::default()).await;
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let mut stream = gw.chat_stream("client", "slow", "x").await;
