@@ -1,6 +1,15 @@
 //! The transport conformance suite over SSE: publishers connect with `SseWire`, results
-//! travel as NDJSON.
+//! travel as NDJSON; on one gateway, and on two replicas linked in memory.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-virtual_llm::transport_conformance_tests!(virtual_llm::testkit::SseTransport);
+mod one_gateway {
+    virtual_llm::transport_conformance_tests!(virtual_llm::testkit::SseTransport);
+}
+
+mod two_replicas {
+    virtual_llm::transport_plane_conformance_tests!(
+        virtual_llm::testkit::SseTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}

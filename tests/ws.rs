@@ -1,4 +1,5 @@
-//! The transport conformance suite over WebSocket, and the cases only a socket has: a
+//! The transport conformance suite over WebSocket (on one gateway and on two replicas
+//! linked in memory), and the cases only a socket has: a
 //! register that is not first, malformed and oversized frames, a missed pong, and a
 //! session moving to a new socket.
 
@@ -15,7 +16,16 @@ use virtual_llm::Config;
 use virtual_llm::testkit::socket::{Socket, auth, next, send, socket, ws_url};
 use virtual_llm::testkit::{TestGateway, eventually};
 
-virtual_llm::transport_conformance_tests!(virtual_llm::testkit::WsTransport);
+mod one_gateway {
+    virtual_llm::transport_conformance_tests!(virtual_llm::testkit::WsTransport);
+}
+
+mod two_replicas {
+    virtual_llm::transport_plane_conformance_tests!(
+        virtual_llm::testkit::WsTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}
 
 fn register(session: Option<&str>, name: &str) -> Value {
     json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use eventsource_stream::Eventsource;
@@ -15,13 +16,14 @@ use tokio::sync::watch;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
+use super::plane::Plane;
 use super::proxy::Proxy;
 use super::support::{connect_with_recv_buffer, token};
 use super::transport::Transport;
 use crate::protocol::{LlmSpec, TaskResult};
 use crate::{
     Clock, Config, Gateway, GatewayBuilder, LlmName, MemoryStore, Principal, Provider,
-    PublishedLlm, Publisher, PublisherOptions, Role, StaticTokens, Store, TaskId,
+    PublishedLlm, Publisher, PublisherOptions, ReplicaId, Role, StaticTokens, Store, TaskId,
 };
 
 struct Server {
@@ -77,7 +79,22 @@ async fn serve(
     (url, addr, Server { shutdown })
 }
 
-/// A running gateway. Clones share it; it stops when the last clone is dropped.
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .build()
+        .unwrap()
+}
+
+/// A replica id unique in this process, starting with `prefix`.
+fn replica(prefix: &str) -> ReplicaId {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    ReplicaId::parse(&format!("{prefix}-{}-{n}", std::process::id())).unwrap()
+}
+
+/// A running gateway (or, on a [`Plane`], two replicas: one for publishers, one for
+/// clients). Clones share it; it stops when the last clone is dropped.
 #[derive(Clone)]
 pub struct TestGateway {
     /// The gateway's base URL, `http://127.0.0.1:<port>`: where clients call.
@@ -86,8 +103,16 @@ pub struct TestGateway {
     pub addr: SocketAddr,
     /// The gateway clients call.
     pub gateway: Gateway,
+    /// Where publishers connect: [`TestGateway::url`], or on a plane the other
+    /// replica's URL.
+    pub publisher_url: String,
+    /// The address publishers connect to.
+    pub publisher_addr: SocketAddr,
+    /// The gateway publishers connect to: [`TestGateway::gateway`], or on a plane the
+    /// other replica.
+    pub publisher_gateway: Gateway,
     http: reqwest::Client,
-    _server: Arc<Server>,
+    _servers: Arc<Vec<Server>>,
 }
 
 impl TestGateway {
@@ -123,19 +148,54 @@ impl TestGateway {
         Self::serving(gateway, channels).await
     }
 
-    /// Serves `gateway` with the HTTP surface and `channels`.
-    async fn serving(gateway: Gateway, channels: Vec<BoxedFilter<(Response,)>>) -> Self {
-        let (url, addr, server) = serve(&gateway, channels).await;
-        let http = reqwest::Client::builder()
-            .tcp_nodelay(true)
-            .build()
+    /// The gateway the transport conformance suite runs on: with no plane, one
+    /// gateway as [`TestGateway::start_for`]; on `plane`, two replicas over one
+    /// in-memory store, each served on its own port with `t`'s control channel, linked
+    /// by the plane: publishers connect to the first
+    /// ([`TestGateway::publisher_gateway`]), clients call the second
+    /// ([`TestGateway::gateway`]).
+    pub async fn start_on(t: &dyn Transport, plane: Option<&dyn Plane>, config: Config) -> Self {
+        let Some(plane) = plane else {
+            return Self::start_for(t, config).await;
+        };
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let publisher_side = plane
+            .join(builder(config.clone(), store.clone(), None), replica("a"))
+            .await
             .unwrap();
+        let client_side = plane
+            .join(builder(config, store, None), replica("b"))
+            .await
+            .unwrap();
+        let publisher_channels = vec![t.route(publisher_side.clone())];
+        let (publisher_url, publisher_addr, publisher_server) =
+            serve(&publisher_side, publisher_channels).await;
+        let client_channels = vec![t.route(client_side.clone())];
+        let (url, addr, client_server) = serve(&client_side, client_channels).await;
         TestGateway {
             url,
             addr,
+            gateway: client_side,
+            publisher_url,
+            publisher_addr,
+            publisher_gateway: publisher_side,
+            http: http_client(),
+            _servers: Arc::new(vec![client_server, publisher_server]),
+        }
+    }
+
+    /// Serves `gateway` with the HTTP surface and `channels`.
+    async fn serving(gateway: Gateway, channels: Vec<BoxedFilter<(Response,)>>) -> Self {
+        let (url, addr, server) = serve(&gateway, channels).await;
+        TestGateway {
+            publisher_url: url.clone(),
+            publisher_addr: addr,
+            publisher_gateway: gateway.clone(),
+            url,
+            addr,
             gateway,
-            http,
-            _server: Arc::new(server),
+            http: http_client(),
+            _servers: Arc::new(vec![server]),
         }
     }
 
@@ -146,6 +206,11 @@ impl TestGateway {
 
     fn base(&self) -> String {
         format!("{}{}", self.url, self.gateway.config().base_path)
+    }
+
+    /// The base of the provider routes, on the publishers' replica.
+    fn publisher_base(&self) -> String {
+        format!("{}{}", self.publisher_url, self.gateway.config().base_path)
     }
 
     /// Publishes `names` as `who` through transport `t`, all served by `provider`, and
@@ -170,7 +235,7 @@ impl TestGateway {
         provider: Arc<dyn Provider>,
         options: PublisherOptions,
     ) -> Publisher {
-        self.publish_at(&self.url, t, who, names, provider, options)
+        self.publish_at(&self.publisher_url, t, who, names, provider, options)
             .await
     }
 
@@ -220,7 +285,7 @@ impl TestGateway {
 
     /// Starts a [`Proxy`] to this gateway.
     pub async fn proxy(&self) -> Proxy {
-        Proxy::start(self.addr).await
+        Proxy::start(self.publisher_addr).await
     }
 
     /// Posts a chat-completion request `body` as `who`.
@@ -372,12 +437,13 @@ impl TestGateway {
         response.json().await.unwrap()
     }
 
-    /// The status of `POST <base>/<path>` with `body` as `who`; an error must be
+    /// The status of `POST <base>/<path>` (a provider route: on the publishers'
+    /// replica) with `body` as `who`; an error must be
     /// OpenAI-shaped.
     pub async fn post_raw(&self, who: &str, path: &str, body: &str) -> u16 {
         let response = self
             .http
-            .post(format!("{}/{path}", self.base()))
+            .post(format!("{}/{path}", self.publisher_base()))
             .bearer_auth(token(who))
             .header("content-type", "application/json")
             .body(body.to_owned())
@@ -400,7 +466,7 @@ impl TestGateway {
     pub async fn register_raw(&self, who: &str, body: Value) -> Value {
         let response = self
             .http
-            .post(format!("{}/_provider-register", self.base()))
+            .post(format!("{}/_provider-register", self.publisher_base()))
             .bearer_auth(token(who))
             .json(&body)
             .send()
@@ -421,7 +487,10 @@ impl TestGateway {
     ) -> u16 {
         let response = self
             .http
-            .post(format!("{}/_provider-task/{task}/result", self.base()))
+            .post(format!(
+                "{}/_provider-task/{task}/result",
+                self.publisher_base()
+            ))
             .bearer_auth(token(who))
             .header(crate::protocol::SESSION_HEADER, session)
             .json(result)

@@ -8,6 +8,9 @@
 //!   [`transport_conformance_tests!`](crate::transport_conformance_tests): end-to-end
 //!   behaviour every transport must show, over a real gateway served on
 //!   `127.0.0.1:0`.
+//! - [`transport_plane_conformance_tests!`](crate::transport_plane_conformance_tests):
+//!   the same cases on two gateway replicas linked by a [`Plane`] (the core's
+//!   [`MemoryCluster`] is one), publishers on one replica, clients on the other.
 //! - [`Transport`]: what the suite needs of a transport, with [`SseTransport`] and
 //!   [`WsTransport`].
 //! - [`TestGateway`]: the gateway under test with HTTP client helpers
@@ -24,6 +27,7 @@
 pub use virtual_llm_core::testkit::*;
 
 mod gateway;
+mod plane;
 mod providers;
 mod proxy;
 pub mod raw;
@@ -33,6 +37,7 @@ mod transport;
 pub mod transport_suite;
 
 pub use gateway::{RawResponse, SseReader, TestGateway};
+pub use plane::Plane;
 pub use providers::{FailsWhenReleased, Firehose, Gated, Hanging};
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};

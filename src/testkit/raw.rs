@@ -60,7 +60,7 @@ fn register_body(session: Option<&SessionId>, names: &[&str]) -> Value {
 }
 
 async fn connect(gw: &TestGateway, recv_buffer: Option<u32>) -> TcpStream {
-    connect_with_recv_buffer(gw.addr, recv_buffer).await
+    connect_with_recv_buffer(gw.publisher_addr, recv_buffer).await
 }
 
 struct RawSse {
@@ -91,7 +91,7 @@ impl RawTransport for SseTransport {
             "{}/_provider-stream",
             gw.gateway.config().base_path
         ))
-        .header("host", gw.addr.to_string())
+        .header("host", gw.publisher_addr.to_string())
         .header("authorization", format!("Bearer {}", token(who)))
         .header(crate::protocol::SESSION_HEADER, session.as_str())
         .header("accept", "text/event-stream")
@@ -159,7 +159,7 @@ impl RawTransport for WsTransport {
     ) -> Box<dyn RawChannel> {
         let url = format!(
             "ws://{}{}/_provider-ws",
-            gw.addr,
+            gw.publisher_addr,
             gw.gateway.config().base_path
         );
         let mut request = url.into_client_request().unwrap();
@@ -187,7 +187,7 @@ impl RawTransport for WsTransport {
         }
         // `registered` goes out before the bind; wait until the channel is bound.
         for _ in 0..500 {
-            if gw.gateway.is_bound(&raw.session) {
+            if gw.publisher_gateway.is_bound(&raw.session) {
                 return Box::new(raw);
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

@@ -24,7 +24,7 @@ pub type Socket =
 pub fn ws_url(gw: &TestGateway) -> String {
     format!(
         "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
+        gw.publisher_url.replace("http://", "ws://"),
         gw.gateway.config().base_path
     )
 }
