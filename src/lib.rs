@@ -34,3 +34,8 @@ pub use virtual_llm_sse as sse;
 /// (feature `ws`).
 #[cfg(feature = "ws")]
 pub use virtual_llm_ws as ws;
+
+/// The test kit (feature `testkit`): the core's test kit and the transport
+/// conformance suite.
+#[cfg(feature = "testkit")]
+pub mod testkit;

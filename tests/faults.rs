@@ -9,17 +9,15 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::harness::*;
-use conformance::raw::RawTransport;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 use virtual_llm::protocol::{GatewayFrame, LlmSpec, RegisterRequest, TaskResult};
 use virtual_llm::publisher::WireError;
+use virtual_llm::testkit::raw::RawTransport;
+use virtual_llm::testkit::*;
 use virtual_llm::testkit::{FailingStore, ManualClock, at};
 use virtual_llm::{
     Config, EchoProvider, LlmName, LlmStatus, MemoryStore, PublisherOptions, Store, SweepReport,

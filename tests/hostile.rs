@@ -11,13 +11,9 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use conformance::harness::{Gated, TestGateway, Transport, eventually, token};
-use conformance::socket::{auth, next, send, socket};
 use eventsource_stream::Eventsource;
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
@@ -31,12 +27,14 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 use virtual_llm::error::bounded;
 use virtual_llm::openai::chunk_body;
 use virtual_llm::protocol::TaskFrame;
+use virtual_llm::testkit::socket::{auth, next, send, socket};
+use virtual_llm::testkit::{Gated, TestGateway, Transport, eventually, token};
 use virtual_llm::{
     Config, EchoProvider, Gateway, LlmRecord, MemoryStore, Principal, Role, SessionId, StaticTokens,
 };
 
 // The transports under test, shared with the conformance suite.
-use conformance::harness::{SseTransport as Sse, WsTransport as Ws};
+use virtual_llm::testkit::{SseTransport as Sse, WsTransport as Ws};
 
 const SESSION: &str = virtual_llm::protocol::SESSION_HEADER;
 /// The longest error message a refusal may carry: errors never echo unbounded input.

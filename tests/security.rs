@@ -9,22 +9,20 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use conformance::harness::{Gated, TestGateway, Transport, eventually, token};
-use conformance::socket::{auth, next, send, socket, ws_url};
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use virtual_llm::protocol::{TaskFrame, TaskResult};
+use virtual_llm::testkit::socket::{auth, next, send, socket, ws_url};
+use virtual_llm::testkit::{Gated, TestGateway, Transport, eventually, token};
 use virtual_llm::{Config, EchoProvider, Error, LlmRecord, Provider, Reply, SessionId, TaskId};
 
 // The transports under test, shared with the conformance suite.
-use conformance::harness::{SseTransport as Sse, WsTransport as Ws};
+use virtual_llm::testkit::{SseTransport as Sse, WsTransport as Ws};
 
 const SESSION: &str = virtual_llm::protocol::SESSION_HEADER;
 

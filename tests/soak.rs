@@ -18,20 +18,18 @@
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use conformance::harness::*;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use virtual_llm::publisher::{PublisherState, Wire};
+use virtual_llm::testkit::*;
 use virtual_llm::{Config, EchoProvider, Publisher, PublisherOptions};
 
 const PUBLISHERS: usize = 200;

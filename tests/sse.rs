@@ -1,21 +1,15 @@
 //! The transport conformance suite over SSE: publishers connect with `SseWire`, results
-//! travel as NDJSON.
+//! travel as NDJSON; on one gateway, and on two replicas linked in memory.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
-use std::sync::Arc;
-
-use conformance::harness::Transport;
-use virtual_llm::publisher::Wire;
-
-struct Sse;
-
-impl Transport for Sse {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::sse::SseWire::new(url, token).unwrap())
-    }
+mod one_gateway {
+    virtual_llm::transport_conformance_tests!(virtual_llm::testkit::SseTransport);
 }
 
-conformance_tests!(Sse);
+mod two_replicas {
+    virtual_llm::transport_plane_conformance_tests!(
+        virtual_llm::testkit::SseTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}

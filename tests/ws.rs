@@ -1,32 +1,31 @@
-//! The transport conformance suite over WebSocket, and the cases only a socket has: a
+//! The transport conformance suite over WebSocket (on one gateway and on two replicas
+//! linked in memory), and the cases only a socket has: a
 //! register that is not first, malformed and oversized frames, a missed pong, and a
 //! session moving to a new socket.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
-mod conformance;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use conformance::harness::{TestGateway, Transport, eventually};
-use conformance::socket::{Socket, auth, next, send, socket, ws_url};
 use futures::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use virtual_llm::Config;
-use virtual_llm::publisher::Wire;
+use virtual_llm::testkit::socket::{Socket, auth, next, send, socket, ws_url};
+use virtual_llm::testkit::{TestGateway, eventually};
 
-struct Ws;
-
-impl Transport for Ws {
-    fn wire(&self, url: &str, token: Option<String>) -> Arc<dyn Wire> {
-        Arc::new(virtual_llm::ws::WsWire::new(url, token).unwrap())
-    }
+mod one_gateway {
+    virtual_llm::transport_conformance_tests!(virtual_llm::testkit::WsTransport);
 }
 
-conformance_tests!(Ws);
+mod two_replicas {
+    virtual_llm::transport_plane_conformance_tests!(
+        virtual_llm::testkit::WsTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}
 
 fn register(session: Option<&str>, name: &str) -> Value {
     json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})
@@ -427,9 +426,9 @@ async fn credits_follow_the_client_and_a_publisher_past_its_credit_is_cut_off() 
 /// the requests are still on their way, before the socket is full.)
 #[tokio::test]
 async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() {
-    use conformance::harness::WsTransport;
-    use conformance::raw::RawTransport;
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use virtual_llm::testkit::WsTransport;
+    use virtual_llm::testkit::raw::RawTransport;
     let gw = TestGateway::start(Config {
         channel_buffer: 4,
         keepalive: Duration::from_secs(5),

@@ -343,18 +343,17 @@ impl TaskTable {
         count
     }
 
-    /// Fails every in-flight task now with `error()`: for a gateway shutting down,
-    /// whose channels close next (their publishers then abort the tasks), so that
-    /// clients hear why rather than that their publisher disconnected. Late results
+    /// Fails every in-flight task now with `error()` and tells each publisher to stop
+    /// (a cancel frame): for a gateway shutting down, so that clients hear why rather
+    /// than that their publisher disconnected. Late results
     /// for them are then unknown (404). Returns how many failed.
     pub(crate) fn fail_all(&self, error: impl Fn() -> Error) -> usize {
-        let failed: Vec<Live> = lock(&self.inner.state)
-            .live
-            .drain()
-            .map(|(_, t)| t)
-            .collect();
+        let failed: Vec<(TaskId, Live)> = lock(&self.inner.state).live.drain().collect();
         let count = failed.len();
-        for task in failed {
+        for (id, task) in failed {
+            // Told even though a drain closes this replica's channels next: the
+            // publisher may sit on another replica, whose channel stays open.
+            self.inner.send_cancel(&task.session, &id);
             task.fail(error());
         }
         count

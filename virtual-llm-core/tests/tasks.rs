@@ -840,7 +840,7 @@ async fn a_drain_refuses_new_requests_lets_in_flight_ones_finish_then_closes_cha
 #[tokio::test(start_paused = true)]
 async fn a_drain_gives_up_after_its_grace_period() {
     let o = online().await;
-    let (_handle, _frame) = o.start(false).await;
+    let (_handle, frame) = o.start(false).await;
     let started = tokio::time::Instant::now();
     assert_eq!(
         o.f.gw.drain(Duration::from_secs(3)).await,
@@ -849,6 +849,11 @@ async fn a_drain_gives_up_after_its_grace_period() {
     );
     assert!(
         started.elapsed() >= Duration::from_secs(3) && started.elapsed() < Duration::from_secs(4)
+    );
+    assert_eq!(
+        o.channel.next_cancel().await.task_id,
+        frame.task_id,
+        "the publisher is told to stop the failed task"
     );
     assert!(matches!(o.channel.next().await, GatewayFrame::Closing(_)));
 }
@@ -882,6 +887,15 @@ async fn a_drain_fails_unfinished_tasks_saying_the_gateway_is_shutting_down() {
         f.gw.drain(Duration::from_secs(1)).await,
         2,
         "two unfinished"
+    );
+    let cancelled: std::collections::HashSet<_> = [
+        channel.next_cancel().await.task_id,
+        channel.next_cancel().await.task_id,
+    ]
+    .into();
+    assert!(
+        cancelled.contains(&frame.task_id) && cancelled.len() == 2,
+        "each unfinished task's publisher is told to stop"
     );
     assert!(matches!(channel.next().await, GatewayFrame::Closing(_)));
     binding.release().await.unwrap();

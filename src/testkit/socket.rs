@@ -8,7 +8,8 @@ use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-use super::harness::{TestGateway, token};
+use super::gateway::TestGateway;
+use super::support::token;
 
 /// `Authorization: Bearer <token>` of the test principal `who`.
 pub fn auth(who: &str) -> HeaderValue {
@@ -23,7 +24,7 @@ pub type Socket =
 pub fn ws_url(gw: &TestGateway) -> String {
     format!(
         "{}{}/_provider-ws",
-        gw.url.replace("http://", "ws://"),
+        gw.publisher_url.replace("http://", "ws://"),
         gw.gateway.config().base_path
     )
 }

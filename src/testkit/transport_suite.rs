@@ -2,24 +2,25 @@
 //! written once over [`Transport`]. A real gateway serves on `127.0.0.1:0`; clients
 //! speak HTTP to it; publishers connect through the transport's `Wire`.
 //!
-//! Each case is a `pub async fn` taking the transport; `conformance_tests!` stamps out
-//! one `#[tokio::test]` per case for a transport.
+//! Each case is a `pub async fn` taking the transport;
+//! [`transport_conformance_tests!`](crate::transport_conformance_tests) stamps out one
+//! `#[tokio::test]` per case for a transport.
 
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
-
-pub mod harness;
-pub mod raw;
-pub mod socket;
-
-use harness::*;
-use serde_json::{Value, json};
 use std::sync::Arc;
-use virtual_llm::protocol::{RegisterRequest, TaskResult};
-use virtual_llm::{EchoProvider, PublisherOptions};
+
+use serde_json::{Value, json};
+
+use super::gateway::{RawResponse, TestGateway};
+use super::plane::Plane;
+use super::providers::{FailsWhenReleased, Gated, Hanging};
+use super::support::{TempDir, eventually};
+use super::transport::Transport;
+use crate::protocol::{RegisterRequest, TaskResult};
+use crate::{EchoProvider, PublisherOptions};
 
 /// register → task → result, non-streaming: the client gets the publisher's answer.
-pub async fn non_streaming_round_trip(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn non_streaming_round_trip(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -36,8 +37,8 @@ pub async fn non_streaming_round_trip(t: &dyn Transport) {
 }
 
 /// Streaming: every chunk arrives as an OpenAI `chat.completion.chunk`, then `[DONE]`.
-pub async fn streaming_round_trip(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn streaming_round_trip(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -66,8 +67,11 @@ pub async fn streaming_round_trip(t: &dyn Transport) {
 /// A client stream is framed byte for byte as OpenAI frames it: each event one
 /// `data: {…}` line (a space after the colon), the last `data: [DONE]`, so that a
 /// hand-written `startswith("data: ")` parser reads every chunk.
-pub async fn streamed_events_are_framed_as_openai_frames_them(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn streamed_events_are_framed_as_openai_frames_them(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -98,8 +102,11 @@ pub async fn streamed_events_are_framed_as_openai_frames_them(t: &dyn Transport)
 }
 
 /// The client sees the first chunk while the provider is still working on the next.
-pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn chunks_reach_the_client_before_the_provider_finishes(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let gated = Arc::new(Gated::default());
     let p = gw.publish(t, "alice", &["gated"], gated.clone()).await;
     let mut stream = gw.chat_stream("client", "gated", "x").await;
@@ -122,7 +129,7 @@ pub async fn chunks_reach_the_client_before_the_provider_finishes(t: &dyn Transp
 /// gets there, rather than waiting on a kept-alive connection. Runs under paused
 /// time, so the guard turns a connection left open into a failure at once (it
 /// expires before the server's 75 s idle timeout would close the connection).
-pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport) {
+pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport, plane: Option<&dyn Plane>) {
     /// The error event's OpenAI error code, after checking the response ended (the
     /// last chunk of the chunked body) before the connection closed.
     async fn error_then_close(raw: &mut RawResponse) -> Value {
@@ -138,7 +145,7 @@ pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport) {
         serde_json::from_str::<Value>(data).unwrap()["error"]["code"].clone()
     }
 
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let failing = Arc::new(FailsWhenReleased::default());
     let p = gw.publish(t, "alice", &["failing"], failing.clone()).await;
     let mut raw = gw.raw_chat_stream("client", "failing").await;
@@ -167,8 +174,11 @@ pub async fn a_stream_failing_midway_ends_and_closes(t: &dyn Transport) {
 }
 
 /// 200 concurrent clients, streaming and not, each get their own answer.
-pub async fn concurrent_clients_get_their_own_answers(t: &dyn Transport) {
-    let gw = Arc::new(TestGateway::start(Default::default()).await);
+pub async fn concurrent_clients_get_their_own_answers(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = Arc::new(TestGateway::start_on(t, plane, Default::default()).await);
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -204,8 +214,11 @@ pub async fn concurrent_clients_get_their_own_answers(t: &dyn Transport) {
 
 /// A publisher that stops: its row goes inactive at once and clients get 503 with
 /// `Retry-After`.
-pub async fn a_stopped_publisher_is_503_at_once_and_its_row_inactive(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn a_stopped_publisher_is_503_at_once_and_its_row_inactive(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -228,8 +241,8 @@ pub async fn a_stopped_publisher_is_503_at_once_and_its_row_inactive(t: &dyn Tra
 }
 
 /// A publisher restarted with its session file revives the same row, same id.
-pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let dir = TempDir::new();
     let options = PublisherOptions {
         session_file: Some(dir.path().join("session")),
@@ -269,8 +282,8 @@ pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport) {
 }
 
 /// A client that goes away cancels the task: the provider's work is dropped.
-pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let dropped = hanging.dropped.clone();
@@ -288,8 +301,8 @@ pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport) {
 
 /// A task past its deadline answers 504, and the publisher is told to cancel. Runs
 /// under paused tokio time: the 300 s deadline passes without waiting for it.
-pub async fn a_deadline_answers_504_and_cancels(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn a_deadline_answers_504_and_cancels(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let cancelled = hanging.dropped.notified();
@@ -303,8 +316,11 @@ pub async fn a_deadline_answers_504_and_cancels(t: &dyn Transport) {
 /// Results posted by another session, or by another principal holding the session id,
 /// are refused (404) and the task still completes with its own publisher's answer;
 /// replaying a finished task's result is 409.
-pub async fn foreign_and_replayed_results_are_refused(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn foreign_and_replayed_results_are_refused(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let gated = Arc::new(Gated::default());
     let p = gw.publish(t, "alice", &["gated"], gated.clone()).await;
     let session = p.connected().await;
@@ -365,12 +381,15 @@ pub async fn foreign_and_replayed_results_are_refused(t: &dyn Transport) {
 
 /// Malformed bodies, unknown models, bad names and oversized bodies get their status
 /// and write nothing.
-pub async fn bad_input_gets_its_status_and_writes_nothing(t: &dyn Transport) {
-    let config = virtual_llm::Config {
+pub async fn bad_input_gets_its_status_and_writes_nothing(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let config = crate::Config {
         max_body_bytes: 4096,
         ..Default::default()
     };
-    let gw = TestGateway::start(config).await;
+    let gw = TestGateway::start_on(t, plane, config).await;
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
@@ -440,8 +459,8 @@ pub async fn bad_input_gets_its_status_and_writes_nothing(t: &dyn Transport) {
 }
 
 /// `GET /v1/models` lists the active LLMs the way OpenAI SDKs expect.
-pub async fn models_lists_active_llms(t: &dyn Transport) {
-    let gw = TestGateway::start(Default::default()).await;
+pub async fn models_lists_active_llms(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let p = gw
         .publish(
             t,
@@ -479,8 +498,9 @@ pub async fn models_lists_active_llms(t: &dyn Transport) {
 /// with it.
 pub async fn a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down(
     t: &dyn Transport,
+    plane: Option<&dyn Plane>,
 ) {
-    let gw = TestGateway::start(Default::default()).await;
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let mut stream = gw.chat_stream("client", "slow", "x").await;
@@ -501,11 +521,61 @@ pub async fn a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_do
     p.stop().await;
 }
 
-/// Stamps out one `#[tokio::test]` per conformance case for a transport value.
+/// Stamps out one `#[tokio::test]` per case of the transport conformance suite for
+/// a transport value (an expression of a type implementing
+/// [`Transport`](crate::testkit::Transport), evaluated once per test), on one
+/// gateway.
+///
+/// The calling crate needs `tokio` with the `macros`, `rt-multi-thread` and
+/// `test-util` features (two cases run under paused time).
+///
+/// ```no_run
+/// mod sse {
+///     virtual_llm::transport_conformance_tests!(virtual_llm::testkit::SseTransport);
+/// }
+/// # fn main() {}
+/// ```
 #[macro_export]
-macro_rules! conformance_tests {
+macro_rules! transport_conformance_tests {
     ($transport:expr) => {
-        $crate::conformance_tests!(@cases $transport;
+        $crate::__transport_suite_cases!($transport, ::core::option::Option::None);
+    };
+}
+
+/// Stamps out one `#[tokio::test]` per case of the transport conformance suite for
+/// a transport value on two gateway replicas linked by a plane (an expression of a
+/// type implementing [`Plane`](crate::testkit::Plane), evaluated once per test):
+/// publishers connect to one replica, clients call the other.
+///
+/// Stamp it in a module of its own next to
+/// [`transport_conformance_tests!`](crate::transport_conformance_tests): both name
+/// their tests after the cases.
+///
+/// ```no_run
+/// mod sse_on_two_replicas {
+///     virtual_llm::transport_plane_conformance_tests!(
+///         virtual_llm::testkit::SseTransport,
+///         virtual_llm::testkit::MemoryCluster::new()
+///     );
+/// }
+/// # fn main() {}
+/// ```
+#[macro_export]
+macro_rules! transport_plane_conformance_tests {
+    ($transport:expr, $plane:expr) => {
+        $crate::__transport_suite_cases!(
+            $transport,
+            ::core::option::Option::Some(&$plane as &dyn $crate::testkit::Plane)
+        );
+    };
+}
+
+/// The cases, for the two macros above.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __transport_suite_cases {
+    ($transport:expr, $plane:expr) => {
+        $crate::__transport_suite_cases!(@cases $transport, $plane;
             non_streaming_round_trip,
             streaming_round_trip,
             streamed_events_are_framed_as_openai_frames_them,
@@ -520,21 +590,29 @@ macro_rules! conformance_tests {
             a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down,
         );
     };
-    (@cases $transport:expr; $($case:ident,)*) => {
-        #[tokio::test(start_paused = true)]
+    (@cases $transport:expr, $plane:expr; $($case:ident,)*) => {
+        #[::tokio::test(start_paused = true)]
         async fn a_deadline_answers_504_and_cancels() {
-            conformance::a_deadline_answers_504_and_cancels(&$transport).await;
+            $crate::testkit::transport_suite::a_deadline_answers_504_and_cancels(
+                &$transport,
+                $plane,
+            )
+            .await;
         }
 
-        #[tokio::test(start_paused = true)]
+        #[::tokio::test(start_paused = true)]
         async fn a_stream_failing_midway_ends_and_closes() {
-            conformance::a_stream_failing_midway_ends_and_closes(&$transport).await;
+            $crate::testkit::transport_suite::a_stream_failing_midway_ends_and_closes(
+                &$transport,
+                $plane,
+            )
+            .await;
         }
 
         $(
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $case() {
-                conformance::$case(&$transport).await;
+                $crate::testkit::transport_suite::$case(&$transport, $plane).await;
             }
         )*
     };

@@ -5,6 +5,11 @@
 
 use std::sync::Arc;
 
+use super::gateway::TestGateway;
+use super::support::{connect_with_recv_buffer, token};
+use super::transport::{SseTransport, Transport, WsTransport};
+use crate::protocol::{GatewayFrame, PublisherFrame, TaskResult};
+use crate::{SessionId, TaskId};
 use async_trait::async_trait;
 use eventsource_stream::Eventsource;
 use futures::stream::BoxStream;
@@ -15,12 +20,6 @@ use serde_json::{Value, json};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use virtual_llm::protocol::{GatewayFrame, PublisherFrame, TaskResult};
-use virtual_llm::{SessionId, TaskId};
-
-use super::harness::{
-    SseTransport, TestGateway, Transport, WsTransport, connect_with_recv_buffer, token,
-};
 
 /// A publisher's control channel, driven by hand.
 #[async_trait]
@@ -39,9 +38,6 @@ pub trait RawChannel: Send {
 /// A transport the fault tests can also drive by hand.
 #[async_trait]
 pub trait RawTransport: Transport {
-    /// `sse` or `ws`, for messages.
-    fn name(&self) -> &'static str;
-
     /// Registers `names` as `who` (resuming `session` if given), opens the control
     /// channel and waits until it is bound. `recv_buffer` sets the socket's receive
     /// buffer (`SO_RCVBUF`) before it connects.
@@ -64,7 +60,7 @@ fn register_body(session: Option<&SessionId>, names: &[&str]) -> Value {
 }
 
 async fn connect(gw: &TestGateway, recv_buffer: Option<u32>) -> TcpStream {
-    connect_with_recv_buffer(gw.addr, recv_buffer).await
+    connect_with_recv_buffer(gw.publisher_addr, recv_buffer).await
 }
 
 struct RawSse {
@@ -76,10 +72,6 @@ struct RawSse {
 
 #[async_trait]
 impl RawTransport for SseTransport {
-    fn name(&self) -> &'static str {
-        "sse"
-    }
-
     async fn raw(
         &self,
         gw: &TestGateway,
@@ -99,9 +91,9 @@ impl RawTransport for SseTransport {
             "{}/_provider-stream",
             gw.gateway.config().base_path
         ))
-        .header("host", gw.addr.to_string())
+        .header("host", gw.publisher_addr.to_string())
         .header("authorization", format!("Bearer {}", token(who)))
-        .header(virtual_llm::protocol::SESSION_HEADER, session.as_str())
+        .header(crate::protocol::SESSION_HEADER, session.as_str())
         .header("accept", "text/event-stream")
         .body(Empty::<bytes::Bytes>::new())
         .unwrap();
@@ -157,10 +149,6 @@ struct RawWs {
 
 #[async_trait]
 impl RawTransport for WsTransport {
-    fn name(&self) -> &'static str {
-        "ws"
-    }
-
     async fn raw(
         &self,
         gw: &TestGateway,
@@ -171,7 +159,7 @@ impl RawTransport for WsTransport {
     ) -> Box<dyn RawChannel> {
         let url = format!(
             "ws://{}{}/_provider-ws",
-            gw.addr,
+            gw.publisher_addr,
             gw.gateway.config().base_path
         );
         let mut request = url.into_client_request().unwrap();
@@ -199,7 +187,7 @@ impl RawTransport for WsTransport {
         }
         // `registered` goes out before the bind; wait until the channel is bound.
         for _ in 0..500 {
-            if gw.gateway.is_bound(&raw.session) {
+            if gw.publisher_gateway.is_bound(&raw.session) {
                 return Box::new(raw);
             }
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;

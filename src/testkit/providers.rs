@@ -1,0 +1,215 @@
+//! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
+//! [`Hanging`] and [`Firehose`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use serde_json::Value;
+use tokio::sync::Notify;
+use virtual_llm_core::openai::{chunk_body, last_user_text};
+
+use crate::protocol::TaskFrame;
+use crate::{Completion, Error, Provider, Reply, TaskId};
+
+fn chunk(task: &TaskFrame, text: &str) -> String {
+    chunk_body(
+        &format!("chatcmpl-{}", task.task_id),
+        task.llm.as_str(),
+        0,
+        Some(text),
+        None,
+    )
+    .to_string()
+}
+
+/// Streams "first", then waits until released, then "second". Records task ids.
+#[derive(Debug, Default)]
+pub struct Gated {
+    gate: Arc<Notify>,
+    released: std::sync::atomic::AtomicBool,
+    tasks: Mutex<Vec<TaskId>>,
+    arrived: Notify,
+}
+
+impl Gated {
+    /// Lets the stream go on to "second".
+    pub fn release(&self) {
+        self.released
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.gate.notify_one();
+    }
+
+    /// Whether [`Gated::release`] was called.
+    pub fn released(&self) -> bool {
+        self.released.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The first task's id, once one arrived.
+    pub async fn task_id(&self) -> TaskId {
+        loop {
+            let arrived = self.arrived.notified();
+            if let Some(id) = self.tasks.lock().unwrap().first() {
+                return id.clone();
+            }
+            arrived.await;
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Gated {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        self.tasks.lock().unwrap().push(task.task_id.clone());
+        self.arrived.notify_waiters();
+        let gate = self.gate.clone();
+        let (first, second) = (chunk(&task, "first"), chunk(&task, "second"));
+        let rest = futures::stream::once(async move {
+            gate.notified().await;
+            Ok(second)
+        });
+        Ok(Reply::Stream(
+            futures::stream::once(async move { Ok(first) })
+                .chain(rest)
+                .boxed(),
+        ))
+    }
+}
+
+/// Streams "first", then waits until released, then fails as an upstream that broke
+/// off would (the publisher reports an error mid-stream).
+#[derive(Debug, Default)]
+pub struct FailsWhenReleased {
+    gate: Arc<Notify>,
+}
+
+impl FailsWhenReleased {
+    /// Lets the stream fail.
+    pub fn release(&self) {
+        self.gate.notify_one();
+    }
+}
+
+#[async_trait]
+impl Provider for FailsWhenReleased {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let gate = self.gate.clone();
+        let first = chunk(&task, "first");
+        let failure = futures::stream::once(async move {
+            gate.notified().await;
+            Err(Error::Upstream {
+                message: "the model crashed".into(),
+            })
+        });
+        Ok(Reply::Stream(
+            futures::stream::once(async move { Ok(first) })
+                .chain(failure)
+                .boxed(),
+        ))
+    }
+}
+
+/// Never finishes: streams one chunk then hangs, or hangs outright. Signals `dropped`
+/// when its work is dropped (the task was cancelled).
+#[derive(Debug, Default)]
+pub struct Hanging {
+    /// Signalled when a task's work is dropped (cancelled).
+    pub dropped: Arc<Notify>,
+}
+
+struct DropSignal(Arc<Notify>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+#[async_trait]
+impl Provider for Hanging {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let guard = DropSignal(self.dropped.clone());
+        if !task.stream {
+            let _guard = guard;
+            std::future::pending::<()>().await;
+            return Ok(Reply::Complete(Completion {
+                status: 200,
+                body: Value::Null,
+            }));
+        }
+        let first = chunk(&task, "first");
+        let forever = futures::stream::once(async move {
+            let _guard = guard;
+            std::future::pending::<Result<String, Error>>().await
+        });
+        Ok(Reply::Stream(
+            futures::stream::once(async move { Ok(first) })
+                .chain(forever)
+                .boxed(),
+        ))
+    }
+}
+
+/// Streams as fast as it is asked to: the user message is `<label> n=<count>`, and the
+/// answer is `count` chunks of 1000 `x`s; with `every=<k>` it pauses a millisecond
+/// after every `k` chunks (a fast model, not an infinitely fast one). Counts the chunks
+/// produced per label, so a test sees how far ahead of its client a stream ran;
+/// signals `dropped` when a stream's work is dropped (finished or cancelled).
+#[derive(Debug, Default)]
+pub struct Firehose {
+    produced: Mutex<std::collections::HashMap<String, Arc<std::sync::atomic::AtomicUsize>>>,
+    /// Signalled when a stream's work is dropped (finished or cancelled).
+    pub dropped: Arc<Notify>,
+}
+
+impl Firehose {
+    fn counter(&self, label: &str) -> Arc<std::sync::atomic::AtomicUsize> {
+        self.produced
+            .lock()
+            .unwrap()
+            .entry(label.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// How many chunks the streams labelled `label` have produced.
+    pub fn produced(&self, label: &str) -> usize {
+        self.counter(label)
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Provider for Firehose {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let text = last_user_text(&task.body);
+        let mut words = text.split_whitespace();
+        let label = words.next().unwrap_or_default().to_owned();
+        let words: Vec<&str> = words.collect();
+        let param = |name: &str| -> Option<usize> {
+            words
+                .iter()
+                .find_map(|w| w.strip_prefix(name))
+                .and_then(|n| n.parse().ok())
+        };
+        let count = param("n=").unwrap_or(1);
+        let every = param("every=");
+        let counter = self.counter(&label);
+        let piece = chunk(&task, &"x".repeat(1000));
+        let guard = DropSignal(self.dropped.clone());
+        let chunks = futures::stream::iter(0..count).then(move |i| {
+            let counter = counter.clone();
+            let piece = piece.clone();
+            let _held = &guard;
+            async move {
+                if every.is_some_and(|k| i > 0 && i % k == 0) {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(piece)
+            }
+        });
+        Ok(Reply::Stream(chunks.boxed()))
+    }
+}
