@@ -20,6 +20,9 @@ use crate::{Error, LlmName, LlmRecord, Principal, Store};
 ///   [`Error::UnknownLlm`] when nothing answers to it (also when the caller may not see
 ///   what does: it must not learn that it exists).
 /// - It reads the registry through `store` and never writes it.
+///
+/// The test kit's `router_suite` (feature `testkit`) checks an implementation against
+/// this contract.
 #[async_trait]
 pub trait Router: fmt::Debug + Send + Sync + 'static {
     /// The rows that may answer `principal`'s request for `model`, best first.

@@ -10,6 +10,8 @@
 //! - [`plane_suite`] with [`plane_conformance_tests!`](crate::plane_conformance_tests):
 //!   two gateway replicas over one store, a publisher on one and clients on the
 //!   other.
+//! - [`router_suite`] with [`router_conformance_tests!`](crate::router_conformance_tests):
+//!   checking a [`Router`](crate::Router).
 //! - [`MemoryCluster`]: gateway replicas in one process, linked by an in-memory
 //!   directory and task router.
 //! - [`ManualClock`]: wall-clock time that moves only when told to.
@@ -26,6 +28,7 @@ pub mod directory_suite;
 mod failing;
 mod loopback;
 pub mod plane_suite;
+pub mod router_suite;
 pub mod store_suite;
 
 pub use cluster::MemoryCluster;
