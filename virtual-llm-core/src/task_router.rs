@@ -42,6 +42,10 @@ pub struct Delivery {
 /// - [`session_closed`](TaskRouter::session_closed) makes every other replica's
 ///   [`TaskInbound::session_closed`] run for `session`, so no task waits on a channel
 ///   that no longer exists. It returns when they have been told.
+/// - **Bounded in time.** Neither call waits on a peer without a bound: a replica
+///   that does not answer within the plane's timeout is given up on (`deliver`
+///   answers [`Error::UnknownTask`]; `session_closed` returns), so no publisher's
+///   post and no unbind is held by a slow or dead peer.
 ///
 /// The test kit's `plane_suite` (feature `testkit`) checks an
 /// implementation against this contract.
