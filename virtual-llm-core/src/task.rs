@@ -4,9 +4,10 @@
 //! channel directory and returns a [`TaskHandle`]. The publisher's results come back
 //! through [`Gateway::deliver`](crate::Gateway::deliver) (or, from another replica, a
 //! [`TaskInbound`](crate::TaskInbound)), which checks that they come from the session
-//! the task was sent to, and hands them to the handle through a bounded buffer. The handle yields
-//! exactly one outcome (a completion, a finished stream, or an error) and then nothing;
-//! dropping it before the outcome cancels the task and sends a `cancel` frame.
+//! the task was sent to, and hands them to the handle through a bounded buffer. The
+//! handle yields exactly one outcome (a completion, a finished stream, or an error) and
+//! then nothing; dropping it before the outcome cancels the task and sends a `cancel`
+//! frame.
 //!
 //! Deadlines live in the handle: a total deadline for a non-streaming task, an idle
 //! deadline between events for a streaming one. Both are tokio timers, so tests drive
