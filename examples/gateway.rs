@@ -174,6 +174,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             provider_type: public.provider_type.clone(),
             model: public.model.clone(),
             tier: public.tier.clone(),
+            pool: None,
+            max_concurrent: None,
         };
         gateway.put_public(&admin, spec).await?;
     }

@@ -1576,6 +1576,8 @@ mod scale {
                     provider_type: "echo".into(),
                     model: "echo".into(),
                     tier: None,
+                    pool: None,
+                    max_concurrent: None,
                 },
                 provider: provider.clone(),
             };
@@ -1878,6 +1880,8 @@ mod gc {
                     updated_at: now,
                     revision: 0,
                     binding: None,
+                    pool: None,
+                    max_concurrent: None,
                 }));
             }
             let written = batch.len() as u64;

@@ -110,6 +110,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                 provider_type: "echo".into(),
                 model: "echo".into(),
                 tier: None,
+                pool: None,
+                max_concurrent: None,
             },
             provider: Arc::new(EchoProvider::new()),
         });
@@ -129,6 +131,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                     provider_type: p.provider_type,
                     model: p.model.clone(),
                     tier: p.tier,
+                    pool: None,
+                    max_concurrent: None,
                 },
                 provider: Arc::new(OpenAiProvider::new(upstream, p.model)),
             });

@@ -399,6 +399,8 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
                 provider_type: "openai".into(),
                 model: "m".into(),
                 tier: None,
+                pool: None,
+                max_concurrent: None,
             })
             .collect(),
     };

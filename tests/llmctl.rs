@@ -160,6 +160,8 @@ impl Setup {
                     provider_type: "echo".into(),
                     model: "echo-1".into(),
                     tier: Some("fast".into()),
+                    pool: None,
+                    max_concurrent: None,
                 },
                 provider: provider.clone(),
             }],

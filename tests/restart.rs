@@ -37,6 +37,8 @@ fn publisher_named(wire: Arc<dyn Wire>, session_file: &Path, name: &str) -> Publ
             provider_type: "echo".into(),
             model: "echo".into(),
             tier: None,
+            pool: None,
+            max_concurrent: None,
         },
         provider: Arc::new(EchoProvider::new()),
     };

@@ -195,6 +195,8 @@ impl Slot {
                 provider_type: "echo".into(),
                 model: "echo".into(),
                 tier: None,
+                pool: None,
+                max_concurrent: None,
             },
             provider: Arc::new(EchoProvider::new()),
         };

@@ -193,6 +193,8 @@ fn public_record(name: &str) -> LlmRecord {
         updated_at: Timestamp::EPOCH,
         revision: 1,
         binding: None,
+        pool: None,
+        max_concurrent: None,
     }
 }
 

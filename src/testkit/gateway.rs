@@ -276,6 +276,8 @@ impl TestGateway {
                     provider_type: "openai".into(),
                     model: format!("{n}-model"),
                     tier: None,
+                    pool: None,
+                    max_concurrent: None,
                 },
                 provider: provider.clone(),
             })

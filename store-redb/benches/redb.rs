@@ -72,6 +72,8 @@ fn request(session: Option<&SessionId>, names: &[String]) -> RegisterRequest {
                 provider_type: "openai".into(),
                 model: "m".into(),
                 tier: None,
+                pool: None,
+                max_concurrent: None,
             })
             .collect(),
     }

@@ -48,6 +48,12 @@ pub(crate) struct StoredRow {
     /// stored it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     binding: Option<ChannelBinding>,
+    /// The row's pool (schema 3); absent when it has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pool: Option<LlmName>,
+    /// The row's capacity (schema 3); absent when it has no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    max_concurrent: Option<u32>,
 }
 
 impl StoredRow {
@@ -71,6 +77,8 @@ impl StoredRow {
             updated_at,
             revision,
             binding,
+            pool,
+            max_concurrent,
         } = r;
         StoredRow {
             id,
@@ -89,6 +97,8 @@ impl StoredRow {
             revision,
             stamp,
             binding,
+            pool,
+            max_concurrent,
         }
     }
 
@@ -115,6 +125,8 @@ impl StoredRow {
             updated_at: Timestamp::from_millis(self.updated_ms),
             revision: self.revision,
             binding: self.binding,
+            pool: self.pool,
+            max_concurrent: self.max_concurrent,
         }
     }
 

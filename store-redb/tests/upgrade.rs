@@ -61,6 +61,8 @@ fn expected_rows() -> Vec<LlmRecord> {
         updated_at: t(0),
         revision: 1,
         binding: None,
+        pool: None,
+        max_concurrent: None,
     };
     let gone = LlmRecord {
         status: LlmStatus::Inactive,

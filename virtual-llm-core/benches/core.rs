@@ -49,6 +49,8 @@ fn task_round_trip(c: &mut Criterion) {
                 provider_type: "openai".into(),
                 model: "m".into(),
                 tier: None,
+                pool: None,
+                max_concurrent: None,
             }],
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;

@@ -102,6 +102,8 @@ fn plan_register(
                 r.provider_type.clone_from(&spec.provider_type);
                 r.model.clone_from(&spec.model);
                 r.tier.clone_from(&spec.tier);
+                r.pool.clone_from(&spec.pool);
+                r.max_concurrent = spec.max_concurrent;
                 writes.push(Write::Update(r));
             }
             Some(_) => conflicts.push(conflict(ConflictReason::ActiveInAnotherSession)),
@@ -144,6 +146,8 @@ fn new_row(
         updated_at: now,
         revision: 0,
         binding: None,
+        pool: spec.pool.clone(),
+        max_concurrent: spec.max_concurrent,
     }
 }
 
@@ -440,6 +444,8 @@ impl Gateway {
                     r.provider_type.clone_from(&spec.provider_type);
                     r.model.clone_from(&spec.model);
                     r.tier.clone_from(&spec.tier);
+                    r.pool.clone_from(&spec.pool);
+                    r.max_concurrent = spec.max_concurrent;
                     r.updated_at = now;
                     Write::Update(r)
                 }

@@ -32,6 +32,8 @@ pub struct MemoryStore {
 struct Tables {
     rows: BTreeMap<LlmName, LlmRecord>,
     by_session: HashMap<SessionId, BTreeSet<LlmName>>,
+    /// Rows by pool key.
+    by_pool: HashMap<LlmName, BTreeSet<LlmName>>,
     /// Rows by the replica holding their channel.
     by_replica: HashMap<ReplicaId, BTreeSet<LlmName>>,
     /// Live virtual rows by heartbeat: the stale query is a range scan.
@@ -42,6 +44,10 @@ struct Tables {
 
 impl Tables {
     fn index(&mut self, r: &LlmRecord) {
+        self.by_pool
+            .entry(r.pool_key().clone())
+            .or_default()
+            .insert(r.name.clone());
         if let Some(s) = &r.provider_session_id {
             self.by_session
                 .entry(s.clone())
@@ -63,6 +69,12 @@ impl Tables {
     }
 
     fn unindex(&mut self, r: &LlmRecord) {
+        if let Some(names) = self.by_pool.get_mut(r.pool_key()) {
+            names.remove(&r.name);
+            if names.is_empty() {
+                self.by_pool.remove(r.pool_key());
+            }
+        }
         if let Some(s) = &r.provider_session_id
             && let Some(names) = self.by_session.get_mut(s)
         {
@@ -116,6 +128,16 @@ impl Store for MemoryStore {
         let t = read(&self.tables);
         Ok(t.by_session
             .get(session)
+            .into_iter()
+            .flatten()
+            .filter_map(|name| t.rows.get(name).cloned())
+            .collect())
+    }
+
+    async fn by_pool(&self, pool: &LlmName) -> Result<Vec<LlmRecord>, StoreError> {
+        let t = read(&self.tables);
+        Ok(t.by_pool
+            .get(pool)
             .into_iter()
             .flatten()
             .filter_map(|name| t.rows.get(name).cloned())

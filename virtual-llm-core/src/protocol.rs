@@ -58,11 +58,46 @@ pub struct LlmSpec {
     /// Optional tier.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// The pool this LLM serves in (SPEC §10); absent: a pool of one named after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<LlmName>,
+    /// How many tasks it takes at once, 1 to [`MAX_CONCURRENT`]; absent: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
+/// The largest `maxConcurrent` an LLM may declare.
+pub const MAX_CONCURRENT: u32 = 10_000;
+
 impl LlmSpec {
-    /// Checks the free-text fields: bounded length, no control characters.
+    /// A spec with no tier, pool or capacity.
+    pub fn new(name: LlmName, provider_type: impl Into<String>, model: impl Into<String>) -> Self {
+        LlmSpec {
+            name,
+            provider_type: provider_type.into(),
+            model: model.into(),
+            tier: None,
+            pool: None,
+            max_concurrent: None,
+        }
+    }
+
+    /// The pool key this spec's row will have: its `pool`, or else its name.
+    pub fn pool_key(&self) -> &LlmName {
+        self.pool.as_ref().unwrap_or(&self.name)
+    }
+
+    /// Checks the free-text fields (bounded length, no control characters) and the
+    /// capacity (1 to [`MAX_CONCURRENT`]).
     pub fn validate(&self) -> Result<(), Error> {
+        if let Some(n) = self.max_concurrent
+            && !(1..=MAX_CONCURRENT).contains(&n)
+        {
+            return Err(Error::invalid(format!(
+                "maxConcurrent of {} is {n}; it must be 1 to {MAX_CONCURRENT}",
+                self.name
+            )));
+        }
         check_label("type", &self.provider_type, MAX_LABEL_LEN)?;
         check_label("model", &self.model, MAX_MODEL_LEN)?;
         if let Some(tier) = &self.tier {

@@ -82,9 +82,23 @@ pub struct LlmRecord {
     /// `None` when no channel is bound (and for public rows).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub binding: Option<ChannelBinding>,
+    /// The pool the row serves in (SPEC §10), if its publisher named one. A row
+    /// without one is the pool of one named after itself: see
+    /// [`pool_key`](LlmRecord::pool_key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<LlmName>,
+    /// How many tasks the row takes at once (1 to 10 000); `None`: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent: Option<u32>,
 }
 
 impl LlmRecord {
+    /// The row's pool key: its `pool`, or else its own name. A client's `model` names a
+    /// pool by this key; rows sharing it serve one pool.
+    pub fn pool_key(&self) -> &LlmName {
+        self.pool.as_ref().unwrap_or(&self.name)
+    }
+
     /// The heartbeat key of a row in the live index, or `None` when the row is not a
     /// live virtual. GC marks live rows with a key older than the stale cutoff inactive.
     pub fn live_since(&self) -> Option<Timestamp> {
@@ -111,6 +125,10 @@ impl LlmRecord {
             tier: self.tier.clone(),
             last_heartbeat_at: self.last_heartbeat_at,
             inactive_since: self.inactive_since,
+            pool: Some(self.pool_key().clone()),
+            max_concurrent: self.max_concurrent,
+            in_flight: 0,
+            queued: 0,
         }
     }
 }
@@ -138,4 +156,17 @@ pub struct LlmView {
     pub last_heartbeat_at: Option<Timestamp>,
     /// When it went inactive.
     pub inactive_since: Option<Timestamp>,
+    /// Its pool key: the pool it serves in, or its own name (always set by this
+    /// crate; absent from an older gateway's view).
+    #[serde(default)]
+    pub pool: Option<LlmName>,
+    /// How many tasks it takes at once; `None`: no limit.
+    #[serde(default)]
+    pub max_concurrent: Option<u32>,
+    /// Tasks in flight on it, as the answering gateway replica counts them.
+    #[serde(default)]
+    pub in_flight: u32,
+    /// Requests waiting in its pool's queue on the answering replica.
+    #[serde(default)]
+    pub queued: u32,
 }

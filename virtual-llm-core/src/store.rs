@@ -78,8 +78,8 @@ impl Write {
 /// - **Indexed lifecycle queries.** [`Store::stale_virtuals`] and
 ///   [`Store::expired_inactives`] cost in proportion to the rows they return, not to
 ///   all rows: keep an index keyed by [`LlmRecord::live_since`] and
-///   [`LlmRecord::inactive_key`]. [`Store::by_session`] and [`Store::bound_to`] are
-///   indexed too.
+///   [`LlmRecord::inactive_key`]. [`Store::by_session`], [`Store::bound_to`] and
+///   [`Store::by_pool`] (keyed by [`LlmRecord::pool_key`]) are indexed too.
 /// - **Liveness.** [`Store::touch`] sets `last_heartbeat_at`; every read, including the
 ///   stale query, sees the touched value at once. A later write stores its row as
 ///   given, heartbeat included; a touch never carries over to a re-inserted row. A backend may hold touches in memory
@@ -102,6 +102,17 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// what a replica demotes when it starts, and what its peers demote when its lease
     /// runs out.
     async fn bound_to(&self, replica: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError>;
+
+    /// The rows whose [pool key](LlmRecord::pool_key) is `pool`, ordered by name: a
+    /// pool's members, including a row named `pool` that has no pool of its own.
+    ///
+    /// The default lists every row and keeps the pool's; a backend keeps an index by
+    /// pool key instead, so the cost grows with the pool, not the registry.
+    async fn by_pool(&self, pool: &LlmName) -> Result<Vec<LlmRecord>, StoreError> {
+        let mut rows = self.list().await?;
+        rows.retain(|r| r.pool_key() == pool);
+        Ok(rows)
+    }
 
     /// Active virtual rows whose last heartbeat is older than `cutoff` (strictly),
     /// oldest first. A live row with no heartbeat counts as the epoch.
@@ -146,6 +157,9 @@ macro_rules! forward_store {
             }
             async fn by_session(&self, s: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).by_session(s).await
+            }
+            async fn by_pool(&self, p: &LlmName) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).by_pool(p).await
             }
             async fn bound_to(&self, r: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).bound_to(r).await

@@ -256,6 +256,8 @@ fn spec() -> impl Strategy<Value = LlmSpec> {
             provider_type,
             model,
             tier,
+            pool: None,
+            max_concurrent: None,
         },
     )
 }
@@ -330,9 +332,23 @@ fn view() -> impl Strategy<Value = LlmView> {
         (string(), string(), proptest::option::of(string())),
         proptest::option::of(timestamp()),
         proptest::option::of(timestamp()),
+        (
+            proptest::option::of(name()),
+            proptest::option::of(1..=10_000u32),
+            any::<u32>(),
+            any::<u32>(),
+        ),
     )
         .prop_map(
-            |(name, public, status, (provider_type, model, tier), last, since)| LlmView {
+            |(
+                name,
+                public,
+                status,
+                (provider_type, model, tier),
+                last,
+                since,
+                (pool, max_concurrent, in_flight, queued),
+            )| LlmView {
                 name,
                 id: LlmId::generate(),
                 kind: if public {
@@ -350,6 +366,10 @@ fn view() -> impl Strategy<Value = LlmView> {
                 tier,
                 last_heartbeat_at: last,
                 inactive_since: since,
+                pool,
+                max_concurrent,
+                in_flight,
+                queued,
             },
         )
 }

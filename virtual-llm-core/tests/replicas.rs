@@ -139,6 +139,8 @@ mod lifecycle_across_replicas {
                         provider_type: "openai".into(),
                         model: "m".into(),
                         tier: None,
+                        pool: None,
+                        max_concurrent: None,
                     }],
                 },
             )

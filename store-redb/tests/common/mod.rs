@@ -96,6 +96,8 @@ pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
                 provider_type: "openai".into(),
                 model: format!("{n}-model"),
                 tier: None,
+                pool: None,
+                max_concurrent: None,
             })
             .collect(),
     }

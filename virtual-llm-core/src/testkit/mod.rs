@@ -72,6 +72,8 @@ pub fn record(name: &str) -> LlmRecord {
         updated_at: Timestamp::EPOCH,
         revision: 0,
         binding: None,
+        pool: None,
+        max_concurrent: None,
     }
 }
 

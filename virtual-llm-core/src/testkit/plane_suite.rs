@@ -31,12 +31,11 @@ fn client() -> Principal {
 }
 
 fn spec(name: &str) -> LlmSpec {
-    LlmSpec {
-        name: LlmName::parse(name).expect("test names are valid"),
-        provider_type: "openai".into(),
-        model: format!("{name}-model"),
-        tier: None,
-    }
+    LlmSpec::new(
+        LlmName::parse(name).expect("test names are valid"),
+        "openai",
+        format!("{name}-model"),
+    )
 }
 
 fn chat(model: &str, text: &str, stream: bool) -> InferRequest {

@@ -344,6 +344,89 @@ pub async fn bound_to_follows_bindings(store: &dyn Store) {
     assert_eq!(names(store.bound_to(&r2).await.expect("bound_to")), ["b"]);
 }
 
+/// `by_pool` returns the rows whose pool key is the pool, ordered by name: members
+/// named otherwise, and a row named after the pool with no pool of its own. It follows
+/// a row moving to another pool, leaving every pool, and a delete.
+pub async fn by_pool_follows_pool_keys(store: &dyn Store) {
+    let pool = |p: &str| Some(name(p));
+    for (n, p) in [
+        ("m2", pool("llama")),
+        ("m1", pool("llama")),
+        ("llama", None),
+        ("other", pool("qwen")),
+        ("solo", None),
+    ] {
+        let mut r = record(n);
+        r.pool = p;
+        r.max_concurrent = Some(4);
+        store.write(vec![Write::Insert(r)]).await.expect("insert");
+    }
+    assert_eq!(
+        names(store.by_pool(&name("llama")).await.expect("by_pool")),
+        ["llama", "m1", "m2"]
+    );
+    assert_eq!(
+        names(store.by_pool(&name("solo")).await.expect("by_pool")),
+        ["solo"],
+        "a row without a pool is the pool of one named after it"
+    );
+    assert!(
+        store
+            .by_pool(&name("m1"))
+            .await
+            .expect("by_pool")
+            .is_empty()
+    );
+    let mut m1 = store.get(&name("m1")).await.expect("get").expect("m1");
+    assert_eq!(m1.pool, pool("llama"), "the pool round-trips");
+    assert_eq!(m1.max_concurrent, Some(4), "the capacity round-trips");
+    m1.pool = pool("qwen");
+    store.write(vec![Write::Update(m1)]).await.expect("move m1");
+    assert_eq!(
+        names(store.by_pool(&name("llama")).await.expect("by_pool")),
+        ["llama", "m2"]
+    );
+    assert_eq!(
+        names(store.by_pool(&name("qwen")).await.expect("by_pool")),
+        ["m1", "other"]
+    );
+    let mut m2 = store.get(&name("m2")).await.expect("get").expect("m2");
+    m2.pool = None;
+    store
+        .write(vec![Write::Update(m2)])
+        .await
+        .expect("m2 leaves");
+    assert_eq!(
+        names(store.by_pool(&name("m2")).await.expect("by_pool")),
+        ["m2"]
+    );
+    let other = store
+        .get(&name("other"))
+        .await
+        .expect("get")
+        .expect("other");
+    store
+        .write(vec![Write::Delete {
+            name: other.name,
+            id: other.id,
+            revision: other.revision,
+        }])
+        .await
+        .expect("delete");
+    store
+        .touch(&[name("m1")], at(5))
+        .await
+        .expect("touch keeps the pool");
+    assert_eq!(
+        names(store.by_pool(&name("qwen")).await.expect("by_pool")),
+        ["m1"]
+    );
+    assert_eq!(
+        names(store.by_pool(&name("llama")).await.expect("by_pool")),
+        ["llama"]
+    );
+}
+
 /// `stale_virtuals` returns active virtual rows with a heartbeat strictly before the
 /// cutoff, oldest first; public, inactive and hibernating rows never.
 pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
@@ -792,6 +875,7 @@ macro_rules! store_conformance_tests {
             list_is_ordered_by_name,
             by_session_follows_rows,
             bound_to_follows_bindings,
+            by_pool_follows_pool_keys,
             stale_virtuals_uses_heartbeat_cutoff,
             expired_inactives_uses_inactive_since,
             lifecycle_indexes_follow_status_changes,

@@ -56,6 +56,8 @@ pub fn spec(name: &str) -> LlmSpec {
         provider_type: "openai".into(),
         model: format!("{name}-model"),
         tier: None,
+        pool: None,
+        max_concurrent: None,
     }
 }
 
