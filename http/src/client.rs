@@ -78,7 +78,7 @@ pub(crate) async fn models(gw: Gateway, auth: Option<String>) -> Response {
                 .into_iter()
                 .map(|r| {
                     json!({
-                        "id": r.name,
+                        "id": r.id,
                         "object": "model",
                         "created": r.created_at.as_millis() / 1000,
                         "owned_by": match r.kind {

@@ -55,7 +55,7 @@ fn task_round_trip(c: &mut Criterion) {
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;
         let binding = gw.bind(&alice, &session, Arc::new(NullSink)).await.unwrap();
-        let row = gw.route(&client, "llm").await.unwrap().remove(0);
+        let row = gw.route(&client, "llm").await.unwrap().rows.remove(0);
         (gw, session, row, binding)
     });
     let body = json!({"model": "llm", "messages": [{"role": "user", "content": "hi"}]});
@@ -68,6 +68,7 @@ fn task_round_trip(c: &mut Criterion) {
                 llm: "llm".into(),
                 stream: false,
                 body: body.clone(),
+                timeout: None,
             };
             let handle = gw.start_task(&client, &row, request).unwrap();
             let id = handle.id().clone();
@@ -85,6 +86,7 @@ fn task_round_trip(c: &mut Criterion) {
                 llm: "llm".into(),
                 stream: true,
                 body: body.clone(),
+                timeout: None,
             };
             let mut handle = gw.start_task(&client, &row, request).unwrap();
             let id = handle.id().clone();

@@ -27,6 +27,8 @@ pub struct Principal {
     /// Stable identity; rows are owned by it.
     pub id: String,
     roles: Vec<Role>,
+    /// Pools whose owner lets this principal's rows join them (SPEC §10).
+    pools: Vec<String>,
 }
 
 impl Principal {
@@ -35,7 +37,21 @@ impl Principal {
         Principal {
             id: id.into(),
             roles: roles.into_iter().collect(),
+            pools: Vec::new(),
         }
+    }
+
+    /// The same principal, granted to join these pools with rows of its own although
+    /// another principal owns them (a token's `pools = [...]`).
+    pub fn with_pools(mut self, pools: impl IntoIterator<Item = impl Into<String>>) -> Self {
+        self.pools = pools.into_iter().map(Into::into).collect();
+        self
+    }
+
+    /// Whether its rows may join `pool` when another principal owns it: granted by
+    /// name, or an admin.
+    pub fn may_join(&self, pool: &str) -> bool {
+        self.roles.contains(&Role::Admin) || self.pools.iter().any(|p| p == pool)
     }
 
     /// Whether it holds `role` (admins hold every role).

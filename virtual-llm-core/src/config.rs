@@ -77,6 +77,22 @@ pub struct Config {
     pub max_llms_per_register: usize,
     /// Base path of the registry routes. Default `/api/v1/llms`.
     pub base_path: String,
+    /// Most requests waiting in one pool's admission queue; one more is a 429
+    /// `queue_full`. Default 256.
+    pub queue_depth: usize,
+    /// Longest a request waits in a pool's queue for a free slot before a 503
+    /// `queue_timeout` (a client's `x-request-timeout` may ask for less). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub queue_wait: Duration,
+    /// How many other members of a pool a request is sent to when a dispatch fails
+    /// before its first byte reached the client. Default 2.
+    pub pool_retries: usize,
+    /// Failed dispatches in a row after which a row is passed over for `cooldown`.
+    /// Default 3.
+    pub cooldown_after: u32,
+    /// How long a failing row is passed over. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub cooldown: Duration,
 }
 
 impl Default for Config {
@@ -98,6 +114,11 @@ impl Default for Config {
             max_body_bytes: 8 * 1024 * 1024,
             max_llms_per_register: 64,
             base_path: "/api/v1/llms".to_owned(),
+            queue_depth: 256,
+            queue_wait: Duration::from_secs(30),
+            pool_retries: 2,
+            cooldown_after: 3,
+            cooldown: Duration::from_secs(5),
         }
     }
 }
@@ -115,8 +136,9 @@ impl Config {
     ///   is noticed (a failed ping, missing pongs, a publisher's watchdog), and a dead
     ///   publisher's channel must not outlive the moment its rows go stale;
     /// - `reconnectMin` is at most `reconnectMax`;
-    /// - `taskBuffer`, `channelBuffer`, `maxLlmsPerRegister` and `maxBodyBytes` are
-    ///   positive;
+    /// - `taskBuffer`, `channelBuffer`, `maxLlmsPerRegister`, `maxBodyBytes` and
+    ///   `cooldownAfter` are positive (`queueDepth` 0 turns the queue off: a pool
+    ///   with no free slot answers 429 at once);
     /// - `basePath` starts with `/` and does not end with one.
     ///
     /// ```
@@ -142,6 +164,8 @@ impl Config {
             ("reconnectMax", self.reconnect_max),
             ("taskDeadline", self.task_deadline),
             ("streamIdleTimeout", self.stream_idle_timeout),
+            ("queueWait", self.queue_wait),
+            ("cooldown", self.cooldown),
         ];
         for (key, value) in durations {
             if value.is_zero() {
@@ -197,6 +221,7 @@ impl Config {
             ("channelBuffer", self.channel_buffer),
             ("maxLlmsPerRegister", self.max_llms_per_register),
             ("maxBodyBytes", self.max_body_bytes),
+            ("cooldownAfter", self.cooldown_after as usize),
         ] {
             if value == 0 {
                 return invalid(&[key], format!("{key} must be positive"));

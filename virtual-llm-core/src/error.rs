@@ -96,6 +96,28 @@ pub enum Error {
         /// When to try again.
         retry_after: Duration,
     },
+    /// The pool's admission queue is full (429): too many requests are already
+    /// waiting for a slot.
+    #[error("the queue of {pool} is full ({depth} requests waiting); retry later")]
+    QueueFull {
+        /// The pool.
+        pool: String,
+        /// How many requests wait in its queue.
+        depth: usize,
+        /// How long the queue should take to drain that far, from its recent pace.
+        retry_after: Duration,
+    },
+    /// A request waited its longest in the pool's admission queue without a slot
+    /// freeing (503).
+    #[error("no member of {pool} had a free slot within {}s", waited.as_secs_f64())]
+    QueueTimeout {
+        /// The pool.
+        pool: String,
+        /// How long it waited.
+        waited: Duration,
+        /// When a slot should be free, from the pool's recent pace.
+        retry_after: Duration,
+    },
     /// The task's deadline passed (504).
     #[error("task deadline of {}s passed", deadline.as_secs_f64())]
     DeadlineExceeded {
@@ -219,9 +241,10 @@ impl Error {
             Error::MethodNotAllowed => 405,
             Error::Conflict { .. } | Error::TaskFinished => 409,
             Error::PayloadTooLarge { .. } => 413,
+            Error::QueueFull { .. } => 429,
             Error::UnsupportedProtocol { .. } => 426,
             Error::Upstream { .. } => 502,
-            Error::Unavailable { .. } => 503,
+            Error::Unavailable { .. } | Error::QueueTimeout { .. } => 503,
             Error::DeadlineExceeded { .. } => 504,
             Error::Store(StoreError::Conflict { .. }) => 503,
             Error::Store(_) => 500,
@@ -233,6 +256,7 @@ impl Error {
         match self.status() {
             401 => "authentication_error",
             403 => "permission_error",
+            429 => "rate_limit_error",
             500 => "server_error",
             502 => "upstream_error",
             503 => "service_unavailable",
@@ -259,6 +283,8 @@ impl Error {
             Error::UnsupportedProtocol { .. } => "unsupported_protocol_version",
             Error::Upstream { .. } => "upstream_error",
             Error::Unavailable { .. } => "llm_unavailable",
+            Error::QueueFull { .. } => "queue_full",
+            Error::QueueTimeout { .. } => "queue_timeout",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::Store(StoreError::Conflict { .. }) => "registry_busy",
             Error::Store(_) => "internal_error",
@@ -269,13 +295,15 @@ impl Error {
     /// How long a client should wait before retrying, for the `Retry-After` header.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
-            Error::Unavailable { retry_after, .. } => Some(*retry_after),
+            Error::Unavailable { retry_after, .. }
+            | Error::QueueFull { retry_after, .. }
+            | Error::QueueTimeout { retry_after, .. } => Some(*retry_after),
             Error::Store(StoreError::Conflict { .. }) => Some(Duration::from_secs(1)),
             _ => None,
         }
     }
 
-    /// The headers an HTTP answer with this error carries: `Retry-After` for a 503,
+    /// The headers an HTTP answer with this error carries: `Retry-After` for a 503 or 429,
     /// `WWW-Authenticate` for a 401.
     pub fn response_headers(&self) -> Vec<(&'static str, String)> {
         let mut headers = Vec::new();

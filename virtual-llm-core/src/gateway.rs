@@ -12,8 +12,9 @@ use std::fmt;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+use crate::admission::{Admission, LocalAdmission, PoolLoad};
 use crate::directory::{ChannelDirectory, LocalDirectory};
-use crate::router::{NameRouter, Router};
+use crate::router::{PoolRouter, Router};
 use crate::task::TaskTable;
 use crate::task_router::{LocalTaskRouter, TaskInbound, TaskRouter};
 use crate::{
@@ -46,6 +47,7 @@ pub(crate) struct Shared {
     pub(crate) directory: Arc<dyn ChannelDirectory>,
     pub(crate) task_router: Arc<dyn TaskRouter>,
     pub(crate) router: Arc<dyn Router>,
+    pub(crate) admission: Arc<dyn Admission>,
     pub(crate) tasks: TaskTable,
     pub(crate) locks: SessionLocks,
     /// Set by [`Gateway::drain`]: new requests are refused while in-flight ones finish.
@@ -77,6 +79,7 @@ pub struct GatewayBuilder {
     directory: Option<Arc<dyn ChannelDirectory>>,
     task_router: Arc<dyn TaskRouter>,
     router: Arc<dyn Router>,
+    admission: Option<Arc<dyn Admission>>,
 }
 
 impl GatewayBuilder {
@@ -126,10 +129,17 @@ impl GatewayBuilder {
         self
     }
 
-    /// Which rows may answer a request (default: [`NameRouter`], the row named by
-    /// the request's `model`).
+    /// Which rows may answer a request (default: [`PoolRouter`]: the pool named by
+    /// the request's `model`, or the member it names).
     pub fn router(mut self, router: Arc<dyn Router>) -> Self {
         self.router = router;
+        self
+    }
+
+    /// The in-flight counts and admission queues (default: a [`LocalAdmission`]
+    /// bounded by the configuration's `queue_depth`, `cooldown_after` and `cooldown`).
+    pub fn admission(mut self, admission: Arc<dyn Admission>) -> Self {
+        self.admission = Some(admission);
         self
     }
 
@@ -155,6 +165,9 @@ impl GatewayBuilder {
             }
         };
         let tasks = TaskTable::new(directory.clone(), &self.config);
+        let admission = self
+            .admission
+            .unwrap_or_else(|| Arc::new(LocalAdmission::new(&self.config)));
         let gateway = Gateway {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -165,6 +178,7 @@ impl GatewayBuilder {
                 directory,
                 task_router: self.task_router,
                 router: self.router,
+                admission,
                 tasks,
                 locks: SessionLocks::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
@@ -193,7 +207,8 @@ impl Gateway {
             replica: None,
             directory: None,
             task_router: Arc::new(LocalTaskRouter),
-            router: Arc::new(NameRouter),
+            router: Arc::new(PoolRouter),
+            admission: None,
         }
     }
 
@@ -225,6 +240,11 @@ impl Gateway {
     /// How many tasks this replica's clients are waiting on.
     pub fn in_flight(&self) -> usize {
         self.shared.tasks.in_flight()
+    }
+
+    /// The load of `pool` on this replica: tasks in flight, capacity, queued requests.
+    pub fn pool_load(&self, pool: &crate::LlmName) -> PoolLoad {
+        self.shared.admission.load(pool)
     }
 
     /// How many control channels this replica holds.

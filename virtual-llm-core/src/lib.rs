@@ -18,7 +18,9 @@
 //! - [`task`]: task correlation, deadlines, cancellation.
 //! - [`channel`]: control channel sinks; `directory`: the [`ChannelDirectory`] seam
 //!   (where each session's channel is, bind epochs) and its [`LocalDirectory`].
-//! - `router`: the [`Router`] seam, which rows may answer a request;
+//! - [`router`]: the [`Router`] seam, which rows may answer a request, and
+//!   [`router::choose`], which of them takes it; [`admission`]: the [`Admission`]
+//!   seam, in-flight counts and the fair, bounded queue of each pool;
 //!   `task_router`: the [`TaskRouter`] seam, results to tasks on other replicas.
 //! - `gc`: the background GC task and its drop guard.
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
@@ -34,6 +36,7 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod admission;
 mod auth;
 mod backend;
 pub mod batch;
@@ -56,7 +59,7 @@ pub mod publisher;
 mod record;
 mod relay;
 mod reply;
-mod router;
+pub mod router;
 pub mod session_file;
 mod shutdown;
 pub mod store;
@@ -68,6 +71,7 @@ mod time;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
+pub use admission::{Admission, LocalAdmission, Slot};
 pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens, bearer_token};
 pub use backend::PublicBackend;
 pub use channel::{ChannelSink, SendError};
@@ -85,9 +89,9 @@ pub use openai::InferRequest;
 pub use protocol::TaskResult;
 pub use provider::Provider;
 pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
-pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView};
+pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView, Model};
 pub use reply::{ChunkStream, Completion, Reply};
-pub use router::{NameRouter, Router};
+pub use router::{PoolRouter, Route, Router};
 pub use session_file::{SessionFileError, SessionFileLock};
 pub use store::{Store, Write};
 pub use task::{TaskEvent, TaskHandle};

@@ -123,6 +123,69 @@ fn plan_register(
     Ok(writes)
 }
 
+/// What the registry holds around one spec's pool, read before a register decides.
+struct PoolFacts {
+    /// The rows of the spec's pool (its pool key).
+    members: Vec<LlmRecord>,
+    /// The row named like the spec's pool, when the spec names a pool other than
+    /// itself.
+    key_row: Option<LlmRecord>,
+    /// The rows whose pool is named like the spec, when the spec serves in a pool
+    /// other than itself.
+    named_pool: Vec<LlmRecord>,
+}
+
+/// The pool rules of SPEC §10 for a register: pool keys and row names share one
+/// namespace (`poolNameTaken`), and a pool belongs to the principal of its first row
+/// unless the caller was granted it (`poolOwnedByAnother`). Pure, like
+/// [`plan_register`]; rows the register itself rewrites are judged by their new spec.
+fn pool_conflicts(
+    principal: &Principal,
+    specs: &[LlmSpec],
+    facts: &[PoolFacts],
+) -> Vec<NameConflict> {
+    let in_batch = |name: &LlmName| specs.iter().find(|s| s.name == *name);
+    let mut conflicts = Vec::new();
+    for (spec, facts) in specs.iter().zip(facts) {
+        let (name, key) = (&spec.name, spec.pool_key());
+        let conflict = |reason| NameConflict {
+            name: name.to_string(),
+            reason,
+        };
+        if key != name {
+            // The pool's key must not name a row outside the pool...
+            let key_row_outside = match in_batch(key) {
+                Some(other) => other.pool_key() != key,
+                None => facts.key_row.as_ref().is_some_and(|r| r.pool_key() != key),
+            };
+            // ...and the spec's own name must not be another pool's key.
+            let named_like_a_pool = facts
+                .named_pool
+                .iter()
+                .any(|r| r.name != *name && in_batch(&r.name).is_none())
+                || specs
+                    .iter()
+                    .any(|s| s.name != *name && s.pool_key() == name);
+            if key_row_outside || named_like_a_pool {
+                conflicts.push(conflict(ConflictReason::PoolNameTaken));
+                continue;
+            }
+        }
+        let first = facts
+            .members
+            .iter()
+            .filter(|r| in_batch(&r.name).is_none())
+            .min_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
+        if let Some(first) = first
+            && first.owner != principal.id
+            && !principal.may_join(key.as_str())
+        {
+            conflicts.push(conflict(ConflictReason::PoolOwnedByAnother));
+        }
+    }
+    conflicts
+}
+
 fn new_row(
     kind: LlmKind,
     spec: &LlmSpec,
@@ -202,18 +265,43 @@ impl Gateway {
             for spec in &req.llms {
                 current.push(store.get(&spec.name).await?);
             }
+            let mut facts = Vec::with_capacity(req.llms.len());
+            for spec in &req.llms {
+                let (name, key) = (&spec.name, spec.pool_key());
+                let apart = key != name;
+                facts.push(PoolFacts {
+                    members: store.by_pool(key).await?,
+                    key_row: if apart { store.get(key).await? } else { None },
+                    named_pool: if apart {
+                        store.by_pool(name).await?
+                    } else {
+                        Vec::new()
+                    },
+                });
+            }
             let now = self.shared.clock.now();
-            let writes = plan_register(
+            let planned = plan_register(
                 &principal.id,
                 &session,
                 &session_rows,
                 &req.llms,
                 &current,
                 now,
-            )
-            .map_err(|conflicts| Error::Conflict { conflicts })?;
-            match store.write(writes).await {
+            );
+            let mut conflicts = pool_conflicts(principal, &req.llms, &facts);
+            let writes = match planned {
+                Ok(writes) if conflicts.is_empty() => writes,
+                Ok(_) => return Err(Error::Conflict { conflicts }),
+                Err(mut names) => {
+                    // One entry per name: the row's own conflict first.
+                    conflicts.retain(|c| names.iter().all(|n| n.name != c.name));
+                    names.append(&mut conflicts);
+                    return Err(Error::Conflict { conflicts: names });
+                }
+            };
+            match store.write(writes.clone()).await {
                 Ok(written) => {
+                    self.observe(&writes, &written);
                     let llms = req
                         .llms
                         .iter()
@@ -451,8 +539,10 @@ impl Gateway {
                 }
                 None => Write::Insert(new_row(LlmKind::Public, &spec, &principal.id, None, now)),
             };
-            match store.write(vec![write]).await {
+            let batch = vec![write];
+            match store.write(batch.clone()).await {
                 Ok(mut written) => {
+                    self.observe(&batch, &written);
                     if let Some(r) = written.pop() {
                         return Ok(r.view());
                     }
@@ -467,27 +557,50 @@ impl Gateway {
         .into())
     }
 
-    /// Every row, as clients see it.
+    /// Every row, as clients see it, with its load on this replica.
     pub async fn list(&self, _principal: &Principal) -> Result<Vec<LlmView>, Error> {
-        Ok(self
-            .shared
-            .store
-            .list()
-            .await?
-            .iter()
-            .map(LlmRecord::view)
-            .collect())
+        Ok(self.views(&self.shared.store.list().await?))
     }
 
     /// One row, as clients see it; 400 for a bad name, 404 for an unknown one.
     pub async fn get(&self, _principal: &Principal, name: &str) -> Result<LlmView, Error> {
         let name = LlmName::parse(name)?;
         match self.shared.store.get(&name).await? {
-            Some(r) => Ok(r.view()),
+            Some(r) => Ok(self.views(std::slice::from_ref(&r)).remove(0)),
             None => Err(Error::UnknownLlm {
                 name: name.to_string(),
             }),
         }
+    }
+
+    /// The rows of the pool `pool` (its members, whatever their status), as clients
+    /// see them; 400 for a bad name, 404 when no row has that pool key.
+    pub async fn members(&self, _principal: &Principal, pool: &str) -> Result<Vec<LlmView>, Error> {
+        let pool = LlmName::parse(pool)?;
+        let rows = self.shared.store.by_pool(&pool).await?;
+        if rows.is_empty() {
+            return Err(Error::UnknownLlm {
+                name: pool.to_string(),
+            });
+        }
+        Ok(self.views(&rows))
+    }
+
+    /// The views of `rows`, each with its tasks in flight and its pool's queue on
+    /// this replica.
+    fn views(&self, rows: &[LlmRecord]) -> Vec<LlmView> {
+        let admission = &self.shared.admission;
+        let mut queued = std::collections::HashMap::new();
+        rows.iter()
+            .map(|r| {
+                let mut view = r.view();
+                view.in_flight = admission.in_flight(r);
+                view.queued = *queued
+                    .entry(r.pool_key())
+                    .or_insert_with(|| admission.load(r.pool_key()).queued);
+                view
+            })
+            .collect()
     }
 
     /// The rows of `session`, which must exist and belong to `principal`. A session
@@ -517,7 +630,10 @@ impl Gateway {
         let mut applied = 0;
         for batch in writes.chunks(SWEEP_BATCH) {
             match store.write(batch.to_vec()).await {
-                Ok(_) => applied += batch.len(),
+                Ok(written) => {
+                    self.observe(batch, &written);
+                    applied += batch.len();
+                }
                 Err(StoreError::Conflict { .. }) => {
                     for w in batch {
                         applied += usize::from(self.transition_one(w.name(), rule).await?);
@@ -542,8 +658,12 @@ impl Gateway {
             let Some(write) = rule(&row) else {
                 return Ok(false);
             };
-            match store.write(vec![write]).await {
-                Ok(_) => return Ok(true),
+            let batch = [write];
+            match store.write(batch.to_vec()).await {
+                Ok(written) => {
+                    self.observe(&batch, &written);
+                    return Ok(true);
+                }
                 Err(StoreError::Conflict { .. }) => tokio::task::yield_now().await,
                 Err(e) => return Err(e.into()),
             }
@@ -552,6 +672,22 @@ impl Gateway {
             name: name.to_string(),
         }
         .into())
+    }
+}
+
+impl Gateway {
+    /// Tells the admission what a successful write did to rows: which serve now,
+    /// which left their pool, which are gone. Every registry write calls it.
+    fn observe(&self, batch: &[Write], written: &[LlmRecord]) {
+        let admission = &self.shared.admission;
+        for row in written {
+            admission.observe(row);
+        }
+        for w in batch {
+            if let Write::Delete { name, id, .. } = w {
+                admission.forget(name, id);
+            }
+        }
     }
 }
 

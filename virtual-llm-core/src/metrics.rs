@@ -24,6 +24,23 @@ pub const TASK_DURATION: &str = "virtual_llm_task_duration_seconds";
 /// code like `deadline_exceeded`, or `cancelled` (counter).
 pub const TASK_OUTCOMES: &str = "virtual_llm_task_outcomes_total";
 
+/// Tasks in flight on a pool's rows on this replica, by `pool` (gauge).
+pub const POOL_IN_FLIGHT: &str = "virtual_llm_pool_in_flight";
+/// The summed `maxConcurrent` of a pool's serving rows, by `pool`; absent while one of
+/// them has no limit (gauge).
+pub const POOL_CAPACITY: &str = "virtual_llm_pool_capacity";
+/// Requests waiting in a pool's admission queue on this replica, by `pool` (gauge).
+pub const QUEUE_DEPTH: &str = "virtual_llm_queue_depth";
+/// How long admitted requests waited in a queue for their slot (histogram).
+pub const QUEUE_WAIT: &str = "virtual_llm_queue_wait_seconds";
+/// Requests that left a queue without a slot, by `reason`: `queue_full`,
+/// `queue_timeout`, `left` (the client went away) (counter).
+pub const QUEUE_REJECTIONS: &str = "virtual_llm_queue_rejections_total";
+/// Requests sent to another member of their pool after a failed dispatch (counter).
+pub const FAILOVERS: &str = "virtual_llm_failovers_total";
+/// Rows passed over for a while after failing dispatches in a row (counter).
+pub const COOLDOWNS: &str = "virtual_llm_cooldowns_total";
+
 /// Histogram buckets, in seconds, that fit both a relay hop and a long generation.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -45,6 +62,45 @@ pub fn describe() {
     );
     describe_histogram!(TASK_DURATION, Unit::Seconds, "Task start to its outcome.");
     describe_counter!(TASK_OUTCOMES, "Task outcomes by code.");
+    describe_gauge!(POOL_IN_FLIGHT, "Tasks in flight on a pool's rows.");
+    describe_gauge!(
+        POOL_CAPACITY,
+        "Summed maxConcurrent of a pool's serving rows."
+    );
+    describe_gauge!(QUEUE_DEPTH, "Requests waiting in a pool's admission queue.");
+    describe_histogram!(
+        QUEUE_WAIT,
+        Unit::Seconds,
+        "Time admitted requests waited for a slot."
+    );
+    describe_counter!(
+        QUEUE_REJECTIONS,
+        "Requests that left a queue without a slot, by reason."
+    );
+    describe_counter!(
+        FAILOVERS,
+        "Requests sent to another pool member after a failed dispatch."
+    );
+    describe_counter!(
+        COOLDOWNS,
+        "Rows passed over after failing dispatches in a row."
+    );
+}
+
+pub(crate) fn queue_waited(waited: Duration) {
+    histogram!(QUEUE_WAIT).record(waited.as_secs_f64());
+}
+
+pub(crate) fn queue_rejected(reason: &'static str) {
+    counter!(QUEUE_REJECTIONS, "reason" => reason).increment(1);
+}
+
+pub(crate) fn failed_over() {
+    counter!(FAILOVERS).increment(1);
+}
+
+pub(crate) fn cooled_down() {
+    counter!(COOLDOWNS).increment(1);
 }
 
 pub(crate) fn first_event(elapsed: Duration) {
@@ -68,11 +124,23 @@ pub(crate) fn cancelled() {
 
 impl Gateway {
     /// Sets the gauges from the current state: connected publishers, tasks in flight,
-    /// and rows by kind and status (a list of the registry). Call it before rendering.
+    /// rows by kind and status, and each pool's load and queue (a list of the
+    /// registry). Call it before rendering.
     pub async fn refresh_gauges(&self) -> Result<(), Error> {
         gauge!(PUBLISHERS_CONNECTED).set(self.local_channels() as f64);
         gauge!(TASKS_IN_FLIGHT).set(self.in_flight() as f64);
         let rows = self.store().list().await?;
+        let pools: std::collections::BTreeSet<&crate::LlmName> =
+            rows.iter().map(crate::LlmRecord::pool_key).collect();
+        for pool in pools {
+            let load = self.pool_load(pool);
+            let name = pool.to_string();
+            gauge!(POOL_IN_FLIGHT, "pool" => name.clone()).set(f64::from(load.in_flight));
+            gauge!(QUEUE_DEPTH, "pool" => name.clone()).set(f64::from(load.queued));
+            if let Some(capacity) = load.capacity {
+                gauge!(POOL_CAPACITY, "pool" => name).set(f64::from(capacity));
+            }
+        }
         for kind in [LlmKind::Public, LlmKind::Virtual] {
             for status in [
                 LlmStatus::Active,

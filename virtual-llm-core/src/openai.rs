@@ -2,6 +2,8 @@
 //! whether to stream, the last user message (for the echo model), and how completion
 //! and chunk objects look.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
 use crate::Error;
@@ -15,6 +17,40 @@ pub struct InferRequest {
     pub stream: bool,
     /// The client's body, passed to the publisher as it is.
     pub body: Value,
+    /// How long the client will wait at most (its `x-request-timeout`): bounds the
+    /// time in a pool's queue and the task's deadline. `None`: the gateway's own.
+    pub timeout: Option<Duration>,
+}
+
+/// The header a client bounds its request's wait with, in seconds (SPEC §11).
+pub const REQUEST_TIMEOUT_HEADER: &str = "x-request-timeout";
+
+/// The longest `x-request-timeout` accepted, in seconds: a day.
+const MAX_REQUEST_TIMEOUT_SECS: f64 = 86_400.0;
+
+/// Parses an `x-request-timeout` value: seconds, a positive number (fractions allowed),
+/// at most a day; anything else is a 400.
+///
+/// ```
+/// use std::time::Duration;
+/// use virtual_llm_core::openai::parse_request_timeout;
+///
+/// assert_eq!(parse_request_timeout("2.5").unwrap(), Duration::from_millis(2500));
+/// assert!(parse_request_timeout("0").is_err());
+/// assert!(parse_request_timeout("soon").is_err());
+/// ```
+pub fn parse_request_timeout(value: &str) -> Result<Duration, Error> {
+    let secs: f64 = value.trim().parse().map_err(|_| {
+        Error::invalid(format!(
+            "{REQUEST_TIMEOUT_HEADER} must be a number of seconds"
+        ))
+    })?;
+    if !(secs > 0.0 && secs <= MAX_REQUEST_TIMEOUT_SECS) {
+        return Err(Error::invalid(format!(
+            "{REQUEST_TIMEOUT_HEADER} must be more than 0 and at most {MAX_REQUEST_TIMEOUT_SECS} seconds"
+        )));
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 impl InferRequest {
@@ -47,7 +83,15 @@ impl InferRequest {
             llm: llm.to_owned(),
             stream,
             body,
+            timeout: None,
         })
+    }
+
+    /// The same request, bounded by the client's `timeout` (see
+    /// [`InferRequest::timeout`]).
+    pub fn with_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.timeout = timeout;
+        self
     }
 }
 

@@ -250,6 +250,12 @@ pub enum ConflictReason {
     ActiveInAnotherSession,
     /// A published (virtual) LLM has this name; a public LLM cannot take it.
     VirtualLlm,
+    /// Pool keys and row names share one namespace: the LLM's pool is named like a
+    /// row outside that pool, or the LLM is named like another pool.
+    PoolNameTaken,
+    /// The LLM's pool belongs to another principal, who has not granted this one
+    /// its pool.
+    PoolOwnedByAnother,
 }
 
 impl ConflictReason {
@@ -260,6 +266,8 @@ impl ConflictReason {
             ConflictReason::OwnedByAnother => "owned by another principal",
             ConflictReason::ActiveInAnotherSession => "active in another session",
             ConflictReason::VirtualLlm => "a published llm has this name",
+            ConflictReason::PoolNameTaken => "the name of a pool and of a row outside it",
+            ConflictReason::PoolOwnedByAnother => "its pool is owned by another principal",
         }
     }
 }

@@ -170,3 +170,14 @@ pub struct LlmView {
     #[serde(default)]
     pub queued: u32,
 }
+
+/// One entry of `GET /v1/models`: a pool key with an active member.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Model {
+    /// The pool key clients call it by.
+    pub id: LlmName,
+    /// Where its first active member's answers come from.
+    pub kind: LlmKind,
+    /// When its oldest active member was first published.
+    pub created_at: Timestamp,
+}

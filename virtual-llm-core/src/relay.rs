@@ -2,22 +2,74 @@
 //! call to the public backend), and a publisher's results find their way back to the
 //! task, on this replica or through the task router on another.
 
+use std::time::Duration;
+
+use futures::StreamExt;
+use tokio::time::Instant;
+
+use crate::admission::{Ask, Outcome, Slot};
 use crate::protocol::TaskResult;
+use crate::router::Route;
 use crate::task::TaskHandle;
 use crate::task_router::Delivery;
 use crate::{
-    Error, Gateway, InferRequest, LlmKind, LlmRecord, LlmStatus, Principal, Reply, Role, SessionId,
-    TaskId, UnavailableKind,
+    Error, Gateway, InferRequest, LlmKind, LlmName, LlmRecord, LlmStatus, Model, Principal, Reply,
+    Role, SessionId, TaskId, UnavailableKind,
 };
+
+/// Whether an answer that came before any byte reached the client should go to
+/// another row of the pool instead (SPEC §10): the channel was closed or full (503
+/// offline or saturated), the publisher could not reach its upstream (502), or the
+/// upstream itself answered 502, 503 or 504. Never a 4xx, never a deadline, never a
+/// refusal of the whole gateway.
+pub(crate) fn retry_elsewhere(answer: &Result<Reply, Error>) -> bool {
+    match answer {
+        Ok(Reply::Complete(c)) => matches!(c.status, 502..=504),
+        Ok(Reply::Stream(_)) => false,
+        Err(Error::Upstream { .. }) => true,
+        Err(Error::Unavailable { kind, .. }) => {
+            matches!(kind, UnavailableKind::Offline | UnavailableKind::Saturated)
+        }
+        Err(_) => false,
+    }
+}
+
+/// How a dispatch went, for its row's cooldown.
+fn outcome(answer: &Result<Reply, Error>) -> Outcome {
+    if retry_elsewhere(answer) {
+        Outcome::Failed
+    } else {
+        Outcome::Answered
+    }
+}
+
+/// `reply` holding `slot` until its outcome: at once for a completion, at the end of
+/// the stream (or when the client drops it) for a stream.
+fn hold(reply: Reply, slot: Slot) -> Reply {
+    match reply {
+        Reply::Complete(c) => Reply::Complete(c),
+        Reply::Stream(chunks) => Reply::Stream(
+            chunks
+                .map(move |chunk| {
+                    let _held = &slot;
+                    chunk
+                })
+                .boxed(),
+        ),
+    }
+}
 
 impl Gateway {
     /// Answers a client's inference request: public rows through the
     /// [`PublicBackend`](crate::PublicBackend), virtual rows through their publisher.
     /// For a stream, this returns once the first chunk has arrived.
     ///
-    /// The [`Router`](crate::Router) names the candidate rows; they are tried in order
-    /// while a row is unavailable in a way that lets another serve
-    /// ([`UnavailableKind::try_another`]). The last answer is the client's.
+    /// The [`Router`](crate::Router) names the rows that may answer; the
+    /// [`Admission`](crate::Admission) picks one with a free slot, or queues the
+    /// request until one frees. A dispatch that fails before its first byte reaches
+    /// the client (the channel closed or full, the upstream unreachable or answering
+    /// 502, 503 or 504) goes to another row, at most `pool_retries` times; the last
+    /// answer is the client's, as it came.
     pub async fn infer(
         &self,
         principal: &Principal,
@@ -27,59 +79,118 @@ impl Gateway {
         if self.is_draining() {
             return Err(self.draining());
         }
-        let candidates = self.route(principal, &request.llm).await?;
-        let Some((last, others)) = candidates.split_last() else {
-            return Err(Error::UnknownLlm { name: request.llm });
-        };
-        for row in others {
-            match self.answer(row, request.clone()).await {
-                Err(Error::Unavailable { kind, .. }) if kind.try_another() => {
-                    tracing::debug!(llm = %row.name, kind = kind.as_str(), "trying the next row");
+        let config = &self.shared.config;
+        let started = Instant::now();
+        let within = |limit: Duration| started + request.timeout.map_or(limit, |t| t.min(limit));
+        let (queue_until, deadline) = (within(config.queue_wait), within(config.task_deadline));
+        let route = self.route(principal, &request.llm).await?;
+        let mut tried: Vec<LlmName> = Vec::new();
+        let mut last: Option<Result<Reply, Error>> = None;
+        for _ in 0..=config.pool_retries {
+            let candidates: Vec<&LlmRecord> = route
+                .rows
+                .iter()
+                .filter(|r| route.admits(&r.name) && !tried.contains(&r.name))
+                .collect();
+            if !candidates.iter().any(|r| Route::serving(r)) {
+                if let Some(answer) = last {
+                    return answer;
                 }
-                outcome => return outcome,
+                // Nothing of the pool serves: say why its first row does not.
+                return Err(match candidates.first() {
+                    Some(row) => self.not_serving(row),
+                    None => Error::UnknownLlm { name: request.llm },
+                });
             }
+            let ask = Ask {
+                principal: &principal.id,
+                route: &route,
+                exclude: &tried,
+                until: queue_until,
+            };
+            let grant = match self.shared.admission.admit(ask).await {
+                Ok(grant) => grant,
+                Err(e) => return last.unwrap_or(Err(e)),
+            };
+            let slot = Slot::new(self.shared.admission.clone(), grant);
+            let row = match route.rows.iter().find(|r| r.name == slot.grant().row) {
+                Some(row) => row.clone(),
+                // A row that started serving after the route was read.
+                None => match self.shared.store.get(&slot.grant().row).await? {
+                    Some(row) => row,
+                    None => continue,
+                },
+            };
+            let answer = self.answer(&row, request.clone(), slot, deadline).await;
+            if !retry_elsewhere(&answer) {
+                return answer;
+            }
+            tracing::debug!(llm = %row.name, pool = %route.pool, "dispatch failed before its first byte; trying another member");
+            crate::metrics::failed_over();
+            tried.push(row.name.clone());
+            last = Some(answer);
         }
-        self.answer(last, request).await
+        last.unwrap_or_else(|| Err(Error::UnknownLlm { name: request.llm }))
     }
 
-    /// The rows that may answer `principal`'s request for `model`, best first: what the
+    /// The rows that may answer `principal`'s request for `model`: what the
     /// configured [`Router`](crate::Router) says.
-    pub async fn route(&self, principal: &Principal, model: &str) -> Result<Vec<LlmRecord>, Error> {
-        let rows = self
+    pub async fn route(&self, principal: &Principal, model: &str) -> Result<Route, Error> {
+        let route = self
             .shared
             .router
-            .candidates(&*self.shared.store, principal, model)
+            .route(&*self.shared.store, principal, model)
             .await?;
-        if rows.is_empty() {
+        if route.rows.is_empty() {
             return Err(Error::UnknownLlm {
                 name: model.to_owned(),
             });
         }
-        Ok(rows)
+        Ok(route)
     }
 
-    async fn answer(&self, row: &LlmRecord, request: InferRequest) -> Result<Reply, Error> {
+    /// Sends `request` to `row` holding `slot`, and waits for the first event. The
+    /// slot is reported with how the dispatch went, and is held until the outcome.
+    async fn answer(
+        &self,
+        row: &LlmRecord,
+        request: InferRequest,
+        slot: Slot,
+        deadline: Instant,
+    ) -> Result<Reply, Error> {
         match row.kind {
-            LlmKind::Public => match &self.shared.public {
-                Some(backend) => backend.infer(row, request).await,
-                None => Err(Error::unavailable(
-                    UnavailableKind::Offline,
-                    format!(
-                        "llm {} is public but this gateway has no public backend",
-                        row.name
-                    ),
-                    self.shared.config.retry_after,
-                )),
-            },
-            LlmKind::Virtual => self.task(row, request)?.into_reply().await,
+            LlmKind::Public => {
+                let answer = match &self.shared.public {
+                    Some(backend) => backend.infer(row, request).await,
+                    None => Err(Error::unavailable(
+                        UnavailableKind::Offline,
+                        format!(
+                            "llm {} is public but this gateway has no public backend",
+                            row.name
+                        ),
+                        self.shared.config.retry_after,
+                    )),
+                };
+                slot.report(outcome(&answer));
+                answer.map(|reply| hold(reply, slot))
+            }
+            LlmKind::Virtual => {
+                let grant = slot.grant().clone();
+                let answer = match self.task(row, request, Some(slot), deadline) {
+                    Ok(handle) => handle.into_reply().await,
+                    Err(e) => Err(e),
+                };
+                self.shared.admission.report(&grant, outcome(&answer));
+                answer
+            }
         }
     }
 
     /// Sends `principal`'s `request` to the publisher of the virtual row `row` (one of
-    /// the rows [`Gateway::route`] named) and returns the task's handle, without
-    /// waiting for its first event: for a caller that drives the events itself. 503
-    /// when the gateway is draining, the row is not active or its publisher has no
-    /// channel.
+    /// the rows of [`Gateway::route`]) and returns the task's handle, without waiting
+    /// for its first event: for a caller that drives the events itself. It takes a
+    /// slot on the row and never queues: 503 when the row has no free slot, when the
+    /// gateway is draining, the row is not active or its publisher has no channel.
     pub fn start_task(
         &self,
         principal: &Principal,
@@ -90,7 +201,10 @@ impl Gateway {
         if self.is_draining() {
             return Err(self.draining());
         }
-        self.task(row, request)
+        let grant = self.shared.admission.try_admit(row)?;
+        let slot = Slot::new(self.shared.admission.clone(), grant);
+        let deadline = Instant::now() + self.shared.config.task_deadline;
+        self.task(row, request, Some(slot), deadline)
     }
 
     fn draining(&self) -> Error {
@@ -101,7 +215,8 @@ impl Gateway {
         )
     }
 
-    fn task(&self, row: &LlmRecord, request: InferRequest) -> Result<TaskHandle, Error> {
+    /// Why `row` cannot take a task: it is not active, or has no channel.
+    fn not_serving(&self, row: &LlmRecord) -> Error {
         let retry_after = self.shared.config.retry_after;
         if row.status != LlmStatus::Active {
             let since = row
@@ -112,22 +227,45 @@ impl Gateway {
                 LlmStatus::Hibernating => (UnavailableKind::Hibernating, "hibernating"),
                 _ => (UnavailableKind::Inactive, "inactive"),
             };
-            return Err(Error::unavailable(
+            return Error::unavailable(
                 kind,
                 format!("llm {} is {state} (publisher offline{since})", row.name),
                 retry_after,
-            ));
+            );
+        }
+        Error::unavailable(
+            UnavailableKind::Offline,
+            format!("the publisher of llm {} has no channel", row.name),
+            retry_after,
+        )
+    }
+
+    fn task(
+        &self,
+        row: &LlmRecord,
+        request: InferRequest,
+        slot: Option<Slot>,
+        deadline: Instant,
+    ) -> Result<TaskHandle, Error> {
+        if row.status != LlmStatus::Active {
+            return Err(self.not_serving(row));
         }
         let session = row.provider_session_id.as_ref().ok_or_else(|| {
             Error::unavailable(
                 UnavailableKind::Offline,
                 format!("llm {} has no publisher session", row.name),
-                retry_after,
+                self.shared.config.retry_after,
             )
         })?;
-        self.shared
-            .tasks
-            .start(session, &row.owner, &row.name, request.stream, request.body)
+        self.shared.tasks.start(
+            session,
+            &row.owner,
+            &row.name,
+            request.stream,
+            request.body,
+            slot,
+            deadline,
+        )
     }
 
     /// A publisher's result for one of its session's tasks, wherever the task lives:
@@ -164,12 +302,20 @@ impl Gateway {
         }
     }
 
-    /// Active rows, for `GET /v1/models`.
-    pub async fn active_models(&self, _principal: &Principal) -> Result<Vec<LlmRecord>, Error> {
+    /// What `GET /v1/models` lists: each pool key with an active member, once
+    /// (members named otherwise are not listed; they stay reachable by name). A row
+    /// without a pool is the pool of one named after it. Ordered by id.
+    pub async fn active_models(&self, _principal: &Principal) -> Result<Vec<Model>, Error> {
         let rows = self.shared.store.list().await?;
-        Ok(rows
-            .into_iter()
-            .filter(|r| r.status == LlmStatus::Active)
-            .collect())
+        let mut models: std::collections::BTreeMap<&LlmName, Model> = Default::default();
+        for r in rows.iter().filter(|r| r.status == LlmStatus::Active) {
+            let model = models.entry(r.pool_key()).or_insert_with(|| Model {
+                id: r.pool_key().clone(),
+                kind: r.kind,
+                created_at: r.created_at,
+            });
+            model.created_at = model.created_at.min(r.created_at);
+        }
+        Ok(models.into_values().collect())
     }
 }

@@ -23,6 +23,7 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
+use crate::admission::Slot;
 use crate::channel::SendError;
 use crate::directory::ChannelDirectory;
 use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame, TaskKind, TaskResult};
@@ -165,7 +166,8 @@ impl TaskTable {
     }
 
     /// Starts a task for `llm` on `session`'s channel. `owner` is the principal whose
-    /// session it is; only it may post the results.
+    /// session it is; only it may post the results. The handle holds `slot` (the
+    /// task's place in its row's in-flight count) until the task's outcome.
     ///
     /// Fails with 503 when the session has no channel, or its channel is full; with 413
     /// when the encoded task frame would be over the configured frame limit
@@ -177,6 +179,8 @@ impl TaskTable {
         llm: &LlmName,
         stream: bool,
         body: Value,
+        slot: Option<Slot>,
+        deadline: Instant,
     ) -> Result<TaskHandle, Error> {
         let directory = &self.inner.directory;
         if directory.current(session).is_none() {
@@ -230,9 +234,10 @@ impl TaskTable {
             seen_event: false,
             stream,
             rx,
-            deadline: Instant::now() + self.inner.deadline,
+            deadline: deadline.min(Instant::now() + self.inner.deadline),
             inner: self.inner.clone(),
             state: HandleState::Running,
+            slot,
         })
     }
 
@@ -442,6 +447,8 @@ pub struct TaskHandle {
     deadline: Instant,
     inner: Arc<Inner>,
     state: HandleState,
+    /// The task's slot on its row, freed at the outcome.
+    slot: Option<Slot>,
 }
 
 impl fmt::Debug for TaskHandle {
@@ -475,6 +482,10 @@ impl TaskHandle {
             self.seen_event = true;
             crate::metrics::first_event(self.started.elapsed());
         }
+        if self.state != HandleState::Running {
+            // The outcome is in: the row's slot frees now, not when the handle drops.
+            self.slot = None;
+        }
         if was_running && self.state == HandleState::Finished {
             let result = match &item {
                 Ok(TaskEvent::Completed(c)) => Ok(Some(c.status)),
@@ -498,7 +509,10 @@ impl TaskHandle {
         let (until, limit) = if self.stream {
             (Instant::now() + self.inner.idle, self.inner.idle)
         } else {
-            (self.deadline, self.inner.deadline)
+            (
+                self.deadline,
+                self.deadline.saturating_duration_since(self.started),
+            )
         };
         let event = match tokio::time::timeout_at(until, self.rx.recv()).await {
             Ok(Some(event)) => event,

@@ -2,7 +2,7 @@
 //! test kit's in-memory channel directory and task router, pass the replica plane
 //! suite (the publisher bound to the first, clients on the second), and both seams
 //! pass their conformance suites. The `LocalDirectory` passes the single-replica
-//! directory suite, and the `NameRouter` the router suite.
+//! directory suite, and the `PoolRouter` the router suite.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -169,12 +169,12 @@ mod lifecycle_across_replicas {
     }
 }
 
-mod name_router {
+mod pool_router {
     use super::*;
-    use virtual_llm_core::{NameRouter, Router};
+    use virtual_llm_core::{PoolRouter, Router};
 
     async fn setup() -> (Arc<dyn Router>, Arc<dyn Store>) {
-        (Arc::new(NameRouter), Arc::new(MemoryStore::new()))
+        (Arc::new(PoolRouter), Arc::new(MemoryStore::new()))
     }
 
     virtual_llm_core::router_conformance_tests!(setup);

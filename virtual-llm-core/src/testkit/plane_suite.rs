@@ -138,7 +138,7 @@ pub async fn a_cancel_crosses_replicas(a: &Gateway, b: &Gateway) {
     let (session, _binding, channel) = bind_fake(a, "llm").await;
     let rows = b.route(&client(), "llm").await.expect("routed");
     let handle = b
-        .start_task(&client(), &rows[0], chat("llm", "x", true))
+        .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
         .expect("started");
     let task = channel.next_task().await;
     assert_eq!(&task.task_id, handle.id());
@@ -168,7 +168,7 @@ pub async fn results_are_checked_where_the_task_lives(a: &Gateway, b: &Gateway) 
     let (session, _binding, _channel) = bind_fake(a, "llm").await;
     let rows = b.route(&client(), "llm").await.expect("routed");
     let mut handle = b
-        .start_task(&client(), &rows[0], chat("llm", "x", true))
+        .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
         .expect("started");
     let id = handle.id().clone();
     let chunk = |seq| TaskResult::Chunk {
@@ -217,7 +217,7 @@ pub async fn a_channel_loss_fails_tasks_on_other_replicas(a: &Gateway, b: &Gatew
     let (session, binding, channel) = bind_fake(a, "llm").await;
     let rows = b.route(&client(), "llm").await.expect("routed");
     let mut handle = b
-        .start_task(&client(), &rows[0], chat("llm", "x", false))
+        .start_task(&client(), &rows.rows[0], chat("llm", "x", false))
         .expect("started");
     channel.next_task().await;
     assert!(binding.release().await.expect("released"), "it was current");

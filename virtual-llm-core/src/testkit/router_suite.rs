@@ -4,7 +4,7 @@
 //! all with [`router_conformance_tests!`](crate::router_conformance_tests).
 
 use crate::testkit::record;
-use crate::{LlmKind, LlmStatus, Principal, Role, Router, Store, Write};
+use crate::{LlmKind, LlmName, LlmStatus, Principal, Role, Router, Store, Write};
 
 fn client() -> Principal {
     Principal::new("carol", [Role::Client])
@@ -27,9 +27,10 @@ pub async fn a_named_row_is_a_candidate(router: &dyn Router, store: &dyn Store) 
         .expect("insert");
     for name in ["llama", "public-model", "gone-model"] {
         let rows = router
-            .candidates(store, &client(), name)
+            .route(store, &client(), name)
             .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .rows;
         assert!(!rows.is_empty(), "{name}: at least one candidate");
         let stored = store
             .get(&rows[0].name)
@@ -44,13 +45,13 @@ pub async fn a_named_row_is_a_candidate(router: &dyn Router, store: &dyn Store) 
 /// is 400; neither is ever an empty list.
 pub async fn unknown_and_invalid_models_are_refused(router: &dyn Router, store: &dyn Store) {
     let unknown = router
-        .candidates(store, &client(), "no-such-model")
+        .route(store, &client(), "no-such-model")
         .await
         .expect_err("nothing answers to it");
     assert_eq!((unknown.status(), unknown.code()), (404, "model_not_found"));
     for bad in ["", "_private", "has space", &"x".repeat(300)] {
         let invalid = router
-            .candidates(store, &client(), bad)
+            .route(store, &client(), bad)
             .await
             .expect_err("invalid");
         assert_eq!(invalid.status(), 400, "{bad:?}: {invalid}");
@@ -66,12 +67,60 @@ pub async fn routing_writes_nothing(router: &dyn Router, store: &dyn Store) {
     let before = store.list().await.expect("list");
     for _ in 0..3 {
         router
-            .candidates(store, &client(), "llama")
+            .route(store, &client(), "llama")
             .await
             .expect("routed");
-        let _ = router.candidates(store, &client(), "missing").await;
+        let _ = router.route(store, &client(), "missing").await;
     }
     assert_eq!(store.list().await.expect("list"), before);
+}
+
+fn name(s: &str) -> LlmName {
+    LlmName::parse(s).expect("test names are valid")
+}
+
+/// A pool key routes to every member of the pool, the row named like the pool
+/// without a pool of its own included; a member's own name pins that member; every
+/// row of a route has the route's pool as its pool key.
+pub async fn a_pool_key_routes_its_members_and_a_name_pins_one(
+    router: &dyn Router,
+    store: &dyn Store,
+) {
+    for (n, pool) in [
+        ("box-a", Some("llama")),
+        ("box-b", Some("llama")),
+        ("llama", None),
+    ] {
+        let mut r = record(n);
+        r.pool = pool.map(name);
+        store.write(vec![Write::Insert(r)]).await.expect("insert");
+    }
+    let route = router
+        .route(store, &client(), "llama")
+        .await
+        .expect("the pool routes");
+    assert_eq!(route.pool, name("llama"));
+    assert_eq!(route.pinned, None);
+    let mut members: Vec<String> = route.rows.iter().map(|r| r.name.to_string()).collect();
+    members.sort();
+    assert_eq!(members, ["box-a", "box-b", "llama"]);
+    let pinned = router
+        .route(store, &client(), "box-b")
+        .await
+        .expect("a member routes by its name");
+    assert_eq!(pinned.pool, name("llama"), "a pinned member keeps its pool");
+    assert_eq!(pinned.pinned, Some(name("box-b")));
+    assert!(
+        pinned
+            .rows
+            .iter()
+            .all(|r| r.name == name("box-b") || !pinned.admits(&r.name)),
+        "a pinned route admits only the pinned member"
+    );
+    assert!(pinned.admits(&name("box-b")));
+    for route in [route, pinned] {
+        assert!(route.rows.iter().all(|r| *r.pool_key() == route.pool));
+    }
 }
 
 /// Stamps out one `#[tokio::test]` per case of the router suite. `$setup` is an async
@@ -82,6 +131,7 @@ macro_rules! router_conformance_tests {
     ($setup:path) => {
         $crate::router_conformance_tests!(@cases $setup;
             a_named_row_is_a_candidate,
+            a_pool_key_routes_its_members_and_a_name_pins_one,
             unknown_and_invalid_models_are_refused,
             routing_writes_nothing,
         );

@@ -1,0 +1,796 @@
+//! Admission: between choosing a pool's row and sending it a task (SPEC §10 and §11).
+//!
+//! Every task holds a slot on its row from the moment it is sent to its one terminal
+//! outcome; the slots are the in-flight counts, and a row never has more than its
+//! `maxConcurrent`. When no row of the pool has a free slot, the request waits in the
+//! pool's queue: bounded in depth and in time, fair between principals (they take
+//! turns; one principal's requests are served in order), and woken by events (a slot
+//! freeing, a row starting to serve), never by polling. A request that gives up while
+//! it waits leaves the queue, and no task is ever sent for it.
+//!
+//! The [`Admission`] seam holds that state; [`LocalAdmission`] keeps it in this
+//! process. A [`Slot`] is the holder's side: dropping it frees the slot.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use crate::router::{Load, Route, choose};
+use crate::sync::lock;
+use crate::{Config, Error, LlmId, LlmName, LlmRecord, UnavailableKind};
+
+/// A request asking for a slot.
+#[derive(Debug)]
+pub struct Ask<'a> {
+    /// Who asks: principals take turns in a queue.
+    pub principal: &'a str,
+    /// The rows that may answer, from the [`Router`](crate::Router).
+    pub route: &'a Route,
+    /// Rows already tried for this request (failover): never granted again.
+    pub exclude: &'a [LlmName],
+    /// How long the request may wait in the queue, at most.
+    pub until: Instant,
+}
+
+/// A slot on one row, granted by an [`Admission`].
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Grant {
+    /// The row to send the task to.
+    pub row: LlmName,
+    /// Its pool.
+    pub pool: LlmName,
+}
+
+/// How a dispatch went, for the row's cooldown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The row answered (an answer of its own, even an error status of the client's
+    /// making).
+    Answered,
+    /// The dispatch failed in a way that sends the request to another row: the
+    /// channel was closed or full, the upstream could not be reached, or it answered
+    /// 502, 503 or 504.
+    Failed,
+}
+
+/// A pool's load on this replica, for views and metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolLoad {
+    /// Tasks in flight on its rows.
+    pub in_flight: u32,
+    /// The sum of its serving rows' capacities; `None` when one of them has no limit.
+    pub capacity: Option<u32>,
+    /// Requests waiting in its queue.
+    pub queued: u32,
+}
+
+/// The in-flight counts and admission queues of a gateway.
+///
+/// # Contract
+/// - [`admit`](Admission::admit) grants a slot on a row of the route that serves
+///   ([`Route::serving`], or made serving since by [`observe`](Admission::observe)),
+///   is admitted by the route ([`Route::admits`]), is not excluded, is not cooling
+///   down and has room; it picks with [`choose`]. Taking the slot and picking the row
+///   are one step: concurrent admits never put more tasks on a row than its
+///   capacity.
+/// - With no such row but one that serves, the request waits in the pool's queue
+///   until a slot is granted to it, or until `ask.until` (then
+///   [`Error::QueueTimeout`]); with the queue at its depth it is refused at once
+///   with [`Error::QueueFull`]. When no row of the route serves (or every one that
+///   does is cooling down) it fails at once with [`Error::Unavailable`], and so do
+///   the waiters of a pool whose last serving row stops serving.
+/// - Waiters are granted slots as they free, principals taking turns (round-robin
+///   across principals, first come first served within one), and only by events:
+///   [`release`](Admission::release), and [`observe`](Admission::observe) of a row
+///   that serves. A waiter whose `admit` future is dropped leaves the queue; a slot
+///   granted to it as it left is released, never leaked.
+/// - [`release`](Admission::release) frees a slot exactly once per grant; counts
+///   never go below zero.
+/// - [`report`](Admission::report): a row whose last `cooldown_after` dispatches
+///   [failed](Outcome::Failed) is passed over for `cooldown`; an answer resets the
+///   count.
+///
+/// The test kit's `admission_suite` (feature `testkit`) checks an implementation
+/// against this contract.
+#[async_trait]
+pub trait Admission: fmt::Debug + Send + Sync + 'static {
+    /// A slot for `ask`, waiting in the pool's queue while none is free.
+    async fn admit(&self, ask: Ask<'_>) -> Result<Grant, Error>;
+
+    /// A slot on `row` now, or an error: [`UnavailableKind::Saturated`] when it has no
+    /// room. Never waits; for a caller that picked the row itself.
+    fn try_admit(&self, row: &LlmRecord) -> Result<Grant, Error>;
+
+    /// Frees the slot of `grant`; waiters may take it.
+    fn release(&self, grant: &Grant);
+
+    /// How a dispatch on `grant`'s row went.
+    fn report(&self, grant: &Grant, outcome: Outcome);
+
+    /// The registry wrote `row`: whether it serves, its pool, its capacity. A row that
+    /// starts serving wakes its pool's waiters.
+    fn observe(&self, row: &LlmRecord);
+
+    /// The registry deleted the row `name` whose id was `id`.
+    fn forget(&self, name: &LlmName, id: &LlmId);
+
+    /// Tasks in flight on `row` on this replica.
+    fn in_flight(&self, row: &LlmRecord) -> u32;
+
+    /// The load of `pool` on this replica.
+    fn load(&self, pool: &LlmName) -> PoolLoad;
+}
+
+/// A granted slot, freed when dropped.
+pub struct Slot {
+    grant: Grant,
+    admission: Arc<dyn Admission>,
+}
+
+impl fmt::Debug for Slot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Slot").field("grant", &self.grant).finish()
+    }
+}
+
+impl Slot {
+    /// Holds `grant` of `admission` until dropped.
+    pub fn new(admission: Arc<dyn Admission>, grant: Grant) -> Self {
+        Slot { grant, admission }
+    }
+
+    /// The grant held.
+    pub fn grant(&self) -> &Grant {
+        &self.grant
+    }
+
+    /// Tells the admission how the dispatch on this slot went.
+    pub fn report(&self, outcome: Outcome) {
+        self.admission.report(&self.grant, outcome);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.admission.release(&self.grant);
+    }
+}
+
+/// The limits of a [`LocalAdmission`], from the [`Config`].
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    depth: usize,
+    cooldown_after: u32,
+    cooldown: Duration,
+    retry_after: Duration,
+    longest_wait: Duration,
+}
+
+/// The [`Admission`] of one gateway process.
+#[derive(Clone)]
+pub struct LocalAdmission {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    pools: HashMap<LlmName, Pool>,
+    /// The pool each row's member lives in, so an event on a row finds it at once.
+    homes: HashMap<LlmName, LlmName>,
+}
+
+impl State {
+    /// Removes `key`'s pool if it holds nothing, and the home of a row pruned from it.
+    fn tidy(&mut self, key: &LlmName, row: &LlmName) {
+        let Some(pool) = self.pools.get(key) else {
+            return;
+        };
+        if !pool.index.contains_key(row) && self.homes.get(row) == Some(key) {
+            self.homes.remove(row);
+        }
+        if pool.is_idle() {
+            self.pools.remove(key);
+        }
+    }
+}
+
+impl fmt::Debug for LocalAdmission {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LocalAdmission")
+            .field("pools", &lock(&self.inner.state).pools.len())
+            .finish()
+    }
+}
+
+impl LocalAdmission {
+    /// Queues bounded by `config`'s `queue_depth`; cooldowns by `cooldown_after` and
+    /// `cooldown`; `Retry-After` estimates fall back to `retry_after`.
+    pub fn new(config: &Config) -> Self {
+        LocalAdmission {
+            inner: Arc::new(Inner {
+                limits: Limits {
+                    depth: config.queue_depth,
+                    cooldown_after: config.cooldown_after.max(1),
+                    cooldown: config.cooldown,
+                    retry_after: config.retry_after,
+                    longest_wait: config.queue_wait,
+                },
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+}
+
+/// One row's share of a pool.
+#[derive(Debug)]
+struct Member {
+    name: LlmName,
+    /// The row's id: a row deleted and published again is a new member.
+    id: LlmId,
+    in_flight: u32,
+    capacity: Option<u32>,
+    serving: bool,
+    /// The revision the state above was read at: an older snapshot never overrides
+    /// a newer one.
+    revision: u64,
+    failures: u32,
+    cool_until: Option<Instant>,
+}
+
+impl Member {
+    fn load(&self) -> Load {
+        Load {
+            in_flight: self.in_flight,
+            capacity: self.capacity,
+        }
+    }
+
+    fn cooling(&self, now: Instant) -> bool {
+        self.cool_until.is_some_and(|t| now < t)
+    }
+}
+
+/// A request waiting for a slot.
+#[derive(Debug)]
+struct Waiter {
+    principal: Arc<str>,
+    pinned: Option<LlmName>,
+    exclude: Vec<LlmName>,
+    grant: oneshot::Sender<LlmName>,
+}
+
+impl Waiter {
+    fn takes(&self, row: &LlmName) -> bool {
+        self.pinned.as_ref().is_none_or(|p| p == row) && !self.exclude.contains(row)
+    }
+}
+
+/// A pool's queue: principals take turns, each one's requests in order.
+#[derive(Debug, Default)]
+struct Queue {
+    waiters: HashMap<u64, Waiter>,
+    /// Principals with waiters, the next to be served first.
+    turns: VecDeque<Arc<str>>,
+    /// Each principal's waiters, oldest first.
+    lines: HashMap<Arc<str>, VecDeque<u64>>,
+    next_id: u64,
+}
+
+impl Queue {
+    fn len(&self) -> usize {
+        self.waiters.len()
+    }
+
+    fn push(&mut self, waiter: Waiter) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        let principal = waiter.principal.clone();
+        let line = self.lines.entry(principal.clone()).or_default();
+        if line.is_empty() {
+            self.turns.push_back(principal);
+        }
+        line.push_back(id);
+        self.waiters.insert(id, waiter);
+        id
+    }
+
+    /// Removes a waiter that gives up; `None` if it was granted already.
+    fn remove(&mut self, id: u64) -> Option<Waiter> {
+        let waiter = self.waiters.remove(&id)?;
+        if let Some(line) = self.lines.get_mut(&waiter.principal) {
+            line.retain(|w| *w != id);
+            if line.is_empty() {
+                self.lines.remove(&waiter.principal);
+                self.turns.retain(|p| *p != waiter.principal);
+            }
+        }
+        Some(waiter)
+    }
+
+    /// The next waiter that may take a slot on `row`: the principals in turn, the
+    /// oldest request of each. The principal served goes to the back of the turns.
+    fn next_for(&mut self, row: &LlmName) -> Option<Waiter> {
+        let (turn, id) = self.turns.iter().enumerate().find_map(|(turn, p)| {
+            let line = self.lines.get(p)?;
+            let id = line
+                .iter()
+                .find(|id| self.waiters.get(id).is_some_and(|w| w.takes(row)))?;
+            Some((turn, *id))
+        })?;
+        let waiter = self.waiters.remove(&id)?;
+        let principal = self.turns.remove(turn)?;
+        if let Some(line) = self.lines.get_mut(&principal) {
+            line.retain(|w| *w != id);
+            if line.is_empty() {
+                self.lines.remove(&principal);
+            } else {
+                self.turns.push_back(principal);
+            }
+        }
+        Some(waiter)
+    }
+
+    /// Every waiter, in no particular order; the queue is left empty.
+    fn drain(&mut self) -> Vec<Waiter> {
+        self.turns.clear();
+        self.lines.clear();
+        self.waiters.drain().map(|(_, w)| w).collect()
+    }
+}
+
+/// How fast a pool has been freeing slots: the mean time between two releases,
+/// smoothed (an exponentially weighted moving average).
+#[derive(Debug, Default)]
+struct Pace {
+    last: Option<Instant>,
+    gap: Option<Duration>,
+}
+
+impl Pace {
+    fn record(&mut self, now: Instant) {
+        if let Some(last) = self.last {
+            let gap = now.saturating_duration_since(last);
+            self.gap = Some(match self.gap {
+                None => gap,
+                Some(mean) => mean.mul_f64(0.8) + gap.mul_f64(0.2),
+            });
+        }
+        self.last = Some(now);
+    }
+
+    /// How long until `ahead` more slots have freed, at the recent pace: at least a
+    /// second, at most `longest`; `fallback` before the pool has freed two slots.
+    fn estimate(&self, ahead: usize, fallback: Duration, longest: Duration) -> Duration {
+        let Some(gap) = self.gap else {
+            return fallback;
+        };
+        let ahead = u32::try_from(ahead.saturating_add(1)).unwrap_or(u32::MAX);
+        gap.saturating_mul(ahead)
+            .clamp(Duration::from_secs(1), longest.max(Duration::from_secs(1)))
+    }
+}
+
+/// One pool's rows, turn and queue.
+#[derive(Debug, Default)]
+struct Pool {
+    members: Vec<Member>,
+    index: HashMap<LlmName, usize>,
+    cursor: usize,
+    queue: Queue,
+    pace: Pace,
+}
+
+impl Pool {
+    fn member(&mut self, name: &LlmName) -> Option<&mut Member> {
+        let i = *self.index.get(name)?;
+        self.members.get_mut(i)
+    }
+
+    /// Records what the registry says of `row`, unless what we hold is newer.
+    fn see(&mut self, row: &LlmRecord) {
+        let serving = Route::serving(row);
+        match self.member(&row.name) {
+            Some(m) if m.id == row.id && m.revision > row.revision => {}
+            Some(m) => {
+                m.id.clone_from(&row.id);
+                m.serving = serving;
+                m.capacity = row.max_concurrent;
+                m.revision = row.revision;
+            }
+            None => {
+                self.index.insert(row.name.clone(), self.members.len());
+                self.members.push(Member {
+                    name: row.name.clone(),
+                    id: row.id.clone(),
+                    in_flight: 0,
+                    capacity: row.max_concurrent,
+                    serving,
+                    revision: row.revision,
+                    failures: 0,
+                    cool_until: None,
+                });
+            }
+        }
+    }
+
+    /// Drops a member with nothing in flight that does not serve: a pool keeps
+    /// state only for rows that can take tasks or still hold some.
+    fn prune(&mut self, name: &LlmName) {
+        let Some(&i) = self.index.get(name) else {
+            return;
+        };
+        let m = &self.members[i];
+        if m.serving || m.in_flight > 0 {
+            return;
+        }
+        self.index.remove(name);
+        self.members.swap_remove(i);
+        if let Some(moved) = self.members.get(i) {
+            self.index.insert(moved.name.clone(), i);
+        }
+    }
+
+    /// Picks a row for a request and takes one of its slots.
+    fn take(&mut self, now: Instant, admits: impl Fn(&LlmName) -> bool) -> Option<LlmName> {
+        let i = choose(&self.members, self.cursor, |m| {
+            (m.serving && !m.cooling(now) && admits(&m.name)).then(|| m.load())
+        })?;
+        self.cursor = i + 1;
+        let m = &mut self.members[i];
+        m.in_flight += 1;
+        Some(m.name.clone())
+    }
+
+    /// Hands free slots of `row` to waiters, while it has room and they take it.
+    fn hand_over(&mut self, row: &LlmName, now: Instant) {
+        loop {
+            let Some(m) = self.member(row) else { return };
+            if !m.serving || m.cooling(now) || !m.load().has_room() {
+                return;
+            }
+            let Some(waiter) = self.queue.next_for(row) else {
+                return;
+            };
+            if waiter.grant.send(row.clone()).is_ok()
+                && let Some(m) = self.member(row)
+            {
+                m.in_flight += 1;
+            }
+        }
+    }
+
+    /// When no member serves any more, the waiters fail at once: dropping their
+    /// senders wakes them with nothing granted.
+    fn fail_waiters_if_dead(&mut self) {
+        if !self.members.iter().any(|m| m.serving) {
+            drop(self.queue.drain());
+        }
+    }
+
+    fn is_idle(&self) -> bool {
+        self.members.is_empty() && self.queue.len() == 0
+    }
+}
+
+impl Inner {
+    fn release(&self, grant: &Grant) {
+        let now = Instant::now();
+        let mut state = lock(&self.state);
+        let Some(pool) = state.pools.get_mut(&grant.pool) else {
+            return;
+        };
+        let Some(m) = pool.member(&grant.row) else {
+            return;
+        };
+        m.in_flight = m.in_flight.saturating_sub(1);
+        pool.pace.record(now);
+        pool.hand_over(&grant.row, now);
+        pool.prune(&grant.row);
+        state.tidy(&grant.pool, &grant.row);
+    }
+
+    /// A waiter gave up: out of the queue, or, when its grant raced the give-up, the
+    /// slot back.
+    fn leave(&self, pool_key: &LlmName, id: u64, granted: Option<LlmName>) {
+        match granted {
+            Some(row) => self.release(&Grant {
+                row,
+                pool: pool_key.clone(),
+            }),
+            None => {
+                let mut state = lock(&self.state);
+                if let Some(pool) = state.pools.get_mut(pool_key) {
+                    pool.queue.remove(id);
+                    if pool.is_idle() {
+                        state.pools.remove(pool_key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn unavailable(
+        &self,
+        pool: &Pool,
+        key: &LlmName,
+        now: Instant,
+        admits: impl Fn(&LlmName) -> bool,
+    ) -> Error {
+        let cooling = pool
+            .members
+            .iter()
+            .filter(|m| m.serving && admits(&m.name))
+            .filter_map(|m| m.cool_until.filter(|t| now < *t))
+            .min();
+        match cooling {
+            Some(until) => Error::unavailable(
+                UnavailableKind::Saturated,
+                format!(
+                    "every member of {key} failed its last requests and is passed over for now"
+                ),
+                until
+                    .saturating_duration_since(now)
+                    .max(Duration::from_secs(1)),
+            ),
+            None => self.offline(key),
+        }
+    }
+
+    fn offline(&self, key: &LlmName) -> Error {
+        Error::unavailable(
+            UnavailableKind::Offline,
+            format!("no member of {key} can take requests now"),
+            self.limits.retry_after,
+        )
+    }
+}
+
+/// Leaves the queue when dropped before its grant was taken.
+struct Waiting {
+    inner: Arc<Inner>,
+    pool: LlmName,
+    id: u64,
+    rx: oneshot::Receiver<LlmName>,
+    /// Set once the wait has an outcome: nothing is left to undo.
+    done: bool,
+}
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        if !self.done {
+            let granted = self.rx.try_recv().ok();
+            self.inner.leave(&self.pool, self.id, granted);
+            crate::metrics::queue_rejected("left");
+        }
+    }
+}
+
+#[async_trait]
+impl Admission for LocalAdmission {
+    async fn admit(&self, ask: Ask<'_>) -> Result<Grant, Error> {
+        let route = ask.route;
+        let key = &route.pool;
+        let admits = |row: &LlmName| route.admits(row) && !ask.exclude.contains(row);
+        let now = Instant::now();
+        let limits = self.inner.limits;
+        let (id, rx, depth) = {
+            let mut state = lock(&self.inner.state);
+            let state = &mut *state;
+            let pool = state.pools.entry(key.clone()).or_default();
+            for row in &route.rows {
+                pool.see(row);
+                state.homes.insert(row.name.clone(), key.clone());
+            }
+            if let Some(row) = pool.take(now, admits) {
+                return Ok(Grant {
+                    row,
+                    pool: key.clone(),
+                });
+            }
+            let able = pool
+                .members
+                .iter()
+                .any(|m| m.serving && !m.cooling(now) && admits(&m.name));
+            if !able {
+                let err = self.inner.unavailable(pool, key, now, admits);
+                for row in &route.rows {
+                    if let Some(pool) = state.pools.get_mut(key) {
+                        pool.prune(&row.name);
+                    }
+                    state.tidy(key, &row.name);
+                }
+                return Err(err);
+            }
+            let depth = pool.queue.len();
+            if depth >= limits.depth {
+                crate::metrics::queue_rejected("queue_full");
+                return Err(Error::QueueFull {
+                    pool: key.to_string(),
+                    depth,
+                    retry_after: pool
+                        .pace
+                        .estimate(depth, limits.retry_after, limits.longest_wait),
+                });
+            }
+            let (tx, rx) = oneshot::channel();
+            let id = pool.queue.push(Waiter {
+                principal: Arc::from(ask.principal),
+                pinned: route.pinned.clone(),
+                exclude: ask.exclude.to_vec(),
+                grant: tx,
+            });
+            (id, rx, depth)
+        };
+        let mut waiting = Waiting {
+            inner: self.inner.clone(),
+            pool: key.clone(),
+            id,
+            rx,
+            done: false,
+        };
+        let outcome = tokio::time::timeout_at(ask.until, &mut waiting.rx).await;
+        waiting.done = true;
+        let waited = now.elapsed();
+        let granted = match outcome {
+            Ok(Ok(row)) => row,
+            // The pool's last serving row went away; nothing was granted.
+            Ok(Err(_)) => return Err(self.inner.offline(key)),
+            Err(_elapsed) => match waiting.rx.try_recv() {
+                // Granted just as the wait ran out: the slot is ours.
+                Ok(row) => row,
+                Err(_) => {
+                    self.inner.leave(key, id, None);
+                    crate::metrics::queue_rejected("queue_timeout");
+                    let pace = lock(&self.inner.state).pools.get(key).map(|p| {
+                        p.pace
+                            .estimate(depth, limits.retry_after, limits.longest_wait)
+                    });
+                    return Err(Error::QueueTimeout {
+                        pool: key.to_string(),
+                        waited,
+                        retry_after: pace.unwrap_or(limits.retry_after),
+                    });
+                }
+            },
+        };
+        crate::metrics::queue_waited(waited);
+        Ok(Grant {
+            row: granted,
+            pool: key.clone(),
+        })
+    }
+
+    fn try_admit(&self, row: &LlmRecord) -> Result<Grant, Error> {
+        let key = row.pool_key();
+        let now = Instant::now();
+        let mut state = lock(&self.inner.state);
+        let pool = state.pools.entry(key.clone()).or_default();
+        pool.see(row);
+        let taken = pool.take(now, |name| *name == row.name);
+        pool.prune(&row.name);
+        state.homes.insert(row.name.clone(), key.clone());
+        state.tidy(key, &row.name);
+        match taken {
+            Some(name) => Ok(Grant {
+                row: name,
+                pool: key.clone(),
+            }),
+            None => Err(Error::unavailable(
+                UnavailableKind::Saturated,
+                format!("llm {} has no free slot", row.name),
+                self.inner.limits.retry_after,
+            )),
+        }
+    }
+
+    fn release(&self, grant: &Grant) {
+        self.inner.release(grant);
+    }
+
+    fn report(&self, grant: &Grant, outcome: Outcome) {
+        let mut state = lock(&self.inner.state);
+        let Some(m) = state
+            .pools
+            .get_mut(&grant.pool)
+            .and_then(|p| p.member(&grant.row))
+        else {
+            return;
+        };
+        match outcome {
+            Outcome::Answered => m.failures = 0,
+            Outcome::Failed => {
+                m.failures += 1;
+                if m.failures >= self.inner.limits.cooldown_after {
+                    m.failures = 0;
+                    m.cool_until = Some(Instant::now() + self.inner.limits.cooldown);
+                    crate::metrics::cooled_down();
+                    tracing::info!(llm = %grant.row, pool = %grant.pool, "failing row passed over for a while");
+                }
+            }
+        }
+    }
+
+    fn observe(&self, row: &LlmRecord) {
+        let now = Instant::now();
+        let key = row.pool_key();
+        let serving = Route::serving(row);
+        let mut state = lock(&self.inner.state);
+        let state = &mut *state;
+        // A row that moved to another pool stops serving in its old one.
+        if let Some(old) = state.homes.get(&row.name).filter(|k| *k != key).cloned() {
+            if let Some(pool) = state.pools.get_mut(&old)
+                && let Some(m) = pool.member(&row.name)
+            {
+                m.serving = false;
+                pool.prune(&row.name);
+                pool.fail_waiters_if_dead();
+            }
+            state.homes.remove(&row.name);
+            state.tidy(&old, &row.name);
+        }
+        if !serving && !state.pools.contains_key(key) {
+            return;
+        }
+        let pool = state.pools.entry(key.clone()).or_default();
+        pool.see(row);
+        if serving {
+            pool.hand_over(&row.name, now);
+        } else {
+            pool.prune(&row.name);
+            pool.fail_waiters_if_dead();
+        }
+        state.homes.insert(row.name.clone(), key.clone());
+        state.tidy(key, &row.name);
+    }
+
+    fn forget(&self, name: &LlmName, id: &LlmId) {
+        let mut state = lock(&self.inner.state);
+        let Some(key) = state.homes.get(name).cloned() else {
+            return;
+        };
+        if let Some(pool) = state.pools.get_mut(&key)
+            && let Some(m) = pool.member(name)
+            && m.id == *id
+        {
+            m.serving = false;
+            pool.prune(name);
+            pool.fail_waiters_if_dead();
+        }
+        state.tidy(&key, name);
+    }
+
+    fn in_flight(&self, row: &LlmRecord) -> u32 {
+        lock(&self.inner.state)
+            .pools
+            .get(row.pool_key())
+            .and_then(|p| p.index.get(&row.name).map(|i| p.members[*i].in_flight))
+            .unwrap_or(0)
+    }
+
+    fn load(&self, pool: &LlmName) -> PoolLoad {
+        let state = lock(&self.inner.state);
+        let Some(p) = state.pools.get(pool) else {
+            return PoolLoad::default();
+        };
+        PoolLoad {
+            in_flight: p.members.iter().map(|m| m.in_flight).sum(),
+            capacity: p
+                .members
+                .iter()
+                .filter(|m| m.serving)
+                .map(|m| m.capacity)
+                .sum(),
+            queued: u32::try_from(p.queue.len()).unwrap_or(u32::MAX),
+        }
+    }
+}
