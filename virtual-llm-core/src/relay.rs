@@ -257,15 +257,9 @@ impl Gateway {
                 self.shared.config.retry_after,
             )
         })?;
-        self.shared.tasks.start(
-            session,
-            &row.owner,
-            &row.name,
-            request.stream,
-            request.body,
-            slot,
-            deadline,
-        )
+        self.shared
+            .tasks
+            .start(session, &row.owner, &row.name, request, slot, deadline)
     }
 
     /// A publisher's result for one of its session's tasks, wherever the task lives:

@@ -19,7 +19,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -29,7 +28,8 @@ use crate::directory::ChannelDirectory;
 use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame, TaskKind, TaskResult};
 use crate::sync::lock;
 use crate::{
-    ChunkStream, Completion, Config, Error, LlmName, Reply, SessionId, TaskId, UnavailableKind,
+    ChunkStream, Completion, Config, Error, InferRequest, LlmName, Reply, SessionId, TaskId,
+    UnavailableKind,
 };
 
 /// What a task handle yields, in order: chunks then `Done` for a stream, or one
@@ -165,7 +165,7 @@ impl TaskTable {
         }
     }
 
-    /// Starts a task for `llm` on `session`'s channel. `owner` is the principal whose
+    /// Starts `request` as a task for `llm` on `session`'s channel. `owner` is the principal whose
     /// session it is; only it may post the results. The handle holds `slot` (the
     /// task's place in its row's in-flight count) until the task's outcome.
     ///
@@ -177,11 +177,11 @@ impl TaskTable {
         session: &SessionId,
         owner: &str,
         llm: &LlmName,
-        stream: bool,
-        body: Value,
+        request: InferRequest,
         slot: Option<Slot>,
         deadline: Instant,
     ) -> Result<TaskHandle, Error> {
+        let InferRequest { stream, body, .. } = request;
         let directory = &self.inner.directory;
         if directory.current(session).is_none() {
             return Err(self.inner.offline());
