@@ -59,6 +59,21 @@ struct Args {
     /// watchdog waits three of them (e.g. `20s`); shorter than `--stale-after`.
     #[arg(long, value_parser = humantime::parse_duration)]
     keepalive: Option<Duration>,
+    /// Most requests waiting in one pool's queue for a free slot; one more is a 429
+    /// `queue_full` (default 256).
+    #[arg(long)]
+    queue_depth: Option<usize>,
+    /// Longest a request waits in a pool's queue before a 503 `queue_timeout`
+    /// (default `30s`; a client's `x-request-timeout` may ask for less).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    queue_wait: Option<Duration>,
+    /// Other members of a pool a request is sent to when a dispatch fails before its
+    /// first byte (default 2).
+    #[arg(long)]
+    pool_retries: Option<usize>,
+    /// How long a row whose last dispatches failed is passed over (default `5s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    cooldown: Option<Duration>,
     /// How long in-flight requests may finish at shutdown.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     grace: Duration,
@@ -91,6 +106,9 @@ struct TokenConfig {
     token_env: Option<String>,
     principal: String,
     roles: Vec<RoleConfig>,
+    /// Pools another principal owns that this one's rows may join.
+    #[serde(default)]
+    pools: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -140,8 +158,18 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         (&mut config.gc_every, args.gc_every),
         (&mut config.task_deadline, args.task_deadline),
         (&mut config.keepalive, args.keepalive),
+        (&mut config.queue_wait, args.queue_wait),
+        (&mut config.cooldown, args.cooldown),
     ];
     for (field, value) in overrides {
+        if let Some(value) = value {
+            *field = value;
+        }
+    }
+    for (field, value) in [
+        (&mut config.queue_depth, args.queue_depth),
+        (&mut config.pool_retries, args.pool_retries),
+    ] {
         if let Some(value) = value {
             *field = value;
         }
@@ -229,8 +257,12 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
 }
 
 /// The flags of the reference gateway that set a [`Config`] key.
-const FLAGS: [(&str, &str); 6] = [
+const FLAGS: [(&str, &str); 10] = [
     ("heartbeatInterval", "--heartbeat-every"),
+    ("queueDepth", "--queue-depth"),
+    ("queueWait", "--queue-wait"),
+    ("poolRetries", "--pool-retries"),
+    ("cooldown", "--cooldown"),
     ("staleAfter", "--stale-after"),
     ("reapAfter", "--reap-after"),
     ("gcEvery", "--gc-every"),
@@ -345,7 +377,11 @@ fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, commo
             RoleConfig::Client => Role::Client,
             RoleConfig::Admin => Role::Admin,
         });
-        table = table.with(token, Principal::new(t.principal.clone(), roles));
+        for pool in &t.pools {
+            LlmName::parse(pool).map_err(|e| format!("pools of {}: {e}", t.principal))?;
+        }
+        let principal = Principal::new(t.principal.clone(), roles).with_pools(t.pools.clone());
+        table = table.with(token, principal);
     }
     Ok(Arc::new(table))
 }

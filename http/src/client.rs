@@ -5,6 +5,7 @@
 use bytes::Buf;
 use futures::Stream;
 use serde_json::{Value, json};
+use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::{Gateway, InferRequest, LlmKind, Reply};
 use warp::reply::Response;
 
@@ -35,13 +36,26 @@ pub(crate) async fn get(name: String, gw: Gateway, auth: Option<String>) -> Resp
     )
 }
 
+/// `GET {base}/{poolKey}/members`: the rows of a pool.
+pub(crate) async fn members(pool: String, gw: Gateway, auth: Option<String>) -> Response {
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            Ok(reply::json(200, &gw.members(&who, &pool).await?))
+        }
+        .await,
+    )
+}
+
 /// `POST {base}/{name}/infer` (`name` given) or `POST /v1/chat/completions` (the
-/// body's `model`): the completion, or its stream. `close` is the connection's, if
-/// any, for a stream that fails midway.
+/// body's `model`): the completion, or its stream. `timeout` is the client's
+/// `x-request-timeout`; `close` is the connection's, if any, for a stream that fails
+/// midway.
 pub(crate) async fn infer<S, B>(
     name: Option<String>,
     gw: Gateway,
     auth: Option<String>,
+    timeout: Option<String>,
     close: Option<CloseConnection>,
     body: S,
 ) -> Response
@@ -52,12 +66,14 @@ where
     respond(
         async {
             let who = principal(&gw, auth.as_deref()).await?;
+            let timeout = timeout.as_deref().map(parse_request_timeout).transpose()?;
             let bytes = body::read(body, gw.config().max_body_bytes).await?;
             let value: Value = body::json(&bytes)?;
             let request = match name {
                 Some(name) => InferRequest::for_llm(&name, value)?,
                 None => InferRequest::from_chat_body(value)?,
-            };
+            }
+            .with_timeout(timeout);
             Ok(match gw.infer(&who, request).await? {
                 Reply::Complete(c) => reply::json(c.status, &c.body),
                 Reply::Stream(chunks) => stream::chunk_stream(chunks, close),

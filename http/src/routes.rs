@@ -11,6 +11,7 @@
 //! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
 //! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
 //! | `GET {base}` · `GET {base}/{name}` | [`Gateway::list`] · [`Gateway::get`] |
+//! | `GET {base}/{poolKey}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name}/infer` | [`Gateway::infer`] |
 //! | `POST /v1/chat/completions` · `GET /v1/models` | the OpenAI-compatible pair |
 //!
@@ -20,6 +21,7 @@
 //! `{base}/{name}` would otherwise take their paths.
 
 use virtual_llm_core::Gateway;
+use virtual_llm_core::openai::REQUEST_TIMEOUT_HEADER;
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
@@ -114,23 +116,33 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(gw.clone())
         .and(authorization())
         .then(client::get);
+    let members = base
+        .clone()
+        .and(warp::path!(String / "members"))
+        .and(warp::get())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::members);
+    let request_timeout = warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER);
     let infer = base
         .and(warp::path!(String / "infer"))
         .and(warp::post())
         .and(gw.clone())
         .and(authorization())
+        .and(request_timeout)
         .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
-        .then(|name: String, gw, auth, close, body| {
-            client::infer(Some(name), gw, auth, close, body)
+        .then(|name: String, gw, auth, timeout, close, body| {
+            client::infer(Some(name), gw, auth, timeout, close, body)
         });
     let chat = warp::path!("v1" / "chat" / "completions")
         .and(warp::post())
         .and(gw.clone())
         .and(authorization())
+        .and(request_timeout)
         .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
-        .then(|gw, auth, close, body| client::infer(None, gw, auth, close, body));
+        .then(|gw, auth, timeout, close, body| client::infer(None, gw, auth, timeout, close, body));
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(gw)
@@ -145,6 +157,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .or(list)
         .unify()
         .or(get)
+        .unify()
+        .or(members)
         .unify()
         .or(infer)
         .unify()
