@@ -2,8 +2,9 @@
 //! through `Gateway::heartbeat`, the GC sweep over 100 000 rows with 1 000 stale,
 //! register latency (p50 and p99 from a custom measurement loop, printed, besides
 //! criterion's mean), a burst of 1 000 registrations 100 at a time (what group commit
-//! is for: many publishers connecting at once), and `Store::get`, the one store call
-//! on every relayed request.
+//! is for: many publishers connecting at once), `Store::get`, the one store call on
+//! every relayed request, and `Store::by_pool` for a pool of 1 000 rows in a registry
+//! of 10 000 (beside the scan of every row it replaces).
 //!
 //! Run with: `cargo bench -p virtual-llm-redb --bench redb`
 //!
@@ -409,11 +410,70 @@ fn get_latency(c: &mut Criterion) {
     rt.block_on(s.redb.close()).unwrap();
 }
 
+/// `Store::by_pool` for a pool of 1 000 rows in a registry of 10 000 (ten pools of
+/// 1 000, queried in turn). `redb_list_scan` is what the trait's default does, a
+/// `list` of every row filtered by pool key, on the same redb file: the cost the index
+/// saves.
+fn by_pool_latency(c: &mut Criterion) {
+    const ROWS: usize = 10_000;
+    const POOLS: usize = 10;
+    const PER_POOL: usize = ROWS / POOLS;
+    let rt = runtime();
+    let s = rt.block_on(stores());
+    let pools: Vec<LlmName> = (0..POOLS)
+        .map(|p| LlmName::parse(&format!("pool-{p}")).unwrap())
+        .collect();
+    let mut group = c.benchmark_group("by_pool");
+    let redb: Arc<dyn Store> = s.redb.clone();
+    for (label, store) in [("memory", s.memory.clone()), ("redb", redb.clone())] {
+        let indexes: Vec<usize> = (0..ROWS).collect();
+        for chunk in indexes.chunks(1000) {
+            let batch = chunk
+                .iter()
+                .map(|i| {
+                    let mut r = record(&format!("pooled-{i:05}"));
+                    r.pool = Some(pools[i % POOLS].clone());
+                    Write::Insert(r)
+                })
+                .collect();
+            rt.block_on(store.write(batch)).unwrap();
+        }
+        let mut next = 0usize;
+        group.bench_function(format!("{label}/{PER_POOL}_of_{ROWS}"), |b| {
+            b.to_async(&rt).iter(|| {
+                next = (next + 1) % POOLS;
+                let (store, pool) = (store.clone(), pools[next].clone());
+                async move {
+                    let rows = store.by_pool(&pool).await.unwrap();
+                    assert_eq!(rows.len(), PER_POOL);
+                    rows
+                }
+            });
+        });
+    }
+    let mut next = 0usize;
+    group.bench_function(format!("redb_list_scan/{PER_POOL}_of_{ROWS}"), |b| {
+        b.to_async(&rt).iter(|| {
+            next = (next + 1) % POOLS;
+            let (store, pool) = (redb.clone(), pools[next].clone());
+            async move {
+                let mut rows = store.list().await.unwrap();
+                rows.retain(|r| r.pool_key() == &pool);
+                assert_eq!(rows.len(), PER_POOL);
+                rows
+            }
+        });
+    });
+    group.finish();
+    rt.block_on(s.redb.close()).unwrap();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
-    targets = heartbeat_throughput, gc_sweep, register_latency, register_concurrent, get_latency
+    targets = heartbeat_throughput, gc_sweep, register_latency, register_concurrent, get_latency,
+        by_pool_latency
 }
 criterion_main!(benches);

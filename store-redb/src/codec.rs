@@ -160,6 +160,12 @@ impl StoredRow {
         self.binding.as_ref().map(|b| &b.replica)
     }
 
+    /// The row's key in the pool index: the core's [`LlmRecord::pool_key`] (its pool,
+    /// or else its own name), so this store indexes by the same rule as every other.
+    pub(crate) fn pool_key(&self) -> &LlmName {
+        self.pool.as_ref().unwrap_or(&self.name)
+    }
+
     /// The last heartbeat, as stored.
     pub(crate) fn heartbeat(&self) -> Option<Timestamp> {
         self.heartbeat_ms.map(Timestamp::from_millis)
@@ -233,6 +239,7 @@ mod tests {
             back.inactive_key(),
             r.inactive_key().map(Timestamp::as_millis)
         );
+        assert_eq!(back.pool_key(), r.pool_key());
         let mut live = record("beta");
         live.last_heartbeat_at = None;
         let live = StoredRow::new(live.clone(), 1);
@@ -247,6 +254,21 @@ mod tests {
         assert!(!text.contains("binding"), "{text}");
         let back = StoredRow::decode("alpha", text.as_bytes()).unwrap();
         assert_eq!((back.to_record(), back.replica()), (r, None));
+    }
+
+    #[test]
+    fn a_row_is_keyed_by_its_pool_or_else_its_own_name() {
+        let mut r = record("member");
+        let solo = StoredRow::new(r.clone(), 1);
+        assert_eq!(solo.pool_key(), r.pool_key());
+        assert_eq!(solo.pool_key().as_str(), "member");
+        r.pool = Some(LlmName::parse("llama").unwrap());
+        r.max_concurrent = Some(4);
+        let bytes = StoredRow::new(r.clone(), 1).encode().unwrap();
+        let back = StoredRow::decode("member", &bytes).unwrap();
+        assert_eq!(back.pool_key(), r.pool_key());
+        assert_eq!(back.pool_key().as_str(), "llama");
+        assert_eq!(back.to_record(), r, "pool and capacity round-trip");
     }
 
     #[test]

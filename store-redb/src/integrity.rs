@@ -78,6 +78,12 @@ pub(crate) fn check(db: &mut Database) -> Result<IntegrityReport, Error> {
         &mut report.problems,
     );
     diff(
+        "rows_by_pool",
+        &expected.by_pool,
+        &actual.by_pool,
+        &mut report.problems,
+    );
+    diff(
         "live_by_heartbeat",
         &expected.live,
         &actual.live,

@@ -9,7 +9,7 @@
 //! - `writer`: the writer thread, which commits concurrent batches together in one
 //!   write transaction (group commit).
 //! - `schema`: the tables, [`SCHEMA_VERSION`], the version check on open, and the
-//!   in-place upgrade of a version-1 file.
+//!   in-place upgrade of a version-1 or version-2 file.
 //! - `tables`: row and index access inside one transaction; the only code that writes
 //!   the tables, so the indexes move with the rows.
 //! - `codec`: the stored form of a row and its JSON encoding.

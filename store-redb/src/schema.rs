@@ -6,6 +6,7 @@
 //! | `rows` | name → JSON bytes | every row ([`StoredRow`](crate::codec::StoredRow)) | 1 |
 //! | `rows_by_session` | `(session, name) → ()` | rows bound to a session | 1 |
 //! | `rows_by_replica` | `(replica, name) → ()` | rows whose [`LlmRecord::binding`] names a replica | 2 |
+//! | `rows_by_pool` | `(pool key, name) → ()` | every row, under its [`LlmRecord::pool_key`] | 3 |
 //! | `live_by_heartbeat` | `(heartbeat ms, name) → stamp` | live virtual rows ([`LlmRecord::live_since`]) | 1 |
 //! | `inactive_by_since` | `(inactive since ms, name) → ()` | inactive rows ([`LlmRecord::inactive_key`]) | 1 |
 //!
@@ -22,8 +23,17 @@
 //!   the table, indexes every row that has a binding (a version-1 row has none), and
 //!   sets the version to 2; it commits durably, or leaves the file at version 1. A
 //!   build of version 1 refuses the upgraded file.
+//! - **3**: adds `rows_by_pool`, and a row may carry a `pool` and a `max_concurrent`.
+//!   A file of version 2 is upgraded in place when it is opened, in one write
+//!   transaction that creates the table, indexes every row under its pool key (its
+//!   `pool`, or else its own name), and sets the version to 3; it commits durably, or
+//!   leaves the file at version 2. A file of version 1 is upgraded through version 2
+//!   in the same single transaction (both indexes built from one read of the rows),
+//!   so it is left at version 1 or is at version 3, never at 2. A build of version 2
+//!   refuses the upgraded file.
 //!
 //! [`LlmRecord::binding`]: virtual_llm_core::LlmRecord::binding
+//! [`LlmRecord::pool_key`]: virtual_llm_core::LlmRecord::pool_key
 //! [`LlmRecord::live_since`]: virtual_llm_core::LlmRecord::live_since
 //! [`LlmRecord::inactive_key`]: virtual_llm_core::LlmRecord::inactive_key
 
@@ -35,12 +45,14 @@ use crate::codec::StoredRow;
 use crate::error::Error;
 
 /// The layout version this build reads and writes; a change of any table or of the
-/// row encoding bumps it. A file of version 1 is upgraded to it in place when opened;
-/// a file of any other version is refused.
-pub const SCHEMA_VERSION: u64 = 2;
+/// row encoding bumps it. A file of version 1 or 2 is upgraded to it in place when
+/// opened; a file of any other version is refused.
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// The version a file written before the replica index has.
 const V1: u64 = 1;
+/// The version a file written before the pool index has.
+const V2: u64 = 2;
 
 /// Schema version and write sequence.
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
@@ -52,6 +64,9 @@ pub(crate) const BY_SESSION: TableDefinition<'static, (&str, &str), ()> =
 /// `(replica, name)` for every row whose binding names a replica (schema 2).
 pub(crate) const BY_REPLICA: TableDefinition<'static, (&str, &str), ()> =
     TableDefinition::new("rows_by_replica");
+/// `(pool key, name)` for every row: its pool, or else its own name (schema 3).
+pub(crate) const BY_POOL: TableDefinition<'static, (&str, &str), ()> =
+    TableDefinition::new("rows_by_pool");
 /// `(heartbeat ms, name) → stamp` for every live virtual row. The value is the row's
 /// stamp, so the stale query can match an in-memory heartbeat to the indexed row
 /// without reading the row.
@@ -75,12 +90,23 @@ const TABLES_V1: [&str; 5] = [
     "inactive_by_since",
 ];
 
-/// The tables of a file of [`SCHEMA_VERSION`].
-const TABLES: [&str; 6] = [
+/// The tables of a version-2 file.
+const TABLES_V2: [&str; 6] = [
     "meta",
     "rows",
     "rows_by_session",
     "rows_by_replica",
+    "live_by_heartbeat",
+    "inactive_by_since",
+];
+
+/// The tables of a file of [`SCHEMA_VERSION`].
+const TABLES: [&str; 7] = [
+    "meta",
+    "rows",
+    "rows_by_session",
+    "rows_by_replica",
+    "rows_by_pool",
     "live_by_heartbeat",
     "inactive_by_since",
 ];
@@ -133,7 +159,7 @@ pub(crate) fn open(path: &Path, cache_size: usize) -> Result<(Database, Opened),
 }
 
 /// Checks the schema version of an opened file: an empty file gets the current
-/// schema, a version-1 file is upgraded, any other version is refused.
+/// schema, a version-1 or version-2 file is upgraded, any other version is refused.
 pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error> {
     let txn = db.begin_write()?;
     let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -152,24 +178,28 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
             txn.abort()?;
             Ok(Opened::Current)
         }
-        Some(V1) => {
-            require_tables(path, V1, &TABLES_V1, &tables)?;
-            let indexed = upgrade_from_v1(&txn)?;
+        Some(from @ (V1 | V2)) => {
+            let expected: &[&str] = if from == V1 { &TABLES_V1 } else { &TABLES_V2 };
+            require_tables(path, from, expected, &tables)?;
+            let indexed = upgrade(&txn, from)?;
             // Immediate durability (redb's default): the upgrade is on disk before the
-            // store answers anything, or it did not happen and the file is still v1.
+            // store answers anything, or it did not happen and the file is still at
+            // the version it had.
             txn.commit()?;
             tracing::info!(
                 path = %path.display(),
-                from = V1,
+                from,
                 to = SCHEMA_VERSION,
-                rows_bound = indexed,
+                rows_bound = indexed.bound,
+                rows_pooled = indexed.pooled,
                 "upgraded the registry's schema in place",
             );
-            Ok(Opened::Upgraded { from: V1 })
+            Ok(Opened::Upgraded { from })
         }
         Some(other) => Err(Error::Incompatible(format!(
             "{} holds a registry of schema version {other}, but this build of \
-             virtual-llm-redb reads version {SCHEMA_VERSION} (and upgrades version {V1}){}",
+             virtual-llm-redb reads version {SCHEMA_VERSION} (and upgrades versions {V1} \
+             and {V2}){}",
             path.display(),
             if other > SCHEMA_VERSION {
                 "; it was written by a newer version: upgrade virtual-llm-redb"
@@ -220,25 +250,45 @@ fn require_tables(
     }
 }
 
-/// Makes a version-1 file a version-2 one inside `txn`: creates `rows_by_replica`,
-/// indexes every row that has a binding, and sets the version. Returns how many rows
-/// it indexed. A version-1 row has no binding, so that is 0 for any file a version-1
-/// build wrote; the rows are read anyway, so that a row that has one is never left
-/// out of the index, and a row that does not decode stops the upgrade as corruption
-/// rather than being carried over unchecked.
-fn upgrade_from_v1(txn: &WriteTransaction) -> Result<u64, Error> {
-    // Opening every table checks the v1 tables' types and creates the new one.
+/// The index entries an upgrade wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Indexed {
+    /// Rows indexed by replica (the step from version 1).
+    bound: u64,
+    /// Rows indexed by pool key (the step from version 2): every row.
+    pooled: u64,
+}
+
+/// Makes a file of version `from` (1 or 2) a file of [`SCHEMA_VERSION`] inside `txn`:
+/// creates the tables the later versions added, indexes the rows in them, and sets
+/// the version. Each step is the one its version introduced:
+/// - from 1, `rows_by_replica`: every row that has a binding. A version-1 row has
+///   none, so that is 0 rows for any file a version-1 build wrote; the rows are read
+///   anyway, so that a row that has one is never left out of the index.
+/// - from 2 (and 1), `rows_by_pool`: every row, under its pool key.
+///
+/// The rows are read once for both steps, and a row that does not decode stops the
+/// upgrade as corruption rather than being carried over unchecked.
+fn upgrade(txn: &WriteTransaction, from: u64) -> Result<Indexed, Error> {
+    // Opening every table checks the old tables' types and creates the new ones.
     open_all(txn)?;
     let rows = txn.open_table(ROWS)?;
     let mut by_replica = txn.open_table(BY_REPLICA)?;
-    let mut indexed = 0;
+    let mut by_pool = txn.open_table(BY_POOL)?;
+    let mut indexed = Indexed::default();
     for entry in rows.iter()? {
         let (key, value) = entry?;
         let row = StoredRow::decode(key.value(), value.value())?;
-        if let Some(replica) = row.replica() {
-            by_replica.insert((replica.as_str(), row.name().as_str()), ())?;
-            indexed += 1;
+        let name = row.name().as_str();
+        // A version-2 file's replica index is already maintained with its rows.
+        if from < V2
+            && let Some(replica) = row.replica()
+        {
+            by_replica.insert((replica.as_str(), name), ())?;
+            indexed.bound += 1;
         }
+        by_pool.insert((row.pool_key().as_str(), name), ())?;
+        indexed.pooled += 1;
     }
     txn.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
     Ok(indexed)
@@ -250,6 +300,7 @@ fn open_all(txn: &WriteTransaction) -> Result<(), Error> {
     txn.open_table(ROWS)?;
     txn.open_table(BY_SESSION)?;
     txn.open_table(BY_REPLICA)?;
+    txn.open_table(BY_POOL)?;
     txn.open_table(LIVE)?;
     txn.open_table(INACTIVE)?;
     Ok(())
@@ -257,14 +308,18 @@ fn open_all(txn: &WriteTransaction) -> Result<(), Error> {
 
 #[cfg(test)]
 mod tests {
-    //! A crash in the middle of the upgrade from version 1, at every write of it: the
-    //! upgrade is one redb transaction, so the file reopens at version 1 (and is
-    //! upgraded then) or at version 2, never in between, and never loses a row.
+    //! A crash in the middle of an upgrade, at every write of it, from version 1 (the
+    //! fixture a version-1 build wrote) and from version 2 (a file made here): the
+    //! upgrade is one redb transaction, so the file reopens at its old version (and is
+    //! upgraded then) or at the current one, never in between, and never loses a row.
 
     use redb::ReadableDatabase;
+    use virtual_llm_core::testkit::record;
+    use virtual_llm_core::{ChannelBinding, LlmName, ReplicaId};
 
     use super::*;
     use crate::integrity;
+    use crate::tables::{ReadTables, WriteTables};
     use crate::testing::FailingBackend;
 
     /// The v1 fixture's bytes (see `tests/fixtures/README.md`).
@@ -276,8 +331,56 @@ mod tests {
         std::fs::read(path).unwrap()
     }
 
-    /// The schema version, and whether the replica index exists.
-    fn layout(db: &Database) -> (Option<u64>, bool) {
+    fn name(s: &str) -> LlmName {
+        LlmName::parse(s).unwrap()
+    }
+
+    /// The bytes of a version-2 file holding five rows: `m1` and `m2` in the pool
+    /// `llama`, `llama` and `solo` without a pool, and `bound`, without a pool and
+    /// bound to the replica `gw-1`. Written with this build's tables, then made what a
+    /// version-2 build leaves: no pool index, version 2. (A row's `pool` is a field of
+    /// its JSON, which the last version-2 build already wrote.)
+    fn v2_file() -> Vec<u8> {
+        let backend = FailingBackend::default();
+        let db = backend.open();
+        let path = Path::new("(a v2 file, in memory)");
+        assert_eq!(check_or_init(&db, path).unwrap(), Opened::Created);
+        let txn = db.begin_write().unwrap();
+        {
+            let mut tables = WriteTables::open(&txn).unwrap();
+            let stamp = tables.next_stamp().unwrap();
+            for (n, pool) in [
+                ("m1", Some("llama")),
+                ("m2", Some("llama")),
+                ("llama", None),
+                ("solo", None),
+                ("bound", None),
+            ] {
+                let mut r = record(n);
+                r.pool = pool.map(name);
+                r.revision = 1;
+                if n == "bound" {
+                    r.binding = Some(ChannelBinding {
+                        replica: ReplicaId::parse("gw-1").unwrap(),
+                        epoch: 1,
+                    });
+                }
+                tables.put(None, &StoredRow::new(r, stamp)).unwrap();
+            }
+        }
+        assert!(txn.delete_table(BY_POOL).unwrap());
+        txn.open_table(META)
+            .unwrap()
+            .insert(SCHEMA_KEY, V2)
+            .unwrap();
+        txn.commit().unwrap();
+        drop(db);
+        backend.bytes()
+    }
+
+    /// The schema version, and which of the tables later versions added exist
+    /// (`rows_by_replica`, `rows_by_pool`).
+    fn layout(db: &Database) -> (Option<u64>, bool, bool) {
         let txn = db.begin_read().unwrap();
         let version = txn
             .open_table(META)
@@ -285,63 +388,116 @@ mod tests {
             .get(SCHEMA_KEY)
             .unwrap()
             .map(|v| v.value());
-        let indexed = txn
-            .list_tables()
-            .unwrap()
-            .any(|t| t.name() == BY_REPLICA.name());
-        (version, indexed)
+        let has = |table: &str| txn.list_tables().unwrap().any(|t| t.name() == table);
+        (version, has(BY_REPLICA.name()), has(BY_POOL.name()))
     }
 
-    #[test]
-    fn a_crash_during_the_upgrade_leaves_a_v1_or_a_v2_file() {
-        let bytes = fixture();
-        let path = Path::new("(the v1 fixture, in memory)");
-        let (mut crashes, mut left_v1) = (0, 0);
+    /// The names the pool index holds under `pool`.
+    fn pooled(db: &Database, pool: &str) -> Vec<String> {
+        let txn = db.begin_read().unwrap();
+        let tables = ReadTables::open(&txn);
+        let rows = tables.by_pool(&name(pool)).unwrap();
+        rows.iter().map(|r| r.name().to_string()).collect()
+    }
+
+    /// Crashes the upgrade of the file `bytes` (of version `from`, `rows` rows, its
+    /// layout `before`) after each number of writes in turn, until one is enough for
+    /// it to complete: every crash leaves the old layout or the new one, and every
+    /// restart upgrades the file whole.
+    fn crash_at_every_write(bytes: &[u8], from: u64, before: (Option<u64>, bool, bool)) {
+        let rows = {
+            let db = FailingBackend::with_bytes(bytes).open();
+            let txn = db.begin_read().unwrap();
+            ReadTables::open(&txn).all().unwrap().len()
+        };
+        let after = (Some(SCHEMA_VERSION), true, true);
+        let path = Path::new("(an old file, in memory)");
+        let (mut crashes, mut left_old) = (0, 0);
         for n in 0..10_000 {
-            let backend = FailingBackend::with_bytes(&bytes);
+            let backend = FailingBackend::with_bytes(bytes);
             let db = backend.open();
-            assert_eq!(layout(&db), (Some(V1), false));
+            assert_eq!(layout(&db), before);
             // The process dies at the n-th write of the upgrade.
             backend.crash_after(n);
             let outcome = check_or_init(&db, path);
             drop(db);
             backend.recover();
             let mut db = backend.open();
-            let after = layout(&db);
+            let found = layout(&db);
             match &outcome {
                 Ok(opened) => {
-                    assert_eq!(*opened, Opened::Upgraded { from: V1 });
-                    assert_eq!(after, (Some(SCHEMA_VERSION), true));
+                    assert_eq!(*opened, Opened::Upgraded { from });
+                    assert_eq!(found, after);
                 }
                 Err(e) => {
                     crashes += 1;
                     assert!(
-                        after == (Some(V1), false) || after == (Some(SCHEMA_VERSION), true),
-                        "crash after {n} writes ({e}): {after:?}"
+                        found == before || found == after,
+                        "crash after {n} writes ({e}): {found:?}"
                     );
-                    left_v1 += usize::from(after.0 == Some(V1));
+                    left_old += usize::from(found == before);
                 }
             }
             // The restart: the file opens, upgraded if need be, whole.
             let opened = check_or_init(&db, path).unwrap();
             assert!(
-                matches!(opened, Opened::Current | Opened::Upgraded { from: V1 }),
+                matches!(opened, Opened::Current) || opened == Opened::Upgraded { from },
                 "{opened:?}"
             );
-            assert_eq!(layout(&db), (Some(SCHEMA_VERSION), true));
+            assert_eq!(layout(&db), after);
             let report = integrity::check(&mut db).unwrap();
             assert!(report.is_ok(), "crash after {n} writes: {report:?}");
-            assert_eq!(report.rows, 5, "crash after {n} writes");
+            assert_eq!(report.rows, rows, "crash after {n} writes");
             if outcome.is_ok() {
                 // The upgrade needed fewer than n writes: every crash point was tried.
-                assert!(crashes > 0 && left_v1 > 0, "{crashes} crashes");
+                assert!(crashes > 0 && left_old > 0, "{crashes} crashes");
                 eprintln!(
-                    "the upgrade took {n} writes and syncs; of the {crashes} crashes within \
-                     it, {left_v1} left version 1, the others (the commit on disk) version 2"
+                    "the upgrade from version {from} took {n} writes and syncs; of the \
+                     {crashes} crashes within it, {left_old} left version {from}, the \
+                     others (the commit on disk) version {SCHEMA_VERSION}"
                 );
                 return;
             }
         }
-        panic!("the upgrade never completed");
+        panic!("the upgrade from version {from} never completed");
+    }
+
+    #[test]
+    fn a_crash_during_the_upgrade_from_v1_leaves_a_v1_or_a_v3_file() {
+        crash_at_every_write(&fixture(), V1, (Some(V1), false, false));
+        // Every row of the fixture is the pool of one named after it.
+        let backend = FailingBackend::with_bytes(&fixture());
+        let db = backend.open();
+        check_or_init(&db, Path::new("(the v1 fixture)")).unwrap();
+        for row in [
+            "gone",
+            "live-virtual",
+            "public-fast",
+            "sleeping",
+            "unicode-model",
+        ] {
+            assert_eq!(pooled(&db, row), [row]);
+        }
+    }
+
+    #[test]
+    fn a_crash_during_the_upgrade_from_v2_leaves_a_v2_or_a_v3_file() {
+        let bytes = v2_file();
+        crash_at_every_write(&bytes, V2, (Some(V2), true, false));
+        let backend = FailingBackend::with_bytes(&bytes);
+        let db = backend.open();
+        let opened = check_or_init(&db, Path::new("(a v2 file)")).unwrap();
+        assert_eq!(opened, Opened::Upgraded { from: V2 });
+        assert_eq!(pooled(&db, "llama"), ["llama", "m1", "m2"]);
+        assert_eq!(pooled(&db, "solo"), ["solo"]);
+        assert_eq!(pooled(&db, "bound"), ["bound"]);
+        assert!(pooled(&db, "m1").is_empty(), "m1 is in the pool llama");
+        // The version-2 replica index is kept as it was.
+        let txn = db.begin_read().unwrap();
+        let bound = ReadTables::open(&txn)
+            .bound_to(&ReplicaId::parse("gw-1").unwrap())
+            .unwrap();
+        assert_eq!(bound.len(), 1);
+        assert_eq!(bound[0].name().as_str(), "bound");
     }
 }

@@ -8,12 +8,12 @@
 //!   rows as the batches before it left them, then it is applied; or it is refused and
 //!   changes nothing. redb admits one write transaction at a time and holds the file
 //!   exclusively, so two batches expecting the same revision cannot both win.
-//! - **Point reads and touches** (`get`, `by_session`, `bound_to`, `touch`) run their
-//!   read transaction on the calling async thread when the state lock can be taken
-//!   shared without waiting, and on tokio's blocking pool when it cannot (see
+//! - **Point reads and touches** (`get`, `by_session`, `bound_to`, `by_pool`, `touch`)
+//!   run their read transaction on the calling async thread when the state lock can be
+//!   taken shared without waiting, and on tokio's blocking pool when it cannot (see
 //!   `Inner::try_shared`): a `get` is on every relayed request, and the hop to the pool
-//!   and back costs several times the read. `by_session` and `bound_to` read an index
-//!   range and only the rows it names.
+//!   and back costs several times the read. `by_session`, `bound_to` and `by_pool` read
+//!   an index range and only the rows it names.
 //! - **Scans** (`list`, the stale and expired queries), heartbeat flushes, the
 //!   integrity check, open and close run on tokio's blocking pool
 //!   ([`spawn_blocking`](tokio::task::spawn_blocking)): they read many rows, or wait for
@@ -65,9 +65,9 @@ const OVERLAY_CHUNK: usize = 256;
 /// A durable [`Store`] in one redb file.
 ///
 /// Rows live in one table keyed by name, with indexes by session, by the replica of
-/// their binding, by heartbeat (live virtual rows) and by `inactive_since` (inactive
-/// rows); the stale and expired queries scan an index and read only the rows they
-/// return. Heartbeats are coalesced in memory and flushed every
+/// their binding, by pool key (every row), by heartbeat (live virtual rows) and by
+/// `inactive_since` (inactive rows); the stale and expired queries, `by_session`,
+/// `bound_to` and `by_pool` scan an index and read only the rows they return. Heartbeats are coalesced in memory and flushed every
 /// [`RedbOptions::flush_every`], on [`Store::flush`], and on [`RedbStore::close`] or
 /// drop. Writes are committed by one writer thread, the
 /// batches of concurrent callers together in one transaction (up to
@@ -126,9 +126,9 @@ impl RedbStore {
     /// Opens the registry file at `path`, creating it (not its directory) if needed,
     /// with the default [`RedbOptions`].
     ///
-    /// A file of schema version 1 (written before the replica index) is upgraded to
-    /// [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) in place, in one durable transaction,
-    /// before this returns.
+    /// A file of schema version 1 (written before the replica index) or 2 (before the
+    /// pool index) is upgraded to [`SCHEMA_VERSION`](crate::SCHEMA_VERSION) in place,
+    /// in one durable transaction, before this returns.
     ///
     /// Fails with [`StoreError::Incompatible`] for a file of another schema version
     /// or a redb file that is not a registry, [`StoreError::Corrupted`] for a damaged
@@ -289,6 +289,16 @@ impl Store for RedbStore {
             .await
     }
 
+    async fn by_pool(&self, pool: &LlmName) -> Result<Vec<LlmRecord>, StoreError> {
+        let inner = &self.inner;
+        if let Some(done) = inner.try_shared(|db| inner.by_pool_in(db, pool)) {
+            return done.map_err(StoreError::from);
+        }
+        let pool = pool.clone();
+        self.run(move |i| i.with_shared(|db| i.by_pool_in(db, &pool)))
+            .await
+    }
+
     async fn stale_virtuals(&self, cutoff: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
         self.run(move |i| i.stale(cutoff)).await
     }
@@ -343,6 +353,12 @@ impl Inner {
     /// The rows whose binding names `replica`; the state is held shared.
     fn bound_to_in(&self, db: &Database, replica: &ReplicaId) -> Result<Vec<LlmRecord>, Error> {
         let rows = snapshot_of(db, |t| t.bound_to(replica))?;
+        Ok(self.with_liveness(rows))
+    }
+
+    /// The rows whose pool key is `pool`; the state is held shared.
+    fn by_pool_in(&self, db: &Database, pool: &LlmName) -> Result<Vec<LlmRecord>, Error> {
+        let rows = snapshot_of(db, |t| t.by_pool(pool))?;
         Ok(self.with_liveness(rows))
     }
 

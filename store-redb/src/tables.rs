@@ -1,7 +1,7 @@
 //! Row and index access inside one redb transaction.
 //!
 //! [`WriteTables`] is the only code that changes the tables: putting or deleting a row
-//! always updates the four indexes in the same transaction, from the old row and the
+//! always updates the five indexes in the same transaction, from the old row and the
 //! new one, so the indexes cannot drift from the rows. [`ReadTables`] is a snapshot:
 //! rows by name, every row, and range scans of the indexes that read only the rows
 //! they return.
@@ -12,11 +12,11 @@ use redb::{
     Key, ReadOnlyTable, ReadTransaction, ReadableTable, Table, TableDefinition, Value,
     WriteTransaction,
 };
-use virtual_llm_core::{ReplicaId, SessionId};
+use virtual_llm_core::{LlmName, ReplicaId, SessionId};
 
 use crate::codec::StoredRow;
 use crate::error::Error;
-use crate::schema::{BY_REPLICA, BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY};
+use crate::schema::{BY_POOL, BY_REPLICA, BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY};
 
 /// The tables of a write transaction.
 pub(crate) struct WriteTables<'txn> {
@@ -24,6 +24,7 @@ pub(crate) struct WriteTables<'txn> {
     rows: Table<'txn, &'static str, &'static [u8]>,
     by_session: Table<'txn, (&'static str, &'static str), ()>,
     by_replica: Table<'txn, (&'static str, &'static str), ()>,
+    by_pool: Table<'txn, (&'static str, &'static str), ()>,
     live: Table<'txn, (u64, &'static str), u64>,
     inactive: Table<'txn, (u64, &'static str), ()>,
 }
@@ -35,6 +36,7 @@ impl<'txn> WriteTables<'txn> {
             rows: txn.open_table(ROWS)?,
             by_session: txn.open_table(BY_SESSION)?,
             by_replica: txn.open_table(BY_REPLICA)?,
+            by_pool: txn.open_table(BY_POOL)?,
             live: txn.open_table(LIVE)?,
             inactive: txn.open_table(INACTIVE)?,
         })
@@ -83,6 +85,15 @@ impl<'txn> WriteTables<'txn> {
                 self.by_replica.insert((r.as_str(), name), ())?;
             }
         }
+        // Every row has a pool key, so a row is always in the pool index, once.
+        let old_pool = old.map(StoredRow::pool_key);
+        let new_pool = new.pool_key();
+        if old_pool != Some(new_pool) {
+            if let Some(p) = old_pool {
+                self.by_pool.remove((p.as_str(), name))?;
+            }
+            self.by_pool.insert((new_pool.as_str(), name), ())?;
+        }
         let old_live = old.and_then(|o| Some((o.live_key()?, o.stamp())));
         let new_live = new.live_key().map(|k| (k, new.stamp()));
         if old_live != new_live {
@@ -115,6 +126,7 @@ impl<'txn> WriteTables<'txn> {
         if let Some(r) = old.replica() {
             self.by_replica.remove((r.as_str(), name))?;
         }
+        self.by_pool.remove((old.pool_key().as_str(), name))?;
         if let Some(t) = old.live_key() {
             self.live.remove((t, name))?;
         }
@@ -135,6 +147,7 @@ pub(crate) struct ReadTables<'txn> {
     rows: OnceCell<ReadOnlyTable<&'static str, &'static [u8]>>,
     by_session: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
     by_replica: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
+    by_pool: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
     live: OnceCell<ReadOnlyTable<(u64, &'static str), u64>>,
     inactive: OnceCell<ReadOnlyTable<(u64, &'static str), ()>>,
 }
@@ -167,6 +180,7 @@ impl<'txn> ReadTables<'txn> {
             rows: OnceCell::new(),
             by_session: OnceCell::new(),
             by_replica: OnceCell::new(),
+            by_pool: OnceCell::new(),
             live: OnceCell::new(),
             inactive: OnceCell::new(),
         }
@@ -182,6 +196,10 @@ impl<'txn> ReadTables<'txn> {
 
     fn by_replica_index(&self) -> Result<&ReadOnlyTable<(&'static str, &'static str), ()>, Error> {
         opened(self.txn, &self.by_replica, BY_REPLICA)
+    }
+
+    fn by_pool_index(&self) -> Result<&ReadOnlyTable<(&'static str, &'static str), ()>, Error> {
+        opened(self.txn, &self.by_pool, BY_POOL)
     }
 
     fn live(&self) -> Result<&ReadOnlyTable<(u64, &'static str), u64>, Error> {
@@ -249,6 +267,11 @@ impl<'txn> ReadTables<'txn> {
         )
     }
 
+    /// The rows whose pool key is `pool`, ordered by name.
+    pub(crate) fn by_pool(&self, pool: &LlmName) -> Result<Vec<StoredRow>, Error> {
+        self.rows_under(self.by_pool_index()?, "rows_by_pool", pool.as_str())
+    }
+
     /// The rows an index keyed `(key, name)` holds under `key`, ordered by name.
     fn rows_under(
         &self,
@@ -307,6 +330,11 @@ impl<'txn> ReadTables<'txn> {
             let (r, n) = k.value();
             contents.by_replica.push((r.to_owned(), n.to_owned()));
         }
+        for entry in self.by_pool_index()?.iter()? {
+            let (k, _) = entry?;
+            let (p, n) = k.value();
+            contents.by_pool.push((p.to_owned(), n.to_owned()));
+        }
         for entry in self.live()?.iter()? {
             let (k, v) = entry?;
             let (t, n) = k.value();
@@ -326,6 +354,7 @@ impl<'txn> ReadTables<'txn> {
 pub(crate) struct IndexContents {
     pub(crate) by_session: Vec<(String, String)>,
     pub(crate) by_replica: Vec<(String, String)>,
+    pub(crate) by_pool: Vec<(String, String)>,
     pub(crate) live: Vec<(u64, String, u64)>,
     pub(crate) inactive: Vec<(u64, String)>,
 }
@@ -342,6 +371,8 @@ impl IndexContents {
             if let Some(r) = r.replica() {
                 c.by_replica.push((r.as_str().to_owned(), name.clone()));
             }
+            c.by_pool
+                .push((r.pool_key().as_str().to_owned(), name.clone()));
             if let Some(t) = r.live_key() {
                 c.live.push((t, name.clone(), r.stamp()));
             }
@@ -351,6 +382,7 @@ impl IndexContents {
         }
         c.by_session.sort();
         c.by_replica.sort();
+        c.by_pool.sort();
         c.live.sort();
         c.inactive.sort();
         c

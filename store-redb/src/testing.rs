@@ -154,6 +154,14 @@ impl FailingBackend {
         backend
     }
 
+    /// The bytes, as the file would hold them now.
+    pub(crate) fn bytes(&self) -> Vec<u8> {
+        let len = StorageBackend::len(&*self.bytes).unwrap();
+        let mut out = vec![0; usize::try_from(len).unwrap()];
+        StorageBackend::read(&*self.bytes, 0, &mut out).unwrap();
+        out
+    }
+
     /// A database on these bytes.
     pub(crate) fn open(&self) -> redb::Database {
         redb::Database::builder()

@@ -1,9 +1,9 @@
 //! Crash consistency: a child process (this test binary, re-run in child mode) hammers
-//! register, heartbeat, bind, unbind, sweep and flush through `Gateway` over a redb
-//! store; the parent kills it with SIGKILL at a random moment, twenty times, some of
-//! them while it is still opening and recovering the file. After every kill the file
-//! opens, every row decodes, every index agrees with the rows, the queries agree with
-//! the indexes, and a gateway starts over it.
+//! register (moving rows between pools), heartbeat, bind, unbind, sweep and flush
+//! through `Gateway` over a redb store; the parent kills it with SIGKILL at a random
+//! moment, twenty times, some of them while it is still opening and recovering the
+//! file. After every kill the file opens, every row decodes, every index agrees with
+//! the rows, the queries agree with the indexes, and a gateway starts over it.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{publisher, request};
+use common::{name, publisher, request};
 use redb::{Database, ReadableDatabase, TableDefinition};
 use virtual_llm_core::testkit::{FakeChannel, ManualClock, at};
 use virtual_llm_core::{
@@ -100,10 +100,12 @@ async fn worker(gw: Gateway, clock: ManualClock) {
                 let names: Vec<&str> = (0..count)
                     .map(|i| NAMES[(first + i * 5) % NAMES.len()])
                     .collect();
-                match gw
-                    .register(&principals[who], request(session.as_ref(), &names))
-                    .await
-                {
+                let mut req = request(session.as_ref(), &names);
+                // A re-registration may move a row into a pool, to another, or out.
+                for spec in &mut req.llms {
+                    spec.pool = [None, Some("pool-a"), Some("pool-b")][pick(3)].map(name);
+                }
+                match gw.register(&principals[who], req).await {
                     Ok(r) => {
                         if session.as_ref() != Some(&r.provider_session_id) {
                             sessions.push((who, r.provider_session_id));
@@ -204,6 +206,13 @@ async fn verify(path: &Path, round: u64) -> usize {
                 r.name
             );
         }
+        let pool = store.by_pool(r.pool_key()).await.unwrap();
+        assert!(
+            pool.iter().any(|p| p == r),
+            "round {round}: {} missing from its pool",
+            r.name
+        );
+        assert!(pool.iter().all(|p| p.pool_key() == r.pool_key()));
     }
     // A gateway starts over the file, and no virtual row reads active before a bind.
     let gw = Gateway::builder(store.clone()).start().await.unwrap();

@@ -29,6 +29,9 @@ async fn populate(store: &RedbStore) -> SessionId {
     let mut sleeping = record("sleeping");
     sleeping.status = LlmStatus::Hibernating;
     sleeping.last_heartbeat_at = None;
+    // A pool of two: `live` and `sleeping`, which serves in the pool of `live`.
+    sleeping.pool = Some(name("live"));
+    sleeping.max_concurrent = Some(8);
     store
         .write(vec![
             Write::Insert(live),
@@ -75,6 +78,14 @@ async fn reopen_after_close_keeps_rows_indexes_and_heartbeats() {
     assert_eq!(
         names(store.by_session(&session).await.unwrap()),
         ["gone", "live"]
+    );
+    assert_eq!(
+        names(store.by_pool(&name("live")).await.unwrap()),
+        ["live", "sleeping"]
+    );
+    assert_eq!(
+        names(store.by_pool(&name("public")).await.unwrap()),
+        ["public"]
     );
     assert_eq!(names(store.stale_virtuals(at(41)).await.unwrap()), ["live"]);
     assert!(store.stale_virtuals(at(40)).await.unwrap().is_empty());

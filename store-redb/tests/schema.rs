@@ -1,13 +1,14 @@
 //! What the store refuses to open: a registry of an unknown schema version (a future
 //! one included), a redb file that is not a registry, a file that is not redb; how it
 //! upgrades a version-1 file that holds a bound row; and what it reports for a torn
-//! row or an index that disagrees with the rows.
+//! row or an index (the replica and pool indexes included) that disagrees with the
+//! rows.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
 mod common;
 
-use common::{TempStore, name};
+use common::{TempStore, downgrade, name};
 use redb::{Database, ReadableDatabase, ReadableTableMetadata, TableDefinition};
 use virtual_llm_core::testkit::record;
 use virtual_llm_core::{ChannelBinding, ReplicaId, Store, StoreError, Write};
@@ -18,6 +19,7 @@ const ROWS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("rows")
 const LIVE: TableDefinition<'static, (u64, &str), u64> = TableDefinition::new("live_by_heartbeat");
 const BY_REPLICA: TableDefinition<'static, (&str, &str), ()> =
     TableDefinition::new("rows_by_replica");
+const BY_POOL: TableDefinition<'static, (&str, &str), ()> = TableDefinition::new("rows_by_pool");
 
 fn version_of(path: &std::path::Path) -> Option<u64> {
     let db = Database::open(path).unwrap();
@@ -61,18 +63,18 @@ async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
 
 #[tokio::test]
 async fn the_next_schema_version_is_refused_and_the_file_left_alone() {
-    assert_eq!(SCHEMA_VERSION, 2);
+    assert_eq!(SCHEMA_VERSION, 3);
     let file = TempStore::closed_with_one_row().await;
-    set_version(&file.path(), 3);
-    let err = RedbStore::open(file.path()).await.expect_err("version 3");
+    set_version(&file.path(), 4);
+    let err = RedbStore::open(file.path()).await.expect_err("version 4");
     assert!(
         matches!(&err, StoreError::Incompatible { message }
-            if message.contains("schema version 3") && message.contains("newer")),
+            if message.contains("schema version 4") && message.contains("newer")),
         "{err:?}"
     );
     assert_eq!(
         version_of(&file.path()),
-        Some(3),
+        Some(4),
         "not downgraded, not touched"
     );
 }
@@ -202,7 +204,8 @@ async fn the_check_reports_an_index_that_disagrees_with_the_rows() {
 #[tokio::test]
 async fn the_upgrade_from_version_1_indexes_a_row_that_has_a_binding() {
     // A v1 build never wrote a binding; the upgrade indexes one anyway. The file is
-    // made a v1 file by hand: the replica index dropped and the version set back.
+    // made a v1 file by hand: the replica and pool indexes dropped and the version
+    // set back.
     let file = TempStore::new().await;
     let replica = ReplicaId::parse("gw-1").unwrap();
     let mut bound = record("bound");
@@ -215,20 +218,12 @@ async fn the_upgrade_from_version_1_indexes_a_row_that_has_a_binding() {
         .await
         .unwrap();
     file.close().await.unwrap();
-    {
-        let db = Database::open(file.path()).unwrap();
-        let txn = db.begin_write().unwrap();
-        assert!(txn.delete_table(BY_REPLICA).unwrap());
-        txn.open_table(META)
-            .unwrap()
-            .insert("schema_version", 1)
-            .unwrap();
-        txn.commit().unwrap();
-    }
+    downgrade(&file.path(), 1);
 
     let store = RedbStore::open(file.path()).await.unwrap();
     assert_eq!(store.stats().commits, 1, "the upgrade");
     assert_eq!(store.bound_to(&replica).await.unwrap(), written[..1]);
+    assert_eq!(store.by_pool(&name("bound")).await.unwrap(), written[..1]);
     let report = store.check_integrity().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
     store.close().await.unwrap();
@@ -267,6 +262,48 @@ async fn the_check_reports_a_replica_index_that_disagrees_with_the_rows() {
     assert!(named("holds", "\"ghost\""), "{report:?}");
     let err = store
         .bound_to(&ReplicaId::parse("gw-2").unwrap())
+        .await
+        .expect_err("dangling index entry");
+    assert!(matches!(err, StoreError::Corrupted { .. }), "{err:?}");
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_check_reports_a_pool_index_that_disagrees_with_the_rows() {
+    let file = TempStore::new().await;
+    let mut member = record("member");
+    member.pool = Some(name("llama"));
+    file.write(vec![Write::Insert(member), Write::Insert(record("solo"))])
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    {
+        let db = Database::open(file.path()).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let mut index = txn.open_table(BY_POOL).unwrap();
+            assert!(index.remove(("llama", "member")).unwrap().is_some());
+            assert!(index.remove(("solo", "solo")).unwrap().is_some());
+            index.insert(("llama", "ghost"), ()).unwrap();
+        }
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(file.path()).await.unwrap();
+    let report = store.check_integrity().await.unwrap();
+    let named = |what: &str, row: &str| {
+        report
+            .problems
+            .iter()
+            .any(|p| p.starts_with("rows_by_pool") && p.contains(what) && p.contains(row))
+    };
+    assert!(named("lacks", "\"member\""), "{report:?}");
+    assert!(
+        named("lacks", "\"solo\""),
+        "a row without a pool: {report:?}"
+    );
+    assert!(named("holds", "\"ghost\""), "{report:?}");
+    let err = store
+        .by_pool(&name("llama"))
         .await
         .expect_err("dangling index entry");
     assert!(matches!(err, StoreError::Corrupted { .. }), "{err:?}");

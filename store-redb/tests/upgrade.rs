@@ -1,7 +1,10 @@
 //! Durability across versions: `tests/fixtures/registry-v1.redb`, written by the
 //! release before schema version 2 (see `tests/fixtures/README.md`), opens with this
-//! code: it is upgraded in place, once, and every row comes back with every field as
-//! the old code wrote it; the new index works on it from then on.
+//! code: it is upgraded in place (through version 2 to version 3), once, and every row
+//! comes back with every field as the old code wrote it; the new indexes work on it
+//! from then on. A version-2 file (made here from a current one, as a version-2 build
+//! leaves it: no pool index, rows that may carry a `pool`) is upgraded the same way,
+//! and an upgrade that fails leaves the file at its old version.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
@@ -9,16 +12,18 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::name;
-use redb::{Database, ReadableDatabase, TableDefinition, TableHandle};
+use common::{TempStore, downgrade, name};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use tempfile::TempDir;
+use virtual_llm_core::testkit::record;
 use virtual_llm_core::{
-    ChannelBinding, LlmId, LlmKind, LlmRecord, LlmStatus, ReplicaId, SessionId, Store, Timestamp,
-    Write,
+    ChannelBinding, LlmId, LlmKind, LlmRecord, LlmStatus, ReplicaId, SessionId, Store, StoreError,
+    Timestamp, Write,
 };
 use virtual_llm_redb::{RedbStore, SCHEMA_VERSION};
 
 const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+const ROWS: TableDefinition<'static, &str, &[u8]> = TableDefinition::new("rows");
 
 /// The fixture, as committed; tests open a copy, never this file.
 fn fixture() -> PathBuf {
@@ -118,9 +123,16 @@ fn expected_rows() -> Vec<LlmRecord> {
     vec![gone, live, public, sleeping, unicode]
 }
 
-/// The file's `meta` entry `key`, and whether it has the table `rows_by_replica`,
-/// read with redb directly (the store is closed).
-fn meta_of(path: &Path, key: &str) -> (Option<u64>, bool) {
+/// The indexes versions 2 and 3 added: whether a file has `rows_by_replica`, and
+/// whether it has `rows_by_pool`.
+type Added = (bool, bool);
+const NONE_ADDED: Added = (false, false);
+const V2_ADDED: Added = (true, false);
+const ALL_ADDED: Added = (true, true);
+
+/// The file's `meta` entry `key`, and which of the indexes later versions added it
+/// has, read with redb directly (the store is closed).
+fn meta_of(path: &Path, key: &str) -> (Option<u64>, Added) {
     let db = Database::open(path).unwrap();
     let txn = db.begin_read().unwrap();
     let value = txn
@@ -129,11 +141,8 @@ fn meta_of(path: &Path, key: &str) -> (Option<u64>, bool) {
         .get(key)
         .unwrap()
         .map(|v| v.value());
-    let indexed = txn
-        .list_tables()
-        .unwrap()
-        .any(|t| t.name() == "rows_by_replica");
-    (value, indexed)
+    let has = |table: &str| txn.list_tables().unwrap().any(|t| t.name() == table);
+    (value, (has("rows_by_replica"), has("rows_by_pool")))
 }
 
 fn names(rows: &[LlmRecord]) -> Vec<&str> {
@@ -161,6 +170,16 @@ async fn assert_holds_the_fixture(store: &RedbStore) {
     assert!(store.stale_virtuals(t(9_250)).await.unwrap().is_empty());
     let expired = store.expired_inactives(Timestamp::MAX).await.unwrap();
     assert_eq!(names(&expired), ["gone"]);
+    // No v1 row has a pool: each is the pool of one named after it.
+    for want in &expected {
+        assert_eq!(
+            store.by_pool(&want.name).await.unwrap(),
+            std::slice::from_ref(want),
+            "the pool {}",
+            want.name
+        );
+    }
+    assert!(store.by_pool(&name("deleted")).await.unwrap().is_empty());
     let report = store.check_integrity().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
     assert_eq!(report.rows, expected.len());
@@ -171,10 +190,10 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
     let (_dir, path) = copy_of_fixture();
     assert_eq!(
         meta_of(&path, "schema_version"),
-        (Some(1), false),
+        (Some(1), NONE_ADDED),
         "a v1 file"
     );
-    assert_eq!(meta_of(&path, "last_stamp"), (Some(3), false));
+    assert_eq!(meta_of(&path, "last_stamp"), (Some(3), NONE_ADDED));
 
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 1, "the upgrade: one transaction");
@@ -185,18 +204,19 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "no v1 row is bound"
     );
     store.close().await.unwrap();
+    assert_eq!(SCHEMA_VERSION, 3);
     assert_eq!(
         meta_of(&path, "schema_version"),
-        (Some(SCHEMA_VERSION), true),
-        "version 2, with the replica index"
+        (Some(SCHEMA_VERSION), ALL_ADDED),
+        "version 3, with the replica and pool indexes"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
-        (Some(3), true),
+        (Some(3), ALL_ADDED),
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 2, so nothing is written.
+    // Opened again: already version 3, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_fixture(&store).await;
@@ -261,5 +281,206 @@ async fn an_upgraded_file_takes_bindings_and_keeps_them_across_a_reopen() {
         names(&store.bound_to(&r1).await.unwrap()),
         ["unicode-model"]
     );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_upgraded_file_takes_pools_and_keeps_them_across_a_reopen() {
+    let (_dir, path) = copy_of_fixture();
+    let store = RedbStore::open(&path).await.unwrap();
+    // Two rows join the pool of `sleeping`, which stays the pool of its own name.
+    let join = |mut r: LlmRecord| {
+        r.pool = Some(name("sleeping"));
+        r.max_concurrent = Some(2);
+        Write::Update(r)
+    };
+    let live = store.get(&name("live-virtual")).await.unwrap().unwrap();
+    let unicode = store.get(&name("unicode-model")).await.unwrap().unwrap();
+    let written = store.write(vec![join(live), join(unicode)]).await.unwrap();
+    let sleeping = store.get(&name("sleeping")).await.unwrap().unwrap();
+    let pool = vec![written[0].clone(), sleeping.clone(), written[1].clone()];
+    assert_eq!(store.by_pool(&name("sleeping")).await.unwrap(), pool);
+    assert!(
+        store
+            .by_pool(&name("live-virtual"))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a row that joined a pool leaves the pool of its own name"
+    );
+    store.close().await.unwrap();
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 0);
+    assert_eq!(store.by_pool(&name("sleeping")).await.unwrap(), pool);
+    let report = store.check_integrity().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    // A row that leaves the pool is the pool of its own name again.
+    let mut live = store.get(&name("live-virtual")).await.unwrap().unwrap();
+    live.pool = None;
+    let live = store
+        .write(vec![Write::Update(live)])
+        .await
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        names(&store.by_pool(&name("sleeping")).await.unwrap()),
+        ["sleeping", "unicode-model"]
+    );
+    assert_eq!(store.by_pool(&name("live-virtual")).await.unwrap(), [live]);
+    store.close().await.unwrap();
+}
+
+/// The rows of the version-2 file: `m1` and `m2` in the pool `llama` (with
+/// capacities), `llama` and `solo` without a pool, `bound` in the pool `qwen` and
+/// bound to the replica `gw-1`.
+fn v2_rows() -> Vec<LlmRecord> {
+    let mut rows = Vec::new();
+    for (n, pool, capacity) in [
+        ("bound", Some("qwen"), None),
+        ("llama", None, None),
+        ("m1", Some("llama"), Some(4)),
+        ("m2", Some("llama"), Some(10_000)),
+        ("solo", None, Some(1)),
+    ] {
+        let mut r = record(n);
+        r.pool = pool.map(name);
+        r.max_concurrent = capacity;
+        if n == "bound" {
+            r.binding = Some(ChannelBinding {
+                replica: ReplicaId::parse("gw-1").unwrap(),
+                epoch: 7,
+            });
+        }
+        rows.push(r);
+    }
+    rows
+}
+
+/// A closed version-2 file holding [`v2_rows`], and the rows as stored, ordered by
+/// name. Written by this build, then made what a version-2 build leaves: no pool
+/// index, version 2; the rows keep their `pool`, which the last version-2 build
+/// (the commit before schema version 3) already wrote.
+async fn v2_file() -> (TempStore, Vec<LlmRecord>) {
+    let file = TempStore::new().await;
+    let written = file
+        .write(v2_rows().into_iter().map(Write::Insert).collect())
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    downgrade(&file.path(), 2);
+    assert_eq!(
+        meta_of(&file.path(), "schema_version"),
+        (Some(2), V2_ADDED),
+        "a v2 file"
+    );
+    (file, written)
+}
+
+/// What must hold of a store holding the version-2 file's rows.
+async fn assert_holds_the_v2_rows(store: &RedbStore, rows: &[LlmRecord]) {
+    assert_eq!(store.list().await.unwrap(), rows, "every row, every field");
+    let llama = store.by_pool(&name("llama")).await.unwrap();
+    assert_eq!(names(&llama), ["llama", "m1", "m2"]);
+    assert_eq!(llama, rows[1..4], "every field, pool and capacity included");
+    assert_eq!(store.by_pool(&name("qwen")).await.unwrap(), rows[..1]);
+    assert_eq!(store.by_pool(&name("solo")).await.unwrap(), rows[4..]);
+    for in_a_pool in ["bound", "m1", "m2"] {
+        assert!(
+            store.by_pool(&name(in_a_pool)).await.unwrap().is_empty(),
+            "{in_a_pool} is in a pool named otherwise"
+        );
+    }
+    let replica = ReplicaId::parse("gw-1").unwrap();
+    assert_eq!(
+        store.bound_to(&replica).await.unwrap(),
+        rows[..1],
+        "the v2 replica index, kept"
+    );
+    let report = store.check_integrity().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    assert_eq!(report.rows, rows.len());
+}
+
+#[tokio::test]
+async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() {
+    let (file, rows) = v2_file().await;
+    let path = file.path();
+    let (stamp, _) = meta_of(&path, "last_stamp");
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade: one transaction");
+    assert_holds_the_v2_rows(&store, &rows).await;
+    store.close().await.unwrap();
+    assert_eq!(
+        meta_of(&path, "schema_version"),
+        (Some(SCHEMA_VERSION), ALL_ADDED),
+        "version 3, with the pool index"
+    );
+    assert_eq!(
+        meta_of(&path, "last_stamp"),
+        (stamp, ALL_ADDED),
+        "the upgrade is no row write"
+    );
+
+    // Opened again: already version 3, so nothing is written.
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 0, "no second upgrade");
+    assert_holds_the_v2_rows(&store, &rows).await;
+    // The index follows writes from then on.
+    let mut m1 = store.get(&name("m1")).await.unwrap().unwrap();
+    m1.pool = Some(name("qwen"));
+    store.write(vec![Write::Update(m1)]).await.unwrap();
+    assert_eq!(
+        names(&store.by_pool(&name("qwen")).await.unwrap()),
+        ["bound", "m1"]
+    );
+    assert_eq!(
+        names(&store.by_pool(&name("llama")).await.unwrap()),
+        ["llama", "m2"]
+    );
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_upgrade_that_fails_leaves_the_file_at_its_old_version() {
+    let (file, rows) = v2_file().await;
+    let path = file.path();
+    // A torn row: the upgrade reads every row, and stops at this one.
+    let good = {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let good = {
+            let mut table = txn.open_table(ROWS).unwrap();
+            let good = table.get("m2").unwrap().unwrap().value().to_vec();
+            table.insert("m2", &good[..good.len() / 2]).unwrap();
+            good
+        };
+        txn.commit().unwrap();
+        good
+    };
+    let err = RedbStore::open(&path).await.expect_err("a torn row");
+    assert!(
+        matches!(&err, StoreError::Corrupted { message } if message.contains("\"m2\"")),
+        "{err:?}"
+    );
+    assert_eq!(
+        meta_of(&path, "schema_version"),
+        (Some(2), V2_ADDED),
+        "still version 2, without a pool index"
+    );
+    // Mended, the file upgrades whole.
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(ROWS)
+            .unwrap()
+            .insert("m2", good.as_slice())
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade");
+    assert_holds_the_v2_rows(&store, &rows).await;
     store.close().await.unwrap();
 }

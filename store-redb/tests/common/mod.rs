@@ -1,12 +1,14 @@
 //! Fixtures shared by the redb store's tests: a store in a temporary directory that
-//! lives as long as the guard, principals and register requests.
+//! lives as long as the guard, a closed file made one of an older schema version,
+//! principals and register requests.
 
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
 
 use std::ops::Deref;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use redb::{Database, TableDefinition};
 use tempfile::TempDir;
 use virtual_llm_core::protocol::{LlmSpec, RegisterRequest};
 use virtual_llm_core::testkit::record;
@@ -75,6 +77,32 @@ impl Deref for TempStore {
     fn deref(&self) -> &RedbStore {
         &self.store
     }
+}
+
+/// The tables each schema version added after the first, by the version that added
+/// it.
+const ADDED: [(u64, &str); 2] = [(2, "rows_by_replica"), (3, "rows_by_pool")];
+
+/// Makes the closed registry at `path` a file of schema version `to`, as a build of
+/// that version leaves one: the tables later versions added are dropped and the
+/// version is set back. The rows are left as they are, so a row may carry a field
+/// its version's build never wrote (a binding in a version-1 file, say): what the
+/// upgrade must index all the same.
+pub fn downgrade(path: &Path, to: u64) {
+    const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
+    let db = Database::open(path).unwrap();
+    let txn = db.begin_write().unwrap();
+    for (since, table) in ADDED {
+        if since > to {
+            let def: TableDefinition<'static, (&str, &str), ()> = TableDefinition::new(table);
+            assert!(txn.delete_table(def).unwrap(), "{table} is there to drop");
+        }
+    }
+    txn.open_table(META)
+        .unwrap()
+        .insert("schema_version", to)
+        .unwrap();
+    txn.commit().unwrap();
 }
 
 pub fn name(s: &str) -> LlmName {
