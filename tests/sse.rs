@@ -13,3 +13,14 @@ mod two_replicas {
         virtual_llm::testkit::MemoryCluster::new()
     );
 }
+
+mod pools {
+    virtual_llm::pool_conformance_tests!(virtual_llm::testkit::SseTransport);
+}
+
+mod pools_on_two_replicas {
+    virtual_llm::pool_conformance_tests!(
+        virtual_llm::testkit::SseTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}

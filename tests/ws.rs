@@ -27,6 +27,17 @@ mod two_replicas {
     );
 }
 
+mod pools {
+    virtual_llm::pool_conformance_tests!(virtual_llm::testkit::WsTransport);
+}
+
+mod pools_on_two_replicas {
+    virtual_llm::pool_conformance_tests!(
+        virtual_llm::testkit::WsTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}
+
 fn register(session: Option<&str>, name: &str) -> Value {
     json!({"type": "register", "providerSessionId": session, "llms": [{"name": name, "type": "openai", "model": "m"}]})
 }

@@ -285,6 +285,43 @@ impl TestGateway {
         Publisher::spawn(t.wire(url, Some(token(who))), llms, options)
     }
 
+    /// Publishes one LLM `name` in `pool` with capacity `max_concurrent` as `who`
+    /// through transport `t`, served by `provider`, and waits until connected.
+    pub async fn publish_member(
+        &self,
+        t: &dyn Transport,
+        who: &str,
+        name: &str,
+        pool: &str,
+        max_concurrent: Option<u32>,
+        provider: Arc<dyn Provider>,
+    ) -> Publisher {
+        let mut spec = LlmSpec::new(LlmName::parse(name).unwrap(), "openai", "m");
+        spec.pool = Some(LlmName::parse(pool).unwrap());
+        spec.max_concurrent = max_concurrent;
+        let llms = vec![PublishedLlm { spec, provider }];
+        let wire = t.wire(&self.publisher_url, Some(token(who)));
+        let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
+        tokio::time::timeout(Duration::from_secs(10), publisher.connected())
+            .await
+            .expect("the publisher connects");
+        publisher
+    }
+
+    /// `GET <base><path>` as `who`: the status, the `Retry-After` header and the
+    /// JSON body.
+    pub async fn get_registry(&self, who: &str, path: &str) -> (u16, Value) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.base()))
+            .bearer_auth(token(who))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap())
+    }
+
     /// Starts a [`Proxy`] to this gateway.
     pub async fn proxy(&self) -> Proxy {
         Proxy::start(self.publisher_addr).await

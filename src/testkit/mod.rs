@@ -8,6 +8,9 @@
 //!   [`transport_conformance_tests!`](crate::transport_conformance_tests): end-to-end
 //!   behaviour every transport must show, over a real gateway served on
 //!   `127.0.0.1:0`.
+//! - [`pool_suite`](crate::testkit::pool_suite) with
+//!   [`pool_conformance_tests!`](crate::pool_conformance_tests): pools, capacity,
+//!   failover and the admission queue end to end, over a transport.
 //! - [`transport_plane_conformance_tests!`](crate::transport_plane_conformance_tests):
 //!   the same cases on two gateway replicas linked by a [`Plane`](crate::testkit::Plane) (the core's
 //!   [`MemoryCluster`](virtual_llm_core::testkit::MemoryCluster) is one), publishers on one replica, clients on the other.
@@ -16,7 +19,7 @@
 //! - [`TestGateway`](crate::testkit::TestGateway): the gateway under test with HTTP client helpers
 //!   ([`SseReader`](crate::testkit::SseReader), [`RawResponse`](crate::testkit::RawResponse)) and publishers.
 //! - Instrumented providers: [`Gated`](crate::testkit::Gated), [`FailsWhenReleased`](crate::testkit::FailsWhenReleased), [`Hanging`](crate::testkit::Hanging),
-//!   [`Firehose`](crate::testkit::Firehose).
+//!   [`Firehose`](crate::testkit::Firehose), [`Answers`](crate::testkit::Answers), [`Counting`](crate::testkit::Counting).
 //! - [`Proxy`](crate::testkit::Proxy): a TCP proxy that cuts a publisher off as a killed process would.
 //! - [`raw`](crate::testkit::raw): publisher channels driven by hand; [`socket`](crate::testkit::socket): raw WebSockets.
 //! - Helpers: [`token`](crate::testkit::token), [`eventually`](crate::testkit::eventually), [`connect_with_recv_buffer`](crate::testkit::connect_with_recv_buffer), [`TempDir`](crate::testkit::TempDir).
@@ -28,6 +31,7 @@ pub use virtual_llm_core::testkit::*;
 
 mod gateway;
 mod plane;
+pub mod pool_suite;
 mod providers;
 mod proxy;
 pub mod raw;
@@ -38,7 +42,7 @@ pub mod transport_suite;
 
 pub use gateway::{RawResponse, SseReader, TestGateway};
 pub use plane::Plane;
-pub use providers::{FailsWhenReleased, Firehose, Gated, Hanging};
+pub use providers::{Answers, Counting, FailsWhenReleased, Firehose, Gated, Hanging};
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};
 pub use transport::{SseTransport, Transport, WsTransport};

@@ -1,5 +1,5 @@
 //! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
-//! [`Hanging`] and [`Firehose`].
+//! [`Hanging`], [`Firehose`], [`Answers`] and [`Counting`].
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -211,5 +211,113 @@ impl Provider for Firehose {
             }
         });
         Ok(Reply::Stream(chunks.boxed()))
+    }
+}
+
+/// Answers every task with one fixed status and body, and counts the tasks: a member
+/// whose upstream answers 503, or refuses a request with 400.
+#[derive(Debug)]
+pub struct Answers {
+    status: u16,
+    body: Value,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Answers {
+    /// Answers `status` with `body`.
+    pub fn new(status: u16, body: Value) -> Self {
+        Answers {
+            status,
+            body,
+            calls: Default::default(),
+        }
+    }
+
+    /// How many tasks reached it.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Provider for Answers {
+    async fn infer(&self, _task: TaskFrame) -> Result<Reply, Error> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Ok(Reply::Complete(Completion {
+            status: self.status,
+            body: self.body.clone(),
+        }))
+    }
+}
+
+/// Echoes the last user message as a whole completion, once its gate is open, and
+/// counts the tasks it holds at once: how many reached it, how many it has now, and
+/// the most it ever had.
+#[derive(Debug)]
+pub struct Counting {
+    open: tokio::sync::watch::Sender<bool>,
+    calls: std::sync::atomic::AtomicUsize,
+    now: std::sync::atomic::AtomicUsize,
+    most: std::sync::atomic::AtomicUsize,
+}
+
+impl Counting {
+    /// A provider whose gate is open (answers at once) or closed (holds every task
+    /// until [`Counting::open`]).
+    pub fn new(open: bool) -> Self {
+        Counting {
+            open: tokio::sync::watch::channel(open).0,
+            calls: Default::default(),
+            now: Default::default(),
+            most: Default::default(),
+        }
+    }
+
+    /// Lets every held task, and every later one, answer.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// How many tasks reached it.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many tasks it holds now.
+    pub fn holding(&self) -> usize {
+        self.now.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most tasks it ever held at once.
+    pub fn most(&self) -> usize {
+        self.most.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Provider for Counting {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        use std::sync::atomic::Ordering::SeqCst;
+        self.calls.fetch_add(1, SeqCst);
+        let now = self.now.fetch_add(1, SeqCst) + 1;
+        self.most.fetch_max(now, SeqCst);
+        let mut open = self.open.subscribe();
+        let opened = open.wait_for(|open| *open).await.is_ok();
+        self.now.fetch_sub(1, SeqCst);
+        if !opened {
+            return Err(Error::Upstream {
+                message: "the test provider was dropped".into(),
+            });
+        }
+        let text = last_user_text(&task.body);
+        Ok(Reply::Complete(Completion {
+            status: 200,
+            body: virtual_llm_core::openai::completion_body(
+                &format!("chatcmpl-{}", task.task_id),
+                task.llm.as_str(),
+                0,
+                &text,
+            ),
+        }))
     }
 }
