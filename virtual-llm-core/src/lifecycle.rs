@@ -215,6 +215,69 @@ fn new_row(
 }
 
 impl Gateway {
+    /// Two principals creating the same pool at once both find it empty, and both
+    /// write. So a register that created a pool reads it again after its write: a
+    /// row of another principal there now was written concurrently, and the caller
+    /// (without a grant) takes back the rows it just inserted and gets the 409 it
+    /// would have had a moment later. Of racers that all see each other, all step
+    /// back (and their publishers register again); none ever shares a pool it was
+    /// not granted.
+    async fn settle_new_pools(
+        &self,
+        principal: &Principal,
+        specs: &[LlmSpec],
+        facts: &[PoolFacts],
+        writes: &[Write],
+        written: &[LlmRecord],
+    ) -> Result<(), Error> {
+        let store = &self.shared.store;
+        let mut lost = Vec::new();
+        for (spec, facts) in specs.iter().zip(facts) {
+            let key = spec.pool_key();
+            let new_pool = facts
+                .members
+                .iter()
+                .all(|r| specs.iter().any(|s| s.name == r.name));
+            if !new_pool || principal.may_join(key.as_str()) {
+                continue;
+            }
+            let members = store.by_pool(key).await?;
+            if members.iter().any(|r| r.owner != principal.id) {
+                lost.push(spec);
+            }
+        }
+        if lost.is_empty() {
+            return Ok(());
+        }
+        let inserted = |name: &LlmName| {
+            writes
+                .iter()
+                .any(|w| matches!(w, Write::Insert(r) if r.name == *name))
+        };
+        let undo: Vec<Write> = written
+            .iter()
+            .filter(|r| lost.iter().any(|s| s.name == r.name) && inserted(&r.name))
+            .map(|r| Write::Delete {
+                name: r.name.clone(),
+                id: r.id.clone(),
+                revision: r.revision,
+            })
+            .collect();
+        if !undo.is_empty() {
+            store.write(undo.clone()).await?;
+            self.observe(&undo, &[]);
+        }
+        Err(Error::Conflict {
+            conflicts: lost
+                .iter()
+                .map(|s| NameConflict {
+                    name: s.name.to_string(),
+                    reason: ConflictReason::PoolOwnedByAnother,
+                })
+                .collect(),
+        })
+    }
+
     /// Checks a register and answers the protocol version to speak.
     fn check_register(&self, req: &RegisterRequest) -> Result<u32, Error> {
         let version = negotiate(req.protocol_version).ok_or(Error::UnsupportedProtocol {
@@ -302,6 +365,8 @@ impl Gateway {
             match store.write(writes.clone()).await {
                 Ok(written) => {
                     self.observe(&writes, &written);
+                    self.settle_new_pools(principal, &req.llms, &facts, &writes, &written)
+                        .await?;
                     let llms = req
                         .llms
                         .iter()

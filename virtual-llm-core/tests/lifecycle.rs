@@ -10,10 +10,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use std::sync::atomic::Ordering::SeqCst;
 use virtual_llm_core::protocol::{ConflictReason, GatewayFrame};
 use virtual_llm_core::{
-    Config, Error, Gateway, InferRequest, LlmKind, LlmStatus, Principal, Role, SessionId, Store,
-    SweepReport,
+    Config, Error, Gateway, InferRequest, LlmKind, LlmName, LlmRecord, LlmStatus, MemoryStore,
+    Principal, ReplicaId, Role, SessionId, Store, StoreError, SweepReport, Timestamp, Write,
 };
 
 fn conflicts(err: Error) -> Vec<(String, ConflictReason)> {
@@ -780,4 +781,100 @@ async fn register_and_hello_speak_the_publishers_version() {
         f.gw.hello(&v2.provider_session_id, 2).protocol_version,
         Some(2)
     );
+}
+
+/// A store whose first `n` writes wait for each other: every racer has read the
+/// registry before any of them writes, so a race decided after the write is run
+/// every time.
+#[derive(Debug)]
+struct ReadAllThenWrite {
+    inner: MemoryStore,
+    barrier: tokio::sync::Barrier,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+#[async_trait::async_trait]
+impl Store for ReadAllThenWrite {
+    async fn get(&self, n: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        self.inner.get(n).await
+    }
+    async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
+        self.inner.list().await
+    }
+    async fn by_session(&self, s: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
+        self.inner.by_session(s).await
+    }
+    async fn by_pool(&self, p: &LlmName) -> Result<Vec<LlmRecord>, StoreError> {
+        self.inner.by_pool(p).await
+    }
+    async fn bound_to(&self, r: &ReplicaId) -> Result<Vec<LlmRecord>, StoreError> {
+        self.inner.bound_to(r).await
+    }
+    async fn stale_virtuals(&self, c: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
+        self.inner.stale_virtuals(c).await
+    }
+    async fn expired_inactives(&self, c: Timestamp) -> Result<Vec<LlmRecord>, StoreError> {
+        self.inner.expired_inactives(c).await
+    }
+    async fn write(&self, batch: Vec<Write>) -> Result<Vec<LlmRecord>, StoreError> {
+        let waits = self
+            .held
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if waits {
+            self.barrier.wait().await;
+        }
+        self.inner.write(batch).await
+    }
+    async fn touch(&self, n: &[LlmName], at: Timestamp) -> Result<usize, StoreError> {
+        self.inner.touch(n, at).await
+    }
+    async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+}
+
+/// Four principals publishing different names into one new pool at once, each
+/// having read the empty pool before any writes: the pool never ends with two
+/// owners. Each register either succeeds, its principal then the pool's only owner,
+/// or is 409 `poolOwnedByAnother` and leaves no row behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn principals_racing_to_create_one_pool_never_share_it() {
+    const RACERS: [&str; 4] = ["alice", "bob", "carol", "dave"];
+    for round in 0..20 {
+        let store = Arc::new(ReadAllThenWrite {
+            inner: MemoryStore::new(),
+            barrier: tokio::sync::Barrier::new(RACERS.len()),
+            held: RACERS.len().into(),
+        });
+        let gw = Gateway::builder(store.clone()).start().await.unwrap();
+        let pool = LlmName::parse(&format!("pool-{round}")).unwrap();
+        let racers = RACERS.map(|who| {
+            let gw = gw.clone();
+            let mut req = request(None, &[format!("{who}-{round}").as_str()]);
+            req.llms[0].pool = Some(pool.clone());
+            tokio::spawn(async move { (who, gw.register(&publisher(who), req).await) })
+        });
+        let mut winners = Vec::new();
+        for racer in racers {
+            let (who, result) = racer.await.unwrap();
+            match result {
+                Ok(_) => winners.push(who),
+                Err(e) => assert_eq!(
+                    conflicts(e),
+                    [(format!("{who}-{round}"), ConflictReason::PoolOwnedByAnother)],
+                    "round {round}"
+                ),
+            }
+        }
+        assert!(winners.len() <= 1, "round {round}: winners {winners:?}");
+        let owners: Vec<String> = store
+            .by_pool(&pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.owner)
+            .collect();
+        assert_eq!(owners, winners, "round {round}: the losers' rows are gone");
+    }
 }
