@@ -206,7 +206,7 @@ impl OpenAiUpstream {
                 self.host
             ))
         })?;
-        Ok(Reply::Complete(Completion { status: 200, body }))
+        Ok(Reply::Complete(Completion::ok(body)))
     }
 
     /// The chunk stream of a 2xx answer to a streaming request.

@@ -133,10 +133,7 @@ impl Provider for Hanging {
         if !task.stream {
             let _guard = guard;
             std::future::pending::<()>().await;
-            return Ok(Reply::Complete(Completion {
-                status: 200,
-                body: Value::Null,
-            }));
+            return Ok(Reply::Complete(Completion::ok(Value::Null)));
         }
         let first = chunk(&task, "first");
         let forever = futures::stream::once(async move {

@@ -470,6 +470,7 @@ async fn results_of(
         Ok(Reply::Complete(c)) => stream::once(async move {
             TaskResult::Completed {
                 status: c.status,
+                retry_after: c.retry_after_secs(),
                 body: c.body,
             }
         })

@@ -54,7 +54,15 @@ enum Event {
 impl From<TaskResult> for Event {
     fn from(r: TaskResult) -> Self {
         match r {
-            TaskResult::Completed { status, body } => Event::Completed(Completion { status, body }),
+            TaskResult::Completed {
+                status,
+                body,
+                retry_after,
+            } => Event::Completed(Completion {
+                status,
+                body,
+                retry_after: retry_after.map(Duration::from_secs),
+            }),
             TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
         }
