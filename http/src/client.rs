@@ -59,7 +59,7 @@ where
                 None => InferRequest::from_chat_body(value)?,
             };
             Ok(match gw.infer(&who, request).await? {
-                Reply::Complete(c) => reply::json(c.status, &c.body),
+                Reply::Complete(c) => reply::completion(&c),
                 Reply::Stream(chunks) => stream::chunk_stream(chunks, close),
             })
         }

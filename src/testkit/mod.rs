@@ -16,7 +16,7 @@
 //! - [`TestGateway`](crate::testkit::TestGateway): the gateway under test with HTTP client helpers
 //!   ([`SseReader`](crate::testkit::SseReader), [`RawResponse`](crate::testkit::RawResponse)) and publishers.
 //! - Instrumented providers: [`Gated`](crate::testkit::Gated), [`FailsWhenReleased`](crate::testkit::FailsWhenReleased), [`Hanging`](crate::testkit::Hanging),
-//!   [`Firehose`](crate::testkit::Firehose).
+//!   [`Firehose`](crate::testkit::Firehose); [`Answers`](crate::testkit::Answers), an upstream's error answer.
 //! - [`Proxy`](crate::testkit::Proxy): a TCP proxy that cuts a publisher off as a killed process would.
 //! - [`raw`](crate::testkit::raw): publisher channels driven by hand; [`socket`](crate::testkit::socket): raw WebSockets.
 //! - Helpers: [`token`](crate::testkit::token), [`eventually`](crate::testkit::eventually), [`connect_with_recv_buffer`](crate::testkit::connect_with_recv_buffer), [`TempDir`](crate::testkit::TempDir).
@@ -38,7 +38,7 @@ pub mod transport_suite;
 
 pub use gateway::{RawResponse, SseReader, TestGateway};
 pub use plane::Plane;
-pub use providers::{FailsWhenReleased, Firehose, Gated, Hanging};
+pub use providers::{Answers, FailsWhenReleased, Firehose, Gated, Hanging};
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};
 pub use transport::{SseTransport, Transport, WsTransport};

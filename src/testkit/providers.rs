@@ -1,5 +1,6 @@
 //! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
-//! [`Hanging`] and [`Firehose`].
+//! [`Hanging`] and [`Firehose`]; and [`Answers`], an upstream answering with an error
+//! status.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -107,6 +108,19 @@ impl Provider for FailsWhenReleased {
                 .chain(failure)
                 .boxed(),
         ))
+    }
+}
+
+/// Answers every task, streaming or not, with one fixed complete answer, as a
+/// publisher does with an upstream's own error answer (a 400, a 503 with its
+/// `Retry-After`): the client must get it as it is.
+#[derive(Debug)]
+pub struct Answers(pub Completion);
+
+#[async_trait]
+impl Provider for Answers {
+    async fn infer(&self, _task: TaskFrame) -> Result<Reply, Error> {
+        Ok(Reply::Complete(self.0.clone()))
     }
 }
 
