@@ -5,21 +5,26 @@
 //! are, and an HTTP-date (`Retry-After: Sun, 06 Nov 1994 08:49:37 GMT`, the IMF-fixdate
 //! form every sender must use) as the time left until then, zero when it has passed.
 //! Anything else (the obsolete date forms, garbage) is ignored: the answer then goes
-//! out without a `Retry-After`, as if the upstream had sent none.
+//! out without a `Retry-After`, as if the upstream had sent none. A delay over a day
+//! is cut to a day ([`MAX_RETRY_AFTER_SECS`]).
 
 use std::time::{Duration, SystemTime};
 
 use reqwest::header::{HeaderMap, RETRY_AFTER};
+use virtual_llm_core::protocol::MAX_RETRY_AFTER_SECS;
 
-/// The `Retry-After` of `headers`, as a delay from `now`.
+/// The `Retry-After` of `headers`, as a delay from `now`, at most
+/// [`MAX_RETRY_AFTER_SECS`].
 pub(crate) fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
     let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if value.bytes().all(|b| b.is_ascii_digit()) {
+    let delay = if value.bytes().all(|b| b.is_ascii_digit()) {
         // Delay-seconds; too many digits for a u64 is no delay anyone meant.
-        return value.parse().ok().map(Duration::from_secs);
-    }
-    let at = http_date(value)?;
-    Some(at.duration_since(now).unwrap_or(Duration::ZERO))
+        Duration::from_secs(value.parse().ok()?)
+    } else {
+        let at = http_date(value)?;
+        at.duration_since(now).unwrap_or(Duration::ZERO)
+    };
+    Some(delay.min(Duration::from_secs(MAX_RETRY_AFTER_SECS)))
 }
 
 /// An IMF-fixdate, `Sun, 06 Nov 1994 08:49:37 GMT`, as a time; `None` for anything
@@ -98,6 +103,11 @@ mod tests {
         let now = SystemTime::now();
         assert_eq!(after("7", now), Some(Duration::from_secs(7)));
         assert_eq!(after(" 0 ", now), Some(Duration::ZERO));
+        assert_eq!(
+            after("86401", now),
+            Some(Duration::from_secs(86_400)),
+            "a day at most"
+        );
         assert_eq!(after("99999999999999999999999", now), None);
         assert_eq!(after("-3", now), None);
         assert_eq!(after("1.5", now), None);

@@ -66,6 +66,11 @@ pub struct LlmSpec {
     pub max_concurrent: Option<u32>,
 }
 
+/// The longest `retryAfter` kept from an upstream's answer, in seconds (a day): a longer
+/// one is cut to it where the gateway takes the answer, so no timer built from it can
+/// overflow. A client told to wait a day asks again anyway.
+pub const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
 /// The largest `maxConcurrent` an LLM may declare.
 pub const MAX_CONCURRENT: u32 = 10_000;
 
@@ -503,7 +508,8 @@ pub enum TaskResult {
         /// Response body.
         body: Value,
         /// The upstream's `Retry-After` in seconds (wire `retryAfter`, optional: a
-        /// version 1 publisher never sends it). The client gets it as its header.
+        /// version 1 publisher never sends it). The client gets it as its header, cut to
+        /// [`MAX_RETRY_AFTER_SECS`].
         retry_after: Option<u64>,
     },
     /// One streamed chunk; `done` ends the stream.

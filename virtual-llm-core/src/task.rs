@@ -25,7 +25,9 @@ use tokio::time::Instant;
 
 use crate::channel::SendError;
 use crate::directory::ChannelDirectory;
-use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame, TaskKind, TaskResult};
+use crate::protocol::{
+    CancelFrame, GatewayFrame, MAX_RETRY_AFTER_SECS, TaskFrame, TaskKind, TaskResult,
+};
 use crate::sync::lock;
 use crate::{
     ChunkStream, Completion, Config, Error, LlmName, Reply, SessionId, TaskId, UnavailableKind,
@@ -61,7 +63,8 @@ impl From<TaskResult> for Event {
             } => Event::Completed(Completion {
                 status,
                 body,
-                retry_after: retry_after.map(Duration::from_secs),
+                retry_after: retry_after
+                    .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS))),
             }),
             TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),

@@ -653,7 +653,7 @@ async fn a_streaming_task_answered_with_an_error_status_becomes_a_completion() {
 }
 
 /// An upstream's own 503 reaches the client's reply as it came: its status, its body
-/// and its `Retry-After`, on a streaming task and on a complete one.
+/// and its `Retry-After`, on a streaming task and on a complete one; at most a day.
 #[tokio::test]
 async fn an_upstream_answer_keeps_its_status_body_and_retry_after() {
     let o = online().await;
@@ -675,6 +675,18 @@ async fn an_upstream_answer_keeps_its_status_body_and_retry_after() {
             "stream: {stream}"
         );
     }
+    // A publisher's absurd retryAfter is cut to a day: no timer built from it overflows.
+    let (handle, frame) = o.start(false).await;
+    let forever = TaskResult::Completed {
+        status: 503,
+        body: json!({}),
+        retry_after: Some(u64::MAX),
+    };
+    o.deliver(&frame, forever).await.unwrap();
+    let Reply::Complete(c) = handle.into_reply().await.unwrap() else {
+        panic!("a completion")
+    };
+    assert_eq!(c.retry_after, Some(Duration::from_secs(86_400)));
 }
 
 #[tokio::test]
