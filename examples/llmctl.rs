@@ -4,7 +4,7 @@
 //! Run with: `cargo run --example llmctl -- get llm`
 //!
 //! ```text
-//! llmctl get llm                          # NAME KIND STATUS TYPE MODEL TIER ID
+//! llmctl get llm                          # NAME KIND STATUS TYPE MODEL TIER POOL LOAD ID
 //! llmctl get llm demo -o json             # one row, as JSON
 //! llmctl chat demo                        # a streaming REPL; /exit or Ctrl-D leaves
 //! llmctl chat demo --message "hi there"   # one answer on stdout, for scripts
@@ -345,12 +345,14 @@ fn unexpected(client: &Client, e: &serde_json::Error) -> Failure {
     ))
 }
 
-/// `NAME KIND STATUS TYPE MODEL TIER ID`, aligned, no borders, no colours.
+/// `NAME KIND STATUS TYPE MODEL TIER POOL LOAD ID`, aligned, no borders, no colours.
+/// POOL is the row's pool key (its own name when it serves alone); LOAD is
+/// `inFlight/maxConcurrent`, `inFlight/-` for a row without a limit.
 fn table(rows: &[LlmView]) -> Vec<String> {
     let mut table = Table::new();
-    table
-        .load_style(presets::NOTHING)
-        .set_header(["NAME", "KIND", "STATUS", "TYPE", "MODEL", "TIER", "ID"]);
+    table.load_style(presets::NOTHING).set_header([
+        "NAME", "KIND", "STATUS", "TYPE", "MODEL", "TIER", "POOL", "LOAD", "ID",
+    ]);
     for row in rows {
         table.add_row([
             row.name.to_string(),
@@ -359,6 +361,10 @@ fn table(rows: &[LlmView]) -> Vec<String> {
             row.provider_type.clone(),
             row.model.clone(),
             row.tier.clone().unwrap_or_else(|| "-".to_owned()),
+            row.pool
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), ToString::to_string),
+            load(row),
             row.id.to_string(),
         ]);
     }
@@ -366,6 +372,14 @@ fn table(rows: &[LlmView]) -> Vec<String> {
         column.set_padding((0, 3));
     }
     table.lines().map(|l| l.trim_end().to_owned()).collect()
+}
+
+/// `inFlight/maxConcurrent`, or `inFlight/-` when the row takes any number.
+fn load(row: &LlmView) -> String {
+    match row.max_concurrent {
+        Some(max) => format!("{}/{max}", row.in_flight),
+        None => format!("{}/-", row.in_flight),
+    }
 }
 
 /// A serde enum's wire name: `LlmKind::Virtual` → `virtual`.

@@ -5,12 +5,18 @@
 //! Run with: `cargo run --release --example publisher -- --echo demo`
 //!
 //! `--config FILE` is a JSON list of providers; only `"publish": true` entries are
-//! published:
+//! published. `pool` and `maxConcurrent` are optional:
 //!
 //! ```json
 //! [{ "name": "vllm-local", "type": "openai", "model": "meta-llama/Llama-3.1-8B-Instruct",
-//!    "url": "http://127.0.0.1:8000/v1", "apiKey": "…", "publish": true }]
+//!    "url": "http://127.0.0.1:8000/v1", "apiKey": "…", "publish": true,
+//!    "pool": "llama-8b", "maxConcurrent": 8 }]
 //! ```
+//!
+//! Every LLM is registered with a `maxConcurrent`: its entry's, or `--max-concurrent`
+//! (32). The gateway never has more of its tasks in flight; this publisher runs up to
+//! the sum of them at once, so it never holds back a task the gateway counts as
+//! running. `--echo NAME@POOL` publishes an echo LLM in a pool.
 
 mod common;
 
@@ -20,11 +26,11 @@ use std::sync::Arc;
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
 use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
-use virtual_llm::protocol::LlmSpec;
+use virtual_llm::protocol::{LlmSpec, MAX_CONCURRENT};
 use virtual_llm::publisher::{PublisherState, Wire};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
-    EchoProvider, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
+    EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
     SessionFileLock,
 };
 
@@ -47,12 +53,15 @@ struct Args {
     /// JSON list of providers to publish.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Publish a built-in echo model under this name (repeatable).
-    #[arg(long = "echo", value_name = "NAME")]
+    /// Publish a built-in echo model under this name (repeatable); `NAME@POOL`
+    /// publishes it in pool POOL.
+    #[arg(long = "echo", value_name = "NAME[@POOL]")]
     echo: Vec<String>,
-    /// How many requests run at once; more wait their turn.
-    #[arg(long, default_value_t = 32)]
-    max_concurrent: usize,
+    /// How many requests each LLM takes at once: sent to the gateway as its
+    /// maxConcurrent (1–10000), unless its --config entry sets its own. The gateway
+    /// never sends an LLM more; this publisher runs up to the sum over its LLMs at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CONCURRENT)))]
+    max_concurrent: u32,
     /// Runtime worker threads. The default, 1, runs everything on one thread: a
     /// publisher relays bytes between two sockets and needs no parallelism, and each
     /// hand-off between threads costs a wake-up on the request's path. Raise it for a
@@ -79,6 +88,10 @@ struct ProviderConfig {
     url: String,
     api_key: Option<String>,
     tier: Option<String>,
+    /// The pool it serves in; absent: a pool of one, named after it.
+    pool: Option<String>,
+    /// How many requests it takes at once; absent: `--max-concurrent`.
+    max_concurrent: Option<u32>,
     #[serde(default)]
     publish: bool,
 }
@@ -103,16 +116,11 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         other => common::BoxError::from(other),
     })?;
     let mut llms = Vec::new();
-    for name in &args.echo {
+    for arg in &args.echo {
+        let mut spec = echo_spec(arg)?;
+        spec.max_concurrent = Some(args.max_concurrent);
         llms.push(PublishedLlm {
-            spec: LlmSpec {
-                name: LlmName::parse(name)?,
-                provider_type: "echo".into(),
-                model: "echo".into(),
-                tier: None,
-                pool: None,
-                max_concurrent: None,
-            },
+            spec,
             provider: Arc::new(EchoProvider::new()),
         });
     }
@@ -121,19 +129,28 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         let providers: Vec<ProviderConfig> =
             serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
         for p in providers.into_iter().filter(|p| p.publish) {
-            let mut upstream = OpenAiUpstream::new(&p.url)?;
+            let in_entry =
+                |e: &dyn std::fmt::Display| format!("{} ({}): {e}", path.display(), p.name);
+            let mut upstream = OpenAiUpstream::new(&p.url).map_err(|e| in_entry(&e))?;
             if let Some(key) = &p.api_key {
-                upstream = upstream.with_api_key(key)?;
+                upstream = upstream.with_api_key(key).map_err(|e| in_entry(&e))?;
             }
+            let mut spec = LlmSpec::new(
+                name("name", &p.name).map_err(|e| in_entry(&e))?,
+                p.provider_type.clone(),
+                p.model.clone(),
+            );
+            spec.tier.clone_from(&p.tier);
+            spec.pool = p
+                .pool
+                .as_deref()
+                .map(|pool| name("pool", pool))
+                .transpose()
+                .map_err(|e| in_entry(&e))?;
+            spec.max_concurrent = Some(p.max_concurrent.unwrap_or(args.max_concurrent));
+            spec.validate().map_err(|e| in_entry(&e))?;
             llms.push(PublishedLlm {
-                spec: LlmSpec {
-                    name: LlmName::parse(&p.name)?,
-                    provider_type: p.provider_type,
-                    model: p.model.clone(),
-                    tier: p.tier,
-                    pool: None,
-                    max_concurrent: None,
-                },
+                spec,
                 provider: Arc::new(OpenAiProvider::new(upstream, p.model)),
             });
         }
@@ -152,9 +169,15 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             args.token.clone(),
         )?),
     };
+    // The gateway sends each LLM at most its maxConcurrent: this many never wait here.
+    let max_concurrent_tasks = llms
+        .iter()
+        .filter_map(|l| l.spec.max_concurrent)
+        .map(|n| n as usize)
+        .sum();
     let options = PublisherOptions {
         session_file: Some(args.session_file.clone()),
-        max_concurrent_tasks: args.max_concurrent,
+        max_concurrent_tasks,
         ..PublisherOptions::default()
     };
     let publisher = Publisher::spawn(wire, llms, options);
@@ -178,4 +201,27 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     tracing::info!("stopping: the gateway takes our llms out of service");
     publisher.stop().await;
     Ok(())
+}
+
+/// The echo LLM of `--echo NAME` or `--echo NAME@POOL`, both checked as names.
+fn echo_spec(arg: &str) -> Result<LlmSpec, String> {
+    let in_flag = |e: String| format!("--echo {arg}: {e}");
+    let (llm, pool) = match arg.split_once('@') {
+        Some((llm, pool)) => (llm, Some(pool)),
+        None => (arg, None),
+    };
+    let mut spec = LlmSpec::new(name("name", llm).map_err(in_flag)?, "echo", "echo");
+    spec.pool = pool.map(|p| name("pool", p)).transpose().map_err(in_flag)?;
+    Ok(spec)
+}
+
+/// `text` as a name (an LLM's or a pool's: the same rules), or why not, in one line
+/// that says which it was (a long name is cut).
+fn name(what: &str, text: &str) -> Result<LlmName, String> {
+    LlmName::parse(text).map_err(|e| match e {
+        Error::InvalidName { name, reason } => {
+            format!("{what} {name:?} is not a valid name: {reason}")
+        }
+        other => format!("{what}: {other}"),
+    })
 }

@@ -328,6 +328,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     let answer = TaskResult::Completed {
         status: 200,
         body: json!({"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "whole"}}]}),
+        retry_after: None,
     };
     assert_eq!(new.send_result(&completing.task_id, answer).await, 204);
     assert_eq!(streamed.await.unwrap(), "first second");
@@ -346,6 +347,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     let answer = TaskResult::Completed {
         status: 200,
         body: json!({"ok": true}),
+        retry_after: None,
     };
     assert_eq!(new.send_result(&task.task_id, answer).await, 204);
     assert_eq!(next.await.unwrap().0, 200);

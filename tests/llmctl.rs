@@ -1,7 +1,8 @@
 //! `llmctl` end to end: the built example binary run as a child process against a real
-//! gateway on `127.0.0.1:0` with an echo publisher — the `get llm` table and JSON, one-shot
-//! and scripted chats, the one-line errors (unreachable gateway, inactive llm, tokens,
-//! a stream failing midway), and the interactive REPL driven through tmux.
+//! gateway on `127.0.0.1:0` with an echo publisher — the `get llm` table (with its pool
+//! and load) and JSON, one-shot and scripted chats, the one-line errors (unreachable
+//! gateway, inactive llm, tokens, a stream failing midway), and the interactive REPL
+//! driven through tmux.
 //!
 //! The binary is `target/<profile>/examples/llmctl`, which `cargo test` builds with the
 //! examples; `cargo test --test llmctl` alone does not, so build it first then
@@ -156,12 +157,10 @@ impl Setup {
             Arc::new(SseWire::new(&url, token).unwrap()),
             vec![PublishedLlm {
                 spec: LlmSpec {
-                    name: LlmName::parse("demo").unwrap(),
-                    provider_type: "echo".into(),
-                    model: "echo-1".into(),
                     tier: Some("fast".into()),
-                    pool: None,
-                    max_concurrent: None,
+                    pool: Some(LlmName::parse("echoes").unwrap()),
+                    max_concurrent: Some(4),
+                    ..LlmSpec::new(LlmName::parse("demo").unwrap(), "echo", "echo-1")
                 },
                 provider: provider.clone(),
             }],
@@ -286,16 +285,22 @@ async fn get_llm_prints_an_aligned_table() {
     let header: Vec<&str> = lines[0].split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "KIND", "STATUS", "TYPE", "MODEL", "TIER", "ID"]
+        [
+            "NAME", "KIND", "STATUS", "TYPE", "MODEL", "TIER", "POOL", "LOAD", "ID"
+        ]
     );
     let row: Vec<&str> = lines[1].split_whitespace().collect();
     assert_eq!(
-        row[..6],
-        ["demo", "virtual", "active", "echo", "echo-1", "fast"]
+        row[..8],
+        [
+            "demo", "virtual", "active", "echo", "echo-1", "fast", "echoes", "0/4"
+        ]
     );
-    assert!(row[6].starts_with("llm_"), "{row:?}");
+    assert!(row[8].starts_with("llm_"), "{row:?}");
     // Aligned: every column starts where its header does.
-    for title in ["KIND", "STATUS", "TYPE", "MODEL", "TIER", "ID"] {
+    for title in [
+        "KIND", "STATUS", "TYPE", "MODEL", "TIER", "POOL", "LOAD", "ID",
+    ] {
         let at = lines[0].find(title).unwrap();
         assert_ne!(lines[1].as_bytes()[at], b' ', "{title} column: {run:#?}");
         assert_eq!(
@@ -305,6 +310,55 @@ async fn get_llm_prints_an_aligned_table() {
         );
     }
     assert!(!run.stdout.contains('\x1b'), "no colours into a pipe");
+}
+
+/// POOL is the view's pool key and LOAD its `inFlight/maxConcurrent`: from a gateway
+/// answering canned views, so the in-flight count is not zero; a view from an older
+/// gateway (no pool, no capacity, no count) reads `-` and `0/-`.
+#[tokio::test]
+async fn get_llm_shows_pool_and_load() {
+    use warp::Filter;
+    let views = serde_json::json!([
+        {"name": "llama-a", "id": "llm_0123456789abcdef0123456789abcdef", "kind": "virtual",
+         "status": "active", "type": "openai", "model": "llama-3.1-8b", "tier": null,
+         "lastHeartbeatAt": null, "inactiveSince": null,
+         "pool": "llama-8b", "maxConcurrent": 8, "inFlight": 3, "queued": 5},
+        {"name": "old", "id": "llm_fedcba9876543210fedcba9876543210", "kind": "virtual",
+         "status": "active", "type": "openai", "model": "m", "tier": null,
+         "lastHeartbeatAt": null, "inactiveSince": null},
+    ]);
+    let route = warp::get()
+        .and(warp::path!("api" / "v1" / "llms"))
+        .map(move || warp::reply::json(&views));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+
+    let run = run_llmctl(&["--gateway", &url, "get", "llm"], None, &[]).await;
+    run.ok();
+    let rows: Vec<Vec<&str>> = run
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(rows.len(), 3, "{run:#?}");
+    assert_eq!(
+        rows[1][..8],
+        [
+            "llama-a",
+            "virtual",
+            "active",
+            "openai",
+            "llama-3.1-8b",
+            "-",
+            "llama-8b",
+            "3/8"
+        ]
+    );
+    assert_eq!(
+        rows[2][..8],
+        ["old", "virtual", "active", "openai", "m", "-", "-", "0/-"]
+    );
 }
 
 #[tokio::test]

@@ -4,7 +4,9 @@
 //! its one control channel on either transport (it used to drop an SSE channel every
 //! three heartbeats, waiting for a ping that comes every 20 s). A second publisher on
 //! the same session file refuses to start instead of evicting the first one forever.
-//! Timings that cannot work together stop the gateway with a one-line error.
+//! Timings that cannot work together stop the gateway with a one-line error. Every
+//! published LLM carries its pool and `maxConcurrent` (`--echo NAME@POOL`,
+//! `--max-concurrent`, a config entry's own), and a bad one is a one-line error.
 //!
 //! These tests run the binaries for a few seconds; they poll for conditions with a
 //! generous cap and never assert how long anything took.
@@ -219,5 +221,137 @@ async fn the_gateway_refuses_timings_that_cannot_work_together() {
     assert!(
         !dir.0.join("data").join("registry.redb").exists(),
         "it stopped before touching the store"
+    );
+}
+
+/// Every LLM the reference publisher registers carries a `maxConcurrent`: the
+/// `--max-concurrent` default of 32, the flag's value, or its config entry's own; and
+/// `--echo NAME@POOL` and a config entry's `pool` put it in that pool. The registry
+/// shows both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_llms_carry_their_pool_and_max_concurrent() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+
+    let defaults = PublisherProcess::start(
+        &url,
+        "sse",
+        &dir.0.join("session-a"),
+        &["--echo", "demo@echoes", "--echo", "solo"],
+    );
+    let config = dir.0.join("providers.json");
+    std::fs::write(
+        &config,
+        json!([
+            // Nothing listens there: registering does not call the upstream.
+            {"name": "llama-a", "model": "llama-3.1-8b", "url": "http://127.0.0.1:9/v1",
+             "publish": true, "pool": "llamas", "maxConcurrent": 8},
+            {"name": "llama-b", "model": "llama-3.1-8b", "url": "http://127.0.0.1:9/v1",
+             "publish": true},
+            {"name": "unpublished", "model": "m", "url": "http://127.0.0.1:9/v1"},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let flagged = PublisherProcess::start(
+        &url,
+        "ws",
+        &dir.0.join("session-b"),
+        &[
+            "--max-concurrent",
+            "5",
+            "--echo",
+            "five",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+    );
+    for name in ["demo", "solo", "five", "llama-a", "llama-b"] {
+        poll_until(&format!("{name} is active"), CAP, || async {
+            try_row(&url, name)
+                .await
+                .is_some_and(|r| r["status"] == "active")
+        })
+        .await;
+    }
+    let shown = |row: Value| (row["pool"].clone(), row["maxConcurrent"].clone());
+    for (name, pool, max) in [
+        ("demo", "echoes", 32),
+        ("solo", "solo", 32), // a row without a pool is the pool of one named after it
+        ("five", "five", 5),
+        ("llama-a", "llamas", 8),
+        ("llama-b", "llama-b", 5),
+    ] {
+        assert_eq!(
+            shown(try_row(&url, name).await.unwrap()),
+            (json!(pool), json!(max)),
+            "{name}"
+        );
+    }
+    assert!(try_row(&url, "unpublished").await.is_none());
+    let (status, body) = echo(&url, "demo", "in a pool").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "in a pool");
+    assert_eq!(dropped_lines(&defaults), Vec::<String>::new());
+    assert_eq!(dropped_lines(&flagged), Vec::<String>::new());
+}
+
+/// A bad `--echo NAME@POOL`, or a config entry whose `maxConcurrent` is out of range,
+/// stops the publisher with one line saying what is wrong, before it registers
+/// anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_pool_or_capacity_is_a_one_line_error() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    let config = dir.0.join("providers.json");
+    std::fs::write(
+        &config,
+        json!([{"name": "big", "model": "m", "url": "http://127.0.0.1:9/v1",
+                "publish": true, "maxConcurrent": 10001}])
+        .to_string(),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    for (args, needles) in [
+        (
+            vec!["--echo", "demo@bad pool"],
+            vec![
+                "--echo demo@bad pool",
+                "pool \"bad pool\" is not a valid name",
+            ],
+        ),
+        (
+            vec!["--echo", "_demo@pool"],
+            vec!["--echo _demo@pool", "name \"_demo\" is not a valid name"],
+        ),
+        (
+            vec!["--config", config],
+            vec!["providers.json (big)", "maxConcurrent of big is 10001"],
+        ),
+    ] {
+        let publisher = PublisherProcess::start(&url, "sse", &dir.0.join("session"), &args);
+        let (status, log) = publisher.exited(CAP).await;
+        assert!(!status.success(), "{args:?}: {log:#?}");
+        assert_eq!(log.len(), 1, "one line for {args:?}: {log:#?}");
+        assert!(log[0].starts_with("error: "), "{log:#?}");
+        for needle in needles {
+            assert!(log[0].contains(needle), "{needle:?} in {log:#?}");
+        }
+    }
+    assert_eq!(
+        reqwest::get(format!("{url}/api/v1/llms"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap(),
+        json!([]),
+        "nothing registered"
     );
 }

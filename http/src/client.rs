@@ -75,7 +75,7 @@ where
             }
             .with_timeout(timeout);
             Ok(match gw.infer(&who, request).await? {
-                Reply::Complete(c) => reply::json(c.status, &c.body),
+                Reply::Complete(c) => reply::completion(&c),
                 Reply::Stream(chunks) => stream::chunk_stream(chunks, close),
             })
         }

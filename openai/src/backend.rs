@@ -17,6 +17,8 @@ const UNKNOWN_LLM_RETRY_AFTER: Duration = Duration::from_secs(5);
 ///
 /// A name without a route answers [`Error::Unavailable`] (503) so that a client retries
 /// once the configuration is fixed, rather than a 404 for a row that exists.
+/// An upstream's own 4xx or 5xx answer reaches the client as it came: its status, body
+/// and `Retry-After` (see [`OpenAiUpstream::chat`]).
 ///
 /// # Example
 ///

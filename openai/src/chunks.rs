@@ -17,7 +17,8 @@ const DONE: &str = "[DONE]";
 
 /// The chunks of an upstream event stream: each event's data, in order, as it
 /// arrives. Ends at `[DONE]` or the end of the body; ends after one `Err` when the body
-/// breaks off, cannot be parsed, or carries an error.
+/// breaks off, cannot be parsed, or carries an error. `host` is for the log: no
+/// message names it.
 pub(crate) fn chunks<S, E>(events: S, host: &str) -> ChunkStream
 where
     S: Stream<Item = Result<Event, EventStreamError<E>>> + Send + 'static,
@@ -38,7 +39,7 @@ where
                 },
                 Err(e) => {
                     tracing::warn!(upstream = %host, error = %e, "upstream stream broke off");
-                    Err(upstream(format!("the stream of upstream {host} broke off")))
+                    Err(upstream("the upstream's stream broke off"))
                 }
             };
             Some((item, None))

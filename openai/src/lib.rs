@@ -6,7 +6,8 @@
 //! - `chunks`: an upstream's event stream as the core's
 //!   [`ChunkStream`](virtual_llm_core::ChunkStream), chunk by chunk as it arrives.
 //! - `message`: the upstream's own error message, from every error shape these servers
-//!   use.
+//!   use, and the body an error answer passes through with.
+//! - `retry_after`: an upstream's `Retry-After`, in seconds or as a date.
 //! - `provider`: [`OpenAiProvider`], a publisher's local model.
 //! - `backend`: [`OpenAiBackend`], the gateway's answer for `kind=public` rows.
 //!
@@ -18,6 +19,7 @@ mod backend;
 mod chunks;
 mod message;
 mod provider;
+mod retry_after;
 mod upstream;
 
 pub use backend::OpenAiBackend;

@@ -12,7 +12,9 @@ use crate::upstream::{OpenAiUpstream, chat_as};
 /// Answers each task by sending its body upstream with `model` replaced by the
 /// upstream's model name (clients call the gateway with the registry name). Streams
 /// are relayed chunk by chunk as the model produces them; dropping the reply (a
-/// `cancel` frame) aborts the upstream request.
+/// `cancel` frame) aborts the upstream request. An upstream's own 4xx or 5xx answer is
+/// posted as that answer (status, body, `Retry-After`), not as a failure (see
+/// [`OpenAiUpstream::chat`]).
 ///
 /// # Example
 ///

@@ -8,14 +8,19 @@
 //! each upstream SSE `data:` payload the moment it arrives (real per-token streaming,
 //! nothing is collected; see `chunks`).
 //!
-//! Errors follow the core's contract: a non-2xx answer, an unreachable server and a
-//! stream that breaks midway are all [`Error::Upstream`] (502) carrying the upstream's
-//! own message (see `message`), never a panic. Cancelling is dropping: dropping the
-//! future returned by `chat`, or the stream it returned, drops the HTTP request and
-//! closes its connection, so the upstream stops generating.
+//! An upstream's answers pass through (SPEC §12): a 4xx or 5xx answer is a
+//! [`Reply::Complete`] with the upstream's own status, its body (see `message`) and its
+//! `Retry-After` (see `retry_after`), so a vLLM 400 "context length exceeded" reaches the
+//! client as that 400 and a llama.cpp 503 "Loading model" as that 503. Only failing to
+//! talk to the upstream (no connection, no answer, a body or stream that breaks off, an
+//! answer that is no chat completion) is [`Error::Upstream`] (502), and its message never
+//! names the upstream's address: a publisher's client must not learn where its model
+//! runs. The address goes to the local log instead. Never a panic. Cancelling is
+//! dropping: dropping the future returned by `chat`, or the stream it returned, drops
+//! the HTTP request and closes its connection, so the upstream stops generating.
 
 use std::fmt;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use eventsource_stream::Eventsource;
@@ -25,11 +30,13 @@ use serde_json::Value;
 use virtual_llm_core::{Completion, Error, Reply};
 
 use crate::chunks::chunks;
-use crate::message::{describe_status, error_message, raw_message, upstream};
+use crate::message::{error_body, error_message, upstream};
+use crate::retry_after::retry_after;
 
 /// How long to wait for a TCP (and TLS) connection to the upstream.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most of an error answer's body read to find its message.
+/// The most of an error answer's body read: passed through whole up to this size, or
+/// cut to a message beyond it.
 const MAX_ERROR_BODY: usize = 64 * 1024;
 /// The largest non-streamed completion accepted, so a broken upstream cannot exhaust
 /// memory.
@@ -70,7 +77,7 @@ pub struct OpenAiUpstream {
     base_url: String,
     /// `{base_url}/chat/completions`, computed once.
     endpoint: Url,
-    /// `host:port` of the server: the only detail of it that error messages name.
+    /// `host:port` of the server, for the local log only: no error message names it.
     host: String,
     /// `Bearer <key>`, marked sensitive so that it never shows in logs.
     authorization: Option<HeaderValue>,
@@ -156,8 +163,11 @@ impl OpenAiUpstream {
     ///   item the moment it arrives, skips comments and the final `[DONE]`, and ends
     ///   after one `Err` if the upstream breaks off or reports an error mid-stream.
     ///
-    /// A non-2xx answer is [`Error::Upstream`] with the upstream's status and message;
-    /// an unreachable server is [`Error::Upstream`] naming only its `host:port`.
+    /// A 4xx or 5xx answer, to a streaming request too, is [`Reply::Complete`] with the
+    /// upstream's status, its body (as sent when it is a JSON object, else its text in
+    /// OpenAI's error shape) and its `Retry-After`. [`Error::Upstream`] is for failing
+    /// to talk to it: no connection, no answer, a redirect, a body that breaks off or is
+    /// no chat completion; its message never names the upstream's address.
     ///
     /// Dropping the returned future, or the stream, aborts the upstream request.
     pub async fn chat(&self, mut body: Value, stream: bool) -> Result<Reply, Error> {
@@ -178,8 +188,16 @@ impl OpenAiUpstream {
         }
         let response = request.send().await.map_err(|e| self.send_failed(&e))?;
         let status = response.status();
+        if status.is_client_error() || status.is_server_error() {
+            return self.error_answer(response).await.map(Reply::Complete);
+        }
         if !status.is_success() {
-            return Err(self.error_answer(response).await);
+            // Redirects are not followed (see `build_client`), and one passed on would
+            // point the client at the upstream.
+            tracing::warn!(upstream = %self.host, %status, "upstream answered with a redirect; check its base url");
+            return Err(upstream(format!(
+                "the upstream answered {status} instead of a completion"
+            )));
         }
         if stream {
             self.stream_answer(response).await
@@ -193,20 +211,18 @@ impl OpenAiUpstream {
         let body = match read_body(response, MAX_COMPLETION_BODY).await {
             Ok(Body::Complete(body)) => body,
             Ok(Body::Truncated(_)) => {
+                tracing::warn!(upstream = %self.host, "upstream answer over {MAX_COMPLETION_BODY} bytes");
                 return Err(upstream(format!(
-                    "the answer of upstream {} is over {MAX_COMPLETION_BODY} bytes",
-                    self.host
+                    "the upstream's answer is over {MAX_COMPLETION_BODY} bytes"
                 )));
             }
             Err(e) => return Err(self.broke_off(&e)),
         };
         let body: Value = serde_json::from_slice(&body).map_err(|_| {
-            upstream(format!(
-                "upstream {} answered with a body that is not JSON",
-                self.host
-            ))
+            tracing::warn!(upstream = %self.host, "upstream answered with a body that is not JSON");
+            upstream("the upstream answered with a body that is not JSON")
         })?;
-        Ok(Reply::Complete(Completion { status: 200, body }))
+        Ok(Reply::Complete(Completion::ok(body)))
     }
 
     /// The chunk stream of a 2xx answer to a streaming request.
@@ -228,10 +244,10 @@ impl OpenAiUpstream {
             };
             return Err(upstream(match message {
                 Some(m) => format!("{status}: {m}"),
-                None => format!(
-                    "upstream {} answered a streaming request without an event stream",
-                    self.host
-                ),
+                None => {
+                    tracing::warn!(upstream = %self.host, "upstream answered a streaming request with json");
+                    "the upstream answered a streaming request without an event stream".to_owned()
+                }
             }));
         }
         Ok(Reply::Stream(chunks(
@@ -240,39 +256,69 @@ impl OpenAiUpstream {
         )))
     }
 
-    /// The [`Error::Upstream`] of a non-2xx answer, with the upstream's own message.
-    async fn error_answer(&self, response: reqwest::Response) -> Error {
+    /// A 4xx or 5xx answer as the client gets it: the upstream's status, body and
+    /// `Retry-After`.
+    async fn error_answer(&self, response: reqwest::Response) -> Result<Completion, Error> {
         let status = response.status();
-        let message = match read_body(response, MAX_ERROR_BODY).await {
-            Ok(body) => error_message(body.bytes()).unwrap_or_else(|| raw_message(body.bytes())),
-            Err(e) => {
-                tracing::debug!(upstream = %self.host, error = %e, "reading an error answer failed");
-                String::new()
-            }
+        let retry_after = retry_after(response.headers(), SystemTime::now());
+        let body = match read_body(response, MAX_ERROR_BODY).await {
+            Ok(Body::Complete(body)) => error_body(status, &body, true),
+            Ok(Body::Truncated(head)) => error_body(status, &head, false),
+            Err(e) => return Err(self.broke_off(&e)),
         };
-        tracing::debug!(upstream = %self.host, %status, %message, "upstream answered an error");
-        upstream(describe_status(status, &message))
+        tracing::debug!(upstream = %self.host, %status, ?retry_after, "upstream answered an error; passed through");
+        Ok(Completion {
+            status: status.as_u16(),
+            body,
+            retry_after,
+        })
     }
 
-    /// The request could not be sent, or no response came back.
+    /// The request could not be sent, or no response came back. The message says why
+    /// in general words (`connection refused`, `timed out`); reqwest's own names the
+    /// URL, so it goes to the log only.
     fn send_failed(&self, error: &reqwest::Error) -> Error {
-        tracing::warn!(upstream = %self.host, error = %error, "upstream request failed");
-        upstream(if error.is_timeout() {
-            format!(
-                "upstream {} is unreachable: it did not answer in time",
-                self.host
-            )
-        } else if error.is_connect() {
-            format!("upstream {} is unreachable", self.host)
-        } else {
-            format!("the request to upstream {} failed", self.host)
-        })
+        tracing::warn!(upstream = %self.host, error = ?error, "upstream request failed");
+        upstream(format!("the upstream did not answer: {}", why_not(error)))
     }
 
     /// The response body broke off.
     fn broke_off(&self, error: &reqwest::Error) -> Error {
         tracing::warn!(upstream = %self.host, error = %error, "upstream answer broke off");
-        upstream(format!("the answer of upstream {} broke off", self.host))
+        upstream("the upstream's answer broke off")
+    }
+}
+
+/// Why a request got no answer, in words that name no address: the kind of the I/O
+/// error under reqwest's, or whether it was the connect or the exchange that failed.
+fn why_not(error: &reqwest::Error) -> &'static str {
+    use std::io::ErrorKind;
+    if error.is_timeout() {
+        return "timed out";
+    }
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            match io.kind() {
+                ErrorKind::ConnectionRefused => return "connection refused",
+                ErrorKind::ConnectionReset => return "connection reset",
+                ErrorKind::ConnectionAborted => return "connection aborted",
+                ErrorKind::TimedOut => return "timed out",
+                ErrorKind::HostUnreachable => return "host unreachable",
+                ErrorKind::NetworkUnreachable => return "network unreachable",
+                ErrorKind::AddrNotAvailable => return "address not available",
+                ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof => {
+                    return "the connection closed";
+                }
+                _ => {}
+            }
+        }
+        source = cause.source();
+    }
+    if error.is_connect() {
+        "could not connect"
+    } else {
+        "the connection failed before an answer"
     }
 }
 

@@ -2,9 +2,10 @@
 //! OpenAI-compatible server served by warp on 127.0.0.1:0 that records every request:
 //! non-streamed round trips (model replaced, bearer key sent), real per-chunk
 //! streaming (the first chunk is seen while the upstream is still held back), `[DONE]`
-//! and comments not forwarded, upstream errors and unreachable upstreams as 502, a
-//! stream broken midway, cancellation by dropping the future or the stream, routing of
-//! public LLMs by name, and a provider answering a real task frame.
+//! and comments not forwarded, the upstream's error answers passed through (status,
+//! body, `Retry-After`), unreachable upstreams as 502 naming no address, a stream broken
+//! midway, cancellation by dropping the future or the stream, routing of public LLMs by
+//! name, and a provider answering a real task frame.
 //!
 //! Nothing waits on the clock: each step waits on a signal from the other side. The
 //! only timer is a generous guard that turns a hang into a failure.
@@ -402,58 +403,186 @@ async fn an_error_reported_inside_a_stream_ends_it_with_that_error() {
     assert!(within("the end", chunks.next()).await.is_none());
 }
 
-#[tokio::test]
-async fn upstream_error_answers_are_502_with_the_upstreams_message() {
-    // The upstream answers the error named by the user message.
-    let (addr, _seen) = start_upstream(|body: Value| {
-        async move {
-            match body["messages"][0]["content"].as_str().unwrap() {
-                "openai" => json_answer(
-                    StatusCode::NOT_FOUND,
-                    &json!({"error": {"message": "The model `m` does not exist.", "type": "invalid_request_error", "code": "model_not_found"}}),
-                ),
-                "string" => json_answer(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    &json!({"error": "llama runner process has terminated"}),
-                ),
-                "vllm" => json_answer(
-                    StatusCode::BAD_REQUEST,
-                    &json!({"object": "error", "message": "max_tokens is too large", "code": 400}),
-                ),
-                "text" => warp::reply::with_status("upstream overloaded", StatusCode::SERVICE_UNAVAILABLE)
-                    .into_response(),
-                "huge" => warp::reply::with_status("x".repeat(1 << 20), StatusCode::BAD_GATEWAY)
-                    .into_response(),
-                "empty" => StatusCode::UNAUTHORIZED.into_response(),
-                other => panic!("unknown scenario {other}"),
-            }
+/// The upstream answers the error named by the user message: an OpenAI error body, a
+/// llama.cpp 503 with `Retry-After`, vLLM's and Ollama's shapes, plain text, nothing,
+/// a megabyte of text, a 429 with a `Retry-After` date, a redirect.
+fn error_answers(body: Value) -> BoxFuture<'static, Response> {
+    async move {
+        match body["messages"][0]["content"].as_str().unwrap() {
+            "openai" => json_answer(StatusCode::BAD_REQUEST, &openai_error()),
+            "loading" => warp::reply::with_header(
+                json_answer(StatusCode::SERVICE_UNAVAILABLE, &loading()),
+                "retry-after",
+                "7",
+            )
+            .into_response(),
+            "ollama" => json_answer(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &json!({"error": "llama runner process has terminated"}),
+            ),
+            "vllm" => json_answer(
+                StatusCode::BAD_REQUEST,
+                &json!({"object": "error", "message": "max_tokens is too large", "code": 400}),
+            ),
+            "text" => warp::reply::with_status(
+                "Internal Server Error\n",
+                StatusCode::INTERNAL_SERVER_ERROR,
+            )
+            .into_response(),
+            "huge" => warp::reply::with_status("x".repeat(1 << 20), StatusCode::BAD_GATEWAY)
+                .into_response(),
+            "empty" => StatusCode::UNAUTHORIZED.into_response(),
+            "far" => warp::reply::with_header(
+                StatusCode::TOO_MANY_REQUESTS.into_response(),
+                "retry-after",
+                "Fri, 31 Dec 9999 23:59:59 GMT",
+            )
+            .into_response(),
+            "past" => warp::reply::with_header(
+                StatusCode::TOO_MANY_REQUESTS.into_response(),
+                "retry-after",
+                "Sun, 06 Nov 1994 08:49:37 GMT",
+            )
+            .into_response(),
+            "redirect" => warp::reply::with_header(
+                StatusCode::MOVED_PERMANENTLY.into_response(),
+                "location",
+                "http://10.1.2.3:8000/v1/chat/completions",
+            )
+            .into_response(),
+            other => panic!("unknown scenario {other}"),
         }
-        .boxed()
-    })
-    .await;
+    }
+    .boxed()
+}
+
+fn openai_error() -> Value {
+    json!({"error": {
+        "message": "This model's maximum context length is 4096 tokens. However, you requested 9000 tokens.",
+        "type": "invalid_request_error",
+        "param": "messages",
+        "code": "context_length_exceeded",
+    }})
+}
+
+fn loading() -> Value {
+    json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+}
+
+/// An upstream's 4xx and 5xx answers are answers, not failures: the status, the body
+/// as sent when it is a JSON object, and the `Retry-After`, to a streaming request too.
+#[tokio::test]
+async fn error_answers_pass_through_with_their_status_body_and_retry_after() {
+    let (addr, _seen) = start_upstream(error_answers).await;
     let upstream = OpenAiUpstream::new(&url(addr)).unwrap();
     let cases = [
-        ("openai", "404 Not Found: The model `m` does not exist."),
+        ("openai", 400, openai_error(), None),
+        ("loading", 503, loading(), Some(Duration::from_secs(7))),
         (
-            "string",
-            "500 Internal Server Error: llama runner process has terminated",
+            "ollama",
+            500,
+            json!({"error": "llama runner process has terminated"}),
+            None,
         ),
-        ("vllm", "400 Bad Request: max_tokens is too large"),
-        ("text", "503 Service Unavailable: upstream overloaded"),
-        ("empty", "401 Unauthorized"),
+        (
+            "vllm",
+            400,
+            json!({"object": "error", "message": "max_tokens is too large", "code": 400}),
+            None,
+        ),
     ];
     for stream in [false, true] {
-        for (scenario, want) in cases {
-            let result = within(scenario, upstream.chat(chat_body("m", scenario), stream)).await;
-            let message = expect_upstream_error(result);
-            assert_eq!(message, want, "{scenario}, stream: {stream}");
+        for (scenario, status, body, retry_after) in cases.clone() {
+            let reply = within(scenario, upstream.chat(chat_body("m", scenario), stream))
+                .await
+                .unwrap();
+            assert_eq!(
+                expect_complete(reply),
+                Completion {
+                    status,
+                    body,
+                    retry_after
+                },
+                "{scenario}, stream: {stream}"
+            );
         }
-        let message = expect_upstream_error(upstream.chat(chat_body("m", "huge"), stream).await);
-        assert!(message.starts_with("502 Bad Gateway: xxx"), "{message}");
+    }
+}
+
+/// A body that is not a JSON object is wrapped into OpenAI's error shape, its text
+/// kept short, with the upstream's status; an empty one says the status.
+#[tokio::test]
+async fn other_error_bodies_become_openai_shaped_with_the_upstreams_status() {
+    let (addr, _seen) = start_upstream(error_answers).await;
+    let upstream = OpenAiUpstream::new(&url(addr)).unwrap();
+    for stream in [false, true] {
+        let text = expect_complete(upstream.chat(chat_body("m", "text"), stream).await.unwrap());
+        assert_eq!(text.status, 500);
+        assert_eq!(
+            text.body,
+            json!({"error": {"message": "Internal Server Error", "type": "server_error", "code": null}})
+        );
+        assert_eq!(text.retry_after, None);
+
+        let empty = expect_complete(
+            upstream
+                .chat(chat_body("m", "empty"), stream)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(empty.status, 401);
+        assert_eq!(
+            empty.body,
+            json!({"error": {"message": "401 Unauthorized", "type": "authentication_error", "code": null}})
+        );
+
+        let huge = expect_complete(upstream.chat(chat_body("m", "huge"), stream).await.unwrap());
+        assert_eq!(huge.status, 502);
+        assert_eq!(huge.body["error"]["type"], "server_error");
+        let message = huge.body["error"]["message"].as_str().unwrap();
+        assert!(message.starts_with("xxx"), "{message}");
         assert!(
             message.chars().count() < 2000,
             "truncated to a sane length, got {} chars",
             message.chars().count()
+        );
+    }
+}
+
+/// A `Retry-After` given as a date is the time left until then: none for a date that
+/// has passed, at most a day for one far ahead.
+#[tokio::test]
+async fn a_retry_after_date_becomes_seconds() {
+    let (addr, _seen) = start_upstream(error_answers).await;
+    let upstream = OpenAiUpstream::new(&url(addr)).unwrap();
+    for (scenario, left) in [("past", 0), ("far", 86_400)] {
+        let answer = expect_complete(
+            upstream
+                .chat(chat_body("m", scenario), false)
+                .await
+                .unwrap(),
+        );
+        assert_eq!(answer.status, 429);
+        assert_eq!(
+            answer.retry_after,
+            Some(Duration::from_secs(left)),
+            "{scenario}"
+        );
+    }
+}
+
+/// A redirect is not followed and not passed on (it would point the client at the
+/// upstream): the request failed, 502, naming no address.
+#[tokio::test]
+async fn a_redirect_is_502_and_not_passed_on() {
+    let (addr, _seen) = start_upstream(error_answers).await;
+    let upstream = OpenAiUpstream::new(&url(addr)).unwrap();
+    for stream in [false, true] {
+        let message =
+            expect_upstream_error(upstream.chat(chat_body("m", "redirect"), stream).await);
+        assert_eq!(
+            message,
+            "the upstream answered 301 Moved Permanently instead of a completion"
         );
     }
 }
@@ -477,12 +606,15 @@ async fn a_json_answer_to_a_streaming_request_is_502() {
     let message = expect_upstream_error(upstream.chat(chat_body("m", "ignore"), true).await);
     assert_eq!(
         message,
-        format!("upstream {addr} answered a streaming request without an event stream")
+        "the upstream answered a streaming request without an event stream"
     );
 }
 
+/// Nothing listens: 502, saying why in words that name neither the address nor the
+/// URL (a client of the gateway must not learn where a publisher's model runs), and
+/// never the key.
 #[tokio::test]
-async fn an_unreachable_upstream_is_502_naming_only_its_address() {
+async fn an_unreachable_upstream_is_502_naming_no_address() {
     let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).unwrap();
     let addr = listener.local_addr().unwrap();
     drop(listener); // nothing listens there now
@@ -494,7 +626,8 @@ async fn an_unreachable_upstream_is_502_naming_only_its_address() {
         let message = expect_upstream_error(
             within("the error", upstream.chat(chat_body("m", "hi"), stream)).await,
         );
-        assert_eq!(message, format!("upstream {addr} is unreachable"));
+        assert_eq!(message, "the upstream did not answer: connection refused");
+        assert!(!message.contains(&addr.port().to_string()), "{message}");
     }
 
     // Through the backend too.
@@ -505,7 +638,71 @@ async fn an_unreachable_upstream_is_502_naming_only_its_address() {
         .await
         .unwrap_err();
     assert_eq!(err.status(), 502);
-    assert!(!err.to_body().error.message.contains("sk-secret"));
+    let body = err.to_body().error;
+    assert_eq!(body.code.as_deref(), Some("upstream_error"));
+    assert_eq!(
+        body.message, "upstream error: the upstream did not answer: connection refused",
+        "said once"
+    );
+    for secret in ["sk-secret", &addr.port().to_string(), "127.0.0.1"] {
+        assert!(
+            !body.message.contains(secret),
+            "{secret} in {}",
+            body.message
+        );
+    }
+}
+
+/// An upstream that accepts the connection and closes it without answering: 502,
+/// naming no address.
+#[tokio::test]
+async fn an_upstream_closing_without_an_answer_is_502_naming_no_address() {
+    let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (conn, _) = listener.accept().await.unwrap();
+            drop(conn);
+        }
+    });
+    let upstream = OpenAiUpstream::new(&url(addr)).unwrap();
+    let message = expect_upstream_error(
+        within("the error", upstream.chat(chat_body("m", "hi"), false)).await,
+    );
+    assert!(
+        message.starts_with("the upstream did not answer: "),
+        "{message}"
+    );
+    assert!(!message.contains(&addr.port().to_string()), "{message}");
+    assert!(!message.contains("127.0.0.1"), "{message}");
+}
+
+/// The public backend passes an upstream's answers through the same way.
+#[tokio::test]
+async fn the_backend_passes_error_answers_through() {
+    let (addr, _seen) = start_upstream(error_answers).await;
+    let backend = OpenAiBackend::new().with_llm(
+        LlmName::parse("pub").unwrap(),
+        OpenAiUpstream::new(&url(addr)).unwrap(),
+        "up-model",
+    );
+    for stream in [false, true] {
+        let request = InferRequest::for_llm(
+            "pub",
+            json!({"model": "pub", "stream": stream, "messages": [{"role": "user", "content": "loading"}]}),
+        )
+        .unwrap();
+        let reply = backend.infer(&public_record("pub"), request).await.unwrap();
+        assert_eq!(
+            expect_complete(reply),
+            Completion {
+                status: 503,
+                body: loading(),
+                retry_after: Some(Duration::from_secs(7)),
+            },
+            "stream: {stream}"
+        );
+    }
 }
 
 #[tokio::test]

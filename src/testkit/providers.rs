@@ -133,10 +133,7 @@ impl Provider for Hanging {
         if !task.stream {
             let _guard = guard;
             std::future::pending::<()>().await;
-            return Ok(Reply::Complete(Completion {
-                status: 200,
-                body: Value::Null,
-            }));
+            return Ok(Reply::Complete(Completion::ok(Value::Null)));
         }
         let first = chunk(&task, "first");
         let forever = futures::stream::once(async move {
@@ -214,21 +211,30 @@ impl Provider for Firehose {
     }
 }
 
-/// Answers every task with one fixed status and body, and counts the tasks: a member
-/// whose upstream answers 503, or refuses a request with 400.
+/// Answers every task, streaming or not, with one fixed complete answer, as a
+/// publisher does with an upstream's own answer (a 400, a 503 with its
+/// `Retry-After`), and counts the tasks: a pool member whose upstream is loading, or
+/// refuses a request.
 #[derive(Debug)]
 pub struct Answers {
-    status: u16,
-    body: Value,
+    answer: Completion,
     calls: std::sync::atomic::AtomicUsize,
 }
 
 impl Answers {
     /// Answers `status` with `body`.
     pub fn new(status: u16, body: Value) -> Self {
-        Answers {
+        Self::with(Completion {
             status,
             body,
+            retry_after: None,
+        })
+    }
+
+    /// Answers `answer`, `Retry-After` included.
+    pub fn with(answer: Completion) -> Self {
+        Answers {
+            answer,
             calls: Default::default(),
         }
     }
@@ -243,10 +249,7 @@ impl Answers {
 impl Provider for Answers {
     async fn infer(&self, _task: TaskFrame) -> Result<Reply, Error> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        Ok(Reply::Complete(Completion {
-            status: self.status,
-            body: self.body.clone(),
-        }))
+        Ok(Reply::Complete(self.answer.clone()))
     }
 }
 
@@ -310,14 +313,13 @@ impl Provider for Counting {
             });
         }
         let text = last_user_text(&task.body);
-        Ok(Reply::Complete(Completion {
-            status: 200,
-            body: virtual_llm_core::openai::completion_body(
+        Ok(Reply::Complete(Completion::ok(
+            virtual_llm_core::openai::completion_body(
                 &format!("chatcmpl-{}", task.task_id),
                 task.llm.as_str(),
                 0,
                 &text,
             ),
-        }))
+        )))
     }
 }

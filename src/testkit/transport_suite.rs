@@ -12,11 +12,11 @@ use serde_json::{Value, json};
 
 use super::gateway::{RawResponse, TestGateway};
 use super::plane::Plane;
-use super::providers::{FailsWhenReleased, Gated, Hanging};
+use super::providers::{Answers, FailsWhenReleased, Gated, Hanging};
 use super::support::{TempDir, eventually};
 use super::transport::Transport;
 use crate::protocol::{RegisterRequest, TaskResult};
-use crate::{EchoProvider, PublisherOptions};
+use crate::{Completion, EchoProvider, PublisherOptions};
 
 /// register → task → result, non-streaming: the client gets the publisher's answer.
 pub async fn non_streaming_round_trip(t: &dyn Transport, plane: Option<&dyn Plane>) {
@@ -99,6 +99,60 @@ pub async fn streamed_events_are_framed_as_openai_frames_them(
         assert_eq!(chunk["object"], "chat.completion.chunk");
     }
     p.stop().await;
+}
+
+/// An upstream's own error answer passes through as it came, to a streaming request
+/// too: a 503 with its body and its `Retry-After` (the transport carries
+/// `retryAfter`), a 400 with its body and no `Retry-After`.
+pub async fn an_upstream_error_answer_passes_through(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let loading =
+        json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}});
+    let too_long = json!({"error": {"message": "the request exceeds the available context size", "type": "invalid_request_error", "code": 400}});
+    let answer = |status, body: &Value, retry_after| {
+        Arc::new(Answers::with(Completion {
+            status,
+            body: body.clone(),
+            retry_after,
+        }))
+    };
+    let seven = Some(std::time::Duration::from_secs(7));
+    let p = gw
+        .publish(t, "alice", &["loading"], answer(503, &loading, seven))
+        .await;
+    let q = gw
+        .publish(t, "alice", &["small"], answer(400, &too_long, None))
+        .await;
+    for stream in [false, true] {
+        for (model, status, body, retry_after) in [
+            ("loading", 503, &loading, Some("7")),
+            ("small", 400, &too_long, None),
+        ] {
+            let response = gw
+                .post_chat(
+                    "client",
+                    json!({"model": model, "stream": stream, "messages": [{"role": "user", "content": "x"}]}),
+                )
+                .await;
+            assert_eq!(response.status(), status, "{model}, stream: {stream}");
+            assert_eq!(
+                response
+                    .headers()
+                    .get("retry-after")
+                    .map(|v| v.to_str().unwrap()),
+                retry_after,
+                "{model}, stream: {stream}"
+            );
+            assert_eq!(
+                response.headers()["content-type"],
+                "application/json",
+                "{model}, stream: {stream}"
+            );
+            assert_eq!(&response.json::<Value>().await.unwrap(), body);
+        }
+    }
+    p.stop().await;
+    q.stop().await;
 }
 
 /// The client sees the first chunk while the provider is still working on the next.
@@ -580,6 +634,7 @@ macro_rules! __transport_suite_cases {
             streaming_round_trip,
             streamed_events_are_framed_as_openai_frames_them,
             chunks_reach_the_client_before_the_provider_finishes,
+            an_upstream_error_answer_passes_through,
             concurrent_clients_get_their_own_answers,
             a_stopped_publisher_is_503_at_once_and_its_row_inactive,
             a_sticky_reconnect_revives_the_same_row,

@@ -75,6 +75,7 @@ fn task_round_trip(c: &mut Criterion) {
             let result = TaskResult::Completed {
                 status: 200,
                 body: answer.clone(),
+                retry_after: None,
             };
             gw.deliver(&alice, &session, &id, result).await.unwrap();
             black_box(handle.into_reply().await.unwrap());

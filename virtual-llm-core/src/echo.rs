@@ -75,7 +75,7 @@ impl Provider for EchoProvider {
         let created = self.clock.now().as_millis() / 1000;
         if !task.stream {
             let body = completion_body(&id, model, created, &words.join(" "));
-            return Ok(Reply::Complete(Completion { status: 200, body }));
+            return Ok(Reply::Complete(Completion::ok(body)));
         }
         let mut chunks: Vec<Result<String, Error>> = words
             .iter()

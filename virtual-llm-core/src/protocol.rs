@@ -66,6 +66,11 @@ pub struct LlmSpec {
     pub max_concurrent: Option<u32>,
 }
 
+/// The longest `retryAfter` kept from an upstream's answer, in seconds (a day): a longer
+/// one is cut to it where the gateway takes the answer, so no timer built from it can
+/// overflow. A client told to wait a day asks again anyway.
+pub const MAX_RETRY_AFTER_SECS: u64 = 86_400;
+
 /// The largest `maxConcurrent` an LLM may declare.
 pub const MAX_CONCURRENT: u32 = 10_000;
 
@@ -403,6 +408,9 @@ pub enum PublisherFrame {
         /// The answer body.
         #[serde(default)]
         body: Value,
+        /// The upstream's `Retry-After`, in seconds, for an error answer.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        retry_after: Option<u64>,
     },
     /// One streamed chunk.
     #[serde(rename_all = "camelCase")]
@@ -434,10 +442,15 @@ impl PublisherFrame {
     /// [`PublisherFrame::into_task_result`].
     pub fn for_result(task_id: TaskId, result: TaskResult) -> Self {
         match result {
-            TaskResult::Completed { status, body } => PublisherFrame::Result {
+            TaskResult::Completed {
+                status,
+                body,
+                retry_after,
+            } => PublisherFrame::Result {
                 task_id,
                 status,
                 body,
+                retry_after,
             },
             TaskResult::Chunk { data, done, seq } => PublisherFrame::Chunk {
                 task_id,
@@ -456,7 +469,15 @@ impl PublisherFrame {
                 task_id,
                 status,
                 body,
-            } => Some((task_id, TaskResult::Completed { status, body })),
+                retry_after,
+            } => Some((
+                task_id,
+                TaskResult::Completed {
+                    status,
+                    body,
+                    retry_after,
+                },
+            )),
             PublisherFrame::Chunk {
                 task_id,
                 data,
@@ -473,8 +494,9 @@ impl PublisherFrame {
 
 /// What a publisher posts for a task: a final answer, one chunk, or an error.
 ///
-/// On the HTTP result route it is one of `{"status", "body"}`, `{"chunk": {"data",
-/// "done"}}` or `{"error"}`; exactly one of the three shapes, or the body is refused.
+/// On the HTTP result route it is one of `{"status", "body", "retryAfter"?}`,
+/// `{"chunk": {"data", "done"}}` or `{"error"}`; exactly one of the three shapes, or the
+/// body is refused.
 ///
 /// ```
 /// use virtual_llm_core::TaskResult;
@@ -486,12 +508,17 @@ impl PublisherFrame {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "ResultWire", into = "ResultWire")]
 pub enum TaskResult {
-    /// The final answer, with the upstream's HTTP status.
+    /// The final answer, with the upstream's HTTP status: a completion, or the
+    /// upstream's own error answer passed through.
     Completed {
         /// HTTP status, 100–599.
         status: u16,
         /// Response body.
         body: Value,
+        /// The upstream's `Retry-After` in seconds (wire `retryAfter`, optional: a
+        /// version 1 publisher never sends it). The client gets it as its header, cut to
+        /// [`MAX_RETRY_AFTER_SECS`].
+        retry_after: Option<u64>,
     },
     /// One streamed chunk; `done` ends the stream.
     Chunk {
@@ -538,6 +565,12 @@ struct ResultWire {
     status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     body: Option<Value>,
+    #[serde(
+        default,
+        rename = "retryAfter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    retry_after: Option<u64>,
 }
 
 #[derive(Clone, Serialize, Deserialize)]
@@ -554,11 +587,12 @@ impl TryFrom<ResultWire> for TaskResult {
     type Error = String;
 
     fn try_from(w: ResultWire) -> Result<Self, String> {
+        let answer_only = w.body.is_none() && w.retry_after.is_none();
         match (w.error, w.chunk, w.status) {
-            (Some(error), None, None) if w.body.is_none() => Ok(TaskResult::Failed {
+            (Some(error), None, None) if answer_only => Ok(TaskResult::Failed {
                 message: error_message(error),
             }),
-            (None, Some(c), None) if w.body.is_none() => Ok(TaskResult::Chunk {
+            (None, Some(c), None) if answer_only => Ok(TaskResult::Chunk {
                 data: c.data,
                 done: c.done,
                 seq: c.seq,
@@ -566,9 +600,10 @@ impl TryFrom<ResultWire> for TaskResult {
             (None, None, Some(status)) => Ok(TaskResult::Completed {
                 status,
                 body: w.body.unwrap_or(Value::Null),
+                retry_after: w.retry_after,
             }),
             _ => Err(
-                "a result is exactly one of {error}, {chunk:{data,done}} or {status,body}"
+                "a result is exactly one of {error}, {chunk:{data,done}} or {status,body,retryAfter?}"
                     .to_owned(),
             ),
         }
@@ -594,9 +629,14 @@ const MAX_ERROR_MESSAGE: usize = 4096;
 impl From<TaskResult> for ResultWire {
     fn from(r: TaskResult) -> Self {
         match r {
-            TaskResult::Completed { status, body } => ResultWire {
+            TaskResult::Completed {
+                status,
+                body,
+                retry_after,
+            } => ResultWire {
                 status: Some(status),
                 body: Some(body),
+                retry_after,
                 ..Default::default()
             },
             TaskResult::Chunk { data, done, seq } => ResultWire {
@@ -650,6 +690,12 @@ mod tests {
             TaskResult::Completed {
                 status: 201,
                 body: serde_json::json!({"ok": true}),
+                retry_after: None,
+            },
+            TaskResult::Completed {
+                status: 503,
+                body: serde_json::json!({"error": {"message": "Loading model"}}),
+                retry_after: Some(7),
             },
             TaskResult::Chunk {
                 data: "x".into(),
@@ -705,6 +751,10 @@ mod tests {
             (r#"{}"#, false),
             (r#"{"status":200,"chunk":{"data":"d"}}"#, false),
             (r#"{"error":"e","body":1}"#, false),
+            (r#"{"status":503,"body":{},"retryAfter":7}"#, true),
+            (r#"{"error":"e","retryAfter":7}"#, false),
+            (r#"{"chunk":{"data":"d"},"retryAfter":7}"#, false),
+            (r#"{"status":503,"retryAfter":-1}"#, false),
         ] {
             assert_eq!(
                 serde_json::from_str::<TaskResult>(json).is_ok(),
@@ -719,6 +769,58 @@ mod tests {
                 message: "oom".into()
             }
         );
+    }
+
+    /// `retryAfter` rides with a `{status, body}` answer on both transports' shapes (the
+    /// HTTP result body, the WebSocket `result` frame) and is optional: a version 1
+    /// answer without it decodes, and encodes back byte for byte.
+    #[test]
+    fn retry_after_travels_with_an_answer_and_is_optional() {
+        let busy = TaskResult::Completed {
+            status: 503,
+            body: serde_json::json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+            retry_after: Some(7),
+        };
+        let http = serde_json::to_value(&busy).unwrap();
+        assert_eq!(http["retryAfter"], 7, "{http}");
+        assert_eq!(serde_json::from_value::<TaskResult>(http).unwrap(), busy);
+
+        let task_id = TaskId::generate();
+        let frame = PublisherFrame::for_result(task_id.clone(), busy.clone());
+        let text = serde_json::to_string(&frame).unwrap();
+        assert!(text.contains(r#""retryAfter":7"#), "{text}");
+        let back: PublisherFrame = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.into_task_result(), Some((task_id.clone(), busy)));
+
+        let v1 = r#"{"status":200,"body":{"ok":true}}"#;
+        let answer: TaskResult = serde_json::from_str(v1).unwrap();
+        assert_eq!(
+            answer,
+            TaskResult::Completed {
+                status: 200,
+                body: serde_json::json!({"ok": true}),
+                retry_after: None,
+            }
+        );
+        assert_eq!(serde_json::to_string(&answer).unwrap(), v1, "nothing added");
+        let v1_frame =
+            format!(r#"{{"type":"result","taskId":"{task_id}","status":200,"body":null}}"#);
+        let frame: PublisherFrame = serde_json::from_str(&v1_frame).unwrap();
+        assert_eq!(
+            serde_json::to_string(&frame).unwrap(),
+            v1_frame,
+            "nothing added"
+        );
+        assert!(matches!(
+            frame.into_task_result(),
+            Some((
+                _,
+                TaskResult::Completed {
+                    retry_after: None,
+                    ..
+                }
+            ))
+        ));
     }
 
     #[test]

@@ -15,9 +15,16 @@ use crate::{Error, Reply};
 ///   chunk as soon as it arrives (one SSE `data:` payload per item); do not collect.
 ///   A [`Reply::Complete`] is still allowed for an upstream error answer.
 /// - For `stream: false`, return [`Reply::Complete`].
+/// - An upstream's own error answer (a 4xx or 5xx) is an answer, not a failure: a
+///   [`Reply::Complete`] with its status, body and
+///   [`retry_after`](crate::Completion::retry_after), whatever `stream` asked, so the
+///   client gets it as it came (SPEC §12).
 /// - Dropping the returned future or stream aborts the upstream call: that is how a
 ///   `cancel` frame takes effect, so hold no work that outlives them.
-/// - Upstream failures are [`Error::Upstream`] with the upstream's message.
+/// - Failing to talk to the upstream (no connection, no answer, a stream broken
+///   midway) is [`Error::Upstream`], with a message that says what happened without
+///   naming where the upstream runs: the gateway shows it to the client, prefixed
+///   once with `upstream error: `.
 #[async_trait]
 pub trait Provider: fmt::Debug + Send + Sync + 'static {
     /// Answers one task.

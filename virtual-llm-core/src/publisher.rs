@@ -160,6 +160,11 @@ pub struct PublisherOptions {
     /// publisher runs, as the reference publisher does.
     pub session_file: Option<PathBuf>,
     /// How many tasks run at once; more wait their turn. Default 32.
+    ///
+    /// Keep it at least the sum of the published LLMs' `maxConcurrent`: the gateway
+    /// sends each LLM up to its `maxConcurrent` and counts them all as running, so a
+    /// task held back here waits without the gateway knowing (the reference publisher
+    /// sets it to that sum). [`Publisher::spawn`] warns when it is lower.
     pub max_concurrent_tasks: usize,
     /// First reconnect delay, doubling up to `reconnect_max` (with jitter). Default 5 s.
     pub reconnect_min: Duration,
@@ -211,6 +216,19 @@ pub struct Publisher {
 impl Publisher {
     /// Starts publishing `llms` through `wire`, on the current tokio runtime.
     pub fn spawn(wire: Arc<dyn Wire>, llms: Vec<PublishedLlm>, options: PublisherOptions) -> Self {
+        let declared: Option<usize> = llms
+            .iter()
+            .map(|l| l.spec.max_concurrent.map(|n| n as usize))
+            .sum();
+        if let Some(declared) = declared
+            && declared > options.max_concurrent_tasks
+        {
+            tracing::warn!(
+                max_concurrent_tasks = options.max_concurrent_tasks,
+                declared,
+                "the publisher runs fewer tasks at once than its llms' maxConcurrent add up to; the rest wait here while the gateway counts them as running"
+            );
+        }
         let (stop, stopped) = watch::channel(false);
         let (state_tx, state) = watch::channel(PublisherState::Connecting);
         let driver = Driver {
@@ -470,6 +488,7 @@ async fn results_of(
         Ok(Reply::Complete(c)) => stream::once(async move {
             TaskResult::Completed {
                 status: c.status,
+                retry_after: c.retry_after_secs(),
                 body: c.body,
             }
         })

@@ -25,7 +25,9 @@ use tokio::time::Instant;
 use crate::admission::Slot;
 use crate::channel::SendError;
 use crate::directory::ChannelDirectory;
-use crate::protocol::{CancelFrame, GatewayFrame, TaskFrame, TaskKind, TaskResult};
+use crate::protocol::{
+    CancelFrame, GatewayFrame, MAX_RETRY_AFTER_SECS, TaskFrame, TaskKind, TaskResult,
+};
 use crate::sync::lock;
 use crate::{
     ChunkStream, Completion, Config, Error, InferRequest, LlmName, Reply, SessionId, TaskId,
@@ -55,7 +57,16 @@ enum Event {
 impl From<TaskResult> for Event {
     fn from(r: TaskResult) -> Self {
         match r {
-            TaskResult::Completed { status, body } => Event::Completed(Completion { status, body }),
+            TaskResult::Completed {
+                status,
+                body,
+                retry_after,
+            } => Event::Completed(Completion {
+                status,
+                body,
+                retry_after: retry_after
+                    .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS))),
+            }),
             TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
         }

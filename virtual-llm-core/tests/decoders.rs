@@ -279,7 +279,13 @@ fn register() -> impl Strategy<Value = RegisterRequest> {
 
 fn result() -> impl Strategy<Value = TaskResult> {
     prop_oneof![
-        (any::<u16>(), body()).prop_map(|(status, body)| TaskResult::Completed { status, body }),
+        (any::<u16>(), body(), any::<Option<u64>>()).prop_map(|(status, body, retry_after)| {
+            TaskResult::Completed {
+                status,
+                body,
+                retry_after,
+            }
+        }),
         (string(), any::<bool>(), any::<Option<u64>>())
             .prop_map(|(data, done, seq)| TaskResult::Chunk { data, done, seq }),
         "[^\u{0}]{0,100}".prop_map(|message| TaskResult::Failed { message }),
@@ -304,13 +310,14 @@ fn publisher_frame() -> impl Strategy<Value = PublisherFrame> {
                 provider_session_id,
             })
         }),
-        (task_id(), any::<u16>(), body()).prop_map(|(task_id, status, body)| {
-            PublisherFrame::Result {
+        (task_id(), any::<u16>(), body(), any::<Option<u64>>()).prop_map(
+            |(task_id, status, body, retry_after)| PublisherFrame::Result {
                 task_id,
                 status,
                 body,
+                retry_after,
             }
-        }),
+        ),
         (task_id(), string(), any::<bool>(), any::<Option<u64>>()).prop_map(
             |(task_id, data, done, seq)| PublisherFrame::Chunk {
                 task_id,

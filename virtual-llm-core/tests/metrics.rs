@@ -67,6 +67,7 @@ fn tasks_and_gauges_are_measured() {
                 let result = TaskResult::Completed {
                     status,
                     body: json!({}),
+                    retry_after: None,
                 };
                 f.gw.deliver(&publisher("alice"), &session, &task.task_id, result)
                     .await

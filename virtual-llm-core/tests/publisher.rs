@@ -415,3 +415,39 @@ async fn an_upstream_breaking_off_midway_is_reported_once() {
     assert!(chunks.next().await.is_none());
     p.stop().await;
 }
+
+/// A provider's error answer (an upstream's own 503 with its `Retry-After`) is posted
+/// as an answer, not as a failure: the client gets its status, body and `Retry-After`,
+/// on a streaming request too.
+#[tokio::test]
+async fn an_upstream_error_answer_is_posted_as_it_came() {
+    #[derive(Debug)]
+    struct Loading;
+    #[async_trait]
+    impl Provider for Loading {
+        async fn infer(&self, _task: TaskFrame) -> Result<Reply, Error> {
+            Ok(Reply::Complete(virtual_llm_core::Completion {
+                status: 503,
+                body: json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+                retry_after: Some(Duration::from_secs(7)),
+            }))
+        }
+    }
+    let f = fixture().await;
+    let p = start(
+        &f,
+        published(&["loading"], Arc::new(Loading)),
+        PublisherOptions::default(),
+    );
+    p.connected().await;
+    for stream in [false, true] {
+        let reply = f.gw.infer(&client(), chat("loading", "x", stream)).await;
+        let Ok(Reply::Complete(c)) = reply else {
+            panic!("a completion, stream: {stream}: {reply:?}")
+        };
+        assert_eq!(c.status, 503);
+        assert_eq!(c.body["error"]["message"], "Loading model");
+        assert_eq!(c.retry_after, Some(Duration::from_secs(7)));
+    }
+    p.stop().await;
+}

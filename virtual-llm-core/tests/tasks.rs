@@ -83,6 +83,7 @@ fn completed(text: &str) -> TaskResult {
     TaskResult::Completed {
         status: 200,
         body: json!({ "text": text }),
+        retry_after: None,
     }
 }
 
@@ -408,6 +409,7 @@ async fn a_chunk_for_a_non_streaming_task_is_400_and_changes_nothing() {
     let bad_status = TaskResult::Completed {
         status: 1000,
         body: Value::Null,
+        retry_after: None,
     };
     assert_eq!(
         o.deliver(&frame, bad_status).await.unwrap_err().status(),
@@ -533,6 +535,7 @@ fn serve(
                 match provider.infer(task).await {
                     Ok(Reply::Complete(c)) => post(TaskResult::Completed {
                         status: c.status,
+                        retry_after: c.retry_after_secs(),
                         body: c.body,
                     })
                     .await
@@ -640,12 +643,50 @@ async fn a_streaming_task_answered_with_an_error_status_becomes_a_completion() {
     let upstream_error = TaskResult::Completed {
         status: 400,
         body: json!({"error": {"message": "bad"}}),
+        retry_after: None,
     };
     o.deliver(&frame, upstream_error).await.unwrap();
     match handle.into_reply().await.unwrap() {
         Reply::Complete(c) => assert_eq!(c.status, 400),
         Reply::Stream(_) => panic!("the status line is chosen from the first event"),
     }
+}
+
+/// An upstream's own 503 reaches the client's reply as it came: its status, its body
+/// and its `Retry-After`, on a streaming task and on a complete one; at most a day.
+#[tokio::test]
+async fn an_upstream_answer_keeps_its_status_body_and_retry_after() {
+    let o = online().await;
+    for stream in [true, false] {
+        let (handle, frame) = o.start(stream).await;
+        let body = json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}});
+        let busy = TaskResult::Completed {
+            status: 503,
+            body: body.clone(),
+            retry_after: Some(7),
+        };
+        o.deliver(&frame, busy).await.unwrap();
+        let Reply::Complete(c) = handle.into_reply().await.unwrap() else {
+            panic!("a completion, stream: {stream}")
+        };
+        assert_eq!(
+            (c.status, c.body, c.retry_after),
+            (503, body, Some(Duration::from_secs(7))),
+            "stream: {stream}"
+        );
+    }
+    // A publisher's absurd retryAfter is cut to a day: no timer built from it overflows.
+    let (handle, frame) = o.start(false).await;
+    let forever = TaskResult::Completed {
+        status: 503,
+        body: json!({}),
+        retry_after: Some(u64::MAX),
+    };
+    o.deliver(&frame, forever).await.unwrap();
+    let Reply::Complete(c) = handle.into_reply().await.unwrap() else {
+        panic!("a completion")
+    };
+    assert_eq!(c.retry_after, Some(Duration::from_secs(86_400)));
 }
 
 #[tokio::test]

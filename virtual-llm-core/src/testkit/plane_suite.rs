@@ -153,6 +153,7 @@ pub async fn a_cancel_crosses_replicas(a: &Gateway, b: &Gateway) {
             TaskResult::Completed {
                 status: 200,
                 body: json!({}),
+                retry_after: None,
             },
         )
         .await
