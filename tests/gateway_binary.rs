@@ -155,3 +155,107 @@ model = "gpt-4o-mini"
     assert_eq!(chat.status(), 502);
     drop(gateway);
 }
+
+/// A token's `pools` grant, from the config file: alice's first row makes the pool
+/// hers; bob, granted it, joins with a row of his own; mallory, not granted, is 409
+/// `poolOwnedByAnother` and writes nothing. The pool flags reach the configuration
+/// (a zero `--cooldown` is refused, naming the flag).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_pools_grant_lets_it_join_another_principals_pool() {
+    let dir = temp_dir();
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        r#"
+[[tokens]]
+token = "alice-token-0123456789"
+principal = "alice"
+roles = ["publisher"]
+
+[[tokens]]
+token = "bob-token-0123456789ab"
+principal = "bob"
+roles = ["publisher"]
+pools = ["llama-8b"]
+
+[[tokens]]
+token = "mallory-token-0123456789"
+principal = "mallory"
+roles = ["publisher", "client"]
+"#,
+    )
+    .unwrap();
+    let refused = Command::new(gateway_binary())
+        .args(["--data-dir", dir.0.join("x").to_str().unwrap()])
+        .args(["--config", config.to_str().unwrap(), "--cooldown", "0s"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--cooldown"), "{stderr}");
+
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start_env(
+        addr,
+        &dir.0.join("data"),
+        &["--config", config.to_str().unwrap(), "--queue-depth", "8"],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let register = |token: &'static str, name: &'static str| {
+        http.post(format!("{url}/api/v1/llms/_provider-register"))
+            .bearer_auth(token)
+            .json(
+                &json!({"llms": [{"name": name, "pool": "llama-8b", "maxConcurrent": 4,
+                                     "type": "openai", "model": "m"}]}),
+            )
+            .send()
+    };
+    let mut first = None;
+    for _ in 0..500 {
+        if let Ok(answer) = register("alice-token-0123456789", "alice-box").await {
+            first = Some(answer);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        first.unwrap().status(),
+        200,
+        "alice's first row makes the pool"
+    );
+    let bob = register("bob-token-0123456789ab", "bob-box").await.unwrap();
+    assert_eq!(bob.status(), 200, "bob was granted the pool");
+    let mallory = register("mallory-token-0123456789", "mallory-box")
+        .await
+        .unwrap();
+    assert_eq!(mallory.status(), 409);
+    let body: Value = mallory.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "name_conflict");
+    assert_eq!(
+        body["error"]["conflicts"][0]["reason"],
+        "poolOwnedByAnother"
+    );
+    let members: Value = http
+        .get(format!("{url}/api/v1/llms/llama-8b/members"))
+        .bearer_auth("mallory-token-0123456789")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let names: Vec<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["alice-box", "bob-box"],
+        "mallory's row was not written"
+    );
+}
