@@ -204,6 +204,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             tier: public.tier.clone(),
             pool: None,
             max_concurrent: None,
+            state: None,
         };
         gateway.put_public(&admin, spec).await?;
     }

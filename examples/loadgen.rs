@@ -1578,6 +1578,7 @@ mod scale {
                     tier: None,
                     pool: None,
                     max_concurrent: None,
+                    state: None,
                 },
                 provider: provider.clone(),
             };
@@ -1882,6 +1883,7 @@ mod gc {
                     binding: None,
                     pool: None,
                     max_concurrent: None,
+                    upstream: None,
                 }));
             }
             let written = batch.len() as u64;

@@ -39,6 +39,7 @@ fn publisher_named(wire: Arc<dyn Wire>, session_file: &Path, name: &str) -> Publ
             tier: None,
             pool: None,
             max_concurrent: None,
+            state: None,
         },
         provider: Arc::new(EchoProvider::new()),
     };

@@ -197,6 +197,7 @@ impl Slot {
                 tier: None,
                 pool: None,
                 max_concurrent: None,
+                state: None,
             },
             provider: Arc::new(EchoProvider::new()),
         };

@@ -196,6 +196,7 @@ fn public_record(name: &str) -> LlmRecord {
         binding: None,
         pool: None,
         max_concurrent: None,
+        upstream: None,
     }
 }
 

@@ -278,6 +278,7 @@ impl TestGateway {
                     tier: None,
                     pool: None,
                     max_concurrent: None,
+                    state: None,
                 },
                 provider: provider.clone(),
             })

@@ -75,6 +75,7 @@ fn request(session: Option<&SessionId>, names: &[String]) -> RegisterRequest {
                 tier: None,
                 pool: None,
                 max_concurrent: None,
+                state: None,
             })
             .collect(),
     }

@@ -13,6 +13,7 @@
 //! [`StoreError::Corrupted`]: virtual_llm_core::StoreError::Corrupted
 
 use serde::{Deserialize, Serialize};
+use virtual_llm_core::protocol::UpstreamState;
 use virtual_llm_core::{
     ChannelBinding, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, ReplicaId, SessionId, Timestamp,
 };
@@ -54,6 +55,9 @@ pub(crate) struct StoredRow {
     /// The row's capacity (schema 3); absent when it has no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     max_concurrent: Option<u32>,
+    /// The upstream state its publisher last reported (schema 3); absent: ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    upstream: Option<UpstreamState>,
 }
 
 impl StoredRow {
@@ -79,6 +83,7 @@ impl StoredRow {
             binding,
             pool,
             max_concurrent,
+            upstream,
         } = r;
         StoredRow {
             id,
@@ -99,6 +104,7 @@ impl StoredRow {
             binding,
             pool,
             max_concurrent,
+            upstream,
         }
     }
 
@@ -127,6 +133,7 @@ impl StoredRow {
             binding: self.binding,
             pool: self.pool,
             max_concurrent: self.max_concurrent,
+            upstream: self.upstream,
         }
     }
 

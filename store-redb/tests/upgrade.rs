@@ -68,6 +68,7 @@ fn expected_rows() -> Vec<LlmRecord> {
         binding: None,
         pool: None,
         max_concurrent: None,
+        upstream: None,
     };
     let gone = LlmRecord {
         status: LlmStatus::Inactive,

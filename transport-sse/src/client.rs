@@ -213,6 +213,7 @@ impl Outbox for SseOutbox {
     async fn heartbeat(&self) -> Result<(), WireError> {
         let body = HeartbeatRequest {
             provider_session_id: self.session.clone(),
+            llms: None,
         };
         let response = self
             .wire

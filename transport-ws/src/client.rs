@@ -341,6 +341,7 @@ impl Outbox for WsOutbox {
     async fn heartbeat(&self) -> Result<(), WireError> {
         self.send_frame(&PublisherFrame::Heartbeat(HeartbeatRequest {
             provider_session_id: self.session.clone(),
+            llms: None,
         }))
         .await
     }

@@ -51,6 +51,7 @@ fn task_round_trip(c: &mut Criterion) {
                 tier: None,
                 pool: None,
                 max_concurrent: None,
+                state: None,
             }],
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;

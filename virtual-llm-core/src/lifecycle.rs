@@ -211,6 +211,7 @@ fn new_row(
         binding: None,
         pool: spec.pool.clone(),
         max_concurrent: spec.max_concurrent,
+        upstream: spec.state,
     }
 }
 

@@ -64,6 +64,50 @@ pub struct LlmSpec {
     /// How many tasks it takes at once, 1 to [`MAX_CONCURRENT`]; absent: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Whether its upstream can answer now (SPEC §12); absent: ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<UpstreamState>,
+}
+
+/// Whether an LLM's upstream can answer, as its publisher last found out (SPEC §12).
+/// A bound session's rows follow it: `ready` → `active`, `asleep` → `hibernating`,
+/// `unavailable` → `inactive`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamState {
+    /// It answers: the upstream's model list answered 2xx.
+    #[default]
+    Ready,
+    /// It sleeps and can be woken (its publisher has a wake recipe).
+    Asleep,
+    /// It cannot answer, and nothing here can wake it.
+    Unavailable,
+}
+
+impl UpstreamState {
+    /// A stable label: `ready`, `asleep`, `unavailable`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamState::Ready => "ready",
+            UpstreamState::Asleep => "asleep",
+            UpstreamState::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// One LLM's state in a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LlmState {
+    /// The LLM.
+    pub name: LlmName,
+    /// Its upstream's state.
+    pub state: UpstreamState,
+    /// Set when a wake the gateway asked for failed: why (a command's exit status and
+    /// last line of stderr, a URL's status, or the ready timeout). The gateway fails
+    /// the requests waiting for the wake with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wake_failed: Option<String>,
 }
 
 /// The longest `retryAfter` kept from an upstream's answer, in seconds (a day): a longer
@@ -84,6 +128,7 @@ impl LlmSpec {
             tier: None,
             pool: None,
             max_concurrent: None,
+            state: None,
         }
     }
 
@@ -188,6 +233,10 @@ pub struct Hello {
 pub struct HeartbeatRequest {
     /// The publisher's session.
     pub provider_session_id: SessionId,
+    /// Each LLM's upstream state (protocol 2; absent: nothing changes). A publisher
+    /// sends a heartbeat at once when a state changes or a wake fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub llms: Option<Vec<LlmState>>,
 }
 
 /// The answer to a heartbeat.
@@ -220,6 +269,15 @@ pub struct TaskFrame {
     pub stream: bool,
     /// The client's OpenAI request body.
     pub body: Value,
+}
+
+/// A `wake` frame (protocol 2): a request waits for this hibernating LLM; run its wake
+/// recipe, then report `ready` or `wakeFailed` in a heartbeat.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct WakeFrame {
+    /// The LLM to wake.
+    pub llm: LlmName,
 }
 
 /// A `cancel` frame: stop working on the task, its client is gone.
@@ -358,6 +416,8 @@ pub enum GatewayFrame {
     Closing(Closing),
     /// WebSocket with flow control: more results of a task may be sent.
     Credit(CreditFrame),
+    /// Wake a hibernating LLM (protocol 2).
+    Wake(WakeFrame),
 }
 
 impl GatewayFrame {
@@ -372,6 +432,7 @@ impl GatewayFrame {
             GatewayFrame::Error(_) => "error",
             GatewayFrame::Closing(_) => "closing",
             GatewayFrame::Credit(_) => "credit",
+            GatewayFrame::Wake(_) => "wake",
         }
     }
 
@@ -386,6 +447,7 @@ impl GatewayFrame {
             GatewayFrame::Error(x) => serde_json::to_string(x),
             GatewayFrame::Closing(x) => serde_json::to_string(x),
             GatewayFrame::Credit(x) => serde_json::to_string(x),
+            GatewayFrame::Wake(x) => serde_json::to_string(x),
         }
     }
 }

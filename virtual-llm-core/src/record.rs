@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::protocol::UpstreamState;
 use crate::{LlmId, LlmName, ReplicaId, SessionId, Timestamp};
 
 /// Which replica holds the control channel of a row's session, and which of its binds
@@ -90,6 +91,11 @@ pub struct LlmRecord {
     /// How many tasks the row takes at once (1 to 10 000); `None`: no limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_concurrent: Option<u32>,
+    /// Whether the row's upstream can answer, as its publisher last reported (SPEC
+    /// §12); `None`: ready (a version 1 publisher reports nothing). While the row's
+    /// channel is bound, its status follows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamState>,
 }
 
 impl LlmRecord {

@@ -258,6 +258,7 @@ fn spec() -> impl Strategy<Value = LlmSpec> {
             tier,
             pool: None,
             max_concurrent: None,
+            state: None,
         },
     )
 }
@@ -308,6 +309,7 @@ fn publisher_frame() -> impl Strategy<Value = PublisherFrame> {
         session().prop_map(|provider_session_id| {
             PublisherFrame::Heartbeat(HeartbeatRequest {
                 provider_session_id,
+                llms: None,
             })
         }),
         (task_id(), any::<u16>(), body(), any::<Option<u64>>()).prop_map(
@@ -554,7 +556,7 @@ proptest! {
         task in task_frame(),
     ) {
         exact(&register)?;
-        exact(&HeartbeatRequest { provider_session_id: session })?;
+        exact(&HeartbeatRequest { provider_session_id: session, llms: None })?;
         exact(&result)?;
         exact(&publisher)?;
         exact(&gateway)?;

@@ -141,6 +141,7 @@ mod lifecycle_across_replicas {
                         tier: None,
                         pool: None,
                         max_concurrent: None,
+                        state: None,
                     }],
                 },
             )

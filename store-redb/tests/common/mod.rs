@@ -126,6 +126,7 @@ pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
                 tier: None,
                 pool: None,
                 max_concurrent: None,
+                state: None,
             })
             .collect(),
     }

@@ -74,6 +74,7 @@ pub fn record(name: &str) -> LlmRecord {
         binding: None,
         pool: None,
         max_concurrent: None,
+        upstream: None,
     }
 }
 

@@ -444,6 +444,9 @@ pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
     inactive.inactive_since = Some(at(2));
     let mut sleeping = record("sleeping");
     sleeping.status = LlmStatus::Hibernating;
+    sleeping.upstream = Some(crate::protocol::UpstreamState::Asleep);
+    sleeping.pool = Some(name("sleepers"));
+    sleeping.max_concurrent = Some(3);
     sleeping.last_heartbeat_at = Some(at(1));
     store
         .write(vec![
@@ -600,11 +603,14 @@ pub async fn touch_sets_liveness_without_revision(store: &dyn Store) {
         .expect("CAS after a touch succeeds");
 }
 
-/// Every field round-trips, `hibernating`, a channel binding, no tier and no session
-/// included.
+/// Every field round-trips, `hibernating`, an upstream state, a pool, a capacity, a
+/// channel binding, no tier and no session included.
 pub async fn all_fields_round_trip(store: &dyn Store) {
     let mut sleeping = record("sleeping");
     sleeping.status = LlmStatus::Hibernating;
+    sleeping.upstream = Some(crate::protocol::UpstreamState::Asleep);
+    sleeping.pool = Some(name("sleepers"));
+    sleeping.max_concurrent = Some(3);
     sleeping.tier = None;
     sleeping.provider_session_id = None;
     sleeping.last_heartbeat_at = None;

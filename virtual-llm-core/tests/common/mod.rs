@@ -58,6 +58,7 @@ pub fn spec(name: &str) -> LlmSpec {
         tier: None,
         pool: None,
         max_concurrent: None,
+        state: None,
     }
 }
 
