@@ -499,23 +499,29 @@ impl Inner {
         state.tidy(&grant.pool, &grant.row);
     }
 
-    /// A waiter gave up: out of the queue, or, when its grant raced the give-up, the
-    /// slot back.
-    fn leave(&self, pool_key: &LlmName, id: u64, granted: Option<LlmName>) {
-        match granted {
-            Some(row) => self.release(&Grant {
-                row,
-                pool: pool_key.clone(),
-            }),
-            None => {
-                let mut state = lock(&self.state);
-                if let Some(pool) = state.pools.get_mut(pool_key) {
-                    pool.queue.remove(id);
-                    if pool.is_idle() {
-                        state.pools.remove(pool_key);
-                    }
-                }
+    /// A waiter gives up (its wait ran out, or its future was dropped): out of the
+    /// queue if it is still there. Decided under the lock that grants are sent under,
+    /// so a grant that raced the give-up is seen, never lost: the caller gets the row.
+    fn withdraw(
+        &self,
+        pool_key: &LlmName,
+        id: u64,
+        rx: &mut oneshot::Receiver<LlmName>,
+    ) -> Withdrawn {
+        let mut state = lock(&self.state);
+        if let Some(pool) = state.pools.get_mut(pool_key)
+            && pool.queue.remove(id).is_some()
+        {
+            if pool.is_idle() {
+                state.pools.remove(pool_key);
             }
+            return Withdrawn::Left;
+        }
+        // Out of the queue already: granted a row, or failed with its pool, before
+        // this lock was taken.
+        match rx.try_recv() {
+            Ok(row) => Withdrawn::Granted(row),
+            Err(_) => Withdrawn::Failed,
         }
     }
 
@@ -565,11 +571,26 @@ struct Waiting {
     done: bool,
 }
 
+/// What a waiter that gives up was left with.
+enum Withdrawn {
+    /// It was still queued, and left the queue.
+    Left,
+    /// A slot on this row was granted to it as it gave up.
+    Granted(LlmName),
+    /// Its pool stopped serving: nothing was granted.
+    Failed,
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
         if !self.done {
-            let granted = self.rx.try_recv().ok();
-            self.inner.leave(&self.pool, self.id, granted);
+            if let Withdrawn::Granted(row) = self.inner.withdraw(&self.pool, self.id, &mut self.rx)
+            {
+                self.inner.release(&Grant {
+                    row,
+                    pool: self.pool.clone(),
+                });
+            }
             crate::metrics::queue_rejected("left");
         }
     }
@@ -645,11 +666,11 @@ impl Admission for LocalAdmission {
             Ok(Ok(row)) => row,
             // The pool's last serving row went away; nothing was granted.
             Ok(Err(_)) => return Err(self.inner.offline(key)),
-            Err(_elapsed) => match waiting.rx.try_recv() {
+            Err(_elapsed) => match self.inner.withdraw(key, id, &mut waiting.rx) {
                 // Granted just as the wait ran out: the slot is ours.
-                Ok(row) => row,
-                Err(_) => {
-                    self.inner.leave(key, id, None);
+                Withdrawn::Granted(row) => row,
+                Withdrawn::Failed => return Err(self.inner.offline(key)),
+                Withdrawn::Left => {
                     crate::metrics::queue_rejected("queue_timeout");
                     let pace = lock(&self.inner.state).pools.get(key).map(|p| {
                         p.pace
