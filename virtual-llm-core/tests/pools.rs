@@ -843,6 +843,73 @@ async fn a_member_pinned_by_name_answers_alone() {
     }
 }
 
+/// A member that binds while requests wait serves them at once, without a slot
+/// freeing: one that came back after losing its channel, and one published after
+/// the requests were routed.
+#[tokio::test(start_paused = true)]
+async fn a_member_that_binds_serves_the_queue() {
+    let mut p = Pool::new(
+        Config::default(),
+        "bk",
+        &[("bk-a", Some(1)), ("bk-b", Some(1))],
+    )
+    .await;
+    let (a, b) = (p.index("bk-a"), p.index("bk-b"));
+    p.members[b]
+        .binding
+        .take()
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    let busy = p.infer(&client(), chat("bk", "busy", false));
+    let (i, t_busy) = p.next_task().await;
+    assert_eq!(i, a);
+    let waiting = p.infer(&client(), chat("bk", "waiting", false));
+    p.queued(1).await;
+    // b comes back: a new channel for its session.
+    let channel = FakeChannel::new();
+    let binding =
+        p.f.gw
+            .bind(&alice(), &p.members[b].session, Arc::new(channel.clone()))
+            .await
+            .unwrap();
+    p.members[b].binding = Some(binding);
+    p.members[b].channel = channel;
+    let (i, task) = p.next_task().await;
+    assert_eq!(
+        (i, text(&task)),
+        (b, "waiting"),
+        "served by the member back"
+    );
+    p.post(i, &task, ok("bk-b")).await;
+    assert_eq!(completion(outcome(waiting).await).0, 200);
+
+    // A member published after the request was routed.
+    let late = p.infer(&client(), chat("bk", "late", false));
+    let (i, t_b) = p.next_task().await;
+    assert_eq!(i, b);
+    let queued = p.infer(&client(), chat("bk", "queued", false));
+    p.queued(1).await;
+    let (_, _binding, channel) =
+        p.f.online_specs(&alice(), vec![pooled("bk-c", Some("bk"), Some(1))])
+            .await;
+    let task = channel.next_task().await;
+    assert_eq!(text(&task), "queued");
+    let session = p.f.row("bk-c").await.provider_session_id.unwrap();
+    p.f.gw
+        .deliver(&alice(), &session, &task.task_id, ok("bk-c"))
+        .await
+        .unwrap();
+    assert_eq!(completion(outcome(queued).await).0, 200);
+    p.post(a, &t_busy, ok("bk-a")).await;
+    p.post(b, &t_b, ok("bk-b")).await;
+    for c in [busy, late] {
+        assert_eq!(completion(outcome(c).await).0, 200);
+    }
+    assert_eq!(p.load().in_flight, 0);
+}
+
 /// `members` lists the pool's rows with their pool, capacity, tasks in flight and
 /// the pool's queue; the views serialize them as `pool`, `maxConcurrent`, `inFlight`,
 /// `queued`.
