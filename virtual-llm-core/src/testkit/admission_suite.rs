@@ -4,9 +4,15 @@
 //! Each function takes `setup`, which builds a fresh admission from a [`Config`] (a
 //! case sets the queue depth or the cooldown it needs), and drives it with rows built
 //! here: active, bound to a channel, in a pool, with a capacity. Waiting requests are
-//! spawned tasks, so a grant must wake them; cases about time pause tokio's clock and
-//! move it (a current-thread runtime, as `#[tokio::test]` gives), nothing sleeps. Run
-//! them all with [`admission_conformance_tests!`](crate::admission_conformance_tests).
+//! spawned tasks, so a grant must wake them.
+//!
+//! The cases expect tokio's clock paused (`#[tokio::test(start_paused = true)]`, which
+//! needs tokio's `test-util` feature in the test crate): a case moves time with
+//! `tokio::time::sleep`, which a paused runtime completes at once by advancing the
+//! clock, so nothing waits for real time, and a grant that never comes fails the case
+//! when its far deadline passes instead of hanging it. Run them all with
+//! [`admission_conformance_tests!`](crate::admission_conformance_tests), which does
+//! that.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -415,7 +421,6 @@ pub async fn a_full_queue_refuses_at_once(setup: Setup<'_>) {
 /// A request still without a slot at `until` fails with 503 `queue_timeout` and a
 /// Retry-After, and leaves the queue; a slot freed later is not granted to it.
 pub async fn the_wait_ends_at_until(setup: Setup<'_>) {
-    tokio::time::pause();
     let adm = setup(&Config::default());
     let rows = [member("slow-a", "slow", Some(1))];
     let route = route("slow", &rows);
@@ -428,10 +433,10 @@ pub async fn the_wait_ends_at_until(setup: Setup<'_>) {
         Instant::now() + Duration::from_secs(10),
     )
     .await;
-    tokio::time::advance(Duration::from_millis(9_900)).await;
+    tokio::time::sleep(Duration::from_millis(9_900)).await;
     settle().await;
     assert!(!w.is_finished(), "still within its wait");
-    tokio::time::advance(Duration::from_millis(200)).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let err = finished(w).await.expect_err("no slot freed in time");
     assert!(
         matches!(err, Error::QueueTimeout { .. }),
@@ -598,7 +603,6 @@ pub async fn each_principal_is_served_in_order(setup: Setup<'_>) {
 /// A row of the pool that starts serving (`observe`) wakes a waiter at once: it is
 /// granted a slot there without any slot freeing and without time passing.
 pub async fn a_row_that_starts_serving_wakes_a_waiter(setup: Setup<'_>) {
-    tokio::time::pause();
     let adm = setup(&Config::default());
     let busy = member("wake-a", "wake", Some(1));
     let asleep = stopped(&member("wake-b", "wake", Some(1)));
@@ -622,7 +626,6 @@ pub async fn a_row_that_starts_serving_wakes_a_waiter(setup: Setup<'_>) {
 /// Waiters keep waiting while a row of their pool serves; when the last serving row
 /// stops (or is deleted), they fail at once with 503, and a new request too.
 pub async fn waiters_fail_when_the_pool_stops_serving(setup: Setup<'_>) {
-    tokio::time::pause();
     let adm = setup(&Config::default());
     let a = member("dead-a", "dead", Some(1));
     let b = member("dead-b", "dead", Some(1));
@@ -669,7 +672,6 @@ pub async fn waiters_fail_when_the_pool_stops_serving(setup: Setup<'_>) {
 /// takes the requests; alone, it is 503 at once) until `cooldown` has passed; an
 /// answer resets the count.
 pub async fn a_failing_row_cools_down(setup: Setup<'_>) {
-    tokio::time::pause();
     let adm = setup(&Config {
         cooldown_after: 3,
         cooldown: Duration::from_secs(5),
@@ -719,11 +721,11 @@ pub async fn a_failing_row_cools_down(setup: Setup<'_>) {
         .await
         .expect_err("alone, a cooling row is unavailable");
     assert_unavailable(&err, "a request only a cooling row could take");
-    tokio::time::advance(Duration::from_millis(4_900)).await;
+    tokio::time::sleep(Duration::from_millis(4_900)).await;
     let g = grant_on(admit_now(&adm, "p", &route, &[]).await, "a slot");
     assert_eq!(g.row, b.name, "still cooling");
     adm.release(&g);
-    tokio::time::advance(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let mut tally = HashMap::new();
     for _ in 0..4 {
         let g = grant_on(admit_now(&adm, "p", &route, &[]).await, "a slot");
@@ -873,7 +875,68 @@ pub async fn counts_never_go_below_zero(setup: Setup<'_>) {
     assert_eq!(adm.in_flight(&row), 0);
 }
 
-/// Stamps out one `#[tokio::test]` per case of the admission suite. `$setup` is a fn
+/// What the route says of a row counts when it is newer than what the admission
+/// holds (a write it was not told of, e.g. by another replica), and never when it is
+/// older: a row the route shows stopped is not granted, a row the route shows serving
+/// is granted rather than a request waiting, and a stale route does not bring back a
+/// row observed stopped since.
+pub async fn the_newest_word_on_a_row_wins(setup: Setup<'_>) {
+    let adm = setup(&Config::default());
+    let a = member("news-a", "news", Some(1));
+    let b = member("news-b", "news", Some(1));
+    let both = route("news", &[a.clone(), b.clone()]);
+    for _ in 0..2 {
+        let g = grant_on(admit_now(&adm, "p", &both, &[]).await, "a slot");
+        adm.release(&g);
+    }
+    // a stopped elsewhere: the route says so, at a newer revision.
+    let a_stopped = stopped(&a);
+    let newer = route("news", &[a_stopped.clone(), b.clone()]);
+    for _ in 0..4 {
+        let g = grant_on(admit_now(&adm, "p", &newer, &[]).await, "b");
+        assert_eq!(g.row, b.name, "the route's newer word: a stopped");
+        adm.release(&g);
+    }
+    // ... and came back elsewhere, while b is busy: granted, not queued.
+    let gb = grant_on(admit_now(&adm, "p", &newer, &[]).await, "b");
+    let a_back = started(&a_stopped);
+    let newest = route("news", &[a_back.clone(), b.clone()]);
+    let ga = grant_on(admit_now(&adm, "p", &newest, &[]).await, "a, back");
+    assert_eq!(ga.row, a.name);
+    adm.release(&ga);
+    adm.release(&gb);
+    // Observed stopped here; an older route saying it serves does not bring it back.
+    let a_gone = stopped(&a_back);
+    adm.observe(&a_gone);
+    for _ in 0..4 {
+        let g = grant_on(admit_now(&adm, "p", &newest, &[]).await, "b");
+        assert_eq!(
+            g.row, b.name,
+            "an older route does not undo an observed stop"
+        );
+        adm.release(&g);
+    }
+    assert_eq!(counts(&adm, &[a, b]), [0, 0]);
+}
+
+/// A row the admission has not seen yet, serving in the route (published or bound
+/// through another replica), takes a request before it would wait.
+pub async fn a_row_first_seen_in_a_route_is_granted(setup: Setup<'_>) {
+    let adm = setup(&Config::default());
+    let a = member("new-a", "new", Some(1));
+    let old = route("new", std::slice::from_ref(&a));
+    let ga = grant_on(admit_now(&adm, "p", &old, &[]).await, "a");
+    let b = member("new-b", "new", Some(1));
+    let grown = route("new", &[a.clone(), b.clone()]);
+    let gb = grant_on(admit_now(&adm, "p", &grown, &[]).await, "b, new");
+    assert_eq!(gb.row, b.name);
+    adm.release(&ga);
+    adm.release(&gb);
+    assert_eq!(counts(&adm, &[a, b]), [0, 0]);
+}
+
+/// Stamps out one `#[tokio::test(start_paused = true)]` per case of the admission
+/// suite (the test crate needs tokio's `test-util` feature). `$setup` is a fn
 /// `(&Config) -> Arc<dyn Admission>` building a fresh admission.
 #[macro_export]
 macro_rules! admission_conformance_tests {
@@ -894,11 +957,13 @@ macro_rules! admission_conformance_tests {
             a_pinned_member_is_the_only_one_granted,
             try_admit_never_waits,
             counts_never_go_below_zero,
+            the_newest_word_on_a_row_wins,
+            a_row_first_seen_in_a_route_is_granted,
         );
     };
     (@cases $setup:path; $($case:ident,)*) => {
         $(
-            #[tokio::test]
+            #[tokio::test(start_paused = true)]
             async fn $case() {
                 $crate::testkit::admission_suite::$case(&$setup).await;
             }
