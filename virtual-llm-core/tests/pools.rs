@@ -1286,3 +1286,292 @@ mod counts {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------
+// The pick: `choose`, its ranked form, and `LocalAdmission`'s picks against a model.
+// ---------------------------------------------------------------------------------
+
+mod picks {
+    use futures::FutureExt;
+    use proptest::prelude::*;
+    use tokio::time::Instant;
+    use virtual_llm_core::admission::{Ask, Grant, Outcome};
+    use virtual_llm_core::protocol::MAX_CONCURRENT;
+    use virtual_llm_core::router::{Load, UNRANKED, choose, choose_ranked};
+    use virtual_llm_core::testkit::admission_suite::member;
+    use virtual_llm_core::{LlmRecord, LlmStatus, Route};
+
+    use super::*;
+
+    fn load() -> impl Strategy<Value = Load> {
+        let capacity = prop_oneof![
+            4 => (1u32..=8).prop_map(Some),
+            1 => (1u32..=MAX_CONCURRENT).prop_map(Some),
+            1 => Just(None),
+        ];
+        (capacity, 0u32..=12).prop_map(|(capacity, in_flight)| Load {
+            in_flight: capacity.map_or(in_flight, |c| in_flight.min(c)),
+            capacity,
+        })
+    }
+
+    /// Whether `a` is lighter than `b`, by cross-multiplying (an unlimited row counts
+    /// with a capacity above any limit).
+    fn lighter(a: Load, b: Load) -> bool {
+        let cap = |l: Load| l.capacity.map_or(u64::from(MAX_CONCURRENT) + 1, u64::from);
+        u64::from(a.in_flight) * cap(b) < u64::from(b.in_flight) * cap(a)
+    }
+
+    proptest! {
+        /// A rank orders loads exactly as in-flight / capacity does.
+        #[test]
+        fn ranks_order_loads_exactly(a in load(), b in load()) {
+            prop_assert_eq!(a.rank() < b.rank(), lighter(a, b));
+            prop_assert_eq!(a.rank() == b.rank(), !lighter(a, b) && !lighter(b, a));
+            prop_assert!(a.rank() < UNRANKED);
+        }
+
+        /// `choose_ranked` over ranks picks what `choose` picks over loads.
+        #[test]
+        fn choose_ranked_is_choose(
+            loads in prop::collection::vec(prop::option::of(load()), 1..40),
+            cursor in any::<usize>(),
+        ) {
+            let ranks: Vec<u64> = loads
+                .iter()
+                .map(|l| l.filter(|l| l.has_room()).map_or(UNRANKED, Load::rank))
+                .collect();
+            prop_assert_eq!(choose_ranked(&ranks, cursor), choose(&loads, cursor, |l| *l));
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        /// A request for the pool, excluding the rows of the mask, or pinned to one.
+        Admit {
+            exclude: u8,
+            pinned: Option<usize>,
+        },
+        Release(usize),
+        Report(usize, bool),
+        /// The registry writes the row stopped (`false`) or serving again (`true`).
+        Serve(usize, bool),
+        Wait(u64),
+    }
+
+    fn op(rows: usize) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            6 => (any::<u8>(), prop::option::weighted(0.2, 0..rows))
+                .prop_map(|(exclude, pinned)| Op::Admit { exclude, pinned }),
+            4 => any::<usize>().prop_map(Op::Release),
+            2 => (0..rows, prop::bool::weighted(0.7)).prop_map(|(r, failed)| Op::Report(r, failed)),
+            1 => (0..rows, any::<bool>()).prop_map(|(r, on)| Op::Serve(r, on)),
+            1 => (0u64..3_000).prop_map(Op::Wait),
+        ]
+    }
+
+    /// What a row is, as the test keeps it.
+    struct Row {
+        record: LlmRecord,
+        in_flight: u32,
+        failures: u32,
+        cool_until: Option<Instant>,
+    }
+
+    impl Row {
+        fn serving(&self) -> bool {
+            Route::serving(&self.record)
+        }
+
+        fn load(&self) -> Load {
+            Load {
+                in_flight: self.in_flight,
+                capacity: self.record.max_concurrent,
+            }
+        }
+    }
+
+    /// A row stopped with nothing in flight is one the admission may forget: it
+    /// comes back with a clean slate.
+    fn forgotten(row: &mut Row) {
+        row.failures = 0;
+        row.cool_until = None;
+    }
+
+    async fn run(caps: Vec<Option<u32>>, ops: Vec<Op>) -> Result<(), TestCaseError> {
+        let config = Config {
+            cooldown_after: 2,
+            cooldown: Duration::from_secs(2),
+            ..Config::default()
+        };
+        let adm: Arc<dyn Admission> = Arc::new(LocalAdmission::new(&config));
+        let mut rows: Vec<Row> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, cap)| Row {
+                record: member(&format!("pk-{i}"), "pk", *cap),
+                in_flight: 0,
+                failures: 0,
+                cool_until: None,
+            })
+            .collect();
+        // The registry wrote them: the admission knows them from the start.
+        for row in &rows {
+            adm.observe(&row.record);
+        }
+        let mut held: Vec<Grant> = Vec::new();
+        for op in ops {
+            match op {
+                Op::Admit { exclude, pinned } => {
+                    let now = Instant::now();
+                    let excluded: Vec<LlmName> = (0..rows.len())
+                        .filter(|i| exclude & (1 << i) != 0)
+                        .map(|i| rows[i].record.name.clone())
+                        .collect();
+                    let route = Route {
+                        pool: LlmName::parse("pk").unwrap(),
+                        rows: match pinned {
+                            Some(p) => vec![rows[p].record.clone()],
+                            None => rows.iter().map(|r| r.record.clone()).collect(),
+                        },
+                        pinned: pinned.map(|p| rows[p].record.name.clone()),
+                    };
+                    let candidate = |i: usize, r: &Row| {
+                        r.serving()
+                            && r.cool_until.is_none_or(|t| now >= t)
+                            && !excluded.contains(&r.record.name)
+                            && pinned.is_none_or(|p| p == i)
+                            && r.load().has_room()
+                    };
+                    let ask = Ask {
+                        principal: "p",
+                        route: &route,
+                        exclude: &excluded,
+                        until: now + Duration::from_secs(3600),
+                    };
+                    let answer = adm.admit(ask).now_or_never();
+                    let candidates: Vec<usize> = (0..rows.len())
+                        .filter(|i| candidate(*i, &rows[*i]))
+                        .collect();
+                    match answer {
+                        Some(Ok(grant)) => {
+                            let i = rows
+                                .iter()
+                                .position(|r| r.record.name == grant.row)
+                                .unwrap();
+                            prop_assert!(candidates.contains(&i), "{} is no candidate", grant.row);
+                            for &c in &candidates {
+                                prop_assert!(
+                                    !lighter(rows[c].load(), rows[i].load()),
+                                    "{} picked over the lighter {}",
+                                    grant.row,
+                                    rows[c].record.name
+                                );
+                            }
+                            rows[i].in_flight += 1;
+                            held.push(grant);
+                        }
+                        _ => {
+                            prop_assert!(candidates.is_empty(), "no grant with {candidates:?} free")
+                        }
+                    }
+                }
+                Op::Release(k) if !held.is_empty() => {
+                    let grant = held.swap_remove(k % held.len());
+                    adm.release(&grant);
+                    let row = rows
+                        .iter_mut()
+                        .find(|r| r.record.name == grant.row)
+                        .unwrap();
+                    row.in_flight -= 1;
+                    if !row.serving() && row.in_flight == 0 {
+                        forgotten(row);
+                    }
+                }
+                Op::Release(_) => {}
+                Op::Report(i, failed) => {
+                    let grant = Grant {
+                        row: rows[i].record.name.clone(),
+                        pool: LlmName::parse("pk").unwrap(),
+                    };
+                    // Reports come for rows that serve.
+                    if !rows[i].serving() {
+                        continue;
+                    }
+                    let outcome = if failed {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Answered
+                    };
+                    adm.report(&grant, outcome);
+                    let row = &mut rows[i];
+                    if failed {
+                        row.failures += 1;
+                        if row.failures >= 2 {
+                            row.failures = 0;
+                            row.cool_until = Some(Instant::now() + Duration::from_secs(2));
+                        }
+                    } else {
+                        row.failures = 0;
+                    }
+                }
+                Op::Serve(i, on) => {
+                    let row = &mut rows[i];
+                    if on == row.serving() {
+                        continue;
+                    }
+                    let mut record = row.record.clone();
+                    record.revision += 1;
+                    if on {
+                        record.status = LlmStatus::Active;
+                        record.binding = member("pk-x", "pk", None).binding;
+                    } else {
+                        record.status = LlmStatus::Inactive;
+                        record.binding = None;
+                    }
+                    adm.observe(&record);
+                    row.record = record;
+                    if !on && row.in_flight == 0 {
+                        forgotten(row);
+                    }
+                }
+                Op::Wait(ms) => tokio::time::advance(Duration::from_millis(ms)).await,
+            }
+            for row in &rows {
+                prop_assert_eq!(adm.in_flight(&row.record), row.in_flight);
+            }
+        }
+        for grant in held {
+            adm.release(&grant);
+        }
+        for row in &rows {
+            prop_assert_eq!(adm.in_flight(&row.record), 0);
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+        /// Whatever happened before (grants, releases, failures and cooldowns, rows
+        /// stopping and coming back, time passing), `LocalAdmission` grants a
+        /// candidate with room whose load is the lowest, and only when there is one.
+        #[test]
+        fn local_admission_picks_the_lightest_candidate(
+            (caps, ops) in prop::collection::vec(
+                prop_oneof![3 => (1u32..4).prop_map(Some), 1 => Just(None)], 1..6,
+            )
+            .prop_flat_map(|caps| {
+                let n = caps.len();
+                (Just(caps), prop::collection::vec(op(n), 1..80))
+            }),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            rt.block_on(run(caps, ops))?;
+        }
+    }
+}
