@@ -1,5 +1,7 @@
-//! Core benchmarks: the in-process task round trip (enqueue → deliver → outcome), and
-//! the GC sweep over a large registry where few rows are stale.
+//! Core benchmarks: the in-process task round trip (enqueue → deliver → outcome), the
+//! GC sweep over a large registry where few rows are stale, and pools: choosing a row
+//! among 1 000 (from loads, and from the ranks `LocalAdmission` keeps), and a slot
+//! admitted and released in pools of 4 and of 1 000.
 //!
 //! Run with: `cargo bench -p virtual-llm-core --bench core`
 
@@ -10,12 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use futures::FutureExt;
 use serde_json::json;
+use virtual_llm_core::admission::Ask;
 use virtual_llm_core::protocol::{GatewayFrame, LlmSpec, RegisterRequest, TaskResult};
+use virtual_llm_core::router::{Load, UNRANKED, choose, choose_ranked};
+use virtual_llm_core::testkit::admission_suite::member;
 use virtual_llm_core::testkit::{ManualClock, at, record};
 use virtual_llm_core::{
-    ChannelSink, Gateway, InferRequest, LlmName, LlmStatus, MemoryStore, Principal, Role,
-    SendError, Store, Write,
+    Admission, ChannelSink, Config, Gateway, InferRequest, LlmName, LlmStatus, LocalAdmission,
+    MemoryStore, Principal, Role, Route, SendError, Store, Write,
 };
 
 /// A channel that drops frames, so the benchmark measures the core and not a queue.
@@ -187,5 +193,106 @@ fn gc_sweep(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, task_round_trip, gc_sweep);
+/// A deterministic stream of numbers (an LCG), so every run measures the same loads.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u32) -> u32 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        ((self.0 >> 33) % u64::from(n)) as u32
+    }
+}
+
+/// Loads of a busy pool: capacities of 4 to 32, each row with one task in flight to
+/// full, so that no row is idle and a pick scans the whole pool (with `idle`, rows
+/// may be idle too, and a pick stops at the first).
+fn busy_loads(n: usize, idle: bool) -> Vec<Load> {
+    let mut rng = Lcg(7);
+    let least = u32::from(!idle);
+    (0..n)
+        .map(|_| {
+            let capacity = [4, 8, 16, 32][rng.below(4) as usize];
+            Load {
+                in_flight: least + rng.below(capacity + 1 - least),
+                capacity: Some(capacity),
+            }
+        })
+        .collect()
+}
+
+fn pool(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pool");
+    group.throughput(Throughput::Elements(1));
+    for (name, idle) in [("choose_1000", false), ("choose_1000_some_idle", true)] {
+        let loads = busy_loads(1_000, idle);
+        group.bench_function(name, |b| {
+            let mut cursor = 0usize;
+            b.iter(|| {
+                cursor = cursor.wrapping_add(1);
+                black_box(choose(black_box(&loads), cursor, |l| Some(*l)))
+            });
+        });
+    }
+    // The same pick over the ranks `LocalAdmission` keeps.
+    let ranks: Vec<u64> = busy_loads(1_000, false)
+        .into_iter()
+        .map(|l| if l.has_room() { l.rank() } else { UNRANKED })
+        .collect();
+    group.bench_function("choose_ranked_1000", |b| {
+        let mut cursor = 0usize;
+        b.iter(|| {
+            cursor = cursor.wrapping_add(1);
+            black_box(choose_ranked(black_box(&ranks), cursor))
+        });
+    });
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _entered = rt.enter();
+    for size in [4usize, 1_000] {
+        // A pool where every row has room: the request gets a slot at once.
+        let rows: Vec<_> = (0..size)
+            .map(|i| member(&format!("m-{i:04}"), "bench", Some(32)))
+            .collect();
+        let route = Route {
+            pool: LlmName::parse("bench").unwrap(),
+            rows,
+            pinned: None,
+        };
+        let adm: Arc<dyn Admission> = Arc::new(LocalAdmission::new(&Config::default()));
+        // Some slots held, as in a pool at work.
+        let mut held = Vec::new();
+        for _ in 0..size * 4 {
+            let ask = Ask {
+                principal: "p",
+                route: &route,
+                exclude: &[],
+                until: tokio::time::Instant::now() + Duration::from_secs(30),
+            };
+            held.push(adm.admit(ask).now_or_never().unwrap().unwrap());
+        }
+        group.bench_function(format!("admit_release_{size}"), |b| {
+            b.iter(|| {
+                let ask = Ask {
+                    principal: "p",
+                    route: &route,
+                    exclude: &[],
+                    until: tokio::time::Instant::now() + Duration::from_secs(30),
+                };
+                let grant = adm.admit(ask).now_or_never().unwrap().unwrap();
+                adm.release(black_box(&grant));
+            });
+        });
+        for g in &held {
+            adm.release(g);
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, task_round_trip, gc_sweep, pool);
 criterion_main!(benches);

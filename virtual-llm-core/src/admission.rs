@@ -20,7 +20,7 @@ use async_trait::async_trait;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use crate::router::{Load, Route, choose};
+use crate::router::{Load, Route, UNRANKED, choose_ranked};
 use crate::sync::lock;
 use crate::{Config, Error, LlmId, LlmName, LlmRecord, UnavailableKind};
 
@@ -75,9 +75,13 @@ pub struct PoolLoad {
 /// - [`admit`](Admission::admit) grants a slot on a row of the route that serves
 ///   ([`Route::serving`], or made serving since by [`observe`](Admission::observe)),
 ///   is admitted by the route ([`Route::admits`]), is not excluded, is not cooling
-///   down and has room; it picks with [`choose`]. Taking the slot and picking the row
-///   are one step: concurrent admits never put more tasks on a row than its
-///   capacity.
+///   down and has room; it picks as [`choose`](crate::router::choose) does. Of what
+///   the route and `observe` say of a row, the newer (by revision) counts. Taking the
+///   slot and picking the row are one step: concurrent admits never put more tasks
+///   on a row than its capacity. A row that started serving through a write the
+///   admission was not told of (another replica's) may be left out of its choice
+///   among rows with room for up to a second, never when the request would
+///   otherwise wait or fail.
 /// - With no such row but one that serves, the request waits in the pool's queue
 ///   until a slot is granted to it, or until `ask.until` (then
 ///   [`Error::QueueTimeout`]); with the queue at its depth it is refused at once
@@ -172,6 +176,14 @@ struct Limits {
 }
 
 /// The [`Admission`] of one gateway process.
+///
+/// Each pool keeps its rows as [`observe`](Admission::observe) reports them, with
+/// each row's rank ([`Load::rank`]) kept up to date, so that a pick is a pass over
+/// integers ([`choose_ranked`]) rather than over the route's rows. The row picked is
+/// checked against its copy in the route (a newer copy counts, and the pick is made
+/// again); the whole route is merged when the pool first sees one, when its length
+/// changes, at most a second after the last merge, and before a request would wait
+/// or fail.
 #[derive(Clone)]
 pub struct LocalAdmission {
     inner: Arc<Inner>,
@@ -245,6 +257,9 @@ struct Member {
     revision: u64,
     failures: u32,
     cool_until: Option<Instant>,
+    /// Where the row sat in the last whole route merged, to find its copy in the
+    /// next route without a search.
+    at: usize,
 }
 
 impl Member {
@@ -257,6 +272,17 @@ impl Member {
 
     fn cooling(&self, now: Instant) -> bool {
         self.cool_until.is_some_and(|t| now < t)
+    }
+
+    /// Its [rank](Load::rank) as a candidate, or [`UNRANKED`] when it is not one:
+    /// not serving, cooling down (until [`Pool::expire`] ends the cooldown), or full.
+    fn rank(&self) -> u64 {
+        let load = self.load();
+        if self.serving && self.cool_until.is_none() && load.has_room() {
+            load.rank()
+        } else {
+            UNRANKED
+        }
     }
 }
 
@@ -380,47 +406,163 @@ impl Pace {
     }
 }
 
+/// How long a pool goes at most without merging a whole route into what it holds.
+/// Between merges, a request's route is read only for the row picked; the registry
+/// writes of this process reach the pool at once through `observe`, and a merge
+/// brings those of other replicas.
+const MERGE_EVERY: Duration = Duration::from_secs(1);
+
 /// One pool's rows, turn and queue.
 #[derive(Debug, Default)]
 struct Pool {
     members: Vec<Member>,
+    /// Each member's rank as a candidate, kept with the member: a pick reads only
+    /// these ([`choose_ranked`]), so that it costs little in a large pool.
+    ranks: Vec<u64>,
     index: HashMap<LlmName, usize>,
     cursor: usize,
     queue: Queue,
     pace: Pace,
+    /// When a whole route of the pool was last merged, and how many rows it had: a
+    /// route of another length, or a merge older than [`MERGE_EVERY`], is merged
+    /// before a pick.
+    merged: Option<(Instant, usize)>,
+    /// The earliest end of a member's cooldown, when one cools down.
+    cool_ends: Option<Instant>,
 }
 
 impl Pool {
-    fn member(&mut self, name: &LlmName) -> Option<&mut Member> {
+    /// Applies `change` to the member `name`, and ranks it again.
+    fn update<R>(&mut self, name: &LlmName, change: impl FnOnce(&mut Member) -> R) -> Option<R> {
         let i = *self.index.get(name)?;
-        self.members.get_mut(i)
+        Some(self.update_at(i, change))
     }
 
-    /// Records what the registry says of `row`, unless what we hold is newer.
-    fn see(&mut self, row: &LlmRecord) {
-        let serving = Route::serving(row);
-        match self.member(&row.name) {
-            Some(m) if m.id == row.id && m.revision > row.revision => {}
-            Some(m) => {
-                m.id.clone_from(&row.id);
-                m.serving = serving;
-                m.capacity = row.max_concurrent;
-                m.revision = row.revision;
-            }
-            None => {
-                self.index.insert(row.name.clone(), self.members.len());
-                self.members.push(Member {
-                    name: row.name.clone(),
-                    id: row.id.clone(),
-                    in_flight: 0,
-                    capacity: row.max_concurrent,
-                    serving,
-                    revision: row.revision,
-                    failures: 0,
-                    cool_until: None,
+    /// Applies `change` to member `i`, and ranks it again.
+    fn update_at<R>(&mut self, i: usize, change: impl FnOnce(&mut Member) -> R) -> R {
+        let m = &mut self.members[i];
+        let out = change(m);
+        self.ranks[i] = m.rank();
+        if let Some(end) = m.cool_until {
+            self.cool_ends = Some(self.cool_ends.map_or(end, |e| e.min(end)));
+        }
+        out
+    }
+
+    /// Ends the cooldowns that are over by `now`: those members are candidates again.
+    fn expire(&mut self, now: Instant) {
+        if self.cool_ends.is_none_or(|end| now < end) {
+            return;
+        }
+        self.cool_ends = None;
+        for i in 0..self.members.len() {
+            if self.members[i].cool_until.is_some() {
+                self.update_at(i, |m| {
+                    if !m.cooling(now) {
+                        m.cool_until = None;
+                    }
                 });
             }
         }
+    }
+
+    /// Records what the registry says of `row`, unless what we hold is newer; returns
+    /// the row's member.
+    fn see(&mut self, row: &LlmRecord) -> usize {
+        let serving = Route::serving(row);
+        if let Some(&i) = self.index.get(&row.name) {
+            self.update_at(i, |m| {
+                if m.id != row.id || m.revision <= row.revision {
+                    m.id.clone_from(&row.id);
+                    m.serving = serving;
+                    m.capacity = row.max_concurrent;
+                    m.revision = row.revision;
+                }
+            });
+            return i;
+        }
+        let i = self.members.len();
+        self.index.insert(row.name.clone(), i);
+        let member = Member {
+            name: row.name.clone(),
+            id: row.id.clone(),
+            in_flight: 0,
+            capacity: row.max_concurrent,
+            serving,
+            revision: row.revision,
+            failures: 0,
+            cool_until: None,
+            at: 0,
+        };
+        self.ranks.push(member.rank());
+        self.members.push(member);
+        i
+    }
+
+    /// Whether `route` must be merged before a pick: a pinned route always (it has
+    /// one row), a whole one when the pool never merged one, when its length changed
+    /// (rows came or went), or after [`MERGE_EVERY`].
+    fn needs_merge(&self, route: &Route, now: Instant) -> bool {
+        route.pinned.is_some()
+            || self.merged.is_none_or(|(at, len)| {
+                len != route.rows.len() || now.saturating_duration_since(at) >= MERGE_EVERY
+            })
+    }
+
+    /// Records every row of `route` (see [`Pool::see`]), and where each sits in it.
+    fn merge(&mut self, route: &Route, now: Instant) {
+        for (at, row) in route.rows.iter().enumerate() {
+            let i = self.see(row);
+            if route.pinned.is_none() {
+                self.members[i].at = at;
+            }
+        }
+        if route.pinned.is_none() {
+            self.merged = Some((now, route.rows.len()));
+        }
+    }
+
+    /// The candidate a request gets, as [`choose`](crate::router::choose) picks it:
+    /// serving, not cooling down, admitted by the route, not excluded, with room, the
+    /// lightest, ties in turn. Takes nothing.
+    fn pick(&mut self, now: Instant, route: &Route, exclude: &[LlmName]) -> Option<usize> {
+        self.expire(now);
+        if let Some(pinned) = &route.pinned {
+            let i = *self.index.get(pinned)?;
+            return (self.ranks[i] != UNRANKED && !exclude.contains(pinned)).then_some(i);
+        }
+        let excluded: Vec<usize> = exclude
+            .iter()
+            .filter_map(|name| self.index.get(name).copied())
+            .collect();
+        for &i in &excluded {
+            self.ranks[i] = UNRANKED;
+        }
+        let picked = choose_ranked(&self.ranks, self.cursor);
+        for &i in &excluded {
+            self.ranks[i] = self.members[i].rank();
+        }
+        picked
+    }
+
+    /// The copy of member `i` in `route`, if it is newer than what the pool holds.
+    fn newer_in<'r>(&self, i: usize, route: &'r Route) -> Option<&'r LlmRecord> {
+        let m = &self.members[i];
+        let row = route
+            .rows
+            .get(m.at)
+            .filter(|r| r.name == m.name)
+            .or_else(|| route.rows.iter().find(|r| r.name == m.name))?;
+        (row.id != m.id || row.revision > m.revision).then_some(row)
+    }
+
+    /// Takes a slot on member `i`; the next pick starts after it.
+    fn take(&mut self, i: usize) -> LlmName {
+        self.cursor = i + 1;
+        self.update_at(i, |m| {
+            m.in_flight += 1;
+            m.name.clone()
+        })
     }
 
     /// Drops a member with nothing in flight that does not serve: a pool keeps
@@ -435,36 +577,27 @@ impl Pool {
         }
         self.index.remove(name);
         self.members.swap_remove(i);
+        self.ranks.swap_remove(i);
         if let Some(moved) = self.members.get(i) {
             self.index.insert(moved.name.clone(), i);
         }
     }
 
-    /// Picks a row for a request and takes one of its slots.
-    fn take(&mut self, now: Instant, admits: impl Fn(&LlmName) -> bool) -> Option<LlmName> {
-        let i = choose(&self.members, self.cursor, |m| {
-            (m.serving && !m.cooling(now) && admits(&m.name)).then(|| m.load())
-        })?;
-        self.cursor = i + 1;
-        let m = &mut self.members[i];
-        m.in_flight += 1;
-        Some(m.name.clone())
-    }
-
     /// Hands free slots of `row` to waiters, while it has room and they take it.
     fn hand_over(&mut self, row: &LlmName, now: Instant) {
         loop {
-            let Some(m) = self.member(row) else { return };
+            let Some(&i) = self.index.get(row) else {
+                return;
+            };
+            let m = &self.members[i];
             if !m.serving || m.cooling(now) || !m.load().has_room() {
                 return;
             }
             let Some(waiter) = self.queue.next_for(row) else {
                 return;
             };
-            if waiter.grant.send(row.clone()).is_ok()
-                && let Some(m) = self.member(row)
-            {
-                m.in_flight += 1;
+            if waiter.grant.send(row.clone()).is_ok() {
+                self.update_at(i, |m| m.in_flight += 1);
             }
         }
     }
@@ -489,33 +622,41 @@ impl Inner {
         let Some(pool) = state.pools.get_mut(&grant.pool) else {
             return;
         };
-        let Some(m) = pool.member(&grant.row) else {
+        if pool
+            .update(&grant.row, |m| m.in_flight = m.in_flight.saturating_sub(1))
+            .is_none()
+        {
             return;
-        };
-        m.in_flight = m.in_flight.saturating_sub(1);
+        }
         pool.pace.record(now);
         pool.hand_over(&grant.row, now);
         pool.prune(&grant.row);
         state.tidy(&grant.pool, &grant.row);
     }
 
-    /// A waiter gave up: out of the queue, or, when its grant raced the give-up, the
-    /// slot back.
-    fn leave(&self, pool_key: &LlmName, id: u64, granted: Option<LlmName>) {
-        match granted {
-            Some(row) => self.release(&Grant {
-                row,
-                pool: pool_key.clone(),
-            }),
-            None => {
-                let mut state = lock(&self.state);
-                if let Some(pool) = state.pools.get_mut(pool_key) {
-                    pool.queue.remove(id);
-                    if pool.is_idle() {
-                        state.pools.remove(pool_key);
-                    }
-                }
+    /// A waiter gives up (its wait ran out, or its future was dropped): out of the
+    /// queue if it is still there. Decided under the lock that grants are sent under,
+    /// so a grant that raced the give-up is seen, never lost: the caller gets the row.
+    fn withdraw(
+        &self,
+        pool_key: &LlmName,
+        id: u64,
+        rx: &mut oneshot::Receiver<LlmName>,
+    ) -> Withdrawn {
+        let mut state = lock(&self.state);
+        if let Some(pool) = state.pools.get_mut(pool_key)
+            && pool.queue.remove(id).is_some()
+        {
+            if pool.is_idle() {
+                state.pools.remove(pool_key);
             }
+            return Withdrawn::Left;
+        }
+        // Out of the queue already: granted a row, or failed with its pool, before
+        // this lock was taken.
+        match rx.try_recv() {
+            Ok(row) => Withdrawn::Granted(row),
+            Err(_) => Withdrawn::Failed,
         }
     }
 
@@ -555,6 +696,16 @@ impl Inner {
     }
 }
 
+/// Records `route`'s rows as living in the pool `key`, so that an event on one finds
+/// its pool; allocates only for a row that moved.
+fn settle_homes(homes: &mut HashMap<LlmName, LlmName>, key: &LlmName, route: &Route) {
+    for row in &route.rows {
+        if homes.get(&row.name) != Some(key) {
+            homes.insert(row.name.clone(), key.clone());
+        }
+    }
+}
+
 /// Leaves the queue when dropped before its grant was taken.
 struct Waiting {
     inner: Arc<Inner>,
@@ -565,11 +716,26 @@ struct Waiting {
     done: bool,
 }
 
+/// What a waiter that gives up was left with.
+enum Withdrawn {
+    /// It was still queued, and left the queue.
+    Left,
+    /// A slot on this row was granted to it as it gave up.
+    Granted(LlmName),
+    /// Its pool stopped serving: nothing was granted.
+    Failed,
+}
+
 impl Drop for Waiting {
     fn drop(&mut self) {
         if !self.done {
-            let granted = self.rx.try_recv().ok();
-            self.inner.leave(&self.pool, self.id, granted);
+            if let Withdrawn::Granted(row) = self.inner.withdraw(&self.pool, self.id, &mut self.rx)
+            {
+                self.inner.release(&Grant {
+                    row,
+                    pool: self.pool.clone(),
+                });
+            }
             crate::metrics::queue_rejected("left");
         }
     }
@@ -587,15 +753,31 @@ impl Admission for LocalAdmission {
             let mut state = lock(&self.inner.state);
             let state = &mut *state;
             let pool = state.pools.entry(key.clone()).or_default();
-            for row in &route.rows {
-                pool.see(row);
-                state.homes.insert(row.name.clone(), key.clone());
+            let mut merged = pool.needs_merge(route, now);
+            if merged {
+                pool.merge(route, now);
+                settle_homes(&mut state.homes, key, route);
             }
-            if let Some(row) = pool.take(now, admits) {
-                return Ok(Grant {
-                    row,
-                    pool: key.clone(),
-                });
+            loop {
+                if let Some(i) = pool.pick(now, route, ask.exclude) {
+                    // What the route says of the row picked is newer: pick again.
+                    if let Some(row) = pool.newer_in(i, route) {
+                        pool.see(row);
+                        continue;
+                    }
+                    return Ok(Grant {
+                        row: pool.take(i),
+                        pool: key.clone(),
+                    });
+                }
+                // Nothing free as far as the pool knows: learn the whole route (rows
+                // other replicas bound) before making the request wait or fail.
+                if merged {
+                    break;
+                }
+                pool.merge(route, now);
+                settle_homes(&mut state.homes, key, route);
+                merged = true;
             }
             let able = pool
                 .members
@@ -645,11 +827,11 @@ impl Admission for LocalAdmission {
             Ok(Ok(row)) => row,
             // The pool's last serving row went away; nothing was granted.
             Ok(Err(_)) => return Err(self.inner.offline(key)),
-            Err(_elapsed) => match waiting.rx.try_recv() {
+            Err(_elapsed) => match self.inner.withdraw(key, id, &mut waiting.rx) {
                 // Granted just as the wait ran out: the slot is ours.
-                Ok(row) => row,
-                Err(_) => {
-                    self.inner.leave(key, id, None);
+                Withdrawn::Granted(row) => row,
+                Withdrawn::Failed => return Err(self.inner.offline(key)),
+                Withdrawn::Left => {
                     crate::metrics::queue_rejected("queue_timeout");
                     let pace = lock(&self.inner.state).pools.get(key).map(|p| {
                         p.pace
@@ -675,8 +857,9 @@ impl Admission for LocalAdmission {
         let now = Instant::now();
         let mut state = lock(&self.inner.state);
         let pool = state.pools.entry(key.clone()).or_default();
-        pool.see(row);
-        let taken = pool.take(now, |name| *name == row.name);
+        let i = pool.see(row);
+        pool.expire(now);
+        let taken = (pool.ranks[i] != UNRANKED).then(|| pool.take(i));
         pool.prune(&row.name);
         state.homes.insert(row.name.clone(), key.clone());
         state.tidy(key, &row.name);
@@ -698,25 +881,29 @@ impl Admission for LocalAdmission {
     }
 
     fn report(&self, grant: &Grant, outcome: Outcome) {
+        let limits = self.inner.limits;
         let mut state = lock(&self.inner.state);
-        let Some(m) = state
-            .pools
-            .get_mut(&grant.pool)
-            .and_then(|p| p.member(&grant.row))
-        else {
+        let Some(pool) = state.pools.get_mut(&grant.pool) else {
             return;
         };
-        match outcome {
-            Outcome::Answered => m.failures = 0,
+        let cooled = pool.update(&grant.row, |m| match outcome {
+            Outcome::Answered => {
+                m.failures = 0;
+                false
+            }
             Outcome::Failed => {
                 m.failures += 1;
-                if m.failures >= self.inner.limits.cooldown_after {
+                let cool = m.failures >= limits.cooldown_after;
+                if cool {
                     m.failures = 0;
-                    m.cool_until = Some(Instant::now() + self.inner.limits.cooldown);
-                    crate::metrics::cooled_down();
-                    tracing::info!(llm = %grant.row, pool = %grant.pool, "failing row passed over for a while");
+                    m.cool_until = Some(Instant::now() + limits.cooldown);
                 }
+                cool
             }
+        });
+        if cooled == Some(true) {
+            crate::metrics::cooled_down();
+            tracing::info!(llm = %grant.row, pool = %grant.pool, "failing row passed over for a while");
         }
     }
 
@@ -729,9 +916,8 @@ impl Admission for LocalAdmission {
         // A row that moved to another pool stops serving in its old one.
         if let Some(old) = state.homes.get(&row.name).filter(|k| *k != key).cloned() {
             if let Some(pool) = state.pools.get_mut(&old)
-                && let Some(m) = pool.member(&row.name)
+                && pool.update(&row.name, |m| m.serving = false).is_some()
             {
-                m.serving = false;
                 pool.prune(&row.name);
                 pool.fail_waiters_if_dead();
             }
@@ -759,10 +945,16 @@ impl Admission for LocalAdmission {
             return;
         };
         if let Some(pool) = state.pools.get_mut(&key)
-            && let Some(m) = pool.member(name)
-            && m.id == *id
+            && pool
+                .update(name, |m| {
+                    let same = m.id == *id;
+                    if same {
+                        m.serving = false;
+                    }
+                    same
+                })
+                .unwrap_or(false)
         {
-            m.serving = false;
             pool.prune(name);
             pool.fail_waiters_if_dead();
         }

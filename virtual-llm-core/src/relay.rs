@@ -114,9 +114,10 @@ impl Gateway {
             };
             let slot = Slot::new(self.shared.admission.clone(), grant);
             let row = match route.rows.iter().find(|r| r.name == slot.grant().row) {
-                Some(row) => row.clone(),
-                // A row that started serving after the route was read.
-                None => match self.shared.store.get(&slot.grant().row).await? {
+                Some(row) if Route::serving(row) => row.clone(),
+                // A row that started serving after the route was read (published or
+                // bound since): as the registry has it now, not as the route saw it.
+                _ => match self.shared.store.get(&slot.grant().row).await? {
                     Some(row) => row,
                     None => continue,
                 },

@@ -5,8 +5,9 @@
 //! the one member a client pinned by its own name. Then [`choose`] picks among the
 //! route's rows that can take a task now (active, with a channel, not cooling down,
 //! with a free slot): the lowest in-flight / capacity, ties broken round-robin. The
-//! [`Admission`](crate::Admission) calls [`choose`] under its lock, so picking a row
-//! and taking its slot are one step; it queues the request when nothing is free.
+//! [`Admission`](crate::Admission) picks that way under its lock (the local one over
+//! ranks it keeps up to date, with [`choose_ranked`]), so picking a row and taking
+//! its slot are one step; it queues the request when nothing is free.
 
 use std::fmt;
 
@@ -114,17 +115,37 @@ pub struct Load {
     pub capacity: Option<u32>,
 }
 
+/// The most tasks in flight a [rank](Load::rank) tells apart (2²⁴ − 1); a row with
+/// more ranks as if it had this many.
+const RANKED_IN_FLIGHT: u32 = (1 << 24) - 1;
+
+/// The rank of a row that is not a candidate: above every [`Load::rank`].
+pub const UNRANKED: u64 = u64::MAX;
+
 impl Load {
     /// Whether one more task fits.
     pub fn has_room(self) -> bool {
         self.capacity.is_none_or(|c| self.in_flight < c)
     }
 
-    /// Whether `self` is strictly less loaded than `other`, by in-flight / capacity
-    /// (compared exactly, by cross-multiplying).
-    fn lighter_than(self, other: Load) -> bool {
-        let cap = |l: Load| l.capacity.map_or(UNLIMITED, u64::from);
-        u64::from(self.in_flight) * cap(other) < u64::from(other.in_flight) * cap(self)
+    /// A key that orders loads as [`choose`] compares them: a lighter load has a
+    /// smaller rank, equal loads (1/2 and 2/4) the same. It is in-flight / capacity
+    /// in fixed point with 40 fractional bits, which is exact for capacities up to
+    /// [`MAX_CONCURRENT`] (an unlimited row counts one above): two different such
+    /// fractions differ by at least 1/10 001², far above 2⁻⁴⁰. In-flight counts above
+    /// 2²⁴ − 1 rank as 2²⁴ − 1. Always below [`UNRANKED`].
+    ///
+    /// ```
+    /// use virtual_llm_core::router::Load;
+    ///
+    /// let load = |in_flight, capacity| Load { in_flight, capacity: Some(capacity) };
+    /// assert!(load(1, 3).rank() < load(1, 2).rank());
+    /// assert_eq!(load(1, 2).rank(), load(2, 4).rank());
+    /// assert!(load(0, 1).rank() < Load { in_flight: 1, capacity: None }.rank());
+    /// ```
+    pub fn rank(self) -> u64 {
+        let cap = self.capacity.map_or(UNLIMITED, u64::from).max(1);
+        (u64::from(self.in_flight.min(RANKED_IN_FLIGHT)) << 40) / cap
     }
 }
 
@@ -132,7 +153,9 @@ impl Load {
 /// candidates: serving, not cooling down) and that have room, the lowest in-flight /
 /// capacity. The scan starts at `cursor` and wraps, and only a strictly lighter row
 /// replaces the best so far, so equally loaded rows take turns when the caller moves
-/// the cursor past each pick. `None` when no candidate has room.
+/// the cursor past each pick. `None` when no candidate has room. The scan stops at
+/// the first idle candidate (nothing is lighter), so in a pool with idle rows a pick
+/// costs less than a pass over the pool.
 ///
 /// ```
 /// use virtual_llm_core::router::{Load, choose};
@@ -152,16 +175,57 @@ pub fn choose<T>(members: &[T], cursor: usize, load: impl Fn(&T) -> Option<Load>
         return None;
     }
     let start = cursor % n;
-    let mut best: Option<(usize, Load)> = None;
-    for i in (start..n).chain(0..start) {
-        let Some(l) = load(&members[i]) else { continue };
-        if !l.has_room() {
-            continue;
+    // The lightest candidate so far, with its in-flight and capacity: loads are
+    // compared exactly, by cross-multiplying. It starts as "infinitely loaded" (1/0),
+    // which any candidate with room is lighter than.
+    let mut best = None;
+    let (mut best_in, mut best_cap) = (1u64, 0u64);
+    // Scans `slice`, the members from `base` on; `true` when an idle candidate was
+    // found: nothing after it can be strictly lighter, so the scan may stop there.
+    let mut scan = |base: usize, slice: &[T]| -> bool {
+        for (j, m) in slice.iter().enumerate() {
+            let Some(l) = load(m) else { continue };
+            let (cap, room) = match l.capacity {
+                Some(c) => (u64::from(c), l.in_flight < c),
+                None => (UNLIMITED, true),
+            };
+            let in_flight = u64::from(l.in_flight);
+            if room && in_flight * best_cap < best_in * cap {
+                best = Some(base + j);
+                (best_in, best_cap) = (in_flight, cap);
+                if in_flight == 0 {
+                    return true;
+                }
+            }
         }
-        match best {
-            Some((_, b)) if !l.lighter_than(b) => {}
-            _ => best = Some((i, l)),
-        }
+        false
+    };
+    let (before, from) = members.split_at(start);
+    if !scan(start, from) {
+        scan(0, before);
     }
-    best.map(|(i, _)| i)
+    best
+}
+
+/// [`choose`] over ranks kept up to date by the caller: `ranks[i]` is member `i`'s
+/// [`Load::rank`] when it is a candidate with room, else [`UNRANKED`]. Picks the
+/// same member [`choose`] would: the lowest rank, ties to the first from `cursor` on
+/// (wrapping). A pass over plain integers, for large pools.
+///
+/// ```
+/// use virtual_llm_core::router::{UNRANKED, choose_ranked};
+///
+/// let ranks = [7, 3, UNRANKED, 3];
+/// assert_eq!(choose_ranked(&ranks, 0), Some(1));
+/// assert_eq!(choose_ranked(&ranks, 2), Some(3), "ties go round-robin");
+/// assert_eq!(choose_ranked(&[UNRANKED], 0), None);
+/// ```
+pub fn choose_ranked(ranks: &[u64], cursor: usize) -> Option<usize> {
+    let lowest = ranks.iter().copied().min().filter(|r| *r != UNRANKED)?;
+    let start = cursor % ranks.len();
+    let (before, from) = ranks.split_at(start);
+    match from.iter().position(|r| *r == lowest) {
+        Some(j) => Some(start + j),
+        None => before.iter().position(|r| *r == lowest),
+    }
 }

@@ -12,6 +12,9 @@
 //!   other.
 //! - [`router_suite`] with [`router_conformance_tests!`](crate::router_conformance_tests):
 //!   checking a [`Router`](crate::Router).
+//! - [`admission_suite`] with
+//!   [`admission_conformance_tests!`](crate::admission_conformance_tests): checking an
+//!   [`Admission`](crate::Admission).
 //! - [`MemoryCluster`]: gateway replicas in one process, linked by an in-memory
 //!   directory and task router.
 //! - [`ManualClock`]: wall-clock time that moves only when told to.
@@ -23,6 +26,7 @@
 //! - [`LoopbackWire`]: a publisher wire straight into an in-process gateway.
 //! - [`record`] and [`at`]: row and time builders for tests.
 
+pub mod admission_suite;
 mod cluster;
 pub mod directory_suite;
 mod failing;

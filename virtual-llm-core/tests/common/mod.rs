@@ -139,3 +139,49 @@ pub async fn text_of(reply: Reply) -> String {
             .concat(),
     }
 }
+
+/// A spec serving in `pool` (`None`: a pool of one), taking at most `max_concurrent`
+/// tasks at once (`None`: no limit).
+pub fn pooled(name: &str, pool: Option<&str>, max_concurrent: Option<u32>) -> LlmSpec {
+    LlmSpec {
+        pool: pool.map(|p| LlmName::parse(p).unwrap()),
+        max_concurrent,
+        ..spec(name)
+    }
+}
+
+impl Fixture {
+    /// Registers `specs` for `who` on a fresh session.
+    pub async fn register_specs(
+        &self,
+        who: &Principal,
+        specs: Vec<LlmSpec>,
+    ) -> Result<RegisterResponse, virtual_llm_core::Error> {
+        let req = RegisterRequest {
+            provider_session_id: None,
+            protocol_version: None,
+            llms: specs,
+        };
+        self.gw.register(who, req).await
+    }
+
+    /// Registers `specs` for `who` on a fresh session and binds a channel.
+    pub async fn online_specs(
+        &self,
+        who: &Principal,
+        specs: Vec<LlmSpec>,
+    ) -> (SessionId, Binding, FakeChannel) {
+        let session = self
+            .register_specs(who, specs)
+            .await
+            .unwrap()
+            .provider_session_id;
+        let channel = FakeChannel::new();
+        let binding = self
+            .gw
+            .bind(who, &session, Arc::new(channel.clone()))
+            .await
+            .unwrap();
+        (session, binding, channel)
+    }
+}
