@@ -619,12 +619,25 @@ async fn unknown_fields_are_ignored_consistently_and_never_stored() {
         "alice",
         None,
         "application/json",
-        json!({"providerSessionId": session, "llms": 99, "extra": true})
+        json!({"providerSessionId": session, "rows": 99, "extra": true})
             .to_string()
             .into(),
     )
     .await;
     assert_eq!((a.status, &a.body), (200, &json!({"llms": 1})));
+    // `llms` is a heartbeat field since protocol 2 (each LLM's upstream state): a
+    // value of the wrong shape is refused, not ignored.
+    let a = post(
+        &format!("{}/_provider-heartbeat", base(&gw)),
+        "alice",
+        None,
+        "application/json",
+        json!({"providerSessionId": session, "llms": 99})
+            .to_string()
+            .into(),
+    )
+    .await;
+    assert_eq!(a.status, 400, "{}", a.body);
 
     // The same over a socket.
     let mut s = socket(&gw, "alice").await;

@@ -138,7 +138,11 @@ fn text(frame: &TaskFrame) -> &str {
 }
 
 fn answered(status: u16, body: Value) -> TaskResult {
-    TaskResult::Completed { status, body }
+    TaskResult::Completed {
+        status,
+        body,
+        retry_after: None,
+    }
 }
 
 fn ok(by: &str) -> TaskResult {
