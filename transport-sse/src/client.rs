@@ -37,7 +37,7 @@ const RESULTS_PER_WRITE: usize = 64;
 ///
 /// let wire = virtual_llm_sse::SseWire::new("http://127.0.0.1:8080", Some("token".into()))?;
 /// let llm = PublishedLlm {
-///     spec: LlmSpec { name: "demo".parse()?, provider_type: "echo".into(), model: "echo".into(), tier: None, pool: None, max_concurrent: None },
+///     spec: LlmSpec::new("demo".parse()?, "echo", "echo"),
 ///     provider: Arc::new(EchoProvider::new()),
 /// };
 /// let publisher = Publisher::spawn(Arc::new(wire), vec![llm], PublisherOptions::default());
