@@ -42,7 +42,12 @@ where
             let request: HeartbeatRequest = body::json(&bytes)?;
             Ok(reply::json(
                 200,
-                &gw.heartbeat(&who, &request.provider_session_id).await?,
+                &gw.heartbeat_with(
+                    &who,
+                    &request.provider_session_id,
+                    request.llms.as_deref().unwrap_or_default(),
+                )
+                .await?,
             ))
         }
         .await,

@@ -115,7 +115,7 @@ pub(crate) async fn run<S>(
                     Ok(PublisherFrame::Heartbeat(h)) if h.provider_session_id != session => {
                         break Err(Error::invalid("a heartbeat for another session"));
                     }
-                    Ok(PublisherFrame::Heartbeat(_)) => match gateway.heartbeat(&principal, &session).await {
+                    Ok(PublisherFrame::Heartbeat(h)) => match gateway.heartbeat_with(&principal, &session, h.llms.as_deref().unwrap_or_default()).await {
                         Ok(_) => {}
                         // The gateway's own failure (its store): the publisher did nothing
                         // wrong, so its socket and tasks carry on, as an SSE publisher's

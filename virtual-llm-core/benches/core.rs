@@ -272,6 +272,7 @@ fn pool(c: &mut Criterion) {
                 route: &route,
                 exclude: &[],
                 until: tokio::time::Instant::now() + Duration::from_secs(30),
+                waking: false,
             };
             held.push(adm.admit(ask).now_or_never().unwrap().unwrap());
         }
@@ -282,6 +283,7 @@ fn pool(c: &mut Criterion) {
                     route: &route,
                     exclude: &[],
                     until: tokio::time::Instant::now() + Duration::from_secs(30),
+                    waking: false,
                 };
                 let grant = adm.admit(ask).now_or_never().unwrap().unwrap();
                 adm.release(black_box(&grant));

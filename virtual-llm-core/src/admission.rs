@@ -35,6 +35,9 @@ pub struct Ask<'a> {
     pub exclude: &'a [LlmName],
     /// How long the request may wait in the queue, at most.
     pub until: Instant,
+    /// A row of the route is being woken (SPEC §12): wait for it in the queue even
+    /// though no row serves yet, until `until`.
+    pub waking: bool,
 }
 
 /// A slot on one row, granted by an [`Admission`].
@@ -112,6 +115,10 @@ pub trait Admission: fmt::Debug + Send + Sync + 'static {
 
     /// Frees the slot of `grant`; waiters may take it.
     fn release(&self, grant: &Grant);
+
+    /// Fails every request waiting in `pool`'s queue with `error()` (a wake that
+    /// failed), and ends the pool's wake. Returns how many there were.
+    fn fail_waiters(&self, pool: &LlmName, error: &(dyn Fn() -> Error + Sync)) -> usize;
 
     /// How a dispatch on `grant`'s row went.
     fn report(&self, grant: &Grant, outcome: Outcome);
@@ -292,8 +299,11 @@ struct Waiter {
     principal: Arc<str>,
     pinned: Option<LlmName>,
     exclude: Vec<LlmName>,
-    grant: oneshot::Sender<LlmName>,
+    grant: oneshot::Sender<Verdict>,
 }
+
+/// What a waiter is told: the row granted, or why it waits no more.
+type Verdict = Result<LlmName, Error>;
 
 impl Waiter {
     fn takes(&self, row: &LlmName) -> bool {
@@ -427,6 +437,9 @@ struct Pool {
     /// route of another length, or a merge older than [`MERGE_EVERY`], is merged
     /// before a pick.
     merged: Option<(Instant, usize)>,
+    /// Until when requests wait for a row of the pool being woken: its waiters are
+    /// not failed for want of a serving row before.
+    waking_until: Option<Instant>,
     /// The earliest end of a member's cooldown, when one cools down.
     cool_ends: Option<Instant>,
 }
@@ -596,7 +609,7 @@ impl Pool {
             let Some(waiter) = self.queue.next_for(row) else {
                 return;
             };
-            if waiter.grant.send(row.clone()).is_ok() {
+            if waiter.grant.send(Ok(row.clone())).is_ok() {
                 self.update_at(i, |m| m.in_flight += 1);
             }
         }
@@ -605,7 +618,8 @@ impl Pool {
     /// When no member serves any more, the waiters fail at once: dropping their
     /// senders wakes them with nothing granted.
     fn fail_waiters_if_dead(&mut self) {
-        if !self.members.iter().any(|m| m.serving) {
+        let waking = self.waking_until.is_some_and(|t| Instant::now() < t);
+        if !waking && !self.members.iter().any(|m| m.serving) {
             drop(self.queue.drain());
         }
     }
@@ -641,7 +655,7 @@ impl Inner {
         &self,
         pool_key: &LlmName,
         id: u64,
-        rx: &mut oneshot::Receiver<LlmName>,
+        rx: &mut oneshot::Receiver<Verdict>,
     ) -> Withdrawn {
         let mut state = lock(&self.state);
         if let Some(pool) = state.pools.get_mut(pool_key)
@@ -655,7 +669,8 @@ impl Inner {
         // Out of the queue already: granted a row, or failed with its pool, before
         // this lock was taken.
         match rx.try_recv() {
-            Ok(row) => Withdrawn::Granted(row),
+            Ok(Ok(row)) => Withdrawn::Granted(row),
+            Ok(Err(e)) => Withdrawn::FailedWith(e),
             Err(_) => Withdrawn::Failed,
         }
     }
@@ -711,7 +726,7 @@ struct Waiting {
     inner: Arc<Inner>,
     pool: LlmName,
     id: u64,
-    rx: oneshot::Receiver<LlmName>,
+    rx: oneshot::Receiver<Verdict>,
     /// Set once the wait has an outcome: nothing is left to undo.
     done: bool,
 }
@@ -724,6 +739,8 @@ enum Withdrawn {
     Granted(LlmName),
     /// Its pool stopped serving: nothing was granted.
     Failed,
+    /// It was failed with this error (a wake that failed).
+    FailedWith(Error),
 }
 
 impl Drop for Waiting {
@@ -783,7 +800,10 @@ impl Admission for LocalAdmission {
                 .members
                 .iter()
                 .any(|m| m.serving && !m.cooling(now) && admits(&m.name));
-            if !able {
+            if ask.waking {
+                pool.waking_until = pool.waking_until.max(Some(ask.until));
+            }
+            if !able && !ask.waking {
                 let err = self.inner.unavailable(pool, key, now, admits);
                 for row in &route.rows {
                     if let Some(pool) = state.pools.get_mut(key) {
@@ -824,13 +844,16 @@ impl Admission for LocalAdmission {
         waiting.done = true;
         let waited = now.elapsed();
         let granted = match outcome {
-            Ok(Ok(row)) => row,
+            Ok(Ok(Ok(row))) => row,
+            // The wake it waited for failed.
+            Ok(Ok(Err(e))) => return Err(e),
             // The pool's last serving row went away; nothing was granted.
             Ok(Err(_)) => return Err(self.inner.offline(key)),
             Err(_elapsed) => match self.inner.withdraw(key, id, &mut waiting.rx) {
                 // Granted just as the wait ran out: the slot is ours.
                 Withdrawn::Granted(row) => row,
                 Withdrawn::Failed => return Err(self.inner.offline(key)),
+                Withdrawn::FailedWith(e) => return Err(e),
                 Withdrawn::Left => {
                     crate::metrics::queue_rejected("queue_timeout");
                     let pace = lock(&self.inner.state).pools.get(key).map(|p| {
@@ -878,6 +901,24 @@ impl Admission for LocalAdmission {
 
     fn release(&self, grant: &Grant) {
         self.inner.release(grant);
+    }
+
+    fn fail_waiters(&self, pool: &LlmName, error: &(dyn Fn() -> Error + Sync)) -> usize {
+        let mut state = lock(&self.inner.state);
+        let Some(p) = state.pools.get_mut(pool) else {
+            return 0;
+        };
+        p.waking_until = None;
+        let waiters = p.queue.drain();
+        let failed = waiters.len();
+        for waiter in waiters {
+            // A waiter that left already has nothing to be told.
+            let _ = waiter.grant.send(Err(error()));
+        }
+        if p.is_idle() {
+            state.pools.remove(pool);
+        }
+        failed
     }
 
     fn report(&self, grant: &Grant, outcome: Outcome) {

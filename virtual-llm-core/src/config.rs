@@ -93,6 +93,14 @@ pub struct Config {
     /// How long a failing row is passed over. Default 5 s.
     #[serde(with = "humantime_serde")]
     pub cooldown: Duration,
+    /// Longest a request waits for a hibernating LLM to wake (SPEC §12); then 503
+    /// `wake_timeout`. Default 120 s.
+    #[serde(with = "humantime_serde")]
+    pub wake_wait: Duration,
+    /// After a failed wake, how long requests get 503 `wake_failed` at once and no
+    /// wake is tried again. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub wake_cooldown: Duration,
 }
 
 impl Default for Config {
@@ -119,6 +127,8 @@ impl Default for Config {
             pool_retries: 2,
             cooldown_after: 3,
             cooldown: Duration::from_secs(5),
+            wake_wait: Duration::from_secs(120),
+            wake_cooldown: Duration::from_secs(30),
         }
     }
 }
@@ -166,6 +176,8 @@ impl Config {
             ("streamIdleTimeout", self.stream_idle_timeout),
             ("queueWait", self.queue_wait),
             ("cooldown", self.cooldown),
+            ("wakeWait", self.wake_wait),
+            ("wakeCooldown", self.wake_cooldown),
         ];
         for (key, value) in durations {
             if value.is_zero() {

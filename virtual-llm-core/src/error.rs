@@ -118,6 +118,27 @@ pub enum Error {
         /// When a slot should be free, from the pool's recent pace.
         retry_after: Duration,
     },
+    /// A hibernating LLM's wake failed, now or within the wake cooldown (503): its
+    /// publisher's message says why.
+    #[error("waking {llm} failed: {message}")]
+    WakeFailed {
+        /// The LLM.
+        llm: String,
+        /// Why, as its publisher (or the webhook) reported it.
+        message: String,
+        /// The wake cooldown left: no wake is tried again before.
+        retry_after: Duration,
+    },
+    /// A request waited its longest for a hibernating LLM to wake (503).
+    #[error("{pool} did not wake within {}s", waited.as_secs_f64())]
+    WakeTimeout {
+        /// The pool (or LLM) asked for.
+        pool: String,
+        /// How long the request waited.
+        waited: Duration,
+        /// When to try again.
+        retry_after: Duration,
+    },
     /// The task's deadline passed (504).
     #[error("task deadline of {}s passed", deadline.as_secs_f64())]
     DeadlineExceeded {
@@ -244,7 +265,10 @@ impl Error {
             Error::QueueFull { .. } => 429,
             Error::UnsupportedProtocol { .. } => 426,
             Error::Upstream { .. } => 502,
-            Error::Unavailable { .. } | Error::QueueTimeout { .. } => 503,
+            Error::Unavailable { .. }
+            | Error::QueueTimeout { .. }
+            | Error::WakeFailed { .. }
+            | Error::WakeTimeout { .. } => 503,
             Error::DeadlineExceeded { .. } => 504,
             Error::Store(StoreError::Conflict { .. }) => 503,
             Error::Store(_) => 500,
@@ -285,6 +309,8 @@ impl Error {
             Error::Unavailable { .. } => "llm_unavailable",
             Error::QueueFull { .. } => "queue_full",
             Error::QueueTimeout { .. } => "queue_timeout",
+            Error::WakeFailed { .. } => "wake_failed",
+            Error::WakeTimeout { .. } => "wake_timeout",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::Store(StoreError::Conflict { .. }) => "registry_busy",
             Error::Store(_) => "internal_error",
@@ -297,7 +323,9 @@ impl Error {
         match self {
             Error::Unavailable { retry_after, .. }
             | Error::QueueFull { retry_after, .. }
-            | Error::QueueTimeout { retry_after, .. } => Some(*retry_after),
+            | Error::QueueTimeout { retry_after, .. }
+            | Error::WakeFailed { retry_after, .. }
+            | Error::WakeTimeout { retry_after, .. } => Some(*retry_after),
             Error::Store(StoreError::Conflict { .. }) => Some(Duration::from_secs(1)),
             _ => None,
         }

@@ -17,6 +17,7 @@ use crate::directory::{ChannelDirectory, LocalDirectory};
 use crate::router::{PoolRouter, Router};
 use crate::task::TaskTable;
 use crate::task_router::{LocalTaskRouter, TaskInbound, TaskRouter};
+use crate::wake::{ChannelWaker, Waker, Wakers, Wakes};
 use crate::{
     Authenticator, ChannelBinding, Clock, Config, Error, OpenAccess, Principal, PublicBackend,
     ReplicaId, Role, SessionId, Store, SystemClock, TaskId, UnavailableKind,
@@ -48,6 +49,8 @@ pub(crate) struct Shared {
     pub(crate) task_router: Arc<dyn TaskRouter>,
     pub(crate) router: Arc<dyn Router>,
     pub(crate) admission: Arc<dyn Admission>,
+    pub(crate) waker: Arc<dyn Waker>,
+    pub(crate) wakes: Wakes,
     pub(crate) tasks: TaskTable,
     pub(crate) locks: SessionLocks,
     /// Set by [`Gateway::drain`]: new requests are refused while in-flight ones finish.
@@ -80,6 +83,7 @@ pub struct GatewayBuilder {
     task_router: Arc<dyn TaskRouter>,
     router: Arc<dyn Router>,
     admission: Option<Arc<dyn Admission>>,
+    wakers: Vec<Arc<dyn Waker>>,
 }
 
 impl GatewayBuilder {
@@ -136,6 +140,14 @@ impl GatewayBuilder {
         self
     }
 
+    /// Another way to wake a sleeping row (SPEC §12), tried after the publisher's own
+    /// channel ([`ChannelWaker`]) and any added before: e.g. a webhook for a host
+    /// whose publisher has no channel while it sleeps.
+    pub fn waker(mut self, waker: Arc<dyn Waker>) -> Self {
+        self.wakers.push(waker);
+        self
+    }
+
     /// The in-flight counts and admission queues (default: a [`LocalAdmission`]
     /// bounded by the configuration's `queue_depth`, `cooldown_after` and `cooldown`).
     pub fn admission(mut self, admission: Arc<dyn Admission>) -> Self {
@@ -168,6 +180,11 @@ impl GatewayBuilder {
         let admission = self
             .admission
             .unwrap_or_else(|| Arc::new(LocalAdmission::new(&self.config)));
+        let waker = self.wakers.into_iter().fold(
+            Wakers::new().with(Arc::new(ChannelWaker::new(directory.clone()))),
+            Wakers::with,
+        );
+        let wakes = Wakes::new(self.config.wake_wait, self.config.wake_cooldown);
         let gateway = Gateway {
             shared: Arc::new(Shared {
                 store: self.store,
@@ -179,6 +196,8 @@ impl GatewayBuilder {
                 task_router: self.task_router,
                 router: self.router,
                 admission,
+                waker: Arc::new(waker),
+                wakes,
                 tasks,
                 locks: SessionLocks::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
@@ -209,6 +228,7 @@ impl Gateway {
             task_router: Arc::new(LocalTaskRouter),
             router: Arc::new(PoolRouter),
             admission: None,
+            wakers: Vec::new(),
         }
     }
 

@@ -22,6 +22,8 @@
 //!   [`router::choose`], which of them takes it; [`admission`]: the [`Admission`]
 //!   seam, in-flight counts and the fair, bounded queue of each pool;
 //!   `task_router`: the [`TaskRouter`] seam, results to tasks on other replicas.
+//! - `wake`: the [`Waker`] seam and wake-on-demand: one wake per sleeping row,
+//!   shared by the requests waiting for it, and the cooldown after a failed one.
 //! - `gc`: the background GC task and its drop guard.
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
@@ -67,6 +69,7 @@ pub mod sync;
 pub mod task;
 mod task_router;
 mod time;
+mod wake;
 
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
@@ -97,3 +100,4 @@ pub use store::{Store, Write};
 pub use task::{TaskEvent, TaskHandle};
 pub use task_router::{Delivery, LocalTaskRouter, TaskInbound, TaskRouter};
 pub use time::{Clock, SystemClock, Timestamp};
+pub use wake::{ChannelWaker, Waker, Wakers};

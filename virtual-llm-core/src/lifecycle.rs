@@ -13,8 +13,8 @@ use std::sync::Arc;
 use crate::channel::ChannelSink;
 use crate::directory::BindToken;
 use crate::protocol::{
-    ConflictReason, HeartbeatResponse, Hello, LlmSpec, NameConflict, PROTOCOL_VERSION,
-    RegisterRequest, RegisterResponse, negotiate,
+    ConflictReason, HeartbeatResponse, Hello, LlmSpec, LlmState, NameConflict, PROTOCOL_VERSION,
+    RegisterRequest, RegisterResponse, UpstreamState, negotiate,
 };
 use crate::{
     ChannelBinding, Error, Gateway, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, LlmView,
@@ -26,21 +26,38 @@ const MAX_CAS_ATTEMPTS: usize = 16;
 /// Rows per store batch in the GC and recovery.
 const SWEEP_BATCH: usize = 256;
 
-/// The row, serving: active, heartbeat now, not inactive.
+/// The row, in service as its upstream allows (SPEC §12), heartbeat now: `active`
+/// when its publisher reports the upstream ready (or reports nothing), `hibernating`
+/// when asleep, `inactive` when unavailable (keeping an earlier `inactive_since`).
 pub fn activated(r: &LlmRecord, now: Timestamp) -> LlmRecord {
     let mut r = r.clone();
-    r.status = LlmStatus::Active;
-    r.inactive_since = None;
+    match r.upstream.unwrap_or_default() {
+        UpstreamState::Ready => {
+            r.status = LlmStatus::Active;
+            r.inactive_since = None;
+        }
+        UpstreamState::Asleep => {
+            r.status = LlmStatus::Hibernating;
+            r.inactive_since = None;
+        }
+        UpstreamState::Unavailable => {
+            if r.status != LlmStatus::Inactive {
+                r.status = LlmStatus::Inactive;
+                r.inactive_since = Some(now);
+            }
+        }
+    }
     r.last_heartbeat_at = Some(now);
     r.updated_at = now;
     r
 }
 
-/// The row, out of service: an active row goes inactive as of `now`; an inactive row
-/// keeps its `inactive_since`, so retention counts from when it first went away.
+/// The row, out of service: an active or hibernating row goes inactive as of `now`;
+/// an inactive row keeps its `inactive_since`, so retention counts from when it first
+/// went away.
 pub fn deactivated(r: &LlmRecord, now: Timestamp) -> LlmRecord {
     let mut r = r.clone();
-    if r.status == LlmStatus::Active {
+    if r.status != LlmStatus::Inactive {
         r.status = LlmStatus::Inactive;
         r.inactive_since = Some(now);
     }
@@ -79,7 +96,8 @@ fn plan_register(
         };
         match row {
             None => {
-                let mut r = new_row(LlmKind::Virtual, spec, owner, Some(session), now);
+                let r = new_row(LlmKind::Virtual, spec, owner, Some(session), now);
+                let mut r = activated(&r, now);
                 r.binding.clone_from(&bound);
                 writes.push(Write::Insert(r));
             }
@@ -93,7 +111,9 @@ fn plan_register(
                 if r.provider_session_id.as_ref() == Some(session)
                     || r.status != LlmStatus::Active =>
             {
-                let mut r = activated(r, now);
+                let mut r = r.clone();
+                r.upstream = spec.state;
+                let mut r = activated(&r, now);
                 if r.provider_session_id.as_ref() != Some(session) {
                     // Adopted: the other session's channel is not this one's.
                     r.binding.clone_from(&bound);
@@ -403,23 +423,76 @@ impl Gateway {
         principal: &Principal,
         session: &SessionId,
     ) -> Result<HeartbeatResponse, Error> {
+        self.heartbeat_with(principal, session, &[]).await
+    }
+
+    /// A heartbeat that also reports each LLM's upstream state (protocol 2, SPEC §12):
+    /// the rows record it, and a bound session's rows follow it (`ready` → active,
+    /// `asleep` → hibernating, `unavailable` → inactive). An LLM reported ready ends
+    /// its wake; one whose wake failed fails the requests waiting for it. States of
+    /// names the session does not hold are ignored.
+    pub async fn heartbeat_with(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+        states: &[LlmState],
+    ) -> Result<HeartbeatResponse, Error> {
         principal.require(Role::Publisher)?;
+        let max = self.shared.config.max_llms_per_register;
+        if states.len() > max {
+            return Err(Error::invalid(format!(
+                "a heartbeat reports at most {max} llms"
+            )));
+        }
         let rows = self.session_rows(principal, session).await?;
         let names: Vec<LlmName> = rows.iter().map(|r| r.name.clone()).collect();
         let now = self.shared.clock.now();
         self.shared.store.touch(&names, now).await?;
-        let revivable = |r: &LlmRecord| {
-            r.provider_session_id.as_ref() == Some(session)
-                && r.binding.is_some()
-                && r.status == LlmStatus::Inactive
+        let reported = |r: &LlmRecord| {
+            let mut r = r.clone();
+            if let Some(s) = states.iter().find(|s| s.name == r.name) {
+                r.upstream = (s.state != UpstreamState::Ready).then_some(s.state);
+            }
+            r
         };
-        if rows.iter().any(revivable) {
+        let ours = |r: &LlmRecord| r.provider_session_id.as_ref() == Some(session);
+        // The write a row needs: its new state recorded, and (bound) its status.
+        let rule = |r: &LlmRecord| {
+            if !ours(r) {
+                return None;
+            }
+            let new = reported(r);
+            let new = if r.binding.is_some() {
+                activated(&new, now)
+            } else {
+                new
+            };
+            (new.upstream != r.upstream || new.status != r.status).then(|| Write::Update(new))
+        };
+        if rows.iter().any(|r| rule(r).is_some()) {
             let _serial = self.shared.locks.lock(session).await;
             let rows = self.shared.store.by_session(session).await?;
-            self.transition(rows, &|r: &LlmRecord| {
-                revivable(r).then(|| Write::Update(activated(r, now)))
-            })
-            .await?;
+            self.transition(rows, &rule).await?;
+        }
+        for state in states.iter().filter(|s| names.contains(&s.name)) {
+            match (&state.wake_failed, state.state) {
+                (Some(message), _) => {
+                    self.shared.wakes.failed(&state.name, message.clone());
+                    let retry_after = self.shared.config.wake_cooldown;
+                    if let Some(row) = rows.iter().find(|r| r.name == state.name) {
+                        let failed = self.shared.admission.fail_waiters(row.pool_key(), &|| {
+                            Error::WakeFailed {
+                                llm: state.name.to_string(),
+                                message: message.clone(),
+                                retry_after,
+                            }
+                        });
+                        tracing::info!(llm = %state.name, requests = failed, "a wake failed; its waiters are told");
+                    }
+                }
+                (None, UpstreamState::Ready) => self.shared.wakes.woke(&state.name),
+                (None, _) => {}
+            }
         }
         Ok(HeartbeatResponse { llms: rows.len() })
     }
@@ -532,10 +605,15 @@ impl Gateway {
             .await?;
         let reap_cutoff = now.saturating_sub(config.reap_after);
         let expired = self.shared.store.expired_inactives(reap_cutoff).await?;
+        // A row whose upstream is unavailable while its publisher is bound and still
+        // heartbeats is not gone: it is not reaped.
+        let heartbeating = |r: &LlmRecord| {
+            r.binding.is_some() && r.last_heartbeat_at.is_some_and(|t| t >= stale_cutoff)
+        };
         let deleted = self
             .transition(expired, &|r: &LlmRecord| {
                 r.inactive_key()
-                    .filter(|t| *t < reap_cutoff)
+                    .filter(|t| *t < reap_cutoff && !heartbeating(r))
                     .map(|_| Write::Delete {
                         name: r.name.clone(),
                         id: r.id.clone(),

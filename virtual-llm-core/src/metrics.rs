@@ -41,6 +41,13 @@ pub const FAILOVERS: &str = "virtual_llm_failovers_total";
 /// Rows passed over for a while after failing dispatches in a row (counter).
 pub const COOLDOWNS: &str = "virtual_llm_cooldowns_total";
 
+/// Wakes asked of hibernating LLMs (counter).
+pub const WAKES: &str = "virtual_llm_wakes_total";
+/// From asking for a wake to the LLM reporting ready (histogram).
+pub const WAKE_TIME: &str = "virtual_llm_wake_seconds";
+/// Wakes that failed: the recipe, the ready timeout, or the waker itself (counter).
+pub const WAKE_FAILURES: &str = "virtual_llm_wake_failures_total";
+
 /// Histogram buckets, in seconds, that fit both a relay hop and a long generation.
 pub const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -85,6 +92,21 @@ pub fn describe() {
         COOLDOWNS,
         "Rows passed over after failing dispatches in a row."
     );
+    describe_counter!(WAKES, "Wakes asked of hibernating LLMs.");
+    describe_histogram!(WAKE_TIME, Unit::Seconds, "Wake asked to LLM ready.");
+    describe_counter!(WAKE_FAILURES, "Wakes that failed.");
+}
+
+pub(crate) fn wake_started() {
+    counter!(WAKES).increment(1);
+}
+
+pub(crate) fn woke(took: Duration) {
+    histogram!(WAKE_TIME).record(took.as_secs_f64());
+}
+
+pub(crate) fn wake_failed() {
+    counter!(WAKE_FAILURES).increment(1);
 }
 
 pub(crate) fn queue_waited(waited: Duration) {

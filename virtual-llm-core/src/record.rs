@@ -106,10 +106,12 @@ impl LlmRecord {
     }
 
     /// The heartbeat key of a row in the live index, or `None` when the row is not a
-    /// live virtual. GC marks live rows with a key older than the stale cutoff inactive.
+    /// live virtual (active, or hibernating: a sleeping model's publisher heartbeats
+    /// too). GC marks live rows with a key older than the stale cutoff inactive.
     pub fn live_since(&self) -> Option<Timestamp> {
-        (self.kind == LlmKind::Virtual && self.status == LlmStatus::Active)
-            .then(|| self.last_heartbeat_at.unwrap_or(Timestamp::EPOCH))
+        (self.kind == LlmKind::Virtual
+            && matches!(self.status, LlmStatus::Active | LlmStatus::Hibernating))
+        .then(|| self.last_heartbeat_at.unwrap_or(Timestamp::EPOCH))
     }
 
     /// The key of a row in the inactive index, or `None` when it is not inactive. GC

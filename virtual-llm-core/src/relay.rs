@@ -92,24 +92,44 @@ impl Gateway {
                 .iter()
                 .filter(|r| route.admits(&r.name) && !tried.contains(&r.name))
                 .collect();
+            let mut waking = false;
             if !candidates.iter().any(|r| Route::serving(r)) {
                 if let Some(answer) = last {
                     return answer;
                 }
-                // Nothing of the pool serves: say why its first row does not.
-                return Err(match candidates.first() {
-                    Some(row) => self.not_serving(row),
-                    None => Error::UnknownLlm { name: request.llm },
-                });
+                // Nothing of the pool serves: wake a row that sleeps, or say why its
+                // first row does not serve.
+                match self.wake_one(&candidates).await {
+                    Some(Ok(())) => waking = true,
+                    Some(Err(e)) => return Err(e),
+                    None => {
+                        return Err(match candidates.first() {
+                            Some(row) => self.not_serving(row),
+                            None => Error::UnknownLlm { name: request.llm },
+                        });
+                    }
+                }
             }
             let ask = Ask {
                 principal: &principal.id,
                 route: &route,
                 exclude: &tried,
-                until: queue_until,
+                until: if waking {
+                    within(config.wake_wait)
+                } else {
+                    queue_until
+                },
+                waking,
             };
             let grant = match self.shared.admission.admit(ask).await {
                 Ok(grant) => grant,
+                Err(Error::QueueTimeout { pool, waited, .. }) if waking => {
+                    return Err(Error::WakeTimeout {
+                        pool,
+                        waited,
+                        retry_after: config.retry_after,
+                    });
+                }
                 Err(e) => return last.unwrap_or(Err(e)),
             };
             let slot = Slot::new(self.shared.admission.clone(), grant);
@@ -132,6 +152,21 @@ impl Gateway {
             last = Some(answer);
         }
         last.unwrap_or_else(|| Err(Error::UnknownLlm { name: request.llm }))
+    }
+
+    /// Wakes the first of `rows` a waker can wake (or joins its wake in progress):
+    /// `None` when none can be woken, else whether asking worked (503 `wake_failed`
+    /// during a failed wake's cooldown).
+    async fn wake_one(&self, rows: &[&LlmRecord]) -> Option<Result<(), Error>> {
+        let waker = &*self.shared.waker;
+        let mut outcome = None;
+        for row in rows.iter().filter(|r| waker.can_wake(r)) {
+            match self.shared.wakes.ensure(waker, row).await {
+                Ok(()) => return Some(Ok(())),
+                Err(e) => outcome = Some(Err(e)),
+            }
+        }
+        outcome
     }
 
     /// The rows that may answer `principal`'s request for `model`: what the

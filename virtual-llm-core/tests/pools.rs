@@ -64,6 +64,7 @@ async fn a_grant_racing_a_leaving_waiter_is_never_leaked() {
                     route: &route,
                     exclude: &[],
                     until: Instant::now() + Duration::from_secs(3600),
+                    waking: false,
                 };
                 adm.admit(ask).await
             })
@@ -1452,6 +1453,7 @@ mod picks {
                         route: &route,
                         exclude: &excluded,
                         until: now + Duration::from_secs(3600),
+                        waking: false,
                     };
                     let answer = adm.admit(ask).now_or_never();
                     let candidates: Vec<usize> = (0..rows.len())

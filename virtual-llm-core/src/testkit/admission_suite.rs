@@ -117,6 +117,7 @@ async fn try_admit_now(
         route,
         exclude,
         until: far(),
+        waking: false,
     };
     adm.admit(ask).now_or_never()
 }
@@ -141,6 +142,7 @@ fn spawn_admit(
             route: &route,
             exclude: &exclude,
             until,
+            waking: false,
         };
         adm.admit(ask).await
     })
@@ -462,6 +464,7 @@ pub async fn the_wait_ends_at_until(setup: Setup<'_>) {
         route: &route,
         exclude: &[],
         until: Instant::now(),
+        waking: false,
     };
     let err = adm.admit(ask).await.expect_err("no wait left and no slot");
     assert_eq!(err.code(), "queue_timeout");

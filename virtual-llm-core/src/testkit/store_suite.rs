@@ -427,8 +427,9 @@ pub async fn by_pool_follows_pool_keys(store: &dyn Store) {
     );
 }
 
-/// `stale_virtuals` returns active virtual rows with a heartbeat strictly before the
-/// cutoff, oldest first; public, inactive and hibernating rows never.
+/// `stale_virtuals` returns live virtual rows (active or hibernating: a sleeping
+/// model's publisher heartbeats too) with a heartbeat strictly before the cutoff,
+/// oldest first; public and inactive rows never.
 pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
     for (n, hb) in [("v30", 30), ("v10", 10), ("v20", 20)] {
         let mut r = record(n);
@@ -445,9 +446,7 @@ pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
     let mut sleeping = record("sleeping");
     sleeping.status = LlmStatus::Hibernating;
     sleeping.upstream = Some(crate::protocol::UpstreamState::Asleep);
-    sleeping.pool = Some(name("sleepers"));
-    sleeping.max_concurrent = Some(3);
-    sleeping.last_heartbeat_at = Some(at(1));
+    sleeping.last_heartbeat_at = Some(at(15));
     store
         .write(vec![
             Write::Insert(public),
@@ -458,12 +457,12 @@ pub async fn stale_virtuals_uses_heartbeat_cutoff(store: &dyn Store) {
         .expect("insert");
     assert_eq!(
         names(store.stale_virtuals(at(20)).await.expect("stale")),
-        ["v10"],
-        "the cutoff is strict"
+        ["v10", "sleeping"],
+        "the cutoff is strict; a hibernating row is live"
     );
     assert_eq!(
         names(store.stale_virtuals(at(31)).await.expect("stale")),
-        ["v10", "v20", "v30"],
+        ["v10", "sleeping", "v20", "v30"],
         "oldest first"
     );
     assert!(

@@ -1,0 +1,192 @@
+//! Wake-on-demand (SPEC §12): a request for a pool none of whose rows serves, but one
+//! of which sleeps, wakes it and waits in the pool's queue instead of failing.
+//!
+//! A [`Waker`] asks for a row to be woken: [`ChannelWaker`] sends its publisher a
+//! `wake` frame down the bound channel; an embedder adds others (the reference
+//! gateway's webhook, for a host whose publisher has no channel while it sleeps).
+//! The gateway keeps one wake per row at a time: concurrent requests share it; a wake
+//! that failed is not tried again for the wake cooldown, during which requests get 503
+//! `wake_failed` at once. The row waking up (its publisher reports `ready`) is what
+//! lets the queue drain; nothing polls.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::directory::ChannelDirectory;
+use crate::protocol::{GatewayFrame, WakeFrame};
+use crate::sync::lock;
+use crate::{Error, LlmName, LlmRecord, LlmStatus};
+
+/// Asks for a sleeping row to be woken.
+///
+/// # Contract
+/// - [`can_wake`](Waker::can_wake) says, without waiting, whether this waker can wake
+///   `row` as the registry has it; the gateway asks only a waker that can.
+/// - [`wake`](Waker::wake) returns once the wake was asked for, not once the row is
+///   awake: the row's publisher reports `ready` when it is. An `Err` carries a message
+///   for the client (never a secret: no URL with credentials, no token).
+/// - It is called at most once per row per wake: the gateway shares a wake between the
+///   requests waiting for it.
+#[async_trait]
+pub trait Waker: fmt::Debug + Send + Sync + 'static {
+    /// Whether this waker can wake `row`.
+    fn can_wake(&self, row: &LlmRecord) -> bool;
+
+    /// Asks for `row` to be woken.
+    async fn wake(&self, row: &LlmRecord) -> Result<(), String>;
+}
+
+/// Wakes a hibernating row through its publisher's bound channel: one `wake` frame.
+#[derive(Debug)]
+pub struct ChannelWaker {
+    directory: Arc<dyn ChannelDirectory>,
+}
+
+impl ChannelWaker {
+    /// Sends through `directory`.
+    pub fn new(directory: Arc<dyn ChannelDirectory>) -> Self {
+        ChannelWaker { directory }
+    }
+}
+
+#[async_trait]
+impl Waker for ChannelWaker {
+    fn can_wake(&self, row: &LlmRecord) -> bool {
+        row.status == LlmStatus::Hibernating
+            && row.binding.is_some()
+            && row.provider_session_id.is_some()
+    }
+
+    async fn wake(&self, row: &LlmRecord) -> Result<(), String> {
+        let Some(session) = &row.provider_session_id else {
+            return Err(format!("{} has no publisher session", row.name));
+        };
+        let frame = GatewayFrame::Wake(WakeFrame {
+            llm: row.name.clone(),
+        });
+        self.directory.send(session, frame).map_err(|e| {
+            format!(
+                "the wake could not reach the publisher of {}: {e}",
+                row.name
+            )
+        })
+    }
+}
+
+/// Several wakers, tried in order: the first that can wake a row wakes it.
+#[derive(Debug, Default)]
+pub struct Wakers(Vec<Arc<dyn Waker>>);
+
+impl Wakers {
+    /// No waker: nothing can be woken.
+    pub fn new() -> Self {
+        Wakers(Vec::new())
+    }
+
+    /// The same, with `waker` tried after the others.
+    pub fn with(mut self, waker: Arc<dyn Waker>) -> Self {
+        self.0.push(waker);
+        self
+    }
+}
+
+#[async_trait]
+impl Waker for Wakers {
+    fn can_wake(&self, row: &LlmRecord) -> bool {
+        self.0.iter().any(|w| w.can_wake(row))
+    }
+
+    async fn wake(&self, row: &LlmRecord) -> Result<(), String> {
+        match self.0.iter().find(|w| w.can_wake(row)) {
+            Some(waker) => waker.wake(row).await,
+            None => Err(format!("nothing can wake {}", row.name)),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum WakeState {
+    /// Asked at `since`; shared until the row is ready or the wake wait has passed.
+    Waking { since: Instant },
+    /// Failed; nothing is tried again before `until`.
+    Failed { until: Instant, message: String },
+}
+
+/// The wakes in progress and the recent failures, one per row.
+#[derive(Debug)]
+pub(crate) struct Wakes {
+    state: Mutex<HashMap<LlmName, WakeState>>,
+    wait: Duration,
+    cooldown: Duration,
+}
+
+impl Wakes {
+    pub(crate) fn new(wait: Duration, cooldown: Duration) -> Self {
+        Wakes {
+            state: Mutex::new(HashMap::new()),
+            wait,
+            cooldown,
+        }
+    }
+
+    /// Starts the wake of `row`, or joins the one in progress. 503 `wake_failed` while
+    /// an earlier failure's cooldown runs, or when asking failed.
+    pub(crate) async fn ensure(&self, waker: &dyn Waker, row: &LlmRecord) -> Result<(), Error> {
+        let now = Instant::now();
+        {
+            let mut state = lock(&self.state);
+            state.retain(|_, s| match s {
+                WakeState::Waking { since } => now < *since + self.wait,
+                WakeState::Failed { until, .. } => now < *until,
+            });
+            match state.get(&row.name) {
+                Some(WakeState::Failed { until, message }) => {
+                    return Err(Error::WakeFailed {
+                        llm: row.name.to_string(),
+                        message: message.clone(),
+                        retry_after: until.saturating_duration_since(now),
+                    });
+                }
+                Some(WakeState::Waking { .. }) => return Ok(()),
+                None => {
+                    state.insert(row.name.clone(), WakeState::Waking { since: now });
+                }
+            }
+        }
+        crate::metrics::wake_started();
+        tracing::info!(llm = %row.name, "waking a hibernating llm");
+        match waker.wake(row).await {
+            Ok(()) => Ok(()),
+            Err(message) => {
+                self.failed(&row.name, message.clone());
+                Err(Error::WakeFailed {
+                    llm: row.name.to_string(),
+                    message,
+                    retry_after: self.cooldown,
+                })
+            }
+        }
+    }
+
+    /// `name` reported ready: its wake, if one ran, is over.
+    pub(crate) fn woke(&self, name: &LlmName) {
+        let mut state = lock(&self.state);
+        if let Some(WakeState::Waking { since }) = state.get(name) {
+            crate::metrics::woke(since.elapsed());
+            state.remove(name);
+        }
+    }
+
+    /// `name`'s wake failed with `message`: recorded for the cooldown.
+    pub(crate) fn failed(&self, name: &LlmName, message: String) {
+        crate::metrics::wake_failed();
+        tracing::warn!(llm = %name, %message, "a wake failed");
+        let until = Instant::now() + self.cooldown;
+        lock(&self.state).insert(name.clone(), WakeState::Failed { until, message });
+    }
+}
