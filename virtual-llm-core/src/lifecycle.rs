@@ -467,7 +467,7 @@ impl Gateway {
             } else {
                 new
             };
-            (new.upstream != r.upstream || new.status != r.status).then(|| Write::Update(new))
+            (new.upstream != r.upstream || new.status != r.status).then_some(Write::Update(new))
         };
         if rows.iter().any(|r| rule(r).is_some()) {
             let _serial = self.shared.locks.lock(session).await;
