@@ -74,6 +74,14 @@ struct Args {
     /// How long a row whose last dispatches failed is passed over (default `5s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     cooldown: Option<Duration>,
+    /// Longest a request waits for a hibernating LLM to wake before a 503
+    /// `wake_timeout` (default `120s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wake_wait: Option<Duration>,
+    /// After a failed wake, how long requests get 503 `wake_failed` at once and no
+    /// wake is tried again (default `30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    wake_cooldown: Option<Duration>,
     /// How long in-flight requests may finish at shutdown.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     grace: Duration,
@@ -160,6 +168,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         (&mut config.keepalive, args.keepalive),
         (&mut config.queue_wait, args.queue_wait),
         (&mut config.cooldown, args.cooldown),
+        (&mut config.wake_wait, args.wake_wait),
+        (&mut config.wake_cooldown, args.wake_cooldown),
     ];
     for (field, value) in overrides {
         if let Some(value) = value {
@@ -258,7 +268,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
 }
 
 /// The flags of the reference gateway that set a [`Config`] key.
-const FLAGS: [(&str, &str); 10] = [
+const FLAGS: [(&str, &str); 12] = [
+    ("wakeWait", "--wake-wait"),
+    ("wakeCooldown", "--wake-cooldown"),
     ("heartbeatInterval", "--heartbeat-every"),
     ("queueDepth", "--queue-depth"),
     ("queueWait", "--queue-wait"),
