@@ -119,10 +119,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     for arg in &args.echo {
         let mut spec = echo_spec(arg)?;
         spec.max_concurrent = Some(args.max_concurrent);
-        llms.push(PublishedLlm {
-            spec,
-            provider: Arc::new(EchoProvider::new()),
-        });
+        llms.push(PublishedLlm::new(spec, Arc::new(EchoProvider::new())));
     }
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -149,10 +146,10 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                 .map_err(|e| in_entry(&e))?;
             spec.max_concurrent = Some(p.max_concurrent.unwrap_or(args.max_concurrent));
             spec.validate().map_err(|e| in_entry(&e))?;
-            llms.push(PublishedLlm {
+            llms.push(PublishedLlm::new(
                 spec,
-                provider: Arc::new(OpenAiProvider::new(upstream, p.model)),
-            });
+                Arc::new(OpenAiProvider::new(upstream, p.model)),
+            ));
         }
     }
     if llms.is_empty() {

@@ -26,8 +26,8 @@
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
 //!   pump, reconnect), independent of the wire.
-//! - `recipe`: the [`Recipe`] seam (waking and putting to sleep an upstream) and the
-//!   [`CommandRecipe`].
+//!   `readiness`: what the publisher knows of its upstreams (probes, wakes, idle
+//!   sleeps); `recipe`: the [`Recipe`] seam and the [`CommandRecipe`].
 //! - [`session_file`]: the lock that keeps one publisher per session file.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
@@ -58,6 +58,7 @@ pub mod openai;
 pub mod protocol;
 mod provider;
 pub mod publisher;
+mod readiness;
 mod recipe;
 mod record;
 mod relay;
