@@ -25,9 +25,9 @@
 //! - `gc`: the background GC task and its drop guard.
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
-//!   pump, reconnect), independent of the wire.
-//!   `readiness`: what the publisher knows of its upstreams (probes, wakes, idle
-//!   sleeps); `recipe`: the [`Recipe`] seam and the [`CommandRecipe`].
+//!   pump, reconnect), independent of the wire; `readiness`: what it knows of its
+//!   upstreams (probes, wakes, idle sleeps); `recipe`: the [`Recipe`] seam (waking and
+//!   putting to sleep an upstream) and the [`CommandRecipe`].
 //! - [`session_file`]: the lock that keeps one publisher per session file.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
