@@ -157,7 +157,10 @@ impl Upstream {
         if life.state != UpstreamState::Ready || life.running > 0 || !Self::probe_decides(&life) {
             return Idle::Never;
         }
-        let at = life.last_active + idle_after;
+        // An idle time past the end of time never comes.
+        let Some(at) = life.last_active.checked_add(idle_after) else {
+            return Idle::Never;
+        };
         if at > now {
             return Idle::At(at);
         }

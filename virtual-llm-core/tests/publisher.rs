@@ -1145,3 +1145,36 @@ async fn a_failing_sleep_recipe_leaves_the_llm_ready() {
     assert_eq!(sleep.runs(), 3, "once per idle period");
     h.publisher.stop().await;
 }
+
+/// An idle time too long for the clock to reach never comes, and breaks nothing: the
+/// other LLMs still go to sleep on time.
+#[tokio::test(start_paused = true)]
+async fn an_idle_time_past_the_end_of_time_never_comes() {
+    let forever = Arc::new(Script::doing_nothing());
+    let short = Arc::new(Script::doing_nothing());
+    let mut h = Harness::start(vec![
+        llm("forever", Switched::new(true))
+            .with_wake(Arc::new(Script::doing_nothing()))
+            .with_sleep(forever.clone())
+            .with_idle_after(Duration::MAX),
+        llm("short", Switched::new(true))
+            .with_wake(Arc::new(Script::doing_nothing()))
+            .with_sleep(short.clone())
+            .with_idle_after(Duration::from_secs(45)),
+    ])
+    .await;
+    assert_eq!(h.beat().await.states(), [ready("forever"), ready("short")]);
+    assert_eq!(
+        h.beat().await.states(),
+        [ready("forever"), state("short", UpstreamState::Asleep)],
+        "short fell asleep after 45 s"
+    );
+    for _ in 0..3 {
+        assert_eq!(
+            h.beat().await.states(),
+            [ready("forever"), state("short", UpstreamState::Asleep)]
+        );
+    }
+    assert_eq!((forever.runs(), short.runs()), (0, 1));
+    h.publisher.stop().await;
+}
