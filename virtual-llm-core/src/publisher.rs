@@ -403,8 +403,12 @@ impl Driver {
     async fn run(mut self) {
         let mut session = read_session(self.options.session_file.as_ref()).await;
         let mut delay = self.options.reconnect_min;
-        // Idle LLMs go to sleep whether or not a channel is up.
-        let idle = tokio::spawn(self.upstreams.clone().put_idle_to_sleep());
+        // Idle LLMs go to sleep whether or not a channel is up. Without an idle timer
+        // there is no task for it (a load test runs 10 000 publishers).
+        let idle = self
+            .upstreams
+            .sleep_when_idle()
+            .then(|| tokio::spawn(self.upstreams.clone().put_idle_to_sleep()));
         loop {
             if *self.stopped.borrow() {
                 break;
@@ -431,7 +435,9 @@ impl Driver {
             }
             delay = (delay * 2).min(self.options.reconnect_max);
         }
-        idle.abort();
+        if let Some(idle) = idle {
+            idle.abort();
+        }
         self.upstreams.stop();
         self.state.send_replace(PublisherState::Stopped);
     }

@@ -394,6 +394,11 @@ impl Upstreams {
         self.activity.notify_one();
     }
 
+    /// Whether any LLM has an idle timer: [`Upstreams::put_idle_to_sleep`] has work.
+    pub(crate) fn sleep_when_idle(&self) -> bool {
+        self.llms.iter().any(|l| l.idle_after.is_some())
+    }
+
     /// Puts each LLM to sleep once it has been ready and idle for its `idle_after`;
     /// runs until the publisher stops.
     pub(crate) async fn put_idle_to_sleep(self: Arc<Self>) {
