@@ -1570,8 +1570,8 @@ mod scale {
         // process's CPU each, which is the publisher's cost, not the gateway's.
         let mut prepared = Vec::with_capacity(n);
         for i in 0..n {
-            let llm = PublishedLlm {
-                spec: LlmSpec {
+            let llm = PublishedLlm::new(
+                LlmSpec {
                     name: LlmName::parse(&format!("idle-{i:06}"))?,
                     provider_type: "echo".into(),
                     model: "echo".into(),
@@ -1580,8 +1580,8 @@ mod scale {
                     max_concurrent: None,
                     state: None,
                 },
-                provider: provider.clone(),
-            };
+                provider.clone(),
+            );
             prepared.push((wire(transport, &gateway.url)?, llm));
         }
         let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));

@@ -17,21 +17,44 @@
 //! (32). The gateway never has more of its tasks in flight; this publisher runs up to
 //! the sum of them at once, so it never holds back a task the gateway counts as
 //! running. `--echo NAME@POOL` publishes an echo LLM in a pool.
+//!
+//! An entry may also say how its upstream wakes and sleeps (SPEC §12): `wake` and
+//! `sleep` recipes, each `{"command": ["systemctl", "--user", "start", "vllm"]}` (no
+//! shell) or `{"url": "…", "method": "POST", "headers": {…}, "body": …}` (`method`
+//! defaults to `POST`; a string `body` is sent as it is, anything else as JSON);
+//! `idleAfter` (e.g. `"15m"`: run `sleep` after that long without a task) and
+//! `readyTimeout` (default `"120s"`: how long a wake may take to make the upstream
+//! answer):
+//!
+//! ```json
+//! [{ "name": "vllm-local", "model": "Qwen/Qwen2.5-7B-Instruct",
+//!    "url": "http://127.0.0.1:8000/v1", "publish": true,
+//!    "wake": {"url": "http://127.0.0.1:8000/wake_up"},
+//!    "sleep": {"url": "http://127.0.0.1:8000/sleep?level=1"},
+//!    "idleAfter": "15m", "readyTimeout": "60s" }]
+//! ```
+//!
+//! Each upstream is probed (`GET {url}/models`) before every register and heartbeat:
+//! one that does not answer is registered `asleep` when it has a `wake` recipe (the
+//! gateway holds its requests and asks for a wake), else `unavailable`. `--echo` LLMs
+//! are always ready and have no recipes.
 
 mod common;
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use serde::Deserialize;
-use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
+use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream, UrlRecipe};
 use virtual_llm::protocol::{LlmSpec, MAX_CONCURRENT};
 use virtual_llm::publisher::{PublisherState, Wire};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
-    EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
-    SessionFileLock,
+    CommandRecipe, EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, Recipe,
+    SessionFileError, SessionFileLock,
 };
 
 #[derive(Parser, Debug)]
@@ -94,6 +117,31 @@ struct ProviderConfig {
     max_concurrent: Option<u32>,
     #[serde(default)]
     publish: bool,
+    /// Wakes its upstream when the gateway asks for it.
+    wake: Option<RecipeConfig>,
+    /// Puts its upstream to sleep after `idleAfter` without a task.
+    sleep: Option<RecipeConfig>,
+    /// How long without a task before it is put to sleep, e.g. `"15m"`.
+    idle_after: Option<String>,
+    /// How long a wake may take to make the upstream answer; default `"120s"`.
+    ready_timeout: Option<String>,
+}
+
+/// A wake or sleep recipe: `{"command": [...]}` or `{"url", "method", "headers",
+/// "body"}`.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RecipeConfig {
+    /// The program and its arguments, run without a shell.
+    command: Option<Vec<String>>,
+    /// The URL to call.
+    url: Option<String>,
+    /// Its method; default `POST`.
+    method: Option<String>,
+    /// Headers sent with it.
+    headers: Option<BTreeMap<String, String>>,
+    /// A string sent as it is, or anything else sent as JSON.
+    body: Option<serde_json::Value>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -119,10 +167,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     for arg in &args.echo {
         let mut spec = echo_spec(arg)?;
         spec.max_concurrent = Some(args.max_concurrent);
-        llms.push(PublishedLlm {
-            spec,
-            provider: Arc::new(EchoProvider::new()),
-        });
+        // Nothing to wake: an echo LLM is always ready.
+        llms.push(PublishedLlm::new(spec, Arc::new(EchoProvider::new())));
     }
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -149,10 +195,11 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                 .map_err(|e| in_entry(&e))?;
             spec.max_concurrent = Some(p.max_concurrent.unwrap_or(args.max_concurrent));
             spec.validate().map_err(|e| in_entry(&e))?;
-            llms.push(PublishedLlm {
+            let llm = PublishedLlm::new(
                 spec,
-                provider: Arc::new(OpenAiProvider::new(upstream, p.model)),
-            });
+                Arc::new(OpenAiProvider::new(upstream, p.model.clone())),
+            );
+            llms.push(lifecycle(llm, &p).map_err(|e| in_entry(&e))?);
         }
     }
     if llms.is_empty() {
@@ -201,6 +248,69 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     tracing::info!("stopping: the gateway takes our llms out of service");
     publisher.stop().await;
     Ok(())
+}
+
+/// `llm` with the wake and sleep settings of its entry, checked: each recipe is a
+/// command or a URL, durations are human (`"15m"`) and not zero, `sleep` comes with
+/// the `idleAfter` that runs it, and an LLM put to sleep has a `wake` to wake it.
+fn lifecycle(mut llm: PublishedLlm, p: &ProviderConfig) -> Result<PublishedLlm, String> {
+    if let Some(wake) = &p.wake {
+        llm = llm.with_wake(recipe("wake", wake)?);
+    }
+    if let Some(sleep) = &p.sleep {
+        llm = llm.with_sleep(recipe("sleep", sleep)?);
+    }
+    if let Some(idle) = &p.idle_after {
+        llm = llm.with_idle_after(duration("idleAfter", idle)?);
+    }
+    if let Some(timeout) = &p.ready_timeout {
+        llm = llm.with_ready_timeout(duration("readyTimeout", timeout)?);
+    }
+    if llm.sleep.is_some() && llm.idle_after.is_none() {
+        return Err("sleep needs idleAfter: how long without a task before it runs".into());
+    }
+    if llm.idle_after.is_some() && llm.wake.is_none() {
+        return Err("idleAfter needs a wake recipe: an llm put to sleep could not be woken".into());
+    }
+    Ok(llm)
+}
+
+/// A recipe of a config entry, or why not in one line naming it (`wake`, `sleep`).
+fn recipe(what: &str, c: &RecipeConfig) -> Result<Arc<dyn Recipe>, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("{what}: {e}");
+    match (&c.command, &c.url) {
+        (Some(argv), None) => {
+            if c.method.is_some() || c.headers.is_some() || c.body.is_some() {
+                return Err(bad(&"method, headers and body go with url, not command"));
+            }
+            Ok(Arc::new(
+                CommandRecipe::new(argv.clone()).map_err(|e| bad(&e))?,
+            ))
+        }
+        (None, Some(url)) => {
+            let mut recipe =
+                UrlRecipe::new(c.method.as_deref().unwrap_or("POST"), url).map_err(|e| bad(&e))?;
+            for (name, value) in c.headers.iter().flatten() {
+                recipe = recipe.with_header(name, value).map_err(|e| bad(&e))?;
+            }
+            if let Some(body) = &c.body {
+                recipe = recipe.with_body(body.clone());
+            }
+            Ok(Arc::new(recipe))
+        }
+        (Some(_), Some(_)) => Err(bad(&"either command or url, not both")),
+        (None, None) => Err(bad(&"needs a command or a url")),
+    }
+}
+
+/// A human duration (`"15m"`, `"120s"`) that is not zero.
+fn duration(what: &str, text: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{what} {text:?} is not a duration like \"15m\": {e}"))?;
+    if d.is_zero() {
+        return Err(format!("{what} must be more than zero"));
+    }
+    Ok(d)
 }
 
 /// The echo LLM of `--echo NAME` or `--echo NAME@POOL`, both checked as names.

@@ -155,15 +155,15 @@ impl Setup {
         let provider = Arc::new(TestProvider::new());
         let publisher = Publisher::spawn(
             Arc::new(SseWire::new(&url, token).unwrap()),
-            vec![PublishedLlm {
-                spec: LlmSpec {
+            vec![PublishedLlm::new(
+                LlmSpec {
                     tier: Some("fast".into()),
                     pool: Some(LlmName::parse("echoes").unwrap()),
                     max_concurrent: Some(4),
                     ..LlmSpec::new(LlmName::parse("demo").unwrap(), "echo", "echo-1")
                 },
-                provider: provider.clone(),
-            }],
+                provider.clone(),
+            )],
             PublisherOptions::default(),
         );
         within("the publisher connects", publisher.connected()).await;

@@ -6,7 +6,10 @@
 //! the same session file refuses to start instead of evicting the first one forever.
 //! Timings that cannot work together stop the gateway with a one-line error. Every
 //! published LLM carries its pool and `maxConcurrent` (`--echo NAME@POOL`,
-//! `--max-concurrent`, a config entry's own), and a bad one is a one-line error.
+//! `--max-concurrent`, a config entry's own), and a bad one is a one-line error. A
+//! config entry's wake and sleep settings (`wake`, `sleep`, `idleAfter`,
+//! `readyTimeout`) are taken, an idle LLM's sleep recipe is called as written, and a
+//! bad setting is a one-line error.
 //!
 //! These tests run the binaries for a few seconds; they poll for conditions with a
 //! generous cap and never assert how long anything took.
@@ -15,6 +18,7 @@
 
 mod binary;
 
+use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
@@ -23,6 +27,8 @@ use binary::{
     try_row,
 };
 use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use warp::Filter;
 
 /// Generous cap for anything that normally takes well under a second.
 const CAP: Duration = Duration::from_secs(60);
@@ -39,6 +45,48 @@ fn dropped_lines(publisher: &PublisherProcess) -> Vec<String> {
         .iter()
         .flat_map(|d| publisher.lines_with(d))
         .collect()
+}
+
+/// What the fake upstream saw of one request.
+#[derive(Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    query: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+/// An OpenAI-compatible upstream (and recipe endpoint) on 127.0.0.1:0: it lists its
+/// models at `GET /v1/models`, answers every other request 200, and reports each one.
+async fn upstream() -> (SocketAddr, mpsc::UnboundedReceiver<Seen>) {
+    let (seen_tx, seen) = mpsc::unbounded_channel();
+    let routes = warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::body::bytes())
+        .map(
+            move |method: warp::http::Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  authorization: Option<String>,
+                  body: bytes::Bytes| {
+                // The receiver may be gone once the test has seen what it waited for.
+                let _ = seen_tx.send(Seen {
+                    method: method.to_string(),
+                    path: path.as_str().to_owned(),
+                    query,
+                    authorization,
+                    body: body.to_vec(),
+                });
+                warp::reply::json(&json!({"object": "list", "data": [{"id": "m"}]}))
+            },
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(warp::serve(routes).incoming(listener).run());
+    (addr, seen)
 }
 
 async fn echo(url: &str, model: &str, text: &str) -> (u16, Value) {
@@ -242,16 +290,18 @@ async fn published_llms_carry_their_pool_and_max_concurrent() {
         &dir.0.join("session-a"),
         &["--echo", "demo@echoes", "--echo", "solo"],
     );
+    // The upstream lists its models: the LLMs register ready.
+    let (upstream, _seen) = upstream().await;
+    let upstream = format!("http://{upstream}/v1");
     let config = dir.0.join("providers.json");
     std::fs::write(
         &config,
         json!([
-            // Nothing listens there: registering does not call the upstream.
-            {"name": "llama-a", "model": "llama-3.1-8b", "url": "http://127.0.0.1:9/v1",
+            {"name": "llama-a", "model": "llama-3.1-8b", "url": upstream,
              "publish": true, "pool": "llamas", "maxConcurrent": 8},
-            {"name": "llama-b", "model": "llama-3.1-8b", "url": "http://127.0.0.1:9/v1",
+            {"name": "llama-b", "model": "llama-3.1-8b", "url": upstream,
              "publish": true},
-            {"name": "unpublished", "model": "m", "url": "http://127.0.0.1:9/v1"},
+            {"name": "unpublished", "model": "m", "url": upstream},
         ])
         .to_string(),
     )
@@ -343,6 +393,194 @@ async fn a_bad_pool_or_capacity_is_a_one_line_error() {
         for needle in needles {
             assert!(log[0].contains(needle), "{needle:?} in {log:#?}");
         }
+    }
+    assert_eq!(
+        reqwest::get(format!("{url}/api/v1/llms"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap(),
+        json!([]),
+        "nothing registered"
+    );
+}
+
+/// A config entry's wake and sleep settings are taken: both recipe shapes, `idleAfter`
+/// and `readyTimeout`. The upstreams are probed (`GET {url}/models`); one that does
+/// not answer is `asleep` when it has a wake recipe; and an LLM idle for its
+/// `idleAfter` has its sleep recipe called as written (method, query, headers, JSON
+/// body).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wake_and_sleep_settings_are_taken_and_an_idle_llm_is_put_to_sleep() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    let (upstream, mut seen) = upstream().await;
+    let config = dir.0.join("providers.json");
+    std::fs::write(
+        &config,
+        json!([
+            {"name": "vllm-a", "model": "m", "url": format!("http://{upstream}/v1"),
+             "publish": true,
+             "wake": {"url": format!("http://{upstream}/wake_up")},
+             "sleep": {"url": format!("http://{upstream}/sleep?level=1"), "method": "post",
+                       "headers": {"authorization": "Bearer sk-local"}, "body": {"level": 1}},
+             "idleAfter": "1s", "readyTimeout": "30s"},
+            {"name": "ollama-b", "model": "m", "url": format!("http://{upstream}/v1"),
+             "publish": true,
+             "wake": {"command": ["true"]}, "sleep": {"command": ["true"]},
+             "idleAfter": "15m", "readyTimeout": "2m"},
+            // Nothing listens there.
+            {"name": "down-c", "model": "m", "url": "http://127.0.0.1:9/v1", "publish": true,
+             "wake": {"command": ["true"]}},
+        ])
+        .to_string(),
+    )
+    .unwrap();
+    let publisher = PublisherProcess::start(
+        &url,
+        "ws",
+        &dir.0.join("session"),
+        &["--config", config.to_str().unwrap()],
+    );
+    poll_until("the publisher serves", CAP, || async {
+        !publisher
+            .lines_with("connected; serving requests")
+            .is_empty()
+    })
+    .await;
+    for name in ["vllm-a", "ollama-b", "down-c"] {
+        assert!(try_row(&url, name).await.is_some(), "{name} is registered");
+    }
+    let down = publisher.lines_with("down-c");
+    assert!(
+        down.iter()
+            .any(|l| l.contains("upstream state") && l.contains("asleep")),
+        "an upstream that does not answer, with a wake recipe, is asleep: {down:#?}"
+    );
+
+    let sleep = tokio::time::timeout(CAP, async {
+        loop {
+            let request = seen.recv().await.unwrap();
+            if request.path == "/sleep" {
+                return request;
+            }
+            assert_eq!(
+                (request.method.as_str(), request.path.as_str()),
+                ("GET", "/v1/models"),
+                "before the sleep, only probes"
+            );
+        }
+    })
+    .await
+    .expect("the sleep recipe was called");
+    assert_eq!(sleep.method, "POST");
+    assert_eq!(sleep.query, "level=1");
+    assert_eq!(sleep.authorization.as_deref(), Some("Bearer sk-local"));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&sleep.body).unwrap(),
+        json!({"level": 1})
+    );
+    poll_until("the publisher says vllm-a sleeps", CAP, || async {
+        publisher
+            .lines_with("idle: put to sleep")
+            .iter()
+            .any(|l| l.contains("vllm-a"))
+    })
+    .await;
+    assert!(
+        publisher
+            .lines_with("idle: put to sleep")
+            .iter()
+            .all(|l| !l.contains("ollama-b")),
+        "ollama-b idles for 15m"
+    );
+    assert_eq!(dropped_lines(&publisher), Vec::<String>::new());
+    assert!(
+        publisher.log().iter().all(|l| !l.contains("sk-local")),
+        "no secret in the log"
+    );
+}
+
+/// A bad wake or sleep setting stops the publisher with one line saying which entry
+/// and what is wrong, before it registers anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_wake_or_sleep_setting_is_a_one_line_error() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    let wake = json!({"command": ["true"]});
+    let cases = [
+        (
+            json!({"wake": {"command": ["true"], "url": "http://h/wake"}}),
+            "wake: either command or url, not both",
+        ),
+        (json!({"wake": {}}), "wake: needs a command or a url"),
+        (
+            json!({"wake": {"command": []}}),
+            "wake: a command recipe must name a program",
+        ),
+        (
+            json!({"wake": wake, "idleAfter": "1m",
+                   "sleep": {"command": ["true"], "body": "x"}}),
+            "sleep: method, headers and body go with url, not command",
+        ),
+        (
+            json!({"wake": {"url": "ftp://h/wake"}}),
+            "wake: a recipe url must be http or https",
+        ),
+        (
+            json!({"wake": {"url": "http://h/wake", "method": "PO ST"}}),
+            "wake: \"PO ST\" is not an HTTP method",
+        ),
+        (
+            json!({"wake": {"url": "http://h/wake", "headers": {"x-key": "a\nb"}}}),
+            "wake: the value of header x-key is not valid",
+        ),
+        (
+            json!({"wake": wake, "idleAfter": "soon"}),
+            "idleAfter \"soon\" is not a duration like \"15m\"",
+        ),
+        (
+            json!({"wake": wake, "readyTimeout": "0s"}),
+            "readyTimeout must be more than zero",
+        ),
+        (
+            json!({"wake": wake, "sleep": wake}),
+            "sleep needs idleAfter",
+        ),
+        (json!({"idleAfter": "15m"}), "idleAfter needs a wake recipe"),
+        (json!({"wake": {"cmd": ["true"]}}), "unknown field `cmd`"),
+        (
+            json!({"wake": {"command": "systemctl start vllm"}}),
+            "expected a sequence",
+        ),
+    ];
+    let config = dir.0.join("providers.json");
+    for (settings, needle) in cases {
+        let mut entry = json!({"name": "gpu", "model": "m", "url": "http://127.0.0.1:9/v1",
+                               "publish": true});
+        for (key, value) in settings.as_object().unwrap() {
+            entry[key] = value.clone();
+        }
+        std::fs::write(&config, json!([entry]).to_string()).unwrap();
+        let publisher = PublisherProcess::start(
+            &url,
+            "sse",
+            &dir.0.join("session"),
+            &["--config", config.to_str().unwrap()],
+        );
+        let (status, log) = publisher.exited(CAP).await;
+        assert!(!status.success(), "{settings}: {log:#?}");
+        assert_eq!(log.len(), 1, "one line for {settings}: {log:#?}");
+        assert!(log[0].starts_with("error: "), "{log:#?}");
+        assert!(log[0].contains("providers.json"), "{log:#?}");
+        assert!(log[0].contains(needle), "{needle:?} in {log:#?}");
     }
     assert_eq!(
         reqwest::get(format!("{url}/api/v1/llms"))

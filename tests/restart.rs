@@ -31,8 +31,8 @@ fn publisher(wire: Arc<dyn Wire>, session_file: &Path) -> Publisher {
 }
 
 fn publisher_named(wire: Arc<dyn Wire>, session_file: &Path, name: &str) -> Publisher {
-    let llm = PublishedLlm {
-        spec: LlmSpec {
+    let llm = PublishedLlm::new(
+        LlmSpec {
             name: LlmName::parse(name).unwrap(),
             provider_type: "echo".into(),
             model: "echo".into(),
@@ -41,8 +41,8 @@ fn publisher_named(wire: Arc<dyn Wire>, session_file: &Path, name: &str) -> Publ
             max_concurrent: None,
             state: None,
         },
-        provider: Arc::new(EchoProvider::new()),
-    };
+        Arc::new(EchoProvider::new()),
+    );
     let options = PublisherOptions {
         session_file: Some(session_file.to_owned()),
         reconnect_min: Duration::from_millis(20),

@@ -189,8 +189,8 @@ struct Slot {
 
 impl Slot {
     fn start(&self) {
-        let llm = virtual_llm::PublishedLlm {
-            spec: virtual_llm::protocol::LlmSpec {
+        let llm = virtual_llm::PublishedLlm::new(
+            virtual_llm::protocol::LlmSpec {
                 name: virtual_llm::LlmName::parse(&self.name).unwrap(),
                 provider_type: "echo".into(),
                 model: "echo".into(),
@@ -199,8 +199,8 @@ impl Slot {
                 max_concurrent: None,
                 state: None,
             },
-            provider: Arc::new(EchoProvider::new()),
-        };
+            Arc::new(EchoProvider::new()),
+        );
         self.proxy.revive();
         let publisher = Publisher::spawn(self.wire.clone(), vec![llm], self.options.clone());
         *self.publisher.lock().unwrap() = Some(publisher);

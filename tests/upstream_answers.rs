@@ -3,17 +3,20 @@
 //! OpenAI-compatible upstream (warp on 127.0.0.1:0). Its 400 reaches the client as
 //! that 400 with its body, its 503 with its body and `Retry-After`, to a streaming
 //! request too; only an upstream nobody can reach is 502 `upstream_error`, said once and
-//! naming no address.
+//! naming no address. The mock lists its models, so the publisher's probe finds it
+//! ready (SPEC §12).
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use async_trait::async_trait;
 use serde_json::{Value, json};
-use virtual_llm::Config;
 use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
+use virtual_llm::protocol::{TaskFrame, UpstreamState};
 use virtual_llm::testkit::{SseTransport, TestGateway, Transport, WsTransport};
+use virtual_llm::{Config, Error, Provider, Reply};
 use warp::Filter;
 use warp::http::StatusCode;
 use warp::reply::Reply as _;
@@ -35,9 +38,12 @@ fn loading() -> Value {
 }
 
 /// A mock upstream on `POST /v1/chat/completions`: the user message `long` gets the
-/// 400, `loading` the 503 with `Retry-After: 7`.
+/// 400, `loading` the 503 with `Retry-After: 7`. `GET /v1/models` lists its model.
 async fn start_upstream() -> SocketAddr {
-    let routes = warp::post()
+    let models = warp::get().and(warp::path!("v1" / "models")).map(|| {
+        warp::reply::json(&json!({"object": "list", "data": [{"id": "up-model"}]})).into_response()
+    });
+    let chat = warp::post()
         .and(warp::path!("v1" / "chat" / "completions"))
         .and(warp::body::json::<Value>())
         .map(
@@ -59,6 +65,7 @@ async fn start_upstream() -> SocketAddr {
                 other => panic!("unknown scenario {other}"),
             },
         );
+    let routes = models.or(chat).unify();
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .unwrap();
@@ -70,6 +77,22 @@ async fn start_upstream() -> SocketAddr {
 fn provider(addr: SocketAddr) -> Arc<OpenAiProvider> {
     let upstream = OpenAiUpstream::new(&format!("http://{addr}/v1")).unwrap();
     Arc::new(OpenAiProvider::new(upstream, "up-model"))
+}
+
+/// An upstream that answered the publisher's last probe and went away since: its row
+/// is in service, and the task finds nobody there.
+#[derive(Debug)]
+struct GoneSinceItsProbe(Arc<OpenAiProvider>);
+
+#[async_trait]
+impl Provider for GoneSinceItsProbe {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        self.0.infer(task).await
+    }
+
+    async fn probe(&self) -> bool {
+        true
+    }
 }
 
 /// The client's status, `Retry-After` and body for `text` sent to `model`.
@@ -97,6 +120,18 @@ async fn upstream_answers_pass_through(t: &dyn Transport) {
     let upstream = start_upstream().await;
     let gw = TestGateway::start_for(t, Config::default()).await;
     let p = gw.publish(t, "alice", &["llama"], provider(upstream)).await;
+    let row = gw
+        .gateway
+        .store()
+        .get(&"llama".parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        row.upstream,
+        Some(UpstreamState::Ready),
+        "the probe found the mock"
+    );
     for stream in [false, true] {
         assert_eq!(
             ask(&gw, "llama", "long", stream).await,
@@ -119,7 +154,14 @@ async fn an_unreachable_upstream_is_502_naming_no_address(t: &dyn Transport) {
     let gone = listener.local_addr().unwrap();
     drop(listener); // nothing listens there now
     let gw = TestGateway::start_for(t, Config::default()).await;
-    let p = gw.publish(t, "alice", &["gone"], provider(gone)).await;
+    let p = gw
+        .publish(
+            t,
+            "alice",
+            &["gone"],
+            Arc::new(GoneSinceItsProbe(provider(gone))),
+        )
+        .await;
     for stream in [false, true] {
         let (status, retry_after, body) = ask(&gw, "gone", "hi", stream).await;
         assert_eq!((status, retry_after), (502, None), "{body}");

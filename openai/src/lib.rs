@@ -8,7 +8,9 @@
 //! - `message`: the upstream's own error message, from every error shape these servers
 //!   use, and the body an error answer passes through with.
 //! - `retry_after`: an upstream's `Retry-After`, in seconds or as a date.
-//! - `provider`: [`OpenAiProvider`], a publisher's local model.
+//! - `provider`: [`OpenAiProvider`], a publisher's local model, ready when its server
+//!   lists its models.
+//! - `recipe`: [`UrlRecipe`], a wake or sleep recipe that calls a URL.
 //! - `backend`: [`OpenAiBackend`], the gateway's answer for `kind=public` rows.
 //!
 //! The core's few facts about chat-completion bodies ([`chunk_body`],
@@ -19,10 +21,12 @@ mod backend;
 mod chunks;
 mod message;
 mod provider;
+mod recipe;
 mod retry_after;
 mod upstream;
 
 pub use backend::OpenAiBackend;
 pub use provider::OpenAiProvider;
+pub use recipe::UrlRecipe;
 pub use upstream::OpenAiUpstream;
 pub use virtual_llm_core::openai::{InferRequest, chunk_body, completion_body, last_user_text};

@@ -14,7 +14,8 @@ use crate::upstream::{OpenAiUpstream, chat_as};
 /// are relayed chunk by chunk as the model produces them; dropping the reply (a
 /// `cancel` frame) aborts the upstream request. An upstream's own 4xx or 5xx answer is
 /// posted as that answer (status, body, `Retry-After`), not as a failure (see
-/// [`OpenAiUpstream::chat`]).
+/// [`OpenAiUpstream::chat`]). It is ready when the server lists its models
+/// ([`OpenAiUpstream::probe`]).
 ///
 /// # Example
 ///
@@ -60,5 +61,11 @@ impl OpenAiProvider {
 impl Provider for OpenAiProvider {
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
         chat_as(&self.upstream, &self.model, task.body, task.stream).await
+    }
+
+    /// `GET {base_url}/models` answering 2xx within 5 s (see
+    /// [`OpenAiUpstream::probe`]).
+    async fn probe(&self) -> bool {
+        self.upstream.probe().await
     }
 }

@@ -35,6 +35,8 @@ use crate::retry_after::retry_after;
 
 /// How long to wait for a TCP (and TLS) connection to the upstream.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a readiness probe may take, connection and answer together.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most of an error answer's body read: passed through whole up to this size, or
 /// cut to a message beyond it.
 const MAX_ERROR_BODY: usize = 64 * 1024;
@@ -77,6 +79,8 @@ pub struct OpenAiUpstream {
     base_url: String,
     /// `{base_url}/chat/completions`, computed once.
     endpoint: Url,
+    /// `{base_url}/models`, what a readiness probe asks for.
+    models: Url,
     /// `host:port` of the server, for the local log only: no error message names it.
     host: String,
     /// `Bearer <key>`, marked sensitive so that it never shows in logs.
@@ -121,9 +125,12 @@ impl OpenAiUpstream {
                 )));
             }
         };
+        let models = Url::parse(&format!("{trimmed}/models"))
+            .map_err(|e| Error::invalid(format!("invalid upstream url {base_url:?}: {e}")))?;
         Ok(OpenAiUpstream {
             base_url: trimmed.to_owned(),
             endpoint,
+            models,
             host,
             authorization: None,
             client: build_client(DEFAULT_CONNECT_TIMEOUT)?,
@@ -151,6 +158,28 @@ impl OpenAiUpstream {
     /// The base URL, without a trailing slash.
     pub fn base_url(&self) -> &str {
         &self.base_url
+    }
+
+    /// Whether the server answers now (SPEC §12): `GET {base_url}/models` with the API
+    /// key, within 5 s, answering 2xx. Anything else (no connection, a timeout, a 503
+    /// while the model loads, a redirect) is "not ready", logged at debug level with
+    /// the upstream's address and never its key.
+    pub async fn probe(&self) -> bool {
+        let mut request = self.client.get(self.models.clone()).timeout(PROBE_TIMEOUT);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => true,
+            Ok(response) => {
+                tracing::debug!(upstream = %self.host, status = %response.status(), "probe: not ready");
+                false
+            }
+            Err(e) => {
+                tracing::debug!(upstream = %self.host, error = why_not(&e), "probe: no answer");
+                false
+            }
+        }
     }
 
     /// Sends a chat-completions request and relays the answer.
@@ -291,7 +320,7 @@ impl OpenAiUpstream {
 
 /// Why a request got no answer, in words that name no address: the kind of the I/O
 /// error under reqwest's, or whether it was the connect or the exchange that failed.
-fn why_not(error: &reqwest::Error) -> &'static str {
+pub(crate) fn why_not(error: &reqwest::Error) -> &'static str {
     use std::io::ErrorKind;
     if error.is_timeout() {
         return "timed out";

@@ -270,17 +270,19 @@ impl TestGateway {
     ) -> Publisher {
         let llms = names
             .iter()
-            .map(|n| PublishedLlm {
-                spec: LlmSpec {
-                    name: LlmName::parse(n).unwrap(),
-                    provider_type: "openai".into(),
-                    model: format!("{n}-model"),
-                    tier: None,
-                    pool: None,
-                    max_concurrent: None,
-                    state: None,
-                },
-                provider: provider.clone(),
+            .map(|n| {
+                PublishedLlm::new(
+                    LlmSpec {
+                        name: LlmName::parse(n).unwrap(),
+                        provider_type: "openai".into(),
+                        model: format!("{n}-model"),
+                        tier: None,
+                        pool: None,
+                        max_concurrent: None,
+                        state: None,
+                    },
+                    provider.clone(),
+                )
             })
             .collect();
         Publisher::spawn(t.wire(url, Some(token(who))), llms, options)
@@ -300,7 +302,7 @@ impl TestGateway {
         let mut spec = LlmSpec::new(LlmName::parse(name).unwrap(), "openai", "m");
         spec.pool = Some(LlmName::parse(pool).unwrap());
         spec.max_concurrent = max_concurrent;
-        let llms = vec![PublishedLlm { spec, provider }];
+        let llms = vec![PublishedLlm::new(spec, provider)];
         let wire = t.wire(&self.publisher_url, Some(token(who)));
         let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
         tokio::time::timeout(Duration::from_secs(10), publisher.connected())

@@ -16,8 +16,8 @@ use futures::stream::BoxStream;
 use tokio_util::task::AbortOnDropHandle;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
-    ErrorBody, GatewayFrame, HeartbeatRequest, PROTOCOL_HEADER, RegisterRequest, RegisterResponse,
-    TaskResult,
+    ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, PROTOCOL_HEADER, RegisterRequest,
+    RegisterResponse, TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
@@ -36,10 +36,10 @@ const RESULTS_PER_WRITE: usize = 64;
 /// use virtual_llm_core::protocol::LlmSpec;
 ///
 /// let wire = virtual_llm_sse::SseWire::new("http://127.0.0.1:8080", Some("token".into()))?;
-/// let llm = PublishedLlm {
-///     spec: LlmSpec::new("demo".parse()?, "echo", "echo"),
-///     provider: Arc::new(EchoProvider::new()),
-/// };
+/// let llm = PublishedLlm::new(
+///     LlmSpec::new("demo".parse()?, "echo", "echo"),
+///     Arc::new(EchoProvider::new()),
+/// );
 /// let publisher = Publisher::spawn(Arc::new(wire), vec![llm], PublisherOptions::default());
 /// publisher.connected().await;
 /// # Ok(()) }
@@ -196,6 +196,7 @@ fn decode(event: &str, data: &str) -> Result<Option<GatewayFrame>, WireError> {
         "task" => GatewayFrame::Task(serde_json::from_str(data).map_err(bad)?),
         "cancel" => GatewayFrame::Cancel(serde_json::from_str(data).map_err(bad)?),
         "closing" => GatewayFrame::Closing(serde_json::from_str(data).map_err(bad)?),
+        "wake" => GatewayFrame::Wake(serde_json::from_str(data).map_err(bad)?),
         other => {
             tracing::debug!(event = other, "unknown event skipped");
             return Ok(None);
@@ -210,10 +211,10 @@ struct SseOutbox {
 
 #[async_trait]
 impl Outbox for SseOutbox {
-    async fn heartbeat(&self) -> Result<(), WireError> {
+    async fn heartbeat(&self, llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
         let body = HeartbeatRequest {
             provider_session_id: self.session.clone(),
-            llms: None,
+            llms,
         };
         let response = self
             .wire
@@ -311,6 +312,83 @@ mod tests {
             .filter(|l| !l.is_empty())
             .map(|l| serde_json::from_slice(l).unwrap())
             .collect()
+    }
+
+    /// A gateway that speaks protocol 2 to this wire: a `wake` event down the stream
+    /// reaches the publisher as a wake frame (events it does not know are skipped),
+    /// and a heartbeat posts every LLM's state with `wakeFailed`.
+    #[tokio::test]
+    async fn the_sse_wire_delivers_wake_and_posts_heartbeat_states() {
+        use virtual_llm_core::protocol::{HeartbeatRequest, UpstreamState, WakeFrame};
+        use virtual_llm_core::publisher::Wire;
+        use warp::Filter;
+        let session = SessionId::generate();
+        let answer = serde_json::json!({
+            "providerSessionId": session, "heartbeatIntervalMs": 30000,
+            "protocolVersion": 2, "keepAliveMs": 20000, "llms": [],
+        });
+        let register = warp::path!("api" / "v1" / "llms" / "_provider-register")
+            .and(warp::post())
+            .map(move || warp::reply::json(&answer));
+        let hello = serde_json::json!({"providerSessionId": session, "heartbeatIntervalMs": 30000});
+        let stream = warp::path!("api" / "v1" / "llms" / "_provider-stream").map(move || {
+            let body = format!(
+                "event: hello\ndata: {hello}\n\nevent: someday\ndata: {{}}\n\nevent: wake\ndata: {{\"llm\":\"vllm-a\"}}\n\n"
+            );
+            let events = futures::stream::once(async move {
+                Ok::<_, std::convert::Infallible>(Bytes::from(body))
+            })
+            .chain(futures::stream::pending());
+            warp::reply::with_header(
+                warp::reply::stream(events),
+                "content-type",
+                "text/event-stream",
+            )
+        });
+        let (beats_tx, mut beats) = tokio::sync::mpsc::unbounded_channel();
+        let heartbeat = warp::path!("api" / "v1" / "llms" / "_provider-heartbeat")
+            .and(warp::body::json::<HeartbeatRequest>())
+            .map(move |beat: HeartbeatRequest| {
+                beats_tx.send(beat).unwrap();
+                warp::reply::json(&serde_json::json!({"llms": 1}))
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            warp::serve(register.or(stream).or(heartbeat))
+                .incoming(listener)
+                .run(),
+        );
+
+        let wire = SseWire::new(&format!("http://{addr}"), None).unwrap();
+        let request = RegisterRequest {
+            provider_session_id: None,
+            protocol_version: Some(2),
+            llms: vec![],
+        };
+        let mut connected = wire.connect(request).await.unwrap();
+        let frame = connected.frames.next().await.unwrap().unwrap();
+        assert_eq!(
+            frame,
+            GatewayFrame::Wake(WakeFrame {
+                llm: "vllm-a".parse().unwrap()
+            })
+        );
+        let states = vec![LlmState {
+            name: "vllm-a".parse().unwrap(),
+            state: UpstreamState::Asleep,
+            wake_failed: Some("exit status 3: oops".into()),
+        }];
+        connected
+            .outbox
+            .heartbeat(Some(states.clone()))
+            .await
+            .unwrap();
+        let beat = beats.recv().await.unwrap();
+        assert_eq!(beat.provider_session_id, session);
+        assert_eq!(beat.llms, Some(states));
+        connected.outbox.heartbeat(None).await.unwrap();
+        assert_eq!(beats.recv().await.unwrap().llms, None, "a v1 heartbeat");
     }
 
     /// The real thing: an upstream whose 20 chunks arrive in one read, through

@@ -21,7 +21,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
-    ErrorBody, GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskResult,
+    ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, PublisherFrame, RegisterRequest,
+    TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
@@ -338,10 +339,10 @@ impl WsOutbox {
 
 #[async_trait]
 impl Outbox for WsOutbox {
-    async fn heartbeat(&self) -> Result<(), WireError> {
+    async fn heartbeat(&self, llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
         self.send_frame(&PublisherFrame::Heartbeat(HeartbeatRequest {
             provider_session_id: self.session.clone(),
-            llms: None,
+            llms,
         }))
         .await
     }
@@ -414,6 +415,79 @@ mod tests {
         fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
             self.poll_flush(cx)
         }
+    }
+
+    /// A gateway that speaks protocol 2 over a real socket: its `wake` frame reaches
+    /// the publisher, and a heartbeat frame carries every LLM's state with
+    /// `wakeFailed`.
+    #[tokio::test]
+    async fn the_ws_wire_delivers_wake_and_sends_heartbeat_states() {
+        use virtual_llm_core::protocol::{UpstreamState, WakeFrame};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let session = SessionId::generate();
+        let (frames_tx, mut received) = mpsc::unbounded_channel::<PublisherFrame>();
+        let answer = serde_json::json!({
+            "type": "registered", "providerSessionId": session, "heartbeatIntervalMs": 30000,
+            "protocolVersion": 2, "llms": [],
+        });
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            while let Some(Ok(message)) = socket.next().await {
+                let Message::Text(text) = message else {
+                    continue;
+                };
+                let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
+                if matches!(frame, PublisherFrame::Register(_)) {
+                    socket
+                        .send(Message::text(answer.to_string()))
+                        .await
+                        .unwrap();
+                    socket
+                        .send(Message::text(r#"{"type":"wake","llm":"vllm-a"}"#))
+                        .await
+                        .unwrap();
+                }
+                frames_tx.send(frame).unwrap();
+            }
+        });
+
+        let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
+        let request = RegisterRequest {
+            provider_session_id: None,
+            protocol_version: Some(2),
+            llms: vec![],
+        };
+        let mut connected = wire.connect(request).await.unwrap();
+        let frame = connected.frames.next().await.unwrap().unwrap();
+        assert_eq!(
+            frame,
+            GatewayFrame::Wake(WakeFrame {
+                llm: "vllm-a".parse().unwrap()
+            })
+        );
+        let states = vec![LlmState {
+            name: "vllm-a".parse().unwrap(),
+            state: UpstreamState::Asleep,
+            wake_failed: Some("HTTP 503 Service Unavailable".into()),
+        }];
+        connected
+            .outbox
+            .heartbeat(Some(states.clone()))
+            .await
+            .unwrap();
+        assert!(matches!(
+            received.recv().await.unwrap(),
+            PublisherFrame::Register(_)
+        ));
+        assert_eq!(
+            received.recv().await.unwrap(),
+            PublisherFrame::Heartbeat(HeartbeatRequest {
+                provider_session_id: session,
+                llms: Some(states),
+            })
+        );
     }
 
     /// Frames handed over one per scheduling turn (as a provider streaming an

@@ -94,4 +94,9 @@ impl Provider for EchoProvider {
         ));
         Ok(Reply::Stream(Box::pin(stream::iter(chunks))))
     }
+
+    /// No upstream: always ready.
+    async fn probe(&self) -> bool {
+        true
+    }
 }

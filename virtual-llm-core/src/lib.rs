@@ -27,7 +27,9 @@
 //! - `gc`: the background GC task and its drop guard.
 //! - [`metrics`]: what the core measures, through the `metrics` facade.
 //! - [`publisher`]: the publisher's lifecycle (register, channel, heartbeats, task
-//!   pump, reconnect), independent of the wire.
+//!   pump, reconnect), independent of the wire; `readiness`: what it knows of its
+//!   upstreams (probes, wakes, idle sleeps); `recipe`: the [`Recipe`] seam (waking and
+//!   putting to sleep an upstream) and the [`CommandRecipe`].
 //! - [`session_file`]: the lock that keeps one publisher per session file.
 //! - `auth`, `backend`, `provider`, `echo`, [`openai`]: the other seams, and the echo
 //!   model.
@@ -58,6 +60,8 @@ pub mod openai;
 pub mod protocol;
 mod provider;
 pub mod publisher;
+mod readiness;
+mod recipe;
 mod record;
 mod relay;
 mod reply;
@@ -92,6 +96,7 @@ pub use openai::InferRequest;
 pub use protocol::TaskResult;
 pub use provider::Provider;
 pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
+pub use recipe::{CommandRecipe, Recipe};
 pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView, Model};
 pub use reply::{ChunkStream, Completion, Reply};
 pub use router::{PoolRouter, Route, Router};

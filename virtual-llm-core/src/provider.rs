@@ -25,8 +25,19 @@ use crate::{Error, Reply};
 ///   midway) is [`Error::Upstream`], with a message that says what happened without
 ///   naming where the upstream runs: the gateway shows it to the client, prefixed
 ///   once with `upstream error: `.
+/// - `probe` says whether the upstream would answer a task now (SPEC §12: for an
+///   OpenAI-compatible server, `GET {url}/models` answering 2xx). The publisher calls it
+///   before each register, every heartbeat and every second while it wakes the LLM, so
+///   it must be cheap and return within a few seconds (bound it with a timeout of its
+///   own; the publisher gives up on it after 10 s and counts that as not ready), and it
+///   logs no secret. A provider with nothing to probe keeps the default: always ready.
 #[async_trait]
 pub trait Provider: fmt::Debug + Send + Sync + 'static {
     /// Answers one task.
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error>;
+
+    /// Whether the upstream can answer now. Default: always.
+    async fn probe(&self) -> bool {
+        true
+    }
 }

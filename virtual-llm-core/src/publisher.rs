@@ -7,6 +7,13 @@
 //! task on `cancel`, re-registers when a heartbeat says the session is unknown, and
 //! reconnects with exponential backoff and jitter when the channel drops.
 //!
+//! It also keeps the gateway told whether each upstream can answer (SPEC §12, see
+//! `readiness`): it probes them before each register and every heartbeat, sends each
+//! LLM's `state` in both, wakes an LLM on the gateway's `wake` frame with its wake
+//! recipe, puts an idle one to sleep with its sleep recipe, and heartbeats at once when
+//! a state changes or a wake fails. Wakes and sleeps run beside the frame reader and
+//! the heartbeats, never in their way.
+//!
 //! How bytes travel is a [`Wire`]'s business: the SSE transport posts results as
 //! NDJSON and reads an event stream; the WebSocket transport does both on one socket.
 //! Everything in this file is the same for both.
@@ -25,8 +32,10 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::protocol::{
-    GatewayFrame, LlmSpec, RegisterRequest, RegisterResponse, TaskFrame, TaskResult,
+    GatewayFrame, LlmSpec, LlmState, RegisterRequest, RegisterResponse, TaskFrame, TaskResult,
 };
+use crate::readiness::Upstreams;
+use crate::recipe::Recipe;
 use crate::sync::lock;
 use crate::{Config, Error, LlmName, Provider, Reply, SessionId, TaskId};
 
@@ -132,8 +141,10 @@ pub trait Wire: fmt::Debug + Send + Sync + 'static {
 /// it; it returns when the stream has ended and been delivered.
 #[async_trait]
 pub trait Outbox: Send + Sync + 'static {
-    /// One heartbeat; [`WireError::UnknownSession`] when the gateway forgot us.
-    async fn heartbeat(&self) -> Result<(), WireError>;
+    /// One heartbeat, carrying each LLM's upstream state (`llms`, protocol 2; `None`
+    /// to a version 1 gateway); [`WireError::UnknownSession`] when the gateway forgot
+    /// us.
+    async fn heartbeat(&self, llms: Option<Vec<LlmState>>) -> Result<(), WireError>;
     /// Streams the results of `task` to the gateway.
     async fn send(
         &self,
@@ -142,13 +153,101 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> Result<(), WireError>;
 }
 
-/// One published LLM and what answers it.
+/// How long a wake may take, recipe and readiness together, unless an LLM says
+/// otherwise (SPEC §12 `readyTimeout`).
+pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// One published LLM: how it is registered, what answers it, and how its upstream is
+/// woken and put to sleep (SPEC §12).
+///
+/// Built with [`PublishedLlm::new`] and the `with_*` setters, so that a field added
+/// later breaks no caller.
+///
+/// ```
+/// use std::sync::Arc;
+/// use std::time::Duration;
+/// use virtual_llm_core::protocol::LlmSpec;
+/// use virtual_llm_core::{CommandRecipe, EchoProvider, PublishedLlm};
+///
+/// # fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let llm = PublishedLlm::new(
+///     LlmSpec::new("llama-8b".parse()?, "openai", "meta-llama/Llama-3.1-8B-Instruct"),
+///     Arc::new(EchoProvider::new()),
+/// )
+/// .with_wake(Arc::new(CommandRecipe::new(["systemctl", "--user", "start", "vllm"])?))
+/// .with_sleep(Arc::new(CommandRecipe::new(["systemctl", "--user", "stop", "vllm"])?))
+/// .with_idle_after(Duration::from_secs(15 * 60))
+/// .with_ready_timeout(Duration::from_secs(300));
+/// assert_eq!(llm.ready_timeout, Duration::from_secs(300));
+/// # Ok(()) }
+/// # run().unwrap();
+/// ```
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct PublishedLlm {
-    /// How it is registered.
+    /// How it is registered. Its `state` is set by the publisher from the probes.
     pub spec: LlmSpec,
-    /// What answers its tasks.
+    /// What answers its tasks, and whether its upstream is ready
+    /// ([`Provider::probe`]).
     pub provider: Arc<dyn Provider>,
+    /// Wakes the upstream when the gateway asks (a `wake` frame). With one, an
+    /// upstream that does not answer is reported `asleep` (the gateway holds its
+    /// requests and asks for a wake); without one, `unavailable`.
+    pub wake: Option<Arc<dyn Recipe>>,
+    /// Puts the upstream to sleep after `idle_after` without a task.
+    pub sleep: Option<Arc<dyn Recipe>>,
+    /// How long the LLM may go without a task (none started or running) before it is
+    /// put to sleep and reported `asleep`; `None`: it never is. It sleeps with its
+    /// `sleep` recipe, or without one (an upstream that unloads its model by itself).
+    pub idle_after: Option<Duration>,
+    /// How long a wake may take, the recipe and the wait for a passing probe together,
+    /// before it is reported failed. Also bounds a sleep recipe. Default
+    /// [`DEFAULT_READY_TIMEOUT`].
+    pub ready_timeout: Duration,
+}
+
+impl PublishedLlm {
+    /// `spec` answered by `provider`, with no recipes: never put to sleep, and reported
+    /// `unavailable` whenever its upstream does not answer.
+    pub fn new(spec: LlmSpec, provider: Arc<dyn Provider>) -> Self {
+        PublishedLlm {
+            spec,
+            provider,
+            wake: None,
+            sleep: None,
+            idle_after: None,
+            ready_timeout: DEFAULT_READY_TIMEOUT,
+        }
+    }
+
+    /// Wakes the upstream with `recipe` when the gateway asks.
+    #[must_use]
+    pub fn with_wake(mut self, recipe: Arc<dyn Recipe>) -> Self {
+        self.wake = Some(recipe);
+        self
+    }
+
+    /// Puts the upstream to sleep with `recipe` once idle (see
+    /// [`with_idle_after`](Self::with_idle_after)).
+    #[must_use]
+    pub fn with_sleep(mut self, recipe: Arc<dyn Recipe>) -> Self {
+        self.sleep = Some(recipe);
+        self
+    }
+
+    /// Puts the LLM to sleep after `idle` without a task.
+    #[must_use]
+    pub fn with_idle_after(mut self, idle: Duration) -> Self {
+        self.idle_after = Some(idle);
+        self
+    }
+
+    /// Gives a wake `timeout` to make the upstream answer.
+    #[must_use]
+    pub fn with_ready_timeout(mut self, timeout: Duration) -> Self {
+        self.ready_timeout = timeout;
+        self
+    }
 }
 
 /// A publisher's settings.
@@ -233,6 +332,7 @@ impl Publisher {
         let (state_tx, state) = watch::channel(PublisherState::Connecting);
         let driver = Driver {
             wire,
+            upstreams: Upstreams::new(&llms),
             specs: llms.iter().map(|l| l.spec.clone()).collect(),
             providers: llms
                 .into_iter()
@@ -281,6 +381,8 @@ impl Publisher {
 
 struct Driver {
     wire: Arc<dyn Wire>,
+    /// Whether each upstream answers; lives across connections.
+    upstreams: Arc<Upstreams>,
     specs: Vec<LlmSpec>,
     providers: HashMap<LlmName, Arc<dyn Provider>>,
     permits: Arc<Semaphore>,
@@ -301,6 +403,12 @@ impl Driver {
     async fn run(mut self) {
         let mut session = read_session(self.options.session_file.as_ref()).await;
         let mut delay = self.options.reconnect_min;
+        // Idle LLMs go to sleep whether or not a channel is up. Without an idle timer
+        // there is no task for it (a load test runs 10 000 publishers).
+        let idle = self
+            .upstreams
+            .sleep_when_idle()
+            .then(|| tokio::spawn(self.upstreams.clone().put_idle_to_sleep()));
         loop {
             if *self.stopped.borrow() {
                 break;
@@ -327,14 +435,20 @@ impl Driver {
             }
             delay = (delay * 2).min(self.options.reconnect_max);
         }
+        if let Some(idle) = idle {
+            idle.abort();
+        }
+        self.upstreams.stop();
         self.state.send_replace(PublisherState::Stopped);
     }
 
     async fn connect(&self, session: &mut Option<SessionId>) -> Result<Connected, WireError> {
+        // Each register says which upstreams answer now.
+        self.upstreams.probe_all().await;
         let request = RegisterRequest {
             provider_session_id: session.clone(),
             protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
-            llms: self.specs.clone(),
+            llms: self.upstreams.register_specs(&self.specs),
         };
         let connected = self.wire.connect(request).await?;
         let granted = connected.answer.provider_session_id.clone();
@@ -361,10 +475,16 @@ impl Driver {
         // one and tell a lost one.
         let numbered = answer.protocol_version.unwrap_or(1) >= 2;
         let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
-        // Heartbeats run beside the frame reader, so a slow heartbeat never delays a
-        // cancel; the task reports only a forgotten session.
+        // Heartbeats run beside the frame reader, so a slow heartbeat (or probe) never
+        // delays a cancel; the task reports only a forgotten session.
         let (forgotten_tx, mut forgotten) = tokio::sync::oneshot::channel::<()>();
-        let heartbeats = tokio::spawn(heartbeat_loop(outbox.clone(), interval, forgotten_tx));
+        let heartbeats = tokio::spawn(heartbeat_loop(
+            outbox.clone(),
+            interval,
+            self.upstreams.clone(),
+            numbered,
+            forgotten_tx,
+        ));
         let mut stopped = self.stopped.clone();
         let ended = loop {
             tokio::select! {
@@ -375,6 +495,7 @@ impl Driver {
                     Some(Err(e)) => break Ended::Dropped(e.to_string()),
                     Some(Ok(GatewayFrame::Task(task))) => self.start_task(task, &outbox, &running, numbered),
                     Some(Ok(GatewayFrame::Cancel(c))) => running.abort(&c.task_id),
+                    Some(Ok(GatewayFrame::Wake(w))) => self.upstreams.wake(&w.llm),
                     Some(Ok(GatewayFrame::Closing(c))) => break Ended::Dropped(format!("gateway closing: {}", c.reason)),
                     Some(Ok(other)) => tracing::debug!(frame = other.event_name(), "ignored frame"),
                 },
@@ -394,9 +515,13 @@ impl Driver {
     ) {
         let id = task.task_id.clone();
         let provider = self.providers.get(&task.llm).cloned();
+        // The LLM is not idle from now until the task ends, however it ends. A task for
+        // an LLM reported asleep (the gateway should not send one) runs all the same.
+        let busy = self.upstreams.busy(&task.llm);
         let (outbox, permits, finished) = (outbox.clone(), self.permits.clone(), running.clone());
         let task_id = id.clone();
         let handle = tokio::spawn(async move {
+            let _busy = busy;
             // Waiting for a permit inside the task keeps the frame reader free for
             // cancels while tasks queue.
             let results: BoxStream<'static, TaskResult> = match permits.acquire_owned().await {
@@ -424,16 +549,25 @@ impl Driver {
     }
 }
 
+/// Heartbeats every `every`, probing the upstreams first, and at once when an
+/// upstream's state changes or a wake ends. With `states` (protocol 2) each heartbeat
+/// carries every LLM's state; a version 1 gateway gets only the periodic, bare ones.
 async fn heartbeat_loop(
     outbox: Arc<dyn Outbox>,
     every: Duration,
+    upstreams: Arc<Upstreams>,
+    states: bool,
     forgotten: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        beat.tick().await;
-        match outbox.heartbeat().await {
+        tokio::select! {
+            _ = beat.tick() => upstreams.probe_all().await,
+            () = upstreams.changed(), if states => {}
+        }
+        let report = states.then(|| upstreams.report());
+        match outbox.heartbeat(report.clone()).await {
             Ok(()) => {}
             Err(WireError::UnknownSession) => {
                 if forgotten.send(()).is_err() {
@@ -441,7 +575,12 @@ async fn heartbeat_loop(
                 }
                 return;
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
+            Err(e) => {
+                tracing::warn!(error = %e, "heartbeat failed");
+                if let Some(report) = report {
+                    upstreams.unsent(report);
+                }
+            }
         }
     }
 }

@@ -8,7 +8,7 @@ use futures::StreamExt;
 use futures::stream::{self, BoxStream};
 use tokio::sync::mpsc;
 
-use crate::protocol::{RegisterRequest, TaskResult};
+use crate::protocol::{LlmState, RegisterRequest, TaskResult};
 use crate::publisher::{Connected, Outbox, Wire, WireError};
 use crate::{Gateway, Principal, SessionId, TaskId};
 
@@ -67,7 +67,8 @@ struct LoopbackOutbox {
 
 #[async_trait]
 impl Outbox for LoopbackOutbox {
-    async fn heartbeat(&self) -> Result<(), WireError> {
+    async fn heartbeat(&self, _llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
+        // The states go nowhere yet: `Gateway::heartbeat` does not take them.
         self.gateway
             .heartbeat(&self.principal, &self.session)
             .await

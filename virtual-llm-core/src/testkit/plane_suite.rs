@@ -49,10 +49,7 @@ fn chat(model: &str, text: &str, stream: bool) -> InferRequest {
 /// Publishes the echo model `name` on `on` through the core publisher (protocol 2).
 async fn publish_echo(on: &Gateway, name: &str) -> (Publisher, SessionId) {
     let wire = Arc::new(LoopbackWire::new(on.clone(), alice()));
-    let llms = vec![PublishedLlm {
-        spec: spec(name),
-        provider: Arc::new(EchoProvider::new()),
-    }];
+    let llms = vec![PublishedLlm::new(spec(name), Arc::new(EchoProvider::new()))];
     let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
     let session = publisher.connected().await;
     (publisher, session)
