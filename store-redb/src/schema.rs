@@ -26,7 +26,9 @@
 //! - **3**: adds `rows_by_pool`, and a row may carry a `pool` and a `max_concurrent`.
 //!   A file of version 2 is upgraded in place when it is opened, in one write
 //!   transaction that creates the table, indexes every row under its pool key (its
-//!   `pool`, or else its own name), and sets the version to 3; it commits durably, or
+//!   `pool`, or else its own name), adds hibernating virtual rows to
+//!   `live_by_heartbeat` (version 3 counts them live: their publishers heartbeat),
+//!   and sets the version to 3; it commits durably, or
 //!   leaves the file at version 2. A file of version 1 is upgraded through version 2
 //!   in the same single transaction (both indexes built from one read of the rows),
 //!   so it is left at version 1 or is at version 3, never at 2. A build of version 2
@@ -265,7 +267,9 @@ struct Indexed {
 /// - from 1, `rows_by_replica`: every row that has a binding. A version-1 row has
 ///   none, so that is 0 rows for any file a version-1 build wrote; the rows are read
 ///   anyway, so that a row that has one is never left out of the index.
-/// - from 2 (and 1), `rows_by_pool`: every row, under its pool key.
+/// - from 2 (and 1), `rows_by_pool`: every row, under its pool key; and
+///   `live_by_heartbeat` gains the hibernating virtual rows, which version 3 counts
+///   live (a sleeping model's publisher heartbeats too).
 ///
 /// The rows are read once for both steps, and a row that does not decode stops the
 /// upgrade as corruption rather than being carried over unchecked.
@@ -275,6 +279,7 @@ fn upgrade(txn: &WriteTransaction, from: u64) -> Result<Indexed, Error> {
     let rows = txn.open_table(ROWS)?;
     let mut by_replica = txn.open_table(BY_REPLICA)?;
     let mut by_pool = txn.open_table(BY_POOL)?;
+    let mut live = txn.open_table(LIVE)?;
     let mut indexed = Indexed::default();
     for entry in rows.iter()? {
         let (key, value) = entry?;
@@ -289,6 +294,11 @@ fn upgrade(txn: &WriteTransaction, from: u64) -> Result<Indexed, Error> {
         }
         by_pool.insert((row.pool_key().as_str(), name), ())?;
         indexed.pooled += 1;
+        // Version 3 counts hibernating rows live (a sleeping model's publisher
+        // heartbeats); an active row's entry is already there and stays as it is.
+        if let Some(heartbeat) = row.live_key() {
+            live.insert((heartbeat, name), row.stamp())?;
+        }
     }
     txn.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
     Ok(indexed)

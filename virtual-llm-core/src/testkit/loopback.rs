@@ -67,10 +67,9 @@ struct LoopbackOutbox {
 
 #[async_trait]
 impl Outbox for LoopbackOutbox {
-    async fn heartbeat(&self, _llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
-        // The states go nowhere yet: `Gateway::heartbeat` does not take them.
+    async fn heartbeat(&self, llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
         self.gateway
-            .heartbeat(&self.principal, &self.session)
+            .heartbeat_with(&self.principal, &self.session, &llms.unwrap_or_default())
             .await
             .map(drop)
             .map_err(|e| WireError::from(&e))
