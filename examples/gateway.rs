@@ -13,6 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 mod common;
+#[path = "common/recipe.rs"]
+mod recipes;
 
 use clap::Parser;
 use serde::Deserialize;
@@ -20,8 +22,8 @@ use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::redb::RedbStore;
 use virtual_llm::{
-    Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, Role, StaticTokens, Store,
-    bearer_token,
+    Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, RecipeWaker, Role,
+    StaticTokens, Store, WakeTarget, bearer_token,
 };
 use warp::Filter;
 
@@ -103,6 +105,20 @@ struct FileConfig {
     tokens: Vec<TokenConfig>,
     #[serde(default)]
     public: Vec<PublicConfig>,
+    /// How to wake a host whose publisher has no channel while it sleeps.
+    #[serde(default)]
+    wake: Vec<WakeConfig>,
+}
+
+/// A `[[wake]]` table: the pool or the llm it wakes, and the recipe (a webhook `url`
+/// with `method`, `headers`, `body`; or a `command`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct WakeConfig {
+    pool: Option<String>,
+    llm: Option<String>,
+    #[serde(flatten)]
+    recipe: recipes::RecipeConfig,
 }
 
 #[derive(Debug, Deserialize)]
@@ -203,6 +219,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         .authenticator(auth);
     if !file.public.is_empty() {
         builder = builder.public_backend(Arc::new(public_backend(&file.public)?));
+    }
+    if !file.wake.is_empty() {
+        builder = builder.waker(Arc::new(waker(&file.wake)?));
     }
     let gateway = builder.start().await?;
     let admin = Principal::new("config", [Role::Admin]);
@@ -397,6 +416,24 @@ fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, commo
         table = table.with(token, principal);
     }
     Ok(Arc::new(table))
+}
+
+/// The `[[wake]]` tables as one waker: the first table naming a row's llm or pool
+/// wakes it.
+fn waker(tables: &[WakeConfig]) -> Result<RecipeWaker, common::BoxError> {
+    let mut waker = RecipeWaker::new();
+    for (i, t) in tables.iter().enumerate() {
+        let target = match (&t.pool, &t.llm) {
+            (Some(pool), None) => WakeTarget::Pool(LlmName::parse(pool)?),
+            (None, Some(llm)) => WakeTarget::Llm(LlmName::parse(llm)?),
+            _ => {
+                return Err(format!("[[wake]] #{}: give exactly one of pool or llm", i + 1).into());
+            }
+        };
+        let recipe = recipes::recipe(&format!("[[wake]] #{}", i + 1), &t.recipe)?;
+        waker = waker.with(target, recipe);
+    }
+    Ok(waker)
 }
 
 fn public_backend(public: &[PublicConfig]) -> Result<OpenAiBackend, common::BoxError> {

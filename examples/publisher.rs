@@ -40,21 +40,23 @@
 //! are always ready and have no recipes.
 
 mod common;
+#[path = "common/recipe.rs"]
+mod recipes;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
+use recipes::{RecipeConfig, recipe};
 use serde::Deserialize;
-use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream, UrlRecipe};
+use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
 use virtual_llm::protocol::{LlmSpec, MAX_CONCURRENT};
 use virtual_llm::publisher::{PublisherState, Wire};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
-    CommandRecipe, EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, Recipe,
-    SessionFileError, SessionFileLock,
+    EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
+    SessionFileLock,
 };
 
 #[derive(Parser, Debug)]
@@ -125,23 +127,6 @@ struct ProviderConfig {
     idle_after: Option<String>,
     /// How long a wake may take to make the upstream answer; default `"120s"`.
     ready_timeout: Option<String>,
-}
-
-/// A wake or sleep recipe: `{"command": [...]}` or `{"url", "method", "headers",
-/// "body"}`.
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct RecipeConfig {
-    /// The program and its arguments, run without a shell.
-    command: Option<Vec<String>>,
-    /// The URL to call.
-    url: Option<String>,
-    /// Its method; default `POST`.
-    method: Option<String>,
-    /// Headers sent with it.
-    headers: Option<BTreeMap<String, String>>,
-    /// A string sent as it is, or anything else sent as JSON.
-    body: Option<serde_json::Value>,
 }
 
 fn main() -> std::process::ExitCode {
@@ -273,34 +258,6 @@ fn lifecycle(mut llm: PublishedLlm, p: &ProviderConfig) -> Result<PublishedLlm, 
         return Err("idleAfter needs a wake recipe: an llm put to sleep could not be woken".into());
     }
     Ok(llm)
-}
-
-/// A recipe of a config entry, or why not in one line naming it (`wake`, `sleep`).
-fn recipe(what: &str, c: &RecipeConfig) -> Result<Arc<dyn Recipe>, String> {
-    let bad = |e: &dyn std::fmt::Display| format!("{what}: {e}");
-    match (&c.command, &c.url) {
-        (Some(argv), None) => {
-            if c.method.is_some() || c.headers.is_some() || c.body.is_some() {
-                return Err(bad(&"method, headers and body go with url, not command"));
-            }
-            Ok(Arc::new(
-                CommandRecipe::new(argv.clone()).map_err(|e| bad(&e))?,
-            ))
-        }
-        (None, Some(url)) => {
-            let mut recipe =
-                UrlRecipe::new(c.method.as_deref().unwrap_or("POST"), url).map_err(|e| bad(&e))?;
-            for (name, value) in c.headers.iter().flatten() {
-                recipe = recipe.with_header(name, value).map_err(|e| bad(&e))?;
-            }
-            if let Some(body) = &c.body {
-                recipe = recipe.with_body(body.clone());
-            }
-            Ok(Arc::new(recipe))
-        }
-        (Some(_), Some(_)) => Err(bad(&"either command or url, not both")),
-        (None, None) => Err(bad(&"needs a command or a url")),
-    }
 }
 
 /// A human duration (`"15m"`, `"120s"`) that is not zero.

@@ -259,3 +259,139 @@ roles = ["publisher", "client"]
         "mallory's row was not written"
     );
 }
+
+/// A `[[wake]]` webhook from the config file: a request for a row whose publisher has
+/// no channel fires it once (method, headers and body as written), waits, and is
+/// served once the publisher's channel binds. A typo in a `[[wake]]` table is refused
+/// at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wake_webhook_from_the_config_wakes_a_host_whose_publisher_then_connects() {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+
+    // The webhook's receiver: records each request's head and body.
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hook_addr = hook.local_addr().unwrap();
+    let (fired_tx, mut fired) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = hook.accept().await {
+            let mut request = vec![0u8; 4096];
+            let n = socket.read(&mut request).await.unwrap();
+            fired_tx
+                .send(String::from_utf8_lossy(&request[..n]).into_owned())
+                .unwrap();
+            socket
+                .write_all(b"HTTP/1.1 202 Accepted\r\ncontent-length: 0\r\n\r\n")
+                .await
+                .unwrap();
+        }
+    });
+    let dir = temp_dir();
+    let config = dir.0.join("gateway.toml");
+    let write = |extra: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[[wake]]
+pool = "far"
+url = "http://{hook_addr}/wake/gpu-7"
+method = "PUT"
+headers = {{ x-wake-token = "s3cret" }}
+body = {{ host = "gpu-7" }}
+{extra}
+"#
+            ),
+        )
+        .unwrap();
+    };
+    write("typo = 1");
+    let refused = Command::new(gateway_binary())
+        .args(["--data-dir", dir.0.join("x").to_str().unwrap()])
+        .args(["--config", config.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "a typo is refused");
+    write("");
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let base = format!("{url}/api/v1/llms");
+    let _gateway = GatewayProcess::start_env(
+        addr,
+        &dir.0.join("data"),
+        &["--config", config.to_str().unwrap()],
+        &[],
+    );
+    let http = reqwest::Client::new();
+    let register = json!({"protocolVersion": 2,
+        "llms": [{"name": "far", "type": "openai", "model": "m", "state": "ready"}]});
+    let mut answer = None;
+    for _ in 0..500 {
+        if let Ok(a) = http
+            .post(format!("{base}/_provider-register"))
+            .json(&register)
+            .send()
+            .await
+        {
+            answer = Some(a);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    let answer: Value = answer.unwrap().json().await.unwrap();
+    let session = answer["providerSessionId"].as_str().unwrap().to_owned();
+    // No channel: the host sleeps. A client's request fires the webhook and waits.
+    let request = {
+        let http = http.clone();
+        let url = url.clone();
+        tokio::spawn(async move {
+            let response = http
+                .post(format!("{url}/v1/chat/completions"))
+                .json(&json!({"model": "far", "messages": [{"role": "user", "content": "hi"}]}))
+                .send()
+                .await
+                .unwrap();
+            (response.status().as_u16(), response.text().await.unwrap())
+        })
+    };
+    let webhook = fired.recv().await.unwrap();
+    assert!(webhook.starts_with("PUT /wake/gpu-7 "), "{webhook}");
+    assert!(
+        webhook
+            .to_ascii_lowercase()
+            .contains("x-wake-token: s3cret"),
+        "{webhook}"
+    );
+    assert!(webhook.ends_with(r#"{"host":"gpu-7"}"#), "{webhook}");
+    // The host woke: its publisher opens its channel and answers the waiting task.
+    let stream = http
+        .get(format!("{base}/_provider-stream"))
+        .header("x-provider-session", &session)
+        .header("x-provider-protocol", "2")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let mut events = stream.bytes_stream().eventsource();
+    let task = loop {
+        let event = events.next().await.unwrap().unwrap();
+        if event.event == "task" {
+            break serde_json::from_str::<Value>(&event.data).unwrap();
+        }
+    };
+    let task_id = task["taskId"].as_str().unwrap();
+    let posted = http
+        .post(format!("{base}/_provider-task/{task_id}/result"))
+        .header("x-provider-session", &session)
+        .json(&json!({"status": 200, "body": {"choices": [{"message": {"content": "awake"}}]}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 204);
+    let (status, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("awake"), "{body}");
+    assert!(fired.try_recv().is_err(), "the webhook fired once");
+}

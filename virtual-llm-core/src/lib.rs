@@ -105,4 +105,4 @@ pub use store::{Store, Write};
 pub use task::{TaskEvent, TaskHandle};
 pub use task_router::{Delivery, LocalTaskRouter, TaskInbound, TaskRouter};
 pub use time::{Clock, SystemClock, Timestamp};
-pub use wake::{ChannelWaker, Waker, Wakers};
+pub use wake::{ChannelWaker, RecipeWaker, WakeTarget, Waker, Wakers};

@@ -20,7 +20,7 @@ use tokio::time::Instant;
 use crate::directory::ChannelDirectory;
 use crate::protocol::{GatewayFrame, WakeFrame};
 use crate::sync::lock;
-use crate::{Error, LlmName, LlmRecord, LlmStatus};
+use crate::{Error, LlmKind, LlmName, LlmRecord, LlmStatus, Recipe};
 
 /// Asks for a sleeping row to be woken.
 ///
@@ -188,5 +188,66 @@ impl Wakes {
         tracing::warn!(llm = %name, %message, "a wake failed");
         let until = Instant::now() + self.cooldown;
         lock(&self.state).insert(name.clone(), WakeState::Failed { until, message });
+    }
+}
+
+/// What a [`RecipeWaker`] entry wakes: one row, or every row of a pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WakeTarget {
+    /// The row of this name.
+    Llm(LlmName),
+    /// The rows of this pool key.
+    Pool(LlmName),
+}
+
+impl WakeTarget {
+    fn matches(&self, row: &LlmRecord) -> bool {
+        match self {
+            WakeTarget::Llm(name) => row.name == *name,
+            WakeTarget::Pool(key) => row.pool_key() == key,
+        }
+    }
+}
+
+/// Wakes a row whose publisher has no channel by running a [`Recipe`]: a webhook (a
+/// Wake-on-LAN relay, a cloud API), for a host whose publisher sleeps with it. The
+/// request then waits for the publisher to connect and report its model ready. The
+/// first entry whose target matches a row wakes it.
+#[derive(Debug, Default)]
+pub struct RecipeWaker {
+    entries: Vec<(WakeTarget, Arc<dyn Recipe>)>,
+}
+
+impl RecipeWaker {
+    /// No entry: wakes nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The same, waking `target` with `recipe`.
+    pub fn with(mut self, target: WakeTarget, recipe: Arc<dyn Recipe>) -> Self {
+        self.entries.push((target, recipe));
+        self
+    }
+
+    fn recipe(&self, row: &LlmRecord) -> Option<&Arc<dyn Recipe>> {
+        self.entries
+            .iter()
+            .find(|(target, _)| target.matches(row))
+            .map(|(_, recipe)| recipe)
+    }
+}
+
+#[async_trait]
+impl Waker for RecipeWaker {
+    fn can_wake(&self, row: &LlmRecord) -> bool {
+        row.kind == LlmKind::Virtual && row.binding.is_none() && self.recipe(row).is_some()
+    }
+
+    async fn wake(&self, row: &LlmRecord) -> Result<(), String> {
+        match self.recipe(row) {
+            Some(recipe) => recipe.run().await,
+            None => Err(format!("no wake is configured for {}", row.name)),
+        }
     }
 }
