@@ -200,6 +200,7 @@ EOF
   publisher=
   stop_woken
 done
+echo "-- woken on demand and put to sleep over ws and sse: ok after ${SECONDS}s"
 
 # Started together: llama.cpp (no recipes) and the publisher at the same moment. The LLM
 # is registered unavailable (inactive) while llama.cpp loads, and listed only once the
