@@ -14,12 +14,13 @@ OpenAI Python SDK unchanged (SPEC §12). run.sh drives it:
         whole answer), Y the publisher's wake from the wake frame to the probe that found
         llama.cpp ready (the recipe itself returns at once; the probe runs every second),
         Z serve_model.py's own start to its /v1/models answering.
-    check_wake.py together --publisher-log F --llama-log F
-        llama.cpp and the publisher were started at the same moment (env STARTED, epoch
-        seconds): calls as soon as the LLM is listed in /v1/models, whole then streamed,
-        and must be answered (a relayed "Loading model" 503 fails). Checks from the
-        publisher's log that the LLM was registered not ready (else this proves nothing),
-        and prints when llama.cpp was ready and when the LLM was listed.
+    check_wake.py together --armed-file F --started-file F --publisher-log F --llama-log F
+        makes its client, writes --armed-file, and polls /v1/models every 20 ms; run.sh
+        then starts llama.cpp and the publisher at the same moment, and writes that moment
+        (epoch seconds) into --started-file. As soon as the LLM is listed it calls it,
+        whole then streamed, and must be answered (a relayed "Loading model" 503 fails).
+        Checks from the publisher's log that the LLM was registered not ready (else this
+        proves nothing), and prints when llama.cpp was ready and when the LLM was listed.
 
 Env: GATEWAY (the gateway's base URL), LLM (the published name).
 """
@@ -31,20 +32,25 @@ import re
 import sys
 import time
 
-from openai import OpenAI
-
 llm = os.environ["LLM"]
-client = OpenAI(
-    base_url=os.environ["GATEWAY"] + "/v1",
-    api_key=os.environ.get("TOKEN", "unused"),
-    timeout=180,  # a wake: llama.cpp starts and loads, then the model answers
-    max_retries=0,  # a failure must show, not be retried away
-)
 messages = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
 params = dict(model=llm, messages=messages, max_tokens=24, temperature=0)
 
 
-def whole() -> dict:
+def sdk():
+    """The OpenAI client; imported only where needed (`figures` reads logs, and
+    importing the SDK takes most of a second)."""
+    from openai import OpenAI
+
+    return OpenAI(
+        base_url=os.environ["GATEWAY"] + "/v1",
+        api_key=os.environ.get("TOKEN", "unused"),
+        timeout=180,  # a wake: llama.cpp starts and loads, then the model answers
+        max_retries=0,  # a failure must show, not be retried away
+    )
+
+
+def whole(client) -> dict:
     sent_at = time.time()
     started = time.monotonic()
     answer = client.chat.completions.create(**params)
@@ -57,7 +63,7 @@ def whole() -> dict:
     return {"kind": "whole", "sent_at": sent_at, "total_s": total, "text": text}
 
 
-def streamed() -> dict:
+def streamed(client) -> dict:
     sent_at = time.time()
     started = time.monotonic()
     arrivals = []  # (seconds since the request, content)
@@ -111,7 +117,8 @@ def ready_times(path: str) -> list:
 
 
 def request(args) -> None:
-    result = streamed() if args.stream else whole()
+    client = sdk()
+    result = streamed(client) if args.stream else whole(client)
     print(f"{llm} through a wake: {describe(result)}")
     with open(args.record, "a") as f:
         f.write(json.dumps(result) + "\n")
@@ -143,15 +150,22 @@ def figures(args) -> None:
 
 
 def together(args) -> None:
-    since = float(os.environ["STARTED"])
+    client = sdk()
+    # Armed: run.sh starts llama.cpp and the publisher now, and writes when into
+    # --started-file; the SDK is imported and the client made before that.
+    with open(args.armed_file, "w"):
+        pass
     deadline = time.monotonic() + 120
+    polls = 0
     while llm not in [m.id for m in client.models.list().data]:
         assert time.monotonic() < deadline, f"{llm} not listed in /v1/models within 120 s"
+        polls += 1
         time.sleep(0.02)
-    listed = time.time() - since
+    listed_at = time.time()
+    assert polls > 0, f"{llm} was listed at the first look: this did not call as soon as it was"
     # At once, as a client that saw it listed would.
-    first = whole()
-    second = streamed()
+    first = whole(client)
+    second = streamed(client)
     # The check means something only if the row was registered while llama.cpp could not
     # answer yet: then it was the probe that listed it.
     states = [m.group(1) for l in publisher_lines(args.publisher_log) if names(l, llm)
@@ -163,8 +177,11 @@ def together(args) -> None:
     assert states[-1] == "ready", states
     ready = ready_times(args.llama_log)
     assert len(ready) == 1, f"want one llama.cpp start, its log says {ready}"
+    with open(args.started_file) as f:
+        listed = listed_at - float(f.read().strip().replace(",", "."))
     print(f"{llm}: started together with llama.cpp; registered {states[0]}; llama.cpp ready "
-          f"after {ready[0]:.2f}s, the LLM listed after {listed:.2f}s and answered at once: "
+          f"after {ready[0]:.2f}s, the LLM listed after {listed:.2f}s ({polls} looks before) and "
+          f"answered at once: "
           f"{describe(first)}; {describe(second)}")
 
 
@@ -180,8 +197,8 @@ def main() -> None:
     for flag in ("--label", "--record", "--publisher-log", "--llama-log"):
         p.add_argument(flag, required=True)
     p = sub.add_parser("together")
-    p.add_argument("--publisher-log", required=True)
-    p.add_argument("--llama-log", required=True)
+    for flag in ("--armed-file", "--started-file", "--publisher-log", "--llama-log"):
+        p.add_argument(flag, required=True)
     args = parser.parse_args()
     {"request": request, "figures": figures, "together": together}[args.command](args)
 

@@ -210,8 +210,15 @@ for transport in ws sse; do
   export LLM="smollm2-together-$transport"
   printf '[{"name":"%s","type":"openai","model":"smollm2","url":"http://127.0.0.1:%s/v1","publish":true}]\n' \
     "$LLM" "$upstream_port" >"$work/providers-together-$transport.json"
-  STARTED=$("$venv/bin/python" -c 'import time; print(time.time())')
-  export STARTED
+  # The client first (importing the SDK takes most of a second), then the two at once.
+  "$venv/bin/python" "$here/check_wake.py" together \
+    --armed-file "$work/together-armed-$transport" --started-file "$work/together-started-$transport" \
+    --publisher-log "$work/publisher-together-$transport.log" \
+    --llama-log "$work/llama-together-$transport.log" &
+  client=$!
+  pids+=($client)
+  poll "the client to be armed" 30 test -e "$work/together-armed-$transport"
+  echo "${EPOCHREALTIME:-$(date +%s)}" >"$work/together-started-$transport"
   "$venv/bin/python" "$here/serve_model.py" --port "$upstream_port" --alias smollm2 --ctx 1024 \
     --threads 1 >"$work/llama-together-$transport.log" 2>&1 &
   llama_pid=$!
@@ -220,9 +227,8 @@ for transport in ws sse; do
     --session-file "$work/session-together-$transport" \
     --config "$work/providers-together-$transport.json" >"$work/publisher-together-$transport.log" 2>&1 &
   publisher=$!
-  "$venv/bin/python" "$here/check_wake.py" together \
-    --publisher-log "$work/publisher-together-$transport.log" \
-    --llama-log "$work/llama-together-$transport.log"
+  wait "$client" || fail "the started-together check failed over $transport"
+  retire "$client"
   stop "$publisher"
   publisher=
   retire "$llama_pid"
