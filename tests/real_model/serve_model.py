@@ -2,13 +2,20 @@
 own OpenAI-compatible HTTP server, through the `xllamacpp` bindings.
 
 `xllamacpp.Server(params)` loads the model and starts llama.cpp's server in the
-background; `params.hostnames`/`params.port` choose where it listens (port 0 lets the
-server pick a free port) and `server.listening_address` tells where it did. Once
-`/health` answers, the address is written to --address-file; the server then runs until
-SIGTERM or SIGINT.
+background; `params.hostnames`/`params.port` choose where it listens (--port 0, the
+default, lets the server pick a free port) and `server.listening_address` tells where it
+did. Once `/health` and `/v1/models` answer, it prints how long after its start that was
+("ready after X s": loading the module and the model, starting the server) and writes
+the address to --address-file if one is given; the server then runs until SIGTERM or
+SIGINT.
 
-    python serve_model.py --address-file PATH [--alias smollm2] [--ctx 1024] [--threads 1]
+    python serve_model.py [--address-file PATH] [--port 0] [--alias smollm2] [--ctx 1024]
+                          [--threads 1]
 """
+import time
+
+STARTED = time.monotonic()  # before the imports: loading xllamacpp is part of a start
+
 import argparse
 import importlib.util
 import os
@@ -36,7 +43,8 @@ def smollm2_gguf() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--address-file", required=True)
+    parser.add_argument("--address-file")
+    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--alias", default="smollm2")
     parser.add_argument("--ctx", type=int, default=1024)
     parser.add_argument("--threads", type=int, default=1)
@@ -54,18 +62,21 @@ def main() -> None:
     params.cpuparams.n_threads = args.threads
     params.cpuparams_batch.n_threads = args.threads
     params.hostnames = ["127.0.0.1"]
-    params.port = 0
+    params.port = args.port
     params.ui = False
     server = xllamacpp.Server(params)
     address = server.listening_address
-    with urllib.request.urlopen(address + "/health", timeout=10) as answer:
-        assert answer.status == 200, answer.status
-    tmp = args.address_file + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(address)
-    os.replace(tmp, args.address_file)
+    for path in ("/health", "/v1/models"):  # /v1/models: what a publisher probes
+        with urllib.request.urlopen(address + path, timeout=10) as answer:
+            assert answer.status == 200, (path, answer.status)
+    ready_s = time.monotonic() - STARTED
+    if args.address_file:
+        tmp = args.address_file + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(address)
+        os.replace(tmp, args.address_file)
     print(f"llama.cpp server (xllamacpp {xllamacpp.__version__}) on {address}, "
-          f"model {params.model.path}", flush=True)
+          f"model {params.model.path}, pid {os.getpid()}: ready after {ready_s:.3f} s", flush=True)
     while not stop.wait(0.2):
         pass
     del server  # stops llama.cpp's server and frees the model
