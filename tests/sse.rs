@@ -1,5 +1,6 @@
-//! The transport conformance suite over SSE: publishers connect with `SseWire`, results
-//! travel as NDJSON; on one gateway, and on two replicas linked in memory.
+//! The transport, pool and wake conformance suites over SSE: publishers connect with
+//! `SseWire`, results travel as NDJSON; on one gateway, and on two replicas linked in
+//! memory.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -20,6 +21,17 @@ mod pools {
 
 mod pools_on_two_replicas {
     virtual_llm::pool_conformance_tests!(
+        virtual_llm::testkit::SseTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}
+
+mod wake {
+    virtual_llm::wake_conformance_tests!(virtual_llm::testkit::SseTransport);
+}
+
+mod wake_on_two_replicas {
+    virtual_llm::wake_conformance_tests!(
         virtual_llm::testkit::SseTransport,
         virtual_llm::testkit::MemoryCluster::new()
     );

@@ -1,6 +1,6 @@
-//! The transport conformance suite over WebSocket (on one gateway and on two replicas
-//! linked in memory), and the cases only a socket has: a
-//! register that is not first, malformed and oversized frames, a missed pong, and a
+//! The transport, pool and wake conformance suites over WebSocket (on one gateway and
+//! on two replicas linked in memory), and the cases only a socket has: a register
+//! that is not first, malformed and oversized frames, a missed pong, and a
 //! session moving to a new socket.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -33,6 +33,17 @@ mod pools {
 
 mod pools_on_two_replicas {
     virtual_llm::pool_conformance_tests!(
+        virtual_llm::testkit::WsTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}
+
+mod wake {
+    virtual_llm::wake_conformance_tests!(virtual_llm::testkit::WsTransport);
+}
+
+mod wake_on_two_replicas {
+    virtual_llm::wake_conformance_tests!(
         virtual_llm::testkit::WsTransport,
         virtual_llm::testkit::MemoryCluster::new()
     );

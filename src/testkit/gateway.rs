@@ -125,12 +125,7 @@ impl TestGateway {
     /// A gateway with `config` over a fresh in-memory store, serving only transport
     /// `t`'s control channel: the gateway the transport conformance suite runs on.
     pub async fn start_for(t: &dyn Transport, config: Config) -> Self {
-        let gateway = builder(config, Arc::new(MemoryStore::new()), None)
-            .start()
-            .await
-            .unwrap();
-        let channels = vec![t.route(gateway.clone())];
-        Self::serving(gateway, channels).await
+        Self::start_on_with(t, None, config, &|b| b).await
     }
 
     /// A gateway over `store`, reading wall-clock time from `clock` (default: the
@@ -155,16 +150,36 @@ impl TestGateway {
     /// ([`TestGateway::publisher_gateway`]), clients call the second
     /// ([`TestGateway::gateway`]).
     pub async fn start_on(t: &dyn Transport, plane: Option<&dyn Plane>, config: Config) -> Self {
+        Self::start_on_with(t, plane, config, &|b| b).await
+    }
+
+    /// Like [`TestGateway::start_on`], with `hook` applied to each gateway's builder
+    /// (each replica's, on a plane) before it starts: to add a
+    /// [`Waker`](crate::Waker) with [`GatewayBuilder::waker`], say.
+    pub async fn start_on_with(
+        t: &dyn Transport,
+        plane: Option<&dyn Plane>,
+        config: Config,
+        hook: &(dyn Fn(GatewayBuilder) -> GatewayBuilder + Sync),
+    ) -> Self {
         let Some(plane) = plane else {
-            return Self::start_for(t, config).await;
+            let gateway = hook(builder(config, Arc::new(MemoryStore::new()), None))
+                .start()
+                .await
+                .unwrap();
+            let channels = vec![t.route(gateway.clone())];
+            return Self::serving(gateway, channels).await;
         };
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let publisher_side = plane
-            .join(builder(config.clone(), store.clone(), None), replica("a"))
+            .join(
+                hook(builder(config.clone(), store.clone(), None)),
+                replica("a"),
+            )
             .await
             .unwrap();
         let client_side = plane
-            .join(builder(config, store, None), replica("b"))
+            .join(hook(builder(config, store, None)), replica("b"))
             .await
             .unwrap();
         let publisher_channels = vec![t.route(publisher_side.clone())];
@@ -303,6 +318,22 @@ impl TestGateway {
         spec.pool = Some(LlmName::parse(pool).unwrap());
         spec.max_concurrent = max_concurrent;
         let llms = vec![PublishedLlm::new(spec, provider)];
+        let wire = t.wire(&self.publisher_url, Some(token(who)));
+        let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
+        tokio::time::timeout(Duration::from_secs(10), publisher.connected())
+            .await
+            .expect("the publisher connects");
+        publisher
+    }
+
+    /// Publishes `llms`, built by the test (with recipes, an idle timer, a ready
+    /// timeout…), as `who` through transport `t`, and waits until connected.
+    pub async fn publish_llms(
+        &self,
+        t: &dyn Transport,
+        who: &str,
+        llms: Vec<PublishedLlm>,
+    ) -> Publisher {
         let wire = t.wire(&self.publisher_url, Some(token(who)));
         let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
         tokio::time::timeout(Duration::from_secs(10), publisher.connected())

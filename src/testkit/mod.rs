@@ -11,6 +11,11 @@
 //! - [`pool_suite`](crate::testkit::pool_suite) with
 //!   [`pool_conformance_tests!`](crate::pool_conformance_tests): pools, capacity,
 //!   failover and the admission queue end to end, over a transport.
+//! - [`wake_suite`](crate::testkit::wake_suite) with
+//!   [`wake_conformance_tests!`](crate::wake_conformance_tests): upstream readiness and
+//!   wake-on-demand end to end over a transport: rows following their upstream,
+//!   wakes through the channel and through an embedder's waker, idle sleep, failed
+//!   and timed-out wakes.
 //! - [`transport_plane_conformance_tests!`](crate::transport_plane_conformance_tests):
 //!   the same cases on two gateway replicas linked by a [`Plane`](crate::testkit::Plane) (the core's
 //!   [`MemoryCluster`](virtual_llm_core::testkit::MemoryCluster) is one), publishers on one replica, clients on the other.
@@ -19,7 +24,9 @@
 //! - [`TestGateway`](crate::testkit::TestGateway): the gateway under test with HTTP client helpers
 //!   ([`SseReader`](crate::testkit::SseReader), [`RawResponse`](crate::testkit::RawResponse)) and publishers.
 //! - Instrumented providers: [`Gated`](crate::testkit::Gated), [`FailsWhenReleased`](crate::testkit::FailsWhenReleased), [`Hanging`](crate::testkit::Hanging),
-//!   [`Firehose`](crate::testkit::Firehose), [`Answers`](crate::testkit::Answers), [`Counting`](crate::testkit::Counting).
+//!   [`Firehose`](crate::testkit::Firehose), [`Answers`](crate::testkit::Answers), [`Counting`](crate::testkit::Counting),
+//!   [`Switchable`](crate::testkit::Switchable); a recipe that counts its runs,
+//!   [`CountingRecipe`](crate::testkit::CountingRecipe).
 //! - [`Proxy`](crate::testkit::Proxy): a TCP proxy that cuts a publisher off as a killed process would.
 //! - [`raw`](crate::testkit::raw): publisher channels driven by hand; [`socket`](crate::testkit::socket): raw WebSockets.
 //! - Helpers: [`token`](crate::testkit::token), [`eventually`](crate::testkit::eventually), [`connect_with_recv_buffer`](crate::testkit::connect_with_recv_buffer), [`TempDir`](crate::testkit::TempDir).
@@ -39,10 +46,13 @@ pub mod socket;
 mod support;
 mod transport;
 pub mod transport_suite;
+pub mod wake_suite;
 
 pub use gateway::{RawResponse, SseReader, TestGateway};
 pub use plane::Plane;
-pub use providers::{Answers, Counting, FailsWhenReleased, Firehose, Gated, Hanging};
+pub use providers::{
+    Answers, Counting, CountingRecipe, FailsWhenReleased, Firehose, Gated, Hanging, Switchable,
+};
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};
 pub use transport::{SseTransport, Transport, WsTransport};

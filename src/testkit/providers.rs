@@ -1,5 +1,7 @@
 //! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
-//! [`Hanging`], [`Firehose`], [`Answers`] and [`Counting`].
+//! [`Hanging`], [`Firehose`], [`Answers`], [`Counting`] and [`Switchable`] (whose
+//! readiness the test switches); and [`CountingRecipe`], a wake or sleep recipe that
+//! counts its runs.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -11,7 +13,7 @@ use tokio::sync::Notify;
 use virtual_llm_core::openai::{chunk_body, last_user_text};
 
 use crate::protocol::TaskFrame;
-use crate::{Completion, Error, Provider, Reply, TaskId};
+use crate::{Completion, Error, Provider, Recipe, Reply, TaskId};
 
 fn chunk(task: &TaskFrame, text: &str) -> String {
     chunk_body(
@@ -312,14 +314,160 @@ impl Provider for Counting {
                 message: "the test provider was dropped".into(),
             });
         }
-        let text = last_user_text(&task.body);
-        Ok(Reply::Complete(Completion::ok(
-            virtual_llm_core::openai::completion_body(
-                &format!("chatcmpl-{}", task.task_id),
-                task.llm.as_str(),
-                0,
-                &text,
-            ),
-        )))
+        Ok(Reply::Complete(echo(&task)))
+    }
+}
+
+/// The last user message of `task`, as a whole completion.
+fn echo(task: &TaskFrame) -> Completion {
+    let text = last_user_text(&task.body);
+    Completion::ok(virtual_llm_core::openai::completion_body(
+        &format!("chatcmpl-{}", task.task_id),
+        task.llm.as_str(),
+        0,
+        &text,
+    ))
+}
+
+/// An upstream the test switches on and off: its probe passes while it is ready; it
+/// echoes the last user message as a whole completion while ready, and answers as a
+/// model server that is still loading otherwise (503 "Loading model", `Retry-After`
+/// 1 s), so a request that reached it while down would show. Counts the tasks.
+#[derive(Debug)]
+pub struct Switchable {
+    ready: std::sync::atomic::AtomicBool,
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+impl Switchable {
+    /// An upstream that is `ready` or not.
+    pub fn new(ready: bool) -> Self {
+        Switchable {
+            ready: std::sync::atomic::AtomicBool::new(ready),
+            calls: Default::default(),
+        }
+    }
+
+    /// Switches it on (`true`: its probe passes, it answers) or off.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether it is on.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// How many tasks reached it.
+    pub fn calls(&self) -> usize {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The answer of a model server still loading its model.
+    pub fn loading() -> Completion {
+        Completion {
+            status: 503,
+            body: serde_json::json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+            retry_after: Some(Duration::from_secs(1)),
+        }
+    }
+}
+
+#[async_trait]
+impl Provider for Switchable {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        if !self.is_ready() {
+            return Ok(Reply::Complete(Self::loading()));
+        }
+        Ok(Reply::Complete(echo(&task)))
+    }
+
+    async fn probe(&self) -> bool {
+        self.is_ready()
+    }
+}
+
+/// What a [`CountingRecipe`] does when it runs.
+#[derive(Debug)]
+enum Effect {
+    /// Switches a [`Switchable`] on or off, and succeeds.
+    Switches(Arc<Switchable>, bool),
+    /// Fails with this message.
+    Fails(String),
+    /// Succeeds without changing anything: the upstream stays as it was.
+    Nothing,
+}
+
+/// A wake or sleep recipe that counts its runs and does one thing: switches a
+/// [`Switchable`] on or off, fails with a message, or nothing at all. Held (see
+/// [`CountingRecipe::held`]), each run waits for [`CountingRecipe::open`] before it
+/// acts, so a test can look at the world while a wake is under way.
+#[derive(Debug)]
+pub struct CountingRecipe {
+    effect: Effect,
+    open: tokio::sync::watch::Sender<bool>,
+    runs: std::sync::atomic::AtomicUsize,
+}
+
+impl CountingRecipe {
+    fn new(effect: Effect) -> Self {
+        CountingRecipe {
+            effect,
+            open: tokio::sync::watch::channel(true).0,
+            runs: Default::default(),
+        }
+    }
+
+    /// Switches `upstream` on (`ready`) or off, and succeeds: a wake recipe that
+    /// works, or a sleep recipe.
+    pub fn switching(upstream: Arc<Switchable>, ready: bool) -> Self {
+        Self::new(Effect::Switches(upstream, ready))
+    }
+
+    /// Fails with `message`, as a command exiting non-zero does.
+    pub fn failing(message: &str) -> Self {
+        Self::new(Effect::Fails(message.to_owned()))
+    }
+
+    /// Succeeds and changes nothing: a wake after which the upstream never answers.
+    pub fn doing_nothing() -> Self {
+        Self::new(Effect::Nothing)
+    }
+
+    /// The same, each run waiting for [`CountingRecipe::open`] before it acts.
+    #[must_use]
+    pub fn held(self) -> Self {
+        self.open.send_replace(false);
+        self
+    }
+
+    /// Lets every held run, and every later one, act.
+    pub fn open(&self) {
+        self.open.send_replace(true);
+    }
+
+    /// How many runs started.
+    pub fn runs(&self) -> usize {
+        self.runs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+#[async_trait]
+impl Recipe for CountingRecipe {
+    async fn run(&self) -> Result<(), String> {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let mut open = self.open.subscribe();
+        if open.wait_for(|open| *open).await.is_err() {
+            return Err("the test recipe was dropped".to_owned());
+        }
+        match &self.effect {
+            Effect::Switches(upstream, ready) => {
+                upstream.set_ready(*ready);
+                Ok(())
+            }
+            Effect::Fails(message) => Err(message.clone()),
+            Effect::Nothing => Ok(()),
+        }
     }
 }
