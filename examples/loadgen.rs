@@ -1,10 +1,14 @@
 //! The benchmark driver behind `docs/benchmarks.md`: the relay's overhead against calling
-//! the upstream directly, measured in one run, and the scale modes.
+//! the upstream directly, measured in one run, pools, and the scale modes.
 //!
 //! Run with: `cargo run --release --example loadgen`
 //!
 //! ```text
 //! cargo run --release --example loadgen                          # relay against direct, c = 1, 16, 64
+//! cargo run --release --example loadgen -- --pool 4 --concurrency 1,64 --kinds complete
+//!                                                                # a pool of 4 against one publisher
+//! cargo run --release --example loadgen -- --pool 2 --pool-capacity 8 --mock-delay 20ms \
+//!     --pool-only --concurrency 32,300 --kinds complete         # the admission queue, overloaded
 //! cargo run --release --example loadgen -- --publishers 10000    # idle publishers: registration, memory
 //! cargo run --release --example loadgen -- --gc-rows 100000      # GC sweep on redb
 //! ```
@@ -16,7 +20,12 @@
 //! - **A mock OpenAI upstream**, served by this process on `127.0.0.1:0` (hyper, HTTP/1.1,
 //!   `TCP_NODELAY`): a fixed `chat.completion`, or with `"stream": true` a stream of 20
 //!   `chat.completion.chunk` events ending `data: [DONE]`. It answers from pre-built
-//!   bytes, so it costs next to nothing and the same in every case.
+//!   bytes, so it costs next to nothing and the same in every case. `--mock-delay D`
+//!   makes it answer D after each request arrived (a tokio timer per request, no
+//!   thread blocked; before the first chunk when streaming), a stand-in for a model
+//!   that takes time: with a pool's capacity C, at most C / D requests per second. It
+//!   counts the requests it answers by their `model`, which the pool mode uses to see
+//!   how the gateway spread them.
 //! - **The gateway and the publishers are child processes** (the release builds of
 //!   `examples/gateway.rs` and `examples/publisher.rs`, built first by this program),
 //!   so that the gateway's own CPU seconds and peak RSS can be read from
@@ -27,7 +36,10 @@
 //! - **The load client**, in this process: closed loop, N workers, each with its own
 //!   keep-alive HTTP/1.1 connection (`TCP_NODELAY`) sending requests back to back.
 //!   Latencies go into an HDR histogram; requests started during the warm-up are not
-//!   recorded.
+//!   recorded. Failed requests are counted by kind (`429 queue_full`: the status and
+//!   the OpenAI error's `code`; `transport`: no answer or a broken stream), and the
+//!   worker pauses 10 ms before its next request (it does not wait the `Retry-After`),
+//!   on the same connection after an error status, on a new one otherwise.
 //!
 //! # What is measured
 //!
@@ -42,6 +54,35 @@
 //! columns (with the kernel's network work, charged to no process) is what one request
 //! costs the machine. After the table comes how much of the machine *other* processes
 //! took during each case: a concurrent build makes every figure pessimistic, and says so.
+//!
+//! # Pools (`--pool N`)
+//!
+//! Instead of the relay cases: per transport, N publisher children each publish one
+//! member row into one pool (`--config` with `pool` and `maxConcurrent`, the upstream
+//! the mock), and one more publisher child publishes a row of its own (a pool of one).
+//! Each member's and the single row's `maxConcurrent` is `--pool-capacity` (default
+//! the highest concurrency: nothing queues). At each concurrency and kind, three cases
+//! with the same load: *single* (clients call the single row), *pool of N* (clients
+//! call the pool's key; the gateway picks a member per request), and *N members by
+//! name* (the control case: clients call the members' own row names in turn, so the
+//! load reaches the same N processes without the gateway choosing). The table gives
+//! each process's CPU per request (the gateway, each publisher serving the case, the
+//! load client and mock, the kernel's network work), the throughput against the
+//! single case, and each member's share of the mock's answers; a second table compares
+//! the gateway's CPU per request, pool against single and against by-name: the issue's
+//! "the pool must not cost more than 10 % per request". `--pool-only` runs the pool's
+//! cases alone.
+//!
+//! With `--mock-delay`, a third table is about the admission queue: throughput against
+//! the capacity's rate (members × `maxConcurrent` / delay), latency p50/p99 and the
+//! same minus the delay, and the gateway's own `virtual_llm_queue_wait_seconds`
+//! histogram read from its `/metrics` (no token: loadgen's gateway has none) before and
+//! after the measured time: how many requests waited, the mean wait (sum / count), and
+//! p50/p99 estimated within the histogram's buckets as Prometheus's
+//! `histogram_quantile` does (linear in the bucket, whose bounds are printed with it);
+//! requests admitted at once are not in that histogram. Then the queue's rejections by
+//! reason (`virtual_llm_queue_rejections_total`), and the client's errors by status.
+//! `--queue-depth` and `--queue-wait` are passed to the gateway child.
 //!
 //! Scale modes run instead of the relay cases when asked for:
 //! - `--publishers N`: N idle publishers, each with one echo LLM, driven from this
@@ -1033,7 +1074,9 @@ mod load {
     /// What every request of a case is.
     pub(crate) struct Target {
         pub(crate) addr: SocketAddr,
-        pub(crate) body: Bytes,
+        /// The request bodies, taken in turn: worker `w`'s `k`-th request sends
+        /// `bodies[(w + k) % len]` (one body: every request the same).
+        pub(crate) bodies: Vec<Bytes>,
         pub(crate) stream: bool,
         /// Streamed chunks each answer must carry (`[DONE]` not counted).
         pub(crate) chunks: usize,
@@ -1116,9 +1159,10 @@ mod load {
         let measure_from = start + warmup;
         let until = measure_from + duration;
         let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..concurrency.max(1) {
+        for index in 0..concurrency.max(1) {
             workers.spawn(worker(
                 target.clone(),
+                index,
                 measure_from.into_std(),
                 until.into_std(),
             ));
@@ -1158,12 +1202,14 @@ mod load {
 
     async fn worker(
         target: Arc<Target>,
+        index: usize,
         measure_from: Instant,
         until: Instant,
     ) -> Result<(Outcome, Instant), BoxError> {
         let mut outcome = Outcome::empty()?;
         let host = HeaderValue::from_str(&target.addr.to_string())?;
         let mut sender = None;
+        let mut turn = index;
         loop {
             let started = Instant::now();
             if started >= until {
@@ -1171,7 +1217,15 @@ mod load {
             }
             let measured = started >= measure_from;
             let result = match &mut sender {
-                Some(sender) => once(sender, &target, &host, started).await,
+                Some(sender) => {
+                    turn = turn.wrapping_add(1);
+                    let body = target
+                        .bodies
+                        .get(turn % target.bodies.len().max(1))
+                        .cloned()
+                        .unwrap_or_default();
+                    once(sender, &target, body, &host, started).await
+                }
                 None => match connect(target.addr).await {
                     Ok(s) => {
                         sender = Some(s);
@@ -1213,6 +1267,7 @@ mod load {
     async fn once(
         sender: &mut SendRequest<Full<Bytes>>,
         target: &Target,
+        body: Bytes,
         host: &HeaderValue,
         started: Instant,
     ) -> Result<(Duration, u64), Failure> {
@@ -1222,7 +1277,7 @@ mod load {
             .uri("/v1/chat/completions")
             .header(HOST, host.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(Full::new(target.body.clone()))?;
+            .body(Full::new(body))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let mut body = response.into_body();
@@ -1449,7 +1504,7 @@ mod relay {
             });
             let target = Arc::new(load::Target {
                 addr,
-                body: Bytes::from(body.to_string()),
+                bodies: vec![Bytes::from(body.to_string())],
                 stream,
                 chunks: mock::CHUNKS,
             });
@@ -2238,6 +2293,9 @@ mod pool {
         Single,
         /// The pool's key, served by `--pool` publishers.
         Pool,
+        /// The same members, each called by its own row name, in turn: the control
+        /// case, the fan-out to N publishers without the gateway choosing among them.
+        Members,
     }
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -2253,6 +2311,7 @@ mod pool {
             let target = match self.target {
                 Target::Single => "single".to_owned(),
                 Target::Pool => format!("pool of {members}"),
+                Target::Members => format!("{members} members by name"),
             };
             let kind = match self.kind {
                 Kind::Complete => "",
@@ -2261,11 +2320,14 @@ mod pool {
             format!("{target} {}{kind}", self.transport.name())
         }
 
-        /// The `model` clients ask for.
-        fn key(&self) -> String {
+        /// The `model`s clients ask for, in turn.
+        fn keys(&self, members: usize) -> Vec<String> {
             match self.target {
-                Target::Single => single_name(self.transport),
-                Target::Pool => pool_key(self.transport),
+                Target::Single => vec![single_name(self.transport)],
+                Target::Pool => vec![pool_key(self.transport)],
+                Target::Members => (0..members)
+                    .map(|i| member_name(self.transport, i))
+                    .collect(),
             }
         }
     }
@@ -2513,7 +2575,7 @@ mod pool {
                     let targets: &[Target] = if args.pool_only {
                         &[Target::Pool]
                     } else {
-                        &[Target::Single, Target::Pool]
+                        &[Target::Single, Target::Pool, Target::Members]
                     };
                     for &target in targets {
                         cases.push(Case {
@@ -2573,7 +2635,7 @@ mod pool {
                     side.single.iter().map(ChildGuard::pid).collect(),
                     vec![single_name(case.transport)],
                 ),
-                Target::Pool => (
+                Target::Pool | Target::Members => (
                     side.members.iter().map(ChildGuard::pid).collect(),
                     (0..members)
                         .map(|i| member_name(case.transport, i))
@@ -2581,15 +2643,22 @@ mod pool {
                 ),
             };
             let stream = case.kind == Kind::Stream;
-            let body = json!({
-                "model": case.key(),
-                "stream": stream,
-                "max_tokens": 32,
-                "messages": [{"role": "user", "content": "Say hello in a few words."}]
-            });
+            let bodies = case
+                .keys(members)
+                .iter()
+                .map(|model| {
+                    let body = json!({
+                        "model": model,
+                        "stream": stream,
+                        "max_tokens": 32,
+                        "messages": [{"role": "user", "content": "Say hello in a few words."}]
+                    });
+                    Bytes::from(body.to_string())
+                })
+                .collect();
             let target = Arc::new(load::Target {
                 addr: gateway.addr,
-                body: Bytes::from(body.to_string()),
+                bodies,
                 stream,
                 chunks: mock::CHUNKS,
             });
@@ -2855,7 +2924,7 @@ mod pool {
             "req/s",
             "p50 ms",
             "p99 ms",
-            "rps pool/single",
+            "rps ÷ single",
             "gateway CPU µs/req",
             "publishers CPU µs/req",
             "each publisher CPU µs/req",
@@ -2867,7 +2936,7 @@ mod pool {
         for m in results {
             let o = &m.outcome;
             let ratio = match (m.case.target, single(&m.case)) {
-                (Target::Pool, Some(s)) => {
+                (Target::Pool | Target::Members, Some(s)) => {
                     format!("{:.2}", o.rps() / s.outcome.rps().max(1e-9))
                 }
                 _ => "–".into(),
@@ -2901,40 +2970,46 @@ mod pool {
         println!("{table}");
     }
 
-    /// The pool against one publisher: throughput and CPU per request, the issue's
-    /// "the pool must not cost more than 10 % per request" read on the gateway.
+    /// The pool against one publisher, and against the same members called by name:
+    /// throughput and CPU per request, the issue's "the pool must not cost more than
+    /// 10 % per request" read on the gateway's CPU.
     fn print_comparison(members: usize, results: &[Measured]) {
         let mut table = Table::new();
         table.load_style(ASCII_MARKDOWN);
         table.set_header(vec![
             "transport, kind, c".to_owned(),
-            format!("req/s single → pool of {members} (ratio)"),
-            "p50 ms single → pool".to_owned(),
-            "gateway CPU µs/req single → pool (ratio)".to_owned(),
-            "publishers CPU µs/req single → pool".to_owned(),
-            "all our CPU µs/req single → pool (ratio)".to_owned(),
-            "gateway ≤ +10 %".to_owned(),
+            "req/s single → by name → pool".to_owned(),
+            "pool ÷ single req/s".to_owned(),
+            "p50 ms single → by name → pool".to_owned(),
+            "gateway CPU µs/req single → by name → pool".to_owned(),
+            "gateway CPU pool ÷ single".to_owned(),
+            "gateway CPU pool ÷ by name".to_owned(),
+            "publishers CPU µs/req single → by name → pool".to_owned(),
+            "all our CPU µs/req single → by name → pool".to_owned(),
         ]);
+        let fmt3 = |f: &dyn Fn(&Measured) -> String, ms: &[Option<&Measured>]| {
+            ms.iter()
+                .map(|m| m.map_or("–".to_owned(), f))
+                .collect::<Vec<_>>()
+                .join(" → ")
+        };
         for pool in results.iter().filter(|m| m.case.target == Target::Pool) {
-            let Some(single) = results.iter().find(|m| {
-                m.case
-                    == Case {
-                        target: Target::Single,
-                        ..pool.case
-                    }
-            }) else {
+            let find = |target: Target| {
+                results.iter().find(|m| {
+                    m.case
+                        == Case {
+                            target,
+                            ..pool.case
+                        }
+                })
+            };
+            let Some(single) = find(Target::Single) else {
                 continue;
             };
-            let (p, s) = (&pool.outcome, &single.outcome);
-            let gateway = (
-                micros_per_request(single.cpu.gateway, s.requests),
-                micros_per_request(pool.cpu.gateway, p.requests),
-            );
-            let ours = (
-                micros_per_request(single.cpu.ours(), s.requests),
-                micros_per_request(pool.cpu.ours(), p.requests),
-            );
-            let ratio = gateway.1 / gateway.0.max(1e-9);
+            let by_name = find(Target::Members);
+            let three = [Some(single), by_name, Some(pool)];
+            let gateway = |m: &Measured| micros_per_request(m.cpu.gateway, m.outcome.requests);
+            let ratio = |a: f64, b: f64| format!("{:.2}", a / b.max(1e-9));
             table.add_row(vec![
                 format!(
                     "{}, {}, c={}",
@@ -2945,33 +3020,35 @@ mod pool {
                     },
                     pool.case.concurrency
                 ),
-                format!(
-                    "{:.0} → {:.0} ({:.2})",
-                    s.rps(),
-                    p.rps(),
-                    p.rps() / s.rps().max(1e-9)
+                fmt3(&|m| format!("{:.0}", m.outcome.rps()), &three),
+                ratio(pool.outcome.rps(), single.outcome.rps()),
+                fmt3(&|m| ms(m.outcome.latency.value_at_quantile(0.5)), &three),
+                fmt3(&|m| format!("{:.0}", gateway(m)), &three),
+                ratio(gateway(pool), gateway(single)),
+                by_name.map_or("–".into(), |b| ratio(gateway(pool), gateway(b))),
+                fmt3(
+                    &|m| {
+                        format!(
+                            "{:.0}",
+                            micros_per_request(m.cpu.serving_total(), m.outcome.requests)
+                        )
+                    },
+                    &three,
                 ),
-                format!(
-                    "{} → {}",
-                    ms(s.latency.value_at_quantile(0.5)),
-                    ms(p.latency.value_at_quantile(0.5))
+                fmt3(
+                    &|m| {
+                        format!(
+                            "{:.0}",
+                            micros_per_request(m.cpu.ours(), m.outcome.requests)
+                        )
+                    },
+                    &three,
                 ),
-                format!("{:.0} → {:.0} ({ratio:.2})", gateway.0, gateway.1),
-                format!(
-                    "{:.0} → {:.0}",
-                    micros_per_request(single.cpu.serving_total(), s.requests),
-                    micros_per_request(pool.cpu.serving_total(), p.requests)
-                ),
-                format!(
-                    "{:.0} → {:.0} ({:.2})",
-                    ours.0,
-                    ours.1,
-                    ours.1 / ours.0.max(1e-9)
-                ),
-                if ratio <= 1.10 { "yes" } else { "no" }.to_owned(),
             ]);
         }
-        println!("\npool against one publisher:\n\n{table}");
+        println!(
+            "\npool of {members} against one publisher and against its members called by name:\n\n{table}"
+        );
     }
 
     /// The admission queue under `--mock-delay`: throughput against what the capacity
@@ -2988,7 +3065,7 @@ mod pool {
             "req/s (share)",
             "p50 / p99 ms",
             "p50 / p99 − delay, ms",
-            "queued (share of answered)",
+            "queued (share of upstream calls)",
             "queue wait mean ms",
             "queue wait p50 / p99 ms (bucket)",
             "queue rejections",
@@ -3011,7 +3088,7 @@ mod pool {
             let o = &m.outcome;
             let slots = match m.case.target {
                 Target::Single => capacity,
-                Target::Pool => members * capacity,
+                Target::Pool | Target::Members => members * capacity,
             };
             let rate = slots as f64 / delay.max(1e-9);
             let (p50, p99) = (
@@ -3038,10 +3115,12 @@ mod pool {
                     ms(p50.saturating_sub(delay_ns)),
                     ms(p99.saturating_sub(delay_ns))
                 ),
+                // Both the gateway's histogram and the mock count in the same window,
+                // requests started during the warm-up included.
                 format!(
                     "{} ({:.0} %)",
                     m.queue.count,
-                    100.0 * m.queue.count as f64 / o.requests.max(1) as f64
+                    100.0 * m.queue.count as f64 / m.served.iter().sum::<u64>().max(1) as f64
                 ),
                 m.queue
                     .mean()
