@@ -84,6 +84,10 @@
 //! reason (`virtual_llm_queue_rejections_total`), and the client's errors by status.
 //! `--queue-depth` and `--queue-wait` are passed to the gateway child.
 //!
+//! On a shared machine, `--rerun-disturbed N` measures a case again (up to N times)
+//! when other processes took more than 5 % of the machine during it, after waiting
+//! until they take less for three seconds; the table's last column says how often.
+//!
 //! Scale modes run instead of the relay cases when asked for:
 //! - `--publishers N`: N idle publishers, each with one echo LLM, driven from this
 //!   process with the library (`Publisher::spawn` over an `SseWire` or a `WsWire`
@@ -206,6 +210,11 @@ struct Args {
     /// The gateway child's `--queue-wait` (default: the gateway's, 30 s).
     #[arg(long, value_parser = humantime::parse_duration)]
     queue_wait: Option<Duration>,
+    /// Pool mode: measure a case again, up to this many times, while other processes
+    /// took more than 5 % of the machine during it (waiting first until they take
+    /// less for 3 s).
+    #[arg(long, default_value_t = 0)]
+    rerun_disturbed: usize,
 }
 
 /// What a request asks for.
@@ -2537,6 +2546,47 @@ mod pool {
         queue: QueueMetrics,
         /// Requests the mock answered for each publisher serving the case.
         served: Vec<u64>,
+        /// Times the case was measured again because other processes disturbed it.
+        reruns: usize,
+    }
+
+    /// A line above the progress bar, or on stderr when the bar is hidden (no
+    /// terminal), so that a log keeps it.
+    fn say(bar: &indicatif::ProgressBar, line: String) {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    }
+
+    /// Above this share of the machine taken by other processes, a case is disturbed.
+    const DISTURBED: f64 = 0.05;
+
+    /// `cpu` as a share of all the machine's cores over `elapsed`.
+    fn share(cpu: Duration, elapsed: Duration) -> f64 {
+        cpu.as_secs_f64() / (procfs::cores().max(1) as f64 * elapsed.as_secs_f64()).max(1e-9)
+    }
+
+    /// Waits until other processes (than the ones `sample` reads) have taken less than
+    /// `DISTURBED` of the machine for three seconds in a row, at most ten minutes.
+    async fn wait_quiet(sample: &(dyn Fn() -> Cpu + Sync)) {
+        let second = Duration::from_secs(1);
+        let mut quiet = 0;
+        for _ in 0..600 {
+            let before = sample();
+            tokio::time::sleep(second).await;
+            let cpu = sample().since(&before);
+            if share(cpu.others(), second) < DISTURBED {
+                quiet += 1;
+                if quiet == 3 {
+                    return;
+                }
+            } else {
+                quiet = 0;
+            }
+        }
+        eprintln!("warning: the machine did not get quiet within ten minutes");
     }
 
     pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
@@ -2681,48 +2731,71 @@ mod pool {
                     .map(|m| counts.get(m).copied().unwrap_or(0))
                     .collect()
             };
-            // The metrics are read before the CPU at the start and after it at the
-            // end, so that rendering them is not charged to the case.
-            let mut before = Cpu::default();
-            let mut queue_before = Ok(QueueMetrics::default());
-            let mut served_before = BTreeMap::new();
-            let outcome = load::run(
-                target,
-                case.concurrency,
-                args.warmup,
-                args.duration,
-                async || {
-                    queue_before = QueueMetrics::read(&http, &gateway.url).await;
-                    served_before = upstream.served.snapshot();
-                    before = sample();
-                },
-            )
-            .await?;
-            let cpu = sample().since(&before);
-            let served_after = upstream.served.snapshot();
-            let queue = QueueMetrics::read(&http, &gateway.url)
-                .await?
-                .since(&queue_before?);
-            let served = served_by(&served_after)
-                .iter()
-                .zip(served_by(&served_before))
-                .map(|(after, before)| after.saturating_sub(before))
-                .collect();
-            bar.println(format!(
-                "{label:<24} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}",
-                case.concurrency,
-                outcome.rps(),
-                ms(outcome.latency.value_at_quantile(0.5)),
-                ms(outcome.latency.value_at_quantile(0.99)),
-                errors(&outcome)
-            ));
-            results.push(Measured {
-                case,
-                outcome,
-                cpu,
-                queue,
-                served,
-            });
+            let mut reruns = 0;
+            let measured = loop {
+                // The metrics are read before the CPU at the start and after it at the
+                // end, so that rendering them is not charged to the case.
+                let mut before = Cpu::default();
+                let mut queue_before = Ok(QueueMetrics::default());
+                let mut served_before = BTreeMap::new();
+                let outcome = load::run(
+                    target.clone(),
+                    case.concurrency,
+                    args.warmup,
+                    args.duration,
+                    async || {
+                        queue_before = QueueMetrics::read(&http, &gateway.url).await;
+                        served_before = upstream.served.snapshot();
+                        before = sample();
+                    },
+                )
+                .await?;
+                let cpu = sample().since(&before);
+                let served_after = upstream.served.snapshot();
+                let queue = QueueMetrics::read(&http, &gateway.url)
+                    .await?
+                    .since(&queue_before?);
+                let served = served_by(&served_after)
+                    .iter()
+                    .zip(served_by(&served_before))
+                    .map(|(after, before)| after.saturating_sub(before))
+                    .collect();
+                let others = share(cpu.others(), outcome.elapsed);
+                say(
+                    &bar,
+                    format!(
+                        "{label:<24} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}  others {:.0}%",
+                        case.concurrency,
+                        outcome.rps(),
+                        ms(outcome.latency.value_at_quantile(0.5)),
+                        ms(outcome.latency.value_at_quantile(0.99)),
+                        errors(&outcome),
+                        100.0 * others,
+                    ),
+                );
+                let measured = Measured {
+                    case,
+                    outcome,
+                    cpu,
+                    queue,
+                    served,
+                    reruns,
+                };
+                if others <= DISTURBED || reruns >= args.rerun_disturbed {
+                    break measured;
+                }
+                reruns += 1;
+                say(
+                    &bar,
+                    format!(
+                        "  other processes took {:.0}% of the machine: waiting for quiet, then again ({reruns} of {})",
+                        100.0 * others,
+                        args.rerun_disturbed
+                    ),
+                );
+                wait_quiet(&sample).await;
+            };
+            results.push(measured);
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -2932,6 +3005,7 @@ mod pool {
             "kernel network CPU µs/req",
             "served by each, %",
             "errors",
+            "re-runs",
         ]);
         for m in results {
             let o = &m.outcome;
@@ -2965,6 +3039,7 @@ mod pool {
                 per_request(m.cpu.machine.network(), o.requests),
                 spread(&m.served),
                 errors(o),
+                m.reruns.to_string(),
             ]);
         }
         println!("{table}");
