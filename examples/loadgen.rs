@@ -85,8 +85,9 @@
 //! `--queue-depth` and `--queue-wait` are passed to the gateway child.
 //!
 //! On a shared machine, `--rerun-disturbed N` measures a case again (up to N times)
-//! when other processes took more than 5 % of the machine during it, after waiting
-//! until they take less for three seconds; the table's last column says how often.
+//! when other processes and the hypervisor (steal) took more than 5 % of the machine
+//! during it, after waiting until they take less for three seconds; the table's last
+//! column says how often.
 //!
 //! Scale modes run instead of the relay cases when asked for:
 //! - `--publishers N`: N idle publishers, each with one echo LLM, driven from this
@@ -211,8 +212,8 @@ struct Args {
     #[arg(long, value_parser = humantime::parse_duration)]
     queue_wait: Option<Duration>,
     /// Pool mode: measure a case again, up to this many times, while other processes
-    /// took more than 5 % of the machine during it (waiting first until they take
-    /// less for 3 s).
+    /// and the hypervisor (steal) took more than 5 % of the machine during it (waiting
+    /// first until they take less for 3 s).
     #[arg(long, default_value_t = 0)]
     rerun_disturbed: usize,
 }
@@ -2560,7 +2561,8 @@ mod pool {
         }
     }
 
-    /// Above this share of the machine taken by other processes, a case is disturbed.
+    /// Above this share of the machine taken by other processes and the hypervisor
+    /// (steal), a case is disturbed.
     const DISTURBED: f64 = 0.05;
 
     /// `cpu` as a share of all the machine's cores over `elapsed`.
@@ -2568,8 +2570,9 @@ mod pool {
         cpu.as_secs_f64() / (procfs::cores().max(1) as f64 * elapsed.as_secs_f64()).max(1e-9)
     }
 
-    /// Waits until other processes (than the ones `sample` reads) have taken less than
-    /// `DISTURBED` of the machine for three seconds in a row, at most ten minutes.
+    /// Waits until other processes (than the ones `sample` reads) and the hypervisor
+    /// have taken less than `DISTURBED` of the machine for three seconds in a row, at
+    /// most ten minutes.
     async fn wait_quiet(sample: &(dyn Fn() -> Cpu + Sync)) {
         let second = Duration::from_secs(1);
         let mut quiet = 0;
@@ -2577,7 +2580,7 @@ mod pool {
             let before = sample();
             tokio::time::sleep(second).await;
             let cpu = sample().since(&before);
-            if share(cpu.others(), second) < DISTURBED {
+            if share(cpu.others() + cpu.machine.steal, second) < DISTURBED {
                 quiet += 1;
                 if quiet == 3 {
                     return;
@@ -2760,11 +2763,11 @@ mod pool {
                     .zip(served_by(&served_before))
                     .map(|(after, before)| after.saturating_sub(before))
                     .collect();
-                let others = share(cpu.others(), outcome.elapsed);
+                let others = share(cpu.others() + cpu.machine.steal, outcome.elapsed);
                 say(
                     &bar,
                     format!(
-                        "{label:<24} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}  others {:.0}%",
+                        "{label:<24} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}  others and steal {:.0}%",
                         case.concurrency,
                         outcome.rps(),
                         ms(outcome.latency.value_at_quantile(0.5)),
@@ -2788,7 +2791,7 @@ mod pool {
                 say(
                     &bar,
                     format!(
-                        "  other processes took {:.0}% of the machine: waiting for quiet, then again ({reruns} of {})",
+                        "  other processes and the hypervisor took {:.0}% of the machine: waiting for quiet, then again ({reruns} of {})",
                         100.0 * others,
                         args.rerun_disturbed
                     ),
