@@ -67,8 +67,7 @@
 //! name* (the control case: clients call the members' own row names in turn, so the
 //! load reaches the same N processes without the gateway choosing). The table gives
 //! each process's CPU per request (the gateway, each publisher serving the case, the
-//! load client and mock, the kernel's network work), the gateway's read and write
-//! system calls per request (`/proc/<pid>/io`), the throughput against the
+//! load client and mock, the kernel's network work), the throughput against the
 //! single case, and each member's share of the mock's answers; a second table compares
 //! the gateway's CPU per request, pool against single and against by-name: the issue's
 //! "the pool must not cost more than 10 % per request". `--pool-only` runs the pool's
@@ -443,19 +442,6 @@ mod procfs {
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no {key}")))
-    }
-
-    /// Read and write system calls `pid` made so far (`syscr` + `syscw` of
-    /// `/proc/<pid>/io`: every `read`, `recvfrom`, `write`, `sendto`…).
-    pub(crate) fn syscalls(pid: &str) -> io::Result<u64> {
-        let text = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
-        let field = |key: &str| -> io::Result<u64> {
-            text.lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.trim().parse().ok())
-                .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no {key}")))
-        };
-        Ok(field("syscr:")? + field("syscw:")?)
     }
 
     /// How many file descriptors `pid` has open.
@@ -2389,8 +2375,6 @@ mod pool {
     #[derive(Clone, Debug, Default)]
     struct Cpu {
         gateway: Duration,
-        /// The gateway's read and write system calls.
-        gateway_syscalls: u64,
         /// Each publisher serving the case: the single one, or one per member.
         serving: Vec<Duration>,
         /// Every publisher child (the others are idle).
@@ -2404,9 +2388,6 @@ mod pool {
         fn since(&self, before: &Cpu) -> Cpu {
             Cpu {
                 gateway: self.gateway.saturating_sub(before.gateway),
-                gateway_syscalls: self
-                    .gateway_syscalls
-                    .saturating_sub(before.gateway_syscalls),
                 serving: self
                     .serving
                     .iter()
@@ -2736,7 +2717,6 @@ mod pool {
             });
             let sample = || Cpu {
                 gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
-                gateway_syscalls: procfs::syscalls(&gateway_pid).unwrap_or_default(),
                 serving: serving
                     .iter()
                     .map(|pid| procfs::cpu(pid).unwrap_or_default())
@@ -3027,7 +3007,6 @@ mod pool {
             "p99 ms",
             "rps ÷ single",
             "gateway CPU µs/req",
-            "gateway syscalls/req",
             "publishers CPU µs/req",
             "each publisher CPU µs/req",
             "loadgen CPU µs/req",
@@ -3062,11 +3041,6 @@ mod pool {
                 ms(o.latency.value_at_quantile(0.99)),
                 ratio,
                 per_request(m.cpu.gateway, o.requests),
-                if o.requests == 0 {
-                    "–".into()
-                } else {
-                    format!("{:.1}", m.cpu.gateway_syscalls as f64 / o.requests as f64)
-                },
                 per_request(m.cpu.serving_total(), o.requests),
                 each.join(" / "),
                 per_request(m.cpu.loadgen, o.requests),
