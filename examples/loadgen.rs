@@ -84,6 +84,13 @@
 //! reason (`virtual_llm_queue_rejections_total`), and the client's errors by status.
 //! `--queue-depth` and `--queue-wait` are passed to the gateway child.
 //!
+//! `--rate R` paces the workers to R requests per second in all (each worker its
+//! share, staggered; a late request moves its worker's schedule rather than bursting
+//! to catch up). In a closed loop at high concurrency the two cores are saturated and
+//! every process takes about the same share of them whatever the throughput, so a
+//! process's CPU per request follows the throughput the whole machine reaches; at a
+//! fixed rate below saturation, CPU per request is the work a request costs.
+//!
 //! On a shared machine, `--rerun-disturbed N` measures a case again (up to N times)
 //! when other processes and the hypervisor (steal) took more than 5 % of the machine
 //! during it, after waiting until they take less for three seconds; the table's last
@@ -211,6 +218,11 @@ struct Args {
     /// The gateway child's `--queue-wait` (default: the gateway's, 30 s).
     #[arg(long, value_parser = humantime::parse_duration)]
     queue_wait: Option<Duration>,
+    /// Pool mode: send this many requests per second in all, each worker paced to its
+    /// share (default: closed loop, as fast as answers come back). Below saturation,
+    /// CPU per request measures the work, not how the cores were shared.
+    #[arg(long)]
+    rate: Option<f64>,
     /// Pool mode: measure a case again, up to this many times, while other processes
     /// and the hypervisor (steal) took more than 5 % of the machine during it (waiting
     /// first until they take less for 3 s).
@@ -1090,6 +1102,9 @@ mod load {
         pub(crate) stream: bool,
         /// Streamed chunks each answer must carry (`[DONE]` not counted).
         pub(crate) chunks: usize,
+        /// Requests per second over all workers, each worker paced to its share
+        /// (`None`: each sends its next request as soon as the last is answered).
+        pub(crate) rate: Option<f64>,
     }
 
     /// What a case measured, warm-up excluded.
@@ -1169,10 +1184,21 @@ mod load {
         let measure_from = start + warmup;
         let until = measure_from + duration;
         let mut workers = tokio::task::JoinSet::new();
-        for index in 0..concurrency.max(1) {
+        let workers_n = concurrency.max(1);
+        for index in 0..workers_n {
+            // Paced workers start staggered, so that their requests spread evenly.
+            let pace = target
+                .rate
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(workers_n as f64 / r));
+            let first = start.into_std()
+                + pace.map_or(Duration::ZERO, |p| {
+                    p.mul_f64(index as f64 / workers_n as f64)
+                });
             workers.spawn(worker(
                 target.clone(),
                 index,
+                pace.map(|p| (first, p)),
                 measure_from.into_std(),
                 until.into_std(),
             ));
@@ -1213,6 +1239,8 @@ mod load {
     async fn worker(
         target: Arc<Target>,
         index: usize,
+        // When paced: the first request's time, then one every so often.
+        pace: Option<(Instant, Duration)>,
         measure_from: Instant,
         until: Instant,
     ) -> Result<(Outcome, Instant), BoxError> {
@@ -1220,7 +1248,17 @@ mod load {
         let host = HeaderValue::from_str(&target.addr.to_string())?;
         let mut sender = None;
         let mut turn = index;
+        let mut next = pace.map(|(first, _)| first);
         loop {
+            if let (Some(at), Some((_, every))) = (next.as_mut(), pace) {
+                // Only a slot still ahead is waited for: a timer whose time has come
+                // still waits for the timer wheel's next tick, a millisecond.
+                if *at > Instant::now() {
+                    tokio::time::sleep_until((*at).into()).await;
+                }
+                // No burst to catch up: a late request moves the schedule.
+                *at = (*at + every).max(Instant::now());
+            }
             let started = Instant::now();
             if started >= until {
                 break;
@@ -1517,6 +1555,7 @@ mod relay {
                 bodies: vec![Bytes::from(body.to_string())],
                 stream,
                 chunks: mock::CHUNKS,
+                rate: None,
             });
             let sample = || Cpu {
                 gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
@@ -2714,6 +2753,7 @@ mod pool {
                 bodies,
                 stream,
                 chunks: mock::CHUNKS,
+                rate: args.rate,
             });
             let sample = || Cpu {
                 gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
