@@ -1,10 +1,14 @@
 //! The benchmark driver behind `docs/benchmarks.md`: the relay's overhead against calling
-//! the upstream directly, measured in one run, and the scale modes.
+//! the upstream directly, measured in one run, pools, and the scale modes.
 //!
 //! Run with: `cargo run --release --example loadgen`
 //!
 //! ```text
 //! cargo run --release --example loadgen                          # relay against direct, c = 1, 16, 64
+//! cargo run --release --example loadgen -- --pool 4 --concurrency 1,64 --kinds complete
+//!                                                                # a pool of 4 against one publisher
+//! cargo run --release --example loadgen -- --pool 2 --pool-capacity 8 --mock-delay 20ms \
+//!     --pool-only --concurrency 32,300 --kinds complete         # the admission queue, overloaded
 //! cargo run --release --example loadgen -- --publishers 10000    # idle publishers: registration, memory
 //! cargo run --release --example loadgen -- --gc-rows 100000      # GC sweep on redb
 //! ```
@@ -16,7 +20,12 @@
 //! - **A mock OpenAI upstream**, served by this process on `127.0.0.1:0` (hyper, HTTP/1.1,
 //!   `TCP_NODELAY`): a fixed `chat.completion`, or with `"stream": true` a stream of 20
 //!   `chat.completion.chunk` events ending `data: [DONE]`. It answers from pre-built
-//!   bytes, so it costs next to nothing and the same in every case.
+//!   bytes, so it costs next to nothing and the same in every case. `--mock-delay D`
+//!   makes it answer D after each request arrived (a tokio timer per request, no
+//!   thread blocked; before the first chunk when streaming), a stand-in for a model
+//!   that takes time: with a pool's capacity C, at most C / D requests per second. It
+//!   counts the requests it answers by their `model`, which the pool mode uses to see
+//!   how the gateway spread them.
 //! - **The gateway and the publishers are child processes** (the release builds of
 //!   `examples/gateway.rs` and `examples/publisher.rs`, built first by this program),
 //!   so that the gateway's own CPU seconds and peak RSS can be read from
@@ -27,7 +36,10 @@
 //! - **The load client**, in this process: closed loop, N workers, each with its own
 //!   keep-alive HTTP/1.1 connection (`TCP_NODELAY`) sending requests back to back.
 //!   Latencies go into an HDR histogram; requests started during the warm-up are not
-//!   recorded.
+//!   recorded. Failed requests are counted by kind (`429 queue_full`: the status and
+//!   the OpenAI error's `code`; `transport`: no answer or a broken stream), and the
+//!   worker pauses 10 ms before its next request (it does not wait the `Retry-After`),
+//!   on the same connection after an error status, on a new one otherwise.
 //!
 //! # What is measured
 //!
@@ -42,6 +54,47 @@
 //! columns (with the kernel's network work, charged to no process) is what one request
 //! costs the machine. After the table comes how much of the machine *other* processes
 //! took during each case: a concurrent build makes every figure pessimistic, and says so.
+//!
+//! # Pools (`--pool N`)
+//!
+//! Instead of the relay cases: per transport, N publisher children each publish one
+//! member row into one pool (`--config` with `pool` and `maxConcurrent`, the upstream
+//! the mock), and one more publisher child publishes a row of its own (a pool of one).
+//! Each member's and the single row's `maxConcurrent` is `--pool-capacity` (default
+//! the highest concurrency: nothing queues). At each concurrency and kind, three cases
+//! with the same load: *single* (clients call the single row), *pool of N* (clients
+//! call the pool's key; the gateway picks a member per request), and *N members by
+//! name* (the control case: clients call the members' own row names in turn, so the
+//! load reaches the same N processes without the gateway choosing). The table gives
+//! each process's CPU per request (the gateway, each publisher serving the case, the
+//! load client and mock, the kernel's network work), the throughput against the
+//! single case, and each member's share of the mock's answers; a second table compares
+//! the gateway's CPU per request, pool against single and against by-name: the issue's
+//! "the pool must not cost more than 10 % per request". `--pool-only` runs the pool's
+//! cases alone.
+//!
+//! With `--mock-delay`, a third table is about the admission queue: throughput against
+//! the capacity's rate (members × `maxConcurrent` / delay), latency p50/p99 and the
+//! same minus the delay, and the gateway's own `virtual_llm_queue_wait_seconds`
+//! histogram read from its `/metrics` (no token: loadgen's gateway has none) before and
+//! after the measured time: how many requests waited, the mean wait (sum / count), and
+//! p50/p99 estimated within the histogram's buckets as Prometheus's
+//! `histogram_quantile` does (linear in the bucket, whose bounds are printed with it);
+//! requests admitted at once are not in that histogram. Then the queue's rejections by
+//! reason (`virtual_llm_queue_rejections_total`), and the client's errors by status.
+//! `--queue-depth` and `--queue-wait` are passed to the gateway child.
+//!
+//! `--rate R` paces the workers to R requests per second in all (each worker its
+//! share, staggered; a late request moves its worker's schedule rather than bursting
+//! to catch up). In a closed loop at high concurrency the two cores are saturated and
+//! every process takes about the same share of them whatever the throughput, so a
+//! process's CPU per request follows the throughput the whole machine reaches; at a
+//! fixed rate below saturation, CPU per request is the work a request costs.
+//!
+//! On a shared machine, `--rerun-disturbed N` measures a case again (up to N times)
+//! when other processes and the hypervisor (steal) took more than 5 % of the machine
+//! during it, after waiting until they take less for three seconds; the table's last
+//! column says how often.
 //!
 //! Scale modes run instead of the relay cases when asked for:
 //! - `--publishers N`: N idle publishers, each with one echo LLM, driven from this
@@ -82,8 +135,8 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Parser, Debug)]
 #[command(
-    about = "virtual-llm benchmark driver: relay against direct, idle publishers, GC sweep",
-    after_help = "With neither --publishers nor --gc-rows, runs the relay cases."
+    about = "virtual-llm benchmark driver: relay against direct, pools, idle publishers, GC sweep",
+    after_help = "With neither --pool, --publishers nor --gc-rows, runs the relay cases."
 )]
 struct Args {
     /// Measured time of each case.
@@ -144,6 +197,37 @@ struct Args {
     /// built first). Implies --no-build.
     #[arg(long)]
     bin_dir: Option<PathBuf>,
+    /// Pool mode: relay to a pool of this many publisher children, one member row each,
+    /// against the same load to one publisher's row (see --pool-only).
+    #[arg(long, value_name = "MEMBERS")]
+    pool: Option<usize>,
+    /// Pool mode: each member's `maxConcurrent`, and the single publisher's (default:
+    /// the highest --concurrency, so that no request queues).
+    #[arg(long, value_name = "N")]
+    pool_capacity: Option<u32>,
+    /// Pool mode: only the pool's cases, not the single publisher's.
+    #[arg(long)]
+    pool_only: bool,
+    /// The mock upstream answers after this long (a tokio timer per request; before the
+    /// first chunk when streaming). Every mode; default none.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "0s")]
+    mock_delay: Duration,
+    /// The gateway child's `--queue-depth` (default: the gateway's, 256).
+    #[arg(long)]
+    queue_depth: Option<usize>,
+    /// The gateway child's `--queue-wait` (default: the gateway's, 30 s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    queue_wait: Option<Duration>,
+    /// Pool mode: send this many requests per second in all, each worker paced to its
+    /// share (default: closed loop, as fast as answers come back). Below saturation,
+    /// CPU per request measures the work, not how the cores were shared.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Pool mode: measure a case again, up to this many times, while other processes
+    /// and the hypervisor (steal) took more than 5 % of the machine during it (waiting
+    /// first until they take less for 3 s).
+    #[arg(long, default_value_t = 0)]
+    rerun_disturbed: usize,
 }
 
 /// What a request asks for.
@@ -240,7 +324,11 @@ async fn run(args: Args) -> Result<(), BoxError> {
         }
         scale::print(&args, &runs);
     }
-    if args.publishers.is_empty() && args.gc_rows.is_empty() {
+    if args.pool.is_some() {
+        let bins = Binaries::locate(&args)?;
+        pool::run(&args, &bins).await?;
+    }
+    if args.publishers.is_empty() && args.gc_rows.is_empty() && args.pool.is_none() {
         let bins = Binaries::locate(&args)?;
         relay::run(&args, &bins).await?;
     }
@@ -456,12 +544,52 @@ mod procfs {
     }
 }
 
+/// What the rest of the machine did during one case's measured time.
+struct Interference {
+    /// The case, as printed.
+    case: String,
+    /// CPU time of processes other than loadgen's own and its children.
+    others: Duration,
+    machine: procfs::Machine,
+    elapsed: Duration,
+}
+
+/// Other processes on the machine during the measured time, as a share of all cores:
+/// anything above a few percent makes the figures pessimistic, and is flagged.
+fn print_interference(cases: &[Interference]) {
+    let cores = procfs::cores().max(1) as f64;
+    let of_machine = |d: Duration, m: &Interference| {
+        d.as_secs_f64() / (cores * m.elapsed.as_secs_f64()).max(1e-9)
+    };
+    let share = |m: &Interference| of_machine(m.others, m);
+    let worst = cases.iter().map(share).fold(0.0, f64::max);
+    let average = |f: &dyn Fn(&Interference) -> f64| {
+        100.0 * cases.iter().map(f).sum::<f64>() / cases.len().max(1) as f64
+    };
+    println!(
+        "during the measured time, on average: other processes took {:.1}% of the machine (worst case {:.1}%), the kernel's network work {:.1}%, steal {:.1}%",
+        average(&share),
+        100.0 * worst,
+        average(&|m| of_machine(m.machine.network(), m)),
+        average(&|m| of_machine(m.machine.steal, m)),
+    );
+    for m in cases.iter().filter(|m| share(m) > 0.05) {
+        println!(
+            "warning: other processes took {:.0}% of the machine during {}: its figures are pessimistic",
+            100.0 * share(m),
+            m.case
+        );
+    }
+}
+
 /// The gateway and publisher binaries, and the child processes started from them.
 struct Binaries {
     gateway: PathBuf,
     publisher: PathBuf,
     /// `--threads` for the gateway child, when given.
     gateway_threads: Option<u16>,
+    /// More flags for the gateway child (`--queue-depth`, `--queue-wait`).
+    gateway_flags: Vec<String>,
 }
 
 impl Binaries {
@@ -484,6 +612,7 @@ impl Binaries {
             gateway: dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX)),
             publisher: dir.join(format!("publisher{}", std::env::consts::EXE_SUFFIX)),
             gateway_threads: args.gateway_threads,
+            gateway_flags: gateway_flags(args),
         };
         for bin in [&bins.gateway, &bins.publisher] {
             if !bin.is_file() {
@@ -496,6 +625,21 @@ impl Binaries {
         }
         Ok(bins)
     }
+}
+
+/// The gateway child's flags that loadgen passes through.
+fn gateway_flags(args: &Args) -> Vec<String> {
+    let mut flags = Vec::new();
+    if let Some(depth) = args.queue_depth {
+        flags.extend(["--queue-depth".to_owned(), depth.to_string()]);
+    }
+    if let Some(wait) = args.queue_wait {
+        flags.extend([
+            "--queue-wait".to_owned(),
+            humantime::format_duration(wait).to_string(),
+        ]);
+    }
+    flags
 }
 
 /// `cargo build [--release] --example gateway --example publisher`, in this workspace.
@@ -639,6 +783,7 @@ impl GatewayChild {
         if let Some(threads) = bins.gateway_threads {
             args.extend(["--threads".to_owned(), threads.to_string()]);
         }
+        args.extend(bins.gateway_flags.iter().cloned());
         let mut guard =
             ChildGuard::spawn("gateway", &bins.gateway, &args, dir.join("gateway.log"))?;
         let url = format!("http://{addr}");
@@ -663,11 +808,77 @@ impl GatewayChild {
     }
 }
 
-/// The mock OpenAI upstream: fixed answers from pre-built bytes.
+/// Starts a publisher child over `transport`, publishing `providers` (its `--config`
+/// list) with `--max-concurrent max_concurrent`, and waits until every row of `rows`
+/// is active. `tag` names its files in `dir` (config, session, log) and the child.
+#[allow(clippy::too_many_arguments)]
+async fn spawn_publisher(
+    bins: &Binaries,
+    dir: &Path,
+    http: &reqwest::Client,
+    gateway: &GatewayChild,
+    transport: Transport,
+    tag: &str,
+    providers: &serde_json::Value,
+    max_concurrent: usize,
+    rows: &[String],
+) -> Result<ChildGuard, BoxError> {
+    let config = dir.join(format!("providers-{tag}.json"));
+    std::fs::write(&config, providers.to_string())?;
+    let args = vec![
+        "--gateway".to_owned(),
+        gateway.url.clone(),
+        "--transport".to_owned(),
+        transport.name().to_owned(),
+        "--session-file".to_owned(),
+        dir.join(format!("session-{tag}")).display().to_string(),
+        "--config".to_owned(),
+        config.display().to_string(),
+        "--max-concurrent".to_owned(),
+        max_concurrent.to_string(),
+    ];
+    let name = format!("publisher ({tag})");
+    let log = dir.join(format!("publisher-{tag}.log"));
+    let mut guard = ChildGuard::spawn(&name, &bins.publisher, &args, log)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for llm in rows {
+        loop {
+            if let Err(e) = guard.check_running() {
+                if e.to_string().contains("invalid value") {
+                    return Err(format!(
+                        "the publisher binary does not support --transport {} yet: {e}",
+                        transport.name()
+                    )
+                    .into());
+                }
+                return Err(e);
+            }
+            if let Ok(response) = http
+                .get(format!("{}/api/v1/llms/{llm}", gateway.url))
+                .send()
+                .await
+                && response.status().is_success()
+                && let Ok(row) = response.json::<serde_json::Value>().await
+                && row["status"] == "active"
+            {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("{llm} did not become active within 30 s").into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    Ok(guard)
+}
+
+/// The mock OpenAI upstream: fixed answers from pre-built bytes, after `--mock-delay`.
 mod mock {
+    use std::collections::BTreeMap;
     use std::convert::Infallible;
     use std::net::SocketAddr;
-    use std::sync::Arc;
+    use std::sync::{Arc, Mutex, PoisonError};
+    use std::time::Duration;
 
     use bytes::Bytes;
     use http_body_util::{BodyExt, StreamBody};
@@ -689,10 +900,45 @@ mod mock {
         completion: Bytes,
         /// The stream's events, each a separate body frame, `[DONE]` last.
         events: Vec<Bytes>,
+        /// How long to wait before answering (zero: at once).
+        delay: Duration,
+        /// Requests answered, by the `model` they asked for.
+        served: Served,
+    }
+
+    /// Requests the mock answered, by the `model` of the request: the pool mode gives
+    /// each member its own upstream model name to see how the gateway spread the load.
+    #[derive(Clone, Default)]
+    pub(crate) struct Served(Arc<Mutex<BTreeMap<String, u64>>>);
+
+    impl Served {
+        fn count(&self, model: &str) {
+            let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+            match counts.get_mut(model) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(model.to_owned(), 1);
+                }
+            }
+        }
+
+        /// The counts now.
+        pub(crate) fn snapshot(&self) -> BTreeMap<String, u64> {
+            self.0
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
+        }
+    }
+
+    /// A running mock.
+    pub(crate) struct Mock {
+        pub(crate) addr: SocketAddr,
+        pub(crate) served: Served,
     }
 
     impl Answers {
-        fn new() -> Self {
+        fn new(delay: Duration) -> Self {
             let completion = json!({
                 "id": "chatcmpl-mock",
                 "object": "chat.completion",
@@ -726,15 +972,19 @@ mod mock {
             Answers {
                 completion: Bytes::from(completion.to_string()),
                 events,
+                delay,
+                served: Served::default(),
             }
         }
     }
 
-    /// Serves the mock on `127.0.0.1:0` on the current runtime; returns its address.
-    pub(crate) async fn start() -> std::io::Result<SocketAddr> {
+    /// Serves the mock on `127.0.0.1:0` on the current runtime, answering each request
+    /// `delay` after it arrived.
+    pub(crate) async fn start(delay: Duration) -> std::io::Result<Mock> {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
-        let answers = Arc::new(Answers::new());
+        let answers = Arc::new(Answers::new(delay));
+        let served = answers.served.clone();
         tokio::spawn(async move {
             loop {
                 let stream = match listener.accept().await {
@@ -761,7 +1011,7 @@ mod mock {
                 });
             }
         });
-        Ok(addr)
+        Ok(Mock { addr, served })
     }
 
     async fn answer(
@@ -798,10 +1048,18 @@ mod mock {
                 ));
             }
         };
-        let stream = serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|v| v.get("stream").and_then(Value::as_bool))
+        let request = serde_json::from_slice::<Value>(&body).unwrap_or_default();
+        let stream = request
+            .get("stream")
+            .and_then(Value::as_bool)
             .unwrap_or(false);
+        answers
+            .served
+            .count(request.get("model").and_then(Value::as_str).unwrap_or(""));
+        if !answers.delay.is_zero() {
+            // A timer, not a blocked thread: many answers wait at once.
+            tokio::time::sleep(answers.delay).await;
+        }
         if stream {
             let mut response = reply(StatusCode::OK, "text/event-stream", answers.events.clone());
             response
@@ -820,6 +1078,7 @@ mod mock {
 
 /// The closed-loop HTTP/1.1 load client.
 mod load {
+    use std::collections::BTreeMap;
     use std::net::SocketAddr;
     use std::sync::Arc;
     use std::time::{Duration, Instant};
@@ -837,10 +1096,15 @@ mod load {
     /// What every request of a case is.
     pub(crate) struct Target {
         pub(crate) addr: SocketAddr,
-        pub(crate) body: Bytes,
+        /// The request bodies, taken in turn: worker `w`'s `k`-th request sends
+        /// `bodies[(w + k) % len]` (one body: every request the same).
+        pub(crate) bodies: Vec<Bytes>,
         pub(crate) stream: bool,
         /// Streamed chunks each answer must carry (`[DONE]` not counted).
         pub(crate) chunks: usize,
+        /// Requests per second over all workers, each worker paced to its share
+        /// (`None`: each sends its next request as soon as the last is answered).
+        pub(crate) rate: Option<f64>,
     }
 
     /// What a case measured, warm-up excluded.
@@ -849,6 +1113,9 @@ mod load {
         pub(crate) latency: Histogram<u64>,
         pub(crate) requests: u64,
         pub(crate) errors: u64,
+        /// The errors by kind: `429 queue_full` (status and the OpenAI error's `code`),
+        /// or `transport` (no answer, a broken stream).
+        pub(crate) errors_by_kind: BTreeMap<String, u64>,
         pub(crate) first_error: Option<String>,
         pub(crate) chunks: u64,
         /// From the end of the warm-up to the last answer.
@@ -863,45 +1130,91 @@ mod load {
         pub(crate) fn chunks_per_sec(&self) -> f64 {
             self.chunks as f64 / self.elapsed.as_secs_f64().max(1e-9)
         }
+
+        fn empty() -> Result<Self, BoxError> {
+            Ok(Outcome {
+                latency: histogram()?,
+                requests: 0,
+                errors: 0,
+                errors_by_kind: BTreeMap::new(),
+                first_error: None,
+                chunks: 0,
+                elapsed: Duration::ZERO,
+            })
+        }
+    }
+
+    /// Why a request failed.
+    enum Failure {
+        /// The gateway answered with an error status: the connection is still good.
+        Status { kind: String, text: String },
+        /// No answer, or a broken one: the connection is dropped.
+        Transport(BoxError),
+    }
+
+    impl From<BoxError> for Failure {
+        fn from(e: BoxError) -> Self {
+            Failure::Transport(e)
+        }
+    }
+
+    impl From<hyper::Error> for Failure {
+        fn from(e: hyper::Error) -> Self {
+            Failure::Transport(e.into())
+        }
+    }
+
+    impl From<hyper::http::Error> for Failure {
+        fn from(e: hyper::http::Error) -> Self {
+            Failure::Transport(e.into())
+        }
     }
 
     /// Runs `concurrency` workers against `target` for `warmup + duration`, recording
     /// requests started after the warm-up. `at_measure_start` runs when the warm-up
-    /// ends (CPU snapshots).
+    /// ends (CPU snapshots, the gateway's metrics), while the workers go on.
     pub(crate) async fn run(
         target: Arc<Target>,
         concurrency: usize,
         warmup: Duration,
         duration: Duration,
-        at_measure_start: impl FnOnce(),
+        at_measure_start: impl AsyncFnOnce(),
     ) -> Result<Outcome, BoxError> {
         let start = tokio::time::Instant::now();
         let measure_from = start + warmup;
         let until = measure_from + duration;
         let mut workers = tokio::task::JoinSet::new();
-        for _ in 0..concurrency.max(1) {
+        let workers_n = concurrency.max(1);
+        for index in 0..workers_n {
+            // Paced workers start staggered, so that their requests spread evenly.
+            let pace = target
+                .rate
+                .filter(|r| *r > 0.0)
+                .map(|r| Duration::from_secs_f64(workers_n as f64 / r));
+            let first = start.into_std()
+                + pace.map_or(Duration::ZERO, |p| {
+                    p.mul_f64(index as f64 / workers_n as f64)
+                });
             workers.spawn(worker(
                 target.clone(),
+                index,
+                pace.map(|p| (first, p)),
                 measure_from.into_std(),
                 until.into_std(),
             ));
         }
         tokio::time::sleep_until(measure_from).await;
-        at_measure_start();
-        let mut total = Outcome {
-            latency: histogram()?,
-            requests: 0,
-            errors: 0,
-            first_error: None,
-            chunks: 0,
-            elapsed: Duration::ZERO,
-        };
+        at_measure_start().await;
+        let mut total = Outcome::empty()?;
         let mut finished = measure_from.into_std();
         while let Some(worker) = workers.join_next().await {
             let (outcome, done) = worker??;
             total.latency.add(&outcome.latency)?;
             total.requests += outcome.requests;
             total.errors += outcome.errors;
+            for (kind, n) in outcome.errors_by_kind {
+                *total.errors_by_kind.entry(kind).or_default() += n;
+            }
             total.chunks += outcome.chunks;
             total.first_error = total.first_error.or(outcome.first_error);
             finished = finished.max(done);
@@ -925,33 +1238,48 @@ mod load {
 
     async fn worker(
         target: Arc<Target>,
+        index: usize,
+        // When paced: the first request's time, then one every so often.
+        pace: Option<(Instant, Duration)>,
         measure_from: Instant,
         until: Instant,
     ) -> Result<(Outcome, Instant), BoxError> {
-        let mut outcome = Outcome {
-            latency: histogram()?,
-            requests: 0,
-            errors: 0,
-            first_error: None,
-            chunks: 0,
-            elapsed: Duration::ZERO,
-        };
+        let mut outcome = Outcome::empty()?;
         let host = HeaderValue::from_str(&target.addr.to_string())?;
         let mut sender = None;
+        let mut turn = index;
+        let mut next = pace.map(|(first, _)| first);
         loop {
+            if let (Some(at), Some((_, every))) = (next.as_mut(), pace) {
+                // Only a slot still ahead is waited for: a timer whose time has come
+                // still waits for the timer wheel's next tick, a millisecond.
+                if *at > Instant::now() {
+                    tokio::time::sleep_until((*at).into()).await;
+                }
+                // No burst to catch up: a late request moves the schedule.
+                *at = (*at + every).max(Instant::now());
+            }
             let started = Instant::now();
             if started >= until {
                 break;
             }
             let measured = started >= measure_from;
             let result = match &mut sender {
-                Some(sender) => once(sender, &target, &host, started).await,
+                Some(sender) => {
+                    turn = turn.wrapping_add(1);
+                    let body = target
+                        .bodies
+                        .get(turn % target.bodies.len().max(1))
+                        .cloned()
+                        .unwrap_or_default();
+                    once(sender, &target, body, &host, started).await
+                }
                 None => match connect(target.addr).await {
                     Ok(s) => {
                         sender = Some(s);
                         continue;
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(Failure::Transport(e)),
                 },
             };
             match result {
@@ -961,13 +1289,21 @@ mod load {
                     outcome.chunks += chunks;
                 }
                 Ok(_) => {}
-                Err(e) => {
+                Err(failure) => {
+                    let (kind, text) = match failure {
+                        Failure::Status { kind, text } => (kind, text),
+                        Failure::Transport(e) => {
+                            // Start over on a fresh connection.
+                            sender = None;
+                            ("transport".to_owned(), e.to_string())
+                        }
+                    };
                     if measured {
                         outcome.errors += 1;
-                        outcome.first_error.get_or_insert_with(|| e.to_string());
+                        *outcome.errors_by_kind.entry(kind).or_default() += 1;
+                        outcome.first_error.get_or_insert(text);
                     }
-                    // Start over on a fresh connection, without spinning.
-                    sender = None;
+                    // Pause before the next request, without spinning.
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
             }
@@ -979,22 +1315,32 @@ mod load {
     async fn once(
         sender: &mut SendRequest<Full<Bytes>>,
         target: &Target,
+        body: Bytes,
         host: &HeaderValue,
         started: Instant,
-    ) -> Result<(Duration, u64), BoxError> {
+    ) -> Result<(Duration, u64), Failure> {
         sender.ready().await?;
         let request = Request::builder()
             .method(Method::POST)
             .uri("/v1/chat/completions")
             .header(HOST, host.clone())
             .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(Full::new(target.body.clone()))?;
+            .body(Full::new(body))?;
         let response = sender.send_request(request).await?;
         let status = response.status();
         let mut body = response.into_body();
         if !status.is_success() {
             let text = body.collect().await?.to_bytes();
-            return Err(format!("{status}: {}", String::from_utf8_lossy(&text)).into());
+            let code = serde_json::from_slice::<serde_json::Value>(&text)
+                .ok()
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
+            return Err(Failure::Status {
+                kind: match code {
+                    Some(code) => format!("{} {code}", status.as_u16()),
+                    None => status.as_u16().to_string(),
+                },
+                text: format!("{status}: {}", String::from_utf8_lossy(&text)),
+            });
         }
         if !target.stream {
             body.collect().await?;
@@ -1015,7 +1361,9 @@ mod load {
         let mut done = false;
         for line in text.lines() {
             if line.starts_with("event: error") {
-                return Err(format!("the stream failed: {text}").into());
+                return Err(Failure::Transport(
+                    format!("the stream failed: {text}").into(),
+                ));
             }
             if let Some(data) = line.strip_prefix("data:") {
                 if data.trim() == "[DONE]" {
@@ -1026,14 +1374,16 @@ mod load {
             }
         }
         if !done || chunks != target.chunks {
-            return Err(format!(
-                "expected {} chunks and [DONE], got {chunks} chunks{}",
-                target.chunks,
-                if done { "" } else { " and no [DONE]" }
-            )
-            .into());
+            return Err(Failure::Transport(
+                format!(
+                    "expected {} chunks and [DONE], got {chunks} chunks{}",
+                    target.chunks,
+                    if done { "" } else { " and no [DONE]" }
+                )
+                .into(),
+            ));
         }
-        let first = first.ok_or("no chunk")?;
+        let first = first.ok_or_else(|| Failure::Transport("no chunk".into()))?;
         Ok((first, chunks as u64))
     }
 }
@@ -1041,15 +1391,16 @@ mod load {
 /// The relay cases: direct against relayed, complete and streamed, per concurrency.
 mod relay {
     use std::sync::Arc;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use bytes::Bytes;
     use comfy_table::Table;
     use serde_json::json;
 
     use super::{
-        ASCII_MARKDOWN, Args, Binaries, BoxError, ChildGuard, GatewayChild, Kind, Transport,
-        WorkDir, control_client, load, mock, ms, ms_diff, procfs, progress,
+        ASCII_MARKDOWN, Args, Binaries, BoxError, ChildGuard, GatewayChild, Interference, Kind,
+        Transport, WorkDir, control_client, load, mock, ms, ms_diff, print_interference, procfs,
+        progress, spawn_publisher,
     };
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1126,7 +1477,7 @@ mod relay {
     pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
         let dir = WorkDir::new(args.keep)?;
         let http = control_client()?;
-        let upstream = mock::start().await?;
+        let upstream = mock::start(args.mock_delay).await?.addr;
         let mut gateway = GatewayChild::start(bins, dir.path(), &http).await?;
         let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
         let mut publishers: Vec<(Transport, PublisherChild)> = Vec::new();
@@ -1201,9 +1552,10 @@ mod relay {
             });
             let target = Arc::new(load::Target {
                 addr,
-                body: Bytes::from(body.to_string()),
+                bodies: vec![Bytes::from(body.to_string())],
                 stream,
                 chunks: mock::CHUNKS,
+                rate: None,
             });
             let sample = || Cpu {
                 gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
@@ -1219,9 +1571,13 @@ mod relay {
                 machine: procfs::machine().unwrap_or_default(),
             };
             let mut before = Cpu::default();
-            let outcome = load::run(target, case.concurrency, args.warmup, args.duration, || {
-                before = sample()
-            })
+            let outcome = load::run(
+                target,
+                case.concurrency,
+                args.warmup,
+                args.duration,
+                async || before = sample(),
+            )
             .await?;
             let cpu = sample().since(&before);
             bar.println(format!(
@@ -1275,34 +1631,16 @@ mod relay {
                 );
             }
         }
-        // Other processes on the machine during the measured time, as a share of
-        // all cores: anything above a few percent makes the figures pessimistic.
-        let cores = procfs::cores().max(1) as f64;
-        let share = |m: &Measured| {
-            m.cpu.others().as_secs_f64() / (cores * m.outcome.elapsed.as_secs_f64()).max(1e-9)
-        };
-        let worst = results.iter().map(share).fold(0.0, f64::max);
-        let average = |f: &dyn Fn(&Measured) -> f64| {
-            100.0 * results.iter().map(f).sum::<f64>() / results.len().max(1) as f64
-        };
-        let of_machine = |d: Duration, m: &Measured| {
-            d.as_secs_f64() / (cores * m.outcome.elapsed.as_secs_f64()).max(1e-9)
-        };
-        println!(
-            "during the measured time, on average: other processes took {:.1}% of the machine (worst case {:.1}%), the kernel's network work {:.1}%, steal {:.1}%",
-            average(&share),
-            100.0 * worst,
-            average(&|m| of_machine(m.cpu.machine.network(), m)),
-            average(&|m| of_machine(m.cpu.machine.steal, m)),
-        );
-        for m in results.iter().filter(|m| share(m) > 0.05) {
-            println!(
-                "warning: other processes took {:.0}% of the machine during {} c={}: its figures are pessimistic",
-                100.0 * share(m),
-                m.case.label(),
-                m.case.concurrency
-            );
-        }
+        let interference: Vec<Interference> = results
+            .iter()
+            .map(|m| Interference {
+                case: format!("{} c={}", m.case.label(), m.case.concurrency),
+                others: m.cpu.others(),
+                machine: m.cpu.machine,
+                elapsed: m.outcome.elapsed,
+            })
+            .collect();
+        print_interference(&interference);
         print_targets(args, &results);
         Ok(())
     }
@@ -1317,7 +1655,6 @@ mod relay {
         max_concurrency: usize,
     ) -> Result<PublisherChild, BoxError> {
         let llm = format!("bench-{}", transport.name());
-        let config = dir.join(format!("providers-{}.json", transport.name()));
         let providers = json!([{
             "name": llm,
             "type": "openai",
@@ -1325,52 +1662,20 @@ mod relay {
             "url": format!("http://{upstream}/v1"),
             "publish": true
         }]);
-        std::fs::write(&config, providers.to_string())?;
-        let args = vec![
-            "--gateway".to_owned(),
-            gateway.url.clone(),
-            "--transport".to_owned(),
-            transport.name().to_owned(),
-            "--session-file".to_owned(),
-            dir.join(format!("session-{}", transport.name()))
-                .display()
-                .to_string(),
-            "--config".to_owned(),
-            config.display().to_string(),
-            // Never queue inside the publisher: every client request runs at once.
-            "--max-concurrent".to_owned(),
-            max_concurrency.to_string(),
-        ];
-        let name = format!("publisher ({})", transport.name());
-        let log = dir.join(format!("publisher-{}.log", transport.name()));
-        let mut guard = ChildGuard::spawn(&name, &bins.publisher, &args, log)?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Err(e) = guard.check_running() {
-                if e.to_string().contains("invalid value") {
-                    return Err(format!(
-                        "the publisher binary does not support --transport {} yet: {e}",
-                        transport.name()
-                    )
-                    .into());
-                }
-                return Err(e);
-            }
-            if let Ok(response) = http
-                .get(format!("{}/api/v1/llms/{llm}", gateway.url))
-                .send()
-                .await
-                && response.status().is_success()
-                && let Ok(row) = response.json::<serde_json::Value>().await
-                && row["status"] == "active"
-            {
-                return Ok(PublisherChild { guard, llm });
-            }
-            if Instant::now() > deadline {
-                return Err(format!("{llm} did not become active within 30 s").into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        // Never queue inside the publisher: every client request runs at once.
+        let guard = spawn_publisher(
+            bins,
+            dir,
+            http,
+            gateway,
+            transport,
+            transport.name(),
+            &providers,
+            max_concurrency,
+            std::slice::from_ref(&llm),
+        )
+        .await?;
+        Ok(PublisherChild { guard, llm })
     }
 
     fn cpu_per_request(cpu: Duration, requests: u64) -> String {
@@ -2012,5 +2317,955 @@ mod gc {
             store.write(batch.to_vec()).await?;
         }
         Ok(())
+    }
+}
+
+/// `--pool N`: a pool of N publisher children against one publisher, and the admission
+/// queue when the pool's capacity is less than the load.
+mod pool {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use comfy_table::Table;
+    use serde_json::json;
+
+    use super::{
+        ASCII_MARKDOWN, Args, Binaries, BoxError, ChildGuard, GatewayChild, Interference, Kind,
+        Transport, WorkDir, control_client, load, mock, ms, print_interference, procfs, progress,
+        spawn_publisher,
+    };
+
+    /// What the clients call.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    enum Target {
+        /// One publisher's row (a pool of one).
+        Single,
+        /// The pool's key, served by `--pool` publishers.
+        Pool,
+        /// The same members, each called by its own row name, in turn: the control
+        /// case, the fan-out to N publishers without the gateway choosing among them.
+        Members,
+    }
+
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Case {
+        target: Target,
+        transport: Transport,
+        kind: Kind,
+        concurrency: usize,
+    }
+
+    impl Case {
+        fn label(&self, members: usize) -> String {
+            let target = match self.target {
+                Target::Single => "single".to_owned(),
+                Target::Pool => format!("pool of {members}"),
+                Target::Members => format!("{members} members by name"),
+            };
+            let kind = match self.kind {
+                Kind::Complete => "",
+                Kind::Stream => ", stream",
+            };
+            format!("{target} {}{kind}", self.transport.name())
+        }
+
+        /// The `model`s clients ask for, in turn.
+        fn keys(&self, members: usize) -> Vec<String> {
+            match self.target {
+                Target::Single => vec![single_name(self.transport)],
+                Target::Pool => vec![pool_key(self.transport)],
+                Target::Members => (0..members)
+                    .map(|i| member_name(self.transport, i))
+                    .collect(),
+            }
+        }
+    }
+
+    fn single_name(transport: Transport) -> String {
+        format!("single-{}", transport.name())
+    }
+
+    fn pool_key(transport: Transport) -> String {
+        format!("pool-{}", transport.name())
+    }
+
+    /// A member's row name, also the upstream model it asks the mock for, so that the
+    /// mock counts what each member served.
+    fn member_name(transport: Transport, i: usize) -> String {
+        format!("pool-{}-m{i}", transport.name())
+    }
+
+    /// The publisher children of one transport.
+    struct Side {
+        transport: Transport,
+        /// One publisher, one row without a pool (none with `--pool-only`).
+        single: Option<ChildGuard>,
+        /// One publisher per member of the pool, one row each.
+        members: Vec<ChildGuard>,
+    }
+
+    impl Side {
+        fn children(&mut self) -> impl Iterator<Item = &mut ChildGuard> {
+            self.single.iter_mut().chain(self.members.iter_mut())
+        }
+    }
+
+    /// CPU time over the measured part of a case.
+    #[derive(Clone, Debug, Default)]
+    struct Cpu {
+        gateway: Duration,
+        /// Each publisher serving the case: the single one, or one per member.
+        serving: Vec<Duration>,
+        /// Every publisher child (the others are idle).
+        publishers: Duration,
+        /// The load client and the mock.
+        loadgen: Duration,
+        machine: procfs::Machine,
+    }
+
+    impl Cpu {
+        fn since(&self, before: &Cpu) -> Cpu {
+            Cpu {
+                gateway: self.gateway.saturating_sub(before.gateway),
+                serving: self
+                    .serving
+                    .iter()
+                    .zip(
+                        before
+                            .serving
+                            .iter()
+                            .chain(std::iter::repeat(&Duration::ZERO)),
+                    )
+                    .map(|(a, b)| a.saturating_sub(*b))
+                    .collect(),
+                publishers: self.publishers.saturating_sub(before.publishers),
+                loadgen: self.loadgen.saturating_sub(before.loadgen),
+                machine: self.machine.since(&before.machine),
+            }
+        }
+
+        fn serving_total(&self) -> Duration {
+            self.serving.iter().sum()
+        }
+
+        /// What processes other than these took.
+        fn others(&self) -> Duration {
+            self.machine.tasks.saturating_sub(
+                self.gateway + self.publishers + self.loadgen + self.machine.softirqd,
+            )
+        }
+
+        /// Everything one case cost the machine: our processes and the kernel's
+        /// network work.
+        fn ours(&self) -> Duration {
+            self.gateway + self.publishers + self.loadgen + self.machine.network()
+        }
+    }
+
+    /// The admission queue as the gateway's `/metrics` showed it at one moment, or
+    /// the difference between two moments.
+    #[derive(Clone, Debug, Default)]
+    struct QueueMetrics {
+        /// `virtual_llm_queue_wait_seconds`: cumulative counts by upper bound (`+Inf`
+        /// last). Only requests that waited are observed; one admitted at once is not.
+        buckets: Vec<(f64, u64)>,
+        /// Seconds waited, summed.
+        sum: f64,
+        /// Requests that waited and then got a slot.
+        count: u64,
+        /// `virtual_llm_queue_rejections_total` by reason.
+        rejections: BTreeMap<String, u64>,
+    }
+
+    impl QueueMetrics {
+        async fn read(http: &reqwest::Client, gateway: &str) -> Result<Self, BoxError> {
+            let response = http.get(format!("{gateway}/metrics")).send().await?;
+            if !response.status().is_success() {
+                return Err(format!("GET /metrics: {}", response.status()).into());
+            }
+            Ok(Self::parse(&response.text().await?))
+        }
+
+        /// The Prometheus text format, only the lines of the two queue metrics.
+        fn parse(text: &str) -> Self {
+            let mut metrics = QueueMetrics::default();
+            for line in text.lines().filter(|l| !l.starts_with('#')) {
+                let Some((series, value)) = line.rsplit_once(' ') else {
+                    continue;
+                };
+                let Ok(value) = value.trim().parse::<f64>() else {
+                    continue;
+                };
+                let label = |name: &str| {
+                    let start = series.find(&format!("{name}=\""))? + name.len() + 2;
+                    let end = series[start..].find('"')? + start;
+                    Some(series[start..end].to_owned())
+                };
+                if series.starts_with("virtual_llm_queue_wait_seconds_bucket") {
+                    let bound = match label("le").as_deref() {
+                        Some("+Inf") => f64::INFINITY,
+                        Some(le) => match le.parse() {
+                            Ok(le) => le,
+                            Err(_) => continue,
+                        },
+                        None => continue,
+                    };
+                    metrics.buckets.push((bound, value as u64));
+                } else if series.starts_with("virtual_llm_queue_wait_seconds_sum") {
+                    metrics.sum = value;
+                } else if series.starts_with("virtual_llm_queue_wait_seconds_count") {
+                    metrics.count = value as u64;
+                } else if series.starts_with("virtual_llm_queue_rejections_total")
+                    && let Some(reason) = label("reason")
+                {
+                    metrics.rejections.insert(reason, value as u64);
+                }
+            }
+            metrics.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+            metrics
+        }
+
+        fn since(&self, before: &QueueMetrics) -> QueueMetrics {
+            let earlier = |bound: f64| {
+                before
+                    .buckets
+                    .iter()
+                    .find(|(b, _)| *b == bound)
+                    .map_or(0, |(_, n)| *n)
+            };
+            QueueMetrics {
+                buckets: self
+                    .buckets
+                    .iter()
+                    .map(|&(bound, n)| (bound, n.saturating_sub(earlier(bound))))
+                    .collect(),
+                sum: (self.sum - before.sum).max(0.0),
+                count: self.count.saturating_sub(before.count),
+                rejections: self
+                    .rejections
+                    .iter()
+                    .map(|(reason, n)| {
+                        let was = before.rejections.get(reason).copied().unwrap_or(0);
+                        (reason.clone(), n.saturating_sub(was))
+                    })
+                    .collect(),
+            }
+        }
+
+        fn mean(&self) -> Option<f64> {
+            (self.count > 0).then(|| self.sum / self.count as f64)
+        }
+
+        /// The `q` quantile as Prometheus's `histogram_quantile` estimates it (linear
+        /// within its bucket), with the bucket's bounds, in seconds.
+        fn quantile(&self, q: f64) -> Option<(f64, f64, f64)> {
+            if self.count == 0 {
+                return None;
+            }
+            let rank = q * self.count as f64;
+            let (mut lower, mut below) = (0.0, 0u64);
+            for &(upper, cumulative) in &self.buckets {
+                if cumulative as f64 >= rank {
+                    if upper.is_infinite() {
+                        return Some((lower, lower, upper));
+                    }
+                    let inside = (cumulative - below).max(1) as f64;
+                    let estimate = lower + (upper - lower) * (rank - below as f64) / inside;
+                    return Some((estimate, lower, upper));
+                }
+                (lower, below) = (upper, cumulative);
+            }
+            None
+        }
+    }
+
+    struct Measured {
+        case: Case,
+        outcome: load::Outcome,
+        cpu: Cpu,
+        queue: QueueMetrics,
+        /// Requests the mock answered for each publisher serving the case.
+        served: Vec<u64>,
+        /// Times the case was measured again because other processes disturbed it.
+        reruns: usize,
+    }
+
+    /// A line above the progress bar, or on stderr when the bar is hidden (no
+    /// terminal), so that a log keeps it.
+    fn say(bar: &indicatif::ProgressBar, line: String) {
+        if bar.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            bar.println(line);
+        }
+    }
+
+    /// Above this share of the machine taken by other processes and the hypervisor
+    /// (steal), a case is disturbed.
+    const DISTURBED: f64 = 0.05;
+
+    /// `cpu` as a share of all the machine's cores over `elapsed`.
+    fn share(cpu: Duration, elapsed: Duration) -> f64 {
+        cpu.as_secs_f64() / (procfs::cores().max(1) as f64 * elapsed.as_secs_f64()).max(1e-9)
+    }
+
+    /// Waits until other processes (than the ones `sample` reads) and the hypervisor
+    /// have taken less than `DISTURBED` of the machine for three seconds in a row, at
+    /// most ten minutes.
+    async fn wait_quiet(sample: &(dyn Fn() -> Cpu + Sync)) {
+        let second = Duration::from_secs(1);
+        let mut quiet = 0;
+        for _ in 0..600 {
+            let before = sample();
+            tokio::time::sleep(second).await;
+            let cpu = sample().since(&before);
+            if share(cpu.others() + cpu.machine.steal, second) < DISTURBED {
+                quiet += 1;
+                if quiet == 3 {
+                    return;
+                }
+            } else {
+                quiet = 0;
+            }
+        }
+        eprintln!("warning: the machine did not get quiet within ten minutes");
+    }
+
+    pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
+        let members = args.pool.unwrap_or(1).max(1);
+        let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
+        let capacity = args
+            .pool_capacity
+            .map_or(max_concurrency, |c| c as usize)
+            .max(1);
+        let dir = WorkDir::new(args.keep)?;
+        let http = control_client()?;
+        let upstream = mock::start(args.mock_delay).await?;
+        let mut gateway = GatewayChild::start(bins, dir.path(), &http).await?;
+        let mut sides = Vec::new();
+        for &transport in &args.transports {
+            sides.push(
+                start_side(
+                    args,
+                    bins,
+                    &dir,
+                    &http,
+                    &gateway,
+                    transport,
+                    upstream.addr,
+                    members,
+                    capacity,
+                )
+                .await?,
+            );
+        }
+
+        let mut cases = Vec::new();
+        for &transport in &args.transports {
+            for &concurrency in &args.concurrency {
+                for &kind in &args.kinds {
+                    let targets: &[Target] = if args.pool_only {
+                        &[Target::Pool]
+                    } else {
+                        &[Target::Single, Target::Pool, Target::Members]
+                    };
+                    for &target in targets {
+                        cases.push(Case {
+                            target,
+                            transport,
+                            kind,
+                            concurrency,
+                        });
+                    }
+                }
+            }
+        }
+        println!(
+            "pool cases: a pool of {members} publishers, maxConcurrent {capacity} each (capacity {}){}; mock delay {:?}; gateway flags: {}",
+            members * capacity,
+            if args.pool_only {
+                String::new()
+            } else {
+                format!(", against one publisher with maxConcurrent {capacity}")
+            },
+            args.mock_delay,
+            if bins.gateway_flags.is_empty() {
+                "none".to_owned()
+            } else {
+                bins.gateway_flags.join(" ")
+            }
+        );
+        println!(
+            "{} cases × ({:?} warm-up + {:?} measured)\n",
+            cases.len(),
+            args.warmup,
+            args.duration,
+        );
+        let bar = progress(
+            cases.len() as u64,
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        )?;
+        let gateway_pid = gateway.pid();
+        let all_pids: Vec<String> = sides
+            .iter_mut()
+            .flat_map(|s| s.children().map(|c| c.pid()).collect::<Vec<_>>())
+            .collect();
+        let mut results = Vec::new();
+        for case in cases {
+            let label = case.label(members);
+            bar.set_message(format!("{label} c={}", case.concurrency));
+            let side = sides
+                .iter_mut()
+                .find(|s| s.transport == case.transport)
+                .ok_or("no publishers for this transport")?;
+            gateway.guard.check_running()?;
+            for child in side.children() {
+                child.check_running()?;
+            }
+            let (serving, models): (Vec<String>, Vec<String>) = match case.target {
+                Target::Single => (
+                    side.single.iter().map(ChildGuard::pid).collect(),
+                    vec![single_name(case.transport)],
+                ),
+                Target::Pool | Target::Members => (
+                    side.members.iter().map(ChildGuard::pid).collect(),
+                    (0..members)
+                        .map(|i| member_name(case.transport, i))
+                        .collect(),
+                ),
+            };
+            let stream = case.kind == Kind::Stream;
+            let bodies = case
+                .keys(members)
+                .iter()
+                .map(|model| {
+                    let body = json!({
+                        "model": model,
+                        "stream": stream,
+                        "max_tokens": 32,
+                        "messages": [{"role": "user", "content": "Say hello in a few words."}]
+                    });
+                    Bytes::from(body.to_string())
+                })
+                .collect();
+            let target = Arc::new(load::Target {
+                addr: gateway.addr,
+                bodies,
+                stream,
+                chunks: mock::CHUNKS,
+                rate: args.rate,
+            });
+            let sample = || Cpu {
+                gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
+                serving: serving
+                    .iter()
+                    .map(|pid| procfs::cpu(pid).unwrap_or_default())
+                    .collect(),
+                publishers: all_pids
+                    .iter()
+                    .filter_map(|pid| procfs::cpu(pid).ok())
+                    .sum(),
+                loadgen: procfs::cpu("self").unwrap_or_default(),
+                machine: procfs::machine().unwrap_or_default(),
+            };
+            let served_by = |counts: &BTreeMap<String, u64>| -> Vec<u64> {
+                models
+                    .iter()
+                    .map(|m| counts.get(m).copied().unwrap_or(0))
+                    .collect()
+            };
+            let mut reruns = 0;
+            let measured = loop {
+                // The metrics are read before the CPU at the start and after it at the
+                // end, so that rendering them is not charged to the case.
+                let mut before = Cpu::default();
+                let mut queue_before = Ok(QueueMetrics::default());
+                let mut served_before = BTreeMap::new();
+                let outcome = load::run(
+                    target.clone(),
+                    case.concurrency,
+                    args.warmup,
+                    args.duration,
+                    async || {
+                        queue_before = QueueMetrics::read(&http, &gateway.url).await;
+                        served_before = upstream.served.snapshot();
+                        before = sample();
+                    },
+                )
+                .await?;
+                let cpu = sample().since(&before);
+                let served_after = upstream.served.snapshot();
+                // A gateway that went away says why (its exit status, its log's end).
+                let queue = match (QueueMetrics::read(&http, &gateway.url).await, queue_before) {
+                    (Ok(after), Ok(before)) => after.since(&before),
+                    (Err(e), _) | (_, Err(e)) => {
+                        gateway.guard.check_running()?;
+                        return Err(format!("reading the gateway's /metrics: {e}").into());
+                    }
+                };
+                let served = served_by(&served_after)
+                    .iter()
+                    .zip(served_by(&served_before))
+                    .map(|(after, before)| after.saturating_sub(before))
+                    .collect();
+                let others = share(cpu.others() + cpu.machine.steal, outcome.elapsed);
+                say(
+                    &bar,
+                    format!(
+                        "{label:<24} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}  others and steal {:.0}%",
+                        case.concurrency,
+                        outcome.rps(),
+                        ms(outcome.latency.value_at_quantile(0.5)),
+                        ms(outcome.latency.value_at_quantile(0.99)),
+                        errors(&outcome),
+                        100.0 * others,
+                    ),
+                );
+                let measured = Measured {
+                    case,
+                    outcome,
+                    cpu,
+                    queue,
+                    served,
+                    reruns,
+                };
+                if others <= DISTURBED || reruns >= args.rerun_disturbed {
+                    break measured;
+                }
+                reruns += 1;
+                say(
+                    &bar,
+                    format!(
+                        "  other processes and the hypervisor took {:.0}% of the machine: waiting for quiet, then again ({reruns} of {})",
+                        100.0 * others,
+                        args.rerun_disturbed
+                    ),
+                );
+                wait_quiet(&sample).await;
+            };
+            results.push(measured);
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        gateway.guard.check_running()?;
+        for side in &mut sides {
+            for child in side.children() {
+                child.check_running()?;
+            }
+        }
+
+        print_cases(members, &results);
+        if !args.mock_delay.is_zero() {
+            print_queue(args, members, capacity, &results);
+        }
+        if !args.pool_only {
+            print_comparison(members, &results);
+        }
+        let gateway_usage = procfs::usage(&gateway_pid)?;
+        println!(
+            "\ngateway: {:.2} CPU s over the run, peak RSS {:.1} MiB",
+            gateway_usage.cpu.as_secs_f64(),
+            gateway_usage.hwm_kib as f64 / 1024.0,
+        );
+        for side in &sides {
+            let named = side
+                .single
+                .iter()
+                .map(|c| (single_name(side.transport), c))
+                .chain(
+                    side.members
+                        .iter()
+                        .enumerate()
+                        .map(|(i, c)| (member_name(side.transport, i), c)),
+                );
+            for (name, child) in named {
+                let usage = procfs::usage(&child.pid())?;
+                println!(
+                    "publisher of {name}: {:.2} CPU s, peak RSS {:.1} MiB",
+                    usage.cpu.as_secs_f64(),
+                    usage.hwm_kib as f64 / 1024.0,
+                );
+            }
+        }
+        let own = procfs::usage("self")?;
+        println!(
+            "loadgen (load client + mock): {:.2} CPU s, peak RSS {:.1} MiB",
+            own.cpu.as_secs_f64(),
+            own.hwm_kib as f64 / 1024.0
+        );
+        for m in &results {
+            if let Some(e) = &m.outcome.first_error {
+                println!(
+                    "first error of {} c={}: {e}",
+                    m.case.label(members),
+                    m.case.concurrency
+                );
+            }
+        }
+        let interference: Vec<Interference> = results
+            .iter()
+            .map(|m| Interference {
+                case: format!("{} c={}", m.case.label(members), m.case.concurrency),
+                others: m.cpu.others(),
+                machine: m.cpu.machine,
+                elapsed: m.outcome.elapsed,
+            })
+            .collect();
+        print_interference(&interference);
+        Ok(())
+    }
+
+    /// Starts the single publisher (unless `--pool-only`) and the pool's members of
+    /// one transport, each a child with its own `--config`.
+    #[allow(clippy::too_many_arguments)]
+    async fn start_side(
+        args: &Args,
+        bins: &Binaries,
+        dir: &WorkDir,
+        http: &reqwest::Client,
+        gateway: &GatewayChild,
+        transport: Transport,
+        upstream: std::net::SocketAddr,
+        members: usize,
+        capacity: usize,
+    ) -> Result<Side, BoxError> {
+        let url = format!("http://{upstream}/v1");
+        let single = if args.pool_only {
+            None
+        } else {
+            let name = single_name(transport);
+            let providers = json!([{
+                "name": name,
+                "maxConcurrent": capacity,
+                "type": "openai",
+                "model": name,
+                "url": url,
+                "publish": true
+            }]);
+            Some(
+                spawn_publisher(
+                    bins,
+                    dir.path(),
+                    http,
+                    gateway,
+                    transport,
+                    &name,
+                    &providers,
+                    capacity,
+                    std::slice::from_ref(&name),
+                )
+                .await?,
+            )
+        };
+        let mut children = Vec::with_capacity(members);
+        for i in 0..members {
+            let name = member_name(transport, i);
+            let providers = json!([{
+                "name": name,
+                "pool": pool_key(transport),
+                "maxConcurrent": capacity,
+                "type": "openai",
+                "model": name,
+                "url": url,
+                "publish": true
+            }]);
+            children.push(
+                spawn_publisher(
+                    bins,
+                    dir.path(),
+                    http,
+                    gateway,
+                    transport,
+                    &name,
+                    &providers,
+                    capacity,
+                    std::slice::from_ref(&name),
+                )
+                .await?,
+            );
+        }
+        Ok(Side {
+            transport,
+            single,
+            members: children,
+        })
+    }
+
+    fn per_request(cpu: Duration, requests: u64) -> String {
+        if requests == 0 {
+            return "–".into();
+        }
+        format!("{:.0}", micros_per_request(cpu, requests))
+    }
+
+    fn micros_per_request(cpu: Duration, requests: u64) -> f64 {
+        cpu.as_secs_f64() * 1e6 / requests.max(1) as f64
+    }
+
+    /// The error count, and by kind when there are any: `12 (429 queue_full 12)`.
+    fn errors(outcome: &load::Outcome) -> String {
+        if outcome.errors == 0 {
+            return "0".into();
+        }
+        let kinds: Vec<String> = outcome
+            .errors_by_kind
+            .iter()
+            .map(|(kind, n)| format!("{kind} {n}"))
+            .collect();
+        format!("{} ({})", outcome.errors, kinds.join(", "))
+    }
+
+    /// Each member's share of what the mock answered, in percent.
+    fn spread(served: &[u64]) -> String {
+        let total: u64 = served.iter().sum();
+        if total == 0 {
+            return "–".into();
+        }
+        let shares: Vec<String> = served
+            .iter()
+            .map(|n| format!("{:.0}", 100.0 * *n as f64 / total as f64))
+            .collect();
+        shares.join(" / ")
+    }
+
+    fn print_cases(members: usize, results: &[Measured]) {
+        let single = |case: &Case| {
+            results.iter().find(|m| {
+                m.case.target == Target::Single
+                    && m.case.transport == case.transport
+                    && m.case.kind == case.kind
+                    && m.case.concurrency == case.concurrency
+            })
+        };
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "case",
+            "c",
+            "req/s",
+            "p50 ms",
+            "p99 ms",
+            "rps ÷ single",
+            "gateway CPU µs/req",
+            "publishers CPU µs/req",
+            "each publisher CPU µs/req",
+            "loadgen CPU µs/req",
+            "kernel network CPU µs/req",
+            "served by each, %",
+            "errors",
+            "re-runs",
+        ]);
+        for m in results {
+            let o = &m.outcome;
+            let ratio = match (m.case.target, single(&m.case)) {
+                (Target::Pool | Target::Members, Some(s)) => {
+                    format!("{:.2}", o.rps() / s.outcome.rps().max(1e-9))
+                }
+                _ => "–".into(),
+            };
+            let each: Vec<String> = m
+                .cpu
+                .serving
+                .iter()
+                .map(|c| per_request(*c, o.requests))
+                .collect();
+            let label = match m.case.kind {
+                Kind::Complete => m.case.label(members),
+                Kind::Stream => format!("{} (first chunk)", m.case.label(members)),
+            };
+            table.add_row(vec![
+                label,
+                m.case.concurrency.to_string(),
+                format!("{:.0}", o.rps()),
+                ms(o.latency.value_at_quantile(0.5)),
+                ms(o.latency.value_at_quantile(0.99)),
+                ratio,
+                per_request(m.cpu.gateway, o.requests),
+                per_request(m.cpu.serving_total(), o.requests),
+                each.join(" / "),
+                per_request(m.cpu.loadgen, o.requests),
+                per_request(m.cpu.machine.network(), o.requests),
+                spread(&m.served),
+                errors(o),
+                m.reruns.to_string(),
+            ]);
+        }
+        println!("{table}");
+    }
+
+    /// The pool against one publisher, and against the same members called by name:
+    /// throughput and CPU per request, the issue's "the pool must not cost more than
+    /// 10 % per request" read on the gateway's CPU.
+    fn print_comparison(members: usize, results: &[Measured]) {
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "transport, kind, c".to_owned(),
+            "req/s single → by name → pool".to_owned(),
+            "pool ÷ single req/s".to_owned(),
+            "p50 ms single → by name → pool".to_owned(),
+            "gateway CPU µs/req single → by name → pool".to_owned(),
+            "gateway CPU pool ÷ single".to_owned(),
+            "gateway CPU pool ÷ by name".to_owned(),
+            "publishers CPU µs/req single → by name → pool".to_owned(),
+            "all our CPU µs/req single → by name → pool".to_owned(),
+        ]);
+        let fmt3 = |f: &dyn Fn(&Measured) -> String, ms: &[Option<&Measured>]| {
+            ms.iter()
+                .map(|m| m.map_or("–".to_owned(), f))
+                .collect::<Vec<_>>()
+                .join(" → ")
+        };
+        for pool in results.iter().filter(|m| m.case.target == Target::Pool) {
+            let find = |target: Target| {
+                results.iter().find(|m| {
+                    m.case
+                        == Case {
+                            target,
+                            ..pool.case
+                        }
+                })
+            };
+            let Some(single) = find(Target::Single) else {
+                continue;
+            };
+            let by_name = find(Target::Members);
+            let three = [Some(single), by_name, Some(pool)];
+            let gateway = |m: &Measured| micros_per_request(m.cpu.gateway, m.outcome.requests);
+            let ratio = |a: f64, b: f64| format!("{:.2}", a / b.max(1e-9));
+            table.add_row(vec![
+                format!(
+                    "{}, {}, c={}",
+                    pool.case.transport.name(),
+                    match pool.case.kind {
+                        Kind::Complete => "complete",
+                        Kind::Stream => "stream",
+                    },
+                    pool.case.concurrency
+                ),
+                fmt3(&|m| format!("{:.0}", m.outcome.rps()), &three),
+                ratio(pool.outcome.rps(), single.outcome.rps()),
+                fmt3(&|m| ms(m.outcome.latency.value_at_quantile(0.5)), &three),
+                fmt3(&|m| format!("{:.0}", gateway(m)), &three),
+                ratio(gateway(pool), gateway(single)),
+                by_name.map_or("–".into(), |b| ratio(gateway(pool), gateway(b))),
+                fmt3(
+                    &|m| {
+                        format!(
+                            "{:.0}",
+                            micros_per_request(m.cpu.serving_total(), m.outcome.requests)
+                        )
+                    },
+                    &three,
+                ),
+                fmt3(
+                    &|m| {
+                        format!(
+                            "{:.0}",
+                            micros_per_request(m.cpu.ours(), m.outcome.requests)
+                        )
+                    },
+                    &three,
+                ),
+            ]);
+        }
+        println!(
+            "\npool of {members} against one publisher and against its members called by name:\n\n{table}"
+        );
+    }
+
+    /// The admission queue under `--mock-delay`: throughput against what the capacity
+    /// allows, latency, the time spent queued, and what failed.
+    fn print_queue(args: &Args, members: usize, capacity: usize, results: &[Measured]) {
+        let delay = args.mock_delay.as_secs_f64();
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "case",
+            "c",
+            "capacity",
+            "capacity ÷ delay, req/s",
+            "req/s (share)",
+            "p50 / p99 ms",
+            "p50 / p99 − delay, ms",
+            "queued (share of upstream calls)",
+            "queue wait mean ms",
+            "queue wait p50 / p99 ms (bucket)",
+            "queue rejections",
+            "errors",
+        ]);
+        let bucket = |q: Option<(f64, f64, f64)>| match q {
+            None => "–".to_owned(),
+            Some((estimate, lower, upper)) => format!(
+                "{:.1} ({:.1}–{})",
+                estimate * 1e3,
+                lower * 1e3,
+                if upper.is_infinite() {
+                    "∞".to_owned()
+                } else {
+                    format!("{:.1}", upper * 1e3)
+                }
+            ),
+        };
+        for m in results {
+            let o = &m.outcome;
+            let slots = match m.case.target {
+                Target::Single => capacity,
+                Target::Pool | Target::Members => members * capacity,
+            };
+            let rate = slots as f64 / delay.max(1e-9);
+            let (p50, p99) = (
+                o.latency.value_at_quantile(0.5),
+                o.latency.value_at_quantile(0.99),
+            );
+            let delay_ns = super::duration_ns(args.mock_delay);
+            let rejections: Vec<String> = m
+                .queue
+                .rejections
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(reason, n)| format!("{reason} {n}"))
+                .collect();
+            table.add_row(vec![
+                m.case.label(members),
+                m.case.concurrency.to_string(),
+                slots.to_string(),
+                format!("{rate:.0}"),
+                format!("{:.0} ({:.0} %)", o.rps(), 100.0 * o.rps() / rate.max(1e-9)),
+                format!("{} / {}", ms(p50), ms(p99)),
+                format!(
+                    "{} / {}",
+                    ms(p50.saturating_sub(delay_ns)),
+                    ms(p99.saturating_sub(delay_ns))
+                ),
+                // Both the gateway's histogram and the mock count in the same window,
+                // requests started during the warm-up included.
+                format!(
+                    "{} ({:.0} %)",
+                    m.queue.count,
+                    100.0 * m.queue.count as f64 / m.served.iter().sum::<u64>().max(1) as f64
+                ),
+                m.queue
+                    .mean()
+                    .map_or("–".into(), |s| format!("{:.1}", s * 1e3)),
+                format!(
+                    "{} / {}",
+                    bucket(m.queue.quantile(0.5)),
+                    bucket(m.queue.quantile(0.99))
+                ),
+                if rejections.is_empty() {
+                    "0".to_owned()
+                } else {
+                    rejections.join(", ")
+                },
+                errors(o),
+            ]);
+        }
+        println!(
+            "\nadmission queue, mock delay {:?} (queue wait: the gateway's virtual_llm_queue_wait_seconds over the measured time, requests that waited only; p50/p99 estimated within the histogram's buckets):\n\n{table}",
+            args.mock_delay
+        );
     }
 }
