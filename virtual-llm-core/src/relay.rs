@@ -18,18 +18,17 @@ use crate::{
 };
 
 /// Whether an answer that came before any byte reached the client should go to
-/// another row of the pool instead (SPEC §10): the channel was closed or full (503
-/// offline or saturated), the publisher could not reach its upstream (502), or the
-/// upstream itself answered 502, 503 or 504. Never a 4xx, never a deadline, never a
-/// refusal of the whole gateway.
+/// another row of the pool instead (SPEC §10): the row could not take the task (503 of
+/// a kind that [lets another row try](UnavailableKind::try_another): its channel
+/// closed or full, or it stopped serving since it was picked), the publisher could not
+/// reach its upstream (502), or the upstream itself answered 502, 503 or 504. Never a
+/// 4xx, never a deadline, never a refusal of the whole gateway.
 pub(crate) fn retry_elsewhere(answer: &Result<Reply, Error>) -> bool {
     match answer {
         Ok(Reply::Complete(c)) => matches!(c.status, 502..=504),
         Ok(Reply::Stream(_)) => false,
         Err(Error::Upstream { .. }) => true,
-        Err(Error::Unavailable { kind, .. }) => {
-            matches!(kind, UnavailableKind::Offline | UnavailableKind::Saturated)
-        }
+        Err(Error::Unavailable { kind, .. }) => kind.try_another(),
         Err(_) => false,
     }
 }

@@ -160,7 +160,16 @@ impl Wakes {
         }
         crate::metrics::wake_started();
         tracing::info!(llm = %row.name, "waking a hibernating llm");
-        match waker.wake(row).await {
+        // Asking is bounded like the wait it starts: a webhook or command that hangs
+        // fails the wake rather than holding the request.
+        let asked = match tokio::time::timeout(self.wait, waker.wake(row)).await {
+            Ok(asked) => asked,
+            Err(_) => Err(format!(
+                "asking for the wake took longer than {}s",
+                self.wait.as_secs_f64()
+            )),
+        };
+        match asked {
             Ok(()) => Ok(()),
             Err(message) => {
                 self.failed(&row.name, message.clone());

@@ -368,3 +368,51 @@ async fn a_row_nothing_can_wake_fails_at_once() {
     assert_eq!((err.status(), err.code()), (503, "llm_unavailable"));
     assert_eq!(started.elapsed(), Duration::ZERO, "no waiting");
 }
+
+/// A waker that never returns.
+#[derive(Debug)]
+struct Hangs;
+
+#[async_trait]
+impl Waker for Hangs {
+    fn can_wake(&self, row: &LlmRecord) -> bool {
+        row.binding.is_none()
+    }
+
+    async fn wake(&self, _row: &LlmRecord) -> Result<(), String> {
+        std::future::pending().await
+    }
+}
+
+/// Asking for a wake is bounded by the wake wait: a waker that hangs fails the wake
+/// (503 `wake_failed`) instead of holding the request for ever.
+#[tokio::test(start_paused = true)]
+async fn a_waker_that_hangs_fails_the_wake_within_the_wake_wait() {
+    let config = Config {
+        wake_wait: Duration::from_secs(20),
+        ..Config::default()
+    };
+    let gw = Gateway::builder(Arc::new(MemoryStore::new()))
+        .config(config)
+        .waker(Arc::new(Hangs))
+        .start()
+        .await
+        .unwrap();
+    let session = gw
+        .register(
+            &publisher("alice"),
+            register(None, "far", UpstreamState::Ready),
+        )
+        .await
+        .unwrap()
+        .provider_session_id;
+    let binding = gw
+        .bind(&publisher("alice"), &session, Arc::new(FakeChannel::new()))
+        .await
+        .unwrap();
+    binding.release().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let err = gw.infer(&client(), chat("far")).await.unwrap_err();
+    assert_eq!((err.status(), err.code()), (503, "wake_failed"));
+    assert_eq!(started.elapsed(), Duration::from_secs(20));
+}
