@@ -884,7 +884,7 @@ mod mock {
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::{Frame, Incoming};
     use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
-    use hyper::{Request, Response, StatusCode};
+    use hyper::{Method, Request, Response, StatusCode};
     use hyper_util::rt::TokioIo;
     use serde_json::{Value, json};
 
@@ -1031,6 +1031,15 @@ mod mock {
                 .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
             response
         };
+        // The publisher probes its upstream's readiness with `GET {url}/models`, as it
+        // would a real OpenAI server's.
+        if request.method() == Method::GET && request.uri().path().ends_with("/models") {
+            return Ok(reply(
+                StatusCode::OK,
+                "application/json",
+                vec![Bytes::from_static(br#"{"object":"list","data":[]}"#)],
+            ));
+        }
         if !request.uri().path().ends_with("/chat/completions") {
             return Ok(reply(
                 StatusCode::NOT_FOUND,

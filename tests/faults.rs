@@ -361,13 +361,16 @@ fn chunk_data(text: &str) -> String {
 }
 
 /// The store failing: a register is a clear 500 that writes nothing (a re-register
-/// that would change several rows too), failing reads are a clear 500 to clients, and a
+/// that would change several rows too), failing reads are a clear 500 to clients (for
+/// rows the gateway's registry view does not hold; those it holds are served), and a
 /// failing heartbeat neither drops a connected publisher nor its rows. Once the store
 /// recovers, everything works again.
 async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport) {
     let store = Arc::new(FailingStore::new(Arc::new(MemoryStore::new())));
     let config = Config {
         heartbeat_interval: Duration::from_millis(100),
+        // What the registry view keeps stays fresh for the whole test.
+        registry_staleness: Duration::from_secs(3600),
         ..Config::default()
     };
     let gw = TestGateway::start_with(config, store.clone(), None).await;
@@ -446,11 +449,14 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
     store.fail_writes(false);
 
     store.fail_reads(true);
-    let (status, body) = gw.chat("client", "echo", "x", false).await;
+    // A row the gateway's registry view does not hold is read from the store: 500.
+    let (status, body) = gw.chat("client", "echo-2", "x", false).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
         (500, Some("internal_error"))
     );
+    // One it routed a moment ago is still served from the view.
+    assert_eq!(gw.chat("client", "echo", "kept", false).await.0, 200);
     store.fail_reads(false);
 
     // Heartbeats failing: the publisher stays connected and served.

@@ -62,7 +62,7 @@ fn task_round_trip(c: &mut Criterion) {
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;
         let binding = gw.bind(&alice, &session, Arc::new(NullSink)).await.unwrap();
-        let row = gw.route(&client, "llm").await.unwrap().rows.remove(0);
+        let row = gw.route(&client, "llm").await.unwrap().rows[0].clone();
         (gw, session, row, binding)
     });
     let body = json!({"model": "llm", "messages": [{"role": "user", "content": "hi"}]});
@@ -260,7 +260,7 @@ fn pool(c: &mut Criterion) {
             .collect();
         let route = Route {
             pool: LlmName::parse("bench").unwrap(),
-            rows,
+            rows: rows.into(),
             pinned: None,
         };
         let adm: Arc<dyn Admission> = Arc::new(LocalAdmission::new(&Config::default()));

@@ -714,7 +714,7 @@ impl Inner {
 /// Records `route`'s rows as living in the pool `key`, so that an event on one finds
 /// its pool; allocates only for a row that moved.
 fn settle_homes(homes: &mut HashMap<LlmName, LlmName>, key: &LlmName, route: &Route) {
-    for row in &route.rows {
+    for row in route.rows.iter() {
         if homes.get(&row.name) != Some(key) {
             homes.insert(row.name.clone(), key.clone());
         }
@@ -805,7 +805,7 @@ impl Admission for LocalAdmission {
             }
             if !able && !ask.waking {
                 let err = self.inner.unavailable(pool, key, now, admits);
-                for row in &route.rows {
+                for row in route.rows.iter() {
                     if let Some(pool) = state.pools.get_mut(key) {
                         pool.prune(&row.name);
                     }

@@ -101,6 +101,13 @@ pub struct Config {
     /// wake is tried again. Default 30 s.
     #[serde(with = "humantime_serde")]
     pub wake_cooldown: Duration,
+    /// How old the gateway's in-memory view of a pool's rows may grow before a request
+    /// reads them from the store again (see [`RegistryView`](crate::RegistryView)).
+    /// This gateway's own writes reach the view at once; the bound is for writes by
+    /// another gateway sharing the store. Zero reads the store on every request.
+    /// Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub registry_staleness: Duration,
 }
 
 impl Default for Config {
@@ -129,6 +136,7 @@ impl Default for Config {
             cooldown: Duration::from_secs(5),
             wake_wait: Duration::from_secs(120),
             wake_cooldown: Duration::from_secs(30),
+            registry_staleness: Duration::from_secs(1),
         }
     }
 }

@@ -20,7 +20,7 @@ use crate::task_router::{LocalTaskRouter, TaskInbound, TaskRouter};
 use crate::wake::{ChannelWaker, Waker, Wakers, Wakes};
 use crate::{
     Authenticator, ChannelBinding, Clock, Config, Error, OpenAccess, Principal, PublicBackend,
-    ReplicaId, Role, SessionId, Store, SystemClock, TaskId, UnavailableKind,
+    RegistryView, ReplicaId, Role, SessionId, Store, SystemClock, TaskId, UnavailableKind,
 };
 
 /// The core of a gateway. Cheap to clone: clones share everything.
@@ -48,6 +48,8 @@ pub(crate) struct Shared {
     pub(crate) directory: Arc<dyn ChannelDirectory>,
     pub(crate) task_router: Arc<dyn TaskRouter>,
     pub(crate) router: Arc<dyn Router>,
+    /// What the router reads: the registry's rows, kept in memory between writes.
+    pub(crate) view: RegistryView,
     pub(crate) admission: Arc<dyn Admission>,
     pub(crate) waker: Arc<dyn Waker>,
     pub(crate) wakes: Wakes,
@@ -185,8 +187,10 @@ impl GatewayBuilder {
             Wakers::with,
         );
         let wakes = Wakes::new(self.config.wake_wait, self.config.wake_cooldown);
+        let view = RegistryView::new(self.store.clone(), self.config.registry_staleness);
         let gateway = Gateway {
             shared: Arc::new(Shared {
+                view,
                 store: self.store,
                 clock: self.clock,
                 config: self.config,

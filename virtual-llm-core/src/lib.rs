@@ -73,6 +73,7 @@ pub mod sync;
 pub mod task;
 mod task_router;
 mod time;
+pub mod view;
 mod wake;
 
 #[cfg(any(test, feature = "testkit"))]
@@ -101,8 +102,9 @@ pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView, Model};
 pub use reply::{ChunkStream, Completion, Reply};
 pub use router::{PoolRouter, Route, Router};
 pub use session_file::{SessionFileError, SessionFileLock};
-pub use store::{Store, Write};
+pub use store::{RowChange, Store, Write};
 pub use task::{TaskEvent, TaskHandle};
 pub use task_router::{Delivery, LocalTaskRouter, TaskInbound, TaskRouter};
 pub use time::{Clock, SystemClock, Timestamp};
+pub use view::RegistryView;
 pub use wake::{ChannelWaker, RecipeWaker, WakeTarget, Waker, Wakers};

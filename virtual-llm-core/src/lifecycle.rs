@@ -820,15 +820,18 @@ impl Gateway {
 }
 
 impl Gateway {
-    /// Tells the admission what a successful write did to rows: which serve now,
-    /// which left their pool, which are gone. Every registry write calls it.
+    /// Tells the registry view and the admission what a successful write did to rows:
+    /// which changed (the view reads them again), which serve now, which left their
+    /// pool, which are gone. Every registry write calls it.
     fn observe(&self, batch: &[Write], written: &[LlmRecord]) {
-        let admission = &self.shared.admission;
+        let (admission, view) = (&self.shared.admission, &self.shared.view);
         for row in written {
+            view.invalidate(row);
             admission.observe(row);
         }
         for w in batch {
             if let Write::Delete { name, id, .. } = w {
+                view.forget(name);
                 admission.forget(name, id);
             }
         }

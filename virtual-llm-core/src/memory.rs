@@ -5,8 +5,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::RwLock;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
-use crate::store::check_batch;
+use crate::store::{RowChange, check_batch};
 use crate::sync::{read, write};
 use crate::{LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write};
 
@@ -23,9 +24,24 @@ use crate::{LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timesta
 /// #     tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(f)
 /// # }
 /// ```
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct MemoryStore {
     tables: RwLock<Tables>,
+    /// Every committed write's rows, for the gateways that share this store (two
+    /// replicas in one process).
+    changes: broadcast::Sender<RowChange>,
+}
+
+/// How many changes a feed subscriber may fall behind before it gets `Lagged`.
+const FEED_CAPACITY: usize = 1024;
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        MemoryStore {
+            tables: RwLock::default(),
+            changes: broadcast::Sender::new(FEED_CAPACITY),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -177,6 +193,7 @@ impl Store for MemoryStore {
             }
         }
         let mut written = Vec::with_capacity(batch.len());
+        let mut changes = Vec::with_capacity(batch.len());
         for w in batch {
             match w {
                 Write::Insert(mut r) | Write::Update(mut r) => {
@@ -186,16 +203,30 @@ impl Store for MemoryStore {
                     }
                     t.index(&r);
                     t.rows.insert(r.name.clone(), r.clone());
+                    changes.push(RowChange {
+                        name: r.name.clone(),
+                        pool: Some(r.pool_key().clone()),
+                    });
                     written.push(r);
                 }
                 Write::Delete { name, .. } => {
                     if let Some(old) = t.rows.remove(&name) {
                         t.unindex(&old);
                     }
+                    changes.push(RowChange { name, pool: None });
                 }
             }
         }
+        drop(t);
+        for change in changes {
+            // No subscriber is not an error: nobody keeps rows.
+            let _ = self.changes.send(change);
+        }
         Ok(written)
+    }
+
+    fn changes(&self) -> Option<broadcast::Receiver<RowChange>> {
+        Some(self.changes.subscribe())
     }
 
     async fn touch(&self, names: &[LlmName], at: Timestamp) -> Result<usize, StoreError> {

@@ -146,6 +146,9 @@ impl Gateway {
                 return answer;
             }
             tracing::debug!(llm = %row.name, pool = %route.pool, "dispatch failed before its first byte; trying another member");
+            // What the registry view holds of the row may be what made it fail (a
+            // channel that moved to another replica): read it again next time.
+            self.shared.view.invalidate(&row);
             crate::metrics::failed_over();
             tried.push(row.name.clone());
             last = Some(answer);
@@ -174,7 +177,7 @@ impl Gateway {
         let route = self
             .shared
             .router
-            .route(&*self.shared.store, principal, model)
+            .route(&self.shared.view, principal, model)
             .await?;
         if route.rows.is_empty() {
             return Err(Error::UnknownLlm {

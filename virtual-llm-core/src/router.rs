@@ -10,11 +10,12 @@
 //! its slot are one step; it queues the request when nothing is free.
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
 use crate::protocol::MAX_CONCURRENT;
-use crate::{Error, LlmKind, LlmName, LlmRecord, LlmStatus, Principal, Store};
+use crate::{Error, LlmKind, LlmName, LlmRecord, LlmStatus, Principal, RegistryView};
 
 /// What a client's `model` resolved to.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,8 +23,9 @@ pub struct Route {
     /// The pool the request is for: its queue, its round-robin turn.
     pub pool: LlmName,
     /// The rows that may answer, in any status: every member of the pool, or the one
-    /// member named. The admission decides which can take a task now.
-    pub rows: Vec<LlmRecord>,
+    /// member named. The admission decides which can take a task now. Shared with
+    /// the [`RegistryView`] that read them: a route costs no copy of its rows.
+    pub rows: Arc<[LlmRecord]>,
     /// Set when the model named one member by its own name rather than a pool: only
     /// that row may answer.
     pub pinned: Option<LlmName>,
@@ -52,7 +54,8 @@ impl Route {
 ///   what does: it must not learn that it exists).
 /// - Every row of the route has the route's pool as its
 ///   [`pool_key`](LlmRecord::pool_key).
-/// - It reads the registry through `store` and never writes it.
+/// - It reads the registry through `registry` (the store, through the gateway's
+///   in-memory [`RegistryView`]) and never writes it.
 ///
 /// The test kit's `router_suite` (feature `testkit`) checks an implementation against
 /// this contract.
@@ -61,7 +64,7 @@ pub trait Router: fmt::Debug + Send + Sync + 'static {
     /// The rows that may answer `principal`'s request for `model`.
     async fn route(
         &self,
-        store: &dyn Store,
+        registry: &RegistryView,
         principal: &Principal,
         model: &str,
     ) -> Result<Route, Error>;
@@ -76,23 +79,22 @@ pub struct PoolRouter;
 impl Router for PoolRouter {
     async fn route(
         &self,
-        store: &dyn Store,
+        registry: &RegistryView,
         _principal: &Principal,
         model: &str,
     ) -> Result<Route, Error> {
         let name = LlmName::parse(model)?;
-        let rows = store.by_pool(&name).await?;
-        if !rows.is_empty() {
+        if let Some(rows) = registry.pool(&name).await? {
             return Ok(Route {
                 pool: name,
                 rows,
                 pinned: None,
             });
         }
-        match store.get(&name).await? {
+        match registry.row(&name).await? {
             Some(row) => Ok(Route {
                 pool: row.pool_key().clone(),
-                rows: vec![row],
+                rows: Arc::from([row]),
                 pinned: Some(name),
             }),
             None => Err(Error::UnknownLlm {

@@ -9,6 +9,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
 use crate::{LlmId, LlmName, LlmRecord, ReplicaId, SessionId, StoreError, Timestamp};
 
@@ -61,6 +62,16 @@ impl Write {
     }
 }
 
+/// A row a committed write changed, as a store's [change feed](Store::changes)
+/// reports it: a hint to read the row again, not the row itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RowChange {
+    /// The row inserted, updated or deleted.
+    pub name: LlmName,
+    /// Its [pool key](LlmRecord::pool_key) after the write; `None` for a delete.
+    pub pool: Option<LlmName>,
+}
+
 /// Persistence of the LLM registry.
 ///
 /// # Contract
@@ -87,6 +98,11 @@ impl Write {
 ///   never a lifecycle write); [`Store::flush`] persists them.
 /// - **Durability.** Once `write` returns `Ok`, the batch survives a crash of the process.
 /// - **Faithful round trip.** Every field comes back as written, `hibernating` included.
+/// - **Change feed (optional).** A store that several gateways share may report, through
+///   [`Store::changes`], every row each committed batch inserted, updated or deleted,
+///   whoever wrote it, after the batch is committed; a failed batch reports nothing.
+///   It is a hint: a receiver that falls behind gets `Lagged` and must assume
+///   anything changed. Heartbeats (`touch`) are not reported.
 #[async_trait]
 pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// The row named `name`.
@@ -130,6 +146,15 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
 
     /// Persists anything held in memory (coalesced heartbeats).
     async fn flush(&self) -> Result<(), StoreError>;
+
+    /// A new subscription to the store's change feed: the rows every committed write
+    /// changes from now on, by any writer. `None` (the default): the store has no
+    /// feed, and readers that keep rows (the gateway's
+    /// [`RegistryView`](crate::RegistryView)) fall back on their staleness bound
+    /// for writes by other processes.
+    fn changes(&self) -> Option<broadcast::Receiver<RowChange>> {
+        None
+    }
 }
 
 /// Rejects a batch that names a row twice; shared by every backend.
@@ -178,6 +203,9 @@ macro_rules! forward_store {
             }
             async fn flush(&self) -> Result<(), StoreError> {
                 (**self).flush().await
+            }
+            fn changes(&self) -> Option<broadcast::Receiver<RowChange>> {
+                (**self).changes()
             }
         }
     };

@@ -50,7 +50,7 @@ async fn a_grant_racing_a_leaving_waiter_is_never_leaked() {
     let row = member("race-a", "race", Some(1));
     let route = Route {
         pool: row.pool_key().clone(),
-        rows: vec![row.clone()],
+        rows: vec![row.clone()].into(),
         pinned: None,
     };
     let mut leaked = 0;
@@ -1436,7 +1436,7 @@ mod picks {
                     let route = Route {
                         pool: LlmName::parse("pk").unwrap(),
                         rows: match pinned {
-                            Some(p) => vec![rows[p].record.clone()],
+                            Some(p) => vec![rows[p].record.clone()].into(),
                             None => rows.iter().map(|r| r.record.clone()).collect(),
                         },
                         pinned: pinned.map(|p| rows[p].record.name.clone()),

@@ -82,7 +82,7 @@ fn started(row: &LlmRecord) -> LlmRecord {
 fn route(pool: &str, rows: &[LlmRecord]) -> Route {
     Route {
         pool: name(pool),
-        rows: rows.to_vec(),
+        rows: rows.into(),
         pinned: None,
     }
 }
@@ -789,7 +789,7 @@ pub async fn a_pinned_member_is_the_only_one_granted(setup: Setup<'_>) {
     let pool = route("pin", &[a.clone(), b.clone()]);
     let pinned = Route {
         pool: pool.pool.clone(),
-        rows: vec![b.clone()],
+        rows: Arc::from([b.clone()]),
         pinned: Some(b.name.clone()),
     };
     for _ in 0..3 {

@@ -144,4 +144,8 @@ impl Store for FailingStore {
         self.check(&self.writes, "flush")?;
         self.inner.flush().await
     }
+
+    fn changes(&self) -> Option<tokio::sync::broadcast::Receiver<crate::RowChange>> {
+        self.inner.changes()
+    }
 }

@@ -1,10 +1,11 @@
 //! The router conformance suite: one function per rule of the [`Router`] contract.
 //!
-//! Each function takes the router under test and an empty store it may read; run them
-//! all with [`router_conformance_tests!`](crate::router_conformance_tests).
+//! Each function takes the router under test and a [`RegistryView`] over an empty
+//! store it may read (one that keeps nothing, so the store's writes are seen at once);
+//! run them all with [`router_conformance_tests!`](crate::router_conformance_tests).
 
 use crate::testkit::record;
-use crate::{LlmKind, LlmName, LlmStatus, Principal, Role, Router, Store, Write};
+use crate::{LlmKind, LlmName, LlmStatus, Principal, RegistryView, Role, Router, Write};
 
 fn client() -> Principal {
     Principal::new("carol", [Role::Client])
@@ -12,12 +13,12 @@ fn client() -> Principal {
 
 /// A model that is a row's name has candidates, and the row is among them as stored;
 /// public and inactive rows are candidates too (the gateway decides what they answer).
-pub async fn a_named_row_is_a_candidate(router: &dyn Router, store: &dyn Store) {
+pub async fn a_named_row_is_a_candidate(router: &dyn Router, view: &RegistryView) {
     let mut public = record("public-model");
     public.kind = LlmKind::Public;
     let mut gone = record("gone-model");
     gone.status = LlmStatus::Inactive;
-    store
+    view.store()
         .write(vec![
             Write::Insert(record("llama")),
             Write::Insert(public),
@@ -27,12 +28,13 @@ pub async fn a_named_row_is_a_candidate(router: &dyn Router, store: &dyn Store) 
         .expect("insert");
     for name in ["llama", "public-model", "gone-model"] {
         let rows = router
-            .route(store, &client(), name)
+            .route(view, &client(), name)
             .await
             .unwrap_or_else(|e| panic!("{name}: {e}"))
             .rows;
         assert!(!rows.is_empty(), "{name}: at least one candidate");
-        let stored = store
+        let stored = view
+            .store()
             .get(&rows[0].name)
             .await
             .expect("read")
@@ -43,15 +45,15 @@ pub async fn a_named_row_is_a_candidate(router: &dyn Router, store: &dyn Store) 
 
 /// A model nothing answers to is 404 `model_not_found`; one that breaks the name rules
 /// is 400; neither is ever an empty list.
-pub async fn unknown_and_invalid_models_are_refused(router: &dyn Router, store: &dyn Store) {
+pub async fn unknown_and_invalid_models_are_refused(router: &dyn Router, view: &RegistryView) {
     let unknown = router
-        .route(store, &client(), "no-such-model")
+        .route(view, &client(), "no-such-model")
         .await
         .expect_err("nothing answers to it");
     assert_eq!((unknown.status(), unknown.code()), (404, "model_not_found"));
     for bad in ["", "_private", "has space", &"x".repeat(300)] {
         let invalid = router
-            .route(store, &client(), bad)
+            .route(view, &client(), bad)
             .await
             .expect_err("invalid");
         assert_eq!(invalid.status(), 400, "{bad:?}: {invalid}");
@@ -59,20 +61,20 @@ pub async fn unknown_and_invalid_models_are_refused(router: &dyn Router, store: 
 }
 
 /// Routing reads the registry and never writes it: rows and revisions are unchanged.
-pub async fn routing_writes_nothing(router: &dyn Router, store: &dyn Store) {
-    store
+pub async fn routing_writes_nothing(router: &dyn Router, view: &RegistryView) {
+    view.store()
         .write(vec![Write::Insert(record("llama"))])
         .await
         .expect("insert");
-    let before = store.list().await.expect("list");
+    let before = view.store().list().await.expect("list");
     for _ in 0..3 {
         router
-            .route(store, &client(), "llama")
+            .route(view, &client(), "llama")
             .await
             .expect("routed");
-        let _ = router.route(store, &client(), "missing").await;
+        let _ = router.route(view, &client(), "missing").await;
     }
-    assert_eq!(store.list().await.expect("list"), before);
+    assert_eq!(view.store().list().await.expect("list"), before);
 }
 
 fn name(s: &str) -> LlmName {
@@ -84,7 +86,7 @@ fn name(s: &str) -> LlmName {
 /// row of a route has the route's pool as its pool key.
 pub async fn a_pool_key_routes_its_members_and_a_name_pins_one(
     router: &dyn Router,
-    store: &dyn Store,
+    view: &RegistryView,
 ) {
     for (n, pool) in [
         ("box-a", Some("llama")),
@@ -93,10 +95,13 @@ pub async fn a_pool_key_routes_its_members_and_a_name_pins_one(
     ] {
         let mut r = record(n);
         r.pool = pool.map(name);
-        store.write(vec![Write::Insert(r)]).await.expect("insert");
+        view.store()
+            .write(vec![Write::Insert(r)])
+            .await
+            .expect("insert");
     }
     let route = router
-        .route(store, &client(), "llama")
+        .route(view, &client(), "llama")
         .await
         .expect("the pool routes");
     assert_eq!(route.pool, name("llama"));
@@ -105,7 +110,7 @@ pub async fn a_pool_key_routes_its_members_and_a_name_pins_one(
     members.sort();
     assert_eq!(members, ["box-a", "box-b", "llama"]);
     let pinned = router
-        .route(store, &client(), "box-b")
+        .route(view, &client(), "box-b")
         .await
         .expect("a member routes by its name");
     assert_eq!(pinned.pool, name("llama"), "a pinned member keeps its pool");
@@ -125,7 +130,7 @@ pub async fn a_pool_key_routes_its_members_and_a_name_pins_one(
 
 /// Stamps out one `#[tokio::test]` per case of the router suite. `$setup` is an async
 /// fn returning `(router, store)`: something that dereferences to a
-/// [`Router`](crate::Router) and an empty store it reads.
+/// [`Router`](crate::Router) and an empty `Arc<dyn Store>` it reads.
 #[macro_export]
 macro_rules! router_conformance_tests {
     ($setup:path) => {
@@ -141,7 +146,8 @@ macro_rules! router_conformance_tests {
             #[tokio::test]
             async fn $case() {
                 let (router, store) = $setup().await;
-                $crate::testkit::router_suite::$case(&*router, &*store).await;
+                let view = $crate::RegistryView::new(store, ::std::time::Duration::ZERO);
+                $crate::testkit::router_suite::$case(&*router, &view).await;
             }
         )*
     };

@@ -856,6 +856,69 @@ pub async fn a_heartbeat_does_not_carry_over_to_a_reinserted_row(store: &dyn Sto
     );
 }
 
+/// A store with a change feed reports, after each committed batch, every row it
+/// inserted, updated or deleted (with the pool key after the write, none for a
+/// delete), to every subscriber; a failed batch and a heartbeat report nothing. A store
+/// without a feed (`changes()` is `None`) passes as it is.
+pub async fn the_change_feed_reports_committed_writes(store: &dyn Store) {
+    let Some(mut feed) = store.changes() else {
+        return;
+    };
+    let mut other = store
+        .changes()
+        .expect("a feed has room for every subscriber");
+    let change = |n: &str, pool: Option<&str>| crate::RowChange {
+        name: name(n),
+        pool: pool.map(name),
+    };
+    let mut a = record("a");
+    a.pool = Some(name("llama"));
+    let written = store
+        .write(vec![Write::Insert(a), Write::Insert(record("b"))])
+        .await
+        .expect("insert");
+    let refused = store.write(vec![Write::Insert(record("b"))]).await;
+    assert!(matches!(refused, Err(StoreError::Conflict { .. })));
+    store
+        .touch(&[name("a"), name("b")], at(10))
+        .await
+        .expect("touch");
+    let mut moved = written[0].clone();
+    moved.pool = None;
+    store
+        .write(vec![
+            Write::Update(moved),
+            Write::Delete {
+                name: name("b"),
+                id: written[1].id.clone(),
+                revision: written[1].revision,
+            },
+        ])
+        .await
+        .expect("update and delete");
+    let expected = [
+        change("a", Some("llama")),
+        change("b", Some("b")),
+        change("a", Some("a")),
+        change("b", None),
+    ];
+    for feed in [&mut feed, &mut other] {
+        // A feed may deliver a moment after the write returned (a database's
+        // notifications); the bound only keeps a broken feed from hanging the test.
+        for want in &expected {
+            let got = tokio::time::timeout(std::time::Duration::from_secs(10), feed.recv())
+                .await
+                .expect("reported within 10 s");
+            assert_eq!(
+                got.as_ref(),
+                Ok(want),
+                "every change, in the order committed; no refused batch, no heartbeat"
+            );
+        }
+        assert!(feed.try_recv().is_err(), "nothing else");
+    }
+}
+
 /// Stamps out one `#[tokio::test]` per case of the Store conformance suite.
 ///
 /// `$setup` is an async fn returning something that dereferences to a [`Store`]
@@ -881,6 +944,7 @@ macro_rules! store_conformance_tests {
             by_session_follows_rows,
             bound_to_follows_bindings,
             by_pool_follows_pool_keys,
+            the_change_feed_reports_committed_writes,
             stale_virtuals_uses_heartbeat_cutoff,
             expired_inactives_uses_inactive_since,
             lifecycle_indexes_follow_status_changes,
