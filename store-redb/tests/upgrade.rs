@@ -69,6 +69,7 @@ fn expected_rows() -> Vec<LlmRecord> {
         pool: None,
         max_concurrent: None,
         upstream: None,
+        agent: None,
     };
     let gone = LlmRecord {
         status: LlmStatus::Inactive,

@@ -10,9 +10,11 @@
 //! its slot are one step; it queues the request when nothing is free.
 
 use std::fmt;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::agent::Persona;
 use crate::protocol::MAX_CONCURRENT;
 use crate::{Error, LlmKind, LlmName, LlmRecord, LlmStatus, Principal, Store};
 
@@ -27,6 +29,21 @@ pub struct Route {
     /// Set when the model named one member by its own name rather than a pool: only
     /// that row may answer.
     pub pinned: Option<LlmName>,
+    /// Set when the model named an agent (SPEC §13): the route is its LLM's, and the
+    /// relay puts the agent's persona on the request first.
+    pub agent: Option<Arc<AgentRoute>>,
+}
+
+/// The agent a request named, as its route carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRoute {
+    /// The agent's name.
+    pub name: LlmName,
+    /// Its row's own status (its session's lifecycle): a request for an agent that
+    /// is not active is a 503, whatever its LLM's status.
+    pub status: LlmStatus,
+    /// What it puts on a request.
+    pub persona: Persona,
 }
 
 impl Route {
@@ -53,6 +70,9 @@ impl Route {
 /// - Every row of the route has the route's pool as its
 ///   [`pool_key`](LlmRecord::pool_key).
 /// - It reads the registry through `store` and never writes it.
+/// - A `model` naming an agent (SPEC §13) routes to the agent's LLM (its `llm`,
+///   resolved as a model is), with [`Route::agent`] set; an agent's row is never a
+///   row of a route.
 ///
 /// The test kit's `router_suite` (feature `testkit`) checks an implementation against
 /// this contract.
@@ -67,10 +87,38 @@ pub trait Router: fmt::Debug + Send + Sync + 'static {
     ) -> Result<Route, Error>;
 }
 
-/// The router of SPEC §10: a pool key names its pool (a row without a pool is the
-/// pool of one named after it); any other row name pins that member.
+/// The router of SPEC §10 and §13: a pool key names its pool (a row without a pool is
+/// the pool of one named after it); any other row name pins that member; an agent's
+/// name routes to its LLM, carrying the agent.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PoolRouter;
+
+impl PoolRouter {
+    /// The route of the LLM (a pool key or a member's name) `name`, agents aside.
+    async fn llm_route(store: &dyn Store, name: LlmName, model: &str) -> Result<Route, Error> {
+        let mut rows = store.by_pool(&name).await?;
+        rows.retain(|r| !r.is_agent());
+        if !rows.is_empty() {
+            return Ok(Route {
+                pool: name,
+                rows,
+                pinned: None,
+                agent: None,
+            });
+        }
+        match store.get(&name).await? {
+            Some(row) if !row.is_agent() => Ok(Route {
+                pool: row.pool_key().clone(),
+                rows: vec![row],
+                pinned: Some(name),
+                agent: None,
+            }),
+            _ => Err(Error::UnknownLlm {
+                name: model.to_owned(),
+            }),
+        }
+    }
+}
 
 #[async_trait]
 impl Router for PoolRouter {
@@ -81,24 +129,27 @@ impl Router for PoolRouter {
         model: &str,
     ) -> Result<Route, Error> {
         let name = LlmName::parse(model)?;
-        let rows = store.by_pool(&name).await?;
-        if !rows.is_empty() {
-            return Ok(Route {
-                pool: name,
-                rows,
-                pinned: None,
-            });
-        }
-        match store.get(&name).await? {
-            Some(row) => Ok(Route {
-                pool: row.pool_key().clone(),
-                rows: vec![row],
-                pinned: Some(name),
-            }),
-            None => Err(Error::UnknownLlm {
+        // An agent's row is the pool of one named after it.
+        let agent = store
+            .by_pool(&name)
+            .await?
+            .into_iter()
+            .find(|r| r.name == name && r.is_agent());
+        let Some(row) = agent else {
+            return Self::llm_route(store, name, model).await;
+        };
+        let Some(persona) = row.agent else {
+            return Err(Error::UnknownLlm {
                 name: model.to_owned(),
-            }),
-        }
+            });
+        };
+        let mut route = Self::llm_route(store, persona.llm.clone(), model).await?;
+        route.agent = Some(Arc::new(AgentRoute {
+            name: row.name,
+            status: row.status,
+            persona,
+        }));
+        Ok(route)
     }
 }
 

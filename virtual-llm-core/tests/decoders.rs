@@ -271,6 +271,7 @@ fn register() -> impl Strategy<Value = RegisterRequest> {
     )
         .prop_map(
             |(provider_session_id, protocol_version, llms)| RegisterRequest {
+                agents: Vec::new(),
                 provider_session_id,
                 protocol_version,
                 llms,
