@@ -936,6 +936,7 @@ impl Gateway {
                 admission.forget(name, id);
             }
         }
+        self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
