@@ -444,6 +444,7 @@ fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
                     llms,
                 )| {
                     GatewayFrame::Registered(RegisterResponse {
+                        agents: Vec::new(),
                         provider_session_id,
                         heartbeat_interval_ms,
                         protocol_version,
