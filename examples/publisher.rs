@@ -230,6 +230,20 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                 .into(),
         );
     }
+    // An agent speaks through an LLM of this publisher: say so now, not as a register
+    // the gateway refuses on every reconnect.
+    for agent in &agents {
+        if !llms
+            .iter()
+            .any(|l| l.spec.name == agent.llm || *l.spec.pool_key() == agent.llm)
+        {
+            return Err(format!(
+                "agent {} speaks through {}, which this publisher does not publish (an llm's name or pool)",
+                agent.name, agent.llm
+            )
+            .into());
+        }
+    }
     let names: Vec<String> = llms.iter().map(|l| l.spec.name.to_string()).collect();
     let agent_names: Vec<String> = agents.iter().map(|a| a.name.to_string()).collect();
     let wire: Arc<dyn Wire> = match args.transport {
