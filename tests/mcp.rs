@@ -43,7 +43,10 @@ impl Drop for Setup {
 
 async fn gateway() -> Setup {
     let auth = StaticTokens::new()
-        .with(PUBLISHER, virtual_llm::Principal::new("alice", [Role::Publisher]))
+        .with(
+            PUBLISHER,
+            virtual_llm::Principal::new("alice", [Role::Publisher]),
+        )
         .with(CLIENT, virtual_llm::Principal::new("app", [Role::Client]));
     let gateway = Gateway::builder(Arc::new(MemoryStore::new()))
         .authenticator(Arc::new(auth))
@@ -118,7 +121,10 @@ impl ClientHandler for Watcher {
     }
 }
 
-async fn connect(url: &str, token: Option<&str>) -> Result<RunningService<RoleClient, Watcher>, String> {
+async fn connect(
+    url: &str,
+    token: Option<&str>,
+) -> Result<RunningService<RoleClient, Watcher>, String> {
     let mut config = StreamableHttpClientTransportConfig::with_uri(format!("{url}/mcp"));
     if let Some(token) = token {
         config = config.auth_header(token);
@@ -178,18 +184,27 @@ async fn an_agent_is_a_tool_that_answers_through_its_persona() {
     assert_eq!(tool.input_schema["required"], json!(["message"]));
     assert_eq!(tool.input_schema["properties"]["message"]["type"], "string");
 
-    let result = client.call_tool(ask("agent-poet", "the sea")).await.unwrap();
+    let result = client
+        .call_tool(ask("agent-poet", "the sea"))
+        .await
+        .unwrap();
     assert_eq!(result.is_error, Some(false), "{result:?}");
     assert_eq!(text(&result), "the sea");
     let sent = upstream.bodies().remove(0);
     assert_eq!(sent["messages"][0]["content"], "You answer in verse.");
-    assert_eq!(sent["messages"][1], json!({"role": "user", "content": "the sea"}));
+    assert_eq!(
+        sent["messages"][1],
+        json!({"role": "user", "content": "the sea"})
+    );
     assert_eq!(sent["max_tokens"], 12);
     assert_eq!(sent["stream"], json!(null), "one whole answer");
 
     // Bad calls are protocol errors: an unknown tool, a missing message.
     assert!(client.call_tool(ask("agent-nobody", "x")).await.is_err());
-    assert!(client.call_tool(ask("demo", "x")).await.is_err(), "an llm is no tool");
+    assert!(
+        client.call_tool(ask("demo", "x")).await.is_err(),
+        "an llm is no tool"
+    );
     let no_message = CallToolRequestParams::new("agent-poet")
         .with_arguments(json!({"text": "x"}).as_object().cloned().unwrap());
     assert!(client.call_tool(no_message).await.is_err());
@@ -214,10 +229,19 @@ async fn the_tool_list_follows_the_registry() {
 
     publisher.stop().await;
     told(&watcher).await;
-    assert!(tool_names(&client).await.is_empty(), "gone with its publisher");
-    let result = client.call_tool(ask("agent-poet", "anyone?")).await.unwrap();
+    assert!(
+        tool_names(&client).await.is_empty(),
+        "gone with its publisher"
+    );
+    let result = client
+        .call_tool(ask("agent-poet", "anyone?"))
+        .await
+        .unwrap();
     assert_eq!(result.is_error, Some(true), "{result:?}");
-    assert!(text(&result).contains("agent poet is inactive"), "{result:?}");
+    assert!(
+        text(&result).contains("agent poet is inactive"),
+        "{result:?}"
+    );
 
     // The publisher comes back with its session: the same tool again.
     let again = publish(&setup.url, Arc::new(Recording::new()), &dir).await;

@@ -551,3 +551,54 @@ async fn a_publisher_may_turn_its_llm_into_an_agent_and_back() {
         "other"
     );
 }
+
+/// A request for an agent whose model sleeps wakes the model, as a request for the
+/// model itself does, and is answered once the model is ready, with the persona.
+#[tokio::test]
+async fn a_request_for_an_agent_wakes_its_sleeping_model() {
+    let f = fixture().await;
+    let (session, _binding, channel) = published(&f).await;
+    let asleep = vec![LlmState {
+        name: name("llama"),
+        state: UpstreamState::Asleep,
+        wake_failed: None,
+    }];
+    f.gw.heartbeat_with(&alice(), &session, &asleep)
+        .await
+        .unwrap();
+    assert_eq!(f.row("llama").await.status, LlmStatus::Hibernating);
+    let gw = f.gw.clone();
+    let asked =
+        tokio::spawn(async move { gw.infer(&client(), chat("helper", user("wake up"))).await });
+    let wake = loop {
+        match channel.next().await {
+            virtual_llm_core::protocol::GatewayFrame::Wake(w) => break w,
+            _ => continue,
+        }
+    };
+    assert_eq!(wake.llm.as_str(), "llama", "the agent's model is woken");
+    let ready = vec![LlmState {
+        name: name("llama"),
+        state: UpstreamState::Ready,
+        wake_failed: None,
+    }];
+    f.gw.heartbeat_with(&alice(), &session, &ready)
+        .await
+        .unwrap();
+    let task = channel.next_task().await;
+    assert_eq!(task.llm.as_str(), "llama");
+    assert_eq!(task.body["messages"][0]["content"], "You are helper.");
+    f.gw.deliver(
+        &alice(),
+        &session,
+        &task.task_id,
+        TaskResult::Completed {
+            status: 200,
+            body: json!({"choices": [{"message": {"content": "awake"}}]}),
+            retry_after: None,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(text_of(asked.await.unwrap().unwrap()).await, "awake");
+}
