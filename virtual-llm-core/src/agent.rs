@@ -10,6 +10,8 @@
 //! the relay applies the persona to the request ([`Persona::apply`]) before it goes
 //! through the pool, the queue and wake like any other request.
 
+use std::collections::HashMap;
+
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -207,11 +209,14 @@ pub struct AgentView {
 /// active, and then its model's: `active` when a member of its LLM's pool (or the row
 /// it pins) is active, else `hibernating` when one sleeps, else `inactive`. `model` is
 /// what the agent's `llm` resolves to.
-pub fn agent_status(row: &LlmRecord, model: &[LlmRecord]) -> LlmStatus {
+pub fn agent_status<'a>(
+    row: &LlmRecord,
+    model: impl IntoIterator<Item = &'a LlmRecord>,
+) -> LlmStatus {
     if row.status != LlmStatus::Active {
         return row.status;
     }
-    let model = model.iter().filter(|r| r.agent.is_none());
+    let model = model.into_iter().filter(|r| r.agent.is_none());
     let mut status = LlmStatus::Inactive;
     for r in model {
         match r.status {
@@ -236,34 +241,29 @@ pub fn view(row: &LlmRecord, status: LlmStatus) -> Option<AgentView> {
 }
 
 /// The views of the agent rows `agents`, each with the status [`agent_status`] gives
-/// it against `rows` (the registry, or as much of it as holds the agents' LLMs).
+/// it against `rows` (the registry, or as much of it as holds the agents' LLMs). One
+/// pass over `rows`, then one look-up per agent.
 pub(crate) fn agent_views<'a>(
     agents: impl Iterator<Item = &'a LlmRecord>,
     rows: &[LlmRecord],
 ) -> Vec<AgentView> {
+    // The rows of each pool key, and each LLM row by name.
+    let mut pools: HashMap<&LlmName, Vec<&LlmRecord>> = HashMap::new();
+    let mut named: HashMap<&LlmName, &LlmRecord> = HashMap::new();
+    for r in rows.iter().filter(|r| !r.is_agent()) {
+        pools.entry(r.pool_key()).or_default().push(r);
+        named.insert(&r.name, r);
+    }
     agents
         .filter_map(|agent| {
             let persona = agent.agent.as_ref()?;
-            let model = model_rows(&persona.llm, rows);
-            view(agent, agent_status(agent, &model))
+            let status = match pools.get(&persona.llm) {
+                Some(pool) => agent_status(agent, pool.iter().copied()),
+                None => agent_status(agent, named.get(&persona.llm).copied()),
+            };
+            view(agent, status)
         })
         .collect()
-}
-
-/// The LLM rows of `rows` that `llm` names as a client's model would: its pool's
-/// members, or else the one row named so.
-fn model_rows(llm: &LlmName, rows: &[LlmRecord]) -> Vec<LlmRecord> {
-    let llms = rows.iter().filter(|r| !r.is_agent());
-    let pool: Vec<LlmRecord> = llms
-        .clone()
-        .filter(|r| r.pool_key() == llm)
-        .cloned()
-        .collect();
-    if pool.is_empty() {
-        llms.filter(|r| r.name == *llm).cloned().collect()
-    } else {
-        pool
-    }
 }
 
 impl Gateway {

@@ -373,10 +373,11 @@ impl Gateway {
             });
             model.created_at = model.created_at.min(r.created_at);
         }
-        // Active agents too, each under its own name.
+        // Active agents too, each under its own name (the rows are ordered by name).
         let agents = crate::agent::agent_views(rows.iter().filter(|r| r.is_agent()), &rows);
-        for (agent, row) in agents.iter().zip(rows.iter().filter(|r| r.is_agent())) {
-            if agent.status == LlmStatus::Active {
+        for agent in agents.iter().filter(|a| a.status == LlmStatus::Active) {
+            if let Ok(i) = rows.binary_search_by(|r| r.name.cmp(&agent.name)) {
+                let row = &rows[i];
                 models.entry(&row.name).or_insert_with(|| Model {
                     id: row.name.clone(),
                     kind: row.kind,

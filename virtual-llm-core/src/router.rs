@@ -94,9 +94,14 @@ pub trait Router: fmt::Debug + Send + Sync + 'static {
 pub struct PoolRouter;
 
 impl PoolRouter {
-    /// The route of the LLM (a pool key or a member's name) `name`, agents aside.
-    async fn llm_route(store: &dyn Store, name: LlmName, model: &str) -> Result<Route, Error> {
-        let mut rows = store.by_pool(&name).await?;
+    /// The route of the LLM `name` (a pool key or a member's name) whose pool's rows,
+    /// agents aside, are `rows` (read by the caller).
+    async fn llm_route(
+        store: &dyn Store,
+        name: LlmName,
+        mut rows: Vec<LlmRecord>,
+        model: &str,
+    ) -> Result<Route, Error> {
         rows.retain(|r| !r.is_agent());
         if !rows.is_empty() {
             return Ok(Route {
@@ -129,24 +134,27 @@ impl Router for PoolRouter {
         model: &str,
     ) -> Result<Route, Error> {
         let name = LlmName::parse(model)?;
+        let mut rows = store.by_pool(&name).await?;
         // An agent's row is the pool of one named after it.
-        let agent = store
-            .by_pool(&name)
-            .await?
-            .into_iter()
-            .find(|r| r.name == name && r.is_agent());
-        let Some(row) = agent else {
-            return Self::llm_route(store, name, model).await;
+        let agent = rows
+            .iter()
+            .position(|r| r.name == name && r.is_agent())
+            .map(|i| rows.swap_remove(i));
+        let Some(LlmRecord {
+            name: agent,
+            status,
+            agent: Some(persona),
+            ..
+        }) = agent
+        else {
+            return Self::llm_route(store, name, rows, model).await;
         };
-        let Some(persona) = row.agent else {
-            return Err(Error::UnknownLlm {
-                name: model.to_owned(),
-            });
-        };
-        let mut route = Self::llm_route(store, persona.llm.clone(), model).await?;
+        let llm = persona.llm.clone();
+        let members = store.by_pool(&llm).await?;
+        let mut route = Self::llm_route(store, llm, members, model).await?;
         route.agent = Some(Arc::new(AgentRoute {
-            name: row.name,
-            status: row.status,
+            name: agent,
+            status,
             persona,
         }));
         Ok(route)
