@@ -61,7 +61,8 @@ pub const TOOL_PREFIX: &str = "agent-";
 /// `gateway`'s active agents as tools until `shutdown` is cancelled (cancel it when
 /// the gateway shuts down: it ends the sessions' event streams and the task that
 /// tells sessions of changes). Combine it with the other routes (`a.or(b)`), before
-/// [`recover`](crate::recover).
+/// [`recover`](crate::recover). Must be called inside a tokio runtime (it spawns that
+/// task).
 ///
 /// ```no_run
 /// # async fn run(gateway: virtual_llm_core::Gateway) {
@@ -282,7 +283,9 @@ impl ServerHandler for AgentTools {
     }
 
     async fn on_initialized(&self, context: NotificationContext<RoleServer>) {
-        lock(&self.peers.0).push(context.peer);
+        let mut peers = lock(&self.peers.0);
+        peers.retain(|p| !p.is_transport_closed());
+        peers.push(context.peer);
     }
 
     async fn list_tools(
