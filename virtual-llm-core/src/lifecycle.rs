@@ -544,9 +544,10 @@ impl Gateway {
         let names: Vec<LlmName> = rows.iter().map(|r| r.name.clone()).collect();
         let now = self.shared.clock.now();
         self.shared.store.touch(&names, now).await?;
+        // An agent has no upstream of its own: a state named after one is ignored.
         let reported = |r: &LlmRecord| {
             let mut r = r.clone();
-            if let Some(s) = states.iter().find(|s| s.name == r.name) {
+            if let Some(s) = states.iter().find(|s| s.name == r.name && !r.is_agent()) {
                 r.upstream = (s.state != UpstreamState::Ready).then_some(s.state);
             }
             r
@@ -570,7 +571,8 @@ impl Gateway {
             let rows = self.shared.store.by_session(session).await?;
             self.transition(rows, &rule).await?;
         }
-        for state in states.iter().filter(|s| names.contains(&s.name)) {
+        let llm = |name: &LlmName| rows.iter().any(|r| r.name == *name && !r.is_agent());
+        for state in states.iter().filter(|s| llm(&s.name)) {
             match (&state.wake_failed, state.state) {
                 (Some(message), _) => {
                     self.shared.wakes.failed(&state.name, message.clone());

@@ -602,3 +602,30 @@ async fn a_request_for_an_agent_wakes_its_sleeping_model() {
     .unwrap();
     assert_eq!(text_of(asked.await.unwrap().unwrap()).await, "awake");
 }
+
+/// An agent has no upstream: a heartbeat reporting a state under an agent's name
+/// changes nothing, and the agent's row keeps being touched with its session's.
+#[tokio::test]
+async fn a_state_reported_for_an_agent_is_ignored() {
+    let f = fixture().await;
+    let (session, _binding, _channel) = published(&f).await;
+    let before = f.row("helper").await;
+    let states = vec![LlmState {
+        name: name("helper"),
+        state: UpstreamState::Asleep,
+        wake_failed: Some("no such thing".into()),
+    }];
+    f.clock.advance(Duration::from_secs(5));
+    f.gw.heartbeat_with(&alice(), &session, &states)
+        .await
+        .unwrap();
+    let after = f.row("helper").await;
+    assert_eq!(after.status, LlmStatus::Active);
+    assert_eq!(after.upstream, None);
+    assert_eq!(after.revision, before.revision, "nothing written");
+    assert_eq!(
+        after.last_heartbeat_at,
+        Some(f.now()),
+        "touched with its session"
+    );
+}
