@@ -1,8 +1,8 @@
 //! Hostile input over every route and frame (SPEC §5, "Security and bad input"):
 //! malformed JSON, wrong types, huge strings (agents' fields and counts included), deep
-//! nesting, invalid UTF-8, unreadable
-//! headers, unknown fields, oversized bodies and frames, an NDJSON result stream with
-//! a bad line in the middle, slowloris clients, and floods of register and heartbeat.
+//! nesting, invalid UTF-8, unreadable headers, unknown fields, oversized bodies and
+//! frames, an NDJSON result stream with a bad line in the middle, slowloris clients,
+//! and floods of register and heartbeat.
 //!
 //! Each case gets a clear, bounded, OpenAI-shaped error (or, for unknown fields, is
 //! consistently ignored) and changes nothing: every stored field, the bound channels
