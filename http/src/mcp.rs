@@ -167,7 +167,7 @@ where
 }
 
 /// The sessions to tell of a change of the tool list: each client that said it was
-/// initialized. A closed session is dropped at the next change.
+/// initialized. A closed session is dropped at the next change, or when another starts.
 #[derive(Clone, Debug, Default)]
 struct Peers(Arc<Mutex<Vec<Peer<RoleServer>>>>);
 
