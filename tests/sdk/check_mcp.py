@@ -1,7 +1,11 @@
 """The official Python MCP SDK against the reference gateway's /mcp: an echo publisher
 publishes the LLM `demo` and the agent `poet` over it; the client lists the tools,
 calls `agent-poet`, and is told when the tool list changes (a register adds an agent)
-and sees the new tool. Needs GATEWAY (and TOKEN, if the gateway has tokens)."""
+and sees the new tool. Needs GATEWAY (and TOKEN, if the gateway has tokens).
+
+The SDK logs "Session termination failed: 202" when it closes: the Rust SDK answers
+the session's DELETE with 202 Accepted, where this one looks for 200 or 204. The
+session is closed either way."""
 
 import json
 import os
