@@ -171,10 +171,14 @@ where
 #[derive(Clone, Debug, Default)]
 struct Peers(Arc<Mutex<Vec<Peer<RoleServer>>>>);
 
-/// Tells every session when the set of active agents changes, until `shutdown`.
+/// Tells every session when the set of active agents changes, until `shutdown`. The
+/// registry is read only while a session is open; changes that come faster than it is
+/// read are taken together (the watch keeps only the latest). With no set known (no
+/// session was open at the last change), any change is told: a client that is told
+/// once too often lists the tools again, nothing worse.
 async fn tell_of_changes(gateway: Gateway, peers: Peers, shutdown: CancellationToken) {
     let mut changes = gateway.registry_changes();
-    let mut tools = active_tool_names(&gateway).await;
+    let mut tools: Option<BTreeSet<String>> = None;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => return,
@@ -184,16 +188,20 @@ async fn tell_of_changes(gateway: Gateway, peers: Peers, shutdown: CancellationT
                 }
             }
         }
-        let now = active_tool_names(&gateway).await;
-        if now == tools {
-            continue;
-        }
-        tools = now;
         let open: Vec<Peer<RoleServer>> = {
             let mut peers = lock(&peers.0);
             peers.retain(|p| !p.is_transport_closed());
             peers.clone()
         };
+        if open.is_empty() {
+            tools = None;
+            continue;
+        }
+        let now = active_tool_names(&gateway).await;
+        if tools.as_ref() == Some(&now) {
+            continue;
+        }
+        tools = Some(now);
         for peer in open {
             if let Err(e) = peer.notify_tool_list_changed().await {
                 tracing::debug!(error = %e, "an mcp session was not told of the tool list change");
