@@ -1,6 +1,7 @@
 //! The reference gateway: the registry on an embedded redb file, the SSE and WebSocket
 //! transports,
-//! token auth, public LLMs, the GC, and a graceful shutdown.
+//! token auth, public LLMs, the GC, the active agents as MCP tools at `/mcp`, and a
+//! graceful shutdown.
 //!
 //! Run with: `cargo run --release --example gateway` (listens on 127.0.0.1:8080, keeps
 //! its registry under `./data`). `--help` lists the flags; `--config FILE` reads a TOML
@@ -257,8 +258,14 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         virtual_llm::sse::route(gateway.clone()),
         virtual_llm::ws::route(gateway.clone()),
     ];
+    // The active agents as MCP tools at `/mcp`; its sessions' event streams end when
+    // the shutdown starts.
+    let mcp_shutdown = virtual_llm::http::mcp::CancellationToken::new();
+    let mcp = virtual_llm::http::mcp::routes(gateway.clone(), mcp_shutdown.clone());
     let metrics = healthz(gateway.clone())
         .or(metrics_route(gateway.clone(), prometheus))
+        .unify()
+        .or(mcp)
         .unify()
         .boxed();
     let routes = virtual_llm::http::routes_with(gateway.clone(), channels, metrics);
@@ -268,6 +275,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         async move {
             common::shutdown_signal().await;
             tracing::info!(grace = ?grace, "shutting down: refusing new requests, finishing those in flight");
+            mcp_shutdown.cancel();
             closing.drain(grace).await;
         },
         args.grace,

@@ -1,11 +1,14 @@
-//! `llmctl`, the command line of a virtual-llm gateway: list the LLM registry, and chat
-//! with an LLM through the OpenAI-compatible route, streaming the answer as it comes.
+//! `llmctl`, the command line of a virtual-llm gateway: list the LLM registry and the
+//! agents, and chat with an LLM or an agent through the OpenAI-compatible route,
+//! streaming the answer as it comes.
 //!
 //! Run with: `cargo run --example llmctl -- get llm`
 //!
 //! ```text
 //! llmctl get llm                          # NAME KIND STATUS TYPE MODEL TIER POOL LOAD ID
 //! llmctl get llm demo -o json             # one row, as JSON
+//! llmctl get agent                        # NAME LLM STATUS DESCRIPTION
+//! llmctl chat poet                        # an agent answers like an LLM
 //! llmctl chat demo                        # a streaming REPL; /exit or Ctrl-D leaves
 //! llmctl chat demo --message "hi there"   # one answer on stdout, for scripts
 //! ```
@@ -36,7 +39,7 @@ use serde::Serialize;
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use virtual_llm::error::bounded;
-use virtual_llm::protocol::ErrorBody;
+use virtual_llm::protocol::{AgentView, ErrorBody};
 use virtual_llm::{LlmName, LlmStatus, LlmView};
 
 #[derive(Parser, Debug)]
@@ -66,9 +69,10 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Show registry rows: `get llm` lists them, `get llm NAME` shows one.
+    /// Show registry rows: `get llm` lists them, `get llm NAME` shows one; `get agent`
+    /// and `get agent NAME` the same for agents.
     Get(GetArgs),
-    /// Chat with an LLM: a streaming REPL, or one answer with `--message`.
+    /// Chat with an LLM or an agent: a streaming REPL, or one answer with `--message`.
     Chat(ChatArgs),
 }
 
@@ -77,7 +81,7 @@ struct GetArgs {
     /// What to show.
     #[arg(value_enum)]
     resource: Resource,
-    /// One LLM by name; all of them without.
+    /// One by name; all of them without.
     name: Option<String>,
     /// Output format.
     #[arg(short, long, value_enum, default_value_t = Output::Table)]
@@ -89,6 +93,9 @@ enum Resource {
     /// LLM registry rows.
     #[value(alias = "llms")]
     Llm,
+    /// Agents: personas over a published LLM.
+    #[value(alias = "agents")]
+    Agent,
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -101,7 +108,7 @@ enum Output {
 
 #[derive(Args, Debug)]
 struct ChatArgs {
-    /// The LLM to talk to (its registry name, the OpenAI `model`).
+    /// The LLM or agent to talk to (its name, the OpenAI `model`).
     name: String,
     /// Ask this once, print only the answer, and exit.
     #[arg(short, long)]
@@ -162,6 +169,8 @@ struct Client {
     gateway: String,
     /// `{gateway}{base_path}`.
     registry: String,
+    /// `{gateway}/api/v1/agents`.
+    agents: String,
     /// `{gateway}/v1/chat/completions`.
     completions: String,
     token: Option<String>,
@@ -189,6 +198,7 @@ impl Client {
             http,
             gateway: root.to_owned(),
             registry: format!("{root}{base}"),
+            agents: format!("{root}/api/v1/agents"),
             completions: format!("{root}/v1/chat/completions"),
             token: cli.token.clone().filter(|t| !t.is_empty()),
         })
@@ -301,7 +311,9 @@ fn root_cause(e: &(dyn StdError + 'static)) -> String {
 // ---------------------------------------------------------------------------------
 
 async fn get(client: &Client, args: &GetArgs) -> Result<(), Failure> {
-    let Resource::Llm = args.resource;
+    if let Resource::Agent = args.resource {
+        return get_agents(client, args).await;
+    }
     let url = match &args.name {
         Some(name) => {
             let name = LlmName::parse(name).map_err(|e| e.to_string())?;
@@ -332,6 +344,57 @@ async fn get(client: &Client, args: &GetArgs) -> Result<(), Failure> {
         Output::Table => {
             for line in table(&rows) {
                 writeln!(stdout, "{line}").map_err(|e| e.to_string())?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `get agent [NAME]`: the table `NAME LLM STATUS DESCRIPTION`, or the gateway's JSON.
+async fn get_agents(client: &Client, args: &GetArgs) -> Result<(), Failure> {
+    let url = match &args.name {
+        Some(name) => {
+            let name = LlmName::parse(name).map_err(|e| e.to_string())?;
+            format!("{}/{name}", client.agents)
+        }
+        None => client.agents.clone(),
+    };
+    let body = client.get_json(&url).await?;
+    let one = args.name.is_some();
+    let agents: Vec<AgentView> = if one {
+        vec![serde_json::from_value(body).map_err(|e| unexpected(client, &e))?]
+    } else {
+        serde_json::from_value(body).map_err(|e| unexpected(client, &e))?
+    };
+    let mut stdout = std::io::stdout().lock();
+    match args.output {
+        Output::Json => {
+            let text = match agents.first() {
+                Some(agent) if one => serde_json::to_string_pretty(agent),
+                _ => serde_json::to_string_pretty(&agents),
+            }
+            .map_err(|e| e.to_string())?;
+            writeln!(stdout, "{text}").map_err(|e| e.to_string())?;
+        }
+        Output::Table if agents.is_empty() => eprintln!("no agents in the registry"),
+        Output::Table => {
+            let mut table = Table::new();
+            table
+                .load_style(presets::NOTHING)
+                .set_header(["NAME", "LLM", "STATUS", "DESCRIPTION"]);
+            for agent in &agents {
+                table.add_row([
+                    agent.name.to_string(),
+                    agent.llm.to_string(),
+                    label(&agent.status),
+                    agent.description.clone().unwrap_or_else(|| "-".to_owned()),
+                ]);
+            }
+            for column in table.column_iter_mut() {
+                column.set_padding((0, 3));
+            }
+            for line in table.lines() {
+                writeln!(stdout, "{}", line.trim_end()).map_err(|e| e.to_string())?;
             }
         }
     }

@@ -2198,6 +2198,7 @@ mod gc {
                     pool: None,
                     max_concurrent: None,
                     upstream: None,
+                    agent: None,
                 }));
             }
             let written = batch.len() as u64;

@@ -38,6 +38,18 @@
 //! one that does not answer is registered `asleep` when it has a `wake` recipe (the
 //! gateway holds its requests and asks for a wake), else `unavailable`. `--echo` LLMs
 //! are always ready and have no recipes.
+//!
+//! The file may also be an object, `{"providers": [...], "agents": [...]}`, to publish
+//! agents (SPEC §13) next to the LLMs: personas over a published LLM (its name or pool
+//! key, `--echo` ones included). `defaultParams` holds OpenAI request fields under
+//! their own names:
+//!
+//! ```json
+//! { "providers": [],
+//!   "agents": [{ "name": "poet", "llm": "demo", "description": "Answers in verse",
+//!                "systemPrompt": "You answer in verse.",
+//!                "defaultParams": {"temperature": 0.9, "max_tokens": 256} }] }
+//! ```
 
 mod common;
 #[path = "common/recipe.rs"]
@@ -51,7 +63,7 @@ use clap::{Parser, ValueEnum};
 use recipes::{RecipeConfig, recipe};
 use serde::Deserialize;
 use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
-use virtual_llm::protocol::{LlmSpec, MAX_CONCURRENT};
+use virtual_llm::protocol::{AgentSpec, LlmSpec, MAX_CONCURRENT};
 use virtual_llm::publisher::{PublisherState, Wire};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
@@ -101,6 +113,17 @@ enum Transport {
     Sse,
     /// One WebSocket both ways.
     Ws,
+}
+
+/// The `--config` file as an object: providers and agents. (The version 1 file, a
+/// list of providers, is still read as it was.)
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    #[serde(default)]
+    providers: Vec<ProviderConfig>,
+    #[serde(default)]
+    agents: Vec<AgentSpec>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -155,10 +178,24 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         // Nothing to wake: an echo LLM is always ready.
         llms.push(PublishedLlm::new(spec, Arc::new(EchoProvider::new())));
     }
+    let mut agents = Vec::new();
     if let Some(path) = &args.config {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let providers: Vec<ProviderConfig> =
-            serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+        let in_file = |e: serde_json::Error| format!("{}: {e}", path.display());
+        // A list is the version 1 file; an object has providers and agents.
+        let (providers, listed) = if text.trim_start().starts_with('[') {
+            let providers: Vec<ProviderConfig> = serde_json::from_str(&text).map_err(in_file)?;
+            (providers, Vec::new())
+        } else {
+            let file: ConfigFile = serde_json::from_str(&text).map_err(in_file)?;
+            (file.providers, file.agents)
+        };
+        for agent in &listed {
+            agent
+                .validate()
+                .map_err(|e| format!("{} (agent {}): {e}", path.display(), agent.name))?;
+        }
+        agents = listed;
         for p in providers.into_iter().filter(|p| p.publish) {
             let in_entry =
                 |e: &dyn std::fmt::Display| format!("{} ({}): {e}", path.display(), p.name);
@@ -193,7 +230,22 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                 .into(),
         );
     }
+    // An agent speaks through an LLM of this publisher: say so now, not as a register
+    // the gateway refuses on every reconnect.
+    for agent in &agents {
+        if !llms
+            .iter()
+            .any(|l| l.spec.name == agent.llm || *l.spec.pool_key() == agent.llm)
+        {
+            return Err(format!(
+                "agent {} speaks through {}, which this publisher does not publish (an llm's name or pool)",
+                agent.name, agent.llm
+            )
+            .into());
+        }
+    }
     let names: Vec<String> = llms.iter().map(|l| l.spec.name.to_string()).collect();
+    let agent_names: Vec<String> = agents.iter().map(|a| a.name.to_string()).collect();
     let wire: Arc<dyn Wire> = match args.transport {
         Transport::Sse => Arc::new(SseWire::new(&args.gateway, args.token.clone())?),
         Transport::Ws => Arc::new(virtual_llm::ws::WsWire::new(
@@ -210,11 +262,12 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     let options = PublisherOptions {
         session_file: Some(args.session_file.clone()),
         max_concurrent_tasks,
+        agents,
         ..PublisherOptions::default()
     };
     let publisher = Publisher::spawn(wire, llms, options);
     let mut state = publisher.state();
-    tracing::info!(gateway = %args.gateway, llms = ?names, "publishing");
+    tracing::info!(gateway = %args.gateway, llms = ?names, agents = ?agent_names, "publishing");
     loop {
         tokio::select! {
             () = common::shutdown_signal() => break,

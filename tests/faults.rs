@@ -395,6 +395,7 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
 
     store.fail_writes(true);
     let request = |session: Option<&virtual_llm::SessionId>, names: &[&str]| RegisterRequest {
+        agents: Vec::new(),
         provider_session_id: session.cloned(),
         protocol_version: None,
         llms: names

@@ -153,6 +153,35 @@ model = "gpt-4o-mini"
         .await
         .unwrap();
     assert_eq!(chat.status(), 502);
+
+    // `/mcp` takes the same tokens: 401 without one, before the MCP SDK sees the
+    // request; with one, an MCP session opens.
+    let initialize = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {},
+                   "clientInfo": {"name": "test", "version": "1"}}});
+    let mcp = |token: Option<&'static str>| {
+        let mut request = http
+            .post(format!("{url}/mcp"))
+            .header("accept", "application/json, text/event-stream")
+            .json(&initialize);
+        if let Some(t) = token {
+            request = request.bearer_auth(t);
+        }
+        request.send()
+    };
+    for token in [None, Some("wrong-token-0123456789")] {
+        let refused = mcp(token).await.unwrap();
+        assert_eq!(refused.status(), 401, "{token:?}");
+        let body: Value = refused.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "unauthenticated");
+    }
+    let opened = mcp(Some("client-token-0123456789")).await.unwrap();
+    assert_eq!(opened.status(), 200);
+    assert!(opened.headers().contains_key("mcp-session-id"));
+    assert!(
+        opened.text().await.unwrap().contains("\"tools\""),
+        "the server offers tools"
+    );
     drop(gateway);
 }
 

@@ -1,7 +1,8 @@
 //! Hostile input over every route and frame (SPEC §5, "Security and bad input"):
-//! malformed JSON, wrong types, huge strings, deep nesting, invalid UTF-8, unreadable
-//! headers, unknown fields, oversized bodies and frames, an NDJSON result stream with
-//! a bad line in the middle, slowloris clients, and floods of register and heartbeat.
+//! malformed JSON, wrong types, huge strings (agents' fields and counts included), deep
+//! nesting, invalid UTF-8, unreadable headers, unknown fields, oversized bodies and
+//! frames, an NDJSON result stream with a bad line in the middle, slowloris clients,
+//! and floods of register and heartbeat.
 //!
 //! Each case gets a clear, bounded, OpenAI-shaped error (or, for unknown fields, is
 //! consistently ignored) and changes nothing: every stored field, the bound channels
@@ -385,6 +386,7 @@ async fn huge_strings_are_400_with_a_bounded_message() {
         s[field] = json!(huge);
         json!({ "llms": [s] })
     };
+    let agents = |agents: Value| json!({"llms": [{"name": "big", "type": "t", "model": "m"}], "agents": agents});
     let cases: Vec<(&str, String, &str, Value)> = vec![
         ("a 1 MB name", register.clone(), "alice", spec("name")),
         ("a 1 MB model", register.clone(), "alice", spec("model")),
@@ -407,6 +409,46 @@ async fn huge_strings_are_400_with_a_bounded_message() {
             register.clone(),
             "alice",
             json!({"llms": huge}),
+        ),
+        (
+            "a 1 MB agent system prompt",
+            register.clone(),
+            "alice",
+            agents(json!([{"name": "a", "llm": "big", "systemPrompt": huge}])),
+        ),
+        (
+            "a 1 MB agent description",
+            register.clone(),
+            "alice",
+            agents(json!([{"name": "a", "llm": "big", "description": huge}])),
+        ),
+        (
+            "1 MB of agent default parameters",
+            register.clone(),
+            "alice",
+            agents(json!([{"name": "a", "llm": "big", "defaultParams": {"stop": huge}}])),
+        ),
+        (
+            "a 1 MB agent name",
+            register.clone(),
+            "alice",
+            agents(json!([{"name": huge, "llm": "big"}])),
+        ),
+        (
+            "a 1 MB agent llm",
+            register.clone(),
+            "alice",
+            agents(json!([{"name": "a", "llm": huge}])),
+        ),
+        (
+            "ten thousand agents",
+            register.clone(),
+            "alice",
+            agents(Value::Array(
+                (0..10_000)
+                    .map(|i| json!({"name": format!("a{i}"), "llm": "big"}))
+                    .collect(),
+            )),
         ),
         (
             "a 1 MB heartbeat session",

@@ -1,6 +1,7 @@
 //! `llmctl` end to end: the built example binary run as a child process against a real
 //! gateway on `127.0.0.1:0` with an echo publisher — the `get llm` table (with its pool
-//! and load) and JSON, one-shot and scripted chats, the one-line errors (unreachable
+//! and load) and JSON, the `get agent` table and JSON, one-shot and scripted chats (with
+//! an LLM and with an agent), the one-line errors (unreachable
 //! gateway, inactive llm, tokens, a stream failing midway), and the interactive REPL
 //! driven through tmux.
 //!
@@ -22,7 +23,7 @@ use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{Notify, watch};
 use virtual_llm::openai::chunk_body;
-use virtual_llm::protocol::{LlmSpec, TaskFrame};
+use virtual_llm::protocol::{AgentSpec, LlmSpec, TaskFrame};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
     EchoProvider, Error, Gateway, LlmName, MemoryStore, Principal, Provider, PublishedLlm,
@@ -164,7 +165,10 @@ impl Setup {
                 },
                 provider.clone(),
             )],
-            PublisherOptions::default(),
+            PublisherOptions {
+                agents: vec![poet()],
+                ..PublisherOptions::default()
+            },
         );
         within("the publisher connects", publisher.connected()).await;
         Setup {
@@ -180,6 +184,21 @@ impl Setup {
         let mut all = vec!["--gateway", self.url.as_str()];
         all.extend_from_slice(args);
         run_llmctl(&all, None, &[]).await
+    }
+}
+
+/// The agent every setup publishes over the pool `echoes`.
+fn poet() -> AgentSpec {
+    AgentSpec {
+        description: Some("Answers in verse".into()),
+        system_prompt: Some("You answer in verse.".into()),
+        default_params: serde_json::json!({"temperature": 0.9, "max_tokens": 99})
+            .as_object()
+            .cloned(),
+        ..AgentSpec::new(
+            LlmName::parse("poet").unwrap(),
+            LlmName::parse("echoes").unwrap(),
+        )
     }
 }
 
@@ -422,6 +441,63 @@ async fn chat_message_prints_only_the_answer() {
     assert_eq!(last["messages"][0]["role"], "system");
     assert_eq!(last["messages"][0]["content"], "be brief");
     assert_eq!(bodies[0]["stream"], true);
+}
+
+/// `get agent` prints `NAME LLM STATUS DESCRIPTION`; `-o json` the gateway's view; an
+/// unknown agent is a one-line error.
+#[tokio::test]
+async fn get_agent_prints_its_table_and_json() {
+    let setup = Setup::start().await;
+    let run = setup.llmctl(&["get", "agent"]).await;
+    run.ok();
+    let lines: Vec<&str> = run.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{run:#?}");
+    let header: Vec<&str> = lines[0].split_whitespace().collect();
+    assert_eq!(header, ["NAME", "LLM", "STATUS", "DESCRIPTION"]);
+    let row: Vec<&str> = lines[1].split_whitespace().collect();
+    assert_eq!(row[..3], ["poet", "echoes", "active"], "{run:#?}");
+    assert!(lines[1].ends_with("Answers in verse"), "{run:#?}");
+    let at = lines[0].find("DESCRIPTION").unwrap();
+    assert_eq!(&lines[1][at..], "Answers in verse", "aligned: {run:#?}");
+
+    let run = setup.llmctl(&["get", "agent", "poet", "-o", "json"]).await;
+    let one: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(
+        one,
+        serde_json::json!({"name": "poet", "llm": "echoes", "description": "Answers in verse", "status": "active"})
+    );
+    let run = setup.llmctl(&["get", "agents", "-o", "json"]).await;
+    let all: Value = serde_json::from_str(&run.ok().stdout).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1);
+
+    setup
+        .llmctl(&["get", "agent", "nobody"])
+        .await
+        .failed_with("nobody");
+}
+
+/// `chat AGENT` talks to the agent: its persona reaches the model, the user's flags
+/// over its defaults.
+#[tokio::test]
+async fn chat_with_an_agent_sends_its_persona() {
+    let setup = Setup::start().await;
+    let run = setup
+        .llmctl(&[
+            "chat",
+            "poet",
+            "--message",
+            "roses are red",
+            "--temperature",
+            "0.3",
+        ])
+        .await;
+    assert_eq!(run.ok().stdout, "roses are red\n");
+    let bodies = setup.provider.bodies();
+    let last = bodies.last().unwrap();
+    assert_eq!(last["messages"][0]["content"], "You answer in verse.");
+    assert_eq!(last["messages"][1]["content"], "roses are red");
+    assert_eq!(last["temperature"], 0.3, "the user's flag wins");
+    assert_eq!(last["max_tokens"], 99, "the agent's default fills the rest");
 }
 
 #[tokio::test]

@@ -9,7 +9,8 @@
 //! `--max-concurrent`, a config entry's own), and a bad one is a one-line error. A
 //! config entry's wake and sleep settings (`wake`, `sleep`, `idleAfter`,
 //! `readyTimeout`) are taken, an idle LLM's sleep recipe is called as written, and a
-//! bad setting is a one-line error.
+//! bad setting is a one-line error. A config object publishes agents next to the LLMs,
+//! and a bad agent is a one-line error.
 //!
 //! These tests run the binaries for a few seconds; they poll for conditions with a
 //! generous cap and never assert how long anything took.
@@ -347,6 +348,139 @@ async fn published_llms_carry_their_pool_and_max_concurrent() {
     assert_eq!(body["choices"][0]["message"]["content"], "in a pool");
     assert_eq!(dropped_lines(&defaults), Vec::<String>::new());
     assert_eq!(dropped_lines(&flagged), Vec::<String>::new());
+}
+
+/// `--config` as an object: `{"providers": [...], "agents": [...]}` publishes the agents
+/// next to the LLMs, over a provider's pool or an `--echo` LLM; the upstream behind the
+/// publisher gets an agent's request with the agent's system prompt first and its
+/// defaults under the client's own values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_object_publishes_agents_next_to_the_llms() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    let (upstream, mut seen) = upstream().await;
+    let upstream = format!("http://{upstream}/v1");
+    let config = dir.0.join("publisher.json");
+    std::fs::write(
+        &config,
+        json!({
+            "providers": [{"name": "llama-a", "model": "llama-3.1-8b", "url": upstream,
+                           "publish": true, "pool": "llamas"}],
+            "agents": [
+                {"name": "reviewer", "llm": "llamas", "description": "Reviews",
+                 "systemPrompt": "You review code.",
+                 "defaultParams": {"max_tokens": 7, "temperature": 0.1}},
+                {"name": "poet", "llm": "demo", "systemPrompt": "You answer in verse."},
+            ],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let publisher = PublisherProcess::start(
+        &url,
+        "ws",
+        &dir.0.join("session"),
+        &["--echo", "demo", "--config", config.to_str().unwrap()],
+    );
+    let agent = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            reqwest::get(format!("{url}/api/v1/agents/{name}"))
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        }
+    };
+    for name in ["reviewer", "poet"] {
+        poll_until(&format!("{name} is active"), CAP, || async {
+            agent(name).await["status"] == "active"
+        })
+        .await;
+    }
+    assert_eq!(
+        agent("reviewer").await,
+        json!({"name": "reviewer", "llm": "llamas", "description": "Reviews", "status": "active"})
+    );
+    let (status, body) = echo(&url, "poet", "roses are red").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "roses are red");
+
+    let response = reqwest::Client::new()
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"model": "reviewer", "temperature": 0.5,
+                      "messages": [{"role": "system", "content": "Be kind."},
+                                   {"role": "user", "content": "fn f() {}"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let sent: Value = loop {
+        let request = tokio::time::timeout(CAP, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if request.method == "POST" && request.path.ends_with("/chat/completions") {
+            break serde_json::from_slice(&request.body).unwrap();
+        }
+    };
+    assert_eq!(
+        sent["messages"],
+        json!([{"role": "system", "content": "You review code."},
+               {"role": "system", "content": "Be kind."},
+               {"role": "user", "content": "fn f() {}"}])
+    );
+    assert_eq!(
+        (sent["temperature"].clone(), sent["max_tokens"].clone()),
+        (json!(0.5), json!(7))
+    );
+    assert_eq!(dropped_lines(&publisher), Vec::<String>::new());
+}
+
+/// An agent over an LLM the publisher does not publish, or over the limits, stops the
+/// publisher at start with one line saying which, before it registers anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_agent_is_a_one_line_error() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    for (agents, needles) in [
+        (
+            json!([{"name": "poet", "llm": "nowhere"}]),
+            vec!["agent poet speaks through nowhere"],
+        ),
+        (
+            json!([{"name": "poet", "llm": "demo", "defaultParams": {"messages": []}}]),
+            vec!["(agent poet)", "may not set messages"],
+        ),
+        (
+            json!([{"name": "_poet", "llm": "demo"}]),
+            vec!["publisher.json"],
+        ),
+    ] {
+        let config = dir.0.join("publisher.json");
+        std::fs::write(
+            &config,
+            json!({"providers": [], "agents": agents}).to_string(),
+        )
+        .unwrap();
+        let args = ["--echo", "demo", "--config", config.to_str().unwrap()];
+        let publisher = PublisherProcess::start(&url, "sse", &dir.0.join("session"), &args);
+        let (status, log) = publisher.exited(CAP).await;
+        assert!(!status.success(), "{agents}: {log:#?}");
+        assert_eq!(log.len(), 1, "one line for {agents}: {log:#?}");
+        assert!(log[0].starts_with("error: "), "{log:#?}");
+        for needle in needles {
+            assert!(log[0].contains(needle), "{needle:?} in {log:#?}");
+        }
+    }
+    assert!(try_row(&url, "demo").await.is_none(), "nothing registered");
 }
 
 /// A bad `--echo NAME@POOL`, or a config entry whose `maxConcurrent` is out of range,

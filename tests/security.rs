@@ -269,6 +269,13 @@ async fn bad_or_missing_tokens_are_401_on_every_route_and_change_nothing() {
             false,
         ),
         ("GET", format!("{}/v1/models", gw.url), None, false),
+        ("GET", format!("{}/api/v1/agents", gw.url), None, false),
+        (
+            "GET",
+            format!("{}/api/v1/agents/alpha", gw.url),
+            None,
+            false,
+        ),
     ];
     let bad_tokens: Vec<Option<HeaderValue>> = vec![
         None,

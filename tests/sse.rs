@@ -1,4 +1,4 @@
-//! The transport, pool and wake conformance suites over SSE: publishers connect with
+//! The transport, pool, wake and agent conformance suites over SSE: publishers connect with
 //! `SseWire`, results travel as NDJSON; on one gateway, and on two replicas linked in
 //! memory.
 
@@ -32,6 +32,17 @@ mod wake {
 
 mod wake_on_two_replicas {
     virtual_llm::wake_conformance_tests!(
+        virtual_llm::testkit::SseTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
+}
+
+mod agents {
+    virtual_llm::agent_conformance_tests!(virtual_llm::testkit::SseTransport);
+}
+
+mod agents_on_two_replicas {
+    virtual_llm::agent_conformance_tests!(
         virtual_llm::testkit::SseTransport,
         virtual_llm::testkit::MemoryCluster::new()
     );

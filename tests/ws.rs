@@ -1,4 +1,4 @@
-//! The transport, pool and wake conformance suites over WebSocket (on one gateway and
+//! The transport, pool, wake and agent conformance suites over WebSocket (on one gateway and
 //! on two replicas linked in memory), and the cases only a socket has: a register
 //! that is not first, malformed and oversized frames, a missed pong, and a
 //! session moving to a new socket.
@@ -503,4 +503,15 @@ async fn a_publisher_that_stops_reading_is_closed_after_two_keepalive_periods() 
     .await;
     assert!(!gw.gateway.is_bound(stalled.session()));
     assert_eq!(gw.gateway.in_flight(), 0);
+}
+
+mod agents {
+    virtual_llm::agent_conformance_tests!(virtual_llm::testkit::WsTransport);
+}
+
+mod agents_on_two_replicas {
+    virtual_llm::agent_conformance_tests!(
+        virtual_llm::testkit::WsTransport,
+        virtual_llm::testkit::MemoryCluster::new()
+    );
 }

@@ -1,6 +1,6 @@
 //! The client routes: the OpenAI-compatible pair (`POST /v1/chat/completions`,
 //! `GET /v1/models`) and the registry's own (`GET {base}`, `GET {base}/{name}`,
-//! `POST {base}/{name}/infer`).
+//! `POST {base}/{name}/infer`, `GET /api/v1/agents[/{name}]`).
 
 use bytes::Buf;
 use futures::Stream;
@@ -31,6 +31,28 @@ pub(crate) async fn get(name: String, gw: Gateway, auth: Option<String>) -> Resp
         async {
             let who = principal(&gw, auth.as_deref()).await?;
             Ok(reply::json(200, &gw.get(&who, &name).await?))
+        }
+        .await,
+    )
+}
+
+/// `GET /api/v1/agents`: the agents (SPEC §13).
+pub(crate) async fn agents(gw: Gateway, auth: Option<String>) -> Response {
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            Ok(reply::json(200, &gw.agents(&who).await?))
+        }
+        .await,
+    )
+}
+
+/// `GET /api/v1/agents/{name}`: one agent.
+pub(crate) async fn agent(name: String, gw: Gateway, auth: Option<String>) -> Response {
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            Ok(reply::json(200, &gw.agent(&who, &name).await?))
         }
         .await,
     )

@@ -15,11 +15,15 @@
 //! - `stream`: the client's chat-completion event stream.
 //! - `server`: [`serve`]: the server loop, with `TCP_NODELAY`, a header read timeout
 //!   and a graceful shutdown; [`bind`] with a deep listen backlog.
+//! - `mcp` (feature `mcp`): the active agents as MCP tools over Streamable HTTP at
+//!   `/mcp`, with the official Rust MCP SDK.
 
 mod body;
 mod client;
 mod error;
 mod extract;
+#[cfg(feature = "mcp")]
+pub mod mcp;
 mod provider;
 mod reply;
 mod routes;

@@ -14,6 +14,7 @@
 //! | `GET {base}/{poolKey}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name}/infer` | [`Gateway::infer`] |
 //! | `POST /v1/chat/completions` · `GET /v1/models` | the OpenAI-compatible pair |
+//! | `GET /api/v1/agents` · `GET /api/v1/agents/{name}` | [`Gateway::agents`] · [`Gateway::agent`] |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
@@ -145,9 +146,19 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .then(|gw, auth, timeout, close, body| client::infer(None, gw, auth, timeout, close, body));
     let models = warp::path!("v1" / "models")
         .and(warp::get())
-        .and(gw)
+        .and(gw.clone())
         .and(authorization())
         .then(client::models);
+    let agents = warp::path!("api" / "v1" / "agents")
+        .and(warp::get())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::agents);
+    let agent = warp::path!("api" / "v1" / "agents" / String)
+        .and(warp::get())
+        .and(gw)
+        .and(authorization())
+        .then(client::agent);
 
     register
         .or(heartbeat)
@@ -165,6 +176,10 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .or(chat)
         .unify()
         .or(models)
+        .unify()
+        .or(agents)
+        .unify()
+        .or(agent)
         .unify()
         .boxed()
 }

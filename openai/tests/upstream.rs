@@ -197,6 +197,7 @@ fn public_record(name: &str) -> LlmRecord {
         pool: None,
         max_concurrent: None,
         upstream: None,
+        agent: None,
     }
 }
 

@@ -467,6 +467,32 @@ impl TestGateway {
         response.json().await.unwrap()
     }
 
+    /// `GET <url><path>` as `who` (`None`: without a token): the status and the JSON
+    /// body, whatever the status.
+    pub async fn get_any(&self, who: Option<&str>, path: &str) -> (u16, Value) {
+        let mut request = self.http.get(format!("{}{path}", self.url));
+        if let Some(who) = who {
+            request = request.bearer_auth(token(who));
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    /// `POST <url><path>` of `body` as `who`: the status and the JSON body.
+    pub async fn post_any(&self, who: &str, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .http
+            .post(format!("{}{path}", self.url))
+            .bearer_auth(token(who))
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     /// The status of `GET <base>/<name>` (one row of the registry) as `who`.
     pub async fn get_status(&self, who: &str, name: &str) -> u16 {
         let response = self

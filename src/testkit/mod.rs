@@ -8,6 +8,10 @@
 //!   [`transport_conformance_tests!`](crate::transport_conformance_tests): end-to-end
 //!   behaviour every transport must show, over a real gateway served on
 //!   `127.0.0.1:0`.
+//! - [`agent_suite`](crate::testkit::agent_suite) with
+//!   [`agent_conformance_tests!`](crate::agent_conformance_tests): virtual agents
+//!   (SPEC §13) end to end over a transport: the persona on what reaches the model,
+//!   the views, atomic conflicts, the lifecycle with a killed publisher.
 //! - [`pool_suite`](crate::testkit::pool_suite) with
 //!   [`pool_conformance_tests!`](crate::pool_conformance_tests): pools, capacity,
 //!   failover and the admission queue end to end, over a transport.
@@ -25,7 +29,7 @@
 //!   ([`SseReader`](crate::testkit::SseReader), [`RawResponse`](crate::testkit::RawResponse)) and publishers.
 //! - Instrumented providers: [`Gated`](crate::testkit::Gated), [`FailsWhenReleased`](crate::testkit::FailsWhenReleased), [`Hanging`](crate::testkit::Hanging),
 //!   [`Firehose`](crate::testkit::Firehose), [`Answers`](crate::testkit::Answers), [`Counting`](crate::testkit::Counting),
-//!   [`Switchable`](crate::testkit::Switchable); a recipe that counts its runs,
+//!   [`Switchable`](crate::testkit::Switchable), [`Recording`](crate::testkit::Recording); a recipe that counts its runs,
 //!   [`CountingRecipe`](crate::testkit::CountingRecipe).
 //! - [`Proxy`](crate::testkit::Proxy): a TCP proxy that cuts a publisher off as a killed process would.
 //! - [`raw`](crate::testkit::raw): publisher channels driven by hand; [`socket`](crate::testkit::socket): raw WebSockets.
@@ -36,6 +40,7 @@
 
 pub use virtual_llm_core::testkit::*;
 
+pub mod agent_suite;
 mod gateway;
 mod plane;
 pub mod pool_suite;
@@ -51,7 +56,8 @@ pub mod wake_suite;
 pub use gateway::{RawResponse, SseReader, TestGateway};
 pub use plane::Plane;
 pub use providers::{
-    Answers, Counting, CountingRecipe, FailsWhenReleased, Firehose, Gated, Hanging, Switchable,
+    Answers, Counting, CountingRecipe, FailsWhenReleased, Firehose, Gated, Hanging, Recording,
+    Switchable,
 };
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};

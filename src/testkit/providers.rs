@@ -1,6 +1,7 @@
 //! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
 //! [`Hanging`], [`Firehose`], [`Answers`], [`Counting`] and [`Switchable`] (whose
-//! readiness the test switches); and [`CountingRecipe`], a wake or sleep recipe that
+//! readiness the test switches), [`Recording`] (which keeps every request that reached
+//! it); and [`CountingRecipe`], a wake or sleep recipe that
 //! counts its runs.
 
 use std::sync::{Arc, Mutex};
@@ -469,5 +470,33 @@ impl Recipe for CountingRecipe {
             Effect::Fails(message) => Err(message.clone()),
             Effect::Nothing => Ok(()),
         }
+    }
+}
+
+/// Answers as the [`EchoProvider`](crate::EchoProvider) does, and keeps the body of
+/// every task that reached it: what an upstream behind the publisher is sent.
+#[derive(Debug, Default)]
+pub struct Recording {
+    bodies: Mutex<Vec<Value>>,
+    echo: crate::EchoProvider,
+}
+
+impl Recording {
+    /// A recorder that has seen nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The bodies of the tasks that reached it, in order.
+    pub fn bodies(&self) -> Vec<Value> {
+        virtual_llm_core::sync::lock(&self.bodies).clone()
+    }
+}
+
+#[async_trait]
+impl Provider for Recording {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        virtual_llm_core::sync::lock(&self.bodies).push(task.body.clone());
+        self.echo.infer(task).await
     }
 }

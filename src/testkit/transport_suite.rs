@@ -494,6 +494,7 @@ pub async fn bad_input_gets_its_status_and_writes_nothing(
         403
     );
     let unknown = RegisterRequest {
+        agents: Vec::new(),
         provider_session_id: None,
         protocol_version: Some(9),
         llms: vec![],

@@ -64,6 +64,7 @@ async fn stores() -> Stores {
 
 fn request(session: Option<&SessionId>, names: &[String]) -> RegisterRequest {
     RegisterRequest {
+        agents: Vec::new(),
         provider_session_id: session.cloned(),
         protocol_version: None,
         llms: names

@@ -13,6 +13,7 @@
 //! [`StoreError::Corrupted`]: virtual_llm_core::StoreError::Corrupted
 
 use serde::{Deserialize, Serialize};
+use virtual_llm_core::agent::Persona;
 use virtual_llm_core::protocol::UpstreamState;
 use virtual_llm_core::{
     ChannelBinding, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, ReplicaId, SessionId, Timestamp,
@@ -58,6 +59,9 @@ pub(crate) struct StoredRow {
     /// The upstream state its publisher last reported (schema 3); absent: ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     upstream: Option<UpstreamState>,
+    /// An agent's persona (schema 4); absent from an LLM's row.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    agent: Option<Persona>,
 }
 
 impl StoredRow {
@@ -84,6 +88,7 @@ impl StoredRow {
             pool,
             max_concurrent,
             upstream,
+            agent,
         } = r;
         StoredRow {
             id,
@@ -105,6 +110,7 @@ impl StoredRow {
             pool,
             max_concurrent,
             upstream,
+            agent,
         }
     }
 
@@ -134,6 +140,7 @@ impl StoredRow {
             pool: self.pool,
             max_concurrent: self.max_concurrent,
             upstream: self.upstream,
+            agent: self.agent,
         }
     }
 

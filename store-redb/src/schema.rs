@@ -33,6 +33,11 @@
 //!   in the same single transaction (both indexes built from one read of the rows),
 //!   so it is left at version 1 or is at version 3, never at 2. A build of version 2
 //!   refuses the upgraded file.
+//! - **4**: a row may carry an `agent` (SPEC §13: an agent's row, with its persona).
+//!   No table changes: a file of version 3 is upgraded in place when it is opened by
+//!   setting the version to 4, in one durable write transaction (a file of version 1
+//!   or 2 goes through the steps above in the same transaction). A build of version 3
+//!   refuses the upgraded file, so it never misreads an agent's row as an LLM.
 //!
 //! [`LlmRecord::binding`]: virtual_llm_core::LlmRecord::binding
 //! [`LlmRecord::pool_key`]: virtual_llm_core::LlmRecord::pool_key
@@ -47,14 +52,16 @@ use crate::codec::StoredRow;
 use crate::error::Error;
 
 /// The layout version this build reads and writes; a change of any table or of the
-/// row encoding bumps it. A file of version 1 or 2 is upgraded to it in place when
+/// row encoding bumps it. A file of version 1, 2 or 3 is upgraded to it in place when
 /// opened; a file of any other version is refused.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// The version a file written before the replica index has.
 const V1: u64 = 1;
 /// The version a file written before the pool index has.
 const V2: u64 = 2;
+/// The version a file written before rows could be agents has.
+const V3: u64 = 3;
 
 /// Schema version and write sequence.
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
@@ -161,7 +168,7 @@ pub(crate) fn open(path: &Path, cache_size: usize) -> Result<(Database, Opened),
 }
 
 /// Checks the schema version of an opened file: an empty file gets the current
-/// schema, a version-1 or version-2 file is upgraded, any other version is refused.
+/// schema, a file of version 1, 2 or 3 is upgraded, any other version is refused.
 pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error> {
     let txn = db.begin_write()?;
     let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -180,8 +187,12 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
             txn.abort()?;
             Ok(Opened::Current)
         }
-        Some(from @ (V1 | V2)) => {
-            let expected: &[&str] = if from == V1 { &TABLES_V1 } else { &TABLES_V2 };
+        Some(from @ (V1 | V2 | V3)) => {
+            let expected: &[&str] = match from {
+                V1 => &TABLES_V1,
+                V2 => &TABLES_V2,
+                _ => &TABLES,
+            };
             require_tables(path, from, expected, &tables)?;
             let indexed = upgrade(&txn, from)?;
             // Immediate durability (redb's default): the upgrade is on disk before the
@@ -200,8 +211,8 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
         }
         Some(other) => Err(Error::Incompatible(format!(
             "{} holds a registry of schema version {other}, but this build of \
-             virtual-llm-redb reads version {SCHEMA_VERSION} (and upgrades versions {V1} \
-             and {V2}){}",
+             virtual-llm-redb reads version {SCHEMA_VERSION} (and upgrades versions {V1}, \
+             {V2} and {V3}){}",
             path.display(),
             if other > SCHEMA_VERSION {
                 "; it was written by a newer version: upgrade virtual-llm-redb"
@@ -261,7 +272,7 @@ struct Indexed {
     pooled: u64,
 }
 
-/// Makes a file of version `from` (1 or 2) a file of [`SCHEMA_VERSION`] inside `txn`:
+/// Makes a file of version `from` (1, 2 or 3) a file of [`SCHEMA_VERSION`] inside `txn`:
 /// creates the tables the later versions added, indexes the rows in them, and sets
 /// the version. Each step is the one its version introduced:
 /// - from 1, `rows_by_replica`: every row that has a binding. A version-1 row has
@@ -270,12 +281,18 @@ struct Indexed {
 /// - from 2 (and 1), `rows_by_pool`: every row, under its pool key; and
 ///   `live_by_heartbeat` gains the hibernating virtual rows, which version 3 counts
 ///   live (a sleeping model's publisher heartbeats too).
+/// - from 3 (and older), nothing but the version: a row may carry an `agent` from
+///   version 4 on, and a row without one is stored as version 3 stored it.
 ///
 /// The rows are read once for both steps, and a row that does not decode stops the
 /// upgrade as corruption rather than being carried over unchecked.
 fn upgrade(txn: &WriteTransaction, from: u64) -> Result<Indexed, Error> {
     // Opening every table checks the old tables' types and creates the new ones.
     open_all(txn)?;
+    if from >= V3 {
+        txn.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
+        return Ok(Indexed::default());
+    }
     let rows = txn.open_table(ROWS)?;
     let mut by_replica = txn.open_table(BY_REPLICA)?;
     let mut by_pool = txn.open_table(BY_POOL)?;

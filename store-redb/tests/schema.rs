@@ -63,18 +63,18 @@ async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
 
 #[tokio::test]
 async fn the_next_schema_version_is_refused_and_the_file_left_alone() {
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
     let file = TempStore::closed_with_one_row().await;
-    set_version(&file.path(), 4);
-    let err = RedbStore::open(file.path()).await.expect_err("version 4");
+    set_version(&file.path(), 5);
+    let err = RedbStore::open(file.path()).await.expect_err("version 5");
     assert!(
         matches!(&err, StoreError::Incompatible { message }
-            if message.contains("schema version 4") && message.contains("newer")),
+            if message.contains("schema version 5") && message.contains("newer")),
         "{err:?}"
     );
     assert_eq!(
         version_of(&file.path()),
-        Some(4),
+        Some(5),
         "not downgraded, not touched"
     );
 }

@@ -4,7 +4,9 @@
 //! comes back with every field as the old code wrote it; the new indexes work on it
 //! from then on. A version-2 file (made here from a current one, as a version-2 build
 //! leaves it: no pool index, rows that may carry a `pool`) is upgraded the same way,
-//! and an upgrade that fails leaves the file at its old version.
+//! and an upgrade that fails leaves the file at its old version. A version-3 file
+//! (rows that are never agents) is upgraded to version 4 by its version alone, and
+//! takes agents' rows from then on.
 
 #![allow(clippy::unwrap_used)] // helpers outside #[test] fns unwrap too
 
@@ -69,6 +71,7 @@ fn expected_rows() -> Vec<LlmRecord> {
         pool: None,
         max_concurrent: None,
         upstream: None,
+        agent: None,
     };
     let gone = LlmRecord {
         status: LlmStatus::Inactive,
@@ -211,11 +214,11 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "no v1 row is bound"
     );
     store.close().await.unwrap();
-    assert_eq!(SCHEMA_VERSION, 3);
+    assert_eq!(SCHEMA_VERSION, 4);
     assert_eq!(
         meta_of(&path, "schema_version"),
         (Some(SCHEMA_VERSION), ALL_ADDED),
-        "version 3, with the replica and pool indexes"
+        "version 4, with the replica and pool indexes"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
@@ -223,7 +226,7 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 3, so nothing is written.
+    // Opened again: already version 4, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_fixture(&store).await;
@@ -422,7 +425,7 @@ async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() 
     assert_eq!(
         meta_of(&path, "schema_version"),
         (Some(SCHEMA_VERSION), ALL_ADDED),
-        "version 3, with the pool index"
+        "version 4, with the pool index"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
@@ -430,7 +433,7 @@ async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() 
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 3, so nothing is written.
+    // Opened again: already version 4, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_v2_rows(&store, &rows).await;
@@ -489,5 +492,56 @@ async fn an_upgrade_that_fails_leaves_the_file_at_its_old_version() {
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 1, "the upgrade");
     assert_holds_the_v2_rows(&store, &rows).await;
+    store.close().await.unwrap();
+}
+
+/// A version-3 file (made here from a current one: version 4 added no table, only
+/// rows that may carry an `agent`) is upgraded in place by its version alone, in one
+/// commit, every row as it was; from then on it stores an agent's row, persona and
+/// all, across a reopen.
+#[tokio::test]
+async fn a_v3_file_is_upgraded_to_4_and_takes_agents_rows() {
+    let file = TempStore::new().await;
+    let rows = file
+        .write(v2_rows().into_iter().map(Write::Insert).collect())
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    let path = file.path();
+    downgrade(&path, 3);
+    assert_eq!(meta_of(&path, "schema_version"), (Some(3), ALL_ADDED));
+    let (stamp, _) = meta_of(&path, "last_stamp");
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade: one transaction");
+    assert_holds_the_v2_rows(&store, &rows).await;
+    let mut agent = record("helper");
+    agent.agent = Some(virtual_llm_core::agent::Persona {
+        llm: name("llama"),
+        description: Some("helps".into()),
+        system_prompt: Some("You help.".into()),
+        default_params: serde_json::json!({"temperature": 0.5}).as_object().cloned(),
+    });
+    let written = store
+        .write(vec![Write::Insert(agent)])
+        .await
+        .unwrap()
+        .remove(0);
+    store.close().await.unwrap();
+    assert_eq!(
+        meta_of(&path, "schema_version"),
+        (Some(SCHEMA_VERSION), ALL_ADDED)
+    );
+    assert!(meta_of(&path, "last_stamp").0 > stamp);
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 0, "no second upgrade");
+    assert_eq!(
+        store.get(&name("helper")).await.unwrap(),
+        Some(written),
+        "the agent's row, persona and all"
+    );
+    let report = store.check_integrity().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
     store.close().await.unwrap();
 }

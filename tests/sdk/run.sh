@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the official OpenAI SDKs (Python and JavaScript) against the reference gateway
-# and publisher, unchanged. Needs the examples built (cargo build --examples). A
+# and publisher, unchanged; then the official Python MCP SDK against the gateway's
+# /mcp, with a publisher that publishes an agent. Needs the examples built (cargo build --examples). A
 # missing python3 or node skips that SDK with a message; anything else failing fails.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -24,7 +25,7 @@ run_sdks() {
   if command -v python3 >/dev/null; then
     venv="$target/sdk-venv"
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40'
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'openai>=1.40' 'mcp>=1.9'
     "$venv/bin/python" tests/sdk/check_python.py
   else
     echo "SKIPPED: python3 not found, the Python OpenAI SDK check did not run"
@@ -52,4 +53,29 @@ for transport in sse ws; do
   kill -TERM "$publisher"
   wait "$publisher" || true
   for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/llms/demo" | grep -q '"status":"inactive"' && break; sleep 0.1; done
+done
+
+# The official MCP client: the agent `poet` over the echo LLM `demo` as a tool, served
+# by a publisher on each transport in turn.
+cat >"$work/agents.json" <<'JSON'
+{"providers": [],
+ "agents": [{"name": "poet", "llm": "demo", "description": "Answers in verse",
+             "systemPrompt": "You answer in verse.", "defaultParams": {"temperature": 0.7}}]}
+JSON
+for transport in sse ws; do
+  echo "-- mcp: an agent published over $transport"
+  "$target/debug/examples/publisher" --gateway "$GATEWAY" --transport "$transport" --echo demo \
+    --config "$work/agents.json" --session-file "$work/session-mcp-$transport" \
+    >"$work/publisher-mcp-$transport.log" 2>&1 &
+  publisher=$!
+  pids+=("$publisher")
+  for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/agents/poet" | grep -q '"status":"active"' && break; sleep 0.1; done
+  if command -v python3 >/dev/null; then
+    RUN="$transport" "$target/sdk-venv/bin/python" tests/sdk/check_mcp.py
+  else
+    echo "SKIPPED: python3 not found, the Python MCP SDK check did not run"
+  fi
+  kill -TERM "$publisher"
+  wait "$publisher" || true
+  for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/agents/poet" | grep -q '"status":"inactive"' && break; sleep 0.1; done
 done

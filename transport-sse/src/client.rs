@@ -362,6 +362,7 @@ mod tests {
 
         let wire = SseWire::new(&format!("http://{addr}"), None).unwrap();
         let request = RegisterRequest {
+            agents: Vec::new(),
             provider_session_id: None,
             protocol_version: Some(2),
             llms: vec![],

@@ -455,6 +455,7 @@ mod tests {
 
         let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
         let request = RegisterRequest {
+            agents: Vec::new(),
             provider_session_id: None,
             protocol_version: Some(2),
             llms: vec![],

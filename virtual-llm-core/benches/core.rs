@@ -48,6 +48,7 @@ fn task_round_trip(c: &mut Criterion) {
             .await
             .unwrap();
         let req = RegisterRequest {
+            agents: Vec::new(),
             provider_session_id: None,
             protocol_version: None,
             llms: vec![LlmSpec {
@@ -259,6 +260,7 @@ fn pool(c: &mut Criterion) {
             .map(|i| member(&format!("m-{i:04}"), "bench", Some(32)))
             .collect();
         let route = Route {
+            agent: None,
             pool: LlmName::parse("bench").unwrap(),
             rows: rows.into(),
             pinned: None,

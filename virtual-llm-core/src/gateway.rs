@@ -57,6 +57,9 @@ pub(crate) struct Shared {
     pub(crate) locks: SessionLocks,
     /// Set by [`Gateway::drain`]: new requests are refused while in-flight ones finish.
     pub(crate) draining: std::sync::atomic::AtomicBool,
+    /// Bumped after every registry write this replica makes: see
+    /// [`Gateway::registry_changes`].
+    pub(crate) changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl fmt::Debug for Gateway {
@@ -205,6 +208,7 @@ impl GatewayBuilder {
                 tasks,
                 locks: SessionLocks::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
+                changes: tokio::sync::watch::Sender::new(0),
             }),
         };
         let demoted = gateway.recover().await?;
@@ -239,6 +243,15 @@ impl Gateway {
     /// The bearer token's principal, through the configured [`Authenticator`].
     pub async fn authenticate(&self, bearer: Option<&str>) -> Result<Principal, Error> {
         self.shared.auth.authenticate(bearer).await
+    }
+
+    /// A counter bumped after every registry write this replica makes (register,
+    /// bind, unbind, readiness, GC; not heartbeats): for a view that follows the
+    /// registry, such as the MCP tool list of the agents, to re-read it when it
+    /// changes rather than poll. Writes of other replicas over the same store are not
+    /// seen here.
+    pub fn registry_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.shared.changes.subscribe()
     }
 
     /// The configuration in force.

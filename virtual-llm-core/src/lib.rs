@@ -9,6 +9,7 @@
 //! - [`config`]: every timing and limit, with the defaults of the spec.
 //! - [`error`]: the errors, the one mapping to HTTP status and OpenAI error bodies, and
 //!   [`error::bounded`], the one way a message is cut to a length.
+//! - [`agent`]: virtual agents, personas over a published model (SPEC §13).
 //! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
 //! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
@@ -41,6 +42,7 @@
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
 pub mod admission;
+pub mod agent;
 mod auth;
 mod backend;
 pub mod batch;

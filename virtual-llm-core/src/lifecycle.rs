@@ -10,6 +10,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::agent::{AGENT_TYPE, AgentSpec, MAX_AGENTS_PER_REGISTER, Persona, agent_views};
 use crate::channel::ChannelSink;
 use crate::directory::BindToken;
 use crate::protocol::{
@@ -76,11 +77,17 @@ pub struct SweepReport {
 
 /// Decides a register: the writes, or every conflicting name. Pure, so the rules of
 /// SPEC §3 can be read in one place.
+///
+/// `specs` names every row the register publishes: its LLMs, then its agents (an
+/// agent as the spec of its row, see [`agent_row_spec`]); `personas` is aligned with
+/// `specs`, set for the agents. An LLM and an agent are decided alike: a name is a
+/// name, whichever it was before.
 fn plan_register(
     owner: &str,
     session: &SessionId,
     session_rows: &[LlmRecord],
     specs: &[LlmSpec],
+    personas: &[Option<Persona>],
     current: &[Option<LlmRecord>],
     now: Timestamp,
 ) -> Result<Vec<Write>, Vec<NameConflict>> {
@@ -89,14 +96,15 @@ fn plan_register(
     // The session's channel, if one is bound: every row of the session records it,
     // including rows this register adds to the session.
     let bound = session_rows.iter().find_map(|r| r.binding.clone());
-    for (spec, row) in specs.iter().zip(current) {
+    for ((spec, row), persona) in specs.iter().zip(current).zip(personas) {
         let conflict = |reason| NameConflict {
             name: spec.name.to_string(),
             reason,
         };
         match row {
             None => {
-                let r = new_row(LlmKind::Virtual, spec, owner, Some(session), now);
+                let mut r = new_row(LlmKind::Virtual, spec, owner, Some(session), now);
+                r.agent.clone_from(persona);
                 let mut r = activated(&r, now);
                 r.binding.clone_from(&bound);
                 writes.push(Write::Insert(r));
@@ -124,6 +132,7 @@ fn plan_register(
                 r.tier.clone_from(&spec.tier);
                 r.pool.clone_from(&spec.pool);
                 r.max_concurrent = spec.max_concurrent;
+                r.agent.clone_from(persona);
                 writes.push(Write::Update(r));
             }
             Some(_) => conflicts.push(conflict(ConflictReason::ActiveInAnotherSession)),
@@ -176,7 +185,10 @@ fn pool_conflicts(
             // The pool's key must not name a row outside the pool...
             let key_row_outside = match in_batch(key) {
                 Some(other) => other.pool_key() != key,
-                None => facts.key_row.as_ref().is_some_and(|r| r.pool_key() != key),
+                None => facts
+                    .key_row
+                    .as_ref()
+                    .is_some_and(|r| r.pool_key() != key || r.is_agent()),
             };
             // ...and the spec's own name must not be another pool's key.
             let named_like_a_pool = facts
@@ -194,7 +206,7 @@ fn pool_conflicts(
         let first = facts
             .members
             .iter()
-            .filter(|r| in_batch(&r.name).is_none())
+            .filter(|r| in_batch(&r.name).is_none() && !r.is_agent())
             .min_by(|a, b| (a.created_at, &a.id).cmp(&(b.created_at, &b.id)));
         if let Some(first) = first
             && first.owner != principal.id
@@ -204,6 +216,39 @@ fn pool_conflicts(
         }
     }
     conflicts
+}
+
+/// The spec of an agent's row: its name, the type `agent`, and its LLM as the model.
+fn agent_row_spec(agent: &AgentSpec) -> LlmSpec {
+    LlmSpec::new(
+        agent.name.clone(),
+        AGENT_TYPE.to_owned(),
+        agent.llm.to_string(),
+    )
+}
+
+/// The agents of a register named like a pool of LLMs that is not theirs: pool keys,
+/// LLM names and agent names share one namespace (`poolNameTaken`). `pools[i]` is the
+/// rows whose pool key is agent `i`'s name; rows the register itself rewrites as LLMs
+/// are judged by their new spec (which the register's checks keep apart).
+fn agent_conflicts(
+    agents: &[AgentSpec],
+    llms: &[LlmSpec],
+    pools: &[Vec<LlmRecord>],
+) -> Vec<NameConflict> {
+    agents
+        .iter()
+        .zip(pools)
+        .filter(|(agent, pool)| {
+            pool.iter().any(|r| {
+                r.name != agent.name && !r.is_agent() && llms.iter().all(|s| s.name != r.name)
+            })
+        })
+        .map(|(agent, _)| NameConflict {
+            name: agent.name.to_string(),
+            reason: ConflictReason::PoolNameTaken,
+        })
+        .collect()
 }
 
 fn new_row(
@@ -232,6 +277,7 @@ fn new_row(
         pool: spec.pool.clone(),
         max_concurrent: spec.max_concurrent,
         upstream: spec.state,
+        agent: None,
     }
 }
 
@@ -316,6 +362,36 @@ impl Gateway {
                 return Err(Error::invalid(format!("llm {} is named twice", spec.name)));
             }
         }
+        if req.agents.len() > MAX_AGENTS_PER_REGISTER {
+            return Err(Error::invalid(format!(
+                "a register names at most {MAX_AGENTS_PER_REGISTER} agents"
+            )));
+        }
+        for agent in &req.agents {
+            agent.validate()?;
+            if !seen.insert(&agent.name) {
+                return Err(Error::invalid(format!(
+                    "{} is named twice in one register",
+                    agent.name
+                )));
+            }
+            if req.llms.iter().any(|s| *s.pool_key() == agent.name) {
+                return Err(Error::invalid(format!(
+                    "agent {} is named like a pool of the same register",
+                    agent.name
+                )));
+            }
+            if !req
+                .llms
+                .iter()
+                .any(|s| s.name == agent.llm || *s.pool_key() == agent.llm)
+            {
+                return Err(Error::invalid(format!(
+                    "agent {} speaks through {}, which is no llm or pool of the same register",
+                    agent.name, agent.llm
+                )));
+            }
+        }
         Ok(version)
     }
 
@@ -341,13 +417,24 @@ impl Gateway {
             },
             None => (SessionId::generate(), Vec::new()),
         };
+        // Every row the register publishes: its LLMs, then its agents.
+        let specs: Vec<LlmSpec> = (req.llms.iter().cloned())
+            .chain(req.agents.iter().map(agent_row_spec))
+            .collect();
+        let personas: Vec<Option<Persona>> = (req.llms.iter().map(|_| None))
+            .chain(req.agents.iter().map(|a| Some(a.persona())))
+            .collect();
         for attempt in 0..MAX_CAS_ATTEMPTS {
             if attempt > 0 {
                 session_rows = store.by_session(&session).await?;
             }
-            let mut current = Vec::with_capacity(req.llms.len());
-            for spec in &req.llms {
+            let mut current = Vec::with_capacity(specs.len());
+            for spec in &specs {
                 current.push(store.get(&spec.name).await?);
+            }
+            let mut agent_pools = Vec::with_capacity(req.agents.len());
+            for agent in &req.agents {
+                agent_pools.push(store.by_pool(&agent.name).await?);
             }
             let mut facts = Vec::with_capacity(req.llms.len());
             for spec in &req.llms {
@@ -368,11 +455,13 @@ impl Gateway {
                 &principal.id,
                 &session,
                 &session_rows,
-                &req.llms,
+                &specs,
+                &personas,
                 &current,
                 now,
             );
             let mut conflicts = pool_conflicts(principal, &req.llms, &facts);
+            conflicts.extend(agent_conflicts(&req.agents, &req.llms, &agent_pools));
             let writes = match planned {
                 Ok(writes) if conflicts.is_empty() => writes,
                 Ok(_) => return Err(Error::Conflict { conflicts }),
@@ -394,12 +483,19 @@ impl Gateway {
                         .filter_map(|spec| written.iter().find(|r| r.name == spec.name))
                         .map(LlmRecord::view)
                         .collect();
+                    let agents = agent_views(
+                        req.agents
+                            .iter()
+                            .filter_map(|a| written.iter().find(|r| r.name == a.name)),
+                        &written,
+                    );
                     return Ok(RegisterResponse {
                         provider_session_id: session,
                         heartbeat_interval_ms: self.heartbeat_interval_ms(),
                         protocol_version: spoken(version),
                         keep_alive_ms: self.keep_alive_ms(version),
                         llms,
+                        agents,
                     });
                 }
                 Err(StoreError::Conflict { .. }) => {
@@ -448,9 +544,10 @@ impl Gateway {
         let names: Vec<LlmName> = rows.iter().map(|r| r.name.clone()).collect();
         let now = self.shared.clock.now();
         self.shared.store.touch(&names, now).await?;
+        // An agent has no upstream of its own: a state named after one is ignored.
         let reported = |r: &LlmRecord| {
             let mut r = r.clone();
-            if let Some(s) = states.iter().find(|s| s.name == r.name) {
+            if let Some(s) = states.iter().find(|s| s.name == r.name && !r.is_agent()) {
                 r.upstream = (s.state != UpstreamState::Ready).then_some(s.state);
             }
             r
@@ -474,7 +571,8 @@ impl Gateway {
             let rows = self.shared.store.by_session(session).await?;
             self.transition(rows, &rule).await?;
         }
-        for state in states.iter().filter(|s| names.contains(&s.name)) {
+        let llm = |name: &LlmName| rows.iter().any(|r| r.name == *name && !r.is_agent());
+        for state in states.iter().filter(|s| llm(&s.name)) {
             match (&state.wake_failed, state.state) {
                 (Some(message), _) => {
                     self.shared.wakes.failed(&state.name, message.clone());
@@ -703,15 +801,17 @@ impl Gateway {
 
     /// Every row, as clients see it, with its load on this replica.
     pub async fn list(&self, _principal: &Principal) -> Result<Vec<LlmView>, Error> {
-        Ok(self.views(&self.shared.store.list().await?))
+        let mut rows = self.shared.store.list().await?;
+        rows.retain(|r| !r.is_agent());
+        Ok(self.views(&rows))
     }
 
     /// One row, as clients see it; 400 for a bad name, 404 for an unknown one.
     pub async fn get(&self, _principal: &Principal, name: &str) -> Result<LlmView, Error> {
         let name = LlmName::parse(name)?;
         match self.shared.store.get(&name).await? {
-            Some(r) => Ok(self.views(std::slice::from_ref(&r)).remove(0)),
-            None => Err(Error::UnknownLlm {
+            Some(r) if !r.is_agent() => Ok(self.views(std::slice::from_ref(&r)).remove(0)),
+            _ => Err(Error::UnknownLlm {
                 name: name.to_string(),
             }),
         }
@@ -721,7 +821,8 @@ impl Gateway {
     /// see them; 400 for a bad name, 404 when no row has that pool key.
     pub async fn members(&self, _principal: &Principal, pool: &str) -> Result<Vec<LlmView>, Error> {
         let pool = LlmName::parse(pool)?;
-        let rows = self.shared.store.by_pool(&pool).await?;
+        let mut rows = self.shared.store.by_pool(&pool).await?;
+        rows.retain(|r| !r.is_agent());
         if rows.is_empty() {
             return Err(Error::UnknownLlm {
                 name: pool.to_string(),
@@ -827,7 +928,12 @@ impl Gateway {
         let (admission, view) = (&self.shared.admission, &self.shared.view);
         for row in written {
             view.invalidate(row);
-            admission.observe(row);
+            if row.is_agent() {
+                // An agent is never a pool member; a row that was an LLM leaves its pool.
+                admission.forget(&row.name, &row.id);
+            } else {
+                admission.observe(row);
+            }
         }
         for w in batch {
             if let Write::Delete { name, id, .. } = w {
@@ -835,6 +941,7 @@ impl Gateway {
                 admission.forget(name, id);
             }
         }
+        self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 

@@ -12,8 +12,11 @@ use crate::{Error, Gateway, LlmKind, LlmStatus};
 
 /// Publishers with a bound control channel (gauge).
 pub const PUBLISHERS_CONNECTED: &str = "virtual_llm_publishers_connected";
-/// Registry rows by `kind` and `status` (gauge).
+/// Registry rows of LLMs by `kind` and `status` (gauge); agents are counted apart.
 pub const ROWS: &str = "virtual_llm_rows";
+/// Agents (SPEC §13) by the `status` of their own row: their session's lifecycle
+/// (gauge).
+pub const AGENTS: &str = "virtual_llm_agents";
 /// Tasks waiting for their outcome (gauge).
 pub const TASKS_IN_FLIGHT: &str = "virtual_llm_tasks_in_flight";
 /// From a task's start to its first event: the relay latency a client feels (histogram).
@@ -60,7 +63,8 @@ pub fn describe() {
         PUBLISHERS_CONNECTED,
         "Publishers with a bound control channel."
     );
-    describe_gauge!(ROWS, "Registry rows by kind and status.");
+    describe_gauge!(ROWS, "Registry rows of LLMs by kind and status.");
+    describe_gauge!(AGENTS, "Agents by the status of their own row.");
     describe_gauge!(TASKS_IN_FLIGHT, "Relayed tasks waiting for their outcome.");
     describe_histogram!(
         TASK_FIRST_EVENT,
@@ -151,7 +155,9 @@ impl Gateway {
     pub async fn refresh_gauges(&self) -> Result<(), Error> {
         gauge!(PUBLISHERS_CONNECTED).set(self.local_channels() as f64);
         gauge!(TASKS_IN_FLIGHT).set(self.in_flight() as f64);
-        let rows = self.store().list().await?;
+        let (agents, rows): (Vec<_>, Vec<_>) = (self.store().list().await?)
+            .into_iter()
+            .partition(crate::LlmRecord::is_agent);
         let pools: std::collections::BTreeSet<&crate::LlmName> =
             rows.iter().map(crate::LlmRecord::pool_key).collect();
         for pool in pools {
@@ -176,6 +182,14 @@ impl Gateway {
                 let (kind, status) = (label(kind), status_label(status));
                 gauge!(ROWS, "kind" => kind, "status" => status).set(n as f64);
             }
+        }
+        for status in [
+            LlmStatus::Active,
+            LlmStatus::Inactive,
+            LlmStatus::Hibernating,
+        ] {
+            let n = agents.iter().filter(|r| r.status == status).count();
+            gauge!(AGENTS, "status" => status_label(status)).set(n as f64);
         }
         Ok(())
     }

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+pub use crate::agent::{AgentSpec, AgentView};
 use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 
 /// The newest protocol version this crate speaks. A register without `protocolVersion`
@@ -186,6 +187,10 @@ pub struct RegisterRequest {
     pub protocol_version: Option<u32>,
     /// The LLMs to publish.
     pub llms: Vec<LlmSpec>,
+    /// The agents to publish over them (SPEC §13): each speaks through a name or pool
+    /// key of `llms`. Written with the LLMs in one batch.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<AgentSpec>,
 }
 
 /// The answer to a register, and the WebSocket `registered` frame.
@@ -207,6 +212,9 @@ pub struct RegisterResponse {
     pub keep_alive_ms: Option<u64>,
     /// The published rows.
     pub llms: Vec<LlmView>,
+    /// The published agents (absent when the register carried none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<AgentView>,
 }
 
 /// The SSE `hello` event, first on every stream.

@@ -32,7 +32,8 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::{AbortHandle, JoinHandle};
 
 use crate::protocol::{
-    GatewayFrame, LlmSpec, LlmState, RegisterRequest, RegisterResponse, TaskFrame, TaskResult,
+    AgentSpec, GatewayFrame, LlmSpec, LlmState, RegisterRequest, RegisterResponse, TaskFrame,
+    TaskResult,
 };
 use crate::readiness::Upstreams;
 use crate::recipe::Recipe;
@@ -269,6 +270,9 @@ pub struct PublisherOptions {
     pub reconnect_min: Duration,
     /// Longest reconnect delay. Default 60 s.
     pub reconnect_max: Duration,
+    /// Agents published with the LLMs (SPEC §13), each speaking through the name or
+    /// pool key of one of them. Default none.
+    pub agents: Vec<AgentSpec>,
 }
 
 impl Default for PublisherOptions {
@@ -279,6 +283,7 @@ impl Default for PublisherOptions {
             max_concurrent_tasks: 32,
             reconnect_min: config.reconnect_min,
             reconnect_max: config.reconnect_max,
+            agents: Vec::new(),
         }
     }
 }
@@ -449,6 +454,7 @@ impl Driver {
             provider_session_id: session.clone(),
             protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
             llms: self.upstreams.register_specs(&self.specs),
+            agents: self.options.agents.clone(),
         };
         let connected = self.wire.connect(request).await?;
         let granted = connected.answer.provider_session_id.clone();

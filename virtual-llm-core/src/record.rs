@@ -6,6 +6,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::agent::Persona;
 use crate::protocol::UpstreamState;
 use crate::{LlmId, LlmName, ReplicaId, SessionId, Timestamp};
 
@@ -96,9 +97,19 @@ pub struct LlmRecord {
     /// channel is bound, its status follows it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstream: Option<UpstreamState>,
+    /// Set on an agent's row (SPEC §13): the persona it puts over its LLM. Such a row
+    /// shares the names namespace and the session lifecycle with the LLMs, but is no
+    /// LLM: it is never a pool member and never listed or answered as one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<Persona>,
 }
 
 impl LlmRecord {
+    /// Whether this is an agent's row rather than an LLM's.
+    pub fn is_agent(&self) -> bool {
+        self.agent.is_some()
+    }
+
     /// The row's pool key: its `pool`, or else its own name. A client's `model` names a
     /// pool by this key; rows sharing it serve one pool.
     pub fn pool_key(&self) -> &LlmName {

@@ -80,9 +80,11 @@ impl Gateway {
         }
         let config = &self.shared.config;
         let started = Instant::now();
-        let within = |limit: Duration| started + request.timeout.map_or(limit, |t| t.min(limit));
+        let timeout = request.timeout;
+        let within = |limit: Duration| started + timeout.map_or(limit, |t| t.min(limit));
         let (queue_until, deadline) = (within(config.queue_wait), within(config.task_deadline));
         let route = self.route(principal, &request.llm).await?;
+        let request = self.as_agent(&route, request)?;
         let mut tried: Vec<LlmName> = Vec::new();
         let mut last: Option<Result<Reply, Error>> = None;
         for _ in 0..=config.pool_retries {
@@ -154,6 +156,28 @@ impl Gateway {
             last = Some(answer);
         }
         last.unwrap_or_else(|| Err(Error::UnknownLlm { name: request.llm }))
+    }
+
+    /// `request` as the agent its route names puts it (SPEC §13): its system prompt
+    /// first, its default parameters under the client's own; 503 when the agent's
+    /// publisher is gone. A request for an LLM is left as it is.
+    fn as_agent(&self, route: &Route, mut request: InferRequest) -> Result<InferRequest, Error> {
+        let Some(agent) = &route.agent else {
+            return Ok(request);
+        };
+        if agent.status != LlmStatus::Active {
+            let state = match agent.status {
+                LlmStatus::Hibernating => "hibernating",
+                _ => "inactive",
+            };
+            return Err(Error::unavailable(
+                UnavailableKind::Inactive,
+                format!("agent {} is {state} (publisher offline)", agent.name),
+                self.shared.config.retry_after,
+            ));
+        }
+        agent.persona.apply(&mut request.body);
+        Ok(request)
     }
 
     /// Wakes the first of `rows` a waker can wake (or joins its wake in progress):
@@ -335,18 +359,34 @@ impl Gateway {
     }
 
     /// What `GET /v1/models` lists: each pool key with an active member, once
-    /// (members named otherwise are not listed; they stay reachable by name). A row
-    /// without a pool is the pool of one named after it. Ordered by id.
+    /// (members named otherwise are not listed; they stay reachable by name), and each
+    /// active agent (SPEC §13). A row without a pool is the pool of one named after
+    /// it. Ordered by id.
     pub async fn active_models(&self, _principal: &Principal) -> Result<Vec<Model>, Error> {
         let rows = self.shared.store.list().await?;
         let mut models: std::collections::BTreeMap<&LlmName, Model> = Default::default();
-        for r in rows.iter().filter(|r| r.status == LlmStatus::Active) {
+        for r in rows
+            .iter()
+            .filter(|r| r.status == LlmStatus::Active && !r.is_agent())
+        {
             let model = models.entry(r.pool_key()).or_insert_with(|| Model {
                 id: r.pool_key().clone(),
                 kind: r.kind,
                 created_at: r.created_at,
             });
             model.created_at = model.created_at.min(r.created_at);
+        }
+        // Active agents too, each under its own name (the rows are ordered by name).
+        let agents = crate::agent::agent_views(rows.iter().filter(|r| r.is_agent()), &rows);
+        for agent in agents.iter().filter(|a| a.status == LlmStatus::Active) {
+            if let Ok(i) = rows.binary_search_by(|r| r.name.cmp(&agent.name)) {
+                let row = &rows[i];
+                models.entry(&row.name).or_insert_with(|| Model {
+                    id: row.name.clone(),
+                    kind: row.kind,
+                    created_at: row.created_at,
+                });
+            }
         }
         Ok(models.into_values().collect())
     }

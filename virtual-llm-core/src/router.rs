@@ -14,6 +14,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 
+use crate::agent::Persona;
 use crate::protocol::MAX_CONCURRENT;
 use crate::{Error, LlmKind, LlmName, LlmRecord, LlmStatus, Principal, RegistryView};
 
@@ -29,6 +30,21 @@ pub struct Route {
     /// Set when the model named one member by its own name rather than a pool: only
     /// that row may answer.
     pub pinned: Option<LlmName>,
+    /// Set when the model named an agent (SPEC §13): the route is its LLM's, and the
+    /// relay puts the agent's persona on the request first.
+    pub agent: Option<Arc<AgentRoute>>,
+}
+
+/// The agent a request named, as its route carries it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AgentRoute {
+    /// The agent's name.
+    pub name: LlmName,
+    /// Its row's own status (its session's lifecycle): a request for an agent that
+    /// is not active is a 503, whatever its LLM's status.
+    pub status: LlmStatus,
+    /// What it puts on a request.
+    pub persona: Persona,
 }
 
 impl Route {
@@ -56,6 +72,9 @@ impl Route {
 ///   [`pool_key`](LlmRecord::pool_key).
 /// - It reads the registry through `registry` (the store, through the gateway's
 ///   in-memory [`RegistryView`]) and never writes it.
+/// - A `model` naming an agent (SPEC §13) routes to the agent's LLM (its `llm`,
+///   resolved as a model is), with [`Route::agent`] set; an agent's row is never a
+///   row of a route.
 ///
 /// The test kit's `router_suite` (feature `testkit`) checks an implementation against
 /// this contract.
@@ -70,10 +89,50 @@ pub trait Router: fmt::Debug + Send + Sync + 'static {
     ) -> Result<Route, Error>;
 }
 
-/// The router of SPEC §10: a pool key names its pool (a row without a pool is the
-/// pool of one named after it); any other row name pins that member.
+/// The router of SPEC §10 and §13: a pool key names its pool (a row without a pool is
+/// the pool of one named after it); any other row name pins that member; an agent's
+/// name routes to its LLM, carrying the agent.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PoolRouter;
+
+impl PoolRouter {
+    /// The route of the LLM `name` (a pool key or a member's name), given the rows of
+    /// the pool `name` as the registry has them (`None`: no such pool).
+    async fn llm_route(
+        registry: &RegistryView,
+        name: LlmName,
+        pool: Option<Arc<[LlmRecord]>>,
+        model: &str,
+    ) -> Result<Route, Error> {
+        if let Some(rows) = pool {
+            // An agent's row is never a row of a route.
+            let rows: Arc<[LlmRecord]> = if rows.iter().any(LlmRecord::is_agent) {
+                rows.iter().filter(|r| !r.is_agent()).cloned().collect()
+            } else {
+                rows
+            };
+            if !rows.is_empty() {
+                return Ok(Route {
+                    pool: name,
+                    rows,
+                    pinned: None,
+                    agent: None,
+                });
+            }
+        }
+        match registry.row(&name).await? {
+            Some(row) if !row.is_agent() => Ok(Route {
+                pool: row.pool_key().clone(),
+                rows: Arc::from([row]),
+                pinned: Some(name),
+                agent: None,
+            }),
+            _ => Err(Error::UnknownLlm {
+                name: model.to_owned(),
+            }),
+        }
+    }
+}
 
 #[async_trait]
 impl Router for PoolRouter {
@@ -84,23 +143,28 @@ impl Router for PoolRouter {
         model: &str,
     ) -> Result<Route, Error> {
         let name = LlmName::parse(model)?;
-        if let Some(rows) = registry.pool(&name).await? {
-            return Ok(Route {
-                pool: name,
-                rows,
-                pinned: None,
-            });
-        }
-        match registry.row(&name).await? {
-            Some(row) => Ok(Route {
-                pool: row.pool_key().clone(),
-                rows: Arc::from([row]),
-                pinned: Some(name),
-            }),
-            None => Err(Error::UnknownLlm {
-                name: model.to_owned(),
-            }),
-        }
+        let pool = registry.pool(&name).await?;
+        // An agent's row is the pool of one named after it.
+        let agent = pool.as_ref().and_then(|rows| {
+            rows.iter().find_map(|r| match &r.agent {
+                Some(persona) if r.name == name => {
+                    Some((r.name.clone(), r.status, persona.clone()))
+                }
+                _ => None,
+            })
+        });
+        let Some((agent, status, persona)) = agent else {
+            return Self::llm_route(registry, name, pool, model).await;
+        };
+        let llm = persona.llm.clone();
+        let members = registry.pool(&llm).await?;
+        let mut route = Self::llm_route(registry, llm, members, model).await?;
+        route.agent = Some(Arc::new(AgentRoute {
+            name: agent,
+            status,
+            persona,
+        }));
+        Ok(route)
     }
 }
 

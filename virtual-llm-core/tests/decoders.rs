@@ -263,14 +263,35 @@ fn spec() -> impl Strategy<Value = LlmSpec> {
     )
 }
 
+/// An agent: any persona, its default parameters any JSON object.
+fn agent() -> impl Strategy<Value = virtual_llm_core::agent::AgentSpec> {
+    (
+        name(),
+        name(),
+        proptest::option::of(string()),
+        proptest::option::of(string()),
+        proptest::option::of(proptest::collection::btree_map(string(), body(), 0..4)),
+    )
+        .prop_map(|(name, llm, description, system_prompt, params)| {
+            virtual_llm_core::agent::AgentSpec {
+                description,
+                system_prompt,
+                default_params: params.map(|p| p.into_iter().collect()),
+                ..virtual_llm_core::agent::AgentSpec::new(name, llm)
+            }
+        })
+}
+
 fn register() -> impl Strategy<Value = RegisterRequest> {
     (
         proptest::option::of(session()),
         proptest::option::of(any::<u32>()),
         proptest::collection::vec(spec(), 0..4),
+        proptest::collection::vec(agent(), 0..3),
     )
         .prop_map(
-            |(provider_session_id, protocol_version, llms)| RegisterRequest {
+            |(provider_session_id, protocol_version, llms, agents)| RegisterRequest {
+                agents,
                 provider_session_id,
                 protocol_version,
                 llms,
@@ -443,6 +464,7 @@ fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
                     llms,
                 )| {
                     GatewayFrame::Registered(RegisterResponse {
+                        agents: Vec::new(),
                         provider_session_id,
                         heartbeat_interval_ms,
                         protocol_version,

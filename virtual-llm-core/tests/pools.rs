@@ -49,6 +49,7 @@ async fn a_grant_racing_a_leaving_waiter_is_never_leaked() {
     let adm: Arc<dyn Admission> = Arc::new(LocalAdmission::new(&Config::default()));
     let row = member("race-a", "race", Some(1));
     let route = Route {
+        agent: None,
         pool: row.pool_key().clone(),
         rows: vec![row.clone()].into(),
         pinned: None,
@@ -1434,6 +1435,7 @@ mod picks {
                         .map(|i| rows[i].record.name.clone())
                         .collect();
                     let route = Route {
+                        agent: None,
                         pool: LlmName::parse("pk").unwrap(),
                         rows: match pinned {
                             Some(p) => vec![rows[p].record.clone()].into(),

@@ -132,6 +132,7 @@ mod lifecycle_across_replicas {
             .register(
                 &alice(),
                 RegisterRequest {
+                    agents: Vec::new(),
                     provider_session_id: None,
                     protocol_version: None,
                     llms: vec![LlmSpec {

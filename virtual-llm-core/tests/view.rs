@@ -243,6 +243,7 @@ async fn publish(on: &Gateway, n: &str, pool: &str) {
             provider_session_id: None,
             protocol_version: Some(PROTOCOL_VERSION),
             llms: vec![spec],
+            agents: Vec::new(),
         },
     )
     .await

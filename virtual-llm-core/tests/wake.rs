@@ -41,6 +41,7 @@ fn register(session: Option<&SessionId>, name: &str, upstream: UpstreamState) ->
     let mut spec = spec(name);
     spec.state = Some(upstream);
     RegisterRequest {
+        agents: Vec::new(),
         provider_session_id: session.cloned(),
         protocol_version: Some(2),
         llms: vec![spec],

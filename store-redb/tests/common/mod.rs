@@ -115,6 +115,7 @@ pub fn publisher(id: &str) -> Principal {
 
 pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
     RegisterRequest {
+        agents: Vec::new(),
         provider_session_id: session.cloned(),
         protocol_version: None,
         llms: names

@@ -81,6 +81,7 @@ fn started(row: &LlmRecord) -> LlmRecord {
 /// Every row of `pool`.
 fn route(pool: &str, rows: &[LlmRecord]) -> Route {
     Route {
+        agent: None,
         pool: name(pool),
         rows: rows.into(),
         pinned: None,
@@ -788,6 +789,7 @@ pub async fn a_pinned_member_is_the_only_one_granted(setup: Setup<'_>) {
     let b = member("pin-b", "pin", Some(1));
     let pool = route("pin", &[a.clone(), b.clone()]);
     let pinned = Route {
+        agent: None,
         pool: pool.pool.clone(),
         rows: Arc::from([b.clone()]),
         pinned: Some(b.name.clone()),

@@ -79,6 +79,7 @@ pub fn record(name: &str) -> LlmRecord {
         pool: None,
         max_concurrent: None,
         upstream: None,
+        agent: None,
     }
 }
 

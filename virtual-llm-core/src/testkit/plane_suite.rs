@@ -61,6 +61,7 @@ async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeChannel
         .register(
             &alice(),
             RegisterRequest {
+                agents: Vec::new(),
                 provider_session_id: None,
                 protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
                 llms: vec![spec(name)],

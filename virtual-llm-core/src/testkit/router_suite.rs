@@ -128,6 +128,64 @@ pub async fn a_pool_key_routes_its_members_and_a_name_pins_one(
     }
 }
 
+/// A model naming an agent routes to the agent's LLM (a pool key, or a member it
+/// pins), with the agent and its persona on the route; an agent's row is never a row
+/// of any route.
+pub async fn an_agent_routes_to_its_llm_with_its_persona(router: &dyn Router, view: &RegistryView) {
+    let persona = |llm: &str| crate::agent::Persona {
+        llm: name(llm),
+        description: None,
+        system_prompt: Some(format!("over {llm}")),
+        default_params: None,
+    };
+    let mut rows = Vec::new();
+    for (n, pool) in [("box-a", Some("llama")), ("box-b", Some("llama"))] {
+        let mut r = record(n);
+        r.pool = pool.map(name);
+        rows.push(r);
+    }
+    for (n, llm) in [("poet", "llama"), ("pinned-poet", "box-b")] {
+        let mut r = record(n);
+        r.agent = Some(persona(llm));
+        rows.push(r);
+    }
+    view.store()
+        .write(rows.into_iter().map(Write::Insert).collect())
+        .await
+        .expect("insert");
+    let route = router
+        .route(view, &client(), "poet")
+        .await
+        .expect("an agent routes");
+    assert_eq!(route.pool, name("llama"), "its llm's pool");
+    assert_eq!(route.pinned, None);
+    let agent = route.agent.as_ref().expect("the agent is on the route");
+    assert_eq!(agent.name, name("poet"));
+    assert_eq!(agent.status, LlmStatus::Active);
+    assert_eq!(agent.persona, persona("llama"));
+    let mut members: Vec<String> = route.rows.iter().map(|r| r.name.to_string()).collect();
+    members.sort();
+    assert_eq!(members, ["box-a", "box-b"], "the pool's llms, no agent");
+    let pinned = router
+        .route(view, &client(), "pinned-poet")
+        .await
+        .expect("an agent over a member routes");
+    assert_eq!(pinned.pinned, Some(name("box-b")));
+    assert_eq!(
+        pinned.agent.as_ref().map(|a| a.persona.clone()),
+        Some(persona("box-b"))
+    );
+    let plain = router
+        .route(view, &client(), "llama")
+        .await
+        .expect("the pool routes");
+    assert!(
+        plain.agent.is_none(),
+        "a request for an llm carries no agent"
+    );
+    assert!(plain.rows.iter().all(|r| r.agent.is_none()));
+}
+
 /// Stamps out one `#[tokio::test]` per case of the router suite. `$setup` is an async
 /// fn returning `(router, store)`: something that dereferences to a
 /// [`Router`](crate::Router) and an empty `Arc<dyn Store>` it reads.
@@ -139,6 +197,7 @@ macro_rules! router_conformance_tests {
             a_pool_key_routes_its_members_and_a_name_pins_one,
             unknown_and_invalid_models_are_refused,
             routing_writes_nothing,
+            an_agent_routes_to_its_llm_with_its_persona,
         );
     };
     (@cases $setup:path; $($case:ident,)*) => {

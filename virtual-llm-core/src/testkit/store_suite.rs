@@ -645,6 +645,87 @@ pub async fn all_fields_round_trip(store: &dyn Store) {
     }
 }
 
+/// An agent's row round-trips with its whole persona (unicode, a long system prompt,
+/// nested default parameters), through an update that turns an LLM's row into an
+/// agent's and one that turns it back; its session and lifecycle indexes are an LLM
+/// row's.
+pub async fn agent_rows_round_trip(store: &dyn Store) {
+    let session = SessionId::generate();
+    let mut agent = record("helper");
+    agent.provider_type = crate::agent::AGENT_TYPE.into();
+    agent.model = "llama".into();
+    agent.provider_session_id = Some(session.clone());
+    agent.agent = Some(crate::agent::Persona {
+        llm: name("llama"),
+        description: Some("Answers briefly — ünïcode 名前".into()),
+        system_prompt: Some(format!("You are terse.\n{}", "x".repeat(10_000))),
+        default_params: serde_json::json!({
+            "temperature": 0.25,
+            "max_tokens": 64,
+            "stop": ["\n\n"],
+            "response_format": {"type": "json_object"},
+        })
+        .as_object()
+        .cloned(),
+    });
+    let bare = {
+        let mut a = record("bare");
+        a.agent = Some(crate::agent::Persona {
+            llm: name("llama"),
+            description: None,
+            system_prompt: None,
+            default_params: None,
+        });
+        a
+    };
+    let llm = record("was-an-llm");
+    let written = store
+        .write(vec![
+            Write::Insert(agent.clone()),
+            Write::Insert(bare.clone()),
+            Write::Insert(llm.clone()),
+        ])
+        .await
+        .expect("insert");
+    for (want, got) in [&agent, &bare].into_iter().zip(&written) {
+        let stored = store.get(&want.name).await.expect("get").expect("present");
+        assert_eq!(&stored, got);
+        assert_eq!(
+            LlmRecordFields::of(&stored),
+            LlmRecordFields::of(want),
+            "agent {} changed in the store",
+            want.name
+        );
+    }
+    assert_eq!(
+        names(store.by_session(&session).await.expect("by_session")),
+        ["helper"],
+        "an agent's row is bound to its session like an LLM's"
+    );
+    // An LLM's row becomes an agent's, and back.
+    let mut turned = written[2].clone();
+    turned.agent.clone_from(&bare.agent);
+    let turned = store
+        .write(vec![Write::Update(turned)])
+        .await
+        .expect("update")
+        .remove(0);
+    let stored = store.get(&llm.name).await.expect("get").expect("present");
+    assert_eq!(stored.agent, bare.agent, "an update writes the persona");
+    let mut back = turned.clone();
+    back.agent = None;
+    store
+        .write(vec![Write::Update(back)])
+        .await
+        .expect("update");
+    let stored = store.get(&llm.name).await.expect("get").expect("present");
+    assert_eq!(stored.agent, None, "an update clears the persona");
+    assert_eq!(
+        names(store.list().await.expect("list")),
+        ["bare", "helper", "was-an-llm"]
+    );
+}
+
 /// The fields of a row other than its revision, for comparisons.
 #[derive(Debug, PartialEq)]
 struct LlmRecordFields(crate::LlmRecord);
@@ -950,6 +1031,7 @@ macro_rules! store_conformance_tests {
             lifecycle_indexes_follow_status_changes,
             touch_sets_liveness_without_revision,
             all_fields_round_trip,
+            agent_rows_round_trip,
             concurrent_inserts_one_winner,
             concurrent_updates_one_winner,
             flush_keeps_everything,

@@ -64,6 +64,7 @@ pub fn spec(name: &str) -> LlmSpec {
 
 pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
     RegisterRequest {
+        agents: Vec::new(),
         provider_session_id: session.cloned(),
         protocol_version: None,
         llms: names.iter().map(|n| spec(n)).collect(),
@@ -158,6 +159,7 @@ impl Fixture {
         specs: Vec<LlmSpec>,
     ) -> Result<RegisterResponse, virtual_llm_core::Error> {
         let req = RegisterRequest {
+            agents: Vec::new(),
             provider_session_id: None,
             protocol_version: None,
             llms: specs,
