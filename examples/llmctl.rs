@@ -314,32 +314,11 @@ async fn get(client: &Client, args: &GetArgs) -> Result<(), Failure> {
     if let Resource::Agent = args.resource {
         return get_agents(client, args).await;
     }
-    let url = match &args.name {
-        Some(name) => {
-            let name = LlmName::parse(name).map_err(|e| e.to_string())?;
-            format!("{}/{name}", client.registry)
-        }
-        None => client.registry.clone(),
-    };
-    let body = client.get_json(&url).await?;
-    let one = args.name.is_some();
-    let rows: Vec<LlmView> = if one {
-        vec![serde_json::from_value(body).map_err(|e| unexpected(client, &e))?]
-    } else {
-        serde_json::from_value(body).map_err(|e| unexpected(client, &e))?
-    };
+    let (rows, one) = fetch::<LlmView>(client, &client.registry, args.name.as_deref()).await?;
     let mut stdout = std::io::stdout().lock();
     match args.output {
-        Output::Json => {
-            // Through `LlmView`: the fields in the order of the SPEC, an object for one
-            // name and a list otherwise, as the gateway answered.
-            let text = match rows.first() {
-                Some(row) if one => serde_json::to_string_pretty(row),
-                _ => serde_json::to_string_pretty(&rows),
-            }
-            .map_err(|e| e.to_string())?;
-            writeln!(stdout, "{text}").map_err(|e| e.to_string())?;
-        }
+        // Through `LlmView`: the fields in the order of the SPEC.
+        Output::Json => write_json(&mut stdout, &rows, one)?,
         Output::Table if rows.is_empty() => eprintln!("no llms in the registry"),
         Output::Table => {
             for line in table(&rows) {
@@ -352,30 +331,10 @@ async fn get(client: &Client, args: &GetArgs) -> Result<(), Failure> {
 
 /// `get agent [NAME]`: the table `NAME LLM STATUS DESCRIPTION`, or the gateway's JSON.
 async fn get_agents(client: &Client, args: &GetArgs) -> Result<(), Failure> {
-    let url = match &args.name {
-        Some(name) => {
-            let name = LlmName::parse(name).map_err(|e| e.to_string())?;
-            format!("{}/{name}", client.agents)
-        }
-        None => client.agents.clone(),
-    };
-    let body = client.get_json(&url).await?;
-    let one = args.name.is_some();
-    let agents: Vec<AgentView> = if one {
-        vec![serde_json::from_value(body).map_err(|e| unexpected(client, &e))?]
-    } else {
-        serde_json::from_value(body).map_err(|e| unexpected(client, &e))?
-    };
+    let (agents, one) = fetch::<AgentView>(client, &client.agents, args.name.as_deref()).await?;
     let mut stdout = std::io::stdout().lock();
     match args.output {
-        Output::Json => {
-            let text = match agents.first() {
-                Some(agent) if one => serde_json::to_string_pretty(agent),
-                _ => serde_json::to_string_pretty(&agents),
-            }
-            .map_err(|e| e.to_string())?;
-            writeln!(stdout, "{text}").map_err(|e| e.to_string())?;
-        }
+        Output::Json => write_json(&mut stdout, &agents, one)?,
         Output::Table if agents.is_empty() => eprintln!("no agents in the registry"),
         Output::Table => {
             let mut table = Table::new();
@@ -399,6 +358,43 @@ async fn get_agents(client: &Client, args: &GetArgs) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// `GET {base}/{name}` (one, when `name` is given) or `GET {base}` (all), read as `T`s;
+/// and whether one was asked for.
+async fn fetch<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    base: &str,
+    name: Option<&str>,
+) -> Result<(Vec<T>, bool), Failure> {
+    let url = match name {
+        Some(name) => {
+            let name = LlmName::parse(name).map_err(|e| e.to_string())?;
+            format!("{base}/{name}")
+        }
+        None => base.to_owned(),
+    };
+    let body = client.get_json(&url).await?;
+    let rows = if name.is_some() {
+        vec![serde_json::from_value(body).map_err(|e| unexpected(client, &e))?]
+    } else {
+        serde_json::from_value(body).map_err(|e| unexpected(client, &e))?
+    };
+    Ok((rows, name.is_some()))
+}
+
+/// `rows` as JSON, as the gateway answered: an object for one name, a list otherwise.
+fn write_json<T: serde::Serialize>(
+    out: &mut impl Write,
+    rows: &[T],
+    one: bool,
+) -> Result<(), Failure> {
+    let text = match rows.first() {
+        Some(row) if one => serde_json::to_string_pretty(row),
+        _ => serde_json::to_string_pretty(rows),
+    }
+    .map_err(|e| e.to_string())?;
+    writeln!(out, "{text}").map_err(|e| Failure(e.to_string()))
 }
 
 fn unexpected(client: &Client, e: &serde_json::Error) -> Failure {
