@@ -1,12 +1,13 @@
-//! The client routes: the OpenAI-compatible pair (`POST /v1/chat/completions`,
-//! `GET /v1/models`) and the registry's own (`GET {base}`, `GET {base}/{name}`,
-//! `POST {base}/{name}/infer`).
+//! The client routes: the OpenAI-compatible ones (`POST /v1/chat/completions`,
+//! `/v1/completions`, `/v1/embeddings`, `GET /v1/models`, `GET /v1/models/{id}`) and
+//! the registry's own (`GET {base}`, `GET {base}/{name}`, `POST {base}/{name}/infer`).
 
 use bytes::Buf;
 use futures::Stream;
 use serde_json::{Value, json};
 use virtual_llm_core::openai::parse_request_timeout;
-use virtual_llm_core::{Gateway, InferRequest, LlmKind, Reply};
+use virtual_llm_core::protocol::Endpoint;
+use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, Model, Reply};
 use warp::reply::Response;
 
 use crate::error::respond;
@@ -47,12 +48,21 @@ pub(crate) async fn members(pool: String, gw: Gateway, auth: Option<String>) -> 
     )
 }
 
-/// `POST {base}/{name}/infer` (`name` given) or `POST /v1/chat/completions` (the
-/// body's `model`): the completion, or its stream. `timeout` is the client's
-/// `x-request-timeout`; `close` is the connection's, if any, for a stream that fails
-/// midway.
+/// What an inference route answers: a chat completion for the LLM its path names
+/// (`POST {base}/{name}/infer`), or the OpenAI `endpoint` of the body's `model`.
+#[derive(Clone, Debug)]
+pub(crate) enum Target {
+    /// `POST {base}/{name}/infer`.
+    Named(String),
+    /// `POST /v1/chat/completions`, `/v1/completions` or `/v1/embeddings`.
+    Body(Endpoint),
+}
+
+/// `POST {base}/{name}/infer` or one of the OpenAI routes (see [`Target`]): the
+/// answer, or its stream. `timeout` is the client's `x-request-timeout`; `close` is
+/// the connection's, if any, for a stream that fails midway.
 pub(crate) async fn infer<S, B>(
-    name: Option<String>,
+    target: Target,
     gw: Gateway,
     auth: Option<String>,
     timeout: Option<String>,
@@ -69,9 +79,9 @@ where
             let timeout = timeout.as_deref().map(parse_request_timeout).transpose()?;
             let bytes = body::read(body, gw.config().max_body_bytes).await?;
             let value: Value = body::json(&bytes)?;
-            let request = match name {
-                Some(name) => InferRequest::for_llm(&name, value)?,
-                None => InferRequest::from_chat_body(value)?,
+            let request = match target {
+                Target::Named(name) => InferRequest::for_llm(&name, value)?,
+                Target::Body(endpoint) => InferRequest::from_body(endpoint, value)?,
             }
             .with_timeout(timeout);
             Ok(match gw.infer(&who, request).await? {
@@ -83,6 +93,19 @@ where
     )
 }
 
+/// A model as OpenAI lists it.
+fn model_object(model: &Model) -> Value {
+    json!({
+        "id": model.id,
+        "object": "model",
+        "created": model.created_at.as_millis() / 1000,
+        "owned_by": match model.kind {
+            LlmKind::Public => "public",
+            LlmKind::Virtual => "virtual",
+        },
+    })
+}
+
 /// `GET /v1/models`: the active LLMs, as OpenAI lists models.
 pub(crate) async fn models(gw: Gateway, auth: Option<String>) -> Response {
     respond(
@@ -91,20 +114,26 @@ pub(crate) async fn models(gw: Gateway, auth: Option<String>) -> Response {
             let data: Vec<Value> = gw
                 .active_models(&who)
                 .await?
-                .into_iter()
-                .map(|r| {
-                    json!({
-                        "id": r.id,
-                        "object": "model",
-                        "created": r.created_at.as_millis() / 1000,
-                        "owned_by": match r.kind {
-                            LlmKind::Public => "public",
-                            LlmKind::Virtual => "virtual",
-                        },
-                    })
-                })
+                .iter()
+                .map(model_object)
                 .collect();
             Ok(reply::json(200, &json!({ "object": "list", "data": data })))
+        }
+        .await,
+    )
+}
+
+/// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): one model of the list, or
+/// 404 when it is not there (unknown, or with no active member).
+pub(crate) async fn model(id: String, gw: Gateway, auth: Option<String>) -> Response {
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            let models = gw.active_models(&who).await?;
+            match models.iter().find(|m| m.id.as_str() == id) {
+                Some(model) => Ok(reply::json(200, &model_object(model))),
+                None => Err(Error::UnknownLlm { name: id }),
+            }
         }
         .await,
     )

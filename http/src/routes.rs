@@ -13,7 +13,8 @@
 //! | `GET {base}` · `GET {base}/{name}` | [`Gateway::list`] · [`Gateway::get`] |
 //! | `GET {base}/{poolKey}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name}/infer` | [`Gateway::infer`] |
-//! | `POST /v1/chat/completions` · `GET /v1/models` | the OpenAI-compatible pair |
+//! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
+//! | `GET /v1/models` · `GET /v1/models/{id}` | the active models, as OpenAI lists them |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
@@ -26,9 +27,11 @@ use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
+use crate::client::Target;
 use crate::extract::{authorization, base_path, session_header};
 use crate::server::CloseConnection;
 use crate::{client, error, provider};
+use virtual_llm_core::protocol::Endpoint;
 
 /// Every route of the gateway: the control `channels` of the transports, the routes of
 /// this crate, and the OpenAI-shaped 404/405 for anything none of them matches.
@@ -133,21 +136,31 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
         .then(|name: String, gw, auth, timeout, close, body| {
-            client::infer(Some(name), gw, auth, timeout, close, body)
+            client::infer(Target::Named(name), gw, auth, timeout, close, body)
         });
-    let chat = warp::path!("v1" / "chat" / "completions")
-        .and(warp::post())
+    let openai = |endpoint: Endpoint| {
+        warp::post()
+            .and(warp::any().map(move || Target::Body(endpoint)))
+            .and(gw.clone())
+            .and(authorization())
+            .and(warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER))
+            .and(warp::ext::optional::<CloseConnection>())
+            .and(warp::body::stream())
+            .then(client::infer)
+    };
+    let chat = warp::path!("v1" / "chat" / "completions").and(openai(Endpoint::ChatCompletions));
+    let completions = warp::path!("v1" / "completions").and(openai(Endpoint::Completions));
+    let embeddings = warp::path!("v1" / "embeddings").and(openai(Endpoint::Embeddings));
+    let models = warp::path!("v1" / "models")
+        .and(warp::get())
         .and(gw.clone())
         .and(authorization())
-        .and(request_timeout)
-        .and(warp::ext::optional::<CloseConnection>())
-        .and(warp::body::stream())
-        .then(|gw, auth, timeout, close, body| client::infer(None, gw, auth, timeout, close, body));
-    let models = warp::path!("v1" / "models")
+        .then(client::models);
+    let model = warp::path!("v1" / "models" / String)
         .and(warp::get())
         .and(gw)
         .and(authorization())
-        .then(client::models);
+        .then(client::model);
 
     register
         .or(heartbeat)
@@ -164,7 +177,13 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .unify()
         .or(chat)
         .unify()
+        .or(completions)
+        .unify()
+        .or(embeddings)
+        .unify()
         .or(models)
+        .unify()
+        .or(model)
         .unify()
         .boxed()
 }

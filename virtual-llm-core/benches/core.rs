@@ -73,6 +73,7 @@ fn task_round_trip(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let request = InferRequest {
                 llm: "llm".into(),
+                endpoint: Default::default(),
                 stream: false,
                 body: body.clone(),
                 timeout: None,
@@ -92,6 +93,7 @@ fn task_round_trip(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let request = InferRequest {
                 llm: "llm".into(),
+                endpoint: Default::default(),
                 stream: true,
                 body: body.clone(),
                 timeout: None,

@@ -84,7 +84,7 @@ pub use backend::PublicBackend;
 pub use channel::{ChannelSink, SendError};
 pub use config::Config;
 pub use directory::{BindToken, ChannelDirectory, LocalDirectory};
-pub use echo::EchoProvider;
+pub use echo::{EchoProvider, echo_embedding};
 pub use error::{Error, StoreError, UnavailableKind};
 pub use gateway::{Gateway, GatewayBuilder, LOCAL_REPLICA};
 pub use gc::GcGuard;

@@ -16,7 +16,8 @@ use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 /// and answers with the version it will speak on that session.
 ///
 /// Version 2 adds, all optional on the wire: `protocolVersion` in the register answer,
-/// `hello` and `registered`; `seq` on streamed chunks.
+/// `hello` and `registered`; `seq` on streamed chunks; `endpoint` on task frames (a
+/// version 1 publisher is sent chat completions only).
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The oldest protocol version this crate speaks.
@@ -255,6 +256,76 @@ pub enum TaskKind {
     Infer,
 }
 
+/// Which OpenAI endpoint a task's body is for (SPEC §17): the publisher calls the same
+/// path on its upstream.
+///
+/// On the wire it is the task frame's `endpoint` (`chat.completions`, `completions`,
+/// `embeddings`), absent for chat completions, so a version 1 publisher, which knows
+/// only those, gets exactly the version 1 frame. The gateway sends the other endpoints
+/// only to publishers that registered with protocol 2 or later.
+///
+/// ```
+/// use virtual_llm_core::protocol::Endpoint;
+///
+/// assert_eq!(Endpoint::Embeddings.path(), "embeddings");
+/// assert_eq!(Endpoint::ChatCompletions.as_str(), "chat.completions");
+/// assert!(!Endpoint::Embeddings.streams());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    #[default]
+    #[serde(rename = "chat.completions")]
+    ChatCompletions,
+    /// `POST /v1/completions`: a plain-text prompt.
+    #[serde(rename = "completions")]
+    Completions,
+    /// `POST /v1/embeddings`: vectors, never streamed.
+    #[serde(rename = "embeddings")]
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The wire name: `chat.completions`, `completions`, `embeddings`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// The path under an OpenAI base URL (`…/v1/` + this).
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// Whether this is chat completions, the endpoint of version 1.
+    pub fn is_chat(&self) -> bool {
+        *self == Endpoint::ChatCompletions
+    }
+
+    /// Whether answers may be streamed (all but embeddings).
+    pub fn streams(self) -> bool {
+        self != Endpoint::Embeddings
+    }
+
+    /// The oldest protocol version whose publishers understand this endpoint.
+    pub fn min_protocol(self) -> u32 {
+        if self.is_chat() { 1 } else { 2 }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A `task` frame: one client request for the publisher to answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -263,6 +334,9 @@ pub struct TaskFrame {
     pub task_id: TaskId,
     /// What to do.
     pub kind: TaskKind,
+    /// Which OpenAI endpoint `body` is for (protocol 2); absent: chat completions.
+    #[serde(default, skip_serializing_if = "Endpoint::is_chat")]
+    pub endpoint: Endpoint,
     /// Which of the publisher's LLMs.
     pub llm: LlmName,
     /// Whether the client asked for a stream.

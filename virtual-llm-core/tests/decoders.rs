@@ -297,6 +297,7 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
     (task_id(), name(), any::<bool>(), body()).prop_map(|(task_id, llm, stream, body)| TaskFrame {
         task_id,
         kind: TaskKind::Infer,
+        endpoint: Default::default(),
         llm,
         stream,
         body,
