@@ -10,16 +10,21 @@
 //! | `POST {base}/_provider-register` | [`Gateway::register`] |
 //! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
 //! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
-//! | `GET {base}` · `GET {base}/{name}` | [`Gateway::list`] · [`Gateway::get`] |
-//! | `GET {base}/{poolKey}/members` | [`Gateway::members`] |
-//! | `POST {base}/{name}/infer` | [`Gateway::infer`] |
+//! | `GET {base}` · `GET {base}/{name...}` | [`Gateway::list`] · [`Gateway::get`] |
+//! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
+//! | `POST {base}/{name...}/infer` | [`Gateway::infer`] |
 //! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
 //! | `GET /v1/models` · `GET /v1/models/{id}` | the active models, as OpenAI lists them |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
 //! `channels` given to [`routes`] are tried before the routes above, whose
-//! `{base}/{name}` would otherwise take their paths.
+//! `{base}/{name...}` would otherwise take their paths.
+//!
+//! A name may contain `/` (SPEC §17), so a route that takes one takes the path's
+//! remaining segments (`{name...}`), percent-decoded; a name's last segment is never
+//! `infer` or `members`, so `{base}/{name...}/members` and `{base}/{name...}` cannot
+//! be confused.
 
 use virtual_llm_core::Gateway;
 use virtual_llm_core::openai::REQUEST_TIMEOUT_HEADER;
@@ -28,7 +33,7 @@ use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
 use crate::client::Target;
-use crate::extract::{authorization, base_path, session_header};
+use crate::extract::{authorization, base_path, name_tail, session_header};
 use crate::server::CloseConnection;
 use crate::{client, error, provider};
 use virtual_llm_core::protocol::Endpoint;
@@ -114,21 +119,21 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .then(client::list);
     let get = base
         .clone()
-        .and(warp::path!(String))
+        .and(name_tail(None))
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
         .then(client::get);
     let members = base
         .clone()
-        .and(warp::path!(String / "members"))
+        .and(name_tail(Some("members")))
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
         .then(client::members);
     let request_timeout = warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER);
     let infer = base
-        .and(warp::path!(String / "infer"))
+        .and(name_tail(Some("infer")))
         .and(warp::post())
         .and(gw.clone())
         .and(authorization())
@@ -156,7 +161,9 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(gw.clone())
         .and(authorization())
         .then(client::models);
-    let model = warp::path!("v1" / "models" / String)
+    let model = warp::path("v1")
+        .and(warp::path("models"))
+        .and(name_tail(None))
         .and(warp::get())
         .and(gw)
         .and(authorization())
@@ -169,9 +176,9 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .unify()
         .or(list)
         .unify()
-        .or(get)
-        .unify()
         .or(members)
+        .unify()
+        .or(get)
         .unify()
         .or(infer)
         .unify()

@@ -26,10 +26,14 @@ assert.deepEqual(vectors.data.map((d) => d.embedding.length), [8, 8, 8]);
 assert.deepEqual(vectors.data[0].embedding, vectors.data[2].embedding);
 assert.notDeepEqual(vectors.data[0].embedding, vectors.data[1].embedding);
 
+const slashed = "meta-llama/Llama-3.1-8B-Instruct";
 assert.equal((await client.models.retrieve("demo")).id, "demo");
+assert.equal((await client.models.retrieve(slashed)).id, slashed);
+const viaSlash = await client.chat.completions.create({ model: slashed, messages: msg("slashed name") });
+assert.equal(viaSlash.choices[0].message.content, "slashed name");
 
 const models = await client.models.list();
-assert.deepEqual(models.data.map((m) => m.id), ["demo"]);
+assert.deepEqual(models.data.map((m) => m.id), ["demo", slashed]);
 
 await assert.rejects(
   client.chat.completions.create({ model: "nope", messages: msg("x") }),

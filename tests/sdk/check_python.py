@@ -63,9 +63,17 @@ packed = raw.http_response.json()["data"][0]["embedding"]
 unpacked = struct.unpack("<8f", base64.b64decode(packed))
 assert all(abs(a - b) < 1e-6 for a, b in zip(unpacked, floats.data[0].embedding)), (unpacked, floats)
 
-assert [m.id for m in client.models.list().data] == ["demo"]
+slashed = "meta-llama/Llama-3.1-8B-Instruct"
+assert [m.id for m in client.models.list().data] == ["demo", slashed]
 model = client.models.retrieve("demo")
 assert model.id == "demo" and model.object == "model", model
+assert client.models.retrieve(slashed).id == slashed
+
+# A name with '/' (a vLLM model id) on every endpoint.
+answer = client.chat.completions.create(model=slashed, messages=msg("slashed name"))
+assert answer.choices[0].message.content == "slashed name", answer
+assert client.completions.create(model=slashed, prompt="p").choices[0].text == "p"
+assert len(client.embeddings.create(model=slashed, input="e").data[0].embedding) == 8
 try:
     client.models.retrieve("nope")
     raise AssertionError("an unknown model must not be retrieved")
