@@ -6,6 +6,9 @@
 //! - `client`: the client routes (the OpenAI pair, the registry's list, get and infer).
 //! - `provider`: the provider routes that are plain HTTP (register, heartbeat,
 //!   results as JSON or NDJSON).
+//! - `cors`: [`with_cors`], CORS for browser pages from the origins an embedder lists.
+//! - `health`: `GET /healthz` (alive) and `GET /readyz` (store reachable, not
+//!   draining), for orchestrators: no token.
 //! - `extract`: what every route reads first, shared with the transports: the base
 //!   path, the principal, the session header.
 //! - `body`: request bodies under the size limit; NDJSON line by line.
@@ -18,14 +21,17 @@
 
 mod body;
 mod client;
+mod cors;
 mod error;
 mod extract;
+mod health;
 mod provider;
 mod reply;
 mod routes;
 mod server;
 mod stream;
 
+pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};
 pub use extract::{authorization, base_path, principal, session_header, session_id};
 pub use reply::event_stream;

@@ -14,7 +14,8 @@
 //! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name...}/infer` | [`Gateway::infer`] |
 //! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
-//! | `GET /v1/models` · `GET /v1/models/{id}` | the active models, as OpenAI lists them |
+//! | `GET /v1/models` · `GET /v1/models/{id...}` | the active models, as OpenAI lists them |
+//! | `GET /healthz` · `GET /readyz` | alive · ready (not draining, store answers); no token |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
@@ -35,7 +36,7 @@ use warp::reply::Response;
 use crate::client::Target;
 use crate::extract::{authorization, base_path, name_tail, session_header};
 use crate::server::CloseConnection;
-use crate::{client, error, provider};
+use crate::{client, error, health, provider};
 use virtual_llm_core::protocol::Endpoint;
 
 /// Every route of the gateway: the control `channels` of the transports, the routes of
@@ -61,8 +62,7 @@ pub fn routes(
         .boxed()
 }
 
-/// [`routes`] with an embedder's own `extra` routes (`/metrics`, `/healthz`…) tried
-/// first.
+/// [`routes`] with an embedder's own `extra` routes (`/metrics`…) tried first.
 pub fn routes_with(
     gateway: Gateway,
     channels: impl IntoIterator<Item = BoxedFilter<(Response,)>>,
@@ -81,6 +81,7 @@ pub fn routes_with(
 /// channels (`a.or(b)`), then [`recover`](crate::recover) once at the end.
 pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     let base = base_path(&gateway.config().base_path);
+    let probes = health::routes(gateway.clone());
     let gw = warp::any().map(move || gateway.clone());
     let content_type = warp::header::optional::<String>("content-type");
 
@@ -191,6 +192,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .or(models)
         .unify()
         .or(model)
+        .unify()
+        .or(probes)
         .unify()
         .boxed()
 }

@@ -348,6 +348,19 @@ impl Gateway {
         left
     }
 
+    /// Whether this gateway can take requests now (an orchestrator's readiness
+    /// probe): not draining, and its store answers a read of one row. The error says
+    /// which: 503 `llm_unavailable` (draining), or the store's own error.
+    pub async fn ready(&self) -> Result<(), Error> {
+        if self.is_draining() {
+            return Err(self.draining());
+        }
+        // Any valid name: whether the row exists does not matter, the read does.
+        let probe = crate::LlmName::parse("readyz-probe")?;
+        self.shared.store.get(&probe).await?;
+        Ok(())
+    }
+
     /// Whether [`Gateway::drain`] has begun.
     pub fn is_draining(&self) -> bool {
         self.shared

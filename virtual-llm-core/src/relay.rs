@@ -245,7 +245,7 @@ impl Gateway {
         self.task(row, request, Some(slot), deadline)
     }
 
-    fn draining(&self) -> Error {
+    pub(crate) fn draining(&self) -> Error {
         Error::unavailable(
             UnavailableKind::Draining,
             "the gateway is shutting down",
