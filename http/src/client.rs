@@ -4,18 +4,24 @@
 
 use bytes::Buf;
 use futures::Stream;
-use serde_json::{Value, json};
+use serde_json::Value;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
-use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, Model, Reply};
+use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmView, Model, Reply};
 use warp::reply::Response;
 
 use crate::error::respond;
 use crate::extract::principal;
+use crate::openapi::{
+    ChatCompletionRequest, CompletionRequest, E400, E401, E403, E404, E413, E429, E502, E503, E504,
+    EmbeddingRequest, InferBody, NameParam,
+};
 use crate::server::CloseConnection;
 use crate::{body, reply, stream};
 
 /// `GET {base}`: the registry rows the caller may see.
+#[utoipa::path(get, path = "/api/v1/llms", tag = "registry",
+    responses((status = 200, description = "The rows, ordered by name", body = [LlmView]), E401, E403))]
 pub(crate) async fn list(gw: Gateway, auth: Option<String>) -> Response {
     respond(
         async {
@@ -26,7 +32,9 @@ pub(crate) async fn list(gw: Gateway, auth: Option<String>) -> Response {
     )
 }
 
-/// `GET {base}/{name}`: one row.
+/// `GET {base}/{name...}`: one row.
+#[utoipa::path(get, path = "/api/v1/llms/{name}", tag = "registry", params(NameParam),
+    responses((status = 200, description = "The row", body = LlmView), E400, E401, E403, E404))]
 pub(crate) async fn get(name: String, gw: Gateway, auth: Option<String>) -> Response {
     respond(
         async {
@@ -37,7 +45,9 @@ pub(crate) async fn get(name: String, gw: Gateway, auth: Option<String>) -> Resp
     )
 }
 
-/// `GET {base}/{poolKey}/members`: the rows of a pool.
+/// `GET {base}/{poolKey...}/members`: the rows of a pool.
+#[utoipa::path(get, path = "/api/v1/llms/{name}/members", tag = "registry", params(NameParam),
+    responses((status = 200, description = "The pool's rows, ordered by name", body = [LlmView]), E400, E401, E403, E404))]
 pub(crate) async fn members(pool: String, gw: Gateway, auth: Option<String>) -> Response {
     respond(
         async {
@@ -46,6 +56,95 @@ pub(crate) async fn members(pool: String, gw: Gateway, auth: Option<String>) -> 
         }
         .await,
     )
+}
+
+/// The request of an inference route, as warp hands it over: the principal's
+/// `Authorization`, the client's `x-request-timeout`, the connection's close handle, the
+/// body.
+pub(crate) type InferArgs<S> = (
+    Gateway,
+    Option<String>,
+    Option<String>,
+    Option<CloseConnection>,
+    S,
+);
+
+/// `POST {base}/{name...}/infer`: a chat completion for the named LLM.
+#[utoipa::path(post, path = "/api/v1/llms/{name}/infer", tag = "openai", params(NameParam),
+    request_body = InferBody,
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+pub(crate) async fn named_infer<S, B>(
+    name: String,
+    (gw, auth, timeout, close, body): InferArgs<S>,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    infer(Target::Named(name), gw, auth, timeout, close, body).await
+}
+
+/// `POST /v1/chat/completions`.
+#[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+pub(crate) async fn chat_completions<S, B>(
+    (gw, auth, timeout, close, body): InferArgs<S>,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    infer(
+        Target::Body(Endpoint::ChatCompletions),
+        gw,
+        auth,
+        timeout,
+        close,
+        body,
+    )
+    .await
+}
+
+/// `POST /v1/completions`.
+#[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+pub(crate) async fn completions<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    infer(
+        Target::Body(Endpoint::Completions),
+        gw,
+        auth,
+        timeout,
+        close,
+        body,
+    )
+    .await
+}
+
+/// `POST /v1/embeddings`.
+#[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingRequest,
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+pub(crate) async fn embeddings<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    infer(
+        Target::Body(Endpoint::Embeddings),
+        gw,
+        auth,
+        timeout,
+        close,
+        body,
+    )
+    .await
 }
 
 /// What an inference route answers: a chat completion for the LLM its path names
@@ -94,37 +193,68 @@ where
 }
 
 /// A model as OpenAI lists it.
-fn model_object(model: &Model) -> Value {
-    json!({
-        "id": model.id,
-        "object": "model",
-        "created": model.created_at.as_millis() / 1000,
-        "owned_by": match model.kind {
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelObject {
+    /// The name clients call it by (a pool key).
+    id: String,
+    /// Always `model`.
+    object: &'static str,
+    /// When it was first published, in seconds since the epoch.
+    created: u64,
+    /// `virtual` (published) or `public`.
+    owned_by: &'static str,
+}
+
+/// `GET /v1/models`.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub(crate) struct ModelList {
+    /// Always `list`.
+    object: &'static str,
+    /// The models.
+    data: Vec<ModelObject>,
+}
+
+fn model_object(model: &Model) -> ModelObject {
+    ModelObject {
+        id: model.id.to_string(),
+        object: "model",
+        created: model.created_at.as_millis() / 1000,
+        owned_by: match model.kind {
             LlmKind::Public => "public",
             LlmKind::Virtual => "virtual",
         },
-    })
+    }
 }
 
 /// `GET /v1/models`: the active LLMs, as OpenAI lists models.
+#[utoipa::path(get, path = "/v1/models", tag = "openai",
+    responses((status = 200, description = "Each pool key with an active member", body = ModelList), E401, E403))]
 pub(crate) async fn models(gw: Gateway, auth: Option<String>) -> Response {
     respond(
         async {
             let who = principal(&gw, auth.as_deref()).await?;
-            let data: Vec<Value> = gw
+            let data = gw
                 .active_models(&who)
                 .await?
                 .iter()
                 .map(model_object)
                 .collect();
-            Ok(reply::json(200, &json!({ "object": "list", "data": data })))
+            Ok(reply::json(
+                200,
+                &ModelList {
+                    object: "list",
+                    data,
+                },
+            ))
         }
         .await,
     )
 }
 
-/// `GET /v1/models/{id}` (the SDKs' `models.retrieve`): one model of the list, or
+/// `GET /v1/models/{id...}` (the SDKs' `models.retrieve`): one model of the list, or
 /// 404 when it is not there (unknown, or with no active member).
+#[utoipa::path(get, path = "/v1/models/{name}", tag = "openai", params(NameParam),
+    responses((status = 200, description = "The model", body = ModelObject), E401, E403, E404))]
 pub(crate) async fn model(id: String, gw: Gateway, auth: Option<String>) -> Response {
     respond(
         async {

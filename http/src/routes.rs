@@ -16,6 +16,7 @@
 //! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
 //! | `GET /v1/models` · `GET /v1/models/{id...}` | the active models, as OpenAI lists them |
 //! | `GET /healthz` · `GET /readyz` | alive · ready (not draining, store answers); no token |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of these routes; no token |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
@@ -33,11 +34,9 @@ use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
-use crate::client::Target;
 use crate::extract::{authorization, base_path, name_tail, session_header};
 use crate::server::CloseConnection;
-use crate::{client, error, health, provider};
-use virtual_llm_core::protocol::Endpoint;
+use crate::{client, error, health, openapi, provider};
 
 /// Every route of the gateway: the control `channels` of the transports, the routes of
 /// this crate, and the OpenAI-shaped 404/405 for anything none of them matches.
@@ -81,7 +80,9 @@ pub fn routes_with(
 /// channels (`a.or(b)`), then [`recover`](crate::recover) once at the end.
 pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     let base = base_path(&gateway.config().base_path);
-    let probes = health::routes(gateway.clone());
+    let probes = health::routes(gateway.clone())
+        .or(openapi::route(&gateway))
+        .unify();
     let gw = warp::any().map(move || gateway.clone());
     let content_type = warp::header::optional::<String>("content-type");
 
@@ -132,31 +133,27 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(gw.clone())
         .and(authorization())
         .then(client::members);
-    let request_timeout = warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER);
-    let infer = base
-        .and(name_tail(Some("infer")))
-        .and(warp::post())
+    // What every inference route reads, as one tuple (see `client::InferArgs`).
+    let infer_args = warp::post()
         .and(gw.clone())
         .and(authorization())
-        .and(request_timeout)
+        .and(warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER))
         .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
-        .then(|name: String, gw, auth, timeout, close, body| {
-            client::infer(Target::Named(name), gw, auth, timeout, close, body)
-        });
-    let openai = |endpoint: Endpoint| {
-        warp::post()
-            .and(warp::any().map(move || Target::Body(endpoint)))
-            .and(gw.clone())
-            .and(authorization())
-            .and(warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER))
-            .and(warp::ext::optional::<CloseConnection>())
-            .and(warp::body::stream())
-            .then(client::infer)
-    };
-    let chat = warp::path!("v1" / "chat" / "completions").and(openai(Endpoint::ChatCompletions));
-    let completions = warp::path!("v1" / "completions").and(openai(Endpoint::Completions));
-    let embeddings = warp::path!("v1" / "embeddings").and(openai(Endpoint::Embeddings));
+        .map(|gw, auth, timeout, close, body| (gw, auth, timeout, close, body));
+    let infer = base
+        .and(name_tail(Some("infer")))
+        .and(infer_args.clone())
+        .then(client::named_infer);
+    let chat = warp::path!("v1" / "chat" / "completions")
+        .and(infer_args.clone())
+        .then(client::chat_completions);
+    let completions = warp::path!("v1" / "completions")
+        .and(infer_args.clone())
+        .then(client::completions);
+    let embeddings = warp::path!("v1" / "embeddings")
+        .and(infer_args)
+        .then(client::embeddings);
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(gw.clone())

@@ -57,6 +57,8 @@ mod memory;
 pub mod metrics;
 mod name;
 pub mod openai;
+#[cfg(feature = "openapi")]
+mod openapi;
 pub mod protocol;
 mod provider;
 pub mod publisher;

@@ -47,6 +47,7 @@ const MAX_MODEL_LEN: usize = 256;
 
 /// One LLM a publisher offers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LlmSpec {
     /// Registry name.
@@ -74,6 +75,7 @@ pub struct LlmSpec {
 /// A bound session's rows follow it: `ready` → `active`, `asleep` → `hibernating`,
 /// `unavailable` → `inactive`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamState {
     /// It answers: the upstream's model list answered 2xx.
@@ -98,6 +100,7 @@ impl UpstreamState {
 
 /// One LLM's state in a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LlmState {
     /// The LLM.
@@ -177,6 +180,7 @@ fn check_label(field: &str, value: &str, max: usize) -> Result<(), Error> {
 
 /// `POST {base}/_provider-register`, and the WebSocket `register` frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterRequest {
     /// The session id the publisher persisted, if any.
@@ -191,6 +195,7 @@ pub struct RegisterRequest {
 
 /// The answer to a register, and the WebSocket `registered` frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterResponse {
     /// The session id to persist: the one sent, or a fresh one.
@@ -230,6 +235,7 @@ pub struct Hello {
 
 /// `POST {base}/_provider-heartbeat`, and the WebSocket `heartbeat` frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatRequest {
     /// The publisher's session.
@@ -242,6 +248,7 @@ pub struct HeartbeatRequest {
 
 /// The answer to a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatResponse {
     /// How many rows the session holds.
@@ -272,6 +279,7 @@ pub enum TaskKind {
 /// assert!(!Endpoint::Embeddings.streams());
 /// ```
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub enum Endpoint {
     /// `POST /v1/chat/completions`.
     #[default]
@@ -377,6 +385,7 @@ pub struct CreditFrame {
 
 /// Why a name was refused in a register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum ConflictReason {
     /// A public LLM has this name.
@@ -411,6 +420,7 @@ impl ConflictReason {
 
 /// One refused name of a 409.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct NameConflict {
     /// The name.
@@ -421,6 +431,7 @@ pub struct NameConflict {
 
 /// The OpenAI-shaped error body `{"error":{...}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
@@ -428,6 +439,7 @@ pub struct ErrorBody {
 
 /// The inside of an [`ErrorBody`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Human-readable message.
     pub message: String,
@@ -692,6 +704,7 @@ impl TaskResult {
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct ResultWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<Value>,
@@ -710,6 +723,7 @@ struct ResultWire {
 }
 
 #[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct ChunkWire {
     #[serde(default)]
     data: String,
@@ -717,6 +731,31 @@ struct ChunkWire {
     done: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+}
+
+/// A task result's schema is its wire form's: exactly one of `{error}`,
+/// `{chunk: {data, done?, seq?}}` or `{status, body, retryAfter?}`.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for TaskResult {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        <ResultWire as utoipa::PartialSchema>::schema()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for TaskResult {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("TaskResult")
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        <ResultWire as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 impl TryFrom<ResultWire> for TaskResult {
