@@ -199,6 +199,41 @@ impl OpenAiUpstream {
         }
     }
 
+    /// The ids of the models the server lists at `GET {base_url}/models` (OpenAI's
+    /// `{"data": [{"id": …}]}`), within 5 s. [`Error::Upstream`] when it does not
+    /// answer 2xx with such a list.
+    pub async fn model_ids(&self) -> Result<Vec<String>, Error> {
+        let mut request = self.client.get(self.models.clone()).timeout(PROBE_TIMEOUT);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        let response = request.send().await.map_err(|e| self.send_failed(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(upstream(format!(
+                "the upstream's model list answered {status}"
+            )));
+        }
+        let body = match read_body(response, MAX_ERROR_BODY * 16).await {
+            Ok(Body::Complete(body)) => body,
+            Ok(Body::Truncated(_)) => {
+                return Err(upstream("the upstream's model list is too long"));
+            }
+            Err(e) => return Err(self.broke_off(&e)),
+        };
+        let list: Value = serde_json::from_slice(&body)
+            .map_err(|_| upstream("the upstream's model list is not JSON"))?;
+        let data = list
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| upstream("the upstream's model list has no data array"))?;
+        Ok(data
+            .iter()
+            .filter_map(|m| m.get("id").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect())
+    }
+
     /// Sends a chat-completions request and relays the answer (see
     /// [`call`](Self::call) for the other endpoints).
     ///

@@ -97,7 +97,7 @@ pub use name::{LlmName, MAX_NAME_LEN};
 pub use openai::InferRequest;
 pub use protocol::TaskResult;
 pub use provider::Provider;
-pub use publisher::{PublishedLlm, Publisher, PublisherOptions};
+pub use publisher::{Catalog, PublishedLlm, Publisher, PublisherOptions};
 pub use recipe::{CommandRecipe, Recipe};
 pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView, Model};
 pub use reply::{ChunkStream, Completion, Reply};
