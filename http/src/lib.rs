@@ -9,6 +9,7 @@
 //! - `cors`: [`with_cors`], CORS for browser pages from the origins an embedder lists.
 //! - `health`: `GET /healthz` (alive) and `GET /readyz` (store reachable, not
 //!   draining), for orchestrators: no token.
+//! - `status`: the status page, `GET /`: the registry live in a browser.
 //! - `openapi`: [`openapi_document`], the OpenAPI 3.1 document generated from the
 //!   handlers and wire types, served at `GET /openapi.json`.
 //! - `extract`: what every route reads first, shared with the transports: the base
@@ -32,6 +33,7 @@ mod provider;
 mod reply;
 mod routes;
 mod server;
+mod status;
 mod stream;
 
 pub use cors::{check_origins, with_cors};

@@ -16,7 +16,7 @@ use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
-use crate::{client, health, provider};
+use crate::{client, health, provider, status};
 
 /// The default base path the document's paths are written under.
 const DEFAULT_BASE: &str = "/api/v1/llms";
@@ -182,6 +182,7 @@ fn provider_ws() {}
         provider::result,
         provider_stream,
         provider_ws,
+        status::status_page,
         health::healthz,
         health::readyz,
         openapi_json,
@@ -282,6 +283,7 @@ mod tests {
         assert_eq!(
             paths,
             [
+                "/",
                 "/healthz",
                 "/openapi.json",
                 "/readyz",

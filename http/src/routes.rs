@@ -17,6 +17,7 @@
 //! | `GET /v1/models` · `GET /v1/models/{id...}` | the active models, as OpenAI lists them |
 //! | `GET /healthz` · `GET /readyz` | alive · ready (not draining, store answers); no token |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of these routes; no token |
+//! | `GET /` | the status page: the registry live in a browser; no token |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
@@ -36,7 +37,7 @@ use warp::reply::Response;
 
 use crate::extract::{authorization, base_path, name_tail, session_header};
 use crate::server::CloseConnection;
-use crate::{client, error, health, openapi, provider};
+use crate::{client, error, health, openapi, provider, status};
 
 /// Every route of the gateway: the control `channels` of the transports, the routes of
 /// this crate, and the OpenAI-shaped 404/405 for anything none of them matches.
@@ -82,6 +83,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     let base = base_path(&gateway.config().base_path);
     let probes = health::routes(gateway.clone())
         .or(openapi::route(&gateway))
+        .unify()
+        .or(status::route(&gateway))
         .unify();
     let gw = warp::any().map(move || gateway.clone());
     let content_type = warp::header::optional::<String>("content-type");
