@@ -28,7 +28,7 @@ use virtual_llm::{
 use warp::Filter;
 
 #[derive(Parser, Debug)]
-#[command(about = "virtual-llm reference gateway")]
+#[command(name = env!("CARGO_BIN_NAME"), about = "virtual-llm reference gateway", version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]

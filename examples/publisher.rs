@@ -60,7 +60,7 @@ use virtual_llm::{
 };
 
 #[derive(Parser, Debug)]
-#[command(about = "virtual-llm reference publisher")]
+#[command(name = env!("CARGO_BIN_NAME"), about = "virtual-llm reference publisher", version)]
 struct Args {
     /// The gateway's URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
