@@ -15,7 +15,9 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo install --quiet --locked --debug --path cli --root "$work/install"
+# The workspace's target directory: the dependencies the tests built are reused.
+target=${CARGO_TARGET_DIR:-$root/target}
+cargo install --quiet --locked --debug --path cli --root "$work/install" --target-dir "$target"
 bin="$work/install/bin"
 for b in virtual-llm-gateway virtual-llm-publisher llmctl; do
   [ -x "$bin/$b" ] || { echo "cargo install did not install $b" >&2; exit 1; }
