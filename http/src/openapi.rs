@@ -26,7 +26,7 @@ const DEFAULT_BASE: &str = "/api/v1/llms";
 #[into_params(parameter_in = Path)]
 pub(crate) struct NameParam {
     /// The LLM, pool or model name (it may contain `/`).
-    #[param(value_type = virtual_llm_core::LlmName)]
+    #[param(value_type = virtual_llm_core::LlmName, example = "meta-llama/Llama-3.1-8B-Instruct")]
     #[allow(dead_code)]
     name: String,
 }

@@ -226,11 +226,15 @@ fn json() -> impl Strategy<Value = Value> {
 /// last not `infer` or `members`, at most 64 characters.
 fn name() -> impl Strategy<Value = LlmName> {
     "[A-Za-z0-9.:-][A-Za-z0-9._:-]{0,30}(/[A-Za-z0-9._:-]{1,15}){0,2}"
-        .prop_filter("a segment that is '.' or '..', or a reserved last segment", |s| {
-            let segments: Vec<&str> = s.split('/').collect();
-            segments.iter().all(|seg| !matches!(*seg, "." | ".."))
-                && !(segments.len() > 1 && matches!(segments.last(), Some(&("infer" | "members"))))
-        })
+        .prop_filter(
+            "a segment that is '.' or '..', or a reserved last segment",
+            |s| {
+                let segments: Vec<&str> = s.split('/').collect();
+                segments.iter().all(|seg| !matches!(*seg, "." | ".."))
+                    && !(segments.len() > 1
+                        && matches!(segments.last(), Some(&("infer" | "members"))))
+            },
+        )
         .prop_map(|s| LlmName::parse(&s).unwrap())
 }
 
