@@ -29,7 +29,7 @@ use virtual_llm::{
 use warp::Filter;
 
 #[derive(Parser, Debug)]
-#[command(about = "virtual-llm reference gateway")]
+#[command(name = env!("CARGO_BIN_NAME"), about = "virtual-llm reference gateway", version)]
 struct Args {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8080")]
@@ -85,6 +85,10 @@ struct Args {
     /// wake is tried again (default `30s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     wake_cooldown: Option<Duration>,
+    /// Let browser pages from this origin call the gateway (CORS), e.g.
+    /// `https://chat.example.com` (repeatable; `*` for any origin). Off by default.
+    #[arg(long, value_name = "ORIGIN")]
+    cors_origin: Vec<String>,
     /// How long in-flight requests may finish at shutdown.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     grace: Duration,
@@ -169,10 +173,11 @@ fn main() -> std::process::ExitCode {
 
 async fn run(args: Args) -> Result<(), common::BoxError> {
     let file: FileConfig = match &args.config {
-        Some(path) => toml::from_str(
-            &std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?,
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?,
+        Some(path) => {
+            let text =
+                std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+            toml::from_str(&text).map_err(|e| common::toml_error(path, &text, &e))?
+        }
         None => FileConfig::default(),
     };
     let mut config = file.gateway.clone().unwrap_or_default();
@@ -203,6 +208,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     }
     // Before anything is opened: a gateway that cannot work says so and stops.
     config.validate().map_err(|e| config_error(&e))?;
+    virtual_llm::http::check_origins(&args.cors_origin).map_err(|e| config_error(&e))?;
     let auth = authenticator(&file.tokens)?;
     if file.tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure {
         return Err(format!(
@@ -262,13 +268,14 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     // the shutdown starts.
     let mcp_shutdown = virtual_llm::http::mcp::CancellationToken::new();
     let mcp = virtual_llm::http::mcp::routes(gateway.clone(), mcp_shutdown.clone());
-    let metrics = healthz(gateway.clone())
-        .or(metrics_route(gateway.clone(), prometheus))
-        .unify()
+    let metrics = metrics_route(gateway.clone(), prometheus)
         .or(mcp)
         .unify()
         .boxed();
-    let routes = virtual_llm::http::routes_with(gateway.clone(), channels, metrics);
+    let mut routes = virtual_llm::http::routes_with(gateway.clone(), channels, metrics);
+    if !args.cors_origin.is_empty() {
+        routes = virtual_llm::http::with_cors(routes, &args.cors_origin)?;
+    }
     virtual_llm::http::serve(
         listener,
         routes,
@@ -295,7 +302,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
 }
 
 /// The flags of the reference gateway that set a [`Config`] key.
-const FLAGS: [(&str, &str); 12] = [
+const FLAGS: [(&str, &str); 13] = [
+    ("corsOrigin", "--cors-origin"),
     ("wakeWait", "--wake-wait"),
     ("wakeCooldown", "--wake-cooldown"),
     ("heartbeatInterval", "--heartbeat-every"),
@@ -330,28 +338,6 @@ fn config_error(e: &virtual_llm::Error) -> common::BoxError {
         )
     };
     format!("{e} ({place})").into()
-}
-
-/// `GET /healthz`: 200 `ok` while the gateway serves, 503 once it drains; no token,
-/// nothing about the registry (for load balancers and orchestrators).
-fn healthz(gateway: Gateway) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
-    warp::path!("healthz")
-        .and(warp::get())
-        .map(move || {
-            use warp::Reply;
-            let status = if gateway.is_draining() {
-                warp::http::StatusCode::SERVICE_UNAVAILABLE
-            } else {
-                warp::http::StatusCode::OK
-            };
-            let text = if gateway.is_draining() {
-                "draining"
-            } else {
-                "ok"
-            };
-            warp::reply::with_status(text, status).into_response()
-        })
-        .boxed()
 }
 
 /// `GET /metrics`: Prometheus text, for admins (everyone, without tokens).

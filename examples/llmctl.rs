@@ -16,9 +16,10 @@
 //! `--gateway URL` (env `VIRTUAL_LLM_GATEWAY`) and `--token` (env `VIRTUAL_LLM_TOKEN`)
 //! go before or after the subcommand. Errors are one line on stderr and exit code 1.
 //!
-//! In the REPL each answer is followed, on stderr, by a status line: how many content
-//! chunks arrived (or the upstream's `usage.completion_tokens`, called tokens, when the
-//! stream reports it), the rate after the first one, and the time to the first one.
+//! In the REPL each answer is followed, on stderr, by a status line: how many tokens
+//! the answer had (the upstream's `usage.completion_tokens`: a stream asks for it with
+//! `stream_options.include_usage`; content chunks when an upstream reports no usage),
+//! the rate after the first one, and the time to the first one.
 //! Ctrl-C during an answer drops the request (the gateway cancels the task) and returns
 //! to the prompt. When stdin is not a terminal, the REPL reads one message per line and
 //! prints no prompt, so a conversation can be scripted.
@@ -661,6 +662,10 @@ impl Conversation {
             "messages": self.messages,
             "stream": self.stream,
         });
+        if self.stream {
+            // The closing usage chunk: the status line counts real tokens.
+            body["stream_options"] = json!({"include_usage": true});
+        }
         if let Some(t) = self.temperature {
             body["temperature"] = json!(t);
         }

@@ -62,9 +62,9 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use recipes::{RecipeConfig, recipe};
 use serde::Deserialize;
-use virtual_llm::openai::{OpenAiProvider, OpenAiUpstream};
+use virtual_llm::openai::{OpenAiCatalog, OpenAiProvider, OpenAiUpstream};
 use virtual_llm::protocol::{AgentSpec, LlmSpec, MAX_CONCURRENT};
-use virtual_llm::publisher::{PublisherState, Wire};
+use virtual_llm::publisher::{Catalog, PublisherState, Wire};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
     EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
@@ -72,7 +72,7 @@ use virtual_llm::{
 };
 
 #[derive(Parser, Debug)]
-#[command(about = "virtual-llm reference publisher")]
+#[command(name = env!("CARGO_BIN_NAME"), about = "virtual-llm reference publisher", version)]
 struct Args {
     /// The gateway's URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
@@ -99,6 +99,18 @@ struct Args {
     /// never sends an LLM more; this publisher runs up to the sum over its LLMs at once.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=i64::from(MAX_CONCURRENT)))]
     max_concurrent: u32,
+    /// Publish every model this OpenAI-compatible server lists at `GET URL/models`
+    /// (e.g. `http://127.0.0.1:8000/v1`), re-read every heartbeat: a model that
+    /// appears is published, one that goes is dropped. Beside --echo and --config.
+    #[arg(long, value_name = "URL")]
+    discover: Option<String>,
+    /// With --discover: each model is named this prefix followed by its id (each
+    /// character outside [A-Za-z0-9._:-/] replaced by `-`).
+    #[arg(long, default_value = "", requires = "discover")]
+    prefix: String,
+    /// With --discover: the API key of that server.
+    #[arg(long, env = "VIRTUAL_LLM_DISCOVER_API_KEY", requires = "discover")]
+    discover_api_key: Option<String>,
     /// Runtime worker threads. The default, 1, runs everything on one thread: a
     /// publisher relays bytes between two sockets and needs no parallelism, and each
     /// hand-off between threads costs a wake-up on the request's path. Raise it for a
@@ -224,9 +236,22 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             llms.push(lifecycle(llm, &p).map_err(|e| in_entry(&e))?);
         }
     }
-    if llms.is_empty() {
+    let discover = match &args.discover {
+        Some(url) => {
+            let mut upstream = OpenAiUpstream::new(url).map_err(|e| format!("--discover: {e}"))?;
+            if let Some(key) = &args.discover_api_key {
+                upstream = upstream.with_api_key(key)?;
+            }
+            Some(
+                OpenAiCatalog::new(upstream, args.prefix.clone())
+                    .with_max_concurrent(args.max_concurrent),
+            )
+        }
+        None => None,
+    };
+    if llms.is_empty() && discover.is_none() {
         return Err(
-            "nothing to publish: pass --echo NAME or a --config with \"publish\": true entries"
+            "nothing to publish: pass --echo NAME, --discover URL or a --config with \"publish\": true entries"
                 .into(),
         );
     }
@@ -253,19 +278,31 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             args.token.clone(),
         )?),
     };
-    // The gateway sends each LLM at most its maxConcurrent: this many never wait here.
+    // The gateway sends each LLM at most its maxConcurrent: this many never wait here
+    // (discovered models: as many as their number at start, and never fewer than 32).
     let max_concurrent_tasks = llms
         .iter()
         .filter_map(|l| l.spec.max_concurrent)
         .map(|n| n as usize)
-        .sum();
+        .sum::<usize>()
+        .max(if discover.is_some() { 32 } else { 0 });
     let options = PublisherOptions {
         session_file: Some(args.session_file.clone()),
         max_concurrent_tasks,
         agents,
         ..PublisherOptions::default()
     };
-    let publisher = Publisher::spawn(wire, llms, options);
+    let publisher = match discover {
+        Some(discovered) => {
+            tracing::info!(url = %discovered_url(&args), prefix = %args.prefix, "discovering the upstream's models");
+            let catalog = Discovered {
+                fixed: llms,
+                discovered,
+            };
+            Publisher::spawn_discovering(wire, Arc::new(catalog), options)
+        }
+        None => Publisher::spawn(wire, llms, options),
+    };
     let mut state = publisher.state();
     tracing::info!(gateway = %args.gateway, llms = ?names, agents = ?agent_names, "publishing");
     loop {
@@ -286,6 +323,33 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     tracing::info!("stopping: the gateway takes our llms out of service");
     publisher.stop().await;
     Ok(())
+}
+
+/// What a discovering publisher publishes: its --echo and --config LLMs, and every
+/// model the --discover server lists now.
+#[derive(Debug)]
+struct Discovered {
+    fixed: Vec<PublishedLlm>,
+    discovered: OpenAiCatalog,
+}
+
+#[async_trait::async_trait]
+impl Catalog for Discovered {
+    async fn llms(&self) -> Result<Vec<PublishedLlm>, Error> {
+        let mut llms = self.fixed.clone();
+        for llm in self.discovered.llms().await? {
+            if llms.iter().any(|l| l.spec.name == llm.spec.name) {
+                tracing::warn!(name = %llm.spec.name, "a discovered model is named like a published llm; not published twice");
+            } else {
+                llms.push(llm);
+            }
+        }
+        Ok(llms)
+    }
+}
+
+fn discovered_url(args: &Args) -> &str {
+    args.discover.as_deref().unwrap_or_default()
 }
 
 /// `llm` with the wake and sleep settings of its entry, checked: each recipe is a

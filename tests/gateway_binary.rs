@@ -424,3 +424,106 @@ body = {{ host = "gpu-7" }}
     assert!(body.contains("awake"), "{body}");
     assert!(fired.try_recv().is_err(), "the webhook fired once");
 }
+
+/// Runs the gateway to its failure with `args`; its stderr.
+fn failed_start(args: &[&str]) -> String {
+    let dir = temp_dir();
+    let output = Command::new(gateway_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.0.to_str().unwrap(),
+        ])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!output.status.success(), "it must not start: {args:?}");
+    String::from_utf8(output.stderr).unwrap()
+}
+
+#[test]
+fn startup_errors_are_one_readable_line_without_colour() {
+    let dir = temp_dir();
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(
+        &config,
+        "[gateway]\nstaleAfter = \"90s\"\nnot toml at all\n",
+    )
+    .unwrap();
+    let unknown = dir.0.join("unknown.toml");
+    std::fs::write(&unknown, "[[tokens]]\ntoken = \"0123456789abcdef\"\nprincipal = \"p\"\nroles = [\"client\"]\ncolour = 1\n").unwrap();
+    for (args, needle) in [
+        (
+            vec!["--config", config.to_str().unwrap()],
+            "gateway.toml: line 3, column 5: ",
+        ),
+        (
+            vec!["--config", unknown.to_str().unwrap()],
+            "unknown field `colour`",
+        ),
+        (
+            vec!["--cors-origin", "chat.example.com"],
+            "CORS origin \"chat.example.com\" is not an origin",
+        ),
+        (
+            vec!["--stale-after", "1s", "--heartbeat-every", "30s"],
+            "--stale-after",
+        ),
+    ] {
+        let stderr = failed_start(&args);
+        assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+        assert!(
+            stderr.starts_with("error: ") && stderr.contains(needle),
+            "{needle}: {stderr}"
+        );
+        for debug in ["{ ", " }", "Error {", "\u{1b}["] {
+            assert!(
+                !stderr.contains(debug),
+                "no Debug struct, no colour: {stderr}"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_to_a_pipe_have_no_colour_and_the_probes_answer() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let mut child = Command::new(gateway_binary())
+        .args([
+            "--listen",
+            &addr.to_string(),
+            "--data-dir",
+            dir.0.to_str().unwrap(),
+        ])
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let ready = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead;
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        lines.find_map(|l| l.ok().filter(|l| l.contains("gateway ready")))
+    });
+    let line = ready.await.unwrap().expect("the gateway says it is ready");
+    assert!(
+        !line.contains('\u{1b}'),
+        "no ANSI colour in a pipe: {line:?}"
+    );
+    let http = reqwest::Client::new();
+    for probe in ["healthz", "readyz"] {
+        let answer = http
+            .get(format!("http://{addr}/{probe}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{probe}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

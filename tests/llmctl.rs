@@ -604,15 +604,19 @@ async fn the_repl_reads_stdin_when_it_is_not_a_terminal_and_keeps_the_conversati
     let status: Vec<&str> = run
         .stderr
         .lines()
-        .filter(|l| l.contains(" chunk"))
+        .filter(|l| l.contains(" total "))
         .collect();
     assert_eq!(status.len(), 3, "{run:#?}");
+    // The echo model's usage chunk, asked for with `stream_options`: real tokens.
     assert!(
-        status[0].starts_with("2 chunks · ") && status[0].contains("first token "),
+        status[0].starts_with("2 tokens · ") && status[0].contains("first token "),
         "{run:#?}"
     );
     let bodies = setup.provider.bodies();
     assert_eq!(bodies.len(), 3);
+    for body in &bodies {
+        assert_eq!(body["stream_options"]["include_usage"], true, "{body}");
+    }
     let roles = |body: &Value| -> Vec<(String, String)> {
         body["messages"]
             .as_array()
@@ -737,7 +741,7 @@ async fn the_interactive_repl_streams_cancels_and_keeps_history() {
     // A streamed answer, then its status line.
     tmux.keys(&["hello tmux world", "Enter"]);
     tmux.until("the answer and its status line", |s| {
-        s.contains("> hello tmux world\nhello tmux world\n3 chunks · ")
+        s.contains("> hello tmux world\nhello tmux world\n3 tokens · ")
     })
     .await;
 
@@ -760,12 +764,12 @@ async fn the_interactive_repl_streams_cancels_and_keeps_history() {
     // conversation.
     tmux.keys(&["again", "Enter"]);
     tmux.until("the next answer", |s| {
-        s.matches("again\n1 chunk · ").count() == 1
+        s.matches("again\n1 token · ").count() == 1
     })
     .await;
     tmux.keys(&["Up", "Enter"]);
     tmux.until("the recalled line's answer", |s| {
-        s.matches("again\n1 chunk · ").count() == 2
+        s.matches("again\n1 token · ").count() == 2
     })
     .await;
     let bodies = setup.provider.bodies();

@@ -1,8 +1,9 @@
 //! Wire compatibility: a version 1 publisher, speaking exactly what version 1 spoke,
 //! still works against this gateway on both transports, and is sent nothing new — the
 //! register answer, the SSE `hello` and the WebSocket `registered` carry exactly the
-//! version 1 fields, and its chunks without `seq` are relayed as they come. A version 2
-//! publisher is answered in version 2.
+//! version 1 fields, and its chunks without `seq` are relayed as they come; it is sent
+//! no completions or embeddings task (the client gets a 400 saying why). A version 2
+//! publisher is answered in version 2, and its task frames name their endpoint.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -275,4 +276,119 @@ async fn a_version_2_publisher_is_answered_in_version_2_and_an_unknown_one_is_42
         .await
         .unwrap();
     assert_eq!(refused.status(), 426);
+}
+
+/// A client's `endpoint` request to `model`, answered in the background: status and
+/// body.
+fn call_in_background(url: &str, path: &str, body: Value) -> tokio::task::JoinHandle<(u16, Value)> {
+    let url = format!("{url}{path}");
+    tokio::spawn(async move {
+        let response = reqwest::Client::new()
+            .post(url)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        (response.status().as_u16(), response.json().await.unwrap())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_publisher_is_sent_no_completions_or_embeddings_task() {
+    let gw = serve().await;
+    let http = reqwest::Client::new();
+    let base = format!("{}/api/v1/llms", gw.url);
+    let answer: Value = http
+        .post(format!("{base}/_provider-register"))
+        .json(&register_v1("old-chat-only"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = answer["providerSessionId"].as_str().unwrap().to_owned();
+    let stream = http
+        .get(format!("{base}/_provider-stream"))
+        .header("x-provider-session", &session)
+        .send()
+        .await
+        .unwrap();
+    for (path, body) in [
+        (
+            "/v1/embeddings",
+            json!({"model": "old-chat-only", "input": "x"}),
+        ),
+        (
+            "/v1/completions",
+            json!({"model": "old-chat-only", "prompt": "x", "stream": true}),
+        ),
+    ] {
+        let (status, error) = call_in_background(&gw.url, path, body).await.unwrap();
+        assert_eq!(status, 400, "{path}: {error}");
+        assert_eq!(error["error"]["code"], "unsupported_endpoint", "{error}");
+        let message = error["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("old-chat-only") && message.contains("protocol version 1"),
+            "{message}"
+        );
+    }
+    // The next task the publisher sees is the chat request that follows: nothing was
+    // sent for the two refused ones.
+    let client = stream_in_background(&gw.url, "old-chat-only");
+    let (events, _open) = read_events(stream, 2).await;
+    assert_eq!(events[1].0, "task");
+    let task: Value = serde_json::from_str(&events[1].1).unwrap();
+    assert!(task["body"]["messages"].is_array(), "{task}");
+    assert_eq!(task.get("endpoint"), None, "{task}");
+    client.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_2_publisher_is_sent_the_endpoint() {
+    let gw = serve().await;
+    let http = reqwest::Client::new();
+    let base = format!("{}/api/v1/llms", gw.url);
+    let mut register = register_v1("new-embedder");
+    register["protocolVersion"] = json!(2);
+    let answer: Value = http
+        .post(format!("{base}/_provider-register"))
+        .json(&register)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let session = answer["providerSessionId"].as_str().unwrap().to_owned();
+    let stream = http
+        .get(format!("{base}/_provider-stream"))
+        .header("x-provider-session", &session)
+        .header("x-provider-protocol", "2")
+        .send()
+        .await
+        .unwrap();
+    let client = call_in_background(
+        &gw.url,
+        "/v1/embeddings",
+        json!({"model": "new-embedder", "input": ["x"]}),
+    );
+    let (events, _open) = read_events(stream, 2).await;
+    assert_eq!(events[1].0, "task");
+    let task: Value = serde_json::from_str(&events[1].1).unwrap();
+    assert_eq!(task["endpoint"], "embeddings", "{task}");
+    assert_eq!(task["stream"], false, "{task}");
+    let task_id = task["taskId"].as_str().unwrap();
+    let result = json!({"status": 200, "body": {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [1.0]}], "model": "new-embedder", "usage": {"prompt_tokens": 1, "total_tokens": 1}}});
+    let posted = http
+        .post(format!("{base}/_provider-task/{task_id}/result"))
+        .header("x-provider-session", &session)
+        .json(&result)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(posted.status(), 204);
+    let (status, body) = client.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["data"][0]["embedding"], json!([1.0]), "{body}");
 }

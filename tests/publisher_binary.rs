@@ -10,7 +10,8 @@
 //! config entry's wake and sleep settings (`wake`, `sleep`, `idleAfter`,
 //! `readyTimeout`) are taken, an idle LLM's sleep recipe is called as written, and a
 //! bad setting is a one-line error. A config object publishes agents next to the LLMs,
-//! and a bad agent is a one-line error.
+//! and a bad agent is a one-line error. `--discover URL --prefix P` publishes what the
+//! upstream lists and follows the list as it changes.
 //!
 //! These tests run the binaries for a few seconds; they poll for conditions with a
 //! generous cap and never assert how long anything took.
@@ -725,5 +726,98 @@ async fn a_bad_wake_or_sleep_setting_is_a_one_line_error() {
             .unwrap(),
         json!([]),
         "nothing registered"
+    );
+}
+
+/// An upstream listing the models in `models` at `GET /v1/models`, which the test
+/// changes.
+async fn listing_upstream(
+    models: std::sync::Arc<std::sync::Mutex<Vec<&'static str>>>,
+) -> SocketAddr {
+    let routes = warp::path!("v1" / "models").map(move || {
+        let data: Vec<Value> = models
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|id| json!({"id": id, "object": "model"}))
+            .collect();
+        warp::reply::json(&json!({"object": "list", "data": data}))
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(warp::serve(routes).incoming(listener).run());
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discover_publishes_what_the_upstream_lists_and_follows_it() {
+    let models = std::sync::Arc::new(std::sync::Mutex::new(vec![
+        "meta-llama/Llama-3.1-8B-Instruct",
+        "qwen2.5:7b q4",
+    ]));
+    let upstream = listing_upstream(models.clone()).await;
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start_env(
+        addr,
+        &dir.0.join("data"),
+        &["--heartbeat-every", "1s", "--stale-after", "30s"],
+        &[],
+    );
+    ready(&url).await;
+    let discover = format!("http://{upstream}/v1");
+    let publisher = PublisherProcess::start(
+        &url,
+        "sse",
+        &dir.0.join("publisher-session"),
+        &[
+            "--discover",
+            &discover,
+            "--prefix",
+            "box1/",
+            "--echo",
+            "demo",
+        ],
+    );
+    let active = |name: &'static str| {
+        let url = url.clone();
+        async move {
+            try_row(&url, name)
+                .await
+                .is_some_and(|r| r["status"] == "active")
+        }
+    };
+    poll_until(
+        "every listed model is published, beside the echo",
+        CAP,
+        || async {
+            active("box1/meta-llama/Llama-3.1-8B-Instruct").await
+                && active("box1/qwen2.5:7b-q4").await
+                && active("demo").await
+        },
+    )
+    .await;
+    let row = try_row(&url, "box1/qwen2.5:7b-q4").await.unwrap();
+    assert_eq!(
+        row["model"], "qwen2.5:7b q4",
+        "the upstream's own id: {row}"
+    );
+
+    *models.lock().unwrap() = vec!["qwen2.5:7b q4", "phi-4"];
+    poll_until("the new model is published", CAP, || active("box1/phi-4")).await;
+    poll_until("the model that went is dropped", CAP, || async {
+        try_row(&url, "box1/meta-llama/Llama-3.1-8B-Instruct")
+            .await
+            .is_some_and(|r| r["status"] == "inactive")
+    })
+    .await;
+    assert!(active("box1/qwen2.5:7b-q4").await && active("demo").await);
+    assert!(
+        !publisher
+            .lines_with("the catalog changed; registering the new set")
+            .is_empty(),
+        "{:?}",
+        publisher.log()
     );
 }

@@ -7,15 +7,42 @@
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The process's exit: success, or the error printed as one readable line on stderr
-/// (its `Display`, never its `Debug`) and a failure status.
+/// (its `Display`, never its `Debug`, with any line breaks folded) and a failure
+/// status.
 pub(crate) fn exit(result: Result<(), BoxError>) -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {}", one_line(&e.to_string()));
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `text` on one line: its lines trimmed, the empty ones dropped, joined by spaces.
+pub(crate) fn one_line(text: &str) -> String {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A TOML file's parse error in one line: `FILE: line L, column C: what is wrong`
+/// (the toml crate's own message draws the line with a caret over several lines).
+pub(crate) fn toml_error(path: &std::path::Path, text: &str, e: &toml::de::Error) -> String {
+    let place = e.span().map(|span| {
+        let before = &text[..span.start.min(text.len())];
+        let line = before.matches('\n').count() + 1;
+        let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        format!("line {line}, column {column}: ")
+    });
+    format!(
+        "{}: {}{}",
+        path.display(),
+        place.unwrap_or_default(),
+        one_line(e.message())
+    )
 }
 
 /// The provider `type` when a config entry names none.

@@ -75,3 +75,29 @@ pub fn session_id(header: Option<&str>) -> Result<SessionId, Error> {
         header.ok_or_else(|| Error::invalid(format!("the {SESSION_HEADER} header is required")))?;
     SessionId::parse(header)
 }
+
+/// The LLM name a route takes from the path's remaining segments (names may contain
+/// `/`, SPEC §17): all of them, or with `suffix` all but a last segment equal to it
+/// (`{base}/{name...}/infer`). Percent-decoded, so `meta-llama%2FLlama-3.1` is
+/// `meta-llama/Llama-3.1`; the core checks the name. No segments left: not this
+/// route (404).
+pub(crate) fn name_tail(suffix: Option<&'static str>) -> BoxedFilter<(String,)> {
+    warp::path::tail()
+        .and_then(move |tail: warp::path::Tail| async move {
+            let raw = tail.as_str();
+            let raw = match suffix {
+                None => raw,
+                Some(suffix) => raw
+                    .strip_suffix(suffix)
+                    .and_then(|rest| rest.strip_suffix('/'))
+                    .unwrap_or_default(),
+            };
+            if raw.is_empty() {
+                return Err(warp::reject::not_found());
+            }
+            Ok(percent_encoding::percent_decode_str(raw)
+                .decode_utf8_lossy()
+                .into_owned())
+        })
+        .boxed()
+}

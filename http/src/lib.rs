@@ -6,6 +6,12 @@
 //! - `client`: the client routes (the OpenAI pair, the registry's list, get and infer).
 //! - `provider`: the provider routes that are plain HTTP (register, heartbeat,
 //!   results as JSON or NDJSON).
+//! - `cors`: [`with_cors`], CORS for browser pages from the origins an embedder lists.
+//! - `health`: `GET /healthz` (alive) and `GET /readyz` (store reachable, not
+//!   draining), for orchestrators: no token.
+//! - `status`: the status page, `GET /`: the registry live in a browser.
+//! - `openapi`: [`openapi_document`], the OpenAPI 3.1 document generated from the
+//!   handlers and wire types, served at `GET /openapi.json`.
 //! - `extract`: what every route reads first, shared with the transports: the base
 //!   path, the principal, the session header.
 //! - `body`: request bodies under the size limit; NDJSON line by line.
@@ -20,18 +26,24 @@
 
 mod body;
 mod client;
+mod cors;
 mod error;
 mod extract;
+mod health;
 #[cfg(feature = "mcp")]
 pub mod mcp;
+mod openapi;
 mod provider;
 mod reply;
 mod routes;
 mod server;
+mod status;
 mod stream;
 
+pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};
 pub use extract::{authorization, base_path, principal, session_header, session_id};
+pub use openapi::document as openapi_document;
 pub use reply::event_stream;
 pub use routes::{api_routes, routes, routes_with};
 pub use server::{LISTEN_BACKLOG, ServeOptions, bind, serve, serve_with};

@@ -4,15 +4,22 @@
 
 use bytes::Buf;
 use futures::{Stream, StreamExt};
-use virtual_llm_core::protocol::{HeartbeatRequest, RegisterRequest, TaskResult};
+use virtual_llm_core::protocol::{
+    HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, TaskResult,
+};
 use virtual_llm_core::{Gateway, TaskId};
 use warp::reply::Response;
 
 use crate::error::respond;
 use crate::extract::{principal, session_id};
+use crate::openapi::{E400, E401, E403, E404, E409, E413, E426};
 use crate::{body, reply};
 
 /// `POST {base}/_provider-register`.
+#[utoipa::path(post, path = "/api/v1/llms/_provider-register", tag = "provider",
+    request_body = RegisterRequest,
+    responses((status = 200, description = "The session and its rows", body = RegisterResponse),
+        E400, E401, E403, E409, E413, E426))]
 pub(crate) async fn register<S, B>(gw: Gateway, auth: Option<String>, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -30,6 +37,10 @@ where
 }
 
 /// `POST {base}/_provider-heartbeat`.
+#[utoipa::path(post, path = "/api/v1/llms/_provider-heartbeat", tag = "provider",
+    request_body = HeartbeatRequest,
+    responses((status = 200, description = "How many rows the session holds", body = HeartbeatResponse),
+        E400, E401, E403, E404, E413))]
 pub(crate) async fn heartbeat<S, B>(gw: Gateway, auth: Option<String>, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -57,6 +68,16 @@ where
 /// `POST {base}/_provider-task/{taskId}/result`: one result as JSON, or many as NDJSON
 /// (`application/x-ndjson`), each delivered as it arrives: a slow client makes this
 /// request wait, and only this one.
+#[utoipa::path(post, path = "/api/v1/llms/_provider-task/{taskId}/result", tag = "provider",
+    params(
+        ("taskId" = virtual_llm_core::TaskId, Path, description = "The task"),
+        ("x-provider-session" = String, Header, description = "The session the task was sent to"),
+    ),
+    request_body(content(
+        (TaskResult = "application/json"),
+        (String = "application/x-ndjson"),
+    )),
+    responses((status = 204, description = "Delivered"), E400, E401, E403, E404, E409, E413))]
 pub(crate) async fn result<S, B>(
     task: String,
     gw: Gateway,

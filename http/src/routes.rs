@@ -10,16 +10,25 @@
 //! | `POST {base}/_provider-register` | [`Gateway::register`] |
 //! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
 //! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
-//! | `GET {base}` · `GET {base}/{name}` | [`Gateway::list`] · [`Gateway::get`] |
-//! | `GET {base}/{poolKey}/members` | [`Gateway::members`] |
-//! | `POST {base}/{name}/infer` | [`Gateway::infer`] |
-//! | `POST /v1/chat/completions` · `GET /v1/models` | the OpenAI-compatible pair |
-//! | `GET /api/v1/agents` · `GET /api/v1/agents/{name}` | [`Gateway::agents`] · [`Gateway::agent`] |
+//! | `GET {base}` · `GET {base}/{name...}` | [`Gateway::list`] · [`Gateway::get`] |
+//! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
+//! | `POST {base}/{name...}/infer` | [`Gateway::infer`] |
+//! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
+//! | `GET /v1/models` · `GET /v1/models/{id...}` | the active models and agents, as OpenAI lists them |
+//! | `GET /api/v1/agents` · `GET /api/v1/agents/{name...}` | [`Gateway::agents`] · [`Gateway::agent`] |
+//! | `GET /healthz` · `GET /readyz` | alive · ready (not draining, store answers); no token |
+//! | `GET /openapi.json` | the OpenAPI 3.1 document of these routes; no token |
+//! | `GET /` | the status page: the registry live in a browser; no token |
 //!
 //! A control channel (`GET {base}/_provider-stream` of `virtual-llm-sse`,
 //! `GET {base}/_provider-ws` of `virtual-llm-ws`) is a filter its transport builds; the
 //! `channels` given to [`routes`] are tried before the routes above, whose
-//! `{base}/{name}` would otherwise take their paths.
+//! `{base}/{name...}` would otherwise take their paths.
+//!
+//! A name may contain `/` (SPEC §17), so a route that takes one takes the path's
+//! remaining segments (`{name...}`), percent-decoded; a name's last segment is never
+//! `infer` or `members`, so `{base}/{name...}/members` and `{base}/{name...}` cannot
+//! be confused.
 
 use virtual_llm_core::Gateway;
 use virtual_llm_core::openai::REQUEST_TIMEOUT_HEADER;
@@ -27,9 +36,9 @@ use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
-use crate::extract::{authorization, base_path, session_header};
+use crate::extract::{authorization, base_path, name_tail, session_header};
 use crate::server::CloseConnection;
-use crate::{client, error, provider};
+use crate::{client, error, health, openapi, provider, status};
 
 /// Every route of the gateway: the control `channels` of the transports, the routes of
 /// this crate, and the OpenAI-shaped 404/405 for anything none of them matches.
@@ -54,8 +63,7 @@ pub fn routes(
         .boxed()
 }
 
-/// [`routes`] with an embedder's own `extra` routes (`/metrics`, `/healthz`…) tried
-/// first.
+/// [`routes`] with an embedder's own `extra` routes (`/metrics`…) tried first.
 pub fn routes_with(
     gateway: Gateway,
     channels: impl IntoIterator<Item = BoxedFilter<(Response,)>>,
@@ -74,6 +82,11 @@ pub fn routes_with(
 /// channels (`a.or(b)`), then [`recover`](crate::recover) once at the end.
 pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     let base = base_path(&gateway.config().base_path);
+    let probes = health::routes(gateway.clone())
+        .or(openapi::route(&gateway))
+        .unify()
+        .or(status::route(&gateway))
+        .unify();
     let gw = warp::any().map(move || gateway.clone());
     let content_type = warp::header::optional::<String>("content-type");
 
@@ -112,49 +125,60 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .then(client::list);
     let get = base
         .clone()
-        .and(warp::path!(String))
+        .and(name_tail(None))
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
         .then(client::get);
     let members = base
         .clone()
-        .and(warp::path!(String / "members"))
+        .and(name_tail(Some("members")))
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
         .then(client::members);
-    let request_timeout = warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER);
+    // What every inference route reads, as one tuple (see `client::InferArgs`).
+    let infer_args = warp::post()
+        .and(gw.clone())
+        .and(authorization())
+        .and(warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER))
+        .and(warp::ext::optional::<CloseConnection>())
+        .and(warp::body::stream())
+        .map(|gw, auth, timeout, close, body| (gw, auth, timeout, close, body));
     let infer = base
-        .and(warp::path!(String / "infer"))
-        .and(warp::post())
-        .and(gw.clone())
-        .and(authorization())
-        .and(request_timeout)
-        .and(warp::ext::optional::<CloseConnection>())
-        .and(warp::body::stream())
-        .then(|name: String, gw, auth, timeout, close, body| {
-            client::infer(Some(name), gw, auth, timeout, close, body)
-        });
+        .and(name_tail(Some("infer")))
+        .and(infer_args.clone())
+        .then(client::named_infer);
     let chat = warp::path!("v1" / "chat" / "completions")
-        .and(warp::post())
-        .and(gw.clone())
-        .and(authorization())
-        .and(request_timeout)
-        .and(warp::ext::optional::<CloseConnection>())
-        .and(warp::body::stream())
-        .then(|gw, auth, timeout, close, body| client::infer(None, gw, auth, timeout, close, body));
+        .and(infer_args.clone())
+        .then(client::chat_completions);
+    let completions = warp::path!("v1" / "completions")
+        .and(infer_args.clone())
+        .then(client::completions);
+    let embeddings = warp::path!("v1" / "embeddings")
+        .and(infer_args)
+        .then(client::embeddings);
     let models = warp::path!("v1" / "models")
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
         .then(client::models);
+    let model = warp::path("v1")
+        .and(warp::path("models"))
+        .and(name_tail(None))
+        .and(warp::get())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::model);
     let agents = warp::path!("api" / "v1" / "agents")
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
         .then(client::agents);
-    let agent = warp::path!("api" / "v1" / "agents" / String)
+    let agent = warp::path("api")
+        .and(warp::path("v1"))
+        .and(warp::path("agents"))
+        .and(name_tail(None))
         .and(warp::get())
         .and(gw)
         .and(authorization())
@@ -167,19 +191,27 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .unify()
         .or(list)
         .unify()
-        .or(get)
-        .unify()
         .or(members)
+        .unify()
+        .or(get)
         .unify()
         .or(infer)
         .unify()
         .or(chat)
         .unify()
+        .or(completions)
+        .unify()
+        .or(embeddings)
+        .unify()
         .or(models)
+        .unify()
+        .or(model)
         .unify()
         .or(agents)
         .unify()
         .or(agent)
+        .unify()
+        .or(probes)
         .unify()
         .boxed()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use virtual_llm_core::{Error, InferRequest, LlmName, LlmRecord, PublicBackend, Reply};
 
-use crate::upstream::{OpenAiUpstream, chat_as};
+use crate::upstream::{OpenAiUpstream, call_as};
 
 /// How long an unknown public LLM should wait before retrying.
 const UNKNOWN_LLM_RETRY_AFTER: Duration = Duration::from_secs(5);
@@ -98,6 +98,13 @@ impl PublicBackend for OpenAiBackend {
                 retry_after: UNKNOWN_LLM_RETRY_AFTER,
             });
         };
-        chat_as(&route.upstream, &route.model, request.body, request.stream).await
+        call_as(
+            &route.upstream,
+            request.endpoint,
+            &route.model,
+            request.body,
+            request.stream,
+        )
+        .await
     }
 }

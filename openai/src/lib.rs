@@ -10,6 +10,7 @@
 //! - `retry_after`: an upstream's `Retry-After`, in seconds or as a date.
 //! - `provider`: [`OpenAiProvider`], a publisher's local model, ready when its server
 //!   lists its models.
+//! - `catalog`: [`OpenAiCatalog`], discovery: every model the server lists, published.
 //! - `recipe`: [`UrlRecipe`], a wake or sleep recipe that calls a URL.
 //! - `backend`: [`OpenAiBackend`], the gateway's answer for `kind=public` rows.
 //!
@@ -18,6 +19,7 @@
 //! names everything OpenAI.
 
 mod backend;
+mod catalog;
 mod chunks;
 mod message;
 mod provider;
@@ -26,6 +28,7 @@ mod retry_after;
 mod upstream;
 
 pub use backend::OpenAiBackend;
+pub use catalog::{OpenAiCatalog, catalog_name};
 pub use provider::OpenAiProvider;
 pub use recipe::UrlRecipe;
 pub use upstream::OpenAiUpstream;

@@ -5,7 +5,7 @@ use async_trait::async_trait;
 use virtual_llm_core::protocol::TaskFrame;
 use virtual_llm_core::{Error, Provider, Reply};
 
-use crate::upstream::{OpenAiUpstream, chat_as};
+use crate::upstream::{OpenAiUpstream, call_as};
 
 /// A publisher's local model behind an OpenAI-compatible server.
 ///
@@ -60,7 +60,14 @@ impl OpenAiProvider {
 #[async_trait]
 impl Provider for OpenAiProvider {
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
-        chat_as(&self.upstream, &self.model, task.body, task.stream).await
+        call_as(
+            &self.upstream,
+            task.endpoint,
+            &self.model,
+            task.body,
+            task.stream,
+        )
+        .await
     }
 
     /// `GET {base_url}/models` answering 2xx within 5 s (see

@@ -27,11 +27,19 @@ use eventsource_stream::Eventsource;
 use reqwest::Url;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::Value;
+use virtual_llm_core::protocol::Endpoint;
 use virtual_llm_core::{Completion, Error, Reply};
 
 use crate::chunks::chunks;
 use crate::message::{error_body, error_message, upstream};
 use crate::retry_after::retry_after;
+
+/// The endpoints an upstream answers, in the order of [`OpenAiUpstream::endpoints`].
+const ENDPOINTS: [Endpoint; 3] = [
+    Endpoint::ChatCompletions,
+    Endpoint::Completions,
+    Endpoint::Embeddings,
+];
 
 /// How long to wait for a TCP (and TLS) connection to the upstream.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -47,7 +55,8 @@ const MAX_COMPLETION_BODY: usize = 32 * 1024 * 1024;
 /// A client for one OpenAI-compatible server.
 ///
 /// Cheap to clone: clones share one connection pool. Requests go to
-/// `{base_url}/chat/completions`; an API key, when set, is sent as
+/// `{base_url}/chat/completions` (and `/completions`, `/embeddings` through
+/// [`call`](OpenAiUpstream::call)); an API key, when set, is sent as
 /// `Authorization: Bearer <key>`. There is no overall request timeout (a stream can
 /// run for minutes), only a connect timeout; callers bound a request by dropping it.
 ///
@@ -77,8 +86,9 @@ const MAX_COMPLETION_BODY: usize = 32 * 1024 * 1024;
 pub struct OpenAiUpstream {
     /// The base URL as configured, for logs and [`OpenAiUpstream::base_url`].
     base_url: String,
-    /// `{base_url}/chat/completions`, computed once.
-    endpoint: Url,
+    /// `{base_url}/chat/completions`, `/completions` and `/embeddings`, computed once,
+    /// in the order of [`ENDPOINTS`].
+    endpoints: [Url; 3],
     /// `{base_url}/models`, what a readiness probe asks for.
     models: Url,
     /// `host:port` of the server, for the local log only: no error message names it.
@@ -109,8 +119,11 @@ impl OpenAiUpstream {
     /// URL, or when the HTTP client cannot be built.
     pub fn new(base_url: &str) -> Result<Self, Error> {
         let trimmed = base_url.trim().trim_end_matches('/');
-        let endpoint = Url::parse(&format!("{trimmed}/chat/completions"))
-            .map_err(|e| Error::invalid(format!("invalid upstream url {base_url:?}: {e}")))?;
+        let url = |path: &str| {
+            Url::parse(&format!("{trimmed}/{path}"))
+                .map_err(|e| Error::invalid(format!("invalid upstream url {base_url:?}: {e}")))
+        };
+        let endpoint = url(Endpoint::ChatCompletions.path())?;
         if !matches!(endpoint.scheme(), "http" | "https") {
             return Err(Error::invalid(format!(
                 "upstream url {base_url:?} must be http or https"
@@ -125,11 +138,15 @@ impl OpenAiUpstream {
                 )));
             }
         };
-        let models = Url::parse(&format!("{trimmed}/models"))
-            .map_err(|e| Error::invalid(format!("invalid upstream url {base_url:?}: {e}")))?;
+        let models = url("models")?;
+        let endpoints = [
+            endpoint,
+            url(Endpoint::Completions.path())?,
+            url(Endpoint::Embeddings.path())?,
+        ];
         Ok(OpenAiUpstream {
             base_url: trimmed.to_owned(),
-            endpoint,
+            endpoints,
             models,
             host,
             authorization: None,
@@ -182,7 +199,43 @@ impl OpenAiUpstream {
         }
     }
 
-    /// Sends a chat-completions request and relays the answer.
+    /// The ids of the models the server lists at `GET {base_url}/models` (OpenAI's
+    /// `{"data": [{"id": …}]}`), within 5 s. [`Error::Upstream`] when it does not
+    /// answer 2xx with such a list.
+    pub async fn model_ids(&self) -> Result<Vec<String>, Error> {
+        let mut request = self.client.get(self.models.clone()).timeout(PROBE_TIMEOUT);
+        if let Some(authorization) = &self.authorization {
+            request = request.header(AUTHORIZATION, authorization.clone());
+        }
+        let response = request.send().await.map_err(|e| self.send_failed(&e))?;
+        let status = response.status();
+        if !status.is_success() {
+            return Err(upstream(format!(
+                "the upstream's model list answered {status}"
+            )));
+        }
+        let body = match read_body(response, MAX_ERROR_BODY * 16).await {
+            Ok(Body::Complete(body)) => body,
+            Ok(Body::Truncated(_)) => {
+                return Err(upstream("the upstream's model list is too long"));
+            }
+            Err(e) => return Err(self.broke_off(&e)),
+        };
+        let list: Value = serde_json::from_slice(&body)
+            .map_err(|_| upstream("the upstream's model list is not JSON"))?;
+        let data = list
+            .get("data")
+            .and_then(Value::as_array)
+            .ok_or_else(|| upstream("the upstream's model list has no data array"))?;
+        Ok(data
+            .iter()
+            .filter_map(|m| m.get("id").and_then(Value::as_str))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Sends a chat-completions request and relays the answer (see
+    /// [`call`](Self::call) for the other endpoints).
     ///
     /// `body` is an OpenAI request and is sent as it is, except for `stream`:
     /// - `stream: false`: answers [`Reply::Complete`] with status 200 and the upstream's
@@ -199,7 +252,21 @@ impl OpenAiUpstream {
     /// no chat completion; its message never names the upstream's address.
     ///
     /// Dropping the returned future, or the stream, aborts the upstream request.
-    pub async fn chat(&self, mut body: Value, stream: bool) -> Result<Reply, Error> {
+    pub async fn chat(&self, body: Value, stream: bool) -> Result<Reply, Error> {
+        self.call(Endpoint::ChatCompletions, body, stream).await
+    }
+
+    /// Sends a request to `endpoint` (`{base_url}/chat/completions`, `/completions` or
+    /// `/embeddings`) and relays the answer, as [`chat`](Self::chat) does for chat
+    /// completions: a streamed completion's SSE `data:` payloads one by one, anything
+    /// else whole, a 4xx or 5xx as the upstream's own answer.
+    pub async fn call(
+        &self,
+        endpoint: Endpoint,
+        mut body: Value,
+        stream: bool,
+    ) -> Result<Reply, Error> {
+        let stream = stream && endpoint.streams();
         let Value::Object(fields) = &mut body else {
             return Err(Error::invalid("the request body must be a JSON object"));
         };
@@ -208,7 +275,8 @@ impl OpenAiUpstream {
         } else if fields.contains_key("stream") {
             fields.insert("stream".to_owned(), Value::Bool(false));
         }
-        let mut request = self.client.post(self.endpoint.clone()).json(&body);
+        let url = &self.endpoints[ENDPOINTS.iter().position(|e| *e == endpoint).unwrap_or(0)];
+        let mut request = self.client.post(url.clone()).json(&body);
         if let Some(authorization) = &self.authorization {
             request = request.header(AUTHORIZATION, authorization.clone());
         }
@@ -395,8 +463,9 @@ async fn read_body(mut response: reqwest::Response, limit: usize) -> reqwest::Re
 
 /// Replaces `model` with the upstream's name and relays: the one path of both the
 /// provider and the backend.
-pub(crate) async fn chat_as(
+pub(crate) async fn call_as(
     upstream: &OpenAiUpstream,
+    endpoint: Endpoint,
     model: &str,
     mut body: Value,
     stream: bool,
@@ -405,7 +474,7 @@ pub(crate) async fn chat_as(
         return Err(Error::invalid("the request body must be a JSON object"));
     };
     fields.insert("model".to_owned(), Value::String(model.to_owned()));
-    upstream.chat(body, stream).await
+    upstream.call(endpoint, body, stream).await
 }
 
 #[cfg(test)]
@@ -417,8 +486,12 @@ mod tests {
         for url in ["http://127.0.0.1:8000/v1", "http://127.0.0.1:8000/v1/"] {
             let u = OpenAiUpstream::new(url).unwrap();
             assert_eq!(
-                u.endpoint.as_str(),
-                "http://127.0.0.1:8000/v1/chat/completions"
+                u.endpoints.each_ref().map(Url::as_str),
+                [
+                    "http://127.0.0.1:8000/v1/chat/completions",
+                    "http://127.0.0.1:8000/v1/completions",
+                    "http://127.0.0.1:8000/v1/embeddings",
+                ]
             );
             assert_eq!(u.base_url(), "http://127.0.0.1:8000/v1");
             assert_eq!(u.host, "127.0.0.1:8000");

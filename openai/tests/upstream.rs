@@ -5,7 +5,8 @@
 //! and comments not forwarded, the upstream's error answers passed through (status,
 //! body, `Retry-After`), unreachable upstreams as 502 naming no address, a stream broken
 //! midway, cancellation by dropping the future or the stream, routing of public LLMs by
-//! name, and a provider answering a real task frame.
+//! name, a provider answering a real task frame, and completions and embeddings tasks
+//! sent to the upstream's own paths.
 //!
 //! Nothing waits on the clock: each step waits on a signal from the other side. The
 //! only timer is a generous guard that turns a hang into a failure.
@@ -73,7 +74,13 @@ where
     let (seen_tx, seen) = mpsc::unbounded_channel();
     let routes = warp::post()
         .and(warp::path::full())
-        .and(warp::path!("v1" / "chat" / "completions"))
+        .and(
+            warp::path!("v1" / "chat" / "completions")
+                .or(warp::path!("v1" / "completions"))
+                .unify()
+                .or(warp::path!("v1" / "embeddings"))
+                .unify(),
+        )
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::body::json::<Value>())
         .then(
@@ -233,6 +240,7 @@ async fn a_complete_answer_round_trips_with_the_model_replaced_and_the_key_sent(
     let task = TaskFrame {
         task_id: TaskId::generate(),
         kind: TaskKind::Infer,
+        endpoint: Default::default(),
         llm: LlmName::parse("qwen").unwrap(),
         stream: false,
         body: json!({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}),
@@ -907,6 +915,7 @@ async fn a_task_frame_without_stream_gets_a_complete_answer_even_if_the_body_say
     let task = TaskFrame {
         task_id: TaskId::generate(),
         kind: TaskKind::Infer,
+        endpoint: Default::default(),
         llm: LlmName::parse("local").unwrap(),
         stream: false,
         body: json!({"model": "local", "messages": [], "stream": true}),
@@ -926,10 +935,66 @@ async fn a_body_that_is_not_an_object_is_refused_before_sending() {
     let task = TaskFrame {
         task_id: TaskId::generate(),
         kind: TaskKind::Infer,
+        endpoint: Default::default(),
         llm: LlmName::parse("local").unwrap(),
         stream: true,
         body: json!("not an object"),
     };
     assert_eq!(provider.infer(task).await.unwrap_err().status(), 400);
     assert!(seen.try_recv().is_err());
+}
+
+#[tokio::test]
+async fn completions_and_embeddings_go_to_the_upstreams_own_paths() {
+    let (addr, mut seen) = start_upstream(completion_answer).await;
+    let provider = OpenAiProvider::new(OpenAiUpstream::new(&url(addr)).unwrap(), "up-model");
+    for (endpoint, path, body) in [
+        (
+            virtual_llm_core::protocol::Endpoint::Embeddings,
+            "/v1/embeddings",
+            json!({"model": "emb", "input": ["a", "b"], "encoding_format": "float"}),
+        ),
+        (
+            virtual_llm_core::protocol::Endpoint::Completions,
+            "/v1/completions",
+            json!({"model": "emb", "prompt": "say", "max_tokens": 3}),
+        ),
+    ] {
+        let task = TaskFrame {
+            task_id: TaskId::generate(),
+            kind: TaskKind::Infer,
+            endpoint,
+            llm: LlmName::parse("emb").unwrap(),
+            stream: false,
+            body: body.clone(),
+        };
+        let reply = within("the answer", provider.infer(task)).await.unwrap();
+        assert_eq!(expect_complete(reply).status, 200);
+        let got = seen.recv().await.unwrap();
+        assert_eq!(got.path, path);
+        assert_eq!(
+            got.body["model"], "up-model",
+            "the upstream's model name is sent"
+        );
+        for key in ["input", "prompt", "encoding_format", "max_tokens"] {
+            assert_eq!(got.body.get(key), body.get(key), "{key} is kept");
+        }
+    }
+    // The public backend routes a request by its endpoint too.
+    let backend = OpenAiBackend::new().with_llm(
+        LlmName::parse("pub").unwrap(),
+        OpenAiUpstream::new(&url(addr)).unwrap(),
+        "public-model",
+    );
+    let request = InferRequest::from_body(
+        virtual_llm_core::protocol::Endpoint::Embeddings,
+        json!({"model": "pub", "input": "x"}),
+    )
+    .unwrap();
+    let row = public_record("pub");
+    let reply = within("the answer", backend.infer(&row, request))
+        .await
+        .unwrap();
+    assert_eq!(expect_complete(reply).status, 200);
+    assert_eq!(seen.recv().await.unwrap().path, "/v1/embeddings");
 }

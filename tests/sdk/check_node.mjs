@@ -1,5 +1,6 @@
-// The official OpenAI JavaScript SDK against the gateway, unchanged: whole, streamed,
-// models, and a typed error for an unknown model.
+// The official OpenAI JavaScript SDK against the gateway, unchanged: chat whole and
+// streamed, completions, embeddings, models listed and retrieved, and a typed error for
+// an unknown model.
 import assert from "node:assert/strict";
 import OpenAI from "openai";
 
@@ -16,11 +17,26 @@ for await (const event of await client.chat.completions.create({ model: "demo", 
 }
 assert.deepEqual(chunks, ["one", " two", " three"]);
 
+const text = await client.completions.create({ model: "demo", prompt: "node  completes" });
+assert.equal(text.choices[0].text, "node completes");
+assert.equal(text.usage.completion_tokens, 2);
+
+const vectors = await client.embeddings.create({ model: "demo", input: ["a", "b", "a"] });
+assert.deepEqual(vectors.data.map((d) => d.embedding.length), [8, 8, 8]);
+assert.deepEqual(vectors.data[0].embedding, vectors.data[2].embedding);
+assert.notDeepEqual(vectors.data[0].embedding, vectors.data[1].embedding);
+
+const slashed = "meta-llama/Llama-3.1-8B-Instruct";
+assert.equal((await client.models.retrieve("demo")).id, "demo");
+assert.equal((await client.models.retrieve(slashed)).id, slashed);
+const viaSlash = await client.chat.completions.create({ model: slashed, messages: msg("slashed name") });
+assert.equal(viaSlash.choices[0].message.content, "slashed name");
+
 const models = await client.models.list();
-assert.deepEqual(models.data.map((m) => m.id), ["demo"]);
+assert.deepEqual(models.data.map((m) => m.id), ["demo", slashed]);
 
 await assert.rejects(
   client.chat.completions.create({ model: "nope", messages: msg("x") }),
   (e) => e instanceof OpenAI.NotFoundError && e.status === 404,
 );
-console.log("node openai sdk: whole, streamed, models and errors ok");
+console.log("node openai sdk: chat, completions, embeddings, models and errors ok");

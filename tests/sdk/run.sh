@@ -45,7 +45,7 @@ run_sdks() {
 for transport in sse ws; do
   echo "-- publisher over $transport"
   "$target/debug/examples/publisher" --gateway "$GATEWAY" --transport "$transport" --echo demo \
-    --session-file "$work/session-$transport" >"$work/publisher-$transport.log" 2>&1 &
+    --echo meta-llama/Llama-3.1-8B-Instruct --session-file "$work/session-$transport" >"$work/publisher-$transport.log" 2>&1 &
   publisher=$!
   pids+=("$publisher")
   for _ in $(seq 100); do curl -sf "$GATEWAY/api/v1/llms/demo" | grep -q '"status":"active"' && break; sleep 0.1; done

@@ -74,6 +74,7 @@ fn task_round_trip(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let request = InferRequest {
                 llm: "llm".into(),
+                endpoint: Default::default(),
                 stream: false,
                 body: body.clone(),
                 timeout: None,
@@ -93,6 +94,7 @@ fn task_round_trip(c: &mut Criterion) {
         b.to_async(&rt).iter(|| async {
             let request = InferRequest {
                 llm: "llm".into(),
+                endpoint: Default::default(),
                 stream: true,
                 body: body.clone(),
                 timeout: None,

@@ -33,6 +33,7 @@ pub const AGENT_TYPE: &str = "agent";
 
 /// One agent of a register: `{name, llm, description?, systemPrompt?, defaultParams?}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentSpec {
     /// Its name, in the names namespace (the same rules as an LLM's).
@@ -49,6 +50,7 @@ pub struct AgentSpec {
     /// filled in where the client gave none: the one place where keys are not
     /// camelCase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub default_params: Option<Map<String, Value>>,
 }
 
@@ -191,6 +193,7 @@ impl Persona {
 
 /// The public view of an agent: `GET /api/v1/agents` and `GET /api/v1/agents/{name}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct AgentView {
     /// Its name: the `model` clients call it by.

@@ -80,6 +80,19 @@ pub enum Error {
         /// The version spoken here.
         supported: u32,
     },
+    /// The LLM's publisher speaks a protocol version that does not relay this endpoint
+    /// (a version 1 publisher knows chat completions only) (400).
+    #[error(
+        "llm {llm} cannot answer {endpoint}: its publisher speaks protocol version {protocol}, which relays chat completions only"
+    )]
+    UnsupportedEndpoint {
+        /// The LLM.
+        llm: String,
+        /// The endpoint asked for.
+        endpoint: crate::protocol::Endpoint,
+        /// The publisher's protocol version.
+        protocol: u32,
+    },
     /// The publisher or the public upstream reported an error (502).
     #[error("upstream error: {message}")]
     Upstream {
@@ -252,7 +265,8 @@ impl Error {
         match self {
             Error::InvalidRequest { .. }
             | Error::InvalidName { .. }
-            | Error::InvalidConfig { .. } => 400,
+            | Error::InvalidConfig { .. }
+            | Error::UnsupportedEndpoint { .. } => 400,
             Error::Unauthenticated => 401,
             Error::Forbidden { .. } => 403,
             Error::NoRoute { .. }
@@ -305,6 +319,7 @@ impl Error {
             Error::TaskFinished => "task_finished",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::UnsupportedProtocol { .. } => "unsupported_protocol_version",
+            Error::UnsupportedEndpoint { .. } => "unsupported_endpoint",
             Error::Upstream { .. } => "upstream_error",
             Error::Unavailable { .. } => "llm_unavailable",
             Error::QueueFull { .. } => "queue_full",

@@ -55,6 +55,9 @@ pub(crate) struct Shared {
     pub(crate) wakes: Wakes,
     pub(crate) tasks: TaskTable,
     pub(crate) locks: SessionLocks,
+    /// The protocol version each session registered with, so that no task a
+    /// publisher would not understand is sent to it.
+    pub(crate) versions: SessionVersions,
     /// Set by [`Gateway::drain`]: new requests are refused while in-flight ones finish.
     pub(crate) draining: std::sync::atomic::AtomicBool,
     /// Bumped after every registry write this replica makes: see
@@ -207,6 +210,7 @@ impl GatewayBuilder {
                 wakes,
                 tasks,
                 locks: SessionLocks::default(),
+                versions: SessionVersions::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 changes: tokio::sync::watch::Sender::new(0),
             }),
@@ -361,6 +365,19 @@ impl Gateway {
         left
     }
 
+    /// Whether this gateway can take requests now (an orchestrator's readiness
+    /// probe): not draining, and its store answers a read of one row. The error says
+    /// which: 503 `llm_unavailable` (draining), or the store's own error.
+    pub async fn ready(&self) -> Result<(), Error> {
+        if self.is_draining() {
+            return Err(self.draining());
+        }
+        // Any valid name: whether the row exists does not matter, the read does.
+        let probe = crate::LlmName::parse("readyz-probe")?;
+        self.shared.store.get(&probe).await?;
+        Ok(())
+    }
+
     /// Whether [`Gateway::drain`] has begun.
     pub fn is_draining(&self) -> bool {
         self.shared
@@ -405,5 +422,36 @@ impl SessionLocks {
         session.hash(&mut h);
         let index = usize::try_from(h.finish() % LOCK_STRIPES as u64).unwrap_or(0);
         self.stripes[index].lock().await
+    }
+}
+
+/// The protocol version each session of this gateway registered with (SPEC §9: a
+/// version 1 publisher is sent nothing it would not understand). Kept in memory: a
+/// publisher registers before it opens its channel, on every (re)connect, so a
+/// restarted gateway learns it again before it sends the session a task. A session
+/// this gateway has not seen register counts as version 1. Entries go when the GC
+/// deletes the session's rows.
+#[derive(Default)]
+pub(crate) struct SessionVersions {
+    versions: std::sync::Mutex<std::collections::HashMap<SessionId, u32>>,
+}
+
+impl SessionVersions {
+    pub(crate) fn set(&self, session: &SessionId, version: u32) {
+        crate::sync::lock(&self.versions).insert(session.clone(), version);
+    }
+
+    pub(crate) fn get(&self, session: &SessionId) -> u32 {
+        crate::sync::lock(&self.versions)
+            .get(session)
+            .copied()
+            .unwrap_or(crate::protocol::MIN_PROTOCOL_VERSION)
+    }
+
+    pub(crate) fn forget<'a>(&self, sessions: impl IntoIterator<Item = &'a SessionId>) {
+        let mut versions = crate::sync::lock(&self.versions);
+        for session in sessions {
+            versions.remove(session);
+        }
     }
 }

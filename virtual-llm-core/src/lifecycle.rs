@@ -475,6 +475,7 @@ impl Gateway {
             match store.write(writes.clone()).await {
                 Ok(written) => {
                     self.observe(&writes, &written);
+                    self.shared.versions.set(&session, version);
                     self.settle_new_pools(principal, &req.llms, &facts, &writes, &written)
                         .await?;
                     let llms = req
@@ -708,6 +709,17 @@ impl Gateway {
         let heartbeating = |r: &LlmRecord| {
             r.binding.is_some() && r.last_heartbeat_at.is_some_and(|t| t >= stale_cutoff)
         };
+        let reaped = |r: &LlmRecord| {
+            r.inactive_key()
+                .is_some_and(|t| t < reap_cutoff && !heartbeating(r))
+        };
+        // A session whose rows are reaped is long gone: forget its protocol version.
+        self.shared.versions.forget(
+            expired
+                .iter()
+                .filter(|r| reaped(r))
+                .filter_map(|r| r.provider_session_id.as_ref()),
+        );
         let deleted = self
             .transition(expired, &|r: &LlmRecord| {
                 r.inactive_key()

@@ -9,15 +9,23 @@ use crate::Error;
 /// The longest LLM name.
 pub const MAX_NAME_LEN: usize = 64;
 
-/// A validated LLM name: 1–64 characters of `[A-Za-z0-9._:-]`, not starting with `_`
-/// (the `_provider-*` routes live beside the names).
+/// A validated LLM name: 1–64 characters of `[A-Za-z0-9._:-]` and `/`, not starting
+/// with `_` (the `_provider-*` routes live beside the names).
+///
+/// A `/` separates segments, as in model ids like `meta-llama/Llama-3.1-8B-Instruct`
+/// (SPEC §17): no segment is empty, `.` or `..`, and the last is not `infer` or
+/// `members` (the routes `{base}/{name}/infer` and `{base}/{name}/members` take the
+/// name from the path's remaining segments).
 ///
 /// ```
 /// use virtual_llm_core::LlmName;
 ///
 /// assert!(LlmName::parse("llama3.1:8b-instruct").is_ok());
+/// assert!(LlmName::parse("meta-llama/Llama-3.1-8B-Instruct").is_ok());
 /// assert!(LlmName::parse("_provider-register").is_err());
 /// assert!(LlmName::parse("has space").is_err());
+/// assert!(LlmName::parse("a//b").is_err());
+/// assert!(LlmName::parse("org/infer").is_err());
 /// ```
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
@@ -50,9 +58,13 @@ fn invalid_reason(s: &str) -> Option<&'static str> {
         Some("a name must not start with '_'")
     } else if !s
         .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-' | b'/'))
     {
-        Some("a name uses only the characters [A-Za-z0-9._:-]")
+        Some("a name uses only the characters [A-Za-z0-9._:-] and '/' between segments")
+    } else if s.split('/').any(|seg| matches!(seg, "" | "." | "..")) {
+        Some("no segment of a name between '/' is empty, '.' or '..'")
+    } else if s.contains('/') && matches!(s.rsplit('/').next(), Some("infer" | "members")) {
+        Some("the last segment of a name is not 'infer' or 'members'")
     } else {
         None
     }
@@ -113,10 +125,43 @@ mod tests {
 
     #[test]
     fn name_rules() {
-        for ok in ["a", "A.b_c:d-e", "0", &"x".repeat(64), "a_"] {
+        for ok in [
+            "a",
+            "A.b_c:d-e",
+            "0",
+            &"x".repeat(64),
+            "a_",
+            "a/b",
+            "meta-llama/Llama-3.1-8B-Instruct",
+            "a/b/c",
+            "a/_b",
+            "a/.b",
+            "infer",
+            "members",
+            "infer/x",
+        ] {
             assert!(LlmName::parse(ok).is_ok(), "{ok:?} refused");
         }
-        for bad in ["", "_x", "a/b", "a b", "é", "a\nb", &"x".repeat(65), "a%20"] {
+        for bad in [
+            "",
+            "_x",
+            "a b",
+            "é",
+            "a\nb",
+            &"x".repeat(65),
+            "a%20",
+            "/a",
+            "a/",
+            "a//b",
+            "./a",
+            "a/./b",
+            "a/../b",
+            "..",
+            ".",
+            "a/infer",
+            "a/members",
+            "a\\b",
+        ] {
             assert!(LlmName::parse(bad).is_err(), "{bad:?} accepted");
         }
     }

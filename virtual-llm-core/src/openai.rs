@@ -1,18 +1,21 @@
-//! The few facts about OpenAI chat-completions bodies the core needs: which model and
-//! whether to stream, the last user message (for the echo model), and how completion
-//! and chunk objects look.
+//! The few facts about OpenAI request bodies the core needs: which model, which
+//! endpoint and whether to stream, the last user message and the prompt (for the echo
+//! model), and how completion, chunk and embedding objects look.
 
 use std::time::Duration;
 
 use serde_json::{Value, json};
 
 use crate::Error;
+use crate::protocol::Endpoint;
 
 /// A client's inference request, checked enough to route it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct InferRequest {
     /// The LLM name to route to (`model` of the body, or the path's name).
     pub llm: String,
+    /// Which OpenAI endpoint the body is for.
+    pub endpoint: Endpoint,
     /// Whether the client asked for a stream.
     pub stream: bool,
     /// The client's body, passed to the publisher as it is.
@@ -56,31 +59,55 @@ pub fn parse_request_timeout(value: &str) -> Result<Duration, Error> {
 impl InferRequest {
     /// A `POST /v1/chat/completions` body: routed by its `model`.
     pub fn from_chat_body(body: Value) -> Result<Self, Error> {
+        Self::from_body(Endpoint::ChatCompletions, body)
+    }
+
+    /// A body of one of the OpenAI routes (`POST /v1/chat/completions`,
+    /// `/v1/completions`, `/v1/embeddings`): routed by its `model`.
+    pub fn from_body(endpoint: Endpoint, body: Value) -> Result<Self, Error> {
         let llm = match body.get("model") {
             Some(Value::String(m)) => m.clone(),
             Some(_) => return Err(Error::invalid("model must be a string")),
             None => return Err(Error::invalid("model is required")),
         };
-        Self::for_llm(&llm, body)
+        Self::for_endpoint(endpoint, &llm, body)
     }
 
-    /// A `POST {base}/{name}/infer` body: routed by the path's name.
+    /// A `POST {base}/{name}/infer` body, a chat completion: routed by the path's name.
     pub fn for_llm(llm: &str, body: Value) -> Result<Self, Error> {
+        Self::for_endpoint(Endpoint::ChatCompletions, llm, body)
+    }
+
+    /// A body for `endpoint`, routed to `llm`: checked enough to route it (an object;
+    /// `messages` an array for chat, `prompt` a string or an array for completions,
+    /// `input` a string or an array for embeddings; `stream` a boolean, and never
+    /// true for embeddings).
+    pub fn for_endpoint(endpoint: Endpoint, llm: &str, body: Value) -> Result<Self, Error> {
         let Value::Object(fields) = &body else {
             return Err(Error::invalid("the request body must be a JSON object"));
         };
-        match fields.get("messages") {
-            Some(Value::Array(_)) => {}
-            Some(_) => return Err(Error::invalid("messages must be an array")),
-            None => return Err(Error::invalid("messages is required")),
+        let (field, kinds) = match endpoint {
+            Endpoint::ChatCompletions => ("messages", "an array"),
+            Endpoint::Completions => ("prompt", "a string or an array"),
+            Endpoint::Embeddings => ("input", "a string or an array"),
+        };
+        match (fields.get(field), endpoint) {
+            (Some(Value::Array(_)), _) => {}
+            (Some(Value::String(_)), Endpoint::Completions | Endpoint::Embeddings) => {}
+            (Some(_), _) => return Err(Error::invalid(format!("{field} must be {kinds}"))),
+            (None, _) => return Err(Error::invalid(format!("{field} is required"))),
         }
         let stream = match fields.get("stream") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(Error::invalid("stream must be a boolean")),
         };
+        if stream && !endpoint.streams() {
+            return Err(Error::invalid(format!("{endpoint} are not streamed")));
+        }
         Ok(InferRequest {
             llm: llm.to_owned(),
+            endpoint,
             stream,
             body,
             timeout: None,
@@ -130,8 +157,117 @@ pub fn completion_body(id: &str, model: &str, created: u64, text: &str) -> Value
             "message": { "role": "assistant", "content": text },
             "finish_reason": "stop",
         }],
-        "usage": { "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0 },
+        "usage": usage_body(0, 0),
     })
+}
+
+/// An OpenAI `usage` object.
+pub fn usage_body(prompt_tokens: usize, completion_tokens: usize) -> Value {
+    json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    })
+}
+
+/// Whether a streaming request asked for a closing usage chunk
+/// (`stream_options.include_usage`).
+pub fn wants_usage(body: &Value) -> bool {
+    body.pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false)
+}
+
+/// The text of every message of a chat request (string contents and text parts),
+/// joined by spaces: what its prompt is made of.
+pub fn all_messages_text(body: &Value) -> String {
+    let Some(messages) = body.get("messages").and_then(Value::as_array) else {
+        return String::new();
+    };
+    messages
+        .iter()
+        .map(|m| content_text(m.get("content")))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join(" "),
+        _ => String::new(),
+    }
+}
+
+/// The items of a `prompt` (completions) or `input` (embeddings) field, each as text:
+/// a string is one item, an array of strings one item each, an array of token ids (or
+/// of arrays of them) each item's ids written as numbers separated by spaces.
+pub fn input_items(value: Option<&Value>) -> Vec<String> {
+    fn tokens(v: &Value) -> String {
+        match v {
+            Value::Array(ids) => ids.iter().map(tokens).collect::<Vec<_>>().join(" "),
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        }
+    }
+    match value {
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(items)) if items.iter().all(Value::is_number) => {
+            vec![tokens(&Value::Array(items.clone()))]
+        }
+        Some(Value::Array(items)) => items.iter().map(tokens).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A `text_completion` object (`POST /v1/completions`): one choice per prompt.
+pub fn text_completion_body(
+    id: &str,
+    model: &str,
+    created: u64,
+    texts: &[String],
+    usage: Value,
+) -> Value {
+    let choices: Vec<Value> = texts
+        .iter()
+        .enumerate()
+        .map(|(i, t)| text_choice(i, t, Some("stop")))
+        .collect();
+    json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "usage": usage,
+    })
+}
+
+/// A streamed `text_completion` chunk: one piece of choice `index`'s text, or its
+/// closing chunk with a `finish_reason`.
+pub fn text_chunk_body(
+    id: &str,
+    model: &str,
+    created: u64,
+    index: usize,
+    text: &str,
+    finish_reason: Option<&str>,
+) -> Value {
+    json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [text_choice(index, text, finish_reason)],
+    })
+}
+
+fn text_choice(index: usize, text: &str, finish_reason: Option<&str>) -> Value {
+    json!({ "index": index, "text": text, "logprobs": null, "finish_reason": finish_reason })
 }
 
 /// A `chat.completion.chunk` object: a content delta, or the closing chunk with a
@@ -176,6 +312,46 @@ mod tests {
             let err = InferRequest::from_chat_body(bad.clone()).unwrap_err();
             assert_eq!(err.status(), 400, "{bad}");
         }
+    }
+
+    #[test]
+    fn each_endpoint_checks_its_own_field() {
+        let ok = |e, body| InferRequest::from_body(e, body).unwrap();
+        let r = ok(
+            Endpoint::Completions,
+            json!({"model":"m","prompt":"p","stream":true}),
+        );
+        assert_eq!((r.endpoint, r.stream), (Endpoint::Completions, true));
+        ok(
+            Endpoint::Completions,
+            json!({"model":"m","prompt":["a","b"]}),
+        );
+        ok(
+            Endpoint::Embeddings,
+            json!({"model":"m","input":[[1,2],[3]]}),
+        );
+        for (endpoint, bad) in [
+            (Endpoint::Completions, json!({"model":"m"})),
+            (Endpoint::Completions, json!({"model":"m","prompt":3})),
+            (Endpoint::Completions, json!({"model":"m","messages":[]})),
+            (Endpoint::Embeddings, json!({"model":"m","input":{}})),
+            (
+                Endpoint::Embeddings,
+                json!({"model":"m","input":"x","stream":true}),
+            ),
+            (
+                Endpoint::ChatCompletions,
+                json!({"model":"m","messages":"x"}),
+            ),
+        ] {
+            let err = InferRequest::from_body(endpoint, bad.clone()).unwrap_err();
+            assert_eq!(err.status(), 400, "{endpoint}: {bad}");
+        }
+        assert_eq!(
+            input_items(Some(&json!([[1, 2], [3]]))),
+            ["1 2".to_owned(), "3".to_owned()]
+        );
+        assert_eq!(input_items(Some(&json!([1, 2]))), ["1 2".to_owned()]);
     }
 
     #[test]

@@ -17,7 +17,8 @@ use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 /// and answers with the version it will speak on that session.
 ///
 /// Version 2 adds, all optional on the wire: `protocolVersion` in the register answer,
-/// `hello` and `registered`; `seq` on streamed chunks.
+/// `hello` and `registered`; `seq` on streamed chunks; `endpoint` on task frames (a
+/// version 1 publisher is sent chat completions only).
 pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The oldest protocol version this crate speaks.
@@ -47,6 +48,7 @@ const MAX_MODEL_LEN: usize = 256;
 
 /// One LLM a publisher offers.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LlmSpec {
     /// Registry name.
@@ -74,6 +76,7 @@ pub struct LlmSpec {
 /// A bound session's rows follow it: `ready` → `active`, `asleep` → `hibernating`,
 /// `unavailable` → `inactive`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamState {
     /// It answers: the upstream's model list answered 2xx.
@@ -98,6 +101,7 @@ impl UpstreamState {
 
 /// One LLM's state in a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LlmState {
     /// The LLM.
@@ -177,6 +181,7 @@ fn check_label(field: &str, value: &str, max: usize) -> Result<(), Error> {
 
 /// `POST {base}/_provider-register`, and the WebSocket `register` frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterRequest {
     /// The session id the publisher persisted, if any.
@@ -195,6 +200,7 @@ pub struct RegisterRequest {
 
 /// The answer to a register, and the WebSocket `registered` frame.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RegisterResponse {
     /// The session id to persist: the one sent, or a fresh one.
@@ -237,6 +243,7 @@ pub struct Hello {
 
 /// `POST {base}/_provider-heartbeat`, and the WebSocket `heartbeat` frame.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatRequest {
     /// The publisher's session.
@@ -249,6 +256,7 @@ pub struct HeartbeatRequest {
 
 /// The answer to a heartbeat.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct HeartbeatResponse {
     /// How many rows the session holds.
@@ -263,6 +271,77 @@ pub enum TaskKind {
     Infer,
 }
 
+/// Which OpenAI endpoint a task's body is for (SPEC §17): the publisher calls the same
+/// path on its upstream.
+///
+/// On the wire it is the task frame's `endpoint` (`chat.completions`, `completions`,
+/// `embeddings`), absent for chat completions, so a version 1 publisher, which knows
+/// only those, gets exactly the version 1 frame. The gateway sends the other endpoints
+/// only to publishers that registered with protocol 2 or later.
+///
+/// ```
+/// use virtual_llm_core::protocol::Endpoint;
+///
+/// assert_eq!(Endpoint::Embeddings.path(), "embeddings");
+/// assert_eq!(Endpoint::ChatCompletions.as_str(), "chat.completions");
+/// assert!(!Endpoint::Embeddings.streams());
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub enum Endpoint {
+    /// `POST /v1/chat/completions`.
+    #[default]
+    #[serde(rename = "chat.completions")]
+    ChatCompletions,
+    /// `POST /v1/completions`: a plain-text prompt.
+    #[serde(rename = "completions")]
+    Completions,
+    /// `POST /v1/embeddings`: vectors, never streamed.
+    #[serde(rename = "embeddings")]
+    Embeddings,
+}
+
+impl Endpoint {
+    /// The wire name: `chat.completions`, `completions`, `embeddings`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat.completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// The path under an OpenAI base URL (`…/v1/` + this).
+    pub fn path(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat/completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+
+    /// Whether this is chat completions, the endpoint of version 1.
+    pub fn is_chat(&self) -> bool {
+        *self == Endpoint::ChatCompletions
+    }
+
+    /// Whether answers may be streamed (all but embeddings).
+    pub fn streams(self) -> bool {
+        self != Endpoint::Embeddings
+    }
+
+    /// The oldest protocol version whose publishers understand this endpoint.
+    pub fn min_protocol(self) -> u32 {
+        if self.is_chat() { 1 } else { 2 }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A `task` frame: one client request for the publisher to answer.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -271,6 +350,9 @@ pub struct TaskFrame {
     pub task_id: TaskId,
     /// What to do.
     pub kind: TaskKind,
+    /// Which OpenAI endpoint `body` is for (protocol 2); absent: chat completions.
+    #[serde(default, skip_serializing_if = "Endpoint::is_chat")]
+    pub endpoint: Endpoint,
     /// Which of the publisher's LLMs.
     pub llm: LlmName,
     /// Whether the client asked for a stream.
@@ -311,6 +393,7 @@ pub struct CreditFrame {
 
 /// Why a name was refused in a register.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub enum ConflictReason {
     /// A public LLM has this name.
@@ -345,6 +428,7 @@ impl ConflictReason {
 
 /// One refused name of a 409.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct NameConflict {
     /// The name.
@@ -355,6 +439,7 @@ pub struct NameConflict {
 
 /// The OpenAI-shaped error body `{"error":{...}}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error.
     pub error: ErrorDetail,
@@ -362,6 +447,7 @@ pub struct ErrorBody {
 
 /// The inside of an [`ErrorBody`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorDetail {
     /// Human-readable message.
     pub message: String,
@@ -626,6 +712,7 @@ impl TaskResult {
 }
 
 #[derive(Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct ResultWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     error: Option<Value>,
@@ -644,6 +731,7 @@ struct ResultWire {
 }
 
 #[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 struct ChunkWire {
     #[serde(default)]
     data: String,
@@ -651,6 +739,31 @@ struct ChunkWire {
     done: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+}
+
+/// A task result's schema is its wire form's: exactly one of `{error}`,
+/// `{chunk: {data, done?, seq?}}` or `{status, body, retryAfter?}`.
+#[cfg(feature = "openapi")]
+impl utoipa::PartialSchema for TaskResult {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::Schema> {
+        <ResultWire as utoipa::PartialSchema>::schema()
+    }
+}
+
+#[cfg(feature = "openapi")]
+impl utoipa::ToSchema for TaskResult {
+    fn name() -> std::borrow::Cow<'static, str> {
+        std::borrow::Cow::Borrowed("TaskResult")
+    }
+
+    fn schemas(
+        schemas: &mut Vec<(
+            String,
+            utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>,
+        )>,
+    ) {
+        <ResultWire as utoipa::ToSchema>::schemas(schemas);
+    }
 }
 
 impl TryFrom<ResultWire> for TaskResult {

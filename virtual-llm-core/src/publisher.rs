@@ -154,6 +154,27 @@ pub trait Outbox: Send + Sync + 'static {
     ) -> Result<(), WireError>;
 }
 
+/// Where a discovering publisher reads the LLMs to publish (SPEC §17: `publisher
+/// --discover URL` publishes every model its upstream lists).
+///
+/// # Contract
+/// `llms` answers the LLMs to publish now, each with its provider, within a few
+/// seconds (the publisher gives up after 10 s and keeps what it publishes). An error,
+/// or an empty list, leaves the published set as it is. It is asked before the first
+/// register and every heartbeat interval after; when the set of names (or a model) it
+/// answers differs from what is published, the publisher registers the new set at
+/// once: it reconnects with the same session, so a new name is published and a name
+/// that went is dropped from the session's register (its row goes inactive). Requests
+/// in flight on that publisher fail with 503, as on any reconnect.
+#[async_trait]
+pub trait Catalog: fmt::Debug + Send + Sync + 'static {
+    /// The LLMs to publish now.
+    async fn llms(&self) -> Result<Vec<PublishedLlm>, Error>;
+}
+
+/// How long a [`Catalog`] may take to answer.
+const CATALOG_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// How long a wake may take, recipe and readiness together, unless an LLM says
 /// otherwise (SPEC §12 `readyTimeout`).
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(120);
@@ -320,6 +341,26 @@ pub struct Publisher {
 impl Publisher {
     /// Starts publishing `llms` through `wire`, on the current tokio runtime.
     pub fn spawn(wire: Arc<dyn Wire>, llms: Vec<PublishedLlm>, options: PublisherOptions) -> Self {
+        Self::start(wire, llms, None, options)
+    }
+
+    /// Starts publishing what `catalog` lists through `wire`, re-read every heartbeat
+    /// interval (see [`Catalog`]), on the current tokio runtime. Until the catalog
+    /// first lists something, the publisher asks it again every `reconnect_min`.
+    pub fn spawn_discovering(
+        wire: Arc<dyn Wire>,
+        catalog: Arc<dyn Catalog>,
+        options: PublisherOptions,
+    ) -> Self {
+        Self::start(wire, Vec::new(), Some(catalog), options)
+    }
+
+    fn start(
+        wire: Arc<dyn Wire>,
+        llms: Vec<PublishedLlm>,
+        catalog: Option<Arc<dyn Catalog>>,
+        options: PublisherOptions,
+    ) -> Self {
         let declared: Option<usize> = llms
             .iter()
             .map(|l| l.spec.max_concurrent.map(|n| n as usize))
@@ -337,6 +378,7 @@ impl Publisher {
         let (state_tx, state) = watch::channel(PublisherState::Connecting);
         let driver = Driver {
             wire,
+            catalog,
             upstreams: Upstreams::new(&llms),
             specs: llms.iter().map(|l| l.spec.clone()).collect(),
             providers: llms
@@ -386,6 +428,8 @@ impl Publisher {
 
 struct Driver {
     wire: Arc<dyn Wire>,
+    /// Where the LLMs come from, for a discovering publisher.
+    catalog: Option<Arc<dyn Catalog>>,
     /// Whether each upstream answers; lives across connections.
     upstreams: Arc<Upstreams>,
     specs: Vec<LlmSpec>,
@@ -402,6 +446,8 @@ enum Ended {
     Stopped,
     /// The channel closed or failed after a successful connect.
     Dropped(String),
+    /// The catalog lists another set of LLMs: register it at once.
+    Changed(Vec<PublishedLlm>),
 }
 
 impl Driver {
@@ -419,16 +465,34 @@ impl Driver {
                 break;
             }
             self.state.send_replace(PublisherState::Connecting);
-            let error = match self.connect(&mut session).await {
-                Ok(connected) => match self.serve(connected).await {
-                    Ended::Stopped => break,
-                    Ended::Dropped(why) => {
-                        // A connection that worked resets the backoff.
-                        delay = self.options.reconnect_min;
-                        why
-                    }
-                },
-                Err(e) => e.to_string(),
+            if self.specs.is_empty()
+                && let Some(llms) = self.listed(&[]).await
+            {
+                self.publish(llms);
+            }
+            let error = if self.specs.is_empty() {
+                "the catalog lists no llm to publish yet".to_owned()
+            } else {
+                match self.connect(&mut session).await {
+                    Ok(connected) => match self.serve(connected).await {
+                        Ended::Stopped => break,
+                        Ended::Changed(llms) => {
+                            tracing::info!(
+                                llms = ?llms.iter().map(|l| l.spec.name.as_str()).collect::<Vec<_>>(),
+                                "the catalog changed; registering the new set"
+                            );
+                            self.publish(llms);
+                            delay = self.options.reconnect_min;
+                            continue;
+                        }
+                        Ended::Dropped(why) => {
+                            // A connection that worked resets the backoff.
+                            delay = self.options.reconnect_min;
+                            why
+                        }
+                    },
+                    Err(e) => e.to_string(),
+                }
             };
             let wait = jitter(delay);
             tracing::warn!(error = %error, retry_in = ?wait, "publisher disconnected");
@@ -445,6 +509,24 @@ impl Driver {
         }
         self.upstreams.stop();
         self.state.send_replace(PublisherState::Stopped);
+    }
+
+    /// What the catalog lists now, when it answers a non-empty set that differs from
+    /// `published` (the specs as registered, without their state).
+    async fn listed(&self, published: &[LlmSpec]) -> Option<Vec<PublishedLlm>> {
+        let catalog = self.catalog.as_ref()?;
+        listed(&**catalog, published).await
+    }
+
+    /// Publishes `llms` from the next register on.
+    fn publish(&mut self, llms: Vec<PublishedLlm>) {
+        self.upstreams.stop();
+        self.upstreams = Upstreams::new(&llms);
+        self.specs = llms.iter().map(|l| l.spec.clone()).collect();
+        self.providers = llms
+            .into_iter()
+            .map(|l| (l.spec.name, l.provider))
+            .collect();
     }
 
     async fn connect(&self, session: &mut Option<SessionId>) -> Result<Connected, WireError> {
@@ -491,10 +573,21 @@ impl Driver {
             numbered,
             forgotten_tx,
         ));
+        // A discovering publisher re-reads its catalog every heartbeat interval.
+        let (changed_tx, mut changed) = tokio::sync::oneshot::channel::<Vec<PublishedLlm>>();
+        let discovery = self.catalog.clone().map(|catalog| {
+            tokio::spawn(watch_catalog(
+                catalog,
+                self.specs.clone(),
+                interval,
+                changed_tx,
+            ))
+        });
         let mut stopped = self.stopped.clone();
         let ended = loop {
             tokio::select! {
                 _ = stopped.wait_for(|s| *s) => break Ended::Stopped,
+                Ok(llms) = &mut changed, if discovery.is_some() => break Ended::Changed(llms),
                 _ = &mut forgotten => break Ended::Dropped("session unknown to the gateway; registering again".into()),
                 frame = frames.next() => match frame {
                     None => break Ended::Dropped("control channel closed".into()),
@@ -508,6 +601,9 @@ impl Driver {
             }
         };
         heartbeats.abort();
+        if let Some(discovery) = discovery {
+            discovery.abort();
+        }
         running.abort_all();
         ended
     }
@@ -552,6 +648,69 @@ impl Driver {
             finished.remove(&task_id);
         });
         running.insert(id, handle.abort_handle());
+    }
+}
+
+/// What `catalog` lists now, when it answers in time a non-empty set that differs
+/// from `published` (by name, type, model, tier, pool or capacity).
+async fn listed(catalog: &dyn Catalog, published: &[LlmSpec]) -> Option<Vec<PublishedLlm>> {
+    let llms = match tokio::time::timeout(CATALOG_TIMEOUT, catalog.llms()).await {
+        Ok(Ok(llms)) => llms,
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "the catalog did not answer; publishing what was published");
+            return None;
+        }
+        Err(_) => {
+            tracing::warn!("the catalog did not answer within 10 s; publishing what was published");
+            return None;
+        }
+    };
+    if llms.is_empty() {
+        tracing::warn!("the catalog lists no llm; publishing what was published");
+        return None;
+    }
+    let same = |a: &LlmSpec, b: &LlmSpec| {
+        (
+            &a.name,
+            &a.provider_type,
+            &a.model,
+            &a.tier,
+            &a.pool,
+            a.max_concurrent,
+        ) == (
+            &b.name,
+            &b.provider_type,
+            &b.model,
+            &b.tier,
+            &b.pool,
+            b.max_concurrent,
+        )
+    };
+    let unchanged = llms.len() == published.len()
+        && llms
+            .iter()
+            .all(|l| published.iter().any(|p| same(&l.spec, p)));
+    (!unchanged).then_some(llms)
+}
+
+/// Re-reads `catalog` every `every`; sends the new set once it differs from
+/// `published`.
+async fn watch_catalog(
+    catalog: Arc<dyn Catalog>,
+    published: Vec<LlmSpec>,
+    every: Duration,
+    changed: tokio::sync::oneshot::Sender<Vec<PublishedLlm>>,
+) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Some(llms) = listed(&*catalog, &published).await {
+            if changed.send(llms).is_err() {
+                tracing::debug!("connection already ended");
+            }
+            return;
+        }
     }
 }
 

@@ -25,6 +25,7 @@ pub struct ChannelBinding {
 
 /// Where a row's answers come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LlmKind {
     /// An upstream URL and key held by the gateway, answered by a
@@ -36,6 +37,7 @@ pub enum LlmKind {
 
 /// Whether a row can take requests now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LlmStatus {
     /// Serving: its publisher is connected and heartbeating (or it is public).
@@ -154,6 +156,7 @@ impl LlmRecord {
 
 /// The public view of a row, as the list and get routes answer it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct LlmView {
     /// Unique name.

@@ -29,13 +29,16 @@ pub(crate) fn retry_elsewhere(answer: &Result<Reply, Error>) -> bool {
         Ok(Reply::Stream(_)) => false,
         Err(Error::Upstream { .. }) => true,
         Err(Error::Unavailable { kind, .. }) => kind.try_another(),
+        // Another member's publisher may speak a newer protocol.
+        Err(Error::UnsupportedEndpoint { .. }) => true,
         Err(_) => false,
     }
 }
 
 /// How a dispatch went, for its row's cooldown.
 fn outcome(answer: &Result<Reply, Error>) -> Outcome {
-    if retry_elsewhere(answer) {
+    // A publisher too old for the endpoint is not failing: no cooldown for it.
+    if retry_elsewhere(answer) && !matches!(answer, Err(Error::UnsupportedEndpoint { .. })) {
         Outcome::Failed
     } else {
         Outcome::Answered
@@ -269,7 +272,7 @@ impl Gateway {
         self.task(row, request, Some(slot), deadline)
     }
 
-    fn draining(&self) -> Error {
+    pub(crate) fn draining(&self) -> Error {
         Error::unavailable(
             UnavailableKind::Draining,
             "the gateway is shutting down",
@@ -319,6 +322,14 @@ impl Gateway {
                 self.shared.config.retry_after,
             )
         })?;
+        let spoken = self.shared.versions.get(session);
+        if spoken < request.endpoint.min_protocol() {
+            return Err(Error::UnsupportedEndpoint {
+                llm: row.name.to_string(),
+                endpoint: request.endpoint,
+                protocol: spoken,
+            });
+        }
         self.shared
             .tasks
             .start(session, &row.owner, &row.name, request, slot, deadline)

@@ -192,7 +192,12 @@ impl TaskTable {
         slot: Option<Slot>,
         deadline: Instant,
     ) -> Result<TaskHandle, Error> {
-        let InferRequest { stream, body, .. } = request;
+        let InferRequest {
+            stream,
+            body,
+            endpoint,
+            ..
+        } = request;
         let directory = &self.inner.directory;
         if directory.current(session).is_none() {
             return Err(self.inner.offline());
@@ -201,6 +206,7 @@ impl TaskTable {
         let frame = GatewayFrame::Task(TaskFrame {
             task_id: id.clone(),
             kind: TaskKind::Infer,
+            endpoint,
             llm: llm.clone(),
             stream,
             body,

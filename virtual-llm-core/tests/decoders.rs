@@ -222,8 +222,20 @@ fn json() -> impl Strategy<Value = Value> {
     })
 }
 
+/// Valid names, with `/` between segments too (SPEC §17): no segment `.` or `..`, the
+/// last not `infer` or `members`, at most 64 characters.
 fn name() -> impl Strategy<Value = LlmName> {
-    "[A-Za-z0-9.:-][A-Za-z0-9._:-]{0,63}".prop_map(|s| LlmName::parse(&s).unwrap())
+    "[A-Za-z0-9.:-][A-Za-z0-9._:-]{0,30}(/[A-Za-z0-9._:-]{1,15}){0,2}"
+        .prop_filter(
+            "a segment that is '.' or '..', or a reserved last segment",
+            |s| {
+                let segments: Vec<&str> = s.split('/').collect();
+                segments.iter().all(|seg| !matches!(*seg, "." | ".."))
+                    && !(segments.len() > 1
+                        && matches!(segments.last(), Some(&("infer" | "members"))))
+            },
+        )
+        .prop_map(|s| LlmName::parse(&s).unwrap())
 }
 
 fn session() -> impl Strategy<Value = SessionId> {
@@ -318,6 +330,7 @@ fn task_frame() -> impl Strategy<Value = TaskFrame> {
     (task_id(), name(), any::<bool>(), body()).prop_map(|(task_id, llm, stream, body)| TaskFrame {
         task_id,
         kind: TaskKind::Infer,
+        endpoint: Default::default(),
         llm,
         stream,
         body,

@@ -1095,6 +1095,7 @@ async fn an_idle_llm_is_put_to_sleep_and_woken_again() {
     h.frame(GatewayFrame::Task(TaskFrame {
         task_id: TaskId::generate(),
         kind: TaskKind::Infer,
+        endpoint: Default::default(),
         llm: LlmName::parse("vllm").unwrap(),
         stream: false,
         body: json!({"messages": [{"role": "user", "content": "hi"}]}),

@@ -719,6 +719,7 @@ async fn the_echo_provider_answers_with_the_last_user_message() {
     let task = TaskFrame {
         task_id: virtual_llm_core::TaskId::generate(),
         kind: virtual_llm_core::protocol::TaskKind::Infer,
+        endpoint: Default::default(),
         llm: virtual_llm_core::LlmName::parse("echo").unwrap(),
         stream: false,
         body: json!({"messages": [
