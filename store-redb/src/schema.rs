@@ -39,6 +39,8 @@
 //! [`LlmRecord::live_since`]: virtual_llm_core::LlmRecord::live_since
 //! [`LlmRecord::inactive_key`]: virtual_llm_core::LlmRecord::inactive_key
 
+use std::fs::{File, OpenOptions};
+use std::io;
 use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition, TableHandle, WriteTransaction};
@@ -137,12 +139,45 @@ impl Opened {
     }
 }
 
+/// How every registry file is opened: with `cache_size` bytes of page cache, and
+/// redb's integrity check on open.
+///
+/// The check is what turns a file damaged outside redb into
+/// [`StorageError::Corrupted`](redb::StorageError::Corrupted): a plain open trusts a
+/// file that was shut down cleanly, and redb documents that it may panic on one that
+/// was altered since (red-team finding F12: 32 bytes scribbled in every page made it
+/// hit `unreachable!()` reading a table definition, and the gateway died with a panic
+/// instead of refusing the file). The check verifies the checksum of every page of
+/// the committed trees and rebuilds the allocator state, so an open reads the whole
+/// file once: for a registry (a few MiB for thousands of rows) that is milliseconds,
+/// paid at start and when a failed write makes the store reopen the file.
+pub(crate) fn builder(cache_size: usize) -> redb::Builder {
+    let mut builder = Database::builder();
+    builder
+        .set_cache_size(cache_size)
+        .set_check_integrity_on_open(true);
+    builder
+}
+
 /// Opens (or creates) the registry file at `path` and checks its schema, upgrading an
 /// older one.
-pub(crate) fn open(path: &Path, cache_size: usize) -> Result<(Database, Opened), Error> {
-    let db = Database::builder()
-        .set_cache_size(cache_size)
-        .create(path)
+///
+/// A file that does not exist is created, and given the current schema. A file that
+/// exists but is empty (zero bytes) is refused as `Corrupted` unless `accept_empty`
+/// (red-team finding F7): it is what a failed restore, a copy onto a full disk or a
+/// stray `: > registry.redb` leaves, and taking it as a new registry would silently
+/// make every name free for anyone to register. redb itself initialises an empty file
+/// as a new database, so the length is checked here, on the handle redb then opens
+/// (no window between the check and the open).
+pub(crate) fn open(
+    path: &Path,
+    cache_size: usize,
+    accept_empty: bool,
+) -> Result<(Database, Opened), Error> {
+    let file = open_file(path, accept_empty)?;
+    let backend = redb::backends::FileBackend::new(file)?;
+    let db = builder(cache_size)
+        .create_with_backend(backend)
         .map_err(|e| match e {
             // redb's answer for a file whose header is not redb's (a wrong magic number):
             // someone else's file, not a damaged registry.
@@ -158,6 +193,47 @@ pub(crate) fn open(path: &Path, cache_size: usize) -> Result<(Database, Opened),
         })?;
     let opened = check_or_init(&db, path)?;
     Ok((db, opened))
+}
+
+/// The file at `path`, read-write: created if there is none; refused as `Corrupted`
+/// if it exists and is empty, unless `accept_empty`.
+fn open_file(path: &Path, accept_empty: bool) -> Result<File, Error> {
+    match OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(path)
+    {
+        Ok(created) => return Ok(created),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(Error::unavailable("creating the redb file", e)),
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::unavailable("opening the redb file", e))?;
+    let len = file
+        .metadata()
+        .map_err(|e| Error::unavailable("reading the redb file's length", e))?
+        .len();
+    if len == 0 {
+        if !accept_empty {
+            return Err(Error::Corrupted(format!(
+                "{} exists but is empty (0 bytes), as a failed restore, a copy onto a full \
+                 disk or a truncation leaves it; it is not taken as a new registry, which \
+                 would make every registered name free for anyone. Restore the file, or \
+                 remove it, or ask for a fresh store explicitly (RedbOptions::accept_empty_file; \
+                 the reference gateway's --fresh-store)",
+                path.display()
+            )));
+        }
+        tracing::warn!(
+            path = %path.display(),
+            "the registry file is empty; starting a new, empty registry in it, as asked"
+        );
+    }
+    Ok(file)
 }
 
 /// Checks the schema version of an opened file: an empty file gets the current
