@@ -219,9 +219,8 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
     let store_options = RedbOptions::default().accept_empty_file(args.fresh_store);
-    let store = Arc::new(
-        RedbStore::open_with(args.data_dir.join("registry.redb"), store_options).await?,
-    );
+    let store =
+        Arc::new(RedbStore::open_with(args.data_dir.join("registry.redb"), store_options).await?);
     let mut builder = Gateway::builder(store.clone() as Arc<dyn Store>)
         .config(config)
         .authenticator(auth);

@@ -45,16 +45,28 @@ async fn an_empty_registry_file_is_refused_unless_fresh_store_is_passed() {
     let registry = dir.0.join("registry.redb");
     std::fs::write(&registry, b"").unwrap();
     let refused = Command::new(gateway_binary())
-        .args(["--listen", "127.0.0.1:0", "--data-dir", dir.0.to_str().unwrap()])
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.0.to_str().unwrap(),
+        ])
         .stdin(Stdio::null())
         .output()
         .unwrap();
-    assert!(!refused.status.success(), "it must not start on an empty registry");
+    assert!(
+        !refused.status.success(),
+        "it must not start on an empty registry"
+    );
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("store corrupted"), "{stderr}");
     assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
     assert!(stderr.contains("--fresh-store"), "{stderr}");
-    assert_eq!(std::fs::metadata(&registry).unwrap().len(), 0, "left as it was");
+    assert_eq!(
+        std::fs::metadata(&registry).unwrap().len(),
+        0,
+        "left as it was"
+    );
 
     let addr = free_addr();
     let url = format!("http://{addr}");

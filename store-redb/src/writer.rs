@@ -588,7 +588,10 @@ mod tests {
         // The disk still fails: the reopen cannot recover the file, and the write is
         // refused with the disk's error, not left waiting; so is a read meanwhile (no
         // handle is open).
-        let err = store.write(vec![insert("still-failing")]).await.unwrap_err();
+        let err = store
+            .write(vec![insert("still-failing")])
+            .await
+            .unwrap_err();
         assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
         assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
         let err = store.list().await.unwrap_err();
@@ -599,11 +602,18 @@ mod tests {
         let written = store.write(vec![insert("after")]).await.unwrap();
         assert_eq!(written[0].revision, 1);
         assert!(store.stats().reopens >= 1);
-        assert_eq!(names(&store).await, ["after", "seed"], "nothing of the failed writes");
+        assert_eq!(
+            names(&store).await,
+            ["after", "seed"],
+            "nothing of the failed writes"
+        );
         // And the store goes on as usual: heartbeats reach the disk, the file is whole.
         let after = LlmName::parse("after").unwrap();
         let at = Timestamp::from_millis(1_000_000);
-        assert_eq!(store.touch(std::slice::from_ref(&after), at).await.unwrap(), 1);
+        assert_eq!(
+            store.touch(std::slice::from_ref(&after), at).await.unwrap(),
+            1
+        );
         store.flush().await.unwrap();
         assert!(store.check_integrity().await.unwrap().is_ok());
         store.close().await.unwrap();
@@ -626,7 +636,10 @@ mod tests {
         store.write(vec![insert("beating")]).await.unwrap();
         let beating = LlmName::parse("beating").unwrap();
         let first = Timestamp::from_millis(1_000_000);
-        store.touch(std::slice::from_ref(&beating), first).await.unwrap();
+        store
+            .touch(std::slice::from_ref(&beating), first)
+            .await
+            .unwrap();
         backend.fail.store(true, Ordering::SeqCst);
         let err = store.flush().await.unwrap_err();
         assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
@@ -639,7 +652,11 @@ mod tests {
         drop(store);
         let store = RedbStore::on_backend(&backend, &options).unwrap();
         let row = store.get(&beating).await.unwrap().unwrap();
-        assert_eq!(row.last_heartbeat_at, Some(first), "the heartbeat reached the disk");
+        assert_eq!(
+            row.last_heartbeat_at,
+            Some(first),
+            "the heartbeat reached the disk"
+        );
         assert_eq!(names(&store).await, ["beating", "later"]);
         store.close().await.unwrap();
     }

@@ -69,7 +69,10 @@ async fn an_empty_file_is_refused_as_corrupted_unless_a_fresh_store_is_asked_for
         panic!("an empty registry must be refused as corrupted: {err:?}");
     };
     assert!(message.contains("empty"), "{message}");
-    assert!(message.contains("--fresh-store"), "says how to start afresh: {message}");
+    assert!(
+        message.contains("--fresh-store"),
+        "says how to start afresh: {message}"
+    );
     assert_eq!(len(&path), 0, "the file is left as it was");
 
     // Asked for explicitly, it is a new, empty registry, which keeps what it is given.
@@ -131,7 +134,10 @@ async fn truncated_or_flipped_files_never_make_the_open_panic() {
     let mut rng = StdRng::seed_from_u64(0x5eed_f12);
     let mut cases: Vec<(String, Vec<u8>)> = Vec::new();
     // Truncations: every 512 bytes through the first pages, then at random.
-    for cut in (1..8192).step_by(512).chain((0..40).map(|_| rng.random_range(1..good.len()))) {
+    for cut in (1..8192)
+        .step_by(512)
+        .chain((0..40).map(|_| rng.random_range(1..good.len())))
+    {
         cases.push((format!("truncated to {cut}"), good[..cut].to_vec()));
     }
     // Flipped bytes: all through the header, then at random in the pages.
@@ -155,6 +161,12 @@ async fn truncated_or_flipped_files_never_make_the_open_panic() {
             Err(panic) => panic!("{what}: the open panicked: {panic}"),
         }
     }
-    eprintln!("{} damaged files: {opened} opened, {refused} refused", cases.len());
-    assert!(refused > 0 && opened > 0, "{opened} opened, {refused} refused");
+    eprintln!(
+        "{} damaged files: {opened} opened, {refused} refused",
+        cases.len()
+    );
+    assert!(
+        refused > 0 && opened > 0,
+        "{opened} opened, {refused} refused"
+    );
 }
