@@ -17,8 +17,8 @@
 //! exclusively: redb recovers it as after a crash (nothing of the failed transaction
 //! is in it, every committed one is), and the write goes on on the new handle. If the
 //! cause is still there and the reopen fails too, the state is [`State::Lost`]: reads
-//! and writes answer `Unavailable` with the reason, and the next write or flush tries
-//! again. Before this, one full disk left the registry unwritable until a restart,
+//! and writes answer `Unavailable` with the reason, and the next write or flusher tick
+//! tries again. Before this, one full disk left the registry unwritable until a restart,
 //! even once space was back (red-team finding F6).
 //!
 //! This module depends on no other part of the store that runs: the handle (`store`),
@@ -293,7 +293,17 @@ impl Inner {
     }
 
     /// Writes every heartbeat held in memory to disk.
+    ///
+    /// If a reopen after a failed write failed ([`State::Lost`]), this tries it again
+    /// even with nothing to flush: the flusher's tick is what brings reads back once
+    /// the cause is gone, when no write comes to do it.
     pub(crate) fn flush_pending(&self) -> Result<(), Error> {
+        if matches!(*self.shared(), State::Lost(_)) {
+            let mut state = self.exclusive();
+            if matches!(*state, State::Lost(_)) {
+                self.reopen_locked(&mut state)?;
+            }
+        }
         let entries = lock(&self.overlay).entries();
         for chunk in entries.chunks(FLUSH_BATCH) {
             let mut state = self.exclusive();

@@ -143,7 +143,7 @@ impl RedbStore {
     /// Every open verifies the whole file (redb's integrity check on open), so a file
     /// damaged outside redb is refused as [`StoreError::Corrupted`] rather than
     /// trusted. A failed write (a full disk) does not leave the store unwritable: the
-    /// next write or heartbeat flush reopens the file, as a restart would, and goes on.
+    /// next write or flusher tick reopens the file, as a restart would, and goes on.
     ///
     /// # Panics
     /// Outside a tokio runtime: the store runs on the blocking pool and owns a

@@ -626,6 +626,29 @@ mod tests {
         store.close().await.unwrap();
     }
 
+    /// F6, when the reopen itself fails (the disk still refuses writes): reads are
+    /// unavailable meanwhile, and the next flush (the flusher's tick) reopens the file
+    /// once the disk works, with no write needed to bring reads back.
+    #[tokio::test]
+    async fn a_flush_reopens_a_file_whose_reopen_failed_once_the_disk_works() {
+        let backend = FailingBackend::default();
+        let options = RedbOptions::default();
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
+        store.write(vec![insert("kept")]).await.unwrap();
+        backend.fail.store(true, Ordering::SeqCst);
+        store.write(vec![insert("lost")]).await.unwrap_err();
+        // This write's reopen fails: no handle is left.
+        store.write(vec![insert("lost-too")]).await.unwrap_err();
+        assert!(store.list().await.is_err(), "no handle to read from");
+        // A flush with nothing to write still tries, and fails while the disk does.
+        assert!(store.flush().await.is_err());
+        backend.fail.store(false, Ordering::SeqCst);
+        store.flush().await.unwrap();
+        assert_eq!(names(&store).await, ["kept"]);
+        assert!(store.stats().reopens >= 1);
+        store.close().await.unwrap();
+    }
+
     /// F6 through the heartbeat flusher: a flush that failed poisons the handle as a
     /// failed commit does, and the next flush reopens the file and writes.
     #[tokio::test]
