@@ -149,8 +149,9 @@ impl Opened {
 /// hit `unreachable!()` reading a table definition, and the gateway died with a panic
 /// instead of refusing the file). The check verifies the checksum of every page of
 /// the committed trees and rebuilds the allocator state, so an open reads the whole
-/// file once: for a registry (a few MiB for thousands of rows) that is milliseconds,
-/// paid at start and when a failed write makes the store reopen the file.
+/// file once: about 25 ms for 12,800 rows (a 17 MiB file) in a release build, against
+/// 3 ms for a plain open; paid at start, and when a failed write makes the store
+/// reopen the file.
 pub(crate) fn builder(cache_size: usize) -> redb::Builder {
     let mut builder = Database::builder();
     builder
