@@ -170,12 +170,16 @@ pub(crate) fn builder(cache_size: usize) -> redb::Builder {
 /// make every name free for anyone to register. redb itself initialises an empty file
 /// as a new database, so the length is checked here, on the handle redb then opens
 /// (no window between the check and the open).
+///
+/// [`Mode::Reopen`] (after a failed write) neither creates a missing file nor takes an
+/// empty one: the file was a registry a moment ago, and a new, empty registry in its
+/// place would free every name just the same.
 pub(crate) fn open(
     path: &Path,
     cache_size: usize,
-    accept_empty: bool,
+    mode: Mode,
 ) -> Result<(Database, Opened), Error> {
-    let file = open_file(path, accept_empty)?;
+    let file = open_file(path, mode)?;
     let backend = redb::backends::FileBackend::new(file)?;
     let db = builder(cache_size)
         .create_with_backend(backend)
@@ -196,19 +200,38 @@ pub(crate) fn open(
     Ok((db, opened))
 }
 
-/// The file at `path`, read-write: created if there is none; refused as `Corrupted`
-/// if it exists and is empty, unless `accept_empty`.
-fn open_file(path: &Path, accept_empty: bool) -> Result<File, Error> {
-    match OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-    {
-        Ok(created) => return Ok(created),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-        Err(e) => return Err(Error::unavailable("creating the redb file", e)),
-    }
+/// How [`open`] treats a missing or empty file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// Opening the store: a missing file is created; an empty one is taken as a new
+    /// registry only if `accept_empty`.
+    Start {
+        /// [`RedbOptions::accept_empty_file`](crate::RedbOptions::accept_empty_file).
+        accept_empty: bool,
+    },
+    /// Opening it again after a failed write: the file must be there and not empty.
+    Reopen,
+}
+
+/// The file at `path`, read-write: created if there is none and `mode` allows it;
+/// refused as `Corrupted` if it exists and is empty, unless `mode` accepts that.
+fn open_file(path: &Path, mode: Mode) -> Result<File, Error> {
+    let accept_empty = match mode {
+        Mode::Start { accept_empty } => {
+            match OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(path)
+            {
+                Ok(created) => return Ok(created),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(Error::unavailable("creating the redb file", e)),
+            }
+            accept_empty
+        }
+        Mode::Reopen => false,
+    };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -547,6 +570,35 @@ mod tests {
             }
         }
         panic!("the upgrade from version {from} never completed");
+    }
+
+    /// After a failed write the store reopens its file: a file removed or emptied
+    /// since is refused then, never replaced by a new registry (which would free every
+    /// name as an empty file at start would, red-team finding F7).
+    #[test]
+    fn a_reopen_neither_creates_a_missing_file_nor_takes_an_empty_one() {
+        const CACHE: usize = 1 << 20;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("registry.redb");
+        let gone = open(&path, CACHE, Mode::Reopen);
+        assert!(matches!(gone, Err(Error::Unavailable { .. })), "{gone:?}");
+        assert!(!path.exists(), "not created");
+        std::fs::write(&path, b"").unwrap();
+        let empty = open(&path, CACHE, Mode::Reopen);
+        assert!(matches!(empty, Err(Error::Corrupted(_))), "{empty:?}");
+        let start = open(
+            &path,
+            CACHE,
+            Mode::Start {
+                accept_empty: false,
+            },
+        );
+        assert!(matches!(start, Err(Error::Corrupted(_))), "{start:?}");
+        let (db, opened) = open(&path, CACHE, Mode::Start { accept_empty: true }).unwrap();
+        assert_eq!(opened, Opened::Created);
+        drop(db);
+        let (_db, opened) = open(&path, CACHE, Mode::Reopen).unwrap();
+        assert_eq!(opened, Opened::Current);
     }
 
     #[test]

@@ -160,18 +160,19 @@ impl RedbStore {
         let path = path.as_ref().to_path_buf();
         let at = path.clone();
         let (cache_size, accept_empty) = (options.cache_size, options.accept_empty_file);
-        let (db, opened) =
-            match tokio::task::spawn_blocking(move || schema::open(&at, cache_size, accept_empty))
-                .await
-            {
-                Ok(opened) => opened?,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => return Err(Error::Cancelled.into()),
-            };
-        // After a failed write: the file exists and is not empty by then, and an empty
-        // one is refused whatever the options said at start.
+        let (db, opened) = match tokio::task::spawn_blocking(move || {
+            schema::open(&at, cache_size, schema::Mode::Start { accept_empty })
+        })
+        .await
+        {
+            Ok(opened) => opened?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(Error::Cancelled.into()),
+        };
+        // After a failed write: a file gone or emptied since is refused, never
+        // replaced by a new registry, whatever the options said at start.
         let at = path.clone();
-        let reopen: Reopen = Box::new(move || schema::open(&at, cache_size, false));
+        let reopen: Reopen = Box::new(move || schema::open(&at, cache_size, schema::Mode::Reopen));
         Self::start(path, db, reopen, opened, &options)
     }
 
