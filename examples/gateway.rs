@@ -21,7 +21,7 @@ use clap::Parser;
 use serde::Deserialize;
 use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
-use virtual_llm::redb::RedbStore;
+use virtual_llm::redb::{RedbOptions, RedbStore};
 use virtual_llm::{
     Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, RecipeWaker, Role,
     StaticTokens, Store, WakeTarget, bearer_token,
@@ -37,6 +37,11 @@ struct Args {
     /// Directory of the registry's redb file.
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
+    /// Take an existing but empty (zero-byte) `registry.redb` as a new, empty
+    /// registry. Without it such a file is refused as corrupted: it is what a failed
+    /// restore or a copy onto a full disk leaves, and starting empty frees every name.
+    #[arg(long)]
+    fresh_store: bool,
     /// TOML file with tokens, public LLMs, limits and timings.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -220,7 +225,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
 
     std::fs::create_dir_all(&args.data_dir)
         .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
-    let store = Arc::new(RedbStore::open(args.data_dir.join("registry.redb")).await?);
+    let store_options = RedbOptions::default().accept_empty_file(args.fresh_store);
+    let store =
+        Arc::new(RedbStore::open_with(args.data_dir.join("registry.redb"), store_options).await?);
     let mut builder = Gateway::builder(store.clone() as Arc<dyn Store>)
         .config(config)
         .authenticator(auth);

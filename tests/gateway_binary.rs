@@ -36,6 +36,53 @@ fn without_tokens_it_refuses_to_listen_beyond_loopback() {
     );
 }
 
+/// Red-team finding F7: an empty `registry.redb` (a failed restore, a copy onto a
+/// full disk) was silently taken as a new registry, freeing every name. The gateway
+/// refuses it, names the flag, and starts on it only with `--fresh-store`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_registry_file_is_refused_unless_fresh_store_is_passed() {
+    let dir = temp_dir();
+    let registry = dir.0.join("registry.redb");
+    std::fs::write(&registry, b"").unwrap();
+    let refused = Command::new(gateway_binary())
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            dir.0.to_str().unwrap(),
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        !refused.status.success(),
+        "it must not start on an empty registry"
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("store corrupted"), "{stderr}");
+    assert!(stderr.contains("is empty (0 bytes)"), "{stderr}");
+    assert!(stderr.contains("--fresh-store"), "{stderr}");
+    assert_eq!(
+        std::fs::metadata(&registry).unwrap().len(),
+        0,
+        "left as it was"
+    );
+
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let gateway = GatewayProcess::start_env(addr, &dir.0, &["--fresh-store"], &[]);
+    binary::ready(&url).await;
+    gateway.sigterm();
+    assert!(
+        std::fs::metadata(&registry).unwrap().len() > 0,
+        "a new registry was written into it"
+    );
+    // From then on it is a registry like any other: it starts without the flag.
+    let gateway = GatewayProcess::start(addr, &dir.0);
+    binary::ready(&url).await;
+    gateway.sigterm();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_and_public_llms_come_from_the_config_file() {
     let dir = temp_dir();

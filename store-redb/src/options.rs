@@ -1,5 +1,6 @@
 //! [`RedbOptions`]: how often coalesced heartbeats reach the disk, how many batches
-//! share a commit, and how much the engine caches.
+//! share a commit, how much the engine caches, and whether an empty file may be taken
+//! as a new registry.
 
 use std::time::Duration;
 
@@ -31,6 +32,14 @@ pub struct RedbOptions {
     pub max_group: usize,
     /// The engine's page cache in bytes (default 64 MiB; redb's own default is 1 GiB).
     pub cache_size: usize,
+    /// Whether an existing registry file of zero bytes is taken as a new, empty
+    /// registry (default `false`: it is refused as
+    /// [`StoreError::Corrupted`](virtual_llm_core::StoreError::Corrupted)). An empty
+    /// file is what a failed restore, a copy onto a full disk or a stray truncation
+    /// leaves; taking it as new would make every name free for anyone to register, so
+    /// only an operator who means it sets this. A file that does not exist is created
+    /// either way.
+    pub accept_empty_file: bool,
 }
 
 impl Default for RedbOptions {
@@ -40,6 +49,7 @@ impl Default for RedbOptions {
             max_pending: 10_000,
             max_group: 1024,
             cache_size: 64 << 20,
+            accept_empty_file: false,
         }
     }
 }
@@ -66,6 +76,12 @@ impl RedbOptions {
     /// Sets [`RedbOptions::cache_size`].
     pub fn cache_size(mut self, bytes: usize) -> Self {
         self.cache_size = bytes;
+        self
+    }
+
+    /// Sets [`RedbOptions::accept_empty_file`].
+    pub fn accept_empty_file(mut self, accept: bool) -> Self {
+        self.accept_empty_file = accept;
         self
     }
 }

@@ -10,6 +10,17 @@
 //! overlay, never in neither. That is why flushing and closing live here, beside the
 //! lock, and not in the modules that call them.
 //!
+//! A failed write (a full disk, an I/O error) leaves redb's handle refusing every
+//! later write ("Previous I/O error occurred. Please close and re-open the
+//! database"), until it is closed and opened again; reads still work on it. So the
+//! next write or flush that finds it so reopens the file here, under the lock held
+//! exclusively: redb recovers it as after a crash (nothing of the failed transaction
+//! is in it, every committed one is), and the write goes on on the new handle. If the
+//! cause is still there and the reopen fails too, the state is [`State::Lost`]: reads
+//! and writes answer `Unavailable` with the reason, and the next write or flusher tick
+//! tries again. Before this, one full disk left the registry unwritable until a restart,
+//! even once space was back (red-team finding F6).
+//!
 //! This module depends on no other part of the store that runs: the handle (`store`),
 //! the writer thread (`writer`) and the flusher (`flusher`) depend on it.
 
@@ -17,26 +28,71 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockError};
 
-use redb::{Database, ReadableDatabase};
+use redb::{Database, ReadableDatabase, WriteTransaction};
 use tokio::sync::Notify;
 use virtual_llm_core::StoreError;
 
 use crate::error::Error;
 use crate::liveness::{Overlay, Pending};
+use crate::schema::Opened;
 use crate::tables::{ReadTables, WriteTables};
 
 /// Heartbeats written per flush transaction: a flush holds reads off while it
 /// commits, so a large backlog is written in several short transactions.
 const FLUSH_BATCH: usize = 4096;
 
+/// Opens the store's file again, schema-checked, after a failed write.
+pub(crate) type Reopen = Box<dyn Fn() -> Result<(Database, Opened), Error> + Send + Sync>;
+
+/// The file behind the state's lock.
+pub(crate) enum State {
+    /// Open.
+    Open(Database),
+    /// A failed write poisoned the handle, it was dropped, and opening the file again
+    /// failed with this error; the next write or flush tries again.
+    Lost(Error),
+    /// Closed by [`Inner::close`]; for good.
+    Closed,
+}
+
+impl State {
+    /// The open file, or why there is none.
+    pub(crate) fn db(&self) -> Result<&Database, Error> {
+        match self {
+            State::Open(db) => Ok(db),
+            State::Lost(e) => Err(e.clone()),
+            State::Closed => Err(Error::Closed),
+        }
+    }
+
+    /// The open file, mutably, or why there is none.
+    pub(crate) fn db_mut(&mut self) -> Result<&mut Database, Error> {
+        match self {
+            State::Open(db) => Ok(db),
+            State::Lost(e) => Err(e.clone()),
+            State::Closed => Err(Error::Closed),
+        }
+    }
+}
+
+/// Whether `e` is redb refusing a handle after an earlier failed write.
+fn poisoned(e: &redb::TransactionError) -> bool {
+    matches!(
+        e,
+        redb::TransactionError::Storage(redb::StorageError::PreviousIo)
+    )
+}
+
 /// The state shared by the store handle, its flusher, its writer thread and its
 /// blocking operations.
 pub(crate) struct Inner {
     /// The file, for messages and [`RedbStore::path`](crate::RedbStore::path).
     pub(crate) path: PathBuf,
-    /// The open file; `None` once closed. Shared by reads, touches and the writer
-    /// thread; exclusive for a heartbeat flush, the integrity check and close.
-    state: RwLock<Option<Database>>,
+    /// The file. Shared by reads, touches and the writer thread; exclusive for a
+    /// heartbeat flush, the integrity check, a reopen and close.
+    state: RwLock<State>,
+    /// How to open the file again after a failed write.
+    reopen: Reopen,
     /// Heartbeats not yet on disk.
     pub(crate) overlay: Mutex<Overlay>,
     /// Wakes the flusher before its timer when the overlay is full.
@@ -54,6 +110,7 @@ pub(crate) struct Counters {
     pub(crate) flushes: AtomicU64,
     pub(crate) heartbeats_flushed: AtomicU64,
     pub(crate) waiting: AtomicUsize,
+    pub(crate) reopens: AtomicU64,
 }
 
 /// Locks `m`; a panic elsewhere while it was held does not make it unusable (what it
@@ -77,10 +134,18 @@ where
 impl Inner {
     /// The state around `db`, opened and schema-checked; `commits` counts the
     /// transactions already committed on it (the schema's creation).
-    pub(crate) fn new(path: PathBuf, db: Database, max_pending: usize, commits: u64) -> Self {
+    /// `reopen` opens the file again after a failed write.
+    pub(crate) fn new(
+        path: PathBuf,
+        db: Database,
+        reopen: Reopen,
+        max_pending: usize,
+        commits: u64,
+    ) -> Self {
         Inner {
             path,
-            state: RwLock::new(Some(db)),
+            state: RwLock::new(State::Open(db)),
+            reopen,
             overlay: Mutex::new(Overlay::default()),
             wake: Notify::new(),
             max_pending: max_pending.max(1),
@@ -93,12 +158,12 @@ impl Inner {
 
     /// The state, exclusively: the writer thread and every read wait meanwhile. For
     /// the integrity check, and for tests that make batches queue up.
-    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, Option<Database>> {
+    pub(crate) fn exclusive(&self) -> RwLockWriteGuard<'_, State> {
         virtual_llm_core::sync::write(&self.state)
     }
 
     /// The state, shared; waits while a flush, the integrity check or close holds it.
-    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, Option<Database>> {
+    pub(crate) fn shared(&self) -> RwLockReadGuard<'_, State> {
         virtual_llm_core::sync::read(&self.state)
     }
 
@@ -109,7 +174,7 @@ impl Inner {
         op: impl FnOnce(&Database) -> Result<T, Error>,
     ) -> Result<T, Error> {
         let state = self.shared();
-        op(state.as_ref().ok_or(Error::Closed)?)
+        op(state.db()?)
     }
 
     /// Runs `op` on the open file with the state held shared, if it can be taken
@@ -137,7 +202,86 @@ impl Inner {
             Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(state.as_ref().ok_or(Error::Closed).and_then(op))
+        Some(state.db().and_then(op))
+    }
+
+    /// The state held shared and a write transaction begun on its file, for the writer
+    /// thread's group. If a failed write left the handle refusing writes, or a reopen
+    /// failed before, the file is reopened first (with the state held exclusively,
+    /// then shared again).
+    pub(crate) fn begin_write(
+        &self,
+    ) -> Result<(RwLockReadGuard<'_, State>, WriteTransaction), Error> {
+        {
+            let state = self.shared();
+            match &*state {
+                State::Open(db) => match db.begin_write() {
+                    Ok(txn) => return Ok((state, txn)),
+                    Err(e) if !poisoned(&e) => return Err(e.into()),
+                    Err(_) => {}
+                },
+                State::Lost(_) => {}
+                State::Closed => return Err(Error::Closed),
+            }
+        }
+        // Whoever takes the state exclusively first reopens; the others find it open.
+        self.begin_write_locked(&mut self.exclusive())?.abort()?;
+        let state = self.shared();
+        let txn = state.db()?.begin_write()?;
+        Ok((state, txn))
+    }
+
+    /// A write transaction on the file of `state`, held exclusively by the caller;
+    /// reopens the file first if a failed write poisoned its handle, or a reopen
+    /// failed before.
+    fn begin_write_locked(&self, state: &mut State) -> Result<WriteTransaction, Error> {
+        match state {
+            State::Open(db) => match db.begin_write() {
+                Ok(txn) => return Ok(txn),
+                Err(e) if !poisoned(&e) => return Err(e.into()),
+                Err(_) => {}
+            },
+            State::Lost(_) => {}
+            State::Closed => return Err(Error::Closed),
+        }
+        self.reopen_locked(state)?;
+        Ok(state.db()?.begin_write()?)
+    }
+
+    /// Drops the file's handle and opens the file again (redb recovers it as after a
+    /// crash). On failure the state is [`State::Lost`] with the error.
+    fn reopen_locked(&self, state: &mut State) -> Result<(), Error> {
+        if let State::Open(db) = std::mem::replace(state, State::Closed) {
+            // redb refuses this handle; closing it may fail as well, and releases the
+            // file either way (it is dropped).
+            if let Err(e) = db.close() {
+                tracing::debug!(error = %e, "closing the registry's failed handle failed");
+            }
+        }
+        match (self.reopen)() {
+            Ok((db, opened)) => {
+                *state = State::Open(db);
+                let c = &self.counters;
+                c.reopens.fetch_add(1, Ordering::Relaxed);
+                c.commits.fetch_add(opened.commits(), Ordering::Relaxed);
+                tracing::warn!(
+                    path = %self.path.display(),
+                    "a failed write had left the registry refusing writes; reopened the file, \
+                     which redb recovered, and writing again"
+                );
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    path = %self.path.display(),
+                    "reopening the registry after a failed write failed; reads and writes \
+                     are unavailable until the next write or heartbeat flush reopens it"
+                );
+                *state = State::Lost(e.clone());
+                Err(e)
+            }
+        }
     }
 
     /// Runs `f` on a read snapshot, holding the state shared (no flush meanwhile).
@@ -149,23 +293,33 @@ impl Inner {
     }
 
     /// Writes every heartbeat held in memory to disk.
+    ///
+    /// If a reopen after a failed write failed ([`State::Lost`]), this tries it again
+    /// even with nothing to flush: the flusher's tick is what brings reads back once
+    /// the cause is gone, when no write comes to do it.
     pub(crate) fn flush_pending(&self) -> Result<(), Error> {
+        if matches!(*self.shared(), State::Lost(_)) {
+            let mut state = self.exclusive();
+            if matches!(*state, State::Lost(_)) {
+                self.reopen_locked(&mut state)?;
+            }
+        }
         let entries = lock(&self.overlay).entries();
         for chunk in entries.chunks(FLUSH_BATCH) {
-            let state = self.exclusive();
-            let Some(db) = state.as_ref() else {
+            let mut state = self.exclusive();
+            if matches!(*state, State::Closed) {
                 // Closed: close flushed what there was.
                 return Ok(());
-            };
-            self.flush_chunk(db, chunk)?;
+            }
+            let txn = self.begin_write_locked(&mut state)?;
+            self.flush_chunk(txn, chunk)?;
         }
         Ok(())
     }
 
-    /// Writes `chunk`'s heartbeats in one transaction (revisions and stamps unchanged),
-    /// then forgets them. The caller holds the state exclusively.
-    fn flush_chunk(&self, db: &Database, chunk: &[(String, Pending)]) -> Result<(), Error> {
-        let txn = db.begin_write()?;
+    /// Writes `chunk`'s heartbeats in `txn` (revisions and stamps unchanged), then
+    /// forgets them. The caller holds the state exclusively.
+    fn flush_chunk(&self, txn: WriteTransaction, chunk: &[(String, Pending)]) -> Result<(), Error> {
         let mut written = 0u64;
         {
             let mut tables = WriteTables::open(&txn)?;
@@ -205,14 +359,24 @@ impl Inner {
     /// run.
     pub(crate) fn close(&self, closed: impl FnOnce()) -> Result<(), Error> {
         let mut state = self.exclusive();
-        let Some(db) = state.as_ref() else {
-            return Ok(());
-        };
+        match *state {
+            State::Closed => return Ok(()),
+            State::Lost(ref e) => {
+                // No file to flush into: the heartbeats held in memory are lost (only
+                // liveness; the next heartbeats restore it).
+                tracing::warn!(error = %e, "closing a registry that could not be reopened; heartbeats not yet on disk are dropped");
+                *state = State::Closed;
+                closed();
+                return Ok(());
+            }
+            State::Open(_) => {}
+        }
         let entries = lock(&self.overlay).entries();
         for chunk in entries.chunks(FLUSH_BATCH) {
-            self.flush_chunk(db, chunk)?;
+            let txn = self.begin_write_locked(&mut state)?;
+            self.flush_chunk(txn, chunk)?;
         }
-        if let Some(db) = state.take() {
+        if let State::Open(db) = std::mem::replace(&mut *state, State::Closed) {
             // Closed from here on, even if redb fails to close the file cleanly: batches
             // queued meanwhile find the state closed and are refused.
             closed();
@@ -228,7 +392,7 @@ impl Drop for Inner {
     /// thread's channel, is gone by now.
     fn drop(&mut self) {
         let pending = !lock(&self.overlay).is_empty();
-        let open = self.shared().is_some();
+        let open = matches!(*self.shared(), State::Open(_));
         if open
             && pending
             && let Err(e) = self.close(|| {})

@@ -53,7 +53,7 @@ use crate::integrity::{self, IntegrityReport};
 use crate::liveness::Pending;
 use crate::options::RedbOptions;
 use crate::schema;
-use crate::shared::{Inner, blocking, lock, snapshot_of};
+use crate::shared::{Inner, Reopen, blocking, lock, snapshot_of};
 use crate::tables::ReadTables;
 use crate::writer::{self, Writer};
 
@@ -120,6 +120,9 @@ pub struct RedbStats {
     /// Batches handed to the writer thread and not answered yet: the depth of the
     /// write queue.
     pub writes_waiting: usize,
+    /// Times the file was reopened because a failed write (a full disk, an I/O
+    /// error) had left redb refusing every later write on its handle.
+    pub reopens: u64,
 }
 
 impl RedbStore {
@@ -133,7 +136,14 @@ impl RedbStore {
     /// Fails with [`StoreError::Incompatible`] for a file of another schema version
     /// or a redb file that is not a registry, [`StoreError::Corrupted`] for a damaged
     /// one, and [`StoreError::Unavailable`] for I/O errors or a file another handle
-    /// holds. A file left by a crash is recovered by redb on open.
+    /// holds. A file left by a crash is recovered by redb on open. An existing file of
+    /// zero bytes is refused as [`StoreError::Corrupted`] unless
+    /// [`RedbOptions::accept_empty_file`]; a file that does not exist is created.
+    ///
+    /// Every open verifies the whole file (redb's integrity check on open), so a file
+    /// damaged outside redb is refused as [`StoreError::Corrupted`] rather than
+    /// trusted. A failed write (a full disk) does not leave the store unwritable: the
+    /// next write or flusher tick reopens the file, as a restart would, and goes on.
     ///
     /// # Panics
     /// Outside a tokio runtime: the store runs on the blocking pool and owns a
@@ -149,26 +159,41 @@ impl RedbStore {
     ) -> Result<Self, StoreError> {
         let path = path.as_ref().to_path_buf();
         let at = path.clone();
-        let cache_size = options.cache_size;
-        let (db, opened) =
-            match tokio::task::spawn_blocking(move || schema::open(&at, cache_size)).await {
-                Ok(opened) => opened?,
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(_) => return Err(Error::Cancelled.into()),
-            };
-        Self::start(path, db, opened, &options)
+        let (cache_size, accept_empty) = (options.cache_size, options.accept_empty_file);
+        let (db, opened) = match tokio::task::spawn_blocking(move || {
+            schema::open(&at, cache_size, schema::Mode::Start { accept_empty })
+        })
+        .await
+        {
+            Ok(opened) => opened?,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => return Err(Error::Cancelled.into()),
+        };
+        // After a failed write: a file gone or emptied since is refused, never
+        // replaced by a new registry, whatever the options said at start.
+        let at = path.clone();
+        let reopen: Reopen = Box::new(move || schema::open(&at, cache_size, schema::Mode::Reopen));
+        Self::start(path, db, reopen, opened, &options)
     }
 
-    /// The store around `db`, opened and schema-checked (`opened`: what that wrote):
-    /// starts its writer thread and its flusher.
+    /// The store around `db`, opened and schema-checked (`opened`: what that wrote),
+    /// which `reopen` opens again after a failed write: starts its writer thread and
+    /// its flusher.
     fn start(
         path: PathBuf,
         db: Database,
+        reopen: Reopen,
         opened: schema::Opened,
         options: &RedbOptions,
     ) -> Result<Self, StoreError> {
         let (writer, requests) = writer::channel();
-        let inner = Arc::new(Inner::new(path, db, options.max_pending, opened.commits()));
+        let inner = Arc::new(Inner::new(
+            path,
+            db,
+            reopen,
+            options.max_pending,
+            opened.commits(),
+        ));
         writer::spawn(Arc::downgrade(&inner), requests, options.max_group)?;
         let every = options.flush_every.max(Duration::from_millis(1));
         let flusher = flusher::spawn(inner.clone(), every);
@@ -179,12 +204,25 @@ impl RedbStore {
         })
     }
 
-    /// A store on a database opened by the test itself (on a fault-injecting backend).
+    /// A store on a fault-injecting backend, opened (and reopened after a failed
+    /// write) as a file is.
     #[cfg(test)]
-    pub(crate) fn on_database(db: Database, options: &RedbOptions) -> Result<Self, StoreError> {
+    pub(crate) fn on_backend(
+        backend: &crate::testing::FailingBackend,
+        options: &RedbOptions,
+    ) -> Result<Self, StoreError> {
         let path = PathBuf::from("(test backend)");
-        let opened = schema::check_or_init(&db, &path)?;
-        Self::start(path, db, opened, options)
+        let cache_size = options.cache_size;
+        let open = {
+            let (backend, path) = (backend.clone(), path.clone());
+            move || {
+                let db = schema::builder(cache_size).create_with_backend(backend.clone())?;
+                let opened = schema::check_or_init(&db, &path)?;
+                Ok((db, opened))
+            }
+        };
+        let (db, opened) = open()?;
+        Self::start(path, db, Box::new(open), opened, options)
     }
 
     /// The file this store lives in.
@@ -202,6 +240,7 @@ impl RedbStore {
             heartbeats_flushed: c.heartbeats_flushed.load(Ordering::Relaxed),
             pending_heartbeats: lock(&self.inner.overlay).len(),
             writes_waiting: c.waiting.load(Ordering::Relaxed),
+            reopens: c.reopens.load(Ordering::Relaxed),
         }
     }
 
@@ -214,7 +253,7 @@ impl RedbStore {
     pub async fn check_integrity(&self) -> Result<IntegrityReport, StoreError> {
         blocking(self.inner.clone(), |i| {
             let mut state = i.exclusive();
-            let db = state.as_mut().ok_or(Error::Closed)?;
+            let db = state.db_mut()?;
             integrity::check(db)
         })
         .await

@@ -17,6 +17,7 @@ use redb::StorageBackend;
 use redb::backends::InMemoryBackend;
 
 use crate::RedbStore;
+use crate::shared::State;
 
 /// Polls `f` once and keeps it for later: a store call that sends its request on its
 /// first poll has sent it when this returns.
@@ -47,7 +48,7 @@ pub(crate) fn hold(store: &RedbStore) -> Held {
         let mut state = inner.exclusive();
         held.send(()).unwrap();
         if released.recv_timeout(HOLD_AT_MOST) == Ok(true)
-            && let Some(db) = state.take()
+            && let State::Open(db) = std::mem::replace(&mut *state, State::Closed)
         {
             // What close does under the lock: from here on the store is closed.
             db.close().unwrap();

@@ -23,7 +23,9 @@
 //! commits once, and only then is each caller answered, so an `Ok` is durable. An engine
 //! error anywhere (applying any batch, or the commit) aborts the transaction, and every
 //! batch of the group gets that error: nothing of the group was written; it is logged
-//! as a warning. A group that finds the store closed (it queued while `close` ran) is
+//! as a warning. The next group reopens the file if the failure left redb refusing
+//! writes on its handle (see `shared`), so a full disk fails the writes made while it
+//! is full, not every later one. A group that finds the store closed (it queued while `close` ran) is
 //! refused with the closed error, as a batch sent after `close` is, and logged only at
 //! debug level: a clean shutdown is not a failure.
 //!
@@ -217,13 +219,17 @@ fn commit_group(
     let mut batches = Vec::new();
     replies.push(first.reply);
     batches.push(first.batch);
-    let state = inner.shared();
-    let Some(db) = state.as_ref() else {
-        // Closed: refuse everything queued in one go.
-        drain(queued, max_group, &mut batches, replies);
-        return Err(Error::Closed);
+    // Held shared for the whole group (no flush or close in the middle of it). If a
+    // failed write left the handle refusing writes, this reopens the file first.
+    let (_state, txn) = match inner.begin_write() {
+        Ok(begun) => begun,
+        Err(e) => {
+            // Closed, or the file cannot be written now: refuse everything queued in
+            // one go (a reopen is tried once per group, not once per batch).
+            drain(queued, max_group, &mut batches, replies);
+            return Err(e);
+        }
     };
-    let txn = db.begin_write()?;
     // Taken only now, with the transaction open: what queued while the previous group
     // committed, or while this thread waited for the state behind a heartbeat flush,
     // joins this group.
@@ -337,7 +343,7 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use virtual_llm_core::testkit::record;
-    use virtual_llm_core::{LlmName, LlmRecord, Store, StoreError, Write};
+    use virtual_llm_core::{LlmName, LlmRecord, Store, StoreError, Timestamp, Write};
 
     use crate::error::Error;
     use crate::testing::{FailingBackend, INJECTED, Logged, hold, logged, poll_once};
@@ -563,12 +569,127 @@ mod tests {
         assert!(chain(&err).ends_with(&closed), "{}", chain(&err));
     }
 
+    /// Red-team finding F6: one failed commit (a full disk) left redb refusing every
+    /// later write on its handle ("Previous I/O error occurred"), so every register
+    /// failed until a restart, even once space was back. Now the next write reopens
+    /// the file (redb recovers it as after a crash) and goes through once the disk
+    /// takes writes again; while it does not, writes are answered with the cause.
+    #[tokio::test]
+    async fn a_write_after_a_failed_commit_goes_through_once_the_disk_works_again() {
+        let backend = FailingBackend::default();
+        let options = RedbOptions::default();
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
+        store.write(vec![insert("seed")]).await.unwrap();
+        assert_eq!(store.stats().reopens, 0);
+
+        backend.fail.store(true, Ordering::SeqCst);
+        let err = store.write(vec![insert("lost")]).await.unwrap_err();
+        assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
+        // The disk still fails: the reopen cannot recover the file, and the write is
+        // refused with the disk's error, not left waiting; so is a read meanwhile (no
+        // handle is open).
+        let err = store
+            .write(vec![insert("still-failing")])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+        assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
+        let err = store.list().await.unwrap_err();
+        assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+
+        // Space is back: the next write reopens the file and is committed.
+        backend.fail.store(false, Ordering::SeqCst);
+        let written = store.write(vec![insert("after")]).await.unwrap();
+        assert_eq!(written[0].revision, 1);
+        assert!(store.stats().reopens >= 1);
+        assert_eq!(
+            names(&store).await,
+            ["after", "seed"],
+            "nothing of the failed writes"
+        );
+        // And the store goes on as usual: heartbeats reach the disk, the file is whole.
+        let after = LlmName::parse("after").unwrap();
+        let at = Timestamp::from_millis(1_000_000);
+        assert_eq!(
+            store.touch(std::slice::from_ref(&after), at).await.unwrap(),
+            1
+        );
+        store.flush().await.unwrap();
+        assert!(store.check_integrity().await.unwrap().is_ok());
+        store.close().await.unwrap();
+        drop(store);
+
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
+        assert_eq!(names(&store).await, ["after", "seed"]);
+        let row = store.get(&after).await.unwrap().unwrap();
+        assert_eq!(row.last_heartbeat_at, Some(at));
+        store.close().await.unwrap();
+    }
+
+    /// F6, when the reopen itself fails (the disk still refuses writes): reads are
+    /// unavailable meanwhile, and the next flush (the flusher's tick) reopens the file
+    /// once the disk works, with no write needed to bring reads back.
+    #[tokio::test]
+    async fn a_flush_reopens_a_file_whose_reopen_failed_once_the_disk_works() {
+        let backend = FailingBackend::default();
+        let options = RedbOptions::default();
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
+        store.write(vec![insert("kept")]).await.unwrap();
+        backend.fail.store(true, Ordering::SeqCst);
+        store.write(vec![insert("lost")]).await.unwrap_err();
+        // This write's reopen fails: no handle is left.
+        store.write(vec![insert("lost-too")]).await.unwrap_err();
+        assert!(store.list().await.is_err(), "no handle to read from");
+        // A flush with nothing to write still tries, and fails while the disk does.
+        assert!(store.flush().await.is_err());
+        backend.fail.store(false, Ordering::SeqCst);
+        store.flush().await.unwrap();
+        assert_eq!(names(&store).await, ["kept"]);
+        assert!(store.stats().reopens >= 1);
+        store.close().await.unwrap();
+    }
+
+    /// F6 through the heartbeat flusher: a flush that failed poisons the handle as a
+    /// failed commit does, and the next flush reopens the file and writes.
+    #[tokio::test]
+    async fn a_flush_after_a_failed_one_reopens_the_file_and_writes() {
+        let backend = FailingBackend::default();
+        let options = RedbOptions::default();
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
+        store.write(vec![insert("beating")]).await.unwrap();
+        let beating = LlmName::parse("beating").unwrap();
+        let first = Timestamp::from_millis(1_000_000);
+        store
+            .touch(std::slice::from_ref(&beating), first)
+            .await
+            .unwrap();
+        backend.fail.store(true, Ordering::SeqCst);
+        let err = store.flush().await.unwrap_err();
+        assert!(chain(&err).contains(INJECTED), "{}", chain(&err));
+        backend.fail.store(false, Ordering::SeqCst);
+        store.flush().await.unwrap();
+        assert_eq!(store.stats().reopens, 1);
+        assert_eq!(store.stats().pending_heartbeats, 0);
+        store.write(vec![insert("later")]).await.unwrap();
+        store.close().await.unwrap();
+        drop(store);
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
+        let row = store.get(&beating).await.unwrap().unwrap();
+        assert_eq!(
+            row.last_heartbeat_at,
+            Some(first),
+            "the heartbeat reached the disk"
+        );
+        assert_eq!(names(&store).await, ["beating", "later"]);
+        store.close().await.unwrap();
+    }
+
     #[tokio::test]
     async fn a_failed_commit_fails_every_batch_of_its_group_and_writes_none() {
         logged(); // records from here on
         let backend = FailingBackend::default();
         let options = RedbOptions::default();
-        let store = RedbStore::on_database(backend.open(), &options).unwrap();
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
         store.write(vec![insert("seed")]).await.unwrap();
         let before = store.stats();
         let held = hold(&store);
@@ -609,7 +730,7 @@ mod tests {
         let _ = store.close().await;
         drop(store);
         backend.fail.store(false, Ordering::SeqCst);
-        let store = RedbStore::on_database(backend.open(), &options).unwrap();
+        let store = RedbStore::on_backend(&backend, &options).unwrap();
         assert_eq!(names(&store).await, ["seed"]);
         store.close().await.unwrap();
     }
