@@ -6,9 +6,9 @@
 use bytes::Buf;
 use futures::Stream;
 use serde_json::Value;
+use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
-use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmView, Model, Reply};
 use warp::reply::Response;
 
