@@ -1,7 +1,8 @@
 //! The status page (`GET /`) in a real headless Chromium, driven over the DevTools
 //! protocol: served by a running gateway with tokens, it asks for a token, then shows
-//! a published row and its pool, and follows the registry by itself: when the
-//! publisher stops, the row's status turns `inactive` without a reload.
+//! a published row, its pool and an agent over it, and follows the registry by itself:
+//! when the publisher stops, the row's and the agent's status turn `inactive` without
+//! a reload.
 //!
 //! Needs `chromium` (Debian's package; or `$CHROMIUM`). Without it the test says so in
 //! one loud line and passes, unless `VIRTUAL_LLM_REQUIRE_SERVICES=1`, where a missing
@@ -14,8 +15,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use headless_chrome::{Browser, LaunchOptions, Tab};
+use virtual_llm::protocol::AgentSpec;
 use virtual_llm::testkit::{SseTransport, TestGateway, token};
-use virtual_llm::{Config, EchoProvider};
+use virtual_llm::{Config, EchoProvider, LlmName, PublisherOptions};
 
 /// The browser to drive: `$CHROMIUM`, or `chromium`, `chromium-browser`,
 /// `google-chrome` on `PATH`.
@@ -70,12 +72,23 @@ async fn the_status_page_shows_the_registry_live_in_chromium() {
         return;
     };
     let gw = TestGateway::start(Config::default()).await;
+    let poet = AgentSpec {
+        description: Some("Answers in verse".into()),
+        ..AgentSpec::new(
+            LlmName::parse("poet").unwrap(),
+            LlmName::parse("demo").unwrap(),
+        )
+    };
     let publisher = gw
-        .publish(
+        .publish_with(
             &SseTransport,
             "alice",
             &["demo"],
             Arc::new(EchoProvider::new()),
+            PublisherOptions {
+                agents: vec![poet],
+                ..PublisherOptions::default()
+            },
         )
         .await;
     let url = format!("{}/?every=200", gw.url);
@@ -110,6 +123,10 @@ async fn the_status_page_shows_the_registry_live_in_chromium() {
             "demo-model"
         );
         assert_eq!(text(&tab, r#"#pools tr[data-name="demo"] td.active"#), "1");
+        assert_eq!(
+            text(&tab, r#"#agents tr[data-name="poet"] td.status-active"#),
+            "active"
+        );
         (browser, tab)
     })
     .await
@@ -123,6 +140,10 @@ async fn the_status_page_shows_the_registry_live_in_chromium() {
             "inactive"
         );
         assert_eq!(text(&tab, r#"#pools tr[data-name="demo"] td.active"#), "0");
+        assert_eq!(
+            text(&tab, r#"#agents tr[data-name="poet"] td.status-inactive"#),
+            "inactive"
+        );
         let state = text(&tab, "#state");
         assert!(state.starts_with("updated "), "{state}");
         drop(browser);

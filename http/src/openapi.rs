@@ -287,6 +287,8 @@ mod tests {
             paths,
             [
                 "/",
+                "/api/v1/agents",
+                "/api/v1/agents/{name}",
                 "/healthz",
                 "/openapi.json",
                 "/readyz",
