@@ -320,6 +320,18 @@ async fn malformed_json_wrong_types_and_invalid_utf8_are_400_everywhere() {
         ("result", json!({"status": 70000, "body": {}})),
         ("result", json!({"status": 99, "body": {}})),
         ("result", json!({"status": 600, "body": {}})),
+        // Red-team F10: a 1xx is no final answer (a 101 switched the client's
+        // connection), and a line break in chunk data forged SSE fields.
+        ("result", json!({"status": 101, "body": {}})),
+        ("result", json!({"status": 103, "body": {}})),
+        (
+            "result",
+            json!({"chunk": {"data": "{\"a\":1}\rdata: [DONE]\r\revent: error"}}),
+        ),
+        (
+            "result",
+            json!({"chunk": {"data": "{\"a\":1}\n\nretry: 999999"}}),
+        ),
         ("result", json!({"chunk": "x"})),
         ("result", json!({"chunk": {"data": 5}})),
         ("result", json!({"chunk": {"data": "x", "done": "yes"}})),

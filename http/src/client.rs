@@ -157,8 +157,8 @@ where
 
 /// `POST /v1/embeddings`.
 #[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingRequest,
-    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
-        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+    responses((status = 200, description = "The model's embeddings as it gave them (never streamed: `stream: true` is 400)",
+        content((Object = "application/json"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
 pub(crate) async fn embeddings<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,

@@ -35,7 +35,7 @@ where
                 Ok(event) if event.data.trim() == DONE => return None,
                 Ok(event) => match stream_error(&event) {
                     Some(message) => Err(upstream(message)),
-                    None => return Some((Ok(event.data), Some(events))),
+                    None => return Some((Ok(one_line(event.data)), Some(events))),
                 },
                 Err(e) => {
                     tracing::warn!(upstream = %host, error = %e, "upstream stream broke off");
@@ -66,9 +66,35 @@ fn stream_error(event: &Event) -> Option<String> {
     error_message(event.data.as_bytes())
 }
 
+/// `data` as one line. An upstream may split one event's JSON over several `data:`
+/// lines, which the event stream joins with `\n`; the gateway refuses chunk data with a
+/// line break (it would forge fields in the client's stream). Outside its strings, a
+/// line break in JSON is whitespace, and inside one it is not valid JSON at all: a
+/// space keeps the JSON what it was.
+fn one_line(data: String) -> String {
+    if data.contains(['\n', '\r']) {
+        data.replace(['\n', '\r'], " ")
+    } else {
+        data
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_split_over_lines_is_relayed_as_one_line_of_the_same_json() {
+        let split = "{\"choices\":\n[{\"delta\":{\"content\":\"a b\"}}]\r\n}".to_owned();
+        let joined = one_line(split.clone());
+        assert!(!joined.contains(['\n', '\r']));
+        let (a, b): (Value, Value) = (
+            serde_json::from_str(&split).unwrap(),
+            serde_json::from_str(&joined).unwrap(),
+        );
+        assert_eq!(a, b);
+        assert_eq!(one_line("{}".to_owned()), "{}");
+    }
 
     #[test]
     fn errors_inside_a_stream_are_recognised_but_chunks_are_not() {

@@ -667,7 +667,8 @@ pub enum TaskResult {
     /// The final answer, with the upstream's HTTP status: a completion, or the
     /// upstream's own error answer passed through.
     Completed {
-        /// HTTP status, 100–599.
+        /// HTTP status, 200–599: an informational status (1xx) is no final answer,
+        /// and a 101 would tell the client's connection to switch protocols.
         status: u16,
         /// Response body.
         body: Value,
@@ -700,12 +701,18 @@ impl TaskResult {
         !matches!(self, TaskResult::Chunk { done: false, .. })
     }
 
-    /// Checks what serde cannot: a real HTTP status, a bounded error message.
+    /// Checks what serde cannot: a final HTTP status (200–599), and chunk data that is
+    /// one SSE `data:` payload: no line break (`\n` or `\r`), which would let a
+    /// publisher forge fields (`event: error`, `data: [DONE]`, `id:`, `retry:`) in the
+    /// client's stream. A serialized JSON chunk never has one.
     pub fn validate(&self) -> Result<(), Error> {
         match self {
-            TaskResult::Completed { status, .. } if !(100..=599).contains(status) => Err(
-                Error::invalid(format!("status {status} is not an HTTP status")),
+            TaskResult::Completed { status, .. } if !(200..=599).contains(status) => Err(
+                Error::invalid(format!("status {status} is not a final HTTP status")),
             ),
+            TaskResult::Chunk { data, .. } if data.contains(['\n', '\r']) => Err(Error::invalid(
+                "chunk data holds a line break: one SSE data payload has none",
+            )),
             _ => Ok(()),
         }
     }

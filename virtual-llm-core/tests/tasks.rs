@@ -406,20 +406,48 @@ async fn a_chunk_for_a_non_streaming_task_is_400_and_changes_nothing() {
             .status(),
         400
     );
-    let bad_status = TaskResult::Completed {
-        status: 1000,
-        body: Value::Null,
-        retry_after: None,
-    };
-    assert_eq!(
-        o.deliver(&frame, bad_status).await.unwrap_err().status(),
-        400
-    );
+    for status in [1000, 101, 103, 199] {
+        let bad_status = TaskResult::Completed {
+            status,
+            body: Value::Null,
+            retry_after: None,
+        };
+        assert_eq!(
+            o.deliver(&frame, bad_status).await.unwrap_err().status(),
+            400,
+            "{status}"
+        );
+    }
     o.deliver(&frame, completed("fine")).await.unwrap();
     assert!(matches!(
         handle.next().await,
         Some(Ok(TaskEvent::Completed(_)))
     ));
+}
+
+/// Red-team F10: chunk data with a line break (`\n`, or a bare `\r`, which SSE also
+/// reads as one) would forge fields in the client's stream: 400, and the stream goes
+/// on as if it had not been sent.
+#[tokio::test]
+async fn chunk_data_with_a_line_break_is_400_and_changes_nothing() {
+    let o = online().await;
+    let (mut handle, frame) = o.start(true).await;
+    for forged in [
+        "{\"a\":1}\rdata: [DONE]",
+        "{\"a\":1}\r\revent: error",
+        "{\"a\":1}\n\nretry: 999999",
+    ] {
+        let refused = o.deliver(&frame, chunk(forged, false)).await.unwrap_err();
+        assert_eq!(refused.status(), 400, "{forged:?}");
+    }
+    o.deliver(&frame, chunk("{\"a\":1}", false)).await.unwrap();
+    o.deliver(&frame, chunk("", true)).await.unwrap();
+    let first = handle.next().await.unwrap().unwrap();
+    assert!(
+        matches!(&first, TaskEvent::Chunk(c) if c == "{\"a\":1}"),
+        "only the clean chunk reached the client: {first:?}"
+    );
+    assert!(matches!(handle.next().await, Some(Ok(TaskEvent::Done))));
 }
 
 #[tokio::test]
