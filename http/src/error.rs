@@ -9,6 +9,7 @@ use std::convert::Infallible;
 
 use http::header::HeaderValue;
 use virtual_llm_core::Error;
+use virtual_llm_core::error::Escaped;
 use warp::Rejection;
 use warp::reply::Response;
 
@@ -28,9 +29,9 @@ use crate::reply;
 pub fn error_response(error: &Error) -> Response {
     let status = error.status();
     if status >= 500 {
-        tracing::warn!(%status, error = %error, "request failed");
+        tracing::warn!(%status, error = %Escaped(error), "request failed");
     } else {
-        tracing::debug!(%status, error = %error, "request refused");
+        tracing::debug!(%status, error = %Escaped(error), "request refused");
     }
     let mut response = reply::json(status, &error.to_body());
     for (name, value) in error.response_headers() {

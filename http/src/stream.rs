@@ -10,6 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use virtual_llm_core::ChunkStream;
+use virtual_llm_core::error::Escaped;
 use warp::reply::Response;
 
 use crate::reply::event_stream;
@@ -29,7 +30,7 @@ pub(crate) fn chunk_stream(chunks: ChunkStream, close: Option<CloseConnection>) 
             match chunks.next().await {
                 Some(Ok(data)) => Some((event(None, &data), Some(chunks))),
                 Some(Err(e)) => {
-                    tracing::debug!(error = %e, "stream failed midway");
+                    tracing::debug!(error = %Escaped(&e), "stream failed midway");
                     let body =
                         serde_json::to_string(&e.to_body()).unwrap_or_else(|_| "{}".to_owned());
                     if let Some(close) = close {

@@ -24,6 +24,7 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
+use virtual_llm_core::error::Escaped;
 use virtual_llm_core::protocol::{CreditFrame, GatewayFrame, PublisherFrame, Refusal, TaskResult};
 use virtual_llm_core::{Error, Gateway, Principal, SessionId, TaskId};
 
@@ -171,7 +172,7 @@ pub(crate) async fn run<S>(
         }
     };
     if let Err(e) = &outcome {
-        tracing::info!(%session, error = %e, "closing a publisher socket");
+        tracing::info!(%session, error = %Escaped(&e), "closing a publisher socket");
         send_within(&mut socket, &GatewayFrame::Error(e.to_body()), CLOSE_WAIT).await;
     }
     // A publisher that stopped reading cannot take the close frame either.

@@ -5,6 +5,7 @@
 //! [`Error::to_body`] and never choose a status themselves. Bodies never carry internal
 //! details (store paths, I/O errors); those go to the log.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::protocol::{ErrorBody, ErrorDetail, NameConflict};
@@ -402,6 +403,43 @@ impl Error {
         Error::InvalidRequest {
             message: bounded(message.into(), MAX_REQUEST_MESSAGE),
         }
+    }
+}
+
+/// `T` as its `Display` shows it, with every control character escaped as Rust
+/// writes it (`\n`, `\u{1b}`…): the one way virtual-llm logs text that may come from
+/// the network (a publisher's error, a parser's error quoting its input), so that it
+/// cannot start a forged log line or reach a terminal that `tail`s the log as an
+/// escape sequence.
+///
+/// ```
+/// use virtual_llm_core::error::Escaped;
+///
+/// let forged = "x\n2026-12-01T00:00:00Z  INFO gateway: FORGED\u{1b}[2J";
+/// let logged = Escaped(forged).to_string();
+/// assert_eq!(logged, "x\\n2026-12-01T00:00:00Z  INFO gateway: FORGED\\u{1b}[2J");
+/// assert!(!logged.chars().any(char::is_control));
+/// ```
+#[derive(Clone, Copy, Debug)]
+pub struct Escaped<T>(pub T);
+
+impl<T: fmt::Display> fmt::Display for Escaped<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        /// Passes what it is given on, control characters escaped.
+        struct Escaping<'a, 'b>(&'a mut fmt::Formatter<'b>);
+        impl fmt::Write for Escaping<'_, '_> {
+            fn write_str(&mut self, s: &str) -> fmt::Result {
+                for c in s.chars() {
+                    if c.is_control() {
+                        write!(self.0, "{}", c.escape_default())?;
+                    } else {
+                        fmt::Write::write_char(self.0, c)?;
+                    }
+                }
+                Ok(())
+            }
+        }
+        fmt::Write::write_fmt(&mut Escaping(f), format_args!("{}", self.0))
     }
 }
 
