@@ -249,7 +249,18 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             max_concurrent: None,
             state: None,
         };
-        gateway.put_public(&admin, spec).await?;
+        match gateway.put_public(&admin, spec).await {
+            Ok(_) => {}
+            // A publisher took the name first: the gateway serves everything else, and
+            // says loudly what the operator can do.
+            Err(virtual_llm::Error::Conflict { .. }) => tracing::warn!(
+                llm = %public.name,
+                "public llm not published: a publisher's llm already has this name; \
+                 take the name back with `llmctl delete llm {}` and restart the gateway",
+                public.name
+            ),
+            Err(e) => return Err(e.into()),
+        }
     }
     let gc = gateway.spawn_gc();
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
@@ -282,6 +293,10 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     let mut routes = virtual_llm::http::routes_with(gateway.clone(), channels, metrics);
     if !args.cors_origin.is_empty() {
         routes = virtual_llm::http::with_cors(routes, &args.cors_origin)?;
+    }
+    if file.tokens.is_empty() && args.listen.ip().is_loopback() {
+        // Every caller is an admin: answer programs of this machine, not web pages.
+        routes = virtual_llm::http::local_only(routes, &args.cors_origin);
     }
     virtual_llm::http::serve(
         listener,

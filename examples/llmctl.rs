@@ -75,6 +75,18 @@ enum Command {
     Get(GetArgs),
     /// Chat with an LLM or an agent: a streaming REPL, or one answer with `--message`.
     Chat(ChatArgs),
+    /// Remove a registry row, whoever owns it (an admin token): `delete llm NAME` takes
+    /// a name back, e.g. from a publisher that took the name of a public LLM first.
+    Delete(DeleteArgs),
+}
+
+#[derive(Args, Debug)]
+struct DeleteArgs {
+    /// What to remove (`llm`: a row, an agent's too).
+    #[arg(value_enum)]
+    resource: Resource,
+    /// Its name.
+    name: String,
 }
 
 #[derive(Args, Debug)]
@@ -151,6 +163,7 @@ async fn main() -> ExitCode {
         Ok(client) => match &cli.command {
             Command::Get(args) => get(&client, args).await,
             Command::Chat(args) => chat(&client, args).await,
+            Command::Delete(args) => delete(&client, args).await,
         },
         Err(e) => Err(e),
     };
@@ -327,6 +340,26 @@ async fn get(client: &Client, args: &GetArgs) -> Result<(), Failure> {
             }
         }
     }
+    Ok(())
+}
+
+/// `delete llm NAME`: `DELETE {base}/{name}`; prints what was removed.
+async fn delete(client: &Client, args: &DeleteArgs) -> Result<(), Failure> {
+    let name = LlmName::parse(&args.name).map_err(|e| e.to_string())?;
+    let response = client
+        .send(
+            client
+                .request(reqwest::Method::DELETE, &format!("{}/{name}", client.registry))
+                .timeout(Duration::from_secs(30)),
+        )
+        .await?;
+    let row: LlmView = response.json().await.map_err(|e| client.unreachable(&e))?;
+    println!(
+        "deleted {} ({}, {})",
+        row.name,
+        label(&row.kind),
+        label(&row.status)
+    );
     Ok(())
 }
 

@@ -574,3 +574,244 @@ async fn logs_to_a_pipe_have_no_colour_and_the_probes_answer() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// F3 of the red team's report: without tokens every caller is an admin, and a web
+/// page in the local user's browser is a caller on loopback too. The gateway answers
+/// programs of this machine (no `Origin`, a loopback `Host`, a JSON body) and its own
+/// origin, and refuses a foreign `Host` (DNS rebinding), a foreign `Origin` (the
+/// publisher WebSocket included, which CORS does not cover) and a body a page can send
+/// without a preflight; a refusal writes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_tokens_web_pages_and_foreign_hosts_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0);
+    binary::ready(&url).await;
+    let http = reqwest::Client::new();
+    let register = format!("{url}/api/v1/llms/_provider-register");
+    let body = json!({"llms": [{"name": "local-llama", "type": "openai", "model": "m"}]});
+
+    // What a page can send without a preflight: text/plain, a form, no content type.
+    for content_type in [
+        Some("text/plain"),
+        Some("application/x-www-form-urlencoded"),
+        None,
+    ] {
+        let mut request = http.post(&register).body(body.to_string());
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), 415, "{content_type:?}");
+        let error: Value = refused.json().await.unwrap();
+        assert_eq!(error["error"]["code"], "unsupported_media_type");
+    }
+    let chat = http
+        .post(format!("{url}/v1/chat/completions"))
+        .header("content-type", "text/plain")
+        .body(r#"{"model":"local-llama","messages":[]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(chat.status(), 415);
+
+    // A rebound host name, and a page of another origin.
+    let foreign_host = http
+        .get(format!("{url}/api/v1/llms"))
+        .header("host", format!("attacker.example:{}", addr.port()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign_host.status(), 403);
+    let error: Value = foreign_host.json().await.unwrap();
+    assert_eq!(error["error"]["code"], "not_local");
+    let foreign_origin = http
+        .post(&register)
+        .header("origin", "https://attacker.example")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(foreign_origin.status(), 403);
+
+    // The publisher WebSocket from a page: refused before the upgrade.
+    let mut upgrade = format!("ws://{addr}/api/v1/llms/_provider-ws")
+        .into_client_request()
+        .unwrap();
+    upgrade
+        .headers_mut()
+        .insert("origin", "https://attacker.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(upgrade).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403)
+        }
+        other => panic!("a page's WebSocket must be refused, got {other:?}"),
+    }
+    let listed: Value = http
+        .get(format!("{url}/api/v1/llms"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(listed, json!([]), "no refusal wrote anything");
+
+    // Programs, and the gateway's own page (its own origin), are answered.
+    let own = http
+        .post(&register)
+        .header("origin", url.clone())
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(own.status(), 200);
+    for host in [format!("localhost:{}", addr.port()), addr.to_string()] {
+        let answer = http
+            .get(format!("{url}/api/v1/llms/local-llama"))
+            .header("host", host.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{host}");
+    }
+    let upgrade = format!("ws://{addr}/api/v1/llms/_provider-ws")
+        .into_client_request()
+        .unwrap();
+    match tokio_tungstenite::connect_async(upgrade).await {
+        // A program gets past the guard: the route itself asks for a session.
+        Ok(_) => {}
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_ne!(response.status(), 403, "a program is not refused as a page")
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+/// F8 of the red team's report: a publisher that took the name of a public LLM the
+/// operator adds later no longer stops the gateway from starting: it starts, says
+/// which public LLM it could not publish and how to take the name back, and an admin
+/// removes the row with `llmctl delete llm NAME` (another principal cannot); at the
+/// next start the public LLM is published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_squatted_public_name_is_reported_and_taken_back_with_llmctl() {
+    let dir = temp_dir();
+    let tokens = r#"
+[[tokens]]
+token = "mallory-token-0123456789"
+principal = "mallory"
+roles = ["publisher", "client"]
+
+[[tokens]]
+token = "admin-token-0123456789"
+principal = "ops"
+roles = ["admin"]
+"#;
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(&config, tokens).unwrap();
+    let data = dir.0.join("data");
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let http = reqwest::Client::new();
+
+    // mallory takes the name while the operator has not made it public yet.
+    let gateway =
+        GatewayProcess::start_env(addr, &data, &["--config", config.to_str().unwrap()], &[]);
+    binary::ready_with_tokens(&url).await;
+    let taken = http
+        .post(format!("{url}/api/v1/llms/_provider-register"))
+        .bearer_auth("mallory-token-0123456789")
+        .json(&json!({"llms": [{"name": "gpt-4o-mini", "type": "openai", "model": "m"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(taken.status(), 200);
+    gateway.sigterm();
+
+    // The operator adds the public LLM: the gateway starts anyway and says so.
+    std::fs::write(
+        &config,
+        format!("{tokens}\n[[public]]\nname = \"gpt-4o-mini\"\nurl = \"http://127.0.0.1:9/v1\"\nmodel = \"gpt-4o-mini\"\n"),
+    )
+    .unwrap();
+    let log = dir.0.join("gateway.log");
+    let child = Command::new(gateway_binary())
+        .args(["--listen", &addr.to_string(), "--data-dir"])
+        .arg(&data)
+        .args(["--grace", "2s", "--config"])
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let gateway = GatewayProcess(child);
+    binary::ready_with_tokens(&url).await;
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains("public llm not published")
+            && logged.contains("llmctl delete llm gpt-4o-mini"),
+        "{logged}"
+    );
+    let row = |token: &'static str| {
+        http.get(format!("{url}/api/v1/llms/gpt-4o-mini"))
+            .bearer_auth(token)
+            .send()
+    };
+    let before: Value = row("admin-token-0123456789")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(before["kind"], "virtual", "still mallory's");
+
+    let llmctl = |token: &str| {
+        Command::new(binary::llmctl_binary())
+            .args(["--gateway", &url, "--token", token, "delete", "llm", "gpt-4o-mini"])
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let refused = llmctl("mallory-token-0123456789");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("403"), "{stderr}");
+    let after: Value = row("admin-token-0123456789")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after, before, "a refused delete changes nothing");
+
+    let deleted = llmctl("admin-token-0123456789");
+    assert!(
+        deleted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&deleted.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&deleted.stdout).trim(),
+        "deleted gpt-4o-mini (virtual, inactive)"
+    );
+    assert_eq!(row("admin-token-0123456789").await.unwrap().status(), 404);
+    gateway.sigterm();
+
+    // The next start publishes the public LLM.
+    let gateway =
+        GatewayProcess::start_env(addr, &data, &["--config", config.to_str().unwrap()], &[]);
+    binary::ready_with_tokens(&url).await;
+    let public: Value = row("admin-token-0123456789")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(public["kind"], "public");
+    gateway.sigterm();
+}

@@ -15,7 +15,7 @@ use warp::reply::Response;
 use crate::error::respond;
 use crate::extract::principal;
 use crate::openapi::{
-    ChatCompletionRequest, CompletionRequest, E400, E401, E403, E404, E413, E429, E502, E503, E504,
+    ChatCompletionRequest, CompletionRequest, E400, E401, E403, E404, E413, E415, E429, E502, E503, E504,
     EmbeddingRequest, InferBody, NameParam,
 };
 use crate::server::CloseConnection;
@@ -42,6 +42,19 @@ pub(crate) async fn get(name: String, gw: Gateway, auth: Option<String>) -> Resp
         async {
             let who = principal(&gw, auth.as_deref()).await?;
             Ok(reply::json(200, &gw.get(&who, &name).await?))
+        }
+        .await,
+    )
+}
+
+/// `DELETE {base}/{name...}`: removes a row, whoever owns it (admins only).
+#[utoipa::path(delete, path = "/api/v1/llms/{name}", tag = "registry", params(NameParam),
+    responses((status = 200, description = "The row as it was before it was removed", body = LlmView), E400, E401, E403, E404))]
+pub(crate) async fn delete(name: String, gw: Gateway, auth: Option<String>) -> Response {
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            Ok(reply::json(200, &gw.evict(&who, &name).await?))
         }
         .await,
     )
@@ -101,7 +114,7 @@ pub(crate) type InferArgs<S> = (
 #[utoipa::path(post, path = "/api/v1/llms/{name}/infer", tag = "openai", params(NameParam),
     request_body = InferBody,
     responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
-        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
 pub(crate) async fn named_infer<S, B>(
     name: String,
     (gw, auth, timeout, close, body): InferArgs<S>,
@@ -116,7 +129,7 @@ where
 /// `POST /v1/chat/completions`.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
     responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
-        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
 pub(crate) async fn chat_completions<S, B>(
     (gw, auth, timeout, close, body): InferArgs<S>,
 ) -> Response
@@ -138,7 +151,7 @@ where
 /// `POST /v1/completions`.
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
     responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
-        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+        content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
 pub(crate) async fn completions<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -158,7 +171,7 @@ where
 /// `POST /v1/embeddings`.
 #[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingRequest,
     responses((status = 200, description = "The model's embeddings as it gave them (never streamed: `stream: true` is 400)",
-        content((Object = "application/json"))), E400, E401, E403, E404, E413, E429, E502, E503, E504))]
+        content((Object = "application/json"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
 pub(crate) async fn embeddings<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,

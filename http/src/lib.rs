@@ -30,6 +30,7 @@ mod cors;
 mod error;
 mod extract;
 mod health;
+mod local_only;
 #[cfg(feature = "mcp")]
 pub mod mcp;
 mod openapi;
@@ -42,6 +43,7 @@ mod stream;
 
 pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};
+pub use local_only::local_only;
 pub use extract::{authorization, base_path, principal, session_header, session_id};
 pub use openapi::document as openapi_document;
 pub use reply::event_stream;

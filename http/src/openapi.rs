@@ -129,6 +129,11 @@ error_response!(
     "A name is taken (with `conflicts`), or the task had its result"
 );
 error_response!(E413, 413, "The body is over the size limit");
+error_response!(
+    E415,
+    415,
+    "The body is not JSON (`Content-Type`); the no-token mode asks for it"
+);
 error_response!(E426, 426, "An unsupported protocolVersion");
 error_response!(
     E429,
@@ -170,6 +175,7 @@ fn provider_ws() {}
     paths(
         client::list,
         client::get,
+        client::delete,
         client::members,
         client::named_infer,
         client::chat_completions,

@@ -12,14 +12,14 @@ use warp::reply::Response;
 
 use crate::error::respond;
 use crate::extract::{principal, session_id};
-use crate::openapi::{E400, E401, E403, E404, E409, E413, E426};
+use crate::openapi::{E400, E401, E403, E404, E409, E413, E415, E426};
 use crate::{body, reply};
 
 /// `POST {base}/_provider-register`.
 #[utoipa::path(post, path = "/api/v1/llms/_provider-register", tag = "provider",
     request_body = RegisterRequest,
     responses((status = 200, description = "The session and its rows", body = RegisterResponse),
-        E400, E401, E403, E409, E413, E426))]
+        E400, E401, E403, E409, E413, E415, E426))]
 pub(crate) async fn register<S, B>(gw: Gateway, auth: Option<String>, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -40,7 +40,7 @@ where
 #[utoipa::path(post, path = "/api/v1/llms/_provider-heartbeat", tag = "provider",
     request_body = HeartbeatRequest,
     responses((status = 200, description = "How many rows the session holds", body = HeartbeatResponse),
-        E400, E401, E403, E404, E413))]
+        E400, E401, E403, E404, E413, E415))]
 pub(crate) async fn heartbeat<S, B>(gw: Gateway, auth: Option<String>, body: S) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,

@@ -11,6 +11,7 @@
 //! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
 //! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
 //! | `GET {base}` · `GET {base}/{name...}` | [`Gateway::list`] · [`Gateway::get`] |
+//! | `DELETE {base}/{name...}` | [`Gateway::evict`] (admins) |
 //! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name...}/infer` | [`Gateway::infer`] |
 //! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
@@ -130,6 +131,13 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(gw.clone())
         .and(authorization())
         .then(client::get);
+    let delete = base
+        .clone()
+        .and(name_tail(None))
+        .and(warp::delete())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::delete);
     let members = base
         .clone()
         .and(name_tail(Some("members")))
@@ -194,6 +202,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .or(members)
         .unify()
         .or(get)
+        .unify()
+        .or(delete)
         .unify()
         .or(infer)
         .unify()

@@ -24,6 +24,11 @@ pub fn publisher_binary() -> PathBuf {
     example_binary("publisher")
 }
 
+/// The llmctl example, built next to this test by `cargo test`.
+pub fn llmctl_binary() -> PathBuf {
+    example_binary("llmctl")
+}
+
 fn example_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let profile_dir = exe.parent().and_then(Path::parent).unwrap();
@@ -211,6 +216,23 @@ pub async fn ready(url: &str) {
     for _ in 0..500 {
         if http
             .get(format!("{url}/v1/models"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the gateway did not come up at {url}");
+}
+
+/// Waits until `GET /readyz` answers 200: for a gateway whose routes want tokens.
+pub async fn ready_with_tokens(url: &str) {
+    let http = reqwest::Client::new();
+    for _ in 0..500 {
+        if http
+            .get(format!("{url}/readyz"))
             .send()
             .await
             .is_ok_and(|r| r.status() == 200)

@@ -37,6 +37,20 @@ pub enum Error {
         /// The action that was refused, e.g. `publish`.
         action: &'static str,
     },
+    /// The gateway runs without tokens and the request did not come from a client on
+    /// this machine (403): a foreign `Host` (DNS rebinding) or a web page's `Origin`.
+    #[error("refused in the no-token mode: {reason}; configure tokens to serve other hosts or origins")]
+    NotLocal {
+        /// Which check failed.
+        reason: &'static str,
+    },
+    /// The body's `Content-Type` is not JSON (415). In the no-token mode a JSON route
+    /// refuses what a web page may send without a CORS preflight.
+    #[error("unsupported content type {content_type:?}: send application/json")]
+    UnsupportedMediaType {
+        /// The content type sent, bounded; empty when none was.
+        content_type: String,
+    },
     /// No such route (404).
     #[error("no route for {what}")]
     NoRoute {
@@ -269,7 +283,7 @@ impl Error {
             | Error::InvalidConfig { .. }
             | Error::UnsupportedEndpoint { .. } => 400,
             Error::Unauthenticated => 401,
-            Error::Forbidden { .. } => 403,
+            Error::Forbidden { .. } | Error::NotLocal { .. } => 403,
             Error::NoRoute { .. }
             | Error::UnknownLlm { .. }
             | Error::UnknownSession
@@ -277,6 +291,7 @@ impl Error {
             Error::MethodNotAllowed => 405,
             Error::Conflict { .. } | Error::TaskFinished => 409,
             Error::PayloadTooLarge { .. } => 413,
+            Error::UnsupportedMediaType { .. } => 415,
             Error::QueueFull { .. } => 429,
             Error::UnsupportedProtocol { .. } => 426,
             Error::Upstream { .. } => 502,
@@ -311,6 +326,8 @@ impl Error {
             Error::InvalidName { .. } => "invalid_name",
             Error::Unauthenticated => "unauthenticated",
             Error::Forbidden { .. } => "forbidden",
+            Error::NotLocal { .. } => "not_local",
+            Error::UnsupportedMediaType { .. } => "unsupported_media_type",
             Error::NoRoute { .. } => "not_found",
             Error::MethodNotAllowed => "method_not_allowed",
             Error::UnknownLlm { .. } => "model_not_found",
@@ -523,6 +540,13 @@ mod tests {
             (Error::Conflict { conflicts: vec![] }, 409),
             (Error::TaskFinished, 409),
             (Error::PayloadTooLarge { limit: 1 }, 413),
+            (
+                Error::UnsupportedMediaType {
+                    content_type: "text/plain".into(),
+                },
+                415,
+            ),
+            (Error::NotLocal { reason: "host" }, 403),
             (
                 Error::UnsupportedProtocol {
                     version: 9,

@@ -811,6 +811,41 @@ impl Gateway {
         .into())
     }
 
+    /// Removes the row `name`, whoever owns it (admins only): the operator's way to
+    /// take back a name, e.g. one a publisher took before the operator made it a
+    /// public LLM. Answers the row as it was. A virtual row's session keeps its other
+    /// rows and its channel; its publisher may register the name again (unless it is
+    /// a public LLM's by then), as it may any free name. In-flight tasks finish.
+    pub async fn evict(&self, principal: &Principal, name: &str) -> Result<LlmView, Error> {
+        principal.require(Role::Admin)?;
+        let name = LlmName::parse(name)?;
+        let store = &self.shared.store;
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            let Some(row) = store.get(&name).await? else {
+                return Err(Error::UnknownLlm {
+                    name: name.to_string(),
+                });
+            };
+            let batch = vec![Write::Delete {
+                name: row.name.clone(),
+                id: row.id.clone(),
+                revision: row.revision,
+            }];
+            match store.write(batch.clone()).await {
+                Ok(written) => {
+                    self.observe(&batch, &written);
+                    return Ok(self.views(std::slice::from_ref(&row)).remove(0));
+                }
+                Err(StoreError::Conflict { .. }) => tokio::task::yield_now().await,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(StoreError::Conflict {
+            name: name.to_string(),
+        }
+        .into())
+    }
+
     /// Every row, as clients see it, with its load on this replica.
     pub async fn list(&self, _principal: &Principal) -> Result<Vec<LlmView>, Error> {
         let mut rows = self.shared.store.list().await?;
