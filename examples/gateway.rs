@@ -253,8 +253,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             Ok(_) => {}
             // A publisher took the name first: the gateway serves everything else, and
             // says loudly what the operator can do.
-            Err(virtual_llm::Error::Conflict { .. }) => tracing::warn!(
+            Err(e @ virtual_llm::Error::Conflict { .. }) => tracing::warn!(
                 llm = %public.name,
+                error = %e,
                 "public llm not published: a publisher's llm already has this name; \
                  take the name back with `llmctl delete llm {}` and restart the gateway",
                 public.name

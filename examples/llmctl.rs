@@ -349,7 +349,10 @@ async fn delete(client: &Client, args: &DeleteArgs) -> Result<(), Failure> {
     let response = client
         .send(
             client
-                .request(reqwest::Method::DELETE, &format!("{}/{name}", client.registry))
+                .request(
+                    reqwest::Method::DELETE,
+                    &format!("{}/{name}", client.registry),
+                )
                 .timeout(Duration::from_secs(30)),
         )
         .await?;

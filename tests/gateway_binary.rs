@@ -771,7 +771,15 @@ roles = ["admin"]
 
     let llmctl = |token: &str| {
         Command::new(binary::llmctl_binary())
-            .args(["--gateway", &url, "--token", token, "delete", "llm", "gpt-4o-mini"])
+            .args([
+                "--gateway",
+                &url,
+                "--token",
+                token,
+                "delete",
+                "llm",
+                "gpt-4o-mini",
+            ])
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .output()

@@ -15,8 +15,8 @@ use warp::reply::Response;
 use crate::error::respond;
 use crate::extract::principal;
 use crate::openapi::{
-    ChatCompletionRequest, CompletionRequest, E400, E401, E403, E404, E413, E415, E429, E502, E503, E504,
-    EmbeddingRequest, InferBody, NameParam,
+    ChatCompletionRequest, CompletionRequest, E400, E401, E403, E404, E413, E415, E429, E502, E503,
+    E504, EmbeddingRequest, InferBody, NameParam,
 };
 use crate::server::CloseConnection;
 use crate::{body, reply, stream};

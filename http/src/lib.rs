@@ -43,8 +43,8 @@ mod stream;
 
 pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};
-pub use local_only::local_only;
 pub use extract::{authorization, base_path, principal, session_header, session_id};
+pub use local_only::local_only;
 pub use openapi::document as openapi_document;
 pub use reply::event_stream;
 pub use routes::{api_routes, routes, routes_with};

@@ -204,9 +204,17 @@ mod tests {
             "[::2]",
             "0.0.0.0:8080",
         ] {
-            assert_eq!(refused(Method::GET, Some(bad), None, None), Some(403), "{bad}");
+            assert_eq!(
+                refused(Method::GET, Some(bad), None, None),
+                Some(403),
+                "{bad}"
+            );
         }
-        assert_eq!(refused(Method::GET, None, None, None), None, "no Host: a program");
+        assert_eq!(
+            refused(Method::GET, None, None, None),
+            None,
+            "no Host: a program"
+        );
     }
 
     #[test]
@@ -229,7 +237,12 @@ mod tests {
             assert_eq!(refused(Method::GET, h, Some(bad), None), Some(403), "{bad}");
         }
         assert_eq!(
-            refused(Method::GET, Some("127.0.0.1"), Some("http://127.0.0.1:80"), None),
+            refused(
+                Method::GET,
+                Some("127.0.0.1"),
+                Some("http://127.0.0.1:80"),
+                None
+            ),
             None,
             "default port"
         );
@@ -257,6 +270,10 @@ mod tests {
         ] {
             assert_eq!(refused(Method::POST, h, None, bad), Some(415), "{bad:?}");
         }
-        assert_eq!(refused(Method::GET, h, None, None), None, "a GET has no body");
+        assert_eq!(
+            refused(Method::GET, h, None, None),
+            None,
+            "a GET has no body"
+        );
     }
 }

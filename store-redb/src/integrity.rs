@@ -90,6 +90,12 @@ pub(crate) fn check(db: &mut Database) -> Result<IntegrityReport, Error> {
         &mut report.problems,
     );
     diff(
+        "rows_by_folded",
+        &expected.by_folded,
+        &actual.by_folded,
+        &mut report.problems,
+    );
+    diff(
         "inactive_by_since",
         &expected.inactive,
         &actual.inactive,

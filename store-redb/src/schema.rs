@@ -9,6 +9,7 @@
 //! | `rows_by_pool` | `(pool key, name) → ()` | every row, under its [`LlmRecord::pool_key`] | 3 |
 //! | `live_by_heartbeat` | `(heartbeat ms, name) → stamp` | live virtual rows ([`LlmRecord::live_since`]) | 1 |
 //! | `inactive_by_since` | `(inactive since ms, name) → ()` | inactive rows ([`LlmRecord::inactive_key`]) | 1 |
+//! | `rows_by_folded` | `(folded name, name) → ()` | every row, under its name in lower case ([`LlmName::folded`]): names are unique by it | 5 |
 //!
 //! Every write transaction changes the rows and the indexes together, so the indexes
 //! agree with the rows after any crash. Opening a file checks its schema version first:
@@ -38,7 +39,15 @@
 //!   setting the version to 4, in one durable write transaction (a file of version 1
 //!   or 2 goes through the steps above in the same transaction). A build of version 3
 //!   refuses the upgraded file, so it never misreads an agent's row as an LLM.
+//! - **5**: adds `rows_by_folded`: names are unique ignoring ASCII case (the Store
+//!   contract). A file of version 4 or older is upgraded in place when it is opened, in
+//!   one write transaction that also indexes every row under its folded name (after
+//!   the steps above for older files), and sets the version to 5. Rows that a
+//!   version-4 build let in beside each other (`llama` and `LLAMA`) are kept, both
+//!   under one folded name: neither name can be inserted again while either row
+//!   exists. A build of version 4 refuses the upgraded file.
 //!
+//! [`LlmName::folded`]: virtual_llm_core::LlmName::folded
 //! [`LlmRecord::binding`]: virtual_llm_core::LlmRecord::binding
 //! [`LlmRecord::pool_key`]: virtual_llm_core::LlmRecord::pool_key
 //! [`LlmRecord::live_since`]: virtual_llm_core::LlmRecord::live_since
@@ -56,7 +65,7 @@ use crate::error::Error;
 /// The layout version this build reads and writes; a change of any table or of the
 /// row encoding bumps it. A file of version 1, 2 or 3 is upgraded to it in place when
 /// opened; a file of any other version is refused.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// The version a file written before the replica index has.
 const V1: u64 = 1;
@@ -64,6 +73,8 @@ const V1: u64 = 1;
 const V2: u64 = 2;
 /// The version a file written before rows could be agents has.
 const V3: u64 = 3;
+/// The version a file written before the folded-name index has.
+const V4: u64 = 4;
 
 /// Schema version and write sequence.
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
@@ -86,6 +97,10 @@ pub(crate) const LIVE: TableDefinition<'static, (u64, &str), u64> =
 /// `(inactive since ms, name)` for every inactive row.
 pub(crate) const INACTIVE: TableDefinition<'static, (u64, &str), ()> =
     TableDefinition::new("inactive_by_since");
+
+/// `(folded name, name)` for every row: names are unique by the first (schema 5).
+pub(crate) const BY_FOLDED: TableDefinition<'static, (&str, &str), ()> =
+    TableDefinition::new("rows_by_folded");
 
 /// The `meta` key of the schema version.
 pub(crate) const SCHEMA_KEY: &str = "schema_version";
@@ -111,8 +126,8 @@ const TABLES_V2: [&str; 6] = [
     "inactive_by_since",
 ];
 
-/// The tables of a file of [`SCHEMA_VERSION`].
-const TABLES: [&str; 7] = [
+/// The tables of a version-3 or version-4 file.
+const TABLES_V3: [&str; 7] = [
     "meta",
     "rows",
     "rows_by_session",
@@ -120,6 +135,18 @@ const TABLES: [&str; 7] = [
     "rows_by_pool",
     "live_by_heartbeat",
     "inactive_by_since",
+];
+
+/// The tables of a file of [`SCHEMA_VERSION`].
+const TABLES: [&str; 8] = [
+    "meta",
+    "rows",
+    "rows_by_session",
+    "rows_by_replica",
+    "rows_by_pool",
+    "live_by_heartbeat",
+    "inactive_by_since",
+    "rows_by_folded",
 ];
 
 /// What opening a file found, and did to it.
@@ -287,11 +314,11 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
             txn.abort()?;
             Ok(Opened::Current)
         }
-        Some(from @ (V1 | V2 | V3)) => {
+        Some(from @ (V1 | V2 | V3 | V4)) => {
             let expected: &[&str] = match from {
                 V1 => &TABLES_V1,
                 V2 => &TABLES_V2,
-                _ => &TABLES,
+                _ => &TABLES_V3,
             };
             require_tables(path, from, expected, &tables)?;
             let indexed = upgrade(&txn, from)?;
@@ -305,6 +332,7 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
                 to = SCHEMA_VERSION,
                 rows_bound = indexed.bound,
                 rows_pooled = indexed.pooled,
+                rows_folded = indexed.folded,
                 "upgraded the registry's schema in place",
             );
             Ok(Opened::Upgraded { from })
@@ -312,7 +340,7 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
         Some(other) => Err(Error::Incompatible(format!(
             "{} holds a registry of schema version {other}, but this build of \
              virtual-llm-redb reads version {SCHEMA_VERSION} (and upgrades versions {V1}, \
-             {V2} and {V3}){}",
+             {V2}, {V3} and {V4}){}",
             path.display(),
             if other > SCHEMA_VERSION {
                 "; it was written by a newer version: upgrade virtual-llm-redb"
@@ -370,9 +398,11 @@ struct Indexed {
     bound: u64,
     /// Rows indexed by pool key (the step from version 2): every row.
     pooled: u64,
+    /// Rows indexed by folded name (the step from version 4): every row.
+    folded: u64,
 }
 
-/// Makes a file of version `from` (1, 2 or 3) a file of [`SCHEMA_VERSION`] inside `txn`:
+/// Makes a file of version `from` (1 to 4) a file of [`SCHEMA_VERSION`] inside `txn`:
 /// creates the tables the later versions added, indexes the rows in them, and sets
 /// the version. Each step is the one its version introduced:
 /// - from 1, `rows_by_replica`: every row that has a binding. A version-1 row has
@@ -383,20 +413,18 @@ struct Indexed {
 ///   live (a sleeping model's publisher heartbeats too).
 /// - from 3 (and older), nothing but the version: a row may carry an `agent` from
 ///   version 4 on, and a row without one is stored as version 3 stored it.
+/// - from 4 (and older), `rows_by_folded`: every row, under its folded name.
 ///
-/// The rows are read once for both steps, and a row that does not decode stops the
+/// The rows are read once for every step, and a row that does not decode stops the
 /// upgrade as corruption rather than being carried over unchecked.
 fn upgrade(txn: &WriteTransaction, from: u64) -> Result<Indexed, Error> {
     // Opening every table checks the old tables' types and creates the new ones.
     open_all(txn)?;
-    if from >= V3 {
-        txn.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
-        return Ok(Indexed::default());
-    }
     let rows = txn.open_table(ROWS)?;
     let mut by_replica = txn.open_table(BY_REPLICA)?;
     let mut by_pool = txn.open_table(BY_POOL)?;
     let mut live = txn.open_table(LIVE)?;
+    let mut by_folded = txn.open_table(BY_FOLDED)?;
     let mut indexed = Indexed::default();
     for entry in rows.iter()? {
         let (key, value) = entry?;
@@ -409,13 +437,17 @@ fn upgrade(txn: &WriteTransaction, from: u64) -> Result<Indexed, Error> {
             by_replica.insert((replica.as_str(), name), ())?;
             indexed.bound += 1;
         }
-        by_pool.insert((row.pool_key().as_str(), name), ())?;
-        indexed.pooled += 1;
-        // Version 3 counts hibernating rows live (a sleeping model's publisher
-        // heartbeats); an active row's entry is already there and stays as it is.
-        if let Some(heartbeat) = row.live_key() {
-            live.insert((heartbeat, name), row.stamp())?;
+        if from < V3 {
+            by_pool.insert((row.pool_key().as_str(), name), ())?;
+            indexed.pooled += 1;
+            // Version 3 counts hibernating rows live (a sleeping model's publisher
+            // heartbeats); an active row's entry is already there and stays as it is.
+            if let Some(heartbeat) = row.live_key() {
+                live.insert((heartbeat, name), row.stamp())?;
+            }
         }
+        by_folded.insert((row.name().folded().as_str(), name), ())?;
+        indexed.folded += 1;
     }
     txn.open_table(META)?.insert(SCHEMA_KEY, SCHEMA_VERSION)?;
     Ok(indexed)
@@ -430,6 +462,7 @@ fn open_all(txn: &WriteTransaction) -> Result<(), Error> {
     txn.open_table(BY_POOL)?;
     txn.open_table(LIVE)?;
     txn.open_table(INACTIVE)?;
+    txn.open_table(BY_FOLDED)?;
     Ok(())
 }
 

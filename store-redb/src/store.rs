@@ -303,6 +303,17 @@ impl Store for RedbStore {
             .await
     }
 
+    async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        let folded = name.folded();
+        self.run(move |i| {
+            i.with_shared(|db| {
+                let row = snapshot_of(db, |t| t.by_folded(&folded))?;
+                Ok(i.with_liveness(row.into_iter().collect()).pop())
+            })
+        })
+        .await
+    }
+
     async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
         self.run(|i| i.snapshot(|t| Ok(i.with_liveness(t.all()?))))
             .await

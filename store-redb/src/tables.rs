@@ -16,7 +16,9 @@ use virtual_llm_core::{LlmName, ReplicaId, SessionId};
 
 use crate::codec::StoredRow;
 use crate::error::Error;
-use crate::schema::{BY_POOL, BY_REPLICA, BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY};
+use crate::schema::{
+    BY_FOLDED, BY_POOL, BY_REPLICA, BY_SESSION, INACTIVE, LIVE, META, ROWS, STAMP_KEY,
+};
 
 /// The tables of a write transaction.
 pub(crate) struct WriteTables<'txn> {
@@ -27,6 +29,7 @@ pub(crate) struct WriteTables<'txn> {
     by_pool: Table<'txn, (&'static str, &'static str), ()>,
     live: Table<'txn, (u64, &'static str), u64>,
     inactive: Table<'txn, (u64, &'static str), ()>,
+    by_folded: Table<'txn, (&'static str, &'static str), ()>,
 }
 
 impl<'txn> WriteTables<'txn> {
@@ -39,7 +42,17 @@ impl<'txn> WriteTables<'txn> {
             by_pool: txn.open_table(BY_POOL)?,
             live: txn.open_table(LIVE)?,
             inactive: txn.open_table(INACTIVE)?,
+            by_folded: txn.open_table(BY_FOLDED)?,
         })
+    }
+
+    /// Whether a row is indexed under `folded` (a name in lower case).
+    pub(crate) fn folded_taken(&self, folded: &str) -> Result<bool, Error> {
+        let mut under = self.by_folded.range((folded, "")..)?;
+        match under.next() {
+            Some(entry) => Ok(entry?.0.value().0 == folded),
+            None => Ok(false),
+        }
     }
 
     /// The committed row named `name`, if any.
@@ -66,6 +79,11 @@ impl<'txn> WriteTables<'txn> {
     /// moving the index entries that changed.
     pub(crate) fn put(&mut self, old: Option<&StoredRow>, new: &StoredRow) -> Result<(), Error> {
         let name = new.name().as_str();
+        if old.is_none() {
+            // A name never changes: its folded entry comes with the insert.
+            self.by_folded
+                .insert((new.name().folded().as_str(), name), ())?;
+        }
         let old_session = old.and_then(StoredRow::session);
         if old_session != new.session() {
             if let Some(s) = old_session {
@@ -127,6 +145,8 @@ impl<'txn> WriteTables<'txn> {
             self.by_replica.remove((r.as_str(), name))?;
         }
         self.by_pool.remove((old.pool_key().as_str(), name))?;
+        self.by_folded
+            .remove((old.name().folded().as_str(), name))?;
         if let Some(t) = old.live_key() {
             self.live.remove((t, name))?;
         }
@@ -150,6 +170,7 @@ pub(crate) struct ReadTables<'txn> {
     by_pool: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
     live: OnceCell<ReadOnlyTable<(u64, &'static str), u64>>,
     inactive: OnceCell<ReadOnlyTable<(u64, &'static str), ()>>,
+    by_folded: OnceCell<ReadOnlyTable<(&'static str, &'static str), ()>>,
 }
 
 /// The table `def` of `txn`, opened into `cell` on first use.
@@ -183,6 +204,7 @@ impl<'txn> ReadTables<'txn> {
             by_pool: OnceCell::new(),
             live: OnceCell::new(),
             inactive: OnceCell::new(),
+            by_folded: OnceCell::new(),
         }
     }
 
@@ -267,6 +289,21 @@ impl<'txn> ReadTables<'txn> {
         )
     }
 
+    /// The first row (by name) whose name folds to `folded`.
+    pub(crate) fn by_folded(&self, folded: &str) -> Result<Option<StoredRow>, Error> {
+        let index = opened(self.txn, &self.by_folded, BY_FOLDED)?;
+        let mut under = index.range((folded, "")..)?;
+        let Some(entry) = under.next() else {
+            return Ok(None);
+        };
+        let (k, ()) = entry.map(|(k, v)| (k, v.value()))?;
+        let (key, name) = k.value();
+        if key != folded {
+            return Ok(None);
+        }
+        self.indexed_row("rows_by_folded", name).map(Some)
+    }
+
     /// The rows whose pool key is `pool`, ordered by name.
     pub(crate) fn by_pool(&self, pool: &LlmName) -> Result<Vec<StoredRow>, Error> {
         self.rows_under(self.by_pool_index()?, "rows_by_pool", pool.as_str())
@@ -345,6 +382,11 @@ impl<'txn> ReadTables<'txn> {
             let (t, n) = k.value();
             contents.inactive.push((t, n.to_owned()));
         }
+        for entry in opened(self.txn, &self.by_folded, BY_FOLDED)?.iter()? {
+            let (k, _) = entry?;
+            let (f, n) = k.value();
+            contents.by_folded.push((f.to_owned(), n.to_owned()));
+        }
         Ok(contents)
     }
 }
@@ -357,6 +399,7 @@ pub(crate) struct IndexContents {
     pub(crate) by_pool: Vec<(String, String)>,
     pub(crate) live: Vec<(u64, String, u64)>,
     pub(crate) inactive: Vec<(u64, String)>,
+    pub(crate) by_folded: Vec<(String, String)>,
 }
 
 impl IndexContents {
@@ -376,10 +419,12 @@ impl IndexContents {
             if let Some(t) = r.live_key() {
                 c.live.push((t, name.clone(), r.stamp()));
             }
+            c.by_folded.push((r.name().folded(), name.clone()));
             if let Some(t) = r.inactive_key() {
                 c.inactive.push((t, name));
             }
         }
+        c.by_folded.sort();
         c.by_session.sort();
         c.by_replica.sort();
         c.by_pool.sort();

@@ -297,9 +297,15 @@ fn apply(
     batch: Vec<Write>,
 ) -> Result<Result<Vec<LlmRecord>, String>, Error> {
     let mut current = Vec::with_capacity(batch.len());
+    let mut inserted = std::collections::HashSet::new();
     for w in &batch {
         let row = tables.row(w.name().as_str())?;
-        if !w.matches(row.as_ref().map(|r| (r.id(), r.revision()))) {
+        // An insert also needs its folded name free, in the file and in the batch.
+        let lookalike = matches!(w, Write::Insert(_)) && {
+            let folded = w.name().folded();
+            tables.folded_taken(&folded)? || !inserted.insert(folded)
+        };
+        if lookalike || !w.matches(row.as_ref().map(|r| (r.id(), r.revision()))) {
             return Ok(Err(w.name().to_string()));
         }
         current.push(row);

@@ -127,12 +127,13 @@ fn expected_rows() -> Vec<LlmRecord> {
     vec![gone, live, public, sleeping, unicode]
 }
 
-/// The indexes versions 2 and 3 added: whether a file has `rows_by_replica`, and
-/// whether it has `rows_by_pool`.
-type Added = (bool, bool);
-const NONE_ADDED: Added = (false, false);
-const V2_ADDED: Added = (true, false);
-const ALL_ADDED: Added = (true, true);
+/// The indexes versions 2, 3 and 5 added: whether a file has `rows_by_replica`,
+/// `rows_by_pool` and `rows_by_folded`.
+type Added = (bool, bool, bool);
+const NONE_ADDED: Added = (false, false, false);
+const V2_ADDED: Added = (true, false, false);
+const V3_ADDED: Added = (true, true, false);
+const ALL_ADDED: Added = (true, true, true);
 
 /// The file's `meta` entry `key`, and which of the indexes later versions added it
 /// has, read with redb directly (the store is closed).
@@ -146,7 +147,14 @@ fn meta_of(path: &Path, key: &str) -> (Option<u64>, Added) {
         .unwrap()
         .map(|v| v.value());
     let has = |table: &str| txn.list_tables().unwrap().any(|t| t.name() == table);
-    (value, (has("rows_by_replica"), has("rows_by_pool")))
+    (
+        value,
+        (
+            has("rows_by_replica"),
+            has("rows_by_pool"),
+            has("rows_by_folded"),
+        ),
+    )
 }
 
 fn names(rows: &[LlmRecord]) -> Vec<&str> {
@@ -214,11 +222,11 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "no v1 row is bound"
     );
     store.close().await.unwrap();
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
     assert_eq!(
         meta_of(&path, "schema_version"),
         (Some(SCHEMA_VERSION), ALL_ADDED),
-        "version 4, with the replica and pool indexes"
+        "version 5, with the replica, pool and folded-name indexes"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
@@ -226,7 +234,7 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 4, so nothing is written.
+    // Opened again: already version 5, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_fixture(&store).await;
@@ -425,7 +433,7 @@ async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() 
     assert_eq!(
         meta_of(&path, "schema_version"),
         (Some(SCHEMA_VERSION), ALL_ADDED),
-        "version 4, with the pool index"
+        "version 5, with the pool and folded-name indexes"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
@@ -433,7 +441,7 @@ async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() 
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 4, so nothing is written.
+    // Opened again: already version 5, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_v2_rows(&store, &rows).await;
@@ -500,7 +508,7 @@ async fn an_upgrade_that_fails_leaves_the_file_at_its_old_version() {
 /// commit, every row as it was; from then on it stores an agent's row, persona and
 /// all, across a reopen.
 #[tokio::test]
-async fn a_v3_file_is_upgraded_to_4_and_takes_agents_rows() {
+async fn a_v3_file_is_upgraded_and_takes_agents_rows() {
     let file = TempStore::new().await;
     let rows = file
         .write(v2_rows().into_iter().map(Write::Insert).collect())
@@ -509,7 +517,7 @@ async fn a_v3_file_is_upgraded_to_4_and_takes_agents_rows() {
     file.close().await.unwrap();
     let path = file.path();
     downgrade(&path, 3);
-    assert_eq!(meta_of(&path, "schema_version"), (Some(3), ALL_ADDED));
+    assert_eq!(meta_of(&path, "schema_version"), (Some(3), V3_ADDED));
     let (stamp, _) = meta_of(&path, "last_stamp");
 
     let store = RedbStore::open(&path).await.unwrap();
@@ -541,6 +549,91 @@ async fn a_v3_file_is_upgraded_to_4_and_takes_agents_rows() {
         Some(written),
         "the agent's row, persona and all"
     );
+    let report = store.check_integrity().await.unwrap();
+    assert!(report.is_ok(), "{report:?}");
+    store.close().await.unwrap();
+}
+
+/// A version-4 file is upgraded to 5 in one commit, every row indexed under its
+/// folded name; rows a version-4 build let in beside each other (`llama`, `LLAMA`) are
+/// both kept, and while either exists no third look-alike is inserted. Once both are
+/// gone the name is free again.
+#[tokio::test]
+async fn a_v4_file_is_upgraded_to_5_and_keeps_its_lookalikes() {
+    let file = TempStore::new().await;
+    let mut rows = file
+        .write(v2_rows().into_iter().map(Write::Insert).collect())
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    let path = file.path();
+    // What a version-4 build allowed: a look-alike of an existing name. Made here by
+    // hiding `llama` from the folded index while `LLAMA` is inserted; the downgrade
+    // then drops that index.
+    let folded: TableDefinition<'static, (&str, &str), ()> = TableDefinition::new("rows_by_folded");
+    {
+        let db = Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        txn.open_table(folded)
+            .unwrap()
+            .remove(("llama", "llama"))
+            .unwrap();
+        txn.commit().unwrap();
+    }
+    let store = RedbStore::open(&path).await.unwrap();
+    rows.extend(
+        store
+            .write(vec![Write::Insert(record("LLAMA"))])
+            .await
+            .unwrap(),
+    );
+    store.close().await.unwrap();
+    downgrade(&path, 4);
+    assert_eq!(meta_of(&path, "schema_version"), (Some(4), V3_ADDED));
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade: one transaction");
+    let listed = store.list().await.unwrap();
+    assert!(listed.iter().any(|r| r.name.as_str() == "LLAMA"), "kept");
+    for r in rows.drain(..) {
+        assert_eq!(store.get(&r.name).await.unwrap().map(|g| g.id), Some(r.id));
+    }
+    assert_eq!(
+        store
+            .get_ignoring_case(&name("Llama"))
+            .await
+            .unwrap()
+            .map(|r| r.name.to_string()),
+        Some("LLAMA".to_owned()),
+        "the first by name holds it"
+    );
+    let err = store
+        .write(vec![Write::Insert(record("Llama"))])
+        .await
+        .expect_err("a third look-alike");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    store.close().await.unwrap();
+    assert_eq!(
+        meta_of(&path, "schema_version"),
+        (Some(SCHEMA_VERSION), ALL_ADDED)
+    );
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 0, "no second upgrade");
+    for n in ["llama", "LLAMA"] {
+        let r = store.get(&name(n)).await.unwrap().unwrap();
+        store
+            .write(vec![Write::Delete {
+                name: r.name.clone(),
+                id: r.id.clone(),
+                revision: r.revision,
+            }])
+            .await
+            .unwrap();
+    }
+    store
+        .write(vec![Write::Insert(record("Llama"))])
+        .await
+        .expect("free once both are gone");
     let report = store.check_integrity().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
     store.close().await.unwrap();

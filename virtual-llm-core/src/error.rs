@@ -39,7 +39,9 @@ pub enum Error {
     },
     /// The gateway runs without tokens and the request did not come from a client on
     /// this machine (403): a foreign `Host` (DNS rebinding) or a web page's `Origin`.
-    #[error("refused in the no-token mode: {reason}; configure tokens to serve other hosts or origins")]
+    #[error(
+        "refused in the no-token mode: {reason}; configure tokens to serve other hosts or origins"
+    )]
     NotLocal {
         /// Which check failed.
         reason: &'static str,

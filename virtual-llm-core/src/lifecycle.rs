@@ -355,10 +355,11 @@ impl Gateway {
         if req.llms.is_empty() || req.llms.len() > max {
             return Err(Error::invalid(format!("a register names 1 to {max} llms")));
         }
+        // Names are unique ignoring case: `A` and `a` in one register are one name twice.
         let mut seen = HashSet::new();
         for spec in &req.llms {
             spec.validate()?;
-            if !seen.insert(&spec.name) {
+            if !seen.insert(spec.name.folded()) {
                 return Err(Error::invalid(format!("llm {} is named twice", spec.name)));
             }
         }
@@ -369,7 +370,7 @@ impl Gateway {
         }
         for agent in &req.agents {
             agent.validate()?;
-            if !seen.insert(&agent.name) {
+            if !seen.insert(agent.name.folded()) {
                 return Err(Error::invalid(format!(
                     "{} is named twice in one register",
                     agent.name
@@ -429,8 +430,22 @@ impl Gateway {
                 session_rows = store.by_session(&session).await?;
             }
             let mut current = Vec::with_capacity(specs.len());
+            // A free name whose look-alike is taken (`LLAMA-8B` beside `llama-8b`).
+            let mut lookalikes = Vec::new();
             for spec in &specs {
-                current.push(store.get(&spec.name).await?);
+                let row = store.get(&spec.name).await?;
+                if row.is_none() && store.get_ignoring_case(&spec.name).await?.is_some() {
+                    lookalikes.push(NameConflict {
+                        name: spec.name.to_string(),
+                        reason: ConflictReason::NameTakenIgnoringCase,
+                    });
+                }
+                current.push(row);
+            }
+            if !lookalikes.is_empty() {
+                return Err(Error::Conflict {
+                    conflicts: lookalikes,
+                });
             }
             let mut agent_pools = Vec::with_capacity(req.agents.len());
             for agent in &req.agents {
@@ -774,7 +789,18 @@ impl Gateway {
         let store = &self.shared.store;
         for _ in 0..MAX_CAS_ATTEMPTS {
             let now = self.shared.clock.now();
-            let write = match store.get(&spec.name).await? {
+            let row = match store.get(&spec.name).await? {
+                None => store.get_ignoring_case(&spec.name).await?,
+                row => row,
+            };
+            let write = match row {
+                Some(r) if r.name != spec.name => {
+                    let conflicts = vec![NameConflict {
+                        name: spec.name.to_string(),
+                        reason: ConflictReason::NameTakenIgnoringCase,
+                    }];
+                    return Err(Error::Conflict { conflicts });
+                }
                 Some(r) if r.kind == LlmKind::Virtual => {
                     let conflicts = vec![NameConflict {
                         name: spec.name.to_string(),

@@ -1,7 +1,7 @@
 //! `MemoryStore`: the in-memory [`Store`], for tests, demos and single-process gateways
 //! that do not need their registry to survive a restart.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::RwLock;
 
 use async_trait::async_trait;
@@ -47,6 +47,8 @@ impl Default for MemoryStore {
 #[derive(Debug, Default)]
 struct Tables {
     rows: BTreeMap<LlmName, LlmRecord>,
+    /// Rows by [folded](LlmName::folded) name: names are unique by it.
+    folded: HashMap<String, LlmName>,
     by_session: HashMap<SessionId, BTreeSet<LlmName>>,
     /// Rows by pool key.
     by_pool: HashMap<LlmName, BTreeSet<LlmName>>,
@@ -60,6 +62,7 @@ struct Tables {
 
 impl Tables {
     fn index(&mut self, r: &LlmRecord) {
+        self.folded.insert(r.name.folded(), r.name.clone());
         self.by_pool
             .entry(r.pool_key().clone())
             .or_default()
@@ -85,6 +88,7 @@ impl Tables {
     }
 
     fn unindex(&mut self, r: &LlmRecord) {
+        self.folded.remove(&r.name.folded());
         if let Some(names) = self.by_pool.get_mut(r.pool_key()) {
             names.remove(&r.name);
             if names.is_empty() {
@@ -136,6 +140,14 @@ impl Store for MemoryStore {
         Ok(read(&self.tables).rows.get(name).cloned())
     }
 
+    async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        let t = read(&self.tables);
+        Ok(t.folded
+            .get(&name.folded())
+            .and_then(|n| t.rows.get(n))
+            .cloned())
+    }
+
     async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
         Ok(read(&self.tables).rows.values().cloned().collect())
     }
@@ -184,9 +196,14 @@ impl Store for MemoryStore {
         check_batch(&batch)?;
         let mut t = write(&self.tables);
         // Check every expectation before touching anything: the batch is all or nothing.
+        let mut inserted = HashSet::new();
         for w in &batch {
             let current = t.rows.get(w.name()).map(|r| (&r.id, r.revision));
-            if !w.matches(current) {
+            // An insert also needs its folded name free, in the store and the batch.
+            let lookalike = matches!(w, Write::Insert(_))
+                && (t.folded.contains_key(&w.name().folded())
+                    || !inserted.insert(w.name().folded()));
+            if lookalike || !w.matches(current) {
                 return Err(StoreError::Conflict {
                     name: w.name().to_string(),
                 });

@@ -47,6 +47,18 @@ impl LlmName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The name in ASCII lower case: names are unique by it (`LLAMA-8B` cannot sit
+    /// beside `llama-8b`), while each row keeps and answers to its name as written.
+    ///
+    /// ```
+    /// use virtual_llm_core::LlmName;
+    ///
+    /// assert_eq!(LlmName::parse("Meta/Llama-3.1").unwrap().folded(), "meta/llama-3.1");
+    /// ```
+    pub fn folded(&self) -> String {
+        self.0.to_ascii_lowercase()
+    }
 }
 
 fn invalid_reason(s: &str) -> Option<&'static str> {

@@ -410,6 +410,9 @@ pub enum ConflictReason {
     /// The LLM's pool belongs to another principal, who has not granted this one
     /// its pool.
     PoolOwnedByAnother,
+    /// A row whose name differs from this one only in letter case exists: names are
+    /// unique ignoring ASCII case (`LLAMA-8B` cannot sit beside `llama-8b`).
+    NameTakenIgnoringCase,
 }
 
 impl ConflictReason {
@@ -422,6 +425,9 @@ impl ConflictReason {
             ConflictReason::VirtualLlm => "a published llm has this name",
             ConflictReason::PoolNameTaken => "the name of a pool and of a row outside it",
             ConflictReason::PoolOwnedByAnother => "its pool is owned by another principal",
+            ConflictReason::NameTakenIgnoringCase => {
+                "a name that differs only in letter case is taken"
+            }
         }
     }
 }

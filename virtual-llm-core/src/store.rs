@@ -75,6 +75,11 @@ pub struct RowChange {
 /// Persistence of the LLM registry.
 ///
 /// # Contract
+/// - **Names are unique ignoring ASCII case.** An insert of a name that equals a
+///   stored row's name ignoring ASCII case ([`LlmName::folded`]) fails with
+///   [`StoreError::Conflict`], so that `LLAMA-8B` cannot sit beside `llama-8b`; the
+///   check is part of the insert's compare-and-set (two replicas inserting `A` and `a`
+///   at once: one wins). [`Store::get_ignoring_case`] finds the row that holds a name.
 /// - **Atomic compare-and-set batches.** [`Store::write`] applies every write of a
 ///   batch or none. Each write checks its expectation with [`Write::matches`]
 ///   (insert: absent; update and delete: the same row id at the given revision)
@@ -107,6 +112,20 @@ pub struct RowChange {
 pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// The row named `name`.
     async fn get(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError>;
+
+    /// The row whose name equals `name` ignoring ASCII case ([`LlmName::folded`]), if
+    /// any: the row itself, or the one whose name an insert of `name` would collide
+    /// with.
+    ///
+    /// The default lists every row; a backend keeps an index by folded name instead.
+    async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        let folded = name.folded();
+        Ok(self
+            .list()
+            .await?
+            .into_iter()
+            .find(|r| r.name.as_str().eq_ignore_ascii_case(&folded)))
+    }
 
     /// Every row, ordered by name.
     async fn list(&self) -> Result<Vec<LlmRecord>, StoreError>;
@@ -179,6 +198,12 @@ macro_rules! forward_store {
             }
             async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).list().await
+            }
+            async fn get_ignoring_case(
+                &self,
+                name: &LlmName,
+            ) -> Result<Option<LlmRecord>, StoreError> {
+                (**self).get_ignoring_case(name).await
             }
             async fn by_session(&self, s: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).by_session(s).await

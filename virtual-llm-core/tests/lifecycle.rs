@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::*;
 use std::sync::atomic::Ordering::SeqCst;
-use virtual_llm_core::protocol::{ConflictReason, GatewayFrame};
+use virtual_llm_core::protocol::{ConflictReason, GatewayFrame, LlmSpec};
 use virtual_llm_core::{
     Config, Error, Gateway, InferRequest, LlmKind, LlmName, LlmRecord, LlmStatus, MemoryStore,
     Principal, ReplicaId, Role, SessionId, Store, StoreError, SweepReport, Timestamp, Write,
@@ -174,6 +174,87 @@ async fn register_refuses_any_row_of_another_owner_even_inactive() {
         vec![("a".to_owned(), ConflictReason::OwnedByAnother)]
     );
     assert_eq!(f.row("a").await, before, "another owner cannot adopt");
+}
+
+/// Names are unique ignoring letter case (F13 of the red team's report): beside
+/// alice's `llama-8b`, nobody — mallory, nor alice in another session — registers
+/// `LLAMA-8B` or `Llama-8b` (409 `nameTakenIgnoringCase`, nothing written), a register
+/// naming `x` and `X` is one name twice (400), and a public LLM cannot take a
+/// look-alike either. The row keeps its own name: `get` stays exact.
+#[tokio::test]
+async fn a_lookalike_of_a_taken_name_is_refused() {
+    let f = fixture().await;
+    let _online = f.online("alice", &["llama-8b"]).await;
+    let before = f.store.list().await.unwrap();
+    for (who, lookalike) in [("mallory", "LLAMA-8B"), ("alice", "Llama-8b")] {
+        let err =
+            f.gw.register(&publisher(who), request(None, &["fresh", lookalike]))
+                .await
+                .unwrap_err();
+        assert_eq!(
+            conflicts(err),
+            vec![(lookalike.to_owned(), ConflictReason::NameTakenIgnoringCase)],
+            "{who}"
+        );
+        assert_eq!(f.store.list().await.unwrap(), before, "nothing written");
+    }
+    let err =
+        f.gw.register(&publisher("bob"), request(None, &["qwen", "QWEN"]))
+            .await
+            .unwrap_err();
+    assert_eq!(err.status(), 400, "{err}");
+    let err =
+        f.gw.put_public(
+            &Principal::new("ops", [Role::Admin]),
+            LlmSpec {
+                name: LlmName::parse("LLaMA-8b").unwrap(),
+                provider_type: "openai".into(),
+                model: "m".into(),
+                tier: None,
+                pool: None,
+                max_concurrent: None,
+                state: None,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        conflicts(err),
+        vec![("LLaMA-8b".to_owned(), ConflictReason::NameTakenIgnoringCase)]
+    );
+    assert_eq!(f.store.list().await.unwrap(), before, "nothing written");
+}
+
+/// Two principals registering look-alike names at once, each having read the
+/// registry before either writes: exactly one gets the name, the other a 409 after
+/// the store refused its insert. Every round, so the race is always run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn principals_racing_for_lookalike_names_get_one_owner() {
+    for round in 0..20 {
+        let store = Arc::new(ReadAllThenWrite {
+            inner: MemoryStore::new(),
+            barrier: tokio::sync::Barrier::new(2),
+            held: 2.into(),
+        });
+        let gw = Gateway::builder(store.clone()).start().await.unwrap();
+        let racers = [("alice", "model"), ("mallory", "MODEL")].map(|(who, name)| {
+            let gw = gw.clone();
+            tokio::spawn(async move { gw.register(&publisher(who), request(None, &[name])).await })
+        });
+        let mut wins = 0;
+        for racer in racers {
+            match racer.await.unwrap() {
+                Ok(_) => wins += 1,
+                Err(e) => assert_eq!(
+                    conflicts(e)[0].1,
+                    ConflictReason::NameTakenIgnoringCase,
+                    "round {round}"
+                ),
+            }
+        }
+        assert_eq!(wins, 1, "round {round}");
+        assert_eq!(store.list().await.unwrap().len(), 1, "round {round}");
+    }
 }
 
 #[tokio::test]

@@ -81,7 +81,11 @@ impl Deref for TempStore {
 
 /// The tables each schema version added after the first, by the version that added
 /// it.
-const ADDED: [(u64, &str); 2] = [(2, "rows_by_replica"), (3, "rows_by_pool")];
+const ADDED: [(u64, &str); 3] = [
+    (2, "rows_by_replica"),
+    (3, "rows_by_pool"),
+    (5, "rows_by_folded"),
+];
 
 /// Makes the closed registry at `path` a file of schema version `to`, as a build of
 /// that version leaves one: the tables later versions added are dropped and the

@@ -105,6 +105,11 @@ impl Store for FailingStore {
         self.inner.get(name).await
     }
 
+    async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        self.check(&self.reads, "read")?;
+        self.inner.get_ignoring_case(name).await
+    }
+
     async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
         self.check(&self.reads, "read")?;
         self.inner.list().await

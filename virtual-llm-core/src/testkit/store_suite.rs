@@ -58,6 +58,99 @@ pub async fn insert_existing_conflicts(store: &dyn Store) {
     assert_eq!(got.model, row.model, "the losing insert wrote nothing");
 }
 
+/// Names are unique ignoring ASCII case: an insert of `ALPHA` or `Alpha` beside
+/// `alpha` fails with `Conflict` and writes nothing (nor does a batch inserting two
+/// such names); `get_ignoring_case` finds the row holding a name in any case, and
+/// finds none once it is deleted, when the name is free in every case again. `get`
+/// stays exact.
+pub async fn names_are_unique_ignoring_case(store: &dyn Store) {
+    let written = store
+        .write(vec![Write::Insert(record("Meta/Llama-8b"))])
+        .await
+        .expect("insert");
+    for lookalike in ["meta/llama-8b", "META/LLAMA-8B", "Meta/Llama-8B"] {
+        let err = store
+            .write(vec![Write::Insert(record(lookalike))])
+            .await
+            .expect_err(lookalike);
+        assert!(
+            matches!(err, StoreError::Conflict { .. }),
+            "{lookalike}: expected Conflict, got {err:?}"
+        );
+        assert_eq!(
+            store.get(&name(lookalike)).await.expect("get"),
+            None,
+            "{lookalike}"
+        );
+        let holder = store
+            .get_ignoring_case(&name(lookalike))
+            .await
+            .expect("get_ignoring_case")
+            .expect("the row holding the name");
+        assert_eq!(holder, written[0], "{lookalike}");
+    }
+    assert_eq!(
+        names(store.list().await.expect("list")),
+        ["Meta/Llama-8b"],
+        "no look-alike was written"
+    );
+    let err = store
+        .write(vec![
+            Write::Insert(record("beta")),
+            Write::Insert(record("BETA")),
+        ])
+        .await
+        .expect_err("two look-alikes in one batch");
+    assert!(matches!(err, StoreError::Conflict { .. }), "{err:?}");
+    assert_eq!(
+        store.get(&name("beta")).await.expect("get"),
+        None,
+        "all or nothing"
+    );
+    assert_eq!(
+        store
+            .get_ignoring_case(&name("gamma"))
+            .await
+            .expect("get_ignoring_case"),
+        None
+    );
+
+    // Updates keep the name; a deleted name is free in every case.
+    let mut row = written[0].clone();
+    row.model = "other".into();
+    let updated = store.write(vec![Write::Update(row)]).await.expect("update");
+    store
+        .write(vec![Write::Delete {
+            name: updated[0].name.clone(),
+            id: updated[0].id.clone(),
+            revision: updated[0].revision,
+        }])
+        .await
+        .expect("delete");
+    assert_eq!(
+        store
+            .get_ignoring_case(&name("meta/llama-8b"))
+            .await
+            .expect("get_ignoring_case"),
+        None
+    );
+    store
+        .write(vec![Write::Insert(record("META/LLAMA-8B"))])
+        .await
+        .expect("the name is free once its row is gone");
+}
+
+/// Two look-alike inserts at once: exactly one wins.
+pub async fn concurrent_lookalike_inserts_one_winner(store: &dyn Store) {
+    let attempts = ["contested", "CONTESTED", "Contested", "contesteD"]
+        .into_iter()
+        .map(|n| store.write(vec![Write::Insert(record(n))]));
+    let results = join_all(attempts).await;
+    let wins = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(wins, 1, "exactly one look-alike wins: {results:?}");
+    assert_eq!(store.list().await.expect("list").len(), 1);
+}
+
 /// An update must name the current revision; it then bumps it. A stale one conflicts.
 pub async fn update_checks_revision(store: &dyn Store) {
     let row = store
@@ -1016,6 +1109,8 @@ macro_rules! store_conformance_tests {
         $crate::store_conformance_tests!(@cases $setup;
             insert_then_get,
             insert_existing_conflicts,
+            names_are_unique_ignoring_case,
+            concurrent_lookalike_inserts_one_winner,
             update_checks_revision,
             delete_checks_revision,
             batch_is_atomic,
