@@ -108,6 +108,21 @@ pub struct Config {
     /// Default 1 s.
     #[serde(with = "humantime_serde")]
     pub registry_staleness: Duration,
+    /// How long a replica's lease runs after each renewal (SPEC §14): when a replica
+    /// stops renewing (it died), the rows whose channels it held go inactive this long
+    /// after its last renewal (plus `leaseSkew`), at the next lease tick of a live
+    /// replica. Only for a store that keeps leases (several gateway processes on one
+    /// store); a store for one process has its restart demote them. Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// How often a replica renews its lease and looks for expired ones. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub lease_renew: Duration,
+    /// How far the replicas' clocks may disagree: a lease counts as expired only this
+    /// long after the expiry its replica wrote, by the clock of the replica that reads
+    /// it. Default 2 s.
+    #[serde(with = "humantime_serde")]
+    pub lease_skew: Duration,
 }
 
 impl Default for Config {
@@ -137,6 +152,9 @@ impl Default for Config {
             wake_wait: Duration::from_secs(120),
             wake_cooldown: Duration::from_secs(30),
             registry_staleness: Duration::from_secs(1),
+            lease: Duration::from_secs(15),
+            lease_renew: Duration::from_secs(5),
+            lease_skew: Duration::from_secs(2),
         }
     }
 }
@@ -154,6 +172,7 @@ impl Config {
     ///   is noticed (a failed ping, missing pongs, a publisher's watchdog), and a dead
     ///   publisher's channel must not outlive the moment its rows go stale;
     /// - `reconnectMin` is at most `reconnectMax`;
+    /// - `lease` is at least twice `leaseRenew`;
     /// - `taskBuffer`, `channelBuffer`, `maxLlmsPerRegister`, `maxBodyBytes` and
     ///   `cooldownAfter` are positive (`queueDepth` 0 turns the queue off: a pool
     ///   with no free slot answers 429 at once);
@@ -186,6 +205,8 @@ impl Config {
             ("cooldown", self.cooldown),
             ("wakeWait", self.wake_wait),
             ("wakeCooldown", self.wake_cooldown),
+            ("lease", self.lease),
+            ("leaseRenew", self.lease_renew),
         ];
         for (key, value) in durations {
             if value.is_zero() {
@@ -223,6 +244,16 @@ impl Config {
                     "keepalive ({}) must be shorter than staleAfter ({}): the keep-alive is how a dead control channel is noticed",
                     show(self.keepalive),
                     show(self.stale_after)
+                ),
+            );
+        }
+        if self.lease < self.lease_renew.saturating_mul(2) {
+            return invalid(
+                &["lease", "leaseRenew"],
+                format!(
+                    "lease ({}) must be at least twice leaseRenew ({}), so that one late renewal does not end a live replica's lease",
+                    show(self.lease),
+                    show(self.lease_renew)
                 ),
             );
         }
@@ -290,7 +321,29 @@ mod tests {
         );
         assert_eq!(c.max_body_bytes, 8 << 20);
         assert_eq!(c.base_path, "/api/v1/llms");
+        assert_eq!(
+            (c.lease, c.lease_renew, c.lease_skew),
+            (
+                Duration::from_secs(15),
+                Duration::from_secs(5),
+                Duration::from_secs(2)
+            )
+        );
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn a_lease_must_outlast_two_renewals() {
+        let (settings, message) = refused(Config {
+            lease: Duration::from_secs(9),
+            lease_renew: Duration::from_secs(5),
+            ..Config::default()
+        });
+        assert_eq!(settings, ["lease", "leaseRenew"]);
+        assert!(
+            message.contains("lease (9s) must be at least twice leaseRenew (5s)"),
+            "{message}"
+        );
     }
 
     /// The settings an error names, or a panic if the config is valid.

@@ -1,5 +1,7 @@
-//! The background GC: a task that runs [`Gateway::sweep`] every `gc_every`, owned by a
-//! [`GcGuard`] that stops it when dropped (mini-redis' `DbDropGuard` pattern).
+//! The background GC: a task that runs [`Gateway::sweep`] every `gc_every`, and
+//! [`Gateway::lease_tick`] every `lease_renew` (the first at once) while the store keeps
+//! replica leases, owned by a [`GcGuard`] that stops it when dropped (mini-redis'
+//! `DbDropGuard` pattern).
 
 use std::sync::Arc;
 
@@ -7,7 +9,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
-use crate::Gateway;
+use crate::{Gateway, LeaseRenewal};
 
 /// Owns the GC task; dropping it stops the task.
 #[derive(Debug)]
@@ -37,36 +39,65 @@ impl Drop for GcGuard {
 
 impl Gateway {
     /// Starts the GC on the current tokio runtime: a sweep every `gc_every`, the first
-    /// one `gc_every` from now. Errors are logged and the next tick tries again.
+    /// one `gc_every` from now; and a lease tick every `lease_renew`, the first at
+    /// once, for as long as the store keeps leases. Errors are logged and the next
+    /// tick tries again.
     pub fn spawn_gc(&self) -> GcGuard {
         let stop = Arc::new(Notify::new());
         let gateway = self.clone();
-        let every = self.shared.config.gc_every;
+        let (every, renew) = (self.shared.config.gc_every, self.shared.config.lease_renew);
         let stopped = stop.clone();
         let task = tokio::spawn(async move {
             let mut next = Instant::now() + every;
+            // `None` once the store says it keeps no leases.
+            let mut next_lease = Some(Instant::now());
+            let mut held = false;
             loop {
-                tokio::select! {
-                    () = sleep_until(next) => {}
-                    () = stopped.notified() => break,
-                }
-                next += every;
-                match gateway.sweep().await {
-                    Ok(r) if r.marked_inactive + r.deleted > 0 => {
-                        tracing::info!(
-                            inactive = r.marked_inactive,
-                            deleted = r.deleted,
-                            "GC sweep"
-                        );
+                let lease_due = async {
+                    match next_lease {
+                        Some(at) => sleep_until(at).await,
+                        None => std::future::pending().await,
                     }
-                    Ok(_) => {}
-                    Err(e) => tracing::warn!(error = %e, "GC sweep failed; retrying next tick"),
+                };
+                tokio::select! {
+                    () = sleep_until(next) => {
+                        next += every;
+                        gateway.sweep_logged().await;
+                    }
+                    () = lease_due => {
+                        next_lease = next_lease.map(|at| at + renew);
+                        match gateway.lease_tick(held).await {
+                            Ok(report) if report.renewal == LeaseRenewal::Unsupported => {
+                                next_lease = None;
+                            }
+                            Ok(_) => held = true,
+                            Err(e) => tracing::warn!(error = %e, "lease renewal failed; retrying next tick"),
+                        }
+                    }
+                    () = stopped.notified() => break,
                 }
             }
         });
         GcGuard {
             stop,
             task: Some(task),
+        }
+    }
+}
+
+impl Gateway {
+    /// One sweep, its outcome logged.
+    async fn sweep_logged(&self) {
+        match self.sweep().await {
+            Ok(r) if r.marked_inactive + r.deleted > 0 => {
+                tracing::info!(
+                    inactive = r.marked_inactive,
+                    deleted = r.deleted,
+                    "GC sweep"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "GC sweep failed; retrying next tick"),
         }
     }
 }

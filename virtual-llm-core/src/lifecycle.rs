@@ -19,7 +19,7 @@ use crate::protocol::{
 };
 use crate::{
     ChannelBinding, Error, Gateway, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, LlmView,
-    Principal, Role, SessionId, StoreError, Timestamp, Write,
+    Principal, ReplicaId, Role, SessionId, StoreError, Timestamp, Write,
 };
 
 /// How often a lost compare-and-set is re-decided before the caller gets a 503.
@@ -759,19 +759,7 @@ impl Gateway {
     pub(crate) async fn recover(&self) -> Result<usize, Error> {
         let now = self.shared.clock.now();
         let me = self.replica().clone();
-        let mine = self.shared.store.bound_to(&me).await?;
-        let released = self
-            .transition(mine, &|r: &LlmRecord| {
-                r.binding
-                    .as_ref()
-                    .is_some_and(|b| b.replica == me)
-                    .then(|| {
-                        let mut r = deactivated(r, now);
-                        r.binding = None;
-                        Write::Update(r)
-                    })
-            })
-            .await?;
+        let released = self.unbind_replica(&me, now).await?;
         let live = self.shared.store.stale_virtuals(Timestamp::MAX).await?;
         let unbound = self
             .transition(live, &|r: &LlmRecord| {
@@ -780,6 +768,29 @@ impl Gateway {
             })
             .await?;
         Ok(released + unbound)
+    }
+
+    /// Takes the rows whose channels `replica` held out of service (inactive, no
+    /// binding): its channels are gone (its previous run, or a peer whose lease ran
+    /// out). Each write is a compare-and-set on the row as read, so a row another
+    /// replica bound in the meantime keeps its new binding.
+    pub(crate) async fn unbind_replica(
+        &self,
+        replica: &ReplicaId,
+        now: Timestamp,
+    ) -> Result<usize, Error> {
+        let held = self.shared.store.bound_to(replica).await?;
+        self.transition(held, &|r: &LlmRecord| {
+            r.binding
+                .as_ref()
+                .is_some_and(|b| b.replica == *replica)
+                .then(|| {
+                    let mut r = deactivated(r, now);
+                    r.binding = None;
+                    Write::Update(r)
+                })
+        })
+        .await
     }
 
     /// Creates or updates a public LLM (admins only). A virtual row of that name is a 409.

@@ -7,7 +7,7 @@ use std::sync::RwLock;
 use async_trait::async_trait;
 use tokio::sync::broadcast;
 
-use crate::store::{RowChange, check_batch};
+use crate::store::{LeaseRenewal, RowChange, check_batch};
 use crate::sync::{read, write};
 use crate::{LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write};
 
@@ -58,6 +58,8 @@ struct Tables {
     live: BTreeSet<(Timestamp, LlmName)>,
     /// Inactive rows by the time they went inactive: the expiry query is a range scan.
     inactive: BTreeSet<(Timestamp, LlmName)>,
+    /// Replica leases: each replica's expiry.
+    leases: HashMap<ReplicaId, Timestamp>,
 }
 
 impl Tables {
@@ -244,6 +246,43 @@ impl Store for MemoryStore {
 
     fn changes(&self) -> Option<broadcast::Receiver<RowChange>> {
         Some(self.changes.subscribe())
+    }
+
+    async fn renew_lease(
+        &self,
+        replica: &ReplicaId,
+        until: Timestamp,
+    ) -> Result<LeaseRenewal, StoreError> {
+        Ok(
+            match write(&self.tables).leases.insert(replica.clone(), until) {
+                Some(_) => LeaseRenewal::Renewed,
+                None => LeaseRenewal::Started,
+            },
+        )
+    }
+
+    async fn expired_leases(
+        &self,
+        cutoff: Timestamp,
+    ) -> Result<Vec<(ReplicaId, Timestamp)>, StoreError> {
+        let t = read(&self.tables);
+        let mut expired: Vec<(ReplicaId, Timestamp)> = t
+            .leases
+            .iter()
+            .filter(|(_, until)| **until < cutoff)
+            .map(|(r, until)| (r.clone(), *until))
+            .collect();
+        expired.sort_by_key(|(r, until)| (*until, r.clone()));
+        Ok(expired)
+    }
+
+    async fn end_lease(&self, replica: &ReplicaId, until: Timestamp) -> Result<bool, StoreError> {
+        let mut t = write(&self.tables);
+        if t.leases.get(replica) == Some(&until) {
+            t.leases.remove(replica);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
     async fn touch(&self, names: &[LlmName], at: Timestamp) -> Result<usize, StoreError> {

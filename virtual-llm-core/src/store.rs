@@ -72,6 +72,20 @@ pub struct RowChange {
     pub pool: Option<LlmName>,
 }
 
+/// What [`Store::renew_lease`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum LeaseRenewal {
+    /// The replica held a lease, now extended.
+    Renewed,
+    /// The replica held no lease: it starts one. For a replica that held one before,
+    /// this means a peer found it expired and ended it (and demoted the replica's
+    /// rows): its channels are no longer trusted.
+    Started,
+    /// The store keeps no leases: it serves one process (a redb file), whose rows
+    /// its restart demotes.
+    Unsupported,
+}
+
 /// Persistence of the LLM registry.
 ///
 /// # Contract
@@ -103,6 +117,13 @@ pub struct RowChange {
 ///   never a lifecycle write); [`Store::flush`] persists them.
 /// - **Durability.** Once `write` returns `Ok`, the batch survives a crash of the process.
 /// - **Faithful round trip.** Every field comes back as written, `hibernating` included.
+/// - **Replica leases (optional).** A store that several gateway processes share keeps
+///   one lease per replica (SPEC §14): [`Store::renew_lease`] extends or starts it,
+///   [`Store::expired_leases`] lists the ones that ran out, and [`Store::end_lease`]
+///   ends one only if it was not renewed since it was read (a compare-and-set on its
+///   expiry), so that two replicas ending one lease at once demote its rows once and a
+///   replica that was only slow keeps its lease. A store for one process says
+///   [`LeaseRenewal::Unsupported`] (the defaults).
 /// - **Change feed (optional).** A store that several gateways share may report, through
 ///   [`Store::changes`], every row each committed batch inserted, updated or deleted,
 ///   whoever wrote it, after the batch is committed; a failed batch reports nothing.
@@ -166,6 +187,33 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// Persists anything held in memory (coalesced heartbeats).
     async fn flush(&self) -> Result<(), StoreError>;
 
+    /// Extends `replica`'s lease to `until`, or starts one; see [`LeaseRenewal`].
+    async fn renew_lease(
+        &self,
+        replica: &ReplicaId,
+        until: Timestamp,
+    ) -> Result<LeaseRenewal, StoreError> {
+        let _ = (replica, until);
+        Ok(LeaseRenewal::Unsupported)
+    }
+
+    /// The leases that ran out before `cutoff` (strictly), with the expiry each had,
+    /// oldest first.
+    async fn expired_leases(
+        &self,
+        cutoff: Timestamp,
+    ) -> Result<Vec<(ReplicaId, Timestamp)>, StoreError> {
+        let _ = cutoff;
+        Ok(Vec::new())
+    }
+
+    /// Ends `replica`'s lease if it still runs until `until` (nobody renewed it since
+    /// it was read); `true` when this call ended it.
+    async fn end_lease(&self, replica: &ReplicaId, until: Timestamp) -> Result<bool, StoreError> {
+        let _ = (replica, until);
+        Ok(false)
+    }
+
     /// A new subscription to the store's change feed: the rows every committed write
     /// changes from now on, by any writer. `None` (the default): the store has no
     /// feed, and readers that keep rows (the gateway's
@@ -228,6 +276,26 @@ macro_rules! forward_store {
             }
             async fn flush(&self) -> Result<(), StoreError> {
                 (**self).flush().await
+            }
+            async fn renew_lease(
+                &self,
+                replica: &ReplicaId,
+                until: Timestamp,
+            ) -> Result<LeaseRenewal, StoreError> {
+                (**self).renew_lease(replica, until).await
+            }
+            async fn expired_leases(
+                &self,
+                cutoff: Timestamp,
+            ) -> Result<Vec<(ReplicaId, Timestamp)>, StoreError> {
+                (**self).expired_leases(cutoff).await
+            }
+            async fn end_lease(
+                &self,
+                replica: &ReplicaId,
+                until: Timestamp,
+            ) -> Result<bool, StoreError> {
+                (**self).end_lease(replica, until).await
             }
             fn changes(&self) -> Option<broadcast::Receiver<RowChange>> {
                 (**self).changes()

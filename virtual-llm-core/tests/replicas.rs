@@ -165,6 +165,142 @@ mod lifecycle_across_replicas {
         assert_eq!(revived.last_heartbeat_at, Some(clock_now(&clock)));
     }
 
+    /// Two replicas sharing a store, a ManualClock and the in-memory plane; alice's
+    /// `llm` registered and bound on `a`, and `theirs` bound on `b`.
+    async fn leased() -> (
+        Arc<dyn Store>,
+        ManualClock,
+        Gateway,
+        Gateway,
+        (virtual_llm_core::Binding, FakeChannel),
+    ) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let clock = ManualClock::new(at(1_000));
+        let cluster = MemoryCluster::new();
+        let builder =
+            |store: &Arc<dyn Store>| Gateway::builder(store.clone()).clock(Arc::new(clock.clone()));
+        let a = cluster.join(builder(&store), id("gw-a")).await.unwrap();
+        let b = cluster.join(builder(&store), id("gw-b")).await.unwrap();
+        let mut theirs = record("theirs");
+        theirs.binding = Some(ChannelBinding {
+            replica: id("gw-b"),
+            epoch: 1,
+        });
+        store.write(vec![Write::Insert(theirs)]).await.unwrap();
+        let answer = a
+            .register(
+                &alice(),
+                RegisterRequest {
+                    agents: Vec::new(),
+                    provider_session_id: None,
+                    protocol_version: None,
+                    llms: vec![LlmSpec {
+                        name: name("llm"),
+                        provider_type: "openai".into(),
+                        model: "m".into(),
+                        tier: None,
+                        pool: None,
+                        max_concurrent: None,
+                        state: None,
+                    }],
+                },
+            )
+            .await
+            .unwrap();
+        let channel = FakeChannel::new();
+        let binding = a
+            .bind(
+                &alice(),
+                &answer.provider_session_id,
+                Arc::new(channel.clone()),
+            )
+            .await
+            .unwrap();
+        for gw in [&a, &b] {
+            let report = gw.lease_tick(false).await.unwrap();
+            assert_eq!(report.renewal, virtual_llm_core::LeaseRenewal::Started);
+        }
+        (store, clock, a, b, (binding, channel))
+    }
+
+    /// SPEC §14: when a replica stops renewing its lease (it died), a live replica's
+    /// lease tick takes the rows whose channels it held out of service once the lease
+    /// and the skew margin have passed — not before, and long before the heartbeat
+    /// timeout — and leaves its own rows alone. A second tick finds nothing to end.
+    #[tokio::test]
+    async fn a_dead_replicas_rows_go_inactive_when_its_lease_runs_out() {
+        let (store, clock, _a, b, _binding) = leased().await;
+        let config = Config::default();
+        // a dies now: it renews no more. Just before lease + skew: nothing happens.
+        clock.advance(config.lease + config.lease_skew);
+        let report = b.lease_tick(true).await.unwrap();
+        assert_eq!(report.renewal, virtual_llm_core::LeaseRenewal::Renewed);
+        assert!(report.ended.is_empty(), "not yet: {report:?}");
+        assert_eq!(
+            store.get(&name("llm")).await.unwrap().unwrap().status,
+            LlmStatus::Active
+        );
+        clock.advance(Duration::from_millis(1));
+        let report = b.lease_tick(true).await.unwrap();
+        assert_eq!(report.ended, [id("gw-a")]);
+        assert_eq!(report.demoted, 1);
+        let row = store.get(&name("llm")).await.unwrap().unwrap();
+        assert_eq!(row.status, LlmStatus::Inactive);
+        assert_eq!(row.binding, None, "a's channel is gone");
+        assert!(
+            config.lease + config.lease_skew < config.stale_after,
+            "sooner than the heartbeat timeout"
+        );
+        let theirs = store.get(&name("theirs")).await.unwrap().unwrap();
+        assert_eq!(theirs.status, LlmStatus::Active, "b's own row");
+        assert_eq!(theirs.binding.unwrap().replica, id("gw-b"));
+        let again = b.lease_tick(true).await.unwrap();
+        assert!(again.ended.is_empty() && again.demoted == 0, "{again:?}");
+    }
+
+    /// A replica that renews on time keeps its lease and its rows, however often its
+    /// peers look.
+    #[tokio::test]
+    async fn a_live_replica_keeps_its_lease() {
+        let (store, clock, a, b, _binding) = leased().await;
+        let config = Config::default();
+        for _ in 0..10 {
+            clock.advance(config.lease_renew);
+            assert!(!a.lease_tick(true).await.unwrap().lost);
+            assert!(b.lease_tick(true).await.unwrap().ended.is_empty());
+        }
+        assert_eq!(
+            store.get(&name("llm")).await.unwrap().unwrap().status,
+            LlmStatus::Active
+        );
+        assert_eq!(a.local_channels(), 1);
+    }
+
+    /// A replica that stalled past its lease (a peer ended it and demoted its rows)
+    /// learns it at its next renewal and closes its channels, so their publishers
+    /// reconnect and register again instead of serving rows that are out of service.
+    #[tokio::test]
+    async fn a_replica_that_lost_its_lease_closes_its_channels() {
+        let (_store, clock, a, b, (_binding, channel)) = leased().await;
+        let config = Config::default();
+        clock.advance(config.lease + config.lease_skew + Duration::from_secs(1));
+        assert_eq!(b.lease_tick(true).await.unwrap().ended, [id("gw-a")]);
+        assert!(channel.take().is_empty());
+        let report = a.lease_tick(true).await.unwrap();
+        assert_eq!(report.renewal, virtual_llm_core::LeaseRenewal::Started);
+        assert!(report.lost);
+        assert!(
+            matches!(
+                channel.take().as_slice(),
+                [virtual_llm_core::protocol::GatewayFrame::Closing(_)]
+            ),
+            "its channels are told to close"
+        );
+        // From then on it holds a lease again.
+        clock.advance(config.lease_renew);
+        assert!(!a.lease_tick(true).await.unwrap().lost);
+    }
+
     fn clock_now(clock: &ManualClock) -> Timestamp {
         use virtual_llm_core::Clock;
         clock.now()

@@ -105,6 +105,28 @@ impl Store for FailingStore {
         self.inner.get(name).await
     }
 
+    async fn renew_lease(
+        &self,
+        replica: &ReplicaId,
+        until: Timestamp,
+    ) -> Result<crate::LeaseRenewal, StoreError> {
+        self.check(&self.writes, "write")?;
+        self.inner.renew_lease(replica, until).await
+    }
+
+    async fn expired_leases(
+        &self,
+        cutoff: Timestamp,
+    ) -> Result<Vec<(ReplicaId, Timestamp)>, StoreError> {
+        self.check(&self.reads, "read")?;
+        self.inner.expired_leases(cutoff).await
+    }
+
+    async fn end_lease(&self, replica: &ReplicaId, until: Timestamp) -> Result<bool, StoreError> {
+        self.check(&self.writes, "write")?;
+        self.inner.end_lease(replica, until).await
+    }
+
     async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
         self.check(&self.reads, "read")?;
         self.inner.get_ignoring_case(name).await

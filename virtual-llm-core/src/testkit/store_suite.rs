@@ -8,7 +8,10 @@
 use futures::future::join_all;
 
 use crate::testkit::{at, record};
-use crate::{ChannelBinding, LlmKind, LlmStatus, ReplicaId, SessionId, Store, StoreError, Write};
+use crate::{
+    ChannelBinding, LeaseRenewal, LlmKind, LlmStatus, ReplicaId, SessionId, Store, StoreError,
+    Timestamp, Write,
+};
 
 /// The names of `rows`, in order, for readable assertions.
 fn names(rows: Vec<crate::LlmRecord>) -> Vec<String> {
@@ -149,6 +152,82 @@ pub async fn concurrent_lookalike_inserts_one_winner(store: &dyn Store) {
     let wins = results.iter().filter(|r| r.is_ok()).count();
     assert_eq!(wins, 1, "exactly one look-alike wins: {results:?}");
     assert_eq!(store.list().await.expect("list").len(), 1);
+}
+
+/// Replica leases (SPEC §14), for a store that keeps them: a first renewal starts a
+/// lease, later ones extend it; `expired_leases` lists those that ran out before a
+/// cutoff, oldest first; `end_lease` ends one only at the expiry it was read with (a
+/// renewal in between keeps it) and only once; an ended lease starts again. A store
+/// for one process (`LeaseRenewal::Unsupported`) lists and ends none.
+pub async fn leases_start_expire_and_end_once(store: &dyn Store) {
+    let (a, b) = (
+        ReplicaId::parse("gw-a").expect("id"),
+        ReplicaId::parse("gw-b").expect("id"),
+    );
+    let first = store.renew_lease(&a, at(10_000)).await.expect("renew");
+    if first == LeaseRenewal::Unsupported {
+        assert!(
+            store
+                .expired_leases(Timestamp::MAX)
+                .await
+                .expect("expired")
+                .is_empty()
+        );
+        assert!(!store.end_lease(&a, at(10_000)).await.expect("end"));
+        return;
+    }
+    assert_eq!(first, LeaseRenewal::Started);
+    assert_eq!(
+        store.renew_lease(&a, at(15_000)).await.expect("renew"),
+        LeaseRenewal::Renewed
+    );
+    assert_eq!(
+        store.renew_lease(&b, at(12_000)).await.expect("renew"),
+        LeaseRenewal::Started
+    );
+    assert!(
+        store
+            .expired_leases(at(12_000))
+            .await
+            .expect("expired")
+            .is_empty(),
+        "strictly before"
+    );
+    assert_eq!(
+        store.expired_leases(at(20_000)).await.expect("expired"),
+        [(b.clone(), at(12_000)), (a.clone(), at(15_000))],
+        "oldest first"
+    );
+    // a renews after a peer read its lease: the peer's end is refused.
+    assert_eq!(
+        store.renew_lease(&a, at(25_000)).await.expect("renew"),
+        LeaseRenewal::Renewed
+    );
+    assert!(
+        !store.end_lease(&a, at(15_000)).await.expect("end"),
+        "renewed since"
+    );
+    // Two peers ending b's lease at once: one does.
+    let ends = join_all([
+        store.end_lease(&b, at(12_000)),
+        store.end_lease(&b, at(12_000)),
+    ])
+    .await;
+    assert_eq!(
+        ends.iter().filter(|e| matches!(e, Ok(true))).count(),
+        1,
+        "{ends:?}"
+    );
+    assert_eq!(
+        store.expired_leases(at(20_000)).await.expect("expired"),
+        [],
+        "b's lease ended, a's runs"
+    );
+    assert_eq!(
+        store.renew_lease(&b, at(30_000)).await.expect("renew"),
+        LeaseRenewal::Started,
+        "b learns its lease was ended"
+    );
 }
 
 /// An update must name the current revision; it then bumps it. A stale one conflicts.
@@ -1121,6 +1200,7 @@ macro_rules! store_conformance_tests {
             bound_to_follows_bindings,
             by_pool_follows_pool_keys,
             the_change_feed_reports_committed_writes,
+            leases_start_expire_and_end_once,
             stale_virtuals_uses_heartbeat_cutoff,
             expired_inactives_uses_inactive_since,
             lifecycle_indexes_follow_status_changes,
