@@ -441,10 +441,11 @@ pub async fn a_webhook_wakes_a_host_whose_publisher_connects_afterwards(
 /// gateway; or, with a second argument (a [`Plane`](crate::testkit::Plane)), on two
 /// replicas linked by it, publishers on one and clients on the other.
 ///
-/// On two replicas, the cases where requests wait on one replica for a row that wakes
-/// (or fails to) through the other are stamped `#[ignore]`: the core does not yet tell
-/// a replica's admission queue of another replica's row changes or wake failures
-/// (`cargo test -- --ignored` runs them).
+/// On two replicas, requests waiting on one replica hear of a row that wakes or
+/// starts serving through the other from the store's change feed. The case of a wake
+/// that fails through the other replica is stamped `#[ignore]`: a wake failure is not
+/// a row change, and the core does not yet carry it across replicas (`cargo test --
+/// --ignored` runs it).
 ///
 /// ```no_run
 /// mod sse_wake {
@@ -483,14 +484,11 @@ macro_rules! __wake_suite_cases {
     ($transport:expr, $plane:expr, replicas) => {
         $crate::__wake_suite_cases!(@cases $transport, $plane;
             readiness_moves_a_row_down_up_and_down,
-            #[ignore = "a known gap: a replica's queued requests never hear of a wake that ends on another replica (wake_timeout)"]
             five_requests_share_one_wake_and_one_recipe_run,
-            #[ignore = "a known gap: a replica's queued requests never hear of a wake that ends on another replica (wake_timeout)"]
             an_idle_llm_sleeps_and_a_request_wakes_it_again,
             #[ignore = "a known gap: a wakeFailed heard on another replica fails neither this replica's waiters nor starts its cooldown"]
             a_failing_wake_recipe_fails_the_waiters_and_holds_off_wakes,
             a_wake_that_outlasts_the_wake_wait_is_503_wake_timeout,
-            #[ignore = "a known gap: a replica's queued requests never hear of a row that starts serving on another replica (wake_timeout)"]
             a_webhook_wakes_a_host_whose_publisher_connects_afterwards,
         );
     };

@@ -215,6 +215,7 @@ impl GatewayBuilder {
                 changes: tokio::sync::watch::Sender::new(0),
             }),
         };
+        gateway.follow_changes();
         let demoted = gateway.recover().await?;
         if demoted > 0 {
             tracing::info!(
