@@ -64,7 +64,7 @@ use recipes::{RecipeConfig, recipe};
 use serde::Deserialize;
 use virtual_llm::openai::{OpenAiCatalog, OpenAiProvider, OpenAiUpstream};
 use virtual_llm::protocol::{AgentSpec, LlmSpec, MAX_CONCURRENT};
-use virtual_llm::publisher::{Catalog, PublisherState, Wire};
+use virtual_llm::publisher::{Catalog, FailoverWire, PublisherState, Wire};
 use virtual_llm::sse::SseWire;
 use virtual_llm::{
     EchoProvider, Error, LlmName, PublishedLlm, Publisher, PublisherOptions, SessionFileError,
@@ -74,9 +74,11 @@ use virtual_llm::{
 #[derive(Parser, Debug)]
 #[command(name = env!("CARGO_BIN_NAME"), about = "virtual-llm reference publisher", version)]
 struct Args {
-    /// The gateway's URL.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    gateway: String,
+    /// The gateway's URL. Several gateway replicas: repeat the flag or separate the
+    /// URLs with commas; the publisher connects through the first it reaches and moves
+    /// on to the next when the one it uses cannot be reached.
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_delimiter = ',', num_args = 1..)]
+    gateway: Vec<String>,
     /// Bearer token with the publisher role.
     #[arg(long, env = "VIRTUAL_LLM_TOKEN")]
     token: Option<String>,
@@ -271,12 +273,17 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     }
     let names: Vec<String> = llms.iter().map(|l| l.spec.name.to_string()).collect();
     let agent_names: Vec<String> = agents.iter().map(|a| a.name.to_string()).collect();
-    let wire: Arc<dyn Wire> = match args.transport {
-        Transport::Sse => Arc::new(SseWire::new(&args.gateway, args.token.clone())?),
-        Transport::Ws => Arc::new(virtual_llm::ws::WsWire::new(
-            &args.gateway,
-            args.token.clone(),
-        )?),
+    let mut wires = Vec::with_capacity(args.gateway.len());
+    for url in &args.gateway {
+        let wire: Arc<dyn Wire> = match args.transport {
+            Transport::Sse => Arc::new(SseWire::new(url, args.token.clone())?),
+            Transport::Ws => Arc::new(virtual_llm::ws::WsWire::new(url, args.token.clone())?),
+        };
+        wires.push(wire);
+    }
+    let wire: Arc<dyn Wire> = match wires.len() {
+        1 => wires.remove(0),
+        _ => Arc::new(FailoverWire::new(wires).ok_or("--gateway names no gateway")?),
     };
     // The gateway sends each LLM at most its maxConcurrent: this many never wait here
     // (discovered models: as many as their number at start, and never fewer than 32).
@@ -304,7 +311,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         None => Publisher::spawn(wire, llms, options),
     };
     let mut state = publisher.state();
-    tracing::info!(gateway = %args.gateway, llms = ?names, agents = ?agent_names, "publishing");
+    tracing::info!(gateway = %args.gateway.join(","), llms = ?names, agents = ?agent_names, "publishing");
     loop {
         tokio::select! {
             () = common::shutdown_signal() => break,

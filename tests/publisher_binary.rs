@@ -821,3 +821,38 @@ async fn discover_publishes_what_the_upstream_lists_and_follows_it() {
         publisher.log()
     );
 }
+
+/// `--gateway` takes several gateways (SPEC §14), comma-separated or repeated: with
+/// the first unreachable, the publisher publishes through the next at once, on both
+/// transports, and says it moved on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_given_several_gateways_publishes_through_one_it_reaches() {
+    let dir = temp_dir();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let _gateway = GatewayProcess::start(addr, &dir.0.join("data"));
+    ready(&url).await;
+    let down = format!("http://{}", free_addr());
+    for (transport, model) in [("sse", "via-sse"), ("ws", "via-ws")] {
+        let gateways = format!("{down},{url}");
+        let publisher = PublisherProcess::start(
+            &gateways,
+            transport,
+            &dir.0.join(format!("session-{transport}")),
+            &["--echo", model],
+        );
+        poll_until("the row is active", Duration::from_secs(20), || async {
+            try_row(&url, model)
+                .await
+                .is_some_and(|r| r["status"] == "active")
+        })
+        .await;
+        let (status, body) = echo(&url, model, "hello").await;
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            !publisher.lines_with("trying the next one").is_empty(),
+            "{:?}",
+            publisher.log()
+        );
+    }
+}

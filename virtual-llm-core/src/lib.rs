@@ -51,6 +51,7 @@ pub mod config;
 mod directory;
 mod echo;
 pub mod error;
+mod failover;
 mod feed;
 mod gateway;
 mod gc;

@@ -18,6 +18,7 @@
 //! NDJSON and reads an event stream; the WebSocket transport does both on one socket.
 //! Everything in this file is the same for both.
 
+pub use crate::failover::FailoverWire;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::PathBuf;

@@ -1179,3 +1179,104 @@ async fn an_idle_time_past_the_end_of_time_never_comes() {
     assert_eq!((forever.runs(), short.runs()), (0, 1));
     h.publisher.stop().await;
 }
+
+/// A gateway that cannot be reached, or that refuses: counts the connects it saw.
+#[derive(Debug, Default)]
+struct Unreachable {
+    calls: AtomicUsize,
+    refuse: bool,
+}
+
+#[async_trait]
+impl Wire for Unreachable {
+    async fn connect(&self, _request: RegisterRequest) -> Result<Connected, WireError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.refuse {
+            return Err(WireError::Refused {
+                status: 403,
+                message: "no".into(),
+            });
+        }
+        Err(WireError::Connection("connection refused".into()))
+    }
+}
+
+/// `publisher --gateway A,B` (SPEC §14): a publisher whose first gateway is down
+/// publishes through the next one at once, keeps using it (the one that worked is
+/// tried first), and serves through it.
+#[tokio::test]
+async fn a_failover_wire_publishes_through_the_next_gateway() {
+    use virtual_llm_core::publisher::FailoverWire;
+
+    let f = fixture().await;
+    let down = Arc::new(Unreachable::default());
+    let wire = Arc::new(
+        FailoverWire::new(vec![
+            down.clone(),
+            Arc::new(LoopbackWire::new(f.gw.clone(), publisher("alice"))),
+        ])
+        .unwrap(),
+    );
+    let p = Publisher::spawn(
+        wire.clone(),
+        published(&["echo"], Arc::new(EchoProvider::new())),
+        PublisherOptions::default(),
+    );
+    p.connected().await;
+    assert_eq!(down.calls.load(Ordering::SeqCst), 1, "tried first, once");
+    assert_eq!(wire.current(), 1, "the gateway that worked");
+    let answer =
+        f.gw.infer(&client(), chat("echo", "hi", false))
+            .await
+            .unwrap();
+    assert_eq!(text_of(answer).await, "hi");
+    p.stop().await;
+    assert!(FailoverWire::new(Vec::new()).is_none(), "no gateway at all");
+}
+
+/// A refusal is the shared registry's answer, the same on every replica: the wire
+/// returns it without trying the other gateways; a connection failure on every
+/// gateway is returned after each was tried once.
+#[tokio::test]
+async fn a_failover_wire_moves_on_only_when_a_gateway_is_unreachable() {
+    use virtual_llm_core::publisher::FailoverWire;
+
+    let request = || RegisterRequest {
+        agents: Vec::new(),
+        provider_session_id: None,
+        protocol_version: None,
+        llms: Vec::new(),
+    };
+    let refusing = Arc::new(Unreachable {
+        refuse: true,
+        ..Unreachable::default()
+    });
+    let other = Arc::new(Unreachable::default());
+    let wire = FailoverWire::new(vec![refusing.clone(), other.clone()]).unwrap();
+    let err = wire.connect(request()).await.unwrap_err();
+    assert!(
+        matches!(err, WireError::Refused { status: 403, .. }),
+        "{err:?}"
+    );
+    assert_eq!(other.calls.load(Ordering::SeqCst), 0, "not tried");
+
+    let (a, b) = (
+        Arc::new(Unreachable::default()),
+        Arc::new(Unreachable::default()),
+    );
+    let wire = FailoverWire::new(vec![a.clone(), b.clone()]).unwrap();
+    let err = wire.connect(request()).await.unwrap_err();
+    assert!(matches!(err, WireError::Connection(_)), "{err:?}");
+    assert_eq!(
+        (
+            a.calls.load(Ordering::SeqCst),
+            b.calls.load(Ordering::SeqCst)
+        ),
+        (1, 1)
+    );
+    assert_eq!(
+        wire.current(),
+        1,
+        "the next round starts with the next gateway"
+    );
+}
