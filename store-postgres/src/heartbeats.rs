@@ -168,10 +168,13 @@ impl Heartbeats {
                     self.written.fetch_add(names.len() as u64, Relaxed);
                     return Ok(rows.iter().map(|r| r.get::<_, String>(0)).collect());
                 }
-                Err(e)
-                    if attempt < 3
-                        && (Error::is_connection_lost(&e) || Error::is_transient(&e)) =>
-                {
+                Err(e) if Error::is_connection_lost(&e) || Error::is_transient(&e) => {
+                    // The connection may not know yet that it is gone: never give it
+                    // back to the pool.
+                    drop(deadpool_postgres::Object::take(client));
+                    if attempt >= 3 {
+                        return Err(Error::from_pg(context, e));
+                    }
                     tracing::debug!(error = %e, "a heartbeat flush failed; running it again");
                 }
                 Err(e) => return Err(Error::from_pg(context, e)),

@@ -238,7 +238,13 @@ impl PgStore {
             .await;
             match rows {
                 Ok(rows) => return rows.iter().map(decode).collect(),
-                Err(e) if attempt == 1 && Error::is_connection_lost(&e) => {
+                Err(e) if Error::is_connection_lost(&e) => {
+                    // The connection may not know yet that it is gone: never give it
+                    // back to the pool.
+                    drop(deadpool_postgres::Object::take(client));
+                    if attempt > 1 {
+                        return Err(Error::from_pg(context, e));
+                    }
                     tracing::debug!(error = %e, "a registry read lost its connection; reading again");
                     self.retried();
                 }
@@ -247,10 +253,30 @@ impl PgStore {
         }
     }
 
-    /// One attempt at a batch, in one transaction.
+    /// One attempt at a batch, on a pooled connection; a connection the attempt
+    /// failed on is not given back to the pool (it may not know yet that it is gone).
     async fn write_once(&self, batch: &[Write]) -> Result<Vec<LlmRecord>, Attempt> {
+        let mut client = self
+            .client("writing a batch")
+            .await
+            .map_err(Attempt::Failed)?;
+        let result = Self::transaction(&mut client, batch).await;
+        if let Err(
+            Attempt::Retry(_)
+            | Attempt::Failed(Error::Unavailable { .. } | Error::OutcomeUnknown { .. }),
+        ) = &result
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+        result
+    }
+
+    /// A batch in one transaction.
+    async fn transaction(
+        client: &mut deadpool_postgres::Client,
+        batch: &[Write],
+    ) -> Result<Vec<LlmRecord>, Attempt> {
         let context = "writing a batch";
-        let mut client = self.client(context).await.map_err(Attempt::Failed)?;
         let before_commit = |e| Attempt::classify(context, e, false);
         let tx = client.transaction().await.map_err(before_commit)?;
 
