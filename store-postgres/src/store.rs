@@ -318,6 +318,7 @@ impl PgStore {
         }
 
         // Apply in name order (the order every lock is taken in); answer in batch order.
+        // The statements are pipelined: all sent at once, answered in order.
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by(|a, b| batch[*a].name().cmp(batch[*b].name()));
         let (insert, update, delete) = (
@@ -325,54 +326,58 @@ impl PgStore {
             tx.prepare_cached(UPDATE).await.map_err(before_commit)?,
             tx.prepare_cached(DELETE).await.map_err(before_commit)?,
         );
-        let mut stored: Vec<Option<LlmRecord>> = vec![None; batch.len()];
-        for i in order {
-            let w = &batch[i];
-            let hit = match w {
-                Write::Insert(r) => {
-                    let c = Columns::of(r).map_err(Attempt::Failed)?;
-                    let row = tx
-                        .query_opt(&insert, &c.params())
-                        .await
-                        .map_err(before_commit)?;
-                    row.map(|_| {
-                        let mut r = r.clone();
-                        r.revision = 1;
-                        stored[i] = Some(r);
-                    })
+        let mut columns = Vec::with_capacity(order.len());
+        for &i in &order {
+            columns.push(match &batch[i] {
+                Write::Insert(r) | Write::Update(r) => {
+                    Some(Columns::of(r).map_err(Attempt::Failed)?)
                 }
-                Write::Update(r) => {
-                    let c = Columns::of(r).map_err(Attempt::Failed)?;
-                    let expected = i64::try_from(r.revision).unwrap_or(i64::MAX);
-                    let mut params: Vec<&(dyn ToSql + Sync)> = c.params().to_vec();
-                    params.push(&expected);
-                    let row = tx
-                        .query_opt(&update, &params)
-                        .await
-                        .map_err(before_commit)?;
-                    match row {
-                        Some(row) => {
-                            let mut r = r.clone();
-                            r.revision = codec::revision(row.get(0), r.name.as_str())
-                                .map_err(Attempt::Failed)?;
-                            stored[i] = Some(r);
-                            Some(())
-                        }
-                        None => None,
+                Write::Delete { .. } => None,
+            });
+        }
+        let expected: Vec<i64> = order
+            .iter()
+            .map(|&i| match &batch[i] {
+                Write::Insert(_) => 0,
+                // A revision past bigint is stored nowhere: the statement finds no row.
+                Write::Update(r) => i64::try_from(r.revision).unwrap_or(-1),
+                Write::Delete { revision, .. } => i64::try_from(*revision).unwrap_or(-1),
+            })
+            .collect();
+        let statements = order.iter().enumerate().map(|(k, &i)| {
+            let (tx, columns, expected) = (&tx, &columns[k], &expected[k]);
+            let (insert, update, delete) = (&insert, &update, &delete);
+            async move {
+                match (&batch[i], columns) {
+                    (Write::Insert(_), Some(c)) => tx.query_opt(insert, &c.params()).await,
+                    (Write::Update(_), Some(c)) => {
+                        let mut params: Vec<&(dyn ToSql + Sync)> = c.params().to_vec();
+                        params.push(expected);
+                        tx.query_opt(update, &params).await
                     }
+                    (Write::Delete { name, id, .. }, _) => {
+                        tx.query_opt(delete, &[&name.as_str(), &id.as_str(), expected])
+                            .await
+                    }
+                    // Columns are made for every insert and update above.
+                    (Write::Insert(_) | Write::Update(_), None) => Ok(None),
                 }
-                Write::Delete { name, id, revision } => {
-                    let expected = i64::try_from(*revision).unwrap_or(i64::MAX);
-                    tx.query_opt(&delete, &[&name.as_str(), &id.as_str(), &expected])
-                        .await
-                        .map_err(before_commit)?
-                        .map(|_| ())
-                }
-            };
-            if hit.is_none() {
+            }
+        });
+        let answers = futures::future::join_all(statements).await;
+        let mut stored: Vec<Option<LlmRecord>> = vec![None; batch.len()];
+        for (&i, answer) in order.iter().zip(answers) {
+            let w = &batch[i];
+            let Some(row) = answer.map_err(before_commit)? else {
                 // A row appeared or changed since it was locked (an insert racing
                 // this one committed first).
                 return Err(Attempt::Failed(Error::Conflict(w.name().to_string())));
+            };
+            if let Write::Insert(r) | Write::Update(r) = w {
+                let mut r = r.clone();
+                r.revision =
+                    codec::revision(row.get(0), r.name.as_str()).map_err(Attempt::Failed)?;
+                stored[i] = Some(r);
             }
         }
 
