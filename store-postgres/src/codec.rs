@@ -24,7 +24,6 @@ use virtual_llm_core::{
 
 use crate::error::Error;
 
-
 /// The columns a read selects, in the order [`decode`] reads them.
 pub(crate) const SELECT: &str = "SELECT name, id, revision, kind, status, provider_type, \
      model, tier, owner, session, heartbeat_ms, inactive_since_ms, created_ms, updated_ms, \
@@ -126,7 +125,9 @@ impl Columns {
             .as_ref()
             .map(serde_json::to_value)
             .transpose()
-            .map_err(|e| Error::Invalid(format!("the persona of row {name} does not encode: {e}")))?;
+            .map_err(|e| {
+                Error::Invalid(format!("the persona of row {name} does not encode: {e}"))
+            })?;
         Ok(Columns {
             name: name.to_string(),
             id: id.as_str().to_owned(),
@@ -325,7 +326,11 @@ mod tests {
         r.last_heartbeat_at = None;
         let c = Columns::of(&r).unwrap();
         assert_eq!(c.pool_key, "llama");
-        assert_eq!(c.live_ms, Some(0), "a live row without a heartbeat is the epoch");
+        assert_eq!(
+            c.live_ms,
+            Some(0),
+            "a live row without a heartbeat is the epoch"
+        );
         assert_eq!(c.inactive_ms, None);
         r.status = LlmStatus::Inactive;
         r.inactive_since = Some(at(7));

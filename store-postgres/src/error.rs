@@ -168,7 +168,9 @@ mod tests {
         });
         assert!(matches!(unknown, StoreError::Unavailable { .. }));
         assert!(
-            unknown.to_string().contains("may or may not have been written"),
+            unknown
+                .to_string()
+                .contains("may or may not have been written"),
             "{unknown}"
         );
         assert!(matches!(

@@ -211,7 +211,11 @@ async fn run(
 }
 
 /// Waits until the listening connection is lost (`false`) or the feed stops (`true`).
-async fn watch(client: &tokio_postgres::Client, mut pump: JoinHandle<String>, stop: &Notify) -> bool {
+async fn watch(
+    client: &tokio_postgres::Client,
+    mut pump: JoinHandle<String>,
+    stop: &Notify,
+) -> bool {
     let mut ping = tokio::time::interval(PING_EVERY);
     ping.reset();
     loop {

@@ -135,7 +135,12 @@ impl Heartbeats {
         for w in waiters {
             let answer = result
                 .as_ref()
-                .map(|found| w.names.iter().filter(|n| found.contains(n.as_str())).count())
+                .map(|found| {
+                    w.names
+                        .iter()
+                        .filter(|n| found.contains(n.as_str()))
+                        .count()
+                })
                 .map_err(Clone::clone);
             // A touch that stopped waiting (its caller went away) needs no answer.
             let _ = w.reply.send(answer);

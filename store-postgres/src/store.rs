@@ -297,7 +297,9 @@ impl PgStore {
         for row in tx.query(&lock, &[&lowered]).await.map_err(before_commit)? {
             let name: String = row.get(0);
             let id = virtual_llm_core::LlmId::parse(row.get::<_, &str>(1)).map_err(|e| {
-                Attempt::Failed(Error::Corrupted(format!("row {name:?} has an invalid id: {e}")))
+                Attempt::Failed(Error::Corrupted(format!(
+                    "row {name:?} has an invalid id: {e}"
+                )))
             })?;
             let revision = codec::revision(row.get(2), &name).map_err(Attempt::Failed)?;
             folded.insert(name.to_ascii_lowercase(), name.clone());

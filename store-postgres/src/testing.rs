@@ -75,7 +75,7 @@ fn find_binaries() -> Result<Binaries, ServerError> {
             Some((v, e.path().join("bin")))
         })
         .collect();
-    versions.sort_by(|a, b| b.0.cmp(&a.0));
+    versions.sort_by_key(|v| std::cmp::Reverse(v.0));
     versions
         .into_iter()
         .map(|(_, bin)| Binaries {
@@ -444,7 +444,7 @@ pub fn shared() -> Option<&'static PgServer> {
     }
 }
 
-/// A new, empty database on the [shared](shared) server: its URL, or `None` when
+/// A new, empty database on the [`shared`] server: its URL, or `None` when
 /// PostgreSQL is missing (see [`available`]).
 pub async fn fresh_database() -> Option<String> {
     let server = shared()?;

@@ -61,7 +61,10 @@ async fn a_server_restart_fails_calls_clearly_then_the_store_recovers() {
         .write(vec![Write::Insert(record("during"))])
         .await
         .expect_err("the server is down");
-    assert!(matches!(err, StoreError::Unavailable { .. }), "not a conflict: {err:?}");
+    assert!(
+        matches!(err, StoreError::Unavailable { .. }),
+        "not a conflict: {err:?}"
+    );
     let err = store
         .touch(std::slice::from_ref(&row.name), at(5))
         .await
@@ -75,28 +78,48 @@ async fn a_server_restart_fails_calls_clearly_then_the_store_recovers() {
 
     server.restart().unwrap();
     assert_eq!(store.get(&row.name).await.unwrap(), Some(row.clone()));
-    assert_eq!(store.get(&name("during")).await.unwrap(), None, "the failed write wrote nothing");
+    assert_eq!(
+        store.get(&name("during")).await.unwrap(),
+        None,
+        "the failed write wrote nothing"
+    );
     store
         .write(vec![Write::Insert(record("after"))])
         .await
         .unwrap();
-    assert_eq!(store.touch(std::slice::from_ref(&row.name), at(9)).await.unwrap(), 1);
     assert_eq!(
-        store.get(&row.name).await.unwrap().unwrap().last_heartbeat_at,
+        store
+            .touch(std::slice::from_ref(&row.name), at(9))
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        store
+            .get(&row.name)
+            .await
+            .unwrap()
+            .unwrap()
+            .last_heartbeat_at,
         Some(at(9))
     );
     // The feed listens again: a later write of another replica is reported.
-    eventually(20, "the feed listens again", async || store.stats().feed_resets >= 2).await;
+    eventually(20, "the feed listens again", async || {
+        store.stats().feed_resets >= 2
+    })
+    .await;
     let other = PgStore::connect(&url).await.unwrap();
     other
         .write(vec![Write::Insert(record("heard"))])
         .await
         .unwrap();
-    eventually(10, "the write is heard", async || loop {
-        match feed.try_recv() {
-            Ok(c) if c.name.as_str() == "heard" => return true,
-            Ok(_) | Err(TryRecvError::Lagged(_)) => {}
-            Err(_) => return false,
+    eventually(10, "the write is heard", async || {
+        loop {
+            match feed.try_recv() {
+                Ok(c) if c.name.as_str() == "heard" => return true,
+                Ok(_) | Err(TryRecvError::Lagged(_)) => {}
+                Err(_) => return false,
+            }
         }
     })
     .await;
@@ -117,7 +140,11 @@ async fn a_server_crash_keeps_every_committed_batch() {
     }
     let mut updated = written[7].clone();
     updated.model = "changed".into();
-    written[7] = store.write(vec![Write::Update(updated)]).await.unwrap().remove(0);
+    written[7] = store
+        .write(vec![Write::Update(updated)])
+        .await
+        .unwrap()
+        .remove(0);
     server.stop(StopMode::Immediate);
     server.restart().unwrap();
     written.sort_by(|a, b| a.name.cmp(&b.name));
@@ -140,7 +167,10 @@ async fn connections_killed_under_the_store_are_replaced() {
         .await
         .unwrap()
         .remove(0);
-    store.touch(std::slice::from_ref(&row.name), at(1)).await.unwrap();
+    store
+        .touch(std::slice::from_ref(&row.name), at(1))
+        .await
+        .unwrap();
     let admin = sql(&server.url("postgres")).await;
     let kill = format!(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
@@ -148,14 +178,23 @@ async fn connections_killed_under_the_store_are_replaced() {
         url.rsplit('/').next().unwrap().split('?').next().unwrap()
     );
     let killed: i64 = admin.query_one(&kill, &[]).await.unwrap().get(0);
-    assert!(killed >= 3, "the pool's, the heartbeats' and the feed's: {killed}");
+    assert!(
+        killed >= 3,
+        "the pool's, the heartbeats' and the feed's: {killed}"
+    );
     // Each call runs on a fresh connection, or again on one when its own turns out
     // to be gone: none of this reaches the caller. Killed again before every kind of
     // call, a few times over (whether the pool or the retry notices first is a race).
     for i in 0..5 {
         assert_eq!(store.get(&row.name).await.unwrap().unwrap().id, row.id);
         admin.query_one(&kill, &[]).await.unwrap();
-        assert_eq!(store.touch(std::slice::from_ref(&row.name), at(2 + i)).await.unwrap(), 1);
+        assert_eq!(
+            store
+                .touch(std::slice::from_ref(&row.name), at(2 + i))
+                .await
+                .unwrap(),
+            1
+        );
         admin.query_one(&kill, &[]).await.unwrap();
         let mut update = store.get(&row.name).await.unwrap().unwrap();
         admin.query_one(&kill, &[]).await.unwrap();
@@ -166,5 +205,8 @@ async fn connections_killed_under_the_store_are_replaced() {
     let last = store.get(&row.name).await.unwrap().unwrap();
     assert_eq!((last.model.as_str(), last.revision), ("after-4", 6));
     assert_eq!(last.last_heartbeat_at, Some(at(6)));
-    eventually(20, "the feed reconnects", async || store.stats().feed_resets >= 2).await;
+    eventually(20, "the feed reconnects", async || {
+        store.stats().feed_resets >= 2
+    })
+    .await;
 }

@@ -22,10 +22,16 @@ async fn a_name_differing_only_in_case_conflicts() {
         return;
     }
     let store = TempStore::new().await;
-    store.write(vec![Write::Insert(record("alpha"))]).await.unwrap();
+    store
+        .write(vec![Write::Insert(record("alpha"))])
+        .await
+        .unwrap();
     for clash in ["Alpha", "ALPHA", "aLpHa"] {
         let err = store
-            .write(vec![Write::Insert(record("beta")), Write::Insert(record(clash))])
+            .write(vec![
+                Write::Insert(record("beta")),
+                Write::Insert(record(clash)),
+            ])
             .await
             .expect_err(clash);
         assert!(
@@ -33,8 +39,16 @@ async fn a_name_differing_only_in_case_conflicts() {
             "{clash}: {err:?}"
         );
     }
-    assert_eq!(store.get(&name("beta")).await.unwrap(), None, "the batch wrote nothing");
-    assert_eq!(store.get(&name("Alpha")).await.unwrap(), None, "get is exact");
+    assert_eq!(
+        store.get(&name("beta")).await.unwrap(),
+        None,
+        "the batch wrote nothing"
+    );
+    assert_eq!(
+        store.get(&name("Alpha")).await.unwrap(),
+        None,
+        "get is exact"
+    );
     assert!(store.get(&name("alpha")).await.unwrap().is_some());
     // Once the row is gone, the name is free in any case.
     let alpha = store.get(&name("alpha")).await.unwrap().unwrap();
@@ -46,7 +60,10 @@ async fn a_name_differing_only_in_case_conflicts() {
         }])
         .await
         .unwrap();
-    store.write(vec![Write::Insert(record("ALPHA"))]).await.unwrap();
+    store
+        .write(vec![Write::Insert(record("ALPHA"))])
+        .await
+        .unwrap();
     assert_eq!(
         store
             .list()
@@ -131,7 +148,13 @@ async fn a_value_postgres_cannot_hold_is_an_invalid_batch() {
         .await
         .expect_err("a timestamp past bigint");
     assert!(matches!(err, StoreError::InvalidBatch { .. }), "{err:?}");
-    assert!(store.list().await.unwrap().is_empty(), "nothing was written");
+    assert!(
+        store.list().await.unwrap().is_empty(),
+        "nothing was written"
+    );
     // The store goes on as before.
-    store.write(vec![Write::Insert(record("fine"))]).await.unwrap();
+    store
+        .write(vec![Write::Insert(record("fine"))])
+        .await
+        .unwrap();
 }

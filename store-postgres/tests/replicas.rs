@@ -22,7 +22,9 @@ fn name(s: &str) -> LlmName {
 }
 
 /// The next change on `feed`, within 10 s (a bound for a broken feed, not a delay).
-async fn next(feed: &mut tokio::sync::broadcast::Receiver<RowChange>) -> Result<RowChange, RecvError> {
+async fn next(
+    feed: &mut tokio::sync::broadcast::Receiver<RowChange>,
+) -> Result<RowChange, RecvError> {
     tokio::time::timeout(Duration::from_secs(10), feed.recv())
         .await
         .expect("a change within 10 s")
@@ -101,9 +103,14 @@ async fn heartbeats_are_coalesced_and_read_at_once_by_every_replica() {
     let a = TempStore::new().await;
     let b = a.replica().await;
     let names: Vec<LlmName> = (0..200).map(|i| name(&format!("row-{i}"))).collect();
-    a.write(names.iter().map(|n| Write::Insert(record(n.as_str()))).collect())
-        .await
-        .unwrap();
+    a.write(
+        names
+            .iter()
+            .map(|n| Write::Insert(record(n.as_str())))
+            .collect(),
+    )
+    .await
+    .unwrap();
     let before = a.stats();
     // 200 publishers heartbeat at once, plus one for a row that does not exist.
     let ghost = [name("ghost")];
@@ -116,7 +123,11 @@ async fn heartbeats_are_coalesced_and_read_at_once_by_every_replica() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    assert_eq!(counts.iter().sum::<usize>(), 200, "only rows that exist count");
+    assert_eq!(
+        counts.iter().sum::<usize>(),
+        200,
+        "only rows that exist count"
+    );
     let after = a.stats();
     let flushes = after.heartbeat_flushes - before.heartbeat_flushes;
     assert!(

@@ -25,7 +25,10 @@ async fn a_new_database_gets_the_current_schema_once() {
     }
     let db = sql(&url).await;
     let versions: Vec<i32> = db
-        .query("SELECT version FROM virtual_llm_schema ORDER BY version", &[])
+        .query(
+            "SELECT version FROM virtual_llm_schema ORDER BY version",
+            &[],
+        )
         .await
         .unwrap()
         .iter()
@@ -39,7 +42,11 @@ async fn a_new_database_gets_the_current_schema_once() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(count, i64::from(SCHEMA_VERSION), "connecting again applies nothing");
+    assert_eq!(
+        count,
+        i64::from(SCHEMA_VERSION),
+        "connecting again applies nothing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -58,7 +65,9 @@ async fn a_newer_schema_is_refused_untouched() {
     db.batch_execute("ALTER TABLE virtual_llm_rows ADD COLUMN future text")
         .await
         .unwrap();
-    let err = PgStore::connect(&store.url).await.expect_err("a newer schema");
+    let err = PgStore::connect(&store.url)
+        .await
+        .expect_err("a newer schema");
     match &err {
         StoreError::Incompatible { message } => {
             assert!(
@@ -93,7 +102,9 @@ async fn an_unreachable_database_is_a_clear_unavailable() {
     assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
     let text = err.to_string();
     assert!(text.contains("connecting to PostgreSQL"), "{text}");
-    let err = PgStore::connect("postgres://[::1").await.expect_err("bad URL");
+    let err = PgStore::connect("postgres://[::1")
+        .await
+        .expect_err("bad URL");
     assert!(err.to_string().contains("URL"), "{err}");
 }
 
