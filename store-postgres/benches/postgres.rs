@@ -333,6 +333,38 @@ fn gc_sweep(c: &mut Criterion) {
         "gc_sweep/postgres: built {TOTAL} rows in {:.1} s (not timed)",
         built.elapsed().as_secs_f64()
     );
+    let mut reads = Vec::new();
+    for _ in 0..20 {
+        let started = Instant::now();
+        let stale = rt.block_on(store.stale_virtuals(at(1_000_000 - 90))).unwrap();
+        reads.push(started.elapsed());
+        assert_eq!(stale.len(), STALE);
+    }
+    reads.sort();
+    println!(
+        "gc_sweep/postgres: the stale query alone (1 000 of {TOTAL} rows): median {:?}",
+        percentile(&reads, 0.5)
+    );
+    let mut writes = Vec::new();
+    for _ in 0..20 {
+        let rows = rt.block_on(store.stale_virtuals(at(1_000_000 - 90))).unwrap();
+        let batch: Vec<Write> = rows[..256]
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.model = format!("{}x", r.model.len() % 7);
+                Write::Update(r)
+            })
+            .collect();
+        let started = Instant::now();
+        rt.block_on(store.write(batch)).unwrap();
+        writes.push(started.elapsed());
+    }
+    writes.sort();
+    println!(
+        "gc_sweep/postgres: one batch of 256 updates alone: median {:?}",
+        percentile(&writes, 0.5)
+    );
     let mut sweeps = Vec::new();
     for _ in 0..20 {
         rt.block_on(restale(&*store, STALE));
@@ -402,9 +434,9 @@ fn get_latency(c: &mut Criterion) {
 
 criterion_group!(
     benches,
+    gc_sweep,
     heartbeat_throughput,
     register_latency,
-    gc_sweep,
     get_latency
 );
 criterion_main!(benches);

@@ -30,31 +30,149 @@ pub(crate) const SELECT: &str = "SELECT name, id, revision, kind, status, provid
      binding_replica, binding_epoch::text, pool, max_concurrent, upstream, agent \
      FROM virtual_llm_rows";
 
-/// Inserts a row at revision 1 unless a row of the same name, ignoring ASCII case,
-/// exists (then nothing, and no row comes back).
-pub(crate) const INSERT: &str = "INSERT INTO virtual_llm_rows (name, id, kind, status, \
-     provider_type, model, tier, owner, session, heartbeat_ms, inactive_since_ms, \
-     created_ms, updated_ms, binding_replica, binding_epoch, pool, pool_key, \
-     max_concurrent, upstream, agent, live_ms, inactive_ms, revision) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, \
-     $15::text::numeric, $16, $17, $18, $19, $20, $21, $22, 1) \
-     ON CONFLICT DO NOTHING RETURNING revision";
+/// The rows of a batch as one relation: `$1` to `$22` are arrays holding one column
+/// each (the order of [`Columns`]), `$23` the revisions the writes expect.
+const ROWS: &str = "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[], \
+     $13::int8[], $14::text[], $15::text[], $16::text[], $17::text[], $18::int8[], \
+     $19::text[], $20::json[], $21::int8[], $22::int8[], $23::int8[]) WITH ORDINALITY \
+     AS v(name, id, kind, status, provider_type, model, tier, owner, session, heartbeat_ms, \
+     inactive_since_ms, created_ms, updated_ms, binding_replica, binding_epoch, pool, \
+     pool_key, max_concurrent, upstream, agent, live_ms, inactive_ms, expected, i)";
 
-/// Replaces the row `$1` if it is still the row `$2` at revision `$23`; bumps the
-/// revision.
-pub(crate) const UPDATE: &str = "UPDATE virtual_llm_rows SET kind = $3, status = $4, \
-     provider_type = $5, model = $6, tier = $7, owner = $8, session = $9, \
-     heartbeat_ms = $10, inactive_since_ms = $11, created_ms = $12, updated_ms = $13, \
-     binding_replica = $14, binding_epoch = $15::text::numeric, pool = $16, \
-     pool_key = $17, max_concurrent = $18, upstream = $19, agent = $20, live_ms = $21, \
-     inactive_ms = $22, revision = revision + 1 \
-     WHERE name = $1 AND id = $2 AND revision = $23 RETURNING revision";
+/// Inserts the rows of a batch at revision 1, in the order given (name order), each
+/// unless a row of the same name, ignoring ASCII case, exists; returns the names
+/// inserted.
+pub(crate) fn insert() -> String {
+    format!(
+        "INSERT INTO virtual_llm_rows (name, id, kind, status, provider_type, model, tier, \
+         owner, session, heartbeat_ms, inactive_since_ms, created_ms, updated_ms, \
+         binding_replica, binding_epoch, pool, pool_key, max_concurrent, upstream, agent, \
+         live_ms, inactive_ms, revision) \
+         SELECT name, id, kind, status, provider_type, model, tier, owner, session, \
+         heartbeat_ms, inactive_since_ms, created_ms, updated_ms, binding_replica, \
+         binding_epoch::numeric, pool, pool_key, max_concurrent, upstream, agent, live_ms, \
+         inactive_ms, 1 FROM {ROWS} ORDER BY i \
+         ON CONFLICT DO NOTHING RETURNING name, revision"
+    )
+}
 
-/// Deletes the row `$1` if it is still the row `$2` at revision `$3`.
-pub(crate) const DELETE: &str =
-    "DELETE FROM virtual_llm_rows WHERE name = $1 AND id = $2 AND revision = $3 RETURNING name";
+/// Replaces each row of a batch that is still the row of that id at the expected
+/// revision, and bumps its revision; returns the names replaced, with their revisions.
+pub(crate) fn update() -> String {
+    format!(
+        "UPDATE virtual_llm_rows r SET kind = v.kind, status = v.status, \
+         provider_type = v.provider_type, model = v.model, tier = v.tier, owner = v.owner, \
+         session = v.session, heartbeat_ms = v.heartbeat_ms, \
+         inactive_since_ms = v.inactive_since_ms, created_ms = v.created_ms, \
+         updated_ms = v.updated_ms, binding_replica = v.binding_replica, \
+         binding_epoch = v.binding_epoch::numeric, pool = v.pool, pool_key = v.pool_key, \
+         max_concurrent = v.max_concurrent, upstream = v.upstream, agent = v.agent, \
+         live_ms = v.live_ms, inactive_ms = v.inactive_ms, revision = r.revision + 1 \
+         FROM {ROWS} WHERE r.name = v.name AND r.id = v.id AND r.revision = v.expected \
+         RETURNING r.name, r.revision"
+    )
+}
 
-/// A row's values as the statements above bind them (`$1` to `$22`).
+/// Deletes each row `$1[k]` that is still the row `$2[k]` at revision `$3[k]`;
+/// returns the names deleted.
+pub(crate) const DELETE: &str = "DELETE FROM virtual_llm_rows r \
+     USING unnest($1::text[], $2::text[], $3::int8[]) AS v(name, id, expected) \
+     WHERE r.name = v.name AND r.id = v.id AND r.revision = v.expected RETURNING r.name";
+
+/// The columns of several rows, one array per column: the parameters of
+/// [`insert`] and [`update`].
+#[derive(Debug, Default)]
+pub(crate) struct ColumnArrays {
+    name: Vec<String>,
+    id: Vec<String>,
+    kind: Vec<&'static str>,
+    status: Vec<&'static str>,
+    provider_type: Vec<String>,
+    model: Vec<String>,
+    tier: Vec<Option<String>>,
+    owner: Vec<String>,
+    session: Vec<Option<String>>,
+    heartbeat_ms: Vec<Option<i64>>,
+    inactive_since_ms: Vec<Option<i64>>,
+    created_ms: Vec<i64>,
+    updated_ms: Vec<i64>,
+    binding_replica: Vec<Option<String>>,
+    binding_epoch: Vec<Option<String>>,
+    pool: Vec<Option<String>>,
+    pool_key: Vec<String>,
+    max_concurrent: Vec<Option<i64>>,
+    upstream: Vec<Option<&'static str>>,
+    agent: Vec<Option<serde_json::Value>>,
+    live_ms: Vec<Option<i64>>,
+    inactive_ms: Vec<Option<i64>>,
+    expected: Vec<i64>,
+}
+
+impl ColumnArrays {
+    /// Adds a row, and the revision its write expects.
+    pub(crate) fn push(&mut self, c: Columns, expected: i64) {
+        self.name.push(c.name);
+        self.id.push(c.id);
+        self.kind.push(c.kind);
+        self.status.push(c.status);
+        self.provider_type.push(c.provider_type);
+        self.model.push(c.model);
+        self.tier.push(c.tier);
+        self.owner.push(c.owner);
+        self.session.push(c.session);
+        self.heartbeat_ms.push(c.heartbeat_ms);
+        self.inactive_since_ms.push(c.inactive_since_ms);
+        self.created_ms.push(c.created_ms);
+        self.updated_ms.push(c.updated_ms);
+        self.binding_replica.push(c.binding_replica);
+        self.binding_epoch.push(c.binding_epoch);
+        self.pool.push(c.pool);
+        self.pool_key.push(c.pool_key);
+        self.max_concurrent.push(c.max_concurrent);
+        self.upstream.push(c.upstream);
+        self.agent.push(c.agent);
+        self.live_ms.push(c.live_ms);
+        self.inactive_ms.push(c.inactive_ms);
+        self.expected.push(expected);
+    }
+
+    /// Whether no row was added.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.name.is_empty()
+    }
+
+    /// `$1` to `$23` of [`insert`] and [`update`].
+    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 23] {
+        [
+            &self.name,
+            &self.id,
+            &self.kind,
+            &self.status,
+            &self.provider_type,
+            &self.model,
+            &self.tier,
+            &self.owner,
+            &self.session,
+            &self.heartbeat_ms,
+            &self.inactive_since_ms,
+            &self.created_ms,
+            &self.updated_ms,
+            &self.binding_replica,
+            &self.binding_epoch,
+            &self.pool,
+            &self.pool_key,
+            &self.max_concurrent,
+            &self.upstream,
+            &self.agent,
+            &self.live_ms,
+            &self.inactive_ms,
+            &self.expected,
+        ]
+    }
+}
+
+/// A row's values, one per column, as [`ColumnArrays`] binds them.
 #[derive(Debug)]
 pub(crate) struct Columns {
     name: String,
@@ -152,34 +270,6 @@ impl Columns {
             live_ms: opt_millis(r.live_since(), "lastHeartbeatAt", name)?,
             inactive_ms: opt_millis(r.inactive_key(), "inactiveSince", name)?,
         })
-    }
-
-    /// `$1` to `$22` of [`INSERT`] and [`UPDATE`].
-    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 22] {
-        [
-            &self.name,
-            &self.id,
-            &self.kind,
-            &self.status,
-            &self.provider_type,
-            &self.model,
-            &self.tier,
-            &self.owner,
-            &self.session,
-            &self.heartbeat_ms,
-            &self.inactive_since_ms,
-            &self.created_ms,
-            &self.updated_ms,
-            &self.binding_replica,
-            &self.binding_epoch,
-            &self.pool,
-            &self.pool_key,
-            &self.max_concurrent,
-            &self.upstream,
-            &self.agent,
-            &self.live_ms,
-            &self.inactive_ms,
-        ]
     }
 }
 

@@ -4,10 +4,11 @@
 //! - **Compare-and-set.** A batch is one transaction: it locks the rows it names (and,
 //!   for an insert, any row whose name equals it ignoring ASCII case) with
 //!   `SELECT … FOR UPDATE` in name order, checks every expectation with the core's
-//!   [`Write::matches`] against what it locked, then applies the writes in name order
-//!   (`INSERT … ON CONFLICT DO NOTHING`, `UPDATE`/`DELETE … WHERE name, id and
-//!   revision`, each of which must touch its row), sends its change notifications and
-//!   commits. Any miss rolls the whole batch back as [`StoreError::Conflict`]. Two
+//!   [`Write::matches`] against what it locked, then applies the writes in three
+//!   set-based statements (`DELETE … USING unnest(…)`, `UPDATE … FROM unnest(…)` and
+//!   `INSERT … SELECT … FROM unnest(…) ON CONFLICT DO NOTHING`, each matching name, id
+//!   and revision, and each write must touch its row), taking rows in name order;
+//!   sends its change notifications and commits. Any miss rolls the whole batch back as [`StoreError::Conflict`]. Two
 //!   batches racing for a row serialize on its lock; two inserts of one name, on the
 //!   unique index. Locks are always taken in name order, by batches and heartbeat
 //!   flushes alike, so they never deadlock each other.
@@ -37,7 +38,7 @@ use virtual_llm_core::{
     LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write,
 };
 
-use crate::codec::{self, Columns, DELETE, INSERT, SELECT, UPDATE, change_payload, decode};
+use crate::codec::{self, ColumnArrays, Columns, SELECT, change_payload, decode};
 use crate::error::Error;
 use crate::feed::{CHANNEL, Feed};
 use crate::heartbeats::{self, FlusherGuard, Heartbeats};
@@ -319,66 +320,72 @@ impl PgStore {
             }
         }
 
-        // Apply in name order (the order every lock is taken in); answer in batch order.
-        // The statements are pipelined: all sent at once, answered in order.
+        // Apply: one statement per kind of write, each taking its rows in name order
+        // (the order every lock is taken in), the three pipelined (sent at once,
+        // answered in order). Answer in batch order.
         let mut order: Vec<usize> = (0..batch.len()).collect();
         order.sort_by(|a, b| batch[*a].name().cmp(batch[*b].name()));
-        let (insert, update, delete) = (
-            tx.prepare_cached(INSERT).await.map_err(before_commit)?,
-            tx.prepare_cached(UPDATE).await.map_err(before_commit)?,
-            tx.prepare_cached(DELETE).await.map_err(before_commit)?,
-        );
-        let mut columns = Vec::with_capacity(order.len());
+        let (mut inserts, mut updates) = (ColumnArrays::default(), ColumnArrays::default());
+        let (mut del_names, mut del_ids, mut del_revisions) = (Vec::new(), Vec::new(), Vec::new());
         for &i in &order {
-            columns.push(match &batch[i] {
-                Write::Insert(r) | Write::Update(r) => {
-                    Some(Columns::of(r).map_err(Attempt::Failed)?)
-                }
-                Write::Delete { .. } => None,
-            });
-        }
-        let expected: Vec<i64> = order
-            .iter()
-            .map(|&i| match &batch[i] {
-                Write::Insert(_) => 0,
-                // A revision past bigint is stored nowhere: the statement finds no row.
-                Write::Update(r) => i64::try_from(r.revision).unwrap_or(-1),
-                Write::Delete { revision, .. } => i64::try_from(*revision).unwrap_or(-1),
-            })
-            .collect();
-        let statements = order.iter().enumerate().map(|(k, &i)| {
-            let (tx, columns, expected) = (&tx, &columns[k], &expected[k]);
-            let (insert, update, delete) = (&insert, &update, &delete);
-            async move {
-                match (&batch[i], columns) {
-                    (Write::Insert(_), Some(c)) => tx.query_opt(insert, &c.params()).await,
-                    (Write::Update(_), Some(c)) => {
-                        let mut params: Vec<&(dyn ToSql + Sync)> = c.params().to_vec();
-                        params.push(expected);
-                        tx.query_opt(update, &params).await
-                    }
-                    (Write::Delete { name, id, .. }, _) => {
-                        tx.query_opt(delete, &[&name.as_str(), &id.as_str(), expected])
-                            .await
-                    }
-                    // Columns are made for every insert and update above.
-                    (Write::Insert(_) | Write::Update(_), None) => Ok(None),
+            match &batch[i] {
+                Write::Insert(r) => inserts.push(Columns::of(r).map_err(Attempt::Failed)?, 0),
+                Write::Update(r) => updates.push(
+                    Columns::of(r).map_err(Attempt::Failed)?,
+                    // A revision past bigint is stored nowhere: the row is not found.
+                    i64::try_from(r.revision).unwrap_or(-1),
+                ),
+                Write::Delete { name, id, revision } => {
+                    del_names.push(name.as_str());
+                    del_ids.push(id.as_str());
+                    del_revisions.push(i64::try_from(*revision).unwrap_or(-1));
                 }
             }
-        });
-        let answers = futures::future::join_all(statements).await;
+        }
+        let (insert, update, delete) = (codec::insert(), codec::update(), codec::DELETE);
+        let (insert, update, delete) = futures::future::join3(
+            tx.prepare_cached(&insert),
+            tx.prepare_cached(&update),
+            tx.prepare_cached(delete),
+        )
+        .await;
+        let (insert, update, delete) = (
+            insert.map_err(before_commit)?,
+            update.map_err(before_commit)?,
+            delete.map_err(before_commit)?,
+        );
+        let (deleted, updated, inserted) = futures::future::join3(
+            run(
+                &tx,
+                &delete,
+                &[&del_names, &del_ids, &del_revisions],
+                del_names.is_empty(),
+            ),
+            run(&tx, &update, &updates.params(), updates.is_empty()),
+            run(&tx, &insert, &inserts.params(), inserts.is_empty()),
+        )
+        .await;
+        let mut done: HashMap<String, Option<i64>> = HashMap::with_capacity(batch.len());
+        for row in deleted.map_err(before_commit)? {
+            done.insert(row.get(0), None);
+        }
+        for row in updated
+            .map_err(before_commit)?
+            .into_iter()
+            .chain(inserted.map_err(before_commit)?)
+        {
+            done.insert(row.get(0), Some(row.get(1)));
+        }
         let mut stored: Vec<Option<LlmRecord>> = vec![None; batch.len()];
-        for (&i, answer) in order.iter().zip(answers) {
-            let w = &batch[i];
-            let Some(row) = answer.map_err(before_commit)? else {
+        for (i, w) in batch.iter().enumerate() {
+            let Some(revision) = done.get(w.name().as_str()) else {
                 // A row appeared or changed since it was locked (an insert racing
                 // this one committed first).
                 return Err(Attempt::Failed(Error::Conflict(w.name().to_string())));
             };
-            if let Write::Insert(r) | Write::Update(r) = w {
+            if let (Write::Insert(r) | Write::Update(r), Some(revision)) = (w, revision) {
                 let mut r = r.clone();
-                r.revision =
-                    codec::revision(row.get(0), r.name.as_str()).map_err(Attempt::Failed)?;
+                r.revision = codec::revision(*revision, r.name.as_str()).map_err(Attempt::Failed)?;
                 stored[i] = Some(r);
             }
         }
@@ -404,6 +411,19 @@ impl PgStore {
             .map_err(|e| Attempt::classify(context, e, true))?;
         Ok(stored.into_iter().flatten().collect())
     }
+}
+
+/// Runs `statement` in `tx`, unless it has no rows to write.
+async fn run(
+    tx: &deadpool_postgres::Transaction<'_>,
+    statement: &tokio_postgres::Statement,
+    params: &[&(dyn ToSql + Sync)],
+    empty: bool,
+) -> Result<Vec<tokio_postgres::Row>, tokio_postgres::Error> {
+    if empty {
+        return Ok(Vec::new());
+    }
+    tx.query(statement, params).await
 }
 
 /// How one attempt at a batch ended, when it did not commit.
