@@ -336,7 +336,9 @@ fn gc_sweep(c: &mut Criterion) {
     let mut reads = Vec::new();
     for _ in 0..20 {
         let started = Instant::now();
-        let stale = rt.block_on(store.stale_virtuals(at(1_000_000 - 90))).unwrap();
+        let stale = rt
+            .block_on(store.stale_virtuals(at(1_000_000 - 90)))
+            .unwrap();
         reads.push(started.elapsed());
         assert_eq!(stale.len(), STALE);
     }
@@ -347,7 +349,9 @@ fn gc_sweep(c: &mut Criterion) {
     );
     let mut writes = Vec::new();
     for _ in 0..20 {
-        let rows = rt.block_on(store.stale_virtuals(at(1_000_000 - 90))).unwrap();
+        let rows = rt
+            .block_on(store.stale_virtuals(at(1_000_000 - 90)))
+            .unwrap();
         let batch: Vec<Write> = rows[..256]
             .iter()
             .map(|r| {

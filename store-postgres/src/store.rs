@@ -385,7 +385,8 @@ impl PgStore {
             };
             if let (Write::Insert(r) | Write::Update(r), Some(revision)) = (w, revision) {
                 let mut r = r.clone();
-                r.revision = codec::revision(*revision, r.name.as_str()).map_err(Attempt::Failed)?;
+                r.revision =
+                    codec::revision(*revision, r.name.as_str()).map_err(Attempt::Failed)?;
                 stored[i] = Some(r);
             }
         }
