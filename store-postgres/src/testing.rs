@@ -413,9 +413,14 @@ pub fn services_required() -> bool {
 /// missing; panics when it is missing and services are required, or when it is
 /// installed but does not start.
 pub fn available<T>(result: Result<T, ServerError>) -> Option<T> {
+    decide(result, services_required())
+}
+
+/// [`available`], with whether services are required given.
+fn decide<T>(result: Result<T, ServerError>, required: bool) -> Option<T> {
     match result {
         Ok(t) => Some(t),
-        Err(ServerError::Missing(why)) if !services_required() => {
+        Err(ServerError::Missing(why)) if !required => {
             eprintln!(
                 "SKIPPED: this test needs PostgreSQL ({why}); set {REQUIRE_SERVICES}=1 to make \
                  this a failure"
@@ -451,5 +456,32 @@ pub async fn fresh_database() -> Option<String> {
     match server.create_database().await {
         Ok(url) => Some(url),
         Err(e) => panic!("{e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_server_skips_unless_services_are_required() {
+        assert_eq!(decide(Ok(7), true), Some(7));
+        let missing = || Err::<(), _>(ServerError::Missing("no initdb".into()));
+        assert_eq!(decide(missing(), false), None);
+        let required = std::panic::catch_unwind(|| decide(missing(), true));
+        assert!(
+            required.is_err(),
+            "a required service that is missing fails"
+        );
+        let broken = std::panic::catch_unwind(|| {
+            decide(
+                Err::<(), _>(ServerError::Failed("initdb failed".into())),
+                false,
+            )
+        });
+        assert!(
+            broken.is_err(),
+            "an installed server that does not start fails"
+        );
     }
 }

@@ -210,3 +210,120 @@ async fn connections_killed_under_the_store_are_replaced() {
     })
     .await;
 }
+
+/// A TCP proxy in front of PostgreSQL that, once armed, lets the next `COMMIT`
+/// through to the server, waits for the server's answer, and then cuts the
+/// connection without passing the answer on: the batch is committed, and the client
+/// cannot know it.
+struct CommitCutter {
+    port: u16,
+    armed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl CommitCutter {
+    async fn start(upstream: u16) -> Self {
+        use std::sync::atomic::Ordering;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let arming = armed.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let server = tokio::net::TcpStream::connect(("127.0.0.1", upstream))
+                    .await
+                    .unwrap();
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                let armed = arming.clone();
+                // Set once this connection sent the armed COMMIT.
+                let cut = std::sync::Arc::new(tokio::sync::Notify::new());
+                let committing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (cut_up, committing_up) = (cut.clone(), committing.clone());
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match client_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        let chunk = &buf[..n];
+                        if chunk.windows(6).any(|w| w == b"COMMIT")
+                            && armed.swap(false, Ordering::SeqCst)
+                        {
+                            committing_up.store(true, Ordering::SeqCst);
+                        }
+                        if server_tx.write_all(chunk).await.is_err() {
+                            return;
+                        }
+                        if committing_up.load(Ordering::SeqCst) {
+                            cut_up.notified().await;
+                            return;
+                        }
+                    }
+                });
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if committing.load(Ordering::SeqCst) {
+                            // The server answered the COMMIT: it is done. Drop both
+                            // sides without passing the answer on.
+                            cut.notify_one();
+                            return;
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        CommitCutter { port, armed }
+    }
+
+    fn arm(&self) {
+        self.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_lost_during_commit_is_an_unknown_outcome_not_a_retry() {
+    let Some(server) = virtual_llm_postgres::testing::shared() else {
+        return;
+    };
+    let url = server.create_database().await.unwrap();
+    let proxy = CommitCutter::start(server.port()).await;
+    let proxied = url.replace(
+        &format!(":{}/", server.port()),
+        &format!(":{}/", proxy.port),
+    );
+    let store = PgStore::connect_with(&proxied, options()).await.unwrap();
+    proxy.arm();
+    let err = store
+        .write(vec![Write::Insert(record("maybe"))])
+        .await
+        .expect_err("the answer to COMMIT never arrives");
+    assert!(matches!(err, StoreError::Unavailable { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("may or may not have been written"), "{text}");
+    assert_eq!(
+        store.stats().retries,
+        0,
+        "a batch that may have committed is not run again"
+    );
+    // It did commit: running it again would have failed its own compare-and-set.
+    let row = store.get(&name("maybe")).await.unwrap();
+    assert_eq!(row.map(|r| r.revision), Some(1));
+    let again = store.write(vec![Write::Insert(record("maybe"))]).await;
+    assert!(
+        matches!(again, Err(StoreError::Conflict { .. })),
+        "{again:?}"
+    );
+}
