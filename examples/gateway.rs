@@ -5,7 +5,9 @@
 //!
 //! Run with: `cargo run --release --example gateway` (listens on 127.0.0.1:8080, keeps
 //! its registry under `./data`). `--help` lists the flags; `--config FILE` reads a TOML
-//! file (see `docs/operations.md`).
+//! file (see `docs/operations.md`). Built with `--features postgres`, `--store
+//! postgres://…` keeps the registry in PostgreSQL instead, shared by every gateway
+//! given the same URL (each with its own `--replica-id`).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,8 +25,8 @@ use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::redb::{RedbOptions, RedbStore};
 use virtual_llm::{
-    Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, RecipeWaker, Role,
-    StaticTokens, Store, WakeTarget, bearer_token,
+    Authenticator, Config, Gateway, LlmName, OpenAccess, Principal, RecipeWaker, ReplicaId, Role,
+    StaticTokens, Store, StoreError, WakeTarget, bearer_token,
 };
 use warp::Filter;
 
@@ -37,6 +39,17 @@ struct Args {
     /// Directory of the registry's redb file.
     #[arg(long, default_value = "./data")]
     data_dir: PathBuf,
+    /// Keep the registry in PostgreSQL (`postgres://user:password@host/db`), shared
+    /// with the other gateways given the same URL, instead of the redb file in
+    /// `--data-dir`. Needs a build with the `postgres` feature.
+    #[arg(long, value_name = "URL", env = "VIRTUAL_LLM_STORE")]
+    store: Option<String>,
+    /// This gateway's replica id, recorded on the rows whose channel it holds; keep it
+    /// across restarts (so a restart releases only its own rows) and unique among the
+    /// gateways sharing a `--store`. Default: `local` with the redb file, a fresh one
+    /// with `--store`.
+    #[arg(long, value_name = "ID")]
+    replica_id: Option<String>,
     /// Take an existing but empty (zero-byte) `registry.redb` as a new, empty
     /// registry. Without it such a file is refused as corrupted: it is what a failed
     /// restore or a copy onto a full disk leaves, and starting empty frees every name.
@@ -102,6 +115,67 @@ struct Args {
     /// publishers (no hand-offs between threads, no waking an idle CPU).
     #[arg(long, default_value_t = 0)]
     threads: u16,
+}
+
+/// Where the registry lives: the redb file, or PostgreSQL (`--store`).
+enum Registry {
+    Redb(Arc<RedbStore>),
+    #[cfg(feature = "postgres")]
+    Postgres(Arc<virtual_llm::postgres::PgStore>),
+}
+
+impl Registry {
+    async fn open(args: &Args) -> Result<Self, common::BoxError> {
+        if let Some(url) = &args.store {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(format!(
+                    "--store takes a PostgreSQL URL (postgres://…), not {:?}",
+                    url.split(':').next().unwrap_or_default()
+                )
+                .into());
+            }
+            #[cfg(feature = "postgres")]
+            return Ok(Registry::Postgres(Arc::new(
+                virtual_llm::postgres::PgStore::connect(url).await?,
+            )));
+            #[cfg(not(feature = "postgres"))]
+            return Err(
+                "--store postgres://… needs a gateway built with --features postgres".into(),
+            );
+        }
+        std::fs::create_dir_all(&args.data_dir)
+            .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
+        let options = RedbOptions::default().accept_empty_file(args.fresh_store);
+        let store = RedbStore::open_with(args.data_dir.join("registry.redb"), options).await?;
+        Ok(Registry::Redb(Arc::new(store)))
+    }
+
+    fn store(&self) -> Arc<dyn Store> {
+        match self {
+            Registry::Redb(s) => s.clone(),
+            #[cfg(feature = "postgres")]
+            Registry::Postgres(s) => s.clone(),
+        }
+    }
+
+    /// For the log: the file, or the database (never its password).
+    fn describe(&self) -> String {
+        match self {
+            Registry::Redb(s) => s.path().display().to_string(),
+            #[cfg(feature = "postgres")]
+            Registry::Postgres(s) => format!("postgres {}", s.target()),
+        }
+    }
+
+    /// Releases the redb file; a PostgreSQL store has nothing held (its heartbeats
+    /// were flushed with the gateway's).
+    async fn close(&self) -> Result<(), StoreError> {
+        match self {
+            Registry::Redb(s) => s.close().await,
+            #[cfg(feature = "postgres")]
+            Registry::Postgres(_) => Ok(()),
+        }
+    }
 }
 
 /// The `--config` file.
@@ -223,14 +297,19 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         .into());
     }
 
-    std::fs::create_dir_all(&args.data_dir)
-        .map_err(|e| format!("{}: {e}", args.data_dir.display()))?;
-    let store_options = RedbOptions::default().accept_empty_file(args.fresh_store);
-    let store =
-        Arc::new(RedbStore::open_with(args.data_dir.join("registry.redb"), store_options).await?);
-    let mut builder = Gateway::builder(store.clone() as Arc<dyn Store>)
+    let registry = Registry::open(&args).await?;
+    let mut builder = Gateway::builder(registry.store())
         .config(config)
         .authenticator(auth);
+    match &args.replica_id {
+        Some(id) => builder = builder.replica(ReplicaId::parse(id).map_err(|e| config_error(&e))?),
+        None if args.store.is_some() => {
+            let id = ReplicaId::generate();
+            tracing::info!(replica = %id, "no --replica-id: this gateway's replica id is new");
+            builder = builder.replica(id);
+        }
+        None => {}
+    }
     if !file.public.is_empty() {
         builder = builder.public_backend(Arc::new(public_backend(&file.public)?));
     }
@@ -273,7 +352,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         virtual_llm::http::bind(args.listen).map_err(|e| format!("{}: {e}", args.listen))?;
     tracing::info!(
         listen = %listener.local_addr()?,
-        data = %store.path().display(),
+        registry = %registry.describe(),
         auth = if file.tokens.is_empty() { "none (loopback only)" } else { "tokens" },
         "gateway ready"
     );
@@ -319,7 +398,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     }
     gc.shutdown().await;
     gateway.flush().await?;
-    store.close().await?;
+    registry.close().await?;
     tracing::info!("registry flushed; bye");
     Ok(())
 }

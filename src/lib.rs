@@ -13,6 +13,11 @@ pub use virtual_llm_core as core;
 #[cfg(feature = "redb")]
 pub use virtual_llm_redb as redb;
 
+/// The registry on PostgreSQL, shared by several gateway replicas:
+/// `postgres::PgStore` (feature `postgres`).
+#[cfg(feature = "postgres")]
+pub use virtual_llm_postgres as postgres;
+
 /// The gateway's HTTP surface: client and provider routes, composed with the
 /// transports' control channels; errors as responses; the server loop (feature `http`).
 #[cfg(feature = "http")]
