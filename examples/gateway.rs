@@ -50,6 +50,12 @@ struct Args {
     /// with `--store`.
     #[arg(long, value_name = "ID")]
     replica_id: Option<String>,
+    /// How long this replica's lease runs after each renewal (every 5 s) when several
+    /// gateways share a `--store`: when a replica dies, the rows whose channels it
+    /// held go inactive this long (plus a 2 s clock margin) after its last renewal
+    /// (default `15s`; at least `10s`). Without `--store` (one process) it is unused.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    lease: Option<Duration>,
     /// Take an existing but empty (zero-byte) `registry.redb` as a new, empty
     /// registry. Without it such a file is refused as corrupted: it is what a failed
     /// restore or a copy onto a full disk leaves, and starting empty frees every name.
@@ -271,6 +277,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         (&mut config.cooldown, args.cooldown),
         (&mut config.wake_wait, args.wake_wait),
         (&mut config.wake_cooldown, args.wake_cooldown),
+        (&mut config.lease, args.lease),
     ];
     for (field, value) in overrides {
         if let Some(value) = value {
@@ -404,8 +411,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
 }
 
 /// The flags of the reference gateway that set a [`Config`] key.
-const FLAGS: [(&str, &str); 13] = [
+const FLAGS: [(&str, &str); 14] = [
     ("corsOrigin", "--cors-origin"),
+    ("lease", "--lease"),
     ("wakeWait", "--wake-wait"),
     ("wakeCooldown", "--wake-cooldown"),
     ("heartbeatInterval", "--heartbeat-every"),

@@ -43,3 +43,12 @@ CREATE INDEX virtual_llm_rows_live ON virtual_llm_rows (live_ms, name)
     WHERE live_ms IS NOT NULL;
 CREATE INDEX virtual_llm_rows_inactive ON virtual_llm_rows (inactive_ms, name)
     WHERE inactive_ms IS NOT NULL;
+
+-- Replica leases (SPEC §14): each gateway replica's lease runs until `until_ms`; a
+-- replica that stops renewing it is found by the expiry index, and its lease is ended
+-- with a compare-and-set on `until_ms`.
+CREATE TABLE virtual_llm_leases (
+    replica  text COLLATE "C" PRIMARY KEY,
+    until_ms bigint NOT NULL
+);
+CREATE INDEX virtual_llm_leases_until ON virtual_llm_leases (until_ms);

@@ -35,7 +35,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::ToSql;
 use virtual_llm_core::store::{RowChange, check_batch};
 use virtual_llm_core::{
-    LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write,
+    LeaseRenewal, LlmName, LlmRecord, ReplicaId, SessionId, Store, StoreError, Timestamp, Write,
 };
 
 use crate::codec::{self, ColumnArrays, Columns, SELECT, change_payload, decode};
@@ -509,6 +509,15 @@ impl Store for PgStore {
             .pop())
     }
 
+    async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
+        // On the unique index of lower(name): at most one row.
+        let sql = format!("{SELECT} WHERE lower(name) = lower($1)");
+        Ok(self
+            .query("reading a row ignoring case", &sql, &[&name.as_str()])
+            .await?
+            .pop())
+    }
+
     async fn list(&self) -> Result<Vec<LlmRecord>, StoreError> {
         let sql = format!("{SELECT} ORDER BY name");
         Ok(self.query("listing the rows", &sql, &[]).await?)
@@ -601,6 +610,70 @@ impl Store for PgStore {
 
     fn changes(&self) -> Option<broadcast::Receiver<RowChange>> {
         Some(self.feed.subscribe())
+    }
+
+    async fn renew_lease(
+        &self,
+        replica: &ReplicaId,
+        until: Timestamp,
+    ) -> Result<LeaseRenewal, StoreError> {
+        let client = self.client("renewing a lease").await?;
+        // `xmax = 0` only on a row this statement inserted: the lease was not there.
+        let row = client
+            .query_one(
+                "INSERT INTO virtual_llm_leases (replica, until_ms) VALUES ($1, $2) \
+                 ON CONFLICT (replica) DO UPDATE SET until_ms = EXCLUDED.until_ms \
+                 RETURNING (xmax = 0) AS started",
+                &[&replica.as_str(), &cutoff_ms(until)],
+            )
+            .await
+            .map_err(|e| Error::from_pg("renewing a lease", e))?;
+        let started: bool = row.get(0);
+        Ok(if started {
+            LeaseRenewal::Started
+        } else {
+            LeaseRenewal::Renewed
+        })
+    }
+
+    async fn expired_leases(
+        &self,
+        cutoff: Timestamp,
+    ) -> Result<Vec<(ReplicaId, Timestamp)>, StoreError> {
+        let client = self.client("reading expired leases").await?;
+        let rows = client
+            .query(
+                "SELECT replica, until_ms FROM virtual_llm_leases WHERE until_ms < $1 \
+                 ORDER BY until_ms, replica",
+                &[&cutoff_ms(cutoff)],
+            )
+            .await
+            .map_err(|e| Error::from_pg("reading expired leases", e))?;
+        rows.iter()
+            .map(|row| {
+                let replica: &str = row.get(0);
+                let until: i64 = row.get(1);
+                let replica = ReplicaId::parse(replica).map_err(|e| StoreError::Corrupted {
+                    message: format!("lease of replica {replica:?}: {e}"),
+                })?;
+                Ok((
+                    replica,
+                    Timestamp::from_millis(u64::try_from(until).unwrap_or(0)),
+                ))
+            })
+            .collect()
+    }
+
+    async fn end_lease(&self, replica: &ReplicaId, until: Timestamp) -> Result<bool, StoreError> {
+        let client = self.client("ending a lease").await?;
+        let ended = client
+            .execute(
+                "DELETE FROM virtual_llm_leases WHERE replica = $1 AND until_ms = $2",
+                &[&replica.as_str(), &cutoff_ms(until)],
+            )
+            .await
+            .map_err(|e| Error::from_pg("ending a lease", e))?;
+        Ok(ended == 1)
     }
 }
 
