@@ -39,6 +39,8 @@ mod routes;
 mod server;
 mod status;
 mod stream;
+mod timed_body;
+mod timed_io;
 
 pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};
