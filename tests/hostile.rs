@@ -1933,3 +1933,96 @@ async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
         .unwrap()
         .unwrap();
 }
+
+/// `GET {base}` pages with `limit` and `after`: each page holds at most `limit` rows
+/// (at most 1000 whatever is asked), in name order, after the cursor, with the cursor
+/// of the next page in `next` (`null` on the last); agent rows are skipped as in the
+/// unpaged answer, even where a run of them fills a whole page; walking the pages
+/// gives exactly the unpaged answer, which keeps its v1 shape (an array of every row)
+/// for a request without paging parameters. A bad `limit` or `after` is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_listing_pages_with_limit_and_after() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut batch: Vec<virtual_llm::Write> = (0..1205)
+        .map(|i| virtual_llm::Write::Insert(virtual_llm::testkit::record(&format!("row-{i:04}"))))
+        .collect();
+    // Agents between row-0001 and row-0002, more than a small page.
+    for i in 0..7 {
+        let mut agent = virtual_llm::testkit::record(&format!("row-0001-agent-{i}"));
+        agent.provider_type = virtual_llm::agent::AGENT_TYPE.into();
+        agent.agent = Some(virtual_llm::agent::Persona {
+            llm: virtual_llm::LlmName::parse("row-0000").unwrap(),
+            description: None,
+            system_prompt: None,
+            default_params: None,
+        });
+        batch.push(virtual_llm::Write::Insert(agent));
+    }
+    gw.gateway.store().write(batch).await.unwrap();
+    let list = |query: &'static str| {
+        let gw = gw.clone_handle();
+        async move { gw.get_any(Some("client"), &format!("{}{query}", gw.gateway.config().base_path)).await }
+    };
+    let names = |rows: &Value| -> Vec<String> {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // No paging parameter: the v1 answer, every row but the agents.
+    let (status, all) = list("").await;
+    assert_eq!(status, 200);
+    let all = names(&all);
+    assert_eq!(all.len(), 1205);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "ordered by name");
+    assert_eq!(list("?unrelated=1").await.1.as_array().unwrap().len(), 1205);
+
+    // Small pages across the agents.
+    let (status, page) = list("?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(names(&page["llms"]), ["row-0000", "row-0001"]);
+    assert_eq!(page["next"], "row-0001");
+    let (_, page) = list("?limit=2&after=row-0001").await;
+    assert_eq!(names(&page["llms"]), ["row-0002", "row-0003"]);
+    assert_eq!(page["next"], "row-0003");
+    // A cursor that names no row; the default page size.
+    let (_, page) = list("?after=row-0001-agent-3").await;
+    assert_eq!(names(&page["llms"]).len(), 100);
+    assert_eq!(names(&page["llms"])[0], "row-0002");
+    // The last page says so; past the end, an empty page.
+    let (_, page) = list("?limit=5&after=row-1200").await;
+    assert_eq!(names(&page["llms"]), ["row-1201", "row-1202", "row-1203", "row-1204"]);
+    assert_eq!(page["next"], Value::Null);
+    let (_, page) = list("?limit=5&after=row-1204").await;
+    assert_eq!(page, json!({"llms": [], "next": null}));
+    // At most 1000 rows a page, whatever is asked.
+    let (_, page) = list("?limit=100000").await;
+    assert_eq!(names(&page["llms"]).len(), 1000);
+    assert_eq!(page["next"], "row-0999");
+
+    // Walking the pages gives the unpaged answer.
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("{}?limit=333&after={a}", gw.gateway.config().base_path),
+            None => format!("{}?limit=333", gw.gateway.config().base_path),
+        };
+        let (status, page) = gw.get_any(Some("client"), &path).await;
+        assert_eq!(status, 200, "{page}");
+        walked.extend(names(&page["llms"]));
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all);
+
+    for bad in ["?limit=0", "?limit=-1", "?limit=ten", "?after=_bad", "?after=%FF"] {
+        let (status, body) = list(bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
+    }
+}
