@@ -167,10 +167,30 @@ impl ServerConfig {
         let mut options = ServeOptions::default();
         options.grace = args.grace;
         let durations = [
-            ("headerReadTimeout", &mut options.header_read_timeout, None, self.header_read_timeout),
-            ("writeTimeout", &mut options.write_timeout, args.write_timeout, self.write_timeout),
-            ("bodyReadTimeout", &mut options.body_read_timeout, args.body_read_timeout, self.body_read_timeout),
-            ("http2IdleTimeout", &mut options.http2_idle_timeout, args.http2_idle_timeout, self.http2_idle_timeout),
+            (
+                "headerReadTimeout",
+                &mut options.header_read_timeout,
+                None,
+                self.header_read_timeout,
+            ),
+            (
+                "writeTimeout",
+                &mut options.write_timeout,
+                args.write_timeout,
+                self.write_timeout,
+            ),
+            (
+                "bodyReadTimeout",
+                &mut options.body_read_timeout,
+                args.body_read_timeout,
+                self.body_read_timeout,
+            ),
+            (
+                "http2IdleTimeout",
+                &mut options.http2_idle_timeout,
+                args.http2_idle_timeout,
+                self.http2_idle_timeout,
+            ),
         ];
         for (name, field, flag, file) in durations {
             if let Some(value) = flag.or(file) {
@@ -185,7 +205,9 @@ impl ServerConfig {
         }
         if let Some(max) = args.max_connections.or(self.max_connections) {
             if max == 0 {
-                return Err("[server] maxConnections (--max-connections) must be at least 1".into());
+                return Err(
+                    "[server] maxConnections (--max-connections) must be at least 1".into(),
+                );
             }
             options.max_connections = max;
         }

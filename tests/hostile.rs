@@ -1591,13 +1591,13 @@ fn kernel_socket_buffers() -> (usize, usize) {
 /// dropped before it ran to its end), and the publisher's one concurrency slot is free
 /// for the next request (red-team finding F2). The client's connection is still open
 /// while this is checked: nothing here depends on the client going away.
-async fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled(
-    t: &dyn Transport,
-) {
+async fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled(t: &dyn Transport) {
     let gw = TestGateway::start_serving(Config::default(), short_write_timeout()).await;
     let firehose = Arc::new(virtual_llm::testkit::Firehose::default());
-    let mut options = virtual_llm::PublisherOptions::default();
-    options.max_concurrent_tasks = 1;
+    let options = virtual_llm::PublisherOptions {
+        max_concurrent_tasks: 1,
+        ..Default::default()
+    };
     let p = gw
         .publish_with(t, "alice", &["hose"], firehose.clone(), options)
         .await;
@@ -1610,10 +1610,17 @@ async fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled(
         .await
         .unwrap_or_else(|_| panic!("{}: the stalled stream's task is never cancelled", t.name()));
     let produced = firehose.produced("stalled");
-    assert!(produced < 100_000, "{}: the stream ran to its end", t.name());
+    assert!(
+        produced < 100_000,
+        "{}: the stream ran to its end",
+        t.name()
+    );
     // The publisher's only slot is free again: the next request is served.
     let next = tokio::time::timeout(Duration::from_secs(30), async {
-        gw.chat_stream("client", "hose", "next n=3").await.text().await
+        gw.chat_stream("client", "hose", "next n=3")
+            .await
+            .text()
+            .await
     })
     .await
     .unwrap_or_else(|_| panic!("{}: the publisher's slot is still taken", t.name()));
@@ -1813,13 +1820,21 @@ async fn read_response_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
         let mut byte = [0u8; 1];
-        assert_eq!(stream.read(&mut byte).await.unwrap(), 1, "connection closed");
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed"
+        );
         head.push(byte[0]);
     }
     let head = String::from_utf8(head).unwrap();
     let length: usize = head
         .lines()
-        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
         .unwrap_or(0);
     let mut body = vec![0u8; length];
     stream.read_exact(&mut body).await.unwrap();
@@ -1961,7 +1976,13 @@ async fn the_registry_listing_pages_with_limit_and_after() {
     gw.gateway.store().write(batch).await.unwrap();
     let list = |query: &'static str| {
         let gw = gw.clone_handle();
-        async move { gw.get_any(Some("client"), &format!("{}{query}", gw.gateway.config().base_path)).await }
+        async move {
+            gw.get_any(
+                Some("client"),
+                &format!("{}{query}", gw.gateway.config().base_path),
+            )
+            .await
+        }
     };
     let names = |rows: &Value| -> Vec<String> {
         rows.as_array()
@@ -1993,7 +2014,10 @@ async fn the_registry_listing_pages_with_limit_and_after() {
     assert_eq!(names(&page["llms"])[0], "row-0002");
     // The last page says so; past the end, an empty page.
     let (_, page) = list("?limit=5&after=row-1200").await;
-    assert_eq!(names(&page["llms"]), ["row-1201", "row-1202", "row-1203", "row-1204"]);
+    assert_eq!(
+        names(&page["llms"]),
+        ["row-1201", "row-1202", "row-1203", "row-1204"]
+    );
     assert_eq!(page["next"], Value::Null);
     let (_, page) = list("?limit=5&after=row-1204").await;
     assert_eq!(page, json!({"llms": [], "next": null}));
@@ -2020,7 +2044,13 @@ async fn the_registry_listing_pages_with_limit_and_after() {
     }
     assert_eq!(walked, all);
 
-    for bad in ["?limit=0", "?limit=-1", "?limit=ten", "?after=_bad", "?after=%FF"] {
+    for bad in [
+        "?limit=0",
+        "?limit=-1",
+        "?limit=ten",
+        "?after=_bad",
+        "?after=%FF",
+    ] {
         let (status, body) = list(bad).await;
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");

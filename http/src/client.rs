@@ -9,9 +9,7 @@ use serde_json::Value;
 use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
-use virtual_llm_core::{
-    Error, Gateway, InferRequest, LlmKind, LlmName, LlmView, Model, Reply,
-};
+use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmName, LlmView, Model, Reply};
 use warp::reply::Response;
 
 use crate::error::respond;

@@ -122,11 +122,7 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
-        .and(
-            warp::query::raw()
-                .or(warp::any().map(String::new))
-                .unify(),
-        )
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .then(client::list);
     let get = base
         .clone()

@@ -119,7 +119,7 @@ impl TimedIo {
     ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Ready(result) => {
-                if result.as_ref().is_ok_and(|r| progress(r)) {
+                if result.as_ref().is_ok_and(&progress) {
                     self.stalled = None;
                 }
                 Poll::Ready(result)

@@ -251,7 +251,7 @@ pub async fn list_after_pages_in_name_order(store: &dyn Store) {
             .await
             .expect("list_after")
     };
-        assert_eq!(names(page(None, 3).await), ["a", "alpha", "alpha.2"]);
+    assert_eq!(names(page(None, 3).await), ["a", "alpha", "alpha.2"]);
     assert_eq!(
         names(page(Some("alpha.2"), 3).await),
         ["bravo", "charlie", "delta"]
@@ -274,7 +274,10 @@ pub async fn list_after_pages_in_name_order(store: &dyn Store) {
         walked.extend(rows);
     }
     assert_eq!(walked, store.list().await.expect("list"));
-    let charlie = walked.iter().find(|r| r.name.as_str() == "charlie").expect("charlie");
+    let charlie = walked
+        .iter()
+        .find(|r| r.name.as_str() == "charlie")
+        .expect("charlie");
     assert_eq!(charlie.last_heartbeat_at, Some(at));
 }
 
