@@ -54,9 +54,10 @@ impl UnreadBody {
     }
 }
 
-/// A TCP connection with a write timeout and a lingering close; see the module doc.
-pub(crate) struct TimedIo {
-    inner: TcpStream,
+/// A connection (TCP, or any byte stream in tests) with a write timeout and a
+/// lingering close; see the module doc.
+pub(crate) struct TimedIo<T = TcpStream> {
+    inner: T,
     write_timeout: Duration,
     /// Running while a write is pending; reset by every write that makes progress.
     stalled: Option<Pin<Box<Sleep>>>,
@@ -71,9 +72,16 @@ pub(crate) struct TimedIo {
     _permit: Option<OwnedSemaphorePermit>,
 }
 
-impl TimedIo {
+impl TimedIo<TcpStream> {
+    /// The first bytes the peer sent, left in the socket for the next read.
+    pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.peek(buf).await
+    }
+}
+
+impl<T> TimedIo<T> {
     pub(crate) fn new(
-        inner: TcpStream,
+        inner: T,
         write_timeout: Duration,
         linger: Duration,
         unread: UnreadBody,
@@ -93,11 +101,6 @@ impl TimedIo {
         }
     }
 
-    /// The first bytes the peer sent, left in the socket for the next read.
-    pub(crate) async fn peek(&self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.peek(buf).await
-    }
-
     fn timed_out_error(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
@@ -111,12 +114,12 @@ impl TimedIo {
     /// A write's outcome, under the write timeout: progress resets the clock, a
     /// pending write starts it (if it is not running), and past the timeout the
     /// write fails.
-    fn guard<T>(
+    fn guard<R>(
         &mut self,
         cx: &mut Context<'_>,
-        polled: Poll<io::Result<T>>,
-        progress: impl Fn(&T) -> bool,
-    ) -> Poll<io::Result<T>> {
+        polled: Poll<io::Result<R>>,
+        progress: impl Fn(&R) -> bool,
+    ) -> Poll<io::Result<R>> {
         match polled {
             Poll::Ready(result) => {
                 if result.as_ref().is_ok_and(&progress) {
@@ -142,7 +145,7 @@ impl TimedIo {
     }
 }
 
-impl AsyncRead for TimedIo {
+impl<T: AsyncRead + Unpin> AsyncRead for TimedIo<T> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -152,7 +155,7 @@ impl AsyncRead for TimedIo {
     }
 }
 
-impl AsyncWrite for TimedIo {
+impl<T: AsyncRead + AsyncWrite + Unpin> AsyncWrite for TimedIo<T> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -216,5 +219,71 @@ impl AsyncWrite for TimedIo {
                 Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    const TIMEOUT: Duration = Duration::from_millis(300);
+
+    /// A connection whose peer's window is 64 bytes, and that peer's end.
+    fn pair() -> (TimedIo<tokio::io::DuplexStream>, tokio::io::DuplexStream) {
+        let (ours, theirs) = tokio::io::duplex(64);
+        let io = TimedIo::new(ours, TIMEOUT, Duration::ZERO, UnreadBody::default(), None);
+        (io, theirs)
+    }
+
+    /// A peer that takes a few bytes now and then, each time within the timeout, is
+    /// never cut off however long the whole write takes (here 20 times the timeout);
+    /// one that stops taking bytes fails the write once the timeout has passed, not
+    /// before. Paused time.
+    #[tokio::test(start_paused = true)]
+    async fn a_write_fails_only_after_the_timeout_without_progress() {
+        let (mut io, mut peer) = pair();
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 16];
+            let mut total = 0;
+            while total < 64 * 1024 - 64 {
+                tokio::time::sleep(TIMEOUT / 2).await;
+                total += peer.read(&mut buf).await.unwrap();
+            }
+            peer
+        });
+        let started = tokio::time::Instant::now();
+        io.write_all(&vec![b'x'; 64 * 1024 - 64]).await.unwrap();
+        assert!(started.elapsed() > TIMEOUT * 20, "the slow reader set the pace");
+        let peer = reader.await.unwrap();
+
+        // The peer stops reading: the write fails, after the timeout.
+        let started = tokio::time::Instant::now();
+        let error = io.write_all(&vec![b'x'; 1024]).await.unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        assert!(started.elapsed() >= TIMEOUT);
+        assert!(started.elapsed() < TIMEOUT * 2);
+        // And stays failed.
+        assert_eq!(
+            io.write(b"x").await.unwrap_err().kind(),
+            io::ErrorKind::TimedOut
+        );
+        drop(peer);
+    }
+
+    /// An idle connection (nothing to write) is never timed out: the clock runs only
+    /// while a write is pending.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_not_timed_out() {
+        let (mut io, mut peer) = pair();
+        io.write_all(b"hello").await.unwrap();
+        tokio::time::sleep(TIMEOUT * 100).await;
+        io.write_all(b" world").await.unwrap();
+        let mut buf = [0u8; 11];
+        peer.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"hello world");
     }
 }
