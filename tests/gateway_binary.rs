@@ -610,12 +610,8 @@ async fn the_server_limits_come_from_the_server_table() {
     let addr = free_addr();
     let url = format!("http://{addr}");
     let data = dir.0.join("data");
-    let gateway = GatewayProcess::start_env(
-        addr,
-        &data,
-        &["--config", config.to_str().unwrap()],
-        &[],
-    );
+    let gateway =
+        GatewayProcess::start_env(addr, &data, &["--config", config.to_str().unwrap()], &[]);
     binary::ready(&url).await;
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     stalled

@@ -257,7 +257,10 @@ mod tests {
         });
         let started = tokio::time::Instant::now();
         io.write_all(&vec![b'x'; 64 * 1024 - 64]).await.unwrap();
-        assert!(started.elapsed() > TIMEOUT * 20, "the slow reader set the pace");
+        assert!(
+            started.elapsed() > TIMEOUT * 20,
+            "the slow reader set the pace"
+        );
         let peer = reader.await.unwrap();
 
         // The peer stops reading: the write fails, after the timeout.
