@@ -21,6 +21,7 @@ mod recipes;
 
 use clap::Parser;
 use serde::Deserialize;
+use virtual_llm::http::ServeOptions;
 use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::redb::{RedbOptions, RedbStore};
@@ -116,6 +117,23 @@ struct Args {
     /// How long in-flight requests may finish at shutdown.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
     grace: Duration,
+    /// A client (or publisher) whose connection takes no bytes for this long is
+    /// disconnected, and what it was sent is dropped (default `30s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    write_timeout: Option<Duration>,
+    /// Longest gap between two pieces of a request body (default `10m`); above the
+    /// task deadline and the stream idle timeout, since a publisher's result post
+    /// stays silent until its answer comes.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    body_read_timeout: Option<Duration>,
+    /// Most connections open at once; past it new ones wait in the listen backlog
+    /// (default 32768).
+    #[arg(long)]
+    max_connections: Option<usize>,
+    /// An HTTP/2 connection with no request in flight is closed after this long
+    /// (default `75s`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    http2_idle_timeout: Option<Duration>,
     /// Runtime worker threads: 0 (the default) is one per CPU; 1 runs everything on
     /// one thread, which is faster when the gateway shares a small machine with its
     /// publishers (no hand-offs between threads, no waking an idle CPU).
@@ -198,6 +216,90 @@ struct FileConfig {
     /// How to wake a host whose publisher has no channel while it sleeps.
     #[serde(default)]
     wake: Vec<WakeConfig>,
+    /// The server's connection limits and timeouts.
+    #[serde(default)]
+    server: ServerConfig,
+}
+
+/// The `[server]` table: the HTTP server's limits (`virtual_llm::http::ServeOptions`);
+/// the flags of the same names override it.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServerConfig {
+    #[serde(default, with = "humantime_serde")]
+    header_read_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    write_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    body_read_timeout: Option<Duration>,
+    max_connections: Option<usize>,
+    #[serde(default, with = "humantime_serde")]
+    http2_idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    linger: Option<Duration>,
+}
+
+impl ServerConfig {
+    /// The server's options: the flags, else this table, else the defaults; refused
+    /// when a duration or the cap is zero, or the body read timeout would cut off a
+    /// publisher's result post that is still within the task's deadlines.
+    fn options(&self, args: &Args, config: &Config) -> Result<ServeOptions, String> {
+        let mut options = ServeOptions::default();
+        options.grace = args.grace;
+        let durations = [
+            (
+                "headerReadTimeout",
+                &mut options.header_read_timeout,
+                None,
+                self.header_read_timeout,
+            ),
+            (
+                "writeTimeout",
+                &mut options.write_timeout,
+                args.write_timeout,
+                self.write_timeout,
+            ),
+            (
+                "bodyReadTimeout",
+                &mut options.body_read_timeout,
+                args.body_read_timeout,
+                self.body_read_timeout,
+            ),
+            (
+                "http2IdleTimeout",
+                &mut options.http2_idle_timeout,
+                args.http2_idle_timeout,
+                self.http2_idle_timeout,
+            ),
+        ];
+        for (name, field, flag, file) in durations {
+            if let Some(value) = flag.or(file) {
+                if value.is_zero() {
+                    return Err(format!("[server] {name} must be more than 0"));
+                }
+                *field = value;
+            }
+        }
+        if let Some(linger) = self.linger {
+            options.linger = linger;
+        }
+        if let Some(max) = args.max_connections.or(self.max_connections) {
+            if max == 0 {
+                return Err(
+                    "[server] maxConnections (--max-connections) must be at least 1".into(),
+                );
+            }
+            options.max_connections = max;
+        }
+        let longest = config.task_deadline.max(config.stream_idle_timeout);
+        if options.body_read_timeout <= longest {
+            return Err(format!(
+                "[server] bodyReadTimeout (--body-read-timeout, {:?}) must be longer than taskDeadline and streamIdleTimeout ({longest:?}): a publisher's result post is silent until its answer comes",
+                options.body_read_timeout
+            ));
+        }
+        Ok(options)
+    }
 }
 
 /// A `[[wake]]` table: the pool or the llm it wakes, and the recipe (a webhook `url`
@@ -294,6 +396,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     }
     // Before anything is opened: a gateway that cannot work says so and stops.
     config.validate().map_err(|e| config_error(&e))?;
+    let serve_options = file.server.options(&args, &config)?;
     virtual_llm::http::check_origins(&args.cors_origin).map_err(|e| config_error(&e))?;
     let auth = authenticator(&file.tokens)?;
     if file.tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure {
@@ -385,7 +488,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         // Every caller is an admin: answer programs of this machine, not web pages.
         routes = virtual_llm::http::local_only(routes, &args.cors_origin);
     }
-    virtual_llm::http::serve(
+    virtual_llm::http::serve_with(
         listener,
         routes,
         async move {
@@ -394,7 +497,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             mcp_shutdown.cancel();
             closing.drain(grace).await;
         },
-        args.grace,
+        serve_options,
     )
     .await;
     // A WebSocket session outlives its HTTP connection (the upgrade hands the socket

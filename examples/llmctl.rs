@@ -328,7 +328,10 @@ async fn get(client: &Client, args: &GetArgs) -> Result<(), Failure> {
     if let Resource::Agent = args.resource {
         return get_agents(client, args).await;
     }
-    let (rows, one) = fetch::<LlmView>(client, &client.registry, args.name.as_deref()).await?;
+    let (rows, one) = match args.name.as_deref() {
+        Some(name) => fetch::<LlmView>(client, &client.registry, Some(name)).await?,
+        None => (fetch_pages(client).await?, false),
+    };
     let mut stdout = std::io::stdout().lock();
     match args.output {
         // Through `LlmView`: the fields in the order of the SPEC.
@@ -421,6 +424,46 @@ async fn fetch<T: serde::de::DeserializeOwned>(
         serde_json::from_value(body).map_err(|e| unexpected(client, &e))?
     };
     Ok((rows, name.is_some()))
+}
+
+/// Rows of `GET {base}` read in one request.
+const PAGE: usize = 1000;
+
+/// Every registry row, a page at a time (`GET {base}?limit=&after=`), so that neither
+/// side holds a large registry as one answer. A gateway older than paging ignores the
+/// parameters and answers every row as one array: taken as it is.
+async fn fetch_pages(client: &Client) -> Result<Vec<LlmView>, Failure> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Listing {
+        All(Vec<LlmView>),
+        Page {
+            llms: Vec<LlmView>,
+            next: Option<String>,
+        },
+    }
+    let mut rows = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let mut url = reqwest::Url::parse(&client.registry).map_err(|e| e.to_string())?;
+        url.query_pairs_mut()
+            .append_pair("limit", &PAGE.to_string());
+        if let Some(after) = &after {
+            url.query_pairs_mut().append_pair("after", after);
+        }
+        let body = client.get_json(url.as_str()).await?;
+        match serde_json::from_value(body).map_err(|e| unexpected(client, &e))? {
+            Listing::All(all) => return Ok(all),
+            Listing::Page { llms, next } => {
+                rows.extend(llms);
+                match next {
+                    // A cursor that does not move on would page forever.
+                    Some(next) if after.as_deref() != Some(next.as_str()) => after = Some(next),
+                    _ => return Ok(rows),
+                }
+            }
+        }
+    }
 }
 
 /// `rows` as JSON, as the gateway answered: an object for one name, a list otherwise.

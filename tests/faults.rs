@@ -82,7 +82,9 @@ async fn a_publisher_killed_mid_stream_fails_the_stream(t: &dyn RawTransport) {
 /// Paused time: the 10 s deadline passes without waiting. The keep-alive is set beyond
 /// the test, so that the gateway's ping (a different fault, tested in `ws.rs`) does not
 /// close the socket first; the stale timeout goes beyond it, as `Config::validate`
-/// asks.
+/// asks. So is the server's write timeout, which closes a channel whose publisher
+/// stopped reading (a different fault, tested in `hostile.rs`): here the channel stays
+/// stalled for the whole test.
 async fn a_publisher_that_stops_reading_gets_503s_then_504s(t: &dyn RawTransport) {
     const REQUESTS: usize = 100;
     let config = Config {
@@ -92,7 +94,9 @@ async fn a_publisher_that_stops_reading_gets_503s_then_504s(t: &dyn RawTransport
         stale_after: Duration::from_secs(7200),
         ..Config::default()
     };
-    let gw = TestGateway::start(config).await;
+    let mut options = virtual_llm::http::ServeOptions::default();
+    options.write_timeout = Duration::from_secs(3600);
+    let gw = TestGateway::start_serving(config, options).await;
     // Reads nothing after the channel is bound; a 4 KiB receive buffer fills at once.
     let stalled = t.raw(&gw, "alice", None, &["stuck"], Some(4096)).await;
     let wave = || async {

@@ -823,3 +823,63 @@ roles = ["admin"]
     assert_eq!(public["kind"], "public");
     gateway.sigterm();
 }
+
+/// The server's limits come from the `[server]` table (and flags of the same names):
+/// a body read timeout not above the task deadline is refused at start, naming the
+/// setting and its flag; a short one, set in the file, cuts off a body that stops
+/// coming (400 naming the body read timeout), so the table reaches the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_limits_come_from_the_server_table() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = temp_dir();
+    let config = dir.0.join("gateway.toml");
+    std::fs::write(&config, "[server]\nbodyReadTimeout = \"1m\"\n").unwrap();
+    let refused = Command::new(gateway_binary())
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.0.join("data"))
+        .arg("--config")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!refused.status.success(), "it must not start");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("bodyReadTimeout"), "{stderr}");
+    assert!(stderr.contains("--body-read-timeout"), "{stderr}");
+    assert!(stderr.contains("taskDeadline"), "{stderr}");
+
+    std::fs::write(
+        &config,
+        "[gateway]\ntaskDeadline = \"200ms\"\nstreamIdleTimeout = \"200ms\"\n\n\
+         [server]\nbodyReadTimeout = \"500ms\"\nwriteTimeout = \"5s\"\nmaxConnections = 64\n\
+         http2IdleTimeout = \"10s\"\nlinger = \"1s\"\n",
+    )
+    .unwrap();
+    let addr = free_addr();
+    let url = format!("http://{addr}");
+    let data = dir.0.join("data");
+    let gateway =
+        GatewayProcess::start_env(addr, &data, &["--config", config.to_str().unwrap()], &[]);
+    binary::ready(&url).await;
+    let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(
+            b"POST /api/v1/llms/_provider-register HTTP/1.1\r\nHost: x\r\n\
+              Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"llms\":",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        stalled.read_to_end(&mut answer),
+    )
+    .await
+    .expect("the stalled body is cut off")
+    .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("body read timeout"), "{answer}");
+    gateway.sigterm();
+}

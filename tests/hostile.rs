@@ -1558,3 +1558,501 @@ async fn floods_of_register_and_heartbeat_keep_the_gateway_correct() {
     assert_eq!(gw.gateway.store().list().await.unwrap().len(), before + 300);
     p.stop().await;
 }
+
+// ---------------------------------------------------------------------------------
+// Clients and publishers that stop reading; server limits (SPEC §16).
+// ---------------------------------------------------------------------------------
+
+/// Server options with a short write timeout (and the rest as by default).
+fn short_write_timeout() -> virtual_llm::http::ServeOptions {
+    let mut options = virtual_llm::http::ServeOptions::default();
+    options.write_timeout = Duration::from_millis(300);
+    options
+}
+
+/// The kernel's largest TCP send and receive buffers (`tcp_wmem`, `tcp_rmem`): what a
+/// stalled connection can hold outside the gateway's own memory.
+fn kernel_socket_buffers() -> (usize, usize) {
+    let max = |path: &str| {
+        std::fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.split_whitespace().nth(2)?.parse().ok())
+            .unwrap_or(8 << 20)
+    };
+    (
+        max("/proc/sys/net/ipv4/tcp_wmem"),
+        max("/proc/sys/net/ipv4/tcp_rmem"),
+    )
+}
+
+/// A client that opens a streaming request and stops reading (its receive buffer
+/// full) is disconnected after the write timeout, however long it keeps its TCP
+/// connection open: its task is cancelled at the publisher (the stream's producer is
+/// dropped before it ran to its end), and the publisher's one concurrency slot is free
+/// for the next request (red-team finding F2). The client's connection is still open
+/// while this is checked: nothing here depends on the client going away.
+async fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled(t: &dyn Transport) {
+    let gw = TestGateway::start_serving(Config::default(), short_write_timeout()).await;
+    let firehose = Arc::new(virtual_llm::testkit::Firehose::default());
+    let options = virtual_llm::PublisherOptions {
+        max_concurrent_tasks: 1,
+        ..Default::default()
+    };
+    let p = gw
+        .publish_with(t, "alice", &["hose"], firehose.clone(), options)
+        .await;
+    // A hundred thousand 1 KiB chunks; the client takes the first and stops.
+    let mut stalled = gw
+        .chat_stream_with_recv_buffer("client", "hose", "stalled n=100000", 4096)
+        .await;
+    assert!(stalled.next_event().await.is_some());
+    tokio::time::timeout(Duration::from_secs(30), firehose.dropped.notified())
+        .await
+        .unwrap_or_else(|_| panic!("{}: the stalled stream's task is never cancelled", t.name()));
+    let produced = firehose.produced("stalled");
+    assert!(
+        produced < 100_000,
+        "{}: the stream ran to its end",
+        t.name()
+    );
+    // The publisher's only slot is free again: the next request is served.
+    let next = tokio::time::timeout(Duration::from_secs(30), async {
+        gw.chat_stream("client", "hose", "next n=3")
+            .await
+            .text()
+            .await
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{}: the publisher's slot is still taken", t.name()));
+    assert_eq!(next.len(), 3000, "{}", t.name());
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
+    drop(stalled);
+    p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled_sse() {
+    a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled(&Sse).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled_ws() {
+    a_client_that_stops_reading_a_stream_is_cut_off_and_its_task_cancelled(&Ws).await;
+}
+
+/// A large non-streaming answer (the whole registry, unpaged) that its client never
+/// reads is dropped after the write timeout: the client, reading at last, gets only
+/// what the kernel's socket buffers held, then the close; before, the gateway held
+/// the whole answer for as long as the client kept the connection (red-team F5).
+/// Paused time from the request on: the timeout passes without waiting.
+#[tokio::test]
+async fn an_unread_registry_listing_is_released_after_the_write_timeout() {
+    let gw = TestGateway::start_serving(Config::default(), short_write_timeout()).await;
+    let (wmem, rmem) = kernel_socket_buffers();
+    // Rows of about 300 bytes each, twice what the kernel can hold in between (the
+    // gateway's send buffer; the client's receive buffer is 4 KiB).
+    let _ = rmem;
+    let rows = (2 * wmem / 300).max(10_000);
+    let batch = (0..rows)
+        .map(|i| {
+            let mut r = virtual_llm::testkit::record(&format!("row-{i:06}"));
+            r.model = "m".repeat(200);
+            virtual_llm::Write::Insert(r)
+        })
+        .collect();
+    gw.gateway.store().write(batch).await.unwrap();
+    let whole = http()
+        .get(format!("{}{}", gw.url, gw.gateway.config().base_path))
+        .bearer_auth(token("client"))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap()
+        .len();
+    assert!(whole > wmem + MB, "{whole} bytes: not enough rows");
+
+    let mut stalled = virtual_llm::testkit::connect_with_recv_buffer(gw.addr, Some(4096)).await;
+    stalled
+        .write_all(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                gw.gateway.config().base_path,
+                token("client")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::pause();
+    // Paused: the gateway answers, fills the socket and waits 300 ms of tokio time
+    // for the client, which comes at once once nothing else is left to run.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::time::resume();
+    let received = tokio::time::timeout(Duration::from_secs(30), read_until_closed(&mut stalled))
+        .await
+        .expect("the connection is closed");
+    assert!(
+        received < whole,
+        "the whole answer ({whole} bytes) was held for the client"
+    );
+    eprintln!("an unread listing of {whole} bytes: {received} reached the client before the close");
+}
+
+/// An SSE publisher that opens its control stream and stops reading is closed after
+/// the write timeout, as a WebSocket publisher is after its send timeout: its session
+/// unbinds (its row goes inactive), the frames queued for it are dropped with the
+/// stream, and the clients whose tasks were sent to it get the usual answer for a
+/// lost channel (503) instead of waiting for the task deadline (red-team F1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sse_publisher_that_stops_reading_is_closed_and_its_tasks_fail() {
+    let gw = TestGateway::start_serving(Config::default(), short_write_timeout()).await;
+    let registered = gw
+        .register_raw(
+            "alice",
+            json!({"llms": [{"name": "sink", "type": "openai", "model": "m"}]}),
+        )
+        .await;
+    let session = registered["providerSessionId"].as_str().unwrap().to_owned();
+    let mut stream = virtual_llm::testkit::connect_with_recv_buffer(gw.addr, Some(4096)).await;
+    stream
+        .write_all(
+            format!(
+                "GET {}/_provider-stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 {SESSION}: {session}\r\n\r\n",
+                gw.gateway.config().base_path,
+                token("alice")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    eventually("the stream is bound", || async {
+        gw.row_status("sink").await == "active"
+    })
+    .await;
+    // Task frames of 1 MiB each, far more than the socket buffers on the way hold.
+    let (wmem, rmem) = kernel_socket_buffers();
+    let clients = (2 * (wmem + rmem) / MB + 4).min(64);
+    let text = "w".repeat(MB);
+    let calls: Vec<_> = (0..clients)
+        .map(|_| {
+            let gw = gw.clone_handle();
+            let text = text.clone();
+            tokio::spawn(async move { gw.chat("client", "sink", &text, false).await })
+        })
+        .collect();
+    for call in calls {
+        let (status, body) = tokio::time::timeout(Duration::from_secs(60), call)
+            .await
+            .expect("a client waits for a publisher that stopped reading")
+            .unwrap();
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"]["code"], "llm_unavailable", "{body}");
+    }
+    assert_eq!(gw.row_status("sink").await, "inactive");
+    assert_eq!(gw.gateway.in_flight(), 0);
+    // The publisher, reading at last, finds its stream closed.
+    tokio::time::timeout(Duration::from_secs(30), read_until_closed(&mut stream))
+        .await
+        .expect("the stream is closed");
+}
+
+/// A body well over the limit sent in one go gets its 413, every time, by a client
+/// that does what most do (curl, Python's `http.client`): send the whole request,
+/// then read the answer. The gateway answers before the body is in, then reads (and
+/// drops) the rest for a moment before it closes: closing at once, with the body
+/// still arriving, makes the kernel reset the connection, which fails the client's
+/// send and discards the answer. Twenty times, on fresh connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_sent_in_one_go_reliably_reads_its_413() {
+    let config = Config {
+        max_body_bytes: 64 * 1024,
+        ..Config::default()
+    };
+    let gw = TestGateway::start_serving(config, virtual_llm::http::ServeOptions::default()).await;
+    let body = vec![b'x'; 4 * MB];
+    for round in 0..20 {
+        let mut stream = TcpStream::connect(gw.addr).await.unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+             Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            token("client"),
+            body.len()
+        );
+        let mut request = head.into_bytes();
+        request.extend_from_slice(&body);
+        let exchange = async {
+            stream.write_all(&request).await?;
+            let mut answer = Vec::new();
+            stream.read_to_end(&mut answer).await?;
+            Ok::<_, std::io::Error>(answer)
+        };
+        let answer = tokio::time::timeout(Duration::from_secs(30), exchange)
+            .await
+            .expect("the answer comes")
+            .unwrap_or_else(|e| panic!("round {round}: {e}"));
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.starts_with("HTTP/1.1 413"), "round {round}: {text}");
+        assert!(text.contains("payload_too_large"), "round {round}: {text}");
+    }
+}
+
+/// One request on `stream` (kept alive), its status line.
+async fn get_on(stream: &mut TcpStream, path: &str) -> String {
+    stream
+        .write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                token("client")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    read_response_head(stream).await
+}
+
+/// Reads one response on `stream` (its head and a `Content-Length` body); its status
+/// line.
+async fn read_response_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        assert_eq!(
+            stream.read(&mut byte).await.unwrap(),
+            1,
+            "connection closed"
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).await.unwrap();
+    head.lines().next().unwrap().to_owned()
+}
+
+/// At the connection cap, a new connection waits (in the listen backlog) while the
+/// open ones are served as before, and is served once one of them closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_the_connection_cap_new_connections_wait_and_open_ones_are_served() {
+    let mut options = virtual_llm::http::ServeOptions::default();
+    options.max_connections = 2;
+    let (addr, _gateway) = serve_with(options).await;
+    let mut first = TcpStream::connect(&addr).await.unwrap();
+    let mut second = TcpStream::connect(&addr).await.unwrap();
+    assert_eq!(get_on(&mut first, "/v1/models").await, "HTTP/1.1 200 OK");
+    assert_eq!(get_on(&mut second, "/v1/models").await, "HTTP/1.1 200 OK");
+
+    // A third: its TCP handshake completes (the kernel queues it), its request waits.
+    let mut third = TcpStream::connect(&addr).await.unwrap();
+    third
+        .write_all(
+            format!(
+                "GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n",
+                token("client")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    // Meanwhile the open connections are served, again and again.
+    for _ in 0..5 {
+        assert_eq!(get_on(&mut first, "/v1/models").await, "HTTP/1.1 200 OK");
+        assert_eq!(get_on(&mut second, "/v1/models").await, "HTTP/1.1 200 OK");
+    }
+    // Without a cap the third would have been answered by now as quickly as these ten;
+    // a short look, which can only miss an early answer, never invent one.
+    let mut peek = [0u8; 1];
+    let early = tokio::time::timeout(Duration::from_millis(300), third.peek(&mut peek)).await;
+    assert!(early.is_err(), "a connection past the cap was served");
+    // One closes: the third is accepted and answered.
+    drop(first);
+    let answered = tokio::time::timeout(Duration::from_secs(30), read_response_head(&mut third))
+        .await
+        .expect("the waiting connection is served once a slot frees");
+    assert_eq!(answered, "HTTP/1.1 200 OK");
+    assert_eq!(get_on(&mut second, "/v1/models").await, "HTTP/1.1 200 OK");
+}
+
+/// A client with a valid token that sends part of a body and then nothing is
+/// answered (400, naming the body read timeout) and disconnected once the timeout
+/// passes, rather than holding its request forever; a publisher's NDJSON result post
+/// whose lines come with gaps shorter than the timeout is read whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_stops_coming_is_cut_off_after_the_body_read_timeout() {
+    let mut options = virtual_llm::http::ServeOptions::default();
+    options.body_read_timeout = Duration::from_millis(500);
+    let (addr, _gateway) = serve_with(options).await;
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled
+        .write_all(
+            format!(
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\
+                 Content-Type: application/json\r\nContent-Length: 100000\r\n\r\n{{\"model\":",
+                token("client")
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stalled.read_to_end(&mut answer))
+        .await
+        .expect("the stalled body is cut off")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("body read timeout"), "{answer}");
+}
+
+/// An HTTP/2 connection (prior knowledge, no proxy in front) with no request in
+/// flight is closed (GOAWAY) after the HTTP/2 idle timeout, as an idle HTTP/1
+/// keep-alive connection is after the header read timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    let mut options = virtual_llm::http::ServeOptions::default();
+    options.http2_idle_timeout = Duration::from_millis(300);
+    let (addr, _gateway) = serve_with(options).await;
+    let stream = TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    let connection = tokio::spawn(connection);
+    for _ in 0..3 {
+        let request = hyper::Request::get(format!("http://{addr}/v1/models"))
+            .header("authorization", format!("Bearer {}", token("client")))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        assert_eq!(response.status(), 200);
+        http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(30), connection)
+        .await
+        .expect("the idle HTTP/2 connection is closed")
+        .unwrap()
+        .unwrap();
+}
+
+/// `GET {base}` pages with `limit` and `after`: each page holds at most `limit` rows
+/// (at most 1000 whatever is asked), in name order, after the cursor, with the cursor
+/// of the next page in `next` (`null` on the last); agent rows are skipped as in the
+/// unpaged answer, even where a run of them fills a whole page; walking the pages
+/// gives exactly the unpaged answer, which keeps its v1 shape (an array of every row)
+/// for a request without paging parameters. A bad `limit` or `after` is a 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_listing_pages_with_limit_and_after() {
+    let gw = TestGateway::start(Config::default()).await;
+    let mut batch: Vec<virtual_llm::Write> = (0..1205)
+        .map(|i| virtual_llm::Write::Insert(virtual_llm::testkit::record(&format!("row-{i:04}"))))
+        .collect();
+    // Agents between row-0001 and row-0002, more than a small page.
+    for i in 0..7 {
+        let mut agent = virtual_llm::testkit::record(&format!("row-0001-agent-{i}"));
+        agent.provider_type = virtual_llm::agent::AGENT_TYPE.into();
+        agent.agent = Some(virtual_llm::agent::Persona {
+            llm: virtual_llm::LlmName::parse("row-0000").unwrap(),
+            description: None,
+            system_prompt: None,
+            default_params: None,
+        });
+        batch.push(virtual_llm::Write::Insert(agent));
+    }
+    gw.gateway.store().write(batch).await.unwrap();
+    let list = |query: &'static str| {
+        let gw = gw.clone_handle();
+        async move {
+            gw.get_any(
+                Some("client"),
+                &format!("{}{query}", gw.gateway.config().base_path),
+            )
+            .await
+        }
+    };
+    let names = |rows: &Value| -> Vec<String> {
+        rows.as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+
+    // No paging parameter: the v1 answer, every row but the agents.
+    let (status, all) = list("").await;
+    assert_eq!(status, 200);
+    let all = names(&all);
+    assert_eq!(all.len(), 1205);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "ordered by name");
+    assert_eq!(list("?unrelated=1").await.1.as_array().unwrap().len(), 1205);
+
+    // Small pages across the agents.
+    let (status, page) = list("?limit=2").await;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(names(&page["llms"]), ["row-0000", "row-0001"]);
+    assert_eq!(page["next"], "row-0001");
+    let (_, page) = list("?limit=2&after=row-0001").await;
+    assert_eq!(names(&page["llms"]), ["row-0002", "row-0003"]);
+    assert_eq!(page["next"], "row-0003");
+    // A cursor that names no row; the default page size.
+    let (_, page) = list("?after=row-0001-agent-3").await;
+    assert_eq!(names(&page["llms"]).len(), 100);
+    assert_eq!(names(&page["llms"])[0], "row-0002");
+    // The last page says so; past the end, an empty page.
+    let (_, page) = list("?limit=5&after=row-1200").await;
+    assert_eq!(
+        names(&page["llms"]),
+        ["row-1201", "row-1202", "row-1203", "row-1204"]
+    );
+    assert_eq!(page["next"], Value::Null);
+    let (_, page) = list("?limit=5&after=row-1204").await;
+    assert_eq!(page, json!({"llms": [], "next": null}));
+    // At most 1000 rows a page, whatever is asked.
+    let (_, page) = list("?limit=100000").await;
+    assert_eq!(names(&page["llms"]).len(), 1000);
+    assert_eq!(page["next"], "row-0999");
+
+    // Walking the pages gives the unpaged answer.
+    let mut walked = Vec::new();
+    let mut after: Option<String> = None;
+    loop {
+        let path = match &after {
+            Some(a) => format!("{}?limit=333&after={a}", gw.gateway.config().base_path),
+            None => format!("{}?limit=333", gw.gateway.config().base_path),
+        };
+        let (status, page) = gw.get_any(Some("client"), &path).await;
+        assert_eq!(status, 200, "{page}");
+        walked.extend(names(&page["llms"]));
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all);
+
+    for bad in [
+        "?limit=0",
+        "?limit=-1",
+        "?limit=ten",
+        "?after=_bad",
+        "?after=%FF",
+    ] {
+        let (status, body) = list(bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
+    }
+}

@@ -9,7 +9,7 @@ use serde_json::Value;
 use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
-use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmView, Model, Reply};
+use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmName, LlmView, Model, Reply};
 use warp::reply::Response;
 
 use crate::error::respond;
@@ -21,14 +21,91 @@ use crate::openapi::{
 use crate::server::CloseConnection;
 use crate::{body, reply, stream};
 
-/// `GET {base}`: the registry rows the caller may see.
-#[utoipa::path(get, path = "/api/v1/llms", tag = "registry",
-    responses((status = 200, description = "The rows, ordered by name", body = [LlmView]), E401, E403))]
-pub(crate) async fn list(gw: Gateway, auth: Option<String>) -> Response {
+/// The most rows one page of `GET {base}` holds: a larger `limit` is cut to it.
+pub(crate) const MAX_PAGE: usize = 1000;
+/// The rows of a page of `GET {base}` when the request names an `after` but no
+/// `limit`.
+pub(crate) const DEFAULT_PAGE: usize = 100;
+
+/// The query of `GET {base}`. With neither parameter, the answer is every row as one
+/// array (the v1 answer); with either, one page and the cursor of the next.
+#[derive(Debug, Default, PartialEq, Eq, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// Most rows in the page: 1 to 1000 (larger is cut to 1000). Default 100.
+    #[param(minimum = 1, example = 100)]
+    limit: Option<usize>,
+    /// The page starts after this name: the `next` of the previous page.
+    #[param(value_type = Option<virtual_llm_core::LlmName>)]
+    after: Option<String>,
+}
+
+impl ListParams {
+    /// The query string's `limit` and `after` (other parameters are ignored, as v1
+    /// ignored every one); 400 for a `limit` that is not a number of at least 1.
+    fn parse(query: &str) -> Result<Self, Error> {
+        let mut params = ListParams::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_encoding::percent_decode_str(value)
+                .decode_utf8()
+                .map_err(|_| Error::invalid(format!("the {key} parameter is not UTF-8")))?;
+            match key {
+                "limit" => {
+                    let limit = value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| Error::invalid("limit is a number of rows, at least 1"))?;
+                    params.limit = Some(limit);
+                }
+                "after" => params.after = Some(value.into_owned()),
+                _ => {}
+            }
+        }
+        Ok(params)
+    }
+}
+
+/// A page of the registry: its rows, ordered by name, and the cursor of the next.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct LlmPage {
+    /// At most `limit` rows, after the `after` of the request.
+    llms: Vec<LlmView>,
+    /// The `after` of the next page; `null` on the last page.
+    #[schema(value_type = Option<virtual_llm_core::LlmName>)]
+    next: Option<String>,
+}
+
+/// The answer of `GET {base}`: every row (no paging parameter: the v1 answer), or a
+/// page.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+#[serde(untagged)]
+pub(crate) enum Listing {
+    /// Every row, ordered by name.
+    All(Vec<LlmView>),
+    /// One page.
+    Page(LlmPage),
+}
+
+/// `GET {base}`: the registry rows the caller may see; every row, or a page of them
+/// with `limit` / `after`.
+#[utoipa::path(get, path = "/api/v1/llms", tag = "registry", params(ListParams),
+    responses((status = 200, description = "Without `limit` and `after`: every row, ordered by name. With either: a page of at most `limit` rows (at most 1000) after `after`, and in `next` the `after` of the next page (`null` on the last)", body = Listing), E400, E401, E403))]
+pub(crate) async fn list(gw: Gateway, auth: Option<String>, query: String) -> Response {
     respond(
         async {
             let who = principal(&gw, auth.as_deref()).await?;
-            Ok(reply::json(200, &gw.list(&who).await?))
+            let params = ListParams::parse(&query)?;
+            if params == ListParams::default() {
+                return Ok(reply::json(200, &Listing::All(gw.list(&who).await?)));
+            }
+            let after = params.after.as_deref().map(LlmName::parse).transpose()?;
+            let limit = params.limit.unwrap_or(DEFAULT_PAGE).min(MAX_PAGE);
+            let (llms, next) = gw.list_page(&who, after.as_ref(), limit).await?;
+            let next = next.map(|n| n.to_string());
+            Ok(reply::json(200, &Listing::Page(LlmPage { llms, next })))
         }
         .await,
     )

@@ -19,8 +19,12 @@
 //!   [`recover`] for requests no route took.
 //! - `reply`: JSON and empty answers, event-stream headers.
 //! - `stream`: the client's chat-completion event stream.
-//! - `server`: [`serve`]: the server loop, with `TCP_NODELAY`, a header read timeout
-//!   and a graceful shutdown; [`bind`] with a deep listen backlog.
+//! - `server`: [`serve`]: the server loop, with `TCP_NODELAY`, a graceful shutdown and
+//!   the bounds of [`ServeOptions`] (header read, write and body read timeouts, a
+//!   connection cap, an HTTP/2 idle timeout, a lingering close); [`bind`] with a deep
+//!   listen backlog.
+//! - `timed_io`: an accepted socket with the write timeout and the lingering close.
+//! - `timed_body`: a request body with the body read timeout.
 //! - `mcp` (feature `mcp`): the active agents as MCP tools over Streamable HTTP at
 //!   `/mcp`, with the official Rust MCP SDK.
 
@@ -40,6 +44,8 @@ mod routes;
 mod server;
 mod status;
 mod stream;
+mod timed_body;
+mod timed_io;
 
 pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};

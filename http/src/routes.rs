@@ -10,7 +10,7 @@
 //! | `POST {base}/_provider-register` | [`Gateway::register`] |
 //! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
 //! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
-//! | `GET {base}` · `GET {base}/{name...}` | [`Gateway::list`] · [`Gateway::get`] |
+//! | `GET {base}` · `GET {base}/{name...}` | [`Gateway::list`] (or [`Gateway::list_page`] with `?limit=&after=`) · [`Gateway::get`] |
 //! | `DELETE {base}/{name...}` | [`Gateway::evict`] (admins) |
 //! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name...}/infer` | [`Gateway::infer`] |
@@ -123,6 +123,7 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(gw.clone())
         .and(authorization())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .then(client::list);
     let get = base
         .clone()

@@ -1,17 +1,29 @@
 //! Serving warp routes over TCP, with what warp's own server does not let us set:
 //! `TCP_NODELAY` on every accepted socket (Nagle plus delayed ACKs would hold each
 //! streamed token back by up to 40 ms), HTTP/1 and HTTP/2 with upgrades (WebSocket),
-//! a header read timeout against slowloris clients, a graceful shutdown that
-//! stops accepting, then waits a bounded grace period for open connections to finish,
-//! and an idle connection that costs one 8 KiB read buffer, not 16 (see
-//! `Connection::serve`): an SSE publisher's control stream is such a connection, for as
-//! long as the publisher is up.
+//! a graceful shutdown that stops accepting, then waits a bounded grace period for
+//! open connections to finish, an idle connection that costs one 8 KiB read buffer,
+//! not 16 (see `Connection::serve`): an SSE publisher's control stream is such a
+//! connection, for as long as the publisher is up; and time and count bounds on every
+//! connection ([`ServeOptions`]):
 //!
-//! The header read timeout has two parts. hyper's HTTP/1 `header_read_timeout` (it
-//! needs a timer, set here) bounds each request head, and idle keep-alive time
-//! between requests too. It starts only once hyper knows the connection is HTTP/1,
-//! so a connection that sends nothing, or a few bytes of the HTTP/2 preface, is
-//! bounded here: it must deliver its first request within the same time.
+//! - **Header read timeout.** hyper's HTTP/1 `header_read_timeout` (it needs a timer,
+//!   set here) bounds each request head, and idle keep-alive time between requests
+//!   too. It starts only once hyper knows the connection is HTTP/1, so a connection
+//!   that sends nothing, or a few bytes of the HTTP/2 preface, is bounded here: it
+//!   must deliver its first request within the same time.
+//! - **Write timeout** (`timed_io`): a client that stops reading is disconnected, and
+//!   whatever it was being sent is dropped (a stream's task is cancelled upstream).
+//! - **Body read timeout** (`timed_body`): the gap between two pieces of a request
+//!   body the route waits for.
+//! - **Lingering close** (`timed_io`): a connection closed with its request body
+//!   unread (a 413) reads the rest for a moment, so the answer is not lost to a
+//!   reset.
+//! - **Connection cap**: past `max_connections` open connections, the server stops
+//!   accepting until one closes; new connections wait in the listen backlog.
+//! - **HTTP/2 idle timeout**: an HTTP/2 connection with no request in flight for
+//!   that long is closed (GOAWAY), as HTTP/1's keep-alive is by the header read
+//!   timeout.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -22,10 +34,13 @@ use std::time::Duration;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::net::TcpListener;
+use tokio::sync::{Notify, Semaphore, mpsc, watch};
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
+
+use crate::timed_body::TimedBody;
+use crate::timed_io::{TimedIo, UnreadBody};
 
 /// The listen backlog [`bind`] asks for (the kernel caps it at `net.core.somaxconn`,
 /// 4096 by default on Linux).
@@ -81,6 +96,7 @@ pub async fn serve(
 /// ```
 /// let mut options = virtual_llm_http::ServeOptions::default();
 /// options.header_read_timeout = std::time::Duration::from_secs(30);
+/// options.max_connections = 4096;
 /// ```
 #[derive(Clone, Debug)]
 #[non_exhaustive]
@@ -95,6 +111,36 @@ pub struct ServeOptions {
     /// well over the 30 s heartbeat interval, so a publisher's pooled connection
     /// never idles out between two heartbeats.
     pub header_read_timeout: Duration,
+    /// Longest time a write to a client may make no progress (its receive window
+    /// stays full: it stopped reading) before its connection is closed and the
+    /// response dropped: a streamed answer's task is cancelled at its publisher, an
+    /// SSE control stream unbinds its session, a whole registry listing is freed.
+    /// Counted only while a write is pending, so a client reading slowly is never cut
+    /// off as long as it takes some bytes within this time. Applies to upgraded
+    /// connections (WebSocket) too. Default 30 s.
+    pub write_timeout: Duration,
+    /// Longest gap between two pieces of a request body a route waits for; past it
+    /// the body fails (400) and the connection closes. Counted only while the route
+    /// waits for the client. Default 10 min: a publisher's NDJSON result post is
+    /// open for the whole task and silent until the answer's first line, which may
+    /// take the gateway's whole task deadline (`taskDeadline`, 300 s by default) or,
+    /// between chunks, its stream idle timeout (60 s). Keep it above both.
+    pub body_read_timeout: Duration,
+    /// Most connections open at once (HTTP/1, HTTP/2, and WebSockets until their
+    /// socket closes). Past it the server stops accepting: new connections wait in
+    /// the listen backlog ([`LISTEN_BACKLOG`]) and are accepted as open ones close;
+    /// open connections are served as before. Default 32 768. Keep the process's
+    /// file descriptor limit above it.
+    pub max_connections: usize,
+    /// How long an HTTP/2 connection with no request in flight stays open before it
+    /// is closed (GOAWAY); HTTP/1 keep-alive connections are bounded by
+    /// `header_read_timeout`. Default 75 s, the same.
+    pub http2_idle_timeout: Duration,
+    /// When a connection closes with a request body not read to its end (a 413 for
+    /// a body over the limit), how long the server still reads and discards what the
+    /// client sends (at most 64 MiB), so that the client reads its answer rather than
+    /// a connection reset. Zero closes at once. Default 5 s.
+    pub linger: Duration,
 }
 
 impl Default for ServeOptions {
@@ -102,6 +148,11 @@ impl Default for ServeOptions {
         ServeOptions {
             grace: Duration::from_secs(10),
             header_read_timeout: Duration::from_secs(75),
+            write_timeout: Duration::from_secs(30),
+            body_read_timeout: Duration::from_secs(600),
+            max_connections: 32_768,
+            http2_idle_timeout: Duration::from_secs(75),
+            linger: Duration::from_secs(5),
         }
     }
 }
@@ -123,12 +174,23 @@ pub async fn serve_with(
     let mut http2 = http2::Builder::new(TokioExecutor::new());
     http2.timer(TokioTimer::new());
     let builders = Arc::new((http1, http2));
+    let slots = Arc::new(Semaphore::new(
+        options.max_connections.clamp(1, Semaphore::MAX_PERMITS),
+    ));
     // mini-redis' shutdown: connections watch `stop`, and each holds a clone of `done`,
     // so `done_rx` ends once the last connection has.
     let (stop, _) = watch::channel(false);
     let (done, mut done_rx) = mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
+        // A slot first: at the cap, connections wait in the listen backlog.
+        let permit = tokio::select! {
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_closed) => break,
+            },
+            () = &mut shutdown => break,
+        };
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer) = match accepted {
@@ -146,19 +208,33 @@ pub async fn serve_with(
                 }
                 let requested = Arc::new(AtomicBool::new(false));
                 let close = CloseConnection::default();
+                let unread = UnreadBody::default();
+                let (in_flight, idle) = watch::channel(0usize);
                 let service = Tracked {
                     inner: TowerToHyperService::new(service.clone()),
                     requested: requested.clone(),
                     close: close.clone(),
+                    unread: unread.clone(),
+                    body_read_timeout: options.body_read_timeout,
+                    in_flight: Arc::new(in_flight),
                 };
+                let io = TimedIo::new(
+                    stream,
+                    options.write_timeout,
+                    options.linger,
+                    unread,
+                    Some(permit),
+                );
                 let connection = Connection {
                     builders: builders.clone(),
                     close,
+                    idle,
+                    http2_idle_timeout: options.http2_idle_timeout,
                     stop: stop.subscribe(),
                     _done: done.clone(),
                 };
                 tokio::spawn(async move {
-                    let served = connection.serve(stream, service);
+                    let served = connection.serve(io, service);
                     tokio::pin!(served);
                     let ended = tokio::select! {
                         ended = &mut served => ended,
@@ -197,6 +273,9 @@ struct Connection {
     builders: Arc<(http1::Builder, http2::Builder<TokioExecutor>)>,
     /// Asked by a response to close this connection once it has been sent.
     close: CloseConnection,
+    /// How many of this connection's responses are in flight (see [`Tracked`]).
+    idle: watch::Receiver<usize>,
+    http2_idle_timeout: Duration,
     /// Turns `true` when the server shuts down.
     stop: watch::Receiver<bool>,
     /// Dropped when the connection ends; see `serve_with`.
@@ -208,9 +287,10 @@ type ConnectionError = Box<dyn std::error::Error + Send + Sync>;
 impl Connection {
     /// Serves HTTP/1 (with upgrades) or HTTP/2 until the connection ends, or shuts it
     /// down gracefully when the server stops, or (HTTP/1) once the response that asked
-    /// for it through [`CloseConnection`] has been sent. On HTTP/2 that request is
-    /// ignored: a response's end is explicit there, and other requests share the
-    /// connection.
+    /// for it through [`CloseConnection`] has been sent, or (HTTP/2) once no request
+    /// has been in flight for the HTTP/2 idle timeout. On HTTP/2 a
+    /// [`CloseConnection`] is ignored: a response's end is explicit there, and other
+    /// requests share the connection.
     ///
     /// The version is told by *peeking* at the first bytes. hyper-util's `auto`
     /// builder reads them instead and hands them back to hyper as a 24-byte first
@@ -218,7 +298,7 @@ impl Connection {
     /// grow for the rest and doubles to 16 KiB, which every idle connection (every
     /// SSE publisher) keeps. A peek leaves the bytes in the socket, so hyper's first
     /// read takes the whole head into its first 8 KiB.
-    async fn serve<S, B>(self, stream: TcpStream, service: S) -> Result<(), ConnectionError>
+    async fn serve<S, B>(self, stream: TimedIo, service: S) -> Result<(), ConnectionError>
     where
         S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B> + Send + 'static,
         S::Future: Send + 'static,
@@ -237,12 +317,31 @@ impl Connection {
         // No HTTP/1 method starts like the preface, so its first bytes are enough.
         if first[..n] == H2_PREFACE[..n] {
             let connection = http2.serve_connection(io, service);
-            let never = std::future::pending();
-            until_done(connection, self.stop, never, |c| c.graceful_shutdown()).await
+            let idle = idle_for(self.idle, self.http2_idle_timeout);
+            until_done(connection, self.stop, idle, |c| c.graceful_shutdown()).await
         } else {
             let connection = http1.serve_connection(io, service).with_upgrades();
             let close = self.close.0.notified();
             until_done(connection, self.stop, close, |c| c.graceful_shutdown()).await
+        }
+    }
+}
+
+/// Resolves once no response has been in flight (`in_flight` reads 0) for `limit`.
+async fn idle_for(mut in_flight: watch::Receiver<usize>, limit: Duration) {
+    loop {
+        let gone = in_flight.wait_for(|n| *n == 0).await.is_err();
+        if gone {
+            return std::future::pending().await;
+        }
+        let busy = async { in_flight.wait_for(|n| *n > 0).await.is_ok() };
+        tokio::select! {
+            () = tokio::time::sleep(limit) => return,
+            busy = busy => {
+                if !busy {
+                    return std::future::pending().await;
+                }
+            }
         }
     }
 }
@@ -286,27 +385,87 @@ impl CloseConnection {
     }
 }
 
-/// A connection's service: notes when its first request arrives, and gives each
-/// request the connection's [`CloseConnection`].
+/// A connection's service: notes when its first request arrives, gives each
+/// request the connection's [`CloseConnection`] and a body under the body read
+/// timeout ([`TimedBody`]), and counts the responses in flight (a response is in
+/// flight until hyper drops its body: sent, or the connection gone).
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
     requested: Arc<AtomicBool>,
     close: CloseConnection,
+    unread: UnreadBody,
+    body_read_timeout: Duration,
+    in_flight: Arc<watch::Sender<usize>>,
 }
 
-impl<S, B> hyper::service::Service<http::Request<B>> for Tracked<S>
+impl<S, B> hyper::service::Service<http::Request<hyper::body::Incoming>> for Tracked<S>
 where
-    S: hyper::service::Service<http::Request<B>>,
+    S: hyper::service::Service<http::Request<TimedBody>, Response = http::Response<B>>,
+    S::Future: Send + 'static,
+    B: hyper::body::Body + Unpin,
 {
-    type Response = S::Response;
+    type Response = http::Response<InFlight<B>>;
     type Error = S::Error;
-    type Future = S::Future;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
 
-    fn call(&self, mut request: http::Request<B>) -> Self::Future {
+    fn call(&self, request: http::Request<hyper::body::Incoming>) -> Self::Future {
         self.requested.store(true, Ordering::Release);
+        let unread = self.unread.clone();
+        let timeout = self.body_read_timeout;
+        let mut request = request.map(|body| TimedBody::new(body, timeout, unread));
         request.extensions_mut().insert(self.close.clone());
-        self.inner.call(request)
+        let guard = InFlightGuard::new(self.in_flight.clone());
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await?;
+            Ok(response.map(|body| InFlight {
+                body,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+/// Counts one response in flight on its connection until dropped.
+struct InFlightGuard(Arc<watch::Sender<usize>>);
+
+impl InFlightGuard {
+    fn new(count: Arc<watch::Sender<usize>>) -> Self {
+        count.send_modify(|n| *n += 1);
+        InFlightGuard(count)
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A response body, counted in flight on its connection while hyper holds it.
+struct InFlight<B> {
+    body: B,
+    _guard: InFlightGuard,
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for InFlight<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<B::Data>, B::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
     }
 }
 

@@ -61,20 +61,31 @@ async fn serve(
     gateway: &Gateway,
     channels: Vec<BoxedFilter<(Response,)>>,
 ) -> (String, SocketAddr, Server) {
+    let mut options = crate::http::ServeOptions::default();
+    options.grace = Duration::from_secs(1);
+    serve_with(gateway, channels, options).await
+}
+
+/// [`serve`] with the server's `options`.
+async fn serve_with(
+    gateway: &Gateway,
+    channels: Vec<BoxedFilter<(Response,)>>,
+    options: crate::http::ServeOptions,
+) -> (String, SocketAddr, Server) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let url = format!("http://{addr}");
     let (shutdown, mut stop) = watch::channel(false);
     let routes = crate::http::routes(gateway.clone(), channels);
     let closing = gateway.clone();
-    tokio::spawn(crate::http::serve(
+    tokio::spawn(crate::http::serve_with(
         listener,
         routes,
         async move {
             let _ = stop.wait_for(|s| *s).await;
             closing.close_channels("test over");
         },
-        Duration::from_secs(1),
+        options,
     ));
     (url, addr, Server { shutdown })
 }
@@ -141,6 +152,31 @@ impl TestGateway {
             crate::ws::route(gateway.clone()),
         ];
         Self::serving(gateway, channels).await
+    }
+
+    /// A gateway with `config` over a fresh in-memory store, serving both bundled
+    /// transports' control channels, its server run with `options` (a short write
+    /// timeout, a connection cap…).
+    pub async fn start_serving(config: Config, options: crate::http::ServeOptions) -> Self {
+        let gateway = builder(config, Arc::new(MemoryStore::new()), None)
+            .start()
+            .await
+            .unwrap();
+        let channels = vec![
+            crate::sse::route(gateway.clone()),
+            crate::ws::route(gateway.clone()),
+        ];
+        let (url, addr, server) = serve_with(&gateway, channels, options).await;
+        TestGateway {
+            publisher_url: url.clone(),
+            publisher_addr: addr,
+            publisher_gateway: gateway.clone(),
+            url,
+            addr,
+            gateway,
+            http: http_client(),
+            _servers: Arc::new(vec![server]),
+        }
     }
 
     /// The gateway the transport conformance suite runs on: with no plane, one

@@ -509,6 +509,26 @@ impl Store for PgStore {
             .pop())
     }
 
+    async fn list_after(
+        &self,
+        after: Option<&LlmName>,
+        limit: usize,
+    ) -> Result<Vec<LlmRecord>, StoreError> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        Ok(match after {
+            Some(after) => {
+                let sql = format!("{SELECT} WHERE name > $1 ORDER BY name LIMIT $2");
+                self.query("listing a page of rows", &sql, &[&after.as_str(), &limit])
+                    .await?
+            }
+            None => {
+                let sql = format!("{SELECT} ORDER BY name LIMIT $1");
+                self.query("listing a page of rows", &sql, &[&limit])
+                    .await?
+            }
+        })
+    }
+
     async fn get_ignoring_case(&self, name: &LlmName) -> Result<Option<LlmRecord>, StoreError> {
         // On the unique index of lower(name): at most one row.
         let sql = format!("{SELECT} WHERE lower(name) = lower($1)");

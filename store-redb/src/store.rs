@@ -319,6 +319,16 @@ impl Store for RedbStore {
             .await
     }
 
+    async fn list_after(
+        &self,
+        after: Option<&LlmName>,
+        limit: usize,
+    ) -> Result<Vec<LlmRecord>, StoreError> {
+        let after = after.map(|a| a.as_str().to_owned());
+        self.run(move |i| i.snapshot(|t| Ok(i.with_liveness(t.page(after.as_deref(), limit)?))))
+            .await
+    }
+
     async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
         let inner = &self.inner;
         if let Some(done) = inner.try_shared(|db| inner.by_session_in(db, session)) {

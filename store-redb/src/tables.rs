@@ -257,6 +257,20 @@ impl<'txn> ReadTables<'txn> {
         Ok(out)
     }
 
+    /// At most `limit` rows whose names come after `after` (strictly), ordered by
+    /// name: a range read of the rows table, as long as the page.
+    pub(crate) fn page(&self, after: Option<&str>, limit: usize) -> Result<Vec<StoredRow>, Error> {
+        use std::ops::Bound;
+        let rows = self.rows()?;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut out = Vec::with_capacity(limit.min(1024));
+        for entry in rows.range::<&str>((start, Bound::Unbounded))?.take(limit) {
+            let (k, v) = entry?;
+            out.push(StoredRow::decode(k.value(), v.value())?);
+        }
+        Ok(out)
+    }
+
     /// Every row that decodes, and what is wrong with each that does not (the
     /// integrity check reports them all rather than stopping at the first).
     pub(crate) fn all_lenient(&self) -> Result<(Vec<StoredRow>, Vec<String>), Error> {

@@ -4,6 +4,13 @@
 //! It opens with `hello`, then carries `task`, `cancel` and `closing` events as the
 //! core sends them, with `: ping` keep-alive comments between. The response body owns
 //! the channel's binding, so the moment the connection closes, the session unbinds.
+//!
+//! A publisher that stops reading its stream is closed by the server's write timeout
+//! (`virtual_llm_http::ServeOptions::write_timeout`, 30 s by default), the SSE
+//! counterpart of the WebSocket channel's send timeout: the connection fails, the
+//! response body drops, and with it the binding and the frames still queued; the
+//! session's tasks fail as for any lost channel. Served by another server than
+//! `virtual_llm_http::serve`, the stream relies on that server's write timeout.
 //! Everything else a publisher does over HTTP (register, heartbeat, results) is a
 //! route of `virtual-llm-http`.
 

@@ -890,6 +890,44 @@ impl Gateway {
         Ok(self.views(&rows))
     }
 
+    /// A page of [`Gateway::list`]: at most `limit` rows (1 at least) whose names
+    /// come after `after` (strictly; from the first when `None`), ordered by name, and
+    /// the cursor of the next page (the last row's name) when there may be more. The
+    /// store reads about one page, not the whole registry.
+    pub async fn list_page(
+        &self,
+        _principal: &Principal,
+        after: Option<&LlmName>,
+        limit: usize,
+    ) -> Result<(Vec<LlmView>, Option<LlmName>), Error> {
+        let limit = limit.max(1);
+        let store = &self.shared.store;
+        let mut rows = Vec::with_capacity(limit.min(1024));
+        let mut cursor = after.cloned();
+        // One more than the page, to tell whether there is a next one; agents are
+        // not listed here, so a page of them is read past.
+        let more = loop {
+            let want = limit + 1 - rows.len();
+            let read = store.list_after(cursor.as_ref(), want).await?;
+            let exhausted = read.len() < want;
+            cursor = read.last().map(|r| r.name.clone()).or(cursor);
+            rows.extend(read.into_iter().filter(|r| !r.is_agent()));
+            if rows.len() > limit {
+                rows.truncate(limit);
+                break true;
+            }
+            if exhausted {
+                break false;
+            }
+        };
+        let next = if more {
+            rows.last().map(|r| r.name.clone())
+        } else {
+            None
+        };
+        Ok((self.views(&rows), next))
+    }
+
     /// One row, as clients see it; 400 for a bad name, 404 for an unknown one.
     pub async fn get(&self, _principal: &Principal, name: &str) -> Result<LlmView, Error> {
         let name = LlmName::parse(name)?;

@@ -154,6 +154,21 @@ impl Store for MemoryStore {
         Ok(read(&self.tables).rows.values().cloned().collect())
     }
 
+    async fn list_after(
+        &self,
+        after: Option<&LlmName>,
+        limit: usize,
+    ) -> Result<Vec<LlmRecord>, StoreError> {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        Ok(read(&self.tables)
+            .rows
+            .range::<LlmName, _>((start, Bound::Unbounded))
+            .take(limit)
+            .map(|(_, r)| r.clone())
+            .collect())
+    }
+
     async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
         let t = read(&self.tables);
         Ok(t.by_session

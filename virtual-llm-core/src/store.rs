@@ -151,6 +151,26 @@ pub trait Store: fmt::Debug + Send + Sync + 'static {
     /// Every row, ordered by name.
     async fn list(&self) -> Result<Vec<LlmRecord>, StoreError>;
 
+    /// A page of the rows ordered by name: at most `limit` rows whose names come
+    /// after `after` (strictly; from the first row when `None`). Paging through a
+    /// registry that changes meanwhile sees each row that stays at most once.
+    ///
+    /// The default lists every row and keeps the page; a backend reads only the page
+    /// from its name-ordered table instead, so the cost grows with `limit`, not with
+    /// the registry.
+    async fn list_after(
+        &self,
+        after: Option<&LlmName>,
+        limit: usize,
+    ) -> Result<Vec<LlmRecord>, StoreError> {
+        let rows = self.list().await?;
+        Ok(rows
+            .into_iter()
+            .filter(|r| after.is_none_or(|a| r.name > *a))
+            .take(limit)
+            .collect())
+    }
+
     /// The rows bound to `session`, ordered by name.
     async fn by_session(&self, session: &SessionId) -> Result<Vec<LlmRecord>, StoreError>;
 
@@ -252,6 +272,13 @@ macro_rules! forward_store {
                 name: &LlmName,
             ) -> Result<Option<LlmRecord>, StoreError> {
                 (**self).get_ignoring_case(name).await
+            }
+            async fn list_after(
+                &self,
+                after: Option<&LlmName>,
+                limit: usize,
+            ) -> Result<Vec<LlmRecord>, StoreError> {
+                (**self).list_after(after, limit).await
             }
             async fn by_session(&self, s: &SessionId) -> Result<Vec<LlmRecord>, StoreError> {
                 (**self).by_session(s).await

@@ -403,6 +403,56 @@ pub async fn list_is_ordered_by_name(store: &dyn Store) {
     assert_eq!(names, ["alpha", "bravo", "charlie", "delta"]);
 }
 
+/// `list_after` pages through the rows in name order: each page holds at most
+/// `limit` rows, all after the cursor (strictly), whether or not the cursor names a
+/// row; the pages together are `list`; touched heartbeats show as in `list`.
+pub async fn list_after_pages_in_name_order(store: &dyn Store) {
+    for n in ["delta", "alpha", "charlie", "bravo", "echo", "a", "alpha.2"] {
+        store
+            .write(vec![Write::Insert(record(n))])
+            .await
+            .expect("insert");
+    }
+    let at = at(123);
+    let touched = name("charlie");
+    store.touch(&[touched], at).await.expect("touch");
+    let page = |after: Option<&'static str>, limit: usize| async move {
+        let after = after.map(name);
+        store
+            .list_after(after.as_ref(), limit)
+            .await
+            .expect("list_after")
+    };
+    assert_eq!(names(page(None, 3).await), ["a", "alpha", "alpha.2"]);
+    assert_eq!(
+        names(page(Some("alpha.2"), 3).await),
+        ["bravo", "charlie", "delta"]
+    );
+    assert_eq!(names(page(Some("delta"), 3).await), ["echo"]);
+    assert!(page(Some("echo"), 3).await.is_empty(), "after the last row");
+    assert!(page(None, 0).await.is_empty(), "a page of none");
+    // A cursor that names no row: the rows after where it would be.
+    assert_eq!(names(page(Some("b"), 2).await), ["bravo", "charlie"]);
+    // Walking every page gives `list`, the touched heartbeat included.
+    let mut walked = Vec::new();
+    let mut after: Option<crate::LlmName> = None;
+    loop {
+        let rows = store
+            .list_after(after.as_ref(), 2)
+            .await
+            .expect("list_after");
+        let Some(last) = rows.last() else { break };
+        after = Some(last.name.clone());
+        walked.extend(rows);
+    }
+    assert_eq!(walked, store.list().await.expect("list"));
+    let charlie = walked
+        .iter()
+        .find(|r| r.name.as_str() == "charlie")
+        .expect("charlie");
+    assert_eq!(charlie.last_heartbeat_at, Some(at));
+}
+
 /// `by_session` finds exactly the session's rows and follows moves, detaches and deletes.
 pub async fn by_session_follows_rows(store: &dyn Store) {
     let (s1, s2) = (SessionId::generate(), SessionId::generate());
@@ -1209,6 +1259,7 @@ macro_rules! store_conformance_tests {
             batch_rejects_duplicate_names,
             write_returns_stored_rows,
             list_is_ordered_by_name,
+            list_after_pages_in_name_order,
             by_session_follows_rows,
             bound_to_follows_bindings,
             by_pool_follows_pool_keys,
