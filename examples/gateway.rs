@@ -248,6 +248,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             pool: None,
             max_concurrent: None,
             state: None,
+            access: Default::default(),
         };
         gateway.put_public(&admin, spec).await?;
     }

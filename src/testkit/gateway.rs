@@ -295,6 +295,7 @@ impl TestGateway {
                         pool: None,
                         max_concurrent: None,
                         state: None,
+                        access: Default::default(),
                     },
                     provider.clone(),
                 )

@@ -38,6 +38,11 @@
 //!   setting the version to 4, in one durable write transaction (a file of version 1
 //!   or 2 goes through the steps above in the same transaction). A build of version 3
 //!   refuses the upgraded file, so it never misreads an agent's row as an LLM.
+//! - **5**: a row may carry an `access` (SPEC §16: who may see and call it). No table
+//!   changes: a file of version 4 is upgraded in place by setting the version to 5, in
+//!   one durable write transaction (older files go through the steps above in the same
+//!   transaction). A public row is stored as version 4 stored it. A build of version
+//!   4 refuses the upgraded file, so it never serves a restricted row to everyone.
 //!
 //! [`LlmRecord::binding`]: virtual_llm_core::LlmRecord::binding
 //! [`LlmRecord::pool_key`]: virtual_llm_core::LlmRecord::pool_key
@@ -54,9 +59,9 @@ use crate::codec::StoredRow;
 use crate::error::Error;
 
 /// The layout version this build reads and writes; a change of any table or of the
-/// row encoding bumps it. A file of version 1, 2 or 3 is upgraded to it in place when
+/// row encoding bumps it. A file of version 1 to 4 is upgraded to it in place when
 /// opened; a file of any other version is refused.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// The version a file written before the replica index has.
 const V1: u64 = 1;
@@ -64,6 +69,8 @@ const V1: u64 = 1;
 const V2: u64 = 2;
 /// The version a file written before rows could be agents has.
 const V3: u64 = 3;
+/// The version a file written before rows could carry an access has.
+const V4: u64 = 4;
 
 /// Schema version and write sequence.
 pub(crate) const META: TableDefinition<'static, &str, u64> = TableDefinition::new("meta");
@@ -268,7 +275,7 @@ fn open_file(path: &Path, mode: Mode) -> Result<File, Error> {
 }
 
 /// Checks the schema version of an opened file: an empty file gets the current
-/// schema, a file of version 1, 2 or 3 is upgraded, any other version is refused.
+/// schema, a file of version 1 to 4 is upgraded, any other version is refused.
 pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error> {
     let txn = db.begin_write()?;
     let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -287,7 +294,7 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
             txn.abort()?;
             Ok(Opened::Current)
         }
-        Some(from @ (V1 | V2 | V3)) => {
+        Some(from @ (V1 | V2 | V3 | V4)) => {
             let expected: &[&str] = match from {
                 V1 => &TABLES_V1,
                 V2 => &TABLES_V2,
@@ -312,7 +319,7 @@ pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error>
         Some(other) => Err(Error::Incompatible(format!(
             "{} holds a registry of schema version {other}, but this build of \
              virtual-llm-redb reads version {SCHEMA_VERSION} (and upgrades versions {V1}, \
-             {V2} and {V3}){}",
+             {V2}, {V3} and {V4}){}",
             path.display(),
             if other > SCHEMA_VERSION {
                 "; it was written by a newer version: upgrade virtual-llm-redb"
@@ -372,7 +379,7 @@ struct Indexed {
     pooled: u64,
 }
 
-/// Makes a file of version `from` (1, 2 or 3) a file of [`SCHEMA_VERSION`] inside `txn`:
+/// Makes a file of version `from` (1 to 4) a file of [`SCHEMA_VERSION`] inside `txn`:
 /// creates the tables the later versions added, indexes the rows in them, and sets
 /// the version. Each step is the one its version introduced:
 /// - from 1, `rows_by_replica`: every row that has a binding. A version-1 row has
@@ -383,6 +390,8 @@ struct Indexed {
 ///   live (a sleeping model's publisher heartbeats too).
 /// - from 3 (and older), nothing but the version: a row may carry an `agent` from
 ///   version 4 on, and a row without one is stored as version 3 stored it.
+/// - from 4 (and older), nothing but the version: a row may carry an `access` from
+///   version 5 on, and a public row is stored as version 4 stored it.
 ///
 /// The rows are read once for both steps, and a row that does not decode stops the
 /// upgrade as corruption rather than being carried over unchecked.

@@ -63,18 +63,18 @@ async fn an_unknown_schema_version_is_incompatible_and_nothing_is_read() {
 
 #[tokio::test]
 async fn the_next_schema_version_is_refused_and_the_file_left_alone() {
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
     let file = TempStore::closed_with_one_row().await;
-    set_version(&file.path(), 5);
-    let err = RedbStore::open(file.path()).await.expect_err("version 5");
+    set_version(&file.path(), 6);
+    let err = RedbStore::open(file.path()).await.expect_err("version 6");
     assert!(
         matches!(&err, StoreError::Incompatible { message }
-            if message.contains("schema version 5") && message.contains("newer")),
+            if message.contains("schema version 6") && message.contains("newer")),
         "{err:?}"
     );
     assert_eq!(
         version_of(&file.path()),
-        Some(5),
+        Some(6),
         "not downgraded, not touched"
     );
 }

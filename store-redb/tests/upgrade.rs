@@ -72,6 +72,7 @@ fn expected_rows() -> Vec<LlmRecord> {
         max_concurrent: None,
         upstream: None,
         agent: None,
+        access: Default::default(),
     };
     let gone = LlmRecord {
         status: LlmStatus::Inactive,
@@ -214,11 +215,11 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "no v1 row is bound"
     );
     store.close().await.unwrap();
-    assert_eq!(SCHEMA_VERSION, 4);
+    assert_eq!(SCHEMA_VERSION, 5);
     assert_eq!(
         meta_of(&path, "schema_version"),
         (Some(SCHEMA_VERSION), ALL_ADDED),
-        "version 4, with the replica and pool indexes"
+        "version 5, with the replica and pool indexes"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
@@ -226,7 +227,7 @@ async fn the_v1_fixture_is_upgraded_in_place_once_and_reads_back_every_field() {
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 4, so nothing is written.
+    // Opened again: already version 5, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_fixture(&store).await;
@@ -425,7 +426,7 @@ async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() 
     assert_eq!(
         meta_of(&path, "schema_version"),
         (Some(SCHEMA_VERSION), ALL_ADDED),
-        "version 4, with the pool index"
+        "version 5, with the pool index"
     );
     assert_eq!(
         meta_of(&path, "last_stamp"),
@@ -433,7 +434,7 @@ async fn a_v2_file_is_upgraded_in_place_once_and_every_row_is_indexed_by_pool() 
         "the upgrade is no row write"
     );
 
-    // Opened again: already version 4, so nothing is written.
+    // Opened again: already version 5, so nothing is written.
     let store = RedbStore::open(&path).await.unwrap();
     assert_eq!(store.stats().commits, 0, "no second upgrade");
     assert_holds_the_v2_rows(&store, &rows).await;
@@ -543,5 +544,50 @@ async fn a_v3_file_is_upgraded_to_4_and_takes_agents_rows() {
     );
     let report = store.check_integrity().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
+    store.close().await.unwrap();
+}
+
+/// A version-4 file (made here from a current one: version 5 added no table, only
+/// rows that may carry an `access`) is upgraded in place by its version alone, in one
+/// commit, every row as it was; from then on it stores a row's access across a
+/// reopen.
+#[tokio::test]
+async fn a_v4_file_is_upgraded_to_5_and_keeps_rows_access() {
+    let file = TempStore::new().await;
+    let rows = file
+        .write(v2_rows().into_iter().map(Write::Insert).collect())
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    let path = file.path();
+    downgrade(&path, 4);
+    assert_eq!(meta_of(&path, "schema_version"), (Some(4), ALL_ADDED));
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade: one transaction");
+    assert_holds_the_v2_rows(&store, &rows).await;
+    let mut private = record("private");
+    private.access = virtual_llm_core::access::Access::Principals(vec!["team-a".into()]);
+    let mut mine = record("mine");
+    mine.access = virtual_llm_core::access::Access::Owner;
+    let written = store
+        .write(vec![Write::Insert(private), Write::Insert(mine)])
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    assert_eq!(
+        meta_of(&path, "schema_version"),
+        (Some(SCHEMA_VERSION), ALL_ADDED)
+    );
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 0, "no second upgrade");
+    for row in written {
+        assert_eq!(
+            store.get(&row.name).await.unwrap(),
+            Some(row),
+            "the row, access and all"
+        );
+    }
     store.close().await.unwrap();
 }

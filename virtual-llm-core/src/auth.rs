@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use subtle::ConstantTimeEq;
 
 use crate::Error;
+use crate::limits::Limits;
 
 /// What a principal may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +30,8 @@ pub struct Principal {
     roles: Vec<Role>,
     /// Pools whose owner lets this principal's rows join them (SPEC §10).
     pools: Vec<String>,
+    /// Its own limits (SPEC §16), over the gateway's defaults; `None`: the defaults.
+    limits: Option<Limits>,
 }
 
 impl Principal {
@@ -38,6 +41,22 @@ impl Principal {
             id: id.into(),
             roles: roles.into_iter().collect(),
             pools: Vec::new(),
+            limits: None,
+        }
+    }
+
+    /// The same principal with limits of its own (a token's `limits = {…}`), over the
+    /// gateway's defaults ([`Config::limits`](crate::Config::limits)).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Its limits: its own, each absent one taken from `defaults`.
+    pub fn limits(&self, defaults: &Limits) -> Limits {
+        match &self.limits {
+            Some(own) => own.or(defaults),
+            None => defaults.clone(),
         }
     }
 

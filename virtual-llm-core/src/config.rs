@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::limits::Limits;
 
 /// Lifecycle timings, relay deadlines and input limits.
 ///
@@ -108,6 +109,13 @@ pub struct Config {
     /// Default 1 s.
     #[serde(with = "humantime_serde")]
     pub registry_staleness: Duration,
+    /// The limits of every principal that has none of its own (SPEC §16), key by key:
+    /// `requestsPerMinute`, `tokensPerMinute`, `maxConcurrent` (default: none), and
+    /// for publishers `maxNames` (default 256) and `maxSessions` (default 64).
+    pub limits: Limits,
+    /// The most distinct values of the `llm` and `principal` labels of the request
+    /// and usage metrics; past it, a new one is counted as `other`. Default 256.
+    pub metric_labels: usize,
 }
 
 impl Default for Config {
@@ -137,6 +145,8 @@ impl Default for Config {
             wake_wait: Duration::from_secs(120),
             wake_cooldown: Duration::from_secs(30),
             registry_staleness: Duration::from_secs(1),
+            limits: Limits::default(),
+            metric_labels: 256,
         }
     }
 }
@@ -247,6 +257,7 @@ impl Config {
                 return invalid(&[key], format!("{key} must be positive"));
             }
         }
+        self.limits.validate()?;
         if !self.base_path.starts_with('/') || self.base_path.ends_with('/') {
             return invalid(
                 &["basePath"],

@@ -133,6 +133,7 @@ fn plan_register(
                 r.pool.clone_from(&spec.pool);
                 r.max_concurrent = spec.max_concurrent;
                 r.agent.clone_from(persona);
+                r.access.clone_from(&spec.access);
                 writes.push(Write::Update(r));
             }
             Some(_) => conflicts.push(conflict(ConflictReason::ActiveInAnotherSession)),
@@ -220,11 +221,13 @@ fn pool_conflicts(
 
 /// The spec of an agent's row: its name, the type `agent`, and its LLM as the model.
 fn agent_row_spec(agent: &AgentSpec) -> LlmSpec {
-    LlmSpec::new(
+    let mut spec = LlmSpec::new(
         agent.name.clone(),
         AGENT_TYPE.to_owned(),
         agent.llm.to_string(),
-    )
+    );
+    spec.access = agent.access.clone();
+    spec
 }
 
 /// The agents of a register named like a pool of LLMs that is not theirs: pool keys,
@@ -278,6 +281,7 @@ fn new_row(
         max_concurrent: spec.max_concurrent,
         upstream: spec.state,
         agent: None,
+        access: spec.access.clone(),
     }
 }
 
@@ -788,6 +792,7 @@ impl Gateway {
                     r.tier.clone_from(&spec.tier);
                     r.pool.clone_from(&spec.pool);
                     r.max_concurrent = spec.max_concurrent;
+                    r.access.clone_from(&spec.access);
                     r.updated_at = now;
                     Write::Update(r)
                 }
@@ -811,30 +816,35 @@ impl Gateway {
         .into())
     }
 
-    /// Every row, as clients see it, with its load on this replica.
-    pub async fn list(&self, _principal: &Principal) -> Result<Vec<LlmView>, Error> {
+    /// Every row `principal` may see (SPEC §16), as clients see it, with its load on
+    /// this replica.
+    pub async fn list(&self, principal: &Principal) -> Result<Vec<LlmView>, Error> {
         let mut rows = self.shared.store.list().await?;
-        rows.retain(|r| !r.is_agent());
+        rows.retain(|r| !r.is_agent() && r.admits(principal));
         Ok(self.views(&rows))
     }
 
-    /// One row, as clients see it; 400 for a bad name, 404 for an unknown one.
-    pub async fn get(&self, _principal: &Principal, name: &str) -> Result<LlmView, Error> {
+    /// One row, as clients see it; 400 for a bad name, 404 for an unknown one or one
+    /// `principal` may not see.
+    pub async fn get(&self, principal: &Principal, name: &str) -> Result<LlmView, Error> {
         let name = LlmName::parse(name)?;
         match self.shared.store.get(&name).await? {
-            Some(r) if !r.is_agent() => Ok(self.views(std::slice::from_ref(&r)).remove(0)),
+            Some(r) if !r.is_agent() && r.admits(principal) => {
+                Ok(self.views(std::slice::from_ref(&r)).remove(0))
+            }
             _ => Err(Error::UnknownLlm {
                 name: name.to_string(),
             }),
         }
     }
 
-    /// The rows of the pool `pool` (its members, whatever their status), as clients
-    /// see them; 400 for a bad name, 404 when no row has that pool key.
-    pub async fn members(&self, _principal: &Principal, pool: &str) -> Result<Vec<LlmView>, Error> {
+    /// The rows of the pool `pool` (its members, whatever their status) that
+    /// `principal` may see, as clients see them; 400 for a bad name, 404 when it may
+    /// see no row with that pool key.
+    pub async fn members(&self, principal: &Principal, pool: &str) -> Result<Vec<LlmView>, Error> {
         let pool = LlmName::parse(pool)?;
         let mut rows = self.shared.store.by_pool(&pool).await?;
-        rows.retain(|r| !r.is_agent());
+        rows.retain(|r| !r.is_agent() && r.admits(principal));
         if rows.is_empty() {
             return Err(Error::UnknownLlm {
                 name: pool.to_string(),
