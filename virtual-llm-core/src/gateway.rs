@@ -67,6 +67,8 @@ pub(crate) struct Shared {
     pub(crate) limiter: crate::limits::RateLimiter,
     /// The usage counts of this replica (SPEC §16).
     pub(crate) usage: crate::usage::UsageLedger,
+    /// What each publisher's rows hold, for its quotas (SPEC §16).
+    pub(crate) holdings: crate::quota::Holdings,
 }
 
 impl fmt::Debug for Gateway {
@@ -221,6 +223,7 @@ impl GatewayBuilder {
                 changes: tokio::sync::watch::Sender::new(0),
                 limiter,
                 usage,
+                holdings: crate::quota::Holdings::default(),
             }),
         };
         let demoted = gateway.recover().await?;

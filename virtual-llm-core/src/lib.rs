@@ -68,6 +68,7 @@ pub mod openai;
 mod openapi;
 pub mod protocol;
 mod provider;
+mod quota;
 pub mod publisher;
 mod readiness;
 mod recipe;

@@ -400,7 +400,9 @@ impl Gateway {
     }
 
     /// Registers (or re-registers) a publisher's LLMs, atomically: either every name is
-    /// written, or none and the answer is a 409 naming each conflict.
+    /// written, or none and the answer is a 409 naming each conflict (or a 403
+    /// `quota_exceeded` when it would take the principal over its `maxNames` or
+    /// `maxSessions`).
     ///
     /// A `providerSessionId` the gateway does not know, or that another principal
     /// owns, gets a fresh session id in the answer; the publisher persists whatever
@@ -428,6 +430,8 @@ impl Gateway {
         let personas: Vec<Option<Persona>> = (req.llms.iter().map(|_| None))
             .chain(req.agents.iter().map(|a| Some(a.persona())))
             .collect();
+        let names: Vec<&LlmName> = specs.iter().map(|s| &s.name).collect();
+        self.check_quota(principal, &session, &names).await?;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             if attempt > 0 {
                 session_rows = store.by_session(&session).await?;
@@ -479,6 +483,7 @@ impl Gateway {
             match store.write(writes.clone()).await {
                 Ok(written) => {
                     self.observe(&writes, &written);
+                    self.held(principal, &written);
                     self.shared.versions.set(&session, version);
                     self.settle_new_pools(principal, &req.llms, &facts, &writes, &written)
                         .await?;
