@@ -391,14 +391,15 @@ async fn max_concurrent_refuses_a_second_request_until_the_first_ends() {
         vec![],
     )
     .await;
-    let mut stream = gw.chat_stream("conc", "slow", "hi").await;
+    let stream = gw.chat_stream("conc", "slow", "hi").await;
     let refused = chat(&gw, "conc", "open", "hi").await;
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert_eq!(refused.body["error"]["code"], "rate_limited");
     assert!(refused.headers.contains_key("retry-after"));
     assert_eq!(chat(&gw, "carol", "open", "hi").await.status, 200, "others go on");
     gated.release();
-    stream.read_to_close().await;
+    let text = stream.text().await;
+    assert!(text.contains("second"), "{text}");
     virtual_llm::testkit::eventually("the slot frees", || async {
         chat(&gw, "conc", "open", "hi").await.status == 200
     })

@@ -113,7 +113,9 @@ impl Gateway {
         let within = |limit: Duration| started + timeout.map_or(limit, |t| t.min(limit));
         let (queue_until, deadline) = (within(config.queue_wait), within(config.task_deadline));
         let request = self.as_agent(&route, request)?;
-        let mut tried: Vec<LlmName> = Vec::new();
+        // Members of the pool the route left out (the caller may not call them, SPEC
+        // §16) are never granted: the admission knows the whole pool.
+        let mut tried: Vec<LlmName> = self.left_out(&route).await?;
         let mut last: Option<Result<Reply, Error>> = None;
         for _ in 0..=config.pool_retries {
             let candidates: Vec<&LlmRecord> = route
@@ -167,8 +169,8 @@ impl Gateway {
                 // A row that started serving after the route was read (published or
                 // bound since): as the registry has it now, not as the route saw it.
                 _ => match self.shared.store.get(&slot.grant().row).await? {
-                    Some(row) => row,
-                    None => continue,
+                    Some(row) if row.admits(principal) => row,
+                    _ => continue,
                 },
             };
             let answer = self.answer(&row, request.clone(), slot, deadline).await;
@@ -184,6 +186,28 @@ impl Gateway {
             last = Some(answer);
         }
         last.unwrap_or_else(|| Err(Error::UnknownLlm { name: request.llm }))
+    }
+
+    /// The members of `route`'s pool that are not rows of the route: those the
+    /// router left out because the caller may not call them. None for a pinned route,
+    /// or one the router did not filter (it shares its rows with the registry view).
+    async fn left_out(&self, route: &Route) -> Result<Vec<LlmName>, Error> {
+        if route.pinned.is_some() {
+            return Ok(Vec::new());
+        }
+        let Some(all) = self.shared.view.pool(&route.pool).await? else {
+            return Ok(Vec::new());
+        };
+        if std::sync::Arc::ptr_eq(&all, &route.rows) || all.len() == route.rows.len() {
+            return Ok(Vec::new());
+        }
+        let kept: std::collections::HashSet<&LlmName> =
+            route.rows.iter().map(|r| &r.name).collect();
+        Ok(all
+            .iter()
+            .filter(|r| !r.is_agent() && !kept.contains(&r.name))
+            .map(|r| r.name.clone())
+            .collect())
     }
 
     /// `request` as the agent its route names puts it (SPEC §13): its system prompt
