@@ -423,8 +423,7 @@ fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, commo
         for pool in &t.pools {
             LlmName::parse(pool).map_err(|e| format!("pools of {}: {e}", t.principal))?;
         }
-        let mut principal =
-            Principal::new(t.principal.clone(), roles).with_pools(t.pools.clone());
+        let mut principal = Principal::new(t.principal.clone(), roles).with_pools(t.pools.clone());
         if let Some(own) = &t.limits {
             own.validate()
                 .map_err(|e| format!("limits of {}: {e}", t.principal))?;

@@ -17,10 +17,12 @@ use serde_json::{Value, json};
 use virtual_llm::access::Access;
 use virtual_llm::limits::Limits;
 use virtual_llm::protocol::{AgentSpec, LlmSpec, TaskFrame};
-use virtual_llm::testkit::{Gated, ManualClock, SseTransport as Sse, TestGateway, Transport, at, token};
+use virtual_llm::testkit::{
+    Gated, ManualClock, SseTransport as Sse, TestGateway, Transport, at, token,
+};
 use virtual_llm::{
-    Completion, Config, EchoProvider, Error, LlmName, Principal, Provider, PublishedLlm,
-    Publisher, PublisherOptions, Reply, Role, StaticTokens,
+    Completion, Config, EchoProvider, Error, LlmName, Principal, Provider, PublishedLlm, Publisher,
+    PublisherOptions, Reply, Role, StaticTokens,
 };
 
 fn name(s: &str) -> LlmName {
@@ -95,7 +97,8 @@ async fn gateway() -> (TestGateway, ManualClock) {
     let auth = Arc::new(auth);
     let hook_clock = clock.clone();
     let gw = TestGateway::start_on_with(&Sse, None, Config::default(), &move |b| {
-        b.authenticator(auth.clone()).clock(Arc::new(hook_clock.clone()))
+        b.authenticator(auth.clone())
+            .clock(Arc::new(hook_clock.clone()))
     })
     .await;
     (gw, clock)
@@ -159,7 +162,13 @@ async fn get(gw: &TestGateway, who: &str, path: &str) -> Answer {
 }
 
 async fn post(gw: &TestGateway, who: &str, path: &str, body: Value) -> Answer {
-    call(reqwest::Method::POST, format!("{}{path}", gw.url), who, Some(body)).await
+    call(
+        reqwest::Method::POST,
+        format!("{}{path}", gw.url),
+        who,
+        Some(body),
+    )
+    .await
 }
 
 async fn chat(gw: &TestGateway, who: &str, model: &str, text: &str) -> Answer {
@@ -212,7 +221,10 @@ async fn a_caller_without_access_finds_nothing_and_others_call_as_before() {
     let (gw, _clock) = gateway().await;
     let llms = vec![
         PublishedLlm::new(spec("mine", None, Access::Owner), echo()),
-        PublishedLlm::new(spec("team", None, Access::Principals(vec!["bob".into()])), echo()),
+        PublishedLlm::new(
+            spec("team", None, Access::Principals(vec!["bob".into()])),
+            echo(),
+        ),
         PublishedLlm::new(spec("open", None, Access::Public), echo()),
         PublishedLlm::new(
             spec("shared-a", Some("shared"), Access::Public),
@@ -236,11 +248,15 @@ async fn a_caller_without_access_finds_nothing_and_others_call_as_before() {
         names(&get(&gw, "carol", &format!("{base}/shared/members")).await),
         ["shared-a"]
     );
-    assert_eq!(names(&get(&gw, "carol", "/api/v1/agents").await), ["helper"]);
+    assert_eq!(
+        names(&get(&gw, "carol", "/api/v1/agents").await),
+        ["helper"]
+    );
 
     // Every route that takes a name answers as if it did not exist.
     for hidden in ["mine", "team", "secret-helper"] {
-        let chat_of = |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+        let chat_of =
+            |model: &str| json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
         let prompt_of = |model: &str| json!({"model": model, "prompt": "hi"});
         let embed_of = |model: &str| json!({"model": model, "input": "hi"});
         for (path, body) in [
@@ -264,8 +280,20 @@ async fn a_caller_without_access_finds_nothing_and_others_call_as_before() {
             // anyone; what matters is that the answer is a stranger's.
             as_if_absent(&answer, &ghost, hidden, &format!("GET {path} {hidden}"));
         }
-        let infer = post(&gw, "carol", &format!("{base}/{hidden}/infer"), json!({"messages": []})).await;
-        let ghost = post(&gw, "carol", &format!("{base}/ghost-name/infer"), json!({"messages": []})).await;
+        let infer = post(
+            &gw,
+            "carol",
+            &format!("{base}/{hidden}/infer"),
+            json!({"messages": []}),
+        )
+        .await;
+        let ghost = post(
+            &gw,
+            "carol",
+            &format!("{base}/ghost-name/infer"),
+            json!({"messages": []}),
+        )
+        .await;
         as_if_absent(&infer, &ghost, hidden, "infer");
     }
     let members = get(&gw, "carol", &format!("{base}/mine/members")).await;
@@ -281,7 +309,10 @@ async fn a_caller_without_access_finds_nothing_and_others_call_as_before() {
     assert_eq!(chat(&gw, "carol", "helper", "hi").await.status, 200);
 
     // Bob is on the list of `team`.
-    assert_eq!(model_ids(&gw, "bob").await, ["helper", "open", "shared", "team"]);
+    assert_eq!(
+        model_ids(&gw, "bob").await,
+        ["helper", "open", "shared", "team"]
+    );
     let answer = chat(&gw, "bob", "team", "hello bob").await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(chat(&gw, "bob", "mine", "hi").await.status, 404);
@@ -312,7 +343,16 @@ async fn a_caller_without_access_finds_nothing_and_others_call_as_before() {
 #[tokio::test]
 async fn requests_per_minute_answer_429_with_the_openai_headers_then_recover() {
     let (gw, clock) = gateway().await;
-    let _p = publish(&gw, "alice", vec![PublishedLlm::new(spec("open", None, Access::Public), echo())], vec![]).await;
+    let _p = publish(
+        &gw,
+        "alice",
+        vec![PublishedLlm::new(
+            spec("open", None, Access::Public),
+            echo(),
+        )],
+        vec![],
+    )
+    .await;
     for remaining in [1, 0] {
         let answer = chat(&gw, "rpm", "open", "hi").await;
         assert_eq!(answer.status, 200, "{remaining}: {}", answer.body);
@@ -334,14 +374,27 @@ async fn requests_per_minute_answer_429_with_the_openai_headers_then_recover() {
     clock.advance(Duration::from_secs(29));
     assert_eq!(chat(&gw, "rpm", "open", "hi").await.status, 429);
     clock.advance(Duration::from_secs(1));
-    assert_eq!(chat(&gw, "rpm", "open", "hi").await.status, 200, "recovered");
+    assert_eq!(
+        chat(&gw, "rpm", "open", "hi").await.status,
+        200,
+        "recovered"
+    );
     assert_eq!(chat(&gw, "rpm", "open", "hi").await.status, 429);
 }
 
 #[tokio::test]
 async fn tokens_per_minute_count_the_answers_usage() {
     let (gw, clock) = gateway().await;
-    let _p = publish(&gw, "alice", vec![PublishedLlm::new(spec("open", None, Access::Public), echo())], vec![]).await;
+    let _p = publish(
+        &gw,
+        "alice",
+        vec![PublishedLlm::new(
+            spec("open", None, Access::Public),
+            echo(),
+        )],
+        vec![],
+    )
+    .await;
     // The echo model counts words: 6 prompt + 6 completion tokens, over the 10 a
     // minute tpm has; the first request is let in (the bucket was full), the next
     // finds it 2 tokens in debt.
@@ -396,7 +449,11 @@ async fn max_concurrent_refuses_a_second_request_until_the_first_ends() {
     assert_eq!(refused.status, 429, "{}", refused.body);
     assert_eq!(refused.body["error"]["code"], "rate_limited");
     assert!(refused.headers.contains_key("retry-after"));
-    assert_eq!(chat(&gw, "carol", "open", "hi").await.status, 200, "others go on");
+    assert_eq!(
+        chat(&gw, "carol", "open", "hi").await.status,
+        200,
+        "others go on"
+    );
     gated.release();
     let text = stream.text().await;
     assert!(text.contains("second"), "{text}");
@@ -427,21 +484,27 @@ async fn a_register_over_max_names_or_max_sessions_is_403_and_writes_nothing() {
     assert_eq!(first.status, 200, "{}", first.body);
     let session = first.body["providerSessionId"].clone();
     // An agent takes a name too.
-    let with_agent = register(json!({"providerSessionId": session, "llms": [llm("q1"), llm("q2")],
-        "agents": [{"name": "qa", "llm": "q1"}]}))
+    let with_agent = register(
+        json!({"providerSessionId": session, "llms": [llm("q1"), llm("q2")],
+        "agents": [{"name": "qa", "llm": "q1"}]}),
+    )
     .await;
     assert_eq!(with_agent.status, 403, "{}", with_agent.body);
     // A second session is one too many.
     let other = register(json!({"llms": [llm("q1")]})).await;
     assert_eq!(other.status, 403, "{}", other.body);
     assert!(
-        other.body["error"]["message"].as_str().unwrap().contains("sessions"),
+        other.body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("sessions"),
         "{}",
         other.body
     );
     assert_eq!(everything().await, ["q1", "q2"], "nothing written");
     // What it already holds it may register again.
-    let again = register(json!({"providerSessionId": session, "llms": [llm("q2"), llm("q1")]})).await;
+    let again =
+        register(json!({"providerSessionId": session, "llms": [llm("q2"), llm("q1")]})).await;
     assert_eq!(again.status, 200, "{}", again.body);
 }
 
@@ -453,7 +516,10 @@ async fn the_usage_route_counts_per_principal_and_llm_and_shows_each_its_own() {
         "alice",
         vec![
             PublishedLlm::new(spec("open", None, Access::Public), echo()),
-            PublishedLlm::new(spec("team", None, Access::Principals(vec!["bob".into()])), echo()),
+            PublishedLlm::new(
+                spec("team", None, Access::Principals(vec!["bob".into()])),
+                echo(),
+            ),
         ],
         vec![],
     )

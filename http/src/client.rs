@@ -13,13 +13,13 @@ use virtual_llm_core::usage::UsageReport;
 use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmView, Model, Reply};
 use warp::reply::Response;
 
+use crate::access::AccessLog;
 use crate::error::respond;
 use crate::extract::principal;
 use crate::openapi::{
     ChatCompletionRequest, CompletionRequest, E400, E401, E403, E404, E413, E429, E502, E503, E504,
     EmbeddingRequest, InferBody, NameParam,
 };
-use crate::access::AccessLog;
 use crate::server::CloseConnection;
 use crate::{body, reply, stream};
 

@@ -274,7 +274,10 @@ mod tests {
         let bytes = StoredRow::new(r.clone(), 1).encode().unwrap();
         let text = String::from_utf8(bytes).unwrap();
         assert!(!text.contains("binding"), "{text}");
-        assert!(!text.contains("access"), "a public row is stored as before: {text}");
+        assert!(
+            !text.contains("access"),
+            "a public row is stored as before: {text}"
+        );
         let back = StoredRow::decode("alpha", text.as_bytes()).unwrap();
         assert_eq!((back.to_record(), back.replica()), (r, None));
     }

@@ -71,7 +71,7 @@ impl Access {
         match self {
             Access::Public => true,
             Access::Owner => false,
-            Access::Principals(ids) => ids.iter().any(|id| *id == who.id),
+            Access::Principals(ids) => ids.contains(&who.id),
         }
     }
 
@@ -129,9 +129,9 @@ impl<'de> Deserialize<'de> for Access {
             Word(String),
             List(Vec<String>),
         }
-        let access = match Wire::deserialize(d)
-            .map_err(|_| de::Error::custom("access is \"public\", \"owner\" or a list of principals"))?
-        {
+        let access = match Wire::deserialize(d).map_err(|_| {
+            de::Error::custom("access is \"public\", \"owner\" or a list of principals")
+        })? {
             Wire::Word(w) if w == "public" => Access::Public,
             Wire::Word(w) if w == "owner" => Access::Owner,
             Wire::Word(_) => {
@@ -214,7 +214,10 @@ mod tests {
         for (text, access) in [
             (r#""public""#, Access::Public),
             (r#""owner""#, Access::Owner),
-            (r#"["a","b"]"#, Access::Principals(vec!["a".into(), "b".into()])),
+            (
+                r#"["a","b"]"#,
+                Access::Principals(vec!["a".into(), "b".into()]),
+            ),
         ] {
             let parsed: Access = serde_json::from_str(text).unwrap();
             assert_eq!(parsed, access);

@@ -292,7 +292,10 @@ impl RateLimiter {
         if let Some(retry) = token_retry {
             return Err(refuse(LimitKind::Tokens, retry));
         }
-        if limits.max_concurrent.is_some_and(|max| usage.in_flight >= max) {
+        if limits
+            .max_concurrent
+            .is_some_and(|max| usage.in_flight >= max)
+        {
             return Err(refuse(LimitKind::Concurrent, CONCURRENCY_RETRY));
         }
         usage.in_flight += 1;
@@ -391,11 +394,7 @@ pub fn reset_text(d: Duration) -> String {
         let text = format!("{:.3}", rest as f64 / 1000.0);
         format!("{}s", text.trim_end_matches('0'))
     };
-    if m > 0 {
-        format!("{m}m{secs}")
-    } else {
-        secs
-    }
+    if m > 0 { format!("{m}m{secs}") } else { secs }
 }
 
 #[cfg(test)]
@@ -440,10 +439,16 @@ mod tests {
         assert_eq!(kind, LimitKind::Requests);
         assert_eq!(retry, Duration::from_secs(20), "one request every 20 s");
         let window = window.unwrap();
-        assert_eq!((window.remaining, window.reset), (0, Duration::from_secs(60)));
+        assert_eq!(
+            (window.remaining, window.reset),
+            (0, Duration::from_secs(60))
+        );
         // Refused requests take nothing.
         clock.advance(Duration::from_millis(19_999));
-        assert_eq!(refused(limiter.admit(&bob, &limits)).1, Duration::from_millis(1));
+        assert_eq!(
+            refused(limiter.admit(&bob, &limits)).1,
+            Duration::from_millis(1)
+        );
         clock.advance(Duration::from_millis(1));
         limiter.admit(&bob, &limits).unwrap();
         assert_eq!(refused(limiter.admit(&bob, &limits)).0, LimitKind::Requests);
@@ -495,7 +500,10 @@ mod tests {
         let a = limiter.admit(&bob, &limits).unwrap();
         let _b = limiter.admit(&bob, &limits).unwrap();
         assert_eq!(limiter.in_flight("bob"), 2);
-        assert_eq!(refused(limiter.admit(&bob, &limits)).0, LimitKind::Concurrent);
+        assert_eq!(
+            refused(limiter.admit(&bob, &limits)).0,
+            LimitKind::Concurrent
+        );
         drop(a);
         assert_eq!(limiter.in_flight("bob"), 1);
         limiter.admit(&bob, &limits).unwrap();

@@ -9,8 +9,8 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-pub use crate::agent::{AgentSpec, AgentView};
 use crate::access::Access;
+pub use crate::agent::{AgentSpec, AgentView};
 use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 
 /// The newest protocol version this crate speaks. A register without `protocolVersion`

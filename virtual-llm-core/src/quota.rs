@@ -101,7 +101,9 @@ impl Gateway {
             .filter(|(_, at)| at.elapsed() < FRESH_FOR)
             .map(|(held, _)| held.clone());
         if let Some(held) = kept
-            && held.breaks(names, session, max_names, max_sessions).is_none()
+            && held
+                .breaks(names, session, max_names, max_sessions)
+                .is_none()
         {
             return Ok(());
         }
@@ -143,7 +145,10 @@ mod tests {
         assert!(held.breaks(&[&a, &b], &s1, 1, 1).is_none(), "no growth");
         let err = held.breaks(&[&a, &c], &s1, 2, 1).unwrap();
         assert_eq!((err.status(), err.code()), (403, "quota_exceeded"));
-        assert!(err.to_string().contains("3 names, over the limit of 2"), "{err}");
+        assert!(
+            err.to_string().contains("3 names, over the limit of 2"),
+            "{err}"
+        );
         let err = held.breaks(&[&a], &s2, 2, 1).unwrap();
         assert!(err.to_string().contains("2 sessions"), "{err}");
         assert!(held.breaks(&[&a], &s2, 2, 2).is_none());

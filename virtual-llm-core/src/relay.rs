@@ -95,8 +95,13 @@ impl Gateway {
                 return Err(e);
             }
         };
-        let accounting =
-            Accounting::new(self.clone(), admitted, principal, &request.llm, &request.body);
+        let accounting = Accounting::new(
+            self.clone(),
+            admitted,
+            principal,
+            &request.llm,
+            &request.body,
+        );
         accounting.answer(self.dispatch(principal, route, request).await)
     }
 

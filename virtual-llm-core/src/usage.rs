@@ -56,14 +56,8 @@ pub(crate) fn describe() {
         "Inference request admission to outcome, by llm."
     );
     metrics::describe_counter!(PROMPT_TOKENS, "Prompt tokens by principal and llm.");
-    metrics::describe_counter!(
-        COMPLETION_TOKENS,
-        "Completion tokens by principal and llm."
-    );
-    metrics::describe_counter!(
-        RATE_LIMITED,
-        "Requests refused by a limit per principal."
-    );
+    metrics::describe_counter!(COMPLETION_TOKENS, "Completion tokens by principal and llm.");
+    metrics::describe_counter!(RATE_LIMITED, "Requests refused by a limit per principal.");
 }
 
 /// Tokens of one answer.
@@ -297,7 +291,7 @@ impl UsageLedger {
             let mut key = (principal.to_owned(), llm.to_owned());
             if !rows.contains_key(&key) && rows.len() >= MAX_USAGE_ROWS {
                 key.1 = OTHER.to_owned();
-                if !rows.contains_key(&key) && rows.len() >= MAX_USAGE_ROWS + 1 {
+                if !rows.contains_key(&key) && rows.len() > MAX_USAGE_ROWS {
                     key.0 = OTHER.to_owned();
                 }
             }
@@ -385,17 +379,15 @@ impl Accounting {
                     status => format!("upstream_{status}"),
                 });
                 let completion = c.body.get("choices").map_or(0, |choices| {
-                    choices
-                        .as_array()
-                        .map_or(0, |cs| {
-                            cs.iter()
-                                .map(|c| {
-                                    c.pointer("/message/content")
-                                        .or_else(|| c.get("text"))
-                                        .map_or(0, content_chars)
-                                })
-                                .sum()
-                        })
+                    choices.as_array().map_or(0, |cs| {
+                        cs.iter()
+                            .map(|c| {
+                                c.pointer("/message/content")
+                                    .or_else(|| c.get("text"))
+                                    .map_or(0, content_chars)
+                            })
+                            .sum()
+                    })
                 });
                 self.tally.reported = reported(&c.body);
                 self.tally.chars = completion;
@@ -505,7 +497,11 @@ mod tests {
         let bob = ledger.rows(Some("bob"));
         assert_eq!(bob.len(), 1);
         assert_eq!(
-            (bob[0].requests, bob[0].prompt_tokens, bob[0].completion_tokens),
+            (
+                bob[0].requests,
+                bob[0].prompt_tokens,
+                bob[0].completion_tokens
+            ),
             (2, 2, 4)
         );
         assert_eq!(ledger.rows(None).len(), 2);
