@@ -431,7 +431,7 @@ impl Gateway {
             .chain(req.agents.iter().map(|a| Some(a.persona())))
             .collect();
         let names: Vec<&LlmName> = specs.iter().map(|s| &s.name).collect();
-        self.check_quota(principal, &session, &names).await?;
+        let _quota = self.check_quota(principal, &session, &names).await?;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             if attempt > 0 {
                 session_rows = store.by_session(&session).await?;

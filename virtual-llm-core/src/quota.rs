@@ -11,7 +11,8 @@
 //! kept in memory for [`FRESH_FOR`] and updated with this replica's own registers, so a
 //! registry of many publishers is not read once per register. A refusal is always
 //! decided on a fresh read. Two registers of one principal racing on two replicas may
-//! each pass and together overshoot by one register's names.
+//! each pass and together overshoot by one register's names; on one replica, a
+//! principal's registers are checked and written one at a time.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
@@ -79,23 +80,57 @@ impl Held {
     }
 }
 
-/// What each principal's rows hold, as last read, and when.
-#[derive(Debug, Default)]
+/// What each principal's rows hold, as last read, and when; and the locks that make
+/// a principal's quota check and its register's write one step in this process.
+#[derive(Debug)]
 pub(crate) struct Holdings {
     kept: Mutex<HashMap<String, (Held, Instant)>>,
+    /// Striped by principal: bounded however many principals come and go.
+    locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+/// Lock stripes of [`Holdings`].
+const LOCK_STRIPES: usize = 64;
+
+impl Default for Holdings {
+    fn default() -> Self {
+        Holdings {
+            kept: Mutex::default(),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
+        }
+    }
+}
+
+impl Holdings {
+    async fn lock(&self, principal: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        principal.hash(&mut h);
+        let index = usize::try_from(h.finish() % LOCK_STRIPES as u64).unwrap_or(0);
+        self.locks[index].lock().await
+    }
 }
 
 impl Gateway {
     /// 403 `quota_exceeded` if registering `names` in `session` would take `principal`
-    /// over its `maxNames` or `maxSessions`.
+    /// over its `maxNames` or `maxSessions`. Otherwise a guard: the register holds it
+    /// until its write is done (and [`Gateway::held`] told), so that concurrent
+    /// registers of one principal on this replica are checked one after the other.
+    /// `None` for a principal without quotas (an admin without limits of its own).
     pub(crate) async fn check_quota(
         &self,
         principal: &Principal,
         session: &SessionId,
         names: &[&LlmName],
-    ) -> Result<(), Error> {
+    ) -> Result<Option<tokio::sync::MutexGuard<'_, ()>>, Error> {
         let limits = principal.limits(&self.shared.config.limits);
         let (max_names, max_sessions) = (limits.max_names(), limits.max_sessions());
+        if max_names == usize::MAX && max_sessions == usize::MAX {
+            return Ok(None);
+        }
+        let guard = self.shared.holdings.lock(&principal.id).await;
         let kept = lock(&self.shared.holdings.kept)
             .get(&principal.id)
             .filter(|(_, at)| at.elapsed() < FRESH_FOR)
@@ -105,7 +140,7 @@ impl Gateway {
                 .breaks(names, session, max_names, max_sessions)
                 .is_none()
         {
-            return Ok(());
+            return Ok(Some(guard));
         }
         let rows = self.shared.store.list().await?;
         let held = Held::of(rows.iter().filter(|r| r.owner == principal.id));
@@ -115,7 +150,10 @@ impl Gateway {
             kept.clear();
         }
         kept.insert(principal.id.clone(), (held, Instant::now()));
-        verdict.map_or(Ok(()), Err)
+        match verdict {
+            Some(e) => Err(e),
+            None => Ok(Some(guard)),
+        }
     }
 
     /// `principal`'s rows now hold `written` too.
