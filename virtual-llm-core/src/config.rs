@@ -418,6 +418,21 @@ mod tests {
             ..Config::default()
         });
         assert_eq!(settings, ["maxBodyBytes"]);
+        let (settings, message) = refused(Config {
+            limits: Limits {
+                max_names: Some(0),
+                ..Limits::default()
+            },
+            ..Config::default()
+        });
+        assert_eq!(settings, ["limits.maxNames"]);
+        assert!(message.contains("maxNames must be positive"), "{message}");
+        let limits: Config =
+            serde_json::from_str(r#"{"limits": {"requestsPerMinute": 60, "maxSessions": 2}}"#)
+                .unwrap();
+        assert_eq!(limits.limits.requests_per_minute, Some(60));
+        assert_eq!(limits.limits.max_sessions(), 2);
+        assert!(serde_json::from_str::<Config>(r#"{"limits": {"rpm": 1}}"#).is_err());
     }
 
     #[test]

@@ -93,19 +93,25 @@ impl Limits {
     }
 
     /// Every limit is positive (a limit of 0 would refuse everything: leave the
-    /// principal's token out instead). The error names the key.
+    /// principal's token out instead). The error names the setting
+    /// (`limits.maxNames`).
     pub fn validate(&self) -> Result<(), Error> {
+        // Settings are named by their path in `Config` (`limits.maxNames`).
         let values = [
-            ("requestsPerMinute", self.requests_per_minute.map(u64::from)),
-            ("tokensPerMinute", self.tokens_per_minute),
-            ("maxConcurrent", self.max_concurrent.map(u64::from)),
-            ("maxNames", self.max_names.map(|n| n as u64)),
-            ("maxSessions", self.max_sessions.map(|n| n as u64)),
+            (
+                "limits.requestsPerMinute",
+                self.requests_per_minute.map(u64::from),
+            ),
+            ("limits.tokensPerMinute", self.tokens_per_minute),
+            ("limits.maxConcurrent", self.max_concurrent.map(u64::from)),
+            ("limits.maxNames", self.max_names.map(|n| n as u64)),
+            ("limits.maxSessions", self.max_sessions.map(|n| n as u64)),
         ];
-        for (key, value) in values {
+        for (setting, value) in values {
             if value == Some(0) {
+                let key = setting.trim_start_matches("limits.");
                 return Err(Error::InvalidConfig {
-                    settings: vec![key],
+                    settings: vec![setting],
                     reason: format!("{key} must be positive"),
                 });
             }
