@@ -21,7 +21,9 @@ mod recipes;
 
 use clap::Parser;
 use serde::Deserialize;
+use virtual_llm::access::Access;
 use virtual_llm::http::ServeOptions;
+use virtual_llm::limits::Limits;
 use virtual_llm::openai::{OpenAiBackend, OpenAiUpstream};
 use virtual_llm::protocol::LlmSpec;
 use virtual_llm::redb::{RedbOptions, RedbStore};
@@ -325,6 +327,8 @@ struct TokenConfig {
     /// Pools another principal owns that this one's rows may join.
     #[serde(default)]
     pools: Vec<String>,
+    /// This principal's limits, over `[gateway.limits]` (SPEC §16).
+    limits: Option<Limits>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -346,6 +350,10 @@ struct PublicConfig {
     tier: Option<String>,
     /// Environment variable holding the upstream's API key.
     api_key_env: Option<String>,
+    /// Who may see and call it: `"public"` (default), `"owner"` (admins only: the
+    /// config owns public rows), or principal ids.
+    #[serde(default)]
+    access: Access,
 }
 
 fn main() -> std::process::ExitCode {
@@ -437,6 +445,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
             pool: None,
             max_concurrent: None,
             state: None,
+            access: public.access.clone(),
         };
         match gateway.put_public(&admin, spec).await {
             Ok(_) => {}
@@ -592,6 +601,7 @@ fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, commo
     }
     let mut table = StaticTokens::new();
     let mut seen = HashMap::new();
+    let mut limits_of = HashMap::new();
     for t in tokens {
         let token = match (&t.token, &t.token_env) {
             (Some(token), None) => token.clone(),
@@ -619,7 +629,22 @@ fn authenticator(tokens: &[TokenConfig]) -> Result<Arc<dyn Authenticator>, commo
         for pool in &t.pools {
             LlmName::parse(pool).map_err(|e| format!("pools of {}: {e}", t.principal))?;
         }
-        let principal = Principal::new(t.principal.clone(), roles).with_pools(t.pools.clone());
+        let mut principal = Principal::new(t.principal.clone(), roles).with_pools(t.pools.clone());
+        if let Some(own) = &t.limits {
+            own.validate()
+                .map_err(|e| format!("limits of {}: {e}", t.principal))?;
+            principal = principal.with_limits(own.clone());
+        }
+        // Limits are counted per principal: its tokens must agree on them.
+        if let Some(other) = limits_of.insert(t.principal.clone(), t.limits.clone())
+            && other != t.limits
+        {
+            return Err(format!(
+                "the tokens of {} set different limits; give them the same",
+                t.principal
+            )
+            .into());
+        }
         table = table.with(token, principal);
     }
     Ok(Arc::new(table))

@@ -1893,6 +1893,7 @@ mod scale {
                     pool: None,
                     max_concurrent: None,
                     state: None,
+                    access: Default::default(),
                 },
                 provider.clone(),
             );
@@ -2199,6 +2200,7 @@ mod gc {
                     max_concurrent: None,
                     upstream: None,
                     agent: None,
+                    access: Default::default(),
                 }));
             }
             let written = batch.len() as u64;

@@ -154,6 +154,9 @@ struct ProviderConfig {
     pool: Option<String>,
     /// How many requests it takes at once; absent: `--max-concurrent`.
     max_concurrent: Option<u32>,
+    /// Who may see and call it: `"public"` (default), `"owner"`, or principal ids.
+    #[serde(default)]
+    access: virtual_llm::access::Access,
     #[serde(default)]
     publish: bool,
     /// Wakes its upstream when the gateway asks for it.
@@ -230,6 +233,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
                 .transpose()
                 .map_err(|e| in_entry(&e))?;
             spec.max_concurrent = Some(p.max_concurrent.unwrap_or(args.max_concurrent));
+            spec.access = p.access.clone();
             spec.validate().map_err(|e| in_entry(&e))?;
             let llm = PublishedLlm::new(
                 spec,

@@ -412,6 +412,7 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
                 pool: None,
                 max_concurrent: None,
                 state: None,
+                access: Default::default(),
             })
             .collect(),
     };

@@ -1550,12 +1550,29 @@ async fn floods_of_register_and_heartbeat_keep_the_gateway_correct() {
         "the socket is still bound"
     );
 
-    // No rate limit and no quota: a burst of new names all land.
-    let before = gw.gateway.store().list().await.unwrap().len();
+    // A burst of new sessions stops at the principal's maxSessions (64 by default,
+    // SPEC §16), exactly: the rest are 403 and write nothing.
+    let rows = gw.gateway.store().list().await.unwrap();
+    let held: std::collections::HashSet<_> = rows
+        .iter()
+        .filter(|r| r.owner == "alice")
+        .filter_map(|r| r.provider_session_id.clone())
+        .collect();
+    let room = 64 - held.len();
     let fresh: Vec<Value> = (0..300).map(|i| one(None, &format!("flood-{i}"))).collect();
     let answers = burst(fresh, register_url).await;
-    assert!(answers.iter().all(|a| a.status == 200));
-    assert_eq!(gw.gateway.store().list().await.unwrap().len(), before + 300);
+    let landed = answers.iter().filter(|a| a.status == 200).count();
+    assert_eq!(landed, room, "exactly up to maxSessions");
+    for a in answers.iter().filter(|a| a.status != 200) {
+        assert_eq!(
+            (a.status, &a.body["error"]["code"]),
+            (403, &json!("quota_exceeded"))
+        );
+    }
+    assert_eq!(
+        gw.gateway.store().list().await.unwrap().len(),
+        rows.len() + room
+    );
     p.stop().await;
 }
 

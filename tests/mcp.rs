@@ -2,7 +2,8 @@
 //! gateway serving `/mcp` on `127.0.0.1:0` and an echo publisher publishing an agent:
 //! the tool and its schema, a call answered through the agent's persona, the tool list
 //! following the registry both ways (the client is told each time), a call to an
-//! agent whose publisher is gone, and the gateway's tokens on `/mcp`. (The official
+//! agent whose publisher is gone, the gateway's tokens on `/mcp`, and an agent's
+//! `access` (SPEC §16: a tool a caller may not call is neither listed nor callable). (The official
 //! Python SDK runs against the reference binaries in `tests/sdk/check_mcp.py`.)
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
@@ -26,6 +27,7 @@ use virtual_llm::{
 
 const CLIENT: &str = "client-token-0123456789";
 const PUBLISHER: &str = "publisher-token-0123456789";
+const ADMIN: &str = "admin-token-0123456789";
 
 /// A gateway serving the SSE channel and `/mcp`, stopped when dropped.
 struct Setup {
@@ -47,7 +49,8 @@ async fn gateway() -> Setup {
             PUBLISHER,
             virtual_llm::Principal::new("alice", [Role::Publisher]),
         )
-        .with(CLIENT, virtual_llm::Principal::new("app", [Role::Client]));
+        .with(CLIENT, virtual_llm::Principal::new("app", [Role::Client]))
+        .with(ADMIN, virtual_llm::Principal::new("root", [Role::Admin]));
     let gateway = Gateway::builder(Arc::new(MemoryStore::new()))
         .authenticator(Arc::new(auth))
         .start()
@@ -265,4 +268,63 @@ async fn mcp_takes_the_gateways_tokens() {
     let client = connect(&setup.url, Some(CLIENT)).await.unwrap();
     assert!(tool_names(&client).await.is_empty());
     client.cancel().await.unwrap();
+}
+
+/// An agent published with `access: "owner"` is no tool for another principal: not
+/// listed, and a call is refused as for a tool that does not exist; an admin sees and
+/// calls it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tool_a_caller_may_not_call_is_neither_listed_nor_callable() {
+    let setup = gateway().await;
+    let upstream = Arc::new(Recording::new());
+    let mut private = AgentSpec::new(
+        LlmName::parse("private-poet").unwrap(),
+        LlmName::parse("demo").unwrap(),
+    );
+    private.access = virtual_llm::access::Access::Owner;
+    let open = AgentSpec::new(
+        LlmName::parse("poet").unwrap(),
+        LlmName::parse("demo").unwrap(),
+    );
+    let spec = virtual_llm::protocol::LlmSpec::new(LlmName::parse("demo").unwrap(), "echo", "m");
+    let publisher = Publisher::spawn(
+        Arc::new(SseWire::new(&setup.url, Some(PUBLISHER.to_owned())).unwrap()),
+        vec![PublishedLlm::new(spec, upstream.clone())],
+        PublisherOptions {
+            agents: vec![open, private],
+            ..PublisherOptions::default()
+        },
+    );
+    tokio::time::timeout(Duration::from_secs(10), publisher.connected())
+        .await
+        .expect("the publisher connects");
+
+    let app = connect(&setup.url, Some(CLIENT)).await.unwrap();
+    assert_eq!(tool_names(&app).await, ["agent-poet"]);
+    let hidden = app.call_tool(ask("agent-private-poet", "x")).await;
+    let unknown = app.call_tool(ask("agent-nobody", "x")).await;
+    assert_eq!(
+        hidden
+            .unwrap_err()
+            .to_string()
+            .replace("private-poet", "nobody"),
+        unknown.unwrap_err().to_string(),
+        "refused as a tool that does not exist"
+    );
+    assert!(upstream.bodies().is_empty(), "nothing reached the model");
+
+    let root = connect(&setup.url, Some(ADMIN)).await.unwrap();
+    assert_eq!(
+        tool_names(&root).await,
+        ["agent-poet", "agent-private-poet"]
+    );
+    let result = root
+        .call_tool(ask("agent-private-poet", "the sea"))
+        .await
+        .unwrap();
+    assert_eq!(result.is_error, Some(false), "{result:?}");
+    assert_eq!(text(&result), "the sea");
+    app.cancel().await.unwrap();
+    root.cancel().await.unwrap();
+    publisher.stop().await;
 }

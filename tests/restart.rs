@@ -40,6 +40,7 @@ fn publisher_named(wire: Arc<dyn Wire>, session_file: &Path, name: &str) -> Publ
             pool: None,
             max_concurrent: None,
             state: None,
+            access: Default::default(),
         },
         Arc::new(EchoProvider::new()),
     );

@@ -834,7 +834,15 @@ fn assert_random_ids(what: &str, prefix: &str, ids: &[String]) {
 /// Session ids, task ids and row ids carry 128 random bits, on both transports.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_task_and_row_ids_carry_128_random_bits() {
-    let gw = TestGateway::start(Config::default()).await;
+    // 150 sessions of one principal: over the default maxSessions (64).
+    let config = Config {
+        limits: virtual_llm::limits::Limits {
+            max_sessions: Some(1000),
+            ..Default::default()
+        },
+        ..Config::default()
+    };
+    let gw = TestGateway::start(config).await;
     let mut sessions = Vec::new();
     let mut rows = Vec::new();
     for i in 0..150 {

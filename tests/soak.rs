@@ -198,6 +198,7 @@ impl Slot {
                 pool: None,
                 max_concurrent: None,
                 state: None,
+                access: Default::default(),
             },
             Arc::new(EchoProvider::new()),
         );

@@ -9,9 +9,11 @@ use serde_json::Value;
 use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
+use virtual_llm_core::usage::UsageReport;
 use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmName, LlmView, Model, Reply};
 use warp::reply::Response;
 
+use crate::access::AccessLog;
 use crate::error::respond;
 use crate::extract::principal;
 use crate::openapi::{
@@ -132,6 +134,20 @@ pub(crate) async fn delete(name: String, gw: Gateway, auth: Option<String>) -> R
         async {
             let who = principal(&gw, auth.as_deref()).await?;
             Ok(reply::json(200, &gw.evict(&who, &name).await?))
+        }
+        .await,
+    )
+}
+
+/// `GET /api/v1/usage`: requests and tokens per principal and LLM on this replica
+/// (SPEC §16); an admin's answer has everyone's rows, anyone else's its own.
+#[utoipa::path(get, path = "/api/v1/usage", tag = "operations",
+    responses((status = 200, description = "Requests and tokens per principal and LLM, ordered by principal then LLM", body = UsageReport), E401))]
+pub(crate) async fn usage(gw: Gateway, auth: Option<String>) -> Response {
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            Ok(reply::json(200, &gw.usage(&who)))
         }
         .await,
     )
@@ -290,24 +306,42 @@ where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    respond(
-        async {
-            let who = principal(&gw, auth.as_deref()).await?;
-            let timeout = timeout.as_deref().map(parse_request_timeout).transpose()?;
-            let bytes = body::read(body, gw.config().max_body_bytes).await?;
-            let value: Value = body::json(&bytes)?;
-            let request = match target {
-                Target::Named(name) => InferRequest::for_llm(&name, value)?,
-                Target::Body(endpoint) => InferRequest::from_body(endpoint, value)?,
-            }
-            .with_timeout(timeout);
-            Ok(match gw.infer(&who, request).await? {
-                Reply::Complete(c) => reply::completion(&c),
-                Reply::Stream(chunks) => stream::chunk_stream(chunks, close),
-            })
+    let mut log = AccessLog::start(match &target {
+        Target::Named(_) => "infer",
+        Target::Body(endpoint) => endpoint.as_str(),
+    });
+    let answer = async {
+        let who = principal(&gw, auth.as_deref()).await?;
+        log.principal(&who.id);
+        let timeout = timeout.as_deref().map(parse_request_timeout).transpose()?;
+        let bytes = body::read(body, gw.config().max_body_bytes).await?;
+        let value: Value = body::json(&bytes)?;
+        let request = match target {
+            Target::Named(name) => InferRequest::for_llm(&name, value)?,
+            Target::Body(endpoint) => InferRequest::from_body(endpoint, value)?,
         }
-        .await,
-    )
+        .with_timeout(timeout);
+        log.model(&request.llm);
+        gw.infer(&who, request).await
+    }
+    .await;
+    match answer {
+        Ok(Reply::Stream(chunks)) => {
+            log.streaming(200);
+            stream::chunk_stream(chunks, close, Some(log))
+        }
+        other => {
+            let response = respond(other.map(|reply| match reply {
+                Reply::Complete(c) => reply::completion(&c),
+                Reply::Stream(chunks) => stream::chunk_stream(chunks, close, None),
+            }));
+            let bytes = hyper::body::Body::size_hint(response.body())
+                .exact()
+                .unwrap_or(0);
+            log.finish(response.status().as_u16(), bytes);
+            response
+        }
+    }
 }
 
 /// A model as OpenAI lists it.

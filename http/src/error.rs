@@ -1,5 +1,6 @@
 //! The one place a [`virtual_llm_core::Error`] becomes an HTTP response: its status,
-//! `Retry-After` and `WWW-Authenticate` headers and OpenAI-shaped body all come from
+//! `Retry-After`, `WWW-Authenticate` and (for `rate_limited`) `x-ratelimit-*` headers
+//! and OpenAI-shaped body all come from
 //! the core's one mapping ([`Error::status`], [`Error::response_headers`],
 //! [`Error::to_body`]), so no route, transport or embedder decides a status of its own
 //! and no internal detail reaches a response body. Requests no route matched are
@@ -10,6 +11,7 @@ use std::convert::Infallible;
 use http::header::HeaderValue;
 use virtual_llm_core::Error;
 use virtual_llm_core::error::Escaped;
+use virtual_llm_core::limits::{RateWindow, reset_text};
 use warp::Rejection;
 use warp::reply::Response;
 
@@ -39,7 +41,38 @@ pub fn error_response(error: &Error) -> Response {
             response.headers_mut().insert(name, value);
         }
     }
+    if let Error::RateLimited {
+        requests, tokens, ..
+    } = error
+    {
+        rate_limit_headers(&mut response, "requests", *requests);
+        rate_limit_headers(&mut response, "tokens", *tokens);
+    }
     response
+}
+
+/// The OpenAI headers of one per-minute limit (`what`: `requests` or `tokens`):
+/// `x-ratelimit-limit-{what}`, `x-ratelimit-remaining-{what}` and
+/// `x-ratelimit-reset-{what}` (`1m30s`, `250ms`); none when the caller has no such
+/// limit.
+fn rate_limit_headers(response: &mut Response, what: &str, window: Option<RateWindow>) {
+    let Some(window) = window else {
+        return;
+    };
+    let values = [
+        ("limit", window.limit.to_string()),
+        ("remaining", window.remaining.to_string()),
+        ("reset", reset_text(window.reset)),
+    ];
+    for (field, value) in values {
+        let name = format!("x-ratelimit-{field}-{what}");
+        if let (Ok(name), Ok(value)) = (
+            http::header::HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().insert(name, value);
+        }
+    }
 }
 
 /// Either side of a handler: the response, from `Ok`, or the [`error_response`] of the

@@ -3,6 +3,8 @@
 //! # Layout
 //! - `routes`: [`routes`], [`routes_with`] and [`api_routes`]: every route as one warp
 //!   filter, the transports' control channels mounted beside them.
+//! - `access`: the access log, one line per inference request under the target
+//!   [`ACCESS_LOG_TARGET`].
 //! - `client`: the client routes (the OpenAI pair, the registry's list, get and infer).
 //! - `provider`: the provider routes that are plain HTTP (register, heartbeat,
 //!   results as JSON or NDJSON).
@@ -28,6 +30,7 @@
 //! - `mcp` (feature `mcp`): the active agents as MCP tools over Streamable HTTP at
 //!   `/mcp`, with the official Rust MCP SDK.
 
+mod access;
 mod body;
 mod client;
 mod cors;
@@ -47,6 +50,7 @@ mod stream;
 mod timed_body;
 mod timed_io;
 
+pub use access::TARGET as ACCESS_LOG_TARGET;
 pub use cors::{check_origins, with_cors};
 pub use error::{error_response, recover, respond};
 pub use extract::{authorization, base_path, principal, session_header, session_id};

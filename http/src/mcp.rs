@@ -213,7 +213,9 @@ async fn tell_of_changes(gateway: Gateway, peers: Peers, shutdown: CancellationT
 /// The names of the tools of the active agents; empty when the registry cannot be
 /// read (the next change reads it again).
 async fn active_tool_names(gateway: &Gateway) -> BTreeSet<String> {
-    let everyone = Principal::new("mcp", [virtual_llm_core::Role::Client]);
+    // Every agent, whoever may see it: a session told of a change it cannot see
+    // lists its tools again, nothing worse.
+    let everyone = Principal::new("mcp", [virtual_llm_core::Role::Admin]);
     match gateway.agents(&everyone).await {
         Ok(agents) => agents
             .iter()

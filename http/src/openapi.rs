@@ -138,7 +138,7 @@ error_response!(E426, 426, "An unsupported protocolVersion");
 error_response!(
     E429,
     429,
-    "The pool's queue is full, or a rate limit is reached"
+    "The pool's queue is full (`queue_full`), or one of the caller's limits is reached (`rate_limited`, with `Retry-After` and the `x-ratelimit-*` headers)"
 );
 error_response!(E502, 502, "The publisher could not reach its upstream");
 error_response!(
@@ -185,6 +185,7 @@ fn provider_ws() {}
         client::model,
         client::agents,
         client::agent,
+        client::usage,
         provider::register,
         provider::heartbeat,
         provider::result,
@@ -295,6 +296,7 @@ mod tests {
                 "/",
                 "/api/v1/agents",
                 "/api/v1/agents/{name}",
+                "/api/v1/usage",
                 "/healthz",
                 "/openapi.json",
                 "/readyz",

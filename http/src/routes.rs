@@ -17,6 +17,7 @@
 //! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
 //! | `GET /v1/models` · `GET /v1/models/{id...}` | the active models and agents, as OpenAI lists them |
 //! | `GET /api/v1/agents` · `GET /api/v1/agents/{name...}` | [`Gateway::agents`] · [`Gateway::agent`] |
+//! | `GET /api/v1/usage` | [`Gateway::usage`]: requests and tokens per principal and LLM |
 //! | `GET /healthz` · `GET /readyz` | alive · ready (not draining, store answers); no token |
 //! | `GET /openapi.json` | the OpenAPI 3.1 document of these routes; no token |
 //! | `GET /` | the status page: the registry live in a browser; no token |
@@ -184,6 +185,11 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(gw.clone())
         .and(authorization())
         .then(client::agents);
+    let usage = warp::path!("api" / "v1" / "usage")
+        .and(warp::get())
+        .and(gw.clone())
+        .and(authorization())
+        .then(client::usage);
     let agent = warp::path("api")
         .and(warp::path("v1"))
         .and(warp::path("agents"))
@@ -221,6 +227,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .or(agents)
         .unify()
         .or(agent)
+        .unify()
+        .or(usage)
         .unify()
         .or(probes)
         .unify()

@@ -13,6 +13,7 @@ use virtual_llm_core::ChunkStream;
 use virtual_llm_core::error::Escaped;
 use warp::reply::Response;
 
+use crate::access::AccessLog;
 use crate::reply::event_stream;
 use crate::server::CloseConnection;
 
@@ -22,7 +23,14 @@ const DONE: &str = "[DONE]";
 /// The response streaming `chunks` to the client. After an `error` event the stream
 /// ends, and `close` (the connection's, when served by [`serve`](crate::serve)) closes
 /// the connection once the response is out.
-pub(crate) fn chunk_stream(chunks: ChunkStream, close: Option<CloseConnection>) -> Response {
+///
+/// `log`, the request's access log line, counts the bytes sent and is written when the
+/// stream ends or the client goes away.
+pub(crate) fn chunk_stream(
+    chunks: ChunkStream,
+    close: Option<CloseConnection>,
+    mut log: Option<AccessLog>,
+) -> Response {
     let events = futures::stream::unfold(Some(chunks), move |state| {
         let close = close.clone();
         async move {
@@ -42,7 +50,12 @@ pub(crate) fn chunk_stream(chunks: ChunkStream, close: Option<CloseConnection>) 
             }
         }
     })
-    .map(Ok::<_, Infallible>);
+    .map(move |event| {
+        if let Some(log) = &mut log {
+            log.sent(event.len());
+        }
+        Ok::<_, Infallible>(event)
+    });
     // warp wants a `Sync` body; the stream is only ever polled from one place.
     let mut response = warp::reply::Reply::into_response(warp::reply::stream(
         sync_wrapper::SyncStream::new(events),

@@ -205,6 +205,7 @@ fn public_record(name: &str) -> LlmRecord {
         max_concurrent: None,
         upstream: None,
         agent: None,
+        access: Default::default(),
     }
 }
 

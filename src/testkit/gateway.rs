@@ -331,6 +331,7 @@ impl TestGateway {
                         pool: None,
                         max_concurrent: None,
                         state: None,
+                        access: Default::default(),
                     },
                     provider.clone(),
                 )

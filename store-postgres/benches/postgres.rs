@@ -68,6 +68,7 @@ fn request(session: Option<&SessionId>, names: &[String]) -> RegisterRequest {
                 pool: None,
                 max_concurrent: None,
                 state: None,
+                access: Default::default(),
             })
             .collect(),
     }

@@ -28,6 +28,7 @@ CREATE TABLE virtual_llm_rows (
     max_concurrent  bigint,
     upstream        text,
     agent           json,
+    access          json,
     live_ms         bigint,
     inactive_ms     bigint,
     CHECK ((binding_replica IS NULL) = (binding_epoch IS NULL))

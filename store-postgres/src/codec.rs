@@ -17,6 +17,7 @@
 
 use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
+use virtual_llm_core::access::Access;
 use virtual_llm_core::protocol::UpstreamState;
 use virtual_llm_core::{
     ChannelBinding, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, ReplicaId, SessionId, Timestamp,
@@ -27,18 +28,19 @@ use crate::error::Error;
 /// The columns a read selects, in the order [`decode`] reads them.
 pub(crate) const SELECT: &str = "SELECT name, id, revision, kind, status, provider_type, \
      model, tier, owner, session, heartbeat_ms, inactive_since_ms, created_ms, updated_ms, \
-     binding_replica, binding_epoch::text, pool, max_concurrent, upstream, agent \
+     binding_replica, binding_epoch::text, pool, max_concurrent, upstream, agent, access \
      FROM virtual_llm_rows";
 
-/// The rows of a batch as one relation: `$1` to `$22` are arrays holding one column
-/// each (the order of [`Columns`]), `$23` the revisions the writes expect.
+/// The rows of a batch as one relation: `$1` to `$23` are arrays holding one column
+/// each (the order of [`Columns`]), `$24` the revisions the writes expect.
 const ROWS: &str = "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], \
      $6::text[], $7::text[], $8::text[], $9::text[], $10::int8[], $11::int8[], $12::int8[], \
      $13::int8[], $14::text[], $15::text[], $16::text[], $17::text[], $18::int8[], \
-     $19::text[], $20::json[], $21::int8[], $22::int8[], $23::int8[]) WITH ORDINALITY \
+     $19::text[], $20::json[], $21::int8[], $22::int8[], $23::json[], $24::int8[]) \
+     WITH ORDINALITY \
      AS v(name, id, kind, status, provider_type, model, tier, owner, session, heartbeat_ms, \
      inactive_since_ms, created_ms, updated_ms, binding_replica, binding_epoch, pool, \
-     pool_key, max_concurrent, upstream, agent, live_ms, inactive_ms, expected, i)";
+     pool_key, max_concurrent, upstream, agent, live_ms, inactive_ms, access, expected, i)";
 
 /// Inserts the rows of a batch at revision 1, in the order given (name order), each
 /// unless a row of the same name, ignoring ASCII case, exists; returns the names
@@ -48,11 +50,11 @@ pub(crate) fn insert() -> String {
         "INSERT INTO virtual_llm_rows (name, id, kind, status, provider_type, model, tier, \
          owner, session, heartbeat_ms, inactive_since_ms, created_ms, updated_ms, \
          binding_replica, binding_epoch, pool, pool_key, max_concurrent, upstream, agent, \
-         live_ms, inactive_ms, revision) \
+         live_ms, inactive_ms, access, revision) \
          SELECT name, id, kind, status, provider_type, model, tier, owner, session, \
          heartbeat_ms, inactive_since_ms, created_ms, updated_ms, binding_replica, \
          binding_epoch::numeric, pool, pool_key, max_concurrent, upstream, agent, live_ms, \
-         inactive_ms, 1 FROM {ROWS} ORDER BY i \
+         inactive_ms, access, 1 FROM {ROWS} ORDER BY i \
          ON CONFLICT DO NOTHING RETURNING name, revision"
     )
 }
@@ -68,7 +70,8 @@ pub(crate) fn update() -> String {
          updated_ms = v.updated_ms, binding_replica = v.binding_replica, \
          binding_epoch = v.binding_epoch::numeric, pool = v.pool, pool_key = v.pool_key, \
          max_concurrent = v.max_concurrent, upstream = v.upstream, agent = v.agent, \
-         live_ms = v.live_ms, inactive_ms = v.inactive_ms, revision = r.revision + 1 \
+         live_ms = v.live_ms, inactive_ms = v.inactive_ms, access = v.access, \
+         revision = r.revision + 1 \
          FROM {ROWS} WHERE r.name = v.name AND r.id = v.id AND r.revision = v.expected \
          RETURNING r.name, r.revision"
     )
@@ -106,6 +109,7 @@ pub(crate) struct ColumnArrays {
     agent: Vec<Option<serde_json::Value>>,
     live_ms: Vec<Option<i64>>,
     inactive_ms: Vec<Option<i64>>,
+    access: Vec<Option<serde_json::Value>>,
     expected: Vec<i64>,
 }
 
@@ -134,6 +138,7 @@ impl ColumnArrays {
         self.agent.push(c.agent);
         self.live_ms.push(c.live_ms);
         self.inactive_ms.push(c.inactive_ms);
+        self.access.push(c.access);
         self.expected.push(expected);
     }
 
@@ -142,8 +147,8 @@ impl ColumnArrays {
         self.name.is_empty()
     }
 
-    /// `$1` to `$23` of [`insert`] and [`update`].
-    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 23] {
+    /// `$1` to `$24` of [`insert`] and [`update`].
+    pub(crate) fn params(&self) -> [&(dyn ToSql + Sync); 24] {
         [
             &self.name,
             &self.id,
@@ -167,6 +172,7 @@ impl ColumnArrays {
             &self.agent,
             &self.live_ms,
             &self.inactive_ms,
+            &self.access,
             &self.expected,
         ]
     }
@@ -197,6 +203,7 @@ pub(crate) struct Columns {
     agent: Option<serde_json::Value>,
     live_ms: Option<i64>,
     inactive_ms: Option<i64>,
+    access: Option<serde_json::Value>,
 }
 
 /// `t` as stored: milliseconds in a `bigint`.
@@ -238,6 +245,7 @@ impl Columns {
             max_concurrent,
             upstream,
             agent,
+            access,
         } = r;
         let agent = agent
             .as_ref()
@@ -269,6 +277,13 @@ impl Columns {
             agent,
             live_ms: opt_millis(r.live_since(), "lastHeartbeatAt", name)?,
             inactive_ms: opt_millis(r.inactive_key(), "inactiveSince", name)?,
+            // NULL for a public row, as the core leaves it out of its JSON.
+            access: match access {
+                Access::Public => None,
+                restricted => Some(serde_json::to_value(restricted).map_err(|e| {
+                    Error::Invalid(format!("the access of row {name} does not encode: {e}"))
+                })?),
+            },
         })
     }
 }
@@ -342,6 +357,11 @@ pub(crate) fn decode(row: &Row) -> Result<LlmRecord, Error> {
         .map(serde_json::from_value)
         .transpose()
         .map_err(|e| bad("persona", &e))?;
+    let access = get::<Option<serde_json::Value>>(row, 20, key)?
+        .map(serde_json::from_value)
+        .transpose()
+        .map_err(|e| bad("access", &e))?
+        .unwrap_or_default();
     let max_concurrent = get::<Option<i64>>(row, 17, key)?
         .map(|n| u32::try_from(n).map_err(|_| bad("capacity", &n)))
         .transpose()?;
@@ -369,6 +389,7 @@ pub(crate) fn decode(row: &Row) -> Result<LlmRecord, Error> {
         max_concurrent,
         upstream,
         agent,
+        access,
     })
 }
 

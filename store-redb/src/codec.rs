@@ -13,6 +13,7 @@
 //! [`StoreError::Corrupted`]: virtual_llm_core::StoreError::Corrupted
 
 use serde::{Deserialize, Serialize};
+use virtual_llm_core::access::Access;
 use virtual_llm_core::agent::Persona;
 use virtual_llm_core::protocol::UpstreamState;
 use virtual_llm_core::{
@@ -62,6 +63,9 @@ pub(crate) struct StoredRow {
     /// An agent's persona (schema 4); absent from an LLM's row.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     agent: Option<Persona>,
+    /// Who may see and call the row (schema 5); absent: public.
+    #[serde(default, skip_serializing_if = "Access::is_public")]
+    access: Access,
 }
 
 impl StoredRow {
@@ -89,6 +93,7 @@ impl StoredRow {
             max_concurrent,
             upstream,
             agent,
+            access,
         } = r;
         StoredRow {
             id,
@@ -111,6 +116,7 @@ impl StoredRow {
             max_concurrent,
             upstream,
             agent,
+            access,
         }
     }
 
@@ -141,6 +147,7 @@ impl StoredRow {
             max_concurrent: self.max_concurrent,
             upstream: self.upstream,
             agent: self.agent,
+            access: self.access,
         }
     }
 
@@ -242,6 +249,7 @@ mod tests {
             replica: replica.clone(),
             epoch: u64::MAX,
         });
+        r.access = Access::Principals(vec!["team-a".into(), "ci".into()]);
         let stored = StoredRow::new(r.clone(), 42);
         let bytes = stored.encode().unwrap();
         let back = StoredRow::decode("alpha", &bytes).unwrap();
@@ -266,6 +274,10 @@ mod tests {
         let bytes = StoredRow::new(r.clone(), 1).encode().unwrap();
         let text = String::from_utf8(bytes).unwrap();
         assert!(!text.contains("binding"), "{text}");
+        assert!(
+            !text.contains("access"),
+            "a public row is stored as before: {text}"
+        );
         let back = StoredRow::decode("alpha", text.as_bytes()).unwrap();
         assert_eq!((back.to_record(), back.replica()), (r, None));
     }

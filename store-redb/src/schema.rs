@@ -39,13 +39,15 @@
 //!   setting the version to 4, in one durable write transaction (a file of version 1
 //!   or 2 goes through the steps above in the same transaction). A build of version 3
 //!   refuses the upgraded file, so it never misreads an agent's row as an LLM.
-//! - **5**: adds `rows_by_folded`: names are unique ignoring ASCII case (the Store
+//! - **5**: a row may carry an `access` (SPEC §16: who may see and call it), and
+//!   `rows_by_folded` is added: names are unique ignoring ASCII case (the Store
 //!   contract). A file of version 4 or older is upgraded in place when it is opened, in
 //!   one write transaction that also indexes every row under its folded name (after
-//!   the steps above for older files), and sets the version to 5. Rows that a
-//!   version-4 build let in beside each other (`llama` and `LLAMA`) are kept, both
-//!   under one folded name: neither name can be inserted again while either row
-//!   exists. A build of version 4 refuses the upgraded file.
+//!   the steps above for older files), and sets the version to 5; a public row is
+//!   stored as version 4 stored it. Rows that a version-4 build let in beside each
+//!   other (`llama` and `LLAMA`) are kept, both under one folded name: neither name can
+//!   be inserted again while either row exists. A build of version 4 refuses the
+//!   upgraded file, so it never serves a restricted row to everyone.
 //!
 //! [`LlmName::folded`]: virtual_llm_core::LlmName::folded
 //! [`LlmRecord::binding`]: virtual_llm_core::LlmRecord::binding
@@ -63,7 +65,7 @@ use crate::codec::StoredRow;
 use crate::error::Error;
 
 /// The layout version this build reads and writes; a change of any table or of the
-/// row encoding bumps it. A file of version 1, 2 or 3 is upgraded to it in place when
+/// row encoding bumps it. A file of version 1 to 4 is upgraded to it in place when
 /// opened; a file of any other version is refused.
 pub const SCHEMA_VERSION: u64 = 5;
 
@@ -73,7 +75,7 @@ const V1: u64 = 1;
 const V2: u64 = 2;
 /// The version a file written before rows could be agents has.
 const V3: u64 = 3;
-/// The version a file written before the folded-name index has.
+/// The version a file written before the folded-name index and access has.
 const V4: u64 = 4;
 
 /// Schema version and write sequence.
@@ -295,7 +297,7 @@ fn open_file(path: &Path, mode: Mode) -> Result<File, Error> {
 }
 
 /// Checks the schema version of an opened file: an empty file gets the current
-/// schema, a file of version 1, 2 or 3 is upgraded, any other version is refused.
+/// schema, a file of version 1 to 4 is upgraded, any other version is refused.
 pub(crate) fn check_or_init(db: &Database, path: &Path) -> Result<Opened, Error> {
     let txn = db.begin_write()?;
     let tables: Vec<String> = txn.list_tables()?.map(|t| t.name().to_owned()).collect();
@@ -413,7 +415,8 @@ struct Indexed {
 ///   live (a sleeping model's publisher heartbeats too).
 /// - from 3 (and older), nothing but the version: a row may carry an `agent` from
 ///   version 4 on, and a row without one is stored as version 3 stored it.
-/// - from 4 (and older), `rows_by_folded`: every row, under its folded name.
+/// - from 4 (and older), `rows_by_folded`: every row, under its folded name; a row
+///   may carry an `access` from version 5 on.
 ///
 /// The rows are read once for every step, and a row that does not decode stops the
 /// upgrade as corruption rather than being carried over unchecked.

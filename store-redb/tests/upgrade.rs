@@ -72,6 +72,7 @@ fn expected_rows() -> Vec<LlmRecord> {
         max_concurrent: None,
         upstream: None,
         agent: None,
+        access: Default::default(),
     };
     let gone = LlmRecord {
         status: LlmStatus::Inactive,
@@ -636,5 +637,49 @@ async fn a_v4_file_is_upgraded_to_5_and_keeps_its_lookalikes() {
         .expect("free once both are gone");
     let report = store.check_integrity().await.unwrap();
     assert!(report.is_ok(), "{report:?}");
+    store.close().await.unwrap();
+}
+
+/// A version-4 file (made here from a current one) is upgraded in place in one
+/// commit, every row as it was; from then on it stores a row's access across a
+/// reopen.
+#[tokio::test]
+async fn a_v4_file_is_upgraded_to_5_and_keeps_rows_access() {
+    let file = TempStore::new().await;
+    let rows = file
+        .write(v2_rows().into_iter().map(Write::Insert).collect())
+        .await
+        .unwrap();
+    file.close().await.unwrap();
+    let path = file.path();
+    downgrade(&path, 4);
+    assert_eq!(meta_of(&path, "schema_version"), (Some(4), V3_ADDED));
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 1, "the upgrade: one transaction");
+    assert_holds_the_v2_rows(&store, &rows).await;
+    let mut private = record("private");
+    private.access = virtual_llm_core::access::Access::Principals(vec!["team-a".into()]);
+    let mut mine = record("mine");
+    mine.access = virtual_llm_core::access::Access::Owner;
+    let written = store
+        .write(vec![Write::Insert(private), Write::Insert(mine)])
+        .await
+        .unwrap();
+    store.close().await.unwrap();
+    assert_eq!(
+        meta_of(&path, "schema_version"),
+        (Some(SCHEMA_VERSION), ALL_ADDED)
+    );
+
+    let store = RedbStore::open(&path).await.unwrap();
+    assert_eq!(store.stats().commits, 0, "no second upgrade");
+    for row in written {
+        assert_eq!(
+            store.get(&row.name).await.unwrap(),
+            Some(row),
+            "the row, access and all"
+        );
+    }
     store.close().await.unwrap();
 }

@@ -59,6 +59,7 @@ fn task_round_trip(c: &mut Criterion) {
                 pool: None,
                 max_concurrent: None,
                 state: None,
+                access: Default::default(),
             }],
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;

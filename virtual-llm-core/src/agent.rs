@@ -15,6 +15,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::access::Access;
 use crate::{Error, Gateway, LlmName, LlmRecord, LlmStatus, Principal};
 
 /// Longest `systemPrompt` accepted in a register, in bytes (64 KiB).
@@ -52,6 +53,9 @@ pub struct AgentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub default_params: Option<Map<String, Value>>,
+    /// Who may see and call it (SPEC §16); absent: public.
+    #[serde(default, skip_serializing_if = "Access::is_public")]
+    pub access: Access,
 }
 
 impl AgentSpec {
@@ -63,6 +67,7 @@ impl AgentSpec {
             description: None,
             system_prompt: None,
             default_params: None,
+            access: Access::Public,
         }
     }
 
@@ -70,6 +75,7 @@ impl AgentSpec {
     /// characters, and `defaultParams`' size and keys.
     pub fn validate(&self) -> Result<(), Error> {
         let name = &self.name;
+        self.access.validate()?;
         if let Some(d) = &self.description {
             if d.chars().count() > MAX_DESCRIPTION_CHARS {
                 return Err(Error::invalid(format!(
@@ -270,24 +276,33 @@ pub(crate) fn agent_views<'a>(
 }
 
 impl Gateway {
-    /// Every agent, as clients see it (`GET /api/v1/agents`), ordered by name.
-    pub async fn agents(&self, _principal: &Principal) -> Result<Vec<AgentView>, Error> {
-        let rows = self.shared.store.list().await?;
+    /// Every agent `principal` may see (SPEC §16), as clients see it (`GET
+    /// /api/v1/agents`), ordered by name. An agent's status counts only the members
+    /// of its LLM that admit `principal`: the ones its requests would go to.
+    pub async fn agents(&self, principal: &Principal) -> Result<Vec<AgentView>, Error> {
+        let mut rows = self.shared.store.list().await?;
+        rows.retain(|r| r.admits(principal));
         Ok(agent_views(rows.iter().filter(|r| r.is_agent()), &rows))
     }
 
-    /// One agent, as clients see it; 400 for a bad name, 404 when no agent has it.
-    pub async fn agent(&self, _principal: &Principal, name: &str) -> Result<AgentView, Error> {
+    /// One agent, as clients see it; 400 for a bad name, 404 when no agent has it or
+    /// `principal` may not see it.
+    pub async fn agent(&self, principal: &Principal, name: &str) -> Result<AgentView, Error> {
         let name = LlmName::parse(name)?;
         let unknown = || Error::UnknownLlm {
             name: name.to_string(),
         };
         let row = self.shared.store.get(&name).await?.ok_or_else(unknown)?;
+        if !row.admits(principal) {
+            return Err(unknown());
+        }
         let persona = row.agent.as_ref().ok_or_else(unknown)?;
         let mut model = self.shared.store.by_pool(&persona.llm).await?;
-        model.retain(|r| !r.is_agent());
+        model.retain(|r| !r.is_agent() && r.admits(principal));
         if model.is_empty() {
-            model.extend(self.shared.store.get(&persona.llm).await?);
+            model.extend(
+                (self.shared.store.get(&persona.llm).await?).filter(|r| r.admits(principal)),
+            );
         }
         view(&row, agent_status(&row, &model)).ok_or_else(unknown)
     }

@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use subtle::ConstantTimeEq;
 
 use crate::Error;
+use crate::limits::Limits;
 
 /// What a principal may do.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -29,6 +30,8 @@ pub struct Principal {
     roles: Vec<Role>,
     /// Pools whose owner lets this principal's rows join them (SPEC §10).
     pools: Vec<String>,
+    /// Its own limits (SPEC §16), over the gateway's defaults; `None`: the defaults.
+    limits: Option<Limits>,
 }
 
 impl Principal {
@@ -38,7 +41,31 @@ impl Principal {
             id: id.into(),
             roles: roles.into_iter().collect(),
             pools: Vec::new(),
+            limits: None,
         }
+    }
+
+    /// The same principal with limits of its own (a token's `limits = {…}`), over the
+    /// gateway's defaults ([`Config::limits`](crate::Config::limits)).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = Some(limits);
+        self
+    }
+
+    /// Its limits: its own, each absent one taken from `defaults`. An admin is bound
+    /// only by limits its own token sets: the defaults (`maxNames` and `maxSessions`
+    /// included) are not an admin's, so an open gateway's one principal
+    /// ([`OpenAccess`]) publishes as many names as it likes.
+    pub fn limits(&self, defaults: &Limits) -> Limits {
+        let own = self.limits.clone().unwrap_or_default();
+        if self.has(Role::Admin) {
+            return Limits {
+                max_names: own.max_names.or(Some(usize::MAX)),
+                max_sessions: own.max_sessions.or(Some(usize::MAX)),
+                ..own
+            };
+        }
+        own.or(defaults)
     }
 
     /// The same principal, granted to join these pools with rows of its own although
@@ -223,6 +250,40 @@ mod tests {
         for bearer in [None, Some(""), Some("anything")] {
             assert_eq!(auth.authenticate(bearer).await.unwrap_err().status(), 401);
         }
+    }
+
+    #[test]
+    fn limits_overlay_the_defaults_except_for_admins() {
+        let defaults = Limits {
+            requests_per_minute: Some(10),
+            max_names: Some(3),
+            ..Limits::default()
+        };
+        let own = Limits {
+            max_concurrent: Some(2),
+            ..Limits::default()
+        };
+        let bob = Principal::new("bob", [Role::Client]).with_limits(own.clone());
+        let limits = bob.limits(&defaults);
+        assert_eq!(
+            (
+                limits.requests_per_minute,
+                limits.max_concurrent,
+                limits.max_names()
+            ),
+            (Some(10), Some(2), 3)
+        );
+        let plain = Principal::new("eve", [Role::Publisher]).limits(&Limits::default());
+        assert_eq!((plain.max_names(), plain.max_sessions()), (256, 64));
+        let root = Principal::new("root", [Role::Admin]);
+        let limits = root.limits(&defaults);
+        assert_eq!(
+            limits.requests_per_minute, None,
+            "no default binds an admin"
+        );
+        assert_eq!(limits.max_names(), usize::MAX);
+        let root = root.with_limits(own);
+        assert_eq!(root.limits(&defaults).max_concurrent, Some(2), "its own do");
     }
 
     #[test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::Error;
+use crate::limits::Limits;
 
 /// Lifecycle timings, relay deadlines and input limits.
 ///
@@ -123,6 +124,13 @@ pub struct Config {
     /// it. Default 2 s.
     #[serde(with = "humantime_serde")]
     pub lease_skew: Duration,
+    /// The limits of every principal that has none of its own (SPEC §16), key by key:
+    /// `requestsPerMinute`, `tokensPerMinute`, `maxConcurrent` (default: none), and
+    /// for publishers `maxNames` (default 256) and `maxSessions` (default 64).
+    pub limits: Limits,
+    /// The most distinct values of the `llm` and `principal` labels of the request
+    /// and usage metrics; past it, a new one is counted as `other`. Default 256.
+    pub metric_labels: usize,
 }
 
 impl Default for Config {
@@ -155,6 +163,8 @@ impl Default for Config {
             lease: Duration::from_secs(15),
             lease_renew: Duration::from_secs(5),
             lease_skew: Duration::from_secs(2),
+            limits: Limits::default(),
+            metric_labels: 256,
         }
     }
 }
@@ -278,6 +288,7 @@ impl Config {
                 return invalid(&[key], format!("{key} must be positive"));
             }
         }
+        self.limits.validate()?;
         if !self.base_path.starts_with('/') || self.base_path.ends_with('/') {
             return invalid(
                 &["basePath"],
@@ -460,6 +471,21 @@ mod tests {
             ..Config::default()
         });
         assert_eq!(settings, ["maxBodyBytes"]);
+        let (settings, message) = refused(Config {
+            limits: Limits {
+                max_names: Some(0),
+                ..Limits::default()
+            },
+            ..Config::default()
+        });
+        assert_eq!(settings, ["limits.maxNames"]);
+        assert!(message.contains("maxNames must be positive"), "{message}");
+        let limits: Config =
+            serde_json::from_str(r#"{"limits": {"requestsPerMinute": 60, "maxSessions": 2}}"#)
+                .unwrap();
+        assert_eq!(limits.limits.requests_per_minute, Some(60));
+        assert_eq!(limits.limits.max_sessions(), 2);
+        assert!(serde_json::from_str::<Config>(r#"{"limits": {"rpm": 1}}"#).is_err());
     }
 
     #[test]

@@ -137,6 +137,30 @@ pub enum Error {
         /// How long the queue should take to drain that far, from its recent pace.
         retry_after: Duration,
     },
+    /// The caller is over one of its limits per minute or its `maxConcurrent` (429,
+    /// SPEC §16); nothing of the request was done or counted.
+    #[error("{}", describe_rate_limit(*kind, *requests, *tokens))]
+    RateLimited {
+        /// Which limit refused it.
+        kind: crate::limits::LimitKind,
+        /// When the limit lets a request in again.
+        retry_after: Duration,
+        /// The caller's request window, if it has a request limit.
+        requests: Option<crate::limits::RateWindow>,
+        /// The caller's token window, if it has a token limit.
+        tokens: Option<crate::limits::RateWindow>,
+    },
+    /// A register would take the publisher over its `maxNames` or `maxSessions` (403,
+    /// SPEC §16). Nothing was written.
+    #[error("this register would hold {count} {what}, over the limit of {limit}")]
+    QuotaExceeded {
+        /// `names` or `sessions`.
+        what: &'static str,
+        /// What the principal would hold.
+        count: usize,
+        /// Its limit.
+        limit: usize,
+    },
     /// A request waited its longest in the pool's admission queue without a slot
     /// freeing (503).
     #[error("no member of {pool} had a free slot within {}s", waited.as_secs_f64())]
@@ -229,6 +253,24 @@ impl UnavailableKind {
     }
 }
 
+fn describe_rate_limit(
+    kind: crate::limits::LimitKind,
+    requests: Option<crate::limits::RateWindow>,
+    tokens: Option<crate::limits::RateWindow>,
+) -> String {
+    use crate::limits::LimitKind;
+    match (kind, requests, tokens) {
+        (LimitKind::Requests, Some(w), _) => {
+            format!("rate limit of {} requests per minute reached", w.limit)
+        }
+        (LimitKind::Tokens, _, Some(w)) => {
+            format!("rate limit of {} tokens per minute reached", w.limit)
+        }
+        (LimitKind::Concurrent, ..) => "too many requests in flight at once".to_owned(),
+        _ => "rate limit reached".to_owned(),
+    }
+}
+
 fn describe_conflicts(conflicts: &[NameConflict]) -> String {
     conflicts
         .iter()
@@ -285,7 +327,7 @@ impl Error {
             | Error::InvalidConfig { .. }
             | Error::UnsupportedEndpoint { .. } => 400,
             Error::Unauthenticated => 401,
-            Error::Forbidden { .. } | Error::NotLocal { .. } => 403,
+            Error::Forbidden { .. } | Error::NotLocal { .. } | Error::QuotaExceeded { .. } => 403,
             Error::NoRoute { .. }
             | Error::UnknownLlm { .. }
             | Error::UnknownSession
@@ -294,7 +336,7 @@ impl Error {
             Error::Conflict { .. } | Error::TaskFinished => 409,
             Error::PayloadTooLarge { .. } => 413,
             Error::UnsupportedMediaType { .. } => 415,
-            Error::QueueFull { .. } => 429,
+            Error::QueueFull { .. } | Error::RateLimited { .. } => 429,
             Error::UnsupportedProtocol { .. } => 426,
             Error::Upstream { .. } => 502,
             Error::Unavailable { .. }
@@ -343,6 +385,8 @@ impl Error {
             Error::Upstream { .. } => "upstream_error",
             Error::Unavailable { .. } => "llm_unavailable",
             Error::QueueFull { .. } => "queue_full",
+            Error::RateLimited { .. } => "rate_limited",
+            Error::QuotaExceeded { .. } => "quota_exceeded",
             Error::QueueTimeout { .. } => "queue_timeout",
             Error::WakeFailed { .. } => "wake_failed",
             Error::WakeTimeout { .. } => "wake_timeout",
@@ -358,6 +402,7 @@ impl Error {
         match self {
             Error::Unavailable { retry_after, .. }
             | Error::QueueFull { retry_after, .. }
+            | Error::RateLimited { retry_after, .. }
             | Error::QueueTimeout { retry_after, .. }
             | Error::WakeFailed { retry_after, .. }
             | Error::WakeTimeout { retry_after, .. } => Some(*retry_after),
@@ -371,7 +416,12 @@ impl Error {
     pub fn response_headers(&self) -> Vec<(&'static str, String)> {
         let mut headers = Vec::new();
         if let Some(after) = self.retry_after() {
-            headers.push(("retry-after", after.as_secs().max(1).to_string()));
+            let secs = match self {
+                // Rounded up: a client that waits what it is told gets in.
+                Error::RateLimited { .. } => after.as_millis().div_ceil(1000) as u64,
+                _ => after.as_secs(),
+            };
+            headers.push(("retry-after", secs.max(1).to_string()));
         }
         if self.status() == 401 {
             headers.push(("www-authenticate", "Bearer".to_owned()));

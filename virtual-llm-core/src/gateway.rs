@@ -63,6 +63,12 @@ pub(crate) struct Shared {
     /// Bumped after every registry write this replica makes: see
     /// [`Gateway::registry_changes`].
     pub(crate) changes: tokio::sync::watch::Sender<u64>,
+    /// The limits per principal in force on this replica (SPEC §16).
+    pub(crate) limiter: crate::limits::RateLimiter,
+    /// The usage counts of this replica (SPEC §16).
+    pub(crate) usage: crate::usage::UsageLedger,
+    /// What each publisher's rows hold, for its quotas (SPEC §16).
+    pub(crate) holdings: crate::quota::Holdings,
 }
 
 impl fmt::Debug for Gateway {
@@ -194,6 +200,8 @@ impl GatewayBuilder {
         );
         let wakes = Wakes::new(self.config.wake_wait, self.config.wake_cooldown);
         let view = RegistryView::new(self.store.clone(), self.config.registry_staleness);
+        let limiter = crate::limits::RateLimiter::new(self.clock.clone());
+        let usage = crate::usage::UsageLedger::new(self.config.metric_labels);
         let gateway = Gateway {
             shared: Arc::new(Shared {
                 view,
@@ -213,6 +221,9 @@ impl GatewayBuilder {
                 versions: SessionVersions::default(),
                 draining: std::sync::atomic::AtomicBool::new(false),
                 changes: tokio::sync::watch::Sender::new(0),
+                limiter,
+                usage,
+                holdings: crate::quota::Holdings::default(),
             }),
         };
         gateway.follow_changes();

@@ -9,6 +9,9 @@
 //! - [`config`]: every timing and limit, with the defaults of the spec.
 //! - [`error`]: the errors, the one mapping to HTTP status and OpenAI error bodies, and
 //!   [`error::bounded`], the one way a message is cut to a length.
+//! - [`access`]: who may see and call a row (SPEC §16).
+//! - [`limits`]: limits per principal and the [`limits::RateLimiter`]; [`usage`]:
+//!   token usage per principal and LLM (SPEC §16).
 //! - [`agent`]: virtual agents, personas over a published model (SPEC §13).
 //! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
 //! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
@@ -41,6 +44,7 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 
+pub mod access;
 pub mod admission;
 pub mod agent;
 mod auth;
@@ -58,6 +62,7 @@ mod gc;
 mod ids;
 pub mod lease;
 mod lifecycle;
+pub mod limits;
 mod memory;
 pub mod metrics;
 mod name;
@@ -67,6 +72,7 @@ mod openapi;
 pub mod protocol;
 mod provider;
 pub mod publisher;
+mod quota;
 mod readiness;
 mod recipe;
 mod record;
@@ -80,6 +86,7 @@ pub mod sync;
 pub mod task;
 mod task_router;
 mod time;
+pub mod usage;
 pub mod view;
 mod wake;
 

@@ -133,6 +133,7 @@ fn plan_register(
                 r.pool.clone_from(&spec.pool);
                 r.max_concurrent = spec.max_concurrent;
                 r.agent.clone_from(persona);
+                r.access.clone_from(&spec.access);
                 writes.push(Write::Update(r));
             }
             Some(_) => conflicts.push(conflict(ConflictReason::ActiveInAnotherSession)),
@@ -220,11 +221,13 @@ fn pool_conflicts(
 
 /// The spec of an agent's row: its name, the type `agent`, and its LLM as the model.
 fn agent_row_spec(agent: &AgentSpec) -> LlmSpec {
-    LlmSpec::new(
+    let mut spec = LlmSpec::new(
         agent.name.clone(),
         AGENT_TYPE.to_owned(),
         agent.llm.to_string(),
-    )
+    );
+    spec.access = agent.access.clone();
+    spec
 }
 
 /// The agents of a register named like a pool of LLMs that is not theirs: pool keys,
@@ -278,6 +281,7 @@ fn new_row(
         max_concurrent: spec.max_concurrent,
         upstream: spec.state,
         agent: None,
+        access: spec.access.clone(),
     }
 }
 
@@ -397,7 +401,9 @@ impl Gateway {
     }
 
     /// Registers (or re-registers) a publisher's LLMs, atomically: either every name is
-    /// written, or none and the answer is a 409 naming each conflict.
+    /// written, or none and the answer is a 409 naming each conflict (or a 403
+    /// `quota_exceeded` when it would take the principal over its `maxNames` or
+    /// `maxSessions`).
     ///
     /// A `providerSessionId` the gateway does not know, or that another principal
     /// owns, gets a fresh session id in the answer; the publisher persists whatever
@@ -425,6 +431,8 @@ impl Gateway {
         let personas: Vec<Option<Persona>> = (req.llms.iter().map(|_| None))
             .chain(req.agents.iter().map(|a| Some(a.persona())))
             .collect();
+        let names: Vec<&LlmName> = specs.iter().map(|s| &s.name).collect();
+        let _quota = self.check_quota(principal, &session, &names).await?;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             if attempt > 0 {
                 session_rows = store.by_session(&session).await?;
@@ -490,6 +498,7 @@ impl Gateway {
             match store.write(writes.clone()).await {
                 Ok(written) => {
                     self.observe(&writes, &written);
+                    self.held(principal, &written);
                     self.shared.versions.set(&session, version);
                     self.settle_new_pools(principal, &req.llms, &facts, &writes, &written)
                         .await?;
@@ -825,6 +834,7 @@ impl Gateway {
                     r.tier.clone_from(&spec.tier);
                     r.pool.clone_from(&spec.pool);
                     r.max_concurrent = spec.max_concurrent;
+                    r.access.clone_from(&spec.access);
                     r.updated_at = now;
                     Write::Update(r)
                 }
@@ -883,10 +893,11 @@ impl Gateway {
         .into())
     }
 
-    /// Every row, as clients see it, with its load on this replica.
-    pub async fn list(&self, _principal: &Principal) -> Result<Vec<LlmView>, Error> {
+    /// Every row `principal` may see (SPEC §16), as clients see it, with its load on
+    /// this replica.
+    pub async fn list(&self, principal: &Principal) -> Result<Vec<LlmView>, Error> {
         let mut rows = self.shared.store.list().await?;
-        rows.retain(|r| !r.is_agent());
+        rows.retain(|r| !r.is_agent() && r.admits(principal));
         Ok(self.views(&rows))
     }
 
@@ -896,7 +907,7 @@ impl Gateway {
     /// store reads about one page, not the whole registry.
     pub async fn list_page(
         &self,
-        _principal: &Principal,
+        principal: &Principal,
         after: Option<&LlmName>,
         limit: usize,
     ) -> Result<(Vec<LlmView>, Option<LlmName>), Error> {
@@ -911,7 +922,10 @@ impl Gateway {
             let read = store.list_after(cursor.as_ref(), want).await?;
             let exhausted = read.len() < want;
             cursor = read.last().map(|r| r.name.clone()).or(cursor);
-            rows.extend(read.into_iter().filter(|r| !r.is_agent()));
+            rows.extend(
+                read.into_iter()
+                    .filter(|r| !r.is_agent() && r.admits(principal)),
+            );
             if rows.len() > limit {
                 rows.truncate(limit);
                 break true;
@@ -928,23 +942,27 @@ impl Gateway {
         Ok((self.views(&rows), next))
     }
 
-    /// One row, as clients see it; 400 for a bad name, 404 for an unknown one.
-    pub async fn get(&self, _principal: &Principal, name: &str) -> Result<LlmView, Error> {
+    /// One row, as clients see it; 400 for a bad name, 404 for an unknown one or one
+    /// `principal` may not see.
+    pub async fn get(&self, principal: &Principal, name: &str) -> Result<LlmView, Error> {
         let name = LlmName::parse(name)?;
         match self.shared.store.get(&name).await? {
-            Some(r) if !r.is_agent() => Ok(self.views(std::slice::from_ref(&r)).remove(0)),
+            Some(r) if !r.is_agent() && r.admits(principal) => {
+                Ok(self.views(std::slice::from_ref(&r)).remove(0))
+            }
             _ => Err(Error::UnknownLlm {
                 name: name.to_string(),
             }),
         }
     }
 
-    /// The rows of the pool `pool` (its members, whatever their status), as clients
-    /// see them; 400 for a bad name, 404 when no row has that pool key.
-    pub async fn members(&self, _principal: &Principal, pool: &str) -> Result<Vec<LlmView>, Error> {
+    /// The rows of the pool `pool` (its members, whatever their status) that
+    /// `principal` may see, as clients see them; 400 for a bad name, 404 when it may
+    /// see no row with that pool key.
+    pub async fn members(&self, principal: &Principal, pool: &str) -> Result<Vec<LlmView>, Error> {
         let pool = LlmName::parse(pool)?;
         let mut rows = self.shared.store.by_pool(&pool).await?;
-        rows.retain(|r| !r.is_agent());
+        rows.retain(|r| !r.is_agent() && r.admits(principal));
         if rows.is_empty() {
             return Err(Error::UnknownLlm {
                 name: pool.to_string(),

@@ -99,6 +99,7 @@ pub fn describe() {
     describe_counter!(WAKES, "Wakes asked of hibernating LLMs.");
     describe_histogram!(WAKE_TIME, Unit::Seconds, "Wake asked to LLM ready.");
     describe_counter!(WAKE_FAILURES, "Wakes that failed.");
+    crate::usage::describe();
 }
 
 pub(crate) fn wake_started() {

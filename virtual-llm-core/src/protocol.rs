@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::access::Access;
 pub use crate::agent::{AgentSpec, AgentView};
 use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 
@@ -70,6 +71,9 @@ pub struct LlmSpec {
     /// Whether its upstream can answer now (SPEC §12); absent: ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<UpstreamState>,
+    /// Who may see and call it (SPEC §16); absent: public.
+    #[serde(default, skip_serializing_if = "Access::is_public")]
+    pub access: Access,
 }
 
 /// Whether an LLM's upstream can answer, as its publisher last found out (SPEC §12).
@@ -134,6 +138,7 @@ impl LlmSpec {
             pool: None,
             max_concurrent: None,
             state: None,
+            access: Access::Public,
         }
     }
 
@@ -153,6 +158,7 @@ impl LlmSpec {
                 self.name
             )));
         }
+        self.access.validate()?;
         check_label("type", &self.provider_type, MAX_LABEL_LEN)?;
         check_label("model", &self.model, MAX_MODEL_LEN)?;
         if let Some(tier) = &self.tier {

@@ -6,9 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::access::Access;
 use crate::agent::Persona;
 use crate::protocol::UpstreamState;
-use crate::{LlmId, LlmName, ReplicaId, SessionId, Timestamp};
+use crate::{LlmId, LlmName, Principal, ReplicaId, SessionId, Timestamp};
 
 /// Which replica holds the control channel of a row's session, and which of its binds
 /// that is. Written on every row of the session when its channel binds, and cleared
@@ -104,9 +105,19 @@ pub struct LlmRecord {
     /// LLM: it is never a pool member and never listed or answered as one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<Persona>,
+    /// Who may see and call the row (SPEC §16), as its publisher declared it; public
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Access::is_public")]
+    pub access: Access,
 }
 
 impl LlmRecord {
+    /// Whether `who` may see and call this row: the one access decision, which the
+    /// router and every listing ask (see [`Access::admits`]).
+    pub fn admits(&self, who: &Principal) -> bool {
+        self.access.admits(&self.owner, who)
+    }
+
     /// Whether this is an agent's row rather than an LLM's.
     pub fn is_agent(&self) -> bool {
         self.agent.is_some()

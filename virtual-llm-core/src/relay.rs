@@ -12,6 +12,7 @@ use crate::protocol::TaskResult;
 use crate::router::Route;
 use crate::task::TaskHandle;
 use crate::task_router::Delivery;
+use crate::usage::Accounting;
 use crate::{
     Error, Gateway, InferRequest, LlmKind, LlmName, LlmRecord, LlmStatus, Model, Principal, Reply,
     Role, SessionId, TaskId, UnavailableKind,
@@ -72,6 +73,10 @@ impl Gateway {
     /// the client (the channel closed or full, the upstream unreachable or answering
     /// 502, 503 or 504) goes to another row, at most `pool_retries` times; the last
     /// answer is the client's, as it came.
+    ///
+    /// The caller's limits (SPEC §16) apply once its `model` is routed: over one, a 429
+    /// `rate_limited`; the request's tokens are charged and counted in the usage when
+    /// its outcome is known.
     pub async fn infer(
         &self,
         principal: &Principal,
@@ -81,14 +86,41 @@ impl Gateway {
         if self.is_draining() {
             return Err(self.draining());
         }
+        let route = self.route(principal, &request.llm).await?;
+        let limits = principal.limits(&self.shared.config.limits);
+        let admitted = match self.shared.limiter.admit(principal, &limits) {
+            Ok(admitted) => admitted,
+            Err(e) => {
+                self.shared.usage.rate_limited(&principal.id, &e);
+                return Err(e);
+            }
+        };
+        let accounting = Accounting::new(
+            self.clone(),
+            admitted,
+            principal,
+            &request.llm,
+            &request.body,
+        );
+        accounting.answer(self.dispatch(principal, route, request).await)
+    }
+
+    /// [`Gateway::infer`] once routed and admitted.
+    async fn dispatch(
+        &self,
+        principal: &Principal,
+        route: Route,
+        request: InferRequest,
+    ) -> Result<Reply, Error> {
         let config = &self.shared.config;
         let started = Instant::now();
         let timeout = request.timeout;
         let within = |limit: Duration| started + timeout.map_or(limit, |t| t.min(limit));
         let (queue_until, deadline) = (within(config.queue_wait), within(config.task_deadline));
-        let route = self.route(principal, &request.llm).await?;
         let request = self.as_agent(&route, request)?;
-        let mut tried: Vec<LlmName> = Vec::new();
+        // Members of the pool the route left out (the caller may not call them, SPEC
+        // §16) are never granted: the admission knows the whole pool.
+        let mut tried: Vec<LlmName> = self.left_out(&route).await?;
         let mut last: Option<Result<Reply, Error>> = None;
         for _ in 0..=config.pool_retries {
             let candidates: Vec<&LlmRecord> = route
@@ -142,8 +174,8 @@ impl Gateway {
                 // A row that started serving after the route was read (published or
                 // bound since): as the registry has it now, not as the route saw it.
                 _ => match self.shared.store.get(&slot.grant().row).await? {
-                    Some(row) => row,
-                    None => continue,
+                    Some(row) if row.admits(principal) => row,
+                    _ => continue,
                 },
             };
             let answer = self.answer(&row, request.clone(), slot, deadline).await;
@@ -159,6 +191,28 @@ impl Gateway {
             last = Some(answer);
         }
         last.unwrap_or_else(|| Err(Error::UnknownLlm { name: request.llm }))
+    }
+
+    /// The members of `route`'s pool that are not rows of the route: those the
+    /// router left out because the caller may not call them. None for a pinned route,
+    /// or one the router did not filter (it shares its rows with the registry view).
+    async fn left_out(&self, route: &Route) -> Result<Vec<LlmName>, Error> {
+        if route.pinned.is_some() {
+            return Ok(Vec::new());
+        }
+        let Some(all) = self.shared.view.pool(&route.pool).await? else {
+            return Ok(Vec::new());
+        };
+        if std::sync::Arc::ptr_eq(&all, &route.rows) || all.len() == route.rows.len() {
+            return Ok(Vec::new());
+        }
+        let kept: std::collections::HashSet<&LlmName> =
+            route.rows.iter().map(|r| &r.name).collect();
+        Ok(all
+            .iter()
+            .filter(|r| !r.is_agent() && !kept.contains(&r.name))
+            .map(|r| r.name.clone())
+            .collect())
     }
 
     /// `request` as the agent its route names puts it (SPEC §13): its system prompt
@@ -372,9 +426,11 @@ impl Gateway {
     /// What `GET /v1/models` lists: each pool key with an active member, once
     /// (members named otherwise are not listed; they stay reachable by name), and each
     /// active agent (SPEC §13). A row without a pool is the pool of one named after
-    /// it. Ordered by id.
-    pub async fn active_models(&self, _principal: &Principal) -> Result<Vec<Model>, Error> {
-        let rows = self.shared.store.list().await?;
+    /// it. Only what `principal` may see (SPEC §16): a pool is listed while a member
+    /// it may call is active. Ordered by id.
+    pub async fn active_models(&self, principal: &Principal) -> Result<Vec<Model>, Error> {
+        let mut rows = self.shared.store.list().await?;
+        rows.retain(|r| r.admits(principal));
         let mut models: std::collections::BTreeMap<&LlmName, Model> = Default::default();
         for r in rows
             .iter()

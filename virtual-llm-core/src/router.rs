@@ -89,9 +89,11 @@ pub trait Router: fmt::Debug + Send + Sync + 'static {
     ) -> Result<Route, Error>;
 }
 
-/// The router of SPEC §10 and §13: a pool key names its pool (a row without a pool is
-/// the pool of one named after it); any other row name pins that member; an agent's
-/// name routes to its LLM, carrying the agent.
+/// The router of SPEC §10, §13 and §16: a pool key names its pool (a row without a
+/// pool is the pool of one named after it); any other row name pins that member; an
+/// agent's name routes to its LLM, carrying the agent. Rows whose
+/// [access](crate::access) does not admit the caller are left out, as if they did not
+/// exist: a caller no row admits gets [`Error::UnknownLlm`].
 #[derive(Clone, Copy, Debug, Default)]
 pub struct PoolRouter;
 
@@ -100,16 +102,20 @@ impl PoolRouter {
     /// the pool `name` as the registry has them (`None`: no such pool).
     async fn llm_route(
         registry: &RegistryView,
+        principal: &Principal,
         name: LlmName,
         pool: Option<Arc<[LlmRecord]>>,
         model: &str,
     ) -> Result<Route, Error> {
         if let Some(rows) = pool {
-            // An agent's row is never a row of a route.
-            let rows: Arc<[LlmRecord]> = if rows.iter().any(LlmRecord::is_agent) {
-                rows.iter().filter(|r| !r.is_agent()).cloned().collect()
-            } else {
+            // An agent's row is never a row of a route, nor is a row the caller may
+            // not see (SPEC §16): a pool serves each caller with the members that
+            // admit it.
+            let usable = |r: &LlmRecord| !r.is_agent() && r.admits(principal);
+            let rows: Arc<[LlmRecord]> = if rows.iter().all(usable) {
                 rows
+            } else {
+                rows.iter().filter(|r| usable(r)).cloned().collect()
             };
             if !rows.is_empty() {
                 return Ok(Route {
@@ -121,7 +127,7 @@ impl PoolRouter {
             }
         }
         match registry.row(&name).await? {
-            Some(row) if !row.is_agent() => Ok(Route {
+            Some(row) if !row.is_agent() && row.admits(principal) => Ok(Route {
                 pool: row.pool_key().clone(),
                 rows: Arc::from([row]),
                 pinned: Some(name),
@@ -139,26 +145,32 @@ impl Router for PoolRouter {
     async fn route(
         &self,
         registry: &RegistryView,
-        _principal: &Principal,
+        principal: &Principal,
         model: &str,
     ) -> Result<Route, Error> {
         let name = LlmName::parse(model)?;
         let pool = registry.pool(&name).await?;
         // An agent's row is the pool of one named after it.
-        let agent = pool.as_ref().and_then(|rows| {
-            rows.iter().find_map(|r| match &r.agent {
-                Some(persona) if r.name == name => {
-                    Some((r.name.clone(), r.status, persona.clone()))
-                }
-                _ => None,
-            })
-        });
-        let Some((agent, status, persona)) = agent else {
-            return Self::llm_route(registry, name, pool, model).await;
+        let agent = pool
+            .as_ref()
+            .and_then(|rows| rows.iter().find(|r| r.is_agent() && r.name == name));
+        let Some(row) = agent else {
+            return Self::llm_route(registry, principal, name, pool, model).await;
+        };
+        if !row.admits(principal) {
+            return Err(Error::UnknownLlm {
+                name: model.to_owned(),
+            });
+        }
+        let (agent, status) = (row.name.clone(), row.status);
+        let Some(persona) = row.agent.clone() else {
+            return Err(Error::UnknownLlm {
+                name: model.to_owned(),
+            });
         };
         let llm = persona.llm.clone();
         let members = registry.pool(&llm).await?;
-        let mut route = Self::llm_route(registry, llm, members, model).await?;
+        let mut route = Self::llm_route(registry, principal, llm, members, model).await?;
         route.agent = Some(Arc::new(AgentRoute {
             name: agent,
             status,

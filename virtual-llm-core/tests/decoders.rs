@@ -271,6 +271,7 @@ fn spec() -> impl Strategy<Value = LlmSpec> {
             pool: None,
             max_concurrent: None,
             state: None,
+            access: Default::default(),
         },
     )
 }

@@ -214,6 +214,7 @@ async fn a_lookalike_of_a_taken_name_is_refused() {
                 pool: None,
                 max_concurrent: None,
                 state: None,
+                access: Default::default(),
             },
         )
         .await

@@ -143,6 +143,7 @@ mod lifecycle_across_replicas {
                         pool: None,
                         max_concurrent: None,
                         state: None,
+                        access: Default::default(),
                     }],
                 },
             )
@@ -202,6 +203,7 @@ mod lifecycle_across_replicas {
                         pool: None,
                         max_concurrent: None,
                         state: None,
+                        access: Default::default(),
                     }],
                 },
             )

@@ -132,6 +132,7 @@ pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
                 pool: None,
                 max_concurrent: None,
                 state: None,
+                access: Default::default(),
             })
             .collect(),
     }

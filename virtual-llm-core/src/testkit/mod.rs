@@ -80,6 +80,7 @@ pub fn record(name: &str) -> LlmRecord {
         max_concurrent: None,
         upstream: None,
         agent: None,
+        access: Default::default(),
     }
 }
 

@@ -825,7 +825,7 @@ pub async fn touch_sets_liveness_without_revision(store: &dyn Store) {
 }
 
 /// Every field round-trips, `hibernating`, an upstream state, a pool, a capacity, a
-/// channel binding, no tier and no session included.
+/// channel binding, each kind of access, no tier and no session included.
 pub async fn all_fields_round_trip(store: &dyn Store) {
     let mut sleeping = record("sleeping");
     sleeping.status = LlmStatus::Hibernating;
@@ -836,8 +836,10 @@ pub async fn all_fields_round_trip(store: &dyn Store) {
     sleeping.provider_session_id = None;
     sleeping.last_heartbeat_at = None;
     sleeping.inactive_since = Some(at(7));
+    sleeping.access = crate::access::Access::Owner;
     let mut public = record("public");
     public.kind = LlmKind::Public;
+    public.access = crate::access::Access::Principals(vec!["team-ü".into(), "ci".into()]);
     public.tier = Some("fast".into());
     public.provider_type = "anthropic".into();
     public.model = "claude-ünïcode-名前".into();

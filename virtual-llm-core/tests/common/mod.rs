@@ -59,6 +59,7 @@ pub fn spec(name: &str) -> LlmSpec {
         pool: None,
         max_concurrent: None,
         state: None,
+        access: Default::default(),
     }
 }
 

@@ -1,0 +1,515 @@
+//! Usage accounting (SPEC §16): requests, prompt tokens and completion tokens per
+//! principal and per LLM, for `GET /api/v1/usage`, the Prometheus counters and the
+//! `tokensPerMinute` limit.
+//!
+//! Tokens are what the answer's `usage` says (`prompt_tokens`, `completion_tokens`):
+//! a complete answer's body, or for a stream the last chunk that carries a `usage`
+//! (OpenAI sends it with `stream_options.include_usage`). A stream without one is
+//! **estimated**: a token per four characters of text, rounded up — the prompt's from
+//! the request's message contents (`messages[].content`, text parts included, or
+//! `prompt` / `input`), the completion's from the streamed `delta.content` (or
+//! `text`). Every LLM counts, public ones too; the LLM is the name the client asked
+//! for (a pool key, a member's name or an agent's).
+//!
+//! Memory is bounded: at most [`MAX_USAGE_ROWS`] (principal, LLM) pairs are kept, and
+//! past it new pairs are counted under the LLM `other`. The metric labels are bounded
+//! the same way by `metricLabels` (see [`MetricLabels`]). The counts are this
+//! replica's, since it started.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use metrics::{counter, histogram};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::limits::Admitted;
+use crate::sync::lock;
+use crate::{Error, Gateway, Principal, Reply, Role};
+
+/// The most (principal, LLM) pairs the ledger keeps.
+pub const MAX_USAGE_ROWS: usize = 10_000;
+/// The label value that stands for every value past the bound.
+pub const OTHER: &str = "other";
+
+/// Inference requests by `principal`, `llm` and `code` (`ok`, `upstream_<status>`, or
+/// an error code) (counter).
+pub const REQUESTS: &str = "virtual_llm_requests_total";
+/// From a request's admission to its outcome (the end of its stream), by `llm`
+/// (histogram).
+pub const REQUEST_DURATION: &str = "virtual_llm_request_duration_seconds";
+/// Prompt tokens by `principal` and `llm` (counter).
+pub const PROMPT_TOKENS: &str = "virtual_llm_prompt_tokens_total";
+/// Completion tokens by `principal` and `llm` (counter).
+pub const COMPLETION_TOKENS: &str = "virtual_llm_completion_tokens_total";
+/// Requests refused by a limit per principal, by `principal` and `limit`
+/// (`requests`, `tokens`, `concurrent`) (counter).
+pub const RATE_LIMITED: &str = "virtual_llm_rate_limited_total";
+
+/// Registers the help texts of the usage metrics.
+pub(crate) fn describe() {
+    metrics::describe_counter!(REQUESTS, "Inference requests by principal, llm and code.");
+    metrics::describe_histogram!(
+        REQUEST_DURATION,
+        metrics::Unit::Seconds,
+        "Inference request admission to outcome, by llm."
+    );
+    metrics::describe_counter!(PROMPT_TOKENS, "Prompt tokens by principal and llm.");
+    metrics::describe_counter!(COMPLETION_TOKENS, "Completion tokens by principal and llm.");
+    metrics::describe_counter!(RATE_LIMITED, "Requests refused by a limit per principal.");
+}
+
+/// Tokens of one answer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Completion tokens.
+    pub completion: u64,
+}
+
+impl TokenUsage {
+    /// Prompt plus completion.
+    pub fn total(self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// The `usage` an answer or a chunk reports, if it has one with `prompt_tokens`.
+///
+/// ```
+/// use serde_json::json;
+/// use virtual_llm_core::usage::{TokenUsage, reported};
+///
+/// let body = json!({"usage": {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}});
+/// assert_eq!(reported(&body), Some(TokenUsage { prompt: 9, completion: 3 }));
+/// assert_eq!(reported(&json!({"usage": null})), None);
+/// ```
+pub fn reported(body: &Value) -> Option<TokenUsage> {
+    let usage = body.get("usage")?;
+    let prompt = usage.get("prompt_tokens")?.as_u64()?;
+    let completion = usage
+        .get("completion_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    Some(TokenUsage { prompt, completion })
+}
+
+/// Tokens of `chars` characters of text, as estimated: one per four, rounded up.
+fn estimate(chars: usize) -> u64 {
+    chars.div_ceil(4) as u64
+}
+
+/// Characters of text in a message content: a string, or the `text` of its parts.
+fn content_chars(content: &Value) -> usize {
+    match content {
+        Value::String(s) => s.chars().count(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .map(|t| t.chars().count())
+            .sum(),
+        _ => 0,
+    }
+}
+
+/// The estimated prompt tokens of an OpenAI request body: its messages' contents, or
+/// its `prompt` or `input` (strings, or lists of strings).
+///
+/// ```
+/// use serde_json::json;
+/// use virtual_llm_core::usage::estimate_prompt;
+///
+/// let body = json!({"messages": [{"role": "user", "content": "12345678"}]});
+/// assert_eq!(estimate_prompt(&body), 2);
+/// assert_eq!(estimate_prompt(&json!({"input": ["abc", "de"]})), 2);
+/// ```
+pub fn estimate_prompt(body: &Value) -> u64 {
+    let chars = match body.get("messages") {
+        Some(Value::Array(messages)) => messages
+            .iter()
+            .filter_map(|m| m.get("content"))
+            .map(content_chars)
+            .sum(),
+        _ => ["prompt", "input"]
+            .iter()
+            .filter_map(|k| body.get(*k))
+            .map(|v| match v {
+                Value::Array(items) => items.iter().map(content_chars).sum(),
+                other => content_chars(other),
+            })
+            .sum(),
+    };
+    estimate(chars)
+}
+
+/// What a streamed answer has said about its tokens so far.
+#[derive(Debug, Default)]
+struct StreamTally {
+    reported: Option<TokenUsage>,
+    chars: usize,
+}
+
+/// The parts of a chunk the tally reads.
+#[derive(Deserialize)]
+struct Chunk {
+    #[serde(default)]
+    choices: Vec<ChunkChoice>,
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct ChunkChoice {
+    #[serde(default)]
+    delta: Option<Delta>,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Delta {
+    #[serde(default)]
+    content: Option<String>,
+}
+
+impl StreamTally {
+    fn chunk(&mut self, data: &str) {
+        let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+            return;
+        };
+        for choice in &chunk.choices {
+            let text = choice
+                .delta
+                .as_ref()
+                .and_then(|d| d.content.as_deref())
+                .or(choice.text.as_deref());
+            self.chars += text.map_or(0, |t| t.chars().count());
+        }
+        if let Some(usage) = chunk.usage {
+            let wrapped = serde_json::json!({ "usage": usage });
+            if let Some(usage) = reported(&wrapped) {
+                self.reported = Some(usage);
+            }
+        }
+    }
+}
+
+/// One row of `GET /api/v1/usage`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct UsageRow {
+    /// Who made the requests.
+    pub principal: String,
+    /// The name they asked for (`other` past the ledger's bound).
+    pub llm: String,
+    /// Requests admitted (past routing and the limits), whatever their outcome.
+    pub requests: u64,
+    /// Prompt tokens, reported or estimated.
+    pub prompt_tokens: u64,
+    /// Completion tokens, reported or estimated.
+    pub completion_tokens: u64,
+}
+
+/// The answer of `GET /api/v1/usage`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UsageReport {
+    /// One row per principal and LLM, ordered by principal then LLM.
+    pub usage: Vec<UsageRow>,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct Counts {
+    requests: u64,
+    prompt: u64,
+    completion: u64,
+}
+
+/// Bounds the values of a metric label: the first `max` distinct values are used as
+/// they are, every later one is [`OTHER`].
+#[derive(Debug)]
+pub struct MetricLabels {
+    max: usize,
+    seen: Mutex<HashSet<String>>,
+}
+
+impl MetricLabels {
+    /// A bound of `max` values.
+    pub fn new(max: usize) -> Self {
+        MetricLabels {
+            max,
+            seen: Mutex::default(),
+        }
+    }
+
+    /// `value`, or [`OTHER`] when `max` other values came first.
+    ///
+    /// ```
+    /// use virtual_llm_core::usage::MetricLabels;
+    ///
+    /// let labels = MetricLabels::new(1);
+    /// assert_eq!(labels.label("a"), "a");
+    /// assert_eq!(labels.label("b"), "other");
+    /// assert_eq!(labels.label("a"), "a");
+    /// ```
+    pub fn label(&self, value: &str) -> String {
+        let mut seen = lock(&self.seen);
+        if seen.contains(value) {
+            return value.to_owned();
+        }
+        if seen.len() < self.max {
+            seen.insert(value.to_owned());
+            return value.to_owned();
+        }
+        OTHER.to_owned()
+    }
+}
+
+/// The usage counts of this replica, and the bounded labels of its metrics.
+#[derive(Debug)]
+pub(crate) struct UsageLedger {
+    rows: Mutex<BTreeMap<(String, String), Counts>>,
+    llms: MetricLabels,
+    principals: MetricLabels,
+}
+
+impl UsageLedger {
+    pub(crate) fn new(metric_labels: usize) -> Self {
+        UsageLedger {
+            rows: Mutex::default(),
+            llms: MetricLabels::new(metric_labels),
+            principals: MetricLabels::new(metric_labels),
+        }
+    }
+
+    fn record(&self, principal: &str, llm: &str, tokens: TokenUsage, code: &str, took: Duration) {
+        {
+            let mut rows = lock(&self.rows);
+            let mut key = (principal.to_owned(), llm.to_owned());
+            if !rows.contains_key(&key) && rows.len() >= MAX_USAGE_ROWS {
+                key.1 = OTHER.to_owned();
+                if !rows.contains_key(&key) && rows.len() > MAX_USAGE_ROWS {
+                    key.0 = OTHER.to_owned();
+                }
+            }
+            let counts = rows.entry(key).or_default();
+            counts.requests += 1;
+            counts.prompt = counts.prompt.saturating_add(tokens.prompt);
+            counts.completion = counts.completion.saturating_add(tokens.completion);
+        }
+        let (principal, llm) = (self.principals.label(principal), self.llms.label(llm));
+        counter!(REQUESTS, "principal" => principal.clone(), "llm" => llm.clone(), "code" => code.to_owned())
+            .increment(1);
+        counter!(PROMPT_TOKENS, "principal" => principal.clone(), "llm" => llm.clone())
+            .increment(tokens.prompt);
+        counter!(COMPLETION_TOKENS, "principal" => principal, "llm" => llm.clone())
+            .increment(tokens.completion);
+        histogram!(REQUEST_DURATION, "llm" => llm).record(took.as_secs_f64());
+    }
+
+    pub(crate) fn rate_limited(&self, principal: &str, error: &Error) {
+        if let Error::RateLimited { kind, .. } = error {
+            let limit = match kind {
+                crate::limits::LimitKind::Requests => "requests",
+                crate::limits::LimitKind::Tokens => "tokens",
+                _ => "concurrent",
+            };
+            counter!(RATE_LIMITED, "principal" => self.principals.label(principal), "limit" => limit)
+                .increment(1);
+        }
+    }
+
+    fn rows(&self, principal: Option<&str>) -> Vec<UsageRow> {
+        lock(&self.rows)
+            .iter()
+            .filter(|((p, _), _)| principal.is_none_or(|only| only == p))
+            .map(|((principal, llm), c)| UsageRow {
+                principal: principal.clone(),
+                llm: llm.clone(),
+                requests: c.requests,
+                prompt_tokens: c.prompt,
+                completion_tokens: c.completion,
+            })
+            .collect()
+    }
+}
+
+/// One admitted request being accounted: its tokens are charged and counted once, when
+/// its outcome is known (for a stream: when it ends or the client drops it).
+pub(crate) struct Accounting {
+    gateway: Gateway,
+    admitted: Admitted,
+    principal: String,
+    llm: String,
+    prompt_estimate: u64,
+    started: tokio::time::Instant,
+    tally: StreamTally,
+    code: Option<String>,
+}
+
+impl Accounting {
+    pub(crate) fn new(
+        gateway: Gateway,
+        admitted: Admitted,
+        principal: &Principal,
+        llm: &str,
+        body: &Value,
+    ) -> Self {
+        Accounting {
+            gateway,
+            admitted,
+            principal: principal.id.clone(),
+            llm: llm.to_owned(),
+            prompt_estimate: estimate_prompt(body),
+            started: tokio::time::Instant::now(),
+            tally: StreamTally::default(),
+            code: None,
+        }
+    }
+
+    /// `answer`, accounted: a completion at once, a stream as it ends.
+    pub(crate) fn answer(mut self, answer: Result<Reply, Error>) -> Result<Reply, Error> {
+        match answer {
+            Ok(Reply::Complete(c)) => {
+                self.code = Some(match c.status {
+                    200..=299 => "ok".to_owned(),
+                    status => format!("upstream_{status}"),
+                });
+                let completion = c.body.get("choices").map_or(0, |choices| {
+                    choices.as_array().map_or(0, |cs| {
+                        cs.iter()
+                            .map(|c| {
+                                c.pointer("/message/content")
+                                    .or_else(|| c.get("text"))
+                                    .map_or(0, content_chars)
+                            })
+                            .sum()
+                    })
+                });
+                self.tally.reported = reported(&c.body);
+                self.tally.chars = completion;
+                Ok(Reply::Complete(c))
+            }
+            Ok(Reply::Stream(chunks)) => {
+                use futures::StreamExt;
+                let mut this = self;
+                Ok(Reply::Stream(
+                    chunks
+                        .map(move |chunk| {
+                            match &chunk {
+                                Ok(data) => this.tally.chunk(data),
+                                Err(e) => this.code = Some(e.code().to_owned()),
+                            }
+                            chunk
+                        })
+                        .boxed(),
+                ))
+            }
+            Err(e) => {
+                self.code = Some(e.code().to_owned());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl Drop for Accounting {
+    fn drop(&mut self) {
+        let tokens = self.tally.reported.unwrap_or(TokenUsage {
+            prompt: self.prompt_estimate,
+            completion: estimate(self.tally.chars),
+        });
+        self.admitted.charge(tokens.total());
+        let code = self.code.as_deref().unwrap_or("ok");
+        self.gateway.shared.usage.record(
+            &self.principal,
+            &self.llm,
+            tokens,
+            code,
+            self.started.elapsed(),
+        );
+    }
+}
+
+impl Gateway {
+    /// The usage counts of this replica (`GET /api/v1/usage`): an admin's answer has
+    /// everyone's rows, anyone else's its own.
+    pub fn usage(&self, principal: &Principal) -> UsageReport {
+        let only = (!principal.has(Role::Admin)).then_some(principal.id.as_str());
+        UsageReport {
+            usage: self.shared.usage.rows(only),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_stream_takes_its_last_reported_usage_or_is_estimated() {
+        let mut tally = StreamTally::default();
+        tally.chunk(r#"{"choices":[{"delta":{"content":"Hello "}}]}"#);
+        tally.chunk(r#"{"choices":[{"delta":{"content":"world!"}}],"usage":null}"#);
+        tally.chunk("not json");
+        assert_eq!((tally.reported, tally.chars), (None, 12));
+        assert_eq!(estimate(tally.chars), 3);
+        tally.chunk(r#"{"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":2}}"#);
+        assert_eq!(
+            tally.reported,
+            Some(TokenUsage {
+                prompt: 7,
+                completion: 2
+            })
+        );
+        let mut completions = StreamTally::default();
+        completions.chunk(r#"{"choices":[{"text":"abcde"}]}"#);
+        assert_eq!(completions.chars, 5);
+    }
+
+    #[test]
+    fn prompts_are_estimated_from_their_text() {
+        let body = json!({"messages": [
+            {"role": "system", "content": "abcd"},
+            {"role": "user", "content": [{"type": "text", "text": "efgh"}, {"type": "image_url"}]},
+        ]});
+        assert_eq!(estimate_prompt(&body), 2);
+        assert_eq!(estimate_prompt(&json!({"prompt": "a"})), 1);
+        assert_eq!(estimate_prompt(&json!({})), 0);
+    }
+
+    #[test]
+    fn the_ledger_is_bounded_and_filters_by_principal() {
+        let ledger = UsageLedger::new(2);
+        let t = TokenUsage {
+            prompt: 1,
+            completion: 2,
+        };
+        ledger.record("bob", "a", t, "ok", Duration::ZERO);
+        ledger.record("bob", "a", t, "ok", Duration::ZERO);
+        ledger.record("eve", "b", t, "ok", Duration::ZERO);
+        let bob = ledger.rows(Some("bob"));
+        assert_eq!(bob.len(), 1);
+        assert_eq!(
+            (
+                bob[0].requests,
+                bob[0].prompt_tokens,
+                bob[0].completion_tokens
+            ),
+            (2, 2, 4)
+        );
+        assert_eq!(ledger.rows(None).len(), 2);
+        for i in 0..MAX_USAGE_ROWS + 5 {
+            ledger.record("bob", &format!("m{i}"), t, "ok", Duration::ZERO);
+        }
+        let rows = ledger.rows(None);
+        assert!(rows.len() <= MAX_USAGE_ROWS + 1, "{}", rows.len());
+        assert!(rows.iter().any(|r| r.llm == OTHER && r.principal == "bob"));
+    }
+}
