@@ -10,7 +10,8 @@
 //! - [`error`]: the errors, the one mapping to HTTP status and OpenAI error bodies, and
 //!   [`error::bounded`], the one way a message is cut to a length.
 //! - [`agent`]: virtual agents, personas over a published model (SPEC §13).
-//! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
+//! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames;
+//!   [`raw_body`]: a client's body kept as its JSON text, read only at the top level.
 //! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
 //! - `gateway`, `lifecycle`, `relay`: the service: register, heartbeat, bind, GC
@@ -62,6 +63,7 @@ pub mod openai;
 #[cfg(feature = "openapi")]
 mod openapi;
 pub mod protocol;
+pub mod raw_body;
 mod provider;
 pub mod publisher;
 mod readiness;
@@ -99,6 +101,7 @@ pub use memory::MemoryStore;
 pub use name::{LlmName, MAX_NAME_LEN};
 pub use openai::InferRequest;
 pub use protocol::TaskResult;
+pub use raw_body::RawBody;
 pub use provider::Provider;
 pub use publisher::{Catalog, PublishedLlm, Publisher, PublisherOptions};
 pub use recipe::{CommandRecipe, Recipe};
