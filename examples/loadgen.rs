@@ -994,10 +994,14 @@ mod nginx {
                     if let Some(status) = self.child.try_wait()? {
                         let log = std::fs::read_to_string(self.prefix.join("stderr.log"))
                             .unwrap_or_default();
-                        return Err(format!("nginx ({}) exited ({status}): {log}", self.name).into());
+                        return Err(
+                            format!("nginx ({}) exited ({status}): {log}", self.name).into()
+                        );
                     }
                     if Instant::now() > deadline {
-                        return Err(format!("nginx ({}) did not listen within 10 s", self.name).into());
+                        return Err(
+                            format!("nginx ({}) did not listen within 10 s", self.name).into()
+                        );
                     }
                     std::thread::sleep(Duration::from_millis(20));
                 }
@@ -1061,9 +1065,8 @@ mod nginx {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
             .unwrap_or_default();
-        let mut temps = format!(
-            "    client_body_temp_path {temp}/body;\n    proxy_temp_path {temp}/proxy;\n"
-        );
+        let mut temps =
+            format!("    client_body_temp_path {temp}/body;\n    proxy_temp_path {temp}/proxy;\n");
         for module in ["fastcgi", "uwsgi", "scgi"] {
             if !built.contains(&format!("--without-http_{module}_module")) {
                 temps.push_str(&format!("    {module}_temp_path {temp}/{module};\n"));
@@ -1122,7 +1125,12 @@ http {{
     pub(crate) fn start(bin: &Path, dir: &Path, upstream: SocketAddr) -> Result<Proxies, BoxError> {
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         let back_port = free_port()?;
-        let back = Instance::start("back", bin, dir.join("nginx-back"), &[(back_port, upstream)])?;
+        let back = Instance::start(
+            "back",
+            bin,
+            dir.join("nginx-back"),
+            &[(back_port, upstream)],
+        )?;
         let (one, two) = (free_port()?, free_port()?);
         let front = Instance::start(
             "front",
@@ -1702,7 +1710,7 @@ mod relay {
             let route = match self.route {
                 Route::Direct => "direct".to_owned(),
                 Route::Nginx(1) => "nginx, one hop".to_owned(),
-                Route::Nginx(hops) => format!("nginx, {hops} hops"),
+                Route::Nginx(_) => "nginx, two hops".to_owned(),
                 Route::Relayed(t) => format!("relayed {}", t.name()),
             };
             match self.kind {
@@ -2114,8 +2122,7 @@ mod relay {
     /// Both hops' CPU per request, µs.
     fn hops_per_request(m: &Measured) -> Option<f64> {
         let (a, b) = m.cpu.hops(m.case.route)?;
-        (m.outcome.requests > 0)
-            .then(|| (a + b).as_secs_f64() * 1e6 / m.outcome.requests as f64)
+        (m.outcome.requests > 0).then(|| (a + b).as_secs_f64() * 1e6 / m.outcome.requests as f64)
     }
 
     /// Every case against the proxy floor, two nginx hops at the same concurrency and
@@ -2174,7 +2181,9 @@ mod relay {
                 ratio(hops_per_request(m), hops_per_request(f)),
             ]);
         }
-        println!("\nagainst the proxy floor (two nginx hops, same concurrency and kind):\n\n{table}");
+        println!(
+            "\nagainst the proxy floor (two nginx hops, same concurrency and kind):\n\n{table}"
+        );
     }
 
     /// The targets, against what this run measured.
@@ -2260,7 +2269,10 @@ mod relay {
             {
                 let x = a / b.max(1.0);
                 row(
-                    format!("{}: added p50 at c=1 ≤ {p50_ratio}× two nginx hops", t.name()),
+                    format!(
+                        "{}: added p50 at c=1 ≤ {p50_ratio}× two nginx hops",
+                        t.name()
+                    ),
                     format!("{x:.2}× ({:.3} / {:.3} ms)", a / 1e6, b / 1e6),
                     x <= p50_ratio,
                 );
@@ -2278,7 +2290,8 @@ mod relay {
             }
             // Streaming at the highest concurrency both measured.
             let c = args.concurrency.iter().copied().max().unwrap_or(1);
-            if let (Some(r), Some(f)) = (find(relayed, Kind::Stream, c), find(FLOOR, Kind::Stream, c))
+            if let (Some(r), Some(f)) =
+                (find(relayed, Kind::Stream, c), find(FLOOR, Kind::Stream, c))
             {
                 let x = r.outcome.chunks_per_sec() / f.outcome.chunks_per_sec().max(1e-9);
                 row(
@@ -2297,9 +2310,13 @@ mod relay {
             ) && let (Some(a), Some(b)) = (hops_per_request(r), hops_per_request(f))
             {
                 let gateway = r.cpu.gateway.as_secs_f64() * 1e6 / r.outcome.requests.max(1) as f64;
-                let front = f.cpu.nginx_front.as_secs_f64() * 1e6 / f.outcome.requests.max(1) as f64;
+                let front =
+                    f.cpu.nginx_front.as_secs_f64() * 1e6 / f.outcome.requests.max(1) as f64;
                 row(
-                    format!("{}: CPU per request at c=64, beside two nginx hops (reported)", t.name()),
+                    format!(
+                        "{}: CPU per request at c=64, beside two nginx hops (reported)",
+                        t.name()
+                    ),
                     format!(
                         "gateway {gateway:.0} µs, both hops {a:.0} µs; nginx first hop {front:.0} µs, both {b:.0} µs ({:.2}×)",
                         a / b.max(1e-9)

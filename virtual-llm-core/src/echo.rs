@@ -145,10 +145,7 @@ impl EchoProvider {
     fn chat(&self, task: &TaskFrame, body: &Value, id: &str, model: &str, created: u64) -> Reply {
         let text = last_user_text(body);
         let words = words(&text);
-        let usage = usage_body(
-            self::words(&all_messages_text(body)).len(),
-            words.len(),
-        );
+        let usage = usage_body(self::words(&all_messages_text(body)).len(), words.len());
         if !task.stream {
             let mut body = completion_body(id, model, created, &words.join(" "));
             body["usage"] = usage;

@@ -960,8 +960,8 @@ mod tests {
     /// whether `type` comes first (as the gateway writes it) or anywhere else.
     #[test]
     fn a_task_frame_splices_the_body_and_reads_type_anywhere() {
-        let body = RawBody::from_json(r#"{"z": 1, "model":"m", "messages":[ 1.50 ]}"#.to_owned())
-            .unwrap();
+        let body =
+            RawBody::from_json(r#"{"z": 1, "model":"m", "messages":[ 1.50 ]}"#.to_owned()).unwrap();
         let task_id = TaskId::generate();
         let frame = GatewayFrame::Task(TaskFrame {
             task_id: task_id.clone(),
@@ -976,7 +976,10 @@ mod tests {
         assert!(ws.contains(&format!(r#""body":{}"#, body.get())), "{ws}");
         assert_eq!(serde_json::from_str::<GatewayFrame>(&ws).unwrap(), frame);
         let sse = frame.payload_json().unwrap();
-        assert!(sse.ends_with(&format!(r#""body":{}}}"#, body.get())), "{sse}");
+        assert!(
+            sse.ends_with(&format!(r#""body":{}}}"#, body.get())),
+            "{sse}"
+        );
         assert_eq!(
             GatewayFrame::Task(serde_json::from_str(&sse).unwrap()),
             frame

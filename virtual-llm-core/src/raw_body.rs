@@ -55,8 +55,8 @@ impl RawBody {
         for byte in bytes.iter_mut().filter(|b| matches!(b, b'\n' | b'\r')) {
             *byte = b' ';
         }
-        let json = String::from_utf8(bytes)
-            .map_err(|_| de::Error::custom("the body is not UTF-8"))?;
+        let json =
+            String::from_utf8(bytes).map_err(|_| de::Error::custom("the body is not UTF-8"))?;
         Self::from_json(json)
     }
 
@@ -137,8 +137,8 @@ impl From<&Value> for RawBody {
     /// its numbers finite); were it to, the body would be `null`, which every check
     /// refuses.
     fn from(value: &Value) -> Self {
-        let raw = serde_json::value::to_raw_value(value)
-            .unwrap_or_else(|_| RawValue::NULL.to_owned());
+        let raw =
+            serde_json::value::to_raw_value(value).unwrap_or_else(|_| RawValue::NULL.to_owned());
         RawBody(Arc::from(raw))
     }
 }
@@ -423,12 +423,7 @@ impl Rewrite<'_> {
         Ok(())
     }
 
-    fn value<E: de::Error>(
-        &mut self,
-        first: &mut bool,
-        key: &str,
-        value: &Value,
-    ) -> Result<(), E> {
+    fn value<E: de::Error>(&mut self, first: &mut bool, key: &str, value: &Value) -> Result<(), E> {
         let text = serde_json::to_string(value).map_err(E::custom)?;
         self.entry(first, key, &text)
     }
@@ -510,7 +505,10 @@ mod tests {
             Some(Shape::String(Some("c".into())))
         );
         for other in ["[1,{}]", "1", "\"s\"", "null", "true"] {
-            let facts = RawBody::from_json(other.to_owned()).unwrap().facts().unwrap();
+            let facts = RawBody::from_json(other.to_owned())
+                .unwrap()
+                .facts()
+                .unwrap();
             assert_eq!(facts, Facts::default(), "{other}");
         }
     }
@@ -542,7 +540,9 @@ mod tests {
         .unwrap();
         let up = json!("up");
         let f = json!(false);
-        let out = body.with_fields(&[("model", &up)], &[("stream", &f)]).unwrap();
+        let out = body
+            .with_fields(&[("model", &up)], &[("stream", &f)])
+            .unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             r#"{"model":"up","n":1.50,"stream":false,"x":{"y": [ 1 ]}}"#

@@ -18,9 +18,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use virtual_llm_core::protocol::{
-    CancelFrame, Closing, ConflictReason, CreditFrame, Endpoint, ErrorBody, ErrorDetail, GatewayFrame,
-    HeartbeatRequest, Hello, LlmSpec, NameConflict, PublisherFrame, Refusal, RegisterRequest,
-    RegisterResponse, TaskFrame, TaskKind,
+    CancelFrame, Closing, ConflictReason, CreditFrame, Endpoint, ErrorBody, ErrorDetail,
+    GatewayFrame, HeartbeatRequest, Hello, LlmSpec, NameConflict, PublisherFrame, Refusal,
+    RegisterRequest, RegisterResponse, TaskFrame, TaskKind,
 };
 use virtual_llm_core::{
     InferRequest, LlmId, LlmKind, LlmName, LlmStatus, LlmView, SessionId, TaskId, TaskResult,
