@@ -1006,11 +1006,18 @@ mod nginx {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
+            // The master listens before it forks its workers: wait for them too.
             let master = self.child.id().to_string();
-            let workers = procfs::children(&master)?;
-            if workers.is_empty() {
-                return Err(format!("nginx ({}) has no worker process", self.name).into());
-            }
+            let workers = loop {
+                let workers = procfs::children(&master)?;
+                if !workers.is_empty() {
+                    break workers;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("nginx ({}) has no worker process", self.name).into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
             self.pids = std::iter::once(master).chain(workers).collect();
             Ok(())
         }
