@@ -41,11 +41,22 @@
 //!   worker pauses 10 ms before its next request (it does not wait the `Retry-After`),
 //!   on the same connection after an error status, on a new one otherwise.
 //!
+//! - **The proxy floor** (issue #20), when `nginx` is installed (Debian:
+//!   `nginx-light`; skipped with a note otherwise, or with `--no-nginx`): two nginx
+//!   instances started by loadgen in a temporary prefix with their own config
+//!   (keep-alive upstreams, access log off, `worker_processes auto`), chained in front
+//!   of the same mock: one hop (nginx → mock) and two hops (nginx → nginx → mock), the
+//!   honest floor for a relay that also crosses two hops. See [`nginx`].
+//!
 //! # What is measured
 //!
-//! At each concurrency, one after the other: the mock called directly, then the same
-//! request relayed (client → gateway → publisher over the control channel → mock →
-//! publisher → gateway → client), then both again streamed. For each relayed case the
+//! At each concurrency, one after the other: the mock called directly, through one and
+//! two nginx hops, then the same request relayed (client → gateway → publisher over the
+//! control channel → mock → publisher → gateway → client), then all again streamed.
+//! A second table gives every case against two nginx hops at the same concurrency and
+//! kind: added p50, req/s, chunks/s and both hops' CPU per request (the gateway and the
+//! publisher, or the two nginx instances, from `/proc`), each as a ratio to the floor's;
+//! the targets table ends with issue #20's targets, as such ratios. For each relayed case the
 //! table shows the *added* latency (relayed p50/p99 minus direct p50/p99 at the same
 //! concurrency, same run) and the throughput ratio (relayed over direct requests per
 //! second). Streamed rows give the time to the first chunk and chunks per second.
@@ -156,9 +167,13 @@ struct Args {
         default_value = "complete,stream"
     )]
     kinds: Vec<Kind>,
-    /// Skip the direct cases (no added latency then): for profiling the relay.
+    /// Skip the direct and nginx cases (no added latency then): for profiling the relay.
     #[arg(long)]
     relayed_only: bool,
+    /// Skip the nginx baseline (one and two nginx hops in front of the mock; skipped
+    /// with a note anyway when `nginx` is not installed).
+    #[arg(long)]
+    no_nginx: bool,
     /// Transports to relay over.
     #[arg(long, value_enum, value_delimiter = ',', default_value = "sse,ws")]
     transports: Vec<Transport>,
@@ -454,6 +469,31 @@ mod procfs {
             .find_map(|l| l.strip_prefix(key))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no {key}")))
+    }
+
+    /// The processes whose parent is `pid` (an nginx master's workers).
+    pub(crate) fn children(pid: &str) -> io::Result<Vec<String>> {
+        let mut children = Vec::new();
+        for entry in std::fs::read_dir("/proc")? {
+            let name = entry?.file_name();
+            let Some(child) = name
+                .to_str()
+                .filter(|p| p.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+                continue;
+            };
+            // Field 4, the parent, two fields after the command name's `)`.
+            let parent = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1));
+            if parent == Some(pid) {
+                children.push(child.to_owned());
+            }
+        }
+        Ok(children)
     }
 
     /// How many file descriptors `pid` has open.
@@ -870,6 +910,248 @@ async fn spawn_publisher(
         }
     }
     Ok(guard)
+}
+
+/// The proxy floor of issue #20: one and two nginx reverse proxies chained in front of
+/// the mock, measured in the same run as the relay. The relay crosses two hops (client →
+/// gateway → publisher → upstream), so two production proxies chained are the honest
+/// floor for its cost.
+///
+/// Two nginx instances, each its own master and `worker_processes auto` (one worker per
+/// core, as the gateway has one thread per core), each in a temporary prefix with its
+/// own config: keep-alive to its upstream (`keepalive`, HTTP/1.1, no `Connection`
+/// header passed), keep-alive to clients without a request limit, access log off,
+/// response buffering off (a streamed answer goes out chunk by chunk, as an LLM proxy
+/// is set up). The *front* instance listens twice: one port proxies to the mock (one
+/// hop), the other to the *back* instance, which proxies to the mock (two hops). The
+/// CPU time of an instance is its master's and its workers' from `/proc`.
+mod nginx {
+    use std::net::SocketAddr;
+    use std::path::{Path, PathBuf};
+    use std::time::{Duration, Instant};
+
+    use super::{BoxError, free_port, procfs};
+
+    /// The `nginx` binary: on `PATH`, or in `/usr/sbin` (Debian's place, not on every
+    /// user's `PATH`).
+    pub(crate) fn find() -> Option<PathBuf> {
+        let path = std::env::var_os("PATH").unwrap_or_default();
+        std::env::split_paths(&path)
+            .chain([PathBuf::from("/usr/sbin")])
+            .map(|dir| dir.join("nginx"))
+            .find(|bin| bin.is_file())
+    }
+
+    /// One nginx instance (master and workers), stopped when dropped.
+    pub(crate) struct Instance {
+        name: &'static str,
+        bin: PathBuf,
+        prefix: PathBuf,
+        child: std::process::Child,
+        /// The master and its workers.
+        pids: Vec<String>,
+    }
+
+    impl Instance {
+        /// Starts nginx in `prefix` with `servers`: each a port it listens on and the
+        /// address it proxies to.
+        fn start(
+            name: &'static str,
+            bin: &Path,
+            prefix: PathBuf,
+            servers: &[(u16, SocketAddr)],
+        ) -> Result<Self, BoxError> {
+            std::fs::create_dir_all(prefix.join("temp"))?;
+            let conf = prefix.join("nginx.conf");
+            std::fs::write(&conf, config(bin, &prefix, servers))?;
+            let log = std::fs::File::create(prefix.join("stderr.log"))?;
+            let child = std::process::Command::new(bin)
+                .arg("-p")
+                .arg(&prefix)
+                .arg("-c")
+                .arg(&conf)
+                .stdin(std::process::Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", bin.display()))?;
+            let mut instance = Instance {
+                name,
+                bin: bin.to_owned(),
+                prefix,
+                child,
+                pids: Vec::new(),
+            };
+            instance.wait_listening(servers)?;
+            Ok(instance)
+        }
+
+        /// Waits until every port accepts a connection, then notes the workers.
+        fn wait_listening(&mut self, servers: &[(u16, SocketAddr)]) -> Result<(), BoxError> {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            for (port, _) in servers {
+                while std::net::TcpStream::connect(("127.0.0.1", *port)).is_err() {
+                    if let Some(status) = self.child.try_wait()? {
+                        let log = std::fs::read_to_string(self.prefix.join("stderr.log"))
+                            .unwrap_or_default();
+                        return Err(
+                            format!("nginx ({}) exited ({status}): {log}", self.name).into()
+                        );
+                    }
+                    if Instant::now() > deadline {
+                        return Err(
+                            format!("nginx ({}) did not listen within 10 s", self.name).into()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+            // The master listens before it forks its workers: wait for them too.
+            let master = self.child.id().to_string();
+            let workers = loop {
+                let workers = procfs::children(&master)?;
+                if !workers.is_empty() {
+                    break workers;
+                }
+                if Instant::now() > deadline {
+                    return Err(format!("nginx ({}) has no worker process", self.name).into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            self.pids = std::iter::once(master).chain(workers).collect();
+            Ok(())
+        }
+
+        /// CPU time of the master and its workers.
+        pub(crate) fn cpu(&self) -> Duration {
+            self.pids
+                .iter()
+                .filter_map(|pid| procfs::cpu(pid).ok())
+                .sum()
+        }
+
+        /// An error if the master has exited.
+        pub(crate) fn check_running(&mut self) -> Result<(), BoxError> {
+            match self.child.try_wait()? {
+                None => Ok(()),
+                Some(status) => Err(format!("nginx ({}) exited ({status})", self.name).into()),
+            }
+        }
+    }
+
+    impl Drop for Instance {
+        /// `nginx -s stop` (the master stops its workers), or a kill when that fails.
+        fn drop(&mut self) {
+            let stopped = std::process::Command::new(&self.bin)
+                .arg("-p")
+                .arg(&self.prefix)
+                .arg("-c")
+                .arg(self.prefix.join("nginx.conf"))
+                .args(["-s", "stop"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if !stopped && let Err(e) = self.child.kill() {
+                eprintln!("could not stop nginx ({}): {e}", self.name);
+            }
+            if let Err(e) = self.child.wait() {
+                eprintln!("could not reap nginx ({}): {e}", self.name);
+            }
+        }
+    }
+
+    /// The config of an instance: `servers` as (listen port, upstream address).
+    fn config(bin: &Path, prefix: &Path, servers: &[(u16, SocketAddr)]) -> String {
+        let temp = prefix.join("temp");
+        let temp = temp.display();
+        // Temp paths for every module built in, so that nothing is created outside the
+        // prefix (Debian's defaults are under /var/lib/nginx).
+        let built = std::process::Command::new(bin)
+            .arg("-V")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            .unwrap_or_default();
+        let mut temps =
+            format!("    client_body_temp_path {temp}/body;\n    proxy_temp_path {temp}/proxy;\n");
+        for module in ["fastcgi", "uwsgi", "scgi"] {
+            if !built.contains(&format!("--without-http_{module}_module")) {
+                temps.push_str(&format!("    {module}_temp_path {temp}/{module};\n"));
+            }
+        }
+        let mut blocks = String::new();
+        for (i, (port, upstream)) in servers.iter().enumerate() {
+            blocks.push_str(&format!(
+                r#"    upstream u{i} {{
+        server {upstream};
+        keepalive 256;
+        keepalive_requests 1000000;
+    }}
+    server {{
+        listen 127.0.0.1:{port} reuseport backlog=4096;
+        location / {{
+            proxy_pass http://u{i};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+        }}
+    }}
+"#
+            ));
+        }
+        format!(
+            r#"daemon off;
+worker_processes auto;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{
+    worker_connections 8192;
+}}
+http {{
+    access_log off;
+    keepalive_requests 1000000;
+    keepalive_timeout 300s;
+    tcp_nodelay on;
+{temps}{blocks}}}
+"#,
+            prefix = prefix.display()
+        )
+    }
+
+    /// The two instances and the addresses a client calls.
+    pub(crate) struct Proxies {
+        pub(crate) front: Instance,
+        pub(crate) back: Instance,
+        /// nginx → mock.
+        pub(crate) one_hop: SocketAddr,
+        /// nginx → nginx → mock.
+        pub(crate) two_hops: SocketAddr,
+    }
+
+    /// Starts the front and back instances in `dir`, in front of `upstream`.
+    pub(crate) fn start(bin: &Path, dir: &Path, upstream: SocketAddr) -> Result<Proxies, BoxError> {
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let back_port = free_port()?;
+        let back = Instance::start(
+            "back",
+            bin,
+            dir.join("nginx-back"),
+            &[(back_port, upstream)],
+        )?;
+        let (one, two) = (free_port()?, free_port()?);
+        let front = Instance::start(
+            "front",
+            bin,
+            dir.join("nginx-front"),
+            &[(one, upstream), (two, loopback(back_port))],
+        )?;
+        Ok(Proxies {
+            front,
+            back,
+            one_hop: loopback(one),
+            two_hops: loopback(two),
+        })
+    }
 }
 
 /// The mock OpenAI upstream: fixed answers from pre-built bytes, after `--mock-delay`.
@@ -1408,15 +1690,20 @@ mod relay {
 
     use super::{
         ASCII_MARKDOWN, Args, Binaries, BoxError, ChildGuard, GatewayChild, Interference, Kind,
-        Transport, WorkDir, control_client, load, mock, ms, ms_diff, print_interference, procfs,
-        progress, spawn_publisher,
+        Transport, WorkDir, control_client, load, mock, ms, ms_diff, nginx, print_interference,
+        procfs, progress, spawn_publisher,
     };
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     enum Route {
         Direct,
+        /// Through this many nginx reverse proxies (1 or 2): the proxy floor.
+        Nginx(u8),
         Relayed(Transport),
     }
+
+    /// The proxy floor every figure is compared with: two nginx hops.
+    const FLOOR: Route = Route::Nginx(2);
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
     struct Case {
@@ -1429,6 +1716,8 @@ mod relay {
         fn label(&self) -> String {
             let route = match self.route {
                 Route::Direct => "direct".to_owned(),
+                Route::Nginx(1) => "nginx, one hop".to_owned(),
+                Route::Nginx(_) => "nginx, two hops".to_owned(),
                 Route::Relayed(t) => format!("relayed {}", t.name()),
             };
             match self.kind {
@@ -1438,7 +1727,7 @@ mod relay {
         }
     }
 
-    /// CPU time of the three processes over the measured part of a case.
+    /// CPU time of the processes over the measured part of a case.
     #[derive(Clone, Copy, Debug, Default)]
     struct Cpu {
         gateway: Duration,
@@ -1446,6 +1735,10 @@ mod relay {
         publisher: Duration,
         /// Every publisher (the other transport's is idle).
         publishers: Duration,
+        /// The front nginx instance (the first hop of both nginx routes).
+        nginx_front: Duration,
+        /// The back nginx instance (the second hop of two).
+        nginx_back: Duration,
         /// The load client and the mock.
         loadgen: Duration,
         /// The whole machine.
@@ -1458,6 +1751,8 @@ mod relay {
                 gateway: self.gateway.saturating_sub(before.gateway),
                 publisher: self.publisher.saturating_sub(before.publisher),
                 publishers: self.publishers.saturating_sub(before.publishers),
+                nginx_front: self.nginx_front.saturating_sub(before.nginx_front),
+                nginx_back: self.nginx_back.saturating_sub(before.nginx_back),
                 loadgen: self.loadgen.saturating_sub(before.loadgen),
                 machine: self.machine.since(&before.machine),
             }
@@ -1466,8 +1761,24 @@ mod relay {
         /// What processes other than these took: a concurrent build, say.
         fn others(&self) -> Duration {
             self.machine.tasks.saturating_sub(
-                self.gateway + self.publishers + self.loadgen + self.machine.softirqd,
+                self.gateway
+                    + self.publishers
+                    + self.nginx_front
+                    + self.nginx_back
+                    + self.loadgen
+                    + self.machine.softirqd,
             )
+        }
+
+        /// The CPU time of the case's first and second hop: the gateway and the
+        /// publisher when relayed, the nginx instances when proxied.
+        fn hops(&self, route: Route) -> Option<(Duration, Duration)> {
+            match route {
+                Route::Direct => None,
+                Route::Nginx(1) => Some((self.nginx_front, Duration::ZERO)),
+                Route::Nginx(_) => Some((self.nginx_front, self.nginx_back)),
+                Route::Relayed(_) => Some((self.gateway, self.publisher)),
+            }
         }
     }
 
@@ -1487,6 +1798,16 @@ mod relay {
         let dir = WorkDir::new(args.keep)?;
         let http = control_client()?;
         let upstream = mock::start(args.mock_delay).await?.addr;
+        let mut proxies = if args.no_nginx || args.relayed_only {
+            None
+        } else if let Some(bin) = nginx::find() {
+            Some(nginx::start(&bin, dir.path(), upstream)?)
+        } else {
+            println!(
+                "note: nginx is not installed (Debian: `apt-get install nginx-light`): no proxy floor in this run\n"
+            );
+            None
+        };
         let mut gateway = GatewayChild::start(bins, dir.path(), &http).await?;
         let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
         let mut publishers: Vec<(Transport, PublisherChild)> = Vec::new();
@@ -1513,6 +1834,15 @@ mod relay {
                         kind,
                         concurrency,
                     });
+                }
+                if proxies.is_some() {
+                    for hops in [1, 2] {
+                        cases.push(Case {
+                            route: Route::Nginx(hops),
+                            kind,
+                            concurrency,
+                        });
+                    }
                 }
                 for &transport in &args.transports {
                     cases.push(Case {
@@ -1542,6 +1872,13 @@ mod relay {
             bar.set_message(format!("{} c={}", case.label(), case.concurrency));
             let (addr, model, publisher_pid) = match case.route {
                 Route::Direct => (upstream, mock::MODEL.to_owned(), None),
+                Route::Nginx(hops) => {
+                    let p = proxies.as_mut().ok_or("no nginx")?;
+                    p.front.check_running()?;
+                    p.back.check_running()?;
+                    let addr = if hops == 1 { p.one_hop } else { p.two_hops };
+                    (addr, mock::MODEL.to_owned(), None)
+                }
                 Route::Relayed(t) => {
                     let (_, p) = publishers
                         .iter_mut()
@@ -1576,6 +1913,8 @@ mod relay {
                     .iter()
                     .filter_map(|pid| procfs::cpu(pid).ok())
                     .sum(),
+                nginx_front: proxies.as_ref().map(|p| p.front.cpu()).unwrap_or_default(),
+                nginx_back: proxies.as_ref().map(|p| p.back.cpu()).unwrap_or_default(),
                 loadgen: procfs::cpu("self").unwrap_or_default(),
                 machine: procfs::machine().unwrap_or_default(),
             };
@@ -1609,6 +1948,7 @@ mod relay {
         bar.finish_and_clear();
 
         print_table(&results);
+        print_floor(&results);
         let gateway_usage = procfs::usage(&gateway_pid)?;
         println!(
             "\ngateway: {:.2} CPU s over the run, peak RSS {:.1} MiB (RSS now {:.1} MiB)",
@@ -1714,8 +2054,8 @@ mod relay {
             "added p99 ms",
             "rps ratio",
             "chunks/s",
-            "gateway CPU µs/req",
-            "publisher CPU µs/req",
+            "hop 1 CPU µs/req",
+            "hop 2 CPU µs/req",
             "loadgen CPU µs/req",
             "kernel network CPU µs/req",
             "errors",
@@ -1727,7 +2067,7 @@ mod relay {
                 o.latency.value_at_quantile(0.99),
             );
             let (added50, added99, ratio) = match (m.case.route, direct(&m.case)) {
-                (Route::Relayed(_), Some(d)) => (
+                (Route::Relayed(_) | Route::Nginx(_), Some(d)) => (
                     ms_diff(p50, d.outcome.latency.value_at_quantile(0.5)),
                     ms_diff(p99, d.outcome.latency.value_at_quantile(0.99)),
                     format!("{:.2}", o.rps() / d.outcome.rps().max(1e-9)),
@@ -1752,15 +2092,15 @@ mod relay {
                 } else {
                     "–".into()
                 },
-                if m.case.route == Route::Direct {
-                    "–".into()
-                } else {
-                    cpu_per_request(m.cpu.gateway, o.requests)
+                match m.cpu.hops(m.case.route) {
+                    Some((hop, _)) => cpu_per_request(hop, o.requests),
+                    None => "–".into(),
                 },
-                if m.case.route == Route::Direct {
-                    "–".into()
-                } else {
-                    cpu_per_request(m.cpu.publisher, o.requests)
+                match m.cpu.hops(m.case.route) {
+                    Some((_, hop)) if m.case.route != Route::Nginx(1) => {
+                        cpu_per_request(hop, o.requests)
+                    }
+                    _ => "–".into(),
                 },
                 cpu_per_request(m.cpu.loadgen, o.requests),
                 cpu_per_request(m.cpu.machine.network(), o.requests),
@@ -1768,6 +2108,89 @@ mod relay {
             ]);
         }
         println!("{table}");
+        println!(
+            "\nhop 1: the gateway (relayed) or the first nginx; hop 2: the publisher or the second nginx."
+        );
+    }
+
+    /// Added p50 (over direct, same concurrency and kind) in nanoseconds.
+    fn added_p50(results: &[Measured], m: &Measured) -> Option<f64> {
+        let d = results.iter().find(|d| {
+            d.case.route == Route::Direct
+                && d.case.kind == m.case.kind
+                && d.case.concurrency == m.case.concurrency
+        })?;
+        Some(
+            m.outcome.latency.value_at_quantile(0.5) as f64
+                - d.outcome.latency.value_at_quantile(0.5) as f64,
+        )
+    }
+
+    /// Both hops' CPU per request, µs.
+    fn hops_per_request(m: &Measured) -> Option<f64> {
+        let (a, b) = m.cpu.hops(m.case.route)?;
+        (m.outcome.requests > 0).then(|| (a + b).as_secs_f64() * 1e6 / m.outcome.requests as f64)
+    }
+
+    /// Every case against the proxy floor, two nginx hops at the same concurrency and
+    /// kind (issue #20): added p50, req/s, chunks/s and both hops' CPU per request,
+    /// each with its ratio to the floor's.
+    fn print_floor(results: &[Measured]) {
+        let floor = |case: &Case| {
+            results.iter().find(|m| {
+                m.case.route == FLOOR
+                    && m.case.kind == case.kind
+                    && m.case.concurrency == case.concurrency
+            })
+        };
+        if !results.iter().any(|m| m.case.route == FLOOR) {
+            return;
+        }
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => format!("{:.2}", a / b),
+            _ => "–".into(),
+        };
+        let fmt = |v: Option<f64>, scale: f64, digits: usize| {
+            v.map_or("–".into(), |v| format!("{:.*}", digits, v / scale))
+        };
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "case",
+            "c",
+            "added p50 ms",
+            "× floor",
+            "req/s",
+            "× floor",
+            "chunks/s",
+            "× floor",
+            "CPU µs/req, both hops",
+            "× floor",
+        ]);
+        for m in results.iter().filter(|m| m.case.route != Route::Direct) {
+            let Some(f) = floor(&m.case) else { continue };
+            let stream = m.case.kind == Kind::Stream;
+            let chunks = |m: &Measured| stream.then(|| m.outcome.chunks_per_sec());
+            let label = match m.case.kind {
+                Kind::Complete => m.case.label(),
+                Kind::Stream => format!("{} (first chunk)", m.case.label()),
+            };
+            table.add_row(vec![
+                label,
+                m.case.concurrency.to_string(),
+                fmt(added_p50(results, m), 1e6, 3),
+                ratio(added_p50(results, m), added_p50(results, f)),
+                format!("{:.0}", m.outcome.rps()),
+                ratio(Some(m.outcome.rps()), Some(f.outcome.rps())),
+                fmt(chunks(m), 1.0, 0),
+                ratio(chunks(m), chunks(f)),
+                fmt(hops_per_request(m), 1.0, 0),
+                ratio(hops_per_request(m), hops_per_request(f)),
+            ]);
+        }
+        println!(
+            "\nagainst the proxy floor (two nginx hops, same concurrency and kind):\n\n{table}"
+        );
     }
 
     /// The issue's targets, against what this run measured.
@@ -1836,6 +2259,76 @@ mod relay {
                         best.case.concurrency
                     ),
                     best.outcome.chunks_per_sec() >= 100_000.0,
+                );
+            }
+        }
+        // Issue #20: the relay against two nginx hops, as ratios in this run.
+        for &t in &args.transports {
+            let (p50_ratio, rps_ratio) = match t {
+                Transport::Sse => (2.0, 0.75),
+                Transport::Ws => (1.5, 1.0),
+            };
+            let relayed = Route::Relayed(t);
+            if let (Some(r), Some(f)) = (
+                find(relayed, Kind::Complete, 1),
+                find(FLOOR, Kind::Complete, 1),
+            ) && let (Some(a), Some(b)) = (added_p50(results, r), added_p50(results, f))
+            {
+                let x = a / b.max(1.0);
+                row(
+                    format!(
+                        "{}: added p50 at c=1 ≤ {p50_ratio}× two nginx hops",
+                        t.name()
+                    ),
+                    format!("{x:.2}× ({:.3} / {:.3} ms)", a / 1e6, b / 1e6),
+                    x <= p50_ratio,
+                );
+            }
+            if let (Some(r), Some(f)) = (
+                find(relayed, Kind::Complete, 64),
+                find(FLOOR, Kind::Complete, 64),
+            ) {
+                let x = r.outcome.rps() / f.outcome.rps().max(1e-9);
+                row(
+                    format!("{}: req/s at c=64 ≥ {rps_ratio}× two nginx hops", t.name()),
+                    format!("{x:.2}× ({:.0} / {:.0})", r.outcome.rps(), f.outcome.rps()),
+                    x >= rps_ratio,
+                );
+            }
+            // Streaming at the highest concurrency both measured.
+            let c = args.concurrency.iter().copied().max().unwrap_or(1);
+            if let (Some(r), Some(f)) =
+                (find(relayed, Kind::Stream, c), find(FLOOR, Kind::Stream, c))
+            {
+                let x = r.outcome.chunks_per_sec() / f.outcome.chunks_per_sec().max(1e-9);
+                row(
+                    format!("{}: chunks/s ≥ 0.8× two nginx hops (c={c})", t.name()),
+                    format!(
+                        "{x:.2}× ({:.0} / {:.0})",
+                        r.outcome.chunks_per_sec(),
+                        f.outcome.chunks_per_sec()
+                    ),
+                    x >= 0.8,
+                );
+            }
+            if let (Some(r), Some(f)) = (
+                find(relayed, Kind::Complete, 64),
+                find(FLOOR, Kind::Complete, 64),
+            ) && let (Some(a), Some(b)) = (hops_per_request(r), hops_per_request(f))
+            {
+                let gateway = r.cpu.gateway.as_secs_f64() * 1e6 / r.outcome.requests.max(1) as f64;
+                let front =
+                    f.cpu.nginx_front.as_secs_f64() * 1e6 / f.outcome.requests.max(1) as f64;
+                row(
+                    format!(
+                        "{}: CPU per request at c=64, beside two nginx hops (reported)",
+                        t.name()
+                    ),
+                    format!(
+                        "gateway {gateway:.0} µs, both hops {a:.0} µs; nginx first hop {front:.0} µs, both {b:.0} µs ({:.2}×)",
+                        a / b.max(1e-9)
+                    ),
+                    true,
                 );
             }
         }

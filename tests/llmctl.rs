@@ -74,8 +74,9 @@ impl Drop for NotifyOnDrop {
 #[async_trait]
 impl Provider for TestProvider {
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
-        self.bodies.lock().unwrap().push(task.body.clone());
-        let last = task.body["messages"]
+        let body = task.body.to_value().unwrap();
+        self.bodies.lock().unwrap().push(body.clone());
+        let last = body["messages"]
             .as_array()
             .and_then(|m| m.last())
             .and_then(|m| m["content"].as_str())

@@ -1,6 +1,6 @@
 //! Feeds arbitrary bytes to every decoder of the wire protocol, as
 //! `virtual-llm-core/tests/decoders.rs` does with proptest: `serde_json::from_slice`
-//! into each type a peer can send, and `InferRequest::from_chat_body`. Nothing may
+//! into each type a peer can send, and `InferRequest::read` (the client body's reader). Nothing may
 //! panic, and whatever decodes must re-encode and decode to the same value.
 //!
 //! Run with: `cargo +nightly fuzz run decode fuzz/corpus/decode fuzz/seeds/decode -- -dict=fuzz/decode.dict`
@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use virtual_llm_core::protocol::{
-    GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskFrame,
+    Endpoint, GatewayFrame, HeartbeatRequest, PublisherFrame, RegisterRequest, TaskFrame,
 };
 use virtual_llm_core::{InferRequest, TaskResult};
 
@@ -51,12 +51,17 @@ fuzz_target!(|bytes: &[u8]| {
     round_trip::<PublisherFrame>(bytes);
     round_trip::<GatewayFrame>(bytes);
     round_trip::<TaskFrame>(bytes);
-    if let Some(body) = round_trip::<Value>(bytes) {
-        if let Ok(request) = InferRequest::from_chat_body(body.clone()) {
-            assert_eq!(Some(request.llm.as_str()), body["model"].as_str());
-            assert_eq!(request.stream, body["stream"].as_bool().unwrap_or(false));
-            let again = InferRequest::from_chat_body(request.body.clone());
-            assert_eq!(again.ok().as_ref(), Some(&request));
-        }
+    // The gateway reads a client's body as its text: it accepts what parsing into a
+    // `Value` and checking accepts, and keeps the same value.
+    let parsed = round_trip::<Value>(bytes);
+    let raw = InferRequest::read(Endpoint::ChatCompletions, None, bytes.to_vec());
+    let via_value = parsed.clone().map(InferRequest::from_chat_body);
+    assert_eq!(raw.is_ok(), matches!(via_value, Some(Ok(_))), "{raw:?} {via_value:?}");
+    if let (Ok(request), Some(body)) = (raw, parsed) {
+        assert_eq!(Some(request.llm.as_str()), body["model"].as_str());
+        assert_eq!(request.stream, body["stream"].as_bool().unwrap_or(false));
+        assert_eq!(request.body.to_value().ok(), Some(body));
+        let again = InferRequest::read(Endpoint::ChatCompletions, None, request.body.get().into());
+        assert_eq!(again.ok().as_ref(), Some(&request));
     }
 });

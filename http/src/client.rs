@@ -5,7 +5,6 @@
 
 use bytes::Buf;
 use futures::Stream;
-use serde_json::Value;
 use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
@@ -315,10 +314,13 @@ where
         log.principal(&who.id);
         let timeout = timeout.as_deref().map(parse_request_timeout).transpose()?;
         let bytes = body::read(body, gw.config().max_body_bytes).await?;
-        let value: Value = body::json(&bytes)?;
+        // Kept as its text: the body costs its bytes while it waits for the
+        // publisher, whatever its JSON shape (red-team finding F1).
         let request = match target {
-            Target::Named(name) => InferRequest::for_llm(&name, value)?,
-            Target::Body(endpoint) => InferRequest::from_body(endpoint, value)?,
+            Target::Named(name) => {
+                InferRequest::read(Endpoint::ChatCompletions, Some(&name), bytes.into())?
+            }
+            Target::Body(endpoint) => InferRequest::read(endpoint, None, bytes.into())?,
         }
         .with_timeout(timeout);
         log.model(&request.llm);

@@ -102,7 +102,7 @@ impl PublicBackend for OpenAiBackend {
             &route.upstream,
             request.endpoint,
             &route.model,
-            request.body,
+            &request.body,
             request.stream,
         )
         .await

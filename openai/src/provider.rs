@@ -64,7 +64,7 @@ impl Provider for OpenAiProvider {
             &self.upstream,
             task.endpoint,
             &self.model,
-            task.body,
+            &task.body,
             task.stream,
         )
         .await

@@ -28,7 +28,7 @@ use reqwest::Url;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::Value;
 use virtual_llm_core::protocol::Endpoint;
-use virtual_llm_core::{Completion, Error, Reply};
+use virtual_llm_core::{Completion, Error, RawBody, Reply};
 
 use crate::chunks::chunks;
 use crate::message::{error_body, error_message, upstream};
@@ -252,7 +252,7 @@ impl OpenAiUpstream {
     /// no chat completion; its message never names the upstream's address.
     ///
     /// Dropping the returned future, or the stream, aborts the upstream request.
-    pub async fn chat(&self, body: Value, stream: bool) -> Result<Reply, Error> {
+    pub async fn chat(&self, body: impl Into<RawBody>, stream: bool) -> Result<Reply, Error> {
         self.call(Endpoint::ChatCompletions, body, stream).await
     }
 
@@ -263,20 +263,44 @@ impl OpenAiUpstream {
     pub async fn call(
         &self,
         endpoint: Endpoint,
-        mut body: Value,
+        body: impl Into<RawBody>,
+        stream: bool,
+    ) -> Result<Reply, Error> {
+        self.send(endpoint, None, &body.into(), stream).await
+    }
+
+    /// Sends `body` to `endpoint` as [`call`](Self::call) does, with `model` (when
+    /// given) in place of the body's own. The body is copied as its text with only
+    /// `model` and `stream` replaced at the top level, never parsed into a tree.
+    async fn send(
+        &self,
+        endpoint: Endpoint,
+        model: Option<&str>,
+        body: &RawBody,
         stream: bool,
     ) -> Result<Reply, Error> {
         let stream = stream && endpoint.streams();
-        let Value::Object(fields) = &mut body else {
-            return Err(Error::invalid("the request body must be a JSON object"));
-        };
-        if stream {
-            fields.insert("stream".to_owned(), Value::Bool(true));
-        } else if fields.contains_key("stream") {
-            fields.insert("stream".to_owned(), Value::Bool(false));
+        let model = model.map(|m| Value::String(m.to_owned()));
+        let mut set: Vec<(&str, &Value)> = Vec::with_capacity(2);
+        let mut if_present: Vec<(&str, &Value)> = Vec::with_capacity(1);
+        if let Some(model) = &model {
+            set.push(("model", model));
         }
+        let (yes, no) = (Value::Bool(true), Value::Bool(false));
+        if stream {
+            set.push(("stream", &yes));
+        } else {
+            if_present.push(("stream", &no));
+        }
+        let json = body
+            .with_fields(&set, &if_present)
+            .map_err(|_| Error::invalid("the request body must be a JSON object"))?;
         let url = &self.endpoints[ENDPOINTS.iter().position(|e| *e == endpoint).unwrap_or(0)];
-        let mut request = self.client.post(url.clone()).json(&body);
+        let mut request = self
+            .client
+            .post(url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(json);
         if let Some(authorization) = &self.authorization {
             request = request.header(AUTHORIZATION, authorization.clone());
         }
@@ -467,14 +491,10 @@ pub(crate) async fn call_as(
     upstream: &OpenAiUpstream,
     endpoint: Endpoint,
     model: &str,
-    mut body: Value,
+    body: &RawBody,
     stream: bool,
 ) -> Result<Reply, Error> {
-    let Value::Object(fields) = &mut body else {
-        return Err(Error::invalid("the request body must be a JSON object"));
-    };
-    fields.insert("model".to_owned(), Value::String(model.to_owned()));
-    upstream.call(endpoint, body, stream).await
+    upstream.send(endpoint, Some(model), body, stream).await
 }
 
 #[cfg(test)]

@@ -244,7 +244,7 @@ async fn a_complete_answer_round_trips_with_the_model_replaced_and_the_key_sent(
         endpoint: Default::default(),
         llm: LlmName::parse("qwen").unwrap(),
         stream: false,
-        body: json!({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}),
+        body: json!({"model": "qwen", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.2}).into(),
     };
 
     let completion = expect_complete(within("the answer", provider.infer(task)).await.unwrap());
@@ -919,7 +919,7 @@ async fn a_task_frame_without_stream_gets_a_complete_answer_even_if_the_body_say
         endpoint: Default::default(),
         llm: LlmName::parse("local").unwrap(),
         stream: false,
-        body: json!({"model": "local", "messages": [], "stream": true}),
+        body: json!({"model": "local", "messages": [], "stream": true}).into(),
     };
     let reply = provider.infer(task).await.unwrap();
     assert_eq!(expect_complete(reply).body["model"], "up");
@@ -939,7 +939,7 @@ async fn a_body_that_is_not_an_object_is_refused_before_sending() {
         endpoint: Default::default(),
         llm: LlmName::parse("local").unwrap(),
         stream: true,
-        body: json!("not an object"),
+        body: json!("not an object").into(),
     };
     assert_eq!(provider.infer(task).await.unwrap_err().status(), 400);
     assert!(seen.try_recv().is_err());
@@ -967,7 +967,7 @@ async fn completions_and_embeddings_go_to_the_upstreams_own_paths() {
             endpoint,
             llm: LlmName::parse("emb").unwrap(),
             stream: false,
-            body: body.clone(),
+            body: body.clone().into(),
         };
         let reply = within("the answer", provider.infer(task)).await.unwrap();
         assert_eq!(expect_complete(reply).status, 200);

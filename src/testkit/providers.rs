@@ -183,7 +183,7 @@ impl Firehose {
 #[async_trait]
 impl Provider for Firehose {
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
-        let text = last_user_text(&task.body);
+        let text = last_user_text(&task.body.to_value().unwrap_or_default());
         let mut words = text.split_whitespace();
         let label = words.next().unwrap_or_default().to_owned();
         let words: Vec<&str> = words.collect();
@@ -321,7 +321,7 @@ impl Provider for Counting {
 
 /// The last user message of `task`, as a whole completion.
 fn echo(task: &TaskFrame) -> Completion {
-    let text = last_user_text(&task.body);
+    let text = last_user_text(&task.body.to_value().unwrap_or_default());
     Completion::ok(virtual_llm_core::openai::completion_body(
         &format!("chatcmpl-{}", task.task_id),
         task.llm.as_str(),
@@ -496,7 +496,8 @@ impl Recording {
 #[async_trait]
 impl Provider for Recording {
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
-        virtual_llm_core::sync::lock(&self.bodies).push(task.body.clone());
+        let body = task.body.to_value().unwrap_or_default();
+        virtual_llm_core::sync::lock(&self.bodies).push(body);
         self.echo.infer(task).await
     }
 }

@@ -77,7 +77,7 @@ fn task_round_trip(c: &mut Criterion) {
                 llm: "llm".into(),
                 endpoint: Default::default(),
                 stream: false,
-                body: body.clone(),
+                body: body.clone().into(),
                 timeout: None,
             };
             let handle = gw.start_task(&client, &row, request).unwrap();
@@ -97,7 +97,7 @@ fn task_round_trip(c: &mut Criterion) {
                 llm: "llm".into(),
                 endpoint: Default::default(),
                 stream: true,
-                body: body.clone(),
+                body: body.clone().into(),
                 timeout: None,
             };
             let mut handle = gw.start_task(&client, &row, request).unwrap();

@@ -49,7 +49,7 @@ use crate::{Clock, Completion, Error, Provider, Reply, SystemClock};
 ///     endpoint: Default::default(),
 ///     llm: LlmName::parse("demo").unwrap(),
 ///     stream: true,
-///     body: json!({"model": "demo", "messages": [{"role": "user", "content": "hi  there"}]}),
+///     body: json!({"model": "demo", "messages": [{"role": "user", "content": "hi  there"}]}).into(),
 /// };
 /// let Reply::Stream(chunks) = EchoProvider::new().infer(task).await.unwrap() else { panic!() };
 /// let chunks: Vec<String> = chunks.map(|c| c.unwrap()).collect().await;
@@ -142,13 +142,10 @@ pub fn echo_embedding(text: &str) -> Vec<f32> {
 }
 
 impl EchoProvider {
-    fn chat(&self, task: &TaskFrame, id: &str, model: &str, created: u64) -> Reply {
-        let text = last_user_text(&task.body);
+    fn chat(&self, task: &TaskFrame, body: &Value, id: &str, model: &str, created: u64) -> Reply {
+        let text = last_user_text(body);
         let words = words(&text);
-        let usage = usage_body(
-            self::words(&all_messages_text(&task.body)).len(),
-            words.len(),
-        );
+        let usage = usage_body(self::words(&all_messages_text(body)).len(), words.len());
         if !task.stream {
             let mut body = completion_body(id, model, created, &words.join(" "));
             body["usage"] = usage;
@@ -160,7 +157,7 @@ impl EchoProvider {
         chunks.push(Ok(
             chunk_body(id, model, created, None, Some("stop")).to_string()
         ));
-        if wants_usage(&task.body) {
+        if wants_usage(body) {
             chunks.push(Ok(usage_chunk(
                 id,
                 "chat.completion.chunk",
@@ -172,8 +169,15 @@ impl EchoProvider {
         Reply::Stream(Box::pin(stream::iter(chunks)))
     }
 
-    fn completion(&self, task: &TaskFrame, id: &str, model: &str, created: u64) -> Reply {
-        let prompts = input_items(task.body.get("prompt"));
+    fn completion(
+        &self,
+        task: &TaskFrame,
+        body: &Value,
+        id: &str,
+        model: &str,
+        created: u64,
+    ) -> Reply {
+        let prompts = input_items(body.get("prompt"));
         let prompt_words: usize = prompts.iter().map(|p| words(p).len()).sum();
         let answers: Vec<String> = prompts.iter().map(|p| words(p).join(" ")).collect();
         let usage = usage_body(prompt_words, prompt_words);
@@ -197,7 +201,7 @@ impl EchoProvider {
             )
             .to_string()));
         }
-        if wants_usage(&task.body) {
+        if wants_usage(body) {
             chunks.push(Ok(usage_chunk(
                 id,
                 "text_completion",
@@ -209,9 +213,9 @@ impl EchoProvider {
         Reply::Stream(Box::pin(stream::iter(chunks)))
     }
 
-    fn embeddings(&self, task: &TaskFrame, model: &str) -> Reply {
-        let inputs = input_items(task.body.get("input"));
-        let base64 = task.body.get("encoding_format").and_then(Value::as_str) == Some("base64");
+    fn embeddings(&self, body: &Value, model: &str) -> Reply {
+        let inputs = input_items(body.get("input"));
+        let base64 = body.get("encoding_format").and_then(Value::as_str) == Some("base64");
         let data: Vec<Value> = inputs
             .iter()
             .enumerate()
@@ -239,8 +243,13 @@ impl EchoProvider {
 #[async_trait]
 impl Provider for EchoProvider {
     async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
-        let model = task
+        // The echo model reads the whole request: it parses it (a publisher's work, not
+        // the gateway's).
+        let body: Value = task
             .body
+            .to_value()
+            .map_err(|e| Error::invalid(format!("invalid JSON body: {e}")))?;
+        let model = body
             .get("model")
             .and_then(|m| m.as_str())
             .unwrap_or(task.llm.as_str())
@@ -249,13 +258,13 @@ impl Provider for EchoProvider {
         Ok(match task.endpoint {
             Endpoint::ChatCompletions => {
                 let id = format!("chatcmpl-{}", task.task_id);
-                self.chat(&task, &id, &model, created)
+                self.chat(&task, &body, &id, &model, created)
             }
             Endpoint::Completions => {
                 let id = format!("cmpl-{}", task.task_id);
-                self.completion(&task, &id, &model, created)
+                self.completion(&task, &body, &id, &model, created)
             }
-            Endpoint::Embeddings => self.embeddings(&task, &model),
+            Endpoint::Embeddings => self.embeddings(&body, &model),
         })
     }
 

@@ -13,7 +13,8 @@
 //! - [`limits`]: limits per principal and the [`limits::RateLimiter`]; [`usage`]:
 //!   token usage per principal and LLM (SPEC §16).
 //! - [`agent`]: virtual agents, personas over a published model (SPEC §13).
-//! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames.
+//! - [`protocol`]: the wire types: register, hello, task, cancel, results, frames;
+//!   [`raw_body`]: a client's body kept as its JSON text, read only at the top level.
 //! - `record`, `name`, `ids`, `time`: rows, names, ids and wall-clock time.
 //! - [`store`]: the [`Store`] trait; `memory`: the in-memory [`MemoryStore`].
 //! - `gateway`, `lifecycle`, `relay`: the service: register, heartbeat, bind, GC
@@ -73,6 +74,7 @@ pub mod protocol;
 mod provider;
 pub mod publisher;
 mod quota;
+pub mod raw_body;
 mod readiness;
 mod recipe;
 mod record;
@@ -111,6 +113,7 @@ pub use openai::InferRequest;
 pub use protocol::TaskResult;
 pub use provider::Provider;
 pub use publisher::{Catalog, PublishedLlm, Publisher, PublisherOptions};
+pub use raw_body::RawBody;
 pub use recipe::{CommandRecipe, Recipe};
 pub use record::{ChannelBinding, LlmKind, LlmRecord, LlmStatus, LlmView, Model};
 pub use reply::{ChunkStream, Completion, Reply};

@@ -1,6 +1,7 @@
 //! The few facts about OpenAI request bodies the core needs: which model, which
-//! endpoint and whether to stream, the last user message and the prompt (for the echo
-//! model), and how completion, chunk and embedding objects look.
+//! endpoint and whether to stream (read from the body's text, see [`RawBody`]), the
+//! last user message and the prompt (for the echo model), and how completion, chunk
+//! and embedding objects look.
 
 use std::time::Duration;
 
@@ -8,6 +9,7 @@ use serde_json::{Value, json};
 
 use crate::Error;
 use crate::protocol::Endpoint;
+use crate::raw_body::{RawBody, Shape};
 
 /// A client's inference request, checked enough to route it.
 #[derive(Clone, Debug, PartialEq)]
@@ -18,8 +20,9 @@ pub struct InferRequest {
     pub endpoint: Endpoint,
     /// Whether the client asked for a stream.
     pub stream: bool,
-    /// The client's body, passed to the publisher as it is.
-    pub body: Value,
+    /// The client's body, passed to the publisher as it is: its JSON text, never
+    /// parsed into a tree on the gateway (see [`RawBody`]).
+    pub body: RawBody,
     /// How long the client will wait at most (its `x-request-timeout`): bounds the
     /// time in a pool's queue and the task's deadline. `None`: the gateway's own.
     pub timeout: Option<Duration>,
@@ -65,12 +68,7 @@ impl InferRequest {
     /// A body of one of the OpenAI routes (`POST /v1/chat/completions`,
     /// `/v1/completions`, `/v1/embeddings`): routed by its `model`.
     pub fn from_body(endpoint: Endpoint, body: Value) -> Result<Self, Error> {
-        let llm = match body.get("model") {
-            Some(Value::String(m)) => m.clone(),
-            Some(_) => return Err(Error::invalid("model must be a string")),
-            None => return Err(Error::invalid("model is required")),
-        };
-        Self::for_endpoint(endpoint, &llm, body)
+        Self::checked(endpoint, None, RawBody::from(body))
     }
 
     /// A `POST {base}/{name}/infer` body, a chat completion: routed by the path's name.
@@ -78,35 +76,60 @@ impl InferRequest {
         Self::for_endpoint(Endpoint::ChatCompletions, llm, body)
     }
 
-    /// A body for `endpoint`, routed to `llm`: checked enough to route it (an object;
-    /// `messages` an array for chat, `prompt` a string or an array for completions,
-    /// `input` a string or an array for embeddings; `stream` a boolean, and never
-    /// true for embeddings).
+    /// A body for `endpoint`, routed to `llm` (see [`InferRequest::read`] for the
+    /// checks).
     pub fn for_endpoint(endpoint: Endpoint, llm: &str, body: Value) -> Result<Self, Error> {
-        let Value::Object(fields) = &body else {
+        Self::checked(endpoint, Some(llm), RawBody::from(body))
+    }
+
+    /// A body for `endpoint` as the client sent it, kept as its text (a [`RawBody`]):
+    /// routed to `llm`, or by the body's `model` (a string) when `llm` is `None`. It
+    /// is checked enough to route it, in one pass that builds no tree: UTF-8 and one
+    /// JSON value nested at most 128 deep (else 400 `invalid JSON body`), an object;
+    /// `messages` an array for chat, `prompt` a string or an array for completions,
+    /// `input` a string or an array for embeddings; `stream` a boolean (or `null`), and
+    /// never true for embeddings. Of a field given twice, the last counts, as when the
+    /// body is parsed into an object.
+    pub fn read(endpoint: Endpoint, llm: Option<&str>, body: Vec<u8>) -> Result<Self, Error> {
+        let body = RawBody::from_client(body)
+            .map_err(|e| Error::invalid(format!("invalid JSON body: {e}")))?;
+        Self::checked(endpoint, llm, body)
+    }
+
+    fn checked(endpoint: Endpoint, llm: Option<&str>, body: RawBody) -> Result<Self, Error> {
+        let facts = body
+            .facts()
+            .map_err(|e| Error::invalid(format!("invalid JSON body: {e}")))?;
+        if !facts.object {
             return Err(Error::invalid("the request body must be a JSON object"));
+        }
+        let llm = match (llm, facts.model) {
+            (Some(llm), _) => llm.to_owned(),
+            (None, Some(Shape::String(Some(model)))) => model,
+            (None, Some(_)) => return Err(Error::invalid("model must be a string")),
+            (None, None) => return Err(Error::invalid("model is required")),
         };
-        let (field, kinds) = match endpoint {
-            Endpoint::ChatCompletions => ("messages", "an array"),
-            Endpoint::Completions => ("prompt", "a string or an array"),
-            Endpoint::Embeddings => ("input", "a string or an array"),
+        let (field, kinds, shape) = match endpoint {
+            Endpoint::ChatCompletions => ("messages", "an array", facts.messages),
+            Endpoint::Completions => ("prompt", "a string or an array", facts.prompt),
+            Endpoint::Embeddings => ("input", "a string or an array", facts.input),
         };
-        match (fields.get(field), endpoint) {
-            (Some(Value::Array(_)), _) => {}
-            (Some(Value::String(_)), Endpoint::Completions | Endpoint::Embeddings) => {}
+        match (shape, endpoint) {
+            (Some(Shape::Array), _) => {}
+            (Some(Shape::String(_)), Endpoint::Completions | Endpoint::Embeddings) => {}
             (Some(_), _) => return Err(Error::invalid(format!("{field} must be {kinds}"))),
             (None, _) => return Err(Error::invalid(format!("{field} is required"))),
         }
-        let stream = match fields.get("stream") {
-            None | Some(Value::Null) => false,
-            Some(Value::Bool(b)) => *b,
+        let stream = match facts.stream {
+            None | Some(Shape::Null) => false,
+            Some(Shape::Bool(b)) => b,
             Some(_) => return Err(Error::invalid("stream must be a boolean")),
         };
         if stream && !endpoint.streams() {
             return Err(Error::invalid(format!("{endpoint} are not streamed")));
         }
         Ok(InferRequest {
-            llm: llm.to_owned(),
+            llm,
             endpoint,
             stream,
             body,

@@ -11,6 +11,7 @@ use serde_json::Value;
 
 use crate::access::Access;
 pub use crate::agent::{AgentSpec, AgentView};
+use crate::raw_body::RawBody;
 use crate::{Error, LlmName, LlmView, SessionId, TaskId};
 
 /// The newest protocol version this crate speaks. A register without `protocolVersion`
@@ -363,8 +364,9 @@ pub struct TaskFrame {
     pub llm: LlmName,
     /// Whether the client asked for a stream.
     pub stream: bool,
-    /// The client's OpenAI request body.
-    pub body: Value,
+    /// The client's OpenAI request body, as the JSON text it came in (written into the
+    /// frame as it is; see [`RawBody`]).
+    pub body: RawBody,
 }
 
 /// A `wake` frame (protocol 2): a request waits for this hibernating LLM; run its wake
@@ -502,7 +504,12 @@ pub struct Closing {
 }
 
 /// A frame the gateway sends a publisher, on whichever channel it is bound.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Tagged by `type`. It is read without serde's buffering of internally tagged enums
+/// (which would parse a task's body into a tree and cannot hold a [`RawBody`]): when
+/// `type` comes first, as the gateway writes it, the rest of the object is read
+/// straight into the variant; otherwise the object is gathered first.
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum GatewayFrame {
     /// First frame of an SSE stream.
@@ -555,6 +562,81 @@ impl GatewayFrame {
             GatewayFrame::Credit(x) => serde_json::to_string(x),
             GatewayFrame::Wake(x) => serde_json::to_string(x),
         }
+    }
+}
+
+/// The `type` of each [`GatewayFrame`] variant.
+const GATEWAY_FRAME_TYPES: &[&str] = &[
+    "hello",
+    "registered",
+    "task",
+    "cancel",
+    "refused",
+    "error",
+    "closing",
+    "credit",
+    "wake",
+];
+
+/// The variant of a [`GatewayFrame`] named `tag`, read from `rest` (the object without
+/// its `type`).
+fn gateway_frame<'de, D: serde::Deserializer<'de>>(
+    tag: &str,
+    rest: D,
+) -> Result<GatewayFrame, D::Error> {
+    Ok(match tag {
+        "hello" => GatewayFrame::Hello(Deserialize::deserialize(rest)?),
+        "registered" => GatewayFrame::Registered(Deserialize::deserialize(rest)?),
+        "task" => GatewayFrame::Task(Deserialize::deserialize(rest)?),
+        "cancel" => GatewayFrame::Cancel(Deserialize::deserialize(rest)?),
+        "refused" => GatewayFrame::Refused(Deserialize::deserialize(rest)?),
+        "error" => GatewayFrame::Error(Deserialize::deserialize(rest)?),
+        "closing" => GatewayFrame::Closing(Deserialize::deserialize(rest)?),
+        "credit" => GatewayFrame::Credit(Deserialize::deserialize(rest)?),
+        "wake" => GatewayFrame::Wake(Deserialize::deserialize(rest)?),
+        other => {
+            return Err(serde::de::Error::unknown_variant(
+                other,
+                GATEWAY_FRAME_TYPES,
+            ));
+        }
+    })
+}
+
+impl<'de> Deserialize<'de> for GatewayFrame {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{self, MapAccess, Visitor, value::MapAccessDeserializer};
+
+        struct FrameVisitor;
+        impl<'de> Visitor<'de> for FrameVisitor {
+            type Value = GatewayFrame;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a gateway frame, an object tagged by `type`")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GatewayFrame, A::Error> {
+                let Some(first) = map.next_key::<String>()? else {
+                    return Err(de::Error::missing_field("type"));
+                };
+                if first == "type" {
+                    let tag: String = map.next_value()?;
+                    return gateway_frame(&tag, MapAccessDeserializer::new(map));
+                }
+                let mut fields = serde_json::Map::new();
+                fields.insert(first, map.next_value()?);
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    fields.insert(key, value);
+                }
+                let tag = match fields.remove("type") {
+                    Some(Value::String(tag)) => tag,
+                    Some(_) => return Err(de::Error::custom("`type` must be a string")),
+                    None => return Err(de::Error::missing_field("type")),
+                };
+                gateway_frame(&tag, Value::Object(fields)).map_err(de::Error::custom)
+            }
+        }
+        deserializer.deserialize_map(FrameVisitor)
     }
 }
 
@@ -883,6 +965,62 @@ mod tests {
                 "{text}"
             );
         }
+    }
+
+    /// A task frame carries the client's body as its text: spliced into the WebSocket
+    /// frame and the SSE event's data without re-encoding, and read back as that text
+    /// whether `type` comes first (as the gateway writes it) or anywhere else.
+    #[test]
+    fn a_task_frame_splices_the_body_and_reads_type_anywhere() {
+        let body =
+            RawBody::from_json(r#"{"z": 1, "model":"m", "messages":[ 1.50 ]}"#.to_owned()).unwrap();
+        let task_id = TaskId::generate();
+        let frame = GatewayFrame::Task(TaskFrame {
+            task_id: task_id.clone(),
+            kind: TaskKind::Infer,
+            endpoint: Endpoint::Completions,
+            llm: LlmName::parse("m").unwrap(),
+            stream: true,
+            body: body.clone(),
+        });
+        let ws = serde_json::to_string(&frame).unwrap();
+        assert!(ws.starts_with(r#"{"type":"task","#), "{ws}");
+        assert!(ws.contains(&format!(r#""body":{}"#, body.get())), "{ws}");
+        assert_eq!(serde_json::from_str::<GatewayFrame>(&ws).unwrap(), frame);
+        let sse = frame.payload_json().unwrap();
+        assert!(
+            sse.ends_with(&format!(r#""body":{}}}"#, body.get())),
+            "{sse}"
+        );
+        assert_eq!(
+            GatewayFrame::Task(serde_json::from_str(&sse).unwrap()),
+            frame
+        );
+        // `type` last, as another implementation may write it: the same frame, the body
+        // as its compact text.
+        let late = format!(
+            r#"{{"taskId":"{task_id}","kind":"infer","endpoint":"completions","llm":"m","stream":true,"body":{},"type":"task"}}"#,
+            body.get()
+        );
+        let GatewayFrame::Task(read) = serde_json::from_str::<GatewayFrame>(&late).unwrap() else {
+            panic!("a task")
+        };
+        assert_eq!(read.body.to_value().unwrap(), body.to_value().unwrap());
+        assert_eq!(read.task_id, task_id);
+        for bad in [
+            r#"{"kind":"infer"}"#,
+            r#"{"type":"nope"}"#,
+            r#"{"type":7}"#,
+            r#"{"kind":"infer","type":1}"#,
+            "[]",
+        ] {
+            assert!(serde_json::from_str::<GatewayFrame>(bad).is_err(), "{bad}");
+        }
+        let cancel = format!(r#"{{"taskId":"{task_id}","type":"cancel"}}"#);
+        assert_eq!(
+            serde_json::from_str::<GatewayFrame>(&cancel).unwrap(),
+            GatewayFrame::Cancel(CancelFrame { task_id })
+        );
     }
 
     #[test]

@@ -233,7 +233,14 @@ impl Gateway {
                 self.shared.config.retry_after,
             ));
         }
-        agent.persona.apply(&mut request.body);
+        // The one place the gateway parses a client's body whole: a persona rewrites
+        // its messages. The result is a new body of its own.
+        let mut body = request
+            .body
+            .to_value()
+            .map_err(|e| Error::invalid(format!("invalid JSON body: {e}")))?;
+        agent.persona.apply(&mut body);
+        request.body = body.into();
         Ok(request)
     }
 

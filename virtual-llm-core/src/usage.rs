@@ -144,6 +144,45 @@ pub fn estimate_prompt(body: &Value) -> u64 {
     estimate(chars)
 }
 
+/// [`estimate_prompt`] of a body kept as its text: reads only `messages[].content`,
+/// `prompt` and `input` (the rest is skipped without building it), so an estimate costs
+/// no copy of the body. A body that does not read so is estimated as nothing.
+pub fn estimate_raw_prompt(body: &crate::raw_body::RawBody) -> u64 {
+    #[derive(Deserialize)]
+    struct Message {
+        #[serde(default)]
+        content: Option<Value>,
+    }
+    #[derive(Deserialize)]
+    struct Parts {
+        #[serde(default)]
+        messages: Option<Vec<Message>>,
+        #[serde(default)]
+        prompt: Option<Value>,
+        #[serde(default)]
+        input: Option<Value>,
+    }
+    let Ok(parts) = body.parse::<Parts>() else {
+        return 0;
+    };
+    let chars = match parts.messages {
+        Some(messages) => messages
+            .iter()
+            .filter_map(|m| m.content.as_ref())
+            .map(content_chars)
+            .sum(),
+        None => [parts.prompt, parts.input]
+            .iter()
+            .flatten()
+            .map(|v| match v {
+                Value::Array(items) => items.iter().map(content_chars).sum(),
+                other => content_chars(other),
+            })
+            .sum(),
+    };
+    estimate(chars)
+}
+
 /// What a streamed answer has said about its tokens so far.
 #[derive(Debug, Default)]
 struct StreamTally {
@@ -356,14 +395,14 @@ impl Accounting {
         admitted: Admitted,
         principal: &Principal,
         llm: &str,
-        body: &Value,
+        body: &crate::raw_body::RawBody,
     ) -> Self {
         Accounting {
             gateway,
             admitted,
             principal: principal.id.clone(),
             llm: llm.to_owned(),
-            prompt_estimate: estimate_prompt(body),
+            prompt_estimate: estimate_raw_prompt(body),
             started: tokio::time::Instant::now(),
             tally: StreamTally::default(),
             code: None,

@@ -164,7 +164,8 @@ async fn a_request_for_an_agent_reaches_its_model_as_the_agent_puts_it() {
         "llama",
         "the task goes to the agent's llm"
     );
-    let messages = task.body["messages"].as_array().unwrap();
+    let body = task.body.to_value().unwrap();
+    let messages = body["messages"].as_array().unwrap();
     assert_eq!(
         messages[0],
         json!({"role": "system", "content": "You are helper."}),
@@ -173,12 +174,12 @@ async fn a_request_for_an_agent_reaches_its_model_as_the_agent_puts_it() {
     assert_eq!(messages[1]["content"], "Answer in French.");
     assert_eq!(messages[2]["content"], "hello");
     assert_eq!(messages.len(), 3);
-    assert_eq!(task.body["temperature"], 0.9, "the client's own value wins");
+    assert_eq!(body["temperature"], 0.9, "the client's own value wins");
     assert_eq!(
-        task.body["max_tokens"], 64,
+        body["max_tokens"], 64,
         "a default fills what the client left out"
     );
-    assert_eq!(task.body["model"], "llama");
+    assert_eq!(body["model"], "llama");
     f.gw.deliver(
         &alice(),
         &session,
@@ -587,7 +588,10 @@ async fn a_request_for_an_agent_wakes_its_sleeping_model() {
         .unwrap();
     let task = channel.next_task().await;
     assert_eq!(task.llm.as_str(), "llama");
-    assert_eq!(task.body["messages"][0]["content"], "You are helper.");
+    assert_eq!(
+        task.body.to_value().unwrap()["messages"][0]["content"],
+        "You are helper."
+    );
     f.gw.deliver(
         &alice(),
         &session,

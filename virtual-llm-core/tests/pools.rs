@@ -135,8 +135,11 @@ fn chat(model: &str, text: &str, stream: bool) -> InferRequest {
 }
 
 /// The user text a task frame carries: which client request it is.
-fn text(frame: &TaskFrame) -> &str {
-    frame.body["messages"][0]["content"].as_str().unwrap()
+fn text(frame: &TaskFrame) -> String {
+    frame.body.to_value().unwrap()["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_owned()
 }
 
 fn answered(status: u16, body: Value) -> TaskResult {
@@ -842,7 +845,7 @@ async fn a_member_pinned_by_name_answers_alone() {
     assert!(p.tasks(1 - b).is_empty(), "the free member is not used");
     p.post(b, &t_held, ok("pn-b")).await;
     let (i, task) = p.next_task().await;
-    assert_eq!((i, text(&task)), (b, "waiting"));
+    assert_eq!((i, text(&task).as_str()), (b, "waiting"));
     p.post(i, &task, ok("pn-b")).await;
     for c in [held, waiting] {
         assert_eq!(completion(outcome(c).await).0, 200);
@@ -884,7 +887,7 @@ async fn a_member_that_binds_serves_the_queue() {
     p.members[b].channel = channel;
     let (i, task) = p.next_task().await;
     assert_eq!(
-        (i, text(&task)),
+        (i, text(&task).as_str()),
         (b, "waiting"),
         "served by the member back"
     );

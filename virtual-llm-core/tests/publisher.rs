@@ -1098,7 +1098,7 @@ async fn an_idle_llm_is_put_to_sleep_and_woken_again() {
         endpoint: Default::default(),
         llm: LlmName::parse("vllm").unwrap(),
         stream: false,
-        body: json!({"messages": [{"role": "user", "content": "hi"}]}),
+        body: json!({"messages": [{"role": "user", "content": "hi"}]}).into(),
     }));
     h.settle().await;
     assert_eq!(upstream.tasks.load(Ordering::SeqCst), tasks + 1, "it ran");

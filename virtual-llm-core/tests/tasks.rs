@@ -93,7 +93,10 @@ async fn a_task_frame_carries_the_clients_request() {
     let (_handle, frame) = o.start(true).await;
     assert_eq!(frame.llm.as_str(), "llm");
     assert!(frame.stream);
-    assert_eq!(frame.body["messages"][0]["content"], "hi");
+    assert_eq!(
+        frame.body.to_value().unwrap()["messages"][0]["content"],
+        "hi"
+    );
     let wire = serde_json::to_value(GatewayFrame::Task(frame)).unwrap();
     assert_eq!(wire["type"], "task");
     assert_eq!(wire["kind"], "infer");
@@ -754,7 +757,8 @@ async fn the_echo_provider_answers_with_the_last_user_message() {
             {"role": "user", "content": "first"},
             {"role": "assistant", "content": "no"},
             {"role": "user", "content": "  the   last\tone "},
-        ]}),
+        ]})
+        .into(),
     };
     let Reply::Complete(c) = EchoProvider::new().infer(task).await.unwrap() else {
         panic!()
