@@ -865,7 +865,7 @@ async fn the_server_limits_come_from_the_server_table() {
     let mut stalled = tokio::net::TcpStream::connect(addr).await.unwrap();
     stalled
         .write_all(
-            b"POST /api/v1/llms/_provider-register HTTP/1.1\r\nHost: x\r\n\
+            b"POST /api/v1/llms/_provider-register HTTP/1.1\r\nHost: 127.0.0.1\r\n\
               Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"llms\":",
         )
         .await

@@ -136,7 +136,7 @@ fn same_origin(origin: &str, host: Option<&Authority>) -> bool {
     let Some((scheme, authority)) = origin.split_once("://") else {
         return false;
     };
-    let default_port = match scheme {
+    let default_port = match scheme.to_ascii_lowercase().as_str() {
         "http" => 80,
         "https" => 443,
         _ => return false,
