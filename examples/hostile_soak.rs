@@ -214,8 +214,9 @@ async fn phase(
     let mut attackers = Vec::new();
     if attack {
         let addr: SocketAddr = url.trim_start_matches("http://").parse()?;
-        let session = fill_registry(http, url, args.rows).await?;
+        // The trap first: mallory's names are capped (maxNames), the filler takes the rest.
         let trap_session = publish_trap(http, url).await?;
+        let session = fill_registry(http, url, args.rows).await?;
         for _ in 0..args.unread_streams {
             attackers.push(tokio::spawn(unread(
                 addr,

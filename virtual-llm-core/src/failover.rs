@@ -17,7 +17,8 @@ use async_trait::async_trait;
 use crate::protocol::RegisterRequest;
 use crate::publisher::{Connected, Wire, WireError};
 
-/// Several gateways' wires, tried in turn; see the [module docs](self).
+/// Several gateways' wires, tried in turn: the one that worked last first, the next
+/// only when a gateway cannot be reached.
 ///
 /// ```
 /// # use std::sync::Arc;
