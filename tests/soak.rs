@@ -278,6 +278,13 @@ async fn soak_every_request_gets_one_outcome_and_nothing_leaks() {
         heartbeat_interval: Duration::from_secs(2),
         task_deadline: Duration::from_secs(3),
         stream_idle_timeout: Duration::from_secs(3),
+        // Every publisher is alice: the soak is one operator's deliberate fleet, past
+        // the default quotas (64 sessions, 256 names) a tenant gets.
+        limits: virtual_llm::limits::Limits {
+            max_sessions: Some(PUBLISHERS),
+            max_names: Some(PUBLISHERS),
+            ..Default::default()
+        },
         ..Config::default()
     };
     let gw = TestGateway::start(config).await;
