@@ -131,6 +131,23 @@ pub struct Config {
     /// The most distinct values of the `llm` and `principal` labels of the request
     /// and usage metrics; past it, a new one is counted as `other`. Default 256.
     pub metric_labels: usize,
+    /// How long the in-flight tasks of a publisher that declared the capability
+    /// `resume` wait for its session to bind again after its channel closes (SPEC §15);
+    /// their deadlines keep running. After it, or at once for a publisher without the
+    /// capability, they fail with 503. Zero turns resuming off. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub resume_window: Duration,
+    /// How long a streamed answer's chunks are kept after it ends (or breaks) for its
+    /// client to resume it (`GET /v1/chat/completions/{id}/stream`). Zero keeps none.
+    /// Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub client_resume_window: Duration,
+    /// The most bytes of chunks kept for one streamed answer for its client to resume;
+    /// past it, the answer can no longer be resumed. Default 1 MiB.
+    pub client_resume_bytes: usize,
+    /// The most bytes of chunks kept for clients to resume, all answers together; the
+    /// oldest finished answers go first. Default 64 MiB.
+    pub client_resume_total_bytes: usize,
 }
 
 impl Default for Config {
@@ -165,6 +182,10 @@ impl Default for Config {
             lease_skew: Duration::from_secs(2),
             limits: Limits::default(),
             metric_labels: 256,
+            resume_window: Duration::from_secs(10),
+            client_resume_window: Duration::from_secs(60),
+            client_resume_bytes: 1024 * 1024,
+            client_resume_total_bytes: 64 * 1024 * 1024,
         }
     }
 }
