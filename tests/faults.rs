@@ -415,6 +415,7 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
                 access: Default::default(),
             })
             .collect(),
+        capabilities: Vec::new(),
     };
     // A new publisher, over the transport: refused with a 5xx.
     match t

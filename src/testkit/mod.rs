@@ -56,8 +56,8 @@ pub mod wake_suite;
 pub use gateway::{RawResponse, SseReader, TestGateway};
 pub use plane::Plane;
 pub use providers::{
-    Answers, Counting, CountingRecipe, FailsWhenReleased, Firehose, Gated, Hanging, Recording,
-    Switchable,
+    Answers, Counting, CountingRecipe, FailsWhenReleased, Firehose, Gated, Hanging, Paced,
+    Recording, Switchable,
 };
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};

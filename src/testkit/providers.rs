@@ -1,5 +1,5 @@
 //! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
-//! [`Hanging`], [`Firehose`], [`Answers`], [`Counting`] and [`Switchable`] (whose
+//! [`Hanging`], [`Paced`], [`Firehose`], [`Answers`], [`Counting`] and [`Switchable`] (whose
 //! readiness the test switches), [`Recording`] (which keeps every request that reached
 //! it); and [`CountingRecipe`], a wake or sleep recipe that
 //! counts its runs.
@@ -148,6 +148,78 @@ impl Provider for Hanging {
                 .chain(forever)
                 .boxed(),
         ))
+    }
+}
+
+/// Answers `count` chunks, `"0"`, `"1"`… (or, not streaming, their text joined by
+/// spaces), each only once the test [`allow`](Paced::allow)s it: a long generation
+/// whose pace the test sets, to cut its channel at a chosen chunk. Counts the chunks
+/// produced; signals `dropped` when a task's work is dropped (finished or cancelled).
+#[derive(Debug)]
+pub struct Paced {
+    count: usize,
+    allowed: Arc<tokio::sync::Semaphore>,
+    produced: Arc<std::sync::atomic::AtomicUsize>,
+    /// Signalled when a task's work is dropped (finished or cancelled).
+    pub dropped: Arc<Notify>,
+}
+
+impl Paced {
+    /// A provider answering `count` chunks, none allowed yet.
+    pub fn new(count: usize) -> Self {
+        Paced {
+            count,
+            allowed: Arc::new(tokio::sync::Semaphore::new(0)),
+            produced: Arc::default(),
+            dropped: Arc::default(),
+        }
+    }
+
+    /// Lets `n` more chunks out.
+    pub fn allow(&self, n: usize) {
+        self.allowed.add_permits(n);
+    }
+
+    /// How many chunks were produced, over every task.
+    pub fn produced(&self) -> usize {
+        self.produced.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until `n` chunks were produced.
+    pub async fn wait_produced(&self, n: usize) {
+        super::support::eventually("the chunks are produced", || async {
+            self.produced() >= n
+        })
+        .await;
+    }
+}
+
+#[async_trait]
+impl Provider for Paced {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let guard = Arc::new(DropSignal(self.dropped.clone()));
+        let (allowed, produced) = (self.allowed.clone(), self.produced.clone());
+        let words = futures::stream::iter(0..self.count).then(move |i| {
+            let (allowed, produced, _guard) = (allowed.clone(), produced.clone(), guard.clone());
+            async move {
+                if let Ok(permit) = allowed.acquire().await {
+                    permit.forget();
+                }
+                produced.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                i.to_string()
+            }
+        });
+        if task.stream {
+            Ok(Reply::Stream(
+                words.map(move |word| Ok(chunk(&task, &word))).boxed(),
+            ))
+        } else {
+            let text = words.collect::<Vec<_>>().await.join(" ");
+            Ok(Reply::Complete(Completion::ok(serde_json::json!({
+                "object": "chat.completion",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}}],
+            }))))
+        }
     }
 }
 

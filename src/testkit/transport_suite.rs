@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use super::gateway::{RawResponse, TestGateway};
 use super::plane::Plane;
-use super::providers::{Answers, FailsWhenReleased, Gated, Hanging};
+use super::providers::{Answers, FailsWhenReleased, Gated, Hanging, Paced};
 use super::support::{TempDir, eventually};
 use super::transport::Transport;
 use crate::protocol::{RegisterRequest, TaskResult};
@@ -498,6 +498,7 @@ pub async fn bad_input_gets_its_status_and_writes_nothing(
         provider_session_id: None,
         protocol_version: Some(9),
         llms: vec![],
+        capabilities: Vec::new(),
     };
     assert_eq!(
         gw.post_raw(
@@ -576,6 +577,183 @@ pub async fn a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_do
     p.stop().await;
 }
 
+/// The chunk texts of a [`Paced`] stream read from `stream` up to `[DONE]` (or
+/// `up_to` of them), in the order they came.
+async fn paced_words(stream: &mut super::gateway::SseReader, up_to: Option<usize>) -> Vec<String> {
+    let mut words = Vec::new();
+    while up_to.is_none_or(|n| words.len() < n) {
+        let Some(data) = stream.next_data().await else {
+            panic!("the stream ended without [DONE] after {words:?}");
+        };
+        if data == "[DONE]" {
+            break;
+        }
+        let chunk: Value = serde_json::from_str(&data).unwrap();
+        if let Some(word) = chunk["choices"][0]["delta"]["content"].as_str() {
+            words.push(word.to_owned());
+        }
+    }
+    words
+}
+
+fn numbers(range: std::ops::Range<usize>) -> Vec<String> {
+    range.map(|i| i.to_string()).collect()
+}
+
+/// A publisher's channel is cut in the middle of a 30-chunk stream, and its next
+/// channel comes up within the resume window (SPEC §15): the client's stream pauses
+/// and goes on, every chunk once and in order, the ones produced during the cut
+/// included.
+pub async fn a_stream_survives_a_cut_channel(t: &dyn Transport, plane: Option<&dyn Plane>) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(30));
+    let p = gw
+        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .await;
+    paced.allow(10);
+    let mut stream = gw.chat_stream("client", "slow", "count").await;
+    let mut words = paced_words(&mut stream, Some(10)).await;
+    proxy.kill();
+    // The upstream goes on while the channel is down.
+    paced.allow(10);
+    paced.wait_produced(20).await;
+    proxy.revive();
+    paced.allow(10);
+    words.extend(paced_words(&mut stream, None).await);
+    assert_eq!(words, numbers(0..30));
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
+    p.stop().await;
+}
+
+/// A non-streaming task whose publisher's channel is cut while it works gets its
+/// answer once the channel is back.
+pub async fn a_non_streaming_task_survives_a_cut_channel(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(3));
+    let p = gw
+        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .await;
+    let answer = {
+        let gw = gw.clone();
+        tokio::spawn(async move { gw.chat("client", "slow", "count", false).await })
+    };
+    paced.allow(1);
+    paced.wait_produced(1).await;
+    proxy.kill();
+    paced.allow(2);
+    paced.wait_produced(3).await;
+    proxy.revive();
+    let (status, body) = answer.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["choices"][0]["message"]["content"], "0 1 2");
+    p.stop().await;
+}
+
+/// A cut longer than the resume window: the client's stream ends with an error event
+/// (503 `llm_unavailable`), never a hang, and the publisher stops the upstream call.
+/// Runs under paused tokio time: the 10 s window passes without waiting for it.
+pub async fn a_cut_longer_than_the_resume_window_fails_the_stream(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(30));
+    let p = gw
+        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .await;
+    let stopped = paced.dropped.notified();
+    paced.allow(2);
+    let mut stream = gw.chat_stream("client", "slow", "count").await;
+    assert_eq!(paced_words(&mut stream, Some(2)).await, numbers(0..2));
+    proxy.kill();
+    let (event, data) = stream.next_event().await.expect("an error event");
+    assert_eq!(event, "error", "{data}");
+    let body: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(body["error"]["code"], "llm_unavailable", "{body}");
+    assert!(stream.next_event().await.is_none(), "nothing after the error");
+    // The publisher gave the task up too: its upstream call was dropped.
+    stopped.await;
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
+    p.stop().await;
+}
+
+/// A client that leaves while its publisher's channel is cut: the cancel reaches the
+/// publisher when its channel is back, and the upstream call stops.
+pub async fn a_cancel_during_a_cut_reaches_the_publisher_after_it_reconnects(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(30));
+    let p = gw
+        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .await;
+    let stopped = paced.dropped.notified();
+    paced.allow(2);
+    let mut stream = gw.chat_stream("client", "slow", "count").await;
+    assert_eq!(paced_words(&mut stream, Some(2)).await, numbers(0..2));
+    proxy.kill();
+    drop(stream);
+    eventually("the task is cancelled", || async { gw.gateway.in_flight() == 0 }).await;
+    proxy.revive();
+    stopped.await;
+    assert!(paced.produced() < 30, "the upstream call stopped early");
+    p.stop().await;
+}
+
+/// A task that produces more than its publisher's `resume_buffer` while the channel
+/// is down is lost, and says so: the upstream call stops, and the client's stream ends
+/// with an error event once the channel is back.
+pub async fn a_task_past_its_resume_buffer_fails_honestly(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(30));
+    let options = PublisherOptions {
+        // A few chunks' worth.
+        resume_buffer: 2048,
+        ..PublisherOptions::default()
+    };
+    let p = gw
+        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), options)
+        .await;
+    let stopped = paced.dropped.notified();
+    paced.allow(2);
+    let mut stream = gw.chat_stream("client", "slow", "count").await;
+    assert_eq!(paced_words(&mut stream, Some(2)).await, numbers(0..2));
+    proxy.kill();
+    // Once the publisher knows its channel is gone (before, a sender may still take
+    // chunks for the dead socket: then the replay misses them and the task fails on
+    // the gap instead).
+    p.state()
+        .wait_for(|s| !matches!(s, crate::publisher::PublisherState::Connected { .. }))
+        .await
+        .unwrap();
+    paced.allow(28);
+    stopped.await;
+    assert!(paced.produced() < 30, "the upstream call stopped early");
+    proxy.revive();
+    let (event, data) = loop {
+        let (event, data) = stream.next_event().await.expect("an error event");
+        if event == "error" {
+            break (event, data);
+        }
+    };
+    let body: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(body["error"]["code"], "upstream_error", "{event}: {body}");
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
+    p.stop().await;
+}
+
 /// Stamps out one `#[tokio::test]` per case of the transport conformance suite for
 /// a transport value (an expression of a type implementing
 /// [`Transport`](crate::testkit::Transport), evaluated once per test), on one
@@ -644,12 +822,25 @@ macro_rules! __transport_suite_cases {
             bad_input_gets_its_status_and_writes_nothing,
             models_lists_active_llms,
             a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down,
+            a_stream_survives_a_cut_channel,
+            a_non_streaming_task_survives_a_cut_channel,
+            a_cancel_during_a_cut_reaches_the_publisher_after_it_reconnects,
+            a_task_past_its_resume_buffer_fails_honestly,
         );
     };
     (@cases $transport:expr, $plane:expr; $($case:ident,)*) => {
         #[::tokio::test(start_paused = true)]
         async fn a_deadline_answers_504_and_cancels() {
             $crate::testkit::transport_suite::a_deadline_answers_504_and_cancels(
+                &$transport,
+                $plane,
+            )
+            .await;
+        }
+
+        #[::tokio::test(start_paused = true)]
+        async fn a_cut_longer_than_the_resume_window_fails_the_stream() {
+            $crate::testkit::transport_suite::a_cut_longer_than_the_resume_window_fails_the_stream(
                 &$transport,
                 $plane,
             )

@@ -71,6 +71,7 @@ fn request(session: Option<&SessionId>, names: &[String]) -> RegisterRequest {
                 access: Default::default(),
             })
             .collect(),
+        capabilities: Vec::new(),
     }
 }
 

@@ -226,6 +226,11 @@ impl Outbox for SseOutbox {
         check(response).await.map(drop)
     }
 
+    /// The result post is answered once the gateway has taken every line.
+    fn confirms_delivery(&self) -> bool {
+        true
+    }
+
     async fn send(
         &self,
         task: TaskId,
@@ -366,6 +371,7 @@ mod tests {
             provider_session_id: None,
             protocol_version: Some(2),
             llms: vec![],
+            capabilities: Vec::new(),
         };
         let mut connected = wire.connect(request).await.unwrap();
         let frame = connected.frames.next().await.unwrap().unwrap();

@@ -459,6 +459,7 @@ mod tests {
             provider_session_id: None,
             protocol_version: Some(2),
             llms: vec![],
+            capabilities: Vec::new(),
         };
         let mut connected = wire.connect(request).await.unwrap();
         let frame = connected.frames.next().await.unwrap().unwrap();

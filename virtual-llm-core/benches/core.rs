@@ -61,6 +61,7 @@ fn task_round_trip(c: &mut Criterion) {
                 state: None,
                 access: Default::default(),
             }],
+            capabilities: Vec::new(),
         };
         let session = gw.register(&alice, req).await.unwrap().provider_session_id;
         let binding = gw.bind(&alice, &session, Arc::new(NullSink)).await.unwrap();

@@ -438,26 +438,33 @@ impl SessionLocks {
 }
 
 /// The protocol version each session of this gateway registered with (SPEC §9: a
-/// version 1 publisher is sent nothing it would not understand). Kept in memory: a
+/// version 1 publisher is sent nothing it would not understand), and whether its
+/// tasks wait for it through a dropped channel (SPEC §15). Kept in memory: a
 /// publisher registers before it opens its channel, on every (re)connect, so a
 /// restarted gateway learns it again before it sends the session a task. A session
 /// this gateway has not seen register counts as version 1. Entries go when the GC
 /// deletes the session's rows.
 #[derive(Default)]
 pub(crate) struct SessionVersions {
-    versions: std::sync::Mutex<std::collections::HashMap<SessionId, u32>>,
+    versions: std::sync::Mutex<std::collections::HashMap<SessionId, (u32, bool)>>,
 }
 
 impl SessionVersions {
-    pub(crate) fn set(&self, session: &SessionId, version: u32) {
-        crate::sync::lock(&self.versions).insert(session.clone(), version);
+    pub(crate) fn set(&self, session: &SessionId, version: u32, resume: bool) {
+        crate::sync::lock(&self.versions).insert(session.clone(), (version, resume));
     }
 
     pub(crate) fn get(&self, session: &SessionId) -> u32 {
         crate::sync::lock(&self.versions)
             .get(session)
-            .copied()
-            .unwrap_or(crate::protocol::MIN_PROTOCOL_VERSION)
+            .map_or(crate::protocol::MIN_PROTOCOL_VERSION, |(v, _)| *v)
+    }
+
+    /// Whether `session` registered with the capability `resume`, granted.
+    pub(crate) fn resumes(&self, session: &SessionId) -> bool {
+        crate::sync::lock(&self.versions)
+            .get(session)
+            .is_some_and(|(_, resume)| *resume)
     }
 
     pub(crate) fn forget<'a>(&self, sessions: impl IntoIterator<Item = &'a SessionId>) {

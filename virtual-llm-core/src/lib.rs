@@ -86,6 +86,7 @@ mod shutdown;
 pub mod store;
 pub mod sync;
 pub mod task;
+mod task_log;
 mod task_router;
 mod time;
 pub mod usage;

@@ -499,7 +499,12 @@ impl Gateway {
                 Ok(written) => {
                     self.observe(&writes, &written);
                     self.held(principal, &written);
-                    self.shared.versions.set(&session, version);
+                    // A session resumes its tasks through a dropped channel when it asks
+                    // to (protocol 2) and the gateway holds tasks at all.
+                    let resume = version >= 2
+                        && req.declares(crate::protocol::RESUME)
+                        && !self.shared.config.resume_window.is_zero();
+                    self.shared.versions.set(&session, version, resume);
                     self.settle_new_pools(principal, &req.llms, &facts, &writes, &written)
                         .await?;
                     let llms = req
@@ -521,6 +526,11 @@ impl Gateway {
                         keep_alive_ms: self.keep_alive_ms(version),
                         llms,
                         agents,
+                        capabilities: if resume {
+                            vec![crate::protocol::RESUME.to_owned()]
+                        } else {
+                            Vec::new()
+                        },
                     });
                 }
                 Err(StoreError::Conflict { .. }) => {
@@ -650,6 +660,9 @@ impl Gateway {
             self.shared.directory.release(&token);
             return Err(e);
         }
+        // Clients that gave up on held tasks while the channel was down: the publisher
+        // hears of it now.
+        self.shared.tasks.rebound(session);
         Ok(Binding {
             gateway: self.clone(),
             token,
@@ -680,24 +693,39 @@ impl Gateway {
             .then(|| u64::try_from(self.shared.config.keepalive.as_millis()).unwrap_or(u64::MAX))
     }
 
-    /// Unbinds `token` if it is still its session's channel: fails the session's
-    /// in-flight tasks with 503 (here and, through the task router, on every other
-    /// replica) and takes the rows still recording this bind out of service. Returns
-    /// whether it was current (a replaced channel's release changes nothing).
+    /// Unbinds `token` if it is still its session's channel and takes the rows still
+    /// recording this bind out of service. The session's in-flight tasks (here and,
+    /// through the task router, on every other replica) fail with 503; for a session
+    /// that resumes (SPEC §15) they wait `resumeWindow` for its next channel first.
+    /// Returns whether it was current (a replaced channel's release changes nothing).
     pub(crate) async fn unbind(&self, token: &BindToken) -> Result<bool, Error> {
         let session = &token.session;
         let _serial = self.shared.locks.lock(session).await;
         if !self.shared.directory.release(token) {
             return Ok(false);
         }
-        let failed = self.shared.tasks.fail_session(session);
-        if failed > 0 {
-            tracing::info!(%session, tasks = failed, "channel closed; in-flight tasks failed");
+        if self.shared.versions.resumes(session) {
+            let (held, hold) = self.shared.tasks.hold_session(session);
+            if held > 0 {
+                crate::metrics::resume_held();
+                tracing::info!(%session, tasks = held, "channel closed; in-flight tasks wait for the publisher to resume them");
+            }
+            let (gateway, closed) = (self.clone(), session.clone());
+            let window = self.shared.config.resume_window;
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                gateway.resume_window_over(&closed, hold).await;
+            });
+        } else {
+            let failed = self.shared.tasks.fail_session(session);
+            if failed > 0 {
+                tracing::info!(%session, tasks = failed, "channel closed; in-flight tasks failed");
+            }
+            // The other replicas' tasks on this session fail too. Told from a task of
+            // its own: a peer may be slow, and the session's lock is not held for it.
+            let (router, closed) = (self.shared.task_router.clone(), session.clone());
+            tokio::spawn(async move { router.session_closed(&closed).await });
         }
-        // The other replicas' tasks on this session fail too. Told from a task of its
-        // own: a peer may be slow, and the session's lock is not held for it.
-        let (router, closed) = (self.shared.task_router.clone(), session.clone());
-        tokio::spawn(async move { router.session_closed(&closed).await });
         let now = self.shared.clock.now();
         let rows = self.shared.store.by_session(session).await?;
         self.transition(rows, &|r: &LlmRecord| {
@@ -709,6 +737,26 @@ impl Gateway {
         })
         .await?;
         Ok(true)
+    }
+
+    /// The resume window after `session`'s channel closed (hold `hold`) is over: the
+    /// tasks still held here fail, and unless the session has a channel again (on any
+    /// replica: its rows record the binding), the other replicas' tasks on it fail too.
+    async fn resume_window_over(&self, session: &SessionId, hold: u64) {
+        let lost = self.shared.tasks.expire_hold(session, hold);
+        if lost > 0 {
+            tracing::info!(%session, tasks = lost, "the publisher did not resume its tasks in time; they failed");
+        }
+        let bound = match self.shared.store.by_session(session).await {
+            Ok(rows) => rows.iter().any(|r| r.binding.is_some()),
+            Err(e) => {
+                tracing::warn!(%session, error = %e, "could not read whether a closed session came back; its tasks elsewhere fail");
+                false
+            }
+        };
+        if !bound {
+            self.shared.task_router.session_closed(session).await;
+        }
     }
 
     /// One GC pass: active virtual rows without a heartbeat for `stale_after` go

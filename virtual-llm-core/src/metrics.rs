@@ -26,6 +26,14 @@ pub const TASK_DURATION: &str = "virtual_llm_task_duration_seconds";
 /// Task outcomes by `code`: `ok`, an upstream status like `upstream_400`, an error
 /// code like `deadline_exceeded`, or `cancelled` (counter).
 pub const TASK_OUTCOMES: &str = "virtual_llm_task_outcomes_total";
+/// Channels of resuming sessions (SPEC §15) that closed with tasks in flight, which
+/// were held for the publisher to resume (counter).
+pub const RESUME_HOLDS: &str = "virtual_llm_resume_holds_total";
+/// Held tasks the publisher resumed on its next channel (counter).
+pub const RESUMED_TASKS: &str = "virtual_llm_resumed_tasks_total";
+/// Held tasks lost: not resumed within the resume window, or resumed past a lost
+/// chunk (counter).
+pub const RESUME_LOST: &str = "virtual_llm_resume_lost_tasks_total";
 
 /// Tasks in flight on a pool's rows on this replica, by `pool` (gauge).
 pub const POOL_IN_FLIGHT: &str = "virtual_llm_pool_in_flight";
@@ -73,6 +81,15 @@ pub fn describe() {
     );
     describe_histogram!(TASK_DURATION, Unit::Seconds, "Task start to its outcome.");
     describe_counter!(TASK_OUTCOMES, "Task outcomes by code.");
+    describe_counter!(
+        RESUME_HOLDS,
+        "Closed channels whose in-flight tasks were held for a resume."
+    );
+    describe_counter!(RESUMED_TASKS, "Held tasks resumed by their publisher.");
+    describe_counter!(
+        RESUME_LOST,
+        "Held tasks lost: not resumed in time, or resumed past a lost chunk."
+    );
     describe_gauge!(POOL_IN_FLIGHT, "Tasks in flight on a pool's rows.");
     describe_gauge!(
         POOL_CAPACITY,
@@ -100,6 +117,18 @@ pub fn describe() {
     describe_histogram!(WAKE_TIME, Unit::Seconds, "Wake asked to LLM ready.");
     describe_counter!(WAKE_FAILURES, "Wakes that failed.");
     crate::usage::describe();
+}
+
+pub(crate) fn resume_held() {
+    counter!(RESUME_HOLDS).increment(1);
+}
+
+pub(crate) fn task_resumed() {
+    counter!(RESUMED_TASKS).increment(1);
+}
+
+pub(crate) fn resume_lost(tasks: usize) {
+    counter!(RESUME_LOST).increment(tasks as u64);
 }
 
 pub(crate) fn wake_started() {

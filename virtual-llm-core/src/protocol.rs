@@ -203,6 +203,28 @@ pub struct RegisterRequest {
     /// key of `llms`. Written with the LLMs in one batch.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<AgentSpec>,
+    /// What the publisher can do beyond its protocol version (protocol 2): `resume`
+    /// (SPEC §15) keeps its tasks through a dropped channel. Unknown ones are ignored;
+    /// at most [`MAX_CAPABILITIES`] are read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+}
+
+/// The capability of a publisher whose tasks survive its channel's loss (SPEC §15).
+pub const RESUME: &str = "resume";
+
+/// The most capabilities a register may name.
+pub const MAX_CAPABILITIES: usize = 16;
+
+impl RegisterRequest {
+    /// Whether the publisher declared `capability` (among its first
+    /// [`MAX_CAPABILITIES`]).
+    pub fn declares(&self, capability: &str) -> bool {
+        self.capabilities
+            .iter()
+            .take(MAX_CAPABILITIES)
+            .any(|c| c == capability)
+    }
 }
 
 /// The answer to a register, and the WebSocket `registered` frame.
@@ -228,6 +250,10 @@ pub struct RegisterResponse {
     /// The published agents (absent when the register carried none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub agents: Vec<AgentView>,
+    /// The capabilities of the register this gateway grants on the session (protocol
+    /// 2): `resume` when it holds the session's tasks through a dropped channel.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
 }
 
 /// The SSE `hello` event, first on every stream.
@@ -685,6 +711,15 @@ pub enum PublisherFrame {
         /// What went wrong.
         message: String,
     },
+    /// The task goes on after a reconnect (SPEC §15): its results follow, replayed
+    /// from `fromSeq`.
+    #[serde(rename_all = "camelCase")]
+    Resume {
+        /// The task.
+        task_id: TaskId,
+        /// The first `seq` the publisher still holds and replays from.
+        from_seq: u64,
+    },
 }
 
 impl PublisherFrame {
@@ -709,6 +744,7 @@ impl PublisherFrame {
                 seq,
             },
             TaskResult::Failed { message } => PublisherFrame::Error { task_id, message },
+            TaskResult::Resume { from_seq } => PublisherFrame::Resume { task_id, from_seq },
         }
     }
 
@@ -737,16 +773,20 @@ impl PublisherFrame {
             PublisherFrame::Error { task_id, message } => {
                 Some((task_id, TaskResult::Failed { message }))
             }
+            PublisherFrame::Resume { task_id, from_seq } => {
+                Some((task_id, TaskResult::Resume { from_seq }))
+            }
             PublisherFrame::Register(_) | PublisherFrame::Heartbeat(_) => None,
         }
     }
 }
 
-/// What a publisher posts for a task: a final answer, one chunk, or an error.
+/// What a publisher posts for a task: a final answer, one chunk, an error, or (after
+/// a reconnect) that the task goes on.
 ///
 /// On the HTTP result route it is one of `{"status", "body", "retryAfter"?}`,
-/// `{"chunk": {"data", "done"}}` or `{"error"}`; exactly one of the three shapes, or the
-/// body is refused.
+/// `{"chunk": {"data", "done"}}`, `{"error"}` or `{"resume": {"fromSeq"}}`; exactly
+/// one of the shapes, or the body is refused.
 ///
 /// ```
 /// use virtual_llm_core::TaskResult;
@@ -787,12 +827,24 @@ pub enum TaskResult {
         /// What went wrong.
         message: String,
     },
+    /// The task goes on after its publisher reconnected (SPEC §15, capability
+    /// `resume`): the results that follow replay the task from chunk `from_seq`, the
+    /// oldest the publisher still holds (0 for a task without chunks). The gateway drops
+    /// the chunks it has already seen; a `from_seq` past the next chunk it needs fails
+    /// the task, which lost chunks.
+    Resume {
+        /// The first `seq` replayed.
+        from_seq: u64,
+    },
 }
 
 impl TaskResult {
     /// Whether this result ends its task.
     pub fn is_final(&self) -> bool {
-        !matches!(self, TaskResult::Chunk { done: false, .. })
+        !matches!(
+            self,
+            TaskResult::Chunk { done: false, .. } | TaskResult::Resume { .. }
+        )
     }
 
     /// Checks what serde cannot: a final HTTP status (200–599), and chunk data that is
@@ -820,6 +872,8 @@ struct ResultWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     chunk: Option<ChunkWire>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    resume: Option<ResumeWire>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     body: Option<Value>,
@@ -840,6 +894,13 @@ struct ChunkWire {
     done: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
+}
+
+#[derive(Clone, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+struct ResumeWire {
+    from_seq: u64,
 }
 
 /// A task result's schema is its wire form's: exactly one of `{error}`,
@@ -872,22 +933,25 @@ impl TryFrom<ResultWire> for TaskResult {
 
     fn try_from(w: ResultWire) -> Result<Self, String> {
         let answer_only = w.body.is_none() && w.retry_after.is_none();
-        match (w.error, w.chunk, w.status) {
-            (Some(error), None, None) if answer_only => Ok(TaskResult::Failed {
+        match (w.error, w.chunk, w.status, w.resume) {
+            (Some(error), None, None, None) if answer_only => Ok(TaskResult::Failed {
                 message: error_message(error),
             }),
-            (None, Some(c), None) if answer_only => Ok(TaskResult::Chunk {
+            (None, Some(c), None, None) if answer_only => Ok(TaskResult::Chunk {
                 data: c.data,
                 done: c.done,
                 seq: c.seq,
             }),
-            (None, None, Some(status)) => Ok(TaskResult::Completed {
+            (None, None, None, Some(r)) if answer_only => Ok(TaskResult::Resume {
+                from_seq: r.from_seq,
+            }),
+            (None, None, Some(status), None) => Ok(TaskResult::Completed {
                 status,
                 body: w.body.unwrap_or(Value::Null),
                 retry_after: w.retry_after,
             }),
             _ => Err(
-                "a result is exactly one of {error}, {chunk:{data,done}} or {status,body,retryAfter?}"
+                "a result is exactly one of {error}, {chunk:{data,done}}, {resume:{fromSeq}} or {status,body,retryAfter?}"
                     .to_owned(),
             ),
         }
@@ -929,6 +993,10 @@ impl From<TaskResult> for ResultWire {
             },
             TaskResult::Failed { message } => ResultWire {
                 error: Some(Value::String(message)),
+                ..Default::default()
+            },
+            TaskResult::Resume { from_seq } => ResultWire {
+                resume: Some(ResumeWire { from_seq }),
                 ..Default::default()
             },
         }

@@ -14,6 +14,12 @@
 //! a state changes or a wake fails. Wakes and sleeps run beside the frame reader and
 //! the heartbeats, never in their way.
 //!
+//! With the gateway's grant of the capability `resume` (SPEC §15), a dropped channel
+//! no longer stops the tasks: their upstream calls go on into each task's log (see
+//! `task_log`), the publisher reconnects at once and then every second for the resume
+//! window, and on the session's next channel replays each task from its log after a
+//! `resume`. A task not resumed within the window is stopped.
+//!
 //! How bytes travel is a [`Wire`]'s business: the SSE transport posts results as
 //! NDJSON and reads an event stream; the WebSocket transport does both on one socket.
 //! Everything in this file is the same for both.
@@ -37,6 +43,7 @@ use crate::protocol::{
     TaskResult,
 };
 use crate::readiness::Upstreams;
+use crate::task_log::TaskLog;
 use crate::recipe::Recipe;
 use crate::sync::lock;
 use crate::{Config, Error, LlmName, Provider, Reply, SessionId, TaskId};
@@ -153,7 +160,20 @@ pub trait Outbox: Send + Sync + 'static {
         task: TaskId,
         results: BoxStream<'static, TaskResult>,
     ) -> Result<(), WireError>;
+
+    /// Whether a successful [`send`](Outbox::send) means the gateway took the results
+    /// (an HTTP post answered), not only that they were queued for a socket. A
+    /// resumable task whose sends are not confirmed is kept a while after its last
+    /// result went out, to be replayed should the channel turn out to have been dead.
+    /// Default `false`.
+    fn confirms_delivery(&self) -> bool {
+        false
+    }
 }
+
+/// How long a resumable task is kept after its last result was sent on a channel that
+/// does not confirm delivery (see [`Outbox::confirms_delivery`]).
+const UNCONFIRMED_LINGER: Duration = Duration::from_secs(5);
 
 /// Where a discovering publisher reads the LLMs to publish (SPEC §17: `publisher
 /// --discover URL` publishes every model its upstream lists).
@@ -295,6 +315,17 @@ pub struct PublisherOptions {
     /// Agents published with the LLMs (SPEC §13), each speaking through the name or
     /// pool key of one of them. Default none.
     pub agents: Vec<AgentSpec>,
+    /// Declare the capability `resume` (SPEC §15): when the gateway grants it, tasks
+    /// go on through a dropped channel and are replayed on the next one. Default on.
+    pub resume: bool,
+    /// How long tasks wait for the next channel before they are stopped; the
+    /// publisher reconnects every second meanwhile. Match the gateway's
+    /// `resumeWindow`. Default 10 s.
+    pub resume_window: Duration,
+    /// The most bytes of results a task keeps for a replay (`resumeBuffer`). While
+    /// the channel is up, a task that outruns its sender by this much waits for it;
+    /// while it is down, a task that produces more fails. Default 1 MiB.
+    pub resume_buffer: usize,
 }
 
 impl Default for PublisherOptions {
@@ -306,6 +337,9 @@ impl Default for PublisherOptions {
             reconnect_min: config.reconnect_min,
             reconnect_max: config.reconnect_max,
             agents: Vec::new(),
+            resume: true,
+            resume_window: config.resume_window,
+            resume_buffer: 1024 * 1024,
         }
     }
 }
@@ -390,6 +424,7 @@ impl Publisher {
             options,
             state: state_tx,
             stopped,
+            running: Running::default(),
         };
         Publisher {
             stop,
@@ -439,6 +474,8 @@ struct Driver {
     options: PublisherOptions,
     state: watch::Sender<PublisherState>,
     stopped: watch::Receiver<bool>,
+    /// The tasks running, on this connection or (resumable) waiting for the next.
+    running: Running,
 }
 
 /// Why a connection ended.
@@ -455,6 +492,9 @@ impl Driver {
     async fn run(mut self) {
         let mut session = read_session(self.options.session_file.as_ref()).await;
         let mut delay = self.options.reconnect_min;
+        // When a channel dropped with tasks waiting to resume: when, and whether the
+        // first quick reconnect was tried.
+        let mut waiting_since: Option<(tokio::time::Instant, bool)> = None;
         // Idle LLMs go to sleep whether or not a channel is up. Without an idle timer
         // there is no task for it (a load test runs 10 000 publishers).
         let idle = self
@@ -487,15 +527,39 @@ impl Driver {
                             continue;
                         }
                         Ended::Dropped(why) => {
-                            // A connection that worked resets the backoff.
+                            // A connection that worked resets the backoff, and the
+                            // resume window starts again.
                             delay = self.options.reconnect_min;
+                            waiting_since = None;
                             why
                         }
                     },
                     Err(e) => e.to_string(),
                 }
             };
-            let wait = jitter(delay);
+            if waiting_since.is_none() && self.running.waiting() > 0 {
+                waiting_since = Some((tokio::time::Instant::now(), false));
+            }
+            // Tasks wait for the next channel: reconnect at once, then every second,
+            // until the resume window is over; then they stop.
+            let quick = match &mut waiting_since {
+                Some((since, _)) if since.elapsed() >= self.options.resume_window => {
+                    let stopped = self.running.abort_all();
+                    tracing::warn!(
+                        tasks = stopped,
+                        "the channel did not come back within the resume window; its tasks stopped"
+                    );
+                    waiting_since = None;
+                    None
+                }
+                Some((_, tried)) => Some(if std::mem::replace(tried, true) {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::ZERO
+                }),
+                None => None,
+            };
+            let wait = quick.unwrap_or_else(|| jitter(delay));
             tracing::warn!(error = %error, retry_in = ?wait, "publisher disconnected");
             self.state
                 .send_replace(PublisherState::Backoff { error, delay: wait });
@@ -503,8 +567,11 @@ impl Driver {
                 () = tokio::time::sleep(wait) => {}
                 _ = self.stopped.wait_for(|s| *s) => break,
             }
-            delay = (delay * 2).min(self.options.reconnect_max);
+            if quick.is_none() {
+                delay = (delay * 2).min(self.options.reconnect_max);
+            }
         }
+        self.running.abort_all();
         if let Some(idle) = idle {
             idle.abort();
         }
@@ -538,10 +605,17 @@ impl Driver {
             protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
             llms: self.upstreams.register_specs(&self.specs),
             agents: self.options.agents.clone(),
+            capabilities: if self.options.resume {
+                vec![crate::protocol::RESUME.to_owned()]
+            } else {
+                Vec::new()
+            },
         };
         let connected = self.wire.connect(request).await?;
         let granted = connected.answer.provider_session_id.clone();
         if session.as_ref() != Some(&granted) {
+            // A new session: the gateway knows none of the old one's tasks.
+            self.running.abort_all();
             write_session(self.options.session_file.as_ref(), &granted).await;
             *session = Some(granted);
         }
@@ -559,10 +633,25 @@ impl Driver {
             session: session.clone(),
         });
         tracing::info!(%session, llms = answer.llms.len(), "published");
-        let running = Running::default();
+        let running = &self.running;
         // Protocol 2 numbers the chunks of a task, so the gateway can drop a replayed
         // one and tell a lost one.
         let numbered = answer.protocol_version.unwrap_or(1) >= 2;
+        // Tasks outlive the channel only if the gateway holds them for us.
+        let resumes = numbered
+            && self.options.resume
+            && answer
+                .capabilities
+                .iter()
+                .any(|c| c == crate::protocol::RESUME);
+        if resumes {
+            let resumed = running.resume_all(&outbox);
+            if resumed > 0 {
+                tracing::info!(tasks = resumed, "resuming the tasks of the last channel");
+            }
+        } else {
+            running.abort_all();
+        }
         let interval = Duration::from_millis(answer.heartbeat_interval_ms.max(100));
         // Heartbeats run beside the frame reader, so a slow heartbeat (or probe) never
         // delays a cancel; the task reports only a forgotten session.
@@ -593,7 +682,7 @@ impl Driver {
                 frame = frames.next() => match frame {
                     None => break Ended::Dropped("control channel closed".into()),
                     Some(Err(e)) => break Ended::Dropped(e.to_string()),
-                    Some(Ok(GatewayFrame::Task(task))) => self.start_task(task, &outbox, &running, numbered),
+                    Some(Ok(GatewayFrame::Task(task))) => self.start_task(task, &outbox, numbered, resumes),
                     Some(Ok(GatewayFrame::Cancel(c))) => running.abort(&c.task_id),
                     Some(Ok(GatewayFrame::Wake(w))) => self.upstreams.wake(&w.llm),
                     Some(Ok(GatewayFrame::Closing(c))) => break Ended::Dropped(format!("gateway closing: {}", c.reason)),
@@ -605,25 +694,24 @@ impl Driver {
         if let Some(discovery) = discovery {
             discovery.abort();
         }
-        running.abort_all();
+        match ended {
+            // The tasks wait for the next channel.
+            Ended::Dropped(_) if resumes => running.detach_all(),
+            _ => {
+                running.abort_all();
+            }
+        }
         ended
     }
 
-    fn start_task(
-        &self,
-        task: TaskFrame,
-        outbox: &Arc<dyn Outbox>,
-        running: &Running,
-        numbered: bool,
-    ) {
+    fn start_task(&self, task: TaskFrame, outbox: &Arc<dyn Outbox>, numbered: bool, resumes: bool) {
         let id = task.task_id.clone();
         let provider = self.providers.get(&task.llm).cloned();
         // The LLM is not idle from now until the task ends, however it ends. A task for
         // an LLM reported asleep (the gateway should not send one) runs all the same.
         let busy = self.upstreams.busy(&task.llm);
-        let (outbox, permits, finished) = (outbox.clone(), self.permits.clone(), running.clone());
-        let task_id = id.clone();
-        let handle = tokio::spawn(async move {
+        let permits = self.permits.clone();
+        let produce = async move {
             let _busy = busy;
             // Waiting for a permit inside the task keeps the frame reader free for
             // cancels while tasks queue.
@@ -638,17 +726,41 @@ impl Driver {
                     .boxed(),
                 Err(_) => stream::once(async { failed("publisher is shutting down") }).boxed(),
             };
-            let results = if numbered {
+            if numbered {
                 number_chunks(results)
             } else {
                 results
-            };
-            if let Err(e) = outbox.send(task_id.clone(), results.boxed()).await {
-                tracing::warn!(task = %task_id, error = %e, "results not delivered");
             }
-            finished.remove(&task_id);
-        });
-        running.insert(id, handle.abort_handle());
+        };
+        let running = &self.running;
+        if resumes {
+            // The upstream call writes into the task's log; a sender per channel
+            // reads it.
+            let log = TaskLog::new(self.options.resume_buffer);
+            let writer = log.clone();
+            let task_id = id.clone();
+            let producer = tokio::spawn(async move {
+                let mut results = produce.await;
+                while let Some(result) = results.next().await {
+                    if writer.write(result).await.is_err() {
+                        tracing::warn!(task = %task_id, "the resume buffer filled up while the channel was down; the task stopped");
+                        break;
+                    }
+                }
+            });
+            running.insert_logged(id.clone(), producer.abort_handle(), log);
+            running.attach(&id, outbox, false);
+        } else {
+            let (outbox, finished, task_id) = (outbox.clone(), running.clone(), id.clone());
+            let handle = tokio::spawn(async move {
+                let results = produce.await;
+                if let Err(e) = outbox.send(task_id.clone(), results).await {
+                    tracing::warn!(task = %task_id, error = %e, "results not delivered");
+                }
+                finished.remove(&task_id);
+            });
+            running.insert(id, handle.abort_handle());
+        }
     }
 }
 
@@ -845,33 +957,150 @@ async fn results_of(
     }
 }
 
-/// The tasks running on one connection, so a cancel or a disconnect can abort them.
+/// The running tasks, so a cancel or a disconnect can stop them.
 #[derive(Clone, Default)]
-struct Running(Arc<Mutex<HashMap<TaskId, AbortHandle>>>);
+struct Running(Arc<Mutex<HashMap<TaskId, Entry>>>);
+
+/// One running task: its work (the whole task, or for a resumable one its upstream
+/// call writing into its log) and, when it has one, the sender reading its log.
+struct Entry {
+    work: AbortHandle,
+    sender: Option<AbortHandle>,
+    log: Option<Arc<TaskLog>>,
+}
+
+impl Entry {
+    fn abort(&self) {
+        self.work.abort();
+        if let Some(sender) = &self.sender {
+            sender.abort();
+        }
+    }
+}
 
 impl Running {
-    fn insert(&self, id: TaskId, handle: AbortHandle) {
+    fn insert(&self, id: TaskId, work: AbortHandle) {
         // A task that already finished removed itself; don't resurrect its entry.
-        if !handle.is_finished() {
-            lock(&self.0).insert(id, handle);
+        if !work.is_finished() {
+            let entry = Entry {
+                work,
+                sender: None,
+                log: None,
+            };
+            lock(&self.0).insert(id, entry);
         }
+    }
+
+    /// A resumable task: it stays until a sender has delivered its final result.
+    fn insert_logged(&self, id: TaskId, work: AbortHandle, log: Arc<TaskLog>) {
+        let entry = Entry {
+            work,
+            sender: None,
+            log: Some(log),
+        };
+        lock(&self.0).insert(id, entry);
+    }
+
+    /// Starts a sender of `id`'s log on `outbox` (after a `resume` when `resume`);
+    /// the task is done when it has delivered everything.
+    fn attach(&self, id: &TaskId, outbox: &Arc<dyn Outbox>, resume: bool) {
+        let mut tasks = lock(&self.0);
+        let Some(entry) = tasks.get_mut(id) else {
+            return;
+        };
+        let Some(log) = &entry.log else { return };
+        let results = log.replay(resume);
+        let (outbox, running, task_id) = (outbox.clone(), self.clone(), id.clone());
+        let log = log.clone();
+        // Spawned under the lock: the sender cannot remove the entry before it holds
+        // the sender's handle.
+        let sender = tokio::spawn(async move {
+            match outbox.send(task_id.clone(), results).await {
+                Ok(()) if outbox.confirms_delivery() => running.remove(&task_id),
+                Ok(()) => {
+                    // Queued, perhaps on a socket already dead: kept for a replay a
+                    // while (a finished task's replay is refused, which ends it).
+                    tokio::time::sleep(UNCONFIRMED_LINGER).await;
+                    running.remove_if(&task_id, &log);
+                }
+                // The gateway refused the task (unknown: cancelled, or its resume window
+                // ran out): it stops.
+                Err(e @ (WireError::UnknownSession | WireError::Refused { .. })) => {
+                    tracing::debug!(task = %task_id, error = %e, "the gateway refused the task's results; it stops");
+                    running.abort(&task_id);
+                }
+                // The task waits in its log for the next channel.
+                Err(e) => tracing::debug!(task = %task_id, error = %e, "results not delivered; kept for a resume"),
+            }
+        });
+        if let Some(old) = entry.sender.replace(sender.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Resumes every resumable task on a new channel's `outbox`; returns how many.
+    fn resume_all(&self, outbox: &Arc<dyn Outbox>) -> usize {
+        let waiting: Vec<TaskId> = lock(&self.0)
+            .iter()
+            .filter(|(_, e)| e.log.is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &waiting {
+            self.attach(id, outbox, true);
+        }
+        waiting.len()
+    }
+
+    /// The channel dropped: the senders stop, the resumable tasks wait in their logs,
+    /// the others stop.
+    fn detach_all(&self) {
+        lock(&self.0).retain(|_, entry| {
+            if let Some(sender) = entry.sender.take() {
+                sender.abort();
+            }
+            if entry.log.is_none() {
+                entry.work.abort();
+            }
+            entry.log.is_some()
+        });
+    }
+
+    /// How many tasks wait for a channel to resume on.
+    fn waiting(&self) -> usize {
+        lock(&self.0).values().filter(|e| e.log.is_some()).count()
     }
 
     fn remove(&self, id: &TaskId) {
         lock(&self.0).remove(id);
     }
 
-    fn abort(&self, id: &TaskId) {
-        if let Some(handle) = lock(&self.0).remove(id) {
-            tracing::debug!(task = %id, "cancelled by the gateway");
-            handle.abort();
+    /// Removes `id` if it is still the task of `log`.
+    fn remove_if(&self, id: &TaskId, log: &Arc<TaskLog>) {
+        let mut tasks = lock(&self.0);
+        if tasks
+            .get(id)
+            .and_then(|e| e.log.as_ref())
+            .is_some_and(|l| Arc::ptr_eq(l, log))
+        {
+            tasks.remove(id);
         }
     }
 
-    fn abort_all(&self) {
-        for (_, handle) in lock(&self.0).drain() {
-            handle.abort();
+    fn abort(&self, id: &TaskId) {
+        if let Some(entry) = lock(&self.0).remove(id) {
+            tracing::debug!(task = %id, "cancelled by the gateway");
+            entry.abort();
         }
+    }
+
+    /// Stops every task; returns how many there were.
+    fn abort_all(&self) -> usize {
+        let mut tasks = lock(&self.0);
+        let count = tasks.len();
+        for (_, entry) in tasks.drain() {
+            entry.abort();
+        }
+        count
     }
 }
 

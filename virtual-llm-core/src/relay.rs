@@ -8,7 +8,7 @@ use futures::StreamExt;
 use tokio::time::Instant;
 
 use crate::admission::{Ask, Outcome, Slot};
-use crate::protocol::TaskResult;
+use crate::protocol::{CancelFrame, GatewayFrame, TaskResult};
 use crate::router::Route;
 use crate::task::TaskHandle;
 use crate::task_router::Delivery;
@@ -410,7 +410,8 @@ impl Gateway {
         result: TaskResult,
     ) -> Result<(), Error> {
         principal.require(Role::Publisher)?;
-        match task.replica() {
+        let resuming = matches!(result, TaskResult::Resume { .. });
+        let delivered = match task.replica() {
             Some(replica) if replica != *self.replica() => {
                 result.validate()?;
                 let delivery = Delivery {
@@ -427,7 +428,22 @@ impl Gateway {
                     .deliver(session, &principal.id, task, result)
                     .await
             }
+        };
+        if resuming
+            && matches!(delivered, Err(Error::UnknownTask))
+            && self.session_rows(principal, session).await.is_ok()
+        {
+            // A task resumed after its client gave up (the cancel may have found no
+            // channel, here or on the task's replica): its publisher stops it now. A
+            // publisher over a socket hears of a refused result no other way.
+            let cancel = GatewayFrame::Cancel(CancelFrame {
+                task_id: task.clone(),
+            });
+            if let Err(e) = self.shared.directory.send(session, cancel) {
+                tracing::debug!(%task, error = %e, "cancel of a resumed task not sent");
+            }
         }
+        delivered
     }
 
     /// What `GET /v1/models` lists: each pool key with an active member, once

@@ -12,6 +12,12 @@
 //! Deadlines live in the handle: a total deadline for a non-streaming task, an idle
 //! deadline between events for a streaming one. Both are tokio timers, so tests drive
 //! them with `tokio::time::pause`.
+//!
+//! When the channel of a session that resumes (SPEC §15) closes, its tasks are *held*
+//! rather than failed: they stay live, their deadlines running, until the publisher's
+//! `resume` for each comes back through the session's next channel, or the gateway's
+//! resume window ends and [`TaskTable::expire_hold`] fails those still held. A client
+//! that gives up on a held task has its cancel kept for the session's next channel.
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -69,6 +75,8 @@ impl From<TaskResult> for Event {
             }),
             TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
+            // Never handed to a task: `deliver` consumes it.
+            TaskResult::Resume { .. } => Event::Failed(Error::invalid("a resume is no result")),
         }
     }
 }
@@ -83,6 +91,9 @@ struct Live {
     /// A buffer slot kept free for the task's error, so a failure reaches the client
     /// with its reason even when a slow client has let the buffer fill up.
     reserved: mpsc::OwnedPermit<Event>,
+    /// While its session's channel is down and the publisher may resume it: the hold
+    /// it waits in (see [`TaskTable::hold_session`]).
+    held: Option<u64>,
 }
 
 impl Live {
@@ -98,6 +109,10 @@ struct State {
     /// is a 409 for them and a 404 for anyone else.
     finished: HashMap<TaskId, (SessionId, String)>,
     finished_order: VecDeque<TaskId>,
+    /// The last hold number given out.
+    holds: u64,
+    /// Cancels of held tasks, sent when their session's channel is back.
+    cancels: HashMap<SessionId, Vec<TaskId>>,
 }
 
 struct Inner {
@@ -114,11 +129,27 @@ struct Inner {
 }
 
 impl Inner {
-    /// Removes a live task and, if it was live, tells its publisher to stop.
+    /// Removes a live task and, if it was live, tells its publisher to stop: now, or
+    /// for a held task when its session's channel is back.
     fn cancel(&self, id: &TaskId) -> bool {
-        let removed = lock(&self.state).live.remove(id);
+        let removed = {
+            let mut state = lock(&self.state);
+            let removed = state.live.remove(id);
+            if let Some(live) = &removed
+                && live.held.is_some()
+            {
+                state
+                    .cancels
+                    .entry(live.session.clone())
+                    .or_default()
+                    .push(id.clone());
+            }
+            removed
+        };
         let Some(live) = removed else { return false };
-        self.send_cancel(&live.session, id);
+        if live.held.is_none() {
+            self.send_cancel(&live.session, id);
+        }
         true
     }
 
@@ -228,6 +259,7 @@ impl TaskTable {
             tx,
             next_seq: 0,
             reserved,
+            held: None,
         };
         // Registered before the frame goes out, so even an instant result finds it.
         lock(&self.inner.state).live.insert(id.clone(), live);
@@ -294,6 +326,29 @@ impl TaskTable {
                 return Err(Error::invalid(
                     "this task is not streaming: post {status, body}",
                 ));
+            }
+            if let TaskResult::Resume { from_seq } = result {
+                // The publisher replays from `from_seq`: a chunk the task has not had
+                // before it is lost for good.
+                let expected = live.next_seq;
+                if from_seq > expected {
+                    self.finish(state, task, |live| {
+                        live.fail(Error::Upstream {
+                            message: format!(
+                                "the publisher resumed the stream after losing chunks {expected} to {}",
+                                from_seq - 1
+                            ),
+                        })
+                    });
+                    crate::metrics::resume_lost(1);
+                    return Err(Error::invalid(format!(
+                        "resuming from chunk {from_seq} skips chunk {expected}; the task failed"
+                    )));
+                }
+                if live.held.take().is_some() {
+                    crate::metrics::task_resumed();
+                }
+                return Ok(());
             }
             if let TaskResult::Chunk { seq: Some(seq), .. } = result {
                 let expected = live.next_seq;
@@ -364,6 +419,64 @@ impl TaskTable {
             task.fail(self.inner.offline());
         }
         count
+    }
+
+    /// Holds every in-flight task of `session` (its channel closed, and it resumes):
+    /// they wait for the publisher's `resume` on the session's next channel. Returns how
+    /// many, and the hold's number for [`TaskTable::expire_hold`].
+    pub(crate) fn hold_session(&self, session: &SessionId) -> (usize, u64) {
+        let mut state = lock(&self.inner.state);
+        state.holds += 1;
+        let hold = state.holds;
+        let mut held = 0;
+        for live in state.live.values_mut().filter(|t| t.session == *session) {
+            live.held = Some(hold);
+            held += 1;
+        }
+        (held, hold)
+    }
+
+    /// The resume window of hold `hold` on `session` is over: its tasks still held fail
+    /// with 503 (as a channel loss without resume would have), and the cancels kept for
+    /// the session are dropped if it has no channel (its tasks are gone with it).
+    /// Returns how many failed.
+    pub(crate) fn expire_hold(&self, session: &SessionId, hold: u64) -> usize {
+        let failed: Vec<Live> = {
+            let mut state = lock(&self.inner.state);
+            if self.inner.directory.current(session).is_none() {
+                state.cancels.remove(session);
+            }
+            state
+                .live
+                .extract_if(|_, t| t.session == *session && t.held == Some(hold))
+                .map(|(_, t)| t)
+                .collect()
+        };
+        let count = failed.len();
+        for task in failed {
+            task.fail(Error::unavailable(
+                UnavailableKind::Offline,
+                "the publisher of this llm disconnected and did not resume the task in time",
+                self.inner.retry_after,
+            ));
+        }
+        if count > 0 {
+            crate::metrics::resume_lost(count);
+        }
+        count
+    }
+
+    /// `session` has a channel again: the cancels kept for its held tasks go to it.
+    /// Returns how many.
+    pub(crate) fn rebound(&self, session: &SessionId) -> usize {
+        let cancels = lock(&self.inner.state)
+            .cancels
+            .remove(session)
+            .unwrap_or_default();
+        for id in &cancels {
+            self.inner.send_cancel(session, id);
+        }
+        cancels.len()
     }
 
     /// Fails every in-flight task now with `error()` and tells each publisher to stop

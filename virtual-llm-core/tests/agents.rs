@@ -43,6 +43,7 @@ fn with_agents(
         protocol_version: Some(2),
         llms,
         agents,
+        capabilities: Vec::new(),
     }
 }
 

@@ -319,6 +319,7 @@ fn register() -> impl Strategy<Value = RegisterRequest> {
                 provider_session_id,
                 protocol_version,
                 llms,
+                capabilities: Vec::new(),
             },
         )
 }
@@ -335,6 +336,7 @@ fn result() -> impl Strategy<Value = TaskResult> {
         (string(), any::<bool>(), any::<Option<u64>>())
             .prop_map(|(data, done, seq)| TaskResult::Chunk { data, done, seq }),
         "[^\u{0}]{0,100}".prop_map(|message| TaskResult::Failed { message }),
+        any::<u64>().prop_map(|from_seq| TaskResult::Resume { from_seq }),
     ]
 }
 
@@ -376,6 +378,8 @@ fn publisher_frame() -> impl Strategy<Value = PublisherFrame> {
         ),
         (task_id(), string())
             .prop_map(|(task_id, message)| PublisherFrame::Error { task_id, message }),
+        (task_id(), any::<u64>())
+            .prop_map(|(task_id, from_seq)| PublisherFrame::Resume { task_id, from_seq }),
     ]
 }
 
@@ -495,6 +499,7 @@ fn gateway_frame() -> impl Strategy<Value = GatewayFrame> {
                         protocol_version,
                         keep_alive_ms,
                         llms,
+                        capabilities: Vec::new(),
                     })
                 }
             ),

@@ -1246,6 +1246,7 @@ async fn a_failover_wire_moves_on_only_when_a_gateway_is_unreachable() {
         provider_session_id: None,
         protocol_version: None,
         llms: Vec::new(),
+        capabilities: Vec::new(),
     };
     let refusing = Arc::new(Unreachable {
         refuse: true,

@@ -145,6 +145,7 @@ mod lifecycle_across_replicas {
                         state: None,
                         access: Default::default(),
                     }],
+                    capabilities: Vec::new(),
                 },
             )
             .await
@@ -205,6 +206,7 @@ mod lifecycle_across_replicas {
                         state: None,
                         access: Default::default(),
                     }],
+                    capabilities: Vec::new(),
                 },
             )
             .await

@@ -244,6 +244,7 @@ async fn publish(on: &Gateway, n: &str, pool: &str) {
             protocol_version: Some(PROTOCOL_VERSION),
             llms: vec![spec],
             agents: Vec::new(),
+            capabilities: Vec::new(),
         },
     )
     .await

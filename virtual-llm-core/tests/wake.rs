@@ -45,6 +45,7 @@ fn register(session: Option<&SessionId>, name: &str, upstream: UpstreamState) ->
         provider_session_id: session.cloned(),
         protocol_version: Some(2),
         llms: vec![spec],
+        capabilities: Vec::new(),
     }
 }
 

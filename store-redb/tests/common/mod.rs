@@ -135,5 +135,6 @@ pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
                 access: Default::default(),
             })
             .collect(),
+        capabilities: Vec::new(),
     }
 }

@@ -67,6 +67,11 @@ struct LoopbackOutbox {
 
 #[async_trait]
 impl Outbox for LoopbackOutbox {
+    /// Results go straight to the gateway's tasks.
+    fn confirms_delivery(&self) -> bool {
+        true
+    }
+
     async fn heartbeat(&self, llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
         self.gateway
             .heartbeat_with(&self.principal, &self.session, &llms.unwrap_or_default())

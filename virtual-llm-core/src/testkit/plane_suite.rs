@@ -65,6 +65,7 @@ async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeChannel
                 provider_session_id: None,
                 protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
                 llms: vec![spec(name)],
+                capabilities: Vec::new(),
             },
         )
         .await

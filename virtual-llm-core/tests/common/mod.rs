@@ -69,6 +69,7 @@ pub fn request(session: Option<&SessionId>, names: &[&str]) -> RegisterRequest {
         provider_session_id: session.cloned(),
         protocol_version: None,
         llms: names.iter().map(|n| spec(n)).collect(),
+        capabilities: Vec::new(),
     }
 }
 
@@ -164,6 +165,7 @@ impl Fixture {
             provider_session_id: None,
             protocol_version: None,
             llms: specs,
+            capabilities: Vec::new(),
         };
         self.gw.register(who, req).await
     }
