@@ -77,7 +77,7 @@ where
         (TaskResult = "application/json"),
         (String = "application/x-ndjson"),
     )),
-    responses((status = 204, description = "Delivered"), E400, E401, E403, E404, E409, E413))]
+    responses((status = 204, description = "Delivered"), E400, E401, E403, E404, E409, E413, E415))]
 pub(crate) async fn result<S, B>(
     task: String,
     gw: Gateway,
