@@ -112,6 +112,10 @@ struct Args {
     /// wake is tried again (default `30s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     wake_cooldown: Option<Duration>,
+    /// How long the in-flight tasks of a publisher that resumes wait for its next
+    /// channel after its channel drops (default `10s`; `0s` fails them at once).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    resume_window: Option<Duration>,
     /// Let browser pages from this origin call the gateway (CORS), e.g.
     /// `https://chat.example.com` (repeatable; `*` for any origin). Off by default.
     #[arg(long, value_name = "ORIGIN")]
@@ -388,6 +392,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         (&mut config.wake_wait, args.wake_wait),
         (&mut config.wake_cooldown, args.wake_cooldown),
         (&mut config.lease, args.lease),
+        (&mut config.resume_window, args.resume_window),
     ];
     for (field, value) in overrides {
         if let Some(value) = value {
@@ -523,8 +528,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
 }
 
 /// The flags of the reference gateway that set a [`Config`] key.
-const FLAGS: [(&str, &str); 14] = [
+const FLAGS: [(&str, &str); 15] = [
     ("corsOrigin", "--cors-origin"),
+    ("resumeWindow", "--resume-window"),
     ("lease", "--lease"),
     ("wakeWait", "--wake-wait"),
     ("wakeCooldown", "--wake-cooldown"),

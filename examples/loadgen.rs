@@ -9,6 +9,8 @@
 //!                                                                # a pool of 4 against one publisher
 //! cargo run --release --example loadgen -- --pool 2 --pool-capacity 8 --mock-delay 20ms \
 //!     --pool-only --concurrency 32,300 --kinds complete         # the admission queue, overloaded
+//! cargo run --release --example loadgen -- --resume-cost --no-nginx --kinds stream
+//!                                                                # resuming publishers against --no-resume ones
 //! cargo run --release --example loadgen -- --publishers 10000    # idle publishers: registration, memory
 //! cargo run --release --example loadgen -- --gc-rows 100000      # GC sweep on redb
 //! ```
@@ -243,6 +245,11 @@ struct Args {
     /// first until they take less for 3 s).
     #[arg(long, default_value_t = 0)]
     rerun_disturbed: usize,
+    /// Relay cases: also relay through a second publisher per transport started with
+    /// `--no-resume` (issue #16: what keeping tasks through a dropped channel costs a
+    /// steady stream), and compare the two in one table.
+    #[arg(long)]
+    resume_cost: bool,
 }
 
 /// What a request asks for.
@@ -862,10 +869,11 @@ async fn spawn_publisher(
     providers: &serde_json::Value,
     max_concurrent: usize,
     rows: &[String],
+    no_resume: bool,
 ) -> Result<ChildGuard, BoxError> {
     let config = dir.join(format!("providers-{tag}.json"));
     std::fs::write(&config, providers.to_string())?;
-    let args = vec![
+    let mut args = vec![
         "--gateway".to_owned(),
         gateway.url.clone(),
         "--transport".to_owned(),
@@ -877,6 +885,9 @@ async fn spawn_publisher(
         "--max-concurrent".to_owned(),
         max_concurrent.to_string(),
     ];
+    if no_resume {
+        args.push("--no-resume".to_owned());
+    }
     let name = format!("publisher ({tag})");
     let log = dir.join(format!("publisher-{tag}.log"));
     let mut guard = ChildGuard::spawn(&name, &bins.publisher, &args, log)?;
@@ -1700,6 +1711,8 @@ mod relay {
         /// Through this many nginx reverse proxies (1 or 2): the proxy floor.
         Nginx(u8),
         Relayed(Transport),
+        /// Relayed through a publisher that does not resume (`--no-resume`).
+        RelayedNoResume(Transport),
     }
 
     /// The proxy floor every figure is compared with: two nginx hops.
@@ -1719,6 +1732,7 @@ mod relay {
                 Route::Nginx(1) => "nginx, one hop".to_owned(),
                 Route::Nginx(_) => "nginx, two hops".to_owned(),
                 Route::Relayed(t) => format!("relayed {}", t.name()),
+                Route::RelayedNoResume(t) => format!("relayed {}, no resume", t.name()),
             };
             match self.kind {
                 Kind::Complete => route,
@@ -1777,7 +1791,9 @@ mod relay {
                 Route::Direct => None,
                 Route::Nginx(1) => Some((self.nginx_front, Duration::ZERO)),
                 Route::Nginx(_) => Some((self.nginx_front, self.nginx_back)),
-                Route::Relayed(_) => Some((self.gateway, self.publisher)),
+                Route::Relayed(_) | Route::RelayedNoResume(_) => {
+                    Some((self.gateway, self.publisher))
+                }
             }
         }
     }
@@ -1820,9 +1836,27 @@ mod relay {
                 transport,
                 upstream,
                 max_concurrency,
+                true,
             )
             .await?;
             publishers.push((transport, child));
+        }
+        let mut plain_publishers: Vec<(Transport, PublisherChild)> = Vec::new();
+        if args.resume_cost {
+            for &transport in &args.transports {
+                let child = start_publisher(
+                    bins,
+                    dir.path(),
+                    &http,
+                    &gateway,
+                    transport,
+                    upstream,
+                    max_concurrency,
+                    false,
+                )
+                .await?;
+                plain_publishers.push((transport, child));
+            }
         }
 
         let mut cases = Vec::new();
@@ -1850,6 +1884,13 @@ mod relay {
                         kind,
                         concurrency,
                     });
+                    if args.resume_cost {
+                        cases.push(Case {
+                            route: Route::RelayedNoResume(transport),
+                            kind,
+                            concurrency,
+                        });
+                    }
                 }
             }
         }
@@ -1866,7 +1907,11 @@ mod relay {
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
         )?;
         let gateway_pid = gateway.pid();
-        let publisher_pids: Vec<String> = publishers.iter().map(|(_, p)| p.guard.pid()).collect();
+        let publisher_pids: Vec<String> = publishers
+            .iter()
+            .chain(&plain_publishers)
+            .map(|(_, p)| p.guard.pid())
+            .collect();
         let mut results = Vec::new();
         for case in cases {
             bar.set_message(format!("{} c={}", case.label(), case.concurrency));
@@ -1879,8 +1924,13 @@ mod relay {
                     let addr = if hops == 1 { p.one_hop } else { p.two_hops };
                     (addr, mock::MODEL.to_owned(), None)
                 }
-                Route::Relayed(t) => {
-                    let (_, p) = publishers
+                Route::Relayed(t) | Route::RelayedNoResume(t) => {
+                    let pool = if matches!(case.route, Route::Relayed(_)) {
+                        &mut publishers
+                    } else {
+                        &mut plain_publishers
+                    };
+                    let (_, p) = pool
                         .iter_mut()
                         .find(|(pt, _)| *pt == t)
                         .ok_or("no publisher")?;
@@ -1940,7 +1990,7 @@ mod relay {
             results.push(Measured { case, outcome, cpu });
             // A child that died makes every later case fail: stop with its log.
             gateway.guard.check_running()?;
-            for (_, p) in &mut publishers {
+            for (_, p) in publishers.iter_mut().chain(&mut plain_publishers) {
                 p.guard.check_running()?;
             }
             bar.inc(1);
@@ -1949,6 +1999,9 @@ mod relay {
 
         print_table(&results);
         print_floor(&results);
+        if args.resume_cost {
+            print_resume_cost(&results);
+        }
         let gateway_usage = procfs::usage(&gateway_pid)?;
         println!(
             "\ngateway: {:.2} CPU s over the run, peak RSS {:.1} MiB (RSS now {:.1} MiB)",
@@ -2002,8 +2055,14 @@ mod relay {
         transport: Transport,
         upstream: std::net::SocketAddr,
         max_concurrency: usize,
+        resume: bool,
     ) -> Result<PublisherChild, BoxError> {
-        let llm = format!("bench-{}", transport.name());
+        let tag = if resume {
+            transport.name().to_owned()
+        } else {
+            format!("{}-no-resume", transport.name())
+        };
+        let llm = format!("bench-{tag}");
         let providers = json!([{
             "name": llm,
             "type": "openai",
@@ -2018,13 +2077,72 @@ mod relay {
             http,
             gateway,
             transport,
-            transport.name(),
+            &tag,
             &providers,
             max_concurrency,
             std::slice::from_ref(&llm),
+            !resume,
         )
         .await?;
         Ok(PublisherChild { guard, llm })
+    }
+
+    /// Issue #16's table: each relayed case against the same case through a publisher
+    /// that does not resume, measured in the same run.
+    fn print_resume_cost(results: &[Measured]) {
+        let mut table = comfy_table::Table::new();
+        table.load_preset(ASCII_MARKDOWN).set_header(vec![
+            "case",
+            "c",
+            "req/s with resume / without",
+            "chunks/s with resume / without",
+            "p50 ms with / without",
+        ]);
+        for m in results {
+            let Route::Relayed(t) = m.case.route else {
+                continue;
+            };
+            let Some(plain) = results.iter().find(|o| {
+                o.case.route == Route::RelayedNoResume(t)
+                    && o.case.kind == m.case.kind
+                    && o.case.concurrency == m.case.concurrency
+            }) else {
+                continue;
+            };
+            let (with, without) = (&m.outcome, &plain.outcome);
+            let chunks = if m.case.kind == Kind::Stream {
+                format!(
+                    "{:.0} / {:.0} = {:.3}",
+                    with.chunks_per_sec(),
+                    without.chunks_per_sec(),
+                    with.chunks_per_sec() / without.chunks_per_sec().max(1e-9)
+                )
+            } else {
+                "–".to_owned()
+            };
+            table.add_row(vec![
+                m.case.label(),
+                m.case.concurrency.to_string(),
+                format!(
+                    "{:.0} / {:.0} = {:.3}",
+                    with.rps(),
+                    without.rps(),
+                    with.rps() / without.rps().max(1e-9)
+                ),
+                chunks,
+                format!(
+                    "{} / {}",
+                    ms(with.latency.value_at_quantile(0.5)),
+                    ms(without.latency.value_at_quantile(0.5))
+                ),
+            ]);
+        }
+        println!(
+            "
+Resume cost (issue #16), same run:
+
+{table}"
+        );
     }
 
     fn cpu_per_request(cpu: Duration, requests: u64) -> String {
@@ -2067,7 +2185,7 @@ mod relay {
                 o.latency.value_at_quantile(0.99),
             );
             let (added50, added99, ratio) = match (m.case.route, direct(&m.case)) {
-                (Route::Relayed(_) | Route::Nginx(_), Some(d)) => (
+                (Route::Relayed(_) | Route::RelayedNoResume(_) | Route::Nginx(_), Some(d)) => (
                     ms_diff(p50, d.outcome.latency.value_at_quantile(0.5)),
                     ms_diff(p99, d.outcome.latency.value_at_quantile(0.99)),
                     format!("{:.2}", o.rps() / d.outcome.rps().max(1e-9)),
@@ -3460,6 +3578,7 @@ mod pool {
                     &providers,
                     capacity,
                     std::slice::from_ref(&name),
+                    false,
                 )
                 .await?,
             )
@@ -3487,6 +3606,7 @@ mod pool {
                     &providers,
                     capacity,
                     std::slice::from_ref(&name),
+                    false,
                 )
                 .await?,
             );

@@ -89,6 +89,19 @@ struct Args {
     /// while this publisher runs: a second publisher needs a file of its own.
     #[arg(long, default_value = "./publisher-session")]
     session_file: PathBuf,
+    /// Do not keep tasks through a dropped channel (SPEC §15): without this, upstream
+    /// calls go on while the channel is down and are replayed on the next one, when
+    /// the gateway grants it.
+    #[arg(long)]
+    no_resume: bool,
+    /// How long tasks wait for the next channel before they stop (match the
+    /// gateway's `--resume-window`).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    resume_window: std::time::Duration,
+    /// The most bytes of results a task keeps for a replay; a task that produces
+    /// more while the channel is down is lost.
+    #[arg(long, default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..=1 << 30))]
+    resume_buffer: u64,
     /// JSON list of providers to publish.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -301,6 +314,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         session_file: Some(args.session_file.clone()),
         max_concurrent_tasks,
         agents,
+        resume: !args.no_resume,
+        resume_window: args.resume_window,
+        resume_buffer: usize::try_from(args.resume_buffer)?,
         ..PublisherOptions::default()
     };
     let publisher = match discover {

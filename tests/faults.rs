@@ -33,7 +33,9 @@ fn error_event(event: Option<(String, String)>) -> Value {
 /// A publisher killed mid-stream (its connections cut without a goodbye): the client's
 /// stream ends with an error event, and the row goes inactive. How long the gateway
 /// took to notice is printed, not asserted: it is the machine's scheduling as much as
-/// the gateway's (the 5 s timeout only stops a hang).
+/// the gateway's (the 5 s timeout only stops a hang). The publisher does not resume
+/// (the version 1 rule: its tasks fail at once); a resuming publisher's tasks wait for
+/// the resume window first, which the transport suite's resume cases test.
 async fn a_publisher_killed_mid_stream_fails_the_stream(t: &dyn RawTransport) {
     let gw = TestGateway::start(Config::default()).await;
     let proxy = gw.proxy().await;
@@ -45,7 +47,10 @@ async fn a_publisher_killed_mid_stream_fails_the_stream(t: &dyn RawTransport) {
             "alice",
             &["slow"],
             hanging,
-            PublisherOptions::default(),
+            PublisherOptions {
+                resume: false,
+                ..PublisherOptions::default()
+            },
         )
         .await;
     let mut stream = gw.chat_stream("client", "slow", "x").await;

@@ -187,10 +187,8 @@ impl Paced {
 
     /// Waits until `n` chunks were produced.
     pub async fn wait_produced(&self, n: usize) {
-        super::support::eventually("the chunks are produced", || async {
-            self.produced() >= n
-        })
-        .await;
+        super::support::eventually("the chunks are produced", || async { self.produced() >= n })
+            .await;
     }
 }
 

@@ -609,7 +609,14 @@ pub async fn a_stream_survives_a_cut_channel(t: &dyn Transport, plane: Option<&d
     let proxy = gw.proxy().await;
     let paced = Arc::new(Paced::new(30));
     let p = gw
-        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .publish_at(
+            &proxy.url,
+            t,
+            "alice",
+            &["slow"],
+            paced.clone(),
+            PublisherOptions::default(),
+        )
         .await;
     paced.allow(10);
     let mut stream = gw.chat_stream("client", "slow", "count").await;
@@ -636,7 +643,14 @@ pub async fn a_non_streaming_task_survives_a_cut_channel(
     let proxy = gw.proxy().await;
     let paced = Arc::new(Paced::new(3));
     let p = gw
-        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .publish_at(
+            &proxy.url,
+            t,
+            "alice",
+            &["slow"],
+            paced.clone(),
+            PublisherOptions::default(),
+        )
         .await;
     let answer = {
         let gw = gw.clone();
@@ -665,7 +679,14 @@ pub async fn a_cut_longer_than_the_resume_window_fails_the_stream(
     let proxy = gw.proxy().await;
     let paced = Arc::new(Paced::new(30));
     let p = gw
-        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .publish_at(
+            &proxy.url,
+            t,
+            "alice",
+            &["slow"],
+            paced.clone(),
+            PublisherOptions::default(),
+        )
         .await;
     let stopped = paced.dropped.notified();
     paced.allow(2);
@@ -676,7 +697,10 @@ pub async fn a_cut_longer_than_the_resume_window_fails_the_stream(
     assert_eq!(event, "error", "{data}");
     let body: Value = serde_json::from_str(&data).unwrap();
     assert_eq!(body["error"]["code"], "llm_unavailable", "{body}");
-    assert!(stream.next_event().await.is_none(), "nothing after the error");
+    assert!(
+        stream.next_event().await.is_none(),
+        "nothing after the error"
+    );
     // The publisher gave the task up too: its upstream call was dropped.
     stopped.await;
     eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
@@ -693,7 +717,14 @@ pub async fn a_cancel_during_a_cut_reaches_the_publisher_after_it_reconnects(
     let proxy = gw.proxy().await;
     let paced = Arc::new(Paced::new(30));
     let p = gw
-        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .publish_at(
+            &proxy.url,
+            t,
+            "alice",
+            &["slow"],
+            paced.clone(),
+            PublisherOptions::default(),
+        )
         .await;
     let stopped = paced.dropped.notified();
     paced.allow(2);
@@ -701,7 +732,10 @@ pub async fn a_cancel_during_a_cut_reaches_the_publisher_after_it_reconnects(
     assert_eq!(paced_words(&mut stream, Some(2)).await, numbers(0..2));
     proxy.kill();
     drop(stream);
-    eventually("the task is cancelled", || async { gw.gateway.in_flight() == 0 }).await;
+    eventually("the task is cancelled", || async {
+        gw.gateway.in_flight() == 0
+    })
+    .await;
     proxy.revive();
     stopped.await;
     assert!(paced.produced() < 30, "the upstream call stopped early");

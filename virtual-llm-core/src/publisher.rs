@@ -43,9 +43,9 @@ use crate::protocol::{
     TaskResult,
 };
 use crate::readiness::Upstreams;
-use crate::task_log::TaskLog;
 use crate::recipe::Recipe;
 use crate::sync::lock;
+use crate::task_log::TaskLog;
 use crate::{Config, Error, LlmName, Provider, Reply, SessionId, TaskId};
 
 /// Why a wire operation failed.
@@ -1030,7 +1030,9 @@ impl Running {
                     running.abort(&task_id);
                 }
                 // The task waits in its log for the next channel.
-                Err(e) => tracing::debug!(task = %task_id, error = %e, "results not delivered; kept for a resume"),
+                Err(e) => {
+                    tracing::debug!(task = %task_id, error = %e, "results not delivered; kept for a resume")
+                }
             }
         });
         if let Some(old) = entry.sender.replace(sender.abort_handle()) {

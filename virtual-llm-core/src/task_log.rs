@@ -277,7 +277,10 @@ mod tests {
         drop(sender);
         let mut replay = log.replay(true);
         // Chunks 3 and 4 are held; the older ones went to make room.
-        assert_eq!(replay.next().await, Some(TaskResult::Resume { from_seq: 3 }));
+        assert_eq!(
+            replay.next().await,
+            Some(TaskResult::Resume { from_seq: 3 })
+        );
         assert_eq!(replay.next().await, Some(chunk(3, &data)));
         assert_eq!(replay.next().await, Some(chunk(4, &data)));
     }
