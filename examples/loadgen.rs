@@ -2047,6 +2047,9 @@ mod relay {
         Ok(())
     }
 
+    /// A publisher child relaying `bench-<transport>` to the mock, resuming or not
+    /// (`--no-resume`, for `--resume-cost`).
+    #[allow(clippy::too_many_arguments)]
     async fn start_publisher(
         bins: &Binaries,
         dir: &std::path::Path,
@@ -2090,8 +2093,9 @@ mod relay {
     /// Issue #16's table: each relayed case against the same case through a publisher
     /// that does not resume, measured in the same run.
     fn print_resume_cost(results: &[Measured]) {
-        let mut table = comfy_table::Table::new();
-        table.load_preset(ASCII_MARKDOWN).set_header(vec![
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
             "case",
             "c",
             "req/s with resume / without",

@@ -2,6 +2,7 @@
 //! reaches the gateway binary through a TCP proxy that the test cuts, while a slow
 //! upstream streams a 30-chunk answer. The client's stream pauses through the cut and
 //! goes on, every chunk once and in order, over both transports.
+#![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod binary;
 
