@@ -16,7 +16,7 @@
 //! When the channel of a session that resumes (SPEC §15) closes, its tasks are *held*
 //! rather than failed: they stay live, their deadlines running, until the publisher's
 //! `resume` for each comes back through the session's next channel, or the gateway's
-//! resume window ends and [`TaskTable::expire_hold`] fails those still held. A client
+//! resume window ends and `TaskTable::expire_hold` fails those still held. A client
 //! that gives up on a held task has its cancel kept for the session's next channel.
 
 use std::collections::{HashMap, VecDeque};
