@@ -309,7 +309,8 @@ impl TestGateway {
     }
 
     /// Starts publishing `names` through the gateway reachable at `url`, without
-    /// waiting for the connection.
+    /// waiting for the connection. Several URLs separated by commas fail over from one
+    /// to the next, as `publisher --gateway A,B` does.
     pub fn spawn_publisher(
         &self,
         url: &str,
@@ -337,7 +338,15 @@ impl TestGateway {
                 )
             })
             .collect();
-        Publisher::spawn(t.wire(url, Some(token(who))), llms, options)
+        let mut wires: Vec<Arc<dyn crate::publisher::Wire>> = url
+            .split(',')
+            .map(|url| t.wire(url, Some(token(who))))
+            .collect();
+        let wire = match wires.len() {
+            1 => wires.remove(0),
+            _ => Arc::new(crate::publisher::FailoverWire::new(wires).expect("URLs")),
+        };
+        Publisher::spawn(wire, llms, options)
     }
 
     /// Publishes one LLM `name` in `pool` with capacity `max_concurrent` as `who`

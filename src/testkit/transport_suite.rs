@@ -633,6 +633,32 @@ pub async fn a_stream_survives_a_cut_channel(t: &dyn Transport, plane: Option<&d
     p.stop().await;
 }
 
+/// A publisher cut off for good from the gateway it was connected to reconnects to
+/// the next one it knows (`publisher --gateway A,B`; on two replicas, the replica the
+/// client calls) and resumes its task there: the client's stream goes on, every chunk
+/// once and in order.
+pub async fn a_stream_survives_its_publisher_moving_to_another_gateway_url(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(30));
+    let urls = format!("{},{}", proxy.url, gw.url);
+    let p = gw
+        .publish_at(&urls, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .await;
+    paced.allow(10);
+    let mut stream = gw.chat_stream("client", "slow", "count").await;
+    let mut words = paced_words(&mut stream, Some(10)).await;
+    proxy.kill();
+    paced.allow(20);
+    words.extend(paced_words(&mut stream, None).await);
+    assert_eq!(words, numbers(0..30));
+    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
+    p.stop().await;
+}
+
 /// A non-streaming task whose publisher's channel is cut while it works gets its
 /// answer once the channel is back.
 pub async fn a_non_streaming_task_survives_a_cut_channel(
@@ -857,6 +883,7 @@ macro_rules! __transport_suite_cases {
             models_lists_active_llms,
             a_drain_ends_an_unfinished_stream_saying_the_gateway_is_shutting_down,
             a_stream_survives_a_cut_channel,
+            a_stream_survives_its_publisher_moving_to_another_gateway_url,
             a_non_streaming_task_survives_a_cut_channel,
             a_cancel_during_a_cut_reaches_the_publisher_after_it_reconnects,
             a_task_past_its_resume_buffer_fails_honestly,
