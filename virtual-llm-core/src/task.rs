@@ -130,24 +130,25 @@ struct Inner {
 
 impl Inner {
     /// Removes a live task and, if it was live, tells its publisher to stop: now, or
-    /// for a held task when its session's channel is back.
+    /// for a held task whose session has no channel yet, when it has one again.
     fn cancel(&self, id: &TaskId) -> bool {
-        let removed = {
+        let (removed, later) = {
             let mut state = lock(&self.state);
             let removed = state.live.remove(id);
-            if let Some(live) = &removed
-                && live.held.is_some()
-            {
+            let later = removed.as_ref().is_some_and(|live| {
+                live.held.is_some() && self.directory.current(&live.session).is_none()
+            });
+            if let (Some(live), true) = (&removed, later) {
                 state
                     .cancels
                     .entry(live.session.clone())
                     .or_default()
                     .push(id.clone());
             }
-            removed
+            (removed, later)
         };
         let Some(live) = removed else { return false };
-        if live.held.is_none() {
+        if !later {
             self.send_cancel(&live.session, id);
         }
         true
@@ -438,14 +439,13 @@ impl TaskTable {
 
     /// The resume window of hold `hold` on `session` is over: its tasks still held fail
     /// with 503 (as a channel loss without resume would have), and the cancels kept for
-    /// the session are dropped if it has no channel (its tasks are gone with it).
+    /// the session are dropped (a channel that came back had them sent; without one,
+    /// the tasks are gone with it, and a late replay of one is refused and cancelled).
     /// Returns how many failed.
     pub(crate) fn expire_hold(&self, session: &SessionId, hold: u64) -> usize {
         let failed: Vec<Live> = {
             let mut state = lock(&self.inner.state);
-            if self.inner.directory.current(session).is_none() {
-                state.cancels.remove(session);
-            }
+            state.cancels.remove(session);
             state
                 .live
                 .extract_if(|_, t| t.session == *session && t.held == Some(hold))
