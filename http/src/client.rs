@@ -1,5 +1,6 @@
 //! The client routes: the OpenAI-compatible ones (`POST /v1/chat/completions`,
-//! `/v1/completions`, `/v1/embeddings`, `GET /v1/models`, `GET /v1/models/{id}`) and
+//! `/v1/completions`, `/v1/embeddings`, `GET /v1/models`, `GET /v1/models/{id}`), the
+//! resuming of a streamed answer (`GET /v1/chat/completions/{completionId}/stream`) and
 //! the registry's own (`GET {base}`, `GET {base}/{name}`, `POST {base}/{name}/infer`,
 //! `GET /api/v1/agents[/{name}]`).
 
@@ -9,7 +10,9 @@ use virtual_llm_core::agent::AgentView;
 use virtual_llm_core::openai::parse_request_timeout;
 use virtual_llm_core::protocol::Endpoint;
 use virtual_llm_core::usage::UsageReport;
-use virtual_llm_core::{Error, Gateway, InferRequest, LlmKind, LlmName, LlmView, Model, Reply};
+use virtual_llm_core::{
+    CompletionLog, Error, Gateway, InferRequest, LlmKind, LlmName, LlmView, Model, Reply, Role,
+};
 use warp::reply::Response;
 
 use crate::access::AccessLog;
@@ -191,11 +194,12 @@ pub(crate) async fn members(pool: String, gw: Gateway, auth: Option<String>) -> 
     )
 }
 
-/// The request of an inference route, as warp hands it over: the principal's
-/// `Authorization`, the client's `x-request-timeout`, the connection's close handle, the
-/// body.
+/// The request of an inference route, as warp hands it over: the gateway and its
+/// completion log, the principal's `Authorization`, the client's `x-request-timeout`,
+/// the connection's close handle, the body.
 pub(crate) type InferArgs<S> = (
     Gateway,
+    CompletionLog,
     Option<String>,
     Option<String>,
     Option<CloseConnection>,
@@ -205,79 +209,53 @@ pub(crate) type InferArgs<S> = (
 /// `POST {base}/{name...}/infer`: a chat completion for the named LLM.
 #[utoipa::path(post, path = "/api/v1/llms/{name}/infer", tag = "openai", params(NameParam),
     request_body = InferBody,
-    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks (each with its `id:`, 0, 1, 2…) ending `data: [DONE]`",
+        headers(("x-completion-id" = String, description = "A streamed answer's id, to resume it at `GET /v1/chat/completions/{completionId}/stream` (absent when the gateway keeps none)")),
         content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
-pub(crate) async fn named_infer<S, B>(
-    name: String,
-    (gw, auth, timeout, close, body): InferArgs<S>,
-) -> Response
+pub(crate) async fn named_infer<S, B>(name: String, args: InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    infer(Target::Named(name), gw, auth, timeout, close, body).await
+    infer(Target::Named(name), args).await
 }
 
 /// `POST /v1/chat/completions`.
 #[utoipa::path(post, path = "/v1/chat/completions", tag = "openai", request_body = ChatCompletionRequest,
-    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks (each with its `id:`, 0, 1, 2…) ending `data: [DONE]`",
+        headers(("x-completion-id" = String, description = "A streamed answer's id, to resume it at `GET /v1/chat/completions/{completionId}/stream` (absent when the gateway keeps none)")),
         content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
-pub(crate) async fn chat_completions<S, B>(
-    (gw, auth, timeout, close, body): InferArgs<S>,
-) -> Response
+pub(crate) async fn chat_completions<S, B>(args: InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    infer(
-        Target::Body(Endpoint::ChatCompletions),
-        gw,
-        auth,
-        timeout,
-        close,
-        body,
-    )
-    .await
+    infer(Target::Body(Endpoint::ChatCompletions), args).await
 }
 
 /// `POST /v1/completions`.
 #[utoipa::path(post, path = "/v1/completions", tag = "openai", request_body = CompletionRequest,
-    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks ending `data: [DONE]`",
+    responses((status = 200, description = "The model's answer as it gave it, or with `stream: true` server-sent events of chunks (each with its `id:`, 0, 1, 2…) ending `data: [DONE]`",
+        headers(("x-completion-id" = String, description = "A streamed answer's id, to resume it at `GET /v1/chat/completions/{completionId}/stream` (absent when the gateway keeps none)")),
         content((Object = "application/json"), (crate::openapi::ServerSentEvent = "text/event-stream"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
-pub(crate) async fn completions<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
+pub(crate) async fn completions<S, B>(args: InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    infer(
-        Target::Body(Endpoint::Completions),
-        gw,
-        auth,
-        timeout,
-        close,
-        body,
-    )
-    .await
+    infer(Target::Body(Endpoint::Completions), args).await
 }
 
 /// `POST /v1/embeddings`.
 #[utoipa::path(post, path = "/v1/embeddings", tag = "openai", request_body = EmbeddingRequest,
     responses((status = 200, description = "The model's embeddings as it gave them (never streamed: `stream: true` is 400)",
         content((Object = "application/json"))), E400, E401, E403, E404, E413, E415, E429, E502, E503, E504))]
-pub(crate) async fn embeddings<S, B>((gw, auth, timeout, close, body): InferArgs<S>) -> Response
+pub(crate) async fn embeddings<S, B>(args: InferArgs<S>) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
     B: Buf,
 {
-    infer(
-        Target::Body(Endpoint::Embeddings),
-        gw,
-        auth,
-        timeout,
-        close,
-        body,
-    )
-    .await
+    infer(Target::Body(Endpoint::Embeddings), args).await
 }
 
 /// What an inference route answers: a chat completion for the LLM its path names
@@ -291,15 +269,12 @@ pub(crate) enum Target {
 }
 
 /// `POST {base}/{name}/infer` or one of the OpenAI routes (see [`Target`]): the
-/// answer, or its stream. `timeout` is the client's `x-request-timeout`; `close` is
-/// the connection's, if any, for a stream that fails midway.
+/// answer, or its stream, kept in the completion log for its client to resume. The
+/// request's `timeout` is the client's `x-request-timeout`; `close` is the
+/// connection's, if any, for a stream that fails midway.
 pub(crate) async fn infer<S, B>(
     target: Target,
-    gw: Gateway,
-    auth: Option<String>,
-    timeout: Option<String>,
-    close: Option<CloseConnection>,
-    body: S,
+    (gw, completions, auth, timeout, close, body): InferArgs<S>,
 ) -> Response
 where
     S: Stream<Item = Result<B, warp::Error>>,
@@ -324,25 +299,104 @@ where
         }
         .with_timeout(timeout);
         log.model(&request.llm);
-        gw.infer(&who, request).await
+        Ok((gw.infer(&who, request).await?, who))
     }
     .await;
     match answer {
-        Ok(Reply::Stream(chunks)) => {
+        Ok((Reply::Stream(chunks), who)) => {
             log.streaming(200);
-            stream::chunk_stream(chunks, close, Some(log))
+            let (id, reader) = completions.start(&who.id, chunks);
+            stream::chunk_stream(reader, id.as_ref(), close, Some(log))
         }
-        other => {
-            let response = respond(other.map(|reply| match reply {
-                Reply::Complete(c) => reply::completion(&c),
-                Reply::Stream(chunks) => stream::chunk_stream(chunks, close, None),
-            }));
-            let bytes = hyper::body::Body::size_hint(response.body())
-                .exact()
-                .unwrap_or(0);
-            log.finish(response.status().as_u16(), bytes);
-            response
+        Ok((Reply::Complete(completion), _)) => {
+            let response = reply::completion(&completion);
+            finish(log, response)
         }
+        Err(e) => finish(log, respond(Err(e))),
+    }
+}
+
+/// Writes the access log line of a whole `response`, and returns it.
+fn finish(log: AccessLog, response: Response) -> Response {
+    let bytes = hyper::body::Body::size_hint(response.body())
+        .exact()
+        .unwrap_or(0);
+    log.finish(response.status().as_u16(), bytes);
+    response
+}
+
+/// The query of `GET /v1/chat/completions/{completionId}/stream`.
+#[derive(Debug, Default, PartialEq, Eq, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ResumeParams {
+    /// The `seq` (the SSE `id:`) of the last chunk the client has: the answer goes on
+    /// from the next. Without it (and without `Last-Event-ID`), from the first chunk.
+    #[param(minimum = 0, example = 41)]
+    starting_after: Option<u64>,
+}
+
+impl ResumeParams {
+    /// The query's `starting_after`, else the `Last-Event-ID` header's number; 400 for
+    /// either that is not a chunk number (a whole number from 0).
+    fn parse(query: &str, last_event_id: Option<&str>) -> Result<Self, Error> {
+        let seq = |value: &str, what: &str| {
+            value.trim().parse::<u64>().map_err(|_| {
+                Error::invalid(format!(
+                    "{what} is the number of a chunk (its id: a whole number from 0)"
+                ))
+            })
+        };
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            if key == "starting_after" {
+                let value = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                return Ok(ResumeParams {
+                    starting_after: Some(seq(&value, "starting_after")?),
+                });
+            }
+        }
+        Ok(ResumeParams {
+            starting_after: last_event_id
+                .map(|id| seq(id, "Last-Event-ID"))
+                .transpose()?,
+        })
+    }
+}
+
+/// `GET /v1/chat/completions/{completionId}/stream`: the rest of a streamed answer
+/// (SPEC §15), for the principal that asked for it, while it runs and for
+/// `clientResumeWindow` after it ended.
+#[utoipa::path(get, path = "/v1/chat/completions/{completionId}/stream", tag = "openai",
+    params(("completionId" = String, Path, description = "The `x-completion-id` of the streamed answer", example = "cmpl_3f2a9c0d1e4b5a6978c1d2e3f4a5b6c7"), ResumeParams,
+        ("Last-Event-ID" = Option<u64>, Header, description = "The last chunk's `id:` the client has, as an `EventSource` sends it; `starting_after` wins over it")),
+    responses((status = 200, description = "Server-sent events of the chunks after `starting_after`, each with its `id:`, as the answer went on (following it while it runs), then `data: [DONE]`, or the `event: error` it ended with",
+        content((crate::openapi::ServerSentEvent = "text/event-stream"))),
+        E400, E401, E403,
+        (status = 404, description = "No streamed answer of that id to resume: unknown, expired, outgrown, or another principal's", body = virtual_llm_core::protocol::ErrorBody)))]
+pub(crate) async fn resume(
+    id: String,
+    completions: CompletionLog,
+    gw: Gateway,
+    auth: Option<String>,
+    query: String,
+    last_event_id: Option<String>,
+    close: Option<CloseConnection>,
+) -> Response {
+    let mut log = AccessLog::start("resume");
+    let reader = async {
+        let who = principal(&gw, auth.as_deref()).await?;
+        log.principal(&who.id);
+        who.require(Role::Client)?;
+        let params = ResumeParams::parse(&query, last_event_id.as_deref())?;
+        completions.read(&who.id, &id, params.starting_after)
+    }
+    .await;
+    match reader {
+        Ok(reader) => {
+            log.streaming(200);
+            stream::chunk_stream(reader, None, close, Some(log))
+        }
+        Err(e) => finish(log, respond(Err(e))),
     }
 }
 

@@ -5,7 +5,8 @@
 //!   filter, the transports' control channels mounted beside them.
 //! - `access`: the access log, one line per inference request under the target
 //!   [`ACCESS_LOG_TARGET`].
-//! - `client`: the client routes (the OpenAI pair, the registry's list, get and infer).
+//! - `client`: the client routes (the OpenAI pair, the registry's list, get and infer,
+//!   and the resuming of a streamed answer from the core's completion log).
 //! - `provider`: the provider routes that are plain HTTP (register, heartbeat,
 //!   results as JSON or NDJSON).
 //! - `cors`: [`with_cors`], CORS for browser pages from the origins an embedder lists.
@@ -20,7 +21,7 @@
 //! - `error`: [`error_response`], the one place an error becomes a response, and
 //!   [`recover`] for requests no route took.
 //! - `reply`: JSON and empty answers, event-stream headers.
-//! - `stream`: the client's chat-completion event stream.
+//! - `stream`: the client's chat-completion event stream, each chunk with its `id:`.
 //! - `server`: [`serve`]: the server loop, with `TCP_NODELAY`, a graceful shutdown and
 //!   the bounds of [`ServeOptions`] (header read, write and body read timeouts, a
 //!   connection cap, an HTTP/2 idle timeout, a lingering close); [`bind`] with a deep

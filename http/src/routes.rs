@@ -14,7 +14,8 @@
 //! | `DELETE {base}/{name...}` | [`Gateway::evict`] (admins) |
 //! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
 //! | `POST {base}/{name...}/infer` | [`Gateway::infer`] |
-//! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model` |
+//! | `POST /v1/chat/completions` · `/v1/completions` · `/v1/embeddings` | [`Gateway::infer`], routed by `model`; a stream is kept in the [`CompletionLog`] |
+//! | `GET /v1/chat/completions/{completionId}/stream` | [`CompletionLog::read`]: the rest of a streamed answer (SPEC §15) |
 //! | `GET /v1/models` · `GET /v1/models/{id...}` | the active models and agents, as OpenAI lists them |
 //! | `GET /api/v1/agents` · `GET /api/v1/agents/{name...}` | [`Gateway::agents`] · [`Gateway::agent`] |
 //! | `GET /api/v1/usage` | [`Gateway::usage`]: requests and tokens per principal and LLM |
@@ -32,8 +33,8 @@
 //! `infer` or `members`, so `{base}/{name...}/members` and `{base}/{name...}` cannot
 //! be confused.
 
-use virtual_llm_core::Gateway;
 use virtual_llm_core::openai::REQUEST_TIMEOUT_HEADER;
+use virtual_llm_core::{CompletionLog, Gateway};
 use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
@@ -82,8 +83,14 @@ pub fn routes_with(
 /// The routes of this crate (client and provider, no control channel) without the
 /// final 404/405 answer, to combine with an embedder's own filters and the transports'
 /// channels (`a.or(b)`), then [`recover`](crate::recover) once at the end.
+///
+/// The routes keep the streamed answers for their clients to resume in a
+/// [`CompletionLog`] of their own, sized by the gateway's config
+/// (`clientResumeWindow`, `clientResumeBytes`, `clientResumeTotalBytes`).
 pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     let base = base_path(&gateway.config().base_path);
+    let log = CompletionLog::new(gateway.config());
+    let completion_log = warp::any().map(move || log.clone());
     let probes = health::routes(gateway.clone())
         .or(openapi::route(&gateway))
         .unify()
@@ -150,11 +157,12 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     // What every inference route reads, as one tuple (see `client::InferArgs`).
     let infer_args = warp::post()
         .and(gw.clone())
+        .and(completion_log.clone())
         .and(authorization())
         .and(warp::header::optional::<String>(REQUEST_TIMEOUT_HEADER))
         .and(warp::ext::optional::<CloseConnection>())
         .and(warp::body::stream())
-        .map(|gw, auth, timeout, close, body| (gw, auth, timeout, close, body));
+        .map(|gw, log, auth, timeout, close, body| (gw, log, auth, timeout, close, body));
     let infer = base
         .and(name_tail(Some("infer")))
         .and(infer_args.clone())
@@ -165,6 +173,15 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
     let completions = warp::path!("v1" / "completions")
         .and(infer_args.clone())
         .then(client::completions);
+    let resume = warp::path!("v1" / "chat" / "completions" / String / "stream")
+        .and(warp::get())
+        .and(completion_log)
+        .and(gw.clone())
+        .and(authorization())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("last-event-id"))
+        .and(warp::ext::optional::<CloseConnection>())
+        .then(client::resume);
     let embeddings = warp::path!("v1" / "embeddings")
         .and(infer_args)
         .then(client::embeddings);
@@ -215,6 +232,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .or(infer)
         .unify()
         .or(chat)
+        .unify()
+        .or(resume)
         .unify()
         .or(completions)
         .unify()

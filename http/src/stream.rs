@@ -1,16 +1,22 @@
-//! The client's side of a streamed chat completion, framed byte for byte as OpenAI
-//! frames it: each chunk a `data: {…}` event (a space after the colon: hand-written
+//! The client's side of a streamed answer, framed byte for byte as OpenAI frames it:
+//! each chunk a `data: {…}` event (a space after the colon: hand-written
 //! `startswith("data: ")` parsers rely on it), then `data: [DONE]`; a failure midway
 //! sends one `event: error` with the OpenAI error body, ends the response, and closes
 //! its HTTP/1 connection (see `CloseConnection` in `server`): never hangs.
+//!
+//! Each chunk's event carries its number first, `id: <seq>` (0, 1, 2…), so that a
+//! client can resume after the last one it saw (SPEC §15); `[DONE]` and the `error`
+//! event are not chunks and carry no `id:`. The OpenAI SDKs' parsers read the field
+//! and ignore it. The answer comes from a [`Reader`] of the completion log, the same
+//! for the asking client and for one that resumes.
 
 use std::convert::Infallible;
 
 use bytes::Bytes;
 use futures::StreamExt;
 use http::header::{CONTENT_TYPE, HeaderValue};
-use virtual_llm_core::ChunkStream;
-use virtual_llm_core::error::Escaped;
+use virtual_llm_core::CompletionId;
+use virtual_llm_core::completions::{Event, Reader};
 use warp::reply::Response;
 
 use crate::access::AccessLog;
@@ -20,37 +26,34 @@ use crate::server::CloseConnection;
 /// The payload of the event that ends a successful stream.
 const DONE: &str = "[DONE]";
 
-/// The response streaming `chunks` to the client. After an `error` event the stream
-/// ends, and `close` (the connection's, when served by [`serve`](crate::serve)) closes
-/// the connection once the response is out.
+/// The header naming a streamed answer for its client to resume it.
+pub(crate) const COMPLETION_ID_HEADER: &str = "x-completion-id";
+
+/// The response streaming what `reader` reads, with the `x-completion-id` header when
+/// the answer is `completion`. After an `error` event the stream ends, and `close`
+/// (the connection's, when served by [`serve`](crate::serve)) closes the connection
+/// once the response is out.
 ///
 /// `log`, the request's access log line, counts the bytes sent and is written when the
 /// stream ends or the client goes away.
 pub(crate) fn chunk_stream(
-    chunks: ChunkStream,
+    reader: Reader,
+    completion: Option<&CompletionId>,
     close: Option<CloseConnection>,
     mut log: Option<AccessLog>,
 ) -> Response {
-    let events = futures::stream::unfold(Some(chunks), move |state| {
-        let close = close.clone();
-        async move {
-            let mut chunks = state?;
-            match chunks.next().await {
-                Some(Ok(data)) => Some((event(None, &data), Some(chunks))),
-                Some(Err(e)) => {
-                    tracing::debug!(error = %Escaped(&e), "stream failed midway");
-                    let body =
-                        serde_json::to_string(&e.to_body()).unwrap_or_else(|_| "{}".to_owned());
-                    if let Some(close) = close {
-                        close.after_this_response();
-                    }
-                    Some((event(Some("error"), &body), None))
+    let events = reader.into_stream().map(move |event| {
+        let event = match event {
+            Event::Chunk { seq, data } => sse_event(Some(seq), None, &data),
+            Event::Done => sse_event(None, None, DONE),
+            Event::Failed(body) => {
+                let body = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
+                if let Some(close) = &close {
+                    close.after_this_response();
                 }
-                None => Some((event(None, DONE), None)),
+                sse_event(None, Some("error"), &body)
             }
-        }
-    })
-    .map(move |event| {
+        };
         if let Some(log) = &mut log {
             log.sent(event.len());
         }
@@ -60,17 +63,26 @@ pub(crate) fn chunk_stream(
     let mut response = warp::reply::Reply::into_response(warp::reply::stream(
         sync_wrapper::SyncStream::new(events),
     ));
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    let headers = response.headers_mut();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    if let Some(id) = completion
+        && let Ok(value) = HeaderValue::from_str(id.as_str())
+    {
+        headers.insert(COMPLETION_ID_HEADER, value);
+    }
     event_stream(response)
 }
 
-/// One server-sent event: an `event: {name}` line if named, a `data: ` line per line
-/// of `data` (any of CRLF, LF and CR ends a line, as for the parser at the other end),
-/// and the blank line that ends the event.
-fn event(name: Option<&str>, data: &str) -> Bytes {
-    let mut out = String::with_capacity(data.len() + 16);
+/// One server-sent event: an `id: {seq}` line if it has one, an `event: {name}` line
+/// if named, a `data: ` line per line of `data` (any of CRLF, LF and CR ends a line,
+/// as for the parser at the other end), and the blank line that ends the event.
+fn sse_event(id: Option<u64>, name: Option<&str>, data: &str) -> Bytes {
+    let mut out = String::with_capacity(data.len() + 32);
+    if let Some(id) = id {
+        out.push_str("id: ");
+        out.push_str(&id.to_string());
+        out.push('\n');
+    }
     if let Some(name) = name {
         out.push_str("event: ");
         out.push_str(name);
@@ -94,15 +106,19 @@ mod tests {
 
     #[test]
     fn events_are_framed_with_a_space_and_one_data_line_per_line() {
-        assert_eq!(event(None, r#"{"a":1}"#), "data: {\"a\":1}\n\n");
-        assert_eq!(event(None, DONE), "data: [DONE]\n\n");
+        assert_eq!(sse_event(None, None, r#"{"a":1}"#), "data: {\"a\":1}\n\n");
         assert_eq!(
-            event(Some("error"), r#"{"error":{}}"#),
+            sse_event(Some(7), None, r#"{"a":1}"#),
+            "id: 7\ndata: {\"a\":1}\n\n"
+        );
+        assert_eq!(sse_event(None, None, DONE), "data: [DONE]\n\n");
+        assert_eq!(
+            sse_event(None, Some("error"), r#"{"error":{}}"#),
             "event: error\ndata: {\"error\":{}}\n\n"
         );
         // A line break inside the data cannot end the event or start a field of its own.
         assert_eq!(
-            event(None, "a\nb\r\nc\rdata: x\n"),
+            sse_event(None, None, "a\nb\r\nc\rdata: x\n"),
             "data: a\ndata: b\ndata: c\ndata: data: x\ndata: \n\n"
         );
     }

@@ -36,7 +36,8 @@ impl Drop for Server {
     }
 }
 
-/// A gateway builder with the test principals' tokens, `config` and, if given,
+/// A gateway builder with the test principals' tokens (`alice` and `mallory` publish,
+/// `client` and `bob` call), `config` and, if given,
 /// `clock`.
 fn builder(config: Config, store: Arc<dyn Store>, clock: Option<Arc<dyn Clock>>) -> GatewayBuilder {
     let auth = StaticTokens::new()
@@ -45,7 +46,8 @@ fn builder(config: Config, store: Arc<dyn Store>, clock: Option<Arc<dyn Clock>>)
             token("mallory"),
             Principal::new("mallory", [Role::Publisher]),
         )
-        .with(token("client"), Principal::new("client", [Role::Client]));
+        .with(token("client"), Principal::new("client", [Role::Client]))
+        .with(token("bob"), Principal::new("bob", [Role::Client]));
     let mut builder = Gateway::builder(store)
         .config(config)
         .authenticator(Arc::new(auth));
@@ -431,15 +433,28 @@ impl TestGateway {
     pub async fn chat_stream(&self, who: &str, model: &str, text: &str) -> SseReader {
         let body = json!({"model": model, "stream": true, "messages": [{"role": "user", "content": text}]});
         let response = self.post_chat(who, body).await;
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.headers()["content-type"], "text/event-stream");
-        let events = response
-            .bytes_stream()
-            .eventsource()
-            .map(|e| e.map(|e| (e.event, e.data)).map_err(|e| e.to_string()));
-        SseReader {
-            events: events.boxed(),
+        SseReader::of(response)
+    }
+
+    /// `GET /v1/chat/completions/{id}/stream` as `who`, on a connection of its own,
+    /// with the query `query` (`starting_after=3`) and a `Last-Event-ID` header, if
+    /// given: the response, whatever its status ([`SseReader::of`] reads a 200).
+    pub async fn resume(
+        &self,
+        who: &str,
+        id: &str,
+        query: Option<&str>,
+        last_event_id: Option<&str>,
+    ) -> reqwest::Response {
+        let mut url = format!("{}/v1/chat/completions/{id}/stream", self.url);
+        if let Some(query) = query {
+            url = format!("{url}?{query}");
         }
+        let mut request = http_client().get(url).bearer_auth(token(who));
+        if let Some(last) = last_event_id {
+            request = request.header("last-event-id", last);
+        }
+        request.send().await.unwrap()
     }
 
     /// Like [`TestGateway::chat_stream`], over a connection of its own whose receive
@@ -469,11 +484,13 @@ impl TestGateway {
             .unwrap();
         let response = sender.send_request(request).await.unwrap();
         assert_eq!(response.status(), 200);
+        let completion_id = completion_id(response.headers());
         let events = http_body_util::BodyDataStream::new(response.into_body())
             .eventsource()
-            .map(|e| e.map(|e| (e.event, e.data)).map_err(|e| e.to_string()));
+            .map(|e| e.map_err(|e| e.to_string()));
         SseReader {
             events: events.boxed(),
+            completion_id,
         }
     }
 
@@ -646,25 +663,58 @@ impl TestGateway {
     }
 }
 
+/// The `x-completion-id` header of a response, if any.
+fn completion_id(headers: &reqwest::header::HeaderMap) -> Option<String> {
+    headers
+        .get("x-completion-id")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// Reads a chat-completion event stream.
 pub struct SseReader {
-    events: BoxStream<'static, Result<(String, String), String>>,
+    events: BoxStream<'static, Result<eventsource_stream::Event, String>>,
+    completion_id: Option<String>,
 }
 
 impl SseReader {
+    /// Reads `response`, asserting a 200 event stream.
+    pub fn of(response: reqwest::Response) -> Self {
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers()["content-type"], "text/event-stream");
+        let completion_id = completion_id(response.headers());
+        let events = response
+            .bytes_stream()
+            .eventsource()
+            .map(|e| e.map_err(|e| e.to_string()));
+        SseReader {
+            events: events.boxed(),
+            completion_id,
+        }
+    }
+
+    /// The stream's `x-completion-id` header: the id to resume it with.
+    pub fn completion_id(&self) -> Option<&str> {
+        self.completion_id.as_deref()
+    }
+
     /// The next event's data (`[DONE]` included); `None` when the stream ends.
     pub async fn next_data(&mut self) -> Option<String> {
-        match self.events.next().await? {
-            Ok((_, data)) => Some(data),
-            Err(e) => panic!("the stream broke: {e}"),
-        }
+        Some(self.next_event().await?.1)
     }
 
     /// The next event's name (`message` unless the gateway named it, e.g. `error`) and
     /// data; `None` when the stream ends.
     pub async fn next_event(&mut self) -> Option<(String, String)> {
+        let (event, data, _) = self.next_with_id().await?;
+        Some((event, data))
+    }
+
+    /// The next event's name, data and last event id (the SSE `id:` of this event, or
+    /// the one before it if it has none); `None` when the stream ends.
+    pub async fn next_with_id(&mut self) -> Option<(String, String, String)> {
         match self.events.next().await? {
-            Ok(event) => Some(event),
+            Ok(e) => Some((e.event, e.data, e.id)),
             Err(e) => panic!("the stream broke: {e}"),
         }
     }

@@ -28,7 +28,7 @@
 //! - [`TestGateway`](crate::testkit::TestGateway): the gateway under test with HTTP client helpers
 //!   ([`SseReader`](crate::testkit::SseReader), [`RawResponse`](crate::testkit::RawResponse)) and publishers.
 //! - Instrumented providers: [`Gated`](crate::testkit::Gated), [`FailsWhenReleased`](crate::testkit::FailsWhenReleased), [`Hanging`](crate::testkit::Hanging),
-//!   [`Firehose`](crate::testkit::Firehose), [`Answers`](crate::testkit::Answers), [`Counting`](crate::testkit::Counting),
+//!   [`Firehose`](crate::testkit::Firehose), [`Stepped`](crate::testkit::Stepped), [`Answers`](crate::testkit::Answers), [`Counting`](crate::testkit::Counting),
 //!   [`Switchable`](crate::testkit::Switchable), [`Recording`](crate::testkit::Recording); a recipe that counts its runs,
 //!   [`CountingRecipe`](crate::testkit::CountingRecipe).
 //! - [`Proxy`](crate::testkit::Proxy): a TCP proxy that cuts a publisher off as a killed process would.
@@ -57,7 +57,7 @@ pub use gateway::{RawResponse, SseReader, TestGateway};
 pub use plane::Plane;
 pub use providers::{
     Answers, Counting, CountingRecipe, FailsWhenReleased, Firehose, Gated, Hanging, Paced,
-    Recording, Switchable,
+    Recording, Stepped, Switchable,
 };
 pub use proxy::Proxy;
 pub use support::{TempDir, connect_with_recv_buffer, eventually, token};

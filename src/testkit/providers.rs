@@ -1,5 +1,5 @@
 //! Providers instrumented to show what reached them: [`Gated`], [`FailsWhenReleased`],
-//! [`Hanging`], [`Paced`], [`Firehose`], [`Answers`], [`Counting`] and [`Switchable`] (whose
+//! [`Hanging`], [`Paced`], [`Firehose`], [`Stepped`], [`Answers`], [`Counting`] and [`Switchable`] (whose
 //! readiness the test switches), [`Recording`] (which keeps every request that reached
 //! it); and [`CountingRecipe`], a wake or sleep recipe that
 //! counts its runs.
@@ -281,6 +281,74 @@ impl Provider for Firehose {
             }
         });
         Ok(Reply::Stream(chunks.boxed()))
+    }
+}
+
+/// Streams chunk by chunk as the test lets each out: the user message is
+/// `n=<count>` (default 8), and the answer is `count` chunks whose contents are
+/// `c0 `, `c1 `, …, each sent once [`Stepped::release`] gave it a turn; with the word
+/// `fail` in the message, the stream then fails as an upstream that broke off (once
+/// given a turn too). Signals `dropped` when a stream's work is dropped (finished,
+/// failed or cancelled).
+#[derive(Debug)]
+pub struct Stepped {
+    turns: Arc<tokio::sync::Semaphore>,
+    /// Signalled when a stream's work is dropped (finished, failed or cancelled).
+    pub dropped: Arc<Notify>,
+}
+
+impl Default for Stepped {
+    fn default() -> Self {
+        Stepped {
+            turns: Arc::new(tokio::sync::Semaphore::new(0)),
+            dropped: Arc::default(),
+        }
+    }
+}
+
+impl Stepped {
+    /// A provider whose streams wait for their first turn.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lets `n` more chunks (or a failure) out, across its streams.
+    pub fn release(&self, n: usize) {
+        self.turns.add_permits(n);
+    }
+}
+
+#[async_trait]
+impl Provider for Stepped {
+    async fn infer(&self, task: TaskFrame) -> Result<Reply, Error> {
+        let text = last_user_text(&task.body.to_value().unwrap_or_default());
+        let count = text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("n="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(8);
+        let fails = text.split_whitespace().any(|w| w == "fail");
+        let pieces: Vec<Result<String, Error>> = (0..count)
+            .map(|i| Ok(chunk(&task, &format!("c{i} "))))
+            .chain(fails.then(|| {
+                Err(Error::Upstream {
+                    message: "the model crashed".into(),
+                })
+            }))
+            .collect();
+        let turns = self.turns.clone();
+        let guard = DropSignal(self.dropped.clone());
+        let steps = futures::stream::iter(pieces).then(move |piece| {
+            let turns = turns.clone();
+            let _held = &guard;
+            async move {
+                if let Ok(turn) = turns.acquire().await {
+                    turn.forget();
+                }
+                piece
+            }
+        });
+        Ok(Reply::Stream(steps.boxed()))
     }
 }
 

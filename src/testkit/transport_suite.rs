@@ -66,7 +66,9 @@ pub async fn streaming_round_trip(t: &dyn Transport, plane: Option<&dyn Plane>) 
 
 /// A client stream is framed byte for byte as OpenAI frames it: each event one
 /// `data: {…}` line (a space after the colon), the last `data: [DONE]`, so that a
-/// hand-written `startswith("data: ")` parser reads every chunk.
+/// hand-written `startswith("data: ")` parser reads every chunk. Each chunk's event
+/// starts with its number for a client to resume after (`id: 0`, `id: 1`…, SPEC §15);
+/// `[DONE]` has none.
 pub async fn streamed_events_are_framed_as_openai_frames_them(
     t: &dyn Transport,
     plane: Option<&dyn Plane>,
@@ -90,7 +92,10 @@ pub async fn streamed_events_are_framed_as_openai_frames_them(
         4,
         "two words, the closing chunk, [DONE]: {body:?}"
     );
-    for event in &events[..3] {
+    for (seq, event) in events[..3].iter().enumerate() {
+        let event = event
+            .strip_prefix(&format!("id: {seq}\n"))
+            .unwrap_or_else(|| panic!("not `id: {seq}` first: {event:?}"));
         let data = event
             .strip_prefix("data: {")
             .unwrap_or_else(|| panic!("not `data: {{…}}`: {event:?}"));

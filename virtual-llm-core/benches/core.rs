@@ -1,7 +1,9 @@
 //! Core benchmarks: the in-process task round trip (enqueue → deliver → outcome), the
 //! GC sweep over a large registry where few rows are stale, and pools: choosing a row
 //! among 1 000 (from loads, and from the ranks `LocalAdmission` keeps), and a slot
-//! admitted and released in pools of 4 and of 1 000.
+//! admitted and released in pools of 4 and of 1 000; and a streamed answer of 1 000
+//! chunks read through the completion log, against the same read directly (resuming
+//! off).
 //!
 //! Run with: `cargo bench -p virtual-llm-core --bench core`
 
@@ -302,5 +304,38 @@ fn pool(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, task_round_trip, gc_sweep, pool);
+/// A streamed answer of 1 000 chunks of 200 bytes, read by its one client through the
+/// completion log (every chunk recorded, then sent) and directly (`clientResumeWindow`
+/// zero): what keeping an answer resumable costs per chunk.
+fn completion_log(c: &mut Criterion) {
+    use futures::StreamExt;
+    use virtual_llm_core::CompletionLog;
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let chunk = "x".repeat(200);
+    let mut group = c.benchmark_group("completion_log");
+    group.throughput(Throughput::Elements(1000));
+    for (name, window) in [("kept_1000_chunks", 60), ("direct_1000_chunks", 0)] {
+        let log = CompletionLog::new(&Config {
+            client_resume_window: Duration::from_secs(window),
+            ..Config::default()
+        });
+        group.bench_function(name, |b| {
+            b.to_async(&rt).iter(|| async {
+                let chunk = chunk.clone();
+                let chunks = (0..1000).map(move |_| Ok(chunk.clone()));
+                let (_, mut reader) = log.start("carol", futures::stream::iter(chunks).boxed());
+                while let Some(event) = reader.next().await {
+                    black_box(event);
+                }
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, task_round_trip, gc_sweep, pool, completion_log);
 criterion_main!(benches);

@@ -309,6 +309,19 @@ impl Config {
                 return invalid(&[key], format!("{key} must be positive"));
             }
         }
+        for (key, value) in [
+            ("clientResumeBytes", self.client_resume_bytes),
+            ("clientResumeTotalBytes", self.client_resume_total_bytes),
+        ] {
+            if value == 0 {
+                return invalid(
+                    &[key],
+                    format!(
+                        "{key} must be positive; clientResumeWindow = \"0s\" turns resuming off"
+                    ),
+                );
+            }
+        }
         self.limits.validate()?;
         if !self.base_path.starts_with('/') || self.base_path.ends_with('/') {
             return invalid(
@@ -362,6 +375,27 @@ mod tests {
             )
         );
         c.validate().unwrap();
+    }
+
+    #[test]
+    fn client_resume_bounds_are_positive_and_a_zero_window_turns_it_off() {
+        let (settings, message) = refused(Config {
+            client_resume_bytes: 0,
+            ..Config::default()
+        });
+        assert_eq!(settings, ["clientResumeBytes"]);
+        assert!(message.contains("clientResumeWindow"), "{message}");
+        let (settings, _) = refused(Config {
+            client_resume_total_bytes: 0,
+            ..Config::default()
+        });
+        assert_eq!(settings, ["clientResumeTotalBytes"]);
+        Config {
+            client_resume_window: Duration::ZERO,
+            ..Config::default()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

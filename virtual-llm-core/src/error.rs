@@ -83,6 +83,19 @@ pub enum Error {
     /// The task already had its final result (409).
     #[error("task already finished")]
     TaskFinished,
+    /// No streamed answer of that id is kept for the caller (404): it never existed,
+    /// its resume window passed, it outgrew what the gateway keeps, or it is another
+    /// principal's. The same answer for each, so that an id tells nobody anything.
+    #[error("no streamed answer of that id to resume")]
+    UnknownCompletion,
+    /// A resumed answer cannot go on (410): it was cancelled when its last client
+    /// went away, or it outgrew what the gateway keeps for resuming while this client
+    /// was behind. Sent as a stream's `error` event.
+    #[error("{reason}")]
+    CompletionGone {
+        /// Which of the two, in words.
+        reason: &'static str,
+    },
     /// The body or frame is over the limit (413).
     #[error("payload over the limit of {limit} bytes")]
     PayloadTooLarge {
@@ -331,9 +344,11 @@ impl Error {
             Error::NoRoute { .. }
             | Error::UnknownLlm { .. }
             | Error::UnknownSession
-            | Error::UnknownTask => 404,
+            | Error::UnknownTask
+            | Error::UnknownCompletion => 404,
             Error::MethodNotAllowed => 405,
             Error::Conflict { .. } | Error::TaskFinished => 409,
+            Error::CompletionGone { .. } => 410,
             Error::PayloadTooLarge { .. } => 413,
             Error::UnsupportedMediaType { .. } => 415,
             Error::QueueFull { .. } | Error::RateLimited { .. } => 429,
@@ -379,6 +394,8 @@ impl Error {
             Error::UnknownTask => "unknown_task",
             Error::Conflict { .. } => "name_conflict",
             Error::TaskFinished => "task_finished",
+            Error::UnknownCompletion => "completion_not_found",
+            Error::CompletionGone { .. } => "completion_gone",
             Error::PayloadTooLarge { .. } => "payload_too_large",
             Error::UnsupportedProtocol { .. } => "unsupported_protocol_version",
             Error::UnsupportedEndpoint { .. } => "unsupported_endpoint",

@@ -1,4 +1,4 @@
-//! Identifiers: session ids, task ids and row ids.
+//! Identifiers: session ids, task ids, row ids and completion ids.
 //!
 //! The gateway mints every id itself from 128 bits of a cryptographically secure RNG,
 //! so holding an id is as good as a capability only for whoever was handed it: nobody
@@ -106,6 +106,10 @@ id_type!(
 id_type!(
     /// The stable id of an LLM row; it survives sticky reconnects and restarts.
     LlmId, "llm_", "llm id"
+);
+id_type!(
+    /// A streamed answer as its client may resume it (`x-completion-id`, SPEC §15).
+    CompletionId, "cmpl_", "completion id"
 );
 
 /// The longest replica id.

@@ -21,6 +21,8 @@
 //!   sweep, restart recovery; infer and deliver.
 //! - `shutdown`: the end of a graceful shutdown, waiting for the last unbinds.
 //! - [`task`]: task correlation, deadlines, cancellation.
+//! - [`completions`]: the completion log, streamed answers kept for their clients to
+//!   resume (SPEC §15).
 //! - [`channel`]: control channel sinks; `directory`: the [`ChannelDirectory`] seam
 //!   (where each session's channel is, bind epochs) and its [`LocalDirectory`].
 //! - [`router`]: the [`Router`] seam, which rows may answer a request, and
@@ -52,6 +54,7 @@ mod auth;
 mod backend;
 pub mod batch;
 pub mod channel;
+pub mod completions;
 pub mod config;
 mod directory;
 mod echo;
@@ -100,13 +103,14 @@ pub use admission::{Admission, LocalAdmission, Slot};
 pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens, bearer_token};
 pub use backend::PublicBackend;
 pub use channel::{ChannelSink, SendError};
+pub use completions::CompletionLog;
 pub use config::Config;
 pub use directory::{BindToken, ChannelDirectory, LocalDirectory};
 pub use echo::{EchoProvider, echo_embedding};
 pub use error::{Error, StoreError, UnavailableKind};
 pub use gateway::{Gateway, GatewayBuilder, LOCAL_REPLICA};
 pub use gc::GcGuard;
-pub use ids::{LlmId, MAX_ID_LEN, MAX_REPLICA_LEN, ReplicaId, SessionId, TaskId};
+pub use ids::{CompletionId, LlmId, MAX_ID_LEN, MAX_REPLICA_LEN, ReplicaId, SessionId, TaskId};
 pub use lifecycle::{Binding, SweepReport, activated, deactivated};
 pub use memory::MemoryStore;
 pub use name::{LlmName, MAX_NAME_LEN};

@@ -117,6 +117,7 @@ pub fn describe() {
     describe_histogram!(WAKE_TIME, Unit::Seconds, "Wake asked to LLM ready.");
     describe_counter!(WAKE_FAILURES, "Wakes that failed.");
     crate::usage::describe();
+    describe_completions();
 }
 
 pub(crate) fn resume_held() {
@@ -238,4 +239,35 @@ fn status_label(status: LlmStatus) -> &'static str {
         LlmStatus::Inactive => "inactive",
         LlmStatus::Hibernating => "hibernating",
     }
+}
+
+/// Streamed answers a client resumed (`GET /v1/chat/completions/{id}/stream`,
+/// SPEC §15) (counter).
+pub const CLIENT_RESUMES: &str = "virtual_llm_client_resumes_total";
+/// Streamed answers kept for their clients to resume, live or ended (gauge).
+pub const COMPLETIONS_KEPT: &str = "virtual_llm_completions_kept";
+/// Bytes of chunks kept for clients to resume, all answers together (gauge).
+pub const COMPLETIONS_KEPT_BYTES: &str = "virtual_llm_completions_kept_bytes";
+
+fn describe_completions() {
+    describe_counter!(CLIENT_RESUMES, "Streamed answers a client resumed.");
+    describe_gauge!(
+        COMPLETIONS_KEPT,
+        "Streamed answers kept for their clients to resume."
+    );
+    describe_gauge!(
+        COMPLETIONS_KEPT_BYTES,
+        Unit::Bytes,
+        "Bytes of chunks kept for clients to resume."
+    );
+}
+
+pub(crate) fn client_resumed() {
+    counter!(CLIENT_RESUMES).increment(1);
+}
+
+/// The completion log's size: answers and bytes kept.
+pub(crate) fn completions_kept(answers: usize, bytes: usize) {
+    gauge!(COMPLETIONS_KEPT).set(answers as f64);
+    gauge!(COMPLETIONS_KEPT_BYTES).set(bytes as f64);
 }
