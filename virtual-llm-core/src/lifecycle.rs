@@ -634,6 +634,8 @@ impl Gateway {
         self.session_rows(principal, session).await?;
         let _serial = self.shared.locks.lock(session).await;
         let token = self.shared.directory.bind(session, sink);
+        // Every replica knows of the bind before the rows say where it is.
+        self.shared.directory.settled().await;
         let now = self.shared.clock.now();
         let activate = async {
             let rows = self.shared.store.by_session(session).await?;
@@ -690,6 +692,7 @@ impl Gateway {
         if !self.shared.directory.release(token) {
             return Ok(false);
         }
+        self.shared.directory.settled().await;
         let failed = self.shared.tasks.fail_session(session);
         if failed > 0 {
             tracing::info!(%session, tasks = failed, "channel closed; in-flight tasks failed");

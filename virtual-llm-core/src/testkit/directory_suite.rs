@@ -101,9 +101,19 @@ pub fn close_local_tells_every_channel(dir: &dyn ChannelDirectory) {
     }
 }
 
-/// Across replicas: a channel bound on `a` is reached from `b`; a bind on `b` replaces
-/// it (and `a`'s channel is told to close); `a`'s late release cannot unbind `b`'s.
-pub fn a_channel_is_reached_and_replaced_across_replicas(
+/// The next frame `sink` receives, within 10 s (a bound for a frame that never
+/// comes, not a delay).
+async fn arrives(sink: &FakeChannel, what: &str) -> GatewayFrame {
+    tokio::time::timeout(std::time::Duration::from_secs(10), sink.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: no frame within 10 s"))
+}
+
+/// Across replicas: a channel bound on `a` is known to `b` once `a` has settled and
+/// reached from `b`, frames in order; a bind on `b` replaces it (and `a`'s channel is
+/// told to close); `a`'s late release cannot unbind `b`'s; once `b` released and
+/// settled, `a` knows of no channel.
+pub async fn a_channel_is_reached_and_replaced_across_replicas(
     a: &dyn ChannelDirectory,
     b: &dyn ChannelDirectory,
 ) {
@@ -111,28 +121,42 @@ pub fn a_channel_is_reached_and_replaced_across_replicas(
     let session = SessionId::generate();
     let on_a = FakeChannel::new();
     let token_a = a.bind(&session, Arc::new(on_a.clone()));
+    a.settled().await;
     assert_eq!(b.current(&session), Some(token_a.binding.clone()));
-    b.send(&session, cancel()).expect("b reaches a's channel");
-    assert_eq!(on_a.take().len(), 1);
+    let frames: Vec<GatewayFrame> = (0..5).map(|_| cancel()).collect();
+    for f in &frames {
+        b.send(&session, f.clone()).expect("b reaches a's channel");
+    }
+    for f in &frames {
+        assert_eq!(&arrives(&on_a, "a frame sent from b").await, f, "in order");
+    }
     assert_eq!(a.local_channels(), 1);
     assert_eq!(b.local_channels(), 0, "b holds none");
     let on_b = FakeChannel::new();
     let token_b = b.bind(&session, Arc::new(on_b.clone()));
-    let told = on_a.take();
-    assert!(
-        told.len() == 1 && is_closing(&told[0]),
-        "a's channel is told to close: {told:?}"
-    );
+    assert!(token_b.binding.epoch > token_a.binding.epoch, "epochs grow");
+    b.settled().await;
+    let told = arrives(&on_a, "the replaced channel").await;
+    assert!(is_closing(&told), "a's channel is told to close: {told:?}");
+    assert_eq!(a.local_channels(), 0, "a holds none any more");
+    assert!(!a.is_current(&token_a));
     assert!(!a.release(&token_a), "a's late release changes nothing");
-    a.send(&session, cancel()).expect("a reaches b's channel");
-    assert_eq!(on_b.take().len(), 1);
+    assert_eq!(a.current(&session), Some(token_b.binding.clone()));
+    let frame = cancel();
+    a.send(&session, frame.clone())
+        .expect("a reaches b's channel");
+    assert_eq!(arrives(&on_b, "a frame sent from a").await, frame);
     assert!(b.release(&token_b));
+    b.settled().await;
     assert_eq!(a.current(&session), None);
+    assert_eq!(a.send(&session, cancel()), Err(SendError::Closed), "no channel");
+    assert!(on_a.take().is_empty() && on_b.take().is_empty(), "nothing more");
 }
 
-/// Stamps out one `#[test]` per single-replica case of the channel directory suite.
-/// `$setup` is a fn returning something that dereferences to a
-/// [`ChannelDirectory`](crate::ChannelDirectory).
+/// Stamps out one test per single-replica case of the channel directory suite.
+/// `$setup` is an async fn returning something that dereferences to a
+/// [`ChannelDirectory`](crate::ChannelDirectory); each test runs on a Tokio runtime
+/// (a clustered directory's plane runs in the background).
 #[macro_export]
 macro_rules! directory_conformance_tests {
     ($setup:path) => {
@@ -145,9 +169,9 @@ macro_rules! directory_conformance_tests {
     };
     (@cases $setup:path; $($case:ident,)*) => {
         $(
-            #[test]
-            fn $case() {
-                let directory = $setup();
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let directory = $setup().await;
                 $crate::testkit::directory_suite::$case(&*directory);
             }
         )*
@@ -155,24 +179,25 @@ macro_rules! directory_conformance_tests {
 }
 
 /// Stamps out the single-replica cases for the first directory of `$setup`, and the
-/// cross-replica cases for the pair. `$setup` returns two directories of different
-/// replicas over one plane.
+/// cross-replica cases for the pair. `$setup` is an async fn returning two
+/// directories of different replicas over one plane.
 #[macro_export]
 macro_rules! cluster_directory_conformance_tests {
     ($setup:path) => {
         mod single_replica {
             use super::*;
-            fn first() -> std::sync::Arc<dyn $crate::ChannelDirectory> {
-                $setup().0
+            async fn first() -> std::sync::Arc<dyn $crate::ChannelDirectory> {
+                $setup().await.0
             }
             $crate::directory_conformance_tests!(first);
         }
-        #[test]
-        fn a_channel_is_reached_and_replaced_across_replicas() {
-            let (a, b) = $setup();
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn a_channel_is_reached_and_replaced_across_replicas() {
+            let (a, b) = $setup().await;
             $crate::testkit::directory_suite::a_channel_is_reached_and_replaced_across_replicas(
                 &*a, &*b,
-            );
+            )
+            .await;
         }
     };
 }
