@@ -283,13 +283,13 @@ impl NatsPlane {
         peers
     }
 
-    /// Waits until this replica knows at least `n` peers, for at most `within`;
+    /// Waits until this replica knows exactly `n` peers, for at most `within`;
     /// returns whether it does.
     pub async fn wait_for_peers(&self, n: usize, within: Duration) -> bool {
         let wait = async {
             loop {
                 let changed = self.shared.members_changed.notified();
-                if lock(&self.shared.members).len() >= n {
+                if lock(&self.shared.members).len() == n {
                     return;
                 }
                 changed.await;
