@@ -27,7 +27,11 @@ pub(crate) const HEADER_ROOM: usize = 256;
 /// `payload` as the messages to publish in order: `(None, payload)` when it fits in
 /// `max_payload`, else pieces with their headers. `id` names the message among every
 /// message of this publisher.
-pub(crate) fn split(payload: Bytes, max_payload: usize, id: &str) -> Vec<(Option<HeaderMap>, Bytes)> {
+pub(crate) fn split(
+    payload: Bytes,
+    max_payload: usize,
+    id: &str,
+) -> Vec<(Option<HeaderMap>, Bytes)> {
     if payload.len() <= max_payload {
         return vec![(None, payload)];
     }
@@ -94,7 +98,8 @@ impl Reassembler {
         };
         let now = Instant::now();
         let ttl = self.ttl;
-        self.partial.retain(|_, p| now.duration_since(p.started) < ttl);
+        self.partial
+            .retain(|_, p| now.duration_since(p.started) < ttl);
         let Some((id, index, count)) = parse(part.as_str()) else {
             return Piece::Dropped(format!("a malformed {PART} header: {}", part.as_str()));
         };

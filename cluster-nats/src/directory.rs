@@ -60,7 +60,10 @@ impl ChannelDirectory for NatsDirectory {
         let epoch = shared.next_epoch();
         let older = lock(&shared.local).insert(session.clone(), Local { epoch, sink });
         if let Some(older) = older
-            && older.sink.send(closing("replaced by a newer channel")).is_err()
+            && older
+                .sink
+                .send(closing("replaced by a newer channel"))
+                .is_err()
         {
             tracing::debug!(%session, "replaced channel was already gone");
         }

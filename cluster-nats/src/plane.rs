@@ -50,8 +50,10 @@ pub(crate) struct Local {
     pub(crate) sink: Arc<dyn ChannelSink>,
 }
 
-/// A frame waiting to be published to the replica holding its session's channel.
+/// A frame waiting to be published to the replica holding its session's channel;
+/// already counted as sent (its timeout runs from its queueing).
 struct OutFrame {
+    id: u64,
     to: ChannelBinding,
     session: SessionId,
     frame: GatewayFrame,
@@ -384,23 +386,46 @@ impl Shared {
         });
     }
 
-    /// Queues `frame` for `session`'s channel on `to`.
+    /// Queues `frame` for `session`'s channel on `to`. Its timeout runs from now: a
+    /// frame still queued when it passes (NATS down, the queue not draining) fails
+    /// its task all the same, and is not sent.
     pub(crate) fn forward(
         &self,
         to: ChannelBinding,
         session: &SessionId,
         frame: GatewayFrame,
     ) -> Result<(), SendError> {
-        self.frames
-            .try_send(OutFrame {
-                to,
-                session: session.clone(),
-                frame,
-            })
-            .map_err(|e| match e {
+        let id = self.id();
+        let task = match &frame {
+            GatewayFrame::Task(t) => Some(t.task_id.clone()),
+            _ => None,
+        };
+        {
+            let mut pending = lock(&self.pending);
+            pending.frames.insert(
+                id,
+                SentFrame {
+                    to: to.clone(),
+                    session: session.clone(),
+                    task,
+                },
+            );
+            pending.ages.push_back((id, Instant::now()));
+        }
+        let queued = self.frames.try_send(OutFrame {
+            id,
+            to,
+            session: session.clone(),
+            frame,
+        });
+        queued.map_err(|e| {
+            // Refused here and now: nothing to fail later.
+            lock(&self.pending).frames.remove(&id);
+            match e {
                 mpsc::error::TrySendError::Full(_) => SendError::Full,
                 mpsc::error::TrySendError::Closed(_) => SendError::Closed,
-            })
+            }
+        })
     }
 
     /// Waits, for at most the timeout, until every known peer has applied what this
@@ -642,8 +667,25 @@ impl Shared {
         Ok(())
     }
 
-    /// Hands `delivery` to its task on `replica`, waiting for the answer.
-    pub(crate) async fn deliver(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
+    /// Hands `delivery` to its task on `replica`, waiting for the answer: for at most
+    /// the deliver timeout, publishing included (the client's queue of commands may
+    /// be full while NATS is away).
+    pub(crate) async fn deliver(
+        &self,
+        replica: &ReplicaId,
+        delivery: Delivery,
+    ) -> Result<(), Error> {
+        let bound = self.options.deliver_timeout;
+        tokio::time::timeout(bound, self.deliver_unbounded(replica, delivery))
+            .await
+            .unwrap_or(Err(Error::UnknownTask))
+    }
+
+    async fn deliver_unbounded(
+        &self,
+        replica: &ReplicaId,
+        delivery: Delivery,
+    ) -> Result<(), Error> {
         let payload = serde_json::to_vec(&DeliveryWire::from(delivery))
             .map_err(|e| Error::invalid(format!("a result that cannot be encoded: {e}")))?;
         let subject = self.subjects.deliver(replica);
@@ -653,7 +695,11 @@ impl Shared {
         };
         for (h, piece) in pieces {
             let sent = match h {
-                Some(h) => self.client.publish_with_headers(subject.clone(), h, piece).await,
+                Some(h) => {
+                    self.client
+                        .publish_with_headers(subject.clone(), h, piece)
+                        .await
+                }
                 None => self.client.publish(subject.clone(), piece).await,
             };
             if let Err(e) = sent {
@@ -706,12 +752,17 @@ async fn each_message<F, Fut>(
 }
 
 async fn announcements_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
-    each_message(weak, sub, "announcements", |shared, msg, payload| async move {
-        match serde_json::from_slice::<Announcement>(&payload) {
-            Ok(a) => shared.apply(a, msg.reply).await,
-            Err(e) => tracing::warn!(error = %e, "an announcement that does not parse"),
-        }
-    })
+    each_message(
+        weak,
+        sub,
+        "announcements",
+        |shared, msg, payload| async move {
+            match serde_json::from_slice::<Announcement>(&payload) {
+                Ok(a) => shared.apply(a, msg.reply).await,
+                Err(e) => tracing::warn!(error = %e, "an announcement that does not parse"),
+            }
+        },
+    )
     .await;
 }
 
@@ -746,7 +797,9 @@ async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
         // Each on its own task: a slow client holds up its own stream only.
         tokio::spawn(async move {
             let outcome = match serde_json::from_slice::<DeliveryWire>(&payload) {
-                Err(e) => Err(Error::invalid(format!("a forwarded result that does not parse: {e}"))),
+                Err(e) => Err(Error::invalid(format!(
+                    "a forwarded result that does not parse: {e}"
+                ))),
                 Ok(d) => match shared.inbound() {
                     None => Err(Error::UnknownTask),
                     Some(inbound) => {
@@ -772,7 +825,10 @@ async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
 async fn answer_pings(weak: Weak<Shared>, sub: async_nats::Subscriber) {
     each_message(weak, sub, "pings", |shared, msg, _| async move {
         if let Some(reply) = msg.reply
-            && let Err(e) = shared.client.publish(reply, Bytes::from_static(b"pong")).await
+            && let Err(e) = shared
+                .client
+                .publish(reply, Bytes::from_static(b"pong"))
+                .await
         {
             tracing::debug!(error = %e, "answering a probe");
         }
@@ -824,35 +880,23 @@ async fn answers_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
 async fn publish_frames(weak: Weak<Shared>, mut queue: mpsc::Receiver<OutFrame>) {
     while let Some(out) = queue.recv().await {
         let Some(shared) = weak.upgrade() else { return };
+        if !lock(&shared.pending).frames.contains_key(&out.id) {
+            // Its timeout passed while it was queued: its task failed already.
+            continue;
+        }
         let payload = match encode_frame(&out.session, &out.frame) {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "a frame that cannot be encoded");
+                shared.frame_ended(out.id, FrameOutcome::TimedOut);
                 continue;
             }
         };
-        let id = shared.id();
-        let task = match &out.frame {
-            GatewayFrame::Task(t) => Some(t.task_id.clone()),
-            _ => None,
-        };
-        {
-            let mut pending = lock(&shared.pending);
-            pending.frames.insert(
-                id,
-                SentFrame {
-                    to: out.to.clone(),
-                    session: out.session,
-                    task,
-                },
-            );
-            pending.ages.push_back((id, Instant::now()));
-        }
         let subject = shared.subjects.frame(&out.to.replica);
-        let reply = format!("{}.f.{id}", shared.inbox);
+        let reply = format!("{}.f.{}", shared.inbox, out.id);
         if let Err(e) = shared.publish(subject, payload, Some(reply)).await {
             tracing::warn!(peer = %out.to.replica, error = %e, "a frame could not be published");
-            shared.frame_ended(id, FrameOutcome::TimedOut);
+            shared.frame_ended(out.id, FrameOutcome::TimedOut);
         }
     }
 }
@@ -870,7 +914,10 @@ async fn publish_announcements(
                 continue;
             }
         };
-        if let Err(e) = shared.publish(shared.subjects.all(), payload, out.reply).await {
+        if let Err(e) = shared
+            .publish(shared.subjects.all(), payload, out.reply)
+            .await
+        {
             tracing::warn!(error = %e, "an announcement could not be published");
         }
     }
@@ -925,13 +972,15 @@ async fn probe_peers(weak: Weak<Shared>) {
             let shared = shared.clone();
             async move {
                 let request = Request::new().timeout(Some(shared.options.timeout));
-                let answer = shared
+                let probe = shared
                     .client
-                    .send_request(shared.subjects.ping(&peer), request)
-                    .await;
-                let connected = || {
-                    shared.client.connection_state() == async_nats::connection::State::Connected
+                    .send_request(shared.subjects.ping(&peer), request);
+                // Bounded as a whole: sending waits while NATS is away.
+                let Ok(answer) = tokio::time::timeout(shared.options.timeout, probe).await else {
+                    return;
                 };
+                let connected =
+                    || shared.client.connection_state() == async_nats::connection::State::Connected;
                 match answer {
                     Ok(_) => {}
                     Err(e) if e.kind() == RequestErrorKind::NoResponders => shared.gone(&peer),

@@ -171,8 +171,7 @@ impl NatsServer {
         self.running = Some((child, stdin));
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            let ready = std::fs::read_to_string(&log)
-                .is_ok_and(|l| l.contains("Server is ready"))
+            let ready = std::fs::read_to_string(&log).is_ok_and(|l| l.contains("Server is ready"))
                 && TcpStream::connect(("127.0.0.1", self.port)).is_ok();
             if ready {
                 return Ok(());

@@ -19,11 +19,11 @@ use common::{
 use futures::StreamExt;
 use serde_json::{Value, json};
 use virtual_llm_core::protocol::{LlmSpec, TaskResult};
+use virtual_llm_core::testkit::LoopbackWire;
 use virtual_llm_core::{
     Delivery, EchoProvider, Error, Gateway, LlmName, PublishedLlm, Publisher, PublisherOptions,
     Reply, SessionId, TaskEvent, TaskId, UnavailableKind,
 };
-use virtual_llm_core::testkit::LoopbackWire;
 use virtual_llm_nats::NatsPlane;
 use virtual_llm_nats::testing::{NatsServer, available};
 
@@ -60,7 +60,10 @@ async fn messages_over_max_payload_are_cut_and_put_back_together() {
     )
     .await
     .expect("the large result is taken on b");
-    let event = within(10, "the answer", handle.next()).await.unwrap().unwrap();
+    let event = within(10, "the answer", handle.next())
+        .await
+        .unwrap()
+        .unwrap();
     let TaskEvent::Completed(c) = event else {
         panic!("a whole answer: {event:?}")
     };
@@ -82,9 +85,18 @@ async fn a_frame_refused_by_the_holding_replica_fails_its_task() {
     let mut handle = b
         .start_task(&carol(), &rows.rows[0], chat("llm", "x", false))
         .expect("queued for a");
-    let err = within(10, "the refusal", handle.next()).await.unwrap().unwrap_err();
+    let err = within(10, "the refusal", handle.next())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(
-        matches!(err, Error::Unavailable { kind: UnavailableKind::Saturated, .. }),
+        matches!(
+            err,
+            Error::Unavailable {
+                kind: UnavailableKind::Saturated,
+                ..
+            }
+        ),
         "{err:?}"
     );
     channel.set_full(false);
@@ -92,9 +104,18 @@ async fn a_frame_refused_by_the_holding_replica_fails_its_task() {
     let mut handle = b
         .start_task(&carol(), &rows.rows[0], chat("llm", "x", false))
         .expect("queued for a");
-    let err = within(10, "the refusal", handle.next()).await.unwrap().unwrap_err();
+    let err = within(10, "the refusal", handle.next())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(
-        matches!(err, Error::Unavailable { kind: UnavailableKind::Offline, .. }),
+        matches!(
+            err,
+            Error::Unavailable {
+                kind: UnavailableKind::Offline,
+                ..
+            }
+        ),
         "{err:?}"
     );
     assert_eq!(b.in_flight(), 0);
@@ -153,7 +174,9 @@ async fn a_result_for_a_silent_replica_is_unknown_after_the_timeout() {
         .await
         .unwrap();
     ghost.flush().await.unwrap();
-    let a = NatsPlane::connect(&server.url(), id("gw-a"), opts).await.unwrap();
+    let a = NatsPlane::connect(&server.url(), id("gw-a"), opts)
+        .await
+        .unwrap();
     tokio::time::pause();
     let started = tokio::time::Instant::now();
     let answer = a.task_router().deliver(&id("ghost"), delivery()).await;
@@ -164,7 +187,9 @@ async fn a_result_for_a_silent_replica_is_unknown_after_the_timeout() {
         started.elapsed()
     );
     tokio::time::resume();
-    let heard = within(10, "the ghost heard it", silent.next()).await.unwrap();
+    let heard = within(10, "the ghost heard it", silent.next())
+        .await
+        .unwrap();
     assert!(heard.reply.is_some(), "a request");
 }
 
@@ -185,7 +210,10 @@ async fn tasks_waiting_on_a_vanished_replica_fail() {
         .unwrap();
     within(10, "the task frame", channel.next_task()).await;
     planes.0.disconnect().await;
-    let err = within(20, "the failure", handle.next()).await.unwrap().unwrap_err();
+    let err = within(20, "the failure", handle.next())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert_eq!(err.status(), 503, "{err}");
     assert_eq!(b.in_flight(), 0);
     assert!(!b.is_bound(&rows.rows[0].provider_session_id.clone().unwrap()));
@@ -234,7 +262,10 @@ async fn a_nats_restart_under_load_recovers() {
     server.stop();
     let mut failed = 0;
     for n in 0..5 {
-        if within(30, "a request while NATS is down", ask(&b, n)).await.is_err() {
+        if within(30, "a request while NATS is down", ask(&b, n))
+            .await
+            .is_err()
+        {
             failed += 1;
         }
     }
@@ -243,7 +274,10 @@ async fn a_nats_restart_under_load_recovers() {
     // Back within a bound: both reconnect (backoff up to 4 s) and announce themselves.
     let mut recovered = false;
     for n in 0..300 {
-        if within(30, "a request after the restart", ask(&b, n)).await.is_ok() {
+        if within(30, "a request after the restart", ask(&b, n))
+            .await
+            .is_ok()
+        {
             recovered = true;
             break;
         }

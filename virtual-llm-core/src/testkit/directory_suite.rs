@@ -149,8 +149,15 @@ pub async fn a_channel_is_reached_and_replaced_across_replicas(
     assert!(b.release(&token_b));
     b.settled().await;
     assert_eq!(a.current(&session), None);
-    assert_eq!(a.send(&session, cancel()), Err(SendError::Closed), "no channel");
-    assert!(on_a.take().is_empty() && on_b.take().is_empty(), "nothing more");
+    assert_eq!(
+        a.send(&session, cancel()),
+        Err(SendError::Closed),
+        "no channel"
+    );
+    assert!(
+        on_a.take().is_empty() && on_b.take().is_empty(),
+        "nothing more"
+    );
 }
 
 /// Stamps out one test per single-replica case of the channel directory suite.

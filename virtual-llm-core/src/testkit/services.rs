@@ -34,6 +34,9 @@ mod tests {
     fn a_missing_service_skips_unless_required() {
         missing("a server", "not installed", false);
         let required = std::panic::catch_unwind(|| missing("a server", "not installed", true));
-        assert!(required.is_err(), "a required service that is missing fails");
+        assert!(
+            required.is_err(),
+            "a required service that is missing fails"
+        );
     }
 }
