@@ -27,6 +27,10 @@ pub struct NatsOptions {
     /// died) or does not answer within [`timeout`](Self::timeout) is gone: the
     /// tasks here waiting on its channels fail with 503 at once.
     pub probe_interval: Duration,
+    /// How often each replica announces all its channels again (default 30 s), so
+    /// that a peer that missed an announcement (NATS core delivers at most once) or
+    /// took this replica for gone is mended.
+    pub resync_interval: Duration,
     /// Frames and announcements waiting to be published (default 8192); past it a
     /// frame for another replica is refused as [`SendError::Full`](virtual_llm_core::SendError::Full).
     pub queue: usize,
@@ -42,6 +46,7 @@ impl Default for NatsOptions {
             timeout: Duration::from_secs(5),
             deliver_timeout: Duration::from_secs(30),
             probe_interval: Duration::from_secs(1),
+            resync_interval: Duration::from_secs(30),
             queue: 8192,
             max_message: 64 << 20,
         }
@@ -73,6 +78,12 @@ impl NatsOptions {
         self
     }
 
+    /// These options with `resync_interval`.
+    pub fn with_resync_interval(mut self, interval: Duration) -> Self {
+        self.resync_interval = interval;
+        self
+    }
+
     /// Checks the prefix and the bounds.
     pub(crate) fn validate(&self) -> Result<(), NatsError> {
         let token_ok = |t: &str| {
@@ -90,6 +101,7 @@ impl NatsOptions {
             ("timeout", self.timeout),
             ("deliver_timeout", self.deliver_timeout),
             ("probe_interval", self.probe_interval),
+            ("resync_interval", self.resync_interval),
         ]
         .into_iter()
         .find(|(_, d)| d.is_zero());

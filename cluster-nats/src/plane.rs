@@ -236,6 +236,7 @@ impl NatsPlane {
             tokio::spawn(publish_announcements(weak.clone(), announce_rx)).abort_handle(),
             tokio::spawn(expire_frames(weak.clone())).abort_handle(),
             tokio::spawn(probe_peers(weak.clone())).abort_handle(),
+            tokio::spawn(resync(weak.clone())).abort_handle(),
             tokio::spawn(connection_events(weak, events_rx)).abort_handle(),
         ];
         lock(&shared.background).extend(handles);
@@ -371,18 +372,30 @@ impl Shared {
         }
     }
 
-    /// Announces this replica and its channels; every peer answers with its own.
-    fn hello(&self) {
-        let held = lock(&self.local)
+    /// The channels this replica holds, for a snapshot.
+    fn held(&self) -> Vec<Held> {
+        lock(&self.local)
             .iter()
             .map(|(session, l)| Held {
                 session: session.clone(),
                 epoch: l.epoch,
             })
-            .collect();
+            .collect()
+    }
+
+    /// Announces this replica and its channels; every peer answers with its own.
+    fn hello(&self) {
         self.announce(Announcement::Hello {
             from: self.replica.clone(),
-            held,
+            held: self.held(),
+        });
+    }
+
+    /// Announces this replica's channels again, for peers that missed something.
+    fn resync(&self) {
+        self.announce(Announcement::Here {
+            from: self.replica.clone(),
+            held: self.held(),
         });
     }
 
@@ -566,17 +579,7 @@ impl Shared {
         match announcement {
             Announcement::Hello { from, held } => {
                 self.apply_snapshot(&from, held);
-                let held = lock(&self.local)
-                    .iter()
-                    .map(|(session, l)| Held {
-                        session: session.clone(),
-                        epoch: l.epoch,
-                    })
-                    .collect();
-                self.announce(Announcement::Here {
-                    from: self.replica.clone(),
-                    held,
-                });
+                self.resync();
             }
             Announcement::Here { from, held } => self.apply_snapshot(&from, held),
             Announcement::Bound { session, binding } => self.apply_bound(&session, binding),
@@ -992,6 +995,21 @@ async fn probe_peers(weak: Weak<Shared>) {
             }
         });
         join_all(probes).await;
+    }
+}
+
+/// Every `resync_interval`, this replica's channels again.
+async fn resync(weak: Weak<Shared>) {
+    let every = match weak.upgrade() {
+        Some(s) => s.options.resync_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        shared.resync();
     }
 }
 

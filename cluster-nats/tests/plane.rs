@@ -291,3 +291,47 @@ async fn a_nats_restart_under_load_recovers() {
     }
     publisher.stop().await;
 }
+
+/// Polls `condition` every 10 ms until it holds, for at most 10 s.
+async fn eventually(what: &str, condition: impl Fn() -> bool) {
+    within(10, what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// A peer whose map lost a channel (NATS core delivers at most once; here a forged
+/// release) has it back within the resync interval: every replica announces its
+/// channels again periodically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_announcement_is_mended_by_the_next_resync() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let opts = options().with_resync_interval(Duration::from_millis(300));
+    let prefix = opts.prefix.clone();
+    let (a, b) = two_planes_on(&server.url(), opts).await;
+    let (on_a, on_b) = (a.directory(), b.directory());
+    let session = SessionId::generate();
+    let token = on_a.bind(
+        &session,
+        Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
+    );
+    on_a.settled().await;
+    assert_eq!(on_b.current(&session), Some(token.binding.clone()));
+    let forger = async_nats::connect(server.url()).await.unwrap();
+    let forged = json!({"op": "released", "session": session, "binding": token.binding});
+    forger
+        .publish(format!("{prefix}.all"), forged.to_string().into())
+        .await
+        .unwrap();
+    forger.flush().await.unwrap();
+    eventually("b forgets the channel", || on_b.current(&session).is_none()).await;
+    eventually("b has it back", || {
+        on_b.current(&session) == Some(token.binding.clone())
+    })
+    .await;
+}
