@@ -293,7 +293,7 @@ async fn a_nats_restart_under_load_recovers() {
 }
 
 /// Polls `condition` every 10 ms until it holds, for at most 10 s.
-async fn eventually(what: &str, condition: impl Fn() -> bool + Send) {
+async fn eventually(what: &str, condition: impl Fn() -> bool + Send + Sync) {
     within(10, what, async {
         while !condition() {
             tokio::time::sleep(Duration::from_millis(10)).await;
