@@ -7,7 +7,9 @@
 //! its registry under `./data`). `--help` lists the flags; `--config FILE` reads a TOML
 //! file (see `docs/operations.md`). Built with `--features postgres`, `--store
 //! postgres://…` keeps the registry in PostgreSQL instead, shared by every gateway
-//! given the same URL (each with its own `--replica-id`).
+//! given the same URL (each with its own `--replica-id`); built with `--features nats`
+//! too, `--nats nats://…` links those replicas through NATS, so a client may call any
+//! of them whichever holds the publisher's channel.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -53,6 +55,12 @@ struct Args {
     /// with `--store`.
     #[arg(long, value_name = "ID")]
     replica_id: Option<String>,
+    /// Link this gateway to the other replicas sharing its `--store` through the NATS
+    /// server(s) at this URL (`nats://host:4222`, several comma-separated): a client
+    /// of any replica reaches a publisher connected to any other. Needs `--store` and
+    /// a build with the `nats` feature.
+    #[arg(long, value_name = "URL", env = "VIRTUAL_LLM_NATS")]
+    nats: Option<String>,
     /// How long this replica's lease runs after each renewal (every 5 s) when several
     /// gateways share a `--store`: when a replica dies, the rows whose channels it
     /// held go inactive this long (plus a 2 s clock margin) after its last renewal
@@ -204,6 +212,66 @@ impl Registry {
             Registry::Redb(s) => s.close().await,
             #[cfg(feature = "postgres")]
             Registry::Postgres(_) => Ok(()),
+        }
+    }
+}
+
+/// How this replica reaches the others: nothing (one gateway, or replicas that share
+/// only the registry), or NATS (`--nats`).
+enum Plane {
+    Alone,
+    #[cfg(feature = "nats")]
+    Nats(virtual_llm::nats::NatsPlane),
+}
+
+impl Plane {
+    async fn connect(
+        url: Option<&str>,
+        replica: Option<ReplicaId>,
+    ) -> Result<Self, common::BoxError> {
+        let (Some(url), Some(replica)) = (url, replica) else {
+            return Ok(Plane::Alone);
+        };
+        #[cfg(feature = "nats")]
+        {
+            let options = virtual_llm::nats::NatsOptions::default();
+            let plane = virtual_llm::nats::NatsPlane::connect(url, replica, options).await?;
+            tracing::info!(replica = %plane.replica(), max_payload = plane.max_payload(), "linked to the other replicas through NATS");
+            Ok(Plane::Nats(plane))
+        }
+        #[cfg(not(feature = "nats"))]
+        {
+            let _ = (url, replica);
+            Err("--nats nats://… needs a gateway built with --features nats".into())
+        }
+    }
+
+    /// `builder` with the plane's channel directory and task router.
+    fn link(&self, builder: virtual_llm::GatewayBuilder) -> virtual_llm::GatewayBuilder {
+        match self {
+            Plane::Alone => builder,
+            #[cfg(feature = "nats")]
+            Plane::Nats(p) => builder
+                .directory(p.directory())
+                .task_router(p.task_router()),
+        }
+    }
+
+    /// Hands the started gateway what the peers forward.
+    fn serve(&self, gateway: &Gateway) {
+        match self {
+            Plane::Alone => {}
+            #[cfg(feature = "nats")]
+            Plane::Nats(p) => p.serve(gateway.inbound()),
+        }
+    }
+
+    /// Tells the peers this replica leaves, once its channels are closed.
+    async fn shutdown(&self) {
+        match self {
+            Plane::Alone => {}
+            #[cfg(feature = "nats")]
+            Plane::Nats(p) => p.shutdown().await,
         }
     }
 }
@@ -420,19 +488,29 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         .into());
     }
 
+    if args.nats.is_some() && args.store.is_none() {
+        return Err(
+            "--nats links replicas that share a registry: give --store postgres://… too".into(),
+        );
+    }
     let registry = Registry::open(&args).await?;
     let mut builder = Gateway::builder(registry.store())
         .config(config)
         .authenticator(auth);
-    match &args.replica_id {
-        Some(id) => builder = builder.replica(ReplicaId::parse(id).map_err(|e| config_error(&e))?),
+    let replica = match &args.replica_id {
+        Some(id) => Some(ReplicaId::parse(id).map_err(|e| config_error(&e))?),
         None if args.store.is_some() => {
             let id = ReplicaId::generate();
             tracing::info!(replica = %id, "no --replica-id: this gateway's replica id is new");
-            builder = builder.replica(id);
+            Some(id)
         }
-        None => {}
+        None => None,
+    };
+    if let Some(replica) = &replica {
+        builder = builder.replica(replica.clone());
     }
+    let plane = Plane::connect(args.nats.as_deref(), replica).await?;
+    builder = plane.link(builder);
     if !file.public.is_empty() {
         builder = builder.public_backend(Arc::new(public_backend(&file.public)?));
     }
@@ -440,6 +518,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         builder = builder.waker(Arc::new(waker(&file.wake)?));
     }
     let gateway = builder.start().await?;
+    plane.serve(&gateway);
     let admin = Principal::new("config", [Role::Admin]);
     for public in &file.public {
         let spec = LlmSpec {
@@ -520,6 +599,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     if !gateway.settle(args.grace).await {
         tracing::warn!(grace = ?args.grace, "channels still open after the grace period; closing the store under them");
     }
+    plane.shutdown().await;
     gc.shutdown().await;
     gateway.flush().await?;
     registry.close().await?;

@@ -18,6 +18,11 @@ pub use virtual_llm_redb as redb;
 #[cfg(feature = "postgres")]
 pub use virtual_llm_postgres as postgres;
 
+/// The request plane on NATS between gateway replicas: `nats::NatsPlane`, the
+/// channel directory and task router across replicas (feature `nats`).
+#[cfg(feature = "nats")]
+pub use virtual_llm_nats as nats;
+
 /// The gateway's HTTP surface: client and provider routes, composed with the
 /// transports' control channels; errors as responses; the server loop (feature `http`).
 #[cfg(feature = "http")]

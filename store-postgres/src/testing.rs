@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
 
 /// The environment variable that makes a missing service a failure.
-pub const REQUIRE_SERVICES: &str = "VIRTUAL_LLM_REQUIRE_SERVICES";
+pub use virtual_llm_core::testkit::services::REQUIRE_SERVICES;
 
 /// Why a server could not be started.
 #[derive(Debug, thiserror::Error)]
@@ -405,9 +405,7 @@ impl Drop for PgServer {
 }
 
 /// Whether missing services fail the run (`VIRTUAL_LLM_REQUIRE_SERVICES=1`).
-pub fn services_required() -> bool {
-    std::env::var(REQUIRE_SERVICES).is_ok_and(|v| v == "1")
-}
+pub use virtual_llm_core::testkit::services::services_required;
 
 /// `result`'s server, or `None` after one loud line on stderr when PostgreSQL is
 /// missing; panics when it is missing and services are required, or when it is
@@ -420,11 +418,8 @@ pub fn available<T>(result: Result<T, ServerError>) -> Option<T> {
 fn decide<T>(result: Result<T, ServerError>, required: bool) -> Option<T> {
     match result {
         Ok(t) => Some(t),
-        Err(ServerError::Missing(why)) if !required => {
-            eprintln!(
-                "SKIPPED: this test needs PostgreSQL ({why}); set {REQUIRE_SERVICES}=1 to make \
-                 this a failure"
-            );
+        Err(ServerError::Missing(why)) => {
+            virtual_llm_core::testkit::services::missing("PostgreSQL", &why, required);
             None
         }
         Err(e) => panic!("{e}"),

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use async_trait::async_trait;
+
 use crate::channel::{ChannelSink, SendError};
 use crate::protocol::{Closing, GatewayFrame};
 use crate::sync::lock;
@@ -47,9 +49,16 @@ pub struct BindToken {
 /// - **Local knowledge is local.** [`local_channels`](ChannelDirectory::local_channels)
 ///   and [`close_local`](ChannelDirectory::close_local) see only the channels this
 ///   replica holds.
+/// - **Peers agree once settled.** A clustered directory may tell its peers of a bind
+///   or a release in the background; once [`settled`](ChannelDirectory::settled)
+///   returns, every peer that answered within the plane's timeout has applied this
+///   replica's binds and releases made before the call (its `current` agrees, a
+///   channel it held for a session bound here since has been told to close). The
+///   gateway waits on it before it writes a bind into the rows and after an unbind.
 ///
 /// The test kit's `directory_suite` (feature `testkit`) checks an
 /// implementation against this contract.
+#[async_trait]
 pub trait ChannelDirectory: fmt::Debug + Send + Sync + 'static {
     /// The replica this directory binds channels on.
     fn replica(&self) -> &ReplicaId;
@@ -76,6 +85,12 @@ pub trait ChannelDirectory: fmt::Debug + Send + Sync + 'static {
     /// Sends every channel this replica holds a `closing` frame with `reason` (a
     /// graceful shutdown); returns how many were told.
     fn close_local(&self, reason: &str) -> usize;
+
+    /// Waits, for at most the plane's timeout, until the other replicas have applied
+    /// this replica's binds and releases so far. A directory whose binds are seen
+    /// everywhere at once (this process's, the test kit's in-memory cluster) returns
+    /// at once.
+    async fn settled(&self) {}
 }
 
 struct Bound {

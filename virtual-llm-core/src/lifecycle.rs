@@ -644,6 +644,8 @@ impl Gateway {
         self.session_rows(principal, session).await?;
         let _serial = self.shared.locks.lock(session).await;
         let token = self.shared.directory.bind(session, sink);
+        // Every replica knows of the bind before the rows say where it is.
+        self.shared.directory.settled().await;
         let now = self.shared.clock.now();
         let activate = async {
             let rows = self.shared.store.by_session(session).await?;
@@ -704,6 +706,7 @@ impl Gateway {
         if !self.shared.directory.release(token) {
             return Ok(false);
         }
+        self.shared.directory.settled().await;
         if self.shared.versions.resumes(session) {
             let (held, hold) = self.shared.tasks.hold_session(session);
             if held > 0 {

@@ -166,6 +166,18 @@ impl Inner {
         }
     }
 
+    /// What a task whose frame its channel refused answers.
+    fn refused(&self, e: SendError) -> Error {
+        match e {
+            SendError::Full => Error::unavailable(
+                UnavailableKind::Saturated,
+                "the publisher of this llm is saturated",
+                self.retry_after,
+            ),
+            SendError::Closed => self.offline(),
+        }
+    }
+
     fn offline(&self) -> Error {
         Error::unavailable(
             UnavailableKind::Offline,
@@ -266,17 +278,7 @@ impl TaskTable {
         lock(&self.inner.state).live.insert(id.clone(), live);
         if let Err(e) = directory.send(session, frame) {
             lock(&self.inner.state).live.remove(&id);
-            let (kind, reason) = match e {
-                SendError::Full => (
-                    UnavailableKind::Saturated,
-                    "the publisher of this llm is saturated",
-                ),
-                SendError::Closed => (
-                    UnavailableKind::Offline,
-                    "the publisher of this llm disconnected",
-                ),
-            };
-            return Err(Error::unavailable(kind, reason, self.inner.retry_after));
+            return Err(self.inner.refused(e));
         }
         Ok(TaskHandle {
             id,
@@ -516,6 +518,22 @@ impl TaskTable {
         let Some(live) = live else { return false };
         self.inner.send_cancel(&live.session, task);
         live.fail(error);
+        true
+    }
+
+    /// Fails one task of `session` whose frame its channel refused after `start`
+    /// returned (a replica plane hears of it from the replica holding the channel):
+    /// 503 as `start` would have answered. Returns whether the task was live.
+    pub(crate) fn refused(&self, session: &SessionId, task: &TaskId, e: SendError) -> bool {
+        let live = {
+            let mut state = lock(&self.inner.state);
+            match state.live.get(task) {
+                Some(t) if t.session == *session => state.live.remove(task),
+                _ => None,
+            }
+        };
+        let Some(live) = live else { return false };
+        live.fail(self.inner.refused(e));
         true
     }
 

@@ -12,6 +12,7 @@ use std::fmt;
 
 use async_trait::async_trait;
 
+use crate::channel::SendError;
 use crate::protocol::TaskResult;
 use crate::task::TaskTable;
 use crate::{Error, ReplicaId, SessionId, TaskId};
@@ -105,5 +106,13 @@ impl TaskInbound {
     /// Returns how many.
     pub fn session_closed(&self, session: &SessionId) -> usize {
         self.tasks.fail_session(session)
+    }
+
+    /// The replica holding `session`'s channel refused the frame of `task` (a plane
+    /// sends frames in the background, so `start` had returned): the task fails with
+    /// the 503 a refusal on this replica gives (`Full`: saturated; `Closed`: offline).
+    /// Returns whether the task was still waiting.
+    pub fn frame_refused(&self, session: &SessionId, task: &TaskId, error: SendError) -> bool {
+        self.tasks.refused(session, task, error)
     }
 }

@@ -34,7 +34,7 @@ virtual_llm_core::plane_conformance_tests!(two_replicas);
 mod local_directory {
     use super::*;
 
-    fn local() -> Arc<dyn ChannelDirectory> {
+    async fn local() -> Arc<dyn ChannelDirectory> {
         Arc::new(LocalDirectory::new(id("local")))
     }
 
@@ -44,7 +44,7 @@ mod local_directory {
 mod memory_cluster_directory {
     use super::*;
 
-    fn pair() -> (Arc<dyn ChannelDirectory>, Arc<dyn ChannelDirectory>) {
+    async fn pair() -> (Arc<dyn ChannelDirectory>, Arc<dyn ChannelDirectory>) {
         let cluster = MemoryCluster::new();
         (cluster.directory(id("a")), cluster.directory(id("b")))
     }

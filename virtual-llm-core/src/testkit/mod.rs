@@ -25,6 +25,8 @@
 //! - [`EchoProvider`]: the deterministic echo model.
 //! - [`LoopbackWire`]: a publisher wire straight into an in-process gateway.
 //! - [`record`] and [`at`]: row and time builders for tests.
+//! - [`services`]: when a test that needs a real server (PostgreSQL, `nats-server`)
+//!   skips, and when it fails.
 
 pub mod admission_suite;
 mod cluster;
@@ -33,6 +35,7 @@ mod failing;
 mod loopback;
 pub mod plane_suite;
 pub mod router_suite;
+pub mod services;
 pub mod store_suite;
 
 pub use cluster::MemoryCluster;

@@ -1,0 +1,1035 @@
+//! [`NatsPlane`]: one gateway replica's link to the others over NATS, and the
+//! background tasks that keep it: announcing this replica's channels and hearing the
+//! others', relaying frames to channels held here, handing forwarded results to
+//! tasks held here, and probing peers.
+//!
+//! Every replica keeps the map of which replica holds which session's channel: its
+//! own channels, and the others' as they announce them (`Bound`, `Released`, and a
+//! snapshot of all of them in `Hello`/`Here` when a replica joins or reconnects to
+//! NATS). Bind epochs are a Lamport clock (seeded from the wall clock, raised past
+//! every epoch heard), so the later of two binds of one session wins everywhere. A
+//! frame for a session held elsewhere is queued and published to its replica as a
+//! request; the answer (taken, full, closed, no responders, or none in time) fails
+//! the frame's task here when it was not taken. A peer with no subscriber left ("no
+//! responders") or silent past the timeout is gone: its channels are forgotten and
+//! the tasks here waiting on them fail with 503.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use async_nats::{Client, ConnectOptions, Event, Message, Request, RequestErrorKind, StatusCode};
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::future::join_all;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use virtual_llm_core::protocol::{Closing, GatewayFrame};
+use virtual_llm_core::sync::lock;
+use virtual_llm_core::{
+    ChannelBinding, ChannelDirectory, ChannelSink, Delivery, Error, Gateway, GatewayBuilder,
+    ReplicaId, SendError, SessionId, TaskId, TaskInbound, TaskRouter,
+};
+
+use crate::chunk::{self, Piece, Reassembler};
+use crate::directory::NatsDirectory;
+use crate::error::NatsError;
+use crate::options::NatsOptions;
+use crate::router::NatsTaskRouter;
+use crate::wire::{
+    Announcement, DeliverAnswer, DeliveryWire, FrameAnswer, Held, Subjects, decode_frame,
+    encode_frame,
+};
+
+/// A channel this replica holds.
+pub(crate) struct Local {
+    pub(crate) epoch: u64,
+    pub(crate) sink: Arc<dyn ChannelSink>,
+}
+
+/// A frame waiting to be published to the replica holding its session's channel;
+/// already counted as sent (its timeout runs from its queueing).
+struct OutFrame {
+    id: u64,
+    to: ChannelBinding,
+    session: SessionId,
+    frame: GatewayFrame,
+}
+
+/// An announcement waiting to be published, with the subject its answers go to.
+struct OutAnnouncement {
+    announcement: Announcement,
+    reply: Option<String>,
+}
+
+/// A frame published and not answered yet.
+struct SentFrame {
+    to: ChannelBinding,
+    session: SessionId,
+    /// The task it starts, if it is a task frame: what fails when it is refused.
+    task: Option<TaskId>,
+}
+
+/// A barrier waiting for its peers.
+struct Barrier {
+    waiting: HashSet<ReplicaId>,
+    done: Option<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct Pending {
+    frames: HashMap<u64, SentFrame>,
+    /// Sent frames by age, for their timeout (every frame has the same).
+    ages: VecDeque<(u64, Instant)>,
+    barriers: HashMap<u64, Barrier>,
+}
+
+/// How a published frame ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FrameOutcome {
+    Answered(FrameAnswer),
+    NoResponders,
+    TimedOut,
+}
+
+/// What the replicas of a plane share, on one replica.
+pub(crate) struct Shared {
+    pub(crate) replica: ReplicaId,
+    pub(crate) options: NatsOptions,
+    pub(crate) client: Client,
+    pub(crate) subjects: Subjects,
+    /// This replica's inbox: answers come to `{inbox}.f.{id}` (frames) and
+    /// `{inbox}.s.{id}` (barriers).
+    inbox: String,
+    /// The channels this replica holds.
+    pub(crate) local: Mutex<HashMap<SessionId, Local>>,
+    /// The channels other replicas hold, as they announced them.
+    pub(crate) remote: Mutex<HashMap<SessionId, ChannelBinding>>,
+    /// The Lamport clock of bind epochs.
+    epochs: AtomicU64,
+    /// The peers this replica has heard from and not seen go.
+    members: Mutex<HashSet<ReplicaId>>,
+    members_changed: Notify,
+    frames: mpsc::Sender<OutFrame>,
+    announcements: mpsc::UnboundedSender<OutAnnouncement>,
+    pending: Mutex<Pending>,
+    next_id: AtomicU64,
+    /// Where forwarded results and channel losses go, once the gateway started.
+    inbound: Mutex<Option<TaskInbound>>,
+    /// The server's `max_payload`, read again on every (re)connect.
+    max_payload: AtomicUsize,
+    background: Mutex<Vec<AbortHandle>>,
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        for task in lock(&self.background).drain(..) {
+            task.abort();
+        }
+    }
+}
+
+/// One gateway replica's link to the others over NATS: the
+/// [`ChannelDirectory`](virtual_llm_core::ChannelDirectory) and the
+/// [`TaskRouter`](virtual_llm_core::TaskRouter) of a replica, and the background
+/// tasks that serve them. Clones share the link; it closes when the last clone, the
+/// directory and the router are dropped.
+#[derive(Clone)]
+pub struct NatsPlane {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for NatsPlane {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsPlane")
+            .field("replica", &self.shared.replica)
+            .field("prefix", &self.shared.options.prefix)
+            .field("peers", &self.peers().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NatsPlane {
+    /// Connects replica `replica` to the NATS server at `url` (`nats://host:port`, or
+    /// several comma-separated), subscribes, and announces itself. NATS reconnects
+    /// by itself when the connection drops; the replica announces itself again then.
+    pub async fn connect(
+        url: &str,
+        replica: ReplicaId,
+        options: NatsOptions,
+    ) -> Result<NatsPlane, NatsError> {
+        options.validate()?;
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let client = ConnectOptions::new()
+            .name(format!("virtual-llm gateway {replica}"))
+            .connection_timeout(options.timeout)
+            .event_callback(move |event| {
+                let events = events_tx.clone();
+                async move {
+                    let _ = events.send(event);
+                }
+            })
+            .connect(url)
+            .await
+            .map_err(|e| NatsError::Connect {
+                url: url.to_owned(),
+                message: e.to_string(),
+            })?;
+        let subjects = Subjects::new(&options.prefix);
+        let inbox = client.new_inbox();
+        let subscribe = |subject: String| {
+            let client = client.clone();
+            async move {
+                client
+                    .subscribe(subject.clone())
+                    .await
+                    .map_err(|e| NatsError::Subscribe(format!("{subject}: {e}")))
+            }
+        };
+        let all = subscribe(subjects.all()).await?;
+        let frames_in = subscribe(subjects.frame(&replica)).await?;
+        let deliveries = subscribe(subjects.deliver(&replica)).await?;
+        let pings = subscribe(subjects.ping(&replica)).await?;
+        let answers = subscribe(format!("{inbox}.>")).await?;
+        // The subscriptions are the server's before anyone is told this replica is
+        // here.
+        client
+            .flush()
+            .await
+            .map_err(|e| NatsError::Subscribe(e.to_string()))?;
+        let (frames_tx, frames_rx) = mpsc::channel(options.queue);
+        let (announce_tx, announce_rx) = mpsc::unbounded_channel();
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2));
+        let max_payload = client.server_info().max_payload;
+        let shared = Arc::new(Shared {
+            replica,
+            options,
+            client,
+            subjects,
+            inbox,
+            local: Mutex::new(HashMap::new()),
+            remote: Mutex::new(HashMap::new()),
+            epochs: AtomicU64::new(seed),
+            members: Mutex::new(HashSet::new()),
+            members_changed: Notify::new(),
+            frames: frames_tx,
+            announcements: announce_tx,
+            pending: Mutex::new(Pending::default()),
+            next_id: AtomicU64::new(0),
+            inbound: Mutex::new(None),
+            max_payload: AtomicUsize::new(max_payload),
+            background: Mutex::new(Vec::new()),
+        });
+        let weak = Arc::downgrade(&shared);
+        let handles = vec![
+            tokio::spawn(announcements_in(weak.clone(), all)).abort_handle(),
+            tokio::spawn(frames_here(weak.clone(), frames_in)).abort_handle(),
+            tokio::spawn(deliveries_here(weak.clone(), deliveries)).abort_handle(),
+            tokio::spawn(answer_pings(weak.clone(), pings)).abort_handle(),
+            tokio::spawn(answers_in(weak.clone(), answers)).abort_handle(),
+            tokio::spawn(publish_frames(weak.clone(), frames_rx)).abort_handle(),
+            tokio::spawn(publish_announcements(weak.clone(), announce_rx)).abort_handle(),
+            tokio::spawn(expire_frames(weak.clone())).abort_handle(),
+            tokio::spawn(probe_peers(weak.clone())).abort_handle(),
+            tokio::spawn(resync(weak.clone())).abort_handle(),
+            tokio::spawn(connection_events(weak, events_rx)).abort_handle(),
+        ];
+        lock(&shared.background).extend(handles);
+        shared.hello();
+        Ok(NatsPlane { shared })
+    }
+
+    /// The replica this plane links.
+    pub fn replica(&self) -> &ReplicaId {
+        &self.shared.replica
+    }
+
+    /// The channel directory the replica's gateway binds through.
+    pub fn directory(&self) -> Arc<dyn ChannelDirectory> {
+        Arc::new(NatsDirectory::new(self.shared.clone()))
+    }
+
+    /// The task router the replica's gateway forwards results through.
+    pub fn task_router(&self) -> Arc<dyn TaskRouter> {
+        Arc::new(NatsTaskRouter::new(self.shared.clone()))
+    }
+
+    /// Where results forwarded by peers and channel losses they announce go: the
+    /// gateway's [`Gateway::inbound`]. Until it is set, forwarded results are answered
+    /// as for an unknown task.
+    pub fn serve(&self, inbound: TaskInbound) {
+        *lock(&self.shared.inbound) = Some(inbound);
+    }
+
+    /// Starts a gateway from `builder` as this plane's replica: its directory and task
+    /// router are the plane's, and the plane hands it what peers forward.
+    pub async fn join(&self, builder: GatewayBuilder) -> Result<Gateway, Error> {
+        let gateway = builder
+            .replica(self.shared.replica.clone())
+            .directory(self.directory())
+            .task_router(self.task_router())
+            .start()
+            .await?;
+        self.serve(gateway.inbound());
+        Ok(gateway)
+    }
+
+    /// The peers this replica knows: heard from, and not seen go.
+    pub fn peers(&self) -> Vec<ReplicaId> {
+        let mut peers: Vec<ReplicaId> = lock(&self.shared.members).iter().cloned().collect();
+        peers.sort();
+        peers
+    }
+
+    /// Waits until this replica knows exactly `n` peers, for at most `within`;
+    /// returns whether it does.
+    pub async fn wait_for_peers(&self, n: usize, within: Duration) -> bool {
+        let wait = async {
+            loop {
+                let changed = self.shared.members_changed.notified();
+                if lock(&self.shared.members).len() == n {
+                    return;
+                }
+                changed.await;
+            }
+        };
+        tokio::time::timeout(within, wait).await.is_ok()
+    }
+
+    /// The server's `max_payload`, as this replica last read it.
+    pub fn max_payload(&self) -> usize {
+        self.shared.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// Leaves the plane: tells the peers (their tasks waiting on this replica's
+    /// channels fail at once), waits until the announcements are out, and closes the
+    /// connection.
+    pub async fn shutdown(&self) {
+        self.shared.announce(Announcement::Bye {
+            from: self.shared.replica.clone(),
+        });
+        self.shared.settle().await;
+        self.disconnect().await;
+    }
+
+    /// Drops this replica's NATS connection without a word to its peers, as when its
+    /// process dies; the plane is unusable after. Peers find out from their probes
+    /// ("no responders").
+    pub async fn disconnect(&self) {
+        for task in lock(&self.shared.background).drain(..) {
+            task.abort();
+        }
+        if let Err(e) = self.shared.client.drain().await {
+            tracing::debug!(error = %e, "draining the NATS connection");
+        }
+    }
+}
+
+impl Shared {
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A new bind epoch, larger than every epoch this replica made or heard of.
+    pub(crate) fn next_epoch(&self) -> u64 {
+        self.epochs.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn observe(&self, epoch: u64) {
+        self.epochs.fetch_max(epoch, Ordering::Relaxed);
+    }
+
+    fn inbound(&self) -> Option<TaskInbound> {
+        lock(&self.inbound).clone()
+    }
+
+    pub(crate) fn max_payload(&self) -> usize {
+        self.max_payload.load(Ordering::Relaxed)
+    }
+
+    /// A name for the next message cut into pieces, unique among this replica's.
+    pub(crate) fn message_id(&self) -> String {
+        format!("{}.{}", self.inbox, self.id())
+    }
+
+    /// Queues `announcement` for every replica, after the earlier ones.
+    pub(crate) fn announce(&self, announcement: Announcement) {
+        self.announce_with_reply(announcement, None);
+    }
+
+    fn announce_with_reply(&self, announcement: Announcement, reply: Option<String>) {
+        let queued = self.announcements.send(OutAnnouncement {
+            announcement,
+            reply,
+        });
+        if queued.is_err() {
+            tracing::warn!(replica = %self.replica, "the NATS plane is closed: announcement lost");
+        }
+    }
+
+    /// The channels this replica holds, for a snapshot.
+    fn held(&self) -> Vec<Held> {
+        lock(&self.local)
+            .iter()
+            .map(|(session, l)| Held {
+                session: session.clone(),
+                epoch: l.epoch,
+            })
+            .collect()
+    }
+
+    /// Announces this replica and its channels; every peer answers with its own.
+    fn hello(&self) {
+        self.announce(Announcement::Hello {
+            from: self.replica.clone(),
+            held: self.held(),
+        });
+    }
+
+    /// Announces this replica's channels again, for peers that missed something.
+    fn resync(&self) {
+        self.announce(Announcement::Here {
+            from: self.replica.clone(),
+            held: self.held(),
+        });
+    }
+
+    /// Queues `frame` for `session`'s channel on `to`. Its timeout runs from now: a
+    /// frame still queued when it passes (NATS down, the queue not draining) fails
+    /// its task all the same, and is not sent.
+    pub(crate) fn forward(
+        &self,
+        to: ChannelBinding,
+        session: &SessionId,
+        frame: GatewayFrame,
+    ) -> Result<(), SendError> {
+        let id = self.id();
+        let task = match &frame {
+            GatewayFrame::Task(t) => Some(t.task_id.clone()),
+            _ => None,
+        };
+        {
+            let mut pending = lock(&self.pending);
+            pending.frames.insert(
+                id,
+                SentFrame {
+                    to: to.clone(),
+                    session: session.clone(),
+                    task,
+                },
+            );
+            pending.ages.push_back((id, Instant::now()));
+        }
+        let queued = self.frames.try_send(OutFrame {
+            id,
+            to,
+            session: session.clone(),
+            frame,
+        });
+        queued.map_err(|e| {
+            // Refused here and now: nothing to fail later.
+            lock(&self.pending).frames.remove(&id);
+            match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            }
+        })
+    }
+
+    /// Waits, for at most the timeout, until every known peer has applied what this
+    /// replica announced so far.
+    pub(crate) async fn settle(&self) {
+        let waiting = lock(&self.members).clone();
+        if waiting.is_empty() {
+            return;
+        }
+        let id = self.id();
+        let (done, finished) = oneshot::channel();
+        lock(&self.pending).barriers.insert(
+            id,
+            Barrier {
+                waiting,
+                done: Some(done),
+            },
+        );
+        self.announce_with_reply(
+            Announcement::Sync {
+                from: self.replica.clone(),
+            },
+            Some(format!("{}.s.{id}", self.inbox)),
+        );
+        if tokio::time::timeout(self.options.timeout, finished)
+            .await
+            .is_err()
+        {
+            let late = lock(&self.pending).barriers.remove(&id);
+            tracing::warn!(
+                replica = %self.replica,
+                peers = ?late.map(|b| b.waiting),
+                "peers did not apply this replica's announcements in time"
+            );
+        }
+    }
+
+    fn member(&self, replica: &ReplicaId) {
+        if replica != &self.replica && lock(&self.members).insert(replica.clone()) {
+            tracing::info!(replica = %self.replica, peer = %replica, "a peer joined the NATS plane");
+            self.members_changed.notify_waiters();
+        }
+    }
+
+    /// `replica` is gone: its channels are forgotten, the tasks here waiting on them
+    /// fail, and no barrier waits for it.
+    pub(crate) fn gone(&self, replica: &ReplicaId) {
+        let was_member = lock(&self.members).remove(replica);
+        let sessions: Vec<SessionId> = {
+            let mut remote = lock(&self.remote);
+            let sessions = remote
+                .iter()
+                .filter(|(_, b)| &b.replica == replica)
+                .map(|(s, _)| s.clone())
+                .collect::<Vec<_>>();
+            for s in &sessions {
+                remote.remove(s);
+            }
+            sessions
+        };
+        {
+            let mut pending = lock(&self.pending);
+            for barrier in pending.barriers.values_mut() {
+                barrier.waiting.remove(replica);
+                if barrier.waiting.is_empty()
+                    && let Some(done) = barrier.done.take()
+                {
+                    let _ = done.send(());
+                }
+            }
+        }
+        let failed: usize = match self.inbound() {
+            Some(inbound) => sessions.iter().map(|s| inbound.session_closed(s)).sum(),
+            None => 0,
+        };
+        if was_member || !sessions.is_empty() {
+            tracing::warn!(
+                replica = %self.replica,
+                peer = %replica,
+                channels = sessions.len(),
+                tasks = failed,
+                "a peer left the NATS plane: the tasks here waiting on its channels failed"
+            );
+            self.members_changed.notify_waiters();
+        }
+    }
+
+    /// `binding` holds `session`'s channel: the newer of it and what this replica
+    /// knew wins; a channel held here that it replaces is told to close.
+    fn apply_bound(&self, session: &SessionId, binding: ChannelBinding) {
+        self.observe(binding.epoch);
+        let key = |b: &ChannelBinding| (b.epoch, b.replica.clone());
+        let replaced = {
+            let mut local = lock(&self.local);
+            match local.get(session) {
+                Some(l) if (l.epoch, self.replica.clone()) > key(&binding) => return,
+                Some(_) => local.remove(session),
+                None => None,
+            }
+        };
+        if let Some(older) = replaced {
+            let closing = GatewayFrame::Closing(Closing {
+                reason: "replaced by a newer channel".to_owned(),
+            });
+            if older.sink.send(closing).is_err() {
+                tracing::debug!(%session, "replaced channel was already gone");
+            }
+        }
+        let mut remote = lock(&self.remote);
+        match remote.get(session) {
+            Some(known) if key(known) >= key(&binding) => {}
+            _ => {
+                remote.insert(session.clone(), binding);
+            }
+        }
+    }
+
+    /// `from`'s channels are `held`, and only those.
+    fn apply_snapshot(&self, from: &ReplicaId, held: Vec<Held>) {
+        lock(&self.remote).retain(|_, b| &b.replica != from);
+        for h in held {
+            let binding = ChannelBinding {
+                replica: from.clone(),
+                epoch: h.epoch,
+            };
+            self.apply_bound(&h.session, binding);
+        }
+    }
+
+    async fn apply(&self, announcement: Announcement, reply: Option<async_nats::Subject>) {
+        let from = announcement.from().clone();
+        if from == self.replica {
+            return;
+        }
+        if !matches!(announcement, Announcement::Bye { .. }) {
+            self.member(&from);
+        }
+        match announcement {
+            Announcement::Hello { from, held } => {
+                self.apply_snapshot(&from, held);
+                self.resync();
+            }
+            Announcement::Here { from, held } => self.apply_snapshot(&from, held),
+            Announcement::Bound { session, binding } => self.apply_bound(&session, binding),
+            Announcement::Released { session, binding } => {
+                let mut remote = lock(&self.remote);
+                if remote.get(&session) == Some(&binding) {
+                    remote.remove(&session);
+                }
+            }
+            Announcement::Closed { session, .. } => {
+                if let Some(inbound) = self.inbound() {
+                    let failed = inbound.session_closed(&session);
+                    if failed > 0 {
+                        tracing::info!(%session, tasks = failed, peer = %from, "a channel closed on a peer; tasks here failed");
+                    }
+                }
+            }
+            Announcement::Sync { .. } => {
+                if let Some(reply) = reply {
+                    let me = Bytes::copy_from_slice(self.replica.as_str().as_bytes());
+                    if let Err(e) = self.client.publish(reply, me).await {
+                        tracing::debug!(error = %e, "answering a barrier");
+                    }
+                }
+            }
+            Announcement::Bye { from } => self.gone(&from),
+        }
+    }
+
+    /// What happened to frame `id`.
+    fn frame_ended(&self, id: u64, outcome: FrameOutcome) {
+        let Some(sent) = lock(&self.pending).frames.remove(&id) else {
+            return;
+        };
+        let refused = match outcome {
+            FrameOutcome::Answered(FrameAnswer::Taken) => return,
+            FrameOutcome::Answered(FrameAnswer::Refused(SendError::Full)) => SendError::Full,
+            FrameOutcome::Answered(FrameAnswer::Refused(SendError::Closed)) => {
+                let mut remote = lock(&self.remote);
+                if remote.get(&sent.session) == Some(&sent.to) {
+                    remote.remove(&sent.session);
+                }
+                SendError::Closed
+            }
+            FrameOutcome::NoResponders => {
+                self.gone(&sent.to.replica);
+                SendError::Closed
+            }
+            FrameOutcome::TimedOut => SendError::Closed,
+        };
+        tracing::debug!(session = %sent.session, peer = %sent.to.replica, ?outcome, "a frame was not taken");
+        if let (Some(task), Some(inbound)) = (&sent.task, self.inbound()) {
+            inbound.frame_refused(&sent.session, task, refused);
+        }
+    }
+
+    /// Publishes `payload` to `subject`, cut into pieces when it is over
+    /// `max_payload`; the last piece carries `reply`.
+    async fn publish(
+        &self,
+        subject: String,
+        payload: Bytes,
+        reply: Option<String>,
+    ) -> Result<(), async_nats::PublishError> {
+        let pieces = chunk::split(payload, self.max_payload(), &self.message_id());
+        let last = pieces.len().saturating_sub(1);
+        for (i, (headers, piece)) in pieces.into_iter().enumerate() {
+            let reply = if i == last { reply.clone() } else { None };
+            match (headers, reply) {
+                (None, None) => self.client.publish(subject.clone(), piece).await?,
+                (None, Some(r)) => {
+                    self.client
+                        .publish_with_reply(subject.clone(), r, piece)
+                        .await?
+                }
+                (Some(h), None) => {
+                    self.client
+                        .publish_with_headers(subject.clone(), h, piece)
+                        .await?
+                }
+                (Some(h), Some(r)) => {
+                    self.client
+                        .publish_with_reply_and_headers(subject.clone(), r, h, piece)
+                        .await?
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands `delivery` to its task on `replica`, waiting for the answer: for at most
+    /// the deliver timeout, publishing included (the client's queue of commands may
+    /// be full while NATS is away).
+    pub(crate) async fn deliver(
+        &self,
+        replica: &ReplicaId,
+        delivery: Delivery,
+    ) -> Result<(), Error> {
+        let bound = self.options.deliver_timeout;
+        tokio::time::timeout(bound, self.deliver_unbounded(replica, delivery))
+            .await
+            .unwrap_or(Err(Error::UnknownTask))
+    }
+
+    async fn deliver_unbounded(
+        &self,
+        replica: &ReplicaId,
+        delivery: Delivery,
+    ) -> Result<(), Error> {
+        let payload = serde_json::to_vec(&DeliveryWire::from(delivery))
+            .map_err(|e| Error::invalid(format!("a result that cannot be encoded: {e}")))?;
+        let subject = self.subjects.deliver(replica);
+        let mut pieces = chunk::split(payload.into(), self.max_payload(), &self.message_id());
+        let Some((headers, last)) = pieces.pop() else {
+            return Err(Error::UnknownTask);
+        };
+        for (h, piece) in pieces {
+            let sent = match h {
+                Some(h) => {
+                    self.client
+                        .publish_with_headers(subject.clone(), h, piece)
+                        .await
+                }
+                None => self.client.publish(subject.clone(), piece).await,
+            };
+            if let Err(e) = sent {
+                tracing::debug!(peer = %replica, error = %e, "forwarding a result");
+                return Err(Error::UnknownTask);
+            }
+        }
+        let mut request = Request::new()
+            .payload(last)
+            .timeout(Some(self.options.deliver_timeout));
+        if let Some(h) = headers {
+            request = request.headers(h);
+        }
+        match self.client.send_request(subject, request).await {
+            Ok(answer) => DeliverAnswer::decode(&answer.payload),
+            Err(e) => {
+                if e.kind() == RequestErrorKind::NoResponders {
+                    self.gone(replica);
+                }
+                tracing::debug!(peer = %replica, error = %e, "a forwarded result was not answered");
+                Err(Error::UnknownTask)
+            }
+        }
+    }
+}
+
+/// Runs `handle` on each whole message of `sub`, while the plane lives.
+async fn each_message<F, Fut>(
+    weak: Weak<Shared>,
+    mut sub: async_nats::Subscriber,
+    what: &'static str,
+    mut handle: F,
+) where
+    F: FnMut(Arc<Shared>, Message, Bytes) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut pieces = match weak.upgrade() {
+        Some(s) => Reassembler::new(s.options.max_message, s.options.timeout),
+        None => return,
+    };
+    while let Some(msg) = sub.next().await {
+        let Some(shared) = weak.upgrade() else { return };
+        match pieces.accept(msg.headers.as_ref(), msg.payload.clone()) {
+            Piece::Whole(payload) => handle(shared, msg, payload).await,
+            Piece::Partial => {}
+            Piece::Dropped(why) => tracing::warn!(what, %why, "a message from a peer was dropped"),
+        }
+    }
+    tracing::debug!(what, "subscription ended");
+}
+
+async fn announcements_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
+    each_message(
+        weak,
+        sub,
+        "announcements",
+        |shared, msg, payload| async move {
+            match serde_json::from_slice::<Announcement>(&payload) {
+                Ok(a) => shared.apply(a, msg.reply).await,
+                Err(e) => tracing::warn!(error = %e, "an announcement that does not parse"),
+            }
+        },
+    )
+    .await;
+}
+
+async fn frames_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
+    each_message(weak, sub, "frames", |shared, msg, payload| async move {
+        let answer = match decode_frame(&payload) {
+            Ok((session, frame)) => {
+                let sink = lock(&shared.local).get(&session).map(|l| l.sink.clone());
+                match sink.map(|s| s.send(frame)) {
+                    Some(Ok(())) => FrameAnswer::Taken,
+                    Some(Err(e)) => FrameAnswer::Refused(e),
+                    None => FrameAnswer::Refused(SendError::Closed),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "a frame that does not parse");
+                FrameAnswer::Refused(SendError::Closed)
+            }
+        };
+        if let Some(reply) = msg.reply
+            && let Err(e) = shared.client.publish(reply, answer.encode()).await
+        {
+            tracing::debug!(error = %e, "answering a frame");
+        }
+    })
+    .await;
+}
+
+async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
+    each_message(weak, sub, "deliveries", |shared, msg, payload| async move {
+        let Some(reply) = msg.reply else { return };
+        // Each on its own task: a slow client holds up its own stream only.
+        tokio::spawn(async move {
+            let outcome = match serde_json::from_slice::<DeliveryWire>(&payload) {
+                Err(e) => Err(Error::invalid(format!(
+                    "a forwarded result that does not parse: {e}"
+                ))),
+                Ok(d) => match shared.inbound() {
+                    None => Err(Error::UnknownTask),
+                    Some(inbound) => {
+                        let bound = shared.options.deliver_timeout;
+                        tokio::time::timeout(bound, inbound.deliver(Delivery::from(d)))
+                            .await
+                            .unwrap_or(Err(Error::UnknownTask))
+                    }
+                },
+            };
+            if let Err(e) = shared
+                .client
+                .publish(reply, DeliverAnswer::encode(&outcome))
+                .await
+            {
+                tracing::debug!(error = %e, "answering a forwarded result");
+            }
+        });
+    })
+    .await;
+}
+
+async fn answer_pings(weak: Weak<Shared>, sub: async_nats::Subscriber) {
+    each_message(weak, sub, "pings", |shared, msg, _| async move {
+        if let Some(reply) = msg.reply
+            && let Err(e) = shared
+                .client
+                .publish(reply, Bytes::from_static(b"pong"))
+                .await
+        {
+            tracing::debug!(error = %e, "answering a probe");
+        }
+    })
+    .await;
+}
+
+async fn answers_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
+    each_message(weak, sub, "answers", |shared, msg, payload| async move {
+        let mut tokens = msg.subject.as_str().rsplit('.');
+        let id = tokens.next().and_then(|t| t.parse::<u64>().ok());
+        let (Some(id), Some(kind)) = (id, tokens.next()) else {
+            return;
+        };
+        let no_responders = msg.status == Some(StatusCode::NO_RESPONDERS);
+        match kind {
+            "f" => {
+                let outcome = if no_responders {
+                    FrameOutcome::NoResponders
+                } else {
+                    FrameOutcome::Answered(FrameAnswer::decode(&payload))
+                };
+                shared.frame_ended(id, outcome);
+            }
+            "s" if !no_responders => {
+                let Ok(peer) = std::str::from_utf8(&payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|s| ReplicaId::parse(s).map_err(|e| e.to_string()))
+                else {
+                    return;
+                };
+                let mut pending = lock(&shared.pending);
+                if let Some(barrier) = pending.barriers.get_mut(&id) {
+                    barrier.waiting.remove(&peer);
+                    if barrier.waiting.is_empty() {
+                        if let Some(done) = barrier.done.take() {
+                            let _ = done.send(());
+                        }
+                        pending.barriers.remove(&id);
+                    }
+                }
+            }
+            _ => {}
+        }
+    })
+    .await;
+}
+
+async fn publish_frames(weak: Weak<Shared>, mut queue: mpsc::Receiver<OutFrame>) {
+    while let Some(out) = queue.recv().await {
+        let Some(shared) = weak.upgrade() else { return };
+        if !lock(&shared.pending).frames.contains_key(&out.id) {
+            // Its timeout passed while it was queued: its task failed already.
+            continue;
+        }
+        let payload = match encode_frame(&out.session, &out.frame) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::warn!(error = %e, "a frame that cannot be encoded");
+                shared.frame_ended(out.id, FrameOutcome::TimedOut);
+                continue;
+            }
+        };
+        let subject = shared.subjects.frame(&out.to.replica);
+        let reply = format!("{}.f.{}", shared.inbox, out.id);
+        if let Err(e) = shared.publish(subject, payload, Some(reply)).await {
+            tracing::warn!(peer = %out.to.replica, error = %e, "a frame could not be published");
+            shared.frame_ended(out.id, FrameOutcome::TimedOut);
+        }
+    }
+}
+
+async fn publish_announcements(
+    weak: Weak<Shared>,
+    mut queue: mpsc::UnboundedReceiver<OutAnnouncement>,
+) {
+    while let Some(out) = queue.recv().await {
+        let Some(shared) = weak.upgrade() else { return };
+        let payload = match serde_json::to_vec(&out.announcement) {
+            Ok(p) => Bytes::from(p),
+            Err(e) => {
+                tracing::warn!(error = %e, "an announcement that cannot be encoded");
+                continue;
+            }
+        };
+        if let Err(e) = shared
+            .publish(shared.subjects.all(), payload, out.reply)
+            .await
+        {
+            tracing::warn!(error = %e, "an announcement could not be published");
+        }
+    }
+}
+
+/// Frames not answered within the timeout fail their tasks.
+async fn expire_frames(weak: Weak<Shared>) {
+    let every = match weak.upgrade() {
+        Some(s) => (s.options.timeout / 4).max(Duration::from_millis(10)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let now = Instant::now();
+        let expired: Vec<u64> = {
+            let mut pending = lock(&shared.pending);
+            let mut expired = Vec::new();
+            while let Some(&(id, sent)) = pending.ages.front() {
+                if now.duration_since(sent) < shared.options.timeout {
+                    break;
+                }
+                pending.ages.pop_front();
+                if pending.frames.contains_key(&id) {
+                    expired.push(id);
+                }
+            }
+            expired
+        };
+        for id in expired {
+            shared.frame_ended(id, FrameOutcome::TimedOut);
+        }
+    }
+}
+
+/// Every known peer, every `probe_interval`: "no responders", or no answer within
+/// the timeout while this replica is connected, and it is gone.
+async fn probe_peers(weak: Weak<Shared>) {
+    let every = match weak.upgrade() {
+        Some(s) => s.options.probe_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        let peers: Vec<ReplicaId> = lock(&shared.members).iter().cloned().collect();
+        let probes = peers.into_iter().map(|peer| {
+            let shared = shared.clone();
+            async move {
+                let request = Request::new().timeout(Some(shared.options.timeout));
+                let probe = shared
+                    .client
+                    .send_request(shared.subjects.ping(&peer), request);
+                // Bounded as a whole: sending waits while NATS is away.
+                let Ok(answer) = tokio::time::timeout(shared.options.timeout, probe).await else {
+                    return;
+                };
+                let connected =
+                    || shared.client.connection_state() == async_nats::connection::State::Connected;
+                match answer {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == RequestErrorKind::NoResponders => shared.gone(&peer),
+                    Err(e) if e.kind() == RequestErrorKind::TimedOut && connected() => {
+                        shared.gone(&peer)
+                    }
+                    Err(e) => tracing::debug!(%peer, error = %e, "a probe failed"),
+                }
+            }
+        });
+        join_all(probes).await;
+    }
+}
+
+/// Every `resync_interval`, this replica's channels again.
+async fn resync(weak: Weak<Shared>) {
+    let every = match weak.upgrade() {
+        Some(s) => s.options.resync_interval,
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(Instant::now() + every, every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        shared.resync();
+    }
+}
+
+/// After a reconnect: the server's limits are read again, and this replica announces
+/// itself and its channels (announcements made while it was away may be lost), and
+/// hears every peer's.
+async fn connection_events(weak: Weak<Shared>, mut events: mpsc::UnboundedReceiver<Event>) {
+    while let Some(event) = events.recv().await {
+        let Some(shared) = weak.upgrade() else { return };
+        match event {
+            Event::Connected => {
+                let max = shared.client.server_info().max_payload;
+                shared.max_payload.store(max, Ordering::Relaxed);
+                tracing::info!(replica = %shared.replica, max_payload = max, "connected to NATS");
+                shared.hello();
+            }
+            Event::Disconnected => {
+                tracing::warn!(replica = %shared.replica, "disconnected from NATS; reconnecting")
+            }
+            other => tracing::debug!(replica = %shared.replica, event = %other, "NATS event"),
+        }
+    }
+}

@@ -1,0 +1,52 @@
+//! [`NatsTaskRouter`]: the [`TaskRouter`] of a replica on the NATS plane.
+//!
+//! A result goes to the replica holding its task as a NATS request on
+//! `P.r.{replica}.deliver` (cut into pieces past the server's `max_payload`); that
+//! replica answers once the task took it, so the answer is the stream's
+//! backpressure. "No responders" (the replica is gone) and no answer within the
+//! deliver timeout answer [`Error::UnknownTask`]. A channel loss is announced to
+//! every replica, after the release of its bind.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use virtual_llm_core::{Delivery, Error, ReplicaId, SessionId, TaskRouter};
+
+use crate::plane::Shared;
+use crate::wire::Announcement;
+
+/// The task router of one replica on the NATS plane; from
+/// [`NatsPlane::task_router`](crate::NatsPlane::task_router).
+pub(crate) struct NatsTaskRouter {
+    shared: Arc<Shared>,
+}
+
+impl NatsTaskRouter {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        NatsTaskRouter { shared }
+    }
+}
+
+impl fmt::Debug for NatsTaskRouter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsTaskRouter")
+            .field("replica", &self.shared.replica)
+            .finish_non_exhaustive()
+    }
+}
+
+#[async_trait]
+impl TaskRouter for NatsTaskRouter {
+    async fn deliver(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
+        self.shared.deliver(replica, delivery).await
+    }
+
+    async fn session_closed(&self, session: &SessionId) {
+        self.shared.announce(Announcement::Closed {
+            from: self.shared.replica.clone(),
+            session: session.clone(),
+        });
+        self.shared.settle().await;
+    }
+}

@@ -1,0 +1,277 @@
+//! What replicas say to each other over NATS, and the subjects they say it on.
+//!
+//! Subjects, under the prefix `P` (default `vllm`):
+//! - `P.all`: announcements every replica hears, in each sender's order
+//!   ([`Announcement`]: who joined, which channel was bound or released, which closed,
+//!   barriers, goodbyes).
+//! - `P.r.{replica}.frame`: frames for channels `replica` holds, each a request whose
+//!   answer ([`FrameAnswer`]) says whether the channel took it.
+//! - `P.r.{replica}.deliver`: publishers' results for tasks `replica` holds, each a
+//!   request answered when the task took it ([`DeliverAnswer`]).
+//! - `P.r.{replica}.ping`: the probe of a replica's liveness.
+//!
+//! Answers go to one inbox subscription per replica (`_INBOX.{id}.>`), correlated by
+//! the last token of the reply subject.
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use virtual_llm_core::protocol::GatewayFrame;
+use virtual_llm_core::{
+    ChannelBinding, Delivery, Error, ReplicaId, SendError, SessionId, TaskId, TaskResult,
+};
+
+/// The subjects of one cluster.
+#[derive(Clone, Debug)]
+pub(crate) struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    pub(crate) fn new(prefix: &str) -> Self {
+        Subjects {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// Announcements.
+    pub(crate) fn all(&self) -> String {
+        format!("{}.all", self.prefix)
+    }
+
+    /// Frames for `replica`'s channels.
+    pub(crate) fn frame(&self, replica: &ReplicaId) -> String {
+        format!("{}.r.{replica}.frame", self.prefix)
+    }
+
+    /// Results for `replica`'s tasks.
+    pub(crate) fn deliver(&self, replica: &ReplicaId) -> String {
+        format!("{}.r.{replica}.deliver", self.prefix)
+    }
+
+    /// `replica`'s probe.
+    pub(crate) fn ping(&self, replica: &ReplicaId) -> String {
+        format!("{}.r.{replica}.ping", self.prefix)
+    }
+}
+
+/// One channel a replica holds, in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Held {
+    pub(crate) session: SessionId,
+    pub(crate) epoch: u64,
+}
+
+/// What every replica hears on `P.all`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "camelCase")]
+pub(crate) enum Announcement {
+    /// `from` joined (or reconnected): these are its channels. Every peer answers
+    /// with `Here`.
+    Hello { from: ReplicaId, held: Vec<Held> },
+    /// `from`'s channels, in answer to a `Hello`.
+    Here { from: ReplicaId, held: Vec<Held> },
+    /// `session`'s channel is bound on `binding.replica`.
+    Bound {
+        session: SessionId,
+        binding: ChannelBinding,
+    },
+    /// That bind was released.
+    Released {
+        session: SessionId,
+        binding: ChannelBinding,
+    },
+    /// `session`'s channel closed on `from`: tasks waiting on it fail.
+    Closed { from: ReplicaId, session: SessionId },
+    /// A barrier: answer to the reply subject once everything `from` announced
+    /// before it is applied.
+    Sync { from: ReplicaId },
+    /// `from` is leaving.
+    Bye { from: ReplicaId },
+}
+
+impl Announcement {
+    /// Who sent it.
+    pub(crate) fn from(&self) -> &ReplicaId {
+        match self {
+            Announcement::Hello { from, .. }
+            | Announcement::Here { from, .. }
+            | Announcement::Closed { from, .. }
+            | Announcement::Sync { from }
+            | Announcement::Bye { from } => from,
+            Announcement::Bound { binding, .. } | Announcement::Released { binding, .. } => {
+                &binding.replica
+            }
+        }
+    }
+}
+
+/// A frame for a session's channel: the session id, a line end, the frame's JSON.
+pub(crate) fn encode_frame(session: &SessionId, frame: &GatewayFrame) -> serde_json::Result<Bytes> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(session.as_str().as_bytes());
+    out.push(b'\n');
+    serde_json::to_writer(&mut out, frame)?;
+    Ok(out.into())
+}
+
+/// Reads [`encode_frame`]'s bytes.
+pub(crate) fn decode_frame(bytes: &[u8]) -> Result<(SessionId, GatewayFrame), String> {
+    let at = bytes
+        .iter()
+        .position(|b| *b == b'\n')
+        .ok_or("a frame without its session")?;
+    let session = std::str::from_utf8(&bytes[..at])
+        .map_err(|e| e.to_string())
+        .and_then(|s| SessionId::parse(s).map_err(|e| e.to_string()))?;
+    let frame = serde_json::from_slice(&bytes[at + 1..]).map_err(|e| e.to_string())?;
+    Ok((session, frame))
+}
+
+/// What the replica holding a channel answers to a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum FrameAnswer {
+    /// The channel took it.
+    Taken,
+    /// The channel refused it.
+    Refused(SendError),
+}
+
+impl FrameAnswer {
+    pub(crate) fn encode(self) -> Bytes {
+        Bytes::from_static(match self {
+            FrameAnswer::Taken => b"ok",
+            FrameAnswer::Refused(SendError::Full) => b"full",
+            FrameAnswer::Refused(SendError::Closed) => b"closed",
+        })
+    }
+
+    pub(crate) fn decode(bytes: &[u8]) -> Self {
+        match bytes {
+            b"ok" => FrameAnswer::Taken,
+            b"full" => FrameAnswer::Refused(SendError::Full),
+            _ => FrameAnswer::Refused(SendError::Closed),
+        }
+    }
+}
+
+/// A [`Delivery`] on the wire.
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct DeliveryWire {
+    session: SessionId,
+    owner: String,
+    task: TaskId,
+    result: TaskResult,
+}
+
+impl From<Delivery> for DeliveryWire {
+    fn from(d: Delivery) -> Self {
+        DeliveryWire {
+            session: d.session,
+            owner: d.owner,
+            task: d.task,
+            result: d.result,
+        }
+    }
+}
+
+impl From<DeliveryWire> for Delivery {
+    fn from(d: DeliveryWire) -> Self {
+        Delivery {
+            session: d.session,
+            owner: d.owner,
+            task: d.task,
+            result: d.result,
+        }
+    }
+}
+
+/// The answer to a delivery: empty for taken, else the refusal's status and message.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct DeliverAnswer {
+    status: u16,
+    message: String,
+}
+
+impl DeliverAnswer {
+    /// `outcome` as the answer's bytes.
+    pub(crate) fn encode(outcome: &Result<(), Error>) -> Bytes {
+        match outcome {
+            Ok(()) => Bytes::new(),
+            Err(e) => serde_json::to_vec(&DeliverAnswer {
+                status: e.status(),
+                message: e.to_string(),
+            })
+            .map(Bytes::from)
+            .unwrap_or_else(|_| Bytes::from_static(b"{\"status\":404,\"message\":\"\"}")),
+        }
+    }
+
+    /// The outcome the answer's bytes say: the refusals a task gives keep their kind
+    /// (404 unknown task, 409 finished, 400 a bad result); anything else is the
+    /// upstream's error (502).
+    pub(crate) fn decode(bytes: &[u8]) -> Result<(), Error> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let Ok(answer) = serde_json::from_slice::<DeliverAnswer>(bytes) else {
+            return Err(Error::UnknownTask);
+        };
+        Err(match answer.status {
+            404 => Error::UnknownTask,
+            409 => Error::TaskFinished,
+            400 => Error::invalid(answer.message),
+            _ => Error::Upstream {
+                message: answer.message,
+            },
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use virtual_llm_core::protocol::CancelFrame;
+
+    #[test]
+    fn frames_and_answers_round_trip() {
+        let session = SessionId::generate();
+        let frame = GatewayFrame::Cancel(CancelFrame {
+            task_id: TaskId::generate(),
+        });
+        let bytes = encode_frame(&session, &frame).unwrap();
+        assert_eq!(decode_frame(&bytes).unwrap(), (session, frame));
+        assert!(decode_frame(b"no line").is_err());
+        for a in [
+            FrameAnswer::Taken,
+            FrameAnswer::Refused(SendError::Full),
+            FrameAnswer::Refused(SendError::Closed),
+        ] {
+            assert_eq!(FrameAnswer::decode(&a.encode()), a);
+        }
+        assert!(DeliverAnswer::decode(&DeliverAnswer::encode(&Ok(()))).is_ok());
+        let back = DeliverAnswer::decode(&DeliverAnswer::encode(&Err(Error::UnknownTask)));
+        assert!(matches!(back, Err(Error::UnknownTask)));
+        let back = DeliverAnswer::decode(&DeliverAnswer::encode(&Err(Error::TaskFinished)));
+        assert!(matches!(back, Err(Error::TaskFinished)));
+        let bad = DeliverAnswer::decode(&DeliverAnswer::encode(&Err(Error::invalid("gap"))));
+        assert_eq!(bad.unwrap_err().status(), 400);
+    }
+
+    #[test]
+    fn announcements_name_their_sender() {
+        let a = ReplicaId::parse("a").unwrap();
+        let bound = Announcement::Bound {
+            session: SessionId::generate(),
+            binding: ChannelBinding {
+                replica: a.clone(),
+                epoch: 7,
+            },
+        };
+        let json = serde_json::to_string(&bound).unwrap();
+        let back: Announcement = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, bound);
+        assert_eq!(back.from(), &a);
+    }
+}

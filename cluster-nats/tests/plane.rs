@@ -1,0 +1,337 @@
+//! The NATS plane under what the conformance suites do not do: messages over the
+//! server's `max_payload`, a frame the holding replica's channel refuses, a replica
+//! that vanishes (its connection dropped, or connected but silent), and a NATS server
+//! restarted under a steady stream of requests. Each test starts its own
+//! `nats-server` where it needs one of its own; all skip, loudly, where it is not
+//! installed.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{
+    alice, bind_fake, carol, chat, gateways, id, nats_installed, options, two_planes,
+    two_planes_on, within,
+};
+use futures::StreamExt;
+use serde_json::{Value, json};
+use virtual_llm_core::protocol::{LlmSpec, TaskResult};
+use virtual_llm_core::testkit::LoopbackWire;
+use virtual_llm_core::{
+    Delivery, EchoProvider, Error, Gateway, LlmName, PublishedLlm, Publisher, PublisherOptions,
+    Reply, SessionId, TaskEvent, TaskId, UnavailableKind,
+};
+use virtual_llm_nats::NatsPlane;
+use virtual_llm_nats::testing::{NatsServer, available};
+
+/// A task frame and a result each far over the server's `max_payload` cross the
+/// plane whole: cut into pieces and put back together.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_over_max_payload_are_cut_and_put_back_together() {
+    let Some(server) = available(NatsServer::start_with_max_payload(4096)) else {
+        return;
+    };
+    let planes = two_planes_on(&server.url(), options()).await;
+    assert_eq!(planes.0.max_payload(), 4096, "the server's limit is read");
+    let (a, b) = gateways(&planes).await;
+    let (session, _binding, channel) = bind_fake(&a, "big").await;
+    let prompt = "x".repeat(100_000);
+    let rows = b.route(&carol(), "big").await.unwrap();
+    let mut handle = b
+        .start_task(&carol(), &rows.rows[0], chat("big", &prompt, false))
+        .unwrap();
+    let task = within(10, "the large task frame", channel.next_task()).await;
+    assert_eq!(&task.task_id, handle.id());
+    let body: Value = serde_json::from_str(task.body.get()).unwrap();
+    assert_eq!(body["messages"][0]["content"], prompt, "the body whole");
+    let answer = json!({"choices": [{"message": {"content": "y".repeat(200_000)}}]});
+    a.deliver(
+        &alice(),
+        &session,
+        &task.task_id,
+        TaskResult::Completed {
+            status: 200,
+            body: answer.clone(),
+            retry_after: None,
+        },
+    )
+    .await
+    .expect("the large result is taken on b");
+    let event = within(10, "the answer", handle.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let TaskEvent::Completed(c) = event else {
+        panic!("a whole answer: {event:?}")
+    };
+    assert_eq!((c.status, c.body), (200, answer));
+}
+
+/// The channel on the holding replica refuses a task frame after `start_task`
+/// returned on the client's replica: the task fails there with the 503 a local
+/// refusal gives (saturated for a full channel, offline for a closed one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frame_refused_by_the_holding_replica_fails_its_task() {
+    if !nats_installed() {
+        return;
+    }
+    let (a, b) = gateways(&two_planes().await).await;
+    let (_session, _binding, channel) = bind_fake(&a, "llm").await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+    channel.set_full(true);
+    let mut handle = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", false))
+        .expect("queued for a");
+    let err = within(10, "the refusal", handle.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                kind: UnavailableKind::Saturated,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    channel.set_full(false);
+    channel.close();
+    let mut handle = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", false))
+        .expect("queued for a");
+    let err = within(10, "the refusal", handle.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unavailable {
+                kind: UnavailableKind::Offline,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    assert_eq!(b.in_flight(), 0);
+}
+
+fn delivery() -> Delivery {
+    Delivery {
+        session: SessionId::generate(),
+        owner: "alice".into(),
+        task: TaskId::generate(),
+        result: TaskResult::Failed {
+            message: "x".into(),
+        },
+    }
+}
+
+/// A replica whose NATS connection dropped has no responders: its peers' probes find
+/// it gone, and a result for its task is answered as for an unknown task at once, not
+/// after the (here hour-long) timeouts. (A result in flight at the moment it died
+/// waits the deliver timeout: the next test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_for_a_vanished_replica_is_unknown_at_once() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let hour = Duration::from_secs(3600);
+    let opts = options().with_timeout(hour).with_deliver_timeout(hour);
+    let (a, b) = two_planes_on(&server.url(), opts).await;
+    b.disconnect().await;
+    // a's probe finds no responders: with hour-long timeouts, nothing else could
+    // tell it so soon.
+    assert!(within(30, "a forgets b", a.wait_for_peers(0, hour)).await);
+    let router = a.task_router();
+    let answer = within(
+        30,
+        "deliver to a vanished replica",
+        router.deliver(&id("gw-b"), delivery()),
+    )
+    .await;
+    assert!(matches!(answer, Err(Error::UnknownTask)), "{answer:?}");
+}
+
+/// A replica that is subscribed but never answers: a result for its task waits the
+/// deliver timeout and no longer (time paused: the timeout passes at once).
+#[tokio::test]
+async fn a_result_for_a_silent_replica_is_unknown_after_the_timeout() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let opts = options().with_deliver_timeout(Duration::from_secs(30));
+    let ghost = async_nats::connect(server.url()).await.unwrap();
+    let mut silent = ghost
+        .subscribe(format!("{}.r.ghost.deliver", opts.prefix))
+        .await
+        .unwrap();
+    ghost.flush().await.unwrap();
+    let a = NatsPlane::connect(&server.url(), id("gw-a"), opts)
+        .await
+        .unwrap();
+    tokio::time::pause();
+    let started = tokio::time::Instant::now();
+    let answer = a.task_router().deliver(&id("ghost"), delivery()).await;
+    assert!(matches!(answer, Err(Error::UnknownTask)), "{answer:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(30),
+        "it waited the deliver timeout: {:?}",
+        started.elapsed()
+    );
+    tokio::time::resume();
+    let heard = within(10, "the ghost heard it", silent.next())
+        .await
+        .unwrap();
+    assert!(heard.reply.is_some(), "a request");
+}
+
+/// The replica holding a publisher's channel vanishes (its NATS connection dropped)
+/// while a client on another replica waits: the task there fails with 503 within a
+/// probe and a timeout, not at the task deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_waiting_on_a_vanished_replica_fail() {
+    if !nats_installed() {
+        return;
+    }
+    let planes = two_planes().await;
+    let (a, b) = gateways(&planes).await;
+    let (_session, _binding, channel) = bind_fake(&a, "llm").await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+    let mut handle = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", true))
+        .unwrap();
+    within(10, "the task frame", channel.next_task()).await;
+    planes.0.disconnect().await;
+    let err = within(20, "the failure", handle.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    assert_eq!(b.in_flight(), 0);
+    assert!(!b.is_bound(&rows.rows[0].provider_session_id.clone().unwrap()));
+}
+
+async fn publish_echo(on: &Gateway) -> Publisher {
+    let wire = Arc::new(LoopbackWire::new(on.clone(), alice()));
+    let llms = vec![PublishedLlm::new(
+        LlmSpec::new(LlmName::parse("echo").unwrap(), "openai", "echo-model"),
+        Arc::new(EchoProvider::new()),
+    )];
+    let publisher = Publisher::spawn(wire, llms, PublisherOptions::default());
+    publisher.connected().await;
+    publisher
+}
+
+/// One request from a client on `b` for the echo model published on `a`.
+async fn ask(b: &Gateway, n: usize) -> Result<(), Error> {
+    let text = format!("request {n}");
+    match b.infer(&carol(), chat("echo", &text, false)).await? {
+        Reply::Complete(c) => {
+            assert_eq!(c.body["choices"][0]["message"]["content"], text.as_str());
+            Ok(())
+        }
+        Reply::Stream(_) => panic!("a whole answer"),
+    }
+}
+
+/// The NATS server restarts under a steady stream of requests across replicas: the
+/// requests while it is down fail (none hangs), and once both replicas are back every
+/// request succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_under_load_recovers() {
+    let Some(mut server) = available(NatsServer::start()) else {
+        return;
+    };
+    let opts = options().with_timeout(Duration::from_secs(2));
+    let planes = two_planes_on(&server.url(), opts).await;
+    let (a, b) = gateways(&planes).await;
+    let publisher = publish_echo(&a).await;
+    for n in 0..20 {
+        within(30, "a request before the restart", ask(&b, n))
+            .await
+            .unwrap();
+    }
+    server.stop();
+    let mut failed = 0;
+    for n in 0..5 {
+        if within(30, "a request while NATS is down", ask(&b, n))
+            .await
+            .is_err()
+        {
+            failed += 1;
+        }
+    }
+    assert_eq!(failed, 5, "no answer crosses a plane that is down");
+    server.restart().unwrap();
+    // Back within a bound: both reconnect (backoff up to 4 s) and announce themselves.
+    let mut recovered = false;
+    for n in 0..300 {
+        if within(30, "a request after the restart", ask(&b, n))
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "requests succeed again after the restart");
+    for n in 0..50 {
+        within(30, "a request after recovery", ask(&b, n))
+            .await
+            .unwrap();
+    }
+    publisher.stop().await;
+}
+
+/// Polls `condition` every 10 ms until it holds, for at most 10 s.
+async fn eventually(what: &str, condition: impl Fn() -> bool + Send + Sync) {
+    within(10, what, async {
+        while !condition() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+}
+
+/// A peer whose map lost a channel (NATS core delivers at most once; here a forged
+/// release) has it back within the resync interval: every replica announces its
+/// channels again periodically.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_announcement_is_mended_by_the_next_resync() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let opts = options().with_resync_interval(Duration::from_millis(300));
+    let prefix = opts.prefix.clone();
+    let (a, b) = two_planes_on(&server.url(), opts).await;
+    let (on_a, on_b) = (a.directory(), b.directory());
+    let session = SessionId::generate();
+    let token = on_a.bind(
+        &session,
+        Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
+    );
+    on_a.settled().await;
+    assert_eq!(on_b.current(&session), Some(token.binding.clone()));
+    let forger = async_nats::connect(server.url()).await.unwrap();
+    let forged = json!({"op": "released", "session": session, "binding": token.binding});
+    forger
+        .publish(format!("{prefix}.all"), forged.to_string().into())
+        .await
+        .unwrap();
+    forger.flush().await.unwrap();
+    eventually("b forgets the channel", || on_b.current(&session).is_none()).await;
+    eventually("b has it back", || {
+        on_b.current(&session) == Some(token.binding.clone())
+    })
+    .await;
+}
