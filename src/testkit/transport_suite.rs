@@ -651,7 +651,14 @@ pub async fn a_stream_survives_its_publisher_moving_to_another_gateway_url(
     let paced = Arc::new(Paced::new(30));
     let urls = format!("{},{}", proxy.url, gw.url);
     let p = gw
-        .publish_at(&urls, t, "alice", &["slow"], paced.clone(), PublisherOptions::default())
+        .publish_at(
+            &urls,
+            t,
+            "alice",
+            &["slow"],
+            paced.clone(),
+            PublisherOptions::default(),
+        )
         .await;
     paced.allow(10);
     let mut stream = gw.chat_stream("client", "slow", "count").await;

@@ -87,6 +87,7 @@ pub async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeCha
                 agents: Vec::new(),
                 provider_session_id: None,
                 protocol_version: Some(virtual_llm_core::protocol::PROTOCOL_VERSION),
+                capabilities: Vec::new(),
                 llms: vec![LlmSpec::new(
                     LlmName::parse(name).unwrap(),
                     "openai",
