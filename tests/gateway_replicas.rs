@@ -191,8 +191,12 @@ async fn slow_upstream() -> SocketAddr {
     addr
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killing_the_replica_holding_the_channel_fails_the_stream_and_the_publisher_moves() {
+/// SIGKILL of the replica holding the publisher's channel, mid-stream, the client on
+/// the other replica. A publisher that resumes (the default, SPEC §15) moves to B and
+/// replays its task there: the client's stream goes on. One started with
+/// `--no-resume` gets the version 1 rule: the stream ends with an error event. Either
+/// way never a hang, and the publisher serves again through B.
+async fn killing_the_replica_holding_the_channel(resume: bool) {
     let Some(mut r) = replicas().await else {
         return;
     };
@@ -206,12 +210,11 @@ async fn killing_the_replica_holding_the_channel_fails_the_stream_and_the_publis
     )
     .unwrap();
     let gateways = format!("{},{}", r.url_a, r.url_b);
-    let publisher = PublisherProcess::start(
-        &gateways,
-        "sse",
-        &r.dir.0.join("session"),
-        &["--echo", "quick", "--config", config.to_str().unwrap()],
-    );
+    let mut flags = vec!["--echo", "quick", "--config", config.to_str().unwrap()];
+    if !resume {
+        flags.push("--no-resume");
+    }
+    let publisher = PublisherProcess::start(&gateways, "sse", &r.dir.0.join("session"), &flags);
     poll_until("the publisher serves through gateway A", CAP, || async {
         publisher.lines_with("connected; serving requests").len() == 1
     })
@@ -236,17 +239,31 @@ async fn killing_the_replica_holding_the_channel_fails_the_stream_and_the_publis
         body.push_str(&String::from_utf8_lossy(&chunk));
     }
     r.a.take().unwrap().sigkill();
-    // B hears that A is gone (its probe finds no responders) and fails the task: the
-    // stream ends with an error event, long before the upstream's minute is up.
-    let rest = tokio::time::timeout(CAP, async {
-        while let Some(chunk) = response.chunk().await.unwrap_or(None) {
+    if resume {
+        // The publisher moves to B and resumes: more words come, and no error.
+        let before = sse_text(&body).split_whitespace().count();
+        while sse_text(&body).split_whitespace().count() < before + 3 {
+            let chunk = tokio::time::timeout(CAP, response.chunk())
+                .await
+                .expect("the stream goes on after the move")
+                .unwrap()
+                .expect("the stream goes on after the move");
             body.push_str(&String::from_utf8_lossy(&chunk));
+            assert!(!body.contains("event: error"), "{body}");
         }
-    })
-    .await;
-    assert!(rest.is_ok(), "the client's stream ended: {body}");
-    assert!(!body.contains("data: [DONE]"), "{body}");
-    assert!(body.contains("event: error"), "{body}");
+    } else {
+        // B hears that A is gone (its probe finds no responders) and fails the task:
+        // the stream ends with an error event, long before the upstream's minute is up.
+        let rest = tokio::time::timeout(CAP, async {
+            while let Some(chunk) = response.chunk().await.unwrap_or(None) {
+                body.push_str(&String::from_utf8_lossy(&chunk));
+            }
+        })
+        .await;
+        assert!(rest.is_ok(), "the client's stream ended: {body}");
+        assert!(!body.contains("data: [DONE]"), "{body}");
+        assert!(body.contains("event: error"), "{body}");
+    }
 
     poll_until(
         "the publisher serves again, through gateway B",
@@ -266,4 +283,15 @@ async fn killing_the_replica_holding_the_channel_fails_the_stream_and_the_publis
                 == "again"
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_replica_holding_the_channel_moves_the_publisher_and_its_stream_resumes() {
+    killing_the_replica_holding_the_channel(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_replica_holding_the_channel_fails_a_non_resuming_stream_and_the_publisher_moves()
+ {
+    killing_the_replica_holding_the_channel(false).await;
 }
