@@ -605,24 +605,37 @@ fn numbers(range: std::ops::Range<usize>) -> Vec<String> {
     range.map(|i| i.to_string()).collect()
 }
 
+/// A gateway (on `plane`, two replicas), a [`Proxy`](super::Proxy) in front of its
+/// publishers' side, and a [`Paced`] LLM `slow` of `chunks` chunks published through
+/// the proxy (and, when `then_direct`, failing over to the clients' gateway URL), with
+/// `options`: the setting of the resume cases, which cut the proxy.
+async fn cut_off(
+    t: &dyn Transport,
+    plane: Option<&dyn Plane>,
+    chunks: usize,
+    then_direct: bool,
+    options: PublisherOptions,
+) -> (TestGateway, super::Proxy, Arc<Paced>, crate::Publisher) {
+    let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    let proxy = gw.proxy().await;
+    let paced = Arc::new(Paced::new(chunks));
+    let urls = if then_direct {
+        format!("{},{}", proxy.url, gw.url)
+    } else {
+        proxy.url.clone()
+    };
+    let p = gw
+        .publish_at(&urls, t, "alice", &["slow"], paced.clone(), options)
+        .await;
+    (gw, proxy, paced, p)
+}
+
 /// A publisher's channel is cut in the middle of a 30-chunk stream, and its next
 /// channel comes up within the resume window (SPEC §15): the client's stream pauses
 /// and goes on, every chunk once and in order, the ones produced during the cut
 /// included.
 pub async fn a_stream_survives_a_cut_channel(t: &dyn Transport, plane: Option<&dyn Plane>) {
-    let gw = TestGateway::start_on(t, plane, Default::default()).await;
-    let proxy = gw.proxy().await;
-    let paced = Arc::new(Paced::new(30));
-    let p = gw
-        .publish_at(
-            &proxy.url,
-            t,
-            "alice",
-            &["slow"],
-            paced.clone(),
-            PublisherOptions::default(),
-        )
-        .await;
+    let (gw, proxy, paced, p) = cut_off(t, plane, 30, false, PublisherOptions::default()).await;
     paced.allow(10);
     let mut stream = gw.chat_stream("client", "slow", "count").await;
     let mut words = paced_words(&mut stream, Some(10)).await;
@@ -646,20 +659,7 @@ pub async fn a_stream_survives_its_publisher_moving_to_another_gateway_url(
     t: &dyn Transport,
     plane: Option<&dyn Plane>,
 ) {
-    let gw = TestGateway::start_on(t, plane, Default::default()).await;
-    let proxy = gw.proxy().await;
-    let paced = Arc::new(Paced::new(30));
-    let urls = format!("{},{}", proxy.url, gw.url);
-    let p = gw
-        .publish_at(
-            &urls,
-            t,
-            "alice",
-            &["slow"],
-            paced.clone(),
-            PublisherOptions::default(),
-        )
-        .await;
+    let (gw, proxy, paced, p) = cut_off(t, plane, 30, true, PublisherOptions::default()).await;
     paced.allow(10);
     let mut stream = gw.chat_stream("client", "slow", "count").await;
     let mut words = paced_words(&mut stream, Some(10)).await;
@@ -677,19 +677,7 @@ pub async fn a_non_streaming_task_survives_a_cut_channel(
     t: &dyn Transport,
     plane: Option<&dyn Plane>,
 ) {
-    let gw = TestGateway::start_on(t, plane, Default::default()).await;
-    let proxy = gw.proxy().await;
-    let paced = Arc::new(Paced::new(3));
-    let p = gw
-        .publish_at(
-            &proxy.url,
-            t,
-            "alice",
-            &["slow"],
-            paced.clone(),
-            PublisherOptions::default(),
-        )
-        .await;
+    let (gw, proxy, paced, p) = cut_off(t, plane, 3, false, PublisherOptions::default()).await;
     let answer = {
         let gw = gw.clone();
         tokio::spawn(async move { gw.chat("client", "slow", "count", false).await })
@@ -713,19 +701,7 @@ pub async fn a_cut_longer_than_the_resume_window_fails_the_stream(
     t: &dyn Transport,
     plane: Option<&dyn Plane>,
 ) {
-    let gw = TestGateway::start_on(t, plane, Default::default()).await;
-    let proxy = gw.proxy().await;
-    let paced = Arc::new(Paced::new(30));
-    let p = gw
-        .publish_at(
-            &proxy.url,
-            t,
-            "alice",
-            &["slow"],
-            paced.clone(),
-            PublisherOptions::default(),
-        )
-        .await;
+    let (gw, proxy, paced, p) = cut_off(t, plane, 30, false, PublisherOptions::default()).await;
     let stopped = paced.dropped.notified();
     paced.allow(2);
     let mut stream = gw.chat_stream("client", "slow", "count").await;
@@ -751,19 +727,7 @@ pub async fn a_cancel_during_a_cut_reaches_the_publisher_after_it_reconnects(
     t: &dyn Transport,
     plane: Option<&dyn Plane>,
 ) {
-    let gw = TestGateway::start_on(t, plane, Default::default()).await;
-    let proxy = gw.proxy().await;
-    let paced = Arc::new(Paced::new(30));
-    let p = gw
-        .publish_at(
-            &proxy.url,
-            t,
-            "alice",
-            &["slow"],
-            paced.clone(),
-            PublisherOptions::default(),
-        )
-        .await;
+    let (gw, proxy, paced, p) = cut_off(t, plane, 30, false, PublisherOptions::default()).await;
     let stopped = paced.dropped.notified();
     paced.allow(2);
     let mut stream = gw.chat_stream("client", "slow", "count").await;
@@ -787,17 +751,12 @@ pub async fn a_task_past_its_resume_buffer_fails_honestly(
     t: &dyn Transport,
     plane: Option<&dyn Plane>,
 ) {
-    let gw = TestGateway::start_on(t, plane, Default::default()).await;
-    let proxy = gw.proxy().await;
-    let paced = Arc::new(Paced::new(30));
     let options = PublisherOptions {
         // A few chunks' worth.
         resume_buffer: 2048,
         ..PublisherOptions::default()
     };
-    let p = gw
-        .publish_at(&proxy.url, t, "alice", &["slow"], paced.clone(), options)
-        .await;
+    let (gw, proxy, paced, p) = cut_off(t, plane, 30, false, options).await;
     let stopped = paced.dropped.notified();
     paced.allow(2);
     let mut stream = gw.chat_stream("client", "slow", "count").await;
