@@ -227,8 +227,8 @@ impl Outbox for SseOutbox {
     }
 
     /// The result post is answered once the gateway has taken every line.
-    fn confirms_delivery(&self) -> bool {
-        true
+    async fn delivered(&self) -> Result<(), WireError> {
+        Ok(())
     }
 
     async fn send(

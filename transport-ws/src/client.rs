@@ -28,6 +28,7 @@ use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_li
 use virtual_llm_core::{Config, SessionId, TaskId};
 
 use crate::config::{CREDITS_HEADER, PUBLISHER_WRITE_BUFFER, socket_config};
+use crate::confirm::{Confirmations, Step};
 
 /// Connects a publisher to a gateway over one WebSocket.
 #[derive(Clone, Debug)]
@@ -165,25 +166,29 @@ impl Wire for WsWire {
         // connection, the writer sends a Close frame and the gateway unbinds at once.
         // Credits are taken here, on their way to the tasks waiting for them; when the
         // socket ends, every task still waiting is told.
-        let state = (stream, Some(close), windows.clone());
-        let frames =
-            futures::stream::unfold(state, move |(mut stream, close, windows)| async move {
+        let confirmations = Arc::new(Confirmations::new());
+        let state = (stream, Some(close), windows.clone(), confirmations.clone());
+        let frames = futures::stream::unfold(
+            state,
+            move |(mut stream, close, windows, confirmations)| async move {
                 loop {
                     let next = match silence {
                         Some(limit) => match tokio::time::timeout(limit, stream.next()).await {
                             Ok(next) => next,
                             Err(_) => {
                                 windows.close_all();
+                                confirmations.close();
                                 let error = Err(WireError::Connection(format!(
                                     "no keep-alive from the gateway for {limit:?}"
                                 )));
-                                return Some((error, (stream, None, windows)));
+                                return Some((error, (stream, None, windows, confirmations)));
                             }
                         },
                         None => stream.next().await,
                     };
                     let Some(message) = next else {
                         windows.close_all();
+                        confirmations.close();
                         return None;
                     };
                     match message {
@@ -193,28 +198,33 @@ impl Wire for WsWire {
                                 frame => {
                                     return Some((
                                         frame.map_err(protocol),
-                                        (stream, close, windows),
+                                        (stream, close, windows, confirmations),
                                     ));
                                 }
                             }
                         }
+                        Ok(Message::Pong(payload)) => confirmations.pong(&payload),
                         Ok(Message::Close(_)) => {
                             windows.close_all();
+                            confirmations.close();
                             return None;
                         }
                         Ok(_) => continue,
                         Err(e) => {
                             windows.close_all();
+                            confirmations.close();
                             let error = Err(WireError::Connection(e.to_string()));
-                            return Some((error, (stream, None, windows)));
+                            return Some((error, (stream, None, windows, confirmations)));
                         }
                     }
                 }
-            });
+            },
+        );
         let outbox = WsOutbox {
             outgoing,
             session,
             windows,
+            confirmations,
         };
         Ok(Connected {
             answer,
@@ -325,6 +335,7 @@ struct WsOutbox {
     outgoing: mpsc::Sender<Message>,
     session: SessionId,
     windows: Arc<Windows>,
+    confirmations: Arc<Confirmations>,
 }
 
 impl WsOutbox {
@@ -369,6 +380,22 @@ impl Outbox for WsOutbox {
             self.send_frame(&frame).await?;
         }
         Ok(())
+    }
+
+    /// Confirmed by the pong of a ping sent after the results (see `confirm`).
+    async fn delivered(&self) -> Result<(), WireError> {
+        let closed = || WireError::Connection("the socket is closed".into());
+        let number = self.confirmations.ask();
+        let mut changes = self.confirmations.changes();
+        loop {
+            match self.confirmations.next_step(number) {
+                None => return Err(closed()),
+                Some(Step::Confirmed) => return Ok(()),
+                Some(Step::Send(ping)) => self.outgoing.send(ping).await.map_err(|_| closed())?,
+                Some(Step::Wait) => {}
+            }
+            changes.changed().await.map_err(|_| closed())?;
+        }
     }
 }
 
@@ -490,6 +517,84 @@ mod tests {
                 llms: Some(states),
             })
         );
+    }
+
+    /// A result is confirmed delivered once the gateway answered a ping sent after it,
+    /// so it has read the result; once the socket is gone, nothing is confirmed.
+    #[tokio::test]
+    async fn delivery_is_confirmed_by_the_gateways_pong_and_not_after_the_socket_ends() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let session = SessionId::generate();
+        let (frames_tx, mut received) = mpsc::unbounded_channel::<PublisherFrame>();
+        let (hang_up, hung_up) = oneshot::channel::<()>();
+        let answer = serde_json::json!({
+            "type": "registered", "providerSessionId": session, "heartbeatIntervalMs": 30000,
+            "protocolVersion": 2, "llms": [],
+        });
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let mut hung_up = hung_up;
+            loop {
+                // Reading is what answers a ping (tungstenite queues the pong).
+                let message = tokio::select! {
+                    message = socket.next() => message,
+                    _ = &mut hung_up => break,
+                };
+                let Some(Ok(Message::Text(text))) = message else {
+                    continue;
+                };
+                let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
+                if matches!(frame, PublisherFrame::Register(_)) {
+                    socket
+                        .send(Message::text(answer.to_string()))
+                        .await
+                        .unwrap();
+                }
+                frames_tx.send(frame).unwrap();
+            }
+            drop(socket);
+        });
+
+        let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
+        let request = RegisterRequest {
+            agents: Vec::new(),
+            provider_session_id: None,
+            protocol_version: Some(2),
+            llms: vec![],
+            capabilities: Vec::new(),
+        };
+        let mut connected = wire.connect(request).await.unwrap();
+        // The frame reader reads the pongs: keep it running, as the publisher does.
+        let reader = tokio::spawn(async move { while connected.frames.next().await.is_some() {} });
+        let outbox = connected.outbox;
+        assert!(matches!(
+            received.recv().await.unwrap(),
+            PublisherFrame::Register(_)
+        ));
+        let task = TaskId::generate();
+        let result = TaskResult::Chunk {
+            data: "{}".into(),
+            done: true,
+            seq: Some(0),
+        };
+        outbox
+            .send(task.clone(), futures::stream::iter([result]).boxed())
+            .await
+            .unwrap();
+        // Several askers at once: all confirmed.
+        let (a, b) = tokio::join!(outbox.delivered(), outbox.delivered());
+        a.unwrap();
+        b.unwrap();
+        // Confirmed means read: the gateway already has the result.
+        assert!(matches!(
+            received.try_recv(),
+            Ok(PublisherFrame::Chunk { task_id, .. }) if task_id == task
+        ));
+        hang_up.send(()).unwrap();
+        reader.await.unwrap();
+        assert!(outbox.delivered().await.is_err());
     }
 
     /// Frames handed over one per scheduling turn (as a provider streaming an

@@ -9,11 +9,14 @@
 //!   cancels, heartbeats and results; ping/pong; unbind on close.
 //! - `client`: the publisher's [`WsWire`], a [`Wire`](virtual_llm_core::publisher::Wire)
 //!   for the core's [`Publisher`](virtual_llm_core::Publisher).
+//! - `confirm`: how the publisher learns that the gateway read its results (a ping
+//!   after them, answered), so a resumable task is not kept longer than that.
 //! - `config`: the socket settings both ends share (4 KiB read buffers, frame limits)
 //!   and the header that turns on per-task flow control (`credit` frames).
 
 mod client;
 mod config;
+mod confirm;
 mod route;
 mod session;
 

@@ -161,19 +161,18 @@ pub trait Outbox: Send + Sync + 'static {
         results: BoxStream<'static, TaskResult>,
     ) -> Result<(), WireError>;
 
-    /// Whether a successful [`send`](Outbox::send) means the gateway took the results
-    /// (an HTTP post answered), not only that they were queued for a socket. A
-    /// resumable task whose sends are not confirmed is kept a while after its last
-    /// result went out, to be replayed should the channel turn out to have been dead.
-    /// Default `false`.
-    fn confirms_delivery(&self) -> bool {
-        false
-    }
+    /// Waits until every result this outbox sent before the call is known to have
+    /// reached the gateway: at once when a [`send`](Outbox::send) already means it
+    /// (an HTTP post answered); on a socket, when the gateway answers a ping sent after
+    /// them. An error means they may be lost with the channel. A resumable task stays
+    /// replayable until this returns.
+    async fn delivered(&self) -> Result<(), WireError>;
 }
 
-/// How long a resumable task is kept after its last result was sent on a channel that
-/// does not confirm delivery (see [`Outbox::confirms_delivery`]).
-const UNCONFIRMED_LINGER: Duration = Duration::from_secs(5);
+/// How long a resumable task that has sent its last result waits for the gateway to
+/// confirm it (see [`Outbox::delivered`]) before it is let go: past this, the channel
+/// is wedged and its own silence limit drops it.
+const DELIVERY_CONFIRMATION: Duration = Duration::from_secs(30);
 
 /// Where a discovering publisher reads the LLMs to publish (SPEC §17: `publisher
 /// --discover URL` publishes every model its upstream lists).
@@ -734,21 +733,11 @@ impl Driver {
         };
         let running = &self.running;
         if resumes {
-            // The upstream call writes into the task's log; a sender per channel
-            // reads it.
-            let log = TaskLog::new(self.options.resume_buffer);
-            let writer = log.clone();
-            let task_id = id.clone();
-            let producer = tokio::spawn(async move {
-                let mut results = produce.await;
-                while let Some(result) = results.next().await {
-                    if writer.write(result).await.is_err() {
-                        tracing::warn!(task = %task_id, "the resume buffer filled up while the channel was down; the task stopped");
-                        break;
-                    }
-                }
-            });
-            running.insert_logged(id.clone(), producer.abort_handle(), log);
+            // A sender per channel reads the upstream call and keeps its results in
+            // the task's log; between channels a keeper reads on into the log.
+            let source = stream::once(produce).flatten().boxed();
+            let log = TaskLog::new(self.options.resume_buffer, source);
+            running.insert_logged(id.clone(), log);
             running.attach(&id, outbox, false);
         } else {
             let (outbox, finished, task_id) = (outbox.clone(), running.clone(), id.clone());
@@ -961,17 +950,22 @@ async fn results_of(
 #[derive(Clone, Default)]
 struct Running(Arc<Mutex<HashMap<TaskId, Entry>>>);
 
-/// One running task: its work (the whole task, or for a resumable one its upstream
-/// call writing into its log) and, when it has one, the sender reading its log.
+/// One running task: the whole task, or for a resumable one its log (which holds its
+/// upstream call) and, when it has one, the sender reading the log.
 struct Entry {
-    work: AbortHandle,
+    work: Option<AbortHandle>,
     sender: Option<AbortHandle>,
     log: Option<Arc<TaskLog>>,
 }
 
 impl Entry {
     fn abort(&self) {
-        self.work.abort();
+        if let Some(log) = &self.log {
+            log.stop();
+        }
+        if let Some(work) = &self.work {
+            work.abort();
+        }
         if let Some(sender) = &self.sender {
             sender.abort();
         }
@@ -983,7 +977,7 @@ impl Running {
         // A task that already finished removed itself; don't resurrect its entry.
         if !work.is_finished() {
             let entry = Entry {
-                work,
+                work: Some(work),
                 sender: None,
                 log: None,
             };
@@ -992,9 +986,9 @@ impl Running {
     }
 
     /// A resumable task: it stays until a sender has delivered its final result.
-    fn insert_logged(&self, id: TaskId, work: AbortHandle, log: Arc<TaskLog>) {
+    fn insert_logged(&self, id: TaskId, log: Arc<TaskLog>) {
         let entry = Entry {
-            work,
+            work: None,
             sender: None,
             log: Some(log),
         };
@@ -1016,12 +1010,18 @@ impl Running {
         // the sender's handle.
         let sender = tokio::spawn(async move {
             match outbox.send(task_id.clone(), results).await {
-                Ok(()) if outbox.confirms_delivery() => running.remove(&task_id),
                 Ok(()) => {
-                    // Queued, perhaps on a socket already dead: kept for a replay a
-                    // while (a finished task's replay is refused, which ends it).
-                    tokio::time::sleep(UNCONFIRMED_LINGER).await;
-                    running.remove_if(&task_id, &log);
+                    match tokio::time::timeout(DELIVERY_CONFIRMATION, outbox.delivered()).await {
+                        Ok(Ok(())) => running.remove_if(&task_id, &log),
+                        // Perhaps lost with the channel: kept for the resume on the next.
+                        Ok(Err(e)) => {
+                            tracing::debug!(task = %task_id, error = %e, "results not confirmed; kept for a resume")
+                        }
+                        Err(_) => {
+                            tracing::debug!(task = %task_id, "the gateway did not confirm the results in 30 s; the task is let go");
+                            running.remove_if(&task_id, &log);
+                        }
+                    }
                 }
                 // The gateway refused the task (unknown: cancelled, or its resume window
                 // ran out): it stops.
@@ -1060,8 +1060,8 @@ impl Running {
             if let Some(sender) = entry.sender.take() {
                 sender.abort();
             }
-            if entry.log.is_none() {
-                entry.work.abort();
+            if let (None, Some(work)) = (&entry.log, &entry.work) {
+                work.abort();
             }
             entry.log.is_some()
         });

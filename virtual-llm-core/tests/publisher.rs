@@ -637,6 +637,10 @@ impl Outbox for RecordingOutbox {
     ) -> Result<(), WireError> {
         self.inner.send(task, results).await
     }
+
+    async fn delivered(&self) -> Result<(), WireError> {
+        self.inner.delivered().await
+    }
 }
 
 /// A gateway whose channels the test can push frames into, and a publisher of `llms`

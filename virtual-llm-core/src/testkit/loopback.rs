@@ -68,8 +68,8 @@ struct LoopbackOutbox {
 #[async_trait]
 impl Outbox for LoopbackOutbox {
     /// Results go straight to the gateway's tasks.
-    fn confirms_delivery(&self) -> bool {
-        true
+    async fn delivered(&self) -> Result<(), WireError> {
+        Ok(())
     }
 
     async fn heartbeat(&self, llms: Option<Vec<LlmState>>) -> Result<(), WireError> {
