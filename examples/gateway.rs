@@ -11,6 +11,12 @@
 //! too, `--nats nats://…` links those replicas through NATS, so a client may call any
 //! of them whichever holds the publisher's channel.
 
+/// mimalloc rather than the system allocator: a relayed request allocates and frees
+/// many small buffers across threads, which glibc's allocator served with 15–20 % of
+/// the process's CPU (docs/benchmarks.md, "The relay against the proxy floor").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;

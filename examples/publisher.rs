@@ -51,6 +51,12 @@
 //!                "defaultParams": {"temperature": 0.9, "max_tokens": 256} }] }
 //! ```
 
+/// mimalloc rather than the system allocator: a relayed request allocates and frees
+/// many small buffers across threads, which glibc's allocator served with 15–20 % of
+/// the process's CPU (docs/benchmarks.md, "The relay against the proxy floor").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod common;
 #[path = "common/recipe.rs"]
 mod recipes;

@@ -28,7 +28,7 @@ use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_li
 use virtual_llm_core::{Config, SessionId, TaskId};
 
 use crate::config::{CREDITS_HEADER, PUBLISHER_WRITE_BUFFER, socket_config};
-use crate::confirm::{Confirmations, Step};
+use crate::confirm::{Confirmations, GATHER, Step};
 
 /// Connects a publisher to a gateway over one WebSocket.
 #[derive(Clone, Debug)]
@@ -391,7 +391,12 @@ impl Outbox for WsOutbox {
             match self.confirmations.next_step(number) {
                 None => return Err(closed()),
                 Some(Step::Confirmed) => return Ok(()),
-                Some(Step::Send(ping)) => self.outgoing.send(ping).await.map_err(|_| closed())?,
+                Some(Step::Ping(pinger)) => {
+                    tokio::time::sleep(GATHER).await;
+                    let ping = pinger.ping();
+                    self.outgoing.send(ping).await.map_err(|_| closed())?;
+                    pinger.sent();
+                }
                 Some(Step::Wait) => {}
             }
             changes.changed().await.map_err(|_| closed())?;
