@@ -305,7 +305,14 @@ impl Reader {
                 return None;
             };
             let last = result.is_final();
-            let size = approximate_size(&result);
+            // The last result counts its overhead only: walking a whole answer's JSON to
+            // size it would cost every completion; nothing is written after it, and it
+            // is held only until the gateway confirms it.
+            let size = if last {
+                RESULT_OVERHEAD
+            } else {
+                approximate_size(&result)
+            };
             // Everything held is taken (this reader is at the end), so it fits; unless a
             // new sender took over meanwhile and has not replayed the log yet: the
             // result is kept for it all the same (one result past the limit at most).
@@ -329,8 +336,7 @@ impl Reader {
             self.at = state.next;
             state.taken = state.taken.max(self.at);
             self.done = last;
-            drop(state);
-            self.log.changed.notify_waiters();
+            // Nobody waits on a sender's writes: no keeper reads while it is attached.
             return Some(result);
         }
     }
@@ -359,10 +365,12 @@ impl Drop for Reader {
     }
 }
 
+/// What a result costs the log besides its data.
+const RESULT_OVERHEAD: usize = 64;
+
 /// A result's size, as its data and body take it.
 fn approximate_size(result: &TaskResult) -> usize {
-    const OVERHEAD: usize = 64;
-    OVERHEAD
+    RESULT_OVERHEAD
         + match result {
             TaskResult::Chunk { data, .. } => data.len(),
             TaskResult::Completed { body, .. } => encoded_len(body),
