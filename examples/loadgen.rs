@@ -4137,7 +4137,8 @@ mod replicas {
     /// replicas, and the targets of issue #15.
     fn print_table(results: &[Measured]) {
         let mut table = Table::new();
-        table.load_preset(ASCII_MARKDOWN).set_header(vec![
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
             "transport",
             "kind",
             "c",
