@@ -3,8 +3,9 @@
 //! to replica A answers a client of replica B, whole and streamed, over SSE and over
 //! WebSocket; then replica A is killed (SIGKILL) in the middle of a stream: the
 //! client on B gets an error event, not a hang, and the publisher (given `--gateway
-//! A,B`) serves again through B. Skipped, loudly, where PostgreSQL or `nats-server`
-//! is not installed.
+//! A,B`) serves again through B. A rolling restart of both replicas under a steady
+//! load loses no request but those in flight on the replica killed. Skipped, loudly,
+//! where PostgreSQL or `nats-server` is not installed.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
