@@ -157,8 +157,10 @@ async fn postgresql_restarted_under_load_keeps_requests_flowing_and_recovers() {
     // Views that read the store again after 20 ms: the load below outlasts that many
     // times over, so what is answered while the database is down comes from the rows
     // read last, not from a view still fresh.
-    let mut config = virtual_llm::Config::default();
-    config.registry_staleness = Duration::from_millis(20);
+    let config = virtual_llm::Config {
+        registry_staleness: Duration::from_millis(20),
+        ..virtual_llm::Config::default()
+    };
     let Some((a, b, _planes)) = replicas(&db, config).await else {
         return;
     };

@@ -59,7 +59,7 @@ async fn within<T>(what: &str, fut: impl std::future::Future<Output = T>) -> T {
 }
 
 /// Polls `ok` (every 10 ms) until it holds, for at most [`CAP`].
-async fn until(what: &str, ok: impl Fn() -> bool) {
+async fn until(what: &str, ok: impl Fn() -> bool + Send + Sync) {
     within(what, async {
         while !ok() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -89,9 +89,11 @@ async fn cluster(a_admission: Option<Arc<dyn Admission>>) -> Option<Cluster> {
     let (pa, pb) = (plane("gw-a").await, plane("gw-b").await);
     assert!(pa.wait_for_peers(1, CAP).await, "a hears of b");
     assert!(pb.wait_for_peers(1, CAP).await, "b hears of a");
-    let mut config = Config::default();
-    config.queue_wait = Duration::from_secs(60);
-    config.wake_wait = Duration::from_secs(60);
+    let config = Config {
+        queue_wait: Duration::from_secs(60),
+        wake_wait: Duration::from_secs(60),
+        ..Config::default()
+    };
     let builder = |admission: Option<Arc<dyn Admission>>| {
         let db = db.clone();
         let config = config.clone();
@@ -412,7 +414,7 @@ async fn a_sleeping_row_is_woken_once_whichever_replicas_its_requests_came_to() 
     c.b.heartbeat_with(&alice(), &session, &[ready])
         .await
         .unwrap();
-    let mut tasks = vec![
+    let mut tasks = [
         within("the first task once awake", channel.next_task()).await,
         within("the second task once awake", channel.next_task()).await,
     ];
