@@ -449,6 +449,8 @@ async fn a_rolling_restart_of_every_replica_loses_only_the_requests_in_flight_on
             .send()
             .await
             .unwrap();
-        assert_eq!(response.status(), 200, "{url} answers after the rollout");
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 200, "{url} answers after the rollout: {body}");
     }
 }

@@ -31,7 +31,7 @@ use tokio::time::Instant;
 
 use crate::router::{Load, Route, UNRANKED, choose_ranked};
 use crate::sync::lock;
-use crate::{Config, Error, LlmId, LlmName, LlmRecord, UnavailableKind};
+use crate::{ChannelBinding, Config, Error, LlmId, LlmName, LlmRecord, UnavailableKind};
 
 /// A request asking for a slot.
 #[derive(Debug)]
@@ -155,7 +155,8 @@ impl LoadChanges {
 ///   never go below zero.
 /// - [`report`](Admission::report): a row whose last `cooldown_after` dispatches
 ///   [failed](Outcome::Failed) is passed over for `cooldown`; an answer resets the
-///   count.
+///   count, and so does the row being bound to a new channel (seen through a route
+///   or [`observe`](Admission::observe)): the failures were the old channel's.
 /// - Across replicas: [`heard`](Admission::heard) makes a row's load the larger of the
 ///   count heard and this replica's own until the report's expiry, for choosing, for
 ///   capacity and for queueing; a lower count heard hands the slots it frees to the
@@ -352,6 +353,10 @@ struct Member {
     /// a newer one.
     revision: u64,
     failures: u32,
+    /// The channel the row was bound to when last seen: failures and a cooldown
+    /// belong to that channel, and end when the row is bound anew (its publisher
+    /// moved to another replica, say).
+    binding: Option<ChannelBinding>,
     cool_until: Option<Instant>,
     /// Where the row sat in the last whole route merged, to find its copy in the
     /// next route without a search.
@@ -604,6 +609,14 @@ impl Pool {
             self.update_at(i, |m| {
                 m.expire_report(now);
                 if m.id != row.id || m.revision <= row.revision {
+                    if m.binding != row.binding {
+                        if row.binding.is_some() {
+                            // A new channel: what failed was the old one.
+                            m.failures = 0;
+                            m.cool_until = None;
+                        }
+                        m.binding.clone_from(&row.binding);
+                    }
                     m.id.clone_from(&row.id);
                     m.serving = serving;
                     m.capacity = row.max_concurrent;
@@ -624,6 +637,7 @@ impl Pool {
             serving,
             revision: row.revision,
             failures: 0,
+            binding: row.binding.clone(),
             cool_until: None,
             at: 0,
         };

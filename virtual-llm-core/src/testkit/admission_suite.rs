@@ -1014,6 +1014,28 @@ pub async fn followed_counts_mark_the_rows_that_change(setup: Setup<'_>) {
     assert_eq!(adm.count(&name("told"), &row.name), 0);
 }
 
+/// A row cooling down that is bound to a new channel (its publisher moved to another
+/// replica) is a candidate again at once: the failures were the old channel's.
+pub async fn a_row_bound_anew_no_longer_cools_down(setup: Setup<'_>) {
+    let adm = setup(&Config {
+        cooldown_after: 1,
+        cooldown: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let row = member("moved-a", "moved", Some(4));
+    let before = route("moved", std::slice::from_ref(&row));
+    let g = grant_on(admit_now(&adm, "p", &before, &[]).await, "a slot");
+    adm.report(&g, Outcome::Failed);
+    adm.release(&g);
+    let err = admit_now(&adm, "p", &before, &[]).await.unwrap_err();
+    assert_unavailable(&err, "cooling down");
+    let moved = started(&row);
+    adm.observe(&moved);
+    let after = route("moved", std::slice::from_ref(&moved));
+    let g = grant_on(admit_now(&adm, "p", &after, &[]).await, "bound anew");
+    adm.release(&g);
+}
+
 /// Stamps out one `#[tokio::test(start_paused = true)]` per case of the admission
 /// suite (the test crate needs tokio's `test-util` feature). `$setup` is a fn
 /// `(&Config) -> Arc<dyn Admission>` building a fresh admission.
@@ -1040,6 +1062,7 @@ macro_rules! admission_conformance_tests {
             a_row_first_seen_in_a_route_is_granted,
             a_holders_count_fills_a_row_and_a_lower_one_wakes_a_waiter,
             followed_counts_mark_the_rows_that_change,
+            a_row_bound_anew_no_longer_cools_down,
         );
     };
     (@cases $setup:path; $($case:ident,)*) => {
