@@ -325,10 +325,14 @@ async fn through_the_balancer(http: &reqwest::Client, urls: [&str; 2], n: usize)
         let sent = http
             .post(format!("{url}/v1/chat/completions"))
             .json(&chat("roll", &text, false))
+            .timeout(Duration::from_secs(20))
             .send()
             .await;
         let response = match sent {
             Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Seen::Lost(format!("{text}: no answer from {url} within 20 s"));
+            }
             Err(e) if e.is_connect() => {
                 tokio::time::sleep(Duration::from_millis(20)).await;
                 continue;
