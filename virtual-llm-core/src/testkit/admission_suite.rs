@@ -1027,7 +1027,9 @@ pub async fn a_row_bound_anew_no_longer_cools_down(setup: Setup<'_>) {
     let g = grant_on(admit_now(&adm, "p", &before, &[]).await, "a slot");
     adm.report(&g, Outcome::Failed);
     adm.release(&g);
-    let err = admit_now(&adm, "p", &before, &[]).await.unwrap_err();
+    let err = admit_now(&adm, "p", &before, &[])
+        .await
+        .expect_err("the row cools down after its failure");
     assert_unavailable(&err, "cooling down");
     let moved = started(&row);
     adm.observe(&moved);
