@@ -250,6 +250,13 @@ struct Args {
     /// steady stream), and compare the two in one table.
     #[arg(long)]
     resume_cost: bool,
+    /// Replicas mode (issue #15): two gateway children as replicas on one PostgreSQL
+    /// and one nats-server (started here from the binaries on PATH, as the tests start
+    /// them), a publisher per transport connected to the first; each case measured
+    /// with the client on the same replica and on the other, in one run, and compared
+    /// (added p50, throughput kept). Only 2 is supported.
+    #[arg(long, value_name = "N")]
+    replicas: Option<usize>,
 }
 
 /// What a request asks for.
@@ -350,7 +357,18 @@ async fn run(args: Args) -> Result<(), BoxError> {
         let bins = Binaries::locate(&args)?;
         pool::run(&args, &bins).await?;
     }
-    if args.publishers.is_empty() && args.gc_rows.is_empty() && args.pool.is_none() {
+    if let Some(n) = args.replicas {
+        if n != 2 {
+            return Err(format!("--replicas {n}: only 2 replicas are supported").into());
+        }
+        let bins = Binaries::locate(&args)?;
+        replicas::run(&args, &bins).await?;
+    }
+    if args.publishers.is_empty()
+        && args.gc_rows.is_empty()
+        && args.pool.is_none()
+        && args.replicas.is_none()
+    {
         let bins = Binaries::locate(&args)?;
         relay::run(&args, &bins).await?;
     }
@@ -647,7 +665,7 @@ impl Binaries {
             Some(dir) => dir.clone(),
             None => {
                 if !args.no_build {
-                    build()?;
+                    build(args.replicas.is_some())?;
                 }
                 let exe = std::env::current_exe()?;
                 exe.parent()
@@ -689,8 +707,9 @@ fn gateway_flags(args: &Args) -> Vec<String> {
     flags
 }
 
-/// `cargo build [--release] --example gateway --example publisher`, in this workspace.
-fn build() -> Result<(), BoxError> {
+/// `cargo build [--release] --example gateway --example publisher`, in this workspace;
+/// with `replicas`, the gateway with the features `postgres` and `nats`.
+fn build(replicas: bool) -> Result<(), BoxError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut command = std::process::Command::new(cargo);
     command.args([
@@ -704,6 +723,9 @@ fn build() -> Result<(), BoxError> {
     ]);
     if !cfg!(debug_assertions) {
         command.arg("--release");
+    }
+    if replicas {
+        command.args(["--features", "postgres,nats"]);
     }
     eprintln!("building the gateway and publisher binaries…");
     let status = command.status()?;
@@ -820,19 +842,37 @@ struct GatewayChild {
 
 impl GatewayChild {
     async fn start(bins: &Binaries, dir: &Path, http: &reqwest::Client) -> Result<Self, BoxError> {
+        Self::start_with(bins, dir, http, "gateway", &[]).await
+    }
+
+    /// A gateway child named `name` (its data directory and log in `dir` are named
+    /// after it), with `extra` flags.
+    async fn start_with(
+        bins: &Binaries,
+        dir: &Path,
+        http: &reqwest::Client,
+        name: &str,
+        extra: &[String],
+    ) -> Result<Self, BoxError> {
         let addr = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        let data = if name == "gateway" {
+            "data".to_owned()
+        } else {
+            format!("data-{name}")
+        };
         let mut args = vec![
             "--listen".to_owned(),
             addr.to_string(),
             "--data-dir".to_owned(),
-            dir.join("data").display().to_string(),
+            dir.join(data).display().to_string(),
         ];
         if let Some(threads) = bins.gateway_threads {
             args.extend(["--threads".to_owned(), threads.to_string()]);
         }
         args.extend(bins.gateway_flags.iter().cloned());
+        args.extend(extra.iter().cloned());
         let mut guard =
-            ChildGuard::spawn("gateway", &bins.gateway, &args, dir.join("gateway.log"))?;
+            ChildGuard::spawn(name, &bins.gateway, &args, dir.join(format!("{name}.log")))?;
         let url = format!("http://{addr}");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -1805,9 +1845,9 @@ mod relay {
     }
 
     /// The publisher child of one transport and the LLM it publishes.
-    struct PublisherChild {
-        guard: ChildGuard,
-        llm: String,
+    pub(crate) struct PublisherChild {
+        pub(crate) guard: ChildGuard,
+        pub(crate) llm: String,
     }
 
     pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
@@ -2050,7 +2090,7 @@ mod relay {
     /// A publisher child relaying `bench-<transport>` to the mock, resuming or not
     /// (`--no-resume`, for `--resume-cost`).
     #[allow(clippy::too_many_arguments)]
-    async fn start_publisher(
+    pub(crate) async fn start_publisher(
         bins: &Binaries,
         dir: &std::path::Path,
         http: &reqwest::Client,
@@ -3896,5 +3936,261 @@ mod pool {
             "\nadmission queue, mock delay {:?} (queue wait: the gateway's virtual_llm_queue_wait_seconds over the measured time, requests that waited only; p50/p99 estimated within the histogram's buckets):\n\n{table}",
             args.mock_delay
         );
+    }
+}
+
+/// Replicas mode (issue #15, `--replicas 2`): what the hop between two gateway
+/// replicas costs. Two gateway children (`--store postgres://… --nats nats://…
+/// --replica-id`) share one PostgreSQL and one nats-server, both started here as the
+/// tests start them (temporary directories, free ports, the binaries on PATH); one
+/// publisher per transport connects to replica A. Each case runs twice in the same
+/// run: the client calling A (same replica as the publisher's channel) and calling B
+/// (the task crosses NATS to A, its results come back). The table compares them:
+/// added p50 (target ≤ 0.3 ms at c=1) and the throughput B keeps (target ≥ 60 % at
+/// c=64).
+mod replicas {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+    use comfy_table::Table;
+    use serde_json::json;
+    use virtual_llm_nats::testing::NatsServer;
+    use virtual_llm_postgres::testing::PgServer;
+
+    use super::{
+        ASCII_MARKDOWN, Args, Binaries, BoxError, GatewayChild, Kind, Transport, WorkDir,
+        control_client, load, mock, ms, progress, relay,
+    };
+
+    /// One case: a transport, a kind of request, a concurrency, and which replica the
+    /// client calls.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    struct Case {
+        transport: Transport,
+        kind: Kind,
+        concurrency: usize,
+        cross: bool,
+    }
+
+    struct Measured {
+        case: Case,
+        outcome: load::Outcome,
+    }
+
+    pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
+        let dir = WorkDir::new(args.keep)?;
+        let http = control_client()?;
+        let mut pg = PgServer::start().map_err(|e| format!("PostgreSQL: {e}"))?;
+        let db = pg.create_database().await?;
+        let nats = NatsServer::start().map_err(|e| format!("nats-server: {e}"))?;
+        let upstream = mock::start(args.mock_delay).await?.addr;
+        let mut replicas = Vec::new();
+        for id in ["gw-a", "gw-b"] {
+            let flags = [
+                "--store",
+                db.as_str(),
+                "--nats",
+                nats.url().as_str(),
+                "--replica-id",
+                id,
+            ]
+            .map(str::to_owned);
+            replicas.push(GatewayChild::start_with(bins, dir.path(), &http, id, &flags).await?);
+        }
+        let max_concurrency = args.concurrency.iter().copied().max().unwrap_or(1);
+        let mut publishers = Vec::new();
+        for &transport in &args.transports {
+            let child = relay::start_publisher(
+                bins,
+                dir.path(),
+                &http,
+                &replicas[0],
+                transport,
+                upstream,
+                max_concurrency,
+                true,
+            )
+            .await?;
+            // Replica B reads the row from the shared registry.
+            active_on(&http, &replicas[1].url, &child.llm).await?;
+            publishers.push((transport, child));
+        }
+
+        let mut cases = Vec::new();
+        for &concurrency in &args.concurrency {
+            for &kind in &args.kinds {
+                for &transport in &args.transports {
+                    for cross in [false, true] {
+                        cases.push(Case {
+                            transport,
+                            kind,
+                            concurrency,
+                            cross,
+                        });
+                    }
+                }
+            }
+        }
+        println!(
+            "replica cases: {} × ({:?} warm-up + {:?} measured)\n",
+            cases.len(),
+            args.warmup,
+            args.duration,
+        );
+        let bar = progress(
+            cases.len() as u64,
+            "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
+        )?;
+        let mut results = Vec::new();
+        for case in cases {
+            let label = label(&case);
+            bar.set_message(format!("{label} c={}", case.concurrency));
+            let (_, p) = publishers
+                .iter_mut()
+                .find(|(t, _)| *t == case.transport)
+                .ok_or("no publisher")?;
+            p.guard.check_running()?;
+            for r in &mut replicas {
+                r.guard.check_running()?;
+            }
+            let stream = case.kind == Kind::Stream;
+            let body = json!({
+                "model": p.llm,
+                "stream": stream,
+                "max_tokens": 32,
+                "messages": [{"role": "user", "content": "Say hello in a few words."}]
+            });
+            let target = Arc::new(load::Target {
+                addr: replicas[usize::from(case.cross)].addr,
+                bodies: vec![Bytes::from(body.to_string())],
+                stream,
+                chunks: mock::CHUNKS,
+                rate: None,
+            });
+            let outcome = load::run(
+                target,
+                case.concurrency,
+                args.warmup,
+                args.duration,
+                async || {},
+            )
+            .await?;
+            bar.println(format!(
+                "{label:<34} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}",
+                case.concurrency,
+                outcome.rps(),
+                ms(outcome.latency.value_at_quantile(0.5)),
+                ms(outcome.latency.value_at_quantile(0.99)),
+                outcome.errors
+            ));
+            results.push(Measured { case, outcome });
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        print_table(&results);
+        for m in &results {
+            if let Some(e) = &m.outcome.first_error {
+                println!(
+                    "first error of {} c={}: {e}",
+                    label(&m.case),
+                    m.case.concurrency
+                );
+            }
+        }
+        drop(replicas);
+        drop(publishers);
+        pg.stop(virtual_llm_postgres::testing::StopMode::Fast);
+        Ok(())
+    }
+
+    fn label(case: &Case) -> String {
+        let side = if case.cross {
+            "client on B (cross-replica)"
+        } else {
+            "client on A (same replica)"
+        };
+        match case.kind {
+            Kind::Complete => format!("{} {side}", case.transport.name()),
+            Kind::Stream => format!("{} stream {side}", case.transport.name()),
+        }
+    }
+
+    /// Waits (at most 30 s) until `llm` reads active on the gateway at `url`.
+    async fn active_on(http: &reqwest::Client, url: &str, llm: &str) -> Result<(), BoxError> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(response) = http.get(format!("{url}/api/v1/llms/{llm}")).send().await
+                && response.status().is_success()
+                && let Ok(row) = response.json::<serde_json::Value>().await
+                && row["status"] == "active"
+            {
+                return Ok(());
+            }
+            if std::time::Instant::now() > deadline {
+                return Err(format!("{llm} did not become active on {url} within 30 s").into());
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Each case with the client on the same replica beside the same case across
+    /// replicas, and the targets of issue #15.
+    fn print_table(results: &[Measured]) {
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "transport",
+            "kind",
+            "c",
+            "same p50 ms",
+            "cross p50 ms",
+            "added p50 ms",
+            "same req/s",
+            "cross req/s",
+            "cross / same",
+            "target",
+        ]);
+        for same in results.iter().filter(|m| !m.case.cross) {
+            let Some(cross) = results.iter().find(|m| {
+                m.case.cross
+                    && m.case
+                        == Case {
+                            cross: true,
+                            ..same.case
+                        }
+            }) else {
+                continue;
+            };
+            let p50 = |m: &Measured| m.outcome.latency.value_at_quantile(0.5);
+            let added_ms = (p50(cross) as f64 - p50(same) as f64) / 1e6;
+            let ratio = cross.outcome.rps() / same.outcome.rps().max(1e-9);
+            let target = match same.case.concurrency {
+                1 => format!(
+                    "added p50 ≤ 0.3 ms: {}",
+                    if added_ms <= 0.3 { "met" } else { "MISSED" }
+                ),
+                64 => format!(
+                    "≥ 60 % of req/s: {}",
+                    if ratio >= 0.6 { "met" } else { "MISSED" }
+                ),
+                _ => String::new(),
+            };
+            table.add_row(vec![
+                same.case.transport.name().to_owned(),
+                match same.case.kind {
+                    Kind::Complete => "complete".to_owned(),
+                    Kind::Stream => "stream (first chunk)".to_owned(),
+                },
+                same.case.concurrency.to_string(),
+                ms(p50(same)),
+                ms(p50(cross)),
+                format!("{added_ms:+.3}"),
+                format!("{:.0}", same.outcome.rps()),
+                format!("{:.0}", cross.outcome.rps()),
+                format!("{:.0} %", ratio * 100.0),
+                target,
+            ]);
+        }
+        println!("\n## Across replicas (issue #15)\n\n{table}");
     }
 }

@@ -3,14 +3,16 @@
 //! to replica A answers a client of replica B, whole and streamed, over SSE and over
 //! WebSocket; then replica A is killed (SIGKILL) in the middle of a stream: the
 //! client on B gets an error event, not a hang, and the publisher (given `--gateway
-//! A,B`) serves again through B. Skipped, loudly, where PostgreSQL or `nats-server`
-//! is not installed.
+//! A,B`) serves again through B. A rolling restart of both replicas under a steady
+//! load loses no request but those in flight on the replica killed. Skipped, loudly,
+//! where PostgreSQL or `nats-server` is not installed.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
 mod binary;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use binary::{GatewayProcess, PublisherProcess, TempDir, free_addr, poll_until, temp_dir, try_row};
@@ -294,4 +296,165 @@ async fn killing_the_replica_holding_the_channel_moves_the_publisher_and_its_str
 async fn killing_the_replica_holding_the_channel_fails_a_non_resuming_stream_and_the_publisher_moves()
  {
     killing_the_replica_holding_the_channel(false).await;
+}
+
+/// What a client of the load below saw of one request.
+#[derive(Debug)]
+enum Seen {
+    Answered,
+    /// Its connection was cut after it was sent: it was in flight on a replica that
+    /// was killed.
+    Cut,
+    /// Anything else: a request lost.
+    Lost(String),
+}
+
+/// One request as a client behind a load balancer makes it: a replica that refuses
+/// the connection is passed over for the other; a 503 that says when to retry is
+/// retried then (at most 200 ms later), for at most 20 s in all.
+async fn through_the_balancer(http: &reqwest::Client, urls: [&str; 2], n: usize) -> Seen {
+    let text = format!("request {n}");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut turn = n;
+    loop {
+        if tokio::time::Instant::now() > deadline {
+            return Seen::Lost(format!("{text}: not answered within 20 s"));
+        }
+        let url = urls[turn % 2];
+        turn += 1;
+        let sent = http
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&chat("roll", &text, false))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) if e.is_timeout() => {
+                return Seen::Lost(format!("{text}: no answer from {url} within 20 s"));
+            }
+            Err(e) if e.is_connect() => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                continue;
+            }
+            Err(_) => return Seen::Cut,
+        };
+        let status = response.status().as_u16();
+        let retry = response.headers().contains_key("retry-after");
+        let Ok(body) = response.text().await else {
+            return Seen::Cut;
+        };
+        match status {
+            200 => {
+                let v: Value = serde_json::from_str(&body).unwrap();
+                assert_eq!(v["choices"][0]["message"]["content"], text.as_str());
+                return Seen::Answered;
+            }
+            503 if retry => tokio::time::sleep(Duration::from_millis(200)).await,
+            _ => return Seen::Lost(format!("{text}: {status} {body}")),
+        }
+    }
+}
+
+/// A rolling restart of every replica under a steady load: two publishers of the pool
+/// `roll`, each given both gateways (one A first, one B first), and four clients
+/// calling both replicas through a load balancer's rules. Each replica in turn is
+/// killed (SIGKILL), started again on its address, and waited for; then the next.
+/// No request is lost but those in flight on a replica as it was killed, and after
+/// the rollout both replicas answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolling_restart_of_every_replica_loses_only_the_requests_in_flight_on_the_one_killed() {
+    let Some(db) = pg::fresh_database().await else {
+        return;
+    };
+    let Some(nats) = available(NatsServer::start()) else {
+        return;
+    };
+    let dir = temp_dir();
+    let addrs = [free_addr(), free_addr()];
+    let urls = addrs.map(|a| format!("http://{a}"));
+    let nats_url = nats.url();
+    let start = |i: usize| {
+        let replica = ["gw-a", "gw-b"][i];
+        let flags = [
+            "--store",
+            db.as_str(),
+            "--nats",
+            nats_url.as_str(),
+            "--replica-id",
+            replica,
+            "--heartbeat-every",
+            "1s",
+        ];
+        GatewayProcess::start_env(addrs[i], &dir.0.join(replica), &flags, &[])
+    };
+    let mut gateways = [Some(start(0)), Some(start(1))];
+    for url in &urls {
+        binary::ready(url).await;
+    }
+    let a_first = format!("{},{}", urls[0], urls[1]);
+    let b_first = format!("{},{}", urls[1], urls[0]);
+    let _p1 = PublisherProcess::start(&a_first, "sse", &dir.0.join("p1"), &["--echo", "r1@roll"]);
+    let _p2 = PublisherProcess::start(&b_first, "ws", &dir.0.join("p2"), &["--echo", "r2@roll"]);
+    for url in &urls {
+        active_on(url, "r1").await;
+        active_on(url, "r2").await;
+    }
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let http = reqwest::Client::new();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (stop, http, urls) = (stop.clone(), http.clone(), urls.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let mut n = c * 1_000_000;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    seen.push(through_the_balancer(&http, [&urls[0], &urls[1]], n).await);
+                    n += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+
+    for i in 0..2 {
+        // Some load on both replicas before each kill.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        gateways[i].take().unwrap().sigkill();
+        gateways[i] = Some(start(i));
+        binary::ready(&urls[i]).await;
+        active_on(&urls[i], "r1").await;
+        active_on(&urls[i], "r2").await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut seen = Vec::new();
+    for client in clients {
+        seen.extend(tokio::time::timeout(CAP, client).await.unwrap().unwrap());
+    }
+    let lost: Vec<&String> = seen
+        .iter()
+        .filter_map(|s| match s {
+            Seen::Lost(why) => Some(why),
+            _ => None,
+        })
+        .collect();
+    let cut = seen.iter().filter(|s| matches!(s, Seen::Cut)).count();
+    let ok = seen.iter().filter(|s| matches!(s, Seen::Answered)).count();
+    assert!(lost.is_empty(), "lost requests: {lost:?}");
+    // At most one request per client was in flight on each replica killed.
+    assert!(cut <= 2 * 4, "{cut} requests cut, {ok} answered");
+    assert!(ok > 0);
+    for url in &urls {
+        let response = http
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&chat("roll", "after", false))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let body = response.text().await.unwrap();
+        assert_eq!(status, 200, "{url} answers after the rollout: {body}");
+    }
 }

@@ -98,6 +98,7 @@ impl ChannelDirectory for NatsDirectory {
                 _ => return false,
             }
         }
+        shared.drop_carried(|_, s| *s == token.session);
         shared.announce(Announcement::Released {
             session: token.session.clone(),
             binding: token.binding.clone(),
@@ -125,6 +126,7 @@ impl ChannelDirectory for NatsDirectory {
         // Cloned out of the lock: a sink's send may take its own locks.
         let sink = lock(&shared.local).get(session).map(|l| l.sink.clone());
         if let Some(sink) = sink {
+            shared.note_row(&frame, session);
             return sink.send(frame);
         }
         let to = lock(&shared.remote)

@@ -31,6 +31,14 @@ pub struct NatsOptions {
     /// that a peer that missed an announcement (NATS core delivers at most once) or
     /// took this replica for gone is mended.
     pub resync_interval: Duration,
+    /// How long the replica holding channels gathers changes of its rows' in-flight
+    /// counts before reporting them to the others (default 2 ms): the staleness of
+    /// their view of its rows' load, beside the hop itself (SPEC §14).
+    pub load_interval: Duration,
+    /// How often the replica holding channels reports the rows that have tasks in
+    /// flight again (default 1 s). A report holds for three of these: a view of a
+    /// replica that went silent falls back on the peers' own counts.
+    pub load_refresh: Duration,
     /// Frames and announcements waiting to be published (default 8192); past it a
     /// frame for another replica is refused as [`SendError::Full`](virtual_llm_core::SendError::Full).
     pub queue: usize,
@@ -47,6 +55,8 @@ impl Default for NatsOptions {
             deliver_timeout: Duration::from_secs(30),
             probe_interval: Duration::from_secs(1),
             resync_interval: Duration::from_secs(30),
+            load_interval: Duration::from_millis(2),
+            load_refresh: Duration::from_secs(1),
             queue: 8192,
             max_message: 64 << 20,
         }
@@ -84,6 +94,18 @@ impl NatsOptions {
         self
     }
 
+    /// These options with `load_interval`.
+    pub fn with_load_interval(mut self, interval: Duration) -> Self {
+        self.load_interval = interval;
+        self
+    }
+
+    /// These options with `load_refresh`.
+    pub fn with_load_refresh(mut self, refresh: Duration) -> Self {
+        self.load_refresh = refresh;
+        self
+    }
+
     /// Checks the prefix and the bounds.
     pub(crate) fn validate(&self) -> Result<(), NatsError> {
         let token_ok = |t: &str| {
@@ -102,6 +124,7 @@ impl NatsOptions {
             ("deliver_timeout", self.deliver_timeout),
             ("probe_interval", self.probe_interval),
             ("resync_interval", self.resync_interval),
+            ("load_refresh", self.load_refresh),
         ]
         .into_iter()
         .find(|(_, d)| d.is_zero());

@@ -13,6 +13,17 @@
 //! the frame's task here when it was not taken. A peer with no subscriber left ("no
 //! responders") or silent past the timeout is gone: its channels are forgotten and
 //! the tasks here waiting on them fail with 503.
+//!
+//! Pools, queue and wake across replicas (SPEC §14): a task frame that comes for a
+//! channel held here takes a slot on its row here ([`TaskInbound::hold`]), held until
+//! the task ends (its last result passes through here, its cancel comes, its channel
+//! or its replica goes), and is refused as full past the row's capacity; so a row's
+//! tasks are counted where its channel is. The changes of those counts are reported
+//! to every peer (`Load`, gathered for `load_interval`, and again every
+//! `load_refresh` while tasks are in flight), whose admissions take them as their
+//! view of the row's load and hand slots freed here to their waiters. A wake frame
+//! for a channel held here joins this replica's wake of the row
+//! ([`TaskInbound::wake`]): one wake per row, whichever replicas asked.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -27,11 +38,13 @@ use futures::future::join_all;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
+use virtual_llm_core::protocol::TaskResult;
 use virtual_llm_core::protocol::{Closing, GatewayFrame};
 use virtual_llm_core::sync::lock;
 use virtual_llm_core::{
     ChannelBinding, ChannelDirectory, ChannelSink, Delivery, Error, Gateway, GatewayBuilder,
-    ReplicaId, SendError, SessionId, TaskId, TaskInbound, TaskRouter,
+    LlmName, LoadChanges, ReplicaId, RowLoad, SendError, SessionId, Slot, TaskId, TaskInbound,
+    TaskRouter,
 };
 
 use crate::chunk::{self, Piece, Reassembler};
@@ -40,7 +53,7 @@ use crate::error::NatsError;
 use crate::options::NatsOptions;
 use crate::router::NatsTaskRouter;
 use crate::wire::{
-    Announcement, DeliverAnswer, DeliveryWire, FrameAnswer, Held, Subjects, decode_frame,
+    Announcement, DeliverAnswer, DeliveryWire, FrameAnswer, Held, LoadWire, Subjects, decode_frame,
     encode_frame,
 };
 
@@ -48,6 +61,12 @@ use crate::wire::{
 pub(crate) struct Local {
     pub(crate) epoch: u64,
     pub(crate) sink: Arc<dyn ChannelSink>,
+}
+
+/// A task another replica sent to a channel held here, and its slot on the row.
+pub(crate) struct Carried {
+    session: SessionId,
+    _slot: Slot,
 }
 
 /// A frame waiting to be published to the replica holding its session's channel;
@@ -121,6 +140,11 @@ pub(crate) struct Shared {
     inbound: Mutex<Option<TaskInbound>>,
     /// The server's `max_payload`, read again on every (re)connect.
     max_payload: AtomicUsize,
+    /// The slots of tasks other replicas sent to channels held here, by task.
+    carried: Mutex<HashMap<TaskId, Carried>>,
+    /// The session each row's tasks went to last, for the rows of channels held
+    /// here: which counts this replica reports.
+    row_sessions: Mutex<HashMap<LlmName, SessionId>>,
     background: Mutex<Vec<AbortHandle>>,
 }
 
@@ -223,6 +247,8 @@ impl NatsPlane {
             next_id: AtomicU64::new(0),
             inbound: Mutex::new(None),
             max_payload: AtomicUsize::new(max_payload),
+            carried: Mutex::new(HashMap::new()),
+            row_sessions: Mutex::new(HashMap::new()),
             background: Mutex::new(Vec::new()),
         });
         let weak = Arc::downgrade(&shared);
@@ -263,7 +289,13 @@ impl NatsPlane {
     /// gateway's [`Gateway::inbound`]. Until it is set, forwarded results are answered
     /// as for an unknown task.
     pub fn serve(&self, inbound: TaskInbound) {
+        let loads = inbound.follow_loads();
         *lock(&self.shared.inbound) = Some(inbound);
+        if let Some(loads) = loads {
+            let weak = Arc::downgrade(&self.shared);
+            let task = tokio::spawn(report_loads(weak, loads)).abort_handle();
+            lock(&self.shared.background).push(task);
+        }
     }
 
     /// Starts a gateway from `builder` as this plane's replica: its directory and task
@@ -399,6 +431,58 @@ impl Shared {
         });
     }
 
+    /// Ends the slots of carried tasks `which` picks (by task and session); the
+    /// slots are freed outside the lock.
+    pub(crate) fn drop_carried(&self, which: impl Fn(&TaskId, &SessionId) -> bool) {
+        let ended: Vec<Carried> = {
+            let mut carried = lock(&self.carried);
+            let tasks: Vec<TaskId> = carried
+                .iter()
+                .filter(|(t, c)| which(t, &c.session))
+                .map(|(t, _)| t.clone())
+                .collect();
+            tasks.iter().filter_map(|t| carried.remove(t)).collect()
+        };
+        drop(ended);
+    }
+
+    /// The slot of the carried task `task`, if any, ends.
+    fn end_carried(&self, task: &TaskId) {
+        let ended = lock(&self.carried).remove(task);
+        drop(ended);
+    }
+
+    /// A task frame for a channel held here: its row's tasks go to `session`.
+    pub(crate) fn note_row(&self, frame: &GatewayFrame, session: &SessionId) {
+        if let GatewayFrame::Task(t) = frame {
+            let mut rows = lock(&self.row_sessions);
+            if rows.get(&t.llm) != Some(session) {
+                rows.insert(t.llm.clone(), session.clone());
+            }
+        }
+    }
+
+    /// The counts of `rows` (pool, row) whose channels this replica holds.
+    fn held_loads(&self, inbound: &TaskInbound, rows: Vec<(LlmName, LlmName)>) -> Vec<LoadWire> {
+        let held: Vec<(LlmName, LlmName)> = {
+            let local = lock(&self.local);
+            let mut sessions = lock(&self.row_sessions);
+            // Rows of channels no longer held here are no longer this replica's to
+            // report.
+            sessions.retain(|_, s| local.contains_key(s));
+            rows.into_iter()
+                .filter(|(_, row)| sessions.contains_key(row))
+                .collect()
+        };
+        held.into_iter()
+            .map(|(pool, row)| LoadWire {
+                in_flight: inbound.count(&pool, &row),
+                pool,
+                row,
+            })
+            .collect()
+    }
+
     /// Queues `frame` for `session`'s channel on `to`. Its timeout runs from now: a
     /// frame still queued when it passes (NATS down, the queue not draining) fails
     /// its task all the same, and is not sent.
@@ -514,6 +598,7 @@ impl Shared {
             Some(inbound) => sessions.iter().map(|s| inbound.session_closed(s)).sum(),
             None => 0,
         };
+        self.drop_carried(|task, _| task.replica().as_ref() == Some(replica));
         if was_member || !sessions.is_empty() {
             tracing::warn!(
                 replica = %self.replica,
@@ -540,6 +625,7 @@ impl Shared {
             }
         };
         if let Some(older) = replaced {
+            self.drop_carried(|_, s| s == session);
             let closing = GatewayFrame::Closing(Closing {
                 reason: "replaced by a newer channel".to_owned(),
             });
@@ -587,6 +673,19 @@ impl Shared {
                 let mut remote = lock(&self.remote);
                 if remote.get(&session) == Some(&binding) {
                     remote.remove(&session);
+                }
+            }
+            Announcement::Load { loads, ttl_ms, .. } => {
+                if let Some(inbound) = self.inbound() {
+                    let until = Instant::now() + Duration::from_millis(ttl_ms);
+                    for l in loads {
+                        let load = RowLoad {
+                            pool: l.pool,
+                            row: l.row,
+                            in_flight: l.in_flight,
+                        };
+                        inbound.heard(&load, until);
+                    }
                 }
             }
             Announcement::Closed { session, .. } => {
@@ -673,15 +772,32 @@ impl Shared {
     /// Hands `delivery` to its task on `replica`, waiting for the answer: for at most
     /// the deliver timeout, publishing included (the client's queue of commands may
     /// be full while NATS is away).
+    ///
+    /// A task's last result ends its slot here first: its replica may send this row
+    /// its next task as soon as the result reaches it.
     pub(crate) async fn deliver(
         &self,
         replica: &ReplicaId,
         delivery: Delivery,
     ) -> Result<(), Error> {
+        let task = delivery.task.clone();
+        let last = match &delivery.result {
+            TaskResult::Completed { .. } | TaskResult::Failed { .. } => true,
+            TaskResult::Chunk { done, .. } => *done,
+            _ => false,
+        };
+        if last {
+            self.end_carried(&task);
+        }
         let bound = self.options.deliver_timeout;
-        tokio::time::timeout(bound, self.deliver_unbounded(replica, delivery))
+        let outcome = tokio::time::timeout(bound, self.deliver_unbounded(replica, delivery))
             .await
-            .unwrap_or(Err(Error::UnknownTask))
+            .unwrap_or(Err(Error::UnknownTask));
+        if matches!(outcome, Err(Error::UnknownTask | Error::TaskFinished)) {
+            // Its replica holds it no more.
+            self.end_carried(&task);
+        }
+        outcome
     }
 
     async fn deliver_unbounded(
@@ -772,14 +888,7 @@ async fn announcements_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
 async fn frames_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
     each_message(weak, sub, "frames", |shared, msg, payload| async move {
         let answer = match decode_frame(&payload) {
-            Ok((session, frame)) => {
-                let sink = lock(&shared.local).get(&session).map(|l| l.sink.clone());
-                match sink.map(|s| s.send(frame)) {
-                    Some(Ok(())) => FrameAnswer::Taken,
-                    Some(Err(e)) => FrameAnswer::Refused(e),
-                    None => FrameAnswer::Refused(SendError::Closed),
-                }
-            }
+            Ok((session, frame)) => shared.frame_here(session, frame).await,
             Err(e) => {
                 tracing::warn!(error = %e, "a frame that does not parse");
                 FrameAnswer::Refused(SendError::Closed)
@@ -792,6 +901,122 @@ async fn frames_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
         }
     })
     .await;
+}
+
+impl Shared {
+    /// A frame a peer sent for `session`'s channel, held here: a task takes a slot
+    /// on its row first (refused as full without one), a cancel ends its task's
+    /// slot, a wake joins this replica's wake of the row.
+    async fn frame_here(&self, session: SessionId, frame: GatewayFrame) -> FrameAnswer {
+        let sink = lock(&self.local).get(&session).map(|l| l.sink.clone());
+        let Some(sink) = sink else {
+            return FrameAnswer::Refused(SendError::Closed);
+        };
+        let inbound = self.inbound();
+        let mut slot = None;
+        match (&frame, &inbound) {
+            (GatewayFrame::Task(t), Some(inbound)) => match inbound.hold(&session, &t.llm).await {
+                Ok(held) => slot = held,
+                Err(Error::Unavailable {
+                    kind: virtual_llm_core::UnavailableKind::Offline,
+                    ..
+                }) => return FrameAnswer::Refused(SendError::Closed),
+                Err(_) => return FrameAnswer::Refused(SendError::Full),
+            },
+            (GatewayFrame::Cancel(c), _) => self.end_carried(&c.task_id),
+            (GatewayFrame::Wake(w), Some(inbound)) => {
+                return match inbound.wake(&session, &w.llm).await {
+                    Ok(()) => FrameAnswer::Taken,
+                    Err(e) => {
+                        tracing::debug!(%session, error = %e, "a peer's wake was not asked");
+                        FrameAnswer::Refused(SendError::Closed)
+                    }
+                };
+            }
+            _ => {}
+        }
+        let task = match &frame {
+            GatewayFrame::Task(t) => Some(t.task_id.clone()),
+            _ => None,
+        };
+        self.note_row(&frame, &session);
+        // Carried before the publisher can see the task: its last result may come
+        // back at once.
+        let carried = match (task, slot) {
+            (Some(task), Some(slot)) => {
+                lock(&self.carried).insert(
+                    task.clone(),
+                    Carried {
+                        session,
+                        _slot: slot,
+                    },
+                );
+                Some(task)
+            }
+            _ => None,
+        };
+        match sink.send(frame) {
+            Ok(()) => FrameAnswer::Taken,
+            Err(e) => {
+                if let Some(task) = carried {
+                    self.end_carried(&task);
+                }
+                FrameAnswer::Refused(e)
+            }
+        }
+    }
+}
+
+/// Reports the in-flight counts of the rows of channels held here to every peer:
+/// the rows that changed, gathered for `load_interval`, and every `load_refresh` the
+/// rows with tasks in flight.
+async fn report_loads(weak: Weak<Shared>, changes: Arc<LoadChanges>) {
+    let (gather, refresh) = match weak.upgrade() {
+        Some(s) => (s.options.load_interval, s.options.load_refresh),
+        None => return,
+    };
+    let ttl_ms = u64::try_from(refresh.saturating_mul(3).as_millis()).unwrap_or(u64::MAX);
+    let mut tick = tokio::time::interval_at(Instant::now() + refresh, refresh);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Rows reported with tasks in flight: reported again at each refresh, and once
+    // more when they reach none.
+    let mut busy: HashSet<(LlmName, LlmName)> = HashSet::new();
+    loop {
+        let refreshing = tokio::select! {
+            () = changes.changed() => false,
+            _ = tick.tick() => true,
+        };
+        if !refreshing && !gather.is_zero() {
+            tokio::time::sleep(gather).await;
+        }
+        let Some(shared) = weak.upgrade() else { return };
+        let Some(inbound) = shared.inbound() else {
+            continue;
+        };
+        let mut rows = changes.take();
+        if refreshing {
+            rows.extend(busy.iter().cloned());
+            rows.sort();
+            rows.dedup();
+        }
+        let loads = shared.held_loads(&inbound, rows);
+        if loads.is_empty() {
+            continue;
+        }
+        for l in &loads {
+            let key = (l.pool.clone(), l.row.clone());
+            if l.in_flight > 0 {
+                busy.insert(key);
+            } else {
+                busy.remove(&key);
+            }
+        }
+        shared.announce(Announcement::Load {
+            from: shared.replica.clone(),
+            loads,
+            ttl_ms,
+        });
+    }
 }
 
 async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {

@@ -3,7 +3,7 @@
 //! Subjects, under the prefix `P` (default `vllm`):
 //! - `P.all`: announcements every replica hears, in each sender's order
 //!   ([`Announcement`]: who joined, which channel was bound or released, which closed,
-//!   barriers, goodbyes).
+//!   barriers, goodbyes, the in-flight counts of the rows a replica's channels serve).
 //! - `P.r.{replica}.frame`: frames for channels `replica` holds, each a request whose
 //!   answer ([`FrameAnswer`]) says whether the channel took it.
 //! - `P.r.{replica}.deliver`: publishers' results for tasks `replica` holds, each a
@@ -17,7 +17,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use virtual_llm_core::protocol::GatewayFrame;
 use virtual_llm_core::{
-    ChannelBinding, Delivery, Error, ReplicaId, SendError, SessionId, TaskId, TaskResult,
+    ChannelBinding, Delivery, Error, LlmName, ReplicaId, SendError, SessionId, TaskId, TaskResult,
 };
 
 /// The subjects of one cluster.
@@ -87,6 +87,23 @@ pub(crate) enum Announcement {
     Sync { from: ReplicaId },
     /// `from` is leaving.
     Bye { from: ReplicaId },
+    /// The in-flight counts of rows whose channels `from` holds, each believed for
+    /// `ttl_ms` milliseconds.
+    Load {
+        from: ReplicaId,
+        loads: Vec<LoadWire>,
+        #[serde(rename = "ttlMs")]
+        ttl_ms: u64,
+    },
+}
+
+/// One row's count in a [`Announcement::Load`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct LoadWire {
+    pub(crate) pool: LlmName,
+    pub(crate) row: LlmName,
+    pub(crate) in_flight: u32,
 }
 
 impl Announcement {
@@ -97,7 +114,8 @@ impl Announcement {
             | Announcement::Here { from, .. }
             | Announcement::Closed { from, .. }
             | Announcement::Sync { from }
-            | Announcement::Bye { from } => from,
+            | Announcement::Bye { from }
+            | Announcement::Load { from, .. } => from,
             Announcement::Bound { binding, .. } | Announcement::Released { binding, .. } => {
                 &binding.replica
             }

@@ -10,19 +10,28 @@
 //!
 //! The [`Admission`] seam holds that state; [`LocalAdmission`] keeps it in this
 //! process. A [`Slot`] is the holder's side: dropping it frees the slot.
+//!
+//! Across replicas (SPEC §14) a row's tasks are counted where its channel is: the
+//! replica holding the channel takes a slot for every task sent to it, its own
+//! clients' and other replicas', and refuses one past the row's capacity. It reports
+//! its counts ([`RowLoad`], followed through [`Admission::follow_loads`]); the other
+//! replicas take the larger of that report and their own count as the row's load
+//! ([`Admission::heard`]), a view as stale as the report, and a report of slots freed
+//! there hands them to the waiters here.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use tokio::sync::oneshot;
+use tokio::sync::{Notify, oneshot};
 use tokio::time::Instant;
 
 use crate::router::{Load, Route, UNRANKED, choose_ranked};
 use crate::sync::lock;
-use crate::{Config, Error, LlmId, LlmName, LlmRecord, UnavailableKind};
+use crate::{ChannelBinding, Config, Error, LlmId, LlmName, LlmRecord, UnavailableKind};
 
 /// A request asking for a slot.
 #[derive(Debug)]
@@ -72,6 +81,52 @@ pub struct PoolLoad {
     pub queued: u32,
 }
 
+/// The tasks in flight on one row, as the replica holding its channel counts them
+/// (SPEC §14): its own clients' and every other replica's.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RowLoad {
+    /// The row's pool key.
+    pub pool: LlmName,
+    /// The row.
+    pub row: LlmName,
+    /// Its tasks in flight.
+    pub in_flight: u32,
+}
+
+/// The rows whose in-flight count changed on this replica, as an admission marks
+/// them once [followed](Admission::follow_loads): what a plane reports to the other
+/// replicas. Marks are coalesced: a row that changed ten times since the last
+/// [`take`](LoadChanges::take) is there once.
+#[derive(Debug, Default)]
+pub struct LoadChanges {
+    on: AtomicBool,
+    rows: Mutex<HashSet<(LlmName, LlmName)>>,
+    notify: Notify,
+}
+
+impl LoadChanges {
+    /// Marks `row` of `pool` as changed, if followed.
+    fn mark(&self, pool: &LlmName, row: &LlmName) {
+        if !self.on.load(Ordering::Relaxed) {
+            return;
+        }
+        let fresh = lock(&self.rows).insert((pool.clone(), row.clone()));
+        if fresh {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The rows marked since the last call, as `(pool, row)`; the marks are cleared.
+    pub fn take(&self) -> Vec<(LlmName, LlmName)> {
+        lock(&self.rows).drain().collect()
+    }
+
+    /// Waits until a row is marked (at once if one was since the last wait).
+    pub async fn changed(&self) {
+        self.notify.notified().await;
+    }
+}
+
 /// The in-flight counts and admission queues of a gateway.
 ///
 /// # Contract
@@ -100,7 +155,13 @@ pub struct PoolLoad {
 ///   never go below zero.
 /// - [`report`](Admission::report): a row whose last `cooldown_after` dispatches
 ///   [failed](Outcome::Failed) is passed over for `cooldown`; an answer resets the
-///   count.
+///   count, and so does the row being bound to a new channel (seen through a route
+///   or [`observe`](Admission::observe)): the failures were the old channel's.
+/// - Across replicas: [`heard`](Admission::heard) makes a row's load the larger of the
+///   count heard and this replica's own until the report's expiry, for choosing, for
+///   capacity and for queueing; a lower count heard hands the slots it frees to the
+///   waiters, as a release does. [`follow_loads`](Admission::follow_loads) marks every
+///   row whose count here changes, and [`count`](Admission::count) reads it.
 ///
 /// The test kit's `admission_suite` (feature `testkit`) checks an implementation
 /// against this contract.
@@ -130,11 +191,33 @@ pub trait Admission: fmt::Debug + Send + Sync + 'static {
     /// The registry deleted the row `name` whose id was `id`.
     fn forget(&self, name: &LlmName, id: &LlmId);
 
-    /// Tasks in flight on `row` on this replica.
+    /// Tasks in flight on `row`, as this replica sees them: its own, or what the
+    /// replica holding the row's channel reported when that is more.
     fn in_flight(&self, row: &LlmRecord) -> u32;
 
-    /// The load of `pool` on this replica.
+    /// The load of `pool` as this replica sees it (in flight as
+    /// [`in_flight`](Admission::in_flight) counts; queued here).
     fn load(&self, pool: &LlmName) -> PoolLoad;
+
+    /// Follows the in-flight counts of this replica: from the first call on, every
+    /// row whose count changes is marked in the [`LoadChanges`] returned (the same
+    /// one on every call). `None` (the default): this admission does not tell.
+    fn follow_loads(&self) -> Option<Arc<LoadChanges>> {
+        None
+    }
+
+    /// The tasks in flight on `row` of `pool` counted here.
+    fn count(&self, pool: &LlmName, row: &LlmName) -> u32 {
+        let _ = (pool, row);
+        0
+    }
+
+    /// The replica holding `load.row`'s channel counts `load.in_flight` tasks on it
+    /// (this replica's among them), believed until `until`: see the contract. The
+    /// default ignores it.
+    fn heard(&self, load: &RowLoad, until: Instant) {
+        let _ = (load, until);
+    }
 }
 
 /// A granted slot, freed when dropped.
@@ -199,6 +282,8 @@ pub struct LocalAdmission {
 struct Inner {
     limits: Limits,
     state: Mutex<State>,
+    /// The rows whose count changed, once followed.
+    changes: Arc<LoadChanges>,
 }
 
 #[derive(Debug, Default)]
@@ -245,6 +330,7 @@ impl LocalAdmission {
                     longest_wait: config.queue_wait,
                 },
                 state: Mutex::new(State::default()),
+                changes: Arc::new(LoadChanges::default()),
             }),
         }
     }
@@ -257,12 +343,20 @@ struct Member {
     /// The row's id: a row deleted and published again is a new member.
     id: LlmId,
     in_flight: u32,
+    /// The tasks the replica holding the row's channel counts on it (this replica's
+    /// among them), as it last reported, while the report holds.
+    reported: u32,
+    reported_until: Option<Instant>,
     capacity: Option<u32>,
     serving: bool,
     /// The revision the state above was read at: an older snapshot never overrides
     /// a newer one.
     revision: u64,
     failures: u32,
+    /// The channel the row was bound to when last seen: failures and a cooldown
+    /// belong to that channel, and end when the row is bound anew (its publisher
+    /// moved to another replica, say).
+    binding: Option<ChannelBinding>,
     cool_until: Option<Instant>,
     /// Where the row sat in the last whole route merged, to find its copy in the
     /// next route without a search.
@@ -270,10 +364,37 @@ struct Member {
 }
 
 impl Member {
+    /// Its load: this replica's tasks, or the holder's count when that is larger.
     fn load(&self) -> Load {
         Load {
-            in_flight: self.in_flight,
+            in_flight: self.in_flight.max(self.reported),
             capacity: self.capacity,
+        }
+    }
+
+    /// One more task here. While a holder's report holds, it counts there too from
+    /// now on (the holder will count it): the view stays an upper bound between two
+    /// reports.
+    fn add_task(&mut self) {
+        self.in_flight += 1;
+        if self.reported_until.is_some() {
+            self.reported = self.reported.saturating_add(1);
+        }
+    }
+
+    /// One task less here; the holder counts it out as well.
+    fn end_task(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        if self.reported_until.is_some() {
+            self.reported = self.reported.saturating_sub(1);
+        }
+    }
+
+    /// Forgets a report that no longer holds.
+    fn expire_report(&mut self, now: Instant) {
+        if self.reported_until.is_some_and(|t| t <= now) {
+            self.reported = 0;
+            self.reported_until = None;
         }
     }
 
@@ -483,9 +604,19 @@ impl Pool {
     /// the row's member.
     fn see(&mut self, row: &LlmRecord) -> usize {
         let serving = Route::serving(row);
+        let now = Instant::now();
         if let Some(&i) = self.index.get(&row.name) {
             self.update_at(i, |m| {
+                m.expire_report(now);
                 if m.id != row.id || m.revision <= row.revision {
+                    if m.binding != row.binding {
+                        if row.binding.is_some() {
+                            // A new channel: what failed was the old one.
+                            m.failures = 0;
+                            m.cool_until = None;
+                        }
+                        m.binding.clone_from(&row.binding);
+                    }
                     m.id.clone_from(&row.id);
                     m.serving = serving;
                     m.capacity = row.max_concurrent;
@@ -500,10 +631,13 @@ impl Pool {
             name: row.name.clone(),
             id: row.id.clone(),
             in_flight: 0,
+            reported: 0,
+            reported_until: None,
             capacity: row.max_concurrent,
             serving,
             revision: row.revision,
             failures: 0,
+            binding: row.binding.clone(),
             cool_until: None,
             at: 0,
         };
@@ -573,7 +707,7 @@ impl Pool {
     fn take(&mut self, i: usize) -> LlmName {
         self.cursor = i + 1;
         self.update_at(i, |m| {
-            m.in_flight += 1;
+            m.add_task();
             m.name.clone()
         })
     }
@@ -585,7 +719,7 @@ impl Pool {
             return;
         };
         let m = &self.members[i];
-        if m.serving || m.in_flight > 0 {
+        if m.serving || m.in_flight > 0 || m.reported_until.is_some() {
             return;
         }
         self.index.remove(name);
@@ -596,21 +730,24 @@ impl Pool {
         }
     }
 
-    /// Hands free slots of `row` to waiters, while it has room and they take it.
-    fn hand_over(&mut self, row: &LlmName, now: Instant) {
+    /// Hands free slots of `row` to waiters, while it has room and they take it;
+    /// returns whether it granted any.
+    fn hand_over(&mut self, row: &LlmName, now: Instant) -> bool {
+        let mut granted = false;
         loop {
             let Some(&i) = self.index.get(row) else {
-                return;
+                return granted;
             };
             let m = &self.members[i];
             if !m.serving || m.cooling(now) || !m.load().has_room() {
-                return;
+                return granted;
             }
             let Some(waiter) = self.queue.next_for(row) else {
-                return;
+                return granted;
             };
             if waiter.grant.send(Ok(row.clone())).is_ok() {
-                self.update_at(i, |m| m.in_flight += 1);
+                self.update_at(i, Member::add_task);
+                granted = true;
             }
         }
     }
@@ -636,16 +773,15 @@ impl Inner {
         let Some(pool) = state.pools.get_mut(&grant.pool) else {
             return;
         };
-        if pool
-            .update(&grant.row, |m| m.in_flight = m.in_flight.saturating_sub(1))
-            .is_none()
-        {
+        if pool.update(&grant.row, Member::end_task).is_none() {
             return;
         }
         pool.pace.record(now);
         pool.hand_over(&grant.row, now);
         pool.prune(&grant.row);
         state.tidy(&grant.pool, &grant.row);
+        drop(state);
+        self.changes.mark(&grant.pool, &grant.row);
     }
 
     /// A waiter gives up (its wait ran out, or its future was dropped): out of the
@@ -782,8 +918,10 @@ impl Admission for LocalAdmission {
                         pool.see(row);
                         continue;
                     }
+                    let row = pool.take(i);
+                    self.inner.changes.mark(key, &row);
                     return Ok(Grant {
-                        row: pool.take(i),
+                        row,
                         pool: key.clone(),
                     });
                 }
@@ -886,11 +1024,15 @@ impl Admission for LocalAdmission {
         pool.prune(&row.name);
         state.homes.insert(row.name.clone(), key.clone());
         state.tidy(key, &row.name);
+        drop(state);
         match taken {
-            Some(name) => Ok(Grant {
-                row: name,
-                pool: key.clone(),
-            }),
+            Some(name) => {
+                self.inner.changes.mark(key, &name);
+                Ok(Grant {
+                    row: name,
+                    pool: key.clone(),
+                })
+            }
             None => Err(Error::unavailable(
                 UnavailableKind::Saturated,
                 format!("llm {} has no free slot", row.name),
@@ -971,7 +1113,9 @@ impl Admission for LocalAdmission {
         let pool = state.pools.entry(key.clone()).or_default();
         pool.see(row);
         if serving {
-            pool.hand_over(&row.name, now);
+            if pool.hand_over(&row.name, now) {
+                self.inner.changes.mark(key, &row.name);
+            }
         } else {
             pool.prune(&row.name);
             pool.fail_waiters_if_dead();
@@ -1006,8 +1150,45 @@ impl Admission for LocalAdmission {
         lock(&self.inner.state)
             .pools
             .get(row.pool_key())
-            .and_then(|p| p.index.get(&row.name).map(|i| p.members[*i].in_flight))
+            .and_then(|p| {
+                p.index
+                    .get(&row.name)
+                    .map(|i| p.members[*i].load().in_flight)
+            })
             .unwrap_or(0)
+    }
+
+    fn follow_loads(&self) -> Option<Arc<LoadChanges>> {
+        self.inner.changes.on.store(true, Ordering::Relaxed);
+        Some(self.inner.changes.clone())
+    }
+
+    fn count(&self, pool: &LlmName, row: &LlmName) -> u32 {
+        lock(&self.inner.state)
+            .pools
+            .get(pool)
+            .and_then(|p| p.index.get(row).map(|i| p.members[*i].in_flight))
+            .unwrap_or(0)
+    }
+
+    fn heard(&self, load: &RowLoad, until: Instant) {
+        let now = Instant::now();
+        let mut state = lock(&self.inner.state);
+        // A pool nobody asked for here has no waiters: its first route brings
+        // the row, and the holder reports again.
+        let Some(pool) = state.pools.get_mut(&load.pool) else {
+            return;
+        };
+        let lower = pool.update(&load.row, |m| {
+            let before = m.load().in_flight;
+            m.reported = load.in_flight;
+            m.reported_until = Some(until);
+            m.load().in_flight < before
+        });
+        if lower == Some(true) && pool.hand_over(&load.row, now) {
+            drop(state);
+            self.inner.changes.mark(&load.pool, &load.row);
+        }
     }
 
     fn load(&self, pool: &LlmName) -> PoolLoad {
@@ -1016,7 +1197,7 @@ impl Admission for LocalAdmission {
             return PoolLoad::default();
         };
         PoolLoad {
-            in_flight: p.members.iter().map(|m| m.in_flight).sum(),
+            in_flight: p.members.iter().map(|m| m.load().in_flight).sum(),
             capacity: p
                 .members
                 .iter()

@@ -321,6 +321,7 @@ impl Gateway {
     pub fn inbound(&self) -> TaskInbound {
         TaskInbound {
             tasks: self.shared.tasks.clone(),
+            gateway: Arc::downgrade(&self.shared),
         }
     }
 

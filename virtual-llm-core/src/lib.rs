@@ -99,7 +99,7 @@ mod wake;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-pub use admission::{Admission, LocalAdmission, Slot};
+pub use admission::{Admission, LoadChanges, LocalAdmission, RowLoad, Slot};
 pub use auth::{Authenticator, OpenAccess, Principal, Role, StaticTokens, bearer_token};
 pub use backend::PublicBackend;
 pub use channel::{ChannelSink, SendError};

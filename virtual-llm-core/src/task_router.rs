@@ -9,13 +9,17 @@
 //! that session then fail.
 
 use std::fmt;
+use std::sync::{Arc, Weak};
 
 use async_trait::async_trait;
+use tokio::time::Instant;
 
+use crate::admission::{LoadChanges, RowLoad, Slot};
 use crate::channel::SendError;
+use crate::gateway::Shared;
 use crate::protocol::TaskResult;
 use crate::task::TaskTable;
-use crate::{Error, ReplicaId, SessionId, TaskId};
+use crate::{Error, LlmName, ReplicaId, SessionId, TaskId, UnavailableKind};
 
 /// A publisher's result for one task, with who posted it: checked again by the
 /// replica holding the task (the session and principal must be the ones it was sent
@@ -77,9 +81,18 @@ impl TaskRouter for LocalTaskRouter {
 /// test kit's in-memory cluster) calls when a peer forwards a result or a channel loss.
 /// Get it from [`Gateway::inbound`](crate::Gateway::inbound). The peer has
 /// authenticated the publisher; ownership is checked here again.
+///
+/// It is also where the replica holding a channel counts and wakes for the others
+/// (SPEC §14): [`hold`](TaskInbound::hold) takes a slot for a task another replica
+/// sends to one of its channels, [`wake`](TaskInbound::wake) shares one wake per row
+/// between every replica's requests, and the load methods let a plane report its
+/// counts and hear the others'.
 #[derive(Clone)]
 pub struct TaskInbound {
     pub(crate) tasks: TaskTable,
+    /// The gateway, for its registry view, admission and wakes; weak, as the plane
+    /// holding this is held by the gateway.
+    pub(crate) gateway: Weak<Shared>,
 }
 
 impl fmt::Debug for TaskInbound {
@@ -114,5 +127,97 @@ impl TaskInbound {
     /// Returns whether the task was still waiting.
     pub fn frame_refused(&self, session: &SessionId, task: &TaskId, error: SendError) -> bool {
         self.tasks.refused(session, task, error)
+    }
+
+    /// Another replica sends a task for the row `llm` to `session`'s channel, which
+    /// this replica holds: takes a slot on the row here, so that its tasks are counted
+    /// where its channel is, whoever's client sent them. The slot is held until the
+    /// task ends (the caller drops it). 503 saturated when the row has no room: the
+    /// frame is to be refused, and the sender tries another row. `Ok(None)` when the
+    /// row cannot be read now (the store is away and the view holds nothing): the
+    /// task goes uncounted rather than refused.
+    pub async fn hold(&self, session: &SessionId, llm: &LlmName) -> Result<Option<Slot>, Error> {
+        let Some(shared) = self.gateway.upgrade() else {
+            return Ok(None);
+        };
+        let row = match shared.view.row(llm).await {
+            Ok(Some(row)) => row,
+            Ok(None) => {
+                return Err(Error::unavailable(
+                    UnavailableKind::Offline,
+                    format!("llm {llm} is not in the registry"),
+                    shared.config.retry_after,
+                ));
+            }
+            Err(e) => {
+                tracing::debug!(%llm, error = %e, "a carried task goes uncounted");
+                return Ok(None);
+            }
+        };
+        if row.provider_session_id.as_ref() != Some(session) {
+            return Err(Error::unavailable(
+                UnavailableKind::Offline,
+                format!("llm {llm} is not served by this channel"),
+                shared.config.retry_after,
+            ));
+        }
+        let grant = shared.admission.try_admit(&row)?;
+        Ok(Some(Slot::new(shared.admission.clone(), grant)))
+    }
+
+    /// Another replica asks for the row `llm` of `session`'s channel, which this
+    /// replica holds, to be woken: the wake is started here, or joined if one runs,
+    /// so that a row is woken once whichever replicas its requests came to. 503
+    /// `wake_failed` during a failed wake's cooldown.
+    pub async fn wake(&self, session: &SessionId, llm: &LlmName) -> Result<(), Error> {
+        let Some(shared) = self.gateway.upgrade() else {
+            return Ok(());
+        };
+        let row = match shared.view.row(llm).await? {
+            Some(row) if row.provider_session_id.as_ref() == Some(session) => row,
+            _ => {
+                return Err(Error::unavailable(
+                    UnavailableKind::Offline,
+                    format!("llm {llm} is not served by this channel"),
+                    shared.config.retry_after,
+                ));
+            }
+        };
+        if !shared.waker.can_wake(&row) {
+            // The view holds the row from before it fell asleep: the publisher is
+            // asked as it was, without the shared wake.
+            let frame = crate::protocol::GatewayFrame::Wake(crate::protocol::WakeFrame {
+                llm: llm.clone(),
+            });
+            return shared.directory.send(session, frame).map_err(|e| {
+                Error::unavailable(
+                    UnavailableKind::Offline,
+                    format!("the wake could not reach the publisher of {llm}: {e}"),
+                    shared.config.retry_after,
+                )
+            });
+        }
+        shared.wakes.ensure(&*shared.waker, &row).await
+    }
+
+    /// The in-flight counts of this replica, followed (see
+    /// [`Admission::follow_loads`](crate::Admission::follow_loads)).
+    pub fn follow_loads(&self) -> Option<Arc<LoadChanges>> {
+        self.gateway.upgrade()?.admission.follow_loads()
+    }
+
+    /// The tasks in flight on `row` of `pool` counted here.
+    pub fn count(&self, pool: &LlmName, row: &LlmName) -> u32 {
+        self.gateway
+            .upgrade()
+            .map_or(0, |s| s.admission.count(pool, row))
+    }
+
+    /// The replica holding a row's channel reported its count (see
+    /// [`Admission::heard`](crate::Admission::heard)).
+    pub fn heard(&self, load: &RowLoad, until: Instant) {
+        if let Some(shared) = self.gateway.upgrade() {
+            shared.admission.heard(load, until);
+        }
     }
 }

@@ -18,6 +18,13 @@
 //! - **It is older than `registryStaleness`** (default 1 s): writes by another gateway
 //!   through a store without a feed reach this one within that bound.
 //!
+//! A feed that fell behind or was lost (the database restarted) makes everything the
+//! view holds stale at once: each entry is read again before it is used. When that
+//! read fails (the store is unreachable), the view answers with the rows it read
+//! last rather than fail the request: routing goes on from the last known registry
+//! while the store is away, and every write still fails clearly there. A row that
+//! changed meanwhile (its publisher gone) fails its dispatch as it would have.
+//!
 //! The store stays the authority for every write; nothing here is ever written back.
 //!
 //! Memory is bounded by the registry: the view holds the rows of pools and rows that
@@ -67,6 +74,9 @@ struct State {
     homes: HashMap<LlmName, LlmName>,
     /// The store's change feed, if it has one.
     feed: Option<broadcast::Receiver<RowChange>>,
+    /// Entries read before this are stale, whatever their age (the feed was lost):
+    /// read again before use, kept for when that read fails.
+    stale_before: Option<Instant>,
 }
 
 impl State {
@@ -88,12 +98,19 @@ impl State {
         }
     }
 
+    /// Anything may have changed: every entry is stale (kept only for a store that
+    /// cannot be read), and names found empty are forgotten.
     fn forget_all(&mut self) {
         self.generation += 1;
-        self.pools.clear();
+        self.stale_before = Some(Instant::now());
         self.absent.clear();
-        self.rows.clear();
-        self.homes.clear();
+    }
+
+    /// Whether an entry read at `read_at` was read since the last [`forget_all`].
+    ///
+    /// [`forget_all`]: State::forget_all
+    fn current(&self, read_at: Instant) -> bool {
+        self.stale_before.is_none_or(|t| read_at > t)
     }
 
     /// The row `name`, in the pool `key` now, was written.
@@ -159,8 +176,8 @@ impl RegistryView {
         &*self.store
     }
 
-    fn fresh(&self, read_at: Instant, now: Instant) -> bool {
-        now.saturating_duration_since(read_at) < self.staleness
+    fn fresh(&self, state: &State, read_at: Instant, now: Instant) -> bool {
+        state.current(read_at) && now.saturating_duration_since(read_at) < self.staleness
     }
 
     /// The members of the pool `key` (rows whose [`pool_key`](LlmRecord::pool_key) is
@@ -170,19 +187,41 @@ impl RegistryView {
         let generation = {
             let mut state = lock(&self.state);
             state.catch_up();
-            if let Some(kept) = state.pools.get(key).filter(|k| self.fresh(k.read_at, now)) {
+            let state = &*state;
+            if let Some(kept) = state
+                .pools
+                .get(key)
+                .filter(|k| self.fresh(state, k.read_at, now))
+            {
                 return Ok(Some(kept.value.clone()));
             }
-            if state.absent.get(key).is_some_and(|at| self.fresh(*at, now)) {
+            if state
+                .absent
+                .get(key)
+                .is_some_and(|at| self.fresh(state, *at, now))
+            {
                 return Ok(None);
             }
             state.generation
         };
-        let rows = self.store.by_pool(key).await?;
+        let rows = match self.store.by_pool(key).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                let kept = lock(&self.state).pools.get(key).map(|k| k.value.clone());
+                return match kept {
+                    Some(rows) => {
+                        tracing::debug!(pool = %key, error = %e, "store unreadable: routing from the rows read last");
+                        Ok(Some(rows))
+                    }
+                    None => Err(e),
+                };
+            }
+        };
         let mut state = lock(&self.state);
         state.catch_up();
         let keep = state.generation == generation && !self.staleness.is_zero();
         if rows.is_empty() {
+            state.drop_pool(key);
             if keep {
                 if state.absent.len() >= MAX_ABSENT {
                     state.absent.clear();
@@ -214,12 +253,32 @@ impl RegistryView {
         let generation = {
             let mut state = lock(&self.state);
             state.catch_up();
-            if let Some(kept) = state.rows.get(name).filter(|k| self.fresh(k.read_at, now)) {
+            let state = &*state;
+            if let Some(kept) = state
+                .rows
+                .get(name)
+                .filter(|k| self.fresh(state, k.read_at, now))
+            {
                 return Ok(Some(kept.value.clone()));
             }
             state.generation
         };
-        let row = self.store.get(name).await?;
+        let row = match self.store.get(name).await {
+            Ok(row) => row,
+            Err(e) => {
+                let kept = lock(&self.state).rows.get(name).map(|k| k.value.clone());
+                return match kept {
+                    Some(row) => {
+                        tracing::debug!(llm = %name, error = %e, "store unreadable: routing from the row read last");
+                        Ok(Some(row))
+                    }
+                    None => Err(e),
+                };
+            }
+        };
+        if row.is_none() {
+            lock(&self.state).rows.remove(name);
+        }
         if let Some(row) = &row {
             let mut state = lock(&self.state);
             state.catch_up();

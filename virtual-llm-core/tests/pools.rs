@@ -1542,7 +1542,9 @@ mod picks {
                     }
                     adm.observe(&record);
                     row.record = record;
-                    if !on && row.in_flight == 0 {
+                    // Bound to a new channel, a row's failures are behind it; stopped
+                    // with nothing in flight, it may be forgotten.
+                    if on || row.in_flight == 0 {
                         forgotten(row);
                     }
                 }

@@ -1,9 +1,9 @@
 //! The registry view (SPEC §18, "no store round trip per request"): what it keeps is
 //! served from memory, this gateway's own writes reach it at once, a read under way
 //! when a write lands is not kept, another gateway's writes reach it through the
-//! store's change feed at once (everything is forgotten when the feed falls behind),
-//! and within `registryStaleness` through a store without a feed. Time is tokio's
-//! paused clock.
+//! store's change feed at once (everything is stale when the feed falls behind),
+//! and within `registryStaleness` through a store without a feed; a store that
+//! cannot be read is answered with the rows read last. Time is tokio's paused clock.
 
 #![allow(clippy::unwrap_used)] // test code: a panic is the failure report
 
@@ -68,11 +68,24 @@ async fn what_the_view_keeps_is_served_without_the_store_until_it_is_stale() {
     assert_eq!(store.injected(), 0, "the store was not read");
 
     tokio::time::advance(STALENESS).await;
-    assert!(
-        view.pool(&name("p")).await.is_err(),
+    // A stale entry is read from the store again; when that read fails, the rows
+    // read last are served rather than the store's error (the store is away).
+    let kept = view.pool(&name("p")).await.expect("the rows read last");
+    assert_eq!(names(&kept.unwrap()), ["a", "b"]);
+    assert_eq!(
+        store.injected(),
+        1,
         "a stale entry is read from the store again"
     );
-    assert!(view.row(&name("a")).await.is_err());
+    assert_eq!(view.row(&name("a")).await.unwrap().unwrap().name, name("a"));
+    assert_eq!(
+        store.injected(),
+        2,
+        "a stale row is read from the store again"
+    );
+    // What the view never read is the store's error.
+    assert!(view.pool(&name("other")).await.is_err());
+    assert!(view.row(&name("solo")).await.is_err());
     store.fail_reads(false);
     assert_eq!(
         names(&view.pool(&name("p")).await.unwrap().unwrap()),

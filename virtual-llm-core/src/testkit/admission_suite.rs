@@ -940,6 +940,104 @@ pub async fn a_row_first_seen_in_a_route_is_granted(setup: Setup<'_>) {
     assert_eq!(counts(&adm, &[a, b]), [0, 0]);
 }
 
+/// Across replicas: what the replica holding a row's channel reports counts toward the
+/// row's capacity here (the larger of it and this replica's own count); a lower count
+/// heard hands the slot it frees to a waiter, with no release here; a report that ran
+/// out counts no more.
+pub async fn a_holders_count_fills_a_row_and_a_lower_one_wakes_a_waiter(setup: Setup<'_>) {
+    use crate::admission::RowLoad;
+    let adm = setup(&Config::default());
+    let row = member("held-a", "held", Some(2));
+    let route = route("held", std::slice::from_ref(&row));
+    let mine = grant_on(admit_now(&adm, "p", &route, &[]).await, "a slot");
+    let load = |in_flight| RowLoad {
+        pool: name("held"),
+        row: row.name.clone(),
+        in_flight,
+    };
+    // The holder counts this replica's task and one of another replica's.
+    adm.heard(&load(2), far());
+    assert_eq!(
+        adm.in_flight(&row),
+        2,
+        "the holder's count is the row's load"
+    );
+    let w = enqueue(&adm, "p", &route, &[], far()).await;
+    settle().await;
+    assert!(!w.is_finished(), "the row is full as its holder counts it");
+    // The other replica's task ended there.
+    adm.heard(&load(1), far());
+    let g = grant_on(finished(w).await, "woken by the slot freed on the holder");
+    assert_eq!(g.row, row.name);
+    adm.release(&g);
+    adm.release(&mine);
+    // A report that runs out (its holder went silent) counts no more.
+    adm.heard(&load(2), Instant::now() + Duration::from_secs(1));
+    assert!(
+        try_admit_now(&adm, "p", &route, &[]).await.is_none(),
+        "full while the report holds"
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let g = grant_on(
+        admit_now(&adm, "p", &route, &[]).await,
+        "the report ran out",
+    );
+    adm.release(&g);
+}
+
+/// An admission that tells its counts ([`Admission::follow_loads`]) marks every row
+/// whose count changes (a grant, a release), once per change batch, and
+/// [`Admission::count`] reads the count. One that does not tell is left alone.
+pub async fn followed_counts_mark_the_rows_that_change(setup: Setup<'_>) {
+    let adm = setup(&Config::default());
+    let Some(changes) = adm.follow_loads() else {
+        return;
+    };
+    let row = member("told-a", "told", Some(4));
+    let route = route("told", std::slice::from_ref(&row));
+    let g1 = grant_on(admit_now(&adm, "p", &route, &[]).await, "a slot");
+    let g2 = grant_on(admit_now(&adm, "p", &route, &[]).await, "a slot");
+    assert_eq!(
+        changes.take(),
+        [(name("told"), row.name.clone())],
+        "marked once"
+    );
+    assert_eq!(adm.count(&name("told"), &row.name), 2);
+    tokio::time::timeout(Duration::from_secs(1), changes.changed())
+        .await
+        .expect("a waiter is told of marks made before it waited");
+    assert!(changes.take().is_empty());
+    adm.release(&g1);
+    assert_eq!(changes.take(), [(name("told"), row.name.clone())]);
+    assert_eq!(adm.count(&name("told"), &row.name), 1);
+    adm.release(&g2);
+    assert_eq!(adm.count(&name("told"), &row.name), 0);
+}
+
+/// A row cooling down that is bound to a new channel (its publisher moved to another
+/// replica) is a candidate again at once: the failures were the old channel's.
+pub async fn a_row_bound_anew_no_longer_cools_down(setup: Setup<'_>) {
+    let adm = setup(&Config {
+        cooldown_after: 1,
+        cooldown: Duration::from_secs(60),
+        ..Config::default()
+    });
+    let row = member("moved-a", "moved", Some(4));
+    let before = route("moved", std::slice::from_ref(&row));
+    let g = grant_on(admit_now(&adm, "p", &before, &[]).await, "a slot");
+    adm.report(&g, Outcome::Failed);
+    adm.release(&g);
+    let err = admit_now(&adm, "p", &before, &[])
+        .await
+        .expect_err("the row cools down after its failure");
+    assert_unavailable(&err, "cooling down");
+    let moved = started(&row);
+    adm.observe(&moved);
+    let after = route("moved", std::slice::from_ref(&moved));
+    let g = grant_on(admit_now(&adm, "p", &after, &[]).await, "bound anew");
+    adm.release(&g);
+}
+
 /// Stamps out one `#[tokio::test(start_paused = true)]` per case of the admission
 /// suite (the test crate needs tokio's `test-util` feature). `$setup` is a fn
 /// `(&Config) -> Arc<dyn Admission>` building a fresh admission.
@@ -964,6 +1062,9 @@ macro_rules! admission_conformance_tests {
             counts_never_go_below_zero,
             the_newest_word_on_a_row_wins,
             a_row_first_seen_in_a_route_is_granted,
+            a_holders_count_fills_a_row_and_a_lower_one_wakes_a_waiter,
+            followed_counts_mark_the_rows_that_change,
+            a_row_bound_anew_no_longer_cools_down,
         );
     };
     (@cases $setup:path; $($case:ident,)*) => {
