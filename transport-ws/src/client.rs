@@ -449,6 +449,17 @@ mod tests {
         }
     }
 
+    /// A protocol 2 register with no LLM.
+    fn register_v2() -> RegisterRequest {
+        RegisterRequest {
+            agents: Vec::new(),
+            provider_session_id: None,
+            protocol_version: Some(2),
+            llms: vec![],
+            capabilities: Vec::new(),
+        }
+    }
+
     /// A gateway that speaks protocol 2 over a real socket: its `wake` frame reaches
     /// the publisher, and a heartbeat frame carries every LLM's state with
     /// `wakeFailed`.
@@ -486,14 +497,7 @@ mod tests {
         });
 
         let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
-        let request = RegisterRequest {
-            agents: Vec::new(),
-            provider_session_id: None,
-            protocol_version: Some(2),
-            llms: vec![],
-            capabilities: Vec::new(),
-        };
-        let mut connected = wire.connect(request).await.unwrap();
+        let mut connected = wire.connect(register_v2()).await.unwrap();
         let frame = connected.frames.next().await.unwrap().unwrap();
         assert_eq!(
             frame,
@@ -563,14 +567,7 @@ mod tests {
         });
 
         let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
-        let request = RegisterRequest {
-            agents: Vec::new(),
-            provider_session_id: None,
-            protocol_version: Some(2),
-            llms: vec![],
-            capabilities: Vec::new(),
-        };
-        let mut connected = wire.connect(request).await.unwrap();
+        let mut connected = wire.connect(register_v2()).await.unwrap();
         // The frame reader reads the pongs: keep it running, as the publisher does.
         let reader = tokio::spawn(async move { while connected.frames.next().await.is_some() {} });
         let outbox = connected.outbox;

@@ -1003,6 +1003,23 @@ impl From<TaskResult> for ResultWire {
     }
 }
 
+/// The length of `value` as JSON, counted without building the text.
+pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<usize> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value)?;
+    Ok(count.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -545,20 +545,8 @@ impl TaskTable {
 
 /// The size of `frame` as JSON, counted without building the text.
 fn encoded_len(frame: &GatewayFrame) -> Result<usize, Error> {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    serde_json::to_writer(&mut count, frame)
-        .map_err(|e| Error::invalid(format!("the request cannot be encoded: {e}")))?;
-    Ok(count.0)
+    crate::protocol::json_len(frame)
+        .map_err(|e| Error::invalid(format!("the request cannot be encoded: {e}")))
 }
 
 fn remember(state: &mut State, id: TaskId, by: (SessionId, String), cap: usize) {

@@ -373,28 +373,11 @@ fn approximate_size(result: &TaskResult) -> usize {
     RESULT_OVERHEAD
         + match result {
             TaskResult::Chunk { data, .. } => data.len(),
-            TaskResult::Completed { body, .. } => encoded_len(body),
+            // Serializing a `Value` cannot fail.
+            TaskResult::Completed { body, .. } => crate::protocol::json_len(body).unwrap_or(0),
             TaskResult::Failed { message } => message.len(),
             TaskResult::Resume { .. } => 0,
         }
-}
-
-/// The length of `value` as JSON, counted without building the text.
-fn encoded_len(value: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
-    // Writing to a counter cannot fail, nor can serializing a `Value`.
-    let _ = serde_json::to_writer(&mut count, value);
-    count.0
 }
 
 #[cfg(test)]
