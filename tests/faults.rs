@@ -429,11 +429,11 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
         .await
     {
         Err(WireError::Connection(message)) => assert!(
-            message.starts_with("500") && message.contains("internal error"),
+            message.starts_with("503") && message.contains("cannot be reached"),
             "{}: {message}",
             t.name()
         ),
-        other => panic!("{}: expected a 500, got {other:?}", t.name()),
+        other => panic!("{}: expected a 503, got {other:?}", t.name()),
     }
     // A re-register that would update one row and detach another: all or nothing.
     let response = reqwest::Client::new()
@@ -447,9 +447,16 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
         .send()
         .await
         .unwrap();
-    assert_eq!(response.status(), 500);
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()),
+        Some("2")
+    );
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body["error"]["code"], "internal_error");
+    assert_eq!(body["error"]["code"], "registry_unavailable");
     assert!(
         !body.to_string().contains("injected"),
         "internals stay in the log: {body}"
@@ -461,11 +468,11 @@ async fn a_failing_store_is_a_clear_5xx_and_writes_nothing(t: &dyn RawTransport)
     store.fail_writes(false);
 
     store.fail_reads(true);
-    // A row the gateway's registry view does not hold is read from the store: 500.
+    // A row the gateway's registry view does not hold is read from the store: 503.
     let (status, body) = gw.chat("client", "echo-2", "x", false).await;
     assert_eq!(
         (status, body["error"]["code"].as_str()),
-        (500, Some("internal_error"))
+        (503, Some("registry_unavailable"))
     );
     // One it routed a moment ago is still served from the view.
     assert_eq!(gw.chat("client", "echo", "kept", false).await.0, 200);

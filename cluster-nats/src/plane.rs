@@ -769,7 +769,8 @@ impl Shared {
         Ok(())
     }
 
-    /// Hands `delivery` to its task on `replica`, waiting for the answer: for at most
+    /// Hands `delivery` (one NATS request, however many results it carries) to its
+    /// task on `replica`, waiting for the answer: for at most
     /// the deliver timeout, publishing included (the client's queue of commands may
     /// be full while NATS is away).
     ///
@@ -781,12 +782,7 @@ impl Shared {
         delivery: Delivery,
     ) -> Result<(), Error> {
         let task = delivery.task.clone();
-        let last = match &delivery.result {
-            TaskResult::Completed { .. } | TaskResult::Failed { .. } => true,
-            TaskResult::Chunk { done, .. } => *done,
-            _ => false,
-        };
-        if last {
+        if delivery.results.iter().any(TaskResult::is_final) {
             self.end_carried(&task);
         }
         let bound = self.options.deliver_timeout;

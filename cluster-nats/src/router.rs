@@ -1,9 +1,10 @@
 //! [`NatsTaskRouter`]: the [`TaskRouter`] of a replica on the NATS plane.
 //!
-//! A result goes to the replica holding its task as a NATS request on
-//! `P.r.{replica}.deliver` (cut into pieces past the server's `max_payload`); that
-//! replica answers once the task took it, so the answer is the stream's
-//! backpressure. "No responders" (the replica is gone) and no answer within the
+//! The results a publisher sent together for one task go to the replica holding it
+//! as one NATS request on `P.r.{replica}.deliver` (cut into pieces past the server's
+//! `max_payload`); that replica answers once the task took them, so the answer is
+//! the stream's backpressure, and the chunks that came in while one request was on
+//! its way make the next. "No responders" (the replica is gone) and no answer within the
 //! deliver timeout answer [`Error::UnknownTask`]. A channel loss is announced to
 //! every replica, after the release of its bind.
 

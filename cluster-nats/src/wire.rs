@@ -179,7 +179,7 @@ pub(crate) struct DeliveryWire {
     session: SessionId,
     owner: String,
     task: TaskId,
-    result: TaskResult,
+    results: Vec<TaskResult>,
 }
 
 impl From<Delivery> for DeliveryWire {
@@ -188,7 +188,7 @@ impl From<Delivery> for DeliveryWire {
             session: d.session,
             owner: d.owner,
             task: d.task,
-            result: d.result,
+            results: d.results,
         }
     }
 }
@@ -199,7 +199,7 @@ impl From<DeliveryWire> for Delivery {
             session: d.session,
             owner: d.owner,
             task: d.task,
-            result: d.result,
+            results: d.results,
         }
     }
 }

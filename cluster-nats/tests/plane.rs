@@ -126,9 +126,9 @@ fn delivery() -> Delivery {
         session: SessionId::generate(),
         owner: "alice".into(),
         task: TaskId::generate(),
-        result: TaskResult::Failed {
+        results: vec![TaskResult::Failed {
             message: "x".into(),
-        },
+        }],
     }
 }
 

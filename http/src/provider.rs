@@ -3,11 +3,11 @@
 //! NDJSON, each delivered as it arrives).
 
 use bytes::Buf;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use virtual_llm_core::protocol::{
     HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, TaskResult,
 };
-use virtual_llm_core::{Gateway, TaskId};
+use virtual_llm_core::{Gateway, RESULTS_PER_DELIVERY, TaskId};
 use warp::reply::Response;
 
 use crate::error::respond;
@@ -105,10 +105,27 @@ where
                 gw.deliver(&who, &session, &task, result).await?;
                 return Ok(reply::no_content());
             }
+            // The lines that came in together are delivered together: one hop for
+            // them all when the task lives on another replica.
             let mut lines = std::pin::pin!(body::lines(body, limit));
             while let Some(line) = lines.next().await {
-                let result: TaskResult = body::json(line?.as_bytes())?;
-                gw.deliver(&who, &session, &task, result).await?;
+                let mut results = vec![body::json::<TaskResult>(line?.as_bytes())?];
+                let mut refused = None;
+                while results.len() < RESULTS_PER_DELIVERY
+                    && let Some(Some(line)) = lines.next().now_or_never()
+                {
+                    match line.and_then(|l| body::json::<TaskResult>(l.as_bytes())) {
+                        Ok(result) => results.push(result),
+                        Err(e) => {
+                            refused = Some(e);
+                            break;
+                        }
+                    }
+                }
+                gw.deliver_all(&who, &session, &task, results).await?;
+                if let Some(e) = refused {
+                    return Err(e);
+                }
             }
             Ok(reply::no_content())
         }

@@ -26,7 +26,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::{self, Message};
 use virtual_llm_core::error::Escaped;
 use virtual_llm_core::protocol::{CreditFrame, GatewayFrame, PublisherFrame, Refusal, TaskResult};
-use virtual_llm_core::{Error, Gateway, Principal, SessionId, TaskId};
+use virtual_llm_core::{Error, Gateway, Principal, RESULTS_PER_DELIVERY, SessionId, TaskId};
 
 /// How long a new socket may take to send its `register`.
 const REGISTER_WAIT: Duration = Duration::from_secs(10);
@@ -390,22 +390,34 @@ impl Forwarders {
                 .as_ref()
                 .map_or(1, |(window, _)| (window / 2).max(1));
             let mut delivered = 0;
-            while let Some(result) = rx.recv().await {
-                let last = result.is_final();
-                if let Err(e) = gateway.deliver(&principal, &session, &task, result).await {
+            while let Some(first) = rx.recv().await {
+                // The results queued meanwhile go with it: one hop for them all when
+                // the task lives on another replica.
+                let mut results = vec![first];
+                while results.len() < RESULTS_PER_DELIVERY
+                    && let Ok(more) = rx.try_recv()
+                {
+                    results.push(more);
+                }
+                let count = results.len();
+                let last = results.iter().any(TaskResult::is_final);
+                if let Err(e) = gateway
+                    .deliver_all(&principal, &session, &task, results)
+                    .await
+                {
                     tracing::debug!(%task, error = %e, "result refused");
                     break;
                 }
-                delivered += 1;
+                delivered += count;
                 if let Some((_, grant)) = &credits
                     && !last
-                    && delivered == step
+                    && delivered >= step
                 {
-                    delivered = 0;
                     let credit = CreditFrame {
                         task_id: task.clone(),
-                        results: u32::try_from(step).unwrap_or(u32::MAX),
+                        results: u32::try_from(delivered).unwrap_or(u32::MAX),
                     };
+                    delivered = 0;
                     match grant.try_send(Box::new(credit)) {
                         Ok(()) => {}
                         Err(mpsc::error::TrySendError::Full(_)) => {

@@ -359,7 +359,7 @@ impl Error {
             | Error::WakeFailed { .. }
             | Error::WakeTimeout { .. } => 503,
             Error::DeadlineExceeded { .. } => 504,
-            Error::Store(StoreError::Conflict { .. }) => 503,
+            Error::Store(StoreError::Conflict { .. } | StoreError::Unavailable { .. }) => 503,
             Error::Store(_) => 500,
         }
     }
@@ -409,6 +409,7 @@ impl Error {
             Error::WakeTimeout { .. } => "wake_timeout",
             Error::DeadlineExceeded { .. } => "deadline_exceeded",
             Error::Store(StoreError::Conflict { .. }) => "registry_busy",
+            Error::Store(StoreError::Unavailable { .. }) => "registry_unavailable",
             Error::Store(_) => "internal_error",
             Error::InvalidConfig { .. } => "invalid_configuration",
         }
@@ -424,6 +425,7 @@ impl Error {
             | Error::WakeFailed { retry_after, .. }
             | Error::WakeTimeout { retry_after, .. } => Some(*retry_after),
             Error::Store(StoreError::Conflict { .. }) => Some(Duration::from_secs(1)),
+            Error::Store(StoreError::Unavailable { .. }) => Some(REGISTRY_RETRY),
             _ => None,
         }
     }
@@ -452,6 +454,9 @@ impl Error {
         let message = match self {
             Error::Store(StoreError::Conflict { .. }) => {
                 "the registry is busy; retry shortly".to_owned()
+            }
+            Error::Store(StoreError::Unavailable { .. }) => {
+                "the gateway's registry cannot be reached; retry shortly".to_owned()
             }
             Error::Store(_) => "internal error in the gateway's registry".to_owned(),
             other => bounded(other.to_string(), MAX_MESSAGE),
@@ -534,6 +539,10 @@ const MAX_REQUEST_MESSAGE: usize = 512;
 /// The longest message of any error body, in characters (a publisher's own error
 /// messages are kept up to this length).
 const MAX_MESSAGE: usize = 4096;
+
+/// The `Retry-After` of a registry that cannot be reached (a database restarting, a
+/// full disk): long enough not to hammer it, short enough for a failover to pass.
+const REGISTRY_RETRY: Duration = Duration::from_secs(2);
 
 /// `message` cut to at most `max_chars` characters: the one way virtual-llm bounds a
 /// message that may echo untrusted input (a parser error quoting a megabyte body, a
@@ -648,6 +657,12 @@ mod tests {
                     message: "secret path".into(),
                 }),
                 500,
+            ),
+            (
+                Error::Store(StoreError::Unavailable {
+                    source: "secret path".into(),
+                }),
+                503,
             ),
             (
                 Error::InvalidConfig {

@@ -409,24 +409,51 @@ impl Gateway {
         task: &TaskId,
         result: TaskResult,
     ) -> Result<(), Error> {
+        self.deliver_all(principal, session, task, vec![result])
+            .await
+    }
+
+    /// [`deliver`](Gateway::deliver) for results a publisher sent together, in order:
+    /// the first refused stops the rest. For a task on another replica they cross in
+    /// one hop.
+    pub async fn deliver_all(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+        task: &TaskId,
+        results: Vec<TaskResult>,
+    ) -> Result<(), Error> {
         principal.require(Role::Publisher)?;
-        let resuming = matches!(result, TaskResult::Resume { .. });
+        let Some(first) = results.first() else {
+            return Ok(());
+        };
+        let resuming = matches!(first, TaskResult::Resume { .. });
         let delivered = match task.replica() {
             Some(replica) if replica != *self.replica() => {
-                result.validate()?;
+                for result in &results {
+                    result.validate()?;
+                }
                 let delivery = Delivery {
                     session: session.clone(),
                     owner: principal.id.clone(),
                     task: task.clone(),
-                    result,
+                    results,
                 };
                 self.shared.task_router.deliver(&replica, delivery).await
             }
             _ => {
-                self.shared
-                    .tasks
-                    .deliver(session, &principal.id, task, result)
-                    .await
+                let mut delivered = Ok(());
+                for result in results {
+                    delivered = self
+                        .shared
+                        .tasks
+                        .deliver(session, &principal.id, task, result)
+                        .await;
+                    if delivered.is_err() {
+                        break;
+                    }
+                }
+                delivered
             }
         };
         if resuming

@@ -21,9 +21,14 @@ use crate::protocol::TaskResult;
 use crate::task::TaskTable;
 use crate::{Error, LlmName, ReplicaId, SessionId, TaskId, UnavailableKind};
 
-/// A publisher's result for one task, with who posted it: checked again by the
+/// Most results a transport hands over in one [`Gateway::deliver_all`](crate::Gateway::deliver_all)
+/// (and so in one hop to another replica): what came in together, up to this.
+pub const RESULTS_PER_DELIVERY: usize = 64;
+
+/// A publisher's results for one task, with who posted them: checked again by the
 /// replica holding the task (the session and principal must be the ones it was sent
-/// to).
+/// to). The results the publisher had sent together cross together, in order: a
+/// stream's chunks cost one hop per batch, not one per chunk.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Delivery {
     /// The session that posted it.
@@ -32,17 +37,17 @@ pub struct Delivery {
     pub owner: String,
     /// The task.
     pub task: TaskId,
-    /// The result.
-    pub result: TaskResult,
+    /// The results, in the order the publisher sent them (at least one).
+    pub results: Vec<TaskResult>,
 }
 
 /// How results and channel losses reach tasks on other replicas.
 ///
 /// # Contract
 /// - [`deliver`](TaskRouter::deliver) hands the delivery to the [`TaskInbound`] of
-///   `replica` and answers what it answered: `Ok` once the task took the result (a
-///   slow client slows this down: it is the backpressure of the stream), or its error
-///   (404 unknown task, 409 finished, 400 a bad chunk). A replica that cannot be
+///   `replica` in one hop and answers what it answered: `Ok` once the task took every
+///   result of it (a slow client slows this down: it is the backpressure of the
+///   stream), or the first refusal (404 unknown task, 409 finished, 400 a bad chunk). A replica that cannot be
 ///   reached answers [`Error::UnknownTask`]: its tasks are gone with it.
 /// - [`session_closed`](TaskRouter::session_closed) makes every other replica's
 ///   [`TaskInbound::session_closed`] run for `session`, so no task waits on a channel
@@ -102,17 +107,15 @@ impl fmt::Debug for TaskInbound {
 }
 
 impl TaskInbound {
-    /// Hands a forwarded result to its task here, with the refusals of a local
-    /// delivery.
+    /// Hands forwarded results to their task here, in order, with the refusals of a
+    /// local delivery: the first refused stops the rest.
     pub async fn deliver(&self, delivery: Delivery) -> Result<(), Error> {
-        self.tasks
-            .deliver(
-                &delivery.session,
-                &delivery.owner,
-                &delivery.task,
-                delivery.result,
-            )
-            .await
+        for result in delivery.results {
+            self.tasks
+                .deliver(&delivery.session, &delivery.owner, &delivery.task, result)
+                .await?;
+        }
+        Ok(())
     }
 
     /// `session`'s channel closed on another replica: its tasks here fail with 503.

@@ -167,6 +167,85 @@ mod lifecycle_across_replicas {
         assert_eq!(revived.last_heartbeat_at, Some(clock_now(&clock)));
     }
 
+    /// A stream's chunks posted together on the replica holding the channel cross to
+    /// the task's replica in one hop, and the client gets each once, in order.
+    #[tokio::test]
+    async fn results_posted_together_cross_in_one_hop() {
+        use futures::StreamExt;
+        use virtual_llm_core::protocol::TaskResult;
+        use virtual_llm_core::{InferRequest, TaskEvent};
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cluster = MemoryCluster::new();
+        let a = cluster
+            .join(Gateway::builder(store.clone()), id("gw-a"))
+            .await
+            .unwrap();
+        let b = cluster
+            .join(Gateway::builder(store), id("gw-b"))
+            .await
+            .unwrap();
+        let answer = a
+            .register(
+                &alice(),
+                RegisterRequest {
+                    agents: Vec::new(),
+                    provider_session_id: None,
+                    protocol_version: Some(virtual_llm_core::protocol::PROTOCOL_VERSION),
+                    llms: vec![LlmSpec {
+                        name: name("llm"),
+                        provider_type: "openai".into(),
+                        model: "m".into(),
+                        tier: None,
+                        pool: None,
+                        max_concurrent: None,
+                        state: None,
+                        access: Default::default(),
+                    }],
+                    capabilities: Vec::new(),
+                },
+            )
+            .await
+            .unwrap();
+        let session = answer.provider_session_id;
+        let channel = FakeChannel::new();
+        let _binding = a
+            .bind(&alice(), &session, Arc::new(channel.clone()))
+            .await
+            .unwrap();
+        let client = Principal::new("client", [Role::Client]);
+        let rows = b.route(&client, "llm").await.unwrap();
+        let request = InferRequest::from_chat_body(serde_json::json!({
+            "model": "llm",
+            "stream": true,
+            "messages": [{"role": "user", "content": "x"}],
+        }))
+        .unwrap();
+        let mut handle = b.start_task(&client, &rows.rows[0], request).unwrap();
+        let task = channel.next_task().await.task_id;
+        let results: Vec<TaskResult> = (0..8)
+            .map(|seq| TaskResult::Chunk {
+                data: format!("c{seq}"),
+                done: seq == 7,
+                seq: Some(seq),
+            })
+            .collect();
+        let before = cluster.deliveries();
+        a.deliver_all(&alice(), &session, &task, results)
+            .await
+            .unwrap();
+        assert_eq!(cluster.deliveries() - before, 1, "eight results, one hop");
+        let mut seen = Vec::new();
+        while let Some(event) = handle.next().await {
+            seen.push(event.unwrap());
+        }
+        let expected: Vec<TaskEvent> = (0..8)
+            .map(|i| TaskEvent::Chunk(format!("c{i}")))
+            .chain([TaskEvent::Done])
+            .collect();
+        assert_eq!(seen, expected);
+    }
+
     /// Two replicas sharing a store, a ManualClock and the in-memory plane; alice's
     /// `llm` registered and bound on `a`, and `theirs` bound on `b`.
     async fn leased() -> (

@@ -43,6 +43,8 @@ struct Plane {
     /// Each replica's receiving end, by id.
     replicas: Mutex<HashMap<ReplicaId, TaskInbound>>,
     next_epoch: AtomicU64,
+    /// Hops of results between replicas ([`TaskRouter::deliver`] calls).
+    deliveries: AtomicU64,
 }
 
 /// Gateway replicas in one process over one store, linked in memory. Clones share the
@@ -65,6 +67,12 @@ impl MemoryCluster {
     /// An empty cluster.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// How many times a replica handed results to another (one hop each, whatever
+    /// the number of results it carried).
+    pub fn deliveries(&self) -> u64 {
+        self.plane.deliveries.load(Ordering::Relaxed)
     }
 
     /// The channel directory replica `replica` binds through.
@@ -213,6 +221,7 @@ impl fmt::Debug for MemoryTaskRouter {
 #[async_trait]
 impl TaskRouter for MemoryTaskRouter {
     async fn deliver(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
+        self.plane.deliveries.fetch_add(1, Ordering::Relaxed);
         let inbound = lock(&self.plane.replicas).get(replica).cloned();
         match inbound {
             Some(inbound) => inbound.deliver(delivery).await,

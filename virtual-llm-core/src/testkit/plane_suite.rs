@@ -211,6 +211,65 @@ pub async fn results_are_checked_where_the_task_lives(a: &Gateway, b: &Gateway) 
     assert_eq!(replay.expect_err("finished, but not hers").status(), 404);
 }
 
+/// Results posted together through `a` for a task on `b` cross together and arrive
+/// in order, a replayed chunk among them dropped; a batch that skips a chunk is
+/// refused (400) at the gap, after the results before it, and fails the task.
+pub async fn results_sent_together_arrive_in_order(a: &Gateway, b: &Gateway) {
+    let (session, _binding, _channel) = bind_fake(a, "llm").await;
+    let rows = b.route(&client(), "llm").await.expect("routed");
+    let chunk = |seq: u64| TaskResult::Chunk {
+        data: format!("c{seq}"),
+        done: false,
+        seq: Some(seq),
+    };
+    let done = |seq| TaskResult::Chunk {
+        data: String::new(),
+        done: true,
+        seq: Some(seq),
+    };
+    let mut handle = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
+        .expect("started");
+    let id = handle.id().clone();
+    a.deliver_all(
+        &alice(),
+        &session,
+        &id,
+        vec![chunk(0), chunk(1), chunk(0), chunk(2)],
+    )
+    .await
+    .expect("a batch");
+    a.deliver_all(&alice(), &session, &id, vec![chunk(3), done(4)])
+        .await
+        .expect("the last batch");
+    let mut seen = Vec::new();
+    while let Some(event) = handle.next().await {
+        seen.push(event.expect("no error"));
+    }
+    use crate::TaskEvent::{Chunk, Done};
+    let expected: Vec<_> = (0..4)
+        .map(|i| Chunk(format!("c{i}")))
+        .chain([Done])
+        .collect();
+    assert_eq!(seen, expected);
+
+    let mut handle = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "y", true))
+        .expect("started");
+    let id = handle.id().clone();
+    let gap = a
+        .deliver_all(&alice(), &session, &id, vec![chunk(0), chunk(2), done(3)])
+        .await;
+    assert_eq!(gap.expect_err("a gap").status(), 400);
+    assert_eq!(
+        handle.next().await.expect("c0").expect("c0 arrived"),
+        Chunk("c0".into())
+    );
+    let failed = handle.next().await.expect("an outcome");
+    assert!(failed.is_err(), "the task failed at the gap: {failed:?}");
+    assert_eq!(b.in_flight(), 0);
+}
+
 /// The publisher's channel closes on `a`: the task a client on `b` waits on fails at
 /// once with 503, and the rows go inactive for both replicas.
 pub async fn a_channel_loss_fails_tasks_on_other_replicas(a: &Gateway, b: &Gateway) {
@@ -283,6 +342,7 @@ macro_rules! plane_conformance_tests {
             a_stream_crosses_replicas,
             a_cancel_crosses_replicas,
             results_are_checked_where_the_task_lives,
+            results_sent_together_arrive_in_order,
             a_channel_loss_fails_tasks_on_other_replicas,
             a_late_release_on_one_replica_keeps_the_others_bind,
         );
