@@ -58,6 +58,14 @@ impl ChannelDirectory for NatsDirectory {
     fn bind(&self, session: &SessionId, sink: Arc<dyn ChannelSink>) -> BindToken {
         let shared = &self.shared;
         let epoch = shared.next_epoch();
+        // A channel another replica held is replaced: it hears of it from the
+        // announcement and tells its channel to close, but tells nobody else; the
+        // tasks here sent through it wait for their publisher (held before the new
+        // channel can be given any).
+        let replaced = lock(&shared.remote).remove(session);
+        if let Some(old) = replaced {
+            shared.channel_lost(session, &old);
+        }
         let older = lock(&shared.local).insert(session.clone(), Local { epoch, sink });
         if let Some(older) = older
             && older
@@ -67,9 +75,6 @@ impl ChannelDirectory for NatsDirectory {
         {
             tracing::debug!(%session, "replaced channel was already gone");
         }
-        // A channel another replica held is replaced: it hears of it from the
-        // announcement and tells its channel to close.
-        lock(&shared.remote).remove(session);
         let binding = ChannelBinding {
             replica: shared.replica.clone(),
             epoch,

@@ -380,6 +380,25 @@ impl Shared {
         lock(&self.inbound).clone()
     }
 
+    /// `session`'s channel that `old` named is no more, and its replica may never
+    /// say so (it died): the tasks here sent to it wait for their publisher's sign of
+    /// life for the resume window (see [`TaskInbound::channel_lost`]).
+    pub(crate) fn channel_lost(&self, session: &SessionId, old: &ChannelBinding) {
+        let Some(inbound) = self.inbound() else {
+            return;
+        };
+        let waiting = inbound.channel_lost(session);
+        if waiting > 0 {
+            tracing::info!(
+                replica = %self.replica,
+                %session,
+                peer = %old.replica,
+                tasks = waiting,
+                "a channel on a peer was lost unannounced; its tasks here wait for their publisher"
+            );
+        }
+    }
+
     pub(crate) fn max_payload(&self) -> usize {
         self.max_payload.load(Ordering::Relaxed)
     }
@@ -633,6 +652,15 @@ impl Shared {
                 tracing::debug!(%session, "replaced channel was already gone");
             }
         }
+        let older = match lock(&self.remote).get(session) {
+            Some(known) if key(known) >= key(&binding) => return,
+            known => known.cloned(),
+        };
+        if let Some(older) = &older {
+            // The older channel's replica tells nobody of a replaced channel. Its
+            // tasks here are held before the newer channel can be given any.
+            self.channel_lost(session, older);
+        }
         let mut remote = lock(&self.remote);
         match remote.get(session) {
             Some(known) if key(known) >= key(&binding) => {}
@@ -642,15 +670,32 @@ impl Shared {
         }
     }
 
-    /// `from`'s channels are `held`, and only those.
+    /// `from`'s channels are `held`, and only those: a channel it held before and
+    /// not now is lost (it restarted, or its release was not heard).
     fn apply_snapshot(&self, from: &ReplicaId, held: Vec<Held>) {
-        lock(&self.remote).retain(|_, b| &b.replica != from);
+        let before: Vec<(SessionId, ChannelBinding)> = {
+            let mut remote = lock(&self.remote);
+            let before = remote
+                .iter()
+                .filter(|(_, b)| &b.replica == from)
+                .map(|(s, b)| (s.clone(), b.clone()))
+                .collect();
+            remote.retain(|_, b| &b.replica != from);
+            before
+        };
         for h in held {
             let binding = ChannelBinding {
                 replica: from.clone(),
                 epoch: h.epoch,
             };
             self.apply_bound(&h.session, binding);
+        }
+        for (session, old) in before {
+            let kept = lock(&self.remote).get(&session) == Some(&old)
+                || lock(&self.local).contains_key(&session);
+            if !kept {
+                self.channel_lost(&session, &old);
+            }
         }
     }
 

@@ -335,3 +335,72 @@ async fn a_lost_announcement_is_mended_by_the_next_resync() {
     })
     .await;
 }
+
+/// The replica holding a channel is gone without a word and the publisher binds its
+/// session again on the client's replica: the tasks sent through the lost channel
+/// wait the resume window for a sign of life, and the one its publisher never got
+/// (its frame died with the replica) fails with 503 then, not at its deadline, while
+/// one the publisher answers goes on. (A short window: the test waits it out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_sent_through_a_channel_lost_unannounced_fail_after_the_window() {
+    if !nats_installed() {
+        return;
+    }
+    let planes = two_planes().await;
+    let store: Arc<dyn virtual_llm_core::Store> = Arc::new(virtual_llm_core::MemoryStore::new());
+    let mut config = virtual_llm_core::Config::default();
+    config.resume_window = Duration::from_millis(300);
+    let builder = || Gateway::builder(store.clone()).config(config.clone());
+    let a = planes.0.join(builder()).await.unwrap();
+    let b = planes.1.join(builder()).await.unwrap();
+    let (session, _old, channel) = bind_fake(&a, "llm").await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+    let mut never = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", true))
+        .unwrap();
+    let mut answered = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "y", true))
+        .unwrap();
+    let answered_id = answered.id().clone();
+    for _ in 0..2 {
+        within(10, "the task frames", channel.next_task()).await;
+    }
+    // The publisher binds on b; a's channel is replaced, which a tells nobody (as
+    // a replica that died would not), and the frames it took are never answered.
+    let _rebound = b
+        .bind(
+            &alice(),
+            &session,
+            Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
+        )
+        .await
+        .unwrap();
+    let chunk = |seq, done| TaskResult::Chunk {
+        data: format!("c{seq}"),
+        done,
+        seq: Some(seq),
+    };
+    b.deliver(&alice(), &session, &answered_id, chunk(0, false))
+        .await
+        .unwrap();
+    let err = within(10, "the lost task's failure", never.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    b.deliver(&alice(), &session, &answered_id, chunk(1, true))
+        .await
+        .expect("the answered task outlived the window");
+    let mut seen = Vec::new();
+    while let Some(event) = within(10, "the answered task", answered.next()).await {
+        seen.push(event.unwrap());
+    }
+    assert_eq!(
+        seen,
+        [
+            TaskEvent::Chunk("c0".into()),
+            TaskEvent::Chunk("c1".into()),
+            TaskEvent::Done
+        ]
+    );
+}

@@ -94,6 +94,9 @@ struct Live {
     /// While its session's channel is down and the publisher may resume it: the hold
     /// it waits in (see [`TaskTable::hold_session`]).
     held: Option<u64>,
+    /// A result came while held: the publisher still works on it (an SSE publisher
+    /// posts results while its stream is down), so the hold's end spares it.
+    heard: bool,
 }
 
 impl Live {
@@ -273,6 +276,7 @@ impl TaskTable {
             next_seq: 0,
             reserved,
             held: None,
+            heard: false,
         };
         // Registered before the frame goes out, so even an instant result finds it.
         lock(&self.inner.state).live.insert(id.clone(), live);
@@ -374,6 +378,7 @@ impl TaskTable {
                 }
                 live.next_seq = seq + 1;
             }
+            live.heard = true;
             if result.is_final() {
                 // The final result takes the reserved slot's place.
                 self.finish(state, task, |live| live.tx)
@@ -434,13 +439,15 @@ impl TaskTable {
         let mut held = 0;
         for live in state.live.values_mut().filter(|t| t.session == *session) {
             live.held = Some(hold);
+            live.heard = false;
             held += 1;
         }
         (held, hold)
     }
 
     /// The resume window of hold `hold` on `session` is over: its tasks still held fail
-    /// with 503 (as a channel loss without resume would have), and the cancels kept for
+    /// with 503 (as a channel loss without resume would have) unless a result came for
+    /// them meanwhile (they are let go of the hold), and the cancels kept for
     /// the session are dropped (a channel that came back had them sent; without one,
     /// the tasks are gone with it, and a late replay of one is refused and cancelled).
     /// Returns how many failed.
@@ -448,6 +455,11 @@ impl TaskTable {
         let failed: Vec<Live> = {
             let mut state = lock(&self.inner.state);
             state.cancels.remove(session);
+            for live in state.live.values_mut() {
+                if live.session == *session && live.held == Some(hold) && live.heard {
+                    live.held = None;
+                }
+            }
             state
                 .live
                 .extract_if(|_, t| t.session == *session && t.held == Some(hold))

@@ -124,6 +124,28 @@ impl TaskInbound {
         self.tasks.fail_session(session)
     }
 
+    /// The channel of `session` on another replica was lost without that replica
+    /// saying so (it died, and the session bound again elsewhere, or it came back
+    /// without the channel): the tasks here sent to it wait the resume window for a
+    /// sign of life from the publisher (its `resume`, or a result), then fail with
+    /// 503. A publisher that never got a task's frame cannot resume it; without this,
+    /// its client would wait until the task's deadline. Returns how many wait.
+    pub fn channel_lost(&self, session: &SessionId) -> usize {
+        let Some(shared) = self.gateway.upgrade() else {
+            return 0;
+        };
+        let (held, hold) = self.tasks.hold_session(session);
+        if held > 0 {
+            let (tasks, session) = (self.tasks.clone(), session.clone());
+            let window = shared.config.resume_window;
+            tokio::spawn(async move {
+                tokio::time::sleep(window).await;
+                tasks.expire_hold(&session, hold);
+            });
+        }
+        held
+    }
+
     /// The replica holding `session`'s channel refused the frame of `task` (a plane
     /// sends frames in the background, so `start` had returned): the task fails with
     /// the 503 a refusal on this replica gives (`Full`: saturated; `Closed`: offline).

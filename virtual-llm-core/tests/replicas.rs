@@ -167,13 +167,51 @@ mod lifecycle_across_replicas {
         assert_eq!(revived.last_heartbeat_at, Some(clock_now(&clock)));
     }
 
-    /// A stream's chunks posted together on the replica holding the channel cross to
-    /// the task's replica in one hop, and the client gets each once, in order.
-    #[tokio::test]
-    async fn results_posted_together_cross_in_one_hop() {
-        use futures::StreamExt;
+    /// Registers alice's `llm` on `on`, speaking protocol 2.
+    async fn register_v2(on: &Gateway) -> virtual_llm_core::SessionId {
+        use virtual_llm_core::protocol::PROTOCOL_VERSION;
+        on.register(
+            &alice(),
+            RegisterRequest {
+                agents: Vec::new(),
+                provider_session_id: None,
+                protocol_version: Some(PROTOCOL_VERSION),
+                llms: vec![LlmSpec {
+                    name: name("llm"),
+                    provider_type: "openai".into(),
+                    model: "m".into(),
+                    tier: None,
+                    pool: None,
+                    max_concurrent: None,
+                    state: None,
+                    access: Default::default(),
+                }],
+                capabilities: Vec::new(),
+            },
+        )
+        .await
+        .unwrap()
+        .provider_session_id
+    }
+
+    fn streamed() -> virtual_llm_core::InferRequest {
+        virtual_llm_core::InferRequest::from_chat_body(serde_json::json!({
+            "model": "llm",
+            "stream": true,
+            "messages": [{"role": "user", "content": "x"}],
+        }))
+        .unwrap()
+    }
+
+    /// The replica holding a channel dies, and the publisher binds its session again
+    /// on another replica: nobody announces that the old channel closed, so the tasks
+    /// sent through it wait the resume window for a sign of life. One its publisher
+    /// resumes and one it posts a result for go on; one it never got (its frame died
+    /// with the replica) fails with 503 when the window ends, not at its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn tasks_sent_through_a_channel_lost_unannounced_wait_the_window_then_fail() {
+        use virtual_llm_core::TaskEvent;
         use virtual_llm_core::protocol::TaskResult;
-        use virtual_llm_core::{InferRequest, TaskEvent};
 
         let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
         let cluster = MemoryCluster::new();
@@ -185,29 +223,87 @@ mod lifecycle_across_replicas {
             .join(Gateway::builder(store), id("gw-b"))
             .await
             .unwrap();
-        let answer = a
-            .register(
-                &alice(),
-                RegisterRequest {
-                    agents: Vec::new(),
-                    provider_session_id: None,
-                    protocol_version: Some(virtual_llm_core::protocol::PROTOCOL_VERSION),
-                    llms: vec![LlmSpec {
-                        name: name("llm"),
-                        provider_type: "openai".into(),
-                        model: "m".into(),
-                        tier: None,
-                        pool: None,
-                        max_concurrent: None,
-                        state: None,
-                        access: Default::default(),
-                    }],
-                    capabilities: Vec::new(),
-                },
-            )
+        let session = register_v2(&a).await;
+        let old = FakeChannel::new();
+        let _old = a
+            .bind(&alice(), &session, Arc::new(old.clone()))
             .await
             .unwrap();
-        let session = answer.provider_session_id;
+        let client = Principal::new("client", [Role::Client]);
+        let rows = b.route(&client, "llm").await.unwrap();
+        let start = || {
+            let handle = b.start_task(&client, &rows.rows[0], streamed()).unwrap();
+            (handle.id().clone(), handle)
+        };
+        let (_, mut never) = start();
+        let (resumed, mut resumed_handle) = start();
+        let (posting, mut posting_handle) = start();
+        for _ in 0..3 {
+            old.next_task().await;
+        }
+
+        // The publisher is back, on b.
+        let window = Config::default().resume_window;
+        let new = FakeChannel::new();
+        let _new = b.bind(&alice(), &session, Arc::new(new)).await.unwrap();
+        b.deliver(
+            &alice(),
+            &session,
+            &resumed,
+            TaskResult::Resume { from_seq: 0 },
+        )
+        .await
+        .unwrap();
+        let chunk = |seq, done| TaskResult::Chunk {
+            data: format!("c{seq}"),
+            done,
+            seq: Some(seq),
+        };
+        b.deliver(&alice(), &session, &posting, chunk(0, false))
+            .await
+            .unwrap();
+        assert_eq!(
+            posting_handle.next().await.unwrap().unwrap(),
+            TaskEvent::Chunk("c0".into())
+        );
+
+        tokio::time::sleep(window + Duration::from_secs(1)).await;
+        let failed = never.next().await.unwrap().unwrap_err();
+        assert_eq!(failed.status(), 503, "{failed}");
+        for (task, handle, seq) in [
+            (&resumed, &mut resumed_handle, 0),
+            (&posting, &mut posting_handle, 1),
+        ] {
+            b.deliver(&alice(), &session, task, chunk(seq, true))
+                .await
+                .unwrap();
+            assert_eq!(
+                handle.next().await.unwrap().unwrap(),
+                TaskEvent::Chunk(format!("c{seq}"))
+            );
+            assert_eq!(handle.next().await.unwrap().unwrap(), TaskEvent::Done);
+        }
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    /// A stream's chunks posted together on the replica holding the channel cross to
+    /// the task's replica in one hop, and the client gets each once, in order.
+    #[tokio::test]
+    async fn results_posted_together_cross_in_one_hop() {
+        use virtual_llm_core::TaskEvent;
+        use virtual_llm_core::protocol::TaskResult;
+
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cluster = MemoryCluster::new();
+        let a = cluster
+            .join(Gateway::builder(store.clone()), id("gw-a"))
+            .await
+            .unwrap();
+        let b = cluster
+            .join(Gateway::builder(store), id("gw-b"))
+            .await
+            .unwrap();
+        let session = register_v2(&a).await;
         let channel = FakeChannel::new();
         let _binding = a
             .bind(&alice(), &session, Arc::new(channel.clone()))
@@ -215,13 +311,7 @@ mod lifecycle_across_replicas {
             .unwrap();
         let client = Principal::new("client", [Role::Client]);
         let rows = b.route(&client, "llm").await.unwrap();
-        let request = InferRequest::from_chat_body(serde_json::json!({
-            "model": "llm",
-            "stream": true,
-            "messages": [{"role": "user", "content": "x"}],
-        }))
-        .unwrap();
-        let mut handle = b.start_task(&client, &rows.rows[0], request).unwrap();
+        let mut handle = b.start_task(&client, &rows.rows[0], streamed()).unwrap();
         let task = channel.next_task().await.task_id;
         let results: Vec<TaskResult> = (0..8)
             .map(|seq| TaskResult::Chunk {

@@ -139,6 +139,21 @@ impl ChannelDirectory for MemoryDirectory {
             replica: self.replica.clone(),
             epoch: self.plane.next_epoch.fetch_add(1, Ordering::Relaxed) + 1,
         };
+        // The replica of a replaced channel tells no other: their tasks sent through
+        // it wait for their publisher (held before the new channel can be given any).
+        let replaced = lock(&self.plane.channels)
+            .get(session)
+            .map(|b| b.binding.replica.clone());
+        if let Some(holder) = replaced {
+            let others: Vec<TaskInbound> = lock(&self.plane.replicas)
+                .iter()
+                .filter(|(id, _)| **id != holder)
+                .map(|(_, inbound)| inbound.clone())
+                .collect();
+            for inbound in others {
+                inbound.channel_lost(session);
+            }
+        }
         let older = lock(&self.plane.channels).insert(
             session.clone(),
             Bound {
