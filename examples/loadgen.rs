@@ -247,7 +247,9 @@ struct Args {
     rerun_disturbed: usize,
     /// Relay cases: also relay through a second publisher per transport started with
     /// `--no-resume` (issue #16: what keeping tasks through a dropped channel costs a
-    /// steady stream), and compare the two in one table.
+    /// steady stream), and compare the two in one table. Each pair is measured twice,
+    /// in both orders (with, without, without, with), so that a drift of the machine
+    /// during a run does not favour either.
     #[arg(long)]
     resume_cost: bool,
     /// Replicas mode (issue #15): two gateway children as replicas on one PostgreSQL
@@ -1919,17 +1921,16 @@ mod relay {
                     }
                 }
                 for &transport in &args.transports {
-                    cases.push(Case {
-                        route: Route::Relayed(transport),
+                    let case = |route| Case {
+                        route,
                         kind,
                         concurrency,
-                    });
+                    };
+                    cases.push(case(Route::Relayed(transport)));
                     if args.resume_cost {
-                        cases.push(Case {
-                            route: Route::RelayedNoResume(transport),
-                            kind,
-                            concurrency,
-                        });
+                        cases.push(case(Route::RelayedNoResume(transport)));
+                        cases.push(case(Route::RelayedNoResume(transport)));
+                        cases.push(case(Route::Relayed(transport)));
                     }
                 }
             }
@@ -2131,55 +2132,89 @@ mod relay {
     }
 
     /// Issue #16's table: each relayed case against the same case through a publisher
-    /// that does not resume, measured in the same run.
+    /// that does not resume, measured in the same run, once in each order (the first
+    /// measure of each with the first of the other, the second with the second), and
+    /// both orders together.
     fn print_resume_cost(results: &[Measured]) {
         let mut table = Table::new();
         table.load_style(ASCII_MARKDOWN);
         table.set_header(vec![
             "case",
             "c",
+            "order",
             "req/s with resume / without",
             "chunks/s with resume / without",
             "p50 ms with / without",
         ]);
+        let same = |a: &Case, b: &Case| a.kind == b.kind && a.concurrency == b.concurrency;
+        let ratio = |with: f64, without: f64| {
+            format!("{with:.0} / {without:.0} = {:.3}", with / without.max(1e-9))
+        };
+        let mut done: Vec<&Case> = Vec::new();
         for m in results {
             let Route::Relayed(t) = m.case.route else {
                 continue;
             };
-            let Some(plain) = results.iter().find(|o| {
-                o.case.route == Route::RelayedNoResume(t)
-                    && o.case.kind == m.case.kind
-                    && o.case.concurrency == m.case.concurrency
-            }) else {
+            if done
+                .iter()
+                .any(|d| d.route == m.case.route && same(d, &m.case))
+            {
                 continue;
+            }
+            done.push(&m.case);
+            let of = |route| -> Vec<&Measured> {
+                results
+                    .iter()
+                    .filter(|o| o.case.route == route && same(&o.case, &m.case))
+                    .collect()
             };
-            let (with, without) = (&m.outcome, &plain.outcome);
-            let chunks = if m.case.kind == Kind::Stream {
-                format!(
-                    "{:.0} / {:.0} = {:.3}",
-                    with.chunks_per_sec(),
-                    without.chunks_per_sec(),
-                    with.chunks_per_sec() / without.chunks_per_sec().max(1e-9)
-                )
-            } else {
-                "–".to_owned()
-            };
-            table.add_row(vec![
-                m.case.label(),
-                m.case.concurrency.to_string(),
-                format!(
-                    "{:.0} / {:.0} = {:.3}",
-                    with.rps(),
-                    without.rps(),
-                    with.rps() / without.rps().max(1e-9)
-                ),
-                chunks,
-                format!(
-                    "{} / {}",
-                    ms(with.latency.value_at_quantile(0.5)),
-                    ms(without.latency.value_at_quantile(0.5))
-                ),
-            ]);
+            let (with, without) = (of(Route::Relayed(t)), of(Route::RelayedNoResume(t)));
+            let rows = with.iter().zip(&without).enumerate();
+            let mut totals = [0.0f64; 4];
+            for (i, (w, o)) in rows {
+                let (w, o) = (&w.outcome, &o.outcome);
+                totals[0] += w.rps();
+                totals[1] += o.rps();
+                totals[2] += w.chunks_per_sec();
+                totals[3] += o.chunks_per_sec();
+                let chunks = if m.case.kind == Kind::Stream {
+                    ratio(w.chunks_per_sec(), o.chunks_per_sec())
+                } else {
+                    "–".to_owned()
+                };
+                table.add_row(vec![
+                    m.case.label(),
+                    m.case.concurrency.to_string(),
+                    if i == 0 {
+                        "with first"
+                    } else {
+                        "without first"
+                    }
+                    .to_owned(),
+                    ratio(w.rps(), o.rps()),
+                    chunks,
+                    format!(
+                        "{} / {}",
+                        ms(w.latency.value_at_quantile(0.5)),
+                        ms(o.latency.value_at_quantile(0.5))
+                    ),
+                ]);
+            }
+            if with.len() > 1 && without.len() > 1 {
+                let chunks = if m.case.kind == Kind::Stream {
+                    ratio(totals[2], totals[3])
+                } else {
+                    "–".to_owned()
+                };
+                table.add_row(vec![
+                    m.case.label(),
+                    m.case.concurrency.to_string(),
+                    "both (sums)".to_owned(),
+                    ratio(totals[0], totals[1]),
+                    chunks,
+                    "".to_owned(),
+                ]);
+            }
         }
         println!(
             "

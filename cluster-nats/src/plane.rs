@@ -33,8 +33,8 @@ use std::time::Duration;
 
 use async_nats::{Client, ConnectOptions, Event, Message, Request, RequestErrorKind, StatusCode};
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
@@ -1063,8 +1063,10 @@ async fn report_loads(weak: Weak<Shared>, changes: Arc<LoadChanges>) {
 async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
     each_message(weak, sub, "deliveries", |shared, msg, payload| async move {
         let Some(reply) = msg.reply else { return };
-        // Each on its own task: a slow client holds up its own stream only.
-        tokio::spawn(async move {
+        // Taken here when the task takes it at once (the common case: one task hop
+        // less on every stream's path); else on its own task, so that a slow client
+        // holds up its own stream only.
+        let mut delivery = Box::pin(async move {
             let outcome = match serde_json::from_slice::<DeliveryWire>(&payload) {
                 Err(e) => Err(Error::invalid(format!(
                     "a forwarded result that does not parse: {e}"
@@ -1087,6 +1089,9 @@ async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
                 tracing::debug!(error = %e, "answering a forwarded result");
             }
         });
+        if delivery.as_mut().now_or_never().is_none() {
+            tokio::spawn(delivery);
+        }
     })
     .await;
 }
