@@ -348,8 +348,10 @@ async fn tasks_sent_through_a_channel_lost_unannounced_fail_after_the_window() {
     }
     let planes = two_planes().await;
     let store: Arc<dyn virtual_llm_core::Store> = Arc::new(virtual_llm_core::MemoryStore::new());
-    let mut config = virtual_llm_core::Config::default();
-    config.resume_window = Duration::from_millis(300);
+    let config = virtual_llm_core::Config {
+        resume_window: Duration::from_millis(300),
+        ..Default::default()
+    };
     let builder = || Gateway::builder(store.clone()).config(config.clone());
     let a = planes.0.join(builder()).await.unwrap();
     let b = planes.1.join(builder()).await.unwrap();

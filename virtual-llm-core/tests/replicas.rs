@@ -167,6 +167,21 @@ mod lifecycle_across_replicas {
         assert_eq!(revived.last_heartbeat_at, Some(clock_now(&clock)));
     }
 
+    /// Two replicas on one `MemoryStore`, linked by a memory cluster.
+    async fn pair() -> (MemoryCluster, Gateway, Gateway) {
+        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+        let cluster = MemoryCluster::new();
+        let a = cluster
+            .join(Gateway::builder(store.clone()), id("gw-a"))
+            .await
+            .unwrap();
+        let b = cluster
+            .join(Gateway::builder(store), id("gw-b"))
+            .await
+            .unwrap();
+        (cluster, a, b)
+    }
+
     /// Registers alice's `llm` on `on`, speaking protocol 2.
     async fn register_v2(on: &Gateway) -> virtual_llm_core::SessionId {
         use virtual_llm_core::protocol::PROTOCOL_VERSION;
@@ -213,16 +228,7 @@ mod lifecycle_across_replicas {
         use virtual_llm_core::TaskEvent;
         use virtual_llm_core::protocol::TaskResult;
 
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let cluster = MemoryCluster::new();
-        let a = cluster
-            .join(Gateway::builder(store.clone()), id("gw-a"))
-            .await
-            .unwrap();
-        let b = cluster
-            .join(Gateway::builder(store), id("gw-b"))
-            .await
-            .unwrap();
+        let (_cluster, a, b) = pair().await;
         let session = register_v2(&a).await;
         let old = FakeChannel::new();
         let _old = a
@@ -293,16 +299,7 @@ mod lifecycle_across_replicas {
         use virtual_llm_core::TaskEvent;
         use virtual_llm_core::protocol::TaskResult;
 
-        let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-        let cluster = MemoryCluster::new();
-        let a = cluster
-            .join(Gateway::builder(store.clone()), id("gw-a"))
-            .await
-            .unwrap();
-        let b = cluster
-            .join(Gateway::builder(store), id("gw-b"))
-            .await
-            .unwrap();
+        let (cluster, a, b) = pair().await;
         let session = register_v2(&a).await;
         let channel = FakeChannel::new();
         let _binding = a
