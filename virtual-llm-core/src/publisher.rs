@@ -16,8 +16,8 @@
 //!
 //! With the gateway's grant of the capability `resume` (SPEC §15), a dropped channel
 //! no longer stops the tasks: their upstream calls go on into each task's log (see
-//! `task_log`), the publisher reconnects at once and then every second for the resume
-//! window, and on the session's next channel replays each task from its log after a
+//! `task_log`), the publisher reconnects at once, then after 100 ms doubling up to a
+//! second, for the resume window, and on the session's next channel replays each task from its log after a
 //! `resume`. A task not resumed within the window is stopped.
 //!
 //! How bytes travel is a [`Wire`]'s business: the SSE transport posts results as
@@ -318,7 +318,8 @@ pub struct PublisherOptions {
     /// go on through a dropped channel and are replayed on the next one. Default on.
     pub resume: bool,
     /// How long tasks wait for the next channel before they are stopped; the
-    /// publisher reconnects every second meanwhile. Match the gateway's
+    /// publisher reconnects meanwhile (at once, then after 100 ms doubling up to a
+    /// second). Match the gateway's
     /// `resumeWindow`. Default 10 s.
     pub resume_window: Duration,
     /// The most bytes of results a task keeps for a replay (`resumeBuffer`). While
@@ -491,9 +492,9 @@ impl Driver {
     async fn run(mut self) {
         let mut session = read_session(self.options.session_file.as_ref()).await;
         let mut delay = self.options.reconnect_min;
-        // When a channel dropped with tasks waiting to resume: when, and whether the
-        // first quick reconnect was tried.
-        let mut waiting_since: Option<(tokio::time::Instant, bool)> = None;
+        // When a channel dropped with tasks waiting to resume: when, and how many
+        // quick reconnects were tried since.
+        let mut waiting_since: Option<(tokio::time::Instant, u32)> = None;
         // Idle LLMs go to sleep whether or not a channel is up. Without an idle timer
         // there is no task for it (a load test runs 10 000 publishers).
         let idle = self
@@ -537,10 +538,11 @@ impl Driver {
                 }
             };
             if waiting_since.is_none() && self.running.waiting() > 0 {
-                waiting_since = Some((tokio::time::Instant::now(), false));
+                waiting_since = Some((tokio::time::Instant::now(), 0));
             }
-            // Tasks wait for the next channel: reconnect at once, then every second,
-            // until the resume window is over; then they stop.
+            // Tasks wait for the next channel: reconnect at once, then after 100 ms,
+            // doubling up to a second (with jitter), until the resume window is over;
+            // then they stop. A link that flaps for a moment costs a moment.
             let quick = match &mut waiting_since {
                 Some((since, _)) if since.elapsed() >= self.options.resume_window => {
                     let stopped = self.running.abort_all();
@@ -551,11 +553,11 @@ impl Driver {
                     waiting_since = None;
                     None
                 }
-                Some((_, tried)) => Some(if std::mem::replace(tried, true) {
-                    Duration::from_secs(1)
-                } else {
-                    Duration::ZERO
-                }),
+                Some((_, tried)) => {
+                    let wait = jitter(resume_retry(*tried));
+                    *tried = tried.saturating_add(1);
+                    Some(wait)
+                }
                 None => None,
             };
             let wait = quick.unwrap_or_else(|| jitter(delay));
@@ -1108,6 +1110,17 @@ impl Running {
 
 /// A delay between half and all of `delay`, so that publishers cut off together do
 /// not come back together.
+/// The delay before quick reconnect number `tried` (from 0) while tasks wait to resume,
+/// before jitter: the first at once, then 100 ms doubling up to a second.
+fn resume_retry(tried: u32) -> Duration {
+    match tried {
+        0 => Duration::ZERO,
+        n => Duration::from_millis(100)
+            .saturating_mul(1 << (n - 1).min(4))
+            .min(Duration::from_secs(1)),
+    }
+}
+
 fn jitter(delay: Duration) -> Duration {
     let factor: f64 = rand::rng().random_range(0.5..=1.0);
     delay.mul_f64(factor)
@@ -1152,6 +1165,13 @@ async fn write_session(file: Option<&PathBuf>, session: &SessionId) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tasks_waiting_to_resume_make_reconnects_quick_then_once_a_second() {
+        let delays: Vec<u128> = (0..8).map(|n| resume_retry(n).as_millis()).collect();
+        assert_eq!(delays, [0, 100, 200, 400, 800, 1000, 1000, 1000]);
+        assert_eq!(resume_retry(u32::MAX), Duration::from_secs(1));
+    }
 
     #[test]
     fn jitter_stays_within_half_and_whole() {
