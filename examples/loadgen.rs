@@ -10,7 +10,8 @@
 //! cargo run --release --example loadgen -- --pool 2 --pool-capacity 8 --mock-delay 20ms \
 //!     --pool-only --concurrency 32,300 --kinds complete         # the admission queue, overloaded
 //! cargo run --release --example loadgen -- --resume-cost --no-nginx --kinds stream
-//!                                                                # resuming publishers against --no-resume ones
+//!                                                                # resuming publishers against --no-resume ones,
+//!                                                                # then streams across a cut link
 //! cargo run --release --example loadgen -- --publishers 10000    # idle publishers: registration, memory
 //! cargo run --release --example loadgen -- --gc-rows 100000      # GC sweep on redb
 //! ```
@@ -905,7 +906,7 @@ async fn spawn_publisher(
     bins: &Binaries,
     dir: &Path,
     http: &reqwest::Client,
-    gateway: &GatewayChild,
+    gateway_url: &str,
     transport: Transport,
     tag: &str,
     providers: &serde_json::Value,
@@ -917,7 +918,7 @@ async fn spawn_publisher(
     std::fs::write(&config, providers.to_string())?;
     let mut args = vec![
         "--gateway".to_owned(),
-        gateway.url.clone(),
+        gateway_url.to_owned(),
         "--transport".to_owned(),
         transport.name().to_owned(),
         "--session-file".to_owned(),
@@ -947,7 +948,7 @@ async fn spawn_publisher(
                 return Err(e);
             }
             if let Ok(response) = http
-                .get(format!("{}/api/v1/llms/{llm}", gateway.url))
+                .get(format!("{gateway_url}/api/v1/llms/{llm}"))
                 .send()
                 .await
                 && response.status().is_success()
@@ -1216,6 +1217,7 @@ mod mock {
     use std::time::Duration;
 
     use bytes::Bytes;
+    use http_body_util::combinators::UnsyncBoxBody;
     use http_body_util::{BodyExt, StreamBody};
     use hyper::body::{Frame, Incoming};
     use hyper::header::{CACHE_CONTROL, CONTENT_TYPE, HeaderValue};
@@ -1227,9 +1229,15 @@ mod mock {
     pub(crate) const CHUNKS: usize = 20;
     /// The model name the mock reports.
     pub(crate) const MODEL: &str = "mock-model";
+    /// A request for this model streams [`PACED_CHUNKS`] chunks, one every [`PACE`]
+    /// (`--resume-cost`'s cut links: a stream long enough to cut in the middle).
+    pub(crate) const PACED_MODEL: &str = "mock-paced";
+    /// Chunks in a paced answer, `data: [DONE]` not counted; chunk `i` says `word{i} `.
+    pub(crate) const PACED_CHUNKS: usize = 60;
+    /// The time between two chunks of a paced answer.
+    pub(crate) const PACE: Duration = Duration::from_millis(10);
 
-    type Body =
-        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+    type Body = UnsyncBoxBody<Bytes, Infallible>;
 
     struct Answers {
         completion: Bytes,
@@ -1349,17 +1357,48 @@ mod mock {
         Ok(Mock { addr, served })
     }
 
+    /// A streamed answer of [`PACED_CHUNKS`] chunks, one every [`PACE`], then `[DONE]`.
+    fn paced() -> Response<Body> {
+        let events = futures::stream::unfold(0usize, |i| async move {
+            if i > PACED_CHUNKS {
+                return None;
+            }
+            let event = if i == PACED_CHUNKS {
+                Bytes::from_static(b"data: [DONE]\n\n")
+            } else {
+                tokio::time::sleep(PACE).await;
+                let chunk = json!({
+                    "id": "chatcmpl-paced",
+                    "object": "chat.completion.chunk",
+                    "created": 1_700_000_000,
+                    "model": PACED_MODEL,
+                    "choices": [{"index": 0, "delta": {"content": format!("word{i} ")}, "finish_reason": null}]
+                });
+                Bytes::from(format!("data: {chunk}\n\n"))
+            };
+            Some((Ok(Frame::data(event)), i + 1))
+        });
+        let mut response = Response::new(StreamBody::new(events).boxed_unsync());
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+        response
+    }
+
     async fn answer(
         request: Request<Incoming>,
         answers: Arc<Answers>,
     ) -> Result<Response<Body>, Infallible> {
         let reply = |status: StatusCode, content_type: &'static str, frames: Vec<Bytes>| {
-            let mut response = Response::new(StreamBody::new(futures::stream::iter(
-                frames
-                    .into_iter()
-                    .map(|b| Ok(Frame::data(b)))
-                    .collect::<Vec<_>>(),
-            )));
+            let mut response = Response::new(
+                StreamBody::new(futures::stream::iter(
+                    frames
+                        .into_iter()
+                        .map(|b| Ok(Frame::data(b)))
+                        .collect::<Vec<_>>(),
+                ))
+                .boxed_unsync(),
+            );
             *response.status_mut() = status;
             response
                 .headers_mut()
@@ -1397,9 +1436,11 @@ mod mock {
             .get("stream")
             .and_then(Value::as_bool)
             .unwrap_or(false);
-        answers
-            .served
-            .count(request.get("model").and_then(Value::as_str).unwrap_or(""));
+        let model = request.get("model").and_then(Value::as_str).unwrap_or("");
+        answers.served.count(model);
+        if stream && model == PACED_MODEL {
+            return Ok(paced());
+        }
         if !answers.delay.is_zero() {
             // A timer, not a blocked thread: many answers wait at once.
             tokio::time::sleep(answers.delay).await;
@@ -2042,6 +2083,15 @@ mod relay {
         print_floor(&results);
         if args.resume_cost {
             print_resume_cost(&results);
+            super::flap::run(
+                bins,
+                dir.path(),
+                &http,
+                &gateway,
+                upstream,
+                &args.transports,
+            )
+            .await?;
         }
         let gateway_usage = procfs::usage(&gateway_pid)?;
         println!(
@@ -2119,7 +2169,7 @@ mod relay {
             bins,
             dir,
             http,
-            gateway,
+            &gateway.url,
             transport,
             &tag,
             &providers,
@@ -2530,6 +2580,235 @@ Resume cost (issue #16), same run:
             }
         }
         println!("\ntargets:\n\n{table}");
+    }
+}
+
+/// Issue #16's second figure: how long a streamed answer pauses when its publisher's
+/// link drops. A resumable publisher per transport reaches the gateway through a TCP
+/// proxy ([`CutProxy`]) that loadgen cuts in the middle of a paced answer (a chunk
+/// every [`mock::PACE`](super::mock::PACE)), while the client reads the gateway
+/// directly:
+///
+/// - *link back at once*: every connection through the proxy is closed and the next
+///   one goes through (a NAT rebinding, a proxy restart). The pause is the publisher
+///   noticing, reconnecting with its session, registering and replaying.
+/// - *link down 500 ms*: the proxy also refuses connections for 500 ms; the pause is
+///   counted from the moment the link is back, so it shows the publisher's retry pace.
+///
+/// Each cut checks that the client got every chunk once and in order.
+mod flap {
+    use std::net::SocketAddr;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    use comfy_table::Table;
+    use comfy_table::presets::ASCII_MARKDOWN;
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+    use serde_json::{Value, json};
+    use tokio::sync::watch;
+
+    use super::{Binaries, BoxError, GatewayChild, Transport, mock, spawn_publisher};
+
+    /// Cuts per transport and way.
+    const CUTS: usize = 8;
+    /// The chunk after which the link is cut.
+    const CUT_AFTER: usize = 10;
+    /// How long the link stays down in the second way.
+    const DOWN: Duration = Duration::from_millis(500);
+    /// The longest a client waits for a chunk: past the resume window, a stall.
+    const STALL: Duration = Duration::from_secs(15);
+
+    /// A TCP proxy to the gateway that closes every connection through it on
+    /// [`CutProxy::cut`] and refuses new ones while told to.
+    struct CutProxy {
+        url: String,
+        /// Bumped by each cut; a connection lives only in the epoch it began in.
+        epoch: watch::Sender<u64>,
+        refusing: Arc<AtomicBool>,
+    }
+
+    impl CutProxy {
+        async fn start(target: SocketAddr) -> std::io::Result<Self> {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+            let url = format!("http://{}", listener.local_addr()?);
+            let (epoch, epochs) = watch::channel(0u64);
+            let refusing = Arc::new(AtomicBool::new(false));
+            let refused = refusing.clone();
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if refused.load(Ordering::SeqCst) {
+                        continue; // closed at once: the publisher's connect fails
+                    }
+                    let mut epochs = epochs.clone();
+                    let born = *epochs.borrow_and_update();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            // Cut: both sockets close here, mid-flight.
+                            _ = epochs.wait_for(|e| *e != born) => {}
+                        }
+                    });
+                }
+            });
+            Ok(CutProxy {
+                url,
+                epoch,
+                refusing,
+            })
+        }
+
+        /// Closes every connection through the proxy now.
+        fn cut(&self) {
+            self.epoch.send_modify(|e| *e += 1);
+        }
+
+        fn refuse(&self, refuse: bool) {
+            self.refusing.store(refuse, Ordering::SeqCst);
+        }
+    }
+
+    /// Measures both ways on each transport and prints the table.
+    pub(crate) async fn run(
+        bins: &Binaries,
+        dir: &std::path::Path,
+        http: &reqwest::Client,
+        gateway: &GatewayChild,
+        upstream: SocketAddr,
+        transports: &[Transport],
+    ) -> Result<(), BoxError> {
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "transport",
+            "link",
+            "cuts",
+            "pause p50 ms",
+            "pause max ms",
+            "every chunk once, in order",
+        ]);
+        for &transport in transports {
+            let proxy = CutProxy::start(gateway.addr).await?;
+            let tag = format!("{}-cut", transport.name());
+            let llm = format!("bench-{tag}");
+            let providers = json!([{
+                "name": llm,
+                "type": "openai",
+                "model": mock::PACED_MODEL,
+                "url": format!("http://{upstream}/v1"),
+                "publish": true
+            }]);
+            let mut publisher = spawn_publisher(
+                bins,
+                dir,
+                http,
+                &proxy.url,
+                transport,
+                &tag,
+                &providers,
+                1,
+                std::slice::from_ref(&llm),
+                false,
+            )
+            .await?;
+            for (way, down) in [("back at once", Duration::ZERO), ("down 500 ms", DOWN)] {
+                let mut pauses = Vec::with_capacity(CUTS);
+                for _ in 0..CUTS {
+                    pauses.push(cut_once(http, &gateway.url, &llm, &proxy, down).await?);
+                    publisher.check_running()?;
+                }
+                pauses.sort();
+                table.add_row(vec![
+                    transport.name().to_owned(),
+                    way.to_owned(),
+                    CUTS.to_string(),
+                    format!("{:.1}", ms(pauses[CUTS / 2])),
+                    format!("{:.1}", ms(pauses[CUTS - 1])),
+                    "yes".to_owned(),
+                ]);
+            }
+        }
+        println!(
+            "\nA stream across a cut link (issue #16): the publisher reaches the gateway through a \
+             proxy cut after chunk {CUT_AFTER} of {} (a chunk every {:?}); the pause is from the \
+             link's return to the next chunk at the client:\n\n{table}",
+            mock::PACED_CHUNKS,
+            mock::PACE
+        );
+        Ok(())
+    }
+
+    /// One streamed request cut after [`CUT_AFTER`] chunks: the time from the link's
+    /// return to the next chunk. An error unless every chunk came once and in order.
+    async fn cut_once(
+        http: &reqwest::Client,
+        gateway: &str,
+        llm: &str,
+        proxy: &CutProxy,
+        down: Duration,
+    ) -> Result<Duration, BoxError> {
+        let response = http
+            .post(format!("{gateway}/v1/chat/completions"))
+            .json(&json!({"model": llm, "stream": true, "messages": [{"role": "user", "content": "count"}]}))
+            .send()
+            .await?;
+        if !response.status().is_success() {
+            return Err(format!("{llm}: {}", response.status()).into());
+        }
+        let mut events = response.bytes_stream().eventsource();
+        let mut words = Vec::with_capacity(mock::PACED_CHUNKS);
+        let mut next = async || -> Result<Option<String>, BoxError> {
+            let event = tokio::time::timeout(STALL, events.next())
+                .await
+                .map_err(|_| format!("{llm}: no chunk for {STALL:?}"))?;
+            let Some(event) = event else {
+                return Err(format!("{llm}: the stream ended without [DONE]").into());
+            };
+            let event = event?;
+            if event.event == "error" {
+                return Err(format!("{llm}: the stream failed: {}", event.data).into());
+            }
+            if event.data == "[DONE]" {
+                return Ok(None);
+            }
+            let chunk: Value = serde_json::from_str(&event.data)?;
+            Ok(Some(
+                chunk["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            ))
+        };
+        while words.len() < CUT_AFTER {
+            words.push(next().await?.ok_or("the stream ended early")?);
+        }
+        proxy.refuse(!down.is_zero());
+        proxy.cut();
+        tokio::time::sleep(down).await;
+        proxy.refuse(false);
+        let back = Instant::now();
+        words.push(next().await?.ok_or("the stream ended early")?);
+        let pause = back.elapsed();
+        while let Some(word) = next().await? {
+            words.push(word);
+        }
+        let expected: Vec<String> = (0..mock::PACED_CHUNKS)
+            .map(|i| format!("word{i} "))
+            .collect();
+        if words != expected {
+            return Err(format!("{llm}: chunks lost or repeated across the cut: {words:?}").into());
+        }
+        Ok(pause)
+    }
+
+    fn ms(d: Duration) -> f64 {
+        d.as_secs_f64() * 1000.0
     }
 }
 
@@ -3651,7 +3930,7 @@ mod pool {
                     bins,
                     dir.path(),
                     http,
-                    gateway,
+                    &gateway.url,
                     transport,
                     &name,
                     &providers,
@@ -3679,7 +3958,7 @@ mod pool {
                     bins,
                     dir.path(),
                     http,
-                    gateway,
+                    &gateway.url,
                     transport,
                     &name,
                     &providers,
