@@ -741,6 +741,14 @@ impl Shared {
                     }
                 }
             }
+            Announcement::Resuming { session, .. } => {
+                if let Some(inbound) = self.inbound() {
+                    let waiting = inbound.channel_lost(&session);
+                    if waiting > 0 {
+                        tracing::info!(%session, tasks = waiting, peer = %from, "a resuming session's channel closed on a peer; tasks here wait for it");
+                    }
+                }
+            }
             Announcement::Sync { .. } => {
                 if let Some(reply) = reply {
                     let me = Bytes::copy_from_slice(self.replica.as_str().as_bytes());

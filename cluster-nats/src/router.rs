@@ -50,4 +50,12 @@ impl TaskRouter for NatsTaskRouter {
         });
         self.shared.settle().await;
     }
+
+    async fn session_held(&self, session: &SessionId) {
+        self.shared.announce(Announcement::Resuming {
+            from: self.shared.replica.clone(),
+            session: session.clone(),
+        });
+        self.shared.settle().await;
+    }
 }

@@ -2,7 +2,8 @@
 //!
 //! Subjects, under the prefix `P` (default `vllm`):
 //! - `P.all`: announcements every replica hears, in each sender's order
-//!   ([`Announcement`]: who joined, which channel was bound or released, which closed,
+//!   ([`Announcement`]: who joined, which channel was bound or released, which closed
+//!   (and whether its session resumes),
 //!   barriers, goodbyes, the in-flight counts of the rows a replica's channels serve).
 //! - `P.r.{replica}.frame`: frames for channels `replica` holds, each a request whose
 //!   answer ([`FrameAnswer`]) says whether the channel took it.
@@ -82,6 +83,9 @@ pub(crate) enum Announcement {
     },
     /// `session`'s channel closed on `from`: tasks waiting on it fail.
     Closed { from: ReplicaId, session: SessionId },
+    /// `session`'s channel closed on `from`, and the session resumes: tasks waiting
+    /// on it wait the resume window for the publisher, then fail.
+    Resuming { from: ReplicaId, session: SessionId },
     /// A barrier: answer to the reply subject once everything `from` announced
     /// before it is applied.
     Sync { from: ReplicaId },
@@ -113,6 +117,7 @@ impl Announcement {
             Announcement::Hello { from, .. }
             | Announcement::Here { from, .. }
             | Announcement::Closed { from, .. }
+            | Announcement::Resuming { from, .. }
             | Announcement::Sync { from }
             | Announcement::Bye { from }
             | Announcement::Load { from, .. } => from,

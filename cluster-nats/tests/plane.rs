@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    alice, bind_fake, carol, chat, gateways, id, nats_installed, options, two_planes,
-    two_planes_on, within,
+    alice, bind_fake, bind_fake_declaring, carol, chat, gateways, id, nats_installed, options,
+    two_planes, two_planes_on, within,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -405,4 +405,77 @@ async fn tasks_sent_through_a_channel_lost_unannounced_fail_after_the_window() {
             TaskEvent::Done
         ]
     );
+}
+
+/// A resuming session's channel closes on a (announced), and the publisher binds
+/// again on b, the clients' replica, resuming only one of the two tasks waiting there
+/// (it lost the other): the resumed one goes on past the window, and the other fails
+/// with 503 when the window ends, not at its deadline. (A short window: the test
+/// waits it out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_not_resumed_after_an_announced_close_fails_when_the_window_ends() {
+    if !nats_installed() {
+        return;
+    }
+    let planes = two_planes().await;
+    let store: Arc<dyn virtual_llm_core::Store> = Arc::new(virtual_llm_core::MemoryStore::new());
+    let config = virtual_llm_core::Config {
+        resume_window: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let builder = || Gateway::builder(store.clone()).config(config.clone());
+    let a = planes.0.join(builder()).await.unwrap();
+    let b = planes.1.join(builder()).await.unwrap();
+    let resume = vec![virtual_llm_core::protocol::RESUME.to_owned()];
+    let (session, binding, channel) = bind_fake_declaring(&a, "llm", resume).await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+    let mut lost = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", true))
+        .unwrap();
+    let mut kept = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "y", true))
+        .unwrap();
+    let kept_id = kept.id().clone();
+    for _ in 0..2 {
+        within(10, "the task frames", channel.next_task()).await;
+    }
+    assert!(binding.release().await.unwrap(), "it was current");
+    let _rebound = b
+        .bind(
+            &alice(),
+            &session,
+            Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
+        )
+        .await
+        .unwrap();
+    b.deliver(
+        &alice(),
+        &session,
+        &kept_id,
+        TaskResult::Resume { from_seq: 0 },
+    )
+    .await
+    .unwrap();
+    let err = within(10, "the lost task's failure", lost.next())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(err.status(), 503, "{err}");
+    b.deliver(
+        &alice(),
+        &session,
+        &kept_id,
+        TaskResult::Chunk {
+            data: "c0".into(),
+            done: true,
+            seq: Some(0),
+        },
+    )
+    .await
+    .expect("the resumed task outlived the window");
+    let mut seen = Vec::new();
+    while let Some(event) = within(10, "the resumed task", kept.next()).await {
+        seen.push(event.unwrap());
+    }
+    assert_eq!(seen, [TaskEvent::Chunk("c0".into()), TaskEvent::Done]);
 }

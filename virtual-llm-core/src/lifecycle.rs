@@ -713,6 +713,11 @@ impl Gateway {
                 crate::metrics::resume_held();
                 tracing::info!(%session, tasks = held, "channel closed; in-flight tasks wait for the publisher to resume them");
             }
+            // The other replicas' tasks on this session wait the window too, and fail
+            // at its end unless the publisher resumes them, wherever it binds again.
+            // Awaited (the router bounds it in time): a `resume` the publisher sends
+            // after binding again must find its task held, not be overtaken by the hold.
+            self.shared.task_router.session_held(session).await;
             let (gateway, closed) = (self.clone(), session.clone());
             let window = self.shared.config.resume_window;
             tokio::spawn(async move {
@@ -744,7 +749,9 @@ impl Gateway {
 
     /// The resume window after `session`'s channel closed (hold `hold`) is over: the
     /// tasks still held here fail, and unless the session has a channel again (on any
-    /// replica: its rows record the binding), the other replicas' tasks on it fail too.
+    /// replica: its rows record the binding), the other replicas' tasks on it fail too
+    /// (they were held by [`TaskRouter::session_held`](crate::TaskRouter::session_held) and fail on their own timer; this
+    /// also covers a replica that missed it).
     async fn resume_window_over(&self, session: &SessionId, hold: u64) {
         let lost = self.shared.tasks.expire_hold(session, hold);
         if lost > 0 {

@@ -52,6 +52,11 @@ pub struct Delivery {
 /// - [`session_closed`](TaskRouter::session_closed) makes every other replica's
 ///   [`TaskInbound::session_closed`] run for `session`, so no task waits on a channel
 ///   that no longer exists. It returns when they have been told.
+/// - [`session_held`](TaskRouter::session_held) makes every other replica's
+///   [`TaskInbound::channel_lost`] run for `session` (its channel closed, and it
+///   resumes): their tasks on it wait the resume window for the publisher's `resume`
+///   or a result, wherever it binds again, then fail. It returns when they have been
+///   told.
 /// - **Bounded in time.** Neither call waits on a peer without a bound: a replica
 ///   that does not answer within the plane's timeout is given up on (`deliver`
 ///   answers [`Error::UnknownTask`]; `session_closed` returns), so no publisher's
@@ -66,6 +71,10 @@ pub trait TaskRouter: fmt::Debug + Send + Sync + 'static {
 
     /// Tells every other replica that `session`'s channel closed.
     async fn session_closed(&self, session: &SessionId);
+
+    /// Tells every other replica that `session`'s channel closed and that the session
+    /// resumes (SPEC §15): their tasks on it are held for the resume window.
+    async fn session_held(&self, session: &SessionId);
 }
 
 /// The task router of a gateway that is the only replica: there is nobody else to
@@ -80,6 +89,8 @@ impl TaskRouter for LocalTaskRouter {
     }
 
     async fn session_closed(&self, _session: &SessionId) {}
+
+    async fn session_held(&self, _session: &SessionId) {}
 }
 
 /// The receiving end of a [`TaskRouter`] on one replica: what a plane (NATS, or the
@@ -124,12 +135,15 @@ impl TaskInbound {
         self.tasks.fail_session(session)
     }
 
-    /// The channel of `session` on another replica was lost without that replica
-    /// saying so (it died, and the session bound again elsewhere, or it came back
-    /// without the channel): the tasks here sent to it wait the resume window for a
-    /// sign of life from the publisher (its `resume`, or a result), then fail with
-    /// 503. A publisher that never got a task's frame cannot resume it; without this,
-    /// its client would wait until the task's deadline. Returns how many wait.
+    /// The channel of `session` on another replica is gone while the session may
+    /// resume: it closed there and the session resumes
+    /// ([`TaskRouter::session_held`]), or it was lost without that replica saying so
+    /// (it died, and the session bound again elsewhere, or it came back without the
+    /// channel). The tasks here sent to it wait the resume window for a sign of life
+    /// from the publisher (its `resume`, or a result), then fail with 503. A
+    /// publisher that never got a task's frame, or lost it, cannot resume it; without
+    /// this, its client would wait until the task's deadline even when the session is
+    /// back. Returns how many wait.
     pub fn channel_lost(&self, session: &SessionId) -> usize {
         let Some(shared) = self.gateway.upgrade() else {
             return 0;

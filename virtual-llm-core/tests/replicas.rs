@@ -184,6 +184,14 @@ mod lifecycle_across_replicas {
 
     /// Registers alice's `llm` on `on`, speaking protocol 2.
     async fn register_v2(on: &Gateway) -> virtual_llm_core::SessionId {
+        register_declaring(on, Vec::new()).await
+    }
+
+    /// Registers alice's `llm` on `on`, speaking protocol 2 with `capabilities`.
+    async fn register_declaring(
+        on: &Gateway,
+        capabilities: Vec<String>,
+    ) -> virtual_llm_core::SessionId {
         use virtual_llm_core::protocol::PROTOCOL_VERSION;
         on.register(
             &alice(),
@@ -201,7 +209,7 @@ mod lifecycle_across_replicas {
                     state: None,
                     access: Default::default(),
                 }],
-                capabilities: Vec::new(),
+                capabilities,
             },
         )
         .await
@@ -289,6 +297,75 @@ mod lifecycle_across_replicas {
             );
             assert_eq!(handle.next().await.unwrap().unwrap(), TaskEvent::Done);
         }
+        assert_eq!(b.in_flight(), 0);
+    }
+
+    /// A resuming session's channel closes on the replica holding it, and the
+    /// publisher binds again within the window but resumes only one of the two tasks
+    /// that clients on the other replica wait on (it lost the other, e.g. it
+    /// restarted): the task it resumes goes on, and the other fails with 503 when the
+    /// window ends, not at its deadline.
+    #[tokio::test(start_paused = true)]
+    async fn a_task_on_another_replica_that_is_not_resumed_fails_when_the_window_ends() {
+        use virtual_llm_core::TaskEvent;
+        use virtual_llm_core::protocol::{RESUME, TaskResult};
+
+        let (_cluster, a, b) = pair().await;
+        let session = register_declaring(&a, vec![RESUME.to_owned()]).await;
+        let old = FakeChannel::new();
+        let binding = a
+            .bind(&alice(), &session, Arc::new(old.clone()))
+            .await
+            .unwrap();
+        let client = Principal::new("client", [Role::Client]);
+        let rows = b.route(&client, "llm").await.unwrap();
+        let mut lost = b.start_task(&client, &rows.rows[0], streamed()).unwrap();
+        let mut kept = b.start_task(&client, &rows.rows[0], streamed()).unwrap();
+        let kept_id = kept.id().clone();
+        for _ in 0..2 {
+            old.next_task().await;
+        }
+        let started = tokio::time::Instant::now();
+        assert!(binding.release().await.unwrap(), "it was current");
+
+        // Back at once, on a; only one task is resumed, and it goes on.
+        let _new = a
+            .bind(&alice(), &session, Arc::new(FakeChannel::new()))
+            .await
+            .unwrap();
+        a.deliver(
+            &alice(),
+            &session,
+            &kept_id,
+            TaskResult::Resume { from_seq: 0 },
+        )
+        .await
+        .unwrap();
+        let window = Config::default().resume_window;
+        let failed = lost.next().await.unwrap().unwrap_err();
+        assert_eq!(failed.status(), 503, "{failed}");
+        assert!(
+            started.elapsed() <= window + Duration::from_secs(1),
+            "failed when the window ended, not at the deadline: {:?}",
+            started.elapsed()
+        );
+        a.deliver(
+            &alice(),
+            &session,
+            &kept_id,
+            TaskResult::Chunk {
+                data: "c0".into(),
+                done: true,
+                seq: Some(0),
+            },
+        )
+        .await
+        .expect("the resumed task outlived the window");
+        assert_eq!(
+            kept.next().await.unwrap().unwrap(),
+            TaskEvent::Chunk("c0".into())
+        );
+        assert_eq!(kept.next().await.unwrap().unwrap(), TaskEvent::Done);
         assert_eq!(b.in_flight(), 0);
     }
 

@@ -80,6 +80,15 @@ pub fn chat(model: &str, text: &str, stream: bool) -> InferRequest {
 
 /// Registers `name` on `on` and binds a recording channel to it.
 pub async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeChannel) {
+    bind_fake_declaring(on, name, Vec::new()).await
+}
+
+/// [`bind_fake`], the register declaring `capabilities`.
+pub async fn bind_fake_declaring(
+    on: &Gateway,
+    name: &str,
+    capabilities: Vec<String>,
+) -> (SessionId, Binding, FakeChannel) {
     let answer = on
         .register(
             &alice(),
@@ -87,7 +96,7 @@ pub async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeCha
                 agents: Vec::new(),
                 provider_session_id: None,
                 protocol_version: Some(virtual_llm_core::protocol::PROTOCOL_VERSION),
-                capabilities: Vec::new(),
+                capabilities,
                 llms: vec![LlmSpec::new(
                     LlmName::parse(name).unwrap(),
                     "openai",

@@ -225,6 +225,17 @@ struct MemoryTaskRouter {
     plane: Arc<Plane>,
 }
 
+impl MemoryTaskRouter {
+    /// The inbound sides of every other replica.
+    fn others(&self) -> Vec<TaskInbound> {
+        lock(&self.plane.replicas)
+            .iter()
+            .filter(|(id, _)| **id != self.replica)
+            .map(|(_, inbound)| inbound.clone())
+            .collect()
+    }
+}
+
 impl fmt::Debug for MemoryTaskRouter {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryTaskRouter")
@@ -245,13 +256,14 @@ impl TaskRouter for MemoryTaskRouter {
     }
 
     async fn session_closed(&self, session: &SessionId) {
-        let others: Vec<TaskInbound> = lock(&self.plane.replicas)
-            .iter()
-            .filter(|(id, _)| **id != self.replica)
-            .map(|(_, inbound)| inbound.clone())
-            .collect();
-        for inbound in others {
+        for inbound in self.others() {
             inbound.session_closed(session);
+        }
+    }
+
+    async fn session_held(&self, session: &SessionId) {
+        for inbound in self.others() {
+            inbound.channel_lost(session);
         }
     }
 }
