@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    alice, bind_fake, bind_fake_declaring, carol, chat, gateways, id, nats_installed, options,
-    two_planes, two_planes_on, within,
+    alice, bind_fake, bind_fake_declaring, carol, chat, gateways, gateways_with, id,
+    nats_installed, options, short_resume_window, two_planes, two_planes_on, within,
 };
 use futures::StreamExt;
 use serde_json::{Value, json};
@@ -347,14 +347,7 @@ async fn tasks_sent_through_a_channel_lost_unannounced_fail_after_the_window() {
         return;
     }
     let planes = two_planes().await;
-    let store: Arc<dyn virtual_llm_core::Store> = Arc::new(virtual_llm_core::MemoryStore::new());
-    let config = virtual_llm_core::Config {
-        resume_window: Duration::from_millis(300),
-        ..Default::default()
-    };
-    let builder = || Gateway::builder(store.clone()).config(config.clone());
-    let a = planes.0.join(builder()).await.unwrap();
-    let b = planes.1.join(builder()).await.unwrap();
+    let (a, b) = gateways_with(&planes, short_resume_window()).await;
     let (session, _old, channel) = bind_fake(&a, "llm").await;
     let rows = b.route(&carol(), "llm").await.unwrap();
     let mut never = b
@@ -418,14 +411,7 @@ async fn a_task_not_resumed_after_an_announced_close_fails_when_the_window_ends(
         return;
     }
     let planes = two_planes().await;
-    let store: Arc<dyn virtual_llm_core::Store> = Arc::new(virtual_llm_core::MemoryStore::new());
-    let config = virtual_llm_core::Config {
-        resume_window: Duration::from_millis(300),
-        ..Default::default()
-    };
-    let builder = || Gateway::builder(store.clone()).config(config.clone());
-    let a = planes.0.join(builder()).await.unwrap();
-    let b = planes.1.join(builder()).await.unwrap();
+    let (a, b) = gateways_with(&planes, short_resume_window()).await;
     let resume = vec![virtual_llm_core::protocol::RESUME.to_owned()];
     let (session, binding, channel) = bind_fake_declaring(&a, "llm", resume).await;
     let rows = b.route(&carol(), "llm").await.unwrap();

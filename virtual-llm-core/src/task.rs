@@ -339,14 +339,7 @@ impl TaskTable {
                 // before it is lost for good.
                 let expected = live.next_seq;
                 if from_seq > expected {
-                    self.finish(state, task, |live| {
-                        live.fail(Error::Upstream {
-                            message: format!(
-                                "the publisher resumed the stream after losing chunks {expected} to {}",
-                                from_seq - 1
-                            ),
-                        })
-                    });
+                    self.lose_chunks(state, task, expected..from_seq);
                     crate::metrics::resume_lost(1);
                     return Err(Error::invalid(format!(
                         "resuming from chunk {from_seq} skips chunk {expected}; the task failed"
@@ -364,14 +357,7 @@ impl TaskTable {
                     return Ok(());
                 }
                 if seq > expected {
-                    self.finish(state, task, |live| {
-                        live.fail(Error::Upstream {
-                            message: format!(
-                                "the publisher's stream lost chunks {expected} to {}",
-                                seq - 1
-                            ),
-                        })
-                    });
+                    self.lose_chunks(state, task, expected..seq);
                     return Err(Error::invalid(format!(
                         "chunk {seq} skips chunk {expected}; the task failed"
                     )));
@@ -391,6 +377,20 @@ impl TaskTable {
         tx.send(Event::from(result))
             .await
             .map_err(|_| Error::UnknownTask)
+    }
+
+    /// Fails `task`, whose publisher skipped the chunks `lost` (a gap in its stream,
+    /// or a resume past the next chunk the task needs): the client hears which.
+    fn lose_chunks(&self, state: &mut State, task: &TaskId, lost: std::ops::Range<u64>) {
+        self.finish(state, task, |live| {
+            live.fail(Error::Upstream {
+                message: format!(
+                    "the publisher's stream lost chunks {} to {}",
+                    lost.start,
+                    lost.end - 1
+                ),
+            })
+        });
     }
 
     /// Removes a live task, remembers it as finished (a replayed result is then a 409

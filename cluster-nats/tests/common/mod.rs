@@ -11,8 +11,8 @@ use serde_json::json;
 use virtual_llm_core::protocol::{LlmSpec, RegisterRequest};
 use virtual_llm_core::testkit::FakeChannel;
 use virtual_llm_core::{
-    Binding, Gateway, InferRequest, LlmName, MemoryStore, Principal, ReplicaId, Role, SessionId,
-    Store,
+    Binding, Config, Gateway, InferRequest, LlmName, MemoryStore, Principal, ReplicaId, Role,
+    SessionId, Store,
 };
 use virtual_llm_nats::testing;
 use virtual_llm_nats::{NatsOptions, NatsPlane};
@@ -52,14 +52,24 @@ pub async fn two_planes() -> (NatsPlane, NatsPlane) {
 
 /// Two gateways over one in-memory store, linked by `planes`.
 pub async fn gateways(planes: &(NatsPlane, NatsPlane)) -> (Gateway, Gateway) {
+    gateways_with(planes, Config::default()).await
+}
+
+/// [`gateways`], both with `config`.
+pub async fn gateways_with(planes: &(NatsPlane, NatsPlane), config: Config) -> (Gateway, Gateway) {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
-    let a = planes
-        .0
-        .join(Gateway::builder(store.clone()))
-        .await
-        .unwrap();
-    let b = planes.1.join(Gateway::builder(store)).await.unwrap();
+    let builder = || Gateway::builder(store.clone()).config(config.clone());
+    let a = planes.0.join(builder()).await.unwrap();
+    let b = planes.1.join(builder()).await.unwrap();
     (a, b)
+}
+
+/// A resume window short enough for a test to wait out.
+pub fn short_resume_window() -> Config {
+    Config {
+        resume_window: Duration::from_millis(300),
+        ..Config::default()
+    }
 }
 
 pub fn alice() -> Principal {
