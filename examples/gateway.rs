@@ -264,6 +264,7 @@ impl Plane {
     }
 
     /// Hands the started gateway what the peers forward.
+    #[cfg_attr(not(feature = "nats"), allow(unused_variables))] // alone: nothing to hand
     fn serve(&self, gateway: &Gateway) {
         match self {
             Plane::Alone => {}
