@@ -750,8 +750,8 @@ impl Gateway {
     /// The resume window after `session`'s channel closed (hold `hold`) is over: the
     /// tasks still held here fail, and unless the session has a channel again (on any
     /// replica: its rows record the binding), the other replicas' tasks on it fail too
-    /// (they were held by [`TaskRouter::session_held`](crate::TaskRouter::session_held) and fail on their own timer; this
-    /// also covers a replica that missed it).
+    /// (they were held by [`TaskRouter::session_held`](crate::TaskRouter::session_held)
+    /// and fail on their own timer; this also covers a replica that missed it).
     async fn resume_window_over(&self, session: &SessionId, hold: u64) {
         let lost = self.shared.tasks.expire_hold(session, hold);
         if lost > 0 {

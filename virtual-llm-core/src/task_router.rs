@@ -57,13 +57,15 @@ pub struct Delivery {
 ///   resumes): their tasks on it wait the resume window for the publisher's `resume`
 ///   or a result, wherever it binds again, then fail. It returns when they have been
 ///   told.
-/// - **Bounded in time.** Neither call waits on a peer without a bound: a replica
-///   that does not answer within the plane's timeout is given up on (`deliver`
-///   answers [`Error::UnknownTask`]; `session_closed` returns), so no publisher's
-///   post and no unbind is held by a slow or dead peer.
+/// - **Bounded in time.** No call waits on a peer without a bound: a replica that
+///   does not answer within the plane's timeout is given up on (`deliver` answers
+///   [`Error::UnknownTask`]; `session_closed` and `session_held` return), so no
+///   publisher's post and no unbind is held by a slow or dead peer.
 ///
-/// The test kit's `plane_suite` (feature `testkit`) checks an
-/// implementation against this contract.
+/// The test kit's `plane_suite` (feature `testkit`) checks an implementation against
+/// this contract, except `session_held`, whose effect shows only when a resume window
+/// ends: the core's `tests/replicas.rs` (paused time) and the NATS plane's own tests
+/// (a short window) check that.
 #[async_trait]
 pub trait TaskRouter: fmt::Debug + Send + Sync + 'static {
     /// Hands `delivery` to its task on `replica` (never this replica).
