@@ -8,9 +8,12 @@
 //! snapshot of all of them in `Hello`/`Here` when a replica joins or reconnects to
 //! NATS). Bind epochs are a Lamport clock (seeded from the wall clock, raised past
 //! every epoch heard), so the later of two binds of one session wins everywhere. A
-//! frame for a session held elsewhere is queued and published to its replica as a
-//! request; the answer (taken, full, closed, no responders, or none in time) fails
-//! the frame's task here when it was not taken. A peer with no subscriber left ("no
+//! frame for a session held elsewhere is published to its replica as a request (at
+//! once when no frame waits before it, else after them, from a queue); the answer
+//! (taken, full, closed, no responders, or none in time) fails the frame's task here
+//! when it was not taken. A task's first result answers its frame as taken
+//! ([`LateAcks`]): the replica holding the channel answers a taken task frame itself
+//! only when the task is slow to send one. A peer with no subscriber left ("no
 //! responders") or silent past the timeout is gone: its channels are forgotten and
 //! the tasks here waiting on them fail with 503.
 //!
@@ -47,6 +50,7 @@ use virtual_llm_core::{
     TaskRouter,
 };
 
+use crate::ack::LateAcks;
 use crate::chunk::{self, Piece, Reassembler};
 use crate::directory::NatsDirectory;
 use crate::error::NatsError;
@@ -78,6 +82,16 @@ struct OutFrame {
     frame: GatewayFrame,
 }
 
+/// What [`Shared::publish_at_once`] did with a frame.
+enum AtOnce {
+    /// The NATS client has it.
+    Published,
+    /// It cannot be sent.
+    Failed,
+    /// It waits in the queue.
+    NotNow(OutFrame),
+}
+
 /// An announcement waiting to be published, with the subject its answers go to.
 struct OutAnnouncement {
     announcement: Announcement,
@@ -101,9 +115,25 @@ struct Barrier {
 #[derive(Default)]
 struct Pending {
     frames: HashMap<u64, SentFrame>,
+    /// The task frames among `frames`, by task: a delivery for the task answers its
+    /// frame (see [`LateAcks`]).
+    tasks: HashMap<TaskId, u64>,
     /// Sent frames by age, for their timeout (every frame has the same).
     ages: VecDeque<(u64, Instant)>,
     barriers: HashMap<u64, Barrier>,
+}
+
+impl Pending {
+    /// Frame `id`, answered or given up: it is no more pending.
+    fn remove(&mut self, id: u64) -> Option<SentFrame> {
+        let sent = self.frames.remove(&id)?;
+        if let Some(task) = &sent.task
+            && self.tasks.get(task) == Some(&id)
+        {
+            self.tasks.remove(task);
+        }
+        Some(sent)
+    }
 }
 
 /// How a published frame ended.
@@ -133,6 +163,9 @@ pub(crate) struct Shared {
     members: Mutex<HashSet<ReplicaId>>,
     members_changed: Notify,
     frames: mpsc::Sender<OutFrame>,
+    /// How many frames `frames` holds or `publish_frames` is publishing: while any
+    /// is, a new frame queues behind them rather than overtake them.
+    queued: Mutex<usize>,
     announcements: mpsc::UnboundedSender<OutAnnouncement>,
     pending: Mutex<Pending>,
     next_id: AtomicU64,
@@ -142,6 +175,9 @@ pub(crate) struct Shared {
     max_payload: AtomicUsize,
     /// The slots of tasks other replicas sent to channels held here, by task.
     carried: Mutex<HashMap<TaskId, Carried>>,
+    /// The answers of task frames taken here, until their first result or their
+    /// time to answer.
+    late_acks: LateAcks,
     /// The session each row's tasks went to last, for the rows of channels held
     /// here: which counts this replica reports.
     row_sessions: Mutex<HashMap<LlmName, SessionId>>,
@@ -242,12 +278,14 @@ impl NatsPlane {
             members: Mutex::new(HashSet::new()),
             members_changed: Notify::new(),
             frames: frames_tx,
+            queued: Mutex::new(0),
             announcements: announce_tx,
             pending: Mutex::new(Pending::default()),
             next_id: AtomicU64::new(0),
             inbound: Mutex::new(None),
             max_payload: AtomicUsize::new(max_payload),
             carried: Mutex::new(HashMap::new()),
+            late_acks: LateAcks::default(),
             row_sessions: Mutex::new(HashMap::new()),
             background: Mutex::new(Vec::new()),
         });
@@ -261,6 +299,7 @@ impl NatsPlane {
             tokio::spawn(publish_frames(weak.clone(), frames_rx)).abort_handle(),
             tokio::spawn(publish_announcements(weak.clone(), announce_rx)).abort_handle(),
             tokio::spawn(expire_frames(weak.clone())).abort_handle(),
+            tokio::spawn(answer_late(weak.clone())).abort_handle(),
             tokio::spawn(probe_peers(weak.clone())).abort_handle(),
             tokio::spawn(resync(weak.clone())).abort_handle(),
             tokio::spawn(connection_events(weak, events_rx)).abort_handle(),
@@ -502,9 +541,12 @@ impl Shared {
             .collect()
     }
 
-    /// Queues `frame` for `session`'s channel on `to`. Its timeout runs from now: a
-    /// frame still queued when it passes (NATS down, the queue not draining) fails
-    /// its task all the same, and is not sent.
+    /// Sends `frame` to `session`'s channel on `to`: hands it to the NATS client
+    /// at once when no frame is queued before it and the client has room (no task
+    /// hop on the way of every relayed request), else queues it for
+    /// `publish_frames`. Its timeout runs from now: a frame still queued when it
+    /// passes (NATS down, the queue not draining) fails its task all the same, and is
+    /// not sent.
     pub(crate) fn forward(
         &self,
         to: ChannelBinding,
@@ -518,6 +560,9 @@ impl Shared {
         };
         {
             let mut pending = lock(&self.pending);
+            if let Some(task) = &task {
+                pending.tasks.insert(task.clone(), id);
+            }
             pending.frames.insert(
                 id,
                 SentFrame {
@@ -528,20 +573,83 @@ impl Shared {
             );
             pending.ages.push_back((id, Instant::now()));
         }
-        let queued = self.frames.try_send(OutFrame {
+        let out = OutFrame {
             id,
             to,
             session: session.clone(),
             frame,
-        });
-        queued.map_err(|e| {
-            // Refused here and now: nothing to fail later.
-            lock(&self.pending).frames.remove(&id);
-            match e {
-                mpsc::error::TrySendError::Full(_) => SendError::Full,
-                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        };
+        let mut queued = lock(&self.queued);
+        let out = if *queued == 0 {
+            match self.publish_at_once(out) {
+                AtOnce::Published => return Ok(()),
+                AtOnce::Failed => {
+                    drop(queued);
+                    // Refused here and now: nothing to fail later.
+                    lock(&self.pending).remove(id);
+                    return Err(SendError::Closed);
+                }
+                AtOnce::NotNow(out) => out,
             }
-        })
+        } else {
+            out
+        };
+        match self.frames.try_send(out) {
+            Ok(()) => {
+                *queued += 1;
+                Ok(())
+            }
+            Err(e) => {
+                drop(queued);
+                // Refused here and now: nothing to fail later.
+                lock(&self.pending).remove(id);
+                Err(match e {
+                    mpsc::error::TrySendError::Full(_) => SendError::Full,
+                    mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+                })
+            }
+        }
+    }
+
+    /// The subject, reply subject and payload of `out`; `None`, logged, for a frame
+    /// that cannot be encoded.
+    fn frame_message(&self, out: &OutFrame) -> Option<(String, String, Bytes)> {
+        match encode_frame(&out.session, &out.frame) {
+            Ok(payload) => Some((
+                self.subjects.frame(&out.to.replica),
+                format!("{}.f.{}", self.inbox, out.id),
+                payload,
+            )),
+            Err(e) => {
+                tracing::warn!(error = %e, "a frame that cannot be encoded");
+                None
+            }
+        }
+    }
+
+    /// Hands `out` to the NATS client if that takes no waiting: it fits one message
+    /// and the client's queue has room. The caller holds `queued` at 0, so nothing
+    /// sent before it is still on its way to the client.
+    fn publish_at_once(&self, out: OutFrame) -> AtOnce {
+        let Some((subject, reply, payload)) = self.frame_message(&out) else {
+            return AtOnce::Failed;
+        };
+        if payload.len() > self.max_payload() {
+            return AtOnce::NotNow(out);
+        }
+        match self
+            .client
+            .publish_with_reply(subject, reply, payload)
+            .now_or_never()
+        {
+            Some(Ok(())) => AtOnce::Published,
+            Some(Err(e)) => {
+                tracing::warn!(peer = %out.to.replica, error = %e, "a frame could not be published");
+                AtOnce::Failed
+            }
+            // The client's queue is full (NATS is away): `publish_frames` waits for it.
+            None => AtOnce::NotNow(out),
+        }
     }
 
     /// Waits, for at most the timeout, until every known peer has applied what this
@@ -761,9 +869,18 @@ impl Shared {
         }
     }
 
+    /// A result of `task` came from the replica its frame went to: the frame was
+    /// taken (see [`LateAcks`]).
+    fn frame_answered_by(&self, task: &TaskId) {
+        let mut pending = lock(&self.pending);
+        if let Some(id) = pending.tasks.remove(task) {
+            pending.frames.remove(&id);
+        }
+    }
+
     /// What happened to frame `id`.
     fn frame_ended(&self, id: u64, outcome: FrameOutcome) {
-        let Some(sent) = lock(&self.pending).frames.remove(&id) else {
+        let Some(sent) = lock(&self.pending).remove(id) else {
             return;
         };
         let refused = match outcome {
@@ -835,6 +952,7 @@ impl Shared {
         delivery: Delivery,
     ) -> Result<(), Error> {
         let task = delivery.task.clone();
+        self.late_acks.answered(&task);
         if delivery.results.iter().any(TaskResult::is_final) {
             self.end_carried(&task);
         }
@@ -936,16 +1054,26 @@ async fn announcements_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
 
 async fn frames_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
     each_message(weak, sub, "frames", |shared, msg, payload| async move {
-        let answer = match decode_frame(&payload) {
-            Ok((session, frame)) => shared.frame_here(session, frame).await,
+        let (answer, task) = match decode_frame(&payload) {
+            Ok((session, frame)) => {
+                let task = match &frame {
+                    GatewayFrame::Task(t) => Some(t.task_id.clone()),
+                    _ => None,
+                };
+                (shared.frame_here(session, frame).await, task)
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "a frame that does not parse");
-                FrameAnswer::Refused(SendError::Closed)
+                (FrameAnswer::Refused(SendError::Closed), None)
             }
         };
-        if let Some(reply) = msg.reply
-            && let Err(e) = shared.client.publish(reply, answer.encode()).await
-        {
+        let Some(reply) = msg.reply else { return };
+        if let (FrameAnswer::Taken, Some(task)) = (answer, task) {
+            // Its first result answers it, or `answer_late` does.
+            shared.late_acks.hold(task, reply.to_string());
+            return;
+        }
+        if let Err(e) = shared.client.publish(reply, answer.encode()).await {
             tracing::debug!(error = %e, "answering a frame");
         }
     })
@@ -1079,15 +1207,20 @@ async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
                 Err(e) => Err(Error::invalid(format!(
                     "a forwarded result that does not parse: {e}"
                 ))),
-                Ok(d) => match shared.inbound() {
-                    None => Err(Error::UnknownTask),
-                    Some(inbound) => {
-                        let bound = shared.options.deliver_timeout;
-                        tokio::time::timeout(bound, inbound.deliver(Delivery::from(d)))
-                            .await
-                            .unwrap_or(Err(Error::UnknownTask))
+                Ok(d) => {
+                    let delivery = Delivery::from(d);
+                    // A result of a task answers its frame: the channel took it.
+                    shared.frame_answered_by(&delivery.task);
+                    match shared.inbound() {
+                        None => Err(Error::UnknownTask),
+                        Some(inbound) => {
+                            let bound = shared.options.deliver_timeout;
+                            tokio::time::timeout(bound, inbound.deliver(delivery))
+                                .await
+                                .unwrap_or(Err(Error::UnknownTask))
+                        }
                     }
-                },
+                }
             };
             if let Err(e) = shared
                 .client
@@ -1159,27 +1292,29 @@ async fn answers_in(weak: Weak<Shared>, sub: async_nats::Subscriber) {
     .await;
 }
 
+/// Publishes the frames [`Shared::forward`] could not hand to the NATS client at
+/// once, in order.
 async fn publish_frames(weak: Weak<Shared>, mut queue: mpsc::Receiver<OutFrame>) {
     while let Some(out) = queue.recv().await {
         let Some(shared) = weak.upgrade() else { return };
-        if !lock(&shared.pending).frames.contains_key(&out.id) {
-            // Its timeout passed while it was queued: its task failed already.
-            continue;
-        }
-        let payload = match encode_frame(&out.session, &out.frame) {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::warn!(error = %e, "a frame that cannot be encoded");
-                shared.frame_ended(out.id, FrameOutcome::TimedOut);
-                continue;
-            }
-        };
-        let subject = shared.subjects.frame(&out.to.replica);
-        let reply = format!("{}.f.{}", shared.inbox, out.id);
-        if let Err(e) = shared.publish(subject, payload, Some(reply)).await {
-            tracing::warn!(peer = %out.to.replica, error = %e, "a frame could not be published");
-            shared.frame_ended(out.id, FrameOutcome::TimedOut);
-        }
+        publish_queued(&shared, out).await;
+        let mut queued = lock(&shared.queued);
+        *queued = queued.saturating_sub(1);
+    }
+}
+
+async fn publish_queued(shared: &Shared, out: OutFrame) {
+    if !lock(&shared.pending).frames.contains_key(&out.id) {
+        // Its timeout passed while it was queued: its task failed already.
+        return;
+    }
+    let Some((subject, reply, payload)) = shared.frame_message(&out) else {
+        shared.frame_ended(out.id, FrameOutcome::TimedOut);
+        return;
+    };
+    if let Err(e) = shared.publish(subject, payload, Some(reply)).await {
+        tracing::warn!(peer = %out.to.replica, error = %e, "a frame could not be published");
+        shared.frame_ended(out.id, FrameOutcome::TimedOut);
     }
 }
 
@@ -1201,6 +1336,30 @@ async fn publish_announcements(
             .await
         {
             tracing::warn!(error = %e, "an announcement could not be published");
+        }
+    }
+}
+
+/// Every quarter of the timeout, the task frames taken here a quarter of the
+/// timeout ago or more whose tasks have sent no result get their answer: taken.
+async fn answer_late(weak: Weak<Shared>) {
+    let every = match weak.upgrade() {
+        Some(s) => (s.options.timeout / 4).max(Duration::from_millis(10)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let Some(shared) = weak.upgrade() else { return };
+        for reply in shared.late_acks.due(every) {
+            if let Err(e) = shared
+                .client
+                .publish(reply, FrameAnswer::Taken.encode())
+                .await
+            {
+                tracing::debug!(error = %e, "answering a frame");
+            }
         }
     }
 }

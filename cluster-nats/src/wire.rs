@@ -6,7 +6,8 @@
 //!   (and whether its session resumes),
 //!   barriers, goodbyes, the in-flight counts of the rows a replica's channels serve).
 //! - `P.r.{replica}.frame`: frames for channels `replica` holds, each a request whose
-//!   answer ([`FrameAnswer`]) says whether the channel took it.
+//!   answer ([`FrameAnswer`]) says whether the channel took it; a taken task frame's
+//!   answer is its task's first result on `deliver`, or comes late (see `ack`).
 //! - `P.r.{replica}.deliver`: publishers' results for tasks `replica` holds, each a
 //!   request answered when the task took it ([`DeliverAnswer`]).
 //! - `P.r.{replica}.ping`: the probe of a replica's liveness.

@@ -465,3 +465,81 @@ async fn a_task_not_resumed_after_an_announced_close_fails_when_the_window_ends(
     }
     assert_eq!(seen, [TaskEvent::Chunk("c0".into()), TaskEvent::Done]);
 }
+
+/// The replica holding a channel answers a taken task frame with the task's first
+/// result, or, for a task that sends none for a while, late: either way the client's
+/// replica never times the frame out while its task is alive. With a 400 ms plane
+/// timeout: a task silent for three timeouts, then answered, completes (the late
+/// answer came); a stream whose first chunk came at once and whose last comes three
+/// timeouts later completes (the first chunk answered the frame: no late answer was
+/// sent for it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_frame_is_answered_by_its_first_result_or_late() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let timeout = Duration::from_millis(400);
+    let planes = two_planes_on(&server.url(), options().with_timeout(timeout)).await;
+    let (a, b) = gateways(&planes).await;
+    let (session, _binding, channel) = bind_fake(&a, "llm").await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+
+    let mut silent = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", false))
+        .unwrap();
+    let silent_id = silent.id().clone();
+    let mut streamed = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "y", true))
+        .unwrap();
+    let streamed_id = streamed.id().clone();
+    for _ in 0..2 {
+        within(10, "the task frames", channel.next_task()).await;
+    }
+    let chunk = |data: &str, done: bool, seq: u64| TaskResult::Chunk {
+        data: data.into(),
+        done,
+        seq: Some(seq),
+    };
+    a.deliver(&alice(), &session, &streamed_id, chunk("c0", false, 0))
+        .await
+        .unwrap();
+    tokio::time::sleep(timeout * 3).await;
+
+    a.deliver(
+        &alice(),
+        &session,
+        &silent_id,
+        TaskResult::Completed {
+            status: 200,
+            body: json!({"late": true}),
+            retry_after: None,
+        },
+    )
+    .await
+    .expect("the silent task is still waiting");
+    let TaskEvent::Completed(c) = within(10, "the silent task", silent.next())
+        .await
+        .unwrap()
+        .unwrap()
+    else {
+        panic!("a whole answer")
+    };
+    assert_eq!(c.body, json!({"late": true}));
+
+    a.deliver(&alice(), &session, &streamed_id, chunk("c1", true, 1))
+        .await
+        .expect("the stream is still waiting");
+    let mut seen = Vec::new();
+    while let Some(event) = within(10, "the stream", streamed.next()).await {
+        seen.push(event.unwrap());
+    }
+    assert_eq!(
+        seen,
+        [
+            TaskEvent::Chunk("c0".into()),
+            TaskEvent::Chunk("c1".into()),
+            TaskEvent::Done
+        ]
+    );
+}
