@@ -26,6 +26,9 @@ use crate::server::CloseConnection;
 /// The payload of the event that ends a successful stream.
 const DONE: &str = "[DONE]";
 
+/// The most events joined into one piece of the response body.
+const EVENTS_PER_WRITE: usize = 64;
+
 /// The header naming a streamed answer for its client to resume it.
 pub(crate) const COMPLETION_ID_HEADER: &str = "x-completion-id";
 
@@ -57,8 +60,13 @@ pub(crate) fn chunk_stream(
         if let Some(log) = &mut log {
             log.sent(event.len());
         }
-        Ok::<_, Infallible>(event)
+        event
     });
+    // The events that are ready together go out as one piece of the body: one
+    // chunk of the HTTP/1.1 chunked encoding and one write, not one per event.
+    let events = events
+        .ready_chunks(EVENTS_PER_WRITE)
+        .map(|events| Ok::<_, Infallible>(joined(events)));
     // warp wants a `Sync` body; the stream is only ever polled from one place.
     let mut response = warp::reply::Reply::into_response(warp::reply::stream(
         sync_wrapper::SyncStream::new(events),
@@ -71,6 +79,18 @@ pub(crate) fn chunk_stream(
         headers.insert(COMPLETION_ID_HEADER, value);
     }
     event_stream(response)
+}
+
+/// `events`, one after the other, in one buffer.
+fn joined(mut events: Vec<Bytes>) -> Bytes {
+    if events.len() == 1 {
+        return events.pop().unwrap_or_default();
+    }
+    let mut out = bytes::BytesMut::with_capacity(events.iter().map(Bytes::len).sum());
+    for event in events {
+        out.extend_from_slice(&event);
+    }
+    out.freeze()
 }
 
 /// One server-sent event: an `id: {seq}` line if it has one, an `event: {name}` line
@@ -103,6 +123,16 @@ fn sse_event(id: Option<u64>, name: Option<&str>, data: &str) -> Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_ready_together_are_joined_in_order() {
+        let one = Bytes::from_static(b"data: 1\n\n");
+        assert_eq!(joined(vec![one.clone()]), one);
+        assert_eq!(
+            joined(vec![one, Bytes::from_static(b"data: 2\n\n"), Bytes::new()]),
+            "data: 1\n\ndata: 2\n\n"
+        );
+    }
 
     #[test]
     fn events_are_framed_with_a_space_and_one_data_line_per_line() {

@@ -604,70 +604,92 @@ const GATEWAY_FRAME_TYPES: &[&str] = &[
     "wake",
 ];
 
-/// The variant of a [`GatewayFrame`] named `tag`, read from `rest` (the object without
-/// its `type`).
-fn gateway_frame<'de, D: serde::Deserializer<'de>>(
-    tag: &str,
-    rest: D,
-) -> Result<GatewayFrame, D::Error> {
-    Ok(match tag {
-        "hello" => GatewayFrame::Hello(Deserialize::deserialize(rest)?),
-        "registered" => GatewayFrame::Registered(Deserialize::deserialize(rest)?),
-        "task" => GatewayFrame::Task(Deserialize::deserialize(rest)?),
-        "cancel" => GatewayFrame::Cancel(Deserialize::deserialize(rest)?),
-        "refused" => GatewayFrame::Refused(Deserialize::deserialize(rest)?),
-        "error" => GatewayFrame::Error(Deserialize::deserialize(rest)?),
-        "closing" => GatewayFrame::Closing(Deserialize::deserialize(rest)?),
-        "credit" => GatewayFrame::Credit(Deserialize::deserialize(rest)?),
-        "wake" => GatewayFrame::Wake(Deserialize::deserialize(rest)?),
-        other => {
-            return Err(serde::de::Error::unknown_variant(
-                other,
-                GATEWAY_FRAME_TYPES,
-            ));
-        }
-    })
+impl Tagged for GatewayFrame {
+    const EXPECTING: &'static str = "a gateway frame, an object tagged by `type`";
+
+    fn variant<'de, D: serde::Deserializer<'de>>(tag: &str, rest: D) -> Result<Self, D::Error> {
+        Ok(match tag {
+            "hello" => GatewayFrame::Hello(Deserialize::deserialize(rest)?),
+            "registered" => GatewayFrame::Registered(Deserialize::deserialize(rest)?),
+            "task" => GatewayFrame::Task(Deserialize::deserialize(rest)?),
+            "cancel" => GatewayFrame::Cancel(Deserialize::deserialize(rest)?),
+            "refused" => GatewayFrame::Refused(Deserialize::deserialize(rest)?),
+            "error" => GatewayFrame::Error(Deserialize::deserialize(rest)?),
+            "closing" => GatewayFrame::Closing(Deserialize::deserialize(rest)?),
+            "credit" => GatewayFrame::Credit(Deserialize::deserialize(rest)?),
+            "wake" => GatewayFrame::Wake(Deserialize::deserialize(rest)?),
+            other => {
+                return Err(serde::de::Error::unknown_variant(
+                    other,
+                    GATEWAY_FRAME_TYPES,
+                ));
+            }
+        })
+    }
 }
 
 impl<'de> Deserialize<'de> for GatewayFrame {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        use serde::de::{self, MapAccess, Visitor, value::MapAccessDeserializer};
-
-        struct FrameVisitor;
-        impl<'de> Visitor<'de> for FrameVisitor {
-            type Value = GatewayFrame;
-
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a gateway frame, an object tagged by `type`")
-            }
-
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<GatewayFrame, A::Error> {
-                let Some(first) = map.next_key::<String>()? else {
-                    return Err(de::Error::missing_field("type"));
-                };
-                if first == "type" {
-                    let tag: String = map.next_value()?;
-                    return gateway_frame(&tag, MapAccessDeserializer::new(map));
-                }
-                let mut fields = serde_json::Map::new();
-                fields.insert(first, map.next_value()?);
-                while let Some((key, value)) = map.next_entry::<String, Value>()? {
-                    fields.insert(key, value);
-                }
-                let tag = match fields.remove("type") {
-                    Some(Value::String(tag)) => tag,
-                    Some(_) => return Err(de::Error::custom("`type` must be a string")),
-                    None => return Err(de::Error::missing_field("type")),
-                };
-                gateway_frame(&tag, Value::Object(fields)).map_err(de::Error::custom)
-            }
-        }
-        deserializer.deserialize_map(FrameVisitor)
+        deserialize_tagged(deserializer)
     }
 }
 
+/// An enum tagged by `type` in its object, read without serde's buffering of
+/// internally tagged enums (serde gathers the whole object into its `Content` tree
+/// first, then reads the variant from that: an allocation per field, and a task's
+/// body or a result's answer parsed into a tree): when `type` comes first, as both
+/// ends write it, the rest of the object is read straight into the variant; otherwise
+/// the object is gathered into a JSON map first.
+trait Tagged: Sized {
+    /// What the visitor expects, for error messages.
+    const EXPECTING: &'static str;
+
+    /// The variant named `tag`, read from `rest` (the object without its `type`).
+    fn variant<'de, D: serde::Deserializer<'de>>(tag: &str, rest: D) -> Result<Self, D::Error>;
+}
+
+fn deserialize_tagged<'de, T: Tagged, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<T, D::Error> {
+    use serde::de::{self, MapAccess, Visitor, value::MapAccessDeserializer};
+
+    struct TaggedVisitor<T>(std::marker::PhantomData<T>);
+    impl<'de, T: Tagged> Visitor<'de> for TaggedVisitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(T::EXPECTING)
+        }
+
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<T, A::Error> {
+            let Some(first) = map.next_key::<String>()? else {
+                return Err(de::Error::missing_field("type"));
+            };
+            if first == "type" {
+                let tag: String = map.next_value()?;
+                return T::variant(&tag, MapAccessDeserializer::new(map));
+            }
+            let mut fields = serde_json::Map::new();
+            fields.insert(first, map.next_value()?);
+            while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                fields.insert(key, value);
+            }
+            let tag = match fields.remove("type") {
+                Some(Value::String(tag)) => tag,
+                Some(_) => return Err(de::Error::custom("`type` must be a string")),
+                None => return Err(de::Error::missing_field("type")),
+            };
+            T::variant(&tag, Value::Object(fields)).map_err(de::Error::custom)
+        }
+    }
+    deserializer.deserialize_map(TaggedVisitor(std::marker::PhantomData))
+}
+
 /// A frame a publisher sends over a WebSocket.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+///
+/// Tagged by `type`, and read as [`GatewayFrame`] is: straight into the variant when
+/// `type` comes first, as publishers write it (a stream's every chunk is one).
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(tag = "type", rename_all = "camelCase")]
 pub enum PublisherFrame {
     /// Must be the first frame.
@@ -720,6 +742,112 @@ pub enum PublisherFrame {
         /// The first `seq` the publisher still holds and replays from.
         from_seq: u64,
     },
+}
+
+/// The `type` of each [`PublisherFrame`] variant.
+const PUBLISHER_FRAME_TYPES: &[&str] = &[
+    "register",
+    "heartbeat",
+    "result",
+    "chunk",
+    "error",
+    "resume",
+];
+
+/// The fields of [`PublisherFrame::Result`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultFields {
+    task_id: TaskId,
+    status: u16,
+    #[serde(default)]
+    body: Value,
+    #[serde(default)]
+    retry_after: Option<u64>,
+}
+
+/// The fields of [`PublisherFrame::Chunk`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChunkFields {
+    task_id: TaskId,
+    #[serde(default)]
+    data: String,
+    #[serde(default)]
+    done: bool,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// The fields of [`PublisherFrame::Error`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ErrorFields {
+    task_id: TaskId,
+    message: String,
+}
+
+/// The fields of [`PublisherFrame::Resume`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResumeFields {
+    task_id: TaskId,
+    from_seq: u64,
+}
+
+impl Tagged for PublisherFrame {
+    const EXPECTING: &'static str = "a publisher frame, an object tagged by `type`";
+
+    fn variant<'de, D: serde::Deserializer<'de>>(tag: &str, rest: D) -> Result<Self, D::Error> {
+        Ok(match tag {
+            "register" => PublisherFrame::Register(Deserialize::deserialize(rest)?),
+            "heartbeat" => PublisherFrame::Heartbeat(Deserialize::deserialize(rest)?),
+            "result" => {
+                let f = ResultFields::deserialize(rest)?;
+                PublisherFrame::Result {
+                    task_id: f.task_id,
+                    status: f.status,
+                    body: f.body,
+                    retry_after: f.retry_after,
+                }
+            }
+            "chunk" => {
+                let f = ChunkFields::deserialize(rest)?;
+                PublisherFrame::Chunk {
+                    task_id: f.task_id,
+                    data: f.data,
+                    done: f.done,
+                    seq: f.seq,
+                }
+            }
+            "error" => {
+                let f = ErrorFields::deserialize(rest)?;
+                PublisherFrame::Error {
+                    task_id: f.task_id,
+                    message: f.message,
+                }
+            }
+            "resume" => {
+                let f = ResumeFields::deserialize(rest)?;
+                PublisherFrame::Resume {
+                    task_id: f.task_id,
+                    from_seq: f.from_seq,
+                }
+            }
+            other => {
+                return Err(serde::de::Error::unknown_variant(
+                    other,
+                    PUBLISHER_FRAME_TYPES,
+                ));
+            }
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for PublisherFrame {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserialize_tagged(deserializer)
+    }
 }
 
 impl PublisherFrame {
