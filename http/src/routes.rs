@@ -216,13 +216,10 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(authorization())
         .then(client::agent);
 
-    register
-        .or(heartbeat)
-        .unify()
-        .or(result)
-        .unify()
-        .or(list)
-        .unify()
+    // Tried in this order, in groups each boxed: one `or` chain of every route makes
+    // a filter type so deep that type-checking this crate took over ten minutes.
+    let provider = register.or(heartbeat).unify().or(result).unify().boxed();
+    let registry = list
         .or(members)
         .unify()
         .or(get)
@@ -231,8 +228,8 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .unify()
         .or(infer)
         .unify()
-        .or(chat)
-        .unify()
+        .boxed();
+    let openai = chat
         .or(resume)
         .unify()
         .or(completions)
@@ -243,11 +240,14 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .unify()
         .or(model)
         .unify()
-        .or(agents)
+        .boxed();
+    let api = agents.or(agent).unify().or(usage).unify().boxed();
+    provider
+        .or(registry)
         .unify()
-        .or(agent)
+        .or(openai)
         .unify()
-        .or(usage)
+        .or(api)
         .unify()
         .or(probes)
         .unify()
