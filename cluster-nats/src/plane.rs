@@ -1343,12 +1343,9 @@ async fn publish_announcements(
 /// Every quarter of the timeout, the task frames taken here a quarter of the
 /// timeout ago or more whose tasks have sent no result get their answer: taken.
 async fn answer_late(weak: Weak<Shared>) {
-    let every = match weak.upgrade() {
-        Some(s) => (s.options.timeout / 4).max(Duration::from_millis(10)),
-        None => return,
+    let Some((every, mut tick)) = quarter_timeout_tick(&weak) else {
+        return;
     };
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let Some(shared) = weak.upgrade() else { return };
@@ -1364,14 +1361,20 @@ async fn answer_late(weak: Weak<Shared>) {
     }
 }
 
-/// Frames not answered within the timeout fail their tasks.
-async fn expire_frames(weak: Weak<Shared>) {
-    let every = match weak.upgrade() {
-        Some(s) => (s.options.timeout / 4).max(Duration::from_millis(10)),
-        None => return,
-    };
+/// The tick of the plane's periodic chores: a quarter of its timeout (at least 10 ms),
+/// with that period; `None` once the plane is gone.
+fn quarter_timeout_tick(weak: &Weak<Shared>) -> Option<(Duration, tokio::time::Interval)> {
+    let every = (weak.upgrade()?.options.timeout / 4).max(Duration::from_millis(10));
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    Some((every, tick))
+}
+
+/// Frames not answered within the timeout fail their tasks.
+async fn expire_frames(weak: Weak<Shared>) {
+    let Some((_, mut tick)) = quarter_timeout_tick(&weak) else {
+        return;
+    };
     loop {
         tick.tick().await;
         let Some(shared) = weak.upgrade() else { return };
