@@ -4261,9 +4261,12 @@ mod pool {
 /// run: the client calling A (same replica as the publisher's channel) and calling B
 /// (the task crosses NATS to A, its results come back). The table compares them:
 /// added p50 (target ≤ 0.3 ms at c=1) and the throughput B keeps (target ≥ 60 % at
-/// c=64).
+/// c=64), and the CPU time per request of replica A, replica B, nats-server and the
+/// case's publisher over the measured time (`/proc`): a figure that moves less from
+/// run to run than latency on a shared two-core machine.
 mod replicas {
     use std::sync::Arc;
+    use std::time::Duration;
 
     use bytes::Bytes;
     use comfy_table::Table;
@@ -4273,7 +4276,7 @@ mod replicas {
 
     use super::{
         ASCII_MARKDOWN, Args, Binaries, BoxError, GatewayChild, Kind, Transport, WorkDir,
-        control_client, load, mock, ms, progress, relay,
+        control_client, load, mock, ms, procfs, progress, relay,
     };
 
     /// One case: a transport, a kind of request, a concurrency, and which replica the
@@ -4289,6 +4292,40 @@ mod replicas {
     struct Measured {
         case: Case,
         outcome: load::Outcome,
+        cpu: Cpu,
+    }
+
+    /// CPU time of the processes a request crosses (the load client and the mock
+    /// apart), over a case's measured time.
+    #[derive(Clone, Copy, Debug, Default)]
+    struct Cpu {
+        /// Replica A, which holds the publishers' channels.
+        a: Duration,
+        /// Replica B, which the client calls in the cross-replica case.
+        b: Duration,
+        nats: Duration,
+        /// The publisher of the case's transport.
+        publisher: Duration,
+    }
+
+    impl Cpu {
+        fn since(&self, before: &Cpu) -> Cpu {
+            Cpu {
+                a: self.a.saturating_sub(before.a),
+                b: self.b.saturating_sub(before.b),
+                nats: self.nats.saturating_sub(before.nats),
+                publisher: self.publisher.saturating_sub(before.publisher),
+            }
+        }
+
+        fn total(&self) -> Duration {
+            self.a + self.b + self.nats + self.publisher
+        }
+    }
+
+    /// Microseconds of `cpu` per request of `outcome`.
+    fn per_request(cpu: Duration, outcome: &load::Outcome) -> f64 {
+        cpu.as_secs_f64() * 1e6 / (outcome.requests.max(1) as f64)
     }
 
     pub(crate) async fn run(args: &Args, bins: &Binaries) -> Result<(), BoxError> {
@@ -4381,14 +4418,28 @@ mod replicas {
                 chunks: mock::CHUNKS,
                 rate: None,
             });
+            let nats_pid = nats.pid().map(|pid| pid.to_string());
+            let (a_pid, b_pid, publisher_pid) =
+                (replicas[0].pid(), replicas[1].pid(), p.guard.pid());
+            let sample = || {
+                let cpu = |pid: &str| procfs::cpu(pid).unwrap_or_default();
+                Cpu {
+                    a: cpu(&a_pid),
+                    b: cpu(&b_pid),
+                    nats: nats_pid.as_deref().map(cpu).unwrap_or_default(),
+                    publisher: cpu(&publisher_pid),
+                }
+            };
+            let mut before = Cpu::default();
             let outcome = load::run(
                 target,
                 case.concurrency,
                 args.warmup,
                 args.duration,
-                async || {},
+                async || before = sample(),
             )
             .await?;
+            let cpu = sample().since(&before);
             bar.println(format!(
                 "{label:<34} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}",
                 case.concurrency,
@@ -4397,7 +4448,7 @@ mod replicas {
                 ms(outcome.latency.value_at_quantile(0.99)),
                 outcome.errors
             ));
-            results.push(Measured { case, outcome });
+            results.push(Measured { case, outcome, cpu });
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -4463,6 +4514,8 @@ mod replicas {
             "cross req/s",
             "cross / same",
             "target",
+            "same CPU µs/req",
+            "cross CPU µs/req (A / B / NATS / publisher)",
         ]);
         for same in results.iter().filter(|m| !m.case.cross) {
             let Some(cross) = results.iter().find(|m| {
@@ -4503,6 +4556,15 @@ mod replicas {
                 format!("{:.0}", cross.outcome.rps()),
                 format!("{:.0} %", ratio * 100.0),
                 target,
+                format!("{:.0}", per_request(same.cpu.total(), &same.outcome)),
+                format!(
+                    "{:.0} ({:.0} / {:.0} / {:.0} / {:.0})",
+                    per_request(cross.cpu.total(), &cross.outcome),
+                    per_request(cross.cpu.a, &cross.outcome),
+                    per_request(cross.cpu.b, &cross.outcome),
+                    per_request(cross.cpu.nats, &cross.outcome),
+                    per_request(cross.cpu.publisher, &cross.outcome),
+                ),
             ]);
         }
         println!("\n## Across replicas (issue #15)\n\n{table}");

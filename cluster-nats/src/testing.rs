@@ -203,6 +203,17 @@ impl NatsServer {
         self.port
     }
 
+    /// The running server's process id (read from the pid file its supervisor
+    /// writes), for a benchmark that reads its CPU time; `None` while it is stopped.
+    pub fn pid(&self) -> Option<u32> {
+        self.running.as_ref()?;
+        std::fs::read_to_string(self.dir.path().join("server.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
     /// The server's URL, `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
