@@ -64,7 +64,7 @@ impl Gateway {
         if row.status == LlmStatus::Active && row.binding.is_some() {
             // Its publisher is bound and ready on another replica: a wake this replica
             // asked for is over.
-            self.shared.wakes.woke(&row.name);
+            self.shared.wakes.woke(&row);
         }
         let admission = &self.shared.admission;
         if row.is_agent() {

@@ -623,7 +623,11 @@ impl Gateway {
                         tracing::info!(llm = %state.name, requests = failed, "a wake failed; its waiters are told");
                     }
                 }
-                (None, UpstreamState::Ready) => self.shared.wakes.woke(&state.name),
+                (None, UpstreamState::Ready) => {
+                    if let Some(row) = rows.iter().find(|r| r.name == state.name) {
+                        self.shared.wakes.woke(row);
+                    }
+                }
                 (None, _) => {}
             }
         }

@@ -7,7 +7,10 @@
 //! The gateway keeps one wake per row at a time: concurrent requests share it; a wake
 //! that failed is not tried again for the wake cooldown, during which requests get 503
 //! `wake_failed` at once. The row waking up (its publisher reports `ready`) is what
-//! lets the queue drain; nothing polls.
+//! lets the queue drain; nothing polls. A request that read the row before it woke
+//! (its registry view, or another replica's, not yet caught up) joins the wake that
+//! is over rather than asking again: a row woken at revision `r` is not woken again
+//! for a read of it at `r` or before, for the wake wait after it woke.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,7 +23,7 @@ use tokio::time::Instant;
 use crate::directory::ChannelDirectory;
 use crate::protocol::{GatewayFrame, WakeFrame};
 use crate::sync::lock;
-use crate::{Error, LlmKind, LlmName, LlmRecord, LlmStatus, Recipe};
+use crate::{Error, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, Recipe};
 
 /// Asks for a sleeping row to be woken.
 ///
@@ -115,6 +118,13 @@ enum WakeState {
     Waking { since: Instant },
     /// Failed; nothing is tried again before `until`.
     Failed { until: Instant, message: String },
+    /// Woke at `since`, the row then at `revision` (of the row `id`): a read of it at
+    /// that revision or before is out of date, not a row to wake again.
+    Woke {
+        since: Instant,
+        id: LlmId,
+        revision: u64,
+    },
 }
 
 /// The wakes in progress and the recent failures, one per row.
@@ -141,7 +151,9 @@ impl Wakes {
         {
             let mut state = lock(&self.state);
             state.retain(|_, s| match s {
-                WakeState::Waking { since } => now < *since + self.wait,
+                WakeState::Waking { since } | WakeState::Woke { since, .. } => {
+                    now < *since + self.wait
+                }
                 WakeState::Failed { until, .. } => now < *until,
             });
             match state.get(&row.name) {
@@ -153,7 +165,12 @@ impl Wakes {
                     });
                 }
                 Some(WakeState::Waking { .. }) => return Ok(()),
-                None => {
+                Some(WakeState::Woke { id, revision, .. })
+                    if *id == row.id && row.revision <= *revision =>
+                {
+                    return Ok(());
+                }
+                Some(WakeState::Woke { .. }) | None => {
                     state.insert(row.name.clone(), WakeState::Waking { since: now });
                 }
             }
@@ -182,12 +199,20 @@ impl Wakes {
         }
     }
 
-    /// `name` reported ready: its wake, if one ran, is over.
-    pub(crate) fn woke(&self, name: &LlmName) {
+    /// `row` reported ready: its wake, if one ran, is over. Requests that read the row
+    /// at its revision or before join that wake rather than asking again.
+    pub(crate) fn woke(&self, row: &LlmRecord) {
         let mut state = lock(&self.state);
-        if let Some(WakeState::Waking { since }) = state.get(name) {
+        if let Some(WakeState::Waking { since }) = state.get(&row.name) {
             crate::metrics::woke(since.elapsed());
-            state.remove(name);
+            state.insert(
+                row.name.clone(),
+                WakeState::Woke {
+                    since: Instant::now(),
+                    id: row.id.clone(),
+                    revision: row.revision,
+                },
+            );
         }
     }
 
@@ -258,5 +283,90 @@ impl Waker for RecipeWaker {
             Some(recipe) => recipe.run().await,
             None => Err(format!("no wake is configured for {}", row.name)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::testkit::record;
+
+    /// Counts the wakes it is asked for.
+    #[derive(Debug, Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait]
+    impl Waker for Counting {
+        fn can_wake(&self, _row: &LlmRecord) -> bool {
+            true
+        }
+
+        async fn wake(&self, _row: &LlmRecord) -> Result<(), String> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    fn at(row: &LlmRecord, revision: u64) -> LlmRecord {
+        LlmRecord {
+            revision,
+            ..row.clone()
+        }
+    }
+
+    /// The two-replica wake test's flake: a request that read the sleeping row before
+    /// the ready report reached this replica asked for a second wake of a row that
+    /// had just woken.
+    #[tokio::test(start_paused = true)]
+    async fn a_read_from_before_the_row_woke_joins_the_wake_instead_of_asking_again() {
+        let wakes = Wakes::new(Duration::from_secs(10), Duration::from_secs(5));
+        let waker = Counting::default();
+        let asleep = at(&record("far-away"), 3);
+        wakes.ensure(&waker, &asleep).await.unwrap();
+        wakes.ensure(&waker, &asleep).await.unwrap();
+        assert_eq!(waker.0.load(Ordering::SeqCst), 1, "shared while waking");
+
+        // Ready, as the registry has it now (bound, active: revision 5).
+        wakes.woke(&at(&asleep, 5));
+        // A request still holding the read at revision 3 (or 5) joins: no new wake.
+        wakes.ensure(&waker, &asleep).await.unwrap();
+        wakes.ensure(&waker, &at(&asleep, 5)).await.unwrap();
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            1,
+            "an out-of-date read asked again"
+        );
+
+        // Asleep again since (a later revision): woken again.
+        wakes.ensure(&waker, &at(&asleep, 6)).await.unwrap();
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            2,
+            "a row that slept again is woken"
+        );
+
+        // Another row of the same name (deleted and registered again): woken.
+        wakes.woke(&at(&asleep, 7));
+        wakes
+            .ensure(&waker, &at(&record("far-away"), 1))
+            .await
+            .unwrap();
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            3,
+            "a new row of the name is woken"
+        );
+
+        // The memory of a wake lasts the wake wait.
+        wakes.woke(&at(&asleep, 9));
+        tokio::time::advance(Duration::from_secs(11)).await;
+        wakes.ensure(&waker, &at(&asleep, 9)).await.unwrap();
+        assert_eq!(
+            waker.0.load(Ordering::SeqCst),
+            4,
+            "remembered past the wake wait"
+        );
     }
 }
