@@ -11,8 +11,9 @@
 //! for the asking client and for one that resumes.
 
 use std::convert::Infallible;
+use std::fmt::Write as _;
 
-use bytes::Bytes;
+use bytes::BytesMut;
 use futures::StreamExt;
 use http::header::{CONTENT_TYPE, HeaderValue};
 use virtual_llm_core::CompletionId;
@@ -45,28 +46,32 @@ pub(crate) fn chunk_stream(
     close: Option<CloseConnection>,
     mut log: Option<AccessLog>,
 ) -> Response {
-    let events = reader.into_stream().map(move |event| {
-        let event = match event {
-            Event::Chunk { seq, data } => sse_event(Some(seq), None, &data),
-            Event::Done => sse_event(None, None, DONE),
-            Event::Failed(body) => {
-                let body = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
-                if let Some(close) = &close {
-                    close.after_this_response();
-                }
-                sse_event(None, Some("error"), &body)
-            }
-        };
-        if let Some(log) = &mut log {
-            log.sent(event.len());
-        }
-        event
-    });
-    // The events that are ready together go out as one piece of the body: one
-    // chunk of the HTTP/1.1 chunked encoding and one write, not one per event.
-    let events = events
+    // The events that are ready together go out as one piece of the body, framed
+    // straight into one buffer: one chunk of the HTTP/1.1 chunked encoding and one
+    // write, not one per event. Nothing waits for more.
+    let events = reader
+        .into_stream()
         .ready_chunks(EVENTS_PER_WRITE)
-        .map(|events| Ok::<_, Infallible>(joined(events)));
+        .map(move |events| {
+            let mut out = BytesMut::with_capacity(events.iter().map(framed_len).sum());
+            for event in events {
+                match event {
+                    Event::Chunk { seq, data } => write_event(&mut out, Some(seq), None, &data),
+                    Event::Done => write_event(&mut out, None, None, DONE),
+                    Event::Failed(body) => {
+                        let body = serde_json::to_string(&body).unwrap_or_else(|_| "{}".to_owned());
+                        if let Some(close) = &close {
+                            close.after_this_response();
+                        }
+                        write_event(&mut out, None, Some("error"), &body);
+                    }
+                }
+            }
+            if let Some(log) = &mut log {
+                log.sent(out.len());
+            }
+            Ok::<_, Infallible>(out.freeze())
+        });
     // warp wants a `Sync` body; the stream is only ever polled from one place.
     let mut response = warp::reply::Reply::into_response(warp::reply::stream(
         sync_wrapper::SyncStream::new(events),
@@ -81,74 +86,82 @@ pub(crate) fn chunk_stream(
     event_stream(response)
 }
 
-/// `events`, one after the other, in one buffer.
-fn joined(mut events: Vec<Bytes>) -> Bytes {
-    if events.len() == 1 {
-        return events.pop().unwrap_or_default();
+/// About the bytes `event` takes framed (its payload and the field names around it):
+/// the buffer's starting capacity, not a bound.
+fn framed_len(event: &Event) -> usize {
+    const FIELDS: usize = 32;
+    match event {
+        Event::Chunk { data, .. } => data.len() + FIELDS,
+        Event::Done => DONE.len() + FIELDS,
+        Event::Failed(_) => 256,
     }
-    let mut out = bytes::BytesMut::with_capacity(events.iter().map(Bytes::len).sum());
-    for event in events {
-        out.extend_from_slice(&event);
-    }
-    out.freeze()
 }
 
-/// One server-sent event: an `id: {seq}` line if it has one, an `event: {name}` line
-/// if named, a `data: ` line per line of `data` (any of CRLF, LF and CR ends a line,
-/// as for the parser at the other end), and the blank line that ends the event.
-fn sse_event(id: Option<u64>, name: Option<&str>, data: &str) -> Bytes {
-    let mut out = String::with_capacity(data.len() + 32);
+/// Appends one server-sent event to `out`: an `id: {seq}` line if it has one, an
+/// `event: {name}` line if named, a `data: ` line per line of `data` (any of CRLF, LF
+/// and CR ends a line, as for the parser at the other end), and the blank line that
+/// ends the event.
+fn write_event(out: &mut BytesMut, id: Option<u64>, name: Option<&str>, data: &str) {
     if let Some(id) = id {
-        out.push_str("id: ");
-        out.push_str(&id.to_string());
-        out.push('\n');
+        // Writing into a `BytesMut` cannot fail: it grows.
+        let _ = writeln!(out, "id: {id}");
     }
     if let Some(name) = name {
-        out.push_str("event: ");
-        out.push_str(name);
-        out.push('\n');
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b"\n");
     }
     let lines = data
         .split('\n')
         .flat_map(|line| line.strip_suffix('\r').unwrap_or(line).split('\r'));
     for line in lines {
-        out.push_str("data: ");
-        out.push_str(line);
-        out.push('\n');
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(b"\n");
     }
-    out.push('\n');
-    Bytes::from(out)
+    out.extend_from_slice(b"\n");
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// `events` framed one after the other, as a ready batch is.
+    fn framed(events: &[(Option<u64>, Option<&str>, &str)]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (id, name, data) in events {
+            write_event(&mut out, *id, *name, data);
+        }
+        out
+    }
+
     #[test]
-    fn events_ready_together_are_joined_in_order() {
-        let one = Bytes::from_static(b"data: 1\n\n");
-        assert_eq!(joined(vec![one.clone()]), one);
+    fn events_ready_together_are_framed_in_order_into_one_buffer() {
         assert_eq!(
-            joined(vec![one, Bytes::from_static(b"data: 2\n\n"), Bytes::new()]),
-            "data: 1\n\ndata: 2\n\n"
+            framed(&[
+                (Some(0), None, "1"),
+                (Some(1), None, "2"),
+                (None, None, DONE)
+            ]),
+            "id: 0\ndata: 1\n\nid: 1\ndata: 2\n\ndata: [DONE]\n\n"
         );
     }
 
     #[test]
     fn events_are_framed_with_a_space_and_one_data_line_per_line() {
-        assert_eq!(sse_event(None, None, r#"{"a":1}"#), "data: {\"a\":1}\n\n");
+        assert_eq!(framed(&[(None, None, r#"{"a":1}"#)]), "data: {\"a\":1}\n\n");
         assert_eq!(
-            sse_event(Some(7), None, r#"{"a":1}"#),
+            framed(&[(Some(7), None, r#"{"a":1}"#)]),
             "id: 7\ndata: {\"a\":1}\n\n"
         );
-        assert_eq!(sse_event(None, None, DONE), "data: [DONE]\n\n");
+        assert_eq!(framed(&[(None, None, DONE)]), "data: [DONE]\n\n");
         assert_eq!(
-            sse_event(None, Some("error"), r#"{"error":{}}"#),
+            framed(&[(None, Some("error"), r#"{"error":{}}"#)]),
             "event: error\ndata: {\"error\":{}}\n\n"
         );
         // A line break inside the data cannot end the event or start a field of its own.
         assert_eq!(
-            sse_event(None, None, "a\nb\r\nc\rdata: x\n"),
+            framed(&[(None, None, "a\nb\r\nc\rdata: x\n")]),
             "data: a\ndata: b\ndata: c\ndata: data: x\ndata: \n\n"
         );
     }
