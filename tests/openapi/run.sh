@@ -43,13 +43,18 @@ pids+=($!)
 for _ in $(seq 100); do curl -sf "$gateway/api/v1/llms/demo" | grep -q '"status":"active"' && break; sleep 0.1; done
 
 # Schemathesis keeps a cache in `.schemathesis/` of its working directory: the run's
-# temporary one, not the checkout.
+# temporary one, not the checkout; its settings (schemathesis.toml here) are named.
+# A failing run prints its seed: SCHEMATHESIS_SEED=<seed> runs it again.
+config="$root/tests/openapi/schemathesis.toml"
+seed=()
+[ -z "${SCHEMATHESIS_SEED:-}" ] || seed=(--seed "$SCHEMATHESIS_SEED")
 cd "$work"
-if ! "$venv/bin/schemathesis" run "$gateway/openapi.json" \
+if ! "$venv/bin/schemathesis" --config-file "$config" run "$gateway/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance \
   --phases examples,coverage,fuzzing \
   --max-examples "${SCHEMATHESIS_MAX_EXAMPLES:-100}" \
   --request-timeout 10 \
+  "${seed[@]}" \
   --workers 2; then
   echo "--- gateway log (last 50 lines)"
   tail -50 "$work/gateway.log"
