@@ -708,13 +708,7 @@ async fn unknown_fields_are_ignored_consistently_and_never_stored() {
     .await;
 
     for (name, session) in [("u-http", &session), ("u-ws", &ws_session)] {
-        let row = gw
-            .gateway
-            .store()
-            .get(&name.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap();
+        let row = stored(&gw, name).await;
         assert_eq!(row.owner, "alice", "{name}");
         assert_eq!(row.kind, virtual_llm::LlmKind::Virtual, "{name}");
         assert_eq!(row.status, virtual_llm::LlmStatus::Active, "{name}");
@@ -756,13 +750,7 @@ async fn unknown_fields_are_ignored_consistently_and_never_stored() {
     let registered = next(&mut deep_socket).await.unwrap();
     assert_eq!(registered["type"], "registered", "{}", short(&registered));
     for name in ["u-deep", "u-deep-ws"] {
-        let row = gw
-            .gateway
-            .store()
-            .get(&name.parse().unwrap())
-            .await
-            .unwrap()
-            .unwrap();
+        let row = stored(&gw, name).await;
         assert_eq!(row.status, virtual_llm::LlmStatus::Active, "{name}");
         let stored = serde_json::to_string(&row).unwrap();
         assert!(
@@ -2077,4 +2065,14 @@ async fn the_registry_listing_pages_with_limit_and_after() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["type"], "invalid_request_error", "{bad}");
     }
+}
+
+/// The row `name` as the gateway's store has it (it must exist).
+async fn stored(gw: &TestGateway, name: &str) -> LlmRecord {
+    gw.gateway
+        .store()
+        .get(&name.parse().unwrap())
+        .await
+        .unwrap()
+        .unwrap()
 }
