@@ -57,8 +57,8 @@ use crate::error::NatsError;
 use crate::options::NatsOptions;
 use crate::router::NatsTaskRouter;
 use crate::wire::{
-    Announcement, DeliverAnswer, DeliveryWire, FrameAnswer, Held, LoadWire, Subjects, decode_frame,
-    encode_frame,
+    Announcement, DeliverAnswer, DeliveryWire, FrameAnswer, Held, LoadWire, PLANE_VERSION,
+    QUIET_LAST_RESULTS, Subjects, decode_frame, encode_frame,
 };
 
 /// A channel this replica holds.
@@ -162,6 +162,8 @@ pub(crate) struct Shared {
     /// The peers this replica has heard from and not seen go.
     members: Mutex<HashSet<ReplicaId>>,
     members_changed: Notify,
+    /// The plane version each peer said in its last `Hello` or `Here`.
+    versions: Mutex<HashMap<ReplicaId, u32>>,
     frames: mpsc::Sender<OutFrame>,
     /// How many frames `frames` holds or `publish_frames` is publishing: while any
     /// is, a new frame queues behind them rather than overtake them.
@@ -277,6 +279,7 @@ impl NatsPlane {
             epochs: AtomicU64::new(seed),
             members: Mutex::new(HashSet::new()),
             members_changed: Notify::new(),
+            versions: Mutex::new(HashMap::new()),
             frames: frames_tx,
             queued: Mutex::new(0),
             announcements: announce_tx,
@@ -478,6 +481,7 @@ impl Shared {
         self.announce(Announcement::Hello {
             from: self.replica.clone(),
             held: self.held(),
+            version: PLANE_VERSION,
         });
     }
 
@@ -486,6 +490,7 @@ impl Shared {
         self.announce(Announcement::Here {
             from: self.replica.clone(),
             held: self.held(),
+            version: PLANE_VERSION,
         });
     }
 
@@ -698,6 +703,7 @@ impl Shared {
     /// fail, and no barrier waits for it.
     pub(crate) fn gone(&self, replica: &ReplicaId) {
         let was_member = lock(&self.members).remove(replica);
+        lock(&self.versions).remove(replica);
         let sessions: Vec<SessionId> = {
             let mut remote = lock(&self.remote);
             let sessions = remote
@@ -812,15 +818,21 @@ impl Shared {
         if from == self.replica {
             return;
         }
+        if let Announcement::Hello { version, .. } | Announcement::Here { version, .. } =
+            &announcement
+        {
+            // Known before anyone waiting for this peer hears of it.
+            lock(&self.versions).insert(from.clone(), *version);
+        }
         if !matches!(announcement, Announcement::Bye { .. }) {
             self.member(&from);
         }
         match announcement {
-            Announcement::Hello { from, held } => {
+            Announcement::Hello { from, held, .. } => {
                 self.apply_snapshot(&from, held);
                 self.resync();
             }
-            Announcement::Here { from, held } => self.apply_snapshot(&from, held),
+            Announcement::Here { from, held, .. } => self.apply_snapshot(&from, held),
             Announcement::Bound { session, binding } => self.apply_bound(&session, binding),
             Announcement::Released { session, binding } => {
                 let mut remote = lock(&self.remote);
@@ -965,6 +977,49 @@ impl Shared {
             self.end_carried(&task);
         }
         outcome
+    }
+
+    /// Hands a task's last results to their task on `replica` without waiting for
+    /// the answer, published with no reply subject, when `replica` takes them so (it
+    /// said a plane version of [`QUIET_LAST_RESULTS`] or later); else as
+    /// [`deliver`](Shared::deliver), the answer dropped. Bounded by the deliver
+    /// timeout all the same (the client's queue of commands may be full while NATS is
+    /// away).
+    pub(crate) async fn deliver_last(&self, replica: &ReplicaId, delivery: Delivery) {
+        let task = delivery.task.clone();
+        let speaks = lock(&self.versions).get(replica).copied().unwrap_or(0);
+        if speaks < QUIET_LAST_RESULTS {
+            if let Err(e) = self.deliver(replica, delivery).await {
+                tracing::debug!(%task, peer = %replica, error = %e, "a task's last results were refused");
+            }
+            return;
+        }
+        self.late_acks.answered(&task);
+        if delivery.results.iter().any(TaskResult::is_final) {
+            self.end_carried(&task);
+        }
+        let payload = match serde_json::to_vec(&DeliveryWire::from(delivery)) {
+            Ok(payload) => payload,
+            Err(e) => {
+                tracing::warn!(%task, error = %e, "a result that cannot be encoded");
+                return;
+            }
+        };
+        let subject = self.subjects.deliver(replica);
+        let sent = tokio::time::timeout(
+            self.options.deliver_timeout,
+            self.publish(subject, payload.into(), None),
+        )
+        .await;
+        match sent {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::debug!(%task, peer = %replica, error = %e, "a task's last results were not sent");
+            }
+            Err(_) => {
+                tracing::debug!(%task, peer = %replica, "a task's last results were not sent in time");
+            }
+        }
     }
 
     async fn deliver_unbounded(
@@ -1198,7 +1253,8 @@ async fn report_loads(weak: Weak<Shared>, changes: Arc<LoadChanges>) {
 
 async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
     each_message(weak, sub, "deliveries", |shared, msg, payload| async move {
-        let Some(reply) = msg.reply else { return };
+        // A delivery with no reply subject is a task's last results, unanswered.
+        let reply = msg.reply;
         // Taken here when the task takes it at once (the common case: one task hop
         // less on every stream's path); else on its own task, so that a slow client
         // holds up its own stream only.
@@ -1222,12 +1278,21 @@ async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
                     }
                 }
             };
-            if let Err(e) = shared
-                .client
-                .publish(reply, DeliverAnswer::encode(&outcome))
-                .await
-            {
-                tracing::debug!(error = %e, "answering a forwarded result");
+            match reply {
+                Some(reply) => {
+                    if let Err(e) = shared
+                        .client
+                        .publish(reply, DeliverAnswer::encode(&outcome))
+                        .await
+                    {
+                        tracing::debug!(error = %e, "answering a forwarded result");
+                    }
+                }
+                None => {
+                    if let Err(e) = outcome {
+                        tracing::debug!(error = %e, "a task's last results were refused");
+                    }
+                }
             }
         });
         if delivery.as_mut().now_or_never().is_none() {

@@ -5,7 +5,9 @@
 //! `max_payload`); that replica answers once the task took them, so the answer is
 //! the stream's backpressure, and the chunks that came in while one request was on
 //! its way make the next. "No responders" (the replica is gone) and no answer within the
-//! deliver timeout answer [`Error::UnknownTask`]. A channel loss is announced to
+//! deliver timeout answer [`Error::UnknownTask`]. A task's last results that the
+//! sender has no use for the answer of go as a plain message instead, to replicas that
+//! take them so (see [`crate::wire`]). A channel loss is announced to
 //! every replica, after the release of its bind.
 
 use std::fmt;
@@ -41,6 +43,10 @@ impl fmt::Debug for NatsTaskRouter {
 impl TaskRouter for NatsTaskRouter {
     async fn deliver(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
         self.shared.deliver(replica, delivery).await
+    }
+
+    async fn deliver_last(&self, replica: &ReplicaId, delivery: Delivery) {
+        self.shared.deliver_last(replica, delivery).await;
     }
 
     async fn session_closed(&self, session: &SessionId) {

@@ -9,7 +9,10 @@
 //!   answer ([`FrameAnswer`]) says whether the channel took it; a taken task frame's
 //!   answer is its task's first result on `deliver`, or comes late (see `ack`).
 //! - `P.r.{replica}.deliver`: publishers' results for tasks `replica` holds, each a
-//!   request answered when the task took it ([`DeliverAnswer`]).
+//!   request answered when the task took it ([`DeliverAnswer`]); except a task's last
+//!   results whose answer the sender has no use for, published with no reply subject
+//!   to a replica that takes them so (plane version [`QUIET_LAST_RESULTS`] or later,
+//!   said in its `Hello` and `Here`).
 //! - `P.r.{replica}.ping`: the probe of a replica's liveness.
 //!
 //! Answers go to one inbox subscription per replica (`_INBOX.{id}.>`), correlated by
@@ -56,6 +59,14 @@ impl Subjects {
     }
 }
 
+/// The version of the plane's protocol this replica speaks, said in its `Hello` and
+/// `Here` (a replica from before versions says none: 0).
+pub(crate) const PLANE_VERSION: u32 = 1;
+
+/// The first version that takes a delivery with no reply subject (a task's last
+/// results, unanswered); a replica before it drops one, so it gets them as a request.
+pub(crate) const QUIET_LAST_RESULTS: u32 = 1;
+
 /// One channel a replica holds, in a snapshot.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Held {
@@ -67,11 +78,21 @@ pub(crate) struct Held {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "camelCase")]
 pub(crate) enum Announcement {
-    /// `from` joined (or reconnected): these are its channels. Every peer answers
-    /// with `Here`.
-    Hello { from: ReplicaId, held: Vec<Held> },
-    /// `from`'s channels, in answer to a `Hello`.
-    Here { from: ReplicaId, held: Vec<Held> },
+    /// `from` joined (or reconnected): these are its channels, and the plane
+    /// version it speaks. Every peer answers with `Here`.
+    Hello {
+        from: ReplicaId,
+        held: Vec<Held>,
+        #[serde(default)]
+        version: u32,
+    },
+    /// `from`'s channels and version, in answer to a `Hello`.
+    Here {
+        from: ReplicaId,
+        held: Vec<Held>,
+        #[serde(default)]
+        version: u32,
+    },
     /// `session`'s channel is bound on `binding.replica`.
     Bound {
         session: SessionId,
@@ -297,5 +318,28 @@ mod tests {
         let back: Announcement = serde_json::from_str(&json).unwrap();
         assert_eq!(back, bound);
         assert_eq!(back.from(), &a);
+    }
+
+    #[test]
+    fn a_snapshot_without_a_version_is_from_before_versions() {
+        let a = ReplicaId::parse("a").unwrap();
+        let old = r#"{"op":"here","from":"a","held":[]}"#;
+        let back: Announcement = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            back,
+            Announcement::Here {
+                from: a.clone(),
+                held: Vec::new(),
+                version: 0
+            }
+        );
+        let hello = Announcement::Hello {
+            from: a,
+            held: Vec::new(),
+            version: PLANE_VERSION,
+        };
+        let json = serde_json::to_string(&hello).unwrap();
+        assert!(json.contains(r#""version":1"#), "{json}");
+        assert_eq!(serde_json::from_str::<Announcement>(&json).unwrap(), hello);
     }
 }

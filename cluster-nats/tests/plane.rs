@@ -543,3 +543,106 @@ async fn a_task_frame_is_answered_by_its_first_result_or_late() {
         ]
     );
 }
+
+/// A task's last results, whose answer the sender has no use for
+/// (`TaskRouter::deliver_last`), go as a plain message to a replica that said it
+/// takes them so, and the call does not wait for any answer; to a replica of an older
+/// version (its `Hello` says none), they go as a request as before, answered. Here
+/// `b` is a real replica and `old` a raw NATS client speaking the older announcements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_results_go_unanswered_only_to_replicas_that_take_them() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let hour = Duration::from_secs(3600);
+    let opts = options().with_deliver_timeout(hour);
+    let prefix = opts.prefix.clone();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut to_b = raw
+        .subscribe(format!("{prefix}.r.gw-b.deliver"))
+        .await
+        .unwrap();
+    let mut to_old = raw
+        .subscribe(format!("{prefix}.r.old.deliver"))
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    let (a, _b) = two_planes_on(&server.url(), opts).await;
+    let router = a.task_router();
+
+    // b takes them unanswered: the call returns with nobody answering (the deliver
+    // timeout is an hour), and the message has no reply subject.
+    within(
+        10,
+        "last results to b",
+        router.deliver_last(&id("gw-b"), delivery()),
+    )
+    .await;
+    let heard = within(10, "b's delivery", to_b.next()).await.unwrap();
+    assert!(heard.reply.is_none(), "a plain message: {:?}", heard.reply);
+
+    // A replica from before versions: a request, and the call waits for its answer.
+    raw.publish(
+        format!("{prefix}.all"),
+        r#"{"op":"hello","from":"old","held":[]}"#.into(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        a.wait_for_peers(2, Duration::from_secs(10)).await,
+        "a hears of old"
+    );
+    let mut sent = tokio::spawn(async move { router.deliver_last(&id("old"), delivery()).await });
+    let heard = within(10, "old's delivery", to_old.next()).await.unwrap();
+    let reply = heard
+        .reply
+        .expect("a request to a replica from before versions");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), &mut sent)
+            .await
+            .is_err(),
+        "the call waits for old's answer"
+    );
+    raw.publish(reply, bytes::Bytes::new()).await.unwrap();
+    within(10, "answered", sent).await.unwrap();
+
+    // `old` upgraded: once a applied its `Here` (a barrier after it says so), its
+    // last results go unanswered too.
+    raw.publish(
+        format!("{prefix}.all"),
+        r#"{"op":"here","from":"old","held":[],"version":1}"#.into(),
+    )
+    .await
+    .unwrap();
+    let inbox = raw.new_inbox();
+    let mut barrier = raw.subscribe(inbox.clone()).await.unwrap();
+    raw.publish_with_reply(
+        format!("{prefix}.all"),
+        inbox,
+        r#"{"op":"sync","from":"old"}"#.into(),
+    )
+    .await
+    .unwrap();
+    // Every replica answers the barrier; a's answer is the one that counts.
+    within(10, "a applied old's announcements", async {
+        while let Some(answer) = barrier.next().await {
+            if &answer.payload[..] == b"gw-a" {
+                return;
+            }
+        }
+        panic!("the barrier's subscription ended");
+    })
+    .await;
+    let router = a.task_router();
+    within(
+        10,
+        "last results to old",
+        router.deliver_last(&id("old"), delivery()),
+    )
+    .await;
+    let heard = within(10, "old's second delivery", to_old.next())
+        .await
+        .unwrap();
+    assert!(heard.reply.is_none(), "a plain message: {:?}", heard.reply);
+}

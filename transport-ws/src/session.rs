@@ -327,7 +327,10 @@ impl Forwarders {
                 self.session.clone(),
             );
             let mut delivery = Box::pin(async move {
-                if let Err(e) = gateway.deliver(&principal, &session, &task, result).await {
+                let delivered = gateway
+                    .deliver_last(&principal, &session, &task, vec![result])
+                    .await;
+                if let Err(e) = delivered {
                     tracing::debug!(%task, error = %e, "result refused");
                 }
             });
@@ -401,10 +404,18 @@ impl Forwarders {
                 }
                 let count = results.len();
                 let last = results.iter().any(TaskResult::is_final);
-                if let Err(e) = gateway
-                    .deliver_all(&principal, &session, &task, results)
-                    .await
-                {
+                // The last results' answer is of no use here: a refused result is
+                // only logged, and nothing follows them.
+                let outcome = if last {
+                    gateway
+                        .deliver_last(&principal, &session, &task, results)
+                        .await
+                } else {
+                    gateway
+                        .deliver_all(&principal, &session, &task, results)
+                        .await
+                };
+                if let Err(e) = outcome {
                     tracing::debug!(%task, error = %e, "result refused");
                     break;
                 }

@@ -36,6 +36,15 @@ pub(crate) fn retry_elsewhere(answer: &Result<Reply, Error>) -> bool {
     }
 }
 
+/// Whether a publisher's results wait for the answer of the replica holding their
+/// task ([`Gateway::deliver_all`]) or, being its last and of no use to the caller,
+/// do not ([`Gateway::deliver_last`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    Wait,
+    Skip,
+}
+
 /// How a dispatch went, for its row's cooldown.
 fn outcome(answer: &Result<Reply, Error>) -> Outcome {
     // A publisher too old for the endpoint is not failing: no cooldown for it.
@@ -423,11 +432,45 @@ impl Gateway {
         task: &TaskId,
         results: Vec<TaskResult>,
     ) -> Result<(), Error> {
+        self.deliver_results(principal, session, task, results, Answer::Wait)
+            .await
+    }
+
+    /// [`deliver_all`](Gateway::deliver_all) for a task's last results (the last of
+    /// them final) when the caller has no use for the answer, as a publisher over a
+    /// socket, which is told nothing of a refused result: for a task on another
+    /// replica they cross without waiting for that replica's answer
+    /// ([`TaskRouter::deliver_last`](crate::TaskRouter::deliver_last)), and `Ok` means
+    /// they are on their way. The checks made here (the role, each result's shape)
+    /// still answer. Results whose last is not final, or that resume a task, are
+    /// delivered as by `deliver_all`: their answer is the stream's backpressure, or
+    /// decides a cancel.
+    pub async fn deliver_last(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+        task: &TaskId,
+        results: Vec<TaskResult>,
+    ) -> Result<(), Error> {
+        self.deliver_results(principal, session, task, results, Answer::Skip)
+            .await
+    }
+
+    async fn deliver_results(
+        &self,
+        principal: &Principal,
+        session: &SessionId,
+        task: &TaskId,
+        results: Vec<TaskResult>,
+        answer: Answer,
+    ) -> Result<(), Error> {
         principal.require(Role::Publisher)?;
         let Some(first) = results.first() else {
             return Ok(());
         };
         let resuming = matches!(first, TaskResult::Resume { .. });
+        let unanswered =
+            answer == Answer::Skip && !resuming && results.last().is_some_and(TaskResult::is_final);
         let delivered = match task.replica() {
             Some(replica) if replica != *self.replica() => {
                 for result in &results {
@@ -439,7 +482,15 @@ impl Gateway {
                     task: task.clone(),
                     results,
                 };
-                self.shared.task_router.deliver(&replica, delivery).await
+                if unanswered {
+                    self.shared
+                        .task_router
+                        .deliver_last(&replica, delivery)
+                        .await;
+                    Ok(())
+                } else {
+                    self.shared.task_router.deliver(&replica, delivery).await
+                }
             }
             _ => {
                 let mut delivered = Ok(());

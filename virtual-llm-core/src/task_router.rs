@@ -71,6 +71,20 @@ pub trait TaskRouter: fmt::Debug + Send + Sync + 'static {
     /// Hands `delivery` to its task on `replica` (never this replica).
     async fn deliver(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error>;
 
+    /// Hands `delivery`, whose last result is its task's final one, to its task on
+    /// `replica` for a caller that has no use for the answer (a publisher over a
+    /// socket is told nothing of a refused result): a plane may return once the
+    /// delivery is on its way, without waiting for `replica` to answer it, saving a
+    /// message on every relayed request. What `replica` does with it is what
+    /// [`deliver`](TaskRouter::deliver) would do; only the answer is not waited for.
+    /// Bounded in time like `deliver`. By default, `deliver` with its answer dropped.
+    async fn deliver_last(&self, replica: &ReplicaId, delivery: Delivery) {
+        let task = delivery.task.clone();
+        if let Err(e) = self.deliver(replica, delivery).await {
+            tracing::debug!(%task, error = %e, "a task's last results were refused");
+        }
+    }
+
     /// Tells every other replica that `session`'s channel closed.
     async fn session_closed(&self, session: &SessionId);
 

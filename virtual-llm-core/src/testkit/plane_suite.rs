@@ -270,6 +270,83 @@ pub async fn results_sent_together_arrive_in_order(a: &Gateway, b: &Gateway) {
     assert_eq!(b.in_flight(), 0);
 }
 
+/// A task's last results posted through `a` with no use for the answer
+/// ([`Gateway::deliver_last`]) reach the task on `b` in order, checked there all the
+/// same: another principal's are dropped on `b` (the call, not waiting for `b`, cannot
+/// say so) and leave the task to its own publisher's; a resumed task's are answered.
+pub async fn last_results_cross_without_an_answer(a: &Gateway, b: &Gateway) {
+    let (session, _binding, _channel) = bind_fake(a, "llm").await;
+    let rows = b.route(&client(), "llm").await.expect("routed");
+    let chunk = |seq: u64| TaskResult::Chunk {
+        data: format!("c{seq}"),
+        done: false,
+        seq: Some(seq),
+    };
+    let done = |seq| TaskResult::Chunk {
+        data: String::new(),
+        done: true,
+        seq: Some(seq),
+    };
+    let mut handle = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
+        .expect("started");
+    let id = handle.id().clone();
+    let mallory = Principal::new("mallory", [Role::Publisher]);
+    let forged = a
+        .deliver_last(&mallory, &session, &id, vec![chunk(0), done(1)])
+        .await;
+    if let Err(e) = forged {
+        // A plane that waits for the answer says what `b` said.
+        assert_eq!(e.status(), 404, "not hers");
+    }
+    a.deliver_last(&alice(), &session, &id, vec![chunk(0), chunk(1), done(2)])
+        .await
+        .expect("on their way");
+    let mut seen = Vec::new();
+    while let Some(event) = handle.next().await {
+        seen.push(event.expect("no error"));
+    }
+    use crate::TaskEvent::{Chunk, Done};
+    assert_eq!(seen, [Chunk("c0".into()), Chunk("c1".into()), Done]);
+    assert_eq!(b.in_flight(), 0);
+
+    // A whole answer in one result, as a publisher over a socket sends it.
+    let handle = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "y", false))
+        .expect("started");
+    let id = handle.id().clone();
+    let whole = TaskResult::Completed {
+        status: 200,
+        body: json!({"answer": 42}),
+        retry_after: None,
+    };
+    a.deliver_last(&alice(), &session, &id, vec![whole])
+        .await
+        .expect("on its way");
+    let Reply::Complete(answer) = handle.into_reply().await.expect("answered") else {
+        panic!("a whole answer")
+    };
+    assert_eq!((answer.status, answer.body), (200, json!({"answer": 42})));
+    assert_eq!(b.in_flight(), 0);
+
+    // A resume is answered (it decides whether the publisher is told to stop): here
+    // for a task its client gave up.
+    let handle = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "z", true))
+        .expect("started");
+    let id = handle.id().clone();
+    drop(handle);
+    let resumed = a
+        .deliver_last(
+            &alice(),
+            &session,
+            &id,
+            vec![TaskResult::Resume { from_seq: 0 }, done(0)],
+        )
+        .await;
+    assert_eq!(resumed.expect_err("the task is gone").status(), 404);
+}
+
 /// The publisher's channel closes on `a`: the task a client on `b` waits on fails at
 /// once with 503, and the rows go inactive for both replicas.
 pub async fn a_channel_loss_fails_tasks_on_other_replicas(a: &Gateway, b: &Gateway) {
@@ -343,6 +420,7 @@ macro_rules! plane_conformance_tests {
             a_cancel_crosses_replicas,
             results_are_checked_where_the_task_lives,
             results_sent_together_arrive_in_order,
+            last_results_cross_without_an_answer,
             a_channel_loss_fails_tasks_on_other_replicas,
             a_late_release_on_one_replica_keeps_the_others_bind,
         );
