@@ -363,16 +363,11 @@ async fn the_replica_holding_the_channel_refuses_a_task_past_the_rows_capacity()
     .await;
 }
 
-/// A sleeping row whose channel B holds, asked for through both replicas: one wake
-/// frame reaches the publisher (A's wake goes to B, which starts it; B's own request
-/// joins it); when the publisher reports the model ready, both requests are served.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sleeping_row_is_woken_once_whichever_replicas_its_requests_came_to() {
-    let Some(c) = cluster(None).await else { return };
-    let (session, channel, _bound) = publish(&c.b, "sleepy", 4, UpstreamState::Asleep).await;
-    within("a reads the row hibernating and bound", async {
+/// The row `llm` as hibernating and bound, to `on`'s view.
+async fn hibernating_on(on: &Gateway, llm: &str) {
+    within("the row reads hibernating and bound", async {
         loop {
-            if let Ok(route) = c.a.route(&carol(), "sleepy").await
+            if let Ok(route) = on.route(&carol(), llm).await
                 && route.rows[0].binding.is_some()
                 && route.rows[0].status == virtual_llm::LlmStatus::Hibernating
             {
@@ -382,7 +377,14 @@ async fn a_sleeping_row_is_woken_once_whichever_replicas_its_requests_came_to() 
         }
     })
     .await;
+}
 
+/// A request for `sleepy` through A, sent while the row sleeps: it waits for the wake
+/// its replica sends to the publisher, whose frame is taken off `channel` here.
+async fn ask_a_to_wake(
+    c: &Cluster,
+    channel: &FakeChannel,
+) -> tokio::task::JoinHandle<Result<Reply, Error>> {
     let a = c.a.clone();
     let on_a = tokio::spawn(async move { a.infer(&carol(), chat("sleepy", "from a")).await });
     let wake = within("a's wake reaches the publisher", channel.next()).await;
@@ -394,6 +396,19 @@ async fn a_sleeping_row_is_woken_once_whichever_replicas_its_requests_came_to() 
         load(&c.a, "sleepy").queued == 1
     })
     .await;
+    on_a
+}
+
+/// A sleeping row whose channel B holds, asked for through both replicas: one wake
+/// frame reaches the publisher (A's wake goes to B, which starts it; B's own request
+/// joins it); when the publisher reports the model ready, both requests are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sleeping_row_is_woken_once_whichever_replicas_its_requests_came_to() {
+    let Some(c) = cluster(None).await else { return };
+    let (session, channel, _bound) = publish(&c.b, "sleepy", 4, UpstreamState::Asleep).await;
+    hibernating_on(&c.a, "sleepy").await;
+
+    let on_a = ask_a_to_wake(&c, &channel).await;
 
     let b = c.b.clone();
     let on_b = tokio::spawn(async move { b.infer(&carol(), chat("sleepy", "from b")).await });
@@ -428,5 +443,51 @@ async fn a_sleeping_row_is_woken_once_whichever_replicas_its_requests_came_to() 
     assert_eq!(
         content(within("b's answer", on_b).await.unwrap()),
         "answer b"
+    );
+}
+
+/// A sleeping row whose channel B holds, asked for through A: when its publisher
+/// reports to B that the wake failed, A's waiting request fails at once with 503
+/// `wake_failed` and the publisher's message (not at the end of the minute-long wake
+/// wait), and A holds off waking the row for the cooldown: its next request is
+/// refused the same way, and no second wake reaches the publisher.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_wake_fails_the_requests_waiting_on_the_other_replica() {
+    let Some(c) = cluster(None).await else { return };
+    let (session, channel, _bound) = publish(&c.b, "sleepy", 4, UpstreamState::Asleep).await;
+    hibernating_on(&c.a, "sleepy").await;
+
+    let on_a = ask_a_to_wake(&c, &channel).await;
+
+    let why = "exit status 5: no GPU left";
+    let failed = LlmState {
+        name: name("sleepy"),
+        state: UpstreamState::Asleep,
+        wake_failed: Some(why.to_owned()),
+    };
+    c.b.heartbeat_with(&alice(), &session, &[failed])
+        .await
+        .unwrap();
+    let refused = within("a's request hears of the failure", on_a)
+        .await
+        .unwrap();
+    match refused {
+        Err(Error::WakeFailed { message, .. }) => assert_eq!(message, why),
+        other => panic!("503 wake_failed, not {other:?}"),
+    }
+    assert_eq!(load(&c.a, "sleepy").queued, 0);
+
+    let again = within(
+        "a's next request",
+        c.a.infer(&carol(), chat("sleepy", "again")),
+    )
+    .await;
+    match again {
+        Err(e @ Error::WakeFailed { .. }) => assert_eq!(e.status(), 503),
+        other => panic!("503 wake_failed during the cooldown, not {other:?}"),
+    }
+    assert!(
+        channel.take().is_empty(),
+        "no second wake during the cooldown"
     );
 }

@@ -878,6 +878,14 @@ impl Shared {
                 }
             }
             Announcement::Bye { from } => self.gone(&from),
+            Announcement::WakeFailed {
+                llm, pool, message, ..
+            } => {
+                if let Some(inbound) = self.inbound() {
+                    let failed = inbound.wake_failed(&llm, &pool, &message);
+                    tracing::info!(%llm, requests = failed, peer = %from, "a wake failed on a peer; the requests here waiting for it failed");
+                }
+            }
         }
     }
 

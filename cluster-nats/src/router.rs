@@ -8,13 +8,13 @@
 //! deliver timeout answer [`Error::UnknownTask`]. A task's last results that the
 //! sender has no use for the answer of go as a plain message instead, to replicas that
 //! take them so (see [`crate::wire`]). A channel loss is announced to
-//! every replica, after the release of its bind.
+//! every replica, after the release of its bind; so is a wake that failed.
 
 use std::fmt;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use virtual_llm_core::{Delivery, Error, ReplicaId, SessionId, TaskRouter};
+use virtual_llm_core::{Delivery, Error, LlmName, ReplicaId, SessionId, TaskRouter};
 
 use crate::plane::Shared;
 use crate::wire::Announcement;
@@ -55,6 +55,15 @@ impl TaskRouter for NatsTaskRouter {
             session: session.clone(),
         });
         self.shared.settle().await;
+    }
+
+    async fn wake_failed(&self, llm: &LlmName, pool: &LlmName, message: &str) {
+        self.shared.announce(Announcement::WakeFailed {
+            from: self.shared.replica.clone(),
+            llm: llm.clone(),
+            pool: pool.clone(),
+            message: message.to_owned(),
+        });
     }
 
     async fn session_held(&self, session: &SessionId) {

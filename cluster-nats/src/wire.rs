@@ -4,7 +4,8 @@
 //! - `P.all`: announcements every replica hears, in each sender's order
 //!   ([`Announcement`]: who joined, which channel was bound or released, which closed
 //!   (and whether its session resumes),
-//!   barriers, goodbyes, the in-flight counts of the rows a replica's channels serve).
+//!   barriers, goodbyes, the in-flight counts of the rows a replica's channels serve,
+//!   the wakes that failed).
 //! - `P.r.{replica}.frame`: frames for channels `replica` holds, each a request whose
 //!   answer ([`FrameAnswer`]) says whether the channel took it; a taken task frame's
 //!   answer is its task's first result on `deliver`, or comes late (see `ack`).
@@ -113,6 +114,14 @@ pub(crate) enum Announcement {
     Sync { from: ReplicaId },
     /// `from` is leaving.
     Bye { from: ReplicaId },
+    /// The wake of the row `llm` (of the pool `pool`) failed with `message`, as its
+    /// publisher reported to `from`.
+    WakeFailed {
+        from: ReplicaId,
+        llm: LlmName,
+        pool: LlmName,
+        message: String,
+    },
     /// The in-flight counts of rows whose channels `from` holds, each believed for
     /// `ttl_ms` milliseconds.
     Load {
@@ -142,7 +151,8 @@ impl Announcement {
             | Announcement::Resuming { from, .. }
             | Announcement::Sync { from }
             | Announcement::Bye { from }
-            | Announcement::Load { from, .. } => from,
+            | Announcement::Load { from, .. }
+            | Announcement::WakeFailed { from, .. } => from,
             Announcement::Bound { binding, .. } | Announcement::Released { binding, .. } => {
                 &binding.replica
             }

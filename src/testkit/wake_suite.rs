@@ -442,10 +442,9 @@ pub async fn a_webhook_wakes_a_host_whose_publisher_connects_afterwards(
 /// replicas linked by it, publishers on one and clients on the other.
 ///
 /// On two replicas, requests waiting on one replica hear of a row that wakes or
-/// starts serving through the other from the store's change feed. The case of a wake
-/// that fails through the other replica is stamped `#[ignore]`: a wake failure is not
-/// a row change, and the core does not yet carry it across replicas (`cargo test --
-/// --ignored` runs it).
+/// starts serving through the other from the store's change feed, and of a wake that
+/// failed through the other from the plane
+/// ([`TaskRouter::wake_failed`](crate::TaskRouter::wake_failed)).
 ///
 /// ```no_run
 /// mod sse_wake {
@@ -461,8 +460,7 @@ macro_rules! wake_conformance_tests {
     ($transport:expr, $plane:expr) => {
         $crate::__wake_suite_cases!(
             $transport,
-            ::core::option::Option::Some(&$plane as &dyn $crate::testkit::Plane),
-            replicas
+            ::core::option::Option::Some(&$plane as &dyn $crate::testkit::Plane)
         );
     };
 }
@@ -481,21 +479,9 @@ macro_rules! __wake_suite_cases {
             a_webhook_wakes_a_host_whose_publisher_connects_afterwards,
         );
     };
-    ($transport:expr, $plane:expr, replicas) => {
-        $crate::__wake_suite_cases!(@cases $transport, $plane;
-            readiness_moves_a_row_down_up_and_down,
-            five_requests_share_one_wake_and_one_recipe_run,
-            an_idle_llm_sleeps_and_a_request_wakes_it_again,
-            #[ignore = "a known gap: a wakeFailed heard on another replica fails neither this replica's waiters nor starts its cooldown"]
-            a_failing_wake_recipe_fails_the_waiters_and_holds_off_wakes,
-            a_wake_that_outlasts_the_wake_wait_is_503_wake_timeout,
-            a_webhook_wakes_a_host_whose_publisher_connects_afterwards,
-        );
-    };
-    (@cases $transport:expr, $plane:expr; $($(#[$attr:meta])* $case:ident,)*) => {
+    (@cases $transport:expr, $plane:expr; $($case:ident,)*) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            $(#[$attr])*
             async fn $case() {
                 $crate::testkit::wake_suite::$case(&$transport, $plane).await;
             }

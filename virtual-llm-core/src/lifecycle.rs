@@ -610,17 +610,15 @@ impl Gateway {
         for state in states.iter().filter(|s| llm(&s.name)) {
             match (&state.wake_failed, state.state) {
                 (Some(message), _) => {
-                    self.shared.wakes.failed(&state.name, message.clone());
-                    let retry_after = self.shared.config.wake_cooldown;
                     if let Some(row) = rows.iter().find(|r| r.name == state.name) {
-                        let failed = self.shared.admission.fail_waiters(row.pool_key(), &|| {
-                            Error::WakeFailed {
-                                llm: state.name.to_string(),
-                                message: message.clone(),
-                                retry_after,
-                            }
-                        });
-                        tracing::info!(llm = %state.name, requests = failed, "a wake failed; its waiters are told");
+                        let pool = row.pool_key();
+                        let admission = &*self.shared.admission;
+                        self.shared.wakes.fail(admission, &row.name, pool, message);
+                        // Requests for it may wait on other replicas too.
+                        self.shared
+                            .task_router
+                            .wake_failed(&row.name, pool, message)
+                            .await;
                     }
                 }
                 (None, UpstreamState::Ready) => {

@@ -91,6 +91,13 @@ pub trait TaskRouter: fmt::Debug + Send + Sync + 'static {
     /// Tells every other replica that `session`'s channel closed and that the session
     /// resumes (SPEC §15): their tasks on it are held for the resume window.
     async fn session_held(&self, session: &SessionId);
+
+    /// Tells every other replica that the wake of the row `llm` (of the pool `pool`)
+    /// failed with `message`, as its publisher reported here: their
+    /// [`TaskInbound::wake_failed`] runs, so their requests waiting for it fail with
+    /// 503 `wake_failed` and their cooldown of its wakes starts (SPEC §12, §14).
+    /// Returns once they are told, or it is given up on, within the plane's timeout.
+    async fn wake_failed(&self, llm: &LlmName, pool: &LlmName, message: &str);
 }
 
 /// The task router of a gateway that is the only replica: there is nobody else to
@@ -107,6 +114,8 @@ impl TaskRouter for LocalTaskRouter {
     async fn session_closed(&self, _session: &SessionId) {}
 
     async fn session_held(&self, _session: &SessionId) {}
+
+    async fn wake_failed(&self, _llm: &LlmName, _pool: &LlmName, _message: &str) {}
 }
 
 /// The receiving end of a [`TaskRouter`] on one replica: what a plane (NATS, or the
@@ -174,6 +183,17 @@ impl TaskInbound {
             });
         }
         held
+    }
+
+    /// The wake of the row `llm` (of the pool `pool`) failed with `message`, as its
+    /// publisher reported to another replica: this replica's requests waiting for it
+    /// fail with 503 `wake_failed`, and its wakes of the row are held off for the
+    /// cooldown. Returns how many requests failed.
+    pub fn wake_failed(&self, llm: &LlmName, pool: &LlmName, message: &str) -> usize {
+        let Some(shared) = self.gateway.upgrade() else {
+            return 0;
+        };
+        shared.wakes.fail(&*shared.admission, llm, pool, message)
     }
 
     /// The replica holding `session`'s channel refused the frame of `task` (a plane

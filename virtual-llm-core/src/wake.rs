@@ -10,7 +10,10 @@
 //! lets the queue drain; nothing polls. A request that read the row before it woke
 //! (its registry view, or another replica's, not yet caught up) joins the wake that
 //! is over rather than asking again: a row woken at revision `r` is not woken again
-//! for a read of it at `r` or before, for the wake wait after it woke.
+//! for a read of it at `r` or before, for the wake wait after it woke. A wake that
+//! fails fails the requests waiting for it on every replica, and starts the cooldown
+//! on each: the replica its publisher reported the failure to tells the others
+//! through the [`TaskRouter`](crate::TaskRouter).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -20,6 +23,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::admission::Admission;
 use crate::directory::ChannelDirectory;
 use crate::protocol::{GatewayFrame, WakeFrame};
 use crate::sync::lock;
@@ -214,6 +218,27 @@ impl Wakes {
                 },
             );
         }
+    }
+
+    /// The wake of the row `llm`, of the pool `pool`, failed with `message` (its
+    /// publisher said so here, or a peer heard it): the cooldown of its wakes starts,
+    /// and the requests waiting in the pool's queue fail with 503 `wake_failed`.
+    /// Returns how many.
+    pub(crate) fn fail(
+        &self,
+        admission: &dyn Admission,
+        llm: &LlmName,
+        pool: &LlmName,
+        message: &str,
+    ) -> usize {
+        self.failed(llm, message.to_owned());
+        let failed = admission.fail_waiters(pool, &|| Error::WakeFailed {
+            llm: llm.to_string(),
+            message: message.to_owned(),
+            retry_after: self.cooldown,
+        });
+        tracing::info!(%llm, requests = failed, "a wake failed; its waiters are told");
+        failed
     }
 
     /// `name`'s wake failed with `message`: recorded for the cooldown.

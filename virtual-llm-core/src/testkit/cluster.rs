@@ -29,7 +29,7 @@ use crate::directory::{BindToken, ChannelDirectory, tell_closing};
 use crate::protocol::GatewayFrame;
 use crate::sync::lock;
 use crate::task_router::{Delivery, TaskInbound, TaskRouter};
-use crate::{ChannelBinding, Error, Gateway, GatewayBuilder, ReplicaId, SessionId};
+use crate::{ChannelBinding, Error, Gateway, GatewayBuilder, LlmName, ReplicaId, SessionId};
 
 struct Bound {
     binding: ChannelBinding,
@@ -264,6 +264,12 @@ impl TaskRouter for MemoryTaskRouter {
     async fn session_held(&self, session: &SessionId) {
         for inbound in self.others() {
             inbound.channel_lost(session);
+        }
+    }
+
+    async fn wake_failed(&self, llm: &LlmName, pool: &LlmName, message: &str) {
+        for inbound in self.others() {
+            inbound.wake_failed(llm, pool, message);
         }
     }
 }

@@ -79,6 +79,24 @@ async fn bind_fake(on: &Gateway, name: &str) -> (SessionId, Binding, FakeChannel
     (session, binding, channel)
 }
 
+/// Chunk `seq` of a stream, `c{seq}`.
+fn chunk(seq: u64) -> TaskResult {
+    TaskResult::Chunk {
+        data: format!("c{seq}"),
+        done: false,
+        seq: Some(seq),
+    }
+}
+
+/// The end of a stream, numbered `seq`.
+fn done(seq: u64) -> TaskResult {
+    TaskResult::Chunk {
+        data: String::new(),
+        done: true,
+        seq: Some(seq),
+    }
+}
+
 fn content(body: &Value) -> String {
     body["choices"][0]["message"]["content"]
         .as_str()
@@ -171,11 +189,6 @@ pub async fn results_are_checked_where_the_task_lives(a: &Gateway, b: &Gateway) 
         .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
         .expect("started");
     let id = handle.id().clone();
-    let chunk = |seq| TaskResult::Chunk {
-        data: format!("c{seq}"),
-        done: false,
-        seq: Some(seq),
-    };
     let mallory = Principal::new("mallory", [Role::Publisher]);
     let refused = a.deliver(&mallory, &session, &id, chunk(0)).await;
     assert_eq!(refused.expect_err("not hers").status(), 404);
@@ -191,11 +204,7 @@ pub async fn results_are_checked_where_the_task_lives(a: &Gateway, b: &Gateway) 
     a.deliver(&alice(), &session, &id, chunk(1))
         .await
         .expect("c1");
-    let done = TaskResult::Chunk {
-        data: String::new(),
-        done: true,
-        seq: Some(2),
-    };
+    let done = done(2);
     a.deliver(&alice(), &session, &id, done.clone())
         .await
         .expect("done");
@@ -217,16 +226,6 @@ pub async fn results_are_checked_where_the_task_lives(a: &Gateway, b: &Gateway) 
 pub async fn results_sent_together_arrive_in_order(a: &Gateway, b: &Gateway) {
     let (session, _binding, _channel) = bind_fake(a, "llm").await;
     let rows = b.route(&client(), "llm").await.expect("routed");
-    let chunk = |seq: u64| TaskResult::Chunk {
-        data: format!("c{seq}"),
-        done: false,
-        seq: Some(seq),
-    };
-    let done = |seq| TaskResult::Chunk {
-        data: String::new(),
-        done: true,
-        seq: Some(seq),
-    };
     let mut handle = b
         .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
         .expect("started");
@@ -277,16 +276,6 @@ pub async fn results_sent_together_arrive_in_order(a: &Gateway, b: &Gateway) {
 pub async fn last_results_cross_without_an_answer(a: &Gateway, b: &Gateway) {
     let (session, _binding, _channel) = bind_fake(a, "llm").await;
     let rows = b.route(&client(), "llm").await.expect("routed");
-    let chunk = |seq: u64| TaskResult::Chunk {
-        data: format!("c{seq}"),
-        done: false,
-        seq: Some(seq),
-    };
-    let done = |seq| TaskResult::Chunk {
-        data: String::new(),
-        done: true,
-        seq: Some(seq),
-    };
     let mut handle = b
         .start_task(&client(), &rows.rows[0], chat("llm", "x", true))
         .expect("started");
