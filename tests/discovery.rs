@@ -92,6 +92,11 @@ async fn models_appear_and_go(t: &dyn Transport) {
         status(&gw, "box/org/m2").await.as_deref() == Some("inactive")
     })
     .await;
+    // The new set is registered (its rows read active) before the publisher's new
+    // channel is bound: it is served once the publisher is connected again.
+    tokio::time::timeout(Duration::from_secs(10), publisher.connected())
+        .await
+        .expect("the publisher connects again");
     assert_eq!(status(&gw, "box/m1").await.as_deref(), Some("active"));
     let (code, answer) = gw.chat("client", "box/m3-q4", "hi", false).await;
     assert_eq!(code, 200, "{answer}");
