@@ -21,5 +21,8 @@ mod route;
 mod session;
 
 pub use client::WsWire;
-pub use config::{CREDITS_HEADER, PUBLISHER_WRITE_BUFFER, READ_BUFFER, socket_config};
+pub use config::{
+    CREDITS_HEADER, GATEWAY_WRITE_BUFFER, PUBLISHER_WRITE_BUFFER, READ_BUFFER,
+    gateway_socket_config, socket_config,
+};
 pub use route::route;

@@ -23,7 +23,7 @@ use warp::Filter;
 use warp::filters::BoxedFilter;
 use warp::reply::Response;
 
-use crate::config::{CREDITS_HEADER, socket_config};
+use crate::config::{CREDITS_HEADER, gateway_socket_config};
 
 /// The WebSocket control channel, `GET {base}/_provider-ws` under the gateway's
 /// configured base path. Mount it with `virtual-llm-http`'s routes:
@@ -81,7 +81,7 @@ async fn upgrade(
         ));
     };
     let accept = derive_accept_key(key.as_bytes());
-    let config = socket_config(gateway.config().max_body_bytes);
+    let config = gateway_socket_config(gateway.config().max_body_bytes);
     // Per-task flow control for a publisher that asks for it: the window is the
     // task's buffer, so a publisher within its credits never overflows it.
     let window = headers

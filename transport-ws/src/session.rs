@@ -35,6 +35,8 @@ const REGISTER_WAIT: Duration = Duration::from_secs(10);
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// How long a closing socket waits to send its last frames and close handshake.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Most frames written to a publisher with one flush.
+const FRAMES_PER_WRITE: usize = 64;
 
 /// Serves one publisher's socket. `window`: the per-task flow-control window, when the
 /// publisher asked for credits.
@@ -143,19 +145,21 @@ pub(crate) async fn run<S>(
             },
             frame = frames.recv() => match frame {
                 Some(frame) => {
-                    let frame = *frame;
-                    if let GatewayFrame::Cancel(c) = &frame {
-                        forwarders.forget(&c.task_id);
+                    let (batch, closing) = ready_frames(*frame, &mut frames, &mut credits);
+                    for frame in &batch {
+                        if let GatewayFrame::Cancel(c) = frame {
+                            forwarders.forget(&c.task_id);
+                        }
                     }
-                    let closing = matches!(frame, GatewayFrame::Closing(_));
-                    if !send_within(&mut socket, &frame, keepalive * 2).await || closing {
+                    if !send_within(&mut socket, &batch, keepalive * 2).await || closing {
                         break Ok(());
                     }
                 }
                 None => break Ok(()),
             },
             Some(credit) = next_credit(&mut credits) => {
-                if !send_within(&mut socket, &GatewayFrame::Credit(*credit), keepalive * 2).await {
+                let batch = [GatewayFrame::Credit(*credit)];
+                if !send_within(&mut socket, &batch, keepalive * 2).await {
                     break Ok(());
                 }
             }
@@ -173,7 +177,7 @@ pub(crate) async fn run<S>(
     };
     if let Err(e) = &outcome {
         tracing::info!(%session, error = %Escaped(&e), "closing a publisher socket");
-        send_within(&mut socket, &GatewayFrame::Error(e.to_body()), CLOSE_WAIT).await;
+        send_within(&mut socket, &[GatewayFrame::Error(e.to_body())], CLOSE_WAIT).await;
     }
     // A publisher that stopped reading cannot take the close frame either.
     if tokio::time::timeout(CLOSE_WAIT, close(socket))
@@ -195,6 +199,36 @@ pub(crate) async fn run<S>(
             tracing::warn!(%session, error = %e, "unbinding a closed socket failed");
         }
     }
+}
+
+/// `first` and the frames ready with it for the publisher, in order, then the credits
+/// ready (independent of the frames), up to [`FRAMES_PER_WRITE`]: they leave with one
+/// write. Nothing follows a `closing` frame; the flag says whether the batch ends
+/// with one.
+fn ready_frames(
+    first: GatewayFrame,
+    frames: &mut mpsc::Receiver<Box<GatewayFrame>>,
+    credits: &mut Option<mpsc::Receiver<Box<CreditFrame>>>,
+) -> (Vec<GatewayFrame>, bool) {
+    let closing = |f: &GatewayFrame| matches!(f, GatewayFrame::Closing(_));
+    let mut batch = vec![first];
+    while batch.len() < FRAMES_PER_WRITE && !batch.last().is_some_and(closing) {
+        match frames.try_recv() {
+            Ok(frame) => batch.push(*frame),
+            Err(_) => break,
+        }
+    }
+    let closed = batch.last().is_some_and(closing);
+    if let Some(credits) = credits
+        && !closed
+    {
+        while batch.len() < FRAMES_PER_WRITE
+            && let Ok(credit) = credits.try_recv()
+        {
+            batch.push(GatewayFrame::Credit(*credit));
+        }
+    }
+    (batch, closed)
 }
 
 /// The next credit to send; never, for a socket without flow control.
@@ -222,15 +256,15 @@ async fn refuse<S: AsyncRead + AsyncWrite + Unpin>(mut socket: WebSocketStream<S
     close(socket).await;
 }
 
-/// Sends one frame, giving up after `limit`: a publisher that takes nothing for that
-/// long has stopped reading, as surely as one that stops answering pings. `false`
-/// when the socket is gone or stalled.
+/// Sends `frames` with one flush, giving up after `limit`: a publisher that takes
+/// nothing for that long has stopped reading, as surely as one that stops answering
+/// pings. `false` when the socket is gone or stalled.
 async fn send_within<S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WebSocketStream<S>,
-    frame: &GatewayFrame,
+    frames: &[GatewayFrame],
     limit: Duration,
 ) -> bool {
-    match tokio::time::timeout(limit, send(socket, frame)).await {
+    match tokio::time::timeout(limit, send_all(socket, frames)).await {
         Ok(sent) => sent,
         Err(_) => {
             tracing::info!(?limit, "the publisher took no frame; closing its socket");
@@ -244,13 +278,27 @@ async fn send<S: AsyncRead + AsyncWrite + Unpin>(
     socket: &mut WebSocketStream<S>,
     frame: &GatewayFrame,
 ) -> bool {
-    match serde_json::to_string(frame) {
-        Ok(text) => socket.send(Message::text(text)).await.is_ok(),
-        Err(e) => {
-            tracing::error!(error = %e, "could not encode a frame");
-            true
+    send_all(socket, std::slice::from_ref(frame)).await
+}
+
+/// Sends `frames` in order with one flush: one write on the socket while they fit
+/// the write buffer. `false` when the socket is gone. A frame that cannot be encoded
+/// is logged and skipped.
+async fn send_all<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    frames: &[GatewayFrame],
+) -> bool {
+    for frame in frames {
+        match serde_json::to_string(frame) {
+            Ok(text) => {
+                if socket.feed(Message::text(text)).await.is_err() {
+                    return false;
+                }
+            }
+            Err(e) => tracing::error!(error = %e, "could not encode a frame"),
         }
     }
+    socket.flush().await.is_ok()
 }
 
 async fn close<S: AsyncRead + AsyncWrite + Unpin>(mut socket: WebSocketStream<S>) {
@@ -440,5 +488,154 @@ impl Forwarders {
             }
         });
         tx
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use std::pin::Pin;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::task::{Context, Poll};
+
+    use tokio::io::{DuplexStream, ReadBuf};
+    use tokio_tungstenite::tungstenite::protocol::Role;
+    use virtual_llm_core::protocol::{CancelFrame, Closing};
+
+    use super::*;
+    use crate::config::gateway_socket_config;
+
+    fn cancel(n: u32) -> GatewayFrame {
+        GatewayFrame::Cancel(CancelFrame {
+            task_id: TaskId::parse(&format!("task_{n:08}")).unwrap(),
+        })
+    }
+
+    fn credit(n: u32) -> Box<CreditFrame> {
+        Box::new(CreditFrame {
+            task_id: TaskId::parse(&format!("task_{n:08}")).unwrap(),
+            results: n,
+        })
+    }
+
+    /// A socket that counts the writes that reached it.
+    struct Counted {
+        inner: DuplexStream,
+        writes: Arc<AtomicUsize>,
+    }
+
+    impl AsyncRead for Counted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    impl AsyncWrite for Counted {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            let written = Pin::new(&mut self.inner).poll_write(cx, buf);
+            if matches!(written, Poll::Ready(Ok(n)) if n > 0) {
+                self.writes.fetch_add(1, Ordering::SeqCst);
+            }
+            written
+        }
+
+        fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_flush(cx)
+        }
+
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_ready_together_are_gathered_in_order_up_to_a_closing() {
+        let (tx, mut frames) = mpsc::channel(16);
+        let (credit_tx, credits) = mpsc::channel(16);
+        let mut credits = Some(credits);
+        for n in 2..=3 {
+            tx.try_send(Box::new(cancel(n))).unwrap();
+        }
+        credit_tx.try_send(credit(7)).unwrap();
+        let (batch, closing) = ready_frames(cancel(1), &mut frames, &mut credits);
+        assert!(!closing);
+        assert_eq!(
+            batch,
+            [
+                cancel(1),
+                cancel(2),
+                cancel(3),
+                GatewayFrame::Credit(*credit(7))
+            ]
+        );
+
+        // Nothing follows a closing frame: not the frames behind it, not credits.
+        let closing_frame = GatewayFrame::Closing(Closing {
+            reason: "replaced".into(),
+        });
+        tx.try_send(Box::new(closing_frame.clone())).unwrap();
+        tx.try_send(Box::new(cancel(9))).unwrap();
+        credit_tx.try_send(credit(8)).unwrap();
+        let (batch, closing) = ready_frames(cancel(4), &mut frames, &mut credits);
+        assert!(closing);
+        assert_eq!(batch, [cancel(4), closing_frame]);
+        assert_eq!(*frames.try_recv().unwrap(), cancel(9), "left for no one");
+
+        // A batch holds at most FRAMES_PER_WRITE frames; the rest wait their turn.
+        let (tx, mut frames) = mpsc::channel(2 * FRAMES_PER_WRITE);
+        for n in 0..2 * FRAMES_PER_WRITE {
+            tx.try_send(Box::new(cancel(u32::try_from(n).unwrap())))
+                .unwrap();
+        }
+        let first = *frames.recv().await.unwrap();
+        let (batch, _) = ready_frames(first, &mut frames, &mut None);
+        assert_eq!(batch.len(), FRAMES_PER_WRITE);
+        assert_eq!(
+            batch.last(),
+            Some(&cancel(u32::try_from(FRAMES_PER_WRITE - 1).unwrap()))
+        );
+    }
+
+    /// The frames of a batch leave the gateway's socket in one write, in order.
+    #[tokio::test]
+    async fn a_batch_of_frames_leaves_in_one_write() {
+        let (ours, theirs) = tokio::io::duplex(1 << 20);
+        let writes = Arc::new(AtomicUsize::new(0));
+        let counted = Counted {
+            inner: ours,
+            writes: writes.clone(),
+        };
+        let config = gateway_socket_config(1 << 20);
+        let mut gateway =
+            WebSocketStream::from_raw_socket(counted, Role::Server, Some(config)).await;
+        let mut publisher = WebSocketStream::from_raw_socket(theirs, Role::Client, None).await;
+        let batch: Vec<GatewayFrame> = (1..=5).map(cancel).collect();
+        assert!(send_all(&mut gateway, &batch).await);
+        assert_eq!(writes.load(Ordering::SeqCst), 1, "one write for the batch");
+        for expected in &batch {
+            let Some(Ok(Message::Text(text))) = publisher.next().await else {
+                panic!("a text frame")
+            };
+            let frame: GatewayFrame = serde_json::from_str(&text).unwrap();
+            assert_eq!(&frame, expected);
+        }
+        assert!(send(&mut gateway, &cancel(6)).await);
+        assert_eq!(
+            writes.load(Ordering::SeqCst),
+            2,
+            "a lone frame leaves at once"
+        );
     }
 }
