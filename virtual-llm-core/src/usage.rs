@@ -20,7 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use metrics::{counter, histogram};
+use metrics::{Counter, Histogram, counter, histogram};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -267,6 +267,84 @@ struct Counts {
     completion: u64,
 }
 
+impl Counts {
+    fn add(&mut self, tokens: TokenUsage) {
+        self.requests += 1;
+        self.prompt = self.prompt.saturating_add(tokens.prompt);
+        self.completion = self.completion.saturating_add(tokens.completion);
+    }
+}
+
+/// The metrics of one (principal, LLM) pair, labelled once: an answer then costs a few
+/// atomic adds, not four metric keys built, hashed and looked up.
+#[derive(Debug)]
+struct PairMetrics {
+    /// The pair's bounded labels.
+    principal: String,
+    llm: String,
+    /// [`REQUESTS`] by code, as codes come.
+    requests: Vec<(String, Counter)>,
+    prompt: Counter,
+    completion: Counter,
+    duration: Histogram,
+}
+
+impl PairMetrics {
+    fn new(principal: String, llm: String) -> Self {
+        PairMetrics {
+            requests: Vec::new(),
+            prompt: counter!(PROMPT_TOKENS, "principal" => principal.clone(), "llm" => llm.clone()),
+            completion: counter!(COMPLETION_TOKENS, "principal" => principal.clone(), "llm" => llm.clone()),
+            duration: histogram!(REQUEST_DURATION, "llm" => llm.clone()),
+            principal,
+            llm,
+        }
+    }
+
+    fn record(&mut self, tokens: TokenUsage, code: &str, took: Duration) {
+        let at = match self.requests.iter().position(|(c, _)| c == code) {
+            Some(at) => at,
+            None => {
+                let requests = counter!(REQUESTS, "principal" => self.principal.clone(), "llm" => self.llm.clone(), "code" => code.to_owned());
+                self.requests.push((code.to_owned(), requests));
+                self.requests.len() - 1
+            }
+        };
+        self.requests[at].1.increment(1);
+        self.prompt.increment(tokens.prompt);
+        self.completion.increment(tokens.completion);
+        self.duration.record(took.as_secs_f64());
+    }
+}
+
+/// One row of the ledger: a pair's counts, and its metrics when the row is the pair's
+/// own (not the `other` row that pairs past the bound share, whose requests are each
+/// labelled as they come).
+#[derive(Debug, Default)]
+struct Row {
+    counts: Counts,
+    metrics: Option<PairMetrics>,
+}
+
+/// The ledger's rows by principal, then LLM, and how many there are.
+#[derive(Debug, Default)]
+struct Rows {
+    by_principal: BTreeMap<String, BTreeMap<String, Row>>,
+    len: usize,
+}
+
+impl Rows {
+    fn contains(&self, principal: &str, llm: &str) -> bool {
+        self.by_principal
+            .get(principal)
+            .is_some_and(|llms| llms.contains_key(llm))
+    }
+
+    fn get_mut(&mut self, principal: &str, llm: &str) -> Option<&mut Row> {
+        self.by_principal.get_mut(principal)?.get_mut(llm)
+    }
+}
+
 /// Bounds the values of a metric label: the first `max` distinct values are used as
 /// they are, every later one is [`OTHER`].
 #[derive(Debug)]
@@ -310,7 +388,7 @@ impl MetricLabels {
 /// The usage counts of this replica, and the bounded labels of its metrics.
 #[derive(Debug)]
 pub(crate) struct UsageLedger {
-    rows: Mutex<BTreeMap<(String, String), Counts>>,
+    rows: Mutex<Rows>,
     llms: MetricLabels,
     principals: MetricLabels,
 }
@@ -327,18 +405,38 @@ impl UsageLedger {
     fn record(&self, principal: &str, llm: &str, tokens: TokenUsage, code: &str, took: Duration) {
         {
             let mut rows = lock(&self.rows);
-            let mut key = (principal.to_owned(), llm.to_owned());
-            if !rows.contains_key(&key) && rows.len() >= MAX_USAGE_ROWS {
-                key.1 = OTHER.to_owned();
-                if !rows.contains_key(&key) && rows.len() > MAX_USAGE_ROWS {
-                    key.0 = OTHER.to_owned();
+            // The pair's own row (the common case: no key is built).
+            if let Some(row) = rows.get_mut(principal, llm)
+                && let Some(metrics) = &mut row.metrics
+            {
+                row.counts.add(tokens);
+                metrics.record(tokens, code, took);
+                return;
+            }
+            let (mut p, mut l) = (principal, llm);
+            if !rows.contains(p, l) && rows.len >= MAX_USAGE_ROWS {
+                l = OTHER;
+                if !rows.contains(p, l) && rows.len > MAX_USAGE_ROWS {
+                    p = OTHER;
                 }
             }
-            let counts = rows.entry(key).or_default();
-            counts.requests += 1;
-            counts.prompt = counts.prompt.saturating_add(tokens.prompt);
-            counts.completion = counts.completion.saturating_add(tokens.completion);
+            let own = (p, l) == (principal, llm);
+            let Rows { by_principal, len } = &mut *rows;
+            let llms = by_principal.entry(p.to_owned()).or_default();
+            let row = llms.entry(l.to_owned()).or_insert_with(|| {
+                *len += 1;
+                Row::default()
+            });
+            row.counts.add(tokens);
+            if own {
+                let metrics = row.metrics.get_or_insert_with(|| {
+                    PairMetrics::new(self.principals.label(principal), self.llms.label(llm))
+                });
+                metrics.record(tokens, code, took);
+                return;
+            }
         }
+        // Counted under `other`: labelled as it comes.
         let (principal, llm) = (self.principals.label(principal), self.llms.label(llm));
         counter!(REQUESTS, "principal" => principal.clone(), "llm" => llm.clone(), "code" => code.to_owned())
             .increment(1);
@@ -363,14 +461,17 @@ impl UsageLedger {
 
     fn rows(&self, principal: Option<&str>) -> Vec<UsageRow> {
         lock(&self.rows)
+            .by_principal
             .iter()
-            .filter(|((p, _), _)| principal.is_none_or(|only| only == p))
-            .map(|((principal, llm), c)| UsageRow {
-                principal: principal.clone(),
-                llm: llm.clone(),
-                requests: c.requests,
-                prompt_tokens: c.prompt,
-                completion_tokens: c.completion,
+            .filter(|(p, _)| principal.is_none_or(|only| only == p.as_str()))
+            .flat_map(|(principal, llms)| {
+                llms.iter().map(move |(llm, row)| UsageRow {
+                    principal: principal.clone(),
+                    llm: llm.clone(),
+                    requests: row.counts.requests,
+                    prompt_tokens: row.counts.prompt,
+                    completion_tokens: row.counts.completion,
+                })
             })
             .collect()
     }
@@ -550,5 +651,78 @@ mod tests {
         let rows = ledger.rows(None);
         assert!(rows.len() <= MAX_USAGE_ROWS + 1, "{}", rows.len());
         assert!(rows.iter().any(|r| r.llm == OTHER && r.principal == "bob"));
+    }
+
+    /// The metrics of each answer, by principal, LLM and code, whether its pair's
+    /// handles were made before (its own row) or not (a pair counted under `other`),
+    /// with the labels bounded by `metricLabels`.
+    #[test]
+    fn every_answer_is_counted_in_the_metrics_under_bounded_labels() {
+        use metrics_util::debugging::{DebugValue, DebuggingRecorder};
+
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        let t = |prompt, completion| TokenUsage { prompt, completion };
+        metrics::with_local_recorder(&recorder, || {
+            let ledger = UsageLedger::new(2);
+            ledger.record("alice", "m1", t(3, 4), "ok", Duration::ZERO);
+            ledger.record("alice", "m1", t(1, 1), "ok", Duration::ZERO);
+            ledger.record("alice", "m1", t(0, 0), "upstream_502", Duration::ZERO);
+            ledger.record("alice", "m2", t(5, 0), "ok", Duration::ZERO);
+            // A third LLM is past the two label values: labelled `other`.
+            ledger.record("alice", "m3", t(7, 0), "ok", Duration::ZERO);
+            // Pairs past the ledger's rows are counted under `other`, and still
+            // measured with their own (bounded) labels.
+            for i in 0..MAX_USAGE_ROWS {
+                ledger.record("bob", &format!("x{i}"), t(0, 0), "ok", Duration::ZERO);
+            }
+            ledger.record("alice", "m1", t(2, 0), "ok", Duration::ZERO);
+        });
+        let snapshot = snapshotter.snapshot().into_vec();
+        let value = |name: &str, labels: &[(&str, &str)]| {
+            snapshot
+                .iter()
+                .find(|(key, _, _, _)| {
+                    let key = key.key();
+                    key.name() == name
+                        && key.labels().count() == labels.len()
+                        && labels
+                            .iter()
+                            .all(|(k, v)| key.labels().any(|l| l.key() == *k && l.value() == *v))
+                })
+                .map(|(_, _, _, value)| value)
+        };
+        let counter = |name, labels: &[(&str, &str)]| match value(name, labels) {
+            Some(DebugValue::Counter(n)) => *n,
+            other => panic!("{name} {labels:?}: {other:?}"),
+        };
+        let alice_m1 = [("principal", "alice"), ("llm", "m1")];
+        let requests = |llm, code| {
+            counter(
+                REQUESTS,
+                &[("principal", "alice"), ("llm", llm), ("code", code)],
+            )
+        };
+        assert_eq!(requests("m1", "ok"), 3);
+        assert_eq!(requests("m1", "upstream_502"), 1);
+        assert_eq!(requests("m2", "ok"), 1);
+        assert_eq!(requests(OTHER, "ok"), 1, "m3, past the label bound");
+        assert_eq!(counter(PROMPT_TOKENS, &alice_m1), 6);
+        assert_eq!(counter(COMPLETION_TOKENS, &alice_m1), 5);
+        assert_eq!(
+            counter(PROMPT_TOKENS, &[("principal", "alice"), ("llm", OTHER)]),
+            7
+        );
+        assert_eq!(
+            counter(
+                REQUESTS,
+                &[("principal", "bob"), ("llm", OTHER), ("code", "ok")]
+            ),
+            u64::try_from(MAX_USAGE_ROWS).unwrap()
+        );
+        match value(REQUEST_DURATION, &[("llm", "m1")]) {
+            Some(DebugValue::Histogram(samples)) => assert_eq!(samples.len(), 4),
+            other => panic!("{other:?}"),
+        }
     }
 }
