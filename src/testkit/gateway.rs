@@ -409,9 +409,18 @@ impl TestGateway {
         Proxy::start(self.publisher_addr).await
     }
 
-    /// Posts a chat-completion request `body` as `who`.
+    /// Posts a chat-completion request `body` as `who`. A streamed one goes on a
+    /// connection of its own: a stream that fails midway ends with its connection
+    /// closed by the gateway (after the `error` event, when the status line is long
+    /// sent), and a request of the test's that reused that connection from the pool
+    /// would race the close (`IncompleteMessage`).
     pub async fn post_chat(&self, who: &str, body: Value) -> reqwest::Response {
-        self.http
+        let client = if body["stream"] == Value::Bool(true) {
+            http_client()
+        } else {
+            self.http.clone()
+        };
+        client
             .post(format!("{}/v1/chat/completions", self.url))
             .bearer_auth(token(who))
             .json(&body)
