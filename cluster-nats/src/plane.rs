@@ -962,20 +962,15 @@ impl Shared {
     /// Hands `delivery` (one NATS request, however many results it carries) to its
     /// task on `replica`, waiting for the answer: for at most
     /// the deliver timeout, publishing included (the client's queue of commands may
-    /// be full while NATS is away).
-    ///
-    /// A task's last result ends its slot here first: its replica may send this row
-    /// its next task as soon as the result reaches it.
+    /// be full while NATS is away). See [`leaving`](Shared::leaving) for what it
+    /// ends here first.
     pub(crate) async fn deliver(
         &self,
         replica: &ReplicaId,
         delivery: Delivery,
     ) -> Result<(), Error> {
         let task = delivery.task.clone();
-        self.late_acks.answered(&task);
-        if delivery.results.iter().any(TaskResult::is_final) {
-            self.end_carried(&task);
-        }
+        self.leaving(&delivery);
         let bound = self.options.deliver_timeout;
         let outcome = tokio::time::timeout(bound, self.deliver_unbounded(replica, delivery))
             .await
@@ -985,6 +980,16 @@ impl Shared {
             self.end_carried(&task);
         }
         outcome
+    }
+
+    /// `delivery` leaves for its task's replica: it answers the task's frame (see
+    /// [`LateAcks`]), and a last result ends the task's slot here first, since its
+    /// replica may send the row its next task as soon as the result reaches it.
+    fn leaving(&self, delivery: &Delivery) {
+        self.late_acks.answered(&delivery.task);
+        if delivery.results.iter().any(TaskResult::is_final) {
+            self.end_carried(&delivery.task);
+        }
     }
 
     /// Hands a task's last results to their task on `replica` without waiting for
@@ -1002,10 +1007,7 @@ impl Shared {
             }
             return;
         }
-        self.late_acks.answered(&task);
-        if delivery.results.iter().any(TaskResult::is_final) {
-            self.end_carried(&task);
-        }
+        self.leaving(&delivery);
         let payload = match serde_json::to_vec(&DeliveryWire::from(delivery)) {
             Ok(payload) => payload,
             Err(e) => {
