@@ -42,11 +42,15 @@ impl Proxy {
                     // The proxy was dropped.
                     _ = closed.wait_for(|_| false) => return,
                 };
+                // The epoch is read before `accepting`: `kill` clears `accepting` before
+                // it bumps the epoch, so a connection accepted across a kill is either
+                // refused here or born in the old epoch and cut with it (read the other
+                // way round, it could be born in the new one and outlive the kill).
+                let mut epochs = epochs.clone();
+                let born = *epochs.borrow_and_update();
                 if !open.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped at once: the publisher's connect fails
                 }
-                let mut epochs = epochs.clone();
-                let born = *epochs.borrow_and_update();
                 let freezes = freezes.clone();
                 tokio::spawn(async move {
                     let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {

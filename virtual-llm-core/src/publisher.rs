@@ -1062,8 +1062,10 @@ impl Running {
             if let Some(sender) = entry.sender.take() {
                 sender.abort();
             }
-            if let (None, Some(work)) = (&entry.log, &entry.work) {
-                work.abort();
+            match (&entry.log, &entry.work) {
+                (Some(log), _) => log.detach(),
+                (None, Some(work)) => work.abort(),
+                (None, None) => {}
             }
             entry.log.is_some()
         });

@@ -120,6 +120,25 @@ impl TaskLog {
         self.changed.notify_waiters();
     }
 
+    /// The channel dropped: the sender reading now, if any, is one no more. It may
+    /// still be running for a moment (its task is aborted, not gone); from now on it
+    /// takes nothing more from the log, and the upstream goes to a keeper. Without
+    /// this, a sender still polled by its dead request could read on and take results
+    /// that go nowhere, which the log then drops first to make room.
+    pub(crate) fn detach(self: &Arc<Self>) {
+        let parked = {
+            let mut state = lock(&self.state);
+            state.sender = None;
+            state.parked.take()
+        };
+        self.changed.notify_waiters();
+        // Parked between two reads: a keeper reads on. (A sender in the middle of a
+        // read hands the upstream over itself when the read ends.)
+        if let Some(source) = parked {
+            self.let_go(source);
+        }
+    }
+
     /// The results from the oldest one held, as a new sender: a `resume` first (when
     /// `resume`), then every result, reading the upstream when the log holds nothing
     /// newer, until the final one. A sender attached later takes over: this one then
@@ -533,6 +552,73 @@ mod tests {
             matches!(&replayed[..], [TaskResult::Resume { .. }, TaskResult::Failed { message }] if message.contains("resume buffer")),
             "{replayed:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_detached_sender_still_polled_takes_nothing_more_and_the_keeper_overflows() {
+        // Between two reads: the sender holds the upstream when the channel drops, and
+        // whatever still polls it (its request body, before the abort lands) gets
+        // nothing more; the keeper reads on and overflows.
+        let (upstream, log) = logged(400);
+        let data = "x".repeat(100);
+        let mut sender = log.replay(false);
+        upstream.unbounded_send(chunk(0, &data)).unwrap();
+        assert_eq!(sender.next().await, Some(chunk(0, &data)));
+        log.detach();
+        for seq in 1..6 {
+            upstream.unbounded_send(chunk(seq, &data)).unwrap();
+        }
+        assert_eq!(sender.next().await, None, "a detached sender ends");
+        settle().await;
+        assert!(upstream.is_closed(), "the keeper overflowed and let go");
+        let replayed: Vec<_> = log.replay(true).collect().await;
+        assert!(
+            matches!(&replayed[..], [TaskResult::Resume { .. }, TaskResult::Failed { message }] if message.contains("resume buffer")),
+            "{replayed:?}"
+        );
+
+        // In the middle of a read: the result it was waiting for stays in the log for
+        // the next sender, and the upstream goes to the keeper.
+        let (upstream, log) = logged(1 << 20);
+        let mut sender = log.replay(false);
+        let reading = tokio::spawn(async move {
+            let first = sender.next().await;
+            (first, sender)
+        });
+        settle().await;
+        log.detach();
+        upstream.unbounded_send(chunk(0, "a")).unwrap();
+        let (first, sender) = reading.await.unwrap();
+        assert_eq!(
+            first, None,
+            "the result read after the detach is not handed out"
+        );
+        drop(sender);
+        upstream.unbounded_send(chunk(1, "b")).unwrap();
+        settle().await;
+        let mut next = log.replay(true);
+        assert_eq!(next.next().await, Some(TaskResult::Resume { from_seq: 0 }));
+        assert_eq!(next.next().await, Some(chunk(0, "a")));
+        assert_eq!(next.next().await, Some(chunk(1, "b")));
+
+        // Parked between two senders (nobody reading): the keeper takes it.
+        let (upstream, log) = logged(400);
+        let mut sender = log.replay(false);
+        upstream.unbounded_send(chunk(0, &data)).unwrap();
+        assert_eq!(sender.next().await, Some(chunk(0, &data)));
+        let taken_over = log.replay(true);
+        assert_eq!(
+            sender.next().await,
+            None,
+            "the earlier sender parked the upstream"
+        );
+        log.detach();
+        for seq in 1..6 {
+            upstream.unbounded_send(chunk(seq, &data)).unwrap();
+        }
+        settle().await;
+        assert!(upstream.is_closed(), "the keeper read the parked upstream");
+        drop(taken_over);
     }
 
     #[tokio::test(start_paused = true)]
