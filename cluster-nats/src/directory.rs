@@ -64,9 +64,19 @@ impl ChannelDirectory for NatsDirectory {
         // channel can be given any).
         let replaced = lock(&shared.remote).remove(session);
         if let Some(old) = replaced {
-            shared.channel_lost(session, &old);
+            shared.channel_lost(session, &old.binding);
         }
-        let older = lock(&shared.local).insert(session.clone(), Local { epoch, sink });
+        // Registered here, the session said whether it resumes; the others hear it
+        // with the bind.
+        let resumes = shared
+            .inbound()
+            .is_some_and(|inbound| inbound.resumes(session));
+        let local = Local {
+            epoch,
+            sink,
+            resumes,
+        };
+        let older = lock(&shared.local).insert(session.clone(), local);
         if let Some(older) = older
             && older
                 .sink
@@ -82,6 +92,7 @@ impl ChannelDirectory for NatsDirectory {
         shared.announce(Announcement::Bound {
             session: session.clone(),
             binding: binding.clone(),
+            resumes,
         });
         BindToken {
             session: session.clone(),
@@ -123,7 +134,7 @@ impl ChannelDirectory for NatsDirectory {
                 epoch: l.epoch,
             });
         }
-        lock(&shared.remote).get(session).cloned()
+        lock(&shared.remote).get(session).map(|r| r.binding.clone())
     }
 
     fn send(&self, session: &SessionId, frame: GatewayFrame) -> Result<(), SendError> {
@@ -136,7 +147,7 @@ impl ChannelDirectory for NatsDirectory {
         }
         let to = lock(&shared.remote)
             .get(session)
-            .cloned()
+            .map(|r| r.binding.clone())
             .ok_or(SendError::Closed)?;
         shared.forward(to, session, frame)
     }

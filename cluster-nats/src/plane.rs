@@ -65,6 +65,18 @@ use crate::wire::{
 pub(crate) struct Local {
     pub(crate) epoch: u64,
     pub(crate) sink: Arc<dyn ChannelSink>,
+    /// The session resumes its tasks through a dropped channel.
+    pub(crate) resumes: bool,
+}
+
+/// A channel another replica holds, as it announced it.
+#[derive(Clone, Debug)]
+pub(crate) struct Remote {
+    pub(crate) binding: ChannelBinding,
+    /// The session resumes its tasks through a dropped channel: if that replica
+    /// dies, the tasks here sent to it wait for the publisher to resume them
+    /// elsewhere rather than fail at once.
+    pub(crate) resumes: bool,
 }
 
 /// A task another replica sent to a channel held here, and its slot on the row.
@@ -156,7 +168,7 @@ pub(crate) struct Shared {
     /// The channels this replica holds.
     pub(crate) local: Mutex<HashMap<SessionId, Local>>,
     /// The channels other replicas hold, as they announced them.
-    pub(crate) remote: Mutex<HashMap<SessionId, ChannelBinding>>,
+    pub(crate) remote: Mutex<HashMap<SessionId, Remote>>,
     /// The Lamport clock of bind epochs.
     epochs: AtomicU64,
     /// The peers this replica has heard from and not seen go.
@@ -418,7 +430,7 @@ impl Shared {
         self.epochs.fetch_max(epoch, Ordering::Relaxed);
     }
 
-    fn inbound(&self) -> Option<TaskInbound> {
+    pub(crate) fn inbound(&self) -> Option<TaskInbound> {
         lock(&self.inbound).clone()
     }
 
@@ -472,6 +484,7 @@ impl Shared {
             .map(|(session, l)| Held {
                 session: session.clone(),
                 epoch: l.epoch,
+                resumes: l.resumes,
             })
             .collect()
     }
@@ -699,19 +712,22 @@ impl Shared {
         }
     }
 
-    /// `replica` is gone: its channels are forgotten, the tasks here waiting on them
-    /// fail, and no barrier waits for it.
+    /// `replica` is gone: its channels are forgotten and no barrier waits for it.
+    /// The tasks here waiting on its channels fail, but those of a session that
+    /// resumes wait the resume window for their publisher, as they would had the
+    /// channel only dropped: the publisher may already be binding again elsewhere, and
+    /// whether that bind or this news arrives first must not decide their fate.
     pub(crate) fn gone(&self, replica: &ReplicaId) {
         let was_member = lock(&self.members).remove(replica);
         lock(&self.versions).remove(replica);
-        let sessions: Vec<SessionId> = {
+        let sessions: Vec<(SessionId, Remote)> = {
             let mut remote = lock(&self.remote);
             let sessions = remote
                 .iter()
-                .filter(|(_, b)| &b.replica == replica)
-                .map(|(s, _)| s.clone())
+                .filter(|(_, r)| &r.binding.replica == replica)
+                .map(|(s, r)| (s.clone(), r.clone()))
                 .collect::<Vec<_>>();
-            for s in &sessions {
+            for (s, _) in &sessions {
                 remote.remove(s);
             }
             sessions
@@ -727,32 +743,40 @@ impl Shared {
                 }
             }
         }
-        let failed: usize = match self.inbound() {
-            Some(inbound) => sessions.iter().map(|s| inbound.session_closed(s)).sum(),
-            None => 0,
-        };
+        let (mut failed, mut waiting) = (0, 0);
+        if let Some(inbound) = self.inbound() {
+            for (session, remote) in &sessions {
+                if remote.resumes {
+                    waiting += inbound.channel_lost(session);
+                } else {
+                    failed += inbound.session_closed(session);
+                }
+            }
+        }
         self.drop_carried(|task, _| task.replica().as_ref() == Some(replica));
         if was_member || !sessions.is_empty() {
             tracing::warn!(
                 replica = %self.replica,
                 peer = %replica,
                 channels = sessions.len(),
-                tasks = failed,
-                "a peer left the NATS plane: the tasks here waiting on its channels failed"
+                failed,
+                waiting,
+                "a peer left the NATS plane: the tasks here on its channels failed, or wait for their publisher to resume them"
             );
             self.members_changed.notify_waiters();
         }
     }
 
-    /// `binding` holds `session`'s channel: the newer of it and what this replica
-    /// knew wins; a channel held here that it replaces is told to close.
-    fn apply_bound(&self, session: &SessionId, binding: ChannelBinding) {
+    /// `bound.binding` holds `session`'s channel: the newer of it and what this
+    /// replica knew wins; a channel held here that it replaces is told to close.
+    fn apply_bound(&self, session: &SessionId, bound: Remote) {
+        let binding = &bound.binding;
         self.observe(binding.epoch);
         let key = |b: &ChannelBinding| (b.epoch, b.replica.clone());
         let replaced = {
             let mut local = lock(&self.local);
             match local.get(session) {
-                Some(l) if (l.epoch, self.replica.clone()) > key(&binding) => return,
+                Some(l) if (l.epoch, self.replica.clone()) > key(binding) => return,
                 Some(_) => local.remove(session),
                 None => None,
             }
@@ -767,8 +791,8 @@ impl Shared {
             }
         }
         let older = match lock(&self.remote).get(session) {
-            Some(known) if key(known) >= key(&binding) => return,
-            known => known.cloned(),
+            Some(known) if key(&known.binding) >= key(binding) => return,
+            known => known.map(|k| k.binding.clone()),
         };
         if let Some(older) = &older {
             // The older channel's replica tells nobody of a replaced channel. Its
@@ -777,9 +801,9 @@ impl Shared {
         }
         let mut remote = lock(&self.remote);
         match remote.get(session) {
-            Some(known) if key(known) >= key(&binding) => {}
+            Some(known) if key(&known.binding) >= key(binding) => {}
             _ => {
-                remote.insert(session.clone(), binding);
+                remote.insert(session.clone(), bound);
             }
         }
     }
@@ -791,10 +815,10 @@ impl Shared {
             let mut remote = lock(&self.remote);
             let before = remote
                 .iter()
-                .filter(|(_, b)| &b.replica == from)
-                .map(|(s, b)| (s.clone(), b.clone()))
+                .filter(|(_, r)| &r.binding.replica == from)
+                .map(|(s, r)| (s.clone(), r.binding.clone()))
                 .collect();
-            remote.retain(|_, b| &b.replica != from);
+            remote.retain(|_, r| &r.binding.replica != from);
             before
         };
         for h in held {
@@ -802,10 +826,14 @@ impl Shared {
                 replica: from.clone(),
                 epoch: h.epoch,
             };
-            self.apply_bound(&h.session, binding);
+            let bound = Remote {
+                binding,
+                resumes: h.resumes,
+            };
+            self.apply_bound(&h.session, bound);
         }
         for (session, old) in before {
-            let kept = lock(&self.remote).get(&session) == Some(&old)
+            let kept = lock(&self.remote).get(&session).map(|r| &r.binding) == Some(&old)
                 || lock(&self.local).contains_key(&session);
             if !kept {
                 self.channel_lost(&session, &old);
@@ -833,10 +861,14 @@ impl Shared {
                 self.resync();
             }
             Announcement::Here { from, held, .. } => self.apply_snapshot(&from, held),
-            Announcement::Bound { session, binding } => self.apply_bound(&session, binding),
+            Announcement::Bound {
+                session,
+                binding,
+                resumes,
+            } => self.apply_bound(&session, Remote { binding, resumes }),
             Announcement::Released { session, binding } => {
                 let mut remote = lock(&self.remote);
-                if remote.get(&session) == Some(&binding) {
+                if remote.get(&session).map(|r| &r.binding) == Some(&binding) {
                     remote.remove(&session);
                 }
             }
@@ -908,7 +940,7 @@ impl Shared {
             FrameOutcome::Answered(FrameAnswer::Refused(SendError::Full)) => SendError::Full,
             FrameOutcome::Answered(FrameAnswer::Refused(SendError::Closed)) => {
                 let mut remote = lock(&self.remote);
-                if remote.get(&sent.session) == Some(&sent.to) {
+                if remote.get(&sent.session).map(|r| &r.binding) == Some(&sent.to) {
                     remote.remove(&sent.session);
                 }
                 SendError::Closed

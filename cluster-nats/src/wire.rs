@@ -2,8 +2,8 @@
 //!
 //! Subjects, under the prefix `P` (default `vllm`):
 //! - `P.all`: announcements every replica hears, in each sender's order
-//!   ([`Announcement`]: who joined, which channel was bound or released, which closed
-//!   (and whether its session resumes),
+//!   ([`Announcement`]: who joined, which channel was bound (and whether its session
+//!   resumes) or released, which closed (and whether its session resumes),
 //!   barriers, goodbyes, the in-flight counts of the rows a replica's channels serve,
 //!   the wakes that failed).
 //! - `P.r.{replica}.frame`: frames for channels `replica` holds, each a request whose
@@ -73,6 +73,10 @@ pub(crate) const QUIET_LAST_RESULTS: u32 = 1;
 pub(crate) struct Held {
     pub(crate) session: SessionId,
     pub(crate) epoch: u64,
+    /// The session resumes its tasks through a dropped channel (a replica from
+    /// before says nothing: `false`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub(crate) resumes: bool,
 }
 
 /// What every replica hears on `P.all`.
@@ -94,10 +98,13 @@ pub(crate) enum Announcement {
         #[serde(default)]
         version: u32,
     },
-    /// `session`'s channel is bound on `binding.replica`.
+    /// `session`'s channel is bound on `binding.replica`; the session `resumes` its
+    /// tasks through a dropped channel (a replica from before says nothing: `false`).
     Bound {
         session: SessionId,
         binding: ChannelBinding,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        resumes: bool,
     },
     /// That bind was released.
     Released {
@@ -323,11 +330,39 @@ mod tests {
                 replica: a.clone(),
                 epoch: 7,
             },
+            resumes: true,
         };
         let json = serde_json::to_string(&bound).unwrap();
         let back: Announcement = serde_json::from_str(&json).unwrap();
         assert_eq!(back, bound);
         assert_eq!(back.from(), &a);
+    }
+
+    #[test]
+    fn a_bind_from_before_resumes_was_said_does_not_resume() {
+        let session = SessionId::generate();
+        let old = format!(
+            r#"{{"op":"bound","session":"{session}","binding":{{"replica":"a","epoch":7}}}}"#
+        );
+        let back: Announcement = serde_json::from_str(&old).unwrap();
+        assert!(
+            matches!(back, Announcement::Bound { resumes: false, .. }),
+            "{back:?}"
+        );
+        let old =
+            format!(r#"{{"op":"here","from":"a","held":[{{"session":"{session}","epoch":7}}]}}"#);
+        let back: Announcement = serde_json::from_str(&old).unwrap();
+        let Announcement::Here { held, .. } = back else {
+            panic!("{back:?}")
+        };
+        assert!(!held[0].resumes);
+        // Said only when true: a session that does not resume is announced as before.
+        let held = Held {
+            session,
+            epoch: 7,
+            resumes: false,
+        };
+        assert!(!serde_json::to_string(&held).unwrap().contains("resumes"));
     }
 
     #[test]

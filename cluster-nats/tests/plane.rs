@@ -219,6 +219,66 @@ async fn tasks_waiting_on_a_vanished_replica_fail() {
     assert!(!b.is_bound(&rows.rows[0].provider_session_id.clone().unwrap()));
 }
 
+/// The replica holding a resuming session's channel vanishes while a client on
+/// another replica waits on a stream, and the client's replica hears of it before the
+/// publisher binds again there: the task waits for its publisher as it would through
+/// a dropped channel, and goes on when the publisher resumes it. (Before, the news of
+/// the vanished replica failed it at once, so whether the stream survived the replica
+/// depended on which arrived first.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resuming_sessions_task_outlives_the_replica_holding_its_channel() {
+    if !nats_installed() {
+        return;
+    }
+    let planes = two_planes().await;
+    let (a, b) = gateways(&planes).await;
+    let resume = vec![virtual_llm_core::protocol::RESUME.to_owned()];
+    let (session, _binding, channel) = bind_fake_declaring(&a, "llm", resume).await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+    let mut handle = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", true))
+        .unwrap();
+    let task = handle.id().clone();
+    within(10, "the task frame", channel.next_task()).await;
+    planes.0.disconnect().await;
+    // Within a probe and its timeout, as in `tasks_waiting_on_a_vanished_replica_fail`.
+    within(20, "b hears that a is gone", async {
+        while b.is_bound(&session) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(b.in_flight(), 1, "the task waits for its publisher");
+    // The publisher binds again on b and resumes the task from its start.
+    let _rebound = b
+        .bind(
+            &alice(),
+            &session,
+            Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
+        )
+        .await
+        .unwrap();
+    b.deliver(
+        &alice(),
+        &session,
+        &task,
+        TaskResult::Resume { from_seq: 0 },
+    )
+    .await
+    .expect("the task is still there to resume");
+    let done = TaskResult::Chunk {
+        data: "c0".into(),
+        done: true,
+        seq: Some(0),
+    };
+    b.deliver(&alice(), &session, &task, done).await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(event) = within(10, "the resumed task", handle.next()).await {
+        seen.push(event.unwrap());
+    }
+    assert_eq!(seen, [TaskEvent::Chunk("c0".into()), TaskEvent::Done]);
+}
+
 async fn publish_echo(on: &Gateway) -> Publisher {
     let wire = Arc::new(LoopbackWire::new(on.clone(), alice()));
     let llms = vec![PublishedLlm::new(

@@ -185,6 +185,17 @@ impl TaskInbound {
         held
     }
 
+    /// Whether `session` registered on this replica with the capability `resume`,
+    /// granted: its tasks outlive a dropped channel (SPEC §15). A plane tells the
+    /// other replicas with the channel's bind, so that a replica that dies holding it
+    /// costs the session's tasks elsewhere no more than a dropped channel does (see
+    /// [`channel_lost`](TaskInbound::channel_lost)).
+    pub fn resumes(&self, session: &SessionId) -> bool {
+        self.gateway
+            .upgrade()
+            .is_some_and(|shared| shared.versions.resumes(session))
+    }
+
     /// The wake of the row `llm` (of the pool `pool`) failed with `message`, as its
     /// publisher reported to another replica: this replica's requests waiting for it
     /// fail with 503 `wake_failed`, and its wakes of the row are held off for the
