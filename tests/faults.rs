@@ -336,7 +336,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     assert_eq!(new.send_result(&streaming.task_id, rest).await, 204);
     let answer = TaskResult::Completed {
         status: 200,
-        body: json!({"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "whole"}}]}),
+        body: json!({"object": "chat.completion", "choices": [{"index": 0, "message": {"role": "assistant", "content": "whole"}}]}).into(),
         retry_after: None,
     };
     assert_eq!(new.send_result(&completing.task_id, answer).await, 204);
@@ -355,7 +355,7 @@ async fn a_replaced_channel_keeps_the_sessions_tasks(t: &dyn RawTransport) {
     };
     let answer = TaskResult::Completed {
         status: 200,
-        body: json!({"ok": true}),
+        body: json!({"ok": true}).into(),
         retry_after: None,
     };
     assert_eq!(new.send_result(&task.task_id, answer).await, 204);

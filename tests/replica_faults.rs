@@ -136,7 +136,7 @@ async fn ask(on: &Gateway, n: usize) -> Result<(), Error> {
     .unwrap();
     match on.infer(&carol(), request).await? {
         Reply::Complete(c) => {
-            assert_eq!(c.body["choices"][0]["message"]["content"], text.as_str());
+            assert_eq!(c.json()["choices"][0]["message"]["content"], text.as_str());
             Ok(())
         }
         Reply::Stream(_) => panic!("a whole answer"),

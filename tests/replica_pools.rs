@@ -157,7 +157,7 @@ async fn answer(on: &Gateway, session: &SessionId, task: &TaskFrame, text: &str)
         &task.task_id,
         TaskResult::Completed {
             status: 200,
-            body,
+            body: body.into(),
             retry_after: None,
         },
     )
@@ -169,7 +169,7 @@ fn content(reply: Result<Reply, Error>) -> String {
     match reply.unwrap() {
         Reply::Complete(c) => {
             assert_eq!(c.status, 200, "{:?}", c.body);
-            c.body["choices"][0]["message"]["content"]
+            c.json()["choices"][0]["message"]["content"]
                 .as_str()
                 .unwrap()
                 .to_owned()

@@ -344,14 +344,14 @@ impl ServerHandler for AgentTools {
             .map_err(|e| ErrorData::invalid_params(e.to_string(), None))?;
         let result = match self.gateway.infer(&who, request).await {
             Ok(Reply::Complete(c)) if (200..300).contains(&c.status) => {
-                let text = c.body["choices"][0]["message"]["content"]
+                let text = c.json()["choices"][0]["message"]["content"]
                     .as_str()
                     .unwrap_or_default()
                     .to_owned();
                 CallToolResult::success(vec![ContentBlock::text(text)])
             }
             Ok(Reply::Complete(c)) => {
-                let message = c.body["error"]["message"]
+                let message = c.json()["error"]["message"]
                     .as_str()
                     .map_or_else(|| c.body.to_string(), str::to_owned);
                 CallToolResult::error(vec![ContentBlock::text(format!(

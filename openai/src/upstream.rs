@@ -339,7 +339,9 @@ impl OpenAiUpstream {
             }
             Err(e) => return Err(self.broke_off(&e)),
         };
-        let body: Value = serde_json::from_slice(&body).map_err(|_| {
+        // Kept as its text (checked to be one JSON value, its line breaks made
+        // spaces): it goes to the gateway as it came, never parsed into a tree.
+        let body = RawBody::from_client(body.into()).map_err(|_| {
             tracing::warn!(upstream = %self.host, "upstream answered with a body that is not JSON");
             upstream("the upstream answered with a body that is not JSON")
         })?;
@@ -390,7 +392,7 @@ impl OpenAiUpstream {
         tracing::debug!(upstream = %self.host, %status, ?retry_after, "upstream answered an error; passed through");
         Ok(Completion {
             status: status.as_u16(),
-            body,
+            body: body.into(),
             retry_after,
         })
     }

@@ -250,8 +250,11 @@ async fn a_complete_answer_round_trips_with_the_model_replaced_and_the_key_sent(
     let completion = expect_complete(within("the answer", provider.infer(task)).await.unwrap());
 
     assert_eq!(completion.status, 200);
-    assert_eq!(completion.body["model"], "Qwen/Qwen2.5-7B");
-    assert_eq!(completion.body["choices"][0]["message"]["content"], "hello");
+    assert_eq!(completion.json()["model"], "Qwen/Qwen2.5-7B");
+    assert_eq!(
+        completion.json()["choices"][0]["message"]["content"],
+        "hello"
+    );
     let got = seen.recv().await.unwrap();
     assert_eq!(got.path, "/v1/chat/completions");
     assert_eq!(got.authorization.as_deref(), Some("Bearer sk-test"));
@@ -511,7 +514,7 @@ async fn error_answers_pass_through_with_their_status_body_and_retry_after() {
                 expect_complete(reply),
                 Completion {
                     status,
-                    body,
+                    body: body.into(),
                     retry_after
                 },
                 "{scenario}, stream: {stream}"
@@ -531,7 +534,7 @@ async fn other_error_bodies_become_openai_shaped_with_the_upstreams_status() {
         assert_eq!(text.status, 500);
         assert_eq!(
             text.body,
-            json!({"error": {"message": "Internal Server Error", "type": "server_error", "code": null}})
+            json!({"error": {"message": "Internal Server Error", "type": "server_error", "code": null}}).into()
         );
         assert_eq!(text.retry_after, None);
 
@@ -544,13 +547,14 @@ async fn other_error_bodies_become_openai_shaped_with_the_upstreams_status() {
         assert_eq!(empty.status, 401);
         assert_eq!(
             empty.body,
-            json!({"error": {"message": "401 Unauthorized", "type": "authentication_error", "code": null}})
+            json!({"error": {"message": "401 Unauthorized", "type": "authentication_error", "code": null}}).into()
         );
 
         let huge = expect_complete(upstream.chat(chat_body("m", "huge"), stream).await.unwrap());
         assert_eq!(huge.status, 502);
-        assert_eq!(huge.body["error"]["type"], "server_error");
-        let message = huge.body["error"]["message"].as_str().unwrap();
+        assert_eq!(huge.json()["error"]["type"], "server_error");
+        let huge = huge.json();
+        let message = huge["error"]["message"].as_str().unwrap();
         assert!(message.starts_with("xxx"), "{message}");
         assert!(
             message.chars().count() < 2000,
@@ -708,7 +712,7 @@ async fn the_backend_passes_error_answers_through() {
             expect_complete(reply),
             Completion {
                 status: 503,
-                body: loading(),
+                body: loading().into(),
                 retry_after: Some(Duration::from_secs(7)),
             },
             "stream: {stream}"
@@ -831,7 +835,7 @@ async fn the_backend_routes_public_llms_by_name_and_refuses_unknown_ones() {
         let reply = within(name, backend.infer(&public_record(name), request))
             .await
             .unwrap();
-        assert_eq!(expect_complete(reply).body["model"], model);
+        assert_eq!(expect_complete(reply).json()["model"], model);
         let got = seen.recv().await.unwrap();
         assert_eq!(got.body["model"], model);
         assert_eq!(got.authorization.as_deref(), Some("Bearer sk-public"));
@@ -922,7 +926,7 @@ async fn a_task_frame_without_stream_gets_a_complete_answer_even_if_the_body_say
         body: json!({"model": "local", "messages": [], "stream": true}).into(),
     };
     let reply = provider.infer(task).await.unwrap();
-    assert_eq!(expect_complete(reply).body["model"], "up");
+    assert_eq!(expect_complete(reply).json()["model"], "up");
     assert_eq!(seen.recv().await.unwrap().body["stream"], false);
 }
 

@@ -367,7 +367,7 @@ impl Answers {
     pub fn new(status: u16, body: Value) -> Self {
         Self::with(Completion {
             status,
-            body,
+            body: body.into(),
             retry_after: None,
         })
     }
@@ -506,7 +506,7 @@ impl Switchable {
     pub fn loading() -> Completion {
         Completion {
             status: 503,
-            body: serde_json::json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+            body: serde_json::json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}).into(),
             retry_after: Some(Duration::from_secs(1)),
         }
     }

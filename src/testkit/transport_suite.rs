@@ -117,7 +117,7 @@ pub async fn an_upstream_error_answer_passes_through(t: &dyn Transport, plane: O
     let answer = |status, body: &Value, retry_after| {
         Arc::new(Answers::with(Completion {
             status,
-            body: body.clone(),
+            body: body.clone().into(),
             retry_after,
         }))
     };

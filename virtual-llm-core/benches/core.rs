@@ -87,7 +87,7 @@ fn task_round_trip(c: &mut Criterion) {
             let id = handle.id().clone();
             let result = TaskResult::Completed {
                 status: 200,
-                body: answer.clone(),
+                body: answer.clone().into(),
                 retry_after: None,
             };
             gw.deliver(&alice, &session, &id, result).await.unwrap();

@@ -703,9 +703,9 @@ pub enum PublisherFrame {
         task_id: TaskId,
         /// HTTP status of the answer.
         status: u16,
-        /// The answer body.
+        /// The answer body, as JSON text (spliced into the frame, never re-encoded).
         #[serde(default)]
-        body: Value,
+        body: RawBody,
         /// The upstream's `Retry-After`, in seconds, for an error answer.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after: Option<u64>,
@@ -761,7 +761,7 @@ struct ResultFields {
     task_id: TaskId,
     status: u16,
     #[serde(default)]
-    body: Value,
+    body: RawBody,
     #[serde(default)]
     retry_after: Option<u64>,
 }
@@ -932,8 +932,8 @@ pub enum TaskResult {
         /// HTTP status, 200–599: an informational status (1xx) is no final answer,
         /// and a 101 would tell the client's connection to switch protocols.
         status: u16,
-        /// Response body.
-        body: Value,
+        /// Response body, as JSON text: it crosses the relay as it is.
+        body: RawBody,
         /// The upstream's `Retry-After` in seconds (wire `retryAfter`, optional: a
         /// version 1 publisher never sends it). The client gets it as its header, cut to
         /// [`MAX_RETRY_AFTER_SECS`].
@@ -975,7 +975,9 @@ impl TaskResult {
         )
     }
 
-    /// Checks what serde cannot: a final HTTP status (200–599), and chunk data that is
+    /// Checks what serde cannot: a final HTTP status (200–599), a body nested no deeper
+    /// than a `serde_json::Value` can be (127 levels: the body is passed on as its text, and
+    /// a client parsing it must not be the first to find out), and chunk data that is
     /// one SSE `data:` payload: no line break (`\n` or `\r`), which would let a
     /// publisher forge fields (`event: error`, `data: [DONE]`, `id:`, `retry:`) in the
     /// client's stream. A serialized JSON chunk never has one.
@@ -984,6 +986,11 @@ impl TaskResult {
             TaskResult::Completed { status, .. } if !(200..=599).contains(status) => Err(
                 Error::invalid(format!("status {status} is not a final HTTP status")),
             ),
+            TaskResult::Completed { body, .. } if !body.nests_within(MAX_BODY_DEPTH) => {
+                Err(Error::invalid(format!(
+                    "the body nests deeper than {MAX_BODY_DEPTH} arrays and objects"
+                )))
+            }
             TaskResult::Chunk { data, .. } if has_line_break(data) => Err(Error::invalid(
                 "chunk data holds a line break: one SSE data payload has none",
             )),
@@ -991,6 +998,11 @@ impl TaskResult {
         }
     }
 }
+
+/// How deep a result's body may nest arrays and objects: as deep as serde_json's
+/// recursion limit lets a `Value` be, which refused a deeper one when the gateway
+/// parsed bodies into a tree.
+const MAX_BODY_DEPTH: usize = 127;
 
 /// Whether `data` holds a CR or an LF. Checked on every chunk relayed, so a SIMD
 /// search for the two bytes rather than a walk over the chars.
@@ -1010,7 +1022,8 @@ struct ResultWire {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     status: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    body: Option<Value>,
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
+    body: Option<RawBody>,
     #[serde(
         default,
         rename = "retryAfter",
@@ -1081,7 +1094,7 @@ impl TryFrom<ResultWire> for TaskResult {
             }),
             (None, None, Some(status), None) => Ok(TaskResult::Completed {
                 status,
-                body: w.body.unwrap_or(Value::Null),
+                body: w.body.unwrap_or_else(RawBody::null),
                 retry_after: w.retry_after,
             }),
             _ => Err(
@@ -1248,12 +1261,12 @@ mod tests {
         for result in [
             TaskResult::Completed {
                 status: 201,
-                body: serde_json::json!({"ok": true}),
+                body: serde_json::json!({"ok": true}).into(),
                 retry_after: None,
             },
             TaskResult::Completed {
                 status: 503,
-                body: serde_json::json!({"error": {"message": "Loading model"}}),
+                body: serde_json::json!({"error": {"message": "Loading model"}}).into(),
                 retry_after: Some(7),
             },
             TaskResult::Chunk {
@@ -1337,7 +1350,7 @@ mod tests {
     fn retry_after_travels_with_an_answer_and_is_optional() {
         let busy = TaskResult::Completed {
             status: 503,
-            body: serde_json::json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+            body: serde_json::json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}).into(),
             retry_after: Some(7),
         };
         let http = serde_json::to_value(&busy).unwrap();
@@ -1357,7 +1370,7 @@ mod tests {
             answer,
             TaskResult::Completed {
                 status: 200,
-                body: serde_json::json!({"ok": true}),
+                body: serde_json::json!({"ok": true}).into(),
                 retry_after: None,
             }
         );

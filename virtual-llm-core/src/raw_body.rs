@@ -43,12 +43,23 @@ use serde_json::value::RawValue;
 pub struct RawBody(Arc<RawValue>);
 
 impl RawBody {
-    /// `json` if it is one JSON value (surrounding whitespace is dropped).
+    /// `json` if it is one JSON value (surrounding whitespace is dropped), on one line
+    /// (its line breaks made spaces, as [`RawBody::from_client`] does): a body goes
+    /// into line-framed wires (an SSE event's data, an NDJSON line) as it is.
     pub fn from_json(json: String) -> Result<Self, serde_json::Error> {
+        if memchr::memchr2(b'\n', b'\r', json.as_bytes()).is_some() {
+            return Self::from_client(json.into_bytes());
+        }
         RawValue::from_string(json).map(|raw| RawBody(Arc::from(raw)))
     }
 
-    /// A client's body as it came: UTF-8 and one JSON value, with its line breaks made
+    /// `null`.
+    pub fn null() -> Self {
+        RawBody(Arc::from(RawValue::NULL.to_owned()))
+    }
+
+    /// A body as it came over the network (a client's request, an upstream's answer):
+    /// UTF-8 and one JSON value, with its line breaks made
     /// spaces (they can only be whitespace between tokens: a JSON string holds none
     /// unescaped), so that the text is one line wherever it goes.
     pub fn from_client(mut bytes: Vec<u8>) -> Result<Self, serde_json::Error> {
@@ -57,7 +68,7 @@ impl RawBody {
         }
         let json =
             String::from_utf8(bytes).map_err(|_| de::Error::custom("the body is not UTF-8"))?;
-        Self::from_json(json)
+        RawValue::from_string(json).map(|raw| RawBody(Arc::from(raw)))
     }
 
     /// The JSON text.
@@ -84,6 +95,40 @@ impl RawBody {
     /// The body parsed as a `serde_json::Value`.
     pub fn to_value(&self) -> Result<Value, serde_json::Error> {
         self.parse()
+    }
+
+    /// Whether the body nests arrays and objects no deeper than `limit`. A body that
+    /// only crosses the relay is never parsed into a tree here, so nothing would
+    /// refuse what serde_json's recursion limit (127 levels) refuses; a client that parses
+    /// the answer could. One pass over the bytes, which are valid JSON already.
+    pub fn nests_within(&self, limit: usize) -> bool {
+        let mut depth = 0usize;
+        let mut bytes = self.get().as_bytes().iter();
+        while let Some(&byte) = bytes.next() {
+            match byte {
+                b'[' | b'{' => {
+                    depth += 1;
+                    if depth > limit {
+                        return false;
+                    }
+                }
+                b']' | b'}' => depth = depth.saturating_sub(1),
+                // A string: skipped to its closing quote, past its escapes.
+                b'"' => {
+                    while let Some(&byte) = bytes.next() {
+                        match byte {
+                            b'\\' => {
+                                bytes.next();
+                            }
+                            b'"' => break,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        true
     }
 
     /// What routing and the request checks read of the body, in one pass that builds
@@ -146,6 +191,13 @@ impl From<&Value> for RawBody {
 impl From<Value> for RawBody {
     fn from(value: Value) -> Self {
         RawBody::from(&value)
+    }
+}
+
+impl Default for RawBody {
+    /// `null`.
+    fn default() -> Self {
+        RawBody::null()
     }
 }
 
@@ -486,6 +538,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_body_is_held_on_one_line() {
+        let pretty = "{\n  \"a\": [1,\r\n 2],\n  \"b\": \"x\"\n}\n".to_owned();
+        let body = RawBody::from_json(pretty).unwrap();
+        assert!(!body.get().contains(['\n', '\r']), "{body}");
+        assert_eq!(
+            body.to_value().unwrap(),
+            serde_json::json!({"a": [1, 2], "b": "x"})
+        );
+        assert_eq!(RawBody::null().get(), "null");
+        assert_eq!(RawBody::default(), RawBody::null());
+    }
+
+    #[test]
     fn facts_read_the_top_level_the_last_of_each() {
         let body = RawBody::from_json(
             r#"{"model":"a","messages":{},"x":[[{"model":"deep"}]],"model":"b","messages":[1],"stream":null}"#
@@ -515,12 +580,23 @@ mod tests {
 
     #[test]
     fn nesting_past_the_recursion_limit_is_refused_as_a_value_refuses_it() {
-        for depth in [127, 128, 129, 100_000] {
+        for depth in [125, 126, 127, 128, 129, 100_000] {
             let text = format!(r#"{{"tools":{}{}}}"#, "[".repeat(depth), "]".repeat(depth));
             let as_value = serde_json::from_str::<Value>(&text).is_ok();
             let body = RawBody::from_json(text).unwrap();
             assert_eq!(body.facts().is_ok(), as_value, "depth {depth}");
+            // serde_json takes 127 levels (the outer object is one).
+            assert_eq!(body.nests_within(127), as_value, "depth {depth}");
         }
+        // Brackets in strings, escaped quotes included, do not count.
+        let text = format!(
+            r#"{{"a":"{}\"{}","b":[[1]]}}"#,
+            "[".repeat(300),
+            "{".repeat(300)
+        );
+        let body = RawBody::from_json(text).unwrap();
+        assert!(body.nests_within(3));
+        assert!(!body.nests_within(2));
     }
 
     #[test]

@@ -8,6 +8,7 @@ use futures::stream::BoxStream;
 use serde_json::Value;
 
 use crate::Error;
+use crate::raw_body::RawBody;
 
 /// A complete, non-streamed answer: a `chat.completion`, or an upstream's own error
 /// answer passed through as it came (its status, its body, its `Retry-After`).
@@ -15,21 +16,38 @@ use crate::Error;
 pub struct Completion {
     /// The upstream's HTTP status (200, or the upstream's own error status).
     pub status: u16,
-    /// The body: an OpenAI `chat.completion`, or the upstream's error body.
-    pub body: Value,
+    /// The body: an OpenAI `chat.completion`, or the upstream's error body, as JSON
+    /// text. It crosses the relay as it is (the publisher's frame, the client's
+    /// response), never parsed into a tree on the way; [`Completion::json`] parses it
+    /// for the few that read into it.
+    pub body: RawBody,
     /// The upstream's `Retry-After`, when it sent one with an error answer: the client
     /// gets it as its own `Retry-After` header, in whole seconds.
     pub retry_after: Option<Duration>,
 }
 
 impl Completion {
-    /// A 200 answer with `body` and no `Retry-After`.
-    pub fn ok(body: Value) -> Self {
+    /// A 200 answer with `body` (a `serde_json::Value`, or a [`RawBody`]) and no
+    /// `Retry-After`.
+    pub fn ok(body: impl Into<RawBody>) -> Self {
         Completion {
             status: 200,
-            body,
+            body: body.into(),
             retry_after: None,
         }
+    }
+
+    /// The body parsed into a `serde_json::Value` (`null` in the one case a
+    /// [`RawBody`] does not parse: nesting deeper than serde_json's limit).
+    ///
+    /// ```
+    /// use virtual_llm_core::Completion;
+    ///
+    /// let c = Completion::ok(serde_json::json!({"choices": [{"index": 0}]}));
+    /// assert_eq!(c.json()["choices"][0]["index"], 0);
+    /// ```
+    pub fn json(&self) -> Value {
+        self.body.to_value().unwrap_or(Value::Null)
     }
 
     /// [`Completion::retry_after`] in whole seconds, rounded up (what the

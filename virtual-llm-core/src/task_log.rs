@@ -393,7 +393,7 @@ fn approximate_size(result: &TaskResult) -> usize {
         + match result {
             TaskResult::Chunk { data, .. } => data.len(),
             // Serializing a `Value` cannot fail.
-            TaskResult::Completed { body, .. } => crate::protocol::json_len(body).unwrap_or(0),
+            TaskResult::Completed { body, .. } => body.len(),
             TaskResult::Failed { message } => message.len(),
             TaskResult::Resume { .. } => 0,
         }

@@ -23,8 +23,10 @@ use std::time::Duration;
 use metrics::{Counter, Histogram, counter, histogram};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::limits::Admitted;
+use crate::raw_body::RawBody;
 use crate::sync::lock;
 use crate::{Error, Gateway, Principal, Reply, Role};
 
@@ -87,13 +89,90 @@ impl TokenUsage {
 /// assert_eq!(reported(&json!({"usage": null})), None);
 /// ```
 pub fn reported(body: &Value) -> Option<TokenUsage> {
-    let usage = body.get("usage")?;
+    usage_of(body.get("usage")?)
+}
+
+/// A `usage` object's tokens, if it has `prompt_tokens`.
+fn usage_of(usage: &Value) -> Option<TokenUsage> {
     let prompt = usage.get("prompt_tokens")?.as_u64()?;
     let completion = usage
         .get("completion_tokens")
         .and_then(Value::as_u64)
         .unwrap_or(0);
     Some(TokenUsage { prompt, completion })
+}
+
+/// What accounting reads of a whole answer: the `usage` it reports, and the
+/// characters of its choices' text (`message.content`, or `text`). Read from the text
+/// without building a tree of the answer: its top level and its choices are skipped
+/// over, and only the fields named are read (a choice that is not an object, or a
+/// content of another shape, counts 0, as a field that does not parse does).
+///
+/// ```
+/// use serde_json::json;
+/// use virtual_llm_core::raw_body::RawBody;
+/// use virtual_llm_core::usage::{TokenUsage, answer_facts};
+///
+/// let body = RawBody::from(json!({
+///     "choices": [
+///         {"message": {"content": "héllo"}},
+///         {"text": "abc"},
+///         {"message": {"content": [{"type": "text", "text": "xy"}]}},
+///         7,
+///     ],
+///     "usage": {"prompt_tokens": 9, "completion_tokens": 3},
+/// }));
+/// assert_eq!(
+///     answer_facts(&body),
+///     (Some(TokenUsage { prompt: 9, completion: 3 }), 10)
+/// );
+/// assert_eq!(answer_facts(&RawBody::from(json!({"choices": "no"}))), (None, 0));
+/// ```
+pub fn answer_facts(body: &RawBody) -> (Option<TokenUsage>, usize) {
+    #[derive(Deserialize)]
+    struct Top<'a> {
+        #[serde(borrow, default)]
+        usage: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        choices: Option<Vec<&'a RawValue>>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        message: Option<Message<'a>>,
+        #[serde(borrow, default)]
+        text: Option<&'a RawValue>,
+    }
+    #[derive(Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow, default)]
+        content: Option<&'a RawValue>,
+    }
+    let Ok(top) = serde_json::from_str::<Top<'_>>(body.get()) else {
+        return (None, 0);
+    };
+    let reported = top
+        .usage
+        .and_then(|u| serde_json::from_str::<Value>(u.get()).ok())
+        .and_then(|usage| usage_of(&usage));
+    let chars = top
+        .choices
+        .unwrap_or_default()
+        .iter()
+        .filter_map(|c| serde_json::from_str::<Choice<'_>>(c.get()).ok())
+        .filter_map(|c| c.message.and_then(|m| m.content).or(c.text))
+        .map(raw_content_chars)
+        .sum();
+    (reported, chars)
+}
+
+/// [`content_chars`] of a content's JSON text: a string is counted where it lies
+/// (unescaped only when it has escapes); parts go through a tree, as they are rare.
+fn raw_content_chars(content: &RawValue) -> usize {
+    if let Ok(text) = serde_json::from_str::<std::borrow::Cow<'_, str>>(content.get()) {
+        return text.chars().count();
+    }
+    serde_json::from_str::<Value>(content.get()).map_or(0, |v| content_chars(&v))
 }
 
 /// Tokens of `chars` characters of text, as estimated: one per four, rounded up.
@@ -226,11 +305,8 @@ impl StreamTally {
                 .or(choice.text.as_deref());
             self.chars += text.map_or(0, |t| t.chars().count());
         }
-        if let Some(usage) = chunk.usage {
-            let wrapped = serde_json::json!({ "usage": usage });
-            if let Some(usage) = reported(&wrapped) {
-                self.reported = Some(usage);
-            }
+        if let Some(usage) = chunk.usage.as_ref().and_then(usage_of) {
+            self.reported = Some(usage);
         }
     }
 }
@@ -518,19 +594,9 @@ impl Accounting {
                     200..=299 => "ok".to_owned(),
                     status => format!("upstream_{status}"),
                 });
-                let completion = c.body.get("choices").map_or(0, |choices| {
-                    choices.as_array().map_or(0, |cs| {
-                        cs.iter()
-                            .map(|c| {
-                                c.pointer("/message/content")
-                                    .or_else(|| c.get("text"))
-                                    .map_or(0, content_chars)
-                            })
-                            .sum()
-                    })
-                });
-                self.tally.reported = reported(&c.body);
-                self.tally.chars = completion;
+                let (reported, chars) = answer_facts(&c.body);
+                self.tally.reported = reported;
+                self.tally.chars = chars;
                 Ok(Reply::Complete(c))
             }
             Ok(Reply::Stream(chunks)) => {

@@ -187,7 +187,7 @@ async fn a_request_for_an_agent_reaches_its_model_as_the_agent_puts_it() {
         &task.task_id,
         TaskResult::Completed {
             status: 200,
-            body: json!({"choices": [{"message": {"content": "bonjour"}}]}),
+            body: json!({"choices": [{"message": {"content": "bonjour"}}]}).into(),
             retry_after: None,
         },
     )
@@ -599,7 +599,7 @@ async fn a_request_for_an_agent_wakes_its_sleeping_model() {
         &task.task_id,
         TaskResult::Completed {
             status: 200,
-            body: json!({"choices": [{"message": {"content": "awake"}}]}),
+            body: json!({"choices": [{"message": {"content": "awake"}}]}).into(),
             retry_after: None,
         },
     )

@@ -329,7 +329,7 @@ fn result() -> impl Strategy<Value = TaskResult> {
         (any::<u16>(), body(), any::<Option<u64>>()).prop_map(|(status, body, retry_after)| {
             TaskResult::Completed {
                 status,
-                body,
+                body: body.into(),
                 retry_after,
             }
         }),
@@ -364,7 +364,7 @@ fn publisher_frame() -> impl Strategy<Value = PublisherFrame> {
             |(task_id, status, body, retry_after)| PublisherFrame::Result {
                 task_id,
                 status,
-                body,
+                body: body.into(),
                 retry_after,
             }
         ),

@@ -66,7 +66,7 @@ fn tasks_and_gauges_are_measured() {
                 let task = channel.next_task().await;
                 let result = TaskResult::Completed {
                     status,
-                    body: json!({}),
+                    body: json!({}).into(),
                     retry_after: None,
                 };
                 f.gw.deliver(&publisher("alice"), &session, &task.task_id, result)

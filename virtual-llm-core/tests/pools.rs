@@ -145,7 +145,7 @@ fn text(frame: &TaskFrame) -> String {
 fn answered(status: u16, body: Value) -> TaskResult {
     TaskResult::Completed {
         status,
-        body,
+        body: body.into(),
         retry_after: None,
     }
 }
@@ -260,7 +260,7 @@ async fn outcome(handle: JoinHandle<Result<Reply, Error>>) -> Result<Reply, Erro
 
 fn completion(reply: Result<Reply, Error>) -> (u16, Value) {
     match reply {
-        Ok(Reply::Complete(c)) => (c.status, c.body),
+        Ok(Reply::Complete(c)) => (c.status, c.json()),
         other => panic!("expected a completion, got {other:?}"),
     }
 }

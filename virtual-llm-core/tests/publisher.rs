@@ -432,7 +432,7 @@ async fn an_upstream_error_answer_is_posted_as_it_came() {
         async fn infer(&self, _task: TaskFrame) -> Result<Reply, Error> {
             Ok(Reply::Complete(virtual_llm_core::Completion {
                 status: 503,
-                body: json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}),
+                body: json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}}).into(),
                 retry_after: Some(Duration::from_secs(7)),
             }))
         }
@@ -450,7 +450,7 @@ async fn an_upstream_error_answer_is_posted_as_it_came() {
             panic!("a completion, stream: {stream}: {reply:?}")
         };
         assert_eq!(c.status, 503);
-        assert_eq!(c.body["error"]["message"], "Loading model");
+        assert_eq!(c.json()["error"]["message"], "Loading model");
         assert_eq!(c.retry_after, Some(Duration::from_secs(7)));
     }
     p.stop().await;

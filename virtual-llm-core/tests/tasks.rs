@@ -82,7 +82,7 @@ fn chunk(data: &str, done: bool) -> TaskResult {
 fn completed(text: &str) -> TaskResult {
     TaskResult::Completed {
         status: 200,
-        body: json!({ "text": text }),
+        body: json!({ "text": text }).into(),
         retry_after: None,
     }
 }
@@ -110,7 +110,7 @@ async fn a_completed_task_has_exactly_one_outcome() {
     o.deliver(&frame, completed("ok")).await.unwrap();
     match handle.next().await {
         Some(Ok(TaskEvent::Completed(c))) => {
-            assert_eq!((c.status, c.body), (200, json!({"text": "ok"})))
+            assert_eq!((c.status, c.json()), (200, json!({"text": "ok"})))
         }
         other => panic!("expected the completion, got {other:?}"),
     }
@@ -283,7 +283,7 @@ async fn a_result_from_another_session_or_principal_is_refused_and_changes_nothi
     let Some(Ok(TaskEvent::Completed(c))) = handle.next().await else {
         panic!("no completion")
     };
-    assert_eq!(c.body["text"], "genuine");
+    assert_eq!(c.json()["text"], "genuine");
 }
 
 #[tokio::test]
@@ -412,7 +412,7 @@ async fn a_chunk_for_a_non_streaming_task_is_400_and_changes_nothing() {
     for status in [1000, 101, 103, 199] {
         let bad_status = TaskResult::Completed {
             status,
-            body: Value::Null,
+            body: Value::Null.into(),
             retry_after: None,
         };
         assert_eq!(
@@ -606,9 +606,9 @@ async fn infer_relays_to_the_echo_model_streaming_and_not() {
         panic!("expected a completion")
     };
     assert_eq!(c.status, 200);
-    assert_eq!(c.body["object"], "chat.completion");
+    assert_eq!(c.json()["object"], "chat.completion");
     assert_eq!(
-        c.body["choices"][0]["message"]["content"],
+        c.json()["choices"][0]["message"]["content"],
         "hello relay world"
     );
     let Reply::Stream(chunks) =
@@ -673,7 +673,7 @@ async fn a_streaming_task_answered_with_an_error_status_becomes_a_completion() {
     let (handle, frame) = o.start(true).await;
     let upstream_error = TaskResult::Completed {
         status: 400,
-        body: json!({"error": {"message": "bad"}}),
+        body: json!({"error": {"message": "bad"}}).into(),
         retry_after: None,
     };
     o.deliver(&frame, upstream_error).await.unwrap();
@@ -693,7 +693,7 @@ async fn an_upstream_answer_keeps_its_status_body_and_retry_after() {
         let body = json!({"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}});
         let busy = TaskResult::Completed {
             status: 503,
-            body: body.clone(),
+            body: body.clone().into(),
             retry_after: Some(7),
         };
         o.deliver(&frame, busy).await.unwrap();
@@ -701,7 +701,7 @@ async fn an_upstream_answer_keeps_its_status_body_and_retry_after() {
             panic!("a completion, stream: {stream}")
         };
         assert_eq!(
-            (c.status, c.body, c.retry_after),
+            (c.status, c.json(), c.retry_after),
             (503, body, Some(Duration::from_secs(7))),
             "stream: {stream}"
         );
@@ -710,7 +710,7 @@ async fn an_upstream_answer_keeps_its_status_body_and_retry_after() {
     let (handle, frame) = o.start(false).await;
     let forever = TaskResult::Completed {
         status: 503,
-        body: json!({}),
+        body: json!({}).into(),
         retry_after: Some(u64::MAX),
     };
     o.deliver(&frame, forever).await.unwrap();
@@ -763,9 +763,10 @@ async fn the_echo_provider_answers_with_the_last_user_message() {
     let Reply::Complete(c) = EchoProvider::new().infer(task).await.unwrap() else {
         panic!()
     };
-    assert_eq!(c.body["choices"][0]["message"]["content"], "the last one");
+    assert_eq!(c.json()["choices"][0]["message"]["content"], "the last one");
     assert_eq!(
-        c.body["model"], "echo",
+        c.json()["model"],
+        "echo",
         "the model defaults to the llm name"
     );
 }
@@ -1063,7 +1064,7 @@ async fn a_task_survives_its_sessions_channel_being_replaced() {
         ]
     );
     match whole.into_reply().await.unwrap() {
-        Reply::Complete(c) => assert_eq!(c.body["text"], "whole"),
+        Reply::Complete(c) => assert_eq!(c.json()["text"], "whole"),
         Reply::Stream(_) => panic!("expected a completion"),
     }
     // A client leaving a task sent on the old channel: the cancel goes to the new one.

@@ -82,7 +82,7 @@ async fn answer_next_task(f: &Fixture, session: &SessionId, channel: &FakeChanne
         &task.task_id,
         TaskResult::Completed {
             status: 200,
-            body: json!({"choices": [{"message": {"content": text}}]}),
+            body: json!({"choices": [{"message": {"content": text}}]}).into(),
             retry_after: None,
         },
     )
@@ -339,7 +339,7 @@ async fn a_waker_wakes_a_host_whose_publisher_connects_only_afterwards() {
             &task.task_id,
             TaskResult::Completed {
                 status: 200,
-                body: json!({"ok": true}),
+                body: json!({"ok": true}).into(),
                 retry_after: None,
             },
         )

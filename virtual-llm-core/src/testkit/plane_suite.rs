@@ -118,7 +118,7 @@ pub async fn a_whole_answer_crosses_replicas(a: &Gateway, b: &Gateway) {
         panic!("a whole answer")
     };
     assert_eq!(c.status, 200);
-    assert_eq!(content(&c.body), "across replicas");
+    assert_eq!(content(&c.json()), "across replicas");
     assert_eq!((a.in_flight(), b.in_flight()), (0, 0), "no task lingers");
     publisher.stop().await;
 }
@@ -169,7 +169,7 @@ pub async fn a_cancel_crosses_replicas(a: &Gateway, b: &Gateway) {
             &task.task_id,
             TaskResult::Completed {
                 status: 200,
-                body: json!({}),
+                body: json!({}).into(),
                 retry_after: None,
             },
         )
@@ -306,7 +306,7 @@ pub async fn last_results_cross_without_an_answer(a: &Gateway, b: &Gateway) {
     let id = handle.id().clone();
     let whole = TaskResult::Completed {
         status: 200,
-        body: json!({"answer": 42}),
+        body: json!({"answer": 42}).into(),
         retry_after: None,
     };
     a.deliver_last(&alice(), &session, &id, vec![whole])
@@ -315,7 +315,7 @@ pub async fn last_results_cross_without_an_answer(a: &Gateway, b: &Gateway) {
     let Reply::Complete(answer) = handle.into_reply().await.expect("answered") else {
         panic!("a whole answer")
     };
-    assert_eq!((answer.status, answer.body), (200, json!({"answer": 42})));
+    assert_eq!((answer.status, answer.json()), (200, json!({"answer": 42})));
     assert_eq!(b.in_flight(), 0);
 
     // A resume is answered (it decides whether the publisher is told to stop): here

@@ -125,7 +125,7 @@ impl Fixture {
 /// The text of a reply: a completion's message, or a stream's deltas joined.
 pub async fn text_of(reply: Reply) -> String {
     match reply {
-        Reply::Complete(c) => c.body["choices"][0]["message"]["content"]
+        Reply::Complete(c) => c.json()["choices"][0]["message"]["content"]
             .as_str()
             .unwrap()
             .to_owned(),
