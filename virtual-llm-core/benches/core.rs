@@ -3,7 +3,9 @@
 //! among 1 000 (from loads, and from the ranks `LocalAdmission` keeps), and a slot
 //! admitted and released in pools of 4 and of 1 000; and a streamed answer of 1 000
 //! chunks read through the completion log, against the same read directly (resuming
-//! off).
+//! off); and a whole answer's way through the relay (the publisher's upstream bytes to
+//! its result frame, and that frame to the client's bytes and the usage read), as its
+//! text against the same through a `serde_json::Value` tree.
 //!
 //! Run with: `cargo bench -p virtual-llm-core --bench core`
 
@@ -337,5 +339,106 @@ fn completion_log(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, task_round_trip, gc_sweep, pool, completion_log);
+/// A chat completion as an upstream answers it: the loadgen mock's (short), and one
+/// with 4 KiB of content.
+fn upstream_answer(content: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({
+        "id": "chatcmpl-mock",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "mock-model",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": content},
+            "finish_reason": "stop"
+        }],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 9, "total_tokens": 18}
+    }))
+    .unwrap()
+}
+
+/// What the relay does with a whole answer, both ways: as the text it came as (the
+/// relay's way), and through a `Value` tree (the way before: parsed at the publisher,
+/// written into the frame, parsed at the gateway, written for the client).
+fn answer_relay(c: &mut Criterion) {
+    use serde_json::Value;
+    use virtual_llm_core::protocol::PublisherFrame;
+    use virtual_llm_core::usage::answer_facts;
+    use virtual_llm_core::{Completion, RawBody, TaskId};
+
+    /// The old frame, its body a tree.
+    #[derive(serde::Serialize, serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct TreeFrame {
+        #[serde(rename = "type")]
+        kind: String,
+        task_id: String,
+        status: u16,
+        body: Value,
+    }
+
+    let task = TaskId::generate();
+    let mut group = c.benchmark_group("answer_relay");
+    group.throughput(Throughput::Elements(1));
+    for (name, content) in [
+        ("short", "Hello! How can I help you today?".to_owned()),
+        ("4k", "word ".repeat(820)),
+    ] {
+        let upstream = upstream_answer(&content);
+        group.bench_function(format!("{name}_as_text"), |b| {
+            b.iter(|| {
+                // Publisher: the upstream's bytes into a frame.
+                let body = RawBody::from_client(black_box(&upstream).clone()).unwrap();
+                let result = TaskResult::Completed {
+                    status: 200,
+                    body: Completion::ok(body).body,
+                    retry_after: None,
+                };
+                let frame = PublisherFrame::for_result(task.clone(), result);
+                let text = serde_json::to_string(&frame).unwrap();
+                // Gateway: the frame to the client's bytes, and the usage read.
+                let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
+                let (_, result) = frame.into_task_result().unwrap();
+                result.validate().unwrap();
+                let TaskResult::Completed { body, .. } = result else {
+                    unreachable!()
+                };
+                black_box(answer_facts(&body));
+                black_box(serde_json::to_vec(&body).unwrap())
+            });
+        });
+        group.bench_function(format!("{name}_as_tree"), |b| {
+            b.iter(|| {
+                let body: Value = serde_json::from_slice(black_box(&upstream)).unwrap();
+                let frame = TreeFrame {
+                    kind: "result".into(),
+                    task_id: task.to_string(),
+                    status: 200,
+                    body,
+                };
+                let text = serde_json::to_string(&frame).unwrap();
+                let frame: TreeFrame = serde_json::from_str(&text).unwrap();
+                let usage = frame.body.get("usage").and_then(|u| u.get("prompt_tokens"));
+                let chars: usize = frame.body["choices"].as_array().map_or(0, |cs| {
+                    cs.iter()
+                        .filter_map(|c| c.pointer("/message/content")?.as_str())
+                        .map(|t| t.chars().count())
+                        .sum()
+                });
+                black_box((usage, chars));
+                black_box(serde_json::to_vec(&frame.body).unwrap())
+            });
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    task_round_trip,
+    gc_sweep,
+    pool,
+    completion_log,
+    answer_relay
+);
 criterion_main!(benches);

@@ -63,8 +63,10 @@ impl RawBody {
     /// spaces (they can only be whitespace between tokens: a JSON string holds none
     /// unescaped), so that the text is one line wherever it goes.
     pub fn from_client(mut bytes: Vec<u8>) -> Result<Self, serde_json::Error> {
-        for byte in bytes.iter_mut().filter(|b| matches!(b, b'\n' | b'\r')) {
-            *byte = b' ';
+        // Found with a SIMD search: most bodies have none.
+        let breaks: Vec<usize> = memchr::memchr2_iter(b'\n', b'\r', &bytes).collect();
+        for at in breaks {
+            bytes[at] = b' ';
         }
         let json =
             String::from_utf8(bytes).map_err(|_| de::Error::custom("the body is not UTF-8"))?;
@@ -102,9 +104,11 @@ impl RawBody {
     /// refuse what serde_json's recursion limit (127 levels) refuses; a client that parses
     /// the answer could. One pass over the bytes, which are valid JSON already.
     pub fn nests_within(&self, limit: usize) -> bool {
+        let bytes = self.get().as_bytes();
         let mut depth = 0usize;
-        let mut bytes = self.get().as_bytes().iter();
-        while let Some(&byte) = bytes.next() {
+        let mut at = 0;
+        while let Some(&byte) = bytes.get(at) {
+            at += 1;
             match byte {
                 b'[' | b'{' => {
                     depth += 1;
@@ -113,18 +117,21 @@ impl RawBody {
                     }
                 }
                 b']' | b'}' => depth = depth.saturating_sub(1),
-                // A string: skipped to its closing quote, past its escapes.
-                b'"' => {
-                    while let Some(&byte) = bytes.next() {
-                        match byte {
-                            b'\\' => {
-                                bytes.next();
-                            }
-                            b'"' => break,
-                            _ => {}
-                        }
+                // A string (most of an answer's bytes): skipped to its closing quote,
+                // past its escapes, with a SIMD search.
+                b'"' => loop {
+                    let Some(found) = bytes
+                        .get(at..)
+                        .and_then(|rest| memchr::memchr2(b'"', b'\\', rest))
+                    else {
+                        return true;
+                    };
+                    at += found + 1;
+                    if bytes[at - 1] == b'"' {
+                        break;
                     }
-                }
+                    at += 1; // the escaped byte
+                },
                 _ => {}
             }
         }

@@ -129,6 +129,62 @@ fn usage_of(usage: &Value) -> Option<TokenUsage> {
 /// assert_eq!(answer_facts(&RawBody::from(json!({"choices": "no"}))), (None, 0));
 /// ```
 pub fn answer_facts(body: &RawBody) -> (Option<TokenUsage>, usize) {
+    // The common shape in one pass; anything else field by field.
+    typical_answer_facts(body).unwrap_or_else(|| any_answer_facts(body))
+}
+
+/// [`answer_facts`] of an answer of the usual shape (string contents, a `usage` with
+/// whole numbers), in one pass that allocates only for a string with escapes; `None`
+/// for any other shape.
+fn typical_answer_facts(body: &RawBody) -> Option<(Option<TokenUsage>, usize)> {
+    use std::borrow::Cow;
+    #[derive(Deserialize)]
+    struct Top<'a> {
+        #[serde(default)]
+        usage: Option<Usage>,
+        #[serde(borrow, default)]
+        choices: Vec<Choice<'a>>,
+    }
+    #[derive(Deserialize)]
+    struct Usage {
+        prompt_tokens: u64,
+        #[serde(default)]
+        completion_tokens: Option<u64>,
+    }
+    #[derive(Deserialize)]
+    struct Choice<'a> {
+        #[serde(borrow, default)]
+        message: Option<Message<'a>>,
+        #[serde(borrow, default)]
+        text: Option<Cow<'a, str>>,
+    }
+    #[derive(Deserialize)]
+    struct Message<'a> {
+        #[serde(borrow, default)]
+        content: Option<Cow<'a, str>>,
+    }
+    let top = serde_json::from_str::<Top<'_>>(body.get()).ok()?;
+    let reported = top.usage.map(|u| TokenUsage {
+        prompt: u.prompt_tokens,
+        completion: u.completion_tokens.unwrap_or(0),
+    });
+    let chars = top
+        .choices
+        .iter()
+        .filter_map(|c| {
+            c.message
+                .as_ref()
+                .and_then(|m| m.content.as_ref())
+                .or(c.text.as_ref())
+        })
+        .map(|text| text.chars().count())
+        .sum();
+    Some((reported, chars))
+}
+
+/// [`answer_facts`] of an answer of any shape: its top level, then each choice, then
+/// each content, each read on its own so that one odd field spoils only itself.
+fn any_answer_facts(body: &RawBody) -> (Option<TokenUsage>, usize) {
     #[derive(Deserialize)]
     struct Top<'a> {
         #[serde(borrow, default)]
@@ -657,6 +713,49 @@ mod tests {
 
     use super::*;
     use serde_json::json;
+
+    /// What accounting read of an answer when it was a tree.
+    fn from_tree(body: &Value) -> (Option<TokenUsage>, usize) {
+        let chars = body.get("choices").map_or(0, |choices| {
+            choices.as_array().map_or(0, |cs| {
+                cs.iter()
+                    .map(|c| {
+                        c.pointer("/message/content")
+                            .or_else(|| c.get("text"))
+                            .map_or(0, content_chars)
+                    })
+                    .sum()
+            })
+        });
+        (reported(body), chars)
+    }
+
+    #[test]
+    fn an_answer_is_read_as_its_tree_was() {
+        let answers = [
+            json!({"choices": [{"message": {"content": "héllo \"quoted\" \u{e9}"}}],
+                   "usage": {"prompt_tokens": 9, "completion_tokens": 3}}),
+            json!({"choices": [{"text": "abc"}, {"text": "de"}], "usage": {"prompt_tokens": 1}}),
+            json!({"choices": [{"message": {"content": [{"type": "text", "text": "xy"}, 3]}}]}),
+            json!({"choices": [{"message": {"content": "a"}}, 7, null, {"message": 1}]}),
+            json!({"choices": {"not": "a list"}, "usage": {"prompt_tokens": "9"}}),
+            json!({"usage": {"prompt_tokens": 2.5, "completion_tokens": 1}}),
+            json!({"usage": null, "choices": []}),
+            json!([1, 2]),
+            json!("just a string"),
+            json!({"error": {"message": "overloaded"}}),
+        ];
+        for answer in answers {
+            assert_eq!(
+                answer_facts(&RawBody::from(&answer)),
+                from_tree(&answer),
+                "{answer}"
+            );
+        }
+        // The usual shape takes the one-pass path.
+        let usual = RawBody::from(json!({"choices": [{"message": {"content": "hi"}}]}));
+        assert_eq!(typical_answer_facts(&usual), Some((None, 2)));
+    }
 
     #[test]
     fn a_stream_takes_its_last_reported_usage_or_is_estimated() {
