@@ -21,8 +21,8 @@ use serde_json::{Value, json};
 use virtual_llm_core::protocol::{LlmSpec, TaskResult};
 use virtual_llm_core::testkit::LoopbackWire;
 use virtual_llm_core::{
-    Delivery, EchoProvider, Error, Gateway, LlmName, PublishedLlm, Publisher, PublisherOptions,
-    Reply, SessionId, TaskEvent, TaskId, UnavailableKind,
+    Binding, Delivery, EchoProvider, Error, Gateway, LlmName, PublishedLlm, Publisher,
+    PublisherOptions, Reply, SessionId, TaskEvent, TaskId, UnavailableKind,
 };
 use virtual_llm_nats::NatsPlane;
 use virtual_llm_nats::testing::{NatsServer, available};
@@ -250,22 +250,7 @@ async fn a_resuming_sessions_task_outlives_the_replica_holding_its_channel() {
     .await;
     assert_eq!(b.in_flight(), 1, "the task waits for its publisher");
     // The publisher binds again on b and resumes the task from its start.
-    let _rebound = b
-        .bind(
-            &alice(),
-            &session,
-            Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
-        )
-        .await
-        .unwrap();
-    b.deliver(
-        &alice(),
-        &session,
-        &task,
-        TaskResult::Resume { from_seq: 0 },
-    )
-    .await
-    .expect("the task is still there to resume");
+    let _rebound = bind_and_resume(&b, &session, &task).await;
     let done = TaskResult::Chunk {
         data: "c0".into(),
         done: true,
@@ -277,6 +262,23 @@ async fn a_resuming_sessions_task_outlives_the_replica_holding_its_channel() {
         seen.push(event.unwrap());
     }
     assert_eq!(seen, [TaskEvent::Chunk("c0".into()), TaskEvent::Done]);
+}
+
+/// The publisher of `session` binds a new channel on `on` and resumes `task` there
+/// from its start; the task must still be there to resume.
+async fn bind_and_resume(on: &Gateway, session: &SessionId, task: &TaskId) -> Binding {
+    let binding = on
+        .bind(
+            &alice(),
+            session,
+            Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
+        )
+        .await
+        .unwrap();
+    on.deliver(&alice(), session, task, TaskResult::Resume { from_seq: 0 })
+        .await
+        .expect("the task is still there to resume");
+    binding
 }
 
 async fn publish_echo(on: &Gateway) -> Publisher {
@@ -486,22 +488,7 @@ async fn a_task_not_resumed_after_an_announced_close_fails_when_the_window_ends(
         within(10, "the task frames", channel.next_task()).await;
     }
     assert!(binding.release().await.unwrap(), "it was current");
-    let _rebound = b
-        .bind(
-            &alice(),
-            &session,
-            Arc::new(virtual_llm_core::testkit::FakeChannel::new()),
-        )
-        .await
-        .unwrap();
-    b.deliver(
-        &alice(),
-        &session,
-        &kept_id,
-        TaskResult::Resume { from_seq: 0 },
-    )
-    .await
-    .unwrap();
+    let _rebound = bind_and_resume(&b, &session, &kept_id).await;
     let err = within(10, "the lost task's failure", lost.next())
         .await
         .unwrap()
