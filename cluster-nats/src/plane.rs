@@ -82,6 +82,8 @@ pub(crate) struct Remote {
 /// A task another replica sent to a channel held here, and its slot on the row.
 pub(crate) struct Carried {
     session: SessionId,
+    /// The principal whose row the task is on.
+    owner: String,
     _slot: Slot,
 }
 
@@ -1002,12 +1004,13 @@ impl Shared {
         delivery: Delivery,
     ) -> Result<(), Error> {
         let task = delivery.task.clone();
+        let rightful = self.carried_to(&delivery) != Some(false);
         self.leaving(&delivery);
         let bound = self.options.deliver_timeout;
         let outcome = tokio::time::timeout(bound, self.deliver_unbounded(replica, delivery))
             .await
             .unwrap_or(Err(Error::UnknownTask));
-        if matches!(outcome, Err(Error::UnknownTask | Error::TaskFinished)) {
+        if rightful && matches!(outcome, Err(Error::UnknownTask | Error::TaskFinished)) {
             // Its replica holds it no more.
             self.end_carried(&task);
         }
@@ -1017,11 +1020,26 @@ impl Shared {
     /// `delivery` leaves for its task's replica: it answers the task's frame (see
     /// [`LateAcks`]), and a last result ends the task's slot here first, since its
     /// replica may send the row its next task as soon as the result reaches it.
+    ///
+    /// Only results from the session and principal the frame was carried to, when it
+    /// was carried here: another's (refused by the task's replica) end nothing.
     fn leaving(&self, delivery: &Delivery) {
+        if self.carried_to(delivery) == Some(false) {
+            return;
+        }
         self.late_acks.answered(&delivery.task);
         if delivery.results.iter().any(TaskResult::is_final) {
             self.end_carried(&delivery.task);
         }
+    }
+
+    /// Whether the task of `delivery` was carried here to the delivery's session, for
+    /// its principal; `None` when it was not carried here (its frame went through
+    /// another replica, or its slot was not counted: the store was away).
+    fn carried_to(&self, delivery: &Delivery) -> Option<bool> {
+        lock(&self.carried)
+            .get(&delivery.task)
+            .map(|c| c.session == delivery.session && c.owner == delivery.owner)
     }
 
     /// Hands a task's last results to their task on `replica` without waiting for
@@ -1032,21 +1050,49 @@ impl Shared {
     /// away).
     pub(crate) async fn deliver_last(&self, replica: &ReplicaId, delivery: Delivery) {
         let task = delivery.task.clone();
-        let speaks = lock(&self.versions).get(replica).copied().unwrap_or(0);
-        if speaks < QUIET_LAST_RESULTS {
-            if let Err(e) = self.deliver(replica, delivery).await {
-                tracing::debug!(%task, peer = %replica, error = %e, "a task's last results were refused");
-            }
-            return;
-        }
-        self.leaving(&delivery);
-        let payload = match serde_json::to_vec(&DeliveryWire::from(delivery)) {
-            Ok(payload) => payload,
-            Err(e) => {
-                tracing::warn!(%task, error = %e, "a result that cannot be encoded");
-                return;
-            }
+        let outcome = if self.takes_quietly(replica) {
+            self.deliver_quietly(replica, delivery).await
+        } else {
+            self.deliver(replica, delivery).await
         };
+        if let Err(e) = outcome {
+            tracing::debug!(%task, peer = %replica, error = %e, "a task's last results were not delivered");
+        }
+    }
+
+    /// Hands a task's final answer alone to its task on `replica`: without waiting
+    /// for the answer when this replica carried the task's frame to the delivery's
+    /// session, for its owner, and `replica` takes results so (every refusal but a
+    /// task that ended there meanwhile is then known here: see
+    /// [`TaskRouter::deliver_final`](virtual_llm_core::TaskRouter::deliver_final));
+    /// else as [`deliver`](Shared::deliver).
+    pub(crate) async fn deliver_final(
+        &self,
+        replica: &ReplicaId,
+        delivery: Delivery,
+    ) -> Result<(), Error> {
+        if self.carried_to(&delivery) == Some(true) && self.takes_quietly(replica) {
+            self.deliver_quietly(replica, delivery).await
+        } else {
+            self.deliver(replica, delivery).await
+        }
+    }
+
+    /// Whether `replica` takes a task's last results as a plain message (it said a
+    /// plane version of [`QUIET_LAST_RESULTS`] or later).
+    fn takes_quietly(&self, replica: &ReplicaId) -> bool {
+        lock(&self.versions).get(replica).copied().unwrap_or(0) >= QUIET_LAST_RESULTS
+    }
+
+    /// Publishes `delivery`, its task's last results, with no reply subject: `Ok` once
+    /// it is on its way. [`UnknownTask`](Error::UnknownTask) when it could not be sent
+    /// within the deliver timeout (the client's queue of commands may be full while
+    /// NATS is away), as for a replica that cannot be reached.
+    async fn deliver_quietly(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
+        let task = delivery.task.clone();
+        self.leaving(&delivery);
+        let payload = serde_json::to_vec(&DeliveryWire::from(delivery))
+            .map_err(|e| Error::invalid(format!("a result that cannot be encoded: {e}")))?;
         let subject = self.subjects.deliver(replica);
         let sent = tokio::time::timeout(
             self.options.deliver_timeout,
@@ -1054,12 +1100,14 @@ impl Shared {
         )
         .await;
         match sent {
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 tracing::debug!(%task, peer = %replica, error = %e, "a task's last results were not sent");
+                Err(Error::UnknownTask)
             }
             Err(_) => {
                 tracing::debug!(%task, peer = %replica, "a task's last results were not sent in time");
+                Err(Error::UnknownTask)
             }
         }
     }
@@ -1187,10 +1235,10 @@ impl Shared {
             return FrameAnswer::Refused(SendError::Closed);
         };
         let inbound = self.inbound();
-        let mut slot = None;
+        let mut held = None;
         match (&frame, &inbound) {
             (GatewayFrame::Task(t), Some(inbound)) => match inbound.hold(&session, &t.llm).await {
-                Ok(held) => slot = held,
+                Ok(h) => held = h,
                 Err(Error::Unavailable {
                     kind: virtual_llm_core::UnavailableKind::Offline,
                     ..
@@ -1216,13 +1264,14 @@ impl Shared {
         self.note_row(&frame, &session);
         // Carried before the publisher can see the task: its last result may come
         // back at once.
-        let carried = match (task, slot) {
-            (Some(task), Some(slot)) => {
+        let carried = match (task, held) {
+            (Some(task), Some(held)) => {
                 lock(&self.carried).insert(
                     task.clone(),
                     Carried {
                         session,
-                        _slot: slot,
+                        owner: held.owner,
+                        _slot: held.slot,
                     },
                 );
                 Some(task)

@@ -49,6 +49,10 @@ impl TaskRouter for NatsTaskRouter {
         self.shared.deliver_last(replica, delivery).await;
     }
 
+    async fn deliver_final(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
+        self.shared.deliver_final(replica, delivery).await
+    }
+
     async fn session_closed(&self, session: &SessionId) {
         self.shared.announce(Announcement::Closed {
             from: self.shared.replica.clone(),

@@ -13,7 +13,9 @@
 //!   request answered when the task took it ([`DeliverAnswer`]); except a task's last
 //!   results whose answer the sender has no use for, published with no reply subject
 //!   to a replica that takes them so (plane version [`QUIET_LAST_RESULTS`] or later,
-//!   said in its `Hello` and `Here`).
+//!   said in its `Hello` and `Here`), and a task's whole answer alone for a task whose
+//!   frame this replica carried to the posting session, answered here
+//!   (`TaskRouter::deliver_final`).
 //! - `P.r.{replica}.ping`: the probe of a replica's liveness.
 //!
 //! Answers go to one inbox subscription per replica (`_INBOX.{id}.>`), correlated by

@@ -693,3 +693,105 @@ async fn last_results_go_unanswered_only_to_replicas_that_take_them() {
         .unwrap();
     assert!(heard.reply.is_none(), "a plain message: {:?}", heard.reply);
 }
+
+/// A publisher answered over HTTP is told whether its result was taken, so a result
+/// for a task on another replica waits for that replica's answer; a task's whole
+/// answer alone (`TaskRouter::deliver_final`) does not when this replica carried the
+/// task's frame to the posting session, for its owner: every refusal but a task that
+/// ended meanwhile is known here. It crosses as a plain message and the client has
+/// it. A result from another principal or session, or a second answer, still asks
+/// the task's replica and gets its refusal (404, 409); so does an answer for a task
+/// whose client left, once the cancel has crossed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_answer_for_a_task_carried_here_crosses_unanswered() {
+    if !nats_installed() {
+        return;
+    }
+    let server = virtual_llm_nats::testing::shared().unwrap();
+    let opts = options();
+    let prefix = opts.prefix.clone();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut to_b = raw
+        .subscribe(format!("{prefix}.r.gw-b.deliver"))
+        .await
+        .unwrap();
+    raw.flush().await.unwrap();
+    let (a, b) = gateways(&two_planes_on(&server.url(), opts).await).await;
+    let (session, _binding, channel) = bind_fake(&a, "llm").await;
+    let rows = b.route(&carol(), "llm").await.unwrap();
+    let mut handle = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "x", false))
+        .unwrap();
+    let task = handle.id().clone();
+    within(10, "the task frame", channel.next_task()).await;
+    let answer = |n: u32| TaskResult::Completed {
+        status: 200,
+        body: json!({ "n": n }).into(),
+        retry_after: None,
+    };
+    let mut asked = async || {
+        within(10, "a delivery to b", to_b.next())
+            .await
+            .unwrap()
+            .reply
+            .is_some()
+    };
+
+    // Another principal, another session: b's 404, asked of b.
+    let mallory = virtual_llm_core::Principal::new("mallory", [virtual_llm_core::Role::Publisher]);
+    let err = a
+        .deliver(&mallory, &session, &task, answer(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownTask), "{err:?}");
+    assert!(asked().await, "another principal's answer is asked of b");
+    let err = a
+        .deliver(&alice(), &SessionId::generate(), &task, answer(0))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownTask), "{err:?}");
+    assert!(asked().await, "another session's answer is asked of b");
+
+    // The session and principal the frame went to: a plain message, and the client
+    // has the answer.
+    a.deliver(&alice(), &session, &task, answer(1))
+        .await
+        .unwrap();
+    assert!(!asked().await, "the carried task's answer goes unanswered");
+    let TaskEvent::Completed(c) = within(10, "the answer", handle.next())
+        .await
+        .unwrap()
+        .unwrap()
+    else {
+        panic!("a whole answer")
+    };
+    assert_eq!(c.body, json!({"n": 1}).into());
+
+    // A second answer: b's 409, asked of b.
+    let err = a
+        .deliver(&alice(), &session, &task, answer(2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::TaskFinished), "{err:?}");
+    assert!(asked().await, "a second answer is asked of b");
+
+    // A task whose client left: once its cancel reached a, b's 404.
+    let gone = b
+        .start_task(&carol(), &rows.rows[0], chat("llm", "y", false))
+        .unwrap();
+    let gone_id = gone.id().clone();
+    within(10, "the second task frame", channel.next_task()).await;
+    drop(gone);
+    assert_eq!(
+        within(10, "the cancel", channel.next_cancel())
+            .await
+            .task_id,
+        gone_id
+    );
+    let err = a
+        .deliver(&alice(), &session, &gone_id, answer(3))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::UnknownTask), "{err:?}");
+    assert!(asked().await, "an answer after the cancel is asked of b");
+}

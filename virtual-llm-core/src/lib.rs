@@ -126,7 +126,9 @@ pub use router::{PoolRouter, Route, Router};
 pub use session_file::{SessionFileError, SessionFileLock};
 pub use store::{LeaseRenewal, RowChange, Store, Write};
 pub use task::{TaskEvent, TaskHandle};
-pub use task_router::{Delivery, LocalTaskRouter, RESULTS_PER_DELIVERY, TaskInbound, TaskRouter};
+pub use task_router::{
+    Delivery, HeldTask, LocalTaskRouter, RESULTS_PER_DELIVERY, TaskInbound, TaskRouter,
+};
 pub use time::{Clock, SystemClock, Timestamp};
 pub use view::RegistryView;
 pub use wake::{ChannelWaker, RecipeWaker, WakeTarget, Waker, Wakers};

@@ -1314,6 +1314,45 @@ mod tests {
         );
     }
 
+    /// A result whose `type` is not its first field (another publisher's encoder) is
+    /// gathered into a map first; its answer still arrives as that answer's text, and a
+    /// result without a body still reads as `null`, as a version 1 publisher sends it.
+    #[test]
+    fn a_result_frame_with_type_last_keeps_its_answer() {
+        let task_id = TaskId::generate();
+        let late = format!(
+            r#"{{"taskId":"{task_id}","status":200,"body":{{"a":[1, 2.50,"x"]}},"retryAfter":3,"type":"result"}}"#
+        );
+        let Some((
+            id,
+            TaskResult::Completed {
+                status,
+                body,
+                retry_after,
+            },
+        )) = serde_json::from_str::<PublisherFrame>(&late)
+            .unwrap()
+            .into_task_result()
+        else {
+            panic!("a completed result: {late}")
+        };
+        assert_eq!((id, status, retry_after), (task_id.clone(), 200, Some(3)));
+        assert_eq!(
+            body.to_value().unwrap(),
+            serde_json::json!({"a": [1, 2.5, "x"]})
+        );
+        assert!(!body.get().contains('\n'), "{}", body.get());
+        let bodiless = format!(r#"{{"taskId":"{task_id}","status":204,"type":"result"}}"#);
+        let Some((_, TaskResult::Completed { body, .. })) =
+            serde_json::from_str::<PublisherFrame>(&bodiless)
+                .unwrap()
+                .into_task_result()
+        else {
+            panic!("a completed result: {bodiless}")
+        };
+        assert_eq!(body.get(), "null");
+    }
+
     #[test]
     fn task_results_are_exactly_one_shape() {
         for (json, ok) in [

@@ -482,14 +482,16 @@ impl Gateway {
                     task: task.clone(),
                     results,
                 };
+                let router = &self.shared.task_router;
                 if unanswered {
-                    self.shared
-                        .task_router
-                        .deliver_last(&replica, delivery)
-                        .await;
+                    router.deliver_last(&replica, delivery).await;
                     Ok(())
+                } else if let [TaskResult::Completed { .. } | TaskResult::Failed { .. }] =
+                    delivery.results[..]
+                {
+                    router.deliver_final(&replica, delivery).await
                 } else {
-                    self.shared.task_router.deliver(&replica, delivery).await
+                    router.deliver(&replica, delivery).await
                 }
             }
             _ => {

@@ -85,6 +85,24 @@ pub trait TaskRouter: fmt::Debug + Send + Sync + 'static {
         }
     }
 
+    /// Hands `delivery`, one task's final answer alone (a single
+    /// [`Completed`](TaskResult::Completed) or [`Failed`](TaskResult::Failed)), to its
+    /// task on `replica`, and answers as [`deliver`](TaskRouter::deliver) does, with
+    /// one freedom: a plane that carried the task's frame to `delivery.session`'s
+    /// channel here, for `delivery.owner`, and has had no final result for it yet,
+    /// may answer `Ok` once the delivery is on its way, without waiting for `replica`.
+    /// Every refusal but one is then known here: the task was sent to this session
+    /// and principal (else 404), it is not finished (else 409), and a whole answer is
+    /// never a bad chunk (400). The one left to `replica` is a task that ended there
+    /// while the answer crossed (its client left, its deadline passed), which a
+    /// publisher whose answer had come a moment earlier would not have heard of
+    /// either: the task's cancel still reaches it. This saves the answer's message on
+    /// every relayed request of a publisher that is answered over HTTP. Bounded in
+    /// time like `deliver`. By default, `deliver`.
+    async fn deliver_final(&self, replica: &ReplicaId, delivery: Delivery) -> Result<(), Error> {
+        self.deliver(replica, delivery).await
+    }
+
     /// Tells every other replica that `session`'s channel closed.
     async fn session_closed(&self, session: &SessionId);
 
@@ -116,6 +134,17 @@ impl TaskRouter for LocalTaskRouter {
     async fn session_held(&self, _session: &SessionId) {}
 
     async fn wake_failed(&self, _llm: &LlmName, _pool: &LlmName, _message: &str) {}
+}
+
+/// A task another replica sent to a channel held here, counted on its row: what
+/// [`TaskInbound::hold`] gives the plane to keep until the task ends.
+#[derive(Debug)]
+pub struct HeldTask {
+    /// The task's slot on its row, freed when dropped.
+    pub slot: Slot,
+    /// The principal whose row it is: the only one whose results the task takes
+    /// (see [`TaskRouter::deliver_final`]).
+    pub owner: String,
 }
 
 /// The receiving end of a [`TaskRouter`] on one replica: what a plane (NATS, or the
@@ -222,7 +251,11 @@ impl TaskInbound {
     /// frame is to be refused, and the sender tries another row. `Ok(None)` when the
     /// row cannot be read now (the store is away and the view holds nothing): the
     /// task goes uncounted rather than refused.
-    pub async fn hold(&self, session: &SessionId, llm: &LlmName) -> Result<Option<Slot>, Error> {
+    pub async fn hold(
+        &self,
+        session: &SessionId,
+        llm: &LlmName,
+    ) -> Result<Option<HeldTask>, Error> {
         let Some(shared) = self.gateway.upgrade() else {
             return Ok(None);
         };
@@ -248,7 +281,10 @@ impl TaskInbound {
             ));
         }
         let grant = shared.admission.try_admit(&row)?;
-        Ok(Some(Slot::new(shared.admission.clone(), grant)))
+        Ok(Some(HeldTask {
+            slot: Slot::new(shared.admission.clone(), grant),
+            owner: row.owner,
+        }))
     }
 
     /// Another replica asks for the row `llm` of `session`'s channel, which this

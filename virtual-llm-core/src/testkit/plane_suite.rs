@@ -336,6 +336,53 @@ pub async fn last_results_cross_without_an_answer(a: &Gateway, b: &Gateway) {
     assert_eq!(resumed.expect_err("the task is gone").status(), 404);
 }
 
+/// A task's whole answer alone, posted through `a` by a publisher that reads the
+/// answer ([`Gateway::deliver`], as over HTTP), keeps every refusal the task's replica
+/// `b` would give, whether or not the plane answers it without asking `b`
+/// ([`TaskRouter::deliver_final`](crate::TaskRouter::deliver_final)): another
+/// principal's or session's is 404, the task's own is taken, a second is 409, and one
+/// for a task whose client left, once its cancel reached the publisher, is 404.
+pub async fn a_whole_answer_keeps_its_refusals(a: &Gateway, b: &Gateway) {
+    let (session, _binding, channel) = bind_fake(a, "llm").await;
+    let rows = b.route(&client(), "llm").await.expect("routed");
+    let handle = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "x", false))
+        .expect("started");
+    let id = handle.id().clone();
+    channel.next_task().await;
+    let answer = |n: u32| TaskResult::Completed {
+        status: 200,
+        body: json!({ "n": n }).into(),
+        retry_after: None,
+    };
+    let mallory = Principal::new("mallory", [Role::Publisher]);
+    let refused = a.deliver(&mallory, &session, &id, answer(0)).await;
+    assert_eq!(refused.expect_err("not hers").status(), 404);
+    let stranger = SessionId::generate();
+    let refused = a.deliver(&alice(), &stranger, &id, answer(0)).await;
+    assert_eq!(refused.expect_err("not that session's").status(), 404);
+    a.deliver(&alice(), &session, &id, answer(1))
+        .await
+        .expect("taken");
+    let Reply::Complete(taken) = handle.into_reply().await.expect("answered") else {
+        panic!("a whole answer")
+    };
+    assert_eq!((taken.status, taken.json()), (200, json!({"n": 1})));
+    let again = a.deliver(&alice(), &session, &id, answer(2)).await;
+    assert_eq!(again.expect_err("answered already").status(), 409);
+
+    let gone = b
+        .start_task(&client(), &rows.rows[0], chat("llm", "y", false))
+        .expect("started");
+    let id = gone.id().clone();
+    channel.next_task().await;
+    drop(gone);
+    assert_eq!(channel.next_cancel().await.task_id, id);
+    let late = a.deliver(&alice(), &session, &id, answer(3)).await;
+    assert_eq!(late.expect_err("its client left").status(), 404);
+    assert_eq!(b.in_flight(), 0);
+}
+
 /// The publisher's channel closes on `a`: the task a client on `b` waits on fails at
 /// once with 503, and the rows go inactive for both replicas.
 pub async fn a_channel_loss_fails_tasks_on_other_replicas(a: &Gateway, b: &Gateway) {
@@ -410,6 +457,7 @@ macro_rules! plane_conformance_tests {
             results_are_checked_where_the_task_lives,
             results_sent_together_arrive_in_order,
             last_results_cross_without_an_answer,
+            a_whole_answer_keeps_its_refusals,
             a_channel_loss_fails_tasks_on_other_replicas,
             a_late_release_on_one_replica_keeps_the_others_bind,
         );
