@@ -151,6 +151,19 @@ impl Answer {
     fn touch(&self) {
         self.changed.send_modify(|n| *n = n.wrapping_add(1));
     }
+
+    /// [`touch`](Answer::touch) for a chunk appended by the reader that pulled it from
+    /// the source, which holds a receiver of its own: only when another reader holds
+    /// one too (most answers have one reader, and waking nobody still costs the
+    /// channel's locks on every chunk). A
+    /// reader that subscribes after the count was read reads the body after the
+    /// chunk went in (it subscribes before it locks the body; the chunk went in under
+    /// that lock), so it misses nothing.
+    fn touch_followers(&self) {
+        if self.changed.receiver_count() > 1 {
+            self.touch();
+        }
+    }
 }
 
 struct Body {
@@ -349,7 +362,7 @@ impl Inner {
                 *slot = source.take();
             }
         }
-        answer.touch();
+        answer.touch_followers();
         Ok(())
     }
 
@@ -781,6 +794,47 @@ mod tests {
             follower.await.unwrap(),
             [chunk(1, "b"), chunk(2, "c"), Event::Done]
         );
+    }
+
+    /// Two readers of a live answer each hear every chunk as it comes, not only at the
+    /// answer's end: the reader that pulled a chunk from the source wakes the other
+    /// (and wakes nobody when it reads alone).
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_hears_each_chunk_as_it_comes() {
+        let log = CompletionLog::new(&config(60, 1024, 4096));
+        let (tx, chunks) = source();
+        let (id, mut first) = log.start("alice", chunks);
+        send(&tx, "a");
+        assert_eq!(first.next().await, Some(chunk(0, "a")));
+        let mut second = log.read("alice", id.unwrap().as_str(), Some(0)).unwrap();
+        let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+        let follower = tokio::spawn(async move {
+            while let Some(event) = second.next().await {
+                let _ = heard.send(event);
+            }
+        });
+        for (seq, c) in [(1, "b"), (2, "c")] {
+            send(&tx, c);
+            // Whichever reader needs the next chunk pulls the source: each must wake
+            // the other (a bound for a hang; time is paused).
+            let got = tokio::time::timeout(Duration::from_secs(60), first.next()).await;
+            assert_eq!(got.ok().flatten(), Some(chunk(seq, c)), "chunk {seq}");
+            // The follower runs when this task yields (one thread): a few turns are
+            // plenty for a woken follower, and no number of them wakes one that was not.
+            let mut got = None;
+            for _ in 0..16 {
+                tokio::task::yield_now().await;
+                if let Ok(event) = hearing.try_recv() {
+                    got = Some(event);
+                    break;
+                }
+            }
+            assert_eq!(got, Some(chunk(seq, c)), "chunk {seq} heard while live");
+        }
+        drop(tx);
+        assert_eq!(first.next().await, Some(Event::Done));
+        follower.await.unwrap();
+        assert_eq!(hearing.recv().await, Some(Event::Done));
     }
 
     #[tokio::test(start_paused = true)]
