@@ -234,23 +234,31 @@ impl Outbox for SseOutbox {
     async fn send(
         &self,
         task: TaskId,
-        results: BoxStream<'static, TaskResult>,
+        mut results: BoxStream<'static, TaskResult>,
     ) -> Result<(), WireError> {
-        // One request per task, its body a stream of NDJSON lines, each sent the moment
-        // the provider yields it.
-        let (lines, _pump) = pumped(ndjson(results));
-        let response = self
+        // One request per task. A whole answer (its first result is final: nothing
+        // follows it) is one JSON body, written at once; anything else a stream of
+        // NDJSON lines, each sent the moment the provider yields it.
+        let first = results.next().await;
+        let request = self
             .wire
             .request(
                 reqwest::Method::POST,
                 &format!("_provider-task/{task}/result"),
             )
-            .header(SESSION_HEADER, self.session.as_str())
-            .header("content-type", "application/x-ndjson")
-            .body(reqwest::Body::wrap_stream(lines))
-            .send()
-            .await
-            .map_err(connection)?;
+            .header(SESSION_HEADER, self.session.as_str());
+        let (request, _pump) = match first {
+            Some(whole) if whole.is_final() => (request.json(&whole), None),
+            first => {
+                let results = futures::stream::iter(first).chain(results).boxed();
+                let (lines, pump) = pumped(ndjson(results));
+                let request = request
+                    .header("content-type", "application/x-ndjson")
+                    .body(reqwest::Body::wrap_stream(lines));
+                (request, Some(pump))
+            }
+        };
+        let response = request.send().await.map_err(connection)?;
         check(response).await.map(drop)
     }
 }
@@ -396,6 +404,65 @@ mod tests {
         assert_eq!(beat.llms, Some(states));
         connected.outbox.heartbeat(None).await.unwrap();
         assert_eq!(beats.recv().await.unwrap().llms, None, "a v1 heartbeat");
+    }
+
+    /// A whole answer (a final result first) is posted as one JSON body; a stream's
+    /// results as NDJSON lines, in order. Both are what the gateway's result route
+    /// takes.
+    #[tokio::test]
+    async fn a_whole_answer_is_one_json_body_and_a_stream_is_ndjson() {
+        use warp::Filter;
+        let (posts_tx, mut posts) = tokio::sync::mpsc::unbounded_channel();
+        let result = warp::path!("api" / "v1" / "llms" / "_provider-task" / String / "result")
+            .and(warp::post())
+            .and(warp::header::<String>("content-type"))
+            .and(warp::header::<String>(SESSION_HEADER))
+            .and(warp::body::bytes())
+            .map(
+                move |task: String, kind: String, session: String, body: Bytes| {
+                    posts_tx.send((task, kind, session, body)).unwrap();
+                    warp::http::StatusCode::NO_CONTENT
+                },
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(result).incoming(listener).run());
+        let session = SessionId::generate();
+        let outbox = SseOutbox {
+            wire: SseWire::new(&format!("http://{addr}"), None).unwrap(),
+            session: session.clone(),
+        };
+
+        let whole = TaskResult::Completed {
+            status: 200,
+            body: serde_json::json!({"answer": 42}).into(),
+            retry_after: None,
+        };
+        let task = TaskId::generate();
+        outbox
+            .send(task.clone(), futures::stream::iter([whole.clone()]).boxed())
+            .await
+            .unwrap();
+        let (id, kind, from, body) = posts.recv().await.unwrap();
+        assert_eq!((id, from), (task.to_string(), session.to_string()));
+        assert_eq!(kind, "application/json");
+        assert_eq!(serde_json::from_slice::<TaskResult>(&body).unwrap(), whole);
+
+        let chunk = |data: &str, done: bool| TaskResult::Chunk {
+            data: data.into(),
+            done,
+            seq: None,
+        };
+        let stream = vec![chunk("a", false), chunk("b", true)];
+        let task = TaskId::generate();
+        outbox
+            .send(task.clone(), futures::stream::iter(stream.clone()).boxed())
+            .await
+            .unwrap();
+        let (id, kind, _, body) = posts.recv().await.unwrap();
+        assert_eq!(id, task.to_string());
+        assert_eq!(kind, "application/x-ndjson");
+        assert_eq!(lines(&body), stream);
     }
 
     /// The real thing: an upstream whose 20 chunks arrive in one read, through
