@@ -775,32 +775,11 @@ mod tests {
         ));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_reader_follows_a_live_answer_to_its_end() {
-        let log = CompletionLog::new(&config(60, 1024, 4096));
-        let (tx, chunks) = source();
-        let (id, mut first) = log.start("alice", chunks);
-        send(&tx, "a");
-        assert_eq!(first.next().await, Some(chunk(0, "a")));
-        let mut second = log.read("alice", id.unwrap().as_str(), Some(0)).unwrap();
-        let follower = tokio::spawn(async move { rest(&mut second).await });
-        for (seq, c) in [(1, "b"), (2, "c")] {
-            send(&tx, c);
-            assert_eq!(first.next().await, Some(chunk(seq, c)));
-        }
-        drop(tx);
-        assert_eq!(first.next().await, Some(Event::Done));
-        assert_eq!(
-            follower.await.unwrap(),
-            [chunk(1, "b"), chunk(2, "c"), Event::Done]
-        );
-    }
-
     /// Two readers of a live answer each hear every chunk as it comes, not only at the
     /// answer's end: the reader that pulled a chunk from the source wakes the other
     /// (and wakes nobody when it reads alone).
     #[tokio::test(start_paused = true)]
-    async fn a_follower_hears_each_chunk_as_it_comes() {
+    async fn a_reader_follows_a_live_answer_to_its_end() {
         let log = CompletionLog::new(&config(60, 1024, 4096));
         let (tx, chunks) = source();
         let (id, mut first) = log.start("alice", chunks);
