@@ -1356,11 +1356,14 @@ async fn deliveries_here(weak: Weak<Shared>, sub: async_nats::Subscriber) {
                 ))),
                 Ok(d) => {
                     let delivery = Delivery::from(d);
-                    // A result of a task answers its frame: the channel took it.
-                    shared.frame_answered_by(&delivery.task);
                     match shared.inbound() {
                         None => Err(Error::UnknownTask),
                         Some(inbound) => {
+                            // A result of a task, from the session and principal it
+                            // was sent to, answers its frame: the channel took it.
+                            if inbound.expects(&delivery) {
+                                shared.frame_answered_by(&delivery.task);
+                            }
                             let bound = shared.options.deliver_timeout;
                             tokio::time::timeout(bound, inbound.deliver(delivery))
                                 .await

@@ -549,6 +549,15 @@ impl TaskTable {
         true
     }
 
+    /// Whether `task` waits here for results from `session`, of the principal `owner`:
+    /// the only results that count for it.
+    pub(crate) fn sent_to(&self, session: &SessionId, owner: &str, task: &TaskId) -> bool {
+        lock(&self.inner.state)
+            .live
+            .get(task)
+            .is_some_and(|t| t.session == *session && t.owner == owner)
+    }
+
     /// How many tasks are waiting for their outcome.
     pub(crate) fn in_flight(&self) -> usize {
         lock(&self.inner.state).live.len()

@@ -183,6 +183,14 @@ impl TaskInbound {
         Ok(())
     }
 
+    /// Whether `delivery` is for a task here that waits for results from its session
+    /// and principal: a plane checks this before it takes a delivery as a sign of its
+    /// task (that its frame was taken), so that a forged one says nothing.
+    pub fn expects(&self, delivery: &Delivery) -> bool {
+        self.tasks
+            .sent_to(&delivery.session, &delivery.owner, &delivery.task)
+    }
+
     /// `session`'s channel closed on another replica: its tasks here fail with 503.
     /// Returns how many.
     pub fn session_closed(&self, session: &SessionId) -> usize {

@@ -341,7 +341,9 @@ pub async fn last_results_cross_without_an_answer(a: &Gateway, b: &Gateway) {
 /// `b` would give, whether or not the plane answers it without asking `b`
 /// ([`TaskRouter::deliver_final`](crate::TaskRouter::deliver_final)): another
 /// principal's or session's is 404, the task's own is taken, a second is 409, and one
-/// for a task whose client left, once its cancel reached the publisher, is 404.
+/// for a task whose client left, once its cancel reached the publisher, is 404. `b`'s
+/// [`TaskInbound::expects`](crate::TaskInbound::expects) says which deliveries its
+/// task waits for: only its own session's and principal's, until it is answered.
 pub async fn a_whole_answer_keeps_its_refusals(a: &Gateway, b: &Gateway) {
     let (session, _binding, channel) = bind_fake(a, "llm").await;
     let rows = b.route(&client(), "llm").await.expect("routed");
@@ -355,10 +357,22 @@ pub async fn a_whole_answer_keeps_its_refusals(a: &Gateway, b: &Gateway) {
         body: json!({ "n": n }).into(),
         retry_after: None,
     };
+    // What a plane asks before it takes a delivery as a sign of its task.
+    let expects = |session: &SessionId, owner: &str| {
+        b.inbound().expects(&crate::Delivery {
+            session: session.clone(),
+            owner: owner.to_owned(),
+            task: id.clone(),
+            results: vec![answer(0)],
+        })
+    };
+    let stranger = SessionId::generate();
+    assert!(expects(&session, "alice"), "its session's and owner's");
+    assert!(!expects(&session, "mallory"), "not another principal's");
+    assert!(!expects(&stranger, "alice"), "not another session's");
     let mallory = Principal::new("mallory", [Role::Publisher]);
     let refused = a.deliver(&mallory, &session, &id, answer(0)).await;
     assert_eq!(refused.expect_err("not hers").status(), 404);
-    let stranger = SessionId::generate();
     let refused = a.deliver(&alice(), &stranger, &id, answer(0)).await;
     assert_eq!(refused.expect_err("not that session's").status(), 404);
     a.deliver(&alice(), &session, &id, answer(1))
@@ -370,6 +384,10 @@ pub async fn a_whole_answer_keeps_its_refusals(a: &Gateway, b: &Gateway) {
     assert_eq!((taken.status, taken.json()), (200, json!({"n": 1})));
     let again = a.deliver(&alice(), &session, &id, answer(2)).await;
     assert_eq!(again.expect_err("answered already").status(), 409);
+    assert!(
+        !expects(&session, "alice"),
+        "a finished task expects nothing"
+    );
 
     let gone = b
         .start_task(&client(), &rows.rows[0], chat("llm", "y", false))
