@@ -1071,10 +1071,24 @@ impl Shared {
         replica: &ReplicaId,
         delivery: Delivery,
     ) -> Result<(), Error> {
-        if self.carried_to(&delivery) == Some(true) && self.takes_quietly(replica) {
+        // Taken, not read: of two answers posted at once, one goes this way and the
+        // other asks the task's replica, which says it was answered (409).
+        if self.takes_quietly(replica) && self.take_carried(&delivery).is_some() {
             self.deliver_quietly(replica, delivery).await
         } else {
             self.deliver(replica, delivery).await
+        }
+    }
+
+    /// Ends the slot of the task of `delivery` if it was carried here to the
+    /// delivery's session, for its principal; returns it (dropping it frees the slot).
+    fn take_carried(&self, delivery: &Delivery) -> Option<Carried> {
+        let mut carried = lock(&self.carried);
+        match carried.get(&delivery.task) {
+            Some(c) if c.session == delivery.session && c.owner == delivery.owner => {
+                carried.remove(&delivery.task)
+            }
+            _ => None,
         }
     }
 
