@@ -87,6 +87,13 @@ pub(crate) struct Carried {
     _slot: Slot,
 }
 
+impl Carried {
+    /// Whether `delivery` comes from the session and principal the task was sent to.
+    fn is_for(&self, delivery: &Delivery) -> bool {
+        self.session == delivery.session && self.owner == delivery.owner
+    }
+}
+
 /// A frame waiting to be published to the replica holding its session's channel;
 /// already counted as sent (its timeout runs from its queueing).
 struct OutFrame {
@@ -1039,7 +1046,7 @@ impl Shared {
     fn carried_to(&self, delivery: &Delivery) -> Option<bool> {
         lock(&self.carried)
             .get(&delivery.task)
-            .map(|c| c.session == delivery.session && c.owner == delivery.owner)
+            .map(|c| c.is_for(delivery))
     }
 
     /// Hands a task's last results to their task on `replica` without waiting for
@@ -1085,9 +1092,7 @@ impl Shared {
     fn take_carried(&self, delivery: &Delivery) -> Option<Carried> {
         let mut carried = lock(&self.carried);
         match carried.get(&delivery.task) {
-            Some(c) if c.session == delivery.session && c.owner == delivery.owner => {
-                carried.remove(&delivery.task)
-            }
+            Some(c) if c.is_for(delivery) => carried.remove(&delivery.task),
             _ => None,
         }
     }

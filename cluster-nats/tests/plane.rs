@@ -121,6 +121,17 @@ async fn a_frame_refused_by_the_holding_replica_fails_its_task() {
     assert_eq!(b.in_flight(), 0);
 }
 
+/// A raw subscription to what replicas publish to `replica`'s deliveries.
+async fn deliveries_to(
+    raw: &async_nats::Client,
+    prefix: &str,
+    replica: &str,
+) -> async_nats::Subscriber {
+    raw.subscribe(format!("{prefix}.r.{replica}.deliver"))
+        .await
+        .unwrap()
+}
+
 fn delivery() -> Delivery {
     Delivery {
         session: SessionId::generate(),
@@ -606,14 +617,8 @@ async fn last_results_go_unanswered_only_to_replicas_that_take_them() {
     let opts = options().with_deliver_timeout(hour);
     let prefix = opts.prefix.clone();
     let raw = async_nats::connect(server.url()).await.unwrap();
-    let mut to_b = raw
-        .subscribe(format!("{prefix}.r.gw-b.deliver"))
-        .await
-        .unwrap();
-    let mut to_old = raw
-        .subscribe(format!("{prefix}.r.old.deliver"))
-        .await
-        .unwrap();
+    let mut to_b = deliveries_to(&raw, &prefix, "gw-b").await;
+    let mut to_old = deliveries_to(&raw, &prefix, "old").await;
     raw.flush().await.unwrap();
     let (a, _b) = two_planes_on(&server.url(), opts).await;
     let router = a.task_router();
@@ -711,10 +716,7 @@ async fn a_whole_answer_for_a_task_carried_here_crosses_unanswered() {
     let opts = options();
     let prefix = opts.prefix.clone();
     let raw = async_nats::connect(server.url()).await.unwrap();
-    let mut to_b = raw
-        .subscribe(format!("{prefix}.r.gw-b.deliver"))
-        .await
-        .unwrap();
+    let mut to_b = deliveries_to(&raw, &prefix, "gw-b").await;
     raw.flush().await.unwrap();
     let (a, b) = gateways(&two_planes_on(&server.url(), opts).await).await;
     let (session, _binding, channel) = bind_fake(&a, "llm").await;
