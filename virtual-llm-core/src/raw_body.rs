@@ -60,13 +60,18 @@ impl RawBody {
 
     /// A body as it came over the network (a client's request, an upstream's answer):
     /// UTF-8 and one JSON value, with its line breaks made
-    /// spaces (they can only be whitespace between tokens: a JSON string holds none
-    /// unescaped), so that the text is one line wherever it goes.
+    /// spaces (in valid JSON they can only be whitespace between tokens: a string holds
+    /// none unescaped), so that the text is one line wherever it goes. The body is
+    /// checked before: a raw line break inside a string is refused, not made valid.
     pub fn from_client(mut bytes: Vec<u8>) -> Result<Self, serde_json::Error> {
         // Found with a SIMD search: most bodies have none.
         let breaks: Vec<usize> = memchr::memchr2_iter(b'\n', b'\r', &bytes).collect();
-        for at in breaks {
-            bytes[at] = b' ';
+        if !breaks.is_empty() {
+            // A second pass, for the bodies with line breaks only.
+            serde_json::from_slice::<&RawValue>(&bytes)?;
+            for at in breaks {
+                bytes[at] = b' ';
+            }
         }
         let json =
             String::from_utf8(bytes).map_err(|_| de::Error::custom("the body is not UTF-8"))?;
@@ -613,6 +618,19 @@ mod tests {
         assert!(RawBody::from_client(b"{\"a\":\"\xff\"}".to_vec()).is_err());
         assert!(RawBody::from_client(b"{\"a\":1} x".to_vec()).is_err());
         assert!(RawBody::from_client(b"".to_vec()).is_err());
+        // A raw line break inside a string is not JSON, and making it a space must not
+        // make it so (found by the decoders' property test).
+        for bad in ["{\"model\":\"\na\"}", "{\"model\":\"a\r\"}", "[\"\r\n\"]"] {
+            assert!(
+                RawBody::from_client(bad.as_bytes().to_vec()).is_err(),
+                "{bad:?}"
+            );
+            assert!(RawBody::from_json(bad.to_owned()).is_err(), "{bad:?}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(bad).is_err(),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]
