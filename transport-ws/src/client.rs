@@ -19,10 +19,10 @@ use http::header::{AUTHORIZATION, HeaderValue};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
-use virtual_llm_core::batch::ready_batches;
+use virtual_llm_core::batch::{gather_ready, ready_batches};
 use virtual_llm_core::protocol::{
-    ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, PublisherFrame, RegisterRequest,
-    TaskResult,
+    CHUNK_RUNS, ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, MAX_RUN_CHUNKS,
+    PublisherFrame, RegisterRequest, TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
@@ -220,11 +220,14 @@ impl Wire for WsWire {
                 }
             },
         );
+        // A gateway that takes runs of chunks gets the chunks ready together as one.
+        let runs = answer.capabilities.iter().any(|c| c == CHUNK_RUNS);
         let outbox = WsOutbox {
             outgoing,
             session,
             windows,
             confirmations,
+            runs,
         };
         Ok(Connected {
             answer,
@@ -336,6 +339,8 @@ struct WsOutbox {
     session: SessionId,
     windows: Arc<Windows>,
     confirmations: Arc<Confirmations>,
+    /// The gateway granted [`CHUNK_RUNS`].
+    runs: bool,
 }
 
 impl WsOutbox {
@@ -373,11 +378,34 @@ impl Outbox for WsOutbox {
                     Err(_) => return Err(WireError::Connection("the socket is closed".into())),
                 }
             }
-            let Some(result) = results.next().await else {
+            let Some(first) = results.next().await else {
                 break;
             };
-            let frame = PublisherFrame::for_result(task.clone(), result);
-            self.send_frame(&frame).await?;
+            let mut batch = vec![first];
+            let mut ended = false;
+            if self.runs {
+                // The results the provider has ready go with it, as far as the window
+                // lets them: each takes its credit.
+                let room = window
+                    .as_ref()
+                    .map_or(MAX_RUN_CHUNKS, |w| w.permits.available_permits());
+                ended =
+                    gather_ready(&mut results, &mut batch, room.min(MAX_RUN_CHUNKS - 1) + 1).await;
+                if let Some(window) = &window
+                    && let Some(taken) = u32::try_from(batch.len() - 1).ok().filter(|n| *n > 0)
+                {
+                    match window.permits.try_acquire_many(taken) {
+                        Ok(permits) => permits.forget(),
+                        Err(_) => return Err(WireError::Connection("the socket is closed".into())),
+                    }
+                }
+            }
+            for frame in PublisherFrame::for_results(&task, batch, self.runs) {
+                self.send_frame(&frame).await?;
+            }
+            if ended {
+                break;
+            }
         }
         Ok(())
     }
@@ -526,6 +554,106 @@ mod tests {
                 llms: Some(states),
             })
         );
+    }
+
+    /// A stream's chunks that the provider hands over together leave as one `chunks`
+    /// frame when the gateway granted runs, and as a `chunk` frame each when it did not
+    /// (an older gateway); the results read back are the same either way.
+    #[tokio::test]
+    async fn chunks_ready_together_leave_as_one_run_only_when_granted() {
+        for granted in [true, false] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let session = SessionId::generate();
+            let (frames_tx, mut received) = mpsc::unbounded_channel::<PublisherFrame>();
+            let capabilities = if granted { vec![CHUNK_RUNS] } else { vec![] };
+            let answer = serde_json::json!({
+                "type": "registered", "providerSessionId": session, "heartbeatIntervalMs": 30000,
+                "protocolVersion": 2, "llms": [], "capabilities": capabilities,
+            });
+            tokio::spawn(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
+                while let Some(Ok(message)) = socket.next().await {
+                    let Message::Text(text) = message else {
+                        continue;
+                    };
+                    let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
+                    if matches!(frame, PublisherFrame::Register(_)) {
+                        socket
+                            .send(Message::text(answer.to_string()))
+                            .await
+                            .unwrap();
+                        continue;
+                    }
+                    frames_tx.send(frame).unwrap();
+                }
+            });
+            let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
+            let connected = wire.connect(register_v2()).await.unwrap();
+            let task = TaskId::generate();
+            // 20 chunks and `done`, handed over one per scheduling turn, as hyper hands
+            // over an upstream's burst.
+            let (tx, rx) = mpsc::channel::<TaskResult>(1);
+            tokio::spawn(async move {
+                for seq in 0..21u64 {
+                    let result = TaskResult::Chunk {
+                        data: if seq < 20 {
+                            format!("{{\"n\":{seq}}}")
+                        } else {
+                            String::new()
+                        },
+                        done: seq == 20,
+                        seq: Some(seq),
+                    };
+                    tx.send(result).await.unwrap();
+                    tokio::task::yield_now().await;
+                }
+            });
+            connected
+                .outbox
+                .send(
+                    task.clone(),
+                    futures::stream::unfold(rx, |mut rx| async move {
+                        rx.recv().await.map(|r| (r, rx))
+                    })
+                    .boxed(),
+                )
+                .await
+                .unwrap();
+            let mut frames = Vec::new();
+            let mut results = Vec::new();
+            while results.last().is_none_or(|r: &TaskResult| !r.is_final()) {
+                let frame = received.recv().await.unwrap();
+                frames.push(frame.clone());
+                results.extend(frame.into_task_results().unwrap().1);
+            }
+            let seqs: Vec<_> = results
+                .iter()
+                .map(|r| match r {
+                    TaskResult::Chunk { seq: Some(seq), .. } => *seq,
+                    other => panic!("a chunk: {other:?}"),
+                })
+                .collect();
+            assert_eq!(seqs, (0..21).collect::<Vec<_>>());
+            if granted {
+                assert!(
+                    frames.len() < 4
+                        && frames
+                            .iter()
+                            .all(|f| matches!(f, PublisherFrame::Chunks { .. })),
+                    "one run or a few: {} frames",
+                    frames.len()
+                );
+            } else {
+                assert_eq!(frames.len(), 21);
+                assert!(
+                    frames
+                        .iter()
+                        .all(|f| matches!(f, PublisherFrame::Chunk { .. }))
+                );
+            }
+        }
     }
 
     /// A result is confirmed delivered once the gateway answered a ping sent after it,

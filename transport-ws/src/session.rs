@@ -130,8 +130,8 @@ pub(crate) async fn run<S>(
                     },
                     Ok(PublisherFrame::Register(_)) => break Err(Error::invalid("register comes once, first")),
                     Ok(frame) => {
-                        if let Some((task, result)) = frame.into_task_result()
-                            && let Err(e) = forwarders.route(task, result)
+                        if let Some((task, results)) = frame.into_task_results()
+                            && let Err(e) = forwarders.route(task, results)
                         {
                             break Err(e);
                         }
@@ -312,7 +312,8 @@ struct Forwarders {
     gateway: Gateway,
     principal: Principal,
     session: SessionId,
-    queues: HashMap<TaskId, mpsc::Sender<TaskResult>>,
+    /// Each holds the results of one frame (a run of chunks is one entry).
+    queues: HashMap<TaskId, mpsc::Sender<Vec<TaskResult>>>,
     /// The forwarders still delivering, including those whose task had its final
     /// result queued (and so left `queues`).
     running: JoinSet<()>,
@@ -354,8 +355,9 @@ impl Forwarders {
         }
     }
 
-    /// Queues `result` for its task's forwarder, starting one for a new task.
-    fn route(&mut self, task: TaskId, result: TaskResult) -> Result<(), Error> {
+    /// Queues the `results` of one frame for their task's forwarder, starting one for
+    /// a new task.
+    fn route(&mut self, task: TaskId, results: Vec<TaskResult>) -> Result<(), Error> {
         while self.running.try_join_next().is_some() {}
         let limit = self.gateway.config().channel_buffer;
         if !self.queues.contains_key(&task) && self.queues.len() >= limit {
@@ -364,7 +366,7 @@ impl Forwarders {
                 return Err(Error::invalid("too many tasks in flight on one socket"));
             }
         }
-        let last = result.is_final();
+        let last = results.iter().any(TaskResult::is_final);
         if last && !self.queues.contains_key(&task) {
             // A task answered in one result (a whole completion) needs no forwarder:
             // its final result has a slot kept for it, so delivering never waits on the
@@ -376,7 +378,7 @@ impl Forwarders {
             );
             let mut delivery = Box::pin(async move {
                 let delivered = gateway
-                    .deliver_last(&principal, &session, &task, vec![result])
+                    .deliver_last(&principal, &session, &task, results)
                     .await;
                 if let Err(e) = delivered {
                     tracing::debug!(%task, error = %e, "result refused");
@@ -394,7 +396,7 @@ impl Forwarders {
         let Some(queue) = self.queues.get(&task) else {
             return Ok(());
         };
-        match queue.try_send(result) {
+        match queue.try_send(results) {
             Ok(()) if last => {
                 self.queues.remove(&task);
             }
@@ -427,8 +429,8 @@ impl Forwarders {
         self.queues.remove(task);
     }
 
-    fn spawn(&mut self, task: TaskId) -> mpsc::Sender<TaskResult> {
-        let (tx, mut rx) = mpsc::channel::<TaskResult>(self.gateway.config().task_buffer);
+    fn spawn(&mut self, task: TaskId) -> mpsc::Sender<Vec<TaskResult>> {
+        let (tx, mut rx) = mpsc::channel::<Vec<TaskResult>>(self.gateway.config().task_buffer);
         let (gateway, principal, session) = (
             self.gateway.clone(),
             self.principal.clone(),
@@ -441,14 +443,13 @@ impl Forwarders {
                 .as_ref()
                 .map_or(1, |(window, _)| (window / 2).max(1));
             let mut delivered = 0;
-            while let Some(first) = rx.recv().await {
-                // The results queued meanwhile go with it: one hop for them all when
-                // the task lives on another replica.
-                let mut results = vec![first];
+            while let Some(mut results) = rx.recv().await {
+                // The results queued meanwhile go with them: one hand-off for them all,
+                // one hop when the task lives on another replica.
                 while results.len() < RESULTS_PER_DELIVERY
                     && let Ok(more) = rx.try_recv()
                 {
-                    results.push(more);
+                    results.extend(more);
                 }
                 let count = results.len();
                 let last = results.iter().any(TaskResult::is_final);

@@ -398,7 +398,8 @@ fn answer_relay(c: &mut Criterion) {
                 let text = serde_json::to_string(&frame).unwrap();
                 // Gateway: the frame to the client's bytes, and the usage read.
                 let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
-                let (_, result) = frame.into_task_result().unwrap();
+                let (_, mut results) = frame.into_task_results().unwrap();
+                let result = results.pop().unwrap();
                 result.validate().unwrap();
                 let TaskResult::Completed { body, .. } = result else {
                     unreachable!()

@@ -40,37 +40,46 @@ where
         let mut items = items?;
         let first = items.next().await?;
         let mut batch = vec![first];
-        let mut ended = false;
-        'gather: while batch.len() < max {
-            // Everything ready now…
-            loop {
-                match items.next().now_or_never() {
-                    Some(Some(item)) => {
-                        batch.push(item);
-                        if batch.len() == max {
-                            break 'gather;
-                        }
-                    }
-                    Some(None) => {
-                        ended = true;
-                        break 'gather;
-                    }
-                    None => break,
-                }
-            }
-            // …and whatever one more turn of the scheduler brings.
-            tokio::task::yield_now().await;
+        let ended = gather_ready(&mut items, &mut batch, max).await;
+        Some((batch, (!ended).then_some(items)))
+    })
+}
+
+/// Moves what `items` has ready into `batch` (see the module doc: what is ready now,
+/// then what one more scheduling turn brings, and again while turns bring more),
+/// until `batch` holds `max` items. Never waits for an item that is not ready.
+/// Returns whether `items` ended.
+///
+/// For a caller whose batch has a bound of its own, as a window of flow-control
+/// credits; [`ready_batches`] is this over a whole stream.
+pub async fn gather_ready<S: Stream + Unpin>(
+    items: &mut S,
+    batch: &mut Vec<S::Item>,
+    max: usize,
+) -> bool {
+    while batch.len() < max {
+        // Everything ready now…
+        loop {
             match items.next().now_or_never() {
-                Some(Some(item)) => batch.push(item),
-                Some(None) => {
-                    ended = true;
-                    break;
+                Some(Some(item)) => {
+                    batch.push(item);
+                    if batch.len() >= max {
+                        return false;
+                    }
                 }
+                Some(None) => return true,
                 None => break,
             }
         }
-        Some((batch, (!ended).then_some(items)))
-    })
+        // …and whatever one more turn of the scheduler brings.
+        tokio::task::yield_now().await;
+        match items.next().now_or_never() {
+            Some(Some(item)) => batch.push(item),
+            Some(None) => return true,
+            None => return false,
+        }
+    }
+    false
 }
 
 #[cfg(test)]

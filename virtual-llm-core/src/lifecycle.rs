@@ -526,11 +526,17 @@ impl Gateway {
                         keep_alive_ms: self.keep_alive_ms(version),
                         llms,
                         agents,
-                        capabilities: if resume {
-                            vec![crate::protocol::RESUME.to_owned()]
-                        } else {
-                            Vec::new()
-                        },
+                        // A publisher that sends runs of chunks (protocol 2) is told
+                        // they are taken.
+                        capabilities: [
+                            resume.then_some(crate::protocol::RESUME),
+                            (version >= 2 && req.declares(crate::protocol::CHUNK_RUNS))
+                                .then_some(crate::protocol::CHUNK_RUNS),
+                        ]
+                        .into_iter()
+                        .flatten()
+                        .map(str::to_owned)
+                        .collect(),
                     });
                 }
                 Err(StoreError::Conflict { .. }) => {

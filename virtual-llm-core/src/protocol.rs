@@ -213,6 +213,19 @@ pub struct RegisterRequest {
 /// The capability of a publisher whose tasks survive its channel's loss (SPEC §15).
 pub const RESUME: &str = "resume";
 
+/// The capability of a publisher that may send a stream's chunks that were ready
+/// together as one `chunks` frame (a run), and of a gateway that takes them: one frame,
+/// one task id and one hand-off for the run instead of one per chunk. A gateway that
+/// does not grant it gets every chunk as a `chunk` frame of its own.
+pub const CHUNK_RUNS: &str = "chunks";
+
+/// The most chunks one `chunks` frame may carry; a frame with more is refused.
+pub const MAX_RUN_CHUNKS: usize = 64;
+
+/// The most payload bytes a publisher puts in one run (a single chunk may be larger,
+/// and goes alone): runs stay far below any frame limit.
+pub const MAX_RUN_BYTES: usize = 64 * 1024;
+
 /// The most capabilities a register may name.
 pub const MAX_CAPABILITIES: usize = 16;
 
@@ -725,6 +738,23 @@ pub enum PublisherFrame {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         seq: Option<u64>,
     },
+    /// Chunks of one stream that were ready together, in order (capability
+    /// [`CHUNK_RUNS`]): the same as a `chunk` frame for each, numbered `seq`, `seq + 1`…
+    /// (protocol 2), the last one ending the stream when `done`. At least one and at
+    /// most [`MAX_RUN_CHUNKS`].
+    #[serde(rename_all = "camelCase")]
+    Chunks {
+        /// The task.
+        task_id: TaskId,
+        /// The chunks' SSE `data:` payloads, in order.
+        data: Vec<String>,
+        /// The last chunk ends the stream.
+        #[serde(default)]
+        done: bool,
+        /// The first chunk's number in its task (protocol 2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        seq: Option<u64>,
+    },
     /// The task failed at the publisher.
     #[serde(rename_all = "camelCase")]
     Error {
@@ -750,6 +780,7 @@ const PUBLISHER_FRAME_TYPES: &[&str] = &[
     "heartbeat",
     "result",
     "chunk",
+    "chunks",
     "error",
     "resume",
 ];
@@ -777,6 +808,49 @@ struct ChunkFields {
     done: bool,
     #[serde(default)]
     seq: Option<u64>,
+}
+
+/// The fields of [`PublisherFrame::Chunks`].
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ChunksFields {
+    task_id: TaskId,
+    #[serde(deserialize_with = "run_data")]
+    data: Vec<String>,
+    #[serde(default)]
+    done: bool,
+    #[serde(default)]
+    seq: Option<u64>,
+}
+
+/// A run's `data`: 1 to [`MAX_RUN_CHUNKS`] strings, refused at the first past the
+/// limit (a frame of empty strings never makes a vector longer than the limit).
+fn run_data<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    use serde::de::{self, SeqAccess, Visitor};
+
+    struct Run;
+    impl<'de> Visitor<'de> for Run {
+        type Value = Vec<String>;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(f, "an array of 1 to {MAX_RUN_CHUNKS} chunk payloads")
+        }
+
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<String>, A::Error> {
+            let mut data = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(MAX_RUN_CHUNKS));
+            while let Some(chunk) = seq.next_element::<String>()? {
+                if data.len() == MAX_RUN_CHUNKS {
+                    return Err(de::Error::invalid_length(MAX_RUN_CHUNKS + 1, &self));
+                }
+                data.push(chunk);
+            }
+            if data.is_empty() {
+                return Err(de::Error::invalid_length(0, &self));
+            }
+            Ok(data)
+        }
+    }
+    deserializer.deserialize_seq(Run)
 }
 
 /// The fields of [`PublisherFrame::Error`].
@@ -820,6 +894,21 @@ impl Tagged for PublisherFrame {
                     seq: f.seq,
                 }
             }
+            "chunks" => {
+                let f = ChunksFields::deserialize(rest)?;
+                // Every chunk's number must fit: `seq + len` is the next one.
+                if f.seq
+                    .is_some_and(|s| s.checked_add(f.data.len() as u64).is_none())
+                {
+                    return Err(serde::de::Error::custom("a run's seq overflows"));
+                }
+                PublisherFrame::Chunks {
+                    task_id: f.task_id,
+                    data: f.data,
+                    done: f.done,
+                    seq: f.seq,
+                }
+            }
             "error" => {
                 let f = ErrorFields::deserialize(rest)?;
                 PublisherFrame::Error {
@@ -851,8 +940,7 @@ impl<'de> Deserialize<'de> for PublisherFrame {
 }
 
 impl PublisherFrame {
-    /// The frame that carries `result` of `task_id`: the inverse of
-    /// [`PublisherFrame::into_task_result`].
+    /// The frame that carries `result` of `task_id`, alone.
     pub fn for_result(task_id: TaskId, result: TaskResult) -> Self {
         match result {
             TaskResult::Completed {
@@ -876,8 +964,90 @@ impl PublisherFrame {
         }
     }
 
-    /// For a result, chunk or error frame: the task and its result.
-    pub fn into_task_result(self) -> Option<(TaskId, TaskResult)> {
+    /// The frames that carry `results` of `task_id`, in order: each result's frame,
+    /// except that with `runs` (the gateway granted [`CHUNK_RUNS`]) chunks that follow
+    /// one another go as `chunks` frames of up to [`MAX_RUN_CHUNKS`]. The inverse of
+    /// [`PublisherFrame::into_task_results`].
+    pub fn for_results(
+        task_id: &TaskId,
+        results: impl IntoIterator<Item = TaskResult>,
+        runs: bool,
+    ) -> Vec<Self> {
+        /// The chunks of the run being built.
+        struct Run {
+            data: Vec<String>,
+            bytes: usize,
+            done: bool,
+            seq: Option<u64>,
+        }
+        impl Run {
+            /// Whether a chunk numbered `seq` of `len` bytes may join this run.
+            fn takes(&self, seq: Option<u64>, len: usize) -> bool {
+                !self.done
+                    && self.data.len() < MAX_RUN_CHUNKS
+                    && self.bytes.saturating_add(len) <= MAX_RUN_BYTES
+                    && match (self.seq, seq) {
+                        (None, None) => true,
+                        (Some(first), Some(seq)) => {
+                            first.checked_add(self.data.len() as u64) == Some(seq)
+                        }
+                        _ => false,
+                    }
+            }
+
+            fn into_frame(mut self, task_id: &TaskId) -> PublisherFrame {
+                let task_id = task_id.clone();
+                let (done, seq) = (self.done, self.seq);
+                match self.data.len() {
+                    1 => PublisherFrame::Chunk {
+                        task_id,
+                        data: self.data.pop().unwrap_or_default(),
+                        done,
+                        seq,
+                    },
+                    _ => PublisherFrame::Chunks {
+                        task_id,
+                        data: self.data,
+                        done,
+                        seq,
+                    },
+                }
+            }
+        }
+
+        let mut frames = Vec::new();
+        let mut run: Option<Run> = None;
+        for result in results {
+            match result {
+                TaskResult::Chunk { data, done, seq } if runs => match &mut run {
+                    Some(r) if r.takes(seq, data.len()) => {
+                        r.bytes += data.len();
+                        r.data.push(data);
+                        r.done = done;
+                    }
+                    _ => {
+                        frames.extend(run.take().map(|r| r.into_frame(task_id)));
+                        run = Some(Run {
+                            bytes: data.len(),
+                            data: vec![data],
+                            done,
+                            seq,
+                        });
+                    }
+                },
+                other => {
+                    frames.extend(run.take().map(|r| r.into_frame(task_id)));
+                    frames.push(PublisherFrame::for_result(task_id.clone(), other));
+                }
+            }
+        }
+        frames.extend(run.map(|r| r.into_frame(task_id)));
+        frames
+    }
+
+    /// For a result, chunk, chunks or error frame: the task and its results, in order
+    /// (one, or a run's chunks each as a result of its own).
+    pub fn into_task_results(self) -> Option<(TaskId, Vec<TaskResult>)> {
         match self {
             PublisherFrame::Result {
                 task_id,
@@ -886,23 +1056,41 @@ impl PublisherFrame {
                 retry_after,
             } => Some((
                 task_id,
-                TaskResult::Completed {
+                vec![TaskResult::Completed {
                     status,
                     body,
                     retry_after,
-                },
+                }],
             )),
             PublisherFrame::Chunk {
                 task_id,
                 data,
                 done,
                 seq,
-            } => Some((task_id, TaskResult::Chunk { data, done, seq })),
+            } => Some((task_id, vec![TaskResult::Chunk { data, done, seq }])),
+            PublisherFrame::Chunks {
+                task_id,
+                data,
+                done,
+                seq,
+            } => {
+                let last = data.len().saturating_sub(1);
+                let results = data
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, data)| TaskResult::Chunk {
+                        data,
+                        done: done && i == last,
+                        seq: seq.map(|s| s.saturating_add(i as u64)),
+                    })
+                    .collect();
+                Some((task_id, results))
+            }
             PublisherFrame::Error { task_id, message } => {
-                Some((task_id, TaskResult::Failed { message }))
+                Some((task_id, vec![TaskResult::Failed { message }]))
             }
             PublisherFrame::Resume { task_id, from_seq } => {
-                Some((task_id, TaskResult::Resume { from_seq }))
+                Some((task_id, vec![TaskResult::Resume { from_seq }]))
             }
             PublisherFrame::Register(_) | PublisherFrame::Heartbeat(_) => None,
         }
@@ -1171,6 +1359,11 @@ pub(crate) fn json_len<T: Serialize + ?Sized>(value: &T) -> serde_json::Result<u
 mod tests {
     use super::*;
 
+    /// A frame's one result; `None` for none or several.
+    fn single((task, mut results): (TaskId, Vec<TaskResult>)) -> Option<(TaskId, TaskResult)> {
+        (results.len() == 1).then(|| (task, results.remove(0)))
+    }
+
     #[test]
     fn frames_carry_one_type_tag_and_round_trip() {
         let err = Error::invalid("bad frame");
@@ -1284,7 +1477,10 @@ mod tests {
             },
         ] {
             let frame = PublisherFrame::for_result(task_id.clone(), result.clone());
-            assert_eq!(frame.into_task_result(), Some((task_id.clone(), result)));
+            assert_eq!(
+                frame.into_task_results().and_then(single),
+                Some((task_id.clone(), result))
+            );
         }
     }
 
@@ -1294,7 +1490,7 @@ mod tests {
         let text = format!(r#"{{"type":"chunk","taskId":"{task_id}","data":"x","done":true}}"#);
         let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
         assert_eq!(
-            frame.clone().into_task_result(),
+            frame.clone().into_task_results().and_then(single),
             Some((
                 task_id,
                 TaskResult::Chunk {
@@ -1332,7 +1528,8 @@ mod tests {
             },
         )) = serde_json::from_str::<PublisherFrame>(&late)
             .unwrap()
-            .into_task_result()
+            .into_task_results()
+            .and_then(single)
         else {
             panic!("a completed result: {late}")
         };
@@ -1346,7 +1543,8 @@ mod tests {
         let Some((_, TaskResult::Completed { body, .. })) =
             serde_json::from_str::<PublisherFrame>(&bodiless)
                 .unwrap()
-                .into_task_result()
+                .into_task_results()
+                .and_then(single)
         else {
             panic!("a completed result: {bodiless}")
         };
@@ -1401,7 +1599,10 @@ mod tests {
         let text = serde_json::to_string(&frame).unwrap();
         assert!(text.contains(r#""retryAfter":7"#), "{text}");
         let back: PublisherFrame = serde_json::from_str(&text).unwrap();
-        assert_eq!(back.into_task_result(), Some((task_id.clone(), busy)));
+        assert_eq!(
+            back.into_task_results().and_then(single),
+            Some((task_id.clone(), busy))
+        );
 
         let v1 = r#"{"status":200,"body":{"ok":true}}"#;
         let answer: TaskResult = serde_json::from_str(v1).unwrap();
@@ -1423,7 +1624,7 @@ mod tests {
             "nothing added"
         );
         assert!(matches!(
-            frame.into_task_result(),
+            frame.into_task_results().and_then(single),
             Some((
                 _,
                 TaskResult::Completed {
@@ -1467,5 +1668,128 @@ mod tests {
         let text = serde_json::to_string(&new).unwrap();
         assert!(text.contains("\"keepAliveMs\":20000"), "{text}");
         assert_eq!(serde_json::from_str::<GatewayFrame>(&text).unwrap(), new);
+    }
+
+    /// A run of chunks: built from the chunks that follow one another (a gap in `seq`,
+    /// the run's limits, or another result starts a new frame; a run of one is a
+    /// `chunk` frame), and read back as the same results.
+    #[test]
+    fn chunks_that_follow_one_another_cross_as_one_run() {
+        let task = TaskId::generate();
+        let chunk = |data: &str, seq: Option<u64>, done| TaskResult::Chunk {
+            data: data.into(),
+            done,
+            seq,
+        };
+        let results = vec![
+            chunk("a", Some(0), false),
+            chunk("b", Some(1), false),
+            chunk("c", Some(2), false),
+            chunk("e", Some(4), false),
+            chunk("f", Some(5), false),
+            TaskResult::Failed {
+                message: "boom".into(),
+            },
+        ];
+        let frames = PublisherFrame::for_results(&task, results.clone(), true);
+        let kinds: Vec<_> = frames
+            .iter()
+            .map(|f| serde_json::to_value(f).unwrap()["type"].clone())
+            .collect();
+        assert_eq!(kinds, ["chunks", "chunks", "error"]);
+        let text = serde_json::to_string(&frames[0]).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"type":"chunks","taskId":"{task}","data":["a","b","c"],"done":false,"seq":0}}"#
+            )
+        );
+        let back: Vec<TaskResult> = frames
+            .into_iter()
+            .flat_map(|f| {
+                let text = serde_json::to_string(&f).unwrap();
+                let f: PublisherFrame = serde_json::from_str(&text).unwrap();
+                f.into_task_results().unwrap().1
+            })
+            .collect();
+        assert_eq!(back, results);
+
+        // Without runs, a frame per result, as a gateway that did not grant them reads.
+        let frames = PublisherFrame::for_results(&task, results.clone(), false);
+        assert_eq!(frames.len(), results.len());
+        assert!(matches!(frames[0], PublisherFrame::Chunk { .. }));
+
+        // A run ends with its `done`; one chunk alone is a `chunk` frame.
+        let ended = PublisherFrame::for_results(
+            &task,
+            vec![
+                chunk("a", None, false),
+                chunk("", None, true),
+                chunk("x", None, false),
+            ],
+            true,
+        );
+        assert!(
+            matches!(&ended[0], PublisherFrame::Chunks { data, done: true, .. } if data.len() == 2)
+        );
+        assert!(matches!(&ended[1], PublisherFrame::Chunk { data, .. } if data == "x"));
+
+        // The limits: chunks per run, and bytes per run (a larger chunk goes alone).
+        let many: Vec<_> = (0..MAX_RUN_CHUNKS as u64 + 1)
+            .map(|i| chunk("x", Some(i), false))
+            .collect();
+        let frames = PublisherFrame::for_results(&task, many, true);
+        assert!(
+            matches!(&frames[0], PublisherFrame::Chunks { data, .. } if data.len() == MAX_RUN_CHUNKS)
+        );
+        assert!(
+            matches!(&frames[1], PublisherFrame::Chunk { seq: Some(s), .. } if *s == MAX_RUN_CHUNKS as u64)
+        );
+        let big = "y".repeat(MAX_RUN_BYTES);
+        let frames = PublisherFrame::for_results(
+            &task,
+            vec![
+                chunk("a", None, false),
+                chunk(&big, None, false),
+                chunk("b", None, false),
+            ],
+            true,
+        );
+        assert_eq!(frames.len(), 3, "a run stays within {MAX_RUN_BYTES} bytes");
+    }
+
+    /// A `chunks` frame is refused when it is empty, longer than the limit, or numbers
+    /// past `u64`: each would be a 400 and the socket's end.
+    #[test]
+    fn a_run_out_of_bounds_is_refused() {
+        let task = TaskId::generate();
+        let frame = |data: &str, seq: &str| {
+            format!(r#"{{"type":"chunks","taskId":"{task}","data":{data}{seq}}}"#)
+        };
+        let too_many = serde_json::to_string(&vec![""; MAX_RUN_CHUNKS + 1]).unwrap();
+        let just_enough = serde_json::to_string(&vec![""; MAX_RUN_CHUNKS]).unwrap();
+        for bad in [
+            frame("[]", ""),
+            frame(&too_many, ""),
+            frame(r#"["a","b"]"#, &format!(r#","seq":{}"#, u64::MAX - 1)),
+            frame(r#"["a",1]"#, ""),
+            frame(r#""a""#, ""),
+        ] {
+            assert!(
+                serde_json::from_str::<PublisherFrame>(&bad).is_err(),
+                "{bad}"
+            );
+        }
+        let ok: PublisherFrame = serde_json::from_str(&frame(&just_enough, r#","seq":7"#)).unwrap();
+        let (_, results) = ok.into_task_results().unwrap();
+        assert_eq!(results.len(), MAX_RUN_CHUNKS);
+        assert_eq!(
+            results.last(),
+            Some(&TaskResult::Chunk {
+                data: String::new(),
+                done: false,
+                seq: Some(7 + MAX_RUN_CHUNKS as u64 - 1),
+            })
+        );
     }
 }

@@ -606,11 +606,14 @@ impl Driver {
             protocol_version: Some(crate::protocol::PROTOCOL_VERSION),
             llms: self.upstreams.register_specs(&self.specs),
             agents: self.options.agents.clone(),
-            capabilities: if self.options.resume {
-                vec![crate::protocol::RESUME.to_owned()]
-            } else {
-                Vec::new()
-            },
+            capabilities: [
+                self.options.resume.then_some(crate::protocol::RESUME),
+                Some(crate::protocol::CHUNK_RUNS),
+            ]
+            .into_iter()
+            .flatten()
+            .map(str::to_owned)
+            .collect(),
         };
         let connected = self.wire.connect(request).await?;
         let granted = connected.answer.provider_session_id.clone();

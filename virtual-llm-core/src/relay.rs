@@ -495,18 +495,10 @@ impl Gateway {
                 }
             }
             _ => {
-                let mut delivered = Ok(());
-                for result in results {
-                    delivered = self
-                        .shared
-                        .tasks
-                        .deliver(session, &principal.id, task, result)
-                        .await;
-                    if delivered.is_err() {
-                        break;
-                    }
-                }
-                delivered
+                self.shared
+                    .tasks
+                    .deliver(session, &principal.id, task, results)
+                    .await
             }
         };
         if resuming

@@ -52,12 +52,37 @@ pub enum TaskEvent {
     Completed(Completion),
 }
 
-/// What travels from `deliver` to the handle.
+/// What travels from `deliver` to the handle: the chunks of one delivery travel
+/// together, so a run of them costs one hand-off.
 #[derive(Debug)]
 enum Event {
-    Chunk { data: String, done: bool },
+    /// Chunks in order, none of them a `done` chunk's empty payload; `done` ends the
+    /// stream after them.
+    Chunks {
+        data: Vec<String>,
+        done: bool,
+    },
     Completed(Completion),
     Failed(Error),
+}
+
+/// Where a delivery's events go: a task still running, or one the delivery ended.
+enum Target {
+    Running(mpsc::Sender<Event>),
+    Ended(Live),
+}
+
+/// How a delivery's walk through its results ended.
+enum End {
+    /// Every result was taken; the task goes on.
+    Open,
+    /// A result ended the task: this event is its outcome.
+    Final(Event),
+    /// The publisher skipped these chunks: the task fails, and the publisher hears
+    /// the error.
+    Lost(std::ops::Range<u64>, Error),
+    /// A result was refused; the task goes on without it and what followed it.
+    Refused(Error),
 }
 
 impl From<TaskResult> for Event {
@@ -73,7 +98,14 @@ impl From<TaskResult> for Event {
                 retry_after: retry_after
                     .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS))),
             }),
-            TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
+            TaskResult::Chunk { data, done, .. } => Event::Chunks {
+                data: if data.is_empty() && done {
+                    Vec::new()
+                } else {
+                    vec![data]
+                },
+                done,
+            },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
             // Never handed to a task: `deliver` consumes it.
             TaskResult::Resume { .. } => Event::Failed(Error::invalid("a resume is no result")),
@@ -293,31 +325,36 @@ impl TaskTable {
             deadline: deadline.min(Instant::now() + self.inner.deadline),
             inner: self.inner.clone(),
             state: HandleState::Running,
+            pending: VecDeque::new(),
             slot,
         })
     }
 
-    /// Hands a publisher's result to its task.
+    /// Hands a publisher's results for one task to it, in order: a run of chunks
+    /// reaches the task as one event.
     ///
     /// Refused with 404 when the task is unknown, was cancelled, or was sent to another
     /// session or principal (the caller learns nothing about other sessions' tasks);
     /// 409 when it already had its final result, told only to the session and principal
     /// it was sent to (anyone else gets the same 404); 400 for a chunk of a non-streaming
-    /// task. When the task's buffer is full this waits: a slow client slows down its
-    /// own publisher stream, and nothing else.
+    /// task. The first result refused stops the rest; those before it are delivered.
+    /// When the task's buffer is full this waits: a slow client slows down its own
+    /// publisher stream, and nothing else.
     ///
     /// Numbered chunks (protocol 2) must come in order: a chunk whose `seq` was seen
-    /// already is dropped (`Ok`, nothing delivered), and one that skips a `seq` fails
-    /// the task (502 for the client, 400 for the publisher).
+    /// already is dropped (nothing delivered), and one that skips a `seq` fails the
+    /// task (502 for the client, 400 for the publisher).
     pub(crate) async fn deliver(
         &self,
         session: &SessionId,
         owner: &str,
         task: &TaskId,
-        result: TaskResult,
+        results: Vec<TaskResult>,
     ) -> Result<(), Error> {
-        result.validate()?;
-        let tx = {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let (chunks, mut end, after_end, target) = {
             let mut guard = lock(&self.inner.state);
             let state = &mut *guard;
             let Some(live) = state.live.get_mut(task) else {
@@ -329,68 +366,128 @@ impl TaskTable {
             if live.session != *session || live.owner != owner {
                 return Err(Error::UnknownTask);
             }
-            if !live.stream && matches!(result, TaskResult::Chunk { .. }) {
-                return Err(Error::invalid(
-                    "this task is not streaming: post {status, body}",
-                ));
-            }
-            if let TaskResult::Resume { from_seq } = result {
-                // The publisher replays from `from_seq`: a chunk the task has not had
-                // before it is lost for good.
-                let expected = live.next_seq;
-                if from_seq > expected {
-                    self.lose_chunks(state, task, expected..from_seq);
-                    crate::metrics::resume_lost(1);
-                    return Err(Error::invalid(format!(
-                        "resuming from chunk {from_seq} skips chunk {expected}; the task failed"
-                    )));
+            let mut chunks = Vec::new();
+            let mut end = End::Open;
+            let mut results = results.into_iter();
+            for result in results.by_ref() {
+                if let Err(e) = result.validate() {
+                    end = End::Refused(e);
+                    break;
                 }
-                if live.held.take().is_some() {
-                    crate::metrics::task_resumed();
+                match result {
+                    TaskResult::Chunk { .. } if !live.stream => {
+                        end = End::Refused(Error::invalid(
+                            "this task is not streaming: post {status, body}",
+                        ));
+                        break;
+                    }
+                    TaskResult::Resume { from_seq } => {
+                        // The publisher replays from `from_seq`: a chunk the task has not
+                        // had before it is lost for good.
+                        let expected = live.next_seq;
+                        if from_seq > expected {
+                            crate::metrics::resume_lost(1);
+                            end = End::Lost(
+                                expected..from_seq,
+                                Error::invalid(format!(
+                                    "resuming from chunk {from_seq} skips chunk {expected}; the task failed"
+                                )),
+                            );
+                            break;
+                        }
+                        if live.held.take().is_some() {
+                            crate::metrics::task_resumed();
+                        }
+                    }
+                    TaskResult::Chunk { data, done, seq } => {
+                        if let Some(seq) = seq {
+                            let expected = live.next_seq;
+                            if seq < expected {
+                                // A replay of a chunk the task has: the client sees every
+                                // chunk once.
+                                continue;
+                            }
+                            if seq > expected {
+                                end = End::Lost(
+                                    expected..seq,
+                                    Error::invalid(format!(
+                                        "chunk {seq} skips chunk {expected}; the task failed"
+                                    )),
+                                );
+                                break;
+                            }
+                            live.next_seq = seq + 1;
+                        }
+                        live.heard = true;
+                        if !(done && data.is_empty()) {
+                            chunks.push(data);
+                        }
+                        if done {
+                            end = End::Final(Event::Chunks {
+                                data: std::mem::take(&mut chunks),
+                                done: true,
+                            });
+                            break;
+                        }
+                    }
+                    other => {
+                        live.heard = true;
+                        end = End::Final(Event::from(other));
+                        break;
+                    }
                 }
-                return Ok(());
             }
-            if let TaskResult::Chunk { seq: Some(seq), .. } = result {
-                let expected = live.next_seq;
-                if seq < expected {
-                    // A replay of a chunk the task has: the client sees every chunk once.
-                    return Ok(());
-                }
-                if seq > expected {
-                    self.lose_chunks(state, task, expected..seq);
-                    return Err(Error::invalid(format!(
-                        "chunk {seq} skips chunk {expected}; the task failed"
-                    )));
-                }
-                live.next_seq = seq + 1;
-            }
-            live.heard = true;
-            if result.is_final() {
-                // The final result takes the reserved slot's place.
-                self.finish(state, task, |live| live.tx)
-                    .ok_or(Error::UnknownTask)?
-            } else {
-                live.tx.clone()
-            }
+            let after_end = results.next().is_some();
+            // A task that ends leaves the table now: a result after it is a 409.
+            let target = match &end {
+                End::Final(_) | End::Lost(..) => self.finish(state, task, Target::Ended),
+                End::Open | End::Refused(_) => Some(Target::Running(live.tx.clone())),
+            };
+            (chunks, end, after_end, target)
         };
-        // The client went away while we waited: the task is cancelled.
-        tx.send(Event::from(result))
-            .await
-            .map_err(|_| Error::UnknownTask)
-    }
-
-    /// Fails `task`, whose publisher skipped the chunks `lost` (a gap in its stream,
-    /// or a resume past the next chunk the task needs): the client hears which.
-    fn lose_chunks(&self, state: &mut State, task: &TaskId, lost: std::ops::Range<u64>) {
-        self.finish(state, task, |live| {
-            live.fail(Error::Upstream {
-                message: format!(
-                    "the publisher's stream lost chunks {} to {}",
-                    lost.start,
-                    lost.end - 1
-                ),
-            })
+        let chunks = (!chunks.is_empty()).then_some(Event::Chunks {
+            data: chunks,
+            done: false,
         });
+        // The client went away while we waited: the task is cancelled.
+        let gone = |_| Error::UnknownTask;
+        match target {
+            // Still running: its chunks go through the buffer, waiting for room.
+            Some(Target::Running(tx)) => {
+                if let Some(chunks) = chunks {
+                    tx.send(chunks).await.map_err(gone)?;
+                }
+            }
+            // Ended: the chunks before the end, then the outcome in the slot kept for it.
+            Some(Target::Ended(live)) => {
+                if let Some(chunks) = chunks {
+                    live.tx.send(chunks).await.map_err(gone)?;
+                }
+                match &end {
+                    End::Final(_) => {
+                        if let End::Final(event) = std::mem::replace(&mut end, End::Open) {
+                            live.reserved.send(event);
+                        }
+                        if after_end {
+                            return Err(Error::TaskFinished);
+                        }
+                    }
+                    End::Lost(lost, _) => live.fail(Error::Upstream {
+                        message: format!(
+                            "the publisher's stream lost chunks {} to {}",
+                            lost.start,
+                            lost.end - 1
+                        ),
+                    }),
+                    End::Open | End::Refused(_) => {}
+                }
+            }
+            None => {}
+        }
+        match end {
+            End::Lost(_, e) | End::Refused(e) => Err(e),
+            End::Final(_) | End::Open => Ok(()),
+        }
     }
 
     /// Removes a live task, remembers it as finished (a replayed result is then a 409
@@ -589,7 +686,8 @@ fn remember(state: &mut State, id: TaskId, by: (SessionId, String), cap: usize) 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HandleState {
     Running,
-    /// A `done` chunk carried data: the data was yielded, `Done` comes next.
+    /// The stream's `done` came with data: the data is being yielded, `Done` comes
+    /// after it.
     DonePending,
     Finished,
 }
@@ -604,6 +702,8 @@ pub struct TaskHandle {
     deadline: Instant,
     inner: Arc<Inner>,
     state: HandleState,
+    /// Chunks delivered together and not yet yielded, in order.
+    pending: VecDeque<String>,
     /// The task's slot on its row, freed at the outcome.
     slot: Option<Slot>,
 }
@@ -655,6 +755,9 @@ impl TaskHandle {
     }
 
     async fn next_event(&mut self) -> Option<Result<TaskEvent, Error>> {
+        if let Some(chunk) = self.pending.pop_front() {
+            return Some(Ok(TaskEvent::Chunk(chunk)));
+        }
         match self.state {
             HandleState::Finished => return None,
             HandleState::DonePending => {
@@ -684,14 +787,22 @@ impl TaskHandle {
             }
         };
         Some(match event {
-            Event::Chunk { data, done: false } => Ok(TaskEvent::Chunk(data)),
-            Event::Chunk { data, done: true } if data.is_empty() => {
-                self.state = HandleState::Finished;
-                Ok(TaskEvent::Done)
-            }
-            Event::Chunk { data, done: true } => {
-                self.state = HandleState::DonePending;
-                Ok(TaskEvent::Chunk(data))
+            Event::Chunks { data, done } => {
+                let mut data = VecDeque::from(data);
+                match data.pop_front() {
+                    Some(first) => {
+                        self.pending = data;
+                        if done {
+                            self.state = HandleState::DonePending;
+                        }
+                        Ok(TaskEvent::Chunk(first))
+                    }
+                    // Never sent empty unless it ends the stream.
+                    None => {
+                        self.state = HandleState::Finished;
+                        Ok(TaskEvent::Done)
+                    }
+                }
             }
             Event::Completed(c) => {
                 self.state = HandleState::Finished;

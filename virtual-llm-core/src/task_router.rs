@@ -175,12 +175,14 @@ impl TaskInbound {
     /// Hands forwarded results to their task here, in order, with the refusals of a
     /// local delivery: the first refused stops the rest.
     pub async fn deliver(&self, delivery: Delivery) -> Result<(), Error> {
-        for result in delivery.results {
-            self.tasks
-                .deliver(&delivery.session, &delivery.owner, &delivery.task, result)
-                .await?;
-        }
-        Ok(())
+        self.tasks
+            .deliver(
+                &delivery.session,
+                &delivery.owner,
+                &delivery.task,
+                delivery.results,
+            )
+            .await
     }
 
     /// Whether `delivery` is for a task here that waits for results from its session

@@ -863,6 +863,31 @@ async fn register_and_hello_speak_the_publishers_version() {
         f.gw.hello(&v2.provider_session_id, 2).protocol_version,
         Some(2)
     );
+    assert!(v2.capabilities.is_empty(), "nothing asked, nothing granted");
+}
+
+/// Runs of chunks (capability `chunks`) are granted to a version 2 publisher that asks
+/// for them, and never to a version 1 one, whose answer stays the v1 shape.
+#[tokio::test]
+async fn runs_of_chunks_are_granted_to_a_version_2_publisher_that_asks() {
+    use virtual_llm_core::protocol::CHUNK_RUNS;
+    let f = fixture().await;
+    let alice = publisher("alice");
+    let mut req = request(None, &["new"]);
+    req.protocol_version = Some(2);
+    req.capabilities = vec!["unknown".into(), CHUNK_RUNS.into()];
+    let v2 = f.gw.register(&alice, req).await.unwrap();
+    assert_eq!(v2.capabilities, [CHUNK_RUNS]);
+    let mut req = request(None, &["old"]);
+    req.capabilities = vec![CHUNK_RUNS.into()];
+    let v1 = f.gw.register(&alice, req).await.unwrap();
+    assert!(v1.capabilities.is_empty());
+    assert!(
+        serde_json::to_value(&v1)
+            .unwrap()
+            .get("capabilities")
+            .is_none()
+    );
 }
 
 /// A store whose first `n` writes wait for each other: every racer has read the

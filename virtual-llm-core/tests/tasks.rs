@@ -1119,3 +1119,116 @@ async fn numbered_chunks_drop_duplicates_and_fail_on_a_gap() {
     );
     assert_eq!(o.f.gw.in_flight(), 0);
 }
+
+/// Several results delivered together (a run of chunks from one frame) are handled as
+/// one by one: replayed chunks dropped, the chunks before a gap delivered and the task
+/// then failed, and anything after a final result a 409 once the rest is delivered.
+#[tokio::test]
+async fn results_delivered_together_keep_the_rules_of_one_by_one() {
+    let numbered = |data: &str, seq, done| TaskResult::Chunk {
+        data: data.into(),
+        done,
+        seq: Some(seq),
+    };
+    let o = online().await;
+    let deliver_all = |frame: &TaskFrame, results: Vec<TaskResult>| {
+        let (gw, session, task) = (o.f.gw.clone(), o.session.clone(), frame.task_id.clone());
+        async move {
+            gw.deliver_all(&publisher("alice"), &session, &task, results)
+                .await
+        }
+    };
+    async fn rest(handle: &mut TaskHandle) -> Vec<Result<TaskEvent, u16>> {
+        let mut events = Vec::new();
+        while let Some(event) = handle.next().await {
+            events.push(event.map_err(|e| e.status()));
+        }
+        events
+    }
+    let chunk_event = |data: &str| Ok(TaskEvent::Chunk(data.into()));
+
+    // A replayed prefix is dropped; the run's `done` ends the stream after its data.
+    let (mut handle, frame) = o.start(true).await;
+    deliver_all(
+        &frame,
+        vec![numbered("a", 0, false), numbered("b", 1, false)],
+    )
+    .await
+    .unwrap();
+    deliver_all(
+        &frame,
+        vec![
+            numbered("b again", 1, false),
+            numbered("c", 2, false),
+            numbered("d", 3, true),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        rest(&mut handle).await,
+        vec![
+            chunk_event("a"),
+            chunk_event("b"),
+            chunk_event("c"),
+            chunk_event("d"),
+            Ok(TaskEvent::Done)
+        ]
+    );
+
+    // A gap inside a run: the chunks before it reach the client, then the failure.
+    let (mut handle, frame) = o.start(true).await;
+    let gap = deliver_all(
+        &frame,
+        vec![
+            numbered("a", 0, false),
+            numbered("b", 1, false),
+            numbered("e", 4, false),
+            numbered("f", 5, false),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(gap.status(), 400, "{gap}");
+    assert_eq!(
+        rest(&mut handle).await,
+        vec![chunk_event("a"), chunk_event("b"), Err(502)]
+    );
+
+    // A result after the final one: everything up to the end is delivered, the rest
+    // is a 409, as it would be alone.
+    let (mut handle, frame) = o.start(true).await;
+    let late = deliver_all(
+        &frame,
+        vec![
+            numbered("a", 0, false),
+            numbered("", 1, true),
+            numbered("late", 2, false),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(late.status(), 409, "{late}");
+    assert_eq!(
+        rest(&mut handle).await,
+        vec![chunk_event("a"), Ok(TaskEvent::Done)]
+    );
+
+    // A chunk refused inside a run: those before it are delivered, the task goes on.
+    let (mut handle, frame) = o.start(true).await;
+    let refused = deliver_all(
+        &frame,
+        vec![numbered("a", 0, false), numbered("x\ny", 1, false)],
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(refused.status(), 400, "{refused}");
+    deliver_all(&frame, vec![numbered("b", 1, false), numbered("", 2, true)])
+        .await
+        .unwrap();
+    assert_eq!(
+        rest(&mut handle).await,
+        vec![chunk_event("a"), chunk_event("b"), Ok(TaskEvent::Done)]
+    );
+    assert_eq!(o.f.gw.in_flight(), 0);
+}
