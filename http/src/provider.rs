@@ -5,7 +5,7 @@
 use bytes::Buf;
 use futures::{FutureExt, Stream, StreamExt};
 use virtual_llm_core::protocol::{
-    HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, TaskResult,
+    HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, TaskResult, TaskResults,
 };
 use virtual_llm_core::{Gateway, RESULTS_PER_DELIVERY, TaskId};
 use warp::reply::Response;
@@ -101,21 +101,21 @@ where
                 .is_some_and(|c| c.starts_with("application/x-ndjson"));
             if !ndjson {
                 let bytes = body::read(body, limit).await?;
-                let result: TaskResult = body::json(&bytes)?;
-                gw.deliver(&who, &session, &task, result).await?;
+                let TaskResults(results) = body::json(&bytes)?;
+                gw.deliver_all(&who, &session, &task, results).await?;
                 return Ok(reply::no_content());
             }
             // The lines that came in together are delivered together: one hop for
             // them all when the task lives on another replica.
             let mut lines = std::pin::pin!(body::lines(body, limit));
             while let Some(line) = lines.next().await {
-                let mut results = vec![body::json::<TaskResult>(line?.as_bytes())?];
+                let TaskResults(mut results) = body::json(line?.as_bytes())?;
                 let mut refused = None;
                 while results.len() < RESULTS_PER_DELIVERY
                     && let Some(Some(line)) = lines.next().now_or_never()
                 {
-                    match line.and_then(|l| body::json::<TaskResult>(l.as_bytes())) {
-                        Ok(result) => results.push(result),
+                    match line.and_then(|l| body::json::<TaskResults>(l.as_bytes())) {
+                        Ok(TaskResults(more)) => results.extend(more),
                         Err(e) => {
                             refused = Some(e);
                             break;

@@ -16,8 +16,8 @@ use futures::stream::BoxStream;
 use tokio_util::task::AbortOnDropHandle;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
-    ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, PROTOCOL_HEADER, RegisterRequest,
-    RegisterResponse, TaskResult,
+    CHUNK_RUNS, ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, Outgoing, PROTOCOL_HEADER,
+    RegisterRequest, RegisterResponse, TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
@@ -176,9 +176,13 @@ impl Wire for SseWire {
                 ));
             }
         }
+        // A gateway that takes runs of chunks gets the chunks ready together as one
+        // line.
+        let runs = answer.capabilities.iter().any(|c| c == CHUNK_RUNS);
         let outbox = SseOutbox {
             wire: self.clone(),
             session,
+            runs,
         };
         Ok(Connected {
             answer,
@@ -207,6 +211,8 @@ fn decode(event: &str, data: &str) -> Result<Option<GatewayFrame>, WireError> {
 struct SseOutbox {
     wire: SseWire,
     session: SessionId,
+    /// The gateway granted [`CHUNK_RUNS`].
+    runs: bool,
 }
 
 #[async_trait]
@@ -251,7 +257,7 @@ impl Outbox for SseOutbox {
             Some(whole) if whole.is_final() => (request.json(&whole), None),
             first => {
                 let results = futures::stream::iter(first).chain(results).boxed();
-                let (lines, pump) = pumped(ndjson(results));
+                let (lines, pump) = pumped(ndjson(results, self.runs));
                 let request = request
                     .header("content-type", "application/x-ndjson")
                     .body(reqwest::Body::wrap_stream(lines));
@@ -296,15 +302,17 @@ where
 }
 
 /// A task's results as NDJSON body chunks: the results ready together (see
-/// [`ready_batches`]) leave as one chunk, one write here and one read on the gateway.
+/// [`ready_batches`]) leave as one chunk, one write here and one read on the gateway;
+/// with `runs`, the chunks among them that follow one another as one line each run.
 fn ndjson(
     results: BoxStream<'static, TaskResult>,
+    runs: bool,
 ) -> impl futures::Stream<Item = Result<Bytes, serde_json::Error>> + Send + 'static {
-    ready_batches(results, RESULTS_PER_WRITE).map(|batch| {
+    ready_batches(results, RESULTS_PER_WRITE).map(move |batch| {
         tracing::trace!(results = batch.len(), "results leave in one write");
         let mut lines = Vec::new();
-        for result in &batch {
-            serde_json::to_writer(&mut lines, result)?;
+        for out in Outgoing::group(batch, runs) {
+            serde_json::to_writer(&mut lines, &out)?;
             lines.push(b'\n');
         }
         Ok(Bytes::from(lines))
@@ -431,6 +439,7 @@ mod tests {
         let outbox = SseOutbox {
             wire: SseWire::new(&format!("http://{addr}"), None).unwrap(),
             session: session.clone(),
+            runs: false,
         };
 
         let whole = TaskResult::Completed {
@@ -504,7 +513,7 @@ mod tests {
         // Polled by hyper's connection task, as the body of a request.
         let sizes = Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = sizes.clone();
-        let (body, _pump) = pumped(ndjson(results));
+        let (body, _pump) = pumped(ndjson(results, false));
         let body = body.inspect(move |b| {
             if let Ok(b) = b {
                 seen.lock().unwrap().push(lines(b).len());
@@ -523,5 +532,40 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(*sizes.lock().unwrap(), vec![20]);
+    }
+
+    /// With runs granted, a stream's chunks ready together go as one `{"chunks"}` line
+    /// (without, a line each), and the gateway reads the same results back either way.
+    #[tokio::test]
+    async fn chunks_ready_together_post_as_one_run_line_only_when_granted() {
+        use virtual_llm_core::protocol::TaskResults;
+        let results: Vec<TaskResult> = (0..21u64)
+            .map(|seq| TaskResult::Chunk {
+                data: if seq < 20 {
+                    format!("{{\"n\":{seq}}}")
+                } else {
+                    String::new()
+                },
+                done: seq == 20,
+                seq: Some(seq),
+            })
+            .collect();
+        for runs in [true, false] {
+            let body: Vec<Bytes> = ndjson(futures::stream::iter(results.clone()).boxed(), runs)
+                .map(|b| b.unwrap())
+                .collect()
+                .await;
+            let text: Vec<u8> = body.concat();
+            let lines: Vec<&[u8]> = text
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .collect();
+            assert_eq!(lines.len(), if runs { 1 } else { 21 }, "runs: {runs}");
+            let back: Vec<TaskResult> = lines
+                .iter()
+                .flat_map(|l| serde_json::from_slice::<TaskResults>(l).unwrap().0)
+                .collect();
+            assert_eq!(back, results);
+        }
     }
 }

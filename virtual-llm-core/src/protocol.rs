@@ -966,83 +966,25 @@ impl PublisherFrame {
 
     /// The frames that carry `results` of `task_id`, in order: each result's frame,
     /// except that with `runs` (the gateway granted [`CHUNK_RUNS`]) chunks that follow
-    /// one another go as `chunks` frames of up to [`MAX_RUN_CHUNKS`]. The inverse of
+    /// one another go as `chunks` frames (see [`Outgoing::group`]). The inverse of
     /// [`PublisherFrame::into_task_results`].
     pub fn for_results(
         task_id: &TaskId,
         results: impl IntoIterator<Item = TaskResult>,
         runs: bool,
     ) -> Vec<Self> {
-        /// The chunks of the run being built.
-        struct Run {
-            data: Vec<String>,
-            bytes: usize,
-            done: bool,
-            seq: Option<u64>,
-        }
-        impl Run {
-            /// Whether a chunk numbered `seq` of `len` bytes may join this run.
-            fn takes(&self, seq: Option<u64>, len: usize) -> bool {
-                !self.done
-                    && self.data.len() < MAX_RUN_CHUNKS
-                    && self.bytes.saturating_add(len) <= MAX_RUN_BYTES
-                    && match (self.seq, seq) {
-                        (None, None) => true,
-                        (Some(first), Some(seq)) => {
-                            first.checked_add(self.data.len() as u64) == Some(seq)
-                        }
-                        _ => false,
-                    }
-            }
-
-            fn into_frame(mut self, task_id: &TaskId) -> PublisherFrame {
-                let task_id = task_id.clone();
-                let (done, seq) = (self.done, self.seq);
-                match self.data.len() {
-                    1 => PublisherFrame::Chunk {
-                        task_id,
-                        data: self.data.pop().unwrap_or_default(),
-                        done,
-                        seq,
-                    },
-                    _ => PublisherFrame::Chunks {
-                        task_id,
-                        data: self.data,
-                        done,
-                        seq,
-                    },
-                }
-            }
-        }
-
-        let mut frames = Vec::new();
-        let mut run: Option<Run> = None;
-        for result in results {
-            match result {
-                TaskResult::Chunk { data, done, seq } if runs => match &mut run {
-                    Some(r) if r.takes(seq, data.len()) => {
-                        r.bytes += data.len();
-                        r.data.push(data);
-                        r.done = done;
-                    }
-                    _ => {
-                        frames.extend(run.take().map(|r| r.into_frame(task_id)));
-                        run = Some(Run {
-                            bytes: data.len(),
-                            data: vec![data],
-                            done,
-                            seq,
-                        });
-                    }
+        Outgoing::group(results, runs)
+            .into_iter()
+            .map(|out| match out {
+                Outgoing::One(result) => PublisherFrame::for_result(task_id.clone(), result),
+                Outgoing::Run(ChunkRun { data, done, seq }) => PublisherFrame::Chunks {
+                    task_id: task_id.clone(),
+                    data,
+                    done,
+                    seq,
                 },
-                other => {
-                    frames.extend(run.take().map(|r| r.into_frame(task_id)));
-                    frames.push(PublisherFrame::for_result(task_id.clone(), other));
-                }
-            }
-        }
-        frames.extend(run.map(|r| r.into_frame(task_id)));
-        frames
+            })
+            .collect()
     }
 
     /// For a result, chunk, chunks or error frame: the task and its results, in order
@@ -1073,19 +1015,7 @@ impl PublisherFrame {
                 data,
                 done,
                 seq,
-            } => {
-                let last = data.len().saturating_sub(1);
-                let results = data
-                    .into_iter()
-                    .enumerate()
-                    .map(|(i, data)| TaskResult::Chunk {
-                        data,
-                        done: done && i == last,
-                        seq: seq.map(|s| s.saturating_add(i as u64)),
-                    })
-                    .collect();
-                Some((task_id, results))
-            }
+            } => Some((task_id, ChunkRun { data, done, seq }.into_results())),
             PublisherFrame::Error { task_id, message } => {
                 Some((task_id, vec![TaskResult::Failed { message }]))
             }
@@ -1093,6 +1023,175 @@ impl PublisherFrame {
                 Some((task_id, vec![TaskResult::Resume { from_seq }]))
             }
             PublisherFrame::Register(_) | PublisherFrame::Heartbeat(_) => None,
+        }
+    }
+}
+
+/// A task's results as a publisher sends them: each alone, or chunks that follow one
+/// another as one run (capability [`CHUNK_RUNS`]). As an HTTP result line it is the
+/// result's own shape, or `{"chunks": {"data": [...], "done"?, "seq"?}}`.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outgoing {
+    /// One result.
+    One(TaskResult),
+    /// Two or more chunks.
+    Run(ChunkRun),
+}
+
+/// Chunks of one stream that follow one another: `data[i]` is chunk `seq + i`, and
+/// `done` ends the stream after the last. The same as each chunk alone.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ChunkRun {
+    /// The chunks' SSE `data:` payloads, in order: 1 to [`MAX_RUN_CHUNKS`] of them.
+    #[serde(deserialize_with = "run_data")]
+    pub data: Vec<String>,
+    /// The last chunk ends the stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub done: bool,
+    /// The first chunk's number (protocol 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+}
+
+impl ChunkRun {
+    /// Whether a chunk numbered `seq` of `len` bytes may join this run (the run has
+    /// not ended, has room, and the chunk numbers on from it).
+    fn takes(&self, bytes: usize, seq: Option<u64>, len: usize) -> bool {
+        !self.done
+            && self.data.len() < MAX_RUN_CHUNKS
+            && bytes.saturating_add(len) <= MAX_RUN_BYTES
+            && match (self.seq, seq) {
+                (None, None) => true,
+                (Some(first), Some(seq)) => first.checked_add(self.data.len() as u64) == Some(seq),
+                _ => false,
+            }
+    }
+
+    /// Whether every chunk's number fits in a `u64`.
+    fn numbers_fit(&self) -> bool {
+        self.seq
+            .is_none_or(|s| s.checked_add(self.data.len() as u64).is_some())
+    }
+
+    /// Each chunk as a result of its own, in order.
+    pub fn into_results(self) -> Vec<TaskResult> {
+        let ChunkRun { data, done, seq } = self;
+        let last = data.len().saturating_sub(1);
+        data.into_iter()
+            .enumerate()
+            .map(|(i, data)| TaskResult::Chunk {
+                data,
+                done: done && i == last,
+                seq: seq.map(|s| s.saturating_add(i as u64)),
+            })
+            .collect()
+    }
+}
+
+impl Outgoing {
+    /// `results` in order, with `runs` the chunks that follow one another grouped into
+    /// runs of up to [`MAX_RUN_CHUNKS`] chunks and [`MAX_RUN_BYTES`] bytes (a larger
+    /// chunk goes alone); a gap in `seq`, a `done`, or another result ends a run, and a
+    /// run of one chunk is that chunk. Without `runs`, each result alone.
+    pub fn group(results: impl IntoIterator<Item = TaskResult>, runs: bool) -> Vec<Outgoing> {
+        fn close(run: Option<(ChunkRun, usize)>, out: &mut Vec<Outgoing>) {
+            if let Some((mut run, _)) = run {
+                out.push(if run.data.len() == 1 {
+                    Outgoing::One(TaskResult::Chunk {
+                        data: run.data.pop().unwrap_or_default(),
+                        done: run.done,
+                        seq: run.seq,
+                    })
+                } else {
+                    Outgoing::Run(run)
+                });
+            }
+        }
+        let mut out = Vec::new();
+        let mut run: Option<(ChunkRun, usize)> = None;
+        for result in results {
+            match result {
+                TaskResult::Chunk { data, done, seq } if runs => match &mut run {
+                    Some((r, bytes)) if r.takes(*bytes, seq, data.len()) => {
+                        *bytes += data.len();
+                        r.data.push(data);
+                        r.done = done;
+                    }
+                    _ => {
+                        close(run.take(), &mut out);
+                        let bytes = data.len();
+                        run = Some((
+                            ChunkRun {
+                                data: vec![data],
+                                done,
+                                seq,
+                            },
+                            bytes,
+                        ));
+                    }
+                },
+                other => {
+                    close(run.take(), &mut out);
+                    out.push(Outgoing::One(other));
+                }
+            }
+        }
+        close(run, &mut out);
+        out
+    }
+}
+
+/// An [`Outgoing`] as an HTTP result line.
+impl Serialize for Outgoing {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct RunLine<'a> {
+            chunks: &'a ChunkRun,
+        }
+        match self {
+            Outgoing::One(result) => result.serialize(serializer),
+            Outgoing::Run(run) => RunLine { chunks: run }.serialize(serializer),
+        }
+    }
+}
+
+/// What one HTTP result body or NDJSON line carries: one result, or a run of chunks
+/// (`{"chunks": {...}}`, capability [`CHUNK_RUNS`]) as its chunks, in order.
+///
+/// ```
+/// use virtual_llm_core::protocol::TaskResults;
+///
+/// let run: TaskResults = serde_json::from_str(r#"{"chunks":{"data":["a","b"],"done":true,"seq":3}}"#).unwrap();
+/// assert_eq!(run.0.len(), 2);
+/// let one: TaskResults = serde_json::from_str(r#"{"error":"boom"}"#).unwrap();
+/// assert_eq!(one.0.len(), 1);
+/// ```
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "ResultWire")]
+pub struct TaskResults(pub Vec<TaskResult>);
+
+impl TryFrom<ResultWire> for TaskResults {
+    type Error = String;
+
+    fn try_from(mut w: ResultWire) -> Result<Self, String> {
+        match w.chunks.take() {
+            None => TaskResult::try_from(w).map(|r| TaskResults(vec![r])),
+            Some(run) => {
+                let alone = w.error.is_none()
+                    && w.chunk.is_none()
+                    && w.resume.is_none()
+                    && w.status.is_none()
+                    && w.body.is_none()
+                    && w.retry_after.is_none();
+                if !alone {
+                    return Err("a run of chunks is alone in its result".to_owned());
+                }
+                if !run.numbers_fit() {
+                    return Err("a run's seq overflows".to_owned());
+                }
+                Ok(TaskResults(run.into_results()))
+            }
         }
     }
 }
@@ -1205,6 +1304,9 @@ struct ResultWire {
     error: Option<Value>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     chunk: Option<ChunkWire>,
+    /// A run of chunks: read only as [`TaskResults`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    chunks: Option<ChunkRun>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     resume: Option<ResumeWire>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1267,6 +1369,9 @@ impl TryFrom<ResultWire> for TaskResult {
     type Error = String;
 
     fn try_from(w: ResultWire) -> Result<Self, String> {
+        if w.chunks.is_some() {
+            return Err("a run of chunks is several results".to_owned());
+        }
         let answer_only = w.body.is_none() && w.retry_after.is_none();
         match (w.error, w.chunk, w.status, w.resume) {
             (Some(error), None, None, None) if answer_only => Ok(TaskResult::Failed {
@@ -1780,6 +1885,38 @@ mod tests {
                 "{bad}"
             );
         }
+        // The same run as an HTTP result line: alone in its line, and only read as
+        // several results.
+        for bad in [
+            r#"{"chunks":{"data":[]}}"#.to_owned(),
+            format!(r#"{{"chunks":{{"data":{too_many}}}}}"#),
+            format!(
+                r#"{{"chunks":{{"data":["a","b"],"seq":{}}}}}"#,
+                u64::MAX - 1
+            ),
+            r#"{"chunks":{"data":["a"]},"status":200}"#.to_owned(),
+            r#"{"chunks":{"data":["a"]},"error":"x"}"#.to_owned(),
+        ] {
+            assert!(serde_json::from_str::<TaskResults>(&bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<TaskResult>(r#"{"chunks":{"data":["a"]}}"#).is_err());
+        let line: TaskResults =
+            serde_json::from_str(r#"{"chunks":{"data":["a","b"],"done":true,"seq":2}}"#).unwrap();
+        assert_eq!(
+            line.0,
+            [
+                TaskResult::Chunk {
+                    data: "a".into(),
+                    done: false,
+                    seq: Some(2)
+                },
+                TaskResult::Chunk {
+                    data: "b".into(),
+                    done: true,
+                    seq: Some(3)
+                }
+            ]
+        );
         let ok: PublisherFrame = serde_json::from_str(&frame(&just_enough, r#","seq":7"#)).unwrap();
         let (_, results) = ok.into_task_results().unwrap();
         assert_eq!(results.len(), MAX_RUN_CHUNKS);
