@@ -339,31 +339,63 @@ impl Inner {
         crate::metrics::completions_kept(state.answers.len(), self.bytes.load(Ordering::SeqCst));
     }
 
-    /// Records `data` as `answer`'s next chunk and gives `source` back to it for the
-    /// next reader that needs one; or, past a bound, makes the answer unresumable and
-    /// hands `data` back.
+    /// Records `data` as `answer`'s next chunk, gives `source` back to it for the
+    /// next reader that needs one, and returns the chunk as kept; or, past a bound,
+    /// makes the answer unresumable and hands `data` back.
     fn append(
         &self,
         answer: &Answer,
         data: String,
         source: &mut Option<ChunkStream>,
-    ) -> Result<(), String> {
+    ) -> Result<Arc<str>, String> {
         let len = data.len();
-        let fits_answer = lock(&answer.body).bytes.saturating_add(len) <= self.answer_bytes;
-        if !(fits_answer && self.reserve(len)) {
-            self.drop_live(answer);
-            return Err(data);
-        }
-        {
-            let mut body = lock(&answer.body);
+        let chunk: Arc<str> = Arc::from(data);
+        let push = |body: &mut Body, source: &mut Option<ChunkStream>| {
             body.bytes += len;
-            body.chunks.push(Arc::from(data));
+            body.chunks.push(chunk.clone());
             if let Phase::Live { source: slot, .. } = &mut body.phase {
                 *slot = source.take();
             }
+        };
+        {
+            // The common case, a chunk that fits, under one lock of the answer: the
+            // total is an atomic.
+            let mut body = lock(&answer.body);
+            if body.bytes.saturating_add(len) > self.answer_bytes {
+                drop(body);
+                self.drop_live(answer);
+                return Err(String::from(&*chunk));
+            }
+            if self.reserve_fitting(len) {
+                push(&mut body, source);
+                drop(body);
+                answer.touch_followers();
+                return Ok(chunk);
+            }
         }
+        // Room must be made: `reserve` takes the log's lock, which comes before an
+        // answer's, so the answer's is not held.
+        if !self.reserve(len) {
+            self.drop_live(answer);
+            return Err(String::from(&*chunk));
+        }
+        push(&mut lock(&answer.body), source);
         answer.touch_followers();
-        Ok(())
+        Ok(chunk)
+    }
+
+    /// Counts `len` more bytes if they fit in the total as it is; `false` (and
+    /// nothing counted) when room must be made first.
+    fn reserve_fitting(&self, len: usize) -> bool {
+        let total = self
+            .bytes
+            .fetch_add(len, Ordering::SeqCst)
+            .saturating_add(len);
+        if total <= self.total_bytes {
+            return true;
+        }
+        self.bytes.fetch_sub(len, Ordering::SeqCst);
+        false
     }
 
     /// Counts `len` more bytes, dropping the answers that ended first until they fit
@@ -549,17 +581,24 @@ impl Reader {
             };
             match source.next().await {
                 Some(Ok(data)) => {
-                    if let Err(data) = log.append(&answer, data, &mut self.source) {
-                        // Unresumable now: this reader, at the head, reads on directly.
-                        self.answer = None;
-                        self.changed = None;
-                        let event = Event::Chunk {
-                            seq: self.next,
-                            data: Arc::from(data),
-                        };
-                        self.next += 1;
-                        return Some(event);
-                    }
+                    // The reader pulling the source is at the answer's head: the
+                    // chunk it appends is its next one.
+                    let data = match log.append(&answer, data, &mut self.source) {
+                        Ok(kept) => kept,
+                        Err(data) => {
+                            // Unresumable now: this reader, at the head, reads on
+                            // directly.
+                            self.answer = None;
+                            self.changed = None;
+                            Arc::from(data)
+                        }
+                    };
+                    let event = Event::Chunk {
+                        seq: self.next,
+                        data,
+                    };
+                    self.next += 1;
+                    return Some(event);
                 }
                 Some(Err(e)) => {
                     self.source = None;
