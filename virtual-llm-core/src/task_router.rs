@@ -22,7 +22,9 @@ use crate::task::TaskTable;
 use crate::{Error, LlmName, ReplicaId, SessionId, TaskId, UnavailableKind};
 
 /// Most results a transport hands over in one [`Gateway::deliver_all`](crate::Gateway::deliver_all)
-/// (and so in one hop to another replica): what came in together, up to this.
+/// (and so in one hop to another replica): what came in together, up to this. The
+/// results of one frame or line (a run of chunks) are never split, so a delivery may
+/// hold up to [`MAX_RUN_CHUNKS`](crate::protocol::MAX_RUN_CHUNKS) − 1 more.
 pub const RESULTS_PER_DELIVERY: usize = 64;
 
 /// A publisher's results for one task, with who posted them: checked again by the
