@@ -208,6 +208,10 @@ struct Args {
     /// per CPU; 1 runs it on one thread).
     #[arg(long)]
     gateway_threads: Option<u16>,
+    /// The publisher children's `--threads` (default: the publisher's own default, one
+    /// thread).
+    #[arg(long)]
+    publisher_threads: Option<u16>,
     /// Use the gateway and publisher binaries as they are, without building them first.
     #[arg(long)]
     no_build: bool,
@@ -656,6 +660,8 @@ struct Binaries {
     publisher: PathBuf,
     /// `--threads` for the gateway child, when given.
     gateway_threads: Option<u16>,
+    /// `--threads` for the publisher children, when given.
+    publisher_threads: Option<u16>,
     /// More flags for the gateway child (`--queue-depth`, `--queue-wait`).
     gateway_flags: Vec<String>,
 }
@@ -680,6 +686,7 @@ impl Binaries {
             gateway: dir.join(format!("gateway{}", std::env::consts::EXE_SUFFIX)),
             publisher: dir.join(format!("publisher{}", std::env::consts::EXE_SUFFIX)),
             gateway_threads: args.gateway_threads,
+            publisher_threads: args.publisher_threads,
             gateway_flags: gateway_flags(args),
         };
         for bin in [&bins.gateway, &bins.publisher] {
@@ -930,6 +937,9 @@ async fn spawn_publisher(
     ];
     if no_resume {
         args.push("--no-resume".to_owned());
+    }
+    if let Some(threads) = bins.publisher_threads {
+        args.extend(["--threads".to_owned(), threads.to_string()]);
     }
     let name = format!("publisher ({tag})");
     let log = dir.join(format!("publisher-{tag}.log"));
