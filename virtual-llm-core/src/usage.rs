@@ -16,6 +16,7 @@
 //! the same way by `metricLabels` (see [`MetricLabels`]). The counts are this
 //! replica's, since it started.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
@@ -325,43 +326,76 @@ struct StreamTally {
     chars: usize,
 }
 
-/// The parts of a chunk the tally reads.
+/// The parts of a chunk the tally reads, borrowed from the chunk's text: the text of
+/// its choices is summed as they are read (no list of them is built, and a text
+/// without escapes is not copied), and `usage` is kept as its text until it is read.
 #[derive(Deserialize)]
-struct Chunk {
+struct Chunk<'a> {
     #[serde(default)]
-    choices: Vec<ChunkChoice>,
-    #[serde(default)]
-    usage: Option<Value>,
+    choices: ChoiceChars,
+    #[serde(default, borrow)]
+    usage: Option<&'a RawValue>,
+}
+
+/// The characters of a chunk's choices' text, counted while reading them.
+#[derive(Default)]
+struct ChoiceChars(usize);
+
+impl<'de> Deserialize<'de> for ChoiceChars {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::{SeqAccess, Visitor};
+
+        struct Sum;
+        impl<'de> Visitor<'de> for Sum {
+            type Value = ChoiceChars;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a list of choices")
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<ChoiceChars, A::Error> {
+                let mut chars = 0;
+                while let Some(choice) = seq.next_element::<ChunkChoice<'de>>()? {
+                    let text = choice
+                        .delta
+                        .as_ref()
+                        .and_then(|d| d.content.as_deref())
+                        .or(choice.text.as_deref());
+                    chars += text.map_or(0, |t| t.chars().count());
+                }
+                Ok(ChoiceChars(chars))
+            }
+        }
+        deserializer.deserialize_seq(Sum)
+    }
 }
 
 #[derive(Deserialize)]
-struct ChunkChoice {
-    #[serde(default)]
-    delta: Option<Delta>,
-    #[serde(default)]
-    text: Option<String>,
+struct ChunkChoice<'a> {
+    #[serde(default, borrow)]
+    delta: Option<Delta<'a>>,
+    #[serde(default, borrow)]
+    text: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct Delta {
-    #[serde(default)]
-    content: Option<String>,
+struct Delta<'a> {
+    #[serde(default, borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 impl StreamTally {
     fn chunk(&mut self, data: &str) {
-        let Ok(chunk) = serde_json::from_str::<Chunk>(data) else {
+        let Ok(chunk) = serde_json::from_str::<Chunk<'_>>(data) else {
             return;
         };
-        for choice in &chunk.choices {
-            let text = choice
-                .delta
-                .as_ref()
-                .and_then(|d| d.content.as_deref())
-                .or(choice.text.as_deref());
-            self.chars += text.map_or(0, |t| t.chars().count());
-        }
-        if let Some(usage) = chunk.usage.as_ref().and_then(usage_of) {
+        self.chars += chunk.choices.0;
+        if let Some(usage) = chunk
+            .usage
+            .and_then(|raw| serde_json::from_str::<Value>(raw.get()).ok())
+            .as_ref()
+            .and_then(usage_of)
+        {
             self.reported = Some(usage);
         }
     }
@@ -776,6 +810,15 @@ mod tests {
         let mut completions = StreamTally::default();
         completions.chunk(r#"{"choices":[{"text":"abcde"}]}"#);
         assert_eq!(completions.chars, 5);
+        // Text with escapes counts its characters, not its bytes on the wire; every
+        // choice counts; a choice of another shape spoils only its own chunk.
+        let mut escaped = StreamTally::default();
+        escaped.chunk(r#"{"choices":[{"delta":{"content":"a\"é\n"}},{"delta":{"content":"xy"}}],"usage":null}"#);
+        assert_eq!((escaped.reported, escaped.chars), (None, 6));
+        escaped.chunk(r#"{"choices":[{"delta":{"content":"abc"}},7]}"#);
+        assert_eq!(escaped.chars, 6);
+        escaped.chunk(r#"{"choices":[{"delta":{"content":"z"}}],"usage":{"prompt_tokens":"x"}}"#);
+        assert_eq!((escaped.reported, escaped.chars), (None, 7));
     }
 
     #[test]
