@@ -488,20 +488,19 @@ mod tests {
         }
     }
 
-    /// A gateway that speaks protocol 2 over a real socket: its `wake` frame reaches
-    /// the publisher, and a heartbeat frame carries every LLM's state with
-    /// `wakeFailed`.
-    #[tokio::test]
-    async fn the_ws_wire_delivers_wake_and_sends_heartbeat_states() {
-        use virtual_llm_core::protocol::{UpstreamState, WakeFrame};
+    /// A gateway on `127.0.0.1:0` that answers a register with `answer` and then
+    /// sends `then`; every frame the publisher sends (the register too) comes out of
+    /// the receiver.
+    async fn fake_gateway(
+        answer: serde_json::Value,
+        then: Vec<&'static str>,
+    ) -> (
+        std::net::SocketAddr,
+        mpsc::UnboundedReceiver<PublisherFrame>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let session = SessionId::generate();
-        let (frames_tx, mut received) = mpsc::unbounded_channel::<PublisherFrame>();
-        let answer = serde_json::json!({
-            "type": "registered", "providerSessionId": session, "heartbeatIntervalMs": 30000,
-            "protocolVersion": 2, "llms": [],
-        });
+        let (frames_tx, received) = mpsc::unbounded_channel::<PublisherFrame>();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
@@ -515,14 +514,29 @@ mod tests {
                         .send(Message::text(answer.to_string()))
                         .await
                         .unwrap();
-                    socket
-                        .send(Message::text(r#"{"type":"wake","llm":"vllm-a"}"#))
-                        .await
-                        .unwrap();
+                    for frame in &then {
+                        socket.send(Message::text(*frame)).await.unwrap();
+                    }
                 }
                 frames_tx.send(frame).unwrap();
             }
         });
+        (addr, received)
+    }
+
+    /// A gateway that speaks protocol 2 over a real socket: its `wake` frame reaches
+    /// the publisher, and a heartbeat frame carries every LLM's state with
+    /// `wakeFailed`.
+    #[tokio::test]
+    async fn the_ws_wire_delivers_wake_and_sends_heartbeat_states() {
+        use virtual_llm_core::protocol::{UpstreamState, WakeFrame};
+        let session = SessionId::generate();
+        let answer = serde_json::json!({
+            "type": "registered", "providerSessionId": session, "heartbeatIntervalMs": 30000,
+            "protocolVersion": 2, "llms": [],
+        });
+        let (addr, mut received) =
+            fake_gateway(answer, vec![r#"{"type":"wake","llm":"vllm-a"}"#]).await;
 
         let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
         let mut connected = wire.connect(register_v2()).await.unwrap();
@@ -562,33 +576,13 @@ mod tests {
     #[tokio::test]
     async fn chunks_ready_together_leave_as_one_run_only_when_granted() {
         for granted in [true, false] {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap();
-            let session = SessionId::generate();
-            let (frames_tx, mut received) = mpsc::unbounded_channel::<PublisherFrame>();
             let capabilities = if granted { vec![CHUNK_RUNS] } else { vec![] };
             let answer = serde_json::json!({
-                "type": "registered", "providerSessionId": session, "heartbeatIntervalMs": 30000,
-                "protocolVersion": 2, "llms": [], "capabilities": capabilities,
+                "type": "registered", "providerSessionId": SessionId::generate(),
+                "heartbeatIntervalMs": 30000, "protocolVersion": 2, "llms": [],
+                "capabilities": capabilities,
             });
-            tokio::spawn(async move {
-                let (tcp, _) = listener.accept().await.unwrap();
-                let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
-                while let Some(Ok(message)) = socket.next().await {
-                    let Message::Text(text) = message else {
-                        continue;
-                    };
-                    let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
-                    if matches!(frame, PublisherFrame::Register(_)) {
-                        socket
-                            .send(Message::text(answer.to_string()))
-                            .await
-                            .unwrap();
-                        continue;
-                    }
-                    frames_tx.send(frame).unwrap();
-                }
-            });
+            let (addr, mut received) = fake_gateway(answer, Vec::new()).await;
             let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
             let connected = wire.connect(register_v2()).await.unwrap();
             let task = TaskId::generate();
@@ -625,6 +619,9 @@ mod tests {
             let mut results = Vec::new();
             while results.last().is_none_or(|r: &TaskResult| !r.is_final()) {
                 let frame = received.recv().await.unwrap();
+                if matches!(frame, PublisherFrame::Register(_)) {
+                    continue;
+                }
                 frames.push(frame.clone());
                 results.extend(frame.into_task_results().unwrap().1);
             }

@@ -401,14 +401,11 @@ impl Inner {
     /// Counts `len` more bytes, dropping the answers that ended first until they fit
     /// in the total; `false` (and nothing counted) when they do not fit even then.
     fn reserve(&self, len: usize) -> bool {
-        let total = self
-            .bytes
-            .fetch_add(len, Ordering::SeqCst)
-            .saturating_add(len);
-        if total <= self.total_bytes {
+        if self.reserve_fitting(len) {
             return true;
         }
         let mut state = lock(&self.state);
+        self.bytes.fetch_add(len, Ordering::SeqCst);
         while self.bytes.load(Ordering::SeqCst) > self.total_bytes {
             let Some(oldest) = state.ended.pop_front() else {
                 break;
