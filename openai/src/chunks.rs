@@ -5,11 +5,11 @@
 use std::fmt;
 use std::sync::Arc;
 
-use eventsource_stream::{Event, EventStreamError};
 use futures::{Stream, StreamExt, stream};
 use serde_json::Value;
 use virtual_llm_core::ChunkStream;
 
+use crate::events::{Event, EventsError};
 use crate::message::{error_message, truncate, upstream};
 
 /// The payload that ends an OpenAI stream; it is not forwarded.
@@ -21,7 +21,7 @@ const DONE: &str = "[DONE]";
 /// message names it.
 pub(crate) fn chunks<S, E>(events: S, host: &str) -> ChunkStream
 where
-    S: Stream<Item = Result<Event, EventStreamError<E>>> + Send + 'static,
+    S: Stream<Item = Result<Event, EventsError<E>>> + Send + 'static,
     E: fmt::Display,
 {
     let host: Arc<str> = Arc::from(host);
@@ -102,7 +102,6 @@ mod tests {
         let event = |event: &str, data: &str| Event {
             event: event.to_owned(),
             data: data.to_owned(),
-            ..Event::default()
         };
         assert_eq!(
             stream_error(&event("message", r#"{"error":{"message":"oom"}}"#)).as_deref(),

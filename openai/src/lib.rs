@@ -21,6 +21,7 @@
 mod backend;
 mod catalog;
 mod chunks;
+mod events;
 mod message;
 mod provider;
 mod recipe;

@@ -23,7 +23,6 @@ use std::fmt;
 use std::time::{Duration, SystemTime};
 
 use bytes::{Bytes, BytesMut};
-use eventsource_stream::Eventsource;
 use reqwest::Url;
 use reqwest::header::{ACCEPT, AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use serde_json::Value;
@@ -374,7 +373,7 @@ impl OpenAiUpstream {
             }));
         }
         Ok(Reply::Stream(chunks(
-            response.bytes_stream().eventsource(),
+            crate::events::events(response.bytes_stream()),
             &self.host,
         )))
     }
