@@ -824,7 +824,9 @@ struct ChunksFields {
 }
 
 /// A run's `data`: 1 to [`MAX_RUN_CHUNKS`] strings, refused at the first past the
-/// limit (a frame of empty strings never makes a vector longer than the limit).
+/// limit: a frame of empty strings never makes a vector longer than the limit (read
+/// straight into the frame when `type` comes first, as publishers write it; a frame
+/// with `type` later is first read into a JSON map, as every frame is).
 fn run_data<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
     use serde::de::{self, SeqAccess, Visitor};
 

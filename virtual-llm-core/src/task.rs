@@ -52,27 +52,16 @@ pub enum TaskEvent {
     Completed(Completion),
 }
 
-/// What travels from `deliver` to the handle: the chunks of one delivery travel
-/// together, so a run of them costs one hand-off.
+/// What travels from `deliver` to the handle: each event takes a place in the task's
+/// buffer, so the buffer bounds the chunks a slow client leaves waiting.
 #[derive(Debug)]
 enum Event {
-    /// Chunks in order, none of them a `done` chunk's empty payload; `done` ends the
-    /// stream after them.
-    Chunks {
-        data: Vec<String>,
-        done: bool,
-    },
+    Chunk { data: String, done: bool },
     Completed(Completion),
     Failed(Error),
 }
 
-/// Where a delivery's events go: a task still running, or one the delivery ended.
-enum Target {
-    Running(mpsc::Sender<Event>),
-    Ended(Live),
-}
-
-/// How a delivery's walk through its results ended.
+/// How a delivery's segment ended.
 enum End {
     /// Every result was taken; the task goes on.
     Open,
@@ -98,14 +87,7 @@ impl From<TaskResult> for Event {
                 retry_after: retry_after
                     .map(|secs| Duration::from_secs(secs.min(MAX_RETRY_AFTER_SECS))),
             }),
-            TaskResult::Chunk { data, done, .. } => Event::Chunks {
-                data: if data.is_empty() && done {
-                    Vec::new()
-                } else {
-                    vec![data]
-                },
-                done,
-            },
+            TaskResult::Chunk { data, done, .. } => Event::Chunk { data, done },
             TaskResult::Failed { message } => Event::Failed(Error::Upstream { message }),
             // Never handed to a task: `deliver` consumes it.
             TaskResult::Resume { .. } => Event::Failed(Error::invalid("a resume is no result")),
@@ -325,21 +307,24 @@ impl TaskTable {
             deadline: deadline.min(Instant::now() + self.inner.deadline),
             inner: self.inner.clone(),
             state: HandleState::Running,
-            pending: VecDeque::new(),
             slot,
         })
     }
 
-    /// Hands a publisher's results for one task to it, in order: a run of chunks
-    /// reaches the task as one event.
+    /// Hands a publisher's results for one task to it, in order, taking the table's
+    /// lock once for as many of them as the task's buffer has room for (not once per
+    /// result).
     ///
     /// Refused with 404 when the task is unknown, was cancelled, or was sent to another
     /// session or principal (the caller learns nothing about other sessions' tasks);
     /// 409 when it already had its final result, told only to the session and principal
     /// it was sent to (anyone else gets the same 404); 400 for a chunk of a non-streaming
-    /// task. The first result refused stops the rest; those before it are delivered.
-    /// When the task's buffer is full this waits: a slow client slows down its own
-    /// publisher stream, and nothing else.
+    /// task, or one that is not one SSE payload. The first result refused stops the
+    /// rest; those before it are delivered. When the task's buffer is full this waits:
+    /// a slow client slows down its own publisher stream, and nothing else. Room is
+    /// reserved before anything is taken, so a delivery given up while it waits (its
+    /// publisher's request cut off) has changed nothing it did not hand over, and a
+    /// replay of the rest is taken.
     ///
     /// Numbered chunks (protocol 2) must come in order: a chunk whose `seq` was seen
     /// already is dropped (nothing delivered), and one that skips a `seq` fails the
@@ -349,31 +334,42 @@ impl TaskTable {
         session: &SessionId,
         owner: &str,
         task: &TaskId,
-        results: Vec<TaskResult>,
+        mut results: Vec<TaskResult>,
     ) -> Result<(), Error> {
-        if results.is_empty() {
-            return Ok(());
+        // Checked before the lock, which every task shares.
+        let mut refused = None;
+        if let Some(bad) = results.iter().position(|r| r.validate().is_err()) {
+            refused = results[bad].validate().err();
+            results.truncate(bad);
         }
-        let (chunks, mut end, after_end, target) = {
+        let mut results = results.into_iter().peekable();
+        while results.peek().is_some() {
+            // A segment: the results up to as many chunks as the buffer holds.
+            let mut segment = Vec::new();
+            let mut chunks = 0;
+            while let Some(next) = results.peek() {
+                let chunk = matches!(next, TaskResult::Chunk { done: false, .. });
+                if chunk && chunks == self.inner.buffer {
+                    break;
+                }
+                chunks += usize::from(chunk);
+                segment.extend(results.next());
+            }
+            let tx = self.sender(session, owner, task)?;
+            // Err: the client went away while we waited, and the task is cancelled.
+            let mut permits = tx
+                .reserve_many(chunks)
+                .await
+                .map_err(|_| Error::UnknownTask)?;
             let mut guard = lock(&self.inner.state);
             let state = &mut *guard;
             let Some(live) = state.live.get_mut(task) else {
-                return Err(match state.finished.get(task) {
-                    Some((s, o)) if s == session && o == owner => Error::TaskFinished,
-                    _ => Error::UnknownTask,
-                });
+                // It ended while we waited for room.
+                return Err(gone(state, session, owner, task));
             };
-            if live.session != *session || live.owner != owner {
-                return Err(Error::UnknownTask);
-            }
-            let mut chunks = Vec::new();
             let mut end = End::Open;
-            let mut results = results.into_iter();
-            for result in results.by_ref() {
-                if let Err(e) = result.validate() {
-                    end = End::Refused(e);
-                    break;
-                }
+            let mut segment = segment.into_iter();
+            for result in segment.by_ref() {
                 match result {
                     TaskResult::Chunk { .. } if !live.stream => {
                         end = End::Refused(Error::invalid(
@@ -382,8 +378,8 @@ impl TaskTable {
                         break;
                     }
                     TaskResult::Resume { from_seq } => {
-                        // The publisher replays from `from_seq`: a chunk the task has not
-                        // had before it is lost for good.
+                        // The publisher replays from `from_seq`: a chunk the task has
+                        // not had before it is lost for good.
                         let expected = live.next_seq;
                         if from_seq > expected {
                             crate::metrics::resume_lost(1);
@@ -403,8 +399,8 @@ impl TaskTable {
                         if let Some(seq) = seq {
                             let expected = live.next_seq;
                             if seq < expected {
-                                // A replay of a chunk the task has: the client sees every
-                                // chunk once.
+                                // A replay of a chunk the task has: the client sees
+                                // every chunk once.
                                 continue;
                             }
                             if seq > expected {
@@ -419,15 +415,13 @@ impl TaskTable {
                             live.next_seq = seq + 1;
                         }
                         live.heard = true;
-                        if !(done && data.is_empty()) {
-                            chunks.push(data);
-                        }
                         if done {
-                            end = End::Final(Event::Chunks {
-                                data: std::mem::take(&mut chunks),
-                                done: true,
-                            });
+                            end = End::Final(Event::Chunk { data, done });
                             break;
+                        }
+                        // Room was reserved for every chunk of the segment.
+                        if let Some(permit) = permits.next() {
+                            permit.send(Event::Chunk { data, done });
                         }
                     }
                     other => {
@@ -437,56 +431,47 @@ impl TaskTable {
                     }
                 }
             }
-            let after_end = results.next().is_some();
-            // A task that ends leaves the table now: a result after it is a 409.
-            let target = match &end {
-                End::Final(_) | End::Lost(..) => self.finish(state, task, Target::Ended),
-                End::Open | End::Refused(_) => Some(Target::Running(live.tx.clone())),
-            };
-            (chunks, end, after_end, target)
-        };
-        let chunks = (!chunks.is_empty()).then_some(Event::Chunks {
-            data: chunks,
-            done: false,
-        });
-        // The client went away while we waited: the task is cancelled.
-        let gone = |_| Error::UnknownTask;
-        match target {
-            // Still running: its chunks go through the buffer, waiting for room.
-            Some(Target::Running(tx)) => {
-                if let Some(chunks) = chunks {
-                    tx.send(chunks).await.map_err(gone)?;
-                }
-            }
-            // Ended: the chunks before the end, then the outcome in the slot kept for it.
-            Some(Target::Ended(live)) => {
-                if let Some(chunks) = chunks {
-                    live.tx.send(chunks).await.map_err(gone)?;
-                }
-                match &end {
-                    End::Final(_) => {
-                        if let End::Final(event) = std::mem::replace(&mut end, End::Open) {
-                            live.reserved.send(event);
-                        }
-                        if after_end {
-                            return Err(Error::TaskFinished);
-                        }
+            // The outcome takes the place kept for it, and the task leaves the table:
+            // a result after it is a 409.
+            match end {
+                End::Open => {}
+                End::Final(event) => {
+                    self.finish(state, task, |live| live.reserved.send(event));
+                    if segment.next().is_some() || results.peek().is_some() {
+                        return Err(Error::TaskFinished);
                     }
-                    End::Lost(lost, _) => live.fail(Error::Upstream {
-                        message: format!(
-                            "the publisher's stream lost chunks {} to {}",
-                            lost.start,
-                            lost.end - 1
-                        ),
-                    }),
-                    End::Open | End::Refused(_) => {}
+                    return refused.map_or(Ok(()), Err);
                 }
+                End::Lost(lost, e) => {
+                    self.finish(state, task, |live| {
+                        live.fail(Error::Upstream {
+                            message: format!(
+                                "the publisher's stream lost chunks {} to {}",
+                                lost.start,
+                                lost.end - 1
+                            ),
+                        })
+                    });
+                    return Err(e);
+                }
+                End::Refused(e) => return Err(e),
             }
-            None => {}
         }
-        match end {
-            End::Lost(_, e) | End::Refused(e) => Err(e),
-            End::Final(_) | End::Open => Ok(()),
+        refused.map_or(Ok(()), Err)
+    }
+
+    /// The sender of `task`'s buffer, for the results of `session` and `owner`.
+    fn sender(
+        &self,
+        session: &SessionId,
+        owner: &str,
+        task: &TaskId,
+    ) -> Result<mpsc::Sender<Event>, Error> {
+        let state = lock(&self.inner.state);
+        match state.live.get(task) {
+            Some(live) if live.session == *session && live.owner == owner => Ok(live.tx.clone()),
+            Some(_) => Err(Error::UnknownTask),
+            None => Err(gone(&state, session, owner, task)),
         }
     }
 
@@ -667,6 +652,15 @@ fn encoded_len(frame: &GatewayFrame) -> Result<usize, Error> {
         .map_err(|e| Error::invalid(format!("the request cannot be encoded: {e}")))
 }
 
+/// Why a result for `task`, which is not live, is refused: 409 for its own session and
+/// principal when it finished, 404 otherwise.
+fn gone(state: &State, session: &SessionId, owner: &str, task: &TaskId) -> Error {
+    match state.finished.get(task) {
+        Some((s, o)) if s == session && o == owner => Error::TaskFinished,
+        _ => Error::UnknownTask,
+    }
+}
+
 fn remember(state: &mut State, id: TaskId, by: (SessionId, String), cap: usize) {
     if cap == 0 {
         return;
@@ -686,8 +680,7 @@ fn remember(state: &mut State, id: TaskId, by: (SessionId, String), cap: usize) 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HandleState {
     Running,
-    /// The stream's `done` came with data: the data is being yielded, `Done` comes
-    /// after it.
+    /// A `done` chunk carried data: the data was yielded, `Done` comes next.
     DonePending,
     Finished,
 }
@@ -702,8 +695,6 @@ pub struct TaskHandle {
     deadline: Instant,
     inner: Arc<Inner>,
     state: HandleState,
-    /// Chunks delivered together and not yet yielded, in order.
-    pending: VecDeque<String>,
     /// The task's slot on its row, freed at the outcome.
     slot: Option<Slot>,
 }
@@ -755,9 +746,6 @@ impl TaskHandle {
     }
 
     async fn next_event(&mut self) -> Option<Result<TaskEvent, Error>> {
-        if let Some(chunk) = self.pending.pop_front() {
-            return Some(Ok(TaskEvent::Chunk(chunk)));
-        }
         match self.state {
             HandleState::Finished => return None,
             HandleState::DonePending => {
@@ -787,22 +775,14 @@ impl TaskHandle {
             }
         };
         Some(match event {
-            Event::Chunks { data, done } => {
-                let mut data = VecDeque::from(data);
-                match data.pop_front() {
-                    Some(first) => {
-                        self.pending = data;
-                        if done {
-                            self.state = HandleState::DonePending;
-                        }
-                        Ok(TaskEvent::Chunk(first))
-                    }
-                    // Never sent empty unless it ends the stream.
-                    None => {
-                        self.state = HandleState::Finished;
-                        Ok(TaskEvent::Done)
-                    }
-                }
+            Event::Chunk { data, done: false } => Ok(TaskEvent::Chunk(data)),
+            Event::Chunk { data, done: true } if data.is_empty() => {
+                self.state = HandleState::Finished;
+                Ok(TaskEvent::Done)
+            }
+            Event::Chunk { data, done: true } => {
+                self.state = HandleState::DonePending;
+                Ok(TaskEvent::Chunk(data))
             }
             Event::Completed(c) => {
                 self.state = HandleState::Finished;

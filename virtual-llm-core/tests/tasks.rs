@@ -1232,3 +1232,96 @@ async fn results_delivered_together_keep_the_rules_of_one_by_one() {
     );
     assert_eq!(o.f.gw.in_flight(), 0);
 }
+
+/// Results delivered together take the task's buffer as they would one by one: a
+/// delivery of more chunks than the buffer holds waits for the client, and one given
+/// up while it waits (its publisher's request cut off) has taken nothing it did not
+/// hand over, so its replay is taken whole, outcome included.
+#[tokio::test]
+async fn results_delivered_together_fill_the_buffer_one_by_one_and_can_be_given_up() {
+    use futures::FutureExt;
+    let numbered = |data: &str, seq| TaskResult::Chunk {
+        data: data.into(),
+        done: false,
+        seq: Some(seq),
+    };
+    let o = online_with(Config {
+        task_buffer: 2,
+        ..Config::default()
+    })
+    .await;
+    let deliver_all = |frame: &TaskFrame, results: Vec<TaskResult>| {
+        let (gw, session, task) = (o.f.gw.clone(), o.session.clone(), frame.task_id.clone());
+        async move {
+            gw.deliver_all(&publisher("alice"), &session, &task, results)
+                .await
+        }
+    };
+
+    // Five chunks into a buffer of two: the delivery waits for the client.
+    let (mut handle, frame) = o.start(true).await;
+    let five: Vec<_> = (0..5).map(|i| numbered(&format!("c{i}"), i)).collect();
+    let mut delivery = Box::pin(deliver_all(&frame, five));
+    assert!(
+        (&mut delivery).now_or_never().is_none(),
+        "two chunks fit, five do not"
+    );
+    let read = async {
+        let mut seen = Vec::new();
+        for _ in 0..5 {
+            match handle.next().await {
+                Some(Ok(TaskEvent::Chunk(data))) => seen.push(data),
+                other => panic!("a chunk: {other:?}"),
+            }
+        }
+        seen
+    };
+    let (delivered, seen) = tokio::join!(delivery, read);
+    delivered.unwrap();
+    assert_eq!(seen, ["c0", "c1", "c2", "c3", "c4"]);
+    let done = TaskResult::Chunk {
+        data: String::new(),
+        done: true,
+        seq: Some(5),
+    };
+    deliver_all(&frame, vec![done]).await.unwrap();
+    assert_eq!(handle.next().await.unwrap().unwrap(), TaskEvent::Done);
+
+    // A full buffer, and a delivery ending in a failure given up while it waits.
+    let (mut handle, frame) = o.start(true).await;
+    deliver_all(&frame, vec![numbered("a", 0), numbered("b", 1)])
+        .await
+        .unwrap();
+    let failure = || {
+        vec![
+            numbered("c", 2),
+            numbered("d", 3),
+            TaskResult::Failed {
+                message: "oom".into(),
+            },
+        ]
+    };
+    assert!(
+        Box::pin(deliver_all(&frame, failure()))
+            .now_or_never()
+            .is_none(),
+        "the buffer is full"
+    );
+    // Its replay is taken whole: nothing of it was taken before.
+    let replay = deliver_all(&frame, failure());
+    let read = async {
+        let mut events = Vec::new();
+        while let Some(event) = handle.next().await {
+            events.push(event.map_err(|e| e.status()));
+        }
+        events
+    };
+    let (replayed, events) = tokio::join!(replay, read);
+    replayed.unwrap();
+    let chunk = |d: &str| Ok(TaskEvent::Chunk(d.into()));
+    assert_eq!(
+        events,
+        [chunk("a"), chunk("b"), chunk("c"), chunk("d"), Err(502)]
+    );
+    assert_eq!(o.f.gw.in_flight(), 0);
+}
