@@ -355,18 +355,30 @@ impl TaskTable {
                 chunks += usize::from(chunk);
                 segment.extend(results.next());
             }
-            let tx = self.sender(session, owner, task)?;
-            // Err: the client went away while we waited, and the task is cancelled.
-            let mut permits = tx
-                .reserve_many(chunks)
-                .await
-                .map_err(|_| Error::UnknownTask)?;
+            // A segment without chunks (a whole answer, an error, a resume) needs no
+            // room: the outcome has its place kept.
+            let tx = match chunks {
+                0 => None,
+                _ => Some(self.sender(session, owner, task)?),
+            };
+            let mut permits = match &tx {
+                // Err: the client went away while we waited, and the task is cancelled.
+                Some(tx) => Some(
+                    tx.reserve_many(chunks)
+                        .await
+                        .map_err(|_| Error::UnknownTask)?,
+                ),
+                None => None,
+            };
             let mut guard = lock(&self.inner.state);
             let state = &mut *guard;
             let Some(live) = state.live.get_mut(task) else {
-                // It ended while we waited for room.
+                // It ended while we waited for room, or it is not known at all.
                 return Err(gone(state, session, owner, task));
             };
+            if live.session != *session || live.owner != owner {
+                return Err(Error::UnknownTask);
+            }
             let mut end = End::Open;
             let mut segment = segment.into_iter();
             for result in segment.by_ref() {
@@ -420,7 +432,7 @@ impl TaskTable {
                             break;
                         }
                         // Room was reserved for every chunk of the segment.
-                        if let Some(permit) = permits.next() {
+                        if let Some(permit) = permits.as_mut().and_then(Iterator::next) {
                             permit.send(Event::Chunk { data, done });
                         }
                     }
