@@ -52,11 +52,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     ];
     let routes = virtual_llm::http::routes_with(gateway.clone(), channels, health);
 
+    // The signals are listened for before the socket, so none can kill it unheard.
+    let signal = common::shutdown_signal();
     // `http::bind` asks for a listen backlog that survives a fleet reconnecting at once.
     let listener = virtual_llm::http::bind(([127, 0, 0, 1], 8090).into())?;
     let draining = gateway.clone();
     let stop = async move {
-        common::shutdown_signal().await;
+        signal.await;
         draining.drain(Duration::from_secs(10)).await;
     };
     virtual_llm::http::serve(listener, routes, stop, Duration::from_secs(10)).await;

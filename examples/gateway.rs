@@ -558,6 +558,9 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         .install_recorder()?;
     virtual_llm::metrics::describe();
 
+    // Listening for the signals before the socket: a SIGTERM sent once it answers
+    // drains it.
+    let shutdown = common::shutdown_signal();
     let listener =
         virtual_llm::http::bind(args.listen).map_err(|e| format!("{}: {e}", args.listen))?;
     tracing::info!(
@@ -592,7 +595,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
         listener,
         routes,
         async move {
-            common::shutdown_signal().await;
+            shutdown.await;
             tracing::info!(grace = ?grace, "shutting down: refusing new requests, finishing those in flight");
             mcp_shutdown.cancel();
             closing.drain(grace).await;
