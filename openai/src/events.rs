@@ -223,38 +223,38 @@ mod tests {
 
     /// `pieces` as a body, read by this parser: its events, and whether it failed.
     fn ours(pieces: &[Vec<u8>]) -> (Vec<(String, String)>, bool) {
-        let body = futures::stream::iter(
-            pieces
-                .iter()
-                .map(|p| Ok::<_, std::convert::Infallible>(Bytes::from(p.clone())))
-                .collect::<Vec<_>>(),
-        );
-        let items: Vec<_> = futures::executor::block_on(events(body).collect());
-        let failed = items.iter().any(Result::is_err);
-        let events = items
-            .into_iter()
-            .filter_map(Result::ok)
-            .map(|e| (e.event, e.data))
-            .collect();
-        (events, failed)
+        let items = futures::executor::block_on(events(body(pieces)).collect());
+        outcome(items, |e| (e.event, e.data))
     }
 
     /// The same, read by `eventsource-stream`.
     fn theirs(pieces: &[Vec<u8>]) -> (Vec<(String, String)>, bool) {
-        let body = futures::stream::iter(
-            pieces
-                .iter()
-                .map(|p| Ok::<_, std::convert::Infallible>(Bytes::from(p.clone())))
-                .collect::<Vec<_>>(),
-        );
-        let items: Vec<_> = futures::executor::block_on(body.eventsource().collect());
+        let items = futures::executor::block_on(body(pieces).eventsource().collect());
+        outcome(items, |e| (e.event, e.data))
+    }
+
+    /// `pieces` as a response body.
+    fn body(
+        pieces: &[Vec<u8>],
+    ) -> impl Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static {
+        let pieces: Vec<_> = pieces.iter().map(|p| Ok(Bytes::from(p.clone()))).collect();
+        futures::stream::iter(pieces)
+    }
+
+    /// What a parser read: each event's type and data, and whether it failed.
+    fn outcome<T, E>(
+        items: Vec<Result<T, E>>,
+        fields: impl Fn(T) -> (String, String),
+    ) -> (Vec<(String, String)>, bool) {
         let failed = items.iter().any(Result::is_err);
-        let events = items
-            .into_iter()
-            .filter_map(Result::ok)
-            .map(|e| (e.event, e.data))
-            .collect();
-        (events, failed)
+        (
+            items
+                .into_iter()
+                .filter_map(Result::ok)
+                .map(fields)
+                .collect(),
+            failed,
+        )
     }
 
     #[test]
@@ -277,27 +277,24 @@ mod tests {
 
     #[test]
     fn the_standards_corner_cases() {
-        let read = |text: &str| ours(&[text.as_bytes().to_vec()]).0;
-        // Lines joined with LF; one space dropped after the colon, and only one.
-        assert_eq!(
-            read("data:a\ndata:  b\n\n"),
-            [("message".into(), "a\n b".into())]
-        );
-        // A lone CR ends a line; a field without a colon has an empty value.
-        assert_eq!(
-            read("data\rdata: x\r\r"),
-            [("message".into(), "\nx".into())]
-        );
-        // No data, no event; the type does not carry over; unknown fields are ignored.
-        assert_eq!(
-            read("event: a\n\nretry: 5\nid: 7\nfoo: bar\ndata: d\n\n"),
-            [("message".into(), "d".into())]
-        );
-        // A byte order mark is skipped; an unfinished event is not dispatched.
-        assert_eq!(
-            read("\u{feff}data: x\n\ndata: cut"),
-            [("message".into(), "x".into())]
-        );
+        for (text, data) in [
+            // Lines joined with LF; one space dropped after the colon, and only one.
+            ("data:a\ndata:  b\n\n", "a\n b"),
+            // A lone CR ends a line; a field without a colon has an empty value.
+            ("data\rdata: x\r\r", "\nx"),
+            // No data, no event; the type does not carry over; unknown fields are
+            // ignored.
+            ("event: a\n\nretry: 5\nid: 7\nfoo: bar\ndata: d\n\n", "d"),
+            // A byte order mark is skipped; an unfinished event is not dispatched.
+            ("\u{feff}data: x\n\ndata: cut", "x"),
+        ] {
+            let events = ours(&[text.as_bytes().to_vec()]).0;
+            assert_eq!(
+                events,
+                [("message".to_owned(), data.to_owned())],
+                "{text:?}"
+            );
+        }
     }
 
     #[test]
