@@ -898,17 +898,19 @@ impl Tagged for PublisherFrame {
             }
             "chunks" => {
                 let f = ChunksFields::deserialize(rest)?;
-                // Every chunk's number must fit: `seq + len` is the next one.
-                if f.seq
-                    .is_some_and(|s| s.checked_add(f.data.len() as u64).is_none())
-                {
+                let run = ChunkRun {
+                    data: f.data,
+                    done: f.done,
+                    seq: f.seq,
+                };
+                if !run.numbers_fit() {
                     return Err(serde::de::Error::custom("a run's seq overflows"));
                 }
                 PublisherFrame::Chunks {
                     task_id: f.task_id,
-                    data: f.data,
-                    done: f.done,
-                    seq: f.seq,
+                    data: run.data,
+                    done: run.done,
+                    seq: run.seq,
                 }
             }
             "error" => {
@@ -1070,7 +1072,8 @@ impl ChunkRun {
             }
     }
 
-    /// Whether every chunk's number fits in a `u64`.
+    /// Whether every chunk's number fits in a `u64` (`seq + len`, the next one,
+    /// included): a frame or line whose numbers do not is refused.
     fn numbers_fit(&self) -> bool {
         self.seq
             .is_none_or(|s| s.checked_add(self.data.len() as u64).is_some())

@@ -336,12 +336,16 @@ impl TaskTable {
         task: &TaskId,
         mut results: Vec<TaskResult>,
     ) -> Result<(), Error> {
-        // Checked before the lock, which every task shares.
-        let mut refused = None;
-        if let Some(bad) = results.iter().position(|r| r.validate().is_err()) {
-            refused = results[bad].validate().err();
+        // Checked before the lock, which every task shares: the first bad result and
+        // what follows it are not taken.
+        let refused = results
+            .iter()
+            .enumerate()
+            .find_map(|(i, r)| r.validate().err().map(|e| (i, e)));
+        let refused = refused.map(|(bad, e)| {
             results.truncate(bad);
-        }
+            e
+        });
         let mut results = results.into_iter().peekable();
         while results.peek().is_some() {
             // A segment: the results up to as many chunks as the buffer holds.
