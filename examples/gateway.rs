@@ -154,11 +154,16 @@ struct Args {
     /// (default `75s`).
     #[arg(long, value_parser = humantime::parse_duration)]
     http2_idle_timeout: Option<Duration>,
-    /// Runtime worker threads: 0 (the default) is one per CPU; 1 runs everything on
-    /// one thread, which is faster when the gateway shares a small machine with its
-    /// publishers (no hand-offs between threads, no waking an idle CPU).
+    /// Threads that serve connections: 0 (the default) is one per CPU; 1 runs
+    /// everything on one thread, which is faster when the gateway shares a small
+    /// machine with its publishers. Each thread is a worker with its connections
+    /// (`virtual_llm::http::Workers`), unless `--work-stealing`.
     #[arg(long, default_value_t = 0)]
     threads: u16,
+    /// Serve on tokio's work-stealing runtime with `--threads` workers (any thread
+    /// runs any task) instead of a worker per thread, each with its connections.
+    #[arg(long)]
+    work_stealing: bool,
 }
 
 /// Where the registry lives: the redb file, or PostgreSQL (`--store`).
@@ -439,7 +444,7 @@ fn main() -> std::process::ExitCode {
     common::init_tracing();
     let args = Args::parse();
     common::exit(
-        common::runtime(args.threads)
+        common::runtime(if args.work_stealing { args.threads } else { 1 })
             .map_err(Into::into)
             .and_then(|rt| rt.block_on(run(args))),
     )
@@ -484,7 +489,18 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     }
     // Before anything is opened: a gateway that cannot work says so and stops.
     config.validate().map_err(|e| config_error(&e))?;
-    let serve_options = file.server.options(&args, &config)?;
+    let mut serve_options = file.server.options(&args, &config)?;
+    // Dropped last: WebSocket sessions live on the workers until `settle`.
+    let workers = match (args.work_stealing, args.threads) {
+        (true, _) | (false, 1) => None,
+        (false, 0) => Some(std::thread::available_parallelism().map_or(1, usize::from)),
+        (false, n) => Some(usize::from(n)),
+    }
+    .map(virtual_llm::http::Workers::start)
+    .transpose()?;
+    if let Some(workers) = &workers {
+        serve_options.workers = workers.handles();
+    }
     virtual_llm::http::check_origins(&args.cors_origin).map_err(|e| config_error(&e))?;
     let auth = authenticator(&file.tokens)?;
     if file.tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure {

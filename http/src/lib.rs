@@ -50,6 +50,7 @@ mod status;
 mod stream;
 mod timed_body;
 mod timed_io;
+mod workers;
 
 pub use access::TARGET as ACCESS_LOG_TARGET;
 pub use cors::{check_origins, with_cors};
@@ -61,3 +62,4 @@ pub use reply::event_stream;
 pub use routes::{api_routes, routes, routes_with};
 pub use server::{LISTEN_BACKLOG, ServeOptions, bind, serve, serve_with};
 pub use virtual_llm_core::protocol::SESSION_HEADER;
+pub use workers::Workers;

@@ -141,6 +141,13 @@ pub struct ServeOptions {
     /// client sends (at most 64 MiB), so that the client reads its answer rather than
     /// a connection reset. Zero closes at once. Default 5 s.
     pub linger: Duration,
+    /// The runtimes connections are served on. Empty (the default): the runtime that
+    /// runs [`serve_with`]. Otherwise each accepted connection goes to the one of
+    /// these with the fewest open connections, and stays there: with one
+    /// single-threaded runtime per core (see [`Workers`](crate::Workers)), a request's
+    /// path wakes no other thread unless it crosses to a WebSocket session served on
+    /// another one, as nginx's worker processes do.
+    pub workers: Vec<tokio::runtime::Handle>,
 }
 
 impl Default for ServeOptions {
@@ -153,6 +160,7 @@ impl Default for ServeOptions {
             max_connections: 32_768,
             http2_idle_timeout: Duration::from_secs(75),
             linger: Duration::from_secs(5),
+            workers: Vec::new(),
         }
     }
 }
@@ -181,6 +189,7 @@ pub async fn serve_with(
     // so `done_rx` ends once the last connection has.
     let (stop, _) = watch::channel(false);
     let (done, mut done_rx) = mpsc::channel::<()>(1);
+    let workers = Spread::new(&options.workers);
     tokio::pin!(shutdown);
     loop {
         // A slot first: at the cap, connections wait in the listen backlog.
@@ -218,13 +227,6 @@ pub async fn serve_with(
                     body_read_timeout: options.body_read_timeout,
                     in_flight: Arc::new(in_flight),
                 };
-                let io = TimedIo::new(
-                    stream,
-                    options.write_timeout,
-                    options.linger,
-                    unread,
-                    Some(permit),
-                );
                 let connection = Connection {
                     builders: builders.clone(),
                     close,
@@ -233,7 +235,9 @@ pub async fn serve_with(
                     stop: stop.subscribe(),
                     _done: done.clone(),
                 };
-                tokio::spawn(async move {
+                let (write_timeout, linger) = (options.write_timeout, options.linger);
+                let serve = async move |stream: tokio::net::TcpStream| {
+                    let io = TimedIo::new(stream, write_timeout, linger, unread, Some(permit));
                     let served = connection.serve(io, service);
                     tokio::pin!(served);
                     let ended = tokio::select! {
@@ -249,7 +253,29 @@ pub async fn serve_with(
                     if let Err(e) = ended {
                         tracing::debug!(%peer, error = %e, "connection ended with an error");
                     }
-                });
+                };
+                match workers.pick() {
+                    None => {
+                        tokio::spawn(serve(stream));
+                    }
+                    Some((handle, open)) => {
+                        // The socket leaves this runtime's reactor for the worker's.
+                        let stream = match stream.into_std() {
+                            Ok(stream) => stream,
+                            Err(e) => {
+                                tracing::debug!(%peer, error = %e, "could not hand the connection to a worker");
+                                continue;
+                            }
+                        };
+                        handle.spawn(async move {
+                            let _open = open;
+                            match tokio::net::TcpStream::from_std(stream) {
+                                Ok(stream) => serve(stream).await,
+                                Err(e) => tracing::debug!(%peer, error = %e, "a worker could not take the connection"),
+                            }
+                        });
+                    }
+                }
             }
             () = &mut shutdown => break,
         }
@@ -262,6 +288,29 @@ pub async fn serve_with(
     tokio::select! {
         _ = done_rx.recv() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!(grace = ?grace, "connections still open after the grace period; closing"),
+    }
+}
+
+/// The worker runtimes of [`ServeOptions::workers`], each with its count of open
+/// connections.
+struct Spread {
+    workers: Vec<(tokio::runtime::Handle, Arc<()>)>,
+}
+
+impl Spread {
+    fn new(handles: &[tokio::runtime::Handle]) -> Self {
+        Spread {
+            workers: handles.iter().map(|h| (h.clone(), Arc::new(()))).collect(),
+        }
+    }
+
+    /// The worker with the fewest open connections, and a token the connection holds
+    /// for as long as it is open; `None` when connections stay on this runtime.
+    fn pick(&self) -> Option<(&tokio::runtime::Handle, Arc<()>)> {
+        self.workers
+            .iter()
+            .min_by_key(|(_, open)| Arc::strong_count(open))
+            .map(|(handle, open)| (handle, open.clone()))
     }
 }
 
@@ -486,18 +535,129 @@ mod tests {
         tokio::sync::oneshot::Sender<()>,
         tokio::task::JoinHandle<()>,
     ) {
+        start_with(routes, Vec::new()).await
+    }
+
+    /// [`start`] with connections served on `workers`.
+    async fn start_with(
+        routes: BoxedFilter<(Response,)>,
+        workers: Vec<tokio::runtime::Handle>,
+    ) -> (
+        std::net::SocketAddr,
+        tokio::sync::oneshot::Sender<()>,
+        tokio::task::JoinHandle<()>,
+    ) {
         let listener = bind(([127, 0, 0, 1], 0).into()).unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(serve(
+        let mut options = ServeOptions {
+            grace: Duration::from_secs(30),
+            ..ServeOptions::default()
+        };
+        options.workers = workers;
+        let server = tokio::spawn(serve_with(
             listener,
             routes,
             async move {
                 let _ = stopped.await;
             },
-            Duration::from_secs(30),
+            options,
         ));
         (addr, stop, server)
+    }
+
+    /// A route answering with the name of the thread that serves it.
+    fn thread_name() -> BoxedFilter<(Response,)> {
+        warp::path!("thread")
+            .map(|| {
+                let name = std::thread::current().name().unwrap_or("").to_owned();
+                warp::reply::Reply::into_response(name)
+            })
+            .boxed()
+    }
+
+    /// Sends `GET /thread` on an open HTTP/1.1 connection and reads the answer's body.
+    async fn ask_thread(stream: &mut tokio::net::TcpStream) -> String {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        stream
+            .write_all(b"GET /thread HTTP/1.1\r\nhost: test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 1024];
+        loop {
+            let n = stream.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the connection closed before its answer");
+            answer.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&answer);
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .expect("a content-length")
+                    .parse()
+                    .unwrap();
+                if body.len() == length {
+                    return body.to_owned();
+                }
+            }
+        }
+    }
+
+    /// Each connection goes to the worker with the fewest open ones and every request
+    /// on it is served there: four connections on two workers, two each.
+    #[tokio::test]
+    async fn connections_are_spread_over_the_workers_and_stay_on_theirs() {
+        let workers = crate::Workers::start(2).unwrap();
+        let (addr, _stop, _server) = start_with(thread_name(), workers.handles()).await;
+        let mut connections = Vec::new();
+        let mut served_on = Vec::new();
+        for _ in 0..4 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            served_on.push(ask_thread(&mut stream).await);
+            connections.push(stream);
+        }
+        assert_eq!(served_on, ["worker-0", "worker-1", "worker-0", "worker-1"]);
+        for (stream, first) in connections.iter_mut().zip(&served_on) {
+            for _ in 0..3 {
+                assert_eq!(&ask_thread(stream).await, first, "a connection stays put");
+            }
+        }
+    }
+
+    /// At shutdown a request in flight on a worker still gets its answer, and the
+    /// server returns once its connection has closed.
+    #[tokio::test]
+    async fn shutdown_waits_for_requests_in_flight_on_workers() {
+        let workers = crate::Workers::start(2).unwrap();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let entered = Arc::new(tokio::sync::Semaphore::new(0));
+        let (r, e) = (release.clone(), entered.clone());
+        let slow = warp::path!("slow")
+            .then(move || {
+                let (r, e) = (r.clone(), e.clone());
+                async move {
+                    e.add_permits(1);
+                    r.notified().await;
+                    let name = std::thread::current().name().unwrap_or("").to_owned();
+                    warp::reply::Reply::into_response(name)
+                }
+            })
+            .boxed();
+        let (addr, stop, server) = start_with(slow, workers.handles()).await;
+        let client = reqwest::Client::new();
+        let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
+        let _in = entered.acquire().await.unwrap();
+        stop.send(()).unwrap();
+        tokio::task::yield_now().await;
+        assert!(!server.is_finished(), "a request is still in flight");
+        release.notify_waiters();
+        let response = request.await.unwrap().unwrap();
+        assert_eq!(response.text().await.unwrap(), "worker-0");
+        tokio::time::timeout(Duration::from_secs(10), server)
+            .await
+            .expect("the server returns once its connections have closed")
+            .unwrap();
     }
 
     fn hello() -> BoxedFilter<(Response,)> {
