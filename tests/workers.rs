@@ -8,9 +8,9 @@
 
 use std::sync::Arc;
 
+use virtual_llm::Config;
 use virtual_llm::http::{ServeOptions, Workers};
 use virtual_llm::testkit::*;
-use virtual_llm::{Config, EchoProvider};
 
 /// A gateway whose connections are served on two workers (returned: they stop when
 /// dropped).
@@ -26,51 +26,12 @@ async fn on_workers() -> (TestGateway, Workers) {
 
 async fn many_clients_get_their_own_answers(t: &dyn Transport) {
     let (gw, _workers) = on_workers().await;
-    let gw = Arc::new(gw);
-    let p = gw
-        .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
-        .await;
-    let clients: Vec<_> = (0..64)
-        .map(|i| {
-            let gw = gw.clone();
-            tokio::spawn(async move {
-                let text = format!("client {i} asks");
-                let answer = if i % 2 == 0 {
-                    let (status, body) = gw.chat("client", "echo", &text, false).await;
-                    assert_eq!(status, 200, "{body}");
-                    body["choices"][0]["message"]["content"]
-                        .as_str()
-                        .unwrap()
-                        .to_owned()
-                } else {
-                    gw.chat_stream("client", "echo", &text).await.text().await
-                };
-                (text, answer)
-            })
-        })
-        .collect();
-    for c in clients {
-        let (asked, answered) = c.await.unwrap();
-        assert_eq!(asked, answered);
-    }
-    assert_eq!(gw.gateway.in_flight(), 0);
-    p.stop().await;
+    transport_suite::clients_get_their_own_answers(&Arc::new(gw), t, 64).await;
 }
 
 async fn a_client_leaving_cancels_the_provider(t: &dyn Transport) {
     let (gw, _workers) = on_workers().await;
-    let hanging = Arc::new(Hanging::default());
-    let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
-    let notified = hanging.dropped.notified();
-    let mut stream = gw.chat_stream("client", "slow", "x").await;
-    assert!(
-        stream.next_data().await.is_some(),
-        "the first chunk arrives"
-    );
-    drop(stream);
-    notified.await;
-    eventually("no task left", || async { gw.gateway.in_flight() == 0 }).await;
-    p.stop().await;
+    transport_suite::a_client_leaving_cancels_its_task(&gw, t).await;
 }
 
 macro_rules! on_both_transports {

@@ -566,6 +566,31 @@ mod tests {
         (addr, stop, server)
     }
 
+    /// `/slow`: each request adds a permit to the semaphore when it comes in, then
+    /// waits for the notify, then answers `answer()`.
+    fn held(
+        answer: fn() -> String,
+    ) -> (
+        BoxedFilter<(Response,)>,
+        Arc<tokio::sync::Notify>,
+        Arc<tokio::sync::Semaphore>,
+    ) {
+        let release = Arc::new(tokio::sync::Notify::new());
+        let entered = Arc::new(tokio::sync::Semaphore::new(0));
+        let (r, e) = (release.clone(), entered.clone());
+        let slow = warp::path!("slow")
+            .then(move || {
+                let (r, e) = (r.clone(), e.clone());
+                async move {
+                    e.add_permits(1);
+                    r.notified().await;
+                    warp::reply::Reply::into_response(answer())
+                }
+            })
+            .boxed();
+        (slow, release, entered)
+    }
+
     /// A route answering with the name of the thread that serves it.
     fn thread_name() -> BoxedFilter<(Response,)> {
         warp::path!("thread")
@@ -630,20 +655,8 @@ mod tests {
     #[tokio::test]
     async fn shutdown_waits_for_requests_in_flight_on_workers() {
         let workers = crate::Workers::start(2).unwrap();
-        let release = Arc::new(tokio::sync::Notify::new());
-        let entered = Arc::new(tokio::sync::Semaphore::new(0));
-        let (r, e) = (release.clone(), entered.clone());
-        let slow = warp::path!("slow")
-            .then(move || {
-                let (r, e) = (r.clone(), e.clone());
-                async move {
-                    e.add_permits(1);
-                    r.notified().await;
-                    let name = std::thread::current().name().unwrap_or("").to_owned();
-                    warp::reply::Reply::into_response(name)
-                }
-            })
-            .boxed();
+        let (slow, release, entered) =
+            held(|| std::thread::current().name().unwrap_or("").to_owned());
         let (addr, stop, server) = start_with(slow, workers.handles()).await;
         let client = reqwest::Client::new();
         let request = tokio::spawn(client.get(format!("http://{addr}/slow")).send());
@@ -686,19 +699,7 @@ mod tests {
     /// the server returns once it has (well before the 30 s grace period).
     #[tokio::test]
     async fn shutdown_lets_requests_in_flight_finish_then_returns() {
-        let release = Arc::new(tokio::sync::Notify::new());
-        let entered = Arc::new(tokio::sync::Semaphore::new(0));
-        let (r, e) = (release.clone(), entered.clone());
-        let slow = warp::path!("slow")
-            .then(move || {
-                let (r, e) = (r.clone(), e.clone());
-                async move {
-                    e.add_permits(1);
-                    r.notified().await;
-                    warp::reply::Reply::into_response("done")
-                }
-            })
-            .boxed();
+        let (slow, release, entered) = held(|| "done".to_owned());
         let (addr, stop, server) = start(slow).await;
         let h1 = reqwest::Client::builder().http1_only().build().unwrap();
         let h2 = reqwest::Client::builder()

@@ -238,10 +238,22 @@ pub async fn concurrent_clients_get_their_own_answers(
     plane: Option<&dyn Plane>,
 ) {
     let gw = Arc::new(TestGateway::start_on(t, plane, Default::default()).await);
+    clients_get_their_own_answers(&gw, t, 200).await;
+}
+
+/// `clients` clients at once on `gw`, half asking for whole answers and half for
+/// streams, of a publisher over `t`: each gets its own answer, and no task is left.
+/// A case of the suite, and a check for a gateway served differently (its own
+/// server, its own runtimes).
+pub async fn clients_get_their_own_answers(
+    gw: &Arc<TestGateway>,
+    t: &dyn Transport,
+    clients: usize,
+) {
     let p = gw
         .publish(t, "alice", &["echo"], Arc::new(EchoProvider::new()))
         .await;
-    let clients: Vec<_> = (0..200)
+    let clients: Vec<_> = (0..clients)
         .map(|i| {
             let gw = gw.clone();
             tokio::spawn(async move {
@@ -343,6 +355,13 @@ pub async fn a_sticky_reconnect_revives_the_same_row(t: &dyn Transport, plane: O
 /// A client that goes away cancels the task: the provider's work is dropped.
 pub async fn a_client_leaving_cancels_the_provider(t: &dyn Transport, plane: Option<&dyn Plane>) {
     let gw = TestGateway::start_on(t, plane, Default::default()).await;
+    a_client_leaving_cancels_its_task(&gw, t).await;
+}
+
+/// A client that leaves a stream on `gw` after its first chunk cancels its task at
+/// the publisher (over `t`), and no task is left. A case of the suite, and a check for
+/// a gateway served differently.
+pub async fn a_client_leaving_cancels_its_task(gw: &TestGateway, t: &dyn Transport) {
     let hanging = Arc::new(Hanging::default());
     let p = gw.publish(t, "alice", &["slow"], hanging.clone()).await;
     let dropped = hanging.dropped.clone();
