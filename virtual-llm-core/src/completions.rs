@@ -81,7 +81,7 @@ pub enum Event {
         /// The chunk's number, the SSE `id:` of its event.
         seq: u64,
         /// The chunk's payload.
-        data: Arc<str>,
+        data: String,
     },
     /// The answer is complete (`data: [DONE]`).
     Done,
@@ -166,11 +166,44 @@ impl Answer {
     }
 }
 
+/// An answer's chunks, one after the other in one buffer: appending one copies it in
+/// (no allocation of its own), and forgetting an answer frees two allocations, not one
+/// per chunk.
 struct Body {
-    /// Chunk `seq` is `chunks[seq]`.
-    chunks: Vec<Arc<str>>,
-    bytes: usize,
+    /// The chunks' text, end to end.
+    text: String,
+    /// Where each chunk ends in `text`: chunk `seq` is `text[ends[seq - 1]..ends[seq]]`.
+    ends: Vec<usize>,
     phase: Phase,
+}
+
+impl Body {
+    /// How many chunks are kept.
+    fn count(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Chunk `i`, if kept.
+    fn chunk(&self, i: usize) -> Option<&str> {
+        let end = *self.ends.get(i)?;
+        let start = match i.checked_sub(1) {
+            Some(before) => self.ends.get(before).copied().unwrap_or(0),
+            None => 0,
+        };
+        self.text.get(start..end)
+    }
+
+    /// Bytes of chunks kept.
+    fn bytes(&self) -> usize {
+        self.text.len()
+    }
+
+    /// Gives back the room the buffers grew into beyond the chunks: an answer that
+    /// ended takes no more.
+    fn shrink(&mut self) {
+        self.text.shrink_to_fit();
+        self.ends.shrink_to_fit();
+    }
 }
 
 enum Phase {
@@ -217,8 +250,8 @@ impl CompletionLog {
             id: id.clone(),
             owner: owner.to_owned(),
             body: Mutex::new(Body {
-                chunks: Vec::new(),
-                bytes: 0,
+                text: String::new(),
+                ends: Vec::new(),
                 phase: Phase::Live {
                     source: Some(source),
                     readers: 1,
@@ -263,7 +296,7 @@ impl CompletionLog {
         };
         {
             let mut body = lock(&answer.body);
-            let count = body.chunks.len() as u64;
+            let count = body.count() as u64;
             if from > count {
                 return Err(Error::invalid(match count {
                     0 => "starting_after: the answer has no chunk yet".to_owned(),
@@ -330,7 +363,7 @@ impl Inner {
     /// Forgets answer `id`, releasing its bytes.
     fn remove(&self, state: &mut State, id: &CompletionId) {
         if let Some(answer) = state.answers.remove(id) {
-            let bytes = lock(&answer.body).bytes;
+            let bytes = lock(&answer.body).bytes();
             self.bytes.fetch_sub(bytes, Ordering::SeqCst);
         }
     }
@@ -339,20 +372,20 @@ impl Inner {
         crate::metrics::completions_kept(state.answers.len(), self.bytes.load(Ordering::SeqCst));
     }
 
-    /// Records `data` as `answer`'s next chunk, gives `source` back to it for the
-    /// next reader that needs one, and returns the chunk as kept; or, past a bound,
-    /// makes the answer unresumable and hands `data` back.
+    /// Records `data` as `answer`'s next chunk and gives `source` back to it for the
+    /// next reader that needs one; past a bound, makes the answer unresumable. Either
+    /// way `data` comes back, for the reader that pulled it: `Ok` when it was kept.
     fn append(
         &self,
         answer: &Answer,
         data: String,
         source: &mut Option<ChunkStream>,
-    ) -> Result<Arc<str>, String> {
+    ) -> Result<String, String> {
         let len = data.len();
-        let chunk: Arc<str> = Arc::from(data);
         let push = |body: &mut Body, source: &mut Option<ChunkStream>| {
-            body.bytes += len;
-            body.chunks.push(chunk.clone());
+            body.text.push_str(&data);
+            let end = body.text.len();
+            body.ends.push(end);
             if let Phase::Live { source: slot, .. } = &mut body.phase {
                 *slot = source.take();
             }
@@ -361,27 +394,27 @@ impl Inner {
             // The common case, a chunk that fits, under one lock of the answer: the
             // total is an atomic.
             let mut body = lock(&answer.body);
-            if body.bytes.saturating_add(len) > self.answer_bytes {
+            if body.bytes().saturating_add(len) > self.answer_bytes {
                 drop(body);
                 self.drop_live(answer);
-                return Err(String::from(&*chunk));
+                return Err(data);
             }
             if self.reserve_fitting(len) {
                 push(&mut body, source);
                 drop(body);
                 answer.touch_followers();
-                return Ok(chunk);
+                return Ok(data);
             }
         }
         // Room must be made: `reserve` takes the log's lock, which comes before an
         // answer's, so the answer's is not held.
         if !self.reserve(len) {
             self.drop_live(answer);
-            return Err(String::from(&*chunk));
+            return Err(data);
         }
         push(&mut lock(&answer.body), source);
         answer.touch_followers();
-        Ok(chunk)
+        Ok(data)
     }
 
     /// Counts `len` more bytes if they fit in the total as it is; `false` (and
@@ -427,8 +460,8 @@ impl Inner {
             let mut state = lock(&self.state);
             self.remove(&mut state, &answer.id);
             let mut body = lock(&answer.body);
-            body.chunks = Vec::new();
-            body.bytes = 0;
+            body.text = String::new();
+            body.ends = Vec::new();
             body.phase = Phase::Dropped;
             drop(body);
             self.gauges(&state);
@@ -446,6 +479,7 @@ impl Inner {
                 return;
             }
             body.phase = phase;
+            body.shrink();
         }
         answer.touch();
         self.ended(answer);
@@ -535,13 +569,10 @@ impl Reader {
             }
             {
                 let mut body = lock(&answer.body);
-                if let Some(data) = usize::try_from(self.next)
-                    .ok()
-                    .and_then(|i| body.chunks.get(i))
-                {
+                if let Some(data) = usize::try_from(self.next).ok().and_then(|i| body.chunk(i)) {
                     let event = Event::Chunk {
                         seq: self.next,
-                        data: data.clone(),
+                        data: data.to_owned(),
                     };
                     self.next += 1;
                     return Some(event);
@@ -587,7 +618,7 @@ impl Reader {
                             // directly.
                             self.answer = None;
                             self.changed = None;
-                            Arc::from(data)
+                            data
                         }
                     };
                     let event = Event::Chunk {
@@ -615,7 +646,7 @@ impl Reader {
             Some(Ok(data)) => {
                 let event = Event::Chunk {
                     seq: self.next,
-                    data: Arc::from(data),
+                    data,
                 };
                 self.next += 1;
                 return Some(event);
@@ -657,6 +688,7 @@ impl Drop for Reader {
             } else {
                 let source = source.take().or_else(|| self.source.take());
                 body.phase = Phase::Broken(Error::CompletionGone { reason: CANCELLED }.to_body());
+                body.shrink();
                 Some(source)
             }
         };
@@ -697,7 +729,7 @@ mod tests {
     fn chunk(seq: u64, data: &str) -> Event {
         Event::Chunk {
             seq,
-            data: Arc::from(data),
+            data: data.to_owned(),
         }
     }
 
