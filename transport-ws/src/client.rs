@@ -21,7 +21,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{self, Message};
 use virtual_llm_core::batch::{gather_ready, ready_batches};
 use virtual_llm_core::protocol::{
-    CHUNK_RUNS, ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, MAX_RUN_CHUNKS,
+    CHUNK_LINES, CHUNK_RUNS, ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, MAX_RUN_CHUNKS,
     PublisherFrame, RegisterRequest, TaskResult,
 };
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
@@ -77,7 +77,11 @@ fn protocol(e: impl std::fmt::Display) -> WireError {
 
 #[async_trait]
 impl Wire for WsWire {
-    async fn connect(&self, request: RegisterRequest) -> Result<Connected, WireError> {
+    async fn connect(&self, mut request: RegisterRequest) -> Result<Connected, WireError> {
+        // This wire can send a run's chunks as lines (the publisher declared runs).
+        if request.declares(CHUNK_RUNS) && !request.declares(CHUNK_LINES) {
+            request.capabilities.push(CHUNK_LINES.to_owned());
+        }
         let mut http_request = self.url.as_str().into_client_request().map_err(protocol)?;
         if let Some(token) = &self.token {
             let value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(protocol)?;
@@ -222,12 +226,15 @@ impl Wire for WsWire {
         );
         // A gateway that takes runs of chunks gets the chunks ready together as one.
         let runs = answer.capabilities.iter().any(|c| c == CHUNK_RUNS);
+        // …and as lines, when it reads them.
+        let lines = runs && answer.capabilities.iter().any(|c| c == CHUNK_LINES);
         let outbox = WsOutbox {
             outgoing,
             session,
             windows,
             confirmations,
             runs,
+            lines,
         };
         Ok(Connected {
             answer,
@@ -341,11 +348,13 @@ struct WsOutbox {
     confirmations: Arc<Confirmations>,
     /// The gateway granted [`CHUNK_RUNS`].
     runs: bool,
+    /// The gateway granted [`CHUNK_LINES`] too.
+    lines: bool,
 }
 
 impl WsOutbox {
     async fn send_frame(&self, frame: &PublisherFrame) -> Result<(), WireError> {
-        let text = serde_json::to_string(frame).map_err(protocol)?;
+        let text = frame.to_text(self.lines).map_err(protocol)?;
         self.outgoing
             .send(Message::text(text))
             .await
@@ -490,7 +499,7 @@ mod tests {
 
     /// A gateway on `127.0.0.1:0` that answers a register with `answer` and then
     /// sends `then`; every frame the publisher sends (the register too) comes out of
-    /// the receiver.
+    /// the receiver, and its text out of `texts`.
     async fn fake_gateway(
         answer: serde_json::Value,
         then: Vec<&'static str>,
@@ -498,9 +507,23 @@ mod tests {
         std::net::SocketAddr,
         mpsc::UnboundedReceiver<PublisherFrame>,
     ) {
+        let (addr, received, _texts) = fake_gateway_with_texts(answer, then).await;
+        (addr, received)
+    }
+
+    /// [`fake_gateway`], and the text of each frame.
+    async fn fake_gateway_with_texts(
+        answer: serde_json::Value,
+        then: Vec<&'static str>,
+    ) -> (
+        std::net::SocketAddr,
+        mpsc::UnboundedReceiver<PublisherFrame>,
+        mpsc::UnboundedReceiver<String>,
+    ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (frames_tx, received) = mpsc::unbounded_channel::<PublisherFrame>();
+        let (texts_tx, texts) = mpsc::unbounded_channel::<String>();
         tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut socket = tokio_tungstenite::accept_async(tcp).await.unwrap();
@@ -508,7 +531,8 @@ mod tests {
                 let Message::Text(text) = message else {
                     continue;
                 };
-                let frame: PublisherFrame = serde_json::from_str(&text).unwrap();
+                let frame = PublisherFrame::from_text(&text).unwrap();
+                let _ = texts_tx.send(text.to_string());
                 if matches!(frame, PublisherFrame::Register(_)) {
                     socket
                         .send(Message::text(answer.to_string()))
@@ -521,7 +545,7 @@ mod tests {
                 frames_tx.send(frame).unwrap();
             }
         });
-        (addr, received)
+        (addr, received, texts)
     }
 
     /// A gateway that speaks protocol 2 over a real socket: its `wake` frame reaches
@@ -575,16 +599,23 @@ mod tests {
     /// (an older gateway); the results read back are the same either way.
     #[tokio::test]
     async fn chunks_ready_together_leave_as_one_run_only_when_granted() {
-        for granted in [true, false] {
-            let capabilities = if granted { vec![CHUNK_RUNS] } else { vec![] };
+        for (granted, lines) in [(true, true), (true, false), (false, false)] {
+            let capabilities = match (granted, lines) {
+                (true, true) => vec![CHUNK_RUNS, CHUNK_LINES],
+                (true, false) => vec![CHUNK_RUNS],
+                _ => vec![],
+            };
             let answer = serde_json::json!({
                 "type": "registered", "providerSessionId": SessionId::generate(),
                 "heartbeatIntervalMs": 30000, "protocolVersion": 2, "llms": [],
                 "capabilities": capabilities,
             });
-            let (addr, mut received) = fake_gateway(answer, Vec::new()).await;
+            let (addr, mut received, mut texts) = fake_gateway_with_texts(answer, Vec::new()).await;
             let wire = WsWire::new(&format!("http://{addr}"), None).unwrap();
-            let connected = wire.connect(register_v2()).await.unwrap();
+            // As the publisher declares them: runs, and so the wire adds lines.
+            let mut register = register_v2();
+            register.capabilities = vec![CHUNK_RUNS.to_owned()];
+            let connected = wire.connect(register).await.unwrap();
             let task = TaskId::generate();
             // 20 chunks and `done`, handed over one per scheduling turn, as hyper hands
             // over an upstream's burst.
@@ -619,9 +650,14 @@ mod tests {
             let mut results = Vec::new();
             while results.last().is_none_or(|r: &TaskResult| !r.is_final()) {
                 let frame = received.recv().await.unwrap();
-                if matches!(frame, PublisherFrame::Register(_)) {
+                let text = texts.recv().await.unwrap();
+                if let PublisherFrame::Register(r) = &frame {
+                    assert!(r.declares(CHUNK_LINES), "the wire offers lines");
                     continue;
                 }
+                // A run goes as lines exactly when they were granted.
+                let as_lines = !text.starts_with('{') || text.contains('\n');
+                assert_eq!(as_lines, lines, "{text}");
                 frames.push(frame.clone());
                 results.extend(frame.into_task_results().unwrap().1);
             }

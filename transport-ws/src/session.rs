@@ -114,7 +114,7 @@ pub(crate) async fn run<S>(
             incoming = socket.next() => match incoming {
                 None | Some(Ok(Message::Close(_))) => break Ok(()),
                 Some(Err(e)) => break Err(read_error(&e, &gateway)),
-                Some(Ok(Message::Text(text))) => match serde_json::from_str::<PublisherFrame>(&text) {
+                Some(Ok(Message::Text(text))) => match PublisherFrame::from_text(&text) {
                     Ok(PublisherFrame::Heartbeat(h)) if h.provider_session_id != session => {
                         break Err(Error::invalid("a heartbeat for another session"));
                     }

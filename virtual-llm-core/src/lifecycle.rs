@@ -532,6 +532,11 @@ impl Gateway {
                             resume.then_some(crate::protocol::RESUME),
                             (version >= 2 && req.declares(crate::protocol::CHUNK_RUNS))
                                 .then_some(crate::protocol::CHUNK_RUNS),
+                            // …and runs sent as lines, over a WebSocket.
+                            (version >= 2
+                                && req.declares(crate::protocol::CHUNK_RUNS)
+                                && req.declares(crate::protocol::CHUNK_LINES))
+                            .then_some(crate::protocol::CHUNK_LINES),
                         ]
                         .into_iter()
                         .flatten()

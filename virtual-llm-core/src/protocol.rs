@@ -219,6 +219,13 @@ pub const RESUME: &str = "resume";
 /// does not grant it gets every chunk as a `chunk` frame of its own.
 pub const CHUNK_RUNS: &str = "chunks";
 
+/// The capability of a WebSocket publisher that may send a `chunks` frame as lines
+/// (see [`PublisherFrame::to_text`]): a header `{"type":"chunks","taskId",…}` without
+/// `data`, then each chunk on a line of its own after it. A chunk is one SSE `data:`
+/// payload and so has no line break: it crosses as it is, where a JSON string escapes
+/// every quote of the JSON chunk inside it, and the gateway unescapes them again.
+pub const CHUNK_LINES: &str = "chunkLines";
+
 /// The most chunks one `chunks` frame may carry; a frame with more is refused.
 pub const MAX_RUN_CHUNKS: usize = 64;
 
@@ -943,7 +950,92 @@ impl<'de> Deserialize<'de> for PublisherFrame {
     }
 }
 
+/// The header of a `chunks` frame sent as lines (capability [`CHUNK_LINES`]).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct LinesHeader<'a> {
+    #[serde(rename = "type", borrow)]
+    kind: std::borrow::Cow<'a, str>,
+    task_id: TaskId,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    done: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    seq: Option<u64>,
+}
+
 impl PublisherFrame {
+    /// Reads a WebSocket text frame: a JSON frame, or a `chunks` frame as lines
+    /// (capability [`CHUNK_LINES`]): its first line a header with every field of a
+    /// `chunks` frame but `data`, then 1 to [`MAX_RUN_CHUNKS`] chunks, separated by
+    /// `\n`. A text whose first line is not such a header is read as JSON (a frame
+    /// may be pretty-printed).
+    pub fn from_text(text: &str) -> Result<PublisherFrame, serde_json::Error> {
+        use serde::de::Error as _;
+        let Some(end) = memchr::memchr(b'\n', text.as_bytes()) else {
+            return serde_json::from_str(text);
+        };
+        let (head, lines) = (&text[..end], &text[end + 1..]);
+        let header = match serde_json::from_str::<LinesHeader<'_>>(head) {
+            Ok(header) if header.kind == "chunks" => header,
+            _ => return serde_json::from_str(text),
+        };
+        let mut data = Vec::new();
+        for line in lines.split('\n') {
+            if data.len() == MAX_RUN_CHUNKS {
+                return Err(serde_json::Error::custom(format!(
+                    "a run of more than {MAX_RUN_CHUNKS} chunks"
+                )));
+            }
+            data.push(line.to_owned());
+        }
+        let run = ChunkRun {
+            data,
+            done: header.done,
+            seq: header.seq,
+        };
+        if !run.numbers_fit() {
+            return Err(serde_json::Error::custom("a run's seq overflows"));
+        }
+        Ok(PublisherFrame::Chunks {
+            task_id: header.task_id,
+            data: run.data,
+            done: run.done,
+            seq: run.seq,
+        })
+    }
+
+    /// This frame as a WebSocket text frame: JSON, except that with `lines` (the
+    /// gateway granted [`CHUNK_LINES`]) a `chunks` frame goes as its header and its
+    /// chunks as lines, unless one of them holds a line break (it goes as JSON, and
+    /// the gateway refuses that chunk as it refuses any).
+    pub fn to_text(&self, lines: bool) -> Result<String, serde_json::Error> {
+        match self {
+            PublisherFrame::Chunks {
+                task_id,
+                data,
+                done,
+                seq,
+            } if lines && !data.is_empty() && !data.iter().any(|d| has_line_break(d)) => {
+                let header = LinesHeader {
+                    kind: "chunks".into(),
+                    task_id: task_id.clone(),
+                    done: *done,
+                    seq: *seq,
+                };
+                let size = data.iter().map(|d| d.len() + 1).sum::<usize>();
+                let mut text = String::with_capacity(128 + size);
+                // Writing JSON into a String cannot fail but for a serializer's error.
+                text.push_str(&serde_json::to_string(&header)?);
+                for chunk in data {
+                    text.push('\n');
+                    text.push_str(chunk);
+                }
+                Ok(text)
+            }
+            _ => serde_json::to_string(self),
+        }
+    }
+
     /// The frame that carries `result` of `task_id`, alone.
     pub fn for_result(task_id: TaskId, result: TaskResult) -> Self {
         match result {
@@ -1866,6 +1958,82 @@ mod tests {
             true,
         );
         assert_eq!(frames.len(), 3, "a run stays within {MAX_RUN_BYTES} bytes");
+    }
+
+    /// A run sent as lines reads as the same frame as its JSON form; every other frame,
+    /// and a run with a chunk that has a line break, goes as JSON and reads back.
+    #[test]
+    fn a_run_as_lines_reads_as_its_json_form() {
+        let task = TaskId::generate();
+        let chunks = [r#"{"a":"b\"c"}"#, "", "[DONE] is just text here", "é ✓"];
+        let run = PublisherFrame::Chunks {
+            task_id: task.clone(),
+            data: chunks.iter().map(|c| (*c).to_owned()).collect(),
+            done: true,
+            seq: Some(7),
+        };
+        let lines = run.to_text(true).unwrap();
+        assert_eq!(
+            lines,
+            format!(
+                "{{\"type\":\"chunks\",\"taskId\":\"{task}\",\"done\":true,\"seq\":7}}\n{}",
+                chunks.join("\n")
+            )
+        );
+        assert_eq!(PublisherFrame::from_text(&lines).unwrap(), run);
+        let json = run.to_text(false).unwrap();
+        assert_eq!(json, serde_json::to_string(&run).unwrap());
+        assert_eq!(PublisherFrame::from_text(&json).unwrap(), run);
+        // A pretty-printed frame has line breaks too: it is read as JSON.
+        let pretty = serde_json::to_string_pretty(&run).unwrap();
+        assert_eq!(PublisherFrame::from_text(&pretty).unwrap(), run);
+        // A chunk with a line break would split: the run goes as JSON, and the gateway
+        // refuses that chunk as it refuses any.
+        let broken = PublisherFrame::Chunks {
+            task_id: task.clone(),
+            data: vec!["a".into(), "b\nc".into()],
+            done: false,
+            seq: None,
+        };
+        let text = broken.to_text(true).unwrap();
+        assert!(text.starts_with('{') && !text.contains('\n'), "{text}");
+        assert_eq!(PublisherFrame::from_text(&text).unwrap(), broken);
+        // Other frames are JSON whatever was granted.
+        let one = PublisherFrame::Chunk {
+            task_id: task,
+            data: "x".into(),
+            done: false,
+            seq: Some(1),
+        };
+        assert_eq!(
+            one.to_text(true).unwrap(),
+            serde_json::to_string(&one).unwrap()
+        );
+    }
+
+    /// A run as lines is refused past the chunk limit or past `u64`'s numbers, and a
+    /// header with more than a `chunks` frame's fields, or another frame's, is read as
+    /// JSON (and so refused with its lines).
+    #[test]
+    fn a_run_as_lines_out_of_bounds_is_refused() {
+        let task = TaskId::generate();
+        let header = format!(r#"{{"type":"chunks","taskId":"{task}"}}"#);
+        let lines = |n: usize| vec!["c"; n].join("\n");
+        assert!(PublisherFrame::from_text(&format!("{header}\n{}", lines(MAX_RUN_CHUNKS))).is_ok());
+        for bad in [
+            format!("{header}\n{}", lines(MAX_RUN_CHUNKS + 1)),
+            format!(
+                r#"{{"type":"chunks","taskId":"{task}","seq":{}}}"#,
+                u64::MAX - 1
+            ) + "\na\nb",
+            format!(r#"{{"type":"chunks","taskId":"{task}","data":["a"]}}"#) + "\nb",
+            format!(r#"{{"type":"chunk","taskId":"{task}"}}"#) + "\nb",
+            format!(r#"{{"type":"chunks","taskId":"{task}","extra":1}}"#) + "\nb",
+            r#"{"type":"chunks","taskId":"not a task id"}"#.to_owned() + "\nb",
+            header.clone(),
+        ] {
+            assert!(PublisherFrame::from_text(&bad).is_err(), "{bad}");
+        }
     }
 
     /// A `chunks` frame is refused when it is empty, longer than the limit, or numbers

@@ -96,7 +96,28 @@ fn all_decoders(bytes: &[u8]) -> Result<(), TestCaseError> {
             let _ = spec.validate();
         }
     }
+    text_frame_round_trip(bytes)?;
     infer_round_trip(bytes)
+}
+
+/// A WebSocket text frame (JSON, or a run as lines): what decodes re-encodes, as JSON
+/// and as lines, and decodes to the same frame.
+fn text_frame_round_trip(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Ok(());
+    };
+    let Ok(frame) = PublisherFrame::from_text(text) else {
+        return Ok(());
+    };
+    for lines in [false, true] {
+        let encoded = frame
+            .to_text(lines)
+            .map_err(|e| TestCaseError::fail(format!("{frame:?} does not encode: {e}")))?;
+        let again = PublisherFrame::from_text(&encoded)
+            .map_err(|e| TestCaseError::fail(format!("{encoded} does not decode: {e}")))?;
+        prop_assert_eq!(&again, &frame, "{}", encoded);
+    }
+    Ok(())
 }
 
 /// A well-formed value: encode then decode gives it back exactly.
@@ -376,6 +397,18 @@ fn publisher_frame() -> impl Strategy<Value = PublisherFrame> {
                 seq,
             }
         ),
+        (
+            task_id(),
+            proptest::collection::vec(string(), 1..=8),
+            any::<bool>(),
+            any::<Option<u32>>(),
+        )
+            .prop_map(|(task_id, data, done, seq)| PublisherFrame::Chunks {
+                task_id,
+                data,
+                done,
+                seq: seq.map(u64::from),
+            }),
         (task_id(), string())
             .prop_map(|(task_id, message)| PublisherFrame::Error { task_id, message }),
         (task_id(), any::<u64>())
@@ -611,6 +644,7 @@ proptest! {
         exact(&HeartbeatRequest { provider_session_id: session, llms: None })?;
         exact(&result)?;
         exact(&publisher)?;
+        text_frame_round_trip(serde_json::to_string(&publisher).unwrap().as_bytes())?;
         exact(&gateway)?;
         exact(&task)?;
     }

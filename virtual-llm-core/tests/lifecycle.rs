@@ -890,6 +890,36 @@ async fn runs_of_chunks_are_granted_to_a_version_2_publisher_that_asks() {
     );
 }
 
+/// Runs as lines (capability `chunkLines`) are granted with runs, to a version 2
+/// publisher that asks for both; never alone, never to version 1.
+#[tokio::test]
+async fn runs_as_lines_are_granted_only_with_runs() {
+    use virtual_llm_core::protocol::{CHUNK_LINES, CHUNK_RUNS};
+    let f = fixture().await;
+    let alice = publisher("alice");
+    let ask = |name: &str, version: Option<u32>, capabilities: &[&str]| {
+        let mut req = request(None, &[name]);
+        req.protocol_version = version;
+        req.capabilities = capabilities.iter().map(|c| (*c).to_owned()).collect();
+        req
+    };
+    let both =
+        f.gw.register(&alice, ask("both", Some(2), &[CHUNK_LINES, CHUNK_RUNS]))
+            .await
+            .unwrap();
+    assert_eq!(both.capabilities, [CHUNK_RUNS, CHUNK_LINES]);
+    let alone =
+        f.gw.register(&alice, ask("alone", Some(2), &[CHUNK_LINES]))
+            .await
+            .unwrap();
+    assert!(alone.capabilities.is_empty(), "{:?}", alone.capabilities);
+    let v1 =
+        f.gw.register(&alice, ask("old", None, &[CHUNK_RUNS, CHUNK_LINES]))
+            .await
+            .unwrap();
+    assert!(v1.capabilities.is_empty());
+}
+
 /// A store whose first `n` writes wait for each other: every racer has read the
 /// registry before any of them writes, so a race decided after the write is run
 /// every time.
