@@ -443,14 +443,28 @@ struct PublicConfig {
 fn main() -> std::process::ExitCode {
     common::init_tracing();
     let args = Args::parse();
-    common::exit(
-        common::runtime(if args.work_stealing { args.threads } else { 1 })
+    // The workers outlive `run`, and so everything it spawned on them (WebSocket
+    // sessions, the store's and the completion log's background tasks); they are
+    // stopped here, out of any runtime, once the store is closed.
+    let workers = match (args.work_stealing, args.threads) {
+        (true, _) | (false, 1) => None,
+        (false, 0) => Some(std::thread::available_parallelism().map_or(1, usize::from)),
+        (false, n) => Some(usize::from(n)),
+    }
+    .map(virtual_llm::http::Workers::start)
+    .transpose();
+    let outcome = workers.map_err(Into::into).and_then(|workers| {
+        let handles = workers.as_ref().map(virtual_llm::http::Workers::handles);
+        let outcome = common::runtime(if args.work_stealing { args.threads } else { 1 })
             .map_err(Into::into)
-            .and_then(|rt| rt.block_on(run(args))),
-    )
+            .and_then(|rt| rt.block_on(run(args, handles.unwrap_or_default())));
+        drop(workers);
+        outcome
+    });
+    common::exit(outcome)
 }
 
-async fn run(args: Args) -> Result<(), common::BoxError> {
+async fn run(args: Args, workers: Vec<tokio::runtime::Handle>) -> Result<(), common::BoxError> {
     let file: FileConfig = match &args.config {
         Some(path) => {
             let text =
@@ -490,17 +504,7 @@ async fn run(args: Args) -> Result<(), common::BoxError> {
     // Before anything is opened: a gateway that cannot work says so and stops.
     config.validate().map_err(|e| config_error(&e))?;
     let mut serve_options = file.server.options(&args, &config)?;
-    // Dropped last: WebSocket sessions live on the workers until `settle`.
-    let workers = match (args.work_stealing, args.threads) {
-        (true, _) | (false, 1) => None,
-        (false, 0) => Some(std::thread::available_parallelism().map_or(1, usize::from)),
-        (false, n) => Some(usize::from(n)),
-    }
-    .map(virtual_llm::http::Workers::start)
-    .transpose()?;
-    if let Some(workers) = &workers {
-        serve_options.workers = workers.handles();
-    }
+    serve_options.workers = workers;
     virtual_llm::http::check_origins(&args.cors_origin).map_err(|e| config_error(&e))?;
     let auth = authenticator(&file.tokens)?;
     if file.tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure {

@@ -236,8 +236,9 @@ pub async fn serve_with(
                     _done: done.clone(),
                 };
                 let (write_timeout, linger) = (options.write_timeout, options.linger);
-                let serve = async move |stream: tokio::net::TcpStream| {
-                    let io = TimedIo::new(stream, write_timeout, linger, unread, Some(permit));
+                let serve = async move |stream: tokio::net::TcpStream, open: Option<Arc<()>>| {
+                    let io = TimedIo::new(stream, write_timeout, linger, unread, Some(permit))
+                        .holding(open);
                     let served = connection.serve(io, service);
                     tokio::pin!(served);
                     let ended = tokio::select! {
@@ -256,7 +257,7 @@ pub async fn serve_with(
                 };
                 match workers.pick() {
                     None => {
-                        tokio::spawn(serve(stream));
+                        tokio::spawn(serve(stream, None));
                     }
                     Some((handle, open)) => {
                         // The socket leaves this runtime's reactor for the worker's.
@@ -268,9 +269,8 @@ pub async fn serve_with(
                             }
                         };
                         handle.spawn(async move {
-                            let _open = open;
                             match tokio::net::TcpStream::from_std(stream) {
-                                Ok(stream) => serve(stream).await,
+                                Ok(stream) => serve(stream, Some(open)).await,
                                 Err(e) => tracing::debug!(%peer, error = %e, "a worker could not take the connection"),
                             }
                         });
@@ -304,8 +304,9 @@ impl Spread {
         }
     }
 
-    /// The worker with the fewest open connections, and a token the connection holds
-    /// for as long as it is open; `None` when connections stay on this runtime.
+    /// The worker with the fewest open connections, and a token the connection's socket
+    /// holds for as long as it is open (an upgraded one too: a WebSocket session stays
+    /// on its worker); `None` when connections stay on this runtime.
     fn pick(&self) -> Option<(&tokio::runtime::Handle, Arc<()>)> {
         self.workers
             .iter()
@@ -648,6 +649,76 @@ mod tests {
                 assert_eq!(&ask_thread(stream).await, first, "a connection stays put");
             }
         }
+    }
+
+    /// `/up`: upgrades the connection, then writes the name of the thread that serves
+    /// the upgraded socket and keeps it open until the peer closes it.
+    fn upgrading() -> BoxedFilter<(Response,)> {
+        use hyper::upgrade::OnUpgrade;
+        warp::path!("up")
+            .and(warp::ext::optional::<OnUpgrade>())
+            .map(|on_upgrade: Option<OnUpgrade>| {
+                let on_upgrade = on_upgrade.expect("an upgradable request");
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+                    let mut io = TokioIo::new(on_upgrade.await.unwrap());
+                    let name = std::thread::current().name().unwrap_or("").to_owned();
+                    io.write_all(name.as_bytes()).await.unwrap();
+                    let mut rest = Vec::new();
+                    let _ = io.read_to_end(&mut rest).await;
+                });
+                let mut response = Response::new(Default::default());
+                *response.status_mut() = http::StatusCode::SWITCHING_PROTOCOLS;
+                let headers = response.headers_mut();
+                headers.insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("upgrade"),
+                );
+                headers.insert(
+                    http::header::UPGRADE,
+                    http::HeaderValue::from_static("test"),
+                );
+                response
+            })
+            .boxed()
+    }
+
+    /// An upgraded connection (a publisher's WebSocket) still counts on its worker once
+    /// its HTTP connection has handed the socket over: two upgrades on two workers go
+    /// one to each, and the connection after them to the first again.
+    #[tokio::test]
+    async fn upgraded_connections_still_count_on_their_workers() {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let workers = crate::Workers::start(2).unwrap();
+        let routes = upgrading().or(thread_name()).unify().boxed();
+        let (addr, _stop, _server) = start_with(routes, workers.handles()).await;
+        let mut upgraded = Vec::new();
+        let mut served_on = Vec::new();
+        for _ in 0..2 {
+            let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+            stream
+                .write_all(b"GET /up HTTP/1.1\r\nhost: test\r\nconnection: upgrade\r\nupgrade: test\r\n\r\n")
+                .await
+                .unwrap();
+            // The answer's head, then the name: read until a name with its number.
+            let mut seen = Vec::new();
+            let mut buf = [0u8; 256];
+            let text = loop {
+                let text = String::from_utf8_lossy(&seen).into_owned();
+                if text.contains("\r\n\r\nworker-") && text.ends_with(char::is_numeric) {
+                    break text;
+                }
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed: {text}");
+                seen.extend_from_slice(&buf[..n]);
+            };
+            assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+            served_on.push(text.rsplit("\r\n").next().unwrap().to_owned());
+            upgraded.push(stream);
+        }
+        assert_eq!(served_on, ["worker-0", "worker-1"]);
+        let mut third = tokio::net::TcpStream::connect(addr).await.unwrap();
+        assert_eq!(ask_thread(&mut third).await, "worker-0");
     }
 
     /// At shutdown a request in flight on a worker still gets its answer, and the

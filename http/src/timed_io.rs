@@ -70,6 +70,10 @@ pub(crate) struct TimedIo<T = TcpStream> {
     shut: bool,
     /// The connection's slot under the server's connection cap.
     _permit: Option<OwnedSemaphorePermit>,
+    /// The connection's place in its worker's count of open connections (see
+    /// `ServeOptions::workers`): held by the socket, so that a connection upgraded to a
+    /// WebSocket, whose socket outlives its HTTP connection's task, still counts.
+    _worker: Option<std::sync::Arc<()>>,
 }
 
 impl TimedIo<TcpStream> {
@@ -98,7 +102,14 @@ impl<T> TimedIo<T> {
             lingered: 0,
             shut: false,
             _permit: permit,
+            _worker: None,
         }
+    }
+
+    /// Holds `token` for as long as the socket is open.
+    pub(crate) fn holding(mut self, token: Option<std::sync::Arc<()>>) -> Self {
+        self._worker = token;
+        self
     }
 
     fn timed_out_error(&self) -> io::Error {

@@ -40,18 +40,37 @@ impl Workers {
             threads: Vec::new(),
         };
         for i in 0..count.max(1) {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
+            // The runtime is built, run and dropped on its own thread (dropping one
+            // from async code would panic); its handle comes back here.
+            let (built, handle) = std::sync::mpsc::sync_channel(1);
             let (stop, stopped) = oneshot::channel::<()>();
-            workers.handles.push(runtime.handle().clone());
             let thread = std::thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .spawn(move || {
+                    let runtime = match tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                    {
+                        Ok(runtime) => runtime,
+                        Err(e) => {
+                            let _ = built.send(Err(e));
+                            return;
+                        }
+                    };
+                    if built.send(Ok(runtime.handle().clone())).is_err() {
+                        return;
+                    }
                     // Either a stop or the sender dropped: both mean stop.
                     let _ = runtime.block_on(stopped);
                 })?;
+            let handle = handle
+                .recv()
+                .map_err(|_| std::io::Error::other("a worker thread ended before its runtime ran"))
+                .and_then(|built| built);
+            // Pushed before the error is returned: dropping `workers` stops the
+            // threads already started.
             workers.threads.push((stop, thread));
+            workers.handles.push(handle?);
         }
         Ok(workers)
     }
