@@ -169,12 +169,31 @@ impl Answer {
 /// An answer's chunks, one after the other in one buffer: appending one copies it in
 /// (no allocation of its own), and forgetting an answer frees two allocations, not one
 /// per chunk.
+///
+/// What an answer counts against the log's bounds is the memory its two buffers hold,
+/// room to grow included: they grow by doubling (never past `clientResumeBytes`) while
+/// the answer runs, and give the spare room back when it ends.
 struct Body {
     /// The chunks' text, end to end.
     text: String,
     /// Where each chunk ends in `text`: chunk `seq` is `text[ends[seq - 1]..ends[seq]]`.
     ends: Vec<usize>,
     phase: Phase,
+}
+
+/// The buffers' sizes an answer grows to.
+#[derive(Clone, Copy, PartialEq)]
+struct Room {
+    text: usize,
+    ends: usize,
+}
+
+impl Room {
+    /// The bytes buffers of these sizes hold.
+    fn bytes(self) -> usize {
+        self.text
+            .saturating_add(self.ends.saturating_mul(std::mem::size_of::<usize>()))
+    }
 }
 
 impl Body {
@@ -193,16 +212,56 @@ impl Body {
         self.text.get(start..end)
     }
 
-    /// Bytes of chunks kept.
+    /// The buffers' sizes now.
+    fn room(&self) -> Room {
+        Room {
+            text: self.text.capacity(),
+            ends: self.ends.capacity(),
+        }
+    }
+
+    /// Bytes held: what the answer counts against the log's bounds.
     fn bytes(&self) -> usize {
-        self.text.len()
+        self.room().bytes()
+    }
+
+    /// The buffers' sizes once a chunk of `len` bytes is in: as they are when it fits,
+    /// else doubled (at least 4 chunk places), the text never past `cap` unless the
+    /// chunks alone are.
+    fn room_for(&self, len: usize, cap: usize) -> Room {
+        let mut room = self.room();
+        let need = self.text.len().saturating_add(len);
+        if need > room.text {
+            room.text = room.text.saturating_mul(2).min(cap).max(need);
+        }
+        if self.ends.len() == room.ends {
+            room.ends = room.ends.saturating_mul(2).max(4);
+        }
+        room
+    }
+
+    /// Appends `data` within buffers of `room`'s sizes (grown to them exactly): the
+    /// bytes held beyond `room`'s, were the buffers to grow past it (they do not).
+    fn push(&mut self, data: &str, room: Room) -> usize {
+        if room.text > self.text.capacity() {
+            self.text.reserve_exact(room.text - self.text.len());
+        }
+        if room.ends > self.ends.capacity() {
+            self.ends.reserve_exact(room.ends - self.ends.len());
+        }
+        self.text.push_str(data);
+        let end = self.text.len();
+        self.ends.push(end);
+        self.bytes().saturating_sub(room.bytes())
     }
 
     /// Gives back the room the buffers grew into beyond the chunks: an answer that
-    /// ended takes no more.
-    fn shrink(&mut self) {
+    /// ended takes no more. The bytes given back.
+    fn shrink(&mut self) -> usize {
+        let before = self.bytes();
         self.text.shrink_to_fit();
         self.ends.shrink_to_fit();
+        before.saturating_sub(self.bytes())
     }
 }
 
@@ -317,7 +376,7 @@ impl CompletionLog {
         lock(&self.inner.state).answers.len()
     }
 
-    /// How many bytes of chunks are kept now, all answers together.
+    /// How many bytes are held now, all answers together (see [`Config::client_resume_bytes`]).
     pub fn bytes(&self) -> usize {
         self.inner.bytes.load(Ordering::SeqCst)
     }
@@ -381,38 +440,45 @@ impl Inner {
         data: String,
         source: &mut Option<ChunkStream>,
     ) -> Result<String, String> {
-        let len = data.len();
-        let push = |body: &mut Body, source: &mut Option<ChunkStream>| {
-            body.text.push_str(&data);
-            let end = body.text.len();
-            body.ends.push(end);
+        // Only the reader pulling the source appends, so the room computed here is
+        // still what the answer needs once the lock is taken again below.
+        let push = |body: &mut Body, room: Room, source: &mut Option<ChunkStream>| {
+            // Counted, should the buffers ever grow past the room asked for: the
+            // total stays what the answers hold.
+            let beyond = body.push(&data, room);
+            self.bytes.fetch_add(beyond, Ordering::SeqCst);
             if let Phase::Live { source: slot, .. } = &mut body.phase {
                 *slot = source.take();
             }
         };
-        {
-            // The common case, a chunk that fits, under one lock of the answer: the
-            // total is an atomic.
+        let (room, growth) = {
+            // The common case, a chunk that fits in the room the answer has (or in
+            // the log's total as it is), under one lock of the answer: the total is
+            // an atomic.
             let mut body = lock(&answer.body);
-            if body.bytes().saturating_add(len) > self.answer_bytes {
+            let held = body.bytes();
+            let room = body.room_for(data.len(), self.answer_bytes);
+            if room.bytes() > self.answer_bytes {
                 drop(body);
                 self.drop_live(answer);
                 return Err(data);
             }
-            if self.reserve_fitting(len) {
-                push(&mut body, source);
+            let growth = room.bytes().saturating_sub(held);
+            if growth == 0 || self.reserve_fitting(growth) {
+                push(&mut body, room, source);
                 drop(body);
                 answer.touch_followers();
                 return Ok(data);
             }
-        }
+            (room, growth)
+        };
         // Room must be made: `reserve` takes the log's lock, which comes before an
         // answer's, so the answer's is not held.
-        if !self.reserve(len) {
+        if !self.reserve(growth) {
             self.drop_live(answer);
             return Err(data);
         }
-        push(&mut lock(&answer.body), source);
+        push(&mut lock(&answer.body), room, source);
         answer.touch_followers();
         Ok(data)
     }
@@ -479,7 +545,8 @@ impl Inner {
                 return;
             }
             body.phase = phase;
-            body.shrink();
+            let freed = body.shrink();
+            self.bytes.fetch_sub(freed, Ordering::SeqCst);
         }
         answer.touch();
         self.ended(answer);
@@ -688,7 +755,8 @@ impl Drop for Reader {
             } else {
                 let source = source.take().or_else(|| self.source.take());
                 body.phase = Phase::Broken(Error::CompletionGone { reason: CANCELLED }.to_body());
-                body.shrink();
+                let freed = body.shrink();
+                log.bytes.fetch_sub(freed, Ordering::SeqCst);
                 Some(source)
             }
         };
@@ -707,6 +775,9 @@ mod tests {
     use super::*;
 
     type Sender = mpsc::UnboundedSender<Result<String, Error>>;
+
+    /// The bytes of a chunk's place in an answer's list of chunk ends.
+    const W: usize = std::mem::size_of::<usize>();
 
     fn config(window: u64, answer_bytes: usize, total_bytes: usize) -> Config {
         Config {
@@ -763,7 +834,8 @@ mod tests {
             all,
             [chunk(0, "a"), chunk(1, "b"), chunk(2, "c"), Event::Done]
         );
-        assert_eq!((log.answers(), log.bytes()), (1, 3));
+        // Ended: its three bytes and three chunk ends, no room to spare.
+        assert_eq!((log.answers(), log.bytes()), (1, 3 + 3 * W));
 
         tokio::time::advance(Duration::from_secs(59)).await;
         let mut again = log.read("alice", id.as_str(), Some(0)).unwrap();
@@ -937,7 +1009,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_past_its_byte_cap_stops_being_resumable() {
-        let log = CompletionLog::new(&config(60, 10, 4096));
+        // Live, an answer holds its text's buffer (doubled as it grows) and room for
+        // four chunk ends: 4 + 4W, then 8 + 4W, then 16 + 4W, past this cap.
+        let log = CompletionLog::new(&config(60, 12 + 4 * W, 4096));
         let (tx, chunks) = source();
         let (id, mut first) = log.start("alice", chunks);
         let id = id.unwrap();
@@ -947,9 +1021,9 @@ mod tests {
         assert_eq!(first.next().await, Some(chunk(1, "bbbb")));
         let mut behind = log.read("alice", id.as_str(), None).unwrap();
         assert_eq!(behind.next().await, Some(chunk(0, "aaaa")));
-        assert_eq!(log.bytes(), 8);
+        assert_eq!(log.bytes(), 8 + 4 * W);
 
-        send(&tx, "cccc"); // 12 bytes: past the cap of 10
+        send(&tx, "cccc"); // 16 + 4W: past the cap
         assert_eq!(first.next().await, Some(chunk(2, "cccc")));
         assert!(matches!(
             log.read("alice", id.as_str(), None),
@@ -971,6 +1045,48 @@ mod tests {
         assert_eq!(log.bytes(), 0);
     }
 
+    /// What an answer counts is what its buffers hold: room to grow while it runs,
+    /// given back when it ends or its last reader leaves; an empty chunk still costs
+    /// its place, so empty chunks cannot grow an answer past its cap unseen.
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_counts_what_it_holds_and_gives_back_its_spare_room() {
+        let log = CompletionLog::new(&config(60, 1024, 1 << 20));
+        let (tx, chunks) = source();
+        let (_, mut reader) = log.start("alice", chunks);
+        for c in ["abc", "def", "ghi", "jkl", "mno"] {
+            send(&tx, c);
+            reader.next().await.unwrap();
+        }
+        // 15 bytes in a text grown 3, 6, 12, 24; room for 8 chunk ends.
+        assert_eq!(log.bytes(), 24 + 8 * W);
+        drop(tx);
+        assert_eq!(reader.next().await, Some(Event::Done));
+        assert_eq!(log.bytes(), 15 + 5 * W, "finished: the spare room is back");
+
+        let (tx, chunks) = source();
+        let (_, mut left) = log.start("alice", chunks);
+        send(&tx, "abc");
+        left.next().await.unwrap();
+        drop(left); // cancelled: kept as broken, its spare room back too
+        assert_eq!(log.bytes(), (15 + 5 * W) + (3 + W));
+
+        let log = CompletionLog::new(&config(60, 64 * W, 1 << 20));
+        let (tx, chunks) = source();
+        let (id, mut empty) = log.start("alice", chunks);
+        // 64 ends fill the cap exactly; the 65th doubles their room past it.
+        for _ in 0..65 {
+            send(&tx, "");
+            assert_eq!(
+                empty.next().await.map(|e| matches!(e, Event::Chunk { .. })),
+                Some(true)
+            );
+        }
+        assert!(
+            log.read("alice", id.unwrap().as_str(), None).is_err(),
+            "65 ends and no text: past the cap"
+        );
+    }
+
     /// Starts an answer of `chunks` for alice and reads it to its end: its id.
     async fn finished(log: &CompletionLog, chunks: &[&str]) -> CompletionId {
         let (tx, source) = source();
@@ -985,7 +1101,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_total_budget_drops_the_answers_that_ended_first() {
-        let log = CompletionLog::new(&config(60, 100, 10));
+        // An ended answer of one 4-byte chunk holds 4 + W; a live one 4 + 4W (room
+        // for four chunk ends): room for two ended and one live, and a little.
+        let log = CompletionLog::new(&config(60, 100, 10 + 5 * W));
         // `second` starts first, but ends after `first`.
         let (tx, source2) = source();
         let (second, mut reader2) = log.start("alice", source2);
@@ -994,26 +1112,27 @@ mod tests {
         drop(tx);
         rest(&mut reader2).await;
         let second = second.unwrap();
-        assert_eq!((log.answers(), log.bytes()), (2, 8));
+        assert_eq!((log.answers(), log.bytes()), (2, 2 * (4 + W)));
 
         let (tx, source3) = source();
         let (third, mut reader3) = log.start("alice", source3);
         let third = third.unwrap();
-        send(&tx, "3333"); // 12 bytes: `first` goes
+        send(&tx, "3333"); // 2 (4 + W) + 4 + 4W: past the total, `first` goes
         assert_eq!(reader3.next().await, Some(chunk(0, "3333")));
         assert!(log.read("alice", first.as_str(), None).is_err());
         assert!(log.read("alice", second.as_str(), None).is_ok());
-        assert_eq!((log.answers(), log.bytes()), (2, 8));
+        assert_eq!((log.answers(), log.bytes()), (2, (4 + W) + (4 + 4 * W)));
 
-        send(&tx, "3333"); // 12 again: `second` goes
+        send(&tx, "3333"); // its text doubles to 8: past it again, `second` goes
         assert_eq!(reader3.next().await, Some(chunk(1, "3333")));
         assert!(log.read("alice", second.as_str(), None).is_err());
-        assert_eq!((log.answers(), log.bytes()), (1, 8));
+        assert_eq!((log.answers(), log.bytes()), (1, 8 + 4 * W));
 
         // Nothing ended is left to drop: the live answer stops being resumable, and
         // its reader reads on.
-        send(&tx, "3333");
-        assert_eq!(reader3.next().await, Some(chunk(2, "3333")));
+        let long = "3".repeat(20); // 28 + 4W
+        send(&tx, &long);
+        assert_eq!(reader3.next().await, Some(chunk(2, &long)));
         assert!(log.read("alice", third.as_str(), None).is_err());
         assert_eq!((log.answers(), log.bytes()), (0, 0));
         drop(tx);

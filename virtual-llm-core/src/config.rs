@@ -142,11 +142,12 @@ pub struct Config {
     /// Default 60 s.
     #[serde(with = "humantime_serde")]
     pub client_resume_window: Duration,
-    /// The most bytes of chunks kept for one streamed answer for its client to resume;
-    /// past it, the answer can no longer be resumed. Default 1 MiB.
+    /// The most bytes one streamed answer may hold for its client to resume (its
+    /// chunks, a word per chunk, and while it runs its buffers' room to grow); past it,
+    /// the answer can no longer be resumed. Default 1 MiB.
     pub client_resume_bytes: usize,
-    /// The most bytes of chunks kept for clients to resume, all answers together; the
-    /// oldest finished answers go first. Default 64 MiB.
+    /// The most bytes held for clients to resume, all answers together (counted as for
+    /// `client_resume_bytes`); the oldest finished answers go first. Default 64 MiB.
     pub client_resume_total_bytes: usize,
 }
 

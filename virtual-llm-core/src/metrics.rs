@@ -258,7 +258,7 @@ fn describe_completions() {
     describe_gauge!(
         COMPLETIONS_KEPT_BYTES,
         Unit::Bytes,
-        "Bytes of chunks kept for clients to resume."
+        "Bytes held for clients to resume: chunks, their ends, room to grow."
     );
 }
 
