@@ -47,3 +47,22 @@ mod agents_on_two_replicas {
         virtual_llm::testkit::MemoryCluster::new()
     );
 }
+
+/// Runs as lines are WebSocket frames: a publisher that registers over HTTP asking for
+/// them (protocol 2, with runs) is granted runs alone.
+#[tokio::test]
+async fn an_http_register_is_not_granted_runs_as_lines() {
+    use virtual_llm::protocol::{CHUNK_LINES, CHUNK_RUNS};
+    let gw = virtual_llm::testkit::TestGateway::start(virtual_llm::Config::default()).await;
+    let answer = gw
+        .register_raw(
+            "alice",
+            serde_json::json!({
+                "protocolVersion": 2,
+                "llms": [{"name": "lines-over-http", "type": "openai", "model": "m"}],
+                "capabilities": [CHUNK_RUNS, CHUNK_LINES],
+            }),
+        )
+        .await;
+    assert_eq!(answer["capabilities"], serde_json::json!([CHUNK_RUNS]));
+}

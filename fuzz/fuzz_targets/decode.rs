@@ -1,6 +1,7 @@
 //! Feeds arbitrary bytes to every decoder of the wire protocol, as
 //! `virtual-llm-core/tests/decoders.rs` does with proptest: `serde_json::from_slice`
-//! into each type a peer can send, and `InferRequest::read` (the client body's reader). Nothing may
+//! into each type a peer can send, `PublisherFrame::from_text` (a WebSocket text frame,
+//! runs as lines too), and `InferRequest::read` (the client body's reader). Nothing may
 //! panic, and whatever decodes must re-encode and decode to the same value.
 //!
 //! Run with: `cargo +nightly fuzz run decode fuzz/corpus/decode fuzz/seeds/decode -- -dict=fuzz/decode.dict`
@@ -49,6 +50,21 @@ fuzz_target!(|bytes: &[u8]| {
         let _ = result.validate();
     }
     round_trip::<PublisherFrame>(bytes);
+    // A WebSocket text frame, JSON or a run as lines: it re-encodes both ways.
+    if let Ok(frame) = std::str::from_utf8(bytes).map(PublisherFrame::from_text) {
+        if let Ok(frame) = frame {
+            for lines in [false, true] {
+                let text = match frame.to_text(lines) {
+                    Ok(text) => text,
+                    Err(e) => panic!("{frame:?} does not encode: {e}"),
+                };
+                match PublisherFrame::from_text(&text) {
+                    Ok(again) => assert_eq!(again, frame, "{text}"),
+                    Err(e) => panic!("{frame:?} encodes to {text} which does not decode: {e}"),
+                }
+            }
+        }
+    }
     round_trip::<GatewayFrame>(bytes);
     round_trip::<TaskFrame>(bytes);
     // The gateway reads a client's body as its text: it accepts what parsing into a

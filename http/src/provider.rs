@@ -29,7 +29,12 @@ where
         async {
             let who = principal(&gw, auth.as_deref()).await?;
             let bytes = body::read(body, gw.config().max_body_bytes).await?;
-            let request: RegisterRequest = body::json(&bytes)?;
+            let mut request: RegisterRequest = body::json(&bytes)?;
+            // Runs as lines are WebSocket frames: a publisher registering over HTTP
+            // sends its results as NDJSON lines, and is not told they are taken.
+            request
+                .capabilities
+                .retain(|c| c != virtual_llm_core::protocol::CHUNK_LINES);
             Ok(reply::json(200, &gw.register(&who, request).await?))
         }
         .await,
