@@ -539,17 +539,7 @@ mod tests {
     #[tokio::test]
     async fn chunks_ready_together_post_as_one_run_line_only_when_granted() {
         use virtual_llm_core::protocol::TaskResults;
-        let results: Vec<TaskResult> = (0..21u64)
-            .map(|seq| TaskResult::Chunk {
-                data: if seq < 20 {
-                    format!("{{\"n\":{seq}}}")
-                } else {
-                    String::new()
-                },
-                done: seq == 20,
-                seq: Some(seq),
-            })
-            .collect();
+        let results = virtual_llm_core::testkit::burst(20);
         for runs in [true, false] {
             let body: Vec<Bytes> = ndjson(futures::stream::iter(results.clone()).boxed(), runs)
                 .map(|b| b.unwrap())

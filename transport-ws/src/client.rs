@@ -621,16 +621,7 @@ mod tests {
             // over an upstream's burst.
             let (tx, rx) = mpsc::channel::<TaskResult>(1);
             tokio::spawn(async move {
-                for seq in 0..21u64 {
-                    let result = TaskResult::Chunk {
-                        data: if seq < 20 {
-                            format!("{{\"n\":{seq}}}")
-                        } else {
-                            String::new()
-                        },
-                        done: seq == 20,
-                        seq: Some(seq),
-                    };
+                for result in virtual_llm_core::testkit::burst(20) {
                     tx.send(result).await.unwrap();
                     tokio::task::yield_now().await;
                 }

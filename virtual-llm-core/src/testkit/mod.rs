@@ -24,7 +24,7 @@
 //!   fail reads, writes or heartbeats, for fault-injection tests.
 //! - [`EchoProvider`]: the deterministic echo model.
 //! - [`LoopbackWire`]: a publisher wire straight into an in-process gateway.
-//! - [`record`] and [`at`]: row and time builders for tests.
+//! - [`record`], [`at`] and [`burst`]: row, time and streamed-result builders for tests.
 //! - [`services`]: when a test that needs a real server (PostgreSQL, `nats-server`)
 //!   skips, and when it fails.
 
@@ -58,6 +58,22 @@ use crate::{Clock, LlmId, LlmKind, LlmName, LlmRecord, LlmStatus, Timestamp};
 /// `secs` seconds after the epoch.
 pub fn at(secs: u64) -> Timestamp {
     Timestamp::from_millis(secs * 1000)
+}
+
+/// A stream's results as an upstream's burst brings them: `chunks` small JSON chunks
+/// numbered from 0 (`{"n":0}`, `{"n":1}`…), then an empty chunk that ends the stream.
+pub fn burst(chunks: u64) -> Vec<crate::TaskResult> {
+    (0..=chunks)
+        .map(|seq| crate::TaskResult::Chunk {
+            data: if seq < chunks {
+                format!("{{\"n\":{seq}}}")
+            } else {
+                String::new()
+            },
+            done: seq == chunks,
+            seq: Some(seq),
+        })
+        .collect()
 }
 
 /// An active virtual row named `name`, owned by `tester`, bound to no session, with a
