@@ -59,7 +59,10 @@
 //! A second table gives every case against two nginx hops at the same concurrency and
 //! kind: added p50, req/s, chunks/s and both hops' CPU per request (the gateway and the
 //! publisher, or the two nginx instances, from `/proc`), each as a ratio to the floor's;
-//! the targets table ends with issue #20's targets, as such ratios. For each relayed case the
+//! the targets table ends with issue #20's targets, as such ratios. `--rounds N`
+//! measures every case N times, round after round, and adds a table of each case's
+//! ratios to the floor measured in the same round, with their medians; the other tables
+//! then give each case's median round. For each relayed case the
 //! table shows the *added* latency (relayed p50/p99 minus direct p50/p99 at the same
 //! concurrency, same run) and the throughput ratio (relayed over direct requests per
 //! second). Streamed rows give the time to the first chunk and chunks per second.
@@ -257,6 +260,13 @@ struct Args {
     /// during a run does not favour either.
     #[arg(long)]
     resume_cost: bool,
+    /// Relay cases: run every case this many times, in rounds (each round measures
+    /// every case once, in the usual order), and report for each case its median round
+    /// by req/s, with a table of each relayed case's ratios to the proxy floor round by
+    /// round and their medians. On a shared 2-core machine one case's unlucky seconds
+    /// then decide no ratio.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    rounds: u16,
     /// Replicas mode (issue #15): two gateway children as replicas on one PostgreSQL
     /// and one nats-server (started here from the binaries on PATH, as the tests start
     /// them), a publisher per transport connected to the first; each case measured
@@ -1987,15 +1997,17 @@ mod relay {
             }
         }
         let per_case = args.warmup + args.duration;
+        let runs = cases.len() * usize::from(args.rounds);
         println!(
-            "relay cases: {} × ({:?} warm-up + {:?} measured) ≈ {:?}\n",
+            "relay cases: {} × {} round(s) × ({:?} warm-up + {:?} measured) ≈ {:?}\n",
             cases.len(),
+            args.rounds,
             args.warmup,
             args.duration,
-            per_case * u32::try_from(cases.len()).unwrap_or(u32::MAX)
+            per_case * u32::try_from(runs).unwrap_or(u32::MAX)
         );
         let bar = progress(
-            cases.len() as u64,
+            runs as u64,
             "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg}",
         )?;
         let gateway_pid = gateway.pid();
@@ -2004,91 +2016,104 @@ mod relay {
             .chain(&plain_publishers)
             .map(|(_, p)| p.guard.pid())
             .collect();
-        let mut results = Vec::new();
-        for case in cases {
-            bar.set_message(format!("{} c={}", case.label(), case.concurrency));
-            let (addr, model, publisher_pid) = match case.route {
-                Route::Direct => (upstream, mock::MODEL.to_owned(), None),
-                Route::Nginx(hops) => {
-                    let p = proxies.as_mut().ok_or("no nginx")?;
-                    p.front.check_running()?;
-                    p.back.check_running()?;
-                    let addr = if hops == 1 { p.one_hop } else { p.two_hops };
-                    (addr, mock::MODEL.to_owned(), None)
-                }
-                Route::Relayed(t) | Route::RelayedNoResume(t) => {
-                    let pool = if matches!(case.route, Route::Relayed(_)) {
-                        &mut publishers
-                    } else {
-                        &mut plain_publishers
-                    };
-                    let (_, p) = pool
-                        .iter_mut()
-                        .find(|(pt, _)| *pt == t)
-                        .ok_or("no publisher")?;
+        let mut rounds: Vec<Vec<Measured>> = Vec::new();
+        for round in 1..=args.rounds {
+            let mut results = Vec::new();
+            for &case in &cases {
+                bar.set_message(format!(
+                    "{} c={} (round {round} of {})",
+                    case.label(),
+                    case.concurrency,
+                    args.rounds
+                ));
+                let (addr, model, publisher_pid) = match case.route {
+                    Route::Direct => (upstream, mock::MODEL.to_owned(), None),
+                    Route::Nginx(hops) => {
+                        let p = proxies.as_mut().ok_or("no nginx")?;
+                        p.front.check_running()?;
+                        p.back.check_running()?;
+                        let addr = if hops == 1 { p.one_hop } else { p.two_hops };
+                        (addr, mock::MODEL.to_owned(), None)
+                    }
+                    Route::Relayed(t) | Route::RelayedNoResume(t) => {
+                        let pool = if matches!(case.route, Route::Relayed(_)) {
+                            &mut publishers
+                        } else {
+                            &mut plain_publishers
+                        };
+                        let (_, p) = pool
+                            .iter_mut()
+                            .find(|(pt, _)| *pt == t)
+                            .ok_or("no publisher")?;
+                        p.guard.check_running()?;
+                        gateway.guard.check_running()?;
+                        (gateway.addr, p.llm.clone(), Some(p.guard.pid()))
+                    }
+                };
+                let stream = case.kind == Kind::Stream;
+                let body = json!({
+                    "model": model,
+                    "stream": stream,
+                    "max_tokens": 32,
+                    "messages": [{"role": "user", "content": "Say hello in a few words."}]
+                });
+                let target = Arc::new(load::Target {
+                    addr,
+                    bodies: vec![Bytes::from(body.to_string())],
+                    stream,
+                    chunks: mock::CHUNKS,
+                    rate: None,
+                });
+                let sample = || Cpu {
+                    gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
+                    publisher: publisher_pid
+                        .as_deref()
+                        .and_then(|pid| procfs::cpu(pid).ok())
+                        .unwrap_or_default(),
+                    publishers: publisher_pids
+                        .iter()
+                        .filter_map(|pid| procfs::cpu(pid).ok())
+                        .sum(),
+                    nginx_front: proxies.as_ref().map(|p| p.front.cpu()).unwrap_or_default(),
+                    nginx_back: proxies.as_ref().map(|p| p.back.cpu()).unwrap_or_default(),
+                    loadgen: procfs::cpu("self").unwrap_or_default(),
+                    machine: procfs::machine().unwrap_or_default(),
+                };
+                let mut before = Cpu::default();
+                let outcome = load::run(
+                    target,
+                    case.concurrency,
+                    args.warmup,
+                    args.duration,
+                    async || before = sample(),
+                )
+                .await?;
+                let cpu = sample().since(&before);
+                bar.println(format!(
+                    "{:<22} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}",
+                    case.label(),
+                    case.concurrency,
+                    outcome.rps(),
+                    ms(outcome.latency.value_at_quantile(0.5)),
+                    ms(outcome.latency.value_at_quantile(0.99)),
+                    outcome.errors
+                ));
+                results.push(Measured { case, outcome, cpu });
+                // A child that died makes every later case fail: stop with its log.
+                gateway.guard.check_running()?;
+                for (_, p) in publishers.iter_mut().chain(&mut plain_publishers) {
                     p.guard.check_running()?;
-                    gateway.guard.check_running()?;
-                    (gateway.addr, p.llm.clone(), Some(p.guard.pid()))
                 }
-            };
-            let stream = case.kind == Kind::Stream;
-            let body = json!({
-                "model": model,
-                "stream": stream,
-                "max_tokens": 32,
-                "messages": [{"role": "user", "content": "Say hello in a few words."}]
-            });
-            let target = Arc::new(load::Target {
-                addr,
-                bodies: vec![Bytes::from(body.to_string())],
-                stream,
-                chunks: mock::CHUNKS,
-                rate: None,
-            });
-            let sample = || Cpu {
-                gateway: procfs::cpu(&gateway_pid).unwrap_or_default(),
-                publisher: publisher_pid
-                    .as_deref()
-                    .and_then(|pid| procfs::cpu(pid).ok())
-                    .unwrap_or_default(),
-                publishers: publisher_pids
-                    .iter()
-                    .filter_map(|pid| procfs::cpu(pid).ok())
-                    .sum(),
-                nginx_front: proxies.as_ref().map(|p| p.front.cpu()).unwrap_or_default(),
-                nginx_back: proxies.as_ref().map(|p| p.back.cpu()).unwrap_or_default(),
-                loadgen: procfs::cpu("self").unwrap_or_default(),
-                machine: procfs::machine().unwrap_or_default(),
-            };
-            let mut before = Cpu::default();
-            let outcome = load::run(
-                target,
-                case.concurrency,
-                args.warmup,
-                args.duration,
-                async || before = sample(),
-            )
-            .await?;
-            let cpu = sample().since(&before);
-            bar.println(format!(
-                "{:<22} c={:<3} {:>8.0} req/s  p50 {} ms  p99 {} ms  errors {}",
-                case.label(),
-                case.concurrency,
-                outcome.rps(),
-                ms(outcome.latency.value_at_quantile(0.5)),
-                ms(outcome.latency.value_at_quantile(0.99)),
-                outcome.errors
-            ));
-            results.push(Measured { case, outcome, cpu });
-            // A child that died makes every later case fail: stop with its log.
-            gateway.guard.check_running()?;
-            for (_, p) in publishers.iter_mut().chain(&mut plain_publishers) {
-                p.guard.check_running()?;
+                bar.inc(1);
             }
-            bar.inc(1);
+            rounds.push(results);
         }
         bar.finish_and_clear();
 
+        if rounds.len() > 1 {
+            print_rounds(&rounds);
+        }
+        let results = median_rounds(rounds);
         print_table(&results);
         print_floor(&results);
         if args.resume_cost {
@@ -2448,6 +2473,117 @@ Resume cost (issue #16), same run:
         println!(
             "\nagainst the proxy floor (two nginx hops, same concurrency and kind):\n\n{table}"
         );
+    }
+
+    /// The median of `values` (of an even number, the mean of the two in the middle);
+    /// `None` when there are none.
+    fn median(mut values: Vec<f64>) -> Option<f64> {
+        values.sort_by(f64::total_cmp);
+        let n = values.len();
+        match n {
+            0 => None,
+            _ if n % 2 == 1 => Some(values[n / 2]),
+            _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+        }
+    }
+
+    /// With `--rounds`: each relayed (and one-hop) case against the floor measured in
+    /// the same round, round by round, and the median of those ratios. A ratio of two
+    /// cases measured a few seconds apart shares their round's state of the machine,
+    /// which a ratio of two medians taken separately would not.
+    fn print_rounds(rounds: &[Vec<Measured>]) {
+        let Some(first) = rounds.first() else { return };
+        if !first.iter().any(|m| m.case.route == FLOOR) {
+            return;
+        }
+        let floor_of = |round: &[Measured], case: &Case| -> Option<usize> {
+            round.iter().position(|m| {
+                m.case.route == FLOOR
+                    && m.case.kind == case.kind
+                    && m.case.concurrency == case.concurrency
+            })
+        };
+        let mut table = Table::new();
+        table.load_style(ASCII_MARKDOWN);
+        table.set_header(vec![
+            "case",
+            "c",
+            "added p50 × floor, by round",
+            "median",
+            "req/s × floor, by round",
+            "median",
+            "CPU µs/req × floor, by round",
+            "median",
+        ]);
+        for (i, m) in first.iter().enumerate() {
+            if matches!(m.case.route, Route::Direct) || m.case.route == FLOOR {
+                continue;
+            }
+            let mut latency = Vec::new();
+            let mut rps = Vec::new();
+            let mut cpu = Vec::new();
+            for round in rounds {
+                let (Some(m), Some(f)) = (round.get(i), floor_of(round, &first[i].case)) else {
+                    continue;
+                };
+                let f = &round[f];
+                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+                    (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+                    _ => None,
+                };
+                latency.extend(ratio(added_p50(round, m), added_p50(round, f)));
+                rps.extend(ratio(Some(m.outcome.rps()), Some(f.outcome.rps())));
+                cpu.extend(ratio(hops_per_request(m), hops_per_request(f)));
+            }
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
+            let med = |v: &[f64]| median(v.to_vec()).map_or("–".into(), |x| format!("{x:.2}"));
+            let label = match m.case.kind {
+                Kind::Complete => m.case.label(),
+                Kind::Stream => format!("{} (first chunk; chunks/s as req/s)", m.case.label()),
+            };
+            table.add_row(vec![
+                label,
+                m.case.concurrency.to_string(),
+                list(&latency),
+                med(&latency),
+                list(&rps),
+                med(&rps),
+                list(&cpu),
+                med(&cpu),
+            ]);
+        }
+        println!(
+            "against the proxy floor measured in the same round ({} rounds; a stream's chunks/s ratio is its req/s ratio):\n\n{table}\n",
+            rounds.len()
+        );
+        println!("the tables below give each case's median round by req/s\n");
+    }
+
+    /// Each case's median round by req/s (of an even number of rounds, the slower of
+    /// the two in the middle): the rounds hold the same cases in the same order.
+    fn median_rounds(rounds: Vec<Vec<Measured>>) -> Vec<Measured> {
+        let n = rounds.first().map_or(0, Vec::len);
+        let mut by_case: Vec<Vec<Measured>> = (0..n).map(|_| Vec::new()).collect();
+        for round in rounds {
+            for (i, m) in round.into_iter().enumerate() {
+                if let Some(case) = by_case.get_mut(i) {
+                    case.push(m);
+                }
+            }
+        }
+        by_case
+            .into_iter()
+            .filter_map(|mut runs| {
+                runs.sort_by(|a, b| a.outcome.rps().total_cmp(&b.outcome.rps()));
+                let middle = runs.len().checked_sub(1)? / 2;
+                Some(runs.swap_remove(middle))
+            })
+            .collect()
     }
 
     /// The issue's targets, against what this run measured.
