@@ -2487,22 +2487,74 @@ Resume cost (issue #16), same run:
         }
     }
 
-    /// With `--rounds`: each relayed (and one-hop) case against the floor measured in
-    /// the same round, round by round, and the median of those ratios. A ratio of two
-    /// cases measured a few seconds apart shares their round's state of the machine,
-    /// which a ratio of two medians taken separately would not.
+    /// One case's ratios to the floor measured in the same round, round by round.
+    #[derive(Debug, PartialEq)]
+    struct RoundRatios {
+        case: Case,
+        /// Added p50 over the floor's added p50.
+        latency: Vec<f64>,
+        /// req/s over the floor's req/s (for a stream, also its chunks/s ratio).
+        rps: Vec<f64>,
+        /// Both hops' CPU per request over the floor's.
+        cpu: Vec<f64>,
+    }
+
+    /// Each case but direct and the floor, against the floor (same kind and
+    /// concurrency) measured in the same round: a ratio of two cases measured a few
+    /// seconds apart shares their round's state of the machine, which a ratio of two
+    /// medians taken separately would not. The rounds hold the same cases in the same
+    /// order; a ratio that cannot be taken (no floor, nothing measured) is left out.
+    fn same_round_ratios(rounds: &[Vec<Measured>]) -> Vec<RoundRatios> {
+        let Some(first) = rounds.first() else {
+            return Vec::new();
+        };
+        let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+            (Some(a), Some(b)) if b > 0.0 => Some(a / b),
+            _ => None,
+        };
+        first
+            .iter()
+            .enumerate()
+            .filter(|(_, m)| m.case.route != Route::Direct && m.case.route != FLOOR)
+            .map(|(i, m)| {
+                let mut ratios = RoundRatios {
+                    case: m.case,
+                    latency: Vec::new(),
+                    rps: Vec::new(),
+                    cpu: Vec::new(),
+                };
+                for round in rounds {
+                    let Some(m) = round.get(i).filter(|r| r.case == m.case) else {
+                        continue;
+                    };
+                    let Some(f) = round.iter().find(|f| {
+                        f.case.route == FLOOR
+                            && f.case.kind == m.case.kind
+                            && f.case.concurrency == m.case.concurrency
+                    }) else {
+                        continue;
+                    };
+                    ratios
+                        .latency
+                        .extend(ratio(added_p50(round, m), added_p50(round, f)));
+                    ratios
+                        .rps
+                        .extend(ratio(Some(m.outcome.rps()), Some(f.outcome.rps())));
+                    ratios
+                        .cpu
+                        .extend(ratio(hops_per_request(m), hops_per_request(f)));
+                }
+                ratios
+            })
+            .collect()
+    }
+
+    /// With `--rounds`: [`same_round_ratios`], round by round, and their medians.
     fn print_rounds(rounds: &[Vec<Measured>]) {
-        let Some(first) = rounds.first() else { return };
-        if !first.iter().any(|m| m.case.route == FLOOR) {
+        let ratios = same_round_ratios(rounds);
+        if ratios.is_empty() || !rounds.iter().flatten().any(|m| m.case.route == FLOOR) {
             return;
         }
-        let floor_of = |round: &[Measured], case: &Case| -> Option<usize> {
-            round.iter().position(|m| {
-                m.case.route == FLOOR
-                    && m.case.kind == case.kind
-                    && m.case.concurrency == case.concurrency
-            })
-        };
         let mut table = Table::new();
         table.load_style(ASCII_MARKDOWN);
         table.set_header(vec![
@@ -2515,46 +2567,27 @@ Resume cost (issue #16), same run:
             "CPU µs/req × floor, by round",
             "median",
         ]);
-        for (i, m) in first.iter().enumerate() {
-            if matches!(m.case.route, Route::Direct) || m.case.route == FLOOR {
-                continue;
-            }
-            let mut latency = Vec::new();
-            let mut rps = Vec::new();
-            let mut cpu = Vec::new();
-            for round in rounds {
-                let (Some(m), Some(f)) = (round.get(i), floor_of(round, &first[i].case)) else {
-                    continue;
-                };
-                let f = &round[f];
-                let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
-                    (Some(a), Some(b)) if b > 0.0 => Some(a / b),
-                    _ => None,
-                };
-                latency.extend(ratio(added_p50(round, m), added_p50(round, f)));
-                rps.extend(ratio(Some(m.outcome.rps()), Some(f.outcome.rps())));
-                cpu.extend(ratio(hops_per_request(m), hops_per_request(f)));
-            }
-            let list = |v: &[f64]| {
-                v.iter()
-                    .map(|x| format!("{x:.2}"))
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            };
-            let med = |v: &[f64]| median(v.to_vec()).map_or("–".into(), |x| format!("{x:.2}"));
-            let label = match m.case.kind {
-                Kind::Complete => m.case.label(),
-                Kind::Stream => format!("{} (first chunk; chunks/s as req/s)", m.case.label()),
+        let list = |v: &[f64]| {
+            v.iter()
+                .map(|x| format!("{x:.2}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let med = |v: &[f64]| median(v.to_vec()).map_or("–".into(), |x| format!("{x:.2}"));
+        for r in &ratios {
+            let label = match r.case.kind {
+                Kind::Complete => r.case.label(),
+                Kind::Stream => format!("{} (first chunk; chunks/s as req/s)", r.case.label()),
             };
             table.add_row(vec![
                 label,
-                m.case.concurrency.to_string(),
-                list(&latency),
-                med(&latency),
-                list(&rps),
-                med(&rps),
-                list(&cpu),
-                med(&cpu),
+                r.case.concurrency.to_string(),
+                list(&r.latency),
+                med(&r.latency),
+                list(&r.rps),
+                med(&r.rps),
+                list(&r.cpu),
+                med(&r.cpu),
             ]);
         }
         println!(
@@ -2726,6 +2759,121 @@ Resume cost (issue #16), same run:
             }
         }
         println!("\ntargets:\n\n{table}");
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #![allow(clippy::unwrap_used)]
+
+        use super::*;
+
+        /// A case measured as `requests` answered in one second, half of them at
+        /// `p50_us` and half just above it, its hops taking `cpu_us` µs each per request.
+        fn measured(route: Route, requests: u64, p50_us: u64, cpu_us: u64) -> Measured {
+            let mut latency = crate::histogram().unwrap();
+            latency.record_n(p50_us * 1_000, requests / 2).unwrap();
+            latency
+                .record_n(p50_us * 1_000 + 1_000, requests - requests / 2)
+                .unwrap();
+            let cpu_per = Duration::from_micros(cpu_us * requests);
+            let cpu = Cpu {
+                gateway: cpu_per,
+                publisher: cpu_per,
+                nginx_front: cpu_per,
+                nginx_back: cpu_per,
+                ..Cpu::default()
+            };
+            Measured {
+                case: Case {
+                    route,
+                    kind: Kind::Complete,
+                    concurrency: 64,
+                },
+                outcome: load::Outcome {
+                    latency,
+                    requests,
+                    errors: 0,
+                    errors_by_kind: Default::default(),
+                    first_error: None,
+                    chunks: 0,
+                    elapsed: Duration::from_secs(1),
+                },
+                cpu,
+            }
+        }
+
+        /// One round: direct, the floor and the relay, with these req/s and p50s.
+        fn round(floor: (u64, u64), relayed: (u64, u64, u64)) -> Vec<Measured> {
+            vec![
+                measured(Route::Direct, 50_000, 100, 0),
+                measured(FLOOR, floor.0, floor.1, 20),
+                measured(
+                    Route::Relayed(Transport::Ws),
+                    relayed.0,
+                    relayed.1,
+                    relayed.2,
+                ),
+            ]
+        }
+
+        #[test]
+        fn a_ratio_pairs_each_case_with_the_floor_of_its_own_round() {
+            let rounds = [
+                round((40_000, 200), (32_000, 250, 22)),
+                round((20_000, 300), (18_000, 500, 30)),
+            ];
+            let ratios = same_round_ratios(&rounds);
+            assert_eq!(ratios.len(), 1, "direct and the floor are not compared");
+            let r = &ratios[0];
+            assert_eq!(r.case.route, Route::Relayed(Transport::Ws));
+            // 32 000 / 40 000 and 18 000 / 20 000: not 32 000 / 20 000.
+            assert_eq!(r.rps, vec![0.8, 0.9]);
+            // Added p50 (over direct's 100 µs): 150 / 100 and 400 / 200, within the
+            // histogram's three significant digits (paired across rounds: 0.75, 4.0).
+            assert_eq!(r.latency.len(), 2);
+            for (got, want) in r.latency.iter().zip([1.5, 2.0]) {
+                assert!((got - want).abs() < 0.01, "{got} against {want}");
+            }
+            assert_eq!(r.cpu, vec![1.1, 1.5]);
+        }
+
+        #[test]
+        fn without_a_floor_nothing_is_compared() {
+            let mut only = round((40_000, 200), (32_000, 250, 22));
+            only.remove(1);
+            let ratios = same_round_ratios(&[only]);
+            assert_eq!(ratios.len(), 1);
+            assert!(ratios[0].rps.is_empty() && ratios[0].latency.is_empty());
+            assert!(same_round_ratios(&[]).is_empty());
+        }
+
+        #[test]
+        fn each_case_keeps_its_median_round_and_of_two_the_slower() {
+            let rounds = vec![
+                round((40_000, 200), (30_000, 250, 22)),
+                round((20_000, 300), (10_000, 400, 30)),
+                round((30_000, 250), (20_000, 300, 25)),
+            ];
+            let kept = median_rounds(rounds);
+            let rps: Vec<u64> = kept.iter().map(|m| m.outcome.requests).collect();
+            assert_eq!(rps, vec![50_000, 30_000, 20_000]);
+            assert_eq!(kept[2].case.route, Route::Relayed(Transport::Ws));
+
+            let two = vec![
+                round((40_000, 200), (30_000, 250, 22)),
+                round((20_000, 300), (10_000, 400, 30)),
+            ];
+            let kept = median_rounds(two);
+            assert_eq!(kept[1].outcome.requests, 20_000);
+            assert_eq!(kept[2].outcome.requests, 10_000);
+        }
+
+        #[test]
+        fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+            assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
+            assert_eq!(median(vec![4.0, 1.0, 3.0, 2.0]), Some(2.5));
+            assert_eq!(median(Vec::new()), None);
+        }
     }
 }
 
