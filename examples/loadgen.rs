@@ -2414,17 +2414,21 @@ Resume cost (issue #16), same run:
         (m.outcome.requests > 0).then(|| (a + b).as_secs_f64() * 1e6 / m.outcome.requests as f64)
     }
 
+    /// The floor measured among `results` for `case`: two nginx hops, same kind and
+    /// concurrency.
+    fn floor_of<'a>(results: &'a [Measured], case: &Case) -> Option<&'a Measured> {
+        results.iter().find(|m| {
+            m.case.route == FLOOR
+                && m.case.kind == case.kind
+                && m.case.concurrency == case.concurrency
+        })
+    }
+
     /// Every case against the proxy floor, two nginx hops at the same concurrency and
     /// kind (issue #20): added p50, req/s, chunks/s and both hops' CPU per request,
     /// each with its ratio to the floor's.
     fn print_floor(results: &[Measured]) {
-        let floor = |case: &Case| {
-            results.iter().find(|m| {
-                m.case.route == FLOOR
-                    && m.case.kind == case.kind
-                    && m.case.concurrency == case.concurrency
-            })
-        };
+        let floor = |case: &Case| floor_of(results, case);
         if !results.iter().any(|m| m.case.route == FLOOR) {
             return;
         }
@@ -2488,7 +2492,6 @@ Resume cost (issue #16), same run:
     }
 
     /// One case's ratios to the floor measured in the same round, round by round.
-    #[derive(Debug, PartialEq)]
     struct RoundRatios {
         case: Case,
         /// Added p50 over the floor's added p50.
@@ -2527,11 +2530,7 @@ Resume cost (issue #16), same run:
                     let Some(m) = round.get(i).filter(|r| r.case == m.case) else {
                         continue;
                     };
-                    let Some(f) = round.iter().find(|f| {
-                        f.case.route == FLOOR
-                            && f.case.kind == m.case.kind
-                            && f.case.concurrency == m.case.concurrency
-                    }) else {
+                    let Some(f) = floor_of(round, &m.case) else {
                         continue;
                     };
                     ratios
