@@ -583,8 +583,12 @@ mod tests {
             .then(move || {
                 let (r, e) = (r.clone(), e.clone());
                 async move {
+                    // Registered for the release before saying it came in: a
+                    // `notify_waiters` reaches only the waiters already registered,
+                    // and the test releases as soon as it hears of the request.
+                    let released = r.notified();
                     e.add_permits(1);
-                    r.notified().await;
+                    released.await;
                     warp::reply::Reply::into_response(answer())
                 }
             })
