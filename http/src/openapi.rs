@@ -190,6 +190,7 @@ fn provider_ws() {}
         provider::register,
         provider::heartbeat,
         provider::result,
+        provider::results,
         provider_stream,
         provider_ws,
         status::status_page,
@@ -304,6 +305,7 @@ mod tests {
                 "/registry",
                 "/registry/_provider-heartbeat",
                 "/registry/_provider-register",
+                "/registry/_provider-results",
                 "/registry/_provider-stream",
                 "/registry/_provider-task/{taskId}/result",
                 "/registry/_provider-ws",
@@ -324,6 +326,7 @@ mod tests {
             "RegisterRequest",
             "TaskResult",
             "LlmName",
+            "BatchAnswer",
         ] {
             assert!(
                 json["components"]["schemas"][schema].is_object(),

@@ -5,8 +5,10 @@
 use bytes::Buf;
 use futures::{FutureExt, Stream, StreamExt};
 use virtual_llm_core::protocol::{
-    HeartbeatRequest, HeartbeatResponse, RegisterRequest, RegisterResponse, TaskResult, TaskResults,
+    BatchAnswer, HeartbeatRequest, HeartbeatResponse, MAX_BATCH_TASKS, PublisherFrame,
+    RefusedResult, RegisterRequest, RegisterResponse, TaskResult, TaskResults,
 };
+use virtual_llm_core::{Error, Principal, Role, SessionId};
 use virtual_llm_core::{Gateway, RESULTS_PER_DELIVERY, TaskId};
 use warp::reply::Response;
 
@@ -136,4 +138,116 @@ where
         }
         .await,
     )
+}
+
+/// `POST {base}/_provider-results` (capability `resultBatches`): the whole answers of
+/// several tasks in one request, an NDJSON line for each, a `result` or `error` frame
+/// as on a WebSocket (`{"type":"result","taskId","status","body"}`,
+/// `{"type":"error","taskId","message"}`).
+///
+/// The body is read and every line checked before anything is delivered: a line that
+/// is not JSON, not one of those frames, or names a task twice refuses the request
+/// (400) and changes nothing. Then each task's answer is delivered as its own result
+/// request would deliver it; the answer lists the tasks refused (another session's
+/// task, an unknown or finished one), each with the status its own request would have
+/// had. A final answer never waits for its client, so no task here waits on another.
+#[utoipa::path(post, path = "/api/v1/llms/_provider-results", tag = "provider",
+    params(
+        ("x-provider-session" = String, Header, description = "The session the tasks were sent to"),
+    ),
+    request_body(content((String = "application/x-ndjson"))),
+    responses((status = 200, description = "Delivered, but for the tasks listed", body = BatchAnswer),
+        E400, E401, E403, E404, E413, E415))]
+pub(crate) async fn results<S, B>(
+    gw: Gateway,
+    auth: Option<String>,
+    session: Option<String>,
+    body: S,
+) -> Response
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send,
+    B: Buf,
+{
+    respond(
+        async {
+            let who = principal(&gw, auth.as_deref()).await?;
+            // Checked here, not only by each delivery: a client's batch is refused whole.
+            who.require(Role::Publisher)?;
+            let session = session_id(session.as_deref())?;
+            let bytes = body::read(body, gw.config().max_body_bytes).await?;
+            let answers = batch(&bytes)?;
+            Ok(reply::json(
+                200,
+                &deliver_batch(&gw, &who, &session, answers).await,
+            ))
+        }
+        .await,
+    )
+}
+
+/// The tasks and their answers in a `_provider-results` body, each line checked.
+fn batch(bytes: &[u8]) -> Result<Vec<(TaskId, Vec<TaskResult>)>, Error> {
+    let text =
+        std::str::from_utf8(bytes).map_err(|_| Error::invalid("the request body is not UTF-8"))?;
+    let mut answers: Vec<(TaskId, Vec<TaskResult>)> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (n, line) in text.split('\n').enumerate() {
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        if answers.len() == MAX_BATCH_TASKS {
+            return Err(Error::invalid(format!(
+                "a batch carries at most {MAX_BATCH_TASKS} tasks"
+            )));
+        }
+        let at = n + 1;
+        let frame: PublisherFrame = serde_json::from_str(line)
+            .map_err(|e| Error::invalid(format!("line {at}: not a result frame: {e}")))?;
+        if !matches!(
+            frame,
+            PublisherFrame::Result { .. } | PublisherFrame::Error { .. }
+        ) {
+            return Err(Error::invalid(format!(
+                "line {at}: a batch carries whole answers (`result`) and errors only; a stream is posted per task"
+            )));
+        }
+        let Some((task, results)) = frame.into_task_results() else {
+            return Err(Error::invalid(format!("line {at}: not a result frame")));
+        };
+        if !seen.insert(task.clone()) {
+            return Err(Error::invalid(format!(
+                "line {at}: task {task} is already in this batch"
+            )));
+        }
+        answers.push((task, results));
+    }
+    Ok(answers)
+}
+
+/// Delivers each task's answer, all at once (a task on another replica crosses there
+/// and back without holding up the others), and says which were refused.
+async fn deliver_batch(
+    gw: &Gateway,
+    who: &Principal,
+    session: &SessionId,
+    answers: Vec<(TaskId, Vec<TaskResult>)>,
+) -> BatchAnswer {
+    let deliveries = answers.into_iter().map(|(task, results)| async move {
+        match gw.deliver_all(who, session, &task, results).await {
+            Ok(()) => None,
+            Err(e) => Some(RefusedResult {
+                status: e.status(),
+                message: e.to_string(),
+                task_id: task,
+            }),
+        }
+    });
+    BatchAnswer {
+        refused: futures::future::join_all(deliveries)
+            .await
+            .into_iter()
+            .flatten()
+            .collect(),
+    }
 }

@@ -10,6 +10,7 @@
 //! | `POST {base}/_provider-register` | [`Gateway::register`] |
 //! | `POST {base}/_provider-heartbeat` | [`Gateway::heartbeat`] |
 //! | `POST {base}/_provider-task/{taskId}/result` | [`Gateway::deliver`], JSON or NDJSON |
+//! | `POST {base}/_provider-results` | [`Gateway::deliver_all`] for each task's whole answer, NDJSON |
 //! | `GET {base}` · `GET {base}/{name...}` | [`Gateway::list`] (or [`Gateway::list_page`] with `?limit=&after=`) · [`Gateway::get`] |
 //! | `DELETE {base}/{name...}` | [`Gateway::evict`] (admins) |
 //! | `GET {base}/{poolKey...}/members` | [`Gateway::members`] |
@@ -125,6 +126,15 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
         .and(content_type)
         .and(warp::body::stream())
         .then(provider::result);
+    let results = base
+        .clone()
+        .and(warp::path!("_provider-results"))
+        .and(warp::post())
+        .and(gw.clone())
+        .and(authorization())
+        .and(session_header())
+        .and(warp::body::stream())
+        .then(provider::results);
     let list = base
         .clone()
         .and(warp::path::end())
@@ -218,7 +228,14 @@ pub fn api_routes(gateway: Gateway) -> BoxedFilter<(Response,)> {
 
     // Tried in this order, in groups each boxed: one `or` chain of every route makes
     // a filter type so deep that type-checking this crate took over ten minutes.
-    let provider = register.or(heartbeat).unify().or(result).unify().boxed();
+    let provider = register
+        .or(heartbeat)
+        .unify()
+        .or(result)
+        .unify()
+        .or(results)
+        .unify()
+        .boxed();
     let registry = list
         .or(members)
         .unify()

@@ -17,8 +17,10 @@ use tokio_util::task::AbortOnDropHandle;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     CHUNK_RUNS, ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, Outgoing, PROTOCOL_HEADER,
-    RegisterRequest, RegisterResponse, TaskResult,
+    PublisherFrame, RESULT_BATCHES, RegisterRequest, RegisterResponse, TaskResult,
 };
+
+use crate::batch::{Batcher, MAX_LINE_BYTES};
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
@@ -78,7 +80,7 @@ impl SseWire {
         })
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
         let builder = self.client.request(method, format!("{}/{path}", self.base));
         match &self.token {
             Some(token) => builder.bearer_auth(token),
@@ -87,12 +89,12 @@ impl SseWire {
     }
 }
 
-fn connection(e: reqwest::Error) -> WireError {
+pub(crate) fn connection(e: reqwest::Error) -> WireError {
     WireError::Connection(e.to_string())
 }
 
 /// A non-2xx answer as a [`WireError`], with the gateway's own message.
-async fn check(response: reqwest::Response) -> Result<reqwest::Response, WireError> {
+pub(crate) async fn check(response: reqwest::Response) -> Result<reqwest::Response, WireError> {
     let status = response.status();
     if status.is_success() {
         return Ok(response);
@@ -106,7 +108,11 @@ async fn check(response: reqwest::Response) -> Result<reqwest::Response, WireErr
 
 #[async_trait]
 impl Wire for SseWire {
-    async fn connect(&self, request: RegisterRequest) -> Result<Connected, WireError> {
+    async fn connect(&self, mut request: RegisterRequest) -> Result<Connected, WireError> {
+        // This wire can post whole answers several at once (protocol 2).
+        if request.protocol_version.is_some_and(|v| v >= 2) && !request.declares(RESULT_BATCHES) {
+            request.capabilities.push(RESULT_BATCHES.to_owned());
+        }
         let response = self
             .request(reqwest::Method::POST, "_provider-register")
             .json(&request)
@@ -179,10 +185,18 @@ impl Wire for SseWire {
         // A gateway that takes runs of chunks gets the chunks ready together as one
         // line.
         let runs = answer.capabilities.iter().any(|c| c == CHUNK_RUNS);
+        // A gateway that takes batches gets the whole answers ready together in one
+        // request.
+        let batcher = answer
+            .capabilities
+            .iter()
+            .any(|c| c == RESULT_BATCHES)
+            .then(|| Batcher::new(self.clone(), session.as_str().to_owned()));
         let outbox = SseOutbox {
             wire: self.clone(),
             session,
             runs,
+            batcher,
         };
         Ok(Connected {
             answer,
@@ -213,6 +227,8 @@ struct SseOutbox {
     session: SessionId,
     /// The gateway granted [`CHUNK_RUNS`].
     runs: bool,
+    /// The gateway granted [`RESULT_BATCHES`].
+    batcher: Option<Batcher>,
 }
 
 #[async_trait]
@@ -246,6 +262,15 @@ impl Outbox for SseOutbox {
         // follows it) is one JSON body, written at once; anything else a stream of
         // NDJSON lines, each sent the moment the provider yields it.
         let first = results.next().await;
+        if let (Some(batcher), Some(whole)) = (&self.batcher, &first)
+            && batchable(whole)
+            && let Some(whole) = first
+        {
+            let line = PublisherFrame::for_result(task.clone(), whole)
+                .to_text(false)
+                .map_err(|e| WireError::Protocol(format!("cannot encode a result: {e}")))?;
+            return batcher.send(task, line).await;
+        }
         let request = self
             .wire
             .request(
@@ -266,6 +291,18 @@ impl Outbox for SseOutbox {
         };
         let response = request.send().await.map_err(connection)?;
         check(response).await.map(drop)
+    }
+}
+
+/// Whether `result` goes into a batch: a whole answer or an error (it ends its task)
+/// whose line stays within [`MAX_LINE_BYTES`].
+fn batchable(result: &TaskResult) -> bool {
+    // The line is the text below and a frame's few names around it.
+    const FRAME: usize = 256;
+    match result {
+        TaskResult::Completed { body, .. } => body.get().len() + FRAME <= MAX_LINE_BYTES,
+        TaskResult::Failed { message } => message.len() + FRAME <= MAX_LINE_BYTES,
+        TaskResult::Chunk { .. } | TaskResult::Resume { .. } => false,
     }
 }
 
@@ -440,6 +477,7 @@ mod tests {
             wire: SseWire::new(&format!("http://{addr}"), None).unwrap(),
             session: session.clone(),
             runs: false,
+            batcher: None,
         };
 
         let whole = TaskResult::Completed {

@@ -7,7 +7,10 @@
 //!   heartbeats and results are plain HTTP routes of that crate).
 //! - `client`: the publisher's [`SseWire`], a [`Wire`](virtual_llm_core::publisher::Wire)
 //!   over HTTP for the core's [`Publisher`](virtual_llm_core::Publisher).
+//! - `batch`: the whole answers that are ready together, posted in one request to a
+//!   gateway that takes them (capability `resultBatches`).
 
+mod batch;
 mod client;
 mod route;
 

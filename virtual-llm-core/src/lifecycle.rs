@@ -537,6 +537,9 @@ impl Gateway {
                                 && req.declares(crate::protocol::CHUNK_RUNS)
                                 && req.declares(crate::protocol::CHUNK_LINES))
                             .then_some(crate::protocol::CHUNK_LINES),
+                            // …and whole answers posted several at once, over HTTP.
+                            (version >= 2 && req.declares(crate::protocol::RESULT_BATCHES))
+                                .then_some(crate::protocol::RESULT_BATCHES),
                         ]
                         .into_iter()
                         .flatten()

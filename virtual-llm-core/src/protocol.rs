@@ -226,6 +226,42 @@ pub const CHUNK_RUNS: &str = "chunks";
 /// every quote of the JSON chunk inside it, and the gateway unescapes them again.
 pub const CHUNK_LINES: &str = "chunkLines";
 
+/// The capability of an HTTP publisher that may post the whole answers of several
+/// tasks in one request, `POST {base}/_provider-results` (one NDJSON line per task, a
+/// `result` or `error` frame as on a WebSocket), and of a gateway that takes them:
+/// one request, one read and one answer for the answers that were ready together,
+/// where each would be a request of its own. Streams are still posted per task.
+pub const RESULT_BATCHES: &str = "resultBatches";
+
+/// The most tasks one `_provider-results` request may carry; a request with more is
+/// refused.
+pub const MAX_BATCH_TASKS: usize = 256;
+
+/// The answer to `POST {base}/_provider-results` (capability [`RESULT_BATCHES`]): the
+/// tasks whose results were not taken, each with the status and message its own result
+/// request would have had (404 for an unknown task or another session's, 409 for a
+/// task already finished). Every other task's results were delivered.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct BatchAnswer {
+    /// The tasks refused, in no particular order.
+    pub refused: Vec<RefusedResult>,
+}
+
+/// One task of a [`BatchAnswer`] whose results were not taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RefusedResult {
+    /// The task.
+    pub task_id: TaskId,
+    /// The HTTP status its own result request would have had.
+    pub status: u16,
+    /// Why.
+    pub message: String,
+}
+
 /// The most chunks one `chunks` frame may carry; a frame with more is refused.
 pub const MAX_RUN_CHUNKS: usize = 64;
 
