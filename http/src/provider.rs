@@ -155,7 +155,8 @@ where
     params(
         ("x-provider-session" = String, Header, description = "The session the tasks were sent to"),
     ),
-    request_body(content((String = "application/x-ndjson"))),
+    request_body(description = "One line per task: a `result` or `error` frame as on a WebSocket",
+        content((Vec<Object> = "application/x-ndjson"))),
     responses((status = 200, description = "Delivered, but for the tasks listed", body = BatchAnswer),
         E400, E401, E403, E404, E413, E415))]
 pub(crate) async fn results<S, B>(

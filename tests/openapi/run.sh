@@ -46,6 +46,8 @@ for _ in $(seq 100); do curl -sf "$gateway/api/v1/llms/demo" | grep -q '"status"
 # temporary one, not the checkout; its settings (schemathesis.toml here) are named.
 # A failing run prints its seed: SCHEMATHESIS_SEED=<seed> runs it again.
 config="$root/tests/openapi/schemathesis.toml"
+# hooks.py: a serializer for the NDJSON bodies the document describes as arrays.
+export PYTHONPATH="$root/tests/openapi${PYTHONPATH:+:$PYTHONPATH}" SCHEMATHESIS_HOOKS=hooks
 seed=()
 [ -z "${SCHEMATHESIS_SEED:-}" ] || seed=(--seed "$SCHEMATHESIS_SEED")
 cd "$work"
