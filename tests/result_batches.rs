@@ -91,18 +91,6 @@ fn refused(answer: &Value) -> Vec<(String, u64)> {
     refused
 }
 
-async fn register(gw: &TestGateway, body: Value) -> Value {
-    let response = reqwest::Client::new()
-        .post(format!("{}/_provider-register", base(gw)))
-        .header("authorization", auth("alice"))
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    response.json().await.unwrap()
-}
-
 /// Batches are granted to a protocol 2 publisher that asks, and to no other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batches_are_granted_to_a_protocol_2_publisher_that_declares_them() {
@@ -113,24 +101,27 @@ async fn batches_are_granted_to_a_protocol_2_publisher_that_declares_them() {
             .as_array()
             .is_some_and(|c| c.iter().any(|c| c == RESULT_BATCHES))
     };
-    let asks = register(
-        &gw,
-        json!({"protocolVersion": 2, "llms": llms, "capabilities": [RESULT_BATCHES]}),
-    )
-    .await;
+    let asks = gw
+        .register_raw(
+            "alice",
+            json!({"protocolVersion": 2, "llms": llms, "capabilities": [RESULT_BATCHES]}),
+        )
+        .await;
     assert!(granted(&asks), "{asks}");
     let session = asks["providerSessionId"].clone();
-    let silent = register(
-        &gw,
-        json!({"providerSessionId": session, "protocolVersion": 2, "llms": llms}),
-    )
-    .await;
+    let silent = gw
+        .register_raw(
+            "alice",
+            json!({"providerSessionId": session, "protocolVersion": 2, "llms": llms}),
+        )
+        .await;
     assert!(!granted(&silent), "not declared: {silent}");
-    let v1 = register(
-        &gw,
-        json!({"providerSessionId": session, "llms": llms, "capabilities": [RESULT_BATCHES]}),
-    )
-    .await;
+    let v1 = gw
+        .register_raw(
+            "alice",
+            json!({"providerSessionId": session, "llms": llms, "capabilities": [RESULT_BATCHES]}),
+        )
+        .await;
     assert!(!granted(&v1), "protocol 1: {v1}");
 }
 
