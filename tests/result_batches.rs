@@ -162,13 +162,23 @@ async fn each_task_of_a_batch_is_answered_or_refused_on_its_own() {
     )
     .await;
     assert_eq!(status, 400, "a task twice: {body}");
+    let mut informational = whole(t2, "forged");
+    informational["status"] = json!(101);
+    let (status, body) = post_batch(
+        &gw,
+        "alice",
+        Some(session),
+        &[whole(t1, "forged"), informational],
+    )
+    .await;
+    assert_eq!(status, 400, "a status no answer has: {body}");
     let text = format!("{}\nnot json\n", whole(t1, "forged"));
     let (status, body) = post_raw_batch(&gw, "alice", Some(session), text).await;
     assert_eq!(status, 400, "a line that is no frame: {body}");
-    let mut many: Vec<Value> = (0..virtual_llm::protocol::MAX_BATCH_TASKS)
-        .map(|_| whole(&TaskId::generate(), "lost"))
-        .collect();
-    many.push(whole(t1, "forged"));
+    let mut many: Vec<Value> = vec![whole(t1, "forged")];
+    many.extend(
+        (0..virtual_llm::protocol::MAX_BATCH_TASKS).map(|_| whole(&TaskId::generate(), "lost")),
+    );
     let (status, body) = post_batch(&gw, "alice", Some(session), &many).await;
     assert_eq!(status, 400, "one task more than a batch carries: {body}");
     let (status, body) = post_batch(&gw, "alice", None, &[whole(t1, "forged")]).await;

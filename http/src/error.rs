@@ -29,12 +29,7 @@ use crate::reply;
 /// assert!(response.headers().contains_key("www-authenticate"));
 /// ```
 pub fn error_response(error: &Error) -> Response {
-    let status = error.status();
-    if status >= 500 {
-        tracing::warn!(%status, error = %Escaped(error), "request failed");
-    } else {
-        tracing::debug!(%status, error = %Escaped(error), "request refused");
-    }
+    let status = logged(error);
     let mut response = reply::json(status, &error.to_body());
     for (name, value) in error.response_headers() {
         if let Ok(value) = HeaderValue::from_str(&value) {
@@ -49,6 +44,18 @@ pub fn error_response(error: &Error) -> Response {
         rate_limit_headers(&mut response, "tokens", *tokens);
     }
     response
+}
+
+/// Logs `error` as every answer made of one is logged (a failure as a warning, a
+/// refusal at debug level), and returns its status.
+pub(crate) fn logged(error: &Error) -> u16 {
+    let status = error.status();
+    if status >= 500 {
+        tracing::warn!(%status, error = %Escaped(error), "request failed");
+    } else {
+        tracing::debug!(%status, error = %Escaped(error), "request refused");
+    }
+    status
 }
 
 /// The OpenAI headers of one per-minute limit (`what`: `requests` or `tokens`):

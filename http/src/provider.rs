@@ -4,11 +4,12 @@
 
 use bytes::Buf;
 use futures::{FutureExt, Stream, StreamExt};
+use serde::Deserialize;
 use virtual_llm_core::protocol::{
-    BatchAnswer, HeartbeatRequest, HeartbeatResponse, MAX_BATCH_TASKS, PublisherFrame,
-    RefusedResult, RegisterRequest, RegisterResponse, TaskResult, TaskResults,
+    BatchAnswer, HeartbeatRequest, HeartbeatResponse, MAX_BATCH_TASKS, RefusedResult,
+    RegisterRequest, RegisterResponse, TaskResult, TaskResults,
 };
-use virtual_llm_core::{Error, Principal, Role, SessionId};
+use virtual_llm_core::{Error, Principal, RawBody, Role, SessionId};
 use virtual_llm_core::{Gateway, RESULTS_PER_DELIVERY, TaskId};
 use warp::reply::Response;
 
@@ -146,8 +147,9 @@ where
 /// `{"type":"error","taskId","message"}`).
 ///
 /// The body is read and every line checked before anything is delivered: a line that
-/// is not JSON, not one of those frames, or names a task twice refuses the request
-/// (400) and changes nothing. Then each task's answer is delivered as its own result
+/// is not JSON, not one of those frames, fails the checks a result request makes (a
+/// final status, the body's nesting), or names a task twice refuses the request (400)
+/// and changes nothing. Then each task's answer is delivered as its own result
 /// request would deliver it; the answer lists the tasks refused (another session's
 /// task, an unknown or finished one), each with the status its own request would have
 /// had. A final answer never waits for its client, so no task here waits on another.
@@ -158,7 +160,7 @@ where
     request_body(description = "One line per task: a `result` or `error` frame as on a WebSocket",
         content((Vec<Object> = "application/x-ndjson"))),
     responses((status = 200, description = "Delivered, but for the tasks listed", body = BatchAnswer),
-        E400, E401, E403, E404, E413, E415))]
+        E400, E401, E403, E413, E415))]
 pub(crate) async fn results<S, B>(
     gw: Gateway,
     auth: Option<String>,
@@ -186,6 +188,47 @@ where
     )
 }
 
+/// One line of a `_provider-results` body: a WebSocket `result` or `error` frame. Read
+/// as a struct of its own, not as a `PublisherFrame`, so that the body of an answer
+/// stays its raw text whatever the order of the keys (a tagged enum whose `type` does
+/// not come first is buffered as a tree of values first).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct BatchLine {
+    #[serde(rename = "type")]
+    kind: LineKind,
+    task_id: TaskId,
+    status: Option<u16>,
+    body: Option<RawBody>,
+    retry_after: Option<u64>,
+    message: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum LineKind {
+    Result,
+    Error,
+}
+
+impl BatchLine {
+    /// The task and its answer, checked as its own result request would check it.
+    fn into_answer(self) -> Result<(TaskId, TaskResult), String> {
+        let result = match self.kind {
+            LineKind::Result => TaskResult::Completed {
+                status: self.status.ok_or("a `result` has a `status`")?,
+                body: self.body.unwrap_or_default(),
+                retry_after: self.retry_after,
+            },
+            LineKind::Error => TaskResult::Failed {
+                message: self.message.ok_or("an `error` has a `message`")?,
+            },
+        };
+        result.validate().map_err(|e| e.to_string())?;
+        Ok((self.task_id, result))
+    }
+}
+
 /// The tasks and their answers in a `_provider-results` body, each line checked.
 fn batch(bytes: &[u8]) -> Result<Vec<(TaskId, Vec<TaskResult>)>, Error> {
     let text =
@@ -203,25 +246,19 @@ fn batch(bytes: &[u8]) -> Result<Vec<(TaskId, Vec<TaskResult>)>, Error> {
             )));
         }
         let at = n + 1;
-        let frame: PublisherFrame = serde_json::from_str(line)
-            .map_err(|e| Error::invalid(format!("line {at}: not a result frame: {e}")))?;
-        if !matches!(
-            frame,
-            PublisherFrame::Result { .. } | PublisherFrame::Error { .. }
-        ) {
-            return Err(Error::invalid(format!(
-                "line {at}: a batch carries whole answers (`result`) and errors only; a stream is posted per task"
-            )));
-        }
-        let Some((task, results)) = frame.into_task_results() else {
-            return Err(Error::invalid(format!("line {at}: not a result frame")));
+        let bad = |why: String| {
+            Error::invalid(format!(
+                "line {at}: {why} (a batch carries whole answers, `result` frames, and `error` frames; a stream is posted per task)"
+            ))
         };
+        let (task, result) = serde_json::from_str::<BatchLine>(line)
+            .map_err(|e| bad(e.to_string()))?
+            .into_answer()
+            .map_err(bad)?;
         if !seen.insert(task.clone()) {
-            return Err(Error::invalid(format!(
-                "line {at}: task {task} is already in this batch"
-            )));
+            return Err(bad(format!("task {task} is already in this batch")));
         }
-        answers.push((task, results));
+        answers.push((task, vec![result]));
     }
     Ok(answers)
 }
@@ -238,8 +275,8 @@ async fn deliver_batch(
         match gw.deliver_all(who, session, &task, results).await {
             Ok(()) => None,
             Err(e) => Some(RefusedResult {
-                status: e.status(),
-                message: e.to_string(),
+                status: crate::error::logged(&e),
+                message: e.to_body().error.message,
                 task_id: task,
             }),
         }

@@ -17,14 +17,14 @@ use tokio_util::task::AbortOnDropHandle;
 use virtual_llm_core::batch::ready_batches;
 use virtual_llm_core::protocol::{
     CHUNK_RUNS, ErrorBody, GatewayFrame, HeartbeatRequest, LlmState, Outgoing, PROTOCOL_HEADER,
-    PublisherFrame, RESULT_BATCHES, RegisterRequest, RegisterResponse, TaskResult,
+    RESULT_BATCHES, RegisterRequest, RegisterResponse, TaskResult,
 };
-
-use crate::batch::{Batcher, MAX_LINE_BYTES};
 use virtual_llm_core::publisher::{Connected, Outbox, Wire, WireError, silence_limit};
 use virtual_llm_core::{Config, SessionId, TaskId};
 
 use virtual_llm_core::protocol::SESSION_HEADER;
+
+use crate::batch::{Batcher, batchable};
 
 /// Most results put in one body chunk of a task's NDJSON request.
 const RESULTS_PER_WRITE: usize = 64;
@@ -78,6 +78,26 @@ impl SseWire {
             base,
             token,
         })
+    }
+
+    /// Posts `whole`, the one result of `task`, as one JSON body: a request of its own.
+    pub(crate) async fn post_whole(
+        &self,
+        session: &SessionId,
+        task: &TaskId,
+        whole: &TaskResult,
+    ) -> Result<(), WireError> {
+        let response = self
+            .request(
+                reqwest::Method::POST,
+                &format!("_provider-task/{task}/result"),
+            )
+            .header(SESSION_HEADER, session.as_str())
+            .json(whole)
+            .send()
+            .await
+            .map_err(connection)?;
+        check(response).await.map(drop)
     }
 
     pub(crate) fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
@@ -191,7 +211,7 @@ impl Wire for SseWire {
             .capabilities
             .iter()
             .any(|c| c == RESULT_BATCHES)
-            .then(|| Batcher::new(self.clone(), session.as_str().to_owned()));
+            .then(|| Batcher::new(self.clone(), session.clone()));
         let outbox = SseOutbox {
             wire: self.clone(),
             session,
@@ -258,51 +278,34 @@ impl Outbox for SseOutbox {
         task: TaskId,
         mut results: BoxStream<'static, TaskResult>,
     ) -> Result<(), WireError> {
-        // One request per task. A whole answer (its first result is final: nothing
-        // follows it) is one JSON body, written at once; anything else a stream of
-        // NDJSON lines, each sent the moment the provider yields it.
+        // A whole answer (its first result is final: nothing follows it) goes with
+        // the others ready with it to a gateway that takes batches, else in a request
+        // of its own as one JSON body; anything else is a request of its own, a stream
+        // of NDJSON lines, each sent the moment the provider yields it.
         let first = results.next().await;
-        if let (Some(batcher), Some(whole)) = (&self.batcher, &first)
-            && batchable(whole)
-            && let Some(whole) = first
-        {
-            let line = PublisherFrame::for_result(task.clone(), whole)
-                .to_text(false)
-                .map_err(|e| WireError::Protocol(format!("cannot encode a result: {e}")))?;
-            return batcher.send(task, line).await;
-        }
-        let request = self
-            .wire
-            .request(
-                reqwest::Method::POST,
-                &format!("_provider-task/{task}/result"),
-            )
-            .header(SESSION_HEADER, self.session.as_str());
-        let (request, _pump) = match first {
-            Some(whole) if whole.is_final() => (request.json(&whole), None),
-            first => {
-                let results = futures::stream::iter(first).chain(results).boxed();
-                let (lines, pump) = pumped(ndjson(results, self.runs));
-                let request = request
-                    .header("content-type", "application/x-ndjson")
-                    .body(reqwest::Body::wrap_stream(lines));
-                (request, Some(pump))
+        match (first, &self.batcher) {
+            (Some(whole), Some(batcher)) if batchable(&whole) => batcher.send(task, whole).await,
+            (Some(whole), _) if whole.is_final() => {
+                self.wire.post_whole(&self.session, &task, &whole).await
             }
-        };
-        let response = request.send().await.map_err(connection)?;
-        check(response).await.map(drop)
-    }
-}
-
-/// Whether `result` goes into a batch: a whole answer or an error (it ends its task)
-/// whose line stays within [`MAX_LINE_BYTES`].
-fn batchable(result: &TaskResult) -> bool {
-    // The line is the text below and a frame's few names around it.
-    const FRAME: usize = 256;
-    match result {
-        TaskResult::Completed { body, .. } => body.get().len() + FRAME <= MAX_LINE_BYTES,
-        TaskResult::Failed { message } => message.len() + FRAME <= MAX_LINE_BYTES,
-        TaskResult::Chunk { .. } | TaskResult::Resume { .. } => false,
+            (first, _) => {
+                let results = futures::stream::iter(first).chain(results).boxed();
+                let (lines, _pump) = pumped(ndjson(results, self.runs));
+                let response = self
+                    .wire
+                    .request(
+                        reqwest::Method::POST,
+                        &format!("_provider-task/{task}/result"),
+                    )
+                    .header(SESSION_HEADER, self.session.as_str())
+                    .header("content-type", "application/x-ndjson")
+                    .body(reqwest::Body::wrap_stream(lines))
+                    .send()
+                    .await
+                    .map_err(connection)?;
+                check(response).await.map(drop)
+            }
+        }
     }
 }
 
@@ -449,6 +452,127 @@ mod tests {
         assert_eq!(beat.llms, Some(states));
         connected.outbox.heartbeat(None).await.unwrap();
         assert_eq!(beats.recv().await.unwrap().llms, None, "a v1 heartbeat");
+    }
+
+    /// A gateway that grants `resultBatches` (the wire declares it in a protocol 2
+    /// register): a whole answer and an error go to `_provider-results`; an answer
+    /// over [`MAX_LINE_BYTES`](crate::batch::MAX_LINE_BYTES) goes alone to its task's
+    /// route, and so does a stream.
+    #[tokio::test]
+    async fn a_gateway_granting_batches_gets_whole_answers_in_batches() {
+        use warp::Filter;
+        let session = SessionId::generate();
+        let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<(String, Bytes)>();
+        let answer = serde_json::json!({
+            "providerSessionId": session, "heartbeatIntervalMs": 30000, "protocolVersion": 2,
+            "keepAliveMs": 20000, "llms": [], "capabilities": [RESULT_BATCHES],
+        });
+        let tx = seen_tx.clone();
+        let register = warp::path!("api" / "v1" / "llms" / "_provider-register")
+            .and(warp::body::bytes())
+            .map(move |body: Bytes| {
+                tx.send(("register".into(), body)).unwrap();
+                warp::reply::json(&answer)
+            });
+        let hello = serde_json::json!({"providerSessionId": session, "heartbeatIntervalMs": 30000});
+        let stream = warp::path!("api" / "v1" / "llms" / "_provider-stream").map(move || {
+            let body = format!("event: hello\ndata: {hello}\n\n");
+            let events = futures::stream::once(async move {
+                Ok::<_, std::convert::Infallible>(Bytes::from(body))
+            })
+            .chain(futures::stream::pending());
+            warp::reply::with_header(
+                warp::reply::stream(events),
+                "content-type",
+                "text/event-stream",
+            )
+        });
+        let tx = seen_tx.clone();
+        let batch = warp::path!("api" / "v1" / "llms" / "_provider-results")
+            .and(warp::body::bytes())
+            .map(move |body: Bytes| {
+                tx.send(("batch".into(), body)).unwrap();
+                warp::reply::json(&serde_json::json!({"refused": []}))
+            });
+        let tx = seen_tx;
+        let alone = warp::path!("api" / "v1" / "llms" / "_provider-task" / String / "result")
+            .and(warp::body::bytes())
+            .map(move |task: String, body: Bytes| {
+                tx.send((format!("alone {task}"), body)).unwrap();
+                warp::http::StatusCode::NO_CONTENT
+            });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(
+            warp::serve(register.or(stream).or(batch).or(alone))
+                .incoming(listener)
+                .run(),
+        );
+
+        let wire = SseWire::new(&format!("http://{addr}"), None).unwrap();
+        let request = RegisterRequest {
+            agents: Vec::new(),
+            provider_session_id: None,
+            protocol_version: Some(2),
+            llms: vec![],
+            capabilities: Vec::new(),
+        };
+        let connected = wire.connect(request).await.unwrap();
+        let (what, body) = seen.recv().await.unwrap();
+        assert_eq!(what, "register");
+        let declared: RegisterRequest = serde_json::from_slice(&body).unwrap();
+        assert!(
+            declared.declares(RESULT_BATCHES),
+            "the wire declares batches"
+        );
+
+        let whole = |text: String| TaskResult::Completed {
+            status: 200,
+            body: serde_json::json!({ "text": text }).into(),
+            retry_after: None,
+        };
+        let send = |task: &TaskId, results: Vec<TaskResult>| {
+            connected
+                .outbox
+                .send(task.clone(), futures::stream::iter(results).boxed())
+        };
+        let small = TaskId::generate();
+        send(&small, vec![whole("short".into())]).await.unwrap();
+        let (what, body) = seen.recv().await.unwrap();
+        assert_eq!(what, "batch");
+        let line: serde_json::Value = serde_json::from_slice(body.trim_ascii_end()).unwrap();
+        assert_eq!(
+            (&line["type"], &line["taskId"], &line["body"]["text"]),
+            (&"result".into(), &small.as_str().into(), &"short".into())
+        );
+        let failed = TaskId::generate();
+        let error = TaskResult::Failed {
+            message: "the model crashed".into(),
+        };
+        send(&failed, vec![error]).await.unwrap();
+        let (what, body) = seen.recv().await.unwrap();
+        assert_eq!(what, "batch");
+        let line: serde_json::Value = serde_json::from_slice(body.trim_ascii_end()).unwrap();
+        assert_eq!(
+            (&line["type"], &line["taskId"]),
+            (&"error".into(), &failed.as_str().into())
+        );
+
+        let big = TaskId::generate();
+        send(&big, vec![whole("x".repeat(crate::batch::MAX_LINE_BYTES))])
+            .await
+            .unwrap();
+        let (what, _) = seen.recv().await.unwrap();
+        assert_eq!(what, format!("alone {big}"), "too large for a batch");
+        let streamed = TaskId::generate();
+        let chunk = TaskResult::Chunk {
+            data: "{}".into(),
+            done: true,
+            seq: Some(0),
+        };
+        send(&streamed, vec![chunk]).await.unwrap();
+        let (what, _) = seen.recv().await.unwrap();
+        assert_eq!(what, format!("alone {streamed}"), "a stream goes per task");
     }
 
     /// A whole answer (a final result first) is posted as one JSON body; a stream's

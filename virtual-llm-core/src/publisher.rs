@@ -49,7 +49,7 @@ use crate::task_log::TaskLog;
 use crate::{Config, Error, LlmName, Provider, Reply, SessionId, TaskId};
 
 /// Why a wire operation failed.
-#[derive(Clone, Debug, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum WireError {
     /// The gateway does not know the session (404): register again.
