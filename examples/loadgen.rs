@@ -274,6 +274,15 @@ struct Args {
     /// (added p50, throughput kept). Only 2 is supported.
     #[arg(long, value_name = "N")]
     replicas: Option<usize>,
+    /// Relay cases: also measure two hops of the cheapest reverse proxy hyper allows
+    /// (see [`hop`]), two child processes of this program chained in front of the mock:
+    /// what the Rust HTTP stack the relay is built on costs with no relay work at all.
+    #[arg(long)]
+    hyper_hops: bool,
+    /// Internal (`--hyper-hops` starts its children with it): serve as one such hop,
+    /// `LISTEN=UPSTREAM` (two addresses), until killed.
+    #[arg(long, hide = true, value_name = "LISTEN=UPSTREAM")]
+    serve_hop: Option<String>,
 }
 
 /// What a request asks for.
@@ -324,6 +333,12 @@ async fn main() -> Result<(), BoxError> {
         )
         .init();
     let args = Args::parse();
+    if let Some(addrs) = &args.serve_hop {
+        let (listen, upstream) = addrs
+            .split_once('=')
+            .ok_or("--serve-hop takes LISTEN=UPSTREAM")?;
+        return hop::serve(hop::bind(listen.parse()?)?, upstream.parse()?).await;
+    }
     // Dropping `run` on Ctrl-C drops the child-process guards, which kill the children.
     tokio::select! {
         result = run(args) => result,
@@ -984,6 +999,247 @@ async fn spawn_publisher(
         }
     }
     Ok(guard)
+}
+
+/// The floor of the Rust HTTP stack (`--hyper-hops`): the cheapest reverse proxy hyper
+/// allows, so that the relay, built on hyper, can be compared with what hyper alone
+/// costs on the same two hops.
+///
+/// Each client connection gets a connection of its own to the upstream, opened when the
+/// client connects (no pool to look up: cheaper than any pooled proxy), and each request
+/// is passed on as it came, its body and its answer's body frame by frame (hyper's
+/// `Incoming` bodies, one frame per chunk of the upstream's chunked answer, as the
+/// publisher receives them): no JSON, no routing, no log, no accounting. HTTP/1.1 with
+/// keep-alive and `TCP_NODELAY` on both sides. A worker thread per core, each a
+/// single-threaded tokio runtime with its own listening socket on the one port
+/// (`SO_REUSEPORT`: the kernel spreads the connections), so that a connection stays on
+/// its thread, as in an nginx worker process and the gateway's workers. A child process of loadgen runs one hop (`--serve-hop LISTEN=UPSTREAM`);
+/// [`start`] chains two in front of the mock. It is a benchmark's instrument: no
+/// timeouts, no limits, loopback only.
+mod hop {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use hyper::body::Incoming;
+    use hyper::client::conn::http1::SendRequest;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::{BoxError, ChildGuard, free_port, procfs};
+
+    /// A listening socket per core on `listen`, all on the one port (`SO_REUSEPORT`).
+    /// Call it within a tokio runtime.
+    pub(crate) fn bind(listen: SocketAddr) -> Result<Vec<std::net::TcpListener>, BoxError> {
+        let mut listeners = Vec::new();
+        let mut addr = listen;
+        for _ in 0..super::procfs::cores().max(1) {
+            let socket = tokio::net::TcpSocket::new_v4()?;
+            socket.set_reuseport(true)?;
+            socket.bind(addr)?;
+            let listener = socket.listen(4096)?;
+            // Port 0 picks a port for the first socket; the others join it.
+            addr = listener.local_addr()?;
+            listeners.push(listener.into_std()?);
+        }
+        Ok(listeners)
+    }
+
+    /// Serves one hop on `listeners` (from [`bind`]), passing every request to
+    /// `upstream`, until killed: a worker per listener, each on its own thread.
+    pub(crate) async fn serve(
+        listeners: Vec<std::net::TcpListener>,
+        upstream: SocketAddr,
+    ) -> Result<(), BoxError> {
+        // Each worker says here how it ended; none ends while it can accept. (Threads,
+        // not joined: a runtime waiting on them would never shut down.)
+        let (ended, mut end) = tokio::sync::mpsc::unbounded_channel::<String>();
+        for listener in listeners {
+            let ended = ended.clone();
+            std::thread::spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => return ended.send(e.to_string()),
+                };
+                let outcome = runtime.block_on(async move {
+                    accept(TcpListener::from_std(listener)?, upstream).await
+                });
+                let why = outcome
+                    .err()
+                    .map_or_else(|| "stopped".to_owned(), |e| e.to_string());
+                ended.send(why)
+            });
+        }
+        drop(ended);
+        match end.recv().await {
+            Some(why) => Err(format!("a hop worker ended: {why}").into()),
+            None => Ok(()),
+        }
+    }
+
+    /// One worker's accept loop.
+    async fn accept(listener: TcpListener, upstream: SocketAddr) -> Result<(), BoxError> {
+        loop {
+            let (client, _) = listener.accept().await?;
+            tokio::spawn(async move {
+                if let Err(e) = connection(client, upstream).await {
+                    tracing::debug!(error = %e, "hop: a connection ended with an error");
+                }
+            });
+        }
+    }
+
+    /// One client connection and its own upstream connection.
+    async fn connection(client: TcpStream, upstream: SocketAddr) -> Result<(), BoxError> {
+        client.set_nodelay(true)?;
+        let to_upstream = TcpStream::connect(upstream).await?;
+        to_upstream.set_nodelay(true)?;
+        let (sender, upstream_connection) =
+            hyper::client::conn::http1::handshake::<_, Incoming>(TokioIo::new(to_upstream)).await?;
+        tokio::spawn(upstream_connection);
+        // The server side answers one request at a time per connection: the lock is
+        // never contended, it only lends the sender to the request being passed on.
+        let sender = Arc::new(tokio::sync::Mutex::new(sender));
+        let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+            let sender = Arc::clone(&sender);
+            async move { pass(&sender, request).await }
+        });
+        hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(client), service)
+            .await?;
+        Ok(())
+    }
+
+    /// Passes `request` on and hands its answer back as it streams in.
+    async fn pass(
+        sender: &tokio::sync::Mutex<SendRequest<Incoming>>,
+        request: Request<Incoming>,
+    ) -> Result<Response<Incoming>, hyper::Error> {
+        let answer = {
+            let mut sender = sender.lock().await;
+            sender.ready().await?;
+            sender.send_request(request)
+        };
+        answer.await
+    }
+
+    /// Two hops: the front hop's address (front → back → `upstream`) and both children.
+    pub(crate) struct Hops {
+        pub(crate) front: ChildGuard,
+        pub(crate) back: ChildGuard,
+        pub(crate) two_hops: SocketAddr,
+    }
+
+    impl Hops {
+        /// Both hops' CPU time (the front's, the back's).
+        pub(crate) fn cpu(&self) -> (Duration, Duration) {
+            let cpu = |g: &ChildGuard| procfs::cpu(&g.pid()).unwrap_or_default();
+            (cpu(&self.front), cpu(&self.back))
+        }
+    }
+
+    /// Starts two hops of this program, with their logs in `dir`, in front of `upstream`.
+    pub(crate) async fn start(dir: &Path, upstream: SocketAddr) -> Result<Hops, BoxError> {
+        let exe = std::env::current_exe()?;
+        let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let back_addr = loopback(free_port()?);
+        let back = ChildGuard::spawn(
+            "hyper hop (back)",
+            &exe,
+            &["--serve-hop".to_owned(), format!("{back_addr}={upstream}")],
+            dir.join("hop-back.log"),
+        )?;
+        let front_addr = loopback(free_port()?);
+        let front = ChildGuard::spawn(
+            "hyper hop (front)",
+            &exe,
+            &[
+                "--serve-hop".to_owned(),
+                format!("{front_addr}={back_addr}"),
+            ],
+            dir.join("hop-front.log"),
+        )?;
+        let mut hops = Hops {
+            front,
+            back,
+            two_hops: front_addr,
+        };
+        for (addr, which) in [(back_addr, "back"), (front_addr, "front")] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(addr).await.is_err() {
+                hops.front.check_running()?;
+                hops.back.check_running()?;
+                if Instant::now() > deadline {
+                    return Err(format!("the {which} hyper hop did not listen within 10 s").into());
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok(hops)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use std::net::SocketAddr;
+        use std::time::Duration;
+
+        use serde_json::json;
+
+        use super::{bind, serve};
+
+        /// Two hops chained pass a whole answer and a stream on as the upstream gave
+        /// them: the same status, content type and bytes as the mock answers directly.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn two_hops_pass_answers_and_streams_on_as_given() {
+            let mock = crate::mock::start(Duration::ZERO).await.unwrap();
+            let back = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            let back_addr = back[0].local_addr().unwrap();
+            let front = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
+            let front_addr = front[0].local_addr().unwrap();
+            tokio::spawn(serve(back, mock.addr));
+            tokio::spawn(serve(front, back_addr));
+            let client = crate::control_client().unwrap();
+            for stream in [false, true] {
+                let body = json!({
+                    "model": crate::mock::MODEL,
+                    "stream": stream,
+                    "messages": [{"role": "user", "content": "hi"}]
+                });
+                let call = |addr: SocketAddr| {
+                    client
+                        .post(format!("http://{addr}/v1/chat/completions"))
+                        .json(&body)
+                        .send()
+                };
+                let direct = call(mock.addr).await.unwrap();
+                let relayed = call(front_addr).await.unwrap();
+                assert_eq!(relayed.status(), direct.status());
+                assert_eq!(
+                    relayed.headers().get("content-type"),
+                    direct.headers().get("content-type")
+                );
+                let (direct, relayed) = (
+                    direct.bytes().await.unwrap(),
+                    relayed.bytes().await.unwrap(),
+                );
+                assert_eq!(relayed, direct, "stream: {stream}");
+                if stream {
+                    let events = relayed
+                        .split(|b| *b == b'\n')
+                        .filter(|l| l.starts_with(b"data: "))
+                        .count();
+                    assert_eq!(events, crate::mock::CHUNKS + 1, "20 chunks and [DONE]");
+                }
+            }
+            // Every request of both went through the back hop to the mock.
+            assert_eq!(mock.served.snapshot().get(crate::mock::MODEL), Some(&4));
+        }
+    }
 }
 
 /// The proxy floor of issue #20: one and two nginx reverse proxies chained in front of
@@ -1804,8 +2060,8 @@ mod relay {
 
     use super::{
         ASCII_MARKDOWN, Args, Binaries, BoxError, ChildGuard, GatewayChild, Interference, Kind,
-        Transport, WorkDir, control_client, load, mock, ms, ms_diff, nginx, print_interference,
-        procfs, progress, spawn_publisher,
+        Transport, WorkDir, control_client, hop, load, mock, ms, ms_diff, nginx,
+        print_interference, procfs, progress, spawn_publisher,
     };
 
     #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -1813,6 +2069,8 @@ mod relay {
         Direct,
         /// Through this many nginx reverse proxies (1 or 2): the proxy floor.
         Nginx(u8),
+        /// Through two hops of the cheapest proxy hyper allows (`--hyper-hops`).
+        HyperHops,
         Relayed(Transport),
         /// Relayed through a publisher that does not resume (`--no-resume`).
         RelayedNoResume(Transport),
@@ -1834,6 +2092,7 @@ mod relay {
                 Route::Direct => "direct".to_owned(),
                 Route::Nginx(1) => "nginx, one hop".to_owned(),
                 Route::Nginx(_) => "nginx, two hops".to_owned(),
+                Route::HyperHops => "hyper, two hops".to_owned(),
                 Route::Relayed(t) => format!("relayed {}", t.name()),
                 Route::RelayedNoResume(t) => format!("relayed {}, no resume", t.name()),
             };
@@ -1856,6 +2115,9 @@ mod relay {
         nginx_front: Duration,
         /// The back nginx instance (the second hop of two).
         nginx_back: Duration,
+        /// The hyper hops, front and back (`--hyper-hops`).
+        hyper_front: Duration,
+        hyper_back: Duration,
         /// The load client and the mock.
         loadgen: Duration,
         /// The whole machine.
@@ -1870,6 +2132,8 @@ mod relay {
                 publishers: self.publishers.saturating_sub(before.publishers),
                 nginx_front: self.nginx_front.saturating_sub(before.nginx_front),
                 nginx_back: self.nginx_back.saturating_sub(before.nginx_back),
+                hyper_front: self.hyper_front.saturating_sub(before.hyper_front),
+                hyper_back: self.hyper_back.saturating_sub(before.hyper_back),
                 loadgen: self.loadgen.saturating_sub(before.loadgen),
                 machine: self.machine.since(&before.machine),
             }
@@ -1882,6 +2146,8 @@ mod relay {
                     + self.publishers
                     + self.nginx_front
                     + self.nginx_back
+                    + self.hyper_front
+                    + self.hyper_back
                     + self.loadgen
                     + self.machine.softirqd,
             )
@@ -1894,6 +2160,7 @@ mod relay {
                 Route::Direct => None,
                 Route::Nginx(1) => Some((self.nginx_front, Duration::ZERO)),
                 Route::Nginx(_) => Some((self.nginx_front, self.nginx_back)),
+                Route::HyperHops => Some((self.hyper_front, self.hyper_back)),
                 Route::Relayed(_) | Route::RelayedNoResume(_) => {
                     Some((self.gateway, self.publisher))
                 }
@@ -1925,6 +2192,11 @@ mod relay {
             println!(
                 "note: nginx is not installed (Debian: `apt-get install nginx-light`): no proxy floor in this run\n"
             );
+            None
+        };
+        let mut hyper_hops = if args.hyper_hops && !args.relayed_only {
+            Some(hop::start(dir.path(), upstream).await?)
+        } else {
             None
         };
         let mut gateway = GatewayChild::start(bins, dir.path(), &http).await?;
@@ -1981,6 +2253,13 @@ mod relay {
                         });
                     }
                 }
+                if hyper_hops.is_some() {
+                    cases.push(Case {
+                        route: Route::HyperHops,
+                        kind,
+                        concurrency,
+                    });
+                }
                 for &transport in &args.transports {
                     let case = |route| Case {
                         route,
@@ -2035,6 +2314,12 @@ mod relay {
                         let addr = if hops == 1 { p.one_hop } else { p.two_hops };
                         (addr, mock::MODEL.to_owned(), None)
                     }
+                    Route::HyperHops => {
+                        let h = hyper_hops.as_mut().ok_or("no hyper hops")?;
+                        h.front.check_running()?;
+                        h.back.check_running()?;
+                        (h.two_hops, mock::MODEL.to_owned(), None)
+                    }
                     Route::Relayed(t) | Route::RelayedNoResume(t) => {
                         let pool = if matches!(case.route, Route::Relayed(_)) {
                             &mut publishers
@@ -2076,6 +2361,8 @@ mod relay {
                         .sum(),
                     nginx_front: proxies.as_ref().map(|p| p.front.cpu()).unwrap_or_default(),
                     nginx_back: proxies.as_ref().map(|p| p.back.cpu()).unwrap_or_default(),
+                    hyper_front: hyper_hops.as_ref().map(|h| h.cpu().0).unwrap_or_default(),
+                    hyper_back: hyper_hops.as_ref().map(|h| h.cpu().1).unwrap_or_default(),
                     loadgen: procfs::cpu("self").unwrap_or_default(),
                     machine: procfs::machine().unwrap_or_default(),
                 };
@@ -2349,7 +2636,13 @@ Resume cost (issue #16), same run:
                 o.latency.value_at_quantile(0.99),
             );
             let (added50, added99, ratio) = match (m.case.route, direct(&m.case)) {
-                (Route::Relayed(_) | Route::RelayedNoResume(_) | Route::Nginx(_), Some(d)) => (
+                (
+                    Route::Relayed(_)
+                    | Route::RelayedNoResume(_)
+                    | Route::Nginx(_)
+                    | Route::HyperHops,
+                    Some(d),
+                ) => (
                     ms_diff(p50, d.outcome.latency.value_at_quantile(0.5)),
                     ms_diff(p99, d.outcome.latency.value_at_quantile(0.99)),
                     format!("{:.2}", o.rps() / d.outcome.rps().max(1e-9)),
