@@ -9,6 +9,8 @@
 //!                                                                # a pool of 4 against one publisher
 //! cargo run --release --example loadgen -- --pool 2 --pool-capacity 8 --mock-delay 20ms \
 //!     --pool-only --concurrency 32,300 --kinds complete         # the admission queue, overloaded
+//! cargo run --release --example loadgen -- --hyper-hops --concurrency 1,64 --rounds 3
+//!                                                                # the relay against nginx and hyper's own floor
 //! cargo run --release --example loadgen -- --resume-cost --no-nginx --kinds stream
 //!                                                                # resuming publishers against --no-resume ones,
 //!                                                                # then streams across a cut link
@@ -50,6 +52,10 @@
 //!   (keep-alive upstreams, access log off, `worker_processes auto`), chained in front
 //!   of the same mock: one hop (nginx → mock) and two hops (nginx → nginx → mock), the
 //!   honest floor for a relay that also crosses two hops. See [`nginx`].
+//! - **The HTTP stack's floor** (`--hyper-hops`): two hops of the cheapest reverse
+//!   proxy hyper allows, child processes of this program (`--serve-hop`), chained in
+//!   front of the mock, and two more that join a stream's frames ready together: what
+//!   hyper costs on the same two hops with no relay work. See [`hop`].
 //!
 //! # What is measured
 //!
@@ -275,14 +281,18 @@ struct Args {
     #[arg(long, value_name = "N")]
     replicas: Option<usize>,
     /// Relay cases: also measure two hops of the cheapest reverse proxy hyper allows
-    /// (see [`hop`]), two child processes of this program chained in front of the mock:
-    /// what the Rust HTTP stack the relay is built on costs with no relay work at all.
+    /// (see [`hop`]), two child processes of this program chained in front of the mock,
+    /// passing bodies frame by frame, and two more that join a stream's frames ready
+    /// together: what the Rust HTTP stack the relay is built on costs with no relay work.
     #[arg(long)]
     hyper_hops: bool,
     /// Internal (`--hyper-hops` starts its children with it): serve as one such hop,
     /// `LISTEN=UPSTREAM` (two addresses), until killed.
     #[arg(long, hide = true, value_name = "LISTEN=UPSTREAM")]
     serve_hop: Option<String>,
+    /// Internal: the hop passes an event stream's frames ready together as one.
+    #[arg(long, hide = true)]
+    hop_coalesce: bool,
 }
 
 /// What a request asks for.
@@ -337,7 +347,8 @@ async fn main() -> Result<(), BoxError> {
         let (listen, upstream) = addrs
             .split_once('=')
             .ok_or("--serve-hop takes LISTEN=UPSTREAM")?;
-        return hop::serve(hop::bind(listen.parse()?)?, upstream.parse()?).await;
+        let listeners = hop::bind(listen.parse()?)?;
+        return hop::serve(listeners, upstream.parse()?, args.hop_coalesce).await;
     }
     // Dropping `run` on Ctrl-C drops the child-process guards, which kill the children.
     tokio::select! {
@@ -1022,13 +1033,22 @@ mod hop {
     use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use hyper::body::Incoming;
+    use bytes::{Bytes, BytesMut};
+    use futures::channel::mpsc::Receiver;
+    use futures::{SinkExt, StreamExt};
+    use http_body_util::combinators::UnsyncBoxBody;
+    use http_body_util::{BodyExt, StreamBody};
+    use hyper::body::{Frame, Incoming};
     use hyper::client::conn::http1::SendRequest;
     use hyper::{Request, Response};
     use hyper_util::rt::TokioIo;
     use tokio::net::{TcpListener, TcpStream};
+    use virtual_llm::batch::ready_batches;
 
     use super::{BoxError, ChildGuard, free_port, procfs};
+
+    /// An answer's body as passed on.
+    type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
     /// A listening socket per core on `listen`, all on the one port (`SO_REUSEPORT`).
     /// Call it within a tokio runtime.
@@ -1052,6 +1072,7 @@ mod hop {
     pub(crate) async fn serve(
         listeners: Vec<std::net::TcpListener>,
         upstream: SocketAddr,
+        coalesce: bool,
     ) -> Result<(), BoxError> {
         // Each worker says here how it ended; none ends while it can accept. (Threads,
         // not joined: a runtime waiting on them would never shut down.)
@@ -1067,7 +1088,7 @@ mod hop {
                     Err(e) => return ended.send(e.to_string()),
                 };
                 let outcome = runtime.block_on(async move {
-                    accept(TcpListener::from_std(listener)?, upstream).await
+                    accept(TcpListener::from_std(listener)?, upstream, coalesce).await
                 });
                 let why = outcome
                     .err()
@@ -1083,11 +1104,15 @@ mod hop {
     }
 
     /// One worker's accept loop.
-    async fn accept(listener: TcpListener, upstream: SocketAddr) -> Result<(), BoxError> {
+    async fn accept(
+        listener: TcpListener,
+        upstream: SocketAddr,
+        coalesce: bool,
+    ) -> Result<(), BoxError> {
         loop {
             let (client, _) = listener.accept().await?;
             tokio::spawn(async move {
-                if let Err(e) = connection(client, upstream).await {
+                if let Err(e) = connection(client, upstream, coalesce).await {
                     tracing::debug!(error = %e, "hop: a connection ended with an error");
                 }
             });
@@ -1095,7 +1120,11 @@ mod hop {
     }
 
     /// One client connection and its own upstream connection.
-    async fn connection(client: TcpStream, upstream: SocketAddr) -> Result<(), BoxError> {
+    async fn connection(
+        client: TcpStream,
+        upstream: SocketAddr,
+        coalesce: bool,
+    ) -> Result<(), BoxError> {
         client.set_nodelay(true)?;
         let to_upstream = TcpStream::connect(upstream).await?;
         to_upstream.set_nodelay(true)?;
@@ -1107,7 +1136,7 @@ mod hop {
         let sender = Arc::new(tokio::sync::Mutex::new(sender));
         let service = hyper::service::service_fn(move |request: Request<Incoming>| {
             let sender = Arc::clone(&sender);
-            async move { pass(&sender, request).await }
+            async move { pass(&sender, request, coalesce).await }
         });
         hyper::server::conn::http1::Builder::new()
             .serve_connection(TokioIo::new(client), service)
@@ -1115,17 +1144,60 @@ mod hop {
         Ok(())
     }
 
-    /// Passes `request` on and hands its answer back as it streams in.
+    /// Passes `request` on and hands its answer back as it streams in: frame by frame,
+    /// or with `coalesce` an event stream's frames ready together as one.
     async fn pass(
         sender: &tokio::sync::Mutex<SendRequest<Incoming>>,
         request: Request<Incoming>,
-    ) -> Result<Response<Incoming>, hyper::Error> {
+        coalesce: bool,
+    ) -> Result<Response<Body>, hyper::Error> {
         let answer = {
             let mut sender = sender.lock().await;
             sender.ready().await?;
             sender.send_request(request)
         };
-        answer.await
+        let answer = answer.await?;
+        let streamed = answer
+            .headers()
+            .get(hyper::header::CONTENT_TYPE)
+            .is_some_and(|t| t.as_bytes().starts_with(b"text/event-stream"));
+        if !(coalesce && streamed) {
+            return Ok(answer.map(BodyExt::boxed_unsync));
+        }
+        Ok(answer.map(|body| runs(body).boxed_unsync()))
+    }
+
+    /// `body`'s frames ready together joined into one (`ready_batches`, as the SSE
+    /// publisher gathers a stream's chunks): read on a task of its own, since only
+    /// there does hyper's connection task get the turns that hand the frames over.
+    fn runs(body: Incoming) -> StreamBody<Receiver<Result<Frame<Bytes>, hyper::Error>>> {
+        let (mut tx, rx) = futures::channel::mpsc::channel(0);
+        tokio::spawn(async move {
+            let frames = http_body_util::BodyDataStream::new(body);
+            let mut runs = std::pin::pin!(ready_batches(frames, 64));
+            while let Some(run) = runs.next().await {
+                let mut joined = BytesMut::new();
+                let mut failed = None;
+                for frame in run {
+                    match frame {
+                        Ok(data) => joined.extend_from_slice(&data),
+                        Err(e) => {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                }
+                if !joined.is_empty() && tx.send(Ok(Frame::data(joined.freeze()))).await.is_err() {
+                    return;
+                }
+                if let Some(e) = failed {
+                    // The client is told by the broken body; nobody else to tell.
+                    drop(tx.send(Err(e)).await);
+                    return;
+                }
+            }
+        });
+        StreamBody::new(rx)
     }
 
     /// Two hops: the front hop's address (front → back → `upstream`) and both children.
@@ -1144,25 +1216,35 @@ mod hop {
     }
 
     /// Starts two hops of this program, with their logs in `dir`, in front of `upstream`.
-    pub(crate) async fn start(dir: &Path, upstream: SocketAddr) -> Result<Hops, BoxError> {
+    /// With `coalesce`, both hops pass an event stream's frames ready together as one.
+    pub(crate) async fn start(
+        dir: &Path,
+        upstream: SocketAddr,
+        coalesce: bool,
+    ) -> Result<Hops, BoxError> {
         let exe = std::env::current_exe()?;
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
+        let variant = if coalesce { "-coalescing" } else { "" };
+        let args = |listen: SocketAddr, to: SocketAddr| {
+            let mut args = vec!["--serve-hop".to_owned(), format!("{listen}={to}")];
+            if coalesce {
+                args.push("--hop-coalesce".to_owned());
+            }
+            args
+        };
         let back_addr = loopback(free_port()?);
         let back = ChildGuard::spawn(
             "hyper hop (back)",
             &exe,
-            &["--serve-hop".to_owned(), format!("{back_addr}={upstream}")],
-            dir.join("hop-back.log"),
+            &args(back_addr, upstream),
+            dir.join(format!("hop{variant}-back.log")),
         )?;
         let front_addr = loopback(free_port()?);
         let front = ChildGuard::spawn(
             "hyper hop (front)",
             &exe,
-            &[
-                "--serve-hop".to_owned(),
-                format!("{front_addr}={back_addr}"),
-            ],
-            dir.join("hop-front.log"),
+            &args(front_addr, back_addr),
+            dir.join(format!("hop{variant}-front.log")),
         )?;
         let mut hops = Hops {
             front,
@@ -1193,16 +1275,22 @@ mod hop {
         use super::{bind, serve};
 
         /// Two hops chained pass a whole answer and a stream on as the upstream gave
-        /// them: the same status, content type and bytes as the mock answers directly.
+        /// them: the same status, content type and bytes as the mock answers directly,
+        /// frame by frame and coalescing.
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn two_hops_pass_answers_and_streams_on_as_given() {
+            two_hops(false).await;
+            two_hops(true).await;
+        }
+
+        async fn two_hops(coalesce: bool) {
             let mock = crate::mock::start(Duration::ZERO).await.unwrap();
             let back = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
             let back_addr = back[0].local_addr().unwrap();
             let front = bind(SocketAddr::from(([127, 0, 0, 1], 0))).unwrap();
             let front_addr = front[0].local_addr().unwrap();
-            tokio::spawn(serve(back, mock.addr));
-            tokio::spawn(serve(front, back_addr));
+            tokio::spawn(serve(back, mock.addr, coalesce));
+            tokio::spawn(serve(front, back_addr, coalesce));
             let client = crate::control_client().unwrap();
             for stream in [false, true] {
                 let body = json!({
@@ -1227,7 +1315,7 @@ mod hop {
                     direct.bytes().await.unwrap(),
                     relayed.bytes().await.unwrap(),
                 );
-                assert_eq!(relayed, direct, "stream: {stream}");
+                assert_eq!(relayed, direct, "stream: {stream}, coalescing: {coalesce}");
                 if stream {
                     let events = relayed
                         .split(|b| *b == b'\n')
@@ -2069,8 +2157,9 @@ mod relay {
         Direct,
         /// Through this many nginx reverse proxies (1 or 2): the proxy floor.
         Nginx(u8),
-        /// Through two hops of the cheapest proxy hyper allows (`--hyper-hops`).
-        HyperHops,
+        /// Through two hops of the cheapest proxy hyper allows (`--hyper-hops`), which
+        /// join a stream's frames ready together when `true`.
+        HyperHops(bool),
         Relayed(Transport),
         /// Relayed through a publisher that does not resume (`--no-resume`).
         RelayedNoResume(Transport),
@@ -2092,7 +2181,8 @@ mod relay {
                 Route::Direct => "direct".to_owned(),
                 Route::Nginx(1) => "nginx, one hop".to_owned(),
                 Route::Nginx(_) => "nginx, two hops".to_owned(),
-                Route::HyperHops => "hyper, two hops".to_owned(),
+                Route::HyperHops(false) => "hyper, two hops".to_owned(),
+                Route::HyperHops(true) => "hyper, two hops, coalescing".to_owned(),
                 Route::Relayed(t) => format!("relayed {}", t.name()),
                 Route::RelayedNoResume(t) => format!("relayed {}, no resume", t.name()),
             };
@@ -2115,7 +2205,7 @@ mod relay {
         nginx_front: Duration,
         /// The back nginx instance (the second hop of two).
         nginx_back: Duration,
-        /// The hyper hops, front and back (`--hyper-hops`).
+        /// The hyper hops, front and back (`--hyper-hops`: both variants, one idle).
         hyper_front: Duration,
         hyper_back: Duration,
         /// The load client and the mock.
@@ -2160,7 +2250,7 @@ mod relay {
                 Route::Direct => None,
                 Route::Nginx(1) => Some((self.nginx_front, Duration::ZERO)),
                 Route::Nginx(_) => Some((self.nginx_front, self.nginx_back)),
-                Route::HyperHops => Some((self.hyper_front, self.hyper_back)),
+                Route::HyperHops(_) => Some((self.hyper_front, self.hyper_back)),
                 Route::Relayed(_) | Route::RelayedNoResume(_) => {
                     Some((self.gateway, self.publisher))
                 }
@@ -2195,7 +2285,10 @@ mod relay {
             None
         };
         let mut hyper_hops = if args.hyper_hops && !args.relayed_only {
-            Some(hop::start(dir.path(), upstream).await?)
+            Some([
+                hop::start(dir.path(), upstream, false).await?,
+                hop::start(dir.path(), upstream, true).await?,
+            ])
         } else {
             None
         };
@@ -2254,11 +2347,13 @@ mod relay {
                     }
                 }
                 if hyper_hops.is_some() {
-                    cases.push(Case {
-                        route: Route::HyperHops,
-                        kind,
-                        concurrency,
-                    });
+                    for coalesce in [false, true] {
+                        cases.push(Case {
+                            route: Route::HyperHops(coalesce),
+                            kind,
+                            concurrency,
+                        });
+                    }
                 }
                 for &transport in &args.transports {
                     let case = |route| Case {
@@ -2314,8 +2409,9 @@ mod relay {
                         let addr = if hops == 1 { p.one_hop } else { p.two_hops };
                         (addr, mock::MODEL.to_owned(), None)
                     }
-                    Route::HyperHops => {
-                        let h = hyper_hops.as_mut().ok_or("no hyper hops")?;
+                    Route::HyperHops(coalesce) => {
+                        let h =
+                            &mut hyper_hops.as_mut().ok_or("no hyper hops")?[usize::from(coalesce)];
                         h.front.check_running()?;
                         h.back.check_running()?;
                         (h.two_hops, mock::MODEL.to_owned(), None)
@@ -2361,8 +2457,8 @@ mod relay {
                         .sum(),
                     nginx_front: proxies.as_ref().map(|p| p.front.cpu()).unwrap_or_default(),
                     nginx_back: proxies.as_ref().map(|p| p.back.cpu()).unwrap_or_default(),
-                    hyper_front: hyper_hops.as_ref().map(|h| h.cpu().0).unwrap_or_default(),
-                    hyper_back: hyper_hops.as_ref().map(|h| h.cpu().1).unwrap_or_default(),
+                    hyper_front: hyper_hops.iter().flatten().map(|h| h.cpu().0).sum(),
+                    hyper_back: hyper_hops.iter().flatten().map(|h| h.cpu().1).sum(),
                     loadgen: procfs::cpu("self").unwrap_or_default(),
                     machine: procfs::machine().unwrap_or_default(),
                 };
@@ -2640,7 +2736,7 @@ Resume cost (issue #16), same run:
                     Route::Relayed(_)
                     | Route::RelayedNoResume(_)
                     | Route::Nginx(_)
-                    | Route::HyperHops,
+                    | Route::HyperHops(_),
                     Some(d),
                 ) => (
                     ms_diff(p50, d.outcome.latency.value_at_quantile(0.5)),
