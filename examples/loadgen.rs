@@ -1024,9 +1024,10 @@ async fn spawn_publisher(
 /// keep-alive and `TCP_NODELAY` on both sides. A worker thread per core, each a
 /// single-threaded tokio runtime with its own listening socket on the one port
 /// (`SO_REUSEPORT`: the kernel spreads the connections), so that a connection stays on
-/// its thread, as in an nginx worker process and the gateway's workers. A child process of loadgen runs one hop (`--serve-hop LISTEN=UPSTREAM`);
-/// [`start`] chains two in front of the mock. It is a benchmark's instrument: no
-/// timeouts, no limits, loopback only.
+/// its thread, as in an nginx worker process and the gateway's workers. A child process
+/// of loadgen runs one hop (`--serve-hop LISTEN=UPSTREAM`); [`start`] chains two in
+/// front of the mock. It is a benchmark's instrument: no timeouts, no limits, loopback
+/// only.
 mod hop {
     use std::net::SocketAddr;
     use std::path::Path;
@@ -1055,7 +1056,7 @@ mod hop {
     pub(crate) fn bind(listen: SocketAddr) -> Result<Vec<std::net::TcpListener>, BoxError> {
         let mut listeners = Vec::new();
         let mut addr = listen;
-        for _ in 0..super::procfs::cores().max(1) {
+        for _ in 0..procfs::cores().max(1) {
             let socket = tokio::net::TcpSocket::new_v4()?;
             socket.set_reuseport(true)?;
             socket.bind(addr)?;
@@ -1225,27 +1226,23 @@ mod hop {
         let exe = std::env::current_exe()?;
         let loopback = |port: u16| SocketAddr::from(([127, 0, 0, 1], port));
         let variant = if coalesce { "-coalescing" } else { "" };
-        let args = |listen: SocketAddr, to: SocketAddr| {
+        // One hop, `which` of the two, listening on `listen` and passing on to `to`.
+        let spawn = |which: &str, listen: SocketAddr, to: SocketAddr| {
             let mut args = vec!["--serve-hop".to_owned(), format!("{listen}={to}")];
             if coalesce {
                 args.push("--hop-coalesce".to_owned());
             }
-            args
+            ChildGuard::spawn(
+                &format!("hyper hop ({which})"),
+                &exe,
+                &args,
+                dir.join(format!("hop{variant}-{which}.log")),
+            )
         };
         let back_addr = loopback(free_port()?);
-        let back = ChildGuard::spawn(
-            "hyper hop (back)",
-            &exe,
-            &args(back_addr, upstream),
-            dir.join(format!("hop{variant}-back.log")),
-        )?;
+        let back = spawn("back", back_addr, upstream)?;
         let front_addr = loopback(free_port()?);
-        let front = ChildGuard::spawn(
-            "hyper hop (front)",
-            &exe,
-            &args(front_addr, back_addr),
-            dir.join(format!("hop{variant}-front.log")),
-        )?;
+        let front = spawn("front", front_addr, back_addr)?;
         let mut hops = Hops {
             front,
             back,
